@@ -1,0 +1,212 @@
+"""Pure-PyTorch reference kernels: they run on any device and are the oracles of the fast paths.
+
+Compressed 2:4 format (``compress_2to4`` / ``decompress_2to4``)
+----------------------------------------------------------------
+A 2-D ``dense (rows, cols)`` that keeps at most 2 of every 4 consecutive entries along ``cols``
+is stored as
+
+- ``values (rows, cols // 2)``, same dtype: the two kept entries of each group in column order
+  (a group keeping fewer than two is padded with zeros at fixed positions);
+- ``meta``: which two positions each group keeps, as a 4-bit code ``idx0 | idx1 << 2``.
+
+Two metadata layouts, told apart by ``meta.dtype``:
+
+- **CUTLASS** (``int16`` for fp16/bf16, ``int32`` for int8): bit-identical to PyTorch's
+  ``sparse_semi_structured_from_dense_cutlass`` (codes packed 4 resp. 8 to an element, elements
+  reordered into CUTLASS's interleaved column-major layout), so PyTorch's CUTLASS kernels consume
+  it as is. Needs ``rows % 32 == 0`` and ``cols % 32 == 0`` (int8: ``rows % 16``, ``cols % 64``):
+  the interleaved layout pairs metadata columns.
+- **plain** (``uint8``, shape ``(rows, cols // 4)``, one code per byte): our own layout, used for
+  fp32 (PyTorch's fp32 CUTLASS format is 1:2 and cannot express 2:4) and for shapes the CUTLASS
+  layout cannot hold.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "COMPRESSIBLE_DTYPES",
+    "compress_2to4",
+    "decompress_2to4",
+    "prune_2to4",
+    "cutlass_layout_supported",
+    "metadata_dtype",
+    "addmm",
+    "matvec_add",
+]
+
+COMPRESSIBLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)
+
+# (idx0, idx1) kept positions for each 4-bit pattern m0 | m1<<1 | m2<<2 | m3<<3 of a group with at
+# most two kept entries. Groups with fewer than two use the fillers PyTorch's CUTLASS converter
+# uses (so the bytes match); patterns with three or four kept entries are invalid (-1).
+_PAIR_FOR_PATTERN = torch.tensor(
+    [
+        (2, 3), (0, 2), (1, 2), (0, 1),  # patterns 0-3
+        (2, 3), (0, 2), (1, 2), (-1, -1),
+        (2, 3), (0, 3), (1, 3), (-1, -1),
+        (2, 3), (-1, -1), (-1, -1), (-1, -1),
+    ],
+    dtype=torch.int64,
+)
+
+
+def cutlass_layout_supported(rows: int, cols: int, dtype: torch.dtype) -> bool:
+    """Whether a ``(rows, cols)`` operand of ``dtype`` fits PyTorch's CUTLASS 2:4 layout."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return rows % 32 == 0 and cols % 32 == 0
+    if dtype == torch.int8:
+        return rows % 16 == 0 and cols % 64 == 0
+    return False
+
+
+def metadata_dtype(rows: int, cols: int, dtype: torch.dtype) -> torch.dtype:
+    """The ``meta`` dtype :func:`compress_2to4` (``layout="auto"``) returns for this operand."""
+    if not cutlass_layout_supported(rows, cols, dtype):
+        return torch.uint8
+    return torch.int32 if dtype == torch.int8 else torch.int16
+
+
+def _meta_scatter_offsets(rows: int, meta_cols: int, meta_dtype: torch.dtype, device) -> torch.Tensor:
+    """Flat destination of every metadata element ``(r, c)`` (row-major) in CUTLASS's layout.
+
+    CUTLASS keeps sparse-GEMM metadata in ``ColumnMajorInterleaved<2>`` after permuting rows
+    within blocks of 32 (16 for 32-bit metadata) and swapping the off-diagonal entries of every
+    2×2 tile.
+    """
+    r = torch.arange(rows, device=device).unsqueeze(1).expand(rows, meta_cols)
+    c = torch.arange(meta_cols, device=device).unsqueeze(0).expand(rows, meta_cols)
+    block, spread = (32, 4) if meta_dtype == torch.int16 else (16, 2)
+    r = (r // block) * block + (r % 8) * spread + (r % block) // 8
+    # 2x2 tiles: (even row, odd col) <-> (odd row, even col).
+    shift = ((r % 2 == 0) & (c % 2 == 1)).long() - ((r % 2 == 1) & (c % 2 == 0)).long()
+    r, c = r + shift, c - shift
+    return ((c // 2) * rows * 2 + r * 2 + c % 2).reshape(-1)
+
+
+def _check_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, cols), got shape {tuple(t.shape)}")
+
+
+def compress_2to4(
+    dense: torch.Tensor, mask: torch.Tensor | None = None, layout: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress a 2:4-sparse ``dense (rows, cols)`` into ``(values (rows, cols//2), meta)``.
+
+    ``mask`` (bool, ``dense``'s shape) says which entries are kept; without it the nonzeros are.
+    Either way at most 2 of every 4 along ``cols`` may be kept — a denser input is an error (prune
+    it first with :func:`prune_2to4`), never silently truncated. ``layout`` is ``"auto"`` (CUTLASS
+    where it fits, else plain), ``"cutlass"`` or ``"plain"``.
+    """
+    _check_2d("dense", dense)
+    if dense.dtype not in COMPRESSIBLE_DTYPES:
+        raise TypeError(
+            f"compress_2to4 supports {[str(d) for d in COMPRESSIBLE_DTYPES]}, got {dense.dtype}; "
+            "cast the tensor first (or use compress=False to simulate sparsity in this dtype)"
+        )
+    rows, cols = dense.shape
+    if cols % 4:
+        raise ValueError(f"2:4 compression needs cols divisible by 4, got shape {(rows, cols)}")
+    if mask is None:
+        mask = dense != 0
+    elif mask.shape != dense.shape or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool of shape {tuple(dense.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    groups = mask.reshape(rows, cols // 4, 4)
+    if bool((groups.sum(-1) > 2).any()):
+        raise ValueError(
+            "input is not 2:4 sparse (some group of 4 keeps more than 2 entries); "
+            "prune it first with slope.kernels.prune_2to4"
+        )
+    pattern = (groups.long() << torch.arange(4, device=dense.device)).sum(-1)
+    pairs = _PAIR_FOR_PATTERN.to(dense.device)[pattern]  # (rows, cols/4, 2)
+    kept = torch.where(mask, dense, torch.zeros((), dtype=dense.dtype, device=dense.device))
+    values = kept.reshape(rows, cols // 4, 4).gather(-1, pairs).reshape(rows, cols // 2)
+    codes = pairs[..., 0] | (pairs[..., 1] << 2)  # (rows, cols/4), 0..15
+
+    if layout not in ("auto", "cutlass", "plain"):
+        raise ValueError(f"layout must be 'auto', 'cutlass' or 'plain', got {layout!r}")
+    fits = cutlass_layout_supported(rows, cols, dense.dtype)
+    if layout == "cutlass" and not fits:
+        raise ValueError(
+            f"the CUTLASS layout needs fp16/bf16 with rows % 32 == 0 and cols % 32 == 0 "
+            f"(int8: rows % 16, cols % 64); got {dense.dtype} {(rows, cols)}"
+        )
+    if layout == "plain" or not fits:
+        return values, codes.to(torch.uint8)
+
+    meta_dtype = torch.int32 if dense.dtype == torch.int8 else torch.int16
+    per_elem = 8 if meta_dtype == torch.int32 else 4
+    meta_cols = cols // (4 * per_elem)
+    nibbles = codes.reshape(rows, meta_cols, per_elem) << (4 * torch.arange(per_elem, device=dense.device))
+    packed = nibbles.sum(-1)  # int64; fits 16 resp. 32 bits
+    if meta_dtype == torch.int16:
+        packed = torch.where(packed >= 1 << 15, packed - (1 << 16), packed)
+    else:
+        packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)
+    meta = torch.empty(rows * meta_cols, dtype=meta_dtype, device=dense.device)
+    meta.scatter_(0, _meta_scatter_offsets(rows, meta_cols, meta_dtype, dense.device), packed.to(meta_dtype).reshape(-1))
+    return values, meta.reshape(rows, meta_cols)
+
+
+def _codes_from_meta(meta: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
+    """Per-group 4-bit codes ``(rows, groups)`` (int64) from either metadata layout."""
+    if meta.dtype == torch.uint8:
+        if meta.shape != (rows, groups):
+            raise ValueError(f"plain metadata must have shape {(rows, groups)}, got {tuple(meta.shape)}")
+        return meta.long()
+    if meta.dtype not in (torch.int16, torch.int32):
+        raise ValueError(f"metadata dtype must be uint8 (plain), int16 or int32 (CUTLASS), got {meta.dtype}")
+    per_elem = 4 if meta.dtype == torch.int16 else 8
+    if groups % per_elem or meta.shape != (rows, groups // per_elem):
+        raise ValueError(
+            f"CUTLASS metadata for {rows} rows and {groups} groups must have shape "
+            f"{(rows, groups // per_elem)}, got {tuple(meta.shape)}"
+        )
+    meta_cols = groups // per_elem
+    offsets = _meta_scatter_offsets(rows, meta_cols, meta.dtype, meta.device)
+    unordered = meta.reshape(-1).gather(0, offsets).long().reshape(rows, meta_cols, 1)
+    shifts = 4 * torch.arange(per_elem, device=meta.device)
+    return ((unordered >> shifts) & 0xF).reshape(rows, groups)
+
+
+def decompress_2to4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`compress_2to4`: ``(values (rows, cols//2), meta)`` → ``dense (rows, cols)``."""
+    _check_2d("values", values)
+    rows, half = values.shape
+    if half % 2:
+        raise ValueError(f"values must have an even number of columns, got shape {tuple(values.shape)}")
+    if meta.device != values.device:
+        raise ValueError(f"values on {values.device} but meta on {meta.device}")
+    groups = half // 2
+    codes = _codes_from_meta(meta, rows, groups)
+    pairs = torch.stack((codes & 3, (codes >> 2) & 3), dim=-1)
+    dense = torch.zeros(rows, groups, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, pairs, values.reshape(rows, groups, 2))
+    return dense.reshape(rows, 4 * groups)
+
+
+def prune_2to4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitude 2:4 pruning along the last dim: ``(pruned, mask)``, pruned entries exactly 0."""
+    from slope.masks import nm_mask
+
+    mask = nm_mask(dense, 2, 4)
+    return torch.where(mask, dense, torch.zeros((), dtype=dense.dtype, device=dense.device)), mask
+
+
+def addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """In place ``c += alpha * (a @ b)`` for ``a (M, K)``, ``b (K, N)``, ``c (M, N)``; returns ``c``."""
+    if a.dim() != 2 or b.dim() != 2 or c.dim() != 2 or a.shape[1] != b.shape[0] or c.shape != (a.shape[0], b.shape[1]):
+        raise ValueError(
+            f"addmm needs a (M, K), b (K, N), c (M, N); got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)}"
+        )
+    return c.addmm_(a, b, alpha=alpha)
+
+
+def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """In place ``matrix[..., j] += vector[j]`` (any strides); returns ``matrix``."""
+    if vector.dim() != 1 or matrix.shape[-1] != vector.shape[0]:
+        raise ValueError(
+            f"matvec_add needs vector (N,) matching matrix (..., N); got {tuple(matrix.shape)} and {tuple(vector.shape)}"
+        )
+    return matrix.add_(vector)

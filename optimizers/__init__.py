@@ -1,0 +1,4 @@
+"""Sparse optimizers (installed as ``slope.optimizers``)."""
+from .adamw_sparse import ADAMWSparse
+
+__all__ = ["ADAMWSparse"]

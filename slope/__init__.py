@@ -1,0 +1,32 @@
+"""slope: 2:4 semi-structured sparse pretraining and fine-tuning (SLoPe) for PyTorch.
+
+SLoPe-compatible entry points::
+
+    from slope import prune_model, grad_dict, sync_grads, sparse_modules, SparseOptimizerCallback
+    from slope.optimizers import ADAMWSparse
+"""
+from slope.distributed import sync_grads
+from slope.layer import SparseLinear
+from slope.prune import prune_model
+from slope.registry import GradDict, grad_dict, sparse_modules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradDict",
+    "SparseLinear",
+    "SparseOptimizerCallback",
+    "grad_dict",
+    "prune_model",
+    "sparse_modules",
+    "sync_grads",
+]
+
+
+def __getattr__(name):
+    # Imported lazily: transformers is heavy and optional for users of the custom loop.
+    if name == "SparseOptimizerCallback":
+        from slope.hf import SparseOptimizerCallback
+
+        return SparseOptimizerCallback
+    raise AttributeError(f"module 'slope' has no attribute {name!r}")

@@ -1,0 +1,43 @@
+"""Two backends that run on every device: ``simulated`` (dense + masks) and ``reference``
+(compressed 2:4 storage, pure PyTorch)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slope.kernels import compress_2to4, decompress_2to4
+
+from .base import SparseBackend
+
+
+class SimulatedBackend(SparseBackend):
+    """``compress=False``: the operand is the masked dense tensor; any N:M, any dtype, any device."""
+
+    name = "simulated"
+    compressed = False
+    any_nm = True
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+    def make_operand(self, dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return dense
+
+    def matmul(self, x: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, operand)
+
+
+class ReferenceBackend(SparseBackend):
+    """Compressed 2:4 storage (``slope.kernels`` format) with a decompress-then-matmul product.
+
+    Memory-honest (only values + metadata are kept between steps) and exact; not fast: it exists
+    so that compressed training runs anywhere and as the oracle of the GPU backends.
+    """
+
+    name = "reference"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    def make_operand(self, dense: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return compress_2to4(dense, mask)
+
+    def matmul(self, x: torch.Tensor, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        values, meta = operand
+        return F.linear(x, decompress_2to4(values, meta))

@@ -1,0 +1,303 @@
+"""The SLoPe linear layer: a double-pruned N:M sparse ``nn.Linear`` replacement.
+
+Math (DESIGN §2), ``W (out, in)``, ``x (..., in)``:
+
+- forward ``y = x (W ⊙ M)ᵀ + b``
+- input gradient ``dx = dy (W ⊙ M ⊙ M_t)`` with the *current* weights
+- weight gradient ``dW = (dyᵀ x) ⊙ M``, kept compressed in :attr:`SparseLinear.values_grad`
+  (never in ``param.grad``: the sparse optimizer consumes it)
+
+Storage: ``values (out, in·N/M)`` holds the kept weights of every row in column order (for 2:4 this
+is exactly the values tensor of the CUTLASS format), ``mask`` / ``mask_t`` are bool buffers in
+``W``'s orientation, and with ``compress=True`` and 2:4 ``meta`` holds the compressed metadata.
+The backend operands (forward and backward) are derived and cached; they are rebuilt lazily when
+the weights or masks change (after an optimizer step, ``load_state_dict`` or ``.to()``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slope import registry
+from slope.backends import SparseBackend, resolve_backend
+from slope.kernels import compress_2to4, metadata_dtype
+from slope.masks import double_prune_mask, nm_mask, transposable_mask
+
+__all__ = ["SparseLinear"]
+
+
+def _compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype, layer: "SparseLinear") -> torch.dtype:
+    """The dtype the matmuls run in: autocast's when active, else the input's (must match)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype != weight_dtype:
+        raise TypeError(
+            f"{layer.layer_name or 'SparseLinear'}: input dtype {x.dtype} does not match the weight "
+            f"dtype {weight_dtype}; cast the model or the input, or run under torch.autocast"
+        )
+    return x.dtype
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """Autograd function of :class:`SparseLinear` (weights reach it through the module)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, anchor, layer, dtype):  # noqa: ARG004 (anchor only forces backward)
+        ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        xc = x.to(dtype)
+        y = layer._backend_for(dtype, x.device).matmul(xc, layer._operand("forward", dtype, x.device))
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(xc if layer.sparse_requires_grad else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        layer, dtype = ctx.layer, ctx.dtype
+        (xc,) = ctx.saved_tensors
+        dy = dy.to(dtype)
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            backend = layer._backend_for(dtype, dy.device)
+            dx = backend.matmul(dy, layer._operand("backward", dtype, dy.device)).to(ctx.x_dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if xc is not None:
+            layer._accumulate_grad(dy2.t() @ xc.reshape(-1, xc.shape[-1]))
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
+            dbias = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dbias, None, None, None
+
+
+class SparseLinear(nn.Module):
+    """Double-pruned N:M sparse linear layer (drop-in for ``nn.Linear``; see module docstring).
+
+    Build one with :meth:`from_dense` (what :func:`slope.prune_model` does).
+
+    Attributes:
+        values: ``Parameter (out, in·N/M)`` of kept weights (``requires_grad=False``: updated by
+            :class:`slope.optimizers.ADAMWSparse`, never by a dense optimizer).
+        values_grad: accumulated sparse gradient, same shape/dtype as ``values``, or ``None``.
+        mask / mask_t: ``bool (out, in)``; ``M`` and the double-pruned ``M_t ⊆ M``.
+        bias: ordinary ``Parameter (out,)`` (dense optimizer) or ``None``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        n: int = 2,
+        m: int = 4,
+        compress: bool = False,
+        backend: str = "auto",
+        tiling: bool = True,
+        double_pruning: bool = True,
+        mask_type: str = "nm",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if in_features % m or out_features % m:
+            raise ValueError(
+                f"SparseLinear({in_features}, {out_features}) with {n}:{m}: in_features and out_features "
+                f"must be divisible by {m}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.n, self.m = n, m
+        self.compress, self.backend_name, self.tiling = compress, backend, tiling
+        self.double_pruning, self.mask_type = double_pruning, mask_type
+        self.sparse_requires_grad = True
+        self.layer_name = ""  # set by prune_model, used in messages
+        kept = in_features * n // m
+        factory = {"device": device, "dtype": dtype}
+        self.values = nn.Parameter(torch.zeros(out_features, kept, **factory), requires_grad=False)
+        self.register_buffer("mask", torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
+        self.register_buffer("mask_t", torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
+        if compress:
+            if (n, m) != (2, 4):
+                raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}; use compress=False to simulate N:M")
+            meta = compress_2to4(torch.zeros(out_features, in_features, **factory))[1]
+        else:
+            meta = None
+        self.register_buffer("meta", meta)
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.values_grad: torch.Tensor | None = None
+        self.lora_rank = 0
+        self._operands: dict[tuple, tuple[tuple, Any]] = {}
+        self._backends: dict[tuple, SparseBackend] = {}
+        registry.register(self)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        **kwargs,
+    ) -> "SparseLinear":
+        """Prune ``weight (out, in)`` (and take ``bias (out,)``) into a new layer on the same device."""
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias is not None, device=weight.device, dtype=weight.dtype, **kwargs)
+        with torch.no_grad():
+            layer.set_weight(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Replace the weights by ``weight (out, in)``, pruning with a fresh mask unless one is given."""
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"{self.layer_name}: weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
+        if mask is None:
+            if self.mask_type == "transposable":
+                mask = transposable_mask(weight, self.n, self.m)
+            elif self.mask_type == "nm":
+                mask = nm_mask(weight, self.n, self.m)
+            else:
+                raise ValueError(f"unknown mask_type {self.mask_type!r}; use 'nm' or 'transposable'")
+        self.mask.copy_(mask)
+        self.values.copy_(weight.to(self.values.dtype).masked_select(self.mask).view_as(self.values))
+        self._refresh_meta()
+        self.update_mask_t()
+
+    @torch.no_grad()
+    def _refresh_meta(self) -> None:
+        if self.meta is not None:
+            self.meta = compress_2to4(self.dense_weight(), self.mask)[1]
+
+    # ------------------------------------------------------------------ inspection
+    def dense_weight(self) -> torch.Tensor:
+        """Current ``W ⊙ M`` as a dense ``(out, in)`` tensor (a fresh copy)."""
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        return dense.masked_scatter_(self.mask, self.values.detach())
+
+    def backward_weight(self) -> torch.Tensor:
+        """Current ``W ⊙ M ⊙ M_t`` as a dense ``(out, in)`` tensor (a fresh copy)."""
+        return self.dense_weight() * self.mask_t
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense view of the effective weight, for code that reads ``layer.weight`` (a copy)."""
+        return self.dense_weight()
+
+    @torch.no_grad()
+    def update_mask_t(self) -> None:
+        """Recompute ``M_t`` from the current ``W ⊙ M`` (``M_t = M`` without double pruning)."""
+        if self.double_pruning and self.mask_type != "transposable":
+            self.mask_t.copy_(double_prune_mask(self.dense_weight(), self.mask, self.n, self.m))
+        else:
+            self.mask_t.copy_(self.mask)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Drop cached backend operands (they are rebuilt on next use)."""
+        self._operands.clear()
+
+    # ------------------------------------------------------------------ backend plumbing
+    def _backend_for(self, dtype: torch.dtype, device: torch.device) -> SparseBackend:
+        key = (dtype, device)
+        if key not in self._backends:
+            cls = resolve_backend(self.backend_name, self.compress, device, dtype)
+            if not cls.any_nm and (self.n, self.m) != (2, 4):
+                raise ValueError(f"{self.layer_name}: backend {cls.name!r} supports 2:4 only, not {self.n}:{self.m}")
+            self._backends[key] = cls(tiling=self.tiling)
+        return self._backends[key]
+
+    def _operand(self, which: str, dtype: torch.dtype, device: torch.device):
+        """The cached forward (``W⊙M``) or backward (``(W⊙M⊙M_t)ᵀ``) operand, rebuilt when stale."""
+        version = (self.values._version, self.values.data_ptr(), self.mask._version, self.mask_t._version, self.mask_t.data_ptr())
+        key = (which, dtype, device)
+        cached = self._operands.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        backend = self._backend_for(dtype, device)
+        with torch.no_grad():
+            dense = self.dense_weight().to(dtype)
+            if which == "forward":
+                operand = backend.make_operand(dense, self.mask)
+            else:
+                if not backend.any_nm and not self.double_pruning:
+                    raise ValueError(
+                        f"{self.layer_name}: an exact (not double-pruned) backward is not 2:4 along out; "
+                        "it needs compress=False"
+                    )
+                operand = backend.make_operand((dense * self.mask_t).t().contiguous(), self.mask_t.t().contiguous())
+        self._operands[key] = (version, operand)
+        return operand
+
+    @torch.no_grad()
+    def _accumulate_grad(self, full_grad: torch.Tensor) -> None:
+        """Add ``(dyᵀ x) ⊙ M`` (given dense ``(out, in)``) to :attr:`values_grad`, kept compressed."""
+        kept = full_grad.masked_select(self.mask).view(self.values.shape).to(self.values.dtype)
+        if self.values_grad is None:
+            self.values_grad = kept
+        else:
+            self.values_grad.add_(kept)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.layer_name or 'SparseLinear'}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        dtype = _compute_dtype(x, self.values.dtype, self)
+        anchor = None
+        if torch.is_grad_enabled() and self.sparse_requires_grad:
+            # A fresh leaf that requires grad makes autograd run our backward even when neither
+            # the input nor the bias needs a gradient (first layer without bias).
+            anchor = torch.empty(0, device=x.device, requires_grad=True)
+        y = _SparseLinearFunction.apply(x, self.bias, anchor, self, dtype)
+        if self.lora_rank:
+            y = y + self._lora_delta(x, dtype)
+        return y
+
+    # ------------------------------------------------------------------ lazy low-rank adapters
+    def add_lora(self, rank: int, alpha: float | None = None) -> None:
+        """Attach adapters ``y += (α/r)·(x (A⊙M_A)ᵀ) Bᵀ``: ``lora_A (r, in)`` N:M along ``in``,
+        ``lora_B (out, r)`` zero-initialised (so the function is unchanged at attach time)."""
+        if self.lora_rank:
+            raise RuntimeError(f"{self.layer_name}: adapters already attached (rank {self.lora_rank})")
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"lora rank must be a positive int, got {rank!r}")
+        factory = {"device": self.values.device, "dtype": self.values.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        self.register_buffer("lora_A_mask", nm_mask(self.lora_A, self.n, self.m))
+        with torch.no_grad():
+            self.lora_A.mul_(self.lora_A_mask)
+        self.lora_rank = rank
+        self.lora_alpha = float(rank if alpha is None else alpha)
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    def _lora_delta(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        a = (self.lora_A * self.lora_A_mask).to(dtype)
+        return F.linear(F.linear(x.to(dtype), a), self.lora_B.to(dtype)) * self.lora_scaling
+
+    # ------------------------------------------------------------------ misc
+    def _apply(self, fn, recurse=True):
+        self._operands.clear()
+        self._backends.clear()
+        if self.values_grad is not None:
+            self.values_grad = fn(self.values_grad)
+        result = super()._apply(fn, recurse)
+        # After a dtype change the metadata layout (plain vs CUTLASS) may have to change.
+        if self.meta is not None and self.meta.dtype != metadata_dtype(*self.mask.shape, self.values.dtype):
+            self._refresh_meta()
+        return result
+
+    def extra_repr(self) -> str:
+        backend = "simulated" if not self.compress else self.backend_name
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"sparsity={self.n}:{self.m}, backend={backend}, double_pruning={self.double_pruning}"
+            + (f", lora_rank={self.lora_rank}" if self.lora_rank else "")
+        )

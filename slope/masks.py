@@ -1,0 +1,133 @@
+"""N:M sparsity masks: the pruning rules of SLoPe.
+
+Every mask is a ``torch.bool`` tensor with the shape of the weight it masks, ``True`` = kept.
+A weight ``W`` has shape ``(out, in)`` as in ``nn.Linear``.
+
+- :func:`nm_mask` — ``M``: in every row, each group of ``m`` consecutive input columns keeps the
+  ``n`` entries of largest ``|W|``.
+- :func:`double_prune_mask` — ``M_t``: in every column of ``W ⊙ M``, each group of ``m``
+  consecutive output rows keeps the ``n`` entries of largest ``|W ⊙ M|`` among those that ``M``
+  keeps (``M_t ⊆ M``; a group with fewer than ``n`` kept entries keeps what it has).
+- :func:`transposable_mask` — each ``m×m`` block keeps ``n`` per row *and* ``n`` per column,
+  choosing the pattern of largest total magnitude (exhaustive over all such patterns).
+
+Ties are broken deterministically: among equal magnitudes the lower index wins.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+
+__all__ = [
+    "parse_sparsity",
+    "nm_mask",
+    "double_prune_mask",
+    "transposable_mask",
+    "is_nm_sparse",
+    "MASK_TYPES",
+]
+
+MASK_TYPES = ("nm", "transposable")
+
+
+def parse_sparsity(sparsity: str | tuple[int, int]) -> tuple[int, int]:
+    """Parse ``"N:M"`` (or a ``(n, m)`` tuple) and validate ``0 < N < M``."""
+    if isinstance(sparsity, str):
+        parts = sparsity.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"sparsity must look like 'N:M' (e.g. '2:4'), got {sparsity!r}")
+        n, m = int(parts[0]), int(parts[1])
+    else:
+        try:
+            n, m = (int(v) for v in sparsity)
+        except (TypeError, ValueError):
+            raise ValueError(f"sparsity must be 'N:M' or a pair (n, m), got {sparsity!r}") from None
+    if not 0 < n < m:
+        raise ValueError(
+            f"sparsity {n}:{m} is not a sparsity pattern: N:M needs 0 < N < M "
+            "(N kept out of every M); e.g. '2:4'"
+        )
+    return n, m
+
+
+def _topn_along_last(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask, True for the ``n`` largest entries of each last-dim row (ties: lower index)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
+
+
+def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M mask along the last (input) dimension of ``weight`` ``(..., in)``; ``in % m == 0``."""
+    if weight.dim() < 1 or weight.shape[-1] % m:
+        raise ValueError(
+            f"N:M pruning along the input dimension needs in_features divisible by M={m}; "
+            f"got a weight of shape {tuple(weight.shape)}"
+        )
+    groups = weight.detach().abs().reshape(*weight.shape[:-1], weight.shape[-1] // m, m)
+    return _topn_along_last(groups, n).reshape(weight.shape)
+
+
+def double_prune_mask(weight: torch.Tensor, mask: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """``M_t`` for a 2-D ``weight (out, in)`` and its forward mask ``M``: N:M along ``out``.
+
+    Returned in ``weight``'s orientation; ``M_t ⊆ M``. Needs ``out % m == 0``.
+    """
+    out_features = weight.shape[0]
+    if weight.dim() != 2 or out_features % m:
+        raise ValueError(
+            f"double pruning groups {m} consecutive output rows; out_features must be divisible "
+            f"by {m}, got a weight of shape {tuple(weight.shape)}"
+        )
+    # Entries M already pruned score -1 so they are never preferred over a kept one (|w| >= 0).
+    scores = torch.where(mask, weight.detach().abs().float(), torch.full_like(weight, -1.0, dtype=torch.float))
+    cols_last = scores.t().reshape(weight.shape[1], out_features // m, m)
+    keep_t = _topn_along_last(cols_last, n).reshape(weight.shape[1], out_features).t()
+    return keep_t & mask
+
+
+@functools.lru_cache(maxsize=None)
+def _transposable_patterns(n: int, m: int) -> torch.Tensor:
+    """All ``m×m`` bool patterns with exactly ``n`` per row and per column, as ``(P, m*m)``."""
+    rows = [r for r in itertools.product((0, 1), repeat=m) if sum(r) == n]
+    patterns = []
+    for choice in itertools.product(rows, repeat=m):
+        block = torch.tensor(choice, dtype=torch.bool)
+        if bool((block.sum(0) == n).all()):
+            patterns.append(block.flatten())
+    return torch.stack(patterns)
+
+
+def transposable_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Mask whose every ``m×m`` block is N:M along rows and columns (best total ``|W|``).
+
+    Only ``m <= 4`` is supported (the pattern count grows too fast beyond that).
+    """
+    if m > 4:
+        raise ValueError(f"transposable masks support M <= 4, got {n}:{m}")
+    out_features, in_features = weight.shape
+    if out_features % m or in_features % m:
+        raise ValueError(
+            f"transposable {n}:{m} masks need both dimensions divisible by {m}; "
+            f"got a weight of shape {tuple(weight.shape)}"
+        )
+    patterns = _transposable_patterns(n, m).to(weight.device)
+    blocks = (
+        weight.detach().abs().float()
+        .reshape(out_features // m, m, in_features // m, m)
+        .permute(0, 2, 1, 3)
+        .reshape(-1, m * m)
+    )
+    best = (blocks @ patterns.float().t()).argmax(dim=1)  # argmax returns the first maximum
+    chosen = patterns[best].reshape(out_features // m, in_features // m, m, m)
+    return chosen.permute(0, 2, 1, 3).reshape(out_features, in_features).contiguous()
+
+
+def is_nm_sparse(mask: torch.Tensor, n: int, m: int, dim: int = -1, exact: bool = False) -> bool:
+    """True when every group of ``m`` along ``dim`` keeps at most (or, with ``exact``, exactly) ``n``."""
+    moved = mask.movedim(dim, -1)
+    if moved.shape[-1] % m:
+        return False
+    counts = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m).sum(-1)
+    return bool((counts == n).all()) if exact else bool((counts <= n).all())

@@ -1,0 +1,197 @@
+"""``prune_model``: replace a model's linear layers by SLoPe layers, in place."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from slope.backends import BACKEND_NAMES, backend_class
+from slope.kernels import COMPRESSIBLE_DTYPES
+from slope.layer import SparseLinear
+from slope.masks import MASK_TYPES, parse_sparsity
+
+__all__ = ["prune_model", "PruneDecision", "DEFAULT_SKIP"]
+
+logger = logging.getLogger("slope")
+
+#: Names (last component) never pruned by default: projections to the vocabulary.
+DEFAULT_SKIP = ("lm_head", "embed_out", "output_projection")
+
+
+@dataclass
+class PruneDecision:
+    """One row of the prune summary."""
+
+    name: str
+    shape: tuple[int, int]
+    pruned: bool
+    reason: str
+
+
+def _matches(name: str, patterns) -> bool:
+    """PEFT-style: a pattern matches the full name, a dotted suffix of it, or as a glob."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight (out, in), bias)`` of an ``nn.Linear`` or HF ``Conv1D``, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        return module.weight.t(), module.bias  # Conv1D stores (in, out)
+    return None
+
+
+def _tied_to_embedding(weight: torch.Tensor, model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.Embedding) and m.weight.data_ptr() == weight.data_ptr() for m in model.modules()
+    )
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def prune_model(
+    model: nn.Module,
+    compress: bool = True,
+    tiling: bool = True,
+    add_lora: bool = False,
+    lora_rank: int = 0,
+    merge_lora: bool = False,
+    backend: str = "auto",
+    sparsity: str = "2:4",
+    targets=None,
+    skip=None,
+    *,
+    mask_type: str = "nm",
+    double_pruning: bool = True,
+    lora_alpha: float | None = None,
+    verbose: bool = True,
+) -> nn.Module:
+    """Replace ``nn.Linear`` (and HF GPT-2 ``Conv1D``) layers of ``model`` by :class:`SparseLinear`.
+
+    Args:
+        compress: store weights compressed (2:4 only) and multiply with ``backend``; ``False``
+            simulates any N:M with dense tensors and masks.
+        tiling: let backends split very non-square weights when that is faster (harmless elsewhere).
+        add_lora / lora_rank / lora_alpha: attach low-rank adapters right away (DESIGN §5).
+        merge_lora: build the merged sparse+LoRA inference form (needs ``add_lora``).
+        backend: ``"auto"`` or one of ``reference``, ``cusparselt``, ``cutlass``, ``cutlass-sm90``,
+            ``triton`` (with ``compress=True``).
+        sparsity: ``"N:M"`` kept along the input dimension.
+        targets: only layers whose name matches one of these patterns (suffix or glob) are pruned;
+            a targeted layer that cannot be pruned is an error.
+        skip: layers matching these patterns are left dense (added to the default rules: the
+            vocabulary projection, weights tied to an embedding, dimensions not divisible by M).
+        mask_type: ``"nm"`` (default) or ``"transposable"`` (each M×M block N:M both ways).
+        double_pruning: ``False`` keeps the exact backward ``dx = dy (W⊙M)`` (simulation only).
+        verbose: print the summary table (it is also logged at INFO on logger ``"slope"``).
+
+    Returns the same ``model`` object; the decisions are kept in ``model.slope_prune_summary``.
+    """
+    n, m = parse_sparsity(sparsity)
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"unknown mask_type {mask_type!r}; choose one of {MASK_TYPES}")
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKEND_NAMES}")
+    if compress:
+        if (n, m) != (2, 4):
+            raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}; use compress=False to simulate {n}:{m}")
+        if not double_pruning:
+            raise ValueError("double_pruning=False (an exact backward) is not 2:4 sparse; it needs compress=False")
+        if backend != "auto":
+            backend_class(backend)  # load errors surface now, device checks at first use
+    elif backend != "auto":
+        raise ValueError(f"backend={backend!r} applies to compressed storage; pass compress=True (or backend='auto')")
+    if merge_lora and not add_lora:
+        raise ValueError("merge_lora=True needs add_lora=True and lora_rank > 0 (the merged form holds the adapters)")
+    if add_lora and (not isinstance(lora_rank, int) or lora_rank <= 0):
+        raise ValueError(f"add_lora=True needs a positive lora_rank, got {lora_rank!r}")
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    skip = [skip] if isinstance(skip, str) else list(skip or [])
+
+    decisions: list[PruneDecision] = []
+    candidates = [(name, mod) for name, mod in model.named_modules() if name and _linear_weight(mod) is not None]
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear (or Conv1D) layers to prune; prune_model needs a "
+            "model built from linear layers"
+        )
+    for name, module in candidates:
+        weight, bias = _linear_weight(module)
+        out_features, in_features = weight.shape
+        explicit = bool(targets) and _matches(name, targets)
+        reason = ""
+        if targets and not explicit:
+            reason = "not in targets"
+        elif _matches(name, skip):
+            reason = "skip pattern"
+        elif not targets and name.rpartition(".")[2] in DEFAULT_SKIP:
+            reason = "vocabulary projection (default skip)"
+        elif _tied_to_embedding(module.weight, model):
+            reason = "tied to an embedding"
+        elif in_features % m or out_features % m:
+            reason = f"in/out features not divisible by {m}"
+            if explicit:
+                raise ValueError(
+                    f"layer {name!r} ({out_features}x{in_features}) is targeted but its in_features and "
+                    f"out_features must be divisible by M={m} for {n}:{m}; remove it from targets or pick another sparsity"
+                )
+        elif compress and weight.dtype not in COMPRESSIBLE_DTYPES:
+            raise TypeError(
+                f"layer {name!r} has dtype {weight.dtype}; compressed storage supports "
+                f"{[str(d) for d in COMPRESSIBLE_DTYPES]}. Cast the model (e.g. model.float()) or use compress=False"
+            )
+        if reason:
+            decisions.append(PruneDecision(name, (out_features, in_features), False, reason))
+            continue
+        layer = SparseLinear.from_dense(
+            weight.detach(),
+            None if bias is None else bias.detach(),
+            n=n,
+            m=m,
+            compress=compress,
+            backend=backend,
+            tiling=tiling,
+            double_pruning=double_pruning,
+            mask_type=mask_type,
+        )
+        layer.layer_name = name
+        if add_lora:
+            layer.add_lora(lora_rank, lora_alpha)
+        _set_submodule(model, name, layer)
+        decisions.append(PruneDecision(name, (out_features, in_features), True, f"{n}:{m}"))
+
+    if not any(d.pruned for d in decisions):
+        raise ValueError(
+            "prune_model found linear layers but pruned none of them:\n" + format_summary(decisions)
+            + "\nadjust targets/skip or the sparsity"
+        )
+    if merge_lora:
+        from slope.lora import merge_lora as _merge
+
+        _merge(model)
+    model.slope_prune_summary = decisions
+    summary = format_summary(decisions)
+    logger.info("slope.prune_model summary:\n%s", summary)
+    if verbose:
+        print(summary)
+    return model
+
+
+def format_summary(decisions: list[PruneDecision]) -> str:
+    """Plain-text table of the prune decisions."""
+    width = max([len(d.name) for d in decisions] + [5])
+    lines = [f"{'layer':<{width}}  {'out x in':>13}  action"]
+    for d in decisions:
+        action = f"pruned {d.reason}" if d.pruned else f"kept dense ({d.reason})"
+        lines.append(f"{d.name:<{width}}  {d.shape[0]:>6}x{d.shape[1]:<6}  {action}")
+    pruned = sum(d.pruned for d in decisions)
+    lines.append(f"{pruned} of {len(decisions)} linear layers pruned")
+    return "\n".join(lines)
