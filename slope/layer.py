@@ -31,9 +31,12 @@ __all__ = ["SparseLinear"]
 
 
 def _compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype, layer: "SparseLinear") -> torch.dtype:
-    """The dtype the matmuls run in: autocast's when active, else the input's (must match)."""
+    """The dtype the matmuls run in: autocast's when active, else ``layer.compute_dtype`` when set
+    (mixed precision, e.g. FSDP2's ``param_dtype``), else the input's (must match the weights)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
+    if layer.compute_dtype is not None:
+        return layer.compute_dtype
     if x.dtype != weight_dtype:
         raise TypeError(
             f"{layer.layer_name or 'SparseLinear'}: input dtype {x.dtype} does not match the weight "
@@ -113,6 +116,8 @@ class SparseLinear(nn.Module):
         self.compress, self.backend_name, self.tiling = compress, backend, tiling
         self.double_pruning, self.mask_type = double_pruning, mask_type
         self.sparse_requires_grad = True
+        # Mixed precision without autocast: matmuls run in this dtype, ``values`` keep theirs (master).
+        self.compute_dtype: torch.dtype | None = None
         self.layer_name = ""  # set by prune_model, used in messages
         kept = in_features * n // m
         factory = {"device": device, "dtype": dtype}
@@ -203,6 +208,11 @@ class SparseLinear(nn.Module):
     # ------------------------------------------------------------------ backend plumbing
     def _backend_for(self, dtype: torch.dtype, device: torch.device) -> SparseBackend:
         key = (dtype, device)
+        if key not in self._backends and self.compress and self.backend_name == "auto" and device.type == "cuda":
+            # Timed per (shape, dtype, device) against a dense matmul: never slower than dense.
+            from slope.backends.auto import AUTO_CHOOSER
+
+            self._backends[key] = AUTO_CHOOSER.choose((self.out_features, self.in_features), dtype, device, self.tiling)
         if key not in self._backends:
             cls = resolve_backend(self.backend_name, self.compress, device, dtype)
             if not cls.any_nm and (self.n, self.m) != (2, 4):
@@ -283,6 +293,16 @@ class SparseLinear(nn.Module):
         return F.linear(F.linear(x.to(dtype), a), self.lora_B.to(dtype)) * self.lora_scaling
 
     # ------------------------------------------------------------------ misc
+    def __getstate__(self):
+        # Cached operands and backend objects (GPU handles) are rebuilt on use, never copied/pickled.
+        state = super().__getstate__()
+        state["_operands"], state["_backends"] = {}, {}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        registry.register(self)  # copies (copy.deepcopy, pickle) are live layers too
+
     def _apply(self, fn, recurse=True):
         self._operands.clear()
         self._backends.clear()

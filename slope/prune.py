@@ -123,6 +123,9 @@ def prune_model(
             f"{type(model).__name__} has no nn.Linear (or Conv1D) layers to prune; prune_model needs a "
             "model built from linear layers"
         )
+    mha_owned = {id(mod.out_proj) for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)}
+    # Nothing is replaced until every layer has been checked and built: an error leaves the model as it was.
+    plan: list[tuple[str, nn.Module]] = []
     for name, module in candidates:
         weight, bias = _linear_weight(module)
         out_features, in_features = weight.shape
@@ -136,6 +139,18 @@ def prune_model(
             reason = "vocabulary projection (default skip)"
         elif _tied_to_embedding(module.weight, model):
             reason = "tied to an embedding"
+            if explicit:
+                raise ValueError(
+                    f"layer {name!r} is targeted but its weight is tied to an embedding (pruning would untie "
+                    "them); remove it from targets"
+                )
+        elif id(module) in mha_owned:
+            reason = "nn.MultiheadAttention reads its weight directly"
+            if explicit:
+                raise ValueError(
+                    f"layer {name!r} is the out_proj of an nn.MultiheadAttention, which reads .weight directly "
+                    "(bypassing the layer's forward), so it cannot be sparse; remove it from targets"
+                )
         elif in_features % m or out_features % m:
             reason = f"in/out features not divisible by {m}"
             if explicit:
@@ -165,7 +180,7 @@ def prune_model(
         layer.layer_name = name
         if add_lora:
             layer.add_lora(lora_rank, lora_alpha)
-        _set_submodule(model, name, layer)
+        plan.append((name, layer))
         decisions.append(PruneDecision(name, (out_features, in_features), True, f"{n}:{m}"))
 
     if not any(d.pruned for d in decisions):
@@ -173,6 +188,8 @@ def prune_model(
             "prune_model found linear layers but pruned none of them:\n" + format_summary(decisions)
             + "\nadjust targets/skip or the sparsity"
         )
+    for name, layer in plan:
+        _set_submodule(model, name, layer)
     if merge_lora:
         from slope.lora import merge_lora as _merge
 

@@ -1,0 +1,146 @@
+"""``slope.kernels`` reference kernels: compressed 2:4 format (bit-identical with PyTorch's CUTLASS
+layout for fp16/bf16/int8), plain layout round trips, pruning, addmm, matvec_add, clear errors."""
+import pytest
+import torch
+from torch.sparse._semi_structured_conversions import (
+    sparse_semi_structured_from_dense_cutlass,
+    sparse_semi_structured_to_dense_cutlass,
+)
+
+from slope.kernels import (
+    addmm,
+    compress_2to4,
+    cutlass_layout_supported,
+    decompress_2to4,
+    matvec_add,
+    metadata_dtype,
+    prune_2to4,
+)
+from slope.masks import is_nm_sparse, nm_mask
+
+
+def _sparse_input(rows, cols, dtype, drop=0.3):
+    """A 2:4-sparse ``(rows, cols)`` where some groups keep fewer than two nonzeros."""
+    if dtype == torch.int8:
+        dense = torch.randint(-127, 128, (rows, cols), dtype=torch.int16).clamp(-127, 127)
+        dense = torch.where(dense == 0, torch.ones_like(dense), dense).to(torch.int8)
+    else:
+        dense = torch.randn(rows, cols).to(dtype)
+    pruned = torch.where(nm_mask(dense.float(), 2, 4), dense, torch.zeros_like(dense))
+    extra = torch.rand(rows, cols) < drop
+    extra[0, :8] = True  # at least two fully empty groups
+    extra[1, 0:4] = torch.tensor([False, True, True, True])  # pattern with one kept entry
+    return torch.where(extra, torch.zeros_like(pruned), pruned)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+CUTLASS_CASES = [
+    (torch.float16, 32, 32),
+    (torch.float16, 64, 96),
+    (torch.bfloat16, 32, 64),
+    (torch.bfloat16, 96, 128),
+    (torch.int8, 16, 64),
+    (torch.int8, 48, 192),
+]
+
+
+@pytest.mark.parametrize("dtype,rows,cols", CUTLASS_CASES)
+def test_compress_matches_pytorch_cutlass_layout(dtype, rows, cols):
+    dense = _sparse_input(rows, cols, dtype)
+    values, meta = compress_2to4(dense)
+    ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(dense)
+    assert values.dtype == dtype and values.shape == (rows, cols // 2)
+    assert meta.dtype == ref_meta.dtype == metadata_dtype(rows, cols, dtype)
+    assert torch.equal(_bits(values), _bits(ref_values))
+    assert torch.equal(meta, ref_meta)
+    # Both decompressors agree and give back the input.
+    assert torch.equal(_bits(decompress_2to4(values, meta)), _bits(dense))
+    assert torch.equal(_bits(sparse_semi_structured_to_dense_cutlass(values, meta)), _bits(dense))
+
+
+@pytest.mark.parametrize("dtype,rows,cols", CUTLASS_CASES[:4])
+def test_decompress_reads_pytorch_cutlass_output(dtype, rows, cols):
+    dense = _sparse_input(rows, cols, dtype, drop=0.6)
+    ref_values, ref_meta = sparse_semi_structured_from_dense_cutlass(dense)
+    assert torch.equal(_bits(decompress_2to4(ref_values, ref_meta)), _bits(dense))
+
+
+@pytest.mark.parametrize(
+    "dtype,rows,cols",
+    [
+        (torch.float32, 32, 32),  # fp32 always uses the plain layout
+        (torch.float32, 3, 8),
+        (torch.float32, 5, 12),
+        (torch.float16, 8, 20),  # too small for CUTLASS
+        (torch.bfloat16, 7, 36),
+        (torch.int8, 16, 32),  # int8 CUTLASS needs cols % 64
+    ],
+)
+def test_plain_layout_round_trip(dtype, rows, cols):
+    dense = _sparse_input(rows, cols, dtype)
+    assert not cutlass_layout_supported(rows, cols, dtype)
+    values, meta = compress_2to4(dense)
+    assert meta.dtype == torch.uint8 and meta.shape == (rows, cols // 4)
+    assert values.shape == (rows, cols // 2)
+    assert torch.equal(decompress_2to4(values, meta), dense)
+
+
+def test_plain_layout_on_request_and_explicit_mask():
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    mask = nm_mask(w.float(), 2, 4)
+    values, meta = compress_2to4(w, mask, layout="plain")  # w is dense: the mask decides
+    assert meta.dtype == torch.uint8
+    assert torch.equal(decompress_2to4(values, meta), torch.where(mask, w, torch.zeros_like(w)))
+    assert torch.equal(values, w.masked_select(mask).view(32, 32))  # kept values in row order
+    cut_values, cut_meta = compress_2to4(w, mask, layout="cutlass")
+    assert torch.equal(cut_values, values) and cut_meta.dtype == torch.int16
+
+
+def test_prune_2to4():
+    x = torch.randn(6, 16)
+    pruned, mask = prune_2to4(x)
+    assert torch.equal(mask, nm_mask(x, 2, 4))
+    assert torch.equal(pruned, x * mask) and (pruned[~mask] == 0).all()
+    assert is_nm_sparse(pruned != 0, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: compress_2to4(torch.randn(32, 32, dtype=torch.float16)), ValueError, "not 2:4 sparse"),
+        (lambda: compress_2to4(torch.zeros(8, 8, dtype=torch.float64)), TypeError, "float64"),
+        (lambda: compress_2to4(torch.zeros(8, 8), layout="dense"), ValueError, "layout"),
+        (lambda: compress_2to4(torch.zeros(8, 8, dtype=torch.float16), layout="cutlass"), ValueError, "CUTLASS"),
+        (lambda: compress_2to4(torch.zeros(8, 6)), ValueError, "divisible by 4"),
+        (lambda: compress_2to4(torch.zeros(8)), ValueError, "2-D"),
+        (lambda: compress_2to4(torch.zeros(8, 8), torch.zeros(8, 8)), ValueError, "bool"),
+        (lambda: decompress_2to4(torch.zeros(8, 4), torch.zeros(8, 3, dtype=torch.uint8)), ValueError, "shape"),
+        (lambda: decompress_2to4(torch.zeros(8, 4), torch.zeros(8, 2, dtype=torch.float32)), ValueError, "dtype"),
+        (lambda: decompress_2to4(torch.zeros(32, 16), torch.zeros(32, 3, dtype=torch.int16)), ValueError, "shape"),
+    ],
+)
+def test_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_addmm_and_matvec_add():
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    c = torch.randn(5, 3)
+    expected = c + 0.5 * (a @ b)
+    out = addmm(a, b, c, alpha=0.5)
+    assert out is c and torch.allclose(c, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="addmm"):
+        addmm(a, b, torch.zeros(5, 4))
+
+    base = torch.randn(4, 10)
+    view = base[:, ::2]  # strided
+    vec = torch.randn(5)
+    expected = view + vec
+    assert matvec_add(view, vec) is view
+    assert torch.equal(base[:, ::2], expected)
+    with pytest.raises(ValueError, match="matvec_add"):
+        matvec_add(view, torch.randn(4))
