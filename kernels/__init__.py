@@ -1,17 +1,25 @@
 """Kernel entry points of slope (installed as ``slope.kernels``).
 
-The functions here are the pure-PyTorch references (see :mod:`slope.kernels.reference`); they run
-on every device and are the oracles the GPU kernels are tested against.
+Functions with a Triton kernel (``addmm``, ``matvec_add``, ``prune_2to4``,
+``double_prune_mask_2to4``, ``prune_compress_2to4``) dispatch: CUDA tensors of a dtype Triton
+handles (fp16/bf16/fp32) go to :mod:`slope.kernels.triton_kernels` when Triton can run here;
+everything else goes to the pure-PyTorch references in :mod:`slope.kernels.reference`, which
+stay importable as ``slope.kernels.reference.*`` and are the oracles of the fast paths.
+``compress_2to4`` / ``decompress_2to4`` are the references on every device.
 """
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import reference
 from .reference import (
     COMPRESSIBLE_DTYPES,
-    addmm,
     compress_2to4,
     cutlass_layout_supported,
     decompress_2to4,
-    matvec_add,
     metadata_dtype,
-    prune_2to4,
 )
 
 __all__ = [
@@ -20,7 +28,72 @@ __all__ = [
     "compress_2to4",
     "cutlass_layout_supported",
     "decompress_2to4",
+    "double_prune_mask_2to4",
     "matvec_add",
     "metadata_dtype",
     "prune_2to4",
+    "prune_compress_2to4",
+    "reference",
+    "triton_usable",
 ]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_usable(*tensors: torch.Tensor) -> bool:
+    """True when these tensors should take the Triton path: all CUDA, Triton-handled dtype, and
+    Triton importable (CPU tensors always use the reference)."""
+    return (
+        all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in tensors)
+        and _triton_importable()
+    )
+
+
+def _triton():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """In place ``c += alpha * (a @ b)``, ``a (M, K)``, ``b (K, N)``, ``c (M, N)``; returns ``c``."""
+    if triton_usable(a, b, c) and a.dtype == b.dtype == c.dtype:
+        return _triton().addmm(a, b, c, alpha)
+    return reference.addmm(a, b, c, alpha)
+
+
+def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """In place ``matrix[..., j] += vector[j]`` (any strides); returns ``matrix``."""
+    if triton_usable(matrix, vector):
+        return _triton().matvec_add(matrix, vector)
+    return reference.matvec_add(matrix, vector)
+
+
+def prune_2to4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitude 2:4 pruning along the last dim: ``(pruned, mask)``, pruned entries exactly 0."""
+    if triton_usable(dense):
+        return _triton().prune_2to4(dense)
+    return reference.prune_2to4(dense)
+
+
+def double_prune_mask_2to4(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``M_t`` for 2:4 (bool ``(out, in)``, 2:4 along ``out``, ``⊆ mask``)."""
+    if triton_usable(weight) and mask.is_cuda:
+        return _triton().double_prune_mask_2to4(weight, mask)
+    return reference.double_prune_mask_2to4(weight, mask)
+
+
+def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``dense (rows, cols)`` 2:4 and compress it: ``(values (rows, cols/2), meta)``."""
+    if triton_usable(dense):
+        return _triton().prune_compress_2to4(dense, layout)
+    return reference.prune_compress_2to4(dense, layout)

@@ -29,6 +29,8 @@ __all__ = [
     "compress_2to4",
     "decompress_2to4",
     "prune_2to4",
+    "double_prune_mask_2to4",
+    "prune_compress_2to4",
     "cutlass_layout_supported",
     "metadata_dtype",
     "addmm",
@@ -192,6 +194,19 @@ def prune_2to4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     mask = nm_mask(dense, 2, 4)
     return torch.where(mask, dense, torch.zeros((), dtype=dense.dtype, device=dense.device)), mask
+
+
+def double_prune_mask_2to4(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``M_t`` (bool ``(out, in)``) for 2:4: :func:`slope.masks.double_prune_mask` ``(weight, mask, 2, 4)``."""
+    from slope.masks import double_prune_mask
+
+    return double_prune_mask(weight, mask, 2, 4)
+
+
+def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prune_2to4` then :func:`compress_2to4` of ``dense (rows, cols)``: ``(values, meta)``."""
+    pruned, mask = prune_2to4(dense)
+    return compress_2to4(pruned, mask, layout)
 
 
 def addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

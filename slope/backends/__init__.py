@@ -24,9 +24,10 @@ _LAZY = {
     "cutlass": "slope.backends.torch_semi_structured",
     "triton": "slope.backends.triton",
     "cutlass-sm90": "slope.backends.cutlass_sm90",
+    "dense": "slope.backends.dense",
 }
 #: every name ``prune_model(backend=...)`` accepts (besides "auto").
-BACKEND_NAMES = ("reference", "cusparselt", "cutlass", "cutlass-sm90", "triton")
+BACKEND_NAMES = ("reference", "cusparselt", "cutlass", "cutlass-sm90", "triton", "dense")
 #: ``auto`` tries these in order on CUDA (the first available wins).
 AUTO_ORDER_CUDA = ("cutlass-sm90", "cusparselt", "cutlass", "triton")
 
@@ -58,7 +59,9 @@ def resolve_backend(name: str, compress: bool, device: torch.device, dtype: torc
     ``compress=False`` always simulates. ``"auto"`` takes the first available backend of
     :data:`AUTO_ORDER_CUDA` on CUDA (each backend's own ``unavailable_reason`` checks capability
     and dtype) and ``reference`` elsewhere. A named backend that cannot run is an error that
-    says why.
+    says why. (A :class:`slope.layer.SparseLinear` with ``"auto"`` on CUDA instead asks
+    :data:`slope.backends.auto.AUTO_CHOOSER`, which times the candidates against ``dense`` for
+    the layer's shape.)
     """
     if not compress:
         return SimulatedBackend

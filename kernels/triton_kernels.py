@@ -1,0 +1,377 @@
+"""Triton kernels of ``slope.kernels`` (CUDA; on CPU they run only under ``TRITON_INTERPRET=1``).
+
+Each function has a pure-PyTorch twin of the same name in :mod:`slope.kernels.reference` and
+returns the same result (bit-identical for the pruning / compression kernels; up to fp32
+accumulation order for ``addmm``). :mod:`slope.kernels` dispatches CUDA tensors here.
+
+Interpreter notes: bf16 ``tl.dot`` is wrong in Triton's interpreter (it multiplies raw bits), so
+operands are cast to fp32 before ``tl.dot`` when interpreting; the interpreter also uses one small
+fixed tile config instead of autotuning.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import cutlass_layout_supported
+
+__all__ = [
+    "interpreting",
+    "TRITON_DTYPES",
+    "addmm",
+    "matvec_add",
+    "prune_2to4",
+    "double_prune_mask_2to4",
+    "prune_compress_2to4",
+]
+
+#: dtypes the Triton kernels handle (others go to the reference).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in TRITON_DTYPES:
+        raise TypeError(f"{name}: Triton kernels support fp16/bf16/fp32, got {t.dtype}; use slope.kernels.reference")
+
+
+# ---------------------------------------------------------------------------------------- addmm
+def _addmm_configs() -> list[triton.Config]:
+    """Tile configs for ``addmm``: Hopper-sized tiles first, then smaller ones for small/odd shapes."""
+    shapes = [
+        # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 5, 2),
+        (32, 64, 32, 5, 2),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for m, n, k, s, w in shapes
+    ]
+
+
+@triton.jit
+def _addmm_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K, alpha,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    CAST_F32: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped launch order: GROUP_M row-tiles share their B tiles in L2.
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if CAST_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    c = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, (c + alpha * acc).to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# restore_value: autotuning runs the kernel several times; c must start from its input each time.
+_addmm_autotuned = triton.autotune(configs=_addmm_configs(), key=["M", "N", "K"], restore_value=["c_ptr"])(
+    _addmm_kernel
+)
+
+
+def addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """In place ``c += alpha * (a @ b)`` for ``a (M, K)``, ``b (K, N)``, ``c (M, N)`` (any strides).
+
+    All three share one dtype (fp16, bf16 or fp32); products accumulate in fp32 and the sum is
+    rounded once to ``c.dtype``. fp32 inputs use IEEE fp32 products unless
+    ``torch.backends.cuda.matmul.allow_tf32`` is set. Returns ``c``.
+    """
+    if a.dim() != 2 or b.dim() != 2 or c.dim() != 2 or a.shape[1] != b.shape[0] or c.shape != (a.shape[0], b.shape[1]):
+        raise ValueError(
+            f"addmm needs a (M, K), b (K, N), c (M, N); got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)}"
+        )
+    if not (a.dtype == b.dtype == c.dtype):
+        raise TypeError(f"addmm needs one dtype for a, b, c; got {a.dtype}, {b.dtype}, {c.dtype}")
+    _check_dtype("addmm", c)
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return c
+    ieee = c.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    args = (a, b, c, M, N, K, float(alpha), a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    if interpreting():
+        bm, bn, bk = 32, 32, 32
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _addmm_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, CAST_F32=True, IEEE=ieee)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _addmm_autotuned[grid](*args, CAST_F32=False, IEEE=ieee)
+    return c
+
+
+# ----------------------------------------------------------------------------------- matvec_add
+@triton.jit
+def _matvec_add_kernel(
+    m_ptr, v_ptr, rows, N, d1, d2, s0, s1, s2, sn, sv,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    # Row r of the flattened leading dims (d0, d1, d2) -> memory offset through their strides.
+    i2 = r % d2
+    i1 = (r // d2) % d1
+    i0 = r // (d2 * d1)
+    offs = (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + n[None, :] * sn
+    mask = (r[:, None] < rows) & (n[None, :] < N)
+    x = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + n * sv, mask=n < N, other=0.0).to(tl.float32)
+    tl.store(m_ptr + offs, (x + v[None, :]).to(m_ptr.dtype.element_ty), mask=mask)
+
+
+def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """In place ``matrix[..., j] += vector[j]`` for any strides; returns ``matrix``.
+
+    ``matrix (..., N)`` fp16/bf16/fp32, ``vector (N,)`` of any float dtype (added in fp32, the sum
+    rounded to ``matrix.dtype``). A matrix whose elements overlap in memory (a broadcast view) is
+    an error, as in PyTorch.
+    """
+    if vector.dim() != 1 or matrix.dim() < 1 or matrix.shape[-1] != vector.shape[0]:
+        raise ValueError(
+            f"matvec_add needs vector (N,) matching matrix (..., N); got {tuple(matrix.shape)} and {tuple(vector.shape)}"
+        )
+    _check_dtype("matvec_add", matrix)
+    if any(st == 0 and sz > 1 for st, sz in zip(matrix.stride(), matrix.shape)):
+        raise ValueError("matvec_add writes in place: matrix must not be a broadcast view (stride 0); clone it first")
+    if matrix.dim() > 4:
+        for sub in matrix.unbind(0):
+            matvec_add(sub, vector)
+        return matrix
+    if matrix.numel() == 0:
+        return matrix
+    lead = list(matrix.shape[:-1])
+    lead_strides = list(matrix.stride()[:-1])
+    while len(lead) < 3:
+        lead.insert(0, 1)
+        lead_strides.insert(0, 0)
+    rows = lead[0] * lead[1] * lead[2]
+    N = matrix.shape[-1]
+    block_r, block_n = 32, 128
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(N, block_n))
+    _matvec_add_kernel[grid](
+        matrix, vector, rows, N, lead[1], lead[2], *lead_strides, matrix.stride(-1), vector.stride(0),
+        BLOCK_R=block_r, BLOCK_N=block_n,
+    )
+    return matrix
+
+
+# -------------------------------------------------------------------------------- 2:4 selection
+@triton.jit
+def _keep_two_of_four(a0, a1, a2, a3):
+    """Which 2 of 4 scores are kept: the largest; ties go to the lower index (stable sort)."""
+    k0 = ((a1 > a0).to(tl.int32) + (a2 > a0).to(tl.int32) + (a3 > a0).to(tl.int32)) < 2
+    k1 = ((a0 >= a1).to(tl.int32) + (a2 > a1).to(tl.int32) + (a3 > a1).to(tl.int32)) < 2
+    k2 = ((a0 >= a2).to(tl.int32) + (a1 >= a2).to(tl.int32) + (a3 > a2).to(tl.int32)) < 2
+    k3 = ((a0 >= a3).to(tl.int32) + (a1 >= a3).to(tl.int32) + (a2 >= a3).to(tl.int32)) < 2
+    return k0, k1, k2, k3
+
+
+@triton.jit
+def _prune_kernel(x_ptr, out_ptr, mask_ptr, groups, BLOCK: tl.constexpr):
+    g = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    valid = g < groups
+    base = 4 * g
+    x0 = tl.load(x_ptr + base, mask=valid, other=0.0)
+    x1 = tl.load(x_ptr + base + 1, mask=valid, other=0.0)
+    x2 = tl.load(x_ptr + base + 2, mask=valid, other=0.0)
+    x3 = tl.load(x_ptr + base + 3, mask=valid, other=0.0)
+    k0, k1, k2, k3 = _keep_two_of_four(
+        tl.abs(x0.to(tl.float32)), tl.abs(x1.to(tl.float32)), tl.abs(x2.to(tl.float32)), tl.abs(x3.to(tl.float32))
+    )
+    tl.store(out_ptr + base, tl.where(k0, x0, 0.0).to(x0.dtype), mask=valid)
+    tl.store(out_ptr + base + 1, tl.where(k1, x1, 0.0).to(x0.dtype), mask=valid)
+    tl.store(out_ptr + base + 2, tl.where(k2, x2, 0.0).to(x0.dtype), mask=valid)
+    tl.store(out_ptr + base + 3, tl.where(k3, x3, 0.0).to(x0.dtype), mask=valid)
+    tl.store(mask_ptr + base, k0.to(tl.uint8), mask=valid)
+    tl.store(mask_ptr + base + 1, k1.to(tl.uint8), mask=valid)
+    tl.store(mask_ptr + base + 2, k2.to(tl.uint8), mask=valid)
+    tl.store(mask_ptr + base + 3, k3.to(tl.uint8), mask=valid)
+
+
+def prune_2to4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitude 2:4 pruning along the last dim in one pass: ``(pruned, mask)``.
+
+    ``dense (..., cols)`` fp16/bf16/fp32 with ``cols % 4 == 0``; ``pruned`` (same shape/dtype,
+    contiguous, pruned entries exactly 0) and bool ``mask`` equal
+    :func:`slope.kernels.reference.prune_2to4` (largest ``|w|``, ties → lower index).
+    """
+    if dense.dim() < 1 or dense.shape[-1] % 4:
+        raise ValueError(f"2:4 pruning needs the last dim divisible by 4, got shape {tuple(dense.shape)}")
+    _check_dtype("prune_2to4", dense)
+    x = dense.contiguous()
+    pruned = torch.empty_like(x)
+    mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    groups = x.numel() // 4
+    if groups:
+        block = 1024
+        _prune_kernel[(triton.cdiv(groups, block),)](x, pruned, mask, groups, BLOCK=block)
+    return pruned, mask.view(torch.bool)
+
+
+@triton.jit
+def _double_prune_kernel(w_ptr, m_ptr, out_ptr, row_groups, cols, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    q = (tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
+    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    valid = (q[:, None] < row_groups) & (c[None, :] < cols)
+    base = (4 * q)[:, None] * cols + c[None, :]
+    m0 = tl.load(m_ptr + base, mask=valid, other=0) != 0
+    m1 = tl.load(m_ptr + base + cols, mask=valid, other=0) != 0
+    m2 = tl.load(m_ptr + base + 2 * cols, mask=valid, other=0) != 0
+    m3 = tl.load(m_ptr + base + 3 * cols, mask=valid, other=0) != 0
+    # Entries M already pruned score -1 so a kept entry (|w| >= 0) always beats them.
+    s0 = tl.where(m0, tl.abs(tl.load(w_ptr + base, mask=valid, other=0.0).to(tl.float32)), -1.0)
+    s1 = tl.where(m1, tl.abs(tl.load(w_ptr + base + cols, mask=valid, other=0.0).to(tl.float32)), -1.0)
+    s2 = tl.where(m2, tl.abs(tl.load(w_ptr + base + 2 * cols, mask=valid, other=0.0).to(tl.float32)), -1.0)
+    s3 = tl.where(m3, tl.abs(tl.load(w_ptr + base + 3 * cols, mask=valid, other=0.0).to(tl.float32)), -1.0)
+    k0, k1, k2, k3 = _keep_two_of_four(s0, s1, s2, s3)
+    tl.store(out_ptr + base, (k0 & m0).to(tl.uint8), mask=valid)
+    tl.store(out_ptr + base + cols, (k1 & m1).to(tl.uint8), mask=valid)
+    tl.store(out_ptr + base + 2 * cols, (k2 & m2).to(tl.uint8), mask=valid)
+    tl.store(out_ptr + base + 3 * cols, (k3 & m3).to(tl.uint8), mask=valid)
+
+
+def double_prune_mask_2to4(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``M_t`` for 2:4: bool ``(out, in)``, 2:4 along ``out`` among the entries ``mask`` keeps.
+
+    ``weight (out, in)`` fp16/bf16/fp32 with ``out % 4 == 0``, ``mask`` bool of the same shape;
+    equals :func:`slope.masks.double_prune_mask` ``(weight, mask, 2, 4)``.
+    """
+    if weight.dim() != 2 or weight.shape[0] % 4:
+        raise ValueError(
+            f"double pruning groups 4 consecutive output rows; weight must be 2-D with out % 4 == 0, got {tuple(weight.shape)}"
+        )
+    if mask.shape != weight.shape or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool of shape {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    _check_dtype("double_prune_mask_2to4", weight)
+    w = weight.contiguous()
+    m = mask.contiguous().view(torch.uint8)
+    out = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    rows, cols = w.shape
+    if w.numel():
+        bq, bc = 16, 64
+        grid = (triton.cdiv(rows // 4, bq), triton.cdiv(cols, bc))
+        _double_prune_kernel[grid](w, m, out, rows // 4, cols, BLOCK_Q=bq, BLOCK_C=bc)
+    return out.view(torch.bool)
+
+
+# ----------------------------------------------------------------------- fused prune + compress
+@triton.jit
+def _cutlass_meta_offset(r, c, rows):
+    """Flat offset of metadata element ``(r, c)`` in CUTLASS's int16 layout (see reference.py)."""
+    rr = (r // 32) * 32 + (r % 8) * 4 + (r % 32) // 8
+    even_r = (rr % 2) == 0
+    odd_c = (c % 2) == 1
+    shift = (even_r & odd_c).to(tl.int64) - ((~even_r) & (~odd_c)).to(tl.int64)
+    rr = rr + shift
+    cc = c - shift
+    return (cc // 2) * rows * 2 + rr * 2 + cc % 2
+
+
+@triton.jit
+def _prune_compress_kernel(
+    x_ptr, v_ptr, meta_ptr, rows, cols, BLOCK_R: tl.constexpr, BLOCK_MC: tl.constexpr, CUTLASS: tl.constexpr,
+):
+    """Each (row, mc) handles 4 consecutive groups (16 columns) = one CUTLASS int16 meta element."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+    mc = (tl.program_id(1) * BLOCK_MC + tl.arange(0, BLOCK_MC)).to(tl.int64)[None, :]
+    groups = cols // 4
+    packed = tl.zeros((BLOCK_R, BLOCK_MC), dtype=tl.int32)
+    for j in tl.static_range(4):
+        g = 4 * mc + j
+        valid = (r < rows) & (g < groups)
+        base = r * cols + 4 * g
+        x0 = tl.load(x_ptr + base, mask=valid, other=0.0)
+        x1 = tl.load(x_ptr + base + 1, mask=valid, other=0.0)
+        x2 = tl.load(x_ptr + base + 2, mask=valid, other=0.0)
+        x3 = tl.load(x_ptr + base + 3, mask=valid, other=0.0)
+        k0, k1, k2, k3 = _keep_two_of_four(
+            tl.abs(x0.to(tl.float32)), tl.abs(x1.to(tl.float32)), tl.abs(x2.to(tl.float32)), tl.abs(x3.to(tl.float32))
+        )
+        # Exactly two are kept: the first is at 0, 1 or 2 and the second at 1, 2 or 3.
+        v0 = tl.where(k0, x0, tl.where(k1, x1, x2))
+        v1 = tl.where(k3, x3, tl.where(k2, x2, x1))
+        idx0 = tl.where(k0, 0, tl.where(k1, 1, 2))
+        idx1 = tl.where(k3, 3, tl.where(k2, 2, 1))
+        code = idx0 | (idx1 << 2)
+        vbase = r * (cols // 2) + 2 * g
+        tl.store(v_ptr + vbase, v0, mask=valid)
+        tl.store(v_ptr + vbase + 1, v1, mask=valid)
+        if CUTLASS:
+            packed = packed | (code << (4 * j))
+        else:
+            tl.store(meta_ptr + r * groups + g, code.to(tl.uint8), mask=valid)
+    if CUTLASS:
+        valid = (r < rows) & (mc < groups // 4)
+        signed = tl.where(packed >= 32768, packed - 65536, packed).to(tl.int16)
+        tl.store(meta_ptr + _cutlass_meta_offset(r, mc, rows), signed, mask=valid)
+
+
+def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused :func:`prune_2to4` + :func:`compress_2to4` of ``dense (rows, cols)``: ``(values, meta)``.
+
+    fp16/bf16/fp32, ``cols % 4 == 0``. ``layout`` as in :func:`slope.kernels.reference.compress_2to4`
+    (``"auto"``: CUTLASS int16 metadata for fp16/bf16 when ``rows % 32 == cols % 32 == 0``, else
+    plain uint8 codes ``(rows, cols // 4)``); bit-identical to the reference.
+    """
+    if dense.dim() != 2 or dense.shape[1] % 4:
+        raise ValueError(f"prune_compress_2to4 needs a 2-D (rows, cols) tensor with cols % 4 == 0, got {tuple(dense.shape)}")
+    if layout not in ("auto", "cutlass", "plain"):
+        raise ValueError(f"layout must be 'auto', 'cutlass' or 'plain', got {layout!r}")
+    _check_dtype("prune_compress_2to4", dense)
+    rows, cols = dense.shape
+    fits = cutlass_layout_supported(rows, cols, dense.dtype)
+    if layout == "cutlass" and not fits:
+        raise ValueError(f"the CUTLASS layout needs fp16/bf16 with rows % 32 == 0 and cols % 32 == 0; got {dense.dtype} {(rows, cols)}")
+    cutlass = fits and layout != "plain"
+    x = dense.contiguous()
+    values = torch.empty(rows, cols // 2, dtype=x.dtype, device=x.device)
+    if cutlass:
+        meta = torch.empty(rows, cols // 16, dtype=torch.int16, device=x.device)
+    else:
+        meta = torch.empty(rows, cols // 4, dtype=torch.uint8, device=x.device)
+    if x.numel():
+        br, bmc = 32, 16
+        grid = (triton.cdiv(rows, br), triton.cdiv(triton.cdiv(cols // 4, 4), bmc))
+        _prune_compress_kernel[grid](x, values, meta, rows, cols, BLOCK_R=br, BLOCK_MC=bmc, CUTLASS=cutlass)
+    return values, meta

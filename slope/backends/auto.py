@@ -1,0 +1,145 @@
+"""``backend="auto"`` on CUDA: pick, by measurement, the fastest way to run a layer's shape.
+
+For a layer ``W (out, in)`` in ``dtype`` on a CUDA device, :class:`AutoBackendChooser` times one
+SLoPe step's two sparse products — forward ``x (T, in) @ (W⊙M)ᵀ`` and input gradient
+``dy (T, out) @ (W⊙M⊙M_t)`` — with ``T = tokens`` (default 4096) for
+
+- every available sparse backend of :data:`slope.backends.AUTO_ORDER_CUDA`,
+- with ``tiling=True`` also each of them wrapped in :class:`RowTiledBackend` when the weight is
+  very non-square (``max(out, in) >= 2·min(out, in)``): a tall operand is split into near-square
+  row blocks (a simple heuristic: ``round(rows / cols)`` blocks, heights rounded up to 64 rows),
+- and the ``dense`` backend (masked dense operand through cuBLAS: same math).
+
+It keeps a sparse choice only when it is faster than dense by ``margin`` (default 3 %, to stay
+clear of timing noise), so ``auto`` is never slower than dense. Results are cached per
+``(out, in, dtype, device, tiling)`` in the chooser object; the process-wide instance is
+:data:`AUTO_CHOOSER`. Candidates that fail (an exception while building or multiplying) are
+skipped and their error is kept in :meth:`AutoBackendChooser.report`.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from slope.masks import double_prune_mask, nm_mask
+
+from . import AUTO_ORDER_CUDA, backend_class
+from .base import SparseBackend
+from .dense import DenseBackend, RowTiledBackend
+
+__all__ = ["AutoChoice", "AutoBackendChooser", "AUTO_CHOOSER", "cuda_event_timer"]
+
+Timer = Callable[[Callable[[], object], torch.device], float]
+
+
+def cuda_event_timer(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
+    """Mean milliseconds of ``fn()`` on ``device``'s current stream (CUDA events)."""
+    with torch.cuda.device(device):
+        for _ in range(warmup):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / reps
+
+
+@dataclass
+class AutoChoice:
+    """The chosen backend for one key, with every candidate's time (ms) or error."""
+
+    backend: SparseBackend
+    times_ms: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class AutoBackendChooser:
+    """Times candidate backends per layer shape and caches the choice (see module docstring).
+
+    ``timer(fn, device) -> ms`` is injectable (tests use a fake one); ``candidates`` defaults to
+    :data:`slope.backends.AUTO_ORDER_CUDA`.
+    """
+
+    def __init__(
+        self,
+        tokens: int = 4096,
+        margin: float = 0.03,
+        timer: Timer = cuda_event_timer,
+        candidates: tuple[str, ...] = AUTO_ORDER_CUDA,
+    ):
+        self.tokens, self.margin, self.timer, self.candidates = tokens, margin, timer, candidates
+        self._cache: dict[tuple, AutoChoice] = {}
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        """Forget every cached choice (e.g. after changing ``tokens``)."""
+        with self._lock:
+            self._cache.clear()
+
+    def report(self) -> dict[tuple, AutoChoice]:
+        """A copy of the cache: ``(out, in, dtype, device, tiling) -> AutoChoice``."""
+        with self._lock:
+            return dict(self._cache)
+
+    def choose(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, tiling: bool = True) -> SparseBackend:
+        """The backend instance to use for a layer ``W (out, in) = shape`` in ``dtype`` on ``device``."""
+        device = torch.device(device)
+        key = (tuple(shape), dtype, device, bool(tiling))
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = self._measure(tuple(shape), dtype, device, tiling)
+            return self._cache[key].backend
+
+    # ------------------------------------------------------------------ internals
+    def _candidates(self, shape, dtype, device, tiling, errors: dict[str, str]) -> list[SparseBackend]:
+        out: list[SparseBackend] = []
+        for name in self.candidates:
+            try:
+                cls = backend_class(name)
+                if cls.unavailable_reason(device, dtype) is not None:
+                    continue
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot even say why is skipped
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            out.append(cls(tiling=tiling))
+            if tiling and max(shape) >= 2 * min(shape):
+                out.append(RowTiledBackend(cls(tiling=tiling)))
+        return out
+
+    def _measure(self, shape, dtype, device, tiling) -> AutoChoice:
+        rows, cols = shape
+        weight = torch.randn(rows, cols, device=device, dtype=dtype)
+        mask = nm_mask(weight, 2, 4)
+        mask_t = double_prune_mask(weight, mask, 2, 4)
+        fwd = weight * mask
+        bwd, bwd_mask = (fwd * mask_t).t().contiguous(), mask_t.t().contiguous()
+        x = torch.randn(self.tokens, cols, device=device, dtype=dtype)
+        dy = torch.randn(self.tokens, rows, device=device, dtype=dtype)
+
+        def step_time(backend: SparseBackend) -> float:
+            ops = (backend.make_operand(fwd, mask), backend.make_operand(bwd, bwd_mask))
+            return self.timer(lambda: (backend.matmul(x, ops[0]), backend.matmul(dy, ops[1])), device)
+
+        dense = DenseBackend(tiling=tiling)
+        choice = AutoChoice(backend=dense, times_ms={"dense": step_time(dense)})
+        best = choice.times_ms["dense"] * (1.0 - self.margin)
+        for backend in self._candidates(shape, dtype, device, tiling, choice.errors):
+            try:
+                t = step_time(backend)
+            except Exception as exc:  # noqa: BLE001 - a failing candidate is skipped, not fatal
+                choice.errors[backend.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            choice.times_ms[backend.name] = t
+            if t < best:
+                best, choice.backend = t, backend
+        return choice
+
+
+#: the process-wide chooser used by :class:`slope.layer.SparseLinear` for ``backend="auto"`` on CUDA.
+AUTO_CHOOSER = AutoBackendChooser()

@@ -1,0 +1,111 @@
+"""``backend="auto"`` selection logic (with an injected timer, on CPU) and row tiling.
+
+The real timings happen on CUDA (tests/gpu/test_gpu_backends.py); here a fake timer returns
+chosen times so the decision rule itself is tested: a sparse candidate wins only when faster than
+dense by the margin, failures are skipped, results are cached per key.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slope.backends import backend_class
+from slope.backends.auto import AutoBackendChooser
+from slope.backends.dense import DenseBackend, RowTiledBackend
+from slope.backends.reference import ReferenceBackend
+from slope.kernels import prune_2to4
+from slope.masks import nm_mask
+
+CPU = torch.device("cpu")
+
+
+class FakeTimer:
+    """Runs ``fn`` once (so candidates really execute) and returns the next scripted time."""
+
+    def __init__(self, times):
+        self.times, self.calls = list(times), 0
+
+    def __call__(self, fn, device):
+        fn()
+        self.calls += 1
+        value = self.times.pop(0)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+def chooser(times, **kw):
+    timer = FakeTimer(times)
+    return AutoBackendChooser(tokens=8, timer=timer, candidates=("reference",), **kw), timer
+
+
+def test_sparse_candidate_wins_only_when_faster_than_dense():
+    fast, _ = chooser([1.0, 0.5])  # dense first, then the candidate
+    assert isinstance(fast.choose((64, 64), torch.float32, CPU), ReferenceBackend)
+    close, _ = chooser([1.0, 0.99])  # within the 3 % margin: dense stays
+    assert isinstance(close.choose((64, 64), torch.float32, CPU), DenseBackend)
+    slow, _ = chooser([1.0, 2.0])
+    choice = slow.choose((64, 64), torch.float32, CPU)
+    assert isinstance(choice, DenseBackend)
+    assert slow.report()[((64, 64), torch.float32, CPU, True)].times_ms == {"dense": 1.0, "reference": 2.0}
+
+
+def test_failing_candidate_is_skipped_and_reported():
+    auto, _ = chooser([1.0, RuntimeError("kernel exploded")])
+    assert isinstance(auto.choose((64, 64), torch.float32, CPU), DenseBackend)
+    (entry,) = auto.report().values()
+    assert "kernel exploded" in entry.errors["reference"]
+
+
+def test_choice_is_cached_per_key():
+    auto, timer = chooser([1.0, 0.5, 1.0, 2.0])
+    first = auto.choose((64, 64), torch.float32, CPU)
+    assert auto.choose((64, 64), torch.float32, CPU) is first and timer.calls == 2
+    other = auto.choose((64, 96), torch.float32, CPU)  # a new shape is timed again
+    assert timer.calls == 4 and isinstance(other, DenseBackend)
+    auto.clear()
+    assert auto.report() == {}
+
+
+def test_tiling_adds_row_tiled_candidates_for_non_square_weights():
+    # (256, 64) is tall: candidates are reference and reference+rowtiles; the tiled one is fastest.
+    auto, timer = chooser([1.0, 0.9, 0.5])
+    choice = auto.choose((256, 64), torch.float32, CPU, tiling=True)
+    assert isinstance(choice, RowTiledBackend) and timer.calls == 3
+    untiled, timer2 = chooser([1.0, 0.9])
+    assert isinstance(untiled.choose((256, 64), torch.float32, CPU, tiling=False), ReferenceBackend)
+    assert timer2.calls == 2
+
+
+@pytest.mark.parametrize("shape", [(512, 64), (200, 64), (64, 64), (64, 256)])
+def test_row_tiled_backend_matches_dense(shape):
+    dense, mask = prune_2to4(torch.randn(*shape))
+    tiled = RowTiledBackend(ReferenceBackend())
+    operand = tiled.make_operand(dense, mask)
+    height = tiled.block_rows(*shape)
+    if shape[0] >= 2 * shape[1]:
+        assert height is not None and height % 64 == 0 and len(operand) == -(-shape[0] // height)
+    else:
+        assert height is None
+    x = torch.randn(3, 7, shape[1])
+    torch.testing.assert_close(tiled.matmul(x, operand), F.linear(x, dense), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_backend_is_registered_and_exact():
+    cls = backend_class("dense")
+    assert cls is DenseBackend and cls.unavailable_reason(CPU, torch.float32) is None
+    w = torch.randn(32, 64)
+    masked = w * nm_mask(w)
+    x = torch.randn(5, 64)
+    backend = cls()
+    assert torch.equal(backend.matmul(x, backend.make_operand(masked, masked != 0)), F.linear(x, masked))
+
+
+def test_backend_whose_availability_check_raises_is_skipped(monkeypatch):
+    def broken(device, dtype):
+        raise TypeError("bad device argument")
+
+    monkeypatch.setattr(ReferenceBackend, "unavailable_reason", staticmethod(broken))
+    auto, timer = chooser([1.0])
+    assert isinstance(auto.choose((64, 64), torch.float32, CPU), DenseBackend) and timer.calls == 1
+    (entry,) = auto.report().values()
+    assert "bad device argument" in entry.errors["reference"]

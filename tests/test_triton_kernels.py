@@ -1,0 +1,215 @@
+"""Triton kernels (and the ``triton`` backend) under ``TRITON_INTERPRET=1`` on CPU vs the references.
+
+Needs ``TRITON_INTERPRET=1`` in the environment *before* triton is imported (CI exports it for
+the whole run); without it every test here is skipped with that reason.
+
+Interpreter caveats the tolerances account for: fp32→bf16 conversion in the interpreter truncates
+instead of rounding to nearest, so kernels that *compute* a bf16 result (addmm, matvec_add, the
+sparse GEMM) are compared within one bf16 ulp; the pruning / compression kernels only move bits and
+are compared exactly.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton runs on CPU only in its interpreter: run with TRITON_INTERPRET=1 (set before triton is imported)",
+)
+
+from slope.kernels import reference as ref  # noqa: E402
+
+tk = pytest.importorskip("slope.kernels.triton_kernels")
+ts = pytest.importorskip("slope.kernels.triton_sparse")
+
+BF16_TOL = dict(rtol=1.6e-2, atol=1e-2)
+
+
+def ties(shape, dtype):
+    """Random values from a tiny set (±0..3) so that equal magnitudes are frequent."""
+    return (torch.randint(-3, 4, shape).to(dtype)) * 0.5
+
+
+# ------------------------------------------------------------------------------------ addmm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(40, 70, 50), (1, 33, 7), (64, 32, 96)])
+def test_addmm_matches_reference(dtype, m, k, n):
+    a, b, c = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    alpha = float(torch.rand(()) * 2 - 1)
+    expected = ref.addmm(a.float(), b.float(), c.float().clone(), alpha)
+    out = c.clone()
+    assert tk.addmm(a, b, out, alpha) is out
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out.float(), expected, **BF16_TOL)
+
+
+def test_addmm_strided_operands():
+    a = torch.randn(48, 80).t()  # (80, 48), column-major
+    b = torch.randn(96, 48)[::2].t()  # (48, 48), strided
+    base = torch.randn(80, 100)
+    c = base[:, ::2]  # (80, 50) non-contiguous output written in place
+    c = c[:, :48]
+    expected = ref.addmm(a, b, c.clone(), 0.7)
+    tk.addmm(a, b, c, 0.7)
+    torch.testing.assert_close(c, expected, rtol=1e-5, atol=1e-5)
+    # The in-place write hit the view's storage, and only it.
+    torch.testing.assert_close(base[:, ::2][:, :48], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_addmm_errors():
+    with pytest.raises(ValueError, match="a \\(M, K\\)"):
+        tk.addmm(torch.randn(4, 5), torch.randn(6, 3), torch.randn(4, 3))
+    with pytest.raises(TypeError, match="one dtype"):
+        tk.addmm(torch.randn(4, 5), torch.randn(5, 3, dtype=torch.bfloat16), torch.randn(4, 3))
+
+
+# ------------------------------------------------------------------------------- matvec_add
+def _strided_views(dtype):
+    yield torch.randn(37, 53, dtype=dtype)
+    yield torch.randn(53, 37, dtype=dtype).t()
+    yield torch.randn(3, 5, 64, dtype=dtype)[:, ::2, ::2]
+    yield torch.randn(2, 3, 4, 40, dtype=dtype).transpose(0, 2)[..., 5:37]
+    yield torch.randn(2, 2, 3, 2, 32, dtype=dtype)  # 5-D
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_add_on_strided_views(dtype):
+    for view in _strided_views(dtype):
+        base = view._base if view._base is not None else view
+        snapshot = base.clone()
+        vector = torch.randn(view.shape[-1], dtype=dtype)
+        expected = ref.matvec_add(view.clone(), vector)
+        assert tk.matvec_add(view, vector) is view
+        if dtype == torch.float32:
+            assert torch.equal(view, expected)
+        else:
+            torch.testing.assert_close(view.float(), expected.float(), **BF16_TOL)
+        # Nothing outside the view changed.
+        untouched = torch.ones_like(base, dtype=torch.bool)
+        view_mask = torch.zeros_like(base, dtype=torch.bool)
+        view_mask.as_strided(view.shape, view.stride(), view.storage_offset() - base.storage_offset()).fill_(True)
+        untouched &= ~view_mask
+        assert torch.equal(base[untouched], snapshot[untouched])
+
+
+def test_matvec_add_errors():
+    with pytest.raises(ValueError, match="vector \\(N,\\)"):
+        tk.matvec_add(torch.randn(4, 5), torch.randn(4))
+    with pytest.raises(ValueError, match="broadcast view"):
+        tk.matvec_add(torch.randn(5).expand(4, 5), torch.randn(5))
+
+
+# ------------------------------------------------------------------------------ 2:4 pruning
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make", [torch.randn, ties], ids=["random", "ties"])
+def test_prune_2to4_bit_identical(dtype, make):
+    for shape in [(64, 96), (3, 7, 12), (1, 4)]:
+        dense = make(shape, dtype=dtype) if make is ties else make(*shape, dtype=dtype)
+        pruned, mask = tk.prune_2to4(dense)
+        ref_pruned, ref_mask = ref.prune_2to4(dense)
+        assert mask.dtype == torch.bool and torch.equal(mask, ref_mask)
+        assert torch.equal(pruned, ref_pruned)
+    noncontig = torch.randn(24, 40, dtype=dtype).t()  # (40, 24)
+    assert torch.equal(tk.prune_2to4(noncontig)[1], ref.prune_2to4(noncontig)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make", [torch.randn, ties], ids=["random", "ties"])
+def test_double_prune_mask_matches_masks_module(dtype, make):
+    from slope.masks import double_prune_mask, nm_mask
+
+    for shape in [(64, 96), (20, 12)]:
+        w = make(shape, dtype=dtype) if make is ties else make(*shape, dtype=dtype)
+        mask = nm_mask(w, 2, 4)
+        expected = double_prune_mask(w * mask, mask, 2, 4)
+        got = tk.double_prune_mask_2to4(w * mask, mask)
+        assert got.dtype == torch.bool and torch.equal(got, expected)
+        # Also with an arbitrary (not magnitude-derived) mask.
+        rand_mask = torch.rand(shape) < 0.5
+        assert torch.equal(tk.double_prune_mask_2to4(w, rand_mask), double_prune_mask(w, rand_mask, 2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 96), (32, 32), (12, 20), (40, 48)])
+def test_prune_compress_bit_identical(dtype, shape):
+    dense = torch.randn(*shape, dtype=dtype)
+    values, meta = tk.prune_compress_2to4(dense)
+    ref_values, ref_meta = ref.prune_compress_2to4(dense)
+    assert meta.dtype == ref_meta.dtype and torch.equal(meta, ref_meta)
+    assert torch.equal(values, ref_values)
+    if ref.cutlass_layout_supported(*shape, dtype):
+        from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+        pt_values, pt_meta = sparse_semi_structured_from_dense_cutlass(ref.prune_2to4(dense)[0])
+        assert torch.equal(values, pt_values) and torch.equal(meta, pt_meta)
+    plain_values, plain_meta = tk.prune_compress_2to4(dense, layout="plain")
+    assert torch.equal(plain_meta, ref.prune_compress_2to4(dense, layout="plain")[1])
+    assert torch.equal(plain_values, values)
+
+
+def test_prune_compress_errors():
+    with pytest.raises(ValueError, match="CUTLASS layout"):
+        tk.prune_compress_2to4(torch.randn(12, 20, dtype=torch.bfloat16), layout="cutlass")
+    with pytest.raises(ValueError, match="cols % 4"):
+        tk.prune_compress_2to4(torch.randn(8, 6))
+    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
+        tk.prune_compress_2to4(torch.randint(0, 3, (8, 8), dtype=torch.int8))
+
+
+# ------------------------------------------------------------------------- sparse GEMM
+@pytest.mark.parametrize(
+    "dtype,shape,layout",
+    [(torch.float32, (48, 36), "plain"), (torch.bfloat16, (64, 96), "cutlass"),
+     (torch.bfloat16, (20, 40), "plain"), (torch.float32, (96, 64), "plain")],
+)
+def test_sparse_linear_matches_decompressed_matmul(dtype, shape, layout):
+    values, meta = ref.prune_compress_2to4(torch.randn(*shape, dtype=dtype), layout=layout)
+    x = torch.randn(33, shape[1], dtype=dtype)
+    out = ts.sparse_linear(x, values, meta)
+    expected = F.linear(x.float(), ref.decompress_2to4(values, meta).float())
+    assert out.dtype == dtype and out.shape == (33, shape[0])
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(out.float(), expected, **tol)
+
+
+def test_sparse_linear_errors():
+    values, meta = ref.prune_compress_2to4(torch.randn(32, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="values \\(N, K/2\\)"):
+        ts.sparse_linear(torch.randn(4, 30, dtype=torch.bfloat16), values, meta)
+    with pytest.raises(ValueError, match="metadata"):
+        ts.sparse_linear(torch.randn(4, 32, dtype=torch.bfloat16), values, meta[:, :1])
+
+
+# ---------------------------------------------------------------------- triton backend / layer
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backend_training_step_matches_simulated(dtype):
+    from slope.layer import SparseLinear
+
+    w, b = torch.randn(64, 96, dtype=dtype), torch.randn(64, dtype=dtype)
+    fast = SparseLinear.from_dense(w, b, compress=True, backend="triton")
+    sim = SparseLinear.from_dense(w, b, compress=False)
+    x = torch.randn(2, 5, 96, dtype=dtype)
+    x_fast, x_sim = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, y_sim = fast(x_fast), sim(x_sim)
+    assert type(fast._backend_for(dtype, x.device)).__name__ == "TritonBackend"
+    dy = torch.randn_like(y_sim)
+    y_fast.backward(dy)
+    y_sim.backward(dy)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y_fast.float(), y_sim.float(), **tol)
+    torch.testing.assert_close(x_fast.grad.float(), x_sim.grad.float(), **tol)
+    torch.testing.assert_close(fast.values_grad.float(), sim.values_grad.float(), **tol)
+    torch.testing.assert_close(fast.bias.grad.float(), sim.bias.grad.float(), **tol)
+
+
+def test_dispatch_keeps_cpu_tensors_on_the_reference():
+    from slope import kernels
+
+    assert not kernels.triton_usable(torch.zeros(4))
+    dense = ties((16, 16), torch.float32)
+    assert torch.equal(kernels.prune_2to4(dense)[1], ref.prune_2to4(dense)[1])
+    assert kernels.reference.prune_compress_2to4 is ref.prune_compress_2to4
