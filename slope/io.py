@@ -1,0 +1,280 @@
+"""Saving and loading pruned Hugging Face models (safetensors), and exporting dense checkpoints.
+
+A SLoPe checkpoint directory (:func:`save_pretrained`) holds
+
+- ``config.json``: the model's Hugging Face config;
+- ``slope_config.json``: the model class and, per SLoPe layer, the prune arguments (sparsity,
+  compress, backend, tiling, mask_type, double_pruning, dtype, adapter rank/alpha) and its form
+  (training, merged, inference-only);
+- ``model.safetensors``: the full state dict (compressed ``values``, ``mask``, ``mask_t``,
+  ``meta``, biases, adapters, every dense parameter), tied tensors stored once.
+
+:func:`from_pretrained` rebuilds the architecture from ``config.json``, prunes the same layers with
+the same arguments and loads the tensors: the result computes bit-identical outputs.
+:func:`export_dense` writes an ordinary Hugging Face checkpoint (``W⊙M`` with the adapters
+merged, ``W⊙M + (α/r)·B(A⊙M_A)``) that plain ``transformers`` loads without slope.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+
+from slope.layer import SparseLinear
+from slope.registry import sparse_modules
+
+__all__ = ["save_pretrained", "from_pretrained", "export_dense", "SLOPE_CONFIG_NAME", "WEIGHTS_NAME"]
+
+SLOPE_CONFIG_NAME = "slope_config.json"
+WEIGHTS_NAME = "model.safetensors"
+_FORMAT = "slope-pretrained"
+_VERSION = 1
+_LAYER_KEYS = ("sparsity", "compress", "backend", "tiling", "mask_type", "double_pruning", "dtype", "lora_rank",
+               "lora_alpha", "merged", "inference_only")
+
+
+def _check_hf_model(model: nn.Module, what: str) -> list[tuple[str, SparseLinear]]:
+    if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "to_json_string"):
+        raise TypeError(f"{what} needs a Hugging Face model (a PreTrainedModel with .config), got {type(model).__name__}")
+    layers = list(sparse_modules(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SLoPe layers; call slope.prune_model(model) first")
+    return layers
+
+
+def _layer_record(layer: SparseLinear) -> dict:
+    from slope.lora import MergedSparseLinear
+
+    merged = isinstance(layer, MergedSparseLinear)
+    return {
+        "sparsity": f"{layer.n}:{layer.m}",
+        "compress": layer.compress,
+        "backend": layer.backend_name,
+        "tiling": layer.tiling,
+        "mask_type": layer.mask_type,
+        "double_pruning": layer.double_pruning,
+        "dtype": str(layer.values.dtype).removeprefix("torch."),
+        "lora_rank": layer.lora_rank,
+        "lora_alpha": layer.lora_alpha if layer.lora_rank else None,
+        "merged": merged,
+        "inference_only": merged and layer.inference_only,
+    }
+
+
+def _derived_buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """dtypes of the floating non-persistent buffers (e.g. rotary ``inv_freq``): they are rebuilt
+    from the config, in the dtype a fresh model gives them, unless recast after loading."""
+    persistent = model.state_dict().keys()
+    return {name: str(buf.dtype).removeprefix("torch.") for name, buf in model.named_buffers()
+            if name not in persistent and buf.is_floating_point()}
+
+
+def _set_dtype(model: nn.Module, key: str, dtype: torch.dtype) -> None:
+    """Cast the parameter or buffer ``key`` of ``model`` to ``dtype`` in place (ties kept)."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr].data = module._parameters[attr].data.to(dtype)
+    elif module._buffers.get(attr) is not None:
+        module._buffers[attr] = module._buffers[attr].to(dtype)
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """Save a pruned Hugging Face ``model`` (adapters, merged or frozen forms included) to a directory.
+
+    Writes ``config.json``, ``slope_config.json`` and ``model.safetensors`` (see the module
+    docstring); :func:`from_pretrained` restores it exactly. Creates the directory if needed.
+    """
+    from safetensors.torch import save_model
+
+    layers = _check_hf_model(model, "save_pretrained")
+    os.makedirs(save_directory, exist_ok=True)
+    model.config.save_pretrained(save_directory)
+    save_model(model, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    record = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "architecture": type(model).__name__,
+        "layers": {name: _layer_record(layer) for name, layer in layers},
+        "buffer_dtypes": _derived_buffer_dtypes(model),
+    }
+    with open(os.path.join(save_directory, SLOPE_CONFIG_NAME), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def _read_slope_config(directory: str) -> dict:
+    path = os.path.join(directory, SLOPE_CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} is not a directory; pass the folder written by slope.save_pretrained")
+    if not os.path.isfile(path):
+        hint = " (it looks like a plain Hugging Face checkpoint: load it with transformers)" if os.path.isfile(
+            os.path.join(directory, "config.json")) else ""
+        raise FileNotFoundError(f"{path} is missing: {directory!r} is not a slope checkpoint{hint}")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt (not valid JSON: {e}); re-save the model with slope.save_pretrained") from e
+    if not isinstance(record, dict) or record.get("format") != _FORMAT or not isinstance(record.get("layers"), dict):
+        raise ValueError(f"{path} is not a slope checkpoint config (expected format {_FORMAT!r} with a 'layers' table)")
+    if record.get("version") != _VERSION:
+        raise ValueError(f"{path} has version {record.get('version')!r}; this slope reads version {_VERSION}")
+    for name, rec in record["layers"].items():
+        absent = [key for key in _LAYER_KEYS if not isinstance(rec, dict) or key not in rec]
+        if absent:
+            raise ValueError(f"{path}: the entry of layer {name!r} lacks {absent}; re-save the model with slope.save_pretrained")
+    return record
+
+
+def _model_class(record: dict, model_class):
+    if model_class is not None:
+        return model_class
+    import transformers
+
+    name = record.get("architecture")
+    cls = getattr(transformers, str(name), None)
+    if cls is None:
+        raise ValueError(f"the checkpoint's model class {name!r} is not in transformers; pass model_class= to from_pretrained")
+    return cls
+
+
+def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; the slope checkpoint is incomplete (re-save it)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is corrupt or truncated ({e}); re-save the model with slope.save_pretrained") from e
+
+
+def _rebuild(model: nn.Module, layers: dict, backend: str | None) -> None:
+    """Prune ``model`` like the saved one: one ``prune_model`` call per group of equal arguments."""
+    from slope.lora import freeze_for_inference, merge_lora
+    from slope.prune import prune_model
+
+    groups = defaultdict(list)
+    for name, rec in layers.items():
+        if backend is not None and rec["compress"]:
+            rec = {**rec, "backend": backend}
+        groups[tuple(rec[k] for k in _LAYER_KEYS[:9])].append(name)
+    for (sparsity, compress, backend, tiling, mask_type, double_pruning, dtype, rank, alpha), names in groups.items():
+        for name in names:
+            try:
+                model.get_submodule(name).to(getattr(torch, dtype))
+            except AttributeError as e:
+                raise ValueError(f"the checkpoint's SLoPe layer {name!r} does not exist in the model built from config.json") from e
+        prune_model(model, compress=compress, tiling=tiling, add_lora=bool(rank), lora_rank=rank, backend=backend,
+                    sparsity=sparsity, targets=names, mask_type=mask_type, double_pruning=double_pruning,
+                    lora_alpha=alpha, verbose=False)
+    if any(rec["inference_only"] for rec in layers.values()):
+        freeze_for_inference(model)
+    elif any(rec["merged"] for rec in layers.values()):
+        merge_lora(model)
+
+
+def _match_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Check names/shapes of ``tensors`` against ``model`` and give model tensors the file's dtypes."""
+    expected = model.state_dict()
+    unexpected = sorted(set(tensors) - set(expected))
+    stored_ptrs = {expected[k].data_ptr() for k in tensors if k in expected}
+    missing = sorted(k for k in set(expected) - set(tensors) if expected[k].data_ptr() not in stored_ptrs)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the model built from config.json/slope_config.json: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'…' if len(unexpected) > 5 else ''}"
+        )
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in tensors.items()
+           if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ValueError(f"{path} does not match config.json (shape mismatch: {'; '.join(bad[:5])})")
+    for key, value in tensors.items():
+        if value.dtype != expected[key].dtype:
+            _set_dtype(model, key, value.dtype)
+
+
+def from_pretrained(
+    load_directory: str | os.PathLike,
+    model_class=None,
+    device: str | torch.device | None = None,
+    backend: str | None = None,
+) -> nn.Module:
+    """Load a model written by :func:`save_pretrained` (exact: same tensors, same outputs).
+
+    Args:
+        model_class: the model class to build (default: the saved class name, from ``transformers``).
+        device: move the loaded model there (default: CPU).
+        backend: sparse backend for the compressed layers instead of the saved one (e.g. ``"auto"``
+            to run a checkpoint saved with ``backend="cusparselt"`` on a CPU).
+
+    Returns the model in ``eval()`` mode, like ``transformers``' ``from_pretrained``. Errors name
+    the missing or corrupt file, or the mismatch between the files.
+    """
+    from transformers import AutoConfig
+
+    directory = os.fspath(load_directory)
+    record = _read_slope_config(directory)
+    cls = _model_class(record, model_class)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"{os.path.join(directory, 'config.json')} is missing; the slope checkpoint is incomplete")
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the Hugging Face config in {directory!r}: {e}") from e
+    path = os.path.join(directory, WEIGHTS_NAME)
+    tensors = _load_tensors(path)
+    dtypes = {rec["dtype"] for rec in record["layers"].values()}
+    dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else None
+    model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    _rebuild(model, record["layers"], backend)
+    _match_tensors(model, tensors, path)
+    buffers = dict(model.named_buffers())
+    for name, dtype in record.get("buffer_dtypes", {}).items():
+        if name in buffers:
+            _set_dtype(model, name, getattr(torch, dtype))
+    model.load_state_dict(tensors, strict=False)  # strictness (aliases aside) checked by _match_tensors
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def export_dense(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """Write ``model`` as an ordinary Hugging Face checkpoint that needs no slope to load.
+
+    Every SLoPe layer becomes the module it replaced (``nn.Linear``, or GPT-2's ``Conv1D`` with its
+    ``(in, out)`` weight) holding the dense-equivalent weight ``W⊙M`` plus, with adapters,
+    ``(α/r)·B (A⊙M_A)`` (computed in fp32, stored in the layer's dtype). Load it with the matching
+    Auto class, e.g. ``AutoModelForCausalLM.from_pretrained(save_directory)``.
+    """
+    from slope.lora import effective_weight
+
+    layers = dict(_check_hf_model(model, "export_dense"))
+    with torch.device("meta"):
+        dense = type(model)(copy.deepcopy(model.config))
+    state = {}
+    for key, value in model.state_dict().items():
+        module_name = key.rpartition(".")[0]
+        if module_name not in layers:
+            state[key] = value.detach().cpu()
+    for name, layer in layers.items():
+        weight = effective_weight(layer).cpu()
+        if type(dense.get_submodule(name)).__name__ == "Conv1D":  # GPT-2's Conv1D stores (in, out)
+            weight = weight.t()
+        state[name + ".weight"] = weight.contiguous()
+        if layer.bias is not None:
+            state[name + ".bias"] = layer.bias.detach().cpu()
+    dense.to_empty(device="cpu")
+    missing, unexpected = dense.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(
+            f"export_dense: {type(model).__name__}'s state does not match a fresh {type(model).__name__} built from "
+            f"its config (missing {missing[:5]}, unexpected {unexpected[:5]}); was the model changed after pruning?"
+        )
+    dense.save_pretrained(save_directory)
