@@ -6,7 +6,9 @@ SLoPe-compatible entry points::
     from slope.optimizers import ADAMWSparse
 """
 from slope.distributed import sync_grads
+from slope.io import export_dense, from_pretrained, save_pretrained
 from slope.layer import SparseLinear
+from slope.lora import merge_lora
 from slope.prune import prune_model
 from slope.registry import GradDict, grad_dict, sparse_modules
 
@@ -16,8 +18,12 @@ __all__ = [
     "GradDict",
     "SparseLinear",
     "SparseOptimizerCallback",
+    "export_dense",
+    "from_pretrained",
     "grad_dict",
+    "merge_lora",
     "prune_model",
+    "save_pretrained",
     "sparse_modules",
     "sync_grads",
 ]

@@ -1,0 +1,268 @@
+"""Merged sparse + low-rank inference (DESIGN §5) and the inference-only form of a pruned model.
+
+A SLoPe layer with adapters computes ``y = x (W⊙M)ᵀ + (α/r)·(x (A⊙M_A)ᵀ) Bᵀ + b`` with
+``W (out, in)``, ``A (r, in)``, ``B (out, r)``. Both ``W⊙M`` and ``A⊙M_A`` are N:M along ``in``, so
+the merged form stacks them into **one** sparse operand ``S = [W⊙M ; A⊙M_A]`` of shape
+``(out + r, in)`` and runs
+
+1. one sparse GEMM ``u = x Sᵀ`` of shape ``(..., out + r)``;
+2. one fused add-mm ``u[..., :out] += (α/r)·u[..., out:] Bᵀ`` (:func:`slope.kernels.addmm`);
+3. the bias add ``u[..., :out] += b`` (:func:`slope.kernels.matvec_add`);
+
+and returns the view ``u[..., :out]`` (row stride ``out + r`` or more; no copy). Backends pad
+operands to their own alignment themselves.
+
+Usage, the SLoPe way (build the merged model, then load the trained weights)::
+
+    prune_model(model, add_lora=True, lora_rank=r, merge_lora=True)
+    model.load_state_dict(trained_state)       # same keys as the unmerged model
+    report = freeze_for_inference(model)       # optional: drop M_t, gradients, requires_grad
+
+A merged layer keeps every tensor of the unmerged one (``values``, ``mask``, ``mask_t``, ``meta``,
+``bias``, ``lora_A``, ``lora_B``, ``lora_A_mask``), so state dicts move between the two forms; the
+stacked operand is derived from them and rebuilt lazily whenever one changes (version-keyed cache).
+Merged layers are for inference: their forward works with or without autograd enabled, but a
+backward through them is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import slope.kernels as kernels
+from slope.layer import SparseLinear, _compute_dtype
+from slope.masks import is_nm_sparse
+from slope.registry import sparse_modules
+
+__all__ = ["MergedSparseLinear", "MemoryReport", "merge_lora", "freeze_for_inference", "effective_weight"]
+
+class _NoBackward(torch.autograd.Function):
+    """Runs the merged product when autograd is recording; a backward through it is an error."""
+
+    @staticmethod
+    def forward(ctx, x, layer, dtype):
+        ctx.layer_name = layer.layer_name or "MergedSparseLinear"
+        return layer._merged_product(x, dtype)
+
+    @staticmethod
+    def backward(ctx, du):
+        raise RuntimeError(
+            f"{ctx.layer_name} is in the merged inference form (slope.lora.merge_lora) and has no backward; "
+            "train the unmerged model (prune_model(..., merge_lora=False)) and merge after training"
+        )
+
+
+class MergedSparseLinear(SparseLinear):
+    """Inference form of :class:`~slope.layer.SparseLinear` (see the module docstring).
+
+    Layers become this class in place (``layer.__class__`` is swapped, as
+    ``torch.nn.utils.parametrize`` does), so the object, its tensors, hooks and state-dict keys
+    stay the same. :func:`merge_lora` converts layers with adapters; :func:`freeze_for_inference`
+    converts every SLoPe layer (one without adapters runs the same path with ``r = 0``) and drops
+    ``mask_t``.
+    """
+
+    # ------------------------------------------------------------------ the stacked operand
+    @torch.no_grad()
+    def stacked_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dense (out + r, in), mask (out + r, in) bool)`` of ``[W⊙M ; A⊙M_A]`` in ``values``' dtype."""
+        dense, mask = [self.dense_weight()], [self.mask]
+        if self.lora_rank:
+            a_mask = self.lora_A_mask
+            dense.append(torch.where(a_mask, self.lora_A.detach(), torch.zeros((), dtype=self.lora_A.dtype, device=a_mask.device)).to(self.values.dtype))
+            mask.append(a_mask)
+        return torch.cat(dense), torch.cat(mask)
+
+    def _merged_operand(self, dtype: torch.dtype, device: torch.device):
+        """The backend operand of :meth:`stacked_weight` in ``dtype``, cached until a source changes."""
+        sources = [self.values, self.mask] + ([self.lora_A, self.lora_A_mask] if self.lora_rank else [])
+        version = tuple((t._version, t.data_ptr()) for t in sources)
+        key = ("merged", dtype, device)
+        cached = self._operands.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        backend = self._backend_for(dtype, device)
+        dense, mask = self.stacked_weight()
+        with torch.no_grad():
+            operand = backend.make_operand(dense.to(dtype), mask)
+        self._operands[key] = (version, operand)
+        return operand
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def _merged_product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``u (..., out + r)`` whose first ``out`` columns are the layer's output (see module docstring)."""
+        out, r = self.out_features, self.lora_rank
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        u = self._backend_for(dtype, x.device).matmul(x2, self._merged_operand(dtype, x.device))
+        y = u[:, :out]
+        if r:
+            kernels.addmm(u[:, out : out + r], self.lora_B.detach().t().to(dtype), y, alpha=self.lora_scaling)
+        if self.bias is not None:
+            kernels.matvec_add(y, self.bias.detach().to(dtype))
+        return u.reshape(*x.shape[:-1], u.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.layer_name or 'MergedSparseLinear'}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        dtype = _compute_dtype(x, self.values.dtype, self)
+        if torch.is_grad_enabled() and x.requires_grad:
+            u = _NoBackward.apply(x, self, dtype)
+        else:
+            u = self._merged_product(x, dtype)
+        return u[..., : self.out_features]
+
+    # ------------------------------------------------------------------ training-only API
+    @property
+    def inference_only(self) -> bool:
+        """True once :func:`freeze_for_inference` dropped the training state (``mask_t``)."""
+        return "mask_t" not in self._buffers
+
+    def update_mask_t(self) -> None:
+        if self.inference_only:
+            raise RuntimeError(f"{self.layer_name}: M_t was dropped by freeze_for_inference; the layer cannot train")
+        super().update_mask_t()
+
+    def backward_weight(self) -> torch.Tensor:
+        if self.inference_only:
+            raise RuntimeError(f"{self.layer_name}: M_t was dropped by freeze_for_inference; there is no backward weight")
+        return super().backward_weight()
+
+    # ------------------------------------------------------------------ loading checkpoints
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        name = self.layer_name or prefix.rstrip(".") or "MergedSparseLinear"
+        values = state_dict.get(prefix + "values")
+        if values is not None and tuple(values.shape) != tuple(self.values.shape):
+            error_msgs.append(
+                f"{name}: the checkpoint keeps {values.shape[-1]} of {self.in_features} weights per row but this "
+                f"layer is {self.n}:{self.m} ({self.values.shape[-1]} per row); prune the model with the "
+                "checkpoint's sparsity"
+            )
+        mask = state_dict.get(prefix + "mask")
+        if mask is not None and mask.shape == self.mask.shape and not is_nm_sparse(mask, self.n, self.m):
+            error_msgs.append(f"{name}: the checkpoint's mask is not {self.n}:{self.m}; prune the model with the checkpoint's sparsity")
+        lora_a = state_dict.get(prefix + "lora_A")
+        if lora_a is not None and lora_a.shape[0] != self.lora_rank:
+            error_msgs.append(
+                f"{name}: the checkpoint's adapters have rank {lora_a.shape[0]} but this model was built with "
+                f"lora_rank={self.lora_rank}; pass lora_rank={lora_a.shape[0]} to prune_model"
+            )
+        elif lora_a is None and self.lora_rank and strict:
+            error_msgs.append(
+                f"{name}: the checkpoint has no adapters (lora_A/lora_B) for this layer; load it into a model "
+                "pruned without add_lora/merge_lora"
+            )
+        if self.inference_only:  # a training checkpoint still loads: its M_t is not needed
+            state_dict.pop(prefix + "mask_t", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", merged, inference-only" if self.inference_only else ", merged")
+
+
+def _to_merged(layer: SparseLinear) -> None:
+    layer.refresh()  # the unmerged forward/backward operands are no longer used
+    layer.__class__ = MergedSparseLinear
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Convert, in place, every SLoPe layer of ``model`` that has adapters into the merged form.
+
+    Returns ``model``. Outputs are unchanged (fp32 to rounding, bf16 to bf16 tolerance). Errors:
+    a model without SLoPe layers or without adapters, and a model whose adapters are all merged
+    already.
+    """
+    layers = [m for _, m in sparse_modules(model)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SLoPe layers; call slope.prune_model(model, add_lora=True, lora_rank=r) first")
+    todo = [m for m in layers if m.lora_rank and not isinstance(m, MergedSparseLinear)]
+    if not todo:
+        if any(m.lora_rank and isinstance(m, MergedSparseLinear) for m in layers):
+            raise RuntimeError("the adapters of this model are already merged (merge_lora was called twice)")
+        raise ValueError(
+            "no SLoPe layer of this model has adapters to merge; attach them with "
+            "prune_model(..., add_lora=True, lora_rank=r) (or layer.add_lora(r)) first"
+        )
+    for layer in todo:
+        _to_merged(layer)
+    return model
+
+
+def effective_weight(layer: SparseLinear) -> torch.Tensor:
+    """The dense ``(out, in)`` weight the layer computes with: ``W⊙M + (α/r)·B (A⊙M_A)`` (fp32 math,
+    ``values``' dtype), e.g. to export a pruned model as an ordinary dense one."""
+    weight = layer.dense_weight().float()
+    if layer.lora_rank:
+        a = torch.where(layer.lora_A_mask, layer.lora_A.detach(), torch.zeros((), dtype=layer.lora_A.dtype, device=layer.lora_A.device))
+        weight = weight + layer.lora_scaling * (layer.lora_B.detach().float() @ a.float())
+    return weight.to(layer.values.dtype)
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes held by a model before and after :func:`freeze_for_inference`.
+
+    ``gradients`` counts ``param.grad`` and the SLoPe layers' compressed ``values_grad``.
+    """
+
+    parameters_before: int
+    buffers_before: int
+    gradients_before: int
+    parameters_after: int
+    buffers_after: int
+    gradients_after: int
+
+    @property
+    def total_before(self) -> int:
+        return self.parameters_before + self.buffers_before + self.gradients_before
+
+    @property
+    def total_after(self) -> int:
+        return self.parameters_after + self.buffers_after + self.gradients_after
+
+    def __str__(self) -> str:
+        rows = [
+            ("parameters", self.parameters_before, self.parameters_after),
+            ("buffers", self.buffers_before, self.buffers_after),
+            ("gradients", self.gradients_before, self.gradients_after),
+            ("total", self.total_before, self.total_after),
+        ]
+        return ", ".join(f"{name} {before / 2**20:.3f} -> {after / 2**20:.3f} MiB" for name, before, after in rows)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _memory(model: nn.Module) -> tuple[int, int, int]:
+    grads = [p.grad for p in model.parameters()] + [m.values_grad for _, m in sparse_modules(model)]
+    return _nbytes(model.parameters()), _nbytes(model.buffers()), _nbytes(grads)
+
+
+def freeze_for_inference(model: nn.Module) -> MemoryReport:
+    """Turn a pruned model into its inference-only form, in place, and report the memory saved.
+
+    Every SLoPe layer becomes a :class:`MergedSparseLinear` (adapters, where present, merged),
+    loses its training state (``mask_t``, the compressed gradient ``values_grad``, cached
+    backward operands), and the whole model gets ``requires_grad=False``, no ``.grad`` and
+    ``eval()`` mode. Registry entries stay. A training checkpoint still loads into the frozen
+    model (its ``mask_t`` entries are ignored). Returns a :class:`MemoryReport`.
+    """
+    layers = [m for _, m in sparse_modules(model)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SLoPe layers; call slope.prune_model(model) first")
+    before = _memory(model)
+    for layer in layers:
+        if not isinstance(layer, MergedSparseLinear):
+            _to_merged(layer)
+        layer.values_grad = None
+        layer.sparse_requires_grad = False
+        if not layer.inference_only:
+            del layer.mask_t
+    for p in model.parameters():
+        p.grad = None
+    model.requires_grad_(False)
+    model.eval()
+    return MemoryReport(*before, *_memory(model))
