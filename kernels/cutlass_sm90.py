@@ -1,0 +1,229 @@
+"""slope's own CUTLASS 3.x 2:4 sparse GEMM for Hopper (sm_90a), built at first use.
+
+The C++ lives in ``csrc/``: ``sm90_sparse_gemm_kernels.h`` (the CUTLASS kernel templates),
+``sm90_sparse_gemm.h`` / ``sm90_sparse_gemm.cu`` (a type-erased fp16/bf16 API free of torch, so the
+.cu compiles standalone with nvcc; ``-DSLOPE_SM90_SELFTEST`` adds a self-test ``main``) and
+``sm90_sparse_gemm_binding.cpp`` (the PyTorch binding).
+It is compiled as a torch extension against the CUTLASS headers shipped in the ``nvidia-cutlass``
+wheel (``cutlass_library/source/include`` and ``.../tools/util/include``; ``SLOPE_CUTLASS_DIR``
+may point at a CUTLASS checkout instead). The build is cached per user under
+``$SLOPE_EXTENSIONS_DIR`` (default ``~/.cache/slope/torch_extensions``) in a folder keyed by a
+hash of the sources, the CUTLASS version, torch and CUDA versions and the flags, so editing a
+source or upgrading a dependency rebuilds and everything else reuses the cached ``.so``.
+
+Operations (CUDA tensors, float16 or bfloat16):
+
+- :func:`compress` ``(dense (M, K)) -> (values (M, K/2), meta)``, meta a uint8 tensor of metadata
+  bytes padded to CUTLASS's (64 rows × 128 columns) blocks, in CUTLASS 3.x's sm90 layout (its
+  ``StructuredSparseCompressor``, run on the GPU) — not PyTorch's sm80 CUTLASS layout of
+  :func:`slope.kernels.compress_2to4`. ``K % 16 == 0``.
+- :func:`gemm` ``(values, meta, b (N, K), bias (M,)?, c (N, M)?, alpha, beta) -> d (N, M)``:
+  ``d = alpha * b @ A.T + beta * c + bias`` with A the dense (M, K) operand, fp32 accumulation,
+  output in the input dtype; the bias and ``beta * c`` are fused into the epilogue. With A = W
+  (out, in) and b = x (tokens, in) this is ``F.linear(x, W, bias)`` with no transposes.
+  ``M % 8 == 0``.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = [
+    "SOURCES",
+    "cutlass_include_dirs",
+    "nvcc_path",
+    "nvcc_flags",
+    "build_problem",
+    "unavailable_reason",
+    "load_extension",
+    "compress",
+    "gemm",
+]
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+#: compiled sources (the .cu is also the standalone test translation unit).
+SOURCES = ("sm90_sparse_gemm.cu", "sm90_sparse_gemm_binding.cpp")
+#: every file whose content keys the build cache.
+_HASHED = SOURCES + ("sm90_sparse_gemm_kernels.h", "sm90_sparse_gemm.h")
+
+
+def cutlass_include_dirs() -> list[Path]:
+    """``[cutlass/include, cutlass/tools/util/include]``; FileNotFoundError saying how to get them.
+
+    Taken from ``$SLOPE_CUTLASS_DIR`` (a CUTLASS source tree) when set, else from the installed
+    ``nvidia-cutlass`` wheel (located without importing it: its Python half needs cuda-python).
+    """
+    root_env = os.environ.get("SLOPE_CUTLASS_DIR")
+    if root_env:
+        root = Path(root_env)
+        where = f"SLOPE_CUTLASS_DIR={root_env}"
+    else:
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                "the CUTLASS headers are missing: install them with `pip install nvidia-cutlass` "
+                "(offline: `pip install --no-deps nvidia_cutlass-*.whl`) or set SLOPE_CUTLASS_DIR "
+                "to a CUTLASS checkout"
+            )
+        root = Path(next(iter(spec.submodule_search_locations))) / "source"
+        where = f"the nvidia-cutlass wheel ({root})"
+    dirs = [root / "include", root / "tools" / "util" / "include"]
+    needed = (dirs[0] / "cutlass" / "cutlass.h", dirs[1] / "cutlass" / "util" / "packed_stride.hpp")
+    for path in needed:
+        if not path.is_file():
+            raise FileNotFoundError(f"CUTLASS header {path} not found in {where}; reinstall nvidia-cutlass")
+    return dirs
+
+
+def nvcc_path() -> str | None:
+    """The nvcc torch's extension builder will use (``CUDA_HOME/bin/nvcc``), or None."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME:
+        candidate = Path(CUDA_HOME) / "bin" / "nvcc"
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which("nvcc")
+
+
+def nvcc_flags() -> list[str]:
+    """nvcc flags: sm_90a only (wgmma / sparse wgmma need the arch-specific target)."""
+    return [
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-O3",
+        "-DNDEBUG",
+        "--expt-relaxed-constexpr",
+        "--expt-extended-lambda",
+        # torch adds these for its own half types; CUTLASS's half_t/bfloat16_t need the operators.
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_HALF2_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    ]
+
+
+def build_problem(device: torch.device | int | None = None) -> str | None:
+    """Why the extension cannot be built or run here (no build attempted), or None."""
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    index = torch.cuda.current_device() if device is None else torch.device("cuda", device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    capability = torch.cuda.get_device_capability(index)
+    if capability != (9, 0):
+        return f"needs a Hopper GPU (compute capability 9.0, sm_90a); cuda:{index} has {capability[0]}.{capability[1]}"
+    if nvcc_path() is None:
+        return "nvcc was not found (install the CUDA toolkit or set CUDA_HOME)"
+    try:
+        cutlass_include_dirs()
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+def _cache_key(include_dirs: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for name in _HASHED:
+        digest.update(name.encode())
+        digest.update((CSRC / name).read_bytes())
+    version_header = include_dirs[0] / "cutlass" / "version.h"
+    if version_header.is_file():
+        digest.update(version_header.read_bytes())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{nvcc_path()}|{nvcc_flags()}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _extensions_root() -> Path:
+    env = os.environ.get("SLOPE_EXTENSIONS_DIR")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "slope" / "torch_extensions"
+
+
+@functools.lru_cache(maxsize=None)
+def _build(verbose: bool) -> tuple[ModuleType | None, str | None]:
+    """(module, None) or (None, why it failed); the outcome is cached so a failing build runs once."""
+    problem = build_problem()
+    if problem is not None:
+        return None, problem
+    from torch.utils.cpp_extension import load
+
+    include_dirs = cutlass_include_dirs()
+    key = _cache_key(include_dirs)
+    build_dir = _extensions_root() / f"cutlass_sm90_{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        module = load(
+            name=f"slope_cutlass_sm90_{key}",
+            sources=[str(CSRC / s) for s in SOURCES],
+            extra_include_paths=[str(CSRC)] + [str(d) for d in include_dirs],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=nvcc_flags(),
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+    except Exception as exc:  # noqa: BLE001 - any compiler/linker failure becomes one clear message
+        return None, f"building the cutlass-sm90 extension in {build_dir} failed: {exc}"
+    return module, None
+
+
+def unavailable_reason(device: torch.device | int | None = None) -> str | None:
+    """None when the extension runs on ``device`` (building it if needed), else why not."""
+    problem = build_problem(device)
+    if problem is not None:
+        return problem
+    return _build(False)[1]
+
+
+def load_extension(verbose: bool = False) -> ModuleType:
+    """The compiled extension (built on first call, then cached); RuntimeError saying why not."""
+    module, problem = _build(verbose)
+    if module is None:
+        raise RuntimeError(f"cutlass-sm90 is unavailable: {problem}")
+    return module
+
+
+def compress(dense: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress a 2:4 ``dense (M, K)`` fp16/bf16 CUDA tensor (``K % 16 == 0``) into CUTLASS's sm90
+    ``(values (M, K/2), meta uint8)``. ``check`` verifies the 2:4 pattern first (one sync): the
+    compressor's behaviour on a group with more than two non-zeros is undefined."""
+    if check and dense.dim() == 2 and dense.shape[-1] % 4 == 0 and dense.numel():
+        most = int((dense.reshape(dense.shape[0], -1, 4) != 0).sum(-1).max())
+        if most > 2:
+            raise ValueError(
+                f"cutlass-sm90 compress: dense is not 2:4 sparse along its columns (a group of 4 has {most} "
+                "non-zeros); prune it first (slope.kernels.prune_2to4)"
+            )
+    values, meta, error = load_extension().compress(dense.contiguous())
+    if error:
+        raise RuntimeError(error)
+    return values, meta
+
+
+def gemm(
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    c: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+) -> torch.Tensor:
+    """``d (N, M) = alpha * b (N, K) @ A.T + beta * c (N, M) + bias (M,)`` for A = (values, meta)
+    from :func:`compress`; all CUDA tensors of the same dtype; ``beta`` is ignored without ``c``."""
+    bias = None if bias is None else bias.contiguous()
+    c = None if c is None else c.contiguous()
+    d, error = load_extension().gemm(values, meta, b.contiguous(), bias, c, float(alpha), float(beta))
+    if error:
+        raise RuntimeError(error)
+    return d

@@ -1,0 +1,182 @@
+"""cutlass-sm90 (our CUTLASS 3.x sparse GEMM for Hopper) against the masked-dense oracle.
+
+Fresh random inputs each test; runs only on an sm90 GPU with nvcc and the nvidia-cutlass headers
+(a build failure there is a test failure, not a skip). The first test builds the extension
+(~2-4 min), later ones reuse the cached build.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slope.backends import backend_class
+from slope.kernels import cutlass_sm90
+from slope.layer import SparseLinear
+from slope.masks import nm_mask
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float16, torch.bfloat16]
+# (M = sparse rows / out features, N = tokens, K = reduction / in features)
+SHAPES = [
+    (4096, 1024, 4096),  # attention projection
+    (11008, 512, 4096),  # FFN up (LLaMA-7B)
+    (4096, 256, 11008),  # FFN down
+    (768, 300, 3072),  # GPT-2 sized, tokens not a tile multiple
+    (200, 77, 784),  # nothing aligned to a tile (K % 128 = 16, M % 64 = 8)
+]
+
+
+def _skip_without_sm90():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm90 (Hopper) GPU")
+    problem = cutlass_sm90.build_problem()
+    if problem is not None:
+        pytest.skip(problem)
+
+
+@pytest.fixture(autouse=True)
+def _sm90():
+    _skip_without_sm90()
+
+
+def _sparse(rows, cols, dtype, exact_two=True):
+    """A random (rows, cols) tensor on cuda that keeps 2 of every 4 along cols (non-zeros)."""
+    w = torch.randn(rows, cols, device="cuda", dtype=torch.float32)
+    if exact_two:  # no accidental zeros: every group has exactly two non-zeros
+        w = w.sign() * (w.abs() + 0.1)
+    return (w * nm_mask(w, 2, 4)).to(dtype)
+
+
+def _oracle(a, b, bias=None, c=None, alpha=1.0, beta=0.0):
+    """fp64 ``alpha * b @ a.T + beta * c + bias`` from the same (rounded) inputs."""
+    d = alpha * (b.double() @ a.double().t())
+    if bias is not None:
+        d = d + bias.double()
+    if c is not None:
+        d = d + beta * c.double()
+    return d
+
+
+def _assert_close(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    scale = ref.abs().max().item()
+    rtol = 8e-3 if dtype == torch.bfloat16 else 1e-3  # output rounding: 2^-8 resp. 2^-11 relative
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=1e-4 * scale + 1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(128, 256), (200, 784), (4096, 4096)])
+def test_compressed_values_are_the_kept_entries_in_row_order(shape, dtype):
+    a = _sparse(*shape, dtype)
+    values, meta = cutlass_sm90.compress(a)
+    assert values.shape == (shape[0], shape[1] // 2) and values.dtype == dtype
+    assert meta.dtype == torch.uint8 and meta.is_cuda
+    kept = a[a != 0].view(shape[0], shape[1] // 2)
+    assert torch.equal(values, kept)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(128, 256), (200, 784), (1024, 2048)])
+def test_compress_then_identity_gemm_gives_back_the_dense_operand(shape, dtype):
+    """Each output of A·I is one product with 1: exact, so this checks values + metadata bit for bit,
+    including groups with fewer than two non-zeros and negative zeros."""
+    a = _sparse(*shape, dtype, exact_two=False)
+    a[::7, :4] = 0  # whole empty groups
+    a[1::5, 2:4] = 0  # groups with a single non-zero at either end
+    a[2::5, 0:2] = 0
+    a[3::9, 4:8] = -0.0
+    values, meta = cutlass_sm90.compress(a)
+    eye = torch.eye(shape[1], device="cuda", dtype=dtype)
+    back = cutlass_sm90.gemm(values, meta, eye)  # (K, M) = I @ A.T
+    assert torch.equal(back.t(), a)
+
+
+def test_compress_rejects_a_dense_that_is_not_2to4():
+    a = torch.randn(128, 256, device="cuda", dtype=torch.float16) + 3
+    with pytest.raises(ValueError, match="not 2:4"):
+        cutlass_sm90.compress(a)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cutlass_sm90.compress(_sparse(64, 40, torch.float16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])
+def test_gemm_matches_oracle(shape, dtype):
+    m, n, k = shape
+    a = _sparse(m, k, dtype)
+    b = torch.randn(n, k, device="cuda", dtype=dtype)
+    values, meta = cutlass_sm90.compress(a)
+    _assert_close(cutlass_sm90.gemm(values, meta, b), _oracle(a, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4096, 512, 4096), (200, 77, 784)], ids=["4096x512x4096", "200x77x784"])
+def test_fused_bias_and_beta_c_epilogue(shape, dtype):
+    m, n, k = shape
+    a = _sparse(m, k, dtype)
+    b = torch.randn(n, k, device="cuda", dtype=dtype)
+    bias = torch.randn(m, device="cuda", dtype=dtype)
+    c = torch.randn(n, m, device="cuda", dtype=dtype) * 10
+    values, meta = cutlass_sm90.compress(a)
+    _assert_close(cutlass_sm90.gemm(values, meta, b, bias=bias), _oracle(a, b, bias), dtype)
+    _assert_close(cutlass_sm90.gemm(values, meta, b, c=c, beta=0.25), _oracle(a, b, c=c, beta=0.25), dtype)
+    out = cutlass_sm90.gemm(values, meta, b, bias=bias, c=c, alpha=0.5, beta=-1.5)
+    _assert_close(out, _oracle(a, b, bias, c, alpha=0.5, beta=-1.5), dtype)
+    # beta without c means no source term
+    _assert_close(cutlass_sm90.gemm(values, meta, b, beta=3.0), _oracle(a, b), dtype)
+
+
+def test_gemm_rejects_mismatched_inputs():
+    a = _sparse(128, 256, torch.bfloat16)
+    values, meta = cutlass_sm90.compress(a)
+    with pytest.raises(RuntimeError, match="columns"):
+        cutlass_sm90.gemm(values, meta, torch.randn(8, 128, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="b is"):
+        cutlass_sm90.gemm(values, meta, torch.randn(8, 256, device="cuda", dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="bias"):
+        cutlass_sm90.gemm(values, meta, torch.randn(8, 256, device="cuda", dtype=torch.bfloat16),
+                          bias=torch.randn(64, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1024, 4096), (100, 200), (36, 52)])
+def test_backend_matmul_and_linear_pad_odd_shapes(rows, cols, dtype):
+    cls = backend_class("cutlass-sm90")
+    assert cls.unavailable_reason(torch.device("cuda"), dtype) is None
+    backend = cls()
+    w = _sparse(rows, cols, dtype)
+    operand = backend.make_operand(w, w != 0)
+    x = torch.randn(3, 5, cols, device="cuda", dtype=dtype)
+    y = backend.matmul(x, operand)
+    assert y.shape == (3, 5, rows)
+    _assert_close(y.reshape(-1, rows), _oracle(w, x.reshape(-1, cols)), dtype)
+    bias = torch.randn(rows, device="cuda", dtype=dtype)
+    c = torch.randn(3, 5, rows, device="cuda", dtype=dtype)
+    fused = backend.linear(x, operand, bias=bias, c=c, alpha=2.0, beta=0.5)
+    ref = _oracle(w, x.reshape(-1, cols), bias, c.reshape(-1, rows), alpha=2.0, beta=0.5)
+    _assert_close(fused.reshape(-1, rows), ref, dtype)
+    assert backend.matmul(x[:, :0], operand).shape == (3, 0, rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_forward_backward_matches_simulated(dtype, bias):
+    out_f, in_f = 768, 512
+    w = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
+    b = torch.randn(out_f, device="cuda", dtype=dtype) if bias else None
+    fast = SparseLinear.from_dense(w, b, compress=True, backend="cutlass-sm90")
+    sim = SparseLinear.from_dense(w, b, compress=False)
+    assert torch.equal(fast.mask, sim.mask) and torch.equal(fast.mask_t, sim.mask_t)
+    x = torch.randn(4, 33, in_f, device="cuda", dtype=dtype)
+    x_fast, x_sim = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, y_sim = fast(x_fast), sim(x_sim)
+    dy = torch.randn_like(y_sim)
+    y_fast.backward(dy)
+    y_sim.backward(dy)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y_fast, y_sim, **tol)
+    torch.testing.assert_close(x_fast.grad, x_sim.grad, **tol)
+    torch.testing.assert_close(fast.values_grad, sim.values_grad, **tol)
+    if bias:
+        torch.testing.assert_close(fast.bias.grad, sim.bias.grad, **tol)
+    assert fast._backend_for(dtype, x.device).name == "cutlass-sm90"
