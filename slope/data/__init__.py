@@ -1,0 +1,34 @@
+"""Data for ``slope train``: the embedded corpus, the shipped tokenizer and the batch samplers."""
+from slope.data.dataset import (
+    CORPUS_FILE,
+    EMBEDDED,
+    EOS_TOKEN,
+    TOKENIZER_FILE,
+    DataError,
+    TokenSplits,
+    load_splits,
+    load_tokenizer,
+    perplexity,
+    read_documents,
+    split_stream,
+    train_batch,
+    unigram_cross_entropy,
+    val_batches,
+)
+
+__all__ = [
+    "CORPUS_FILE",
+    "DataError",
+    "EMBEDDED",
+    "EOS_TOKEN",
+    "TOKENIZER_FILE",
+    "TokenSplits",
+    "load_splits",
+    "load_tokenizer",
+    "perplexity",
+    "read_documents",
+    "split_stream",
+    "train_batch",
+    "unigram_cross_entropy",
+    "val_batches",
+]

@@ -1,0 +1,258 @@
+"""Checkpoints of ``slope train``: the model a config describes, and its exact training state.
+
+A checkpoint is a directory::
+
+    model.safetensors   model.state_dict(): dense weights, SLoPe values / mask / mask_t / meta,
+                        lora_A / lora_B / lora_A_mask once the adapters are attached
+    optimizers.pt       {"dense": AdamW state_dict, "sparse": ADAMWSparse state_dict or None}
+    rng.pt              torch (CPU and CUDA) and numpy RNG states
+    trainer_state.json  step, tokens, elapsed time, scaler, scheduler, data position, python RNG
+    config.json         the TrainConfig
+    manifest.json       format version, step, and the sha256 of every file above
+
+It is written to a temporary directory and renamed into place, so a run killed while saving
+keeps its previous checkpoint. Loading verifies the manifest and every checksum first: a corrupt,
+incomplete or foreign directory is a :class:`CheckpointError` that says what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from slope.config import STRUCTURAL_KEYS, TrainConfig
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "attach_lora",
+    "build_model",
+    "capture_rng",
+    "check_compatible",
+    "read_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+    "saved_config",
+]
+
+FORMAT = "slope-train-checkpoint"
+VERSION = 1
+FILES = ("model.safetensors", "optimizers.pt", "rng.pt", "trainer_state.json", "config.json")
+
+
+class CheckpointError(RuntimeError):
+    """A missing, corrupt or incompatible checkpoint; the message says which and what to do."""
+
+
+# ---------------------------------------------------------------------- the model of a config
+def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int, *, lora: bool = False, dense_tail: bool = False) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` of ``cfg``'s shape (fp32, on the CPU), pruned to
+    ``cfg.sparsity`` (``cfg.mask_type`` masks, ``cfg.double_pruning``) unless ``cfg.dense``, with
+    rank-``cfg.lora_rank`` adapters if ``lora``, and densified (:func:`slope.prune.densify`, the
+    final dense phase) if ``dense_tail``. Initialisation draws from torch's global RNG (seed it first)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slope.prune import densify, prune_model
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.seq_len,
+        tie_word_embeddings=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    model = LlamaForCausalLM(config)
+    if not cfg.dense:
+        prune_model(model, compress=cfg.compress, sparsity=cfg.sparsity, backend=cfg.backend, verbose=False,
+                    mask_type=cfg.mask_type, double_pruning=cfg.double_pruning)
+        if lora:
+            attach_lora(model, cfg.lora_rank)
+        if dense_tail:
+            densify(model)
+    return model
+
+
+def attach_lora(model: nn.Module, rank: int) -> list[nn.Parameter]:
+    """Attach rank-``rank`` adapters to every SLoPe layer (DESIGN §5); returns the new parameters
+    (``lora_A``, ``lora_B`` of each layer, in module order). ``lora_A`` draws from torch's RNG."""
+    from slope.registry import sparse_modules
+
+    params = []
+    for _, layer in sparse_modules(model):
+        layer.add_lora(rank)
+        params += [layer.lora_A, layer.lora_B]
+    return params
+
+
+# ---------------------------------------------------------------------- RNG states
+def capture_rng() -> tuple[dict, dict]:
+    """``(tensors, json_able)``: torch/numpy states as tensors, python's as a list."""
+    np_state = np.random.get_state()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    version, internal, gauss = random.getstate()
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy_rest": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, plain
+
+
+def restore_rng(tensors: dict, plain: dict) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+    name, pos, has_gauss, gauss = plain["numpy_rest"]
+    np.random.set_state((name, tensors["numpy_key"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ---------------------------------------------------------------------- save / load
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    dense_opt: torch.optim.Optimizer,
+    sparse_opt: torch.optim.Optimizer | None,
+    trainer_state: dict,
+    config: TrainConfig,
+) -> Path:
+    """Write the checkpoint of ``trainer_state["step"]`` to ``directory`` (atomically replaced)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng_tensors, rng_plain = capture_rng()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    torch.save({"dense": dense_opt.state_dict(), "sparse": None if sparse_opt is None else sparse_opt.state_dict()}, tmp / "optimizers.pt")
+    torch.save(rng_tensors, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "rng": rng_plain}, indent=1))
+    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": trainer_state["step"],
+        "sha256": {name: _sha256(tmp / name) for name in FILES},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint read into memory."""
+
+    path: Path
+    config: TrainConfig
+    model_state: dict
+    optimizers: dict
+    rng_tensors: dict
+    trainer_state: dict
+
+    @property
+    def step(self) -> int:
+        return self.trainer_state["step"]
+
+    @property
+    def lora_attached(self) -> bool:
+        return self.trainer_state["lora_attached"]
+
+    @property
+    def dense_tail(self) -> bool:
+        """Whether the SLoPe layers were already densified (``--dense-tail-fraction``)."""
+        return self.trainer_state.get("dense_tail", False)
+
+
+def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and verify the checkpoint in ``directory`` (see the module docstring)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    manifest_file = directory / "manifest.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{directory} is not a slope checkpoint (no manifest.json); it is incomplete or from another tool")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{manifest_file} is corrupt ({e.msg}); delete the checkpoint and retrain") from e
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{directory}: checkpoint format {manifest.get('format')!r} v{manifest.get('version')} is not "
+            f"{FORMAT!r} v{VERSION}; it was written by another version of slope"
+        )
+    for name in FILES:
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing; the checkpoint is incomplete")
+        if _sha256(path) != manifest["sha256"].get(name):
+            raise CheckpointError(f"{directory}: {name} is corrupt (sha256 does not match the manifest); delete the checkpoint and retrain")
+    try:
+        config = TrainConfig(**json.loads((directory / "config.json").read_text()))
+        model_state = load_file(str(directory / "model.safetensors"), device=str(map_location))
+        optimizers = torch.load(directory / "optimizers.pt", map_location=map_location, weights_only=True)
+        rng_tensors = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
+        trainer_state = json.loads((directory / "trainer_state.json").read_text())
+    except Exception as e:  # noqa: BLE001 (checksums matched, so this is a foreign or buggy writer)
+        raise CheckpointError(f"{directory}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+    return Checkpoint(directory, config, model_state, optimizers, rng_tensors, trainer_state)
+
+
+def saved_config(directory: str | Path) -> TrainConfig:
+    """The TrainConfig stored in the checkpoint ``directory`` (full verification: :func:`read_checkpoint`)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
+    try:
+        return TrainConfig(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt or from another version of slope ({e}); delete the checkpoint and retrain") from e
+
+
+def check_compatible(saved: TrainConfig, requested: TrainConfig) -> None:
+    """Raise :class:`CheckpointError` if ``requested`` changes the model, sparsity or data of ``saved``."""
+    for key in STRUCTURAL_KEYS:
+        old, new = getattr(saved, key), getattr(requested, key)
+        if old != new:
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(
+                f"cannot resume: the checkpoint was trained with {key}={old!r} but this run asks for {key}={new!r}; "
+                f"drop {flag} to continue the checkpoint's run, or use another --out to start a new one"
+            )

@@ -1,0 +1,157 @@
+"""The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate`` (also ``python -m slope``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from slope.config import PRECISIONS, ConfigError, TrainConfig, load_config_file
+from slope.masks import MASK_TYPES
+
+__all__ = ["main", "build_parser", "resolve_train_config"]
+
+TRAIN_HELP = {
+    "out": "output directory: metrics.jsonl, loss.png, checkpoint/",
+    "max_steps": "optimizer steps; defines the LR schedule and the lazy-LoRA start",
+    "stop_after": "stop (saving a checkpoint) after this step, as if interrupted",
+    "resume": "continue from OUT/checkpoint up to --max-steps (the checkpoint's settings are the defaults)",
+    "seed": "seed of the model init and of the data order",
+    "device": "auto (cuda if available), cpu, cuda, cuda:N",
+    "log_every": "log a metrics record every K steps",
+    "eval_every": "validate every K steps (and at the end)",
+    "eval_batches": "validation batches per evaluation",
+    "save_every": "checkpoint every K steps (0: only at the end / --stop-after)",
+    "dataset": "'embedded' (Python stdlib source shipped with slope), a .txt/.jsonl(.gz) file, or a Hugging Face dataset name[:config]",
+    "text_field": "text field of .jsonl records / Hugging Face datasets",
+    "seq_len": "tokens per training sequence",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "hidden_size": "model width (multiple of 64)",
+    "intermediate_size": "MLP width (multiple of 64)",
+    "num_layers": "transformer layers",
+    "num_heads": "attention heads",
+    "lr": "peak learning rate (both optimizers)",
+    "min_lr_ratio": "cosine decays to lr * this",
+    "warmup_fraction": "fraction of max-steps of linear warmup",
+    "weight_decay": "decoupled weight decay (matrices and SLoPe values)",
+    "beta1": "Adam beta1",
+    "beta2": "Adam beta2",
+    "grad_clip": "max joint norm of sparse + dense gradients (0: off)",
+    "precision": "fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling)",
+    "fp16_init_scale": "initial fp16 loss scale",
+    "fp16_growth_interval": "clean steps before the fp16 loss scale doubles",
+    "dense": "train the dense baseline (no pruning) in the same loop",
+    "sparsity": "N:M kept along the input dimension (compressed: 2:4 only)",
+    "compress": "compressed 2:4 storage (reference backend on CPU); --no-compress simulates with masks",
+    "backend": "sparse backend for compressed storage (auto, reference, cusparselt, cutlass, cutlass-sm90, triton)",
+    "mask_change_freq": "recompute the double-pruned mask every K steps",
+    "lazy_lora_fraction": "attach LoRA adapters for this last fraction of steps (0: never)",
+    "lora_rank": "rank of the lazy adapters",
+    "mask_type": "nm (N:M along the input dimension) or transposable (N:M along both dimensions, exact backward)",
+    "double_pruning": "double-prune the backward operand (--no-double-pruning: exact backward, needs --no-compress)",
+    "dense_tail_fraction": "train this last fraction of steps dense (W⊙M in nn.Linear) instead of sparse (0: never)",
+}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with the same keys (flags override it)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{TRAIN_HELP[f.name]} (default: {default})"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "precision":
+            parser.add_argument(flag, choices=PRECISIONS, help=help_text)
+        elif f.name == "mask_type":
+            parser.add_argument(flag, choices=MASK_TYPES, help=help_text)
+        else:
+            kind, metavar = {"int": (int, "N"), "int | None": (int, "N"), "float": (float, "X"), "str": (str, "STR")}[f.type]
+            parser.add_argument(flag, type=kind, metavar=metavar, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slope", description="2:4 sparse pretraining with SLoPe (double-pruned sparse weights + lazy LoRA)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", argument_default=argparse.SUPPRESS, help="pretrain a small Llama (default: SLoPe 2:4 on the embedded corpus, ~3 min on a CPU)",
+                           description="Pretrain a small Llama with SLoPe (or --dense). Precedence: defaults < --config FILE < flags.")
+    _add_train_flags(train)
+
+    ev = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint on its run's held-out split")
+    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory, or a run directory holding checkpoint/")
+    ev.add_argument("--eval-batches", type=int, default=None, help="validation batches (default: the run's)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (Hugging Face generate)")
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory, or a run directory holding checkpoint/")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy decoding")
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    return parser
+
+
+def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults (or, with ``--resume``, the checkpoint's settings) < ``--config FILE`` < flags."""
+    values = vars(args).copy()
+    values.pop("command")
+    config_file = values.pop("config", None)
+    overrides = {**(load_config_file(config_file) if config_file else {}), **values}
+    if not overrides.get("resume", False):
+        return TrainConfig().updated(overrides)
+    from slope.checkpoint import saved_config
+
+    # The checkpoint's run continues: its settings are the defaults, except where it stopped.
+    out = overrides.get("out", TrainConfig.out)
+    return saved_config(Path(out) / "checkpoint").updated({"stop_after": None, **overrides, "out": out})
+
+
+def _checkpoint_dir(path: str) -> Path:
+    p = Path(path)
+    return p / "checkpoint" if (p / "checkpoint" / "manifest.json").exists() else p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from slope.checkpoint import CheckpointError
+    from slope.data import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            try:
+                cfg = resolve_train_config(args)
+            except ConfigError as e:
+                parser.error(str(e))
+            from slope.train import train
+
+            train(cfg)
+        elif args.command == "eval":
+            from slope.evaluate import eval_checkpoint
+
+            if args.eval_batches is not None and args.eval_batches < 1:
+                parser.error("--eval-batches must be >= 1")
+            result = eval_checkpoint(_checkpoint_dir(args.checkpoint), args.device, args.eval_batches)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print(f"step {result['step']}: validation loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}) over "
+                      f"{result['val_tokens']:,} tokens; unigram baseline {result['unigram_loss']:.4f}")
+        elif args.command == "generate":
+            from slope.evaluate import generate_text
+
+            if args.max_new_tokens < 1:
+                parser.error("--max-new-tokens must be >= 1")
+            print(generate_text(_checkpoint_dir(args.checkpoint), args.prompt, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device))
+    except (CheckpointError, DataError, ConfigError) as e:
+        print(f"slope {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,361 @@
+"""``slope train``: pretrain a small Llama with SLoPe (or dense, as the baseline) in one readable loop.
+
+Per step ``s`` (1-based, up to ``max_steps``)::
+
+    lr = warmup + cosine(s)                     set on both optimizers
+    grad_accum × { batch(seed, s, micro) → forward (autocast) → (loss · scale / grad_accum).backward() }
+    unscale dense and sparse grads (fp16)       overflow → skip both optimizers, shrink the scale
+    clip the joint norm of sparse + dense grads
+    sparse_opt.step(); dense_opt.step()         ADAMWSparse for SLoPe values, AdamW for the rest
+    log / validate / checkpoint
+
+Lazy LoRA (DESIGN §5): after step ``ceil((1 - F) · max_steps)`` adapters are attached to every
+SLoPe layer and join the dense optimizer as a new parameter group on the same schedule.
+The batches of step ``s`` depend only on ``(seed, s)``, and checkpoints hold every other piece of
+state, so ``--resume`` reproduces the uninterrupted run's losses exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slope.checkpoint import CheckpointError, attach_lora, build_model, check_compatible, read_checkpoint, restore_rng, save_checkpoint
+from slope.config import ConfigError, TrainConfig
+from slope.data import load_splits, perplexity, train_batch, unigram_cross_entropy, val_batches
+from slope.evaluate import autocast, evaluate_loss, resolve_device
+
+__all__ = ["LossScaler", "lr_at", "train"]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of (1-based) ``step``: linear warmup, then cosine decay to ``lr · min_lr_ratio``."""
+    warmup = cfg.warmup_steps
+    if step <= warmup:
+        return cfg.lr * step / warmup
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 that treats dense and sparse gradients alike.
+
+    The loss is multiplied by ``scale`` before backward; :meth:`unscale_` divides every gradient
+    (``p.grad`` of the dense parameters and the SLoPe layers' compressed ``values_grad``) by it and
+    reports an inf/nan anywhere. On overflow the step is skipped and the scale halves; after
+    ``growth_interval`` clean steps it doubles. Disabled (fp32/bf16): scale 1, never skips.
+    """
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 200):
+        self.enabled = enabled
+        self.scale = float(init_scale) if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    @torch.no_grad()
+    def unscale_(self, dense_params, sparse_opt) -> bool:
+        """Divide all gradients by the scale in place; return True if any is not finite."""
+        if not self.enabled:
+            return False
+        inv = 1.0 / self.scale
+        found_inf = False
+        for p in dense_params:
+            if p.grad is not None:
+                p.grad.mul_(inv)
+                found_inf = found_inf or not bool(torch.isfinite(p.grad).all())
+        if sparse_opt is not None:
+            found_inf = sparse_opt.unscale_(inv) or found_inf
+        return found_inf
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale *= 0.5
+            self.good_steps = 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale *= 2.0
+                self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+def _dense_param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups over every trainable parameter (the SLoPe values are not: ADAMWSparse owns them):
+    matrices and embeddings decay, norms and biases do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _add_lora(model, dense_opt, cfg: TrainConfig) -> int:
+    """Attach the lazy adapters and give them to the dense optimizer; returns their parameter count."""
+    params = attach_lora(model, cfg.lora_rank)
+    dense_opt.add_param_group({"params": params, "weight_decay": cfg.weight_decay})
+    return sum(p.numel() for p in params)
+
+
+def _densify(model, dense_opt, cfg: TrainConfig) -> tuple[int, int]:
+    """Final dense phase: replace the SLoPe layers by dense ``nn.Linear`` holding ``W⊙M`` (adapters
+    merged in) whose weights join the dense optimizer (fresh moments); returns (layers, weights)."""
+    from slope.prune import densify
+
+    params = densify(model)
+    dense_opt.add_param_group({"params": params, "weight_decay": cfg.weight_decay})
+    return len(params), sum(p.numel() for p in params)
+
+
+class _MetricsLog:
+    """``metrics.jsonl``: one JSON object per line; a resumed run first drops lines after its step."""
+
+    def __init__(self, path: Path, keep_until_step: int):
+        self.path = path
+        kept = []
+        if keep_until_step > 0 and path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line]
+            kept = [json.dumps(r) for r in records if r["step"] <= keep_until_step and r.get("event") != "summary"]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def plot_losses(metrics_file: Path, png: Path, unigram: float | None = None) -> None:
+    """``loss.png``: train and validation loss against step, lazy-LoRA start and unigram baseline marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val_pts = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    lora = [r["step"] for r in records if r.get("event") == "lora_start"]
+    tail = [r["step"] for r in records if r.get("event") == "dense_tail_start"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train loss", lw=1.2)
+    if val_pts:
+        ax.plot(*zip(*val_pts), "o-", label="validation loss", lw=1.5)
+    if unigram is not None:
+        ax.axhline(unigram, color="gray", ls=":", label=f"unigram baseline ({unigram:.2f})")
+    for step in lora:
+        ax.axvline(step, color="red", ls="--", label=f"lazy LoRA attached (after step {step})")
+    for step in tail:
+        ax.axvline(step, color="purple", ls="--", label=f"dense tail (after step {step})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # line by line also when stdout is a file or a pipe
+
+
+def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print) -> dict:
+    """Run (or resume) the training job described by ``cfg``; returns the final summary record.
+
+    ``progress``: tqdm bar (default: when stderr is a terminal); otherwise a plain line is logged
+    every ``log_every`` steps through ``log``.
+    """
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.precision == "fp16" and device.type == "cpu":
+        log("note: fp16 matmuls are very slow on CPUs; prefer --precision bf16 or fp32 there")
+
+    # ---- resume: verify the checkpoint before doing anything else ---------------------------
+    ckpt = read_checkpoint(out / "checkpoint") if cfg.resume else None
+    if ckpt is not None:
+        check_compatible(ckpt.config, cfg)
+        if cfg.stop_after is not None and cfg.stop_after <= ckpt.step:
+            raise ConfigError(f"stop_after = {cfg.stop_after} is invalid: the checkpoint is already at step {ckpt.step}")
+
+    # ---- data ------------------------------------------------------------------------------
+    data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field)
+    if ckpt is not None and ckpt.trainer_state["data_fingerprint"] != data.fingerprint:
+        raise CheckpointError(f"--dataset {cfg.dataset}: the data differ from the checkpoint's (its files changed); cannot resume exactly")
+    val_set = val_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
+    unigram = unigram_cross_entropy(data.train, data.val, data.vocab_size)
+    log(f"data: {cfg.dataset}: {len(data.train):,} train / {len(data.val):,} validation tokens, vocab {data.vocab_size}; "
+        f"unigram baseline (validation cross-entropy of train-split token frequencies) {unigram:.4f}")
+
+    # ---- model and optimizers ----------------------------------------------------------------
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.vocab_size, data.eos_id).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    dense_opt = torch.optim.AdamW(_dense_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    sparse_opt = None
+    if not cfg.dense:
+        from slope.optimizers import ADAMWSparse
+
+        sparse_opt = ADAMWSparse(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, mask_change_freq=cfg.mask_change_freq)
+    scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval)
+    kind = "dense baseline" if cfg.dense else f"SLoPe {cfg.sparsity} ({'compressed' if cfg.compress else 'simulated'})"
+    log(f"model: Llama {cfg.num_layers}x{cfg.hidden_size} (mlp {cfg.intermediate_size}), {n_params:,} parameters, {kind}, "
+        f"{cfg.precision}, device {device}")
+
+    step, tokens, elapsed_before, lora_attached, densified = 0, 0, 0.0, False, False
+    if ckpt is not None:
+        if ckpt.lora_attached:
+            _add_lora(model, dense_opt, cfg)
+            lora_attached = True
+        if ckpt.dense_tail:
+            _densify(model, dense_opt, cfg)
+            densified = True
+        model.load_state_dict(ckpt.model_state)
+        dense_opt.load_state_dict(ckpt.optimizers["dense"])
+        if sparse_opt is not None:
+            sparse_opt.load_state_dict(ckpt.optimizers["sparse"])
+        scaler.load_state_dict(ckpt.trainer_state["scaler"])
+        restore_rng(ckpt.rng_tensors, ckpt.trainer_state["rng"])
+        step, tokens, elapsed_before = ckpt.step, ckpt.trainer_state["tokens"], ckpt.trainer_state["elapsed_s"]
+        log(f"resumed from {ckpt.path} at step {step}")
+    elif (out / "checkpoint").exists():
+        log(f"note: starting a new run in {out}; its old checkpoint and metrics will be replaced (use --resume to continue)")
+    metrics = _MetricsLog(out / "metrics.jsonl", keep_until_step=step)
+    lora_start = cfg.lora_start if not cfg.dense else cfg.max_steps
+    if lora_start < cfg.max_steps and not lora_attached:
+        log(f"lazy LoRA: rank-{cfg.lora_rank} adapters will be attached after step {lora_start} (last {cfg.lazy_lora_fraction:.1%} of steps)")
+    dense_tail_start = cfg.dense_tail_start if not cfg.dense else cfg.max_steps
+    if dense_tail_start < cfg.max_steps and not densified:
+        log(f"dense tail: the SLoPe layers become dense after step {dense_tail_start} (last {cfg.dense_tail_fraction:.1%} of steps)"
+            + ("; adapters attached before then are merged into the dense weights, none attach after" if lora_start < cfg.max_steps else ""))
+
+    def save(step_done: int) -> None:
+        save_checkpoint(out / "checkpoint", model=model, dense_opt=dense_opt, sparse_opt=sparse_opt, config=cfg, trainer_state={
+            "step": step_done, "tokens": tokens, "elapsed_s": elapsed_before + time.perf_counter() - t0,
+            "lora_attached": lora_attached, "dense_tail": densified, "scaler": scaler.state_dict(),
+            "scheduler": {"kind": "warmup_cosine", "last_step": step_done, "last_lr": lr_at(max(step_done, 1), cfg)},
+            "data_seed": cfg.seed, "data_next_step": step_done + 1, "data_fingerprint": data.fingerprint,
+            "vocab_size": data.vocab_size, "eos_id": data.eos_id,
+        })
+
+    # ---- the loop ------------------------------------------------------------------------------
+    if step >= cfg.max_steps:
+        log(f"the checkpoint is already at step {step} = --max-steps; raise --max-steps to train further")
+    bar = None
+    if progress if progress is not None else sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="slope train", dynamic_ncols=True)
+    write = bar.write if bar is not None else log
+    model.train()
+    t0 = time.perf_counter()
+    last_stop = cfg.stop_after if cfg.stop_after is not None else cfg.max_steps
+    val_loss = None
+    loss = float("nan")
+    while step < last_stop:
+        step += 1
+        # Dense tail: densify once ceil((1-F)·max_steps) steps are done (it takes precedence over LoRA).
+        if step > dense_tail_start and not densified:
+            n_layers, n_dense = _densify(model, dense_opt, cfg)
+            densified = True
+            metrics.write({"step": step - 1, "event": "dense_tail_start", "dense_layers": n_layers, "dense_params": n_dense})
+            write(f"step {step - 1}: dense tail: {n_layers} SLoPe layers replaced by dense nn.Linear (W⊙M), {n_dense:,} weights join AdamW")
+        # Lazy LoRA: attach once ceil((1-F)·max_steps) steps are done.
+        if step > lora_start and not lora_attached and not densified:
+            n_lora = _add_lora(model, dense_opt, cfg)
+            lora_attached = True
+            metrics.write({"step": step - 1, "event": "lora_start", "lora_rank": cfg.lora_rank, "lora_params": n_lora})
+            write(f"step {step - 1}: lazy LoRA attached: rank {cfg.lora_rank}, {n_lora:,} adapter parameters join AdamW")
+
+        # Learning rate of this step, on both optimizers.
+        lr = lr_at(step, cfg)
+        for group in dense_opt.param_groups:
+            group["lr"] = lr
+        if sparse_opt is not None:
+            sparse_opt.lr = lr
+
+        # Forward and backward over the micro-batches; sparse grads accumulate in the layers.
+        loss = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = train_batch(data.train, seed=cfg.seed, step=step, micro=micro, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+            x, y = x.to(device), y.to(device)
+            with autocast(device, cfg.precision):
+                logits = model(input_ids=x).logits
+            micro_loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
+            (micro_loss * scaler.scale).backward()
+            loss += micro_loss.item()
+        tokens += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+
+        # Unscale (fp16), then either skip the step on overflow or clip and update.
+        dense_params = [p for group in dense_opt.param_groups for p in group["params"]]
+        skipped = scaler.unscale_(dense_params, sparse_opt)
+        grad_norm = None
+        if not skipped:
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            if sparse_opt is not None:
+                grad_norm = float(sparse_opt.clip_grad_norm(max_norm, dense_parameters=dense_params))
+                sparse_opt.step()
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(dense_params, max_norm))
+            dense_opt.step()
+        scaler.update(skipped)
+        dense_opt.zero_grad(set_to_none=True)
+        if sparse_opt is not None:
+            sparse_opt.zero_grad()
+
+        # Logging, validation, checkpoints.
+        elapsed = elapsed_before + time.perf_counter() - t0
+        if step % cfg.log_every == 0 or step == last_stop or skipped:
+            record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "elapsed_s": round(elapsed, 3), "grad_norm": grad_norm}
+            if scaler.enabled:
+                record.update(loss_scale=scaler.scale, skipped=skipped)
+            metrics.write(record)
+            if bar is None:
+                write(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens / max(elapsed, 1e-9):,.0f} tok/s | {elapsed:.1f} s"
+                    + (" | overflow: step skipped, loss scale now " + f"{scaler.scale:g}" if skipped else ""))
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            val_loss = evaluate_loss(model, val_set, device, cfg.precision)
+            metrics.write({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "tokens": tokens,
+                           "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3)})
+            write(f"step {step}: validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f}; unigram baseline {unigram:.4f})")
+        if step == last_stop or (cfg.save_every and step % cfg.save_every == 0):
+            save(step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+    if bar is not None:
+        bar.close()
+
+    plot_losses(out / "metrics.jsonl", out / "loss.png", unigram)
+    elapsed = elapsed_before + time.perf_counter() - t0
+    summary = {"step": step, "event": "summary", "finished": step >= cfg.max_steps, "final_train_loss": loss, "final_val_loss": val_loss,
+               "unigram_loss": unigram, "tokens": tokens, "elapsed_s": round(elapsed, 3), "out": str(out)}
+    metrics.write(summary)
+    if step < cfg.max_steps:
+        log(f"stopped after step {step} of {cfg.max_steps} ({elapsed:.1f} s); checkpoint in {out / 'checkpoint'}; "
+            f"continue with: slope train --out {out} --resume")
+    else:
+        val = f"val loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f})" if val_loss is not None else "no validation"
+        log(f"done: {step} steps, {tokens:,} tokens in {elapsed:.1f} s | train loss {loss:.4f} | {val} | "
+            f"unigram baseline {unigram:.4f} | outputs in {out}/ (metrics.jsonl, loss.png, checkpoint/)")
+    return summary
