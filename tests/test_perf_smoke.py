@@ -1,0 +1,102 @@
+"""The benchmark scripts must not rot: run every ``--smoke`` in-process and check the records.
+
+Checks the DESIGN §7 schema (script, commit, device, versions, config, dense and sparse figures,
+their ratio) and that each ratio is the ratio of the figures it names, then renders the tables.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+common = importlib.import_module("performance_experiments.common")
+
+# script -> (ratio key, dense figure, sparse figure, ratio = dense/sparse or sparse/dense)
+RATIOS = {
+    "gemm": [("gemm_speedup", "time_ms", "time_ms", "dense/sparse")],
+    "layer": [("layer_speedup", "fwd_bwd_ms", "fwd_bwd_ms", "dense/sparse"),
+              ("layer_step_speedup", "step_ms", "step_ms_amortised", "dense/sparse")],
+    "e2e": [("e2e_speedup", "step_ms", "step_ms", "dense/sparse"),
+            ("e2e_cputime_speedup", "step_cpu_ms", "step_cpu_ms", "dense/sparse")],
+    "inference": [("prefill_speedup", "prefill_ms", "prefill_ms", "dense/sparse"),
+                  ("decode_speedup", "decode_ms_per_token", "decode_ms_per_token", "dense/sparse")],
+    "memory": [("optimizer_memory_ratio", "train_state_bytes.optimizer", "train_state_bytes.optimizer", "sparse/dense"),
+               ("train_memory_ratio", "train_state_bytes.total", "train_state_bytes.total", "sparse/dense")],
+    "overhead": [("prune_overhead_ratio", "step_ms", "prune_ms", "sparse/dense")],
+}
+
+
+def _figure(side: dict, path: str) -> float:
+    value = side
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("perf")
+    for script in RATIOS:
+        module = importlib.import_module(f"performance_experiments.{script}")
+        module.main(["--smoke", "--out-dir", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("script", sorted(RATIOS))
+def test_smoke_records_follow_the_schema(smoke_results, script):
+    payload = json.loads((smoke_results / "cpu" / f"{script}.json").read_text())
+    assert payload["script"] == script and payload["args"]["smoke"] is True
+    records = payload["records"]
+    measured = [r for r in records if not r["error"]]
+    assert measured, f"{script}: every smoke measurement failed: {[r['error'] for r in records]}"
+    for record in records:
+        for key in common.SCHEMA_KEYS:
+            assert key in record, f"{script} record lacks {key!r}"
+        assert record["script"] == script and record["device"] == "cpu"
+        assert record["commit"] and record["torch"]
+        assert record["backend"] in ("simulated", "reference")
+        assert any(k.endswith(common.RATIO_SUFFIXES) for k in record), f"{script} record names no ratio"
+    for record in measured:
+        assert isinstance(record["dense"], dict) and isinstance(record["sparse"], dict)
+        for key, dense_key, sparse_key, direction in RATIOS[script]:
+            dense, sparse = _figure(record["dense"], dense_key), _figure(record["sparse"], sparse_key)
+            assert dense > 0 and sparse > 0, (script, key, dense, sparse)
+            expected = dense / sparse if direction == "dense/sparse" else sparse / dense
+            assert record[key] == pytest.approx(expected, rel=1e-3, abs=1e-4), (script, key)
+
+
+def test_gemm_smoke_sparse_product_is_exact(smoke_results):
+    records = json.loads((smoke_results / "cpu" / "gemm.json").read_text())["records"]
+    errors = {(r["backend"], r["config"]["dtype"]): r["rel_error"] for r in records if not r["error"]}
+    assert errors and all(e < (2e-2 if dtype == "bf16" else 1e-5) for (_, dtype), e in errors.items()), errors
+
+
+def test_memory_smoke_optimizer_state_shrinks(smoke_results):
+    # ADAMWSparse keeps moments for the kept half of the pruned weights only.
+    records = json.loads((smoke_results / "cpu" / "memory.json").read_text())["records"]
+    assert all(r["optimizer_memory_ratio"] < 1.0 for r in records if not r["error"])
+
+
+def test_summarize_renders_every_script(smoke_results, tmp_path):
+    summarize = importlib.import_module("performance_experiments.summarize")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{summarize.BEGIN}\nstale\n{summarize.END}\n\noutro\n")
+    summarize.main(["--results-dir", str(smoke_results), "--readme", str(readme), "--no-plots"])
+    text = readme.read_text()
+    assert text.startswith("intro") and text.rstrip().endswith("outro") and "stale" not in text
+    for script in RATIOS:
+        assert f"`{script}.py`" in text
+    assert "| simulated |" in text and "| reference |" in text
+
+
+def test_device_slug():
+    assert common.slugify_device_name("NVIDIA H100 80GB HBM3") == "nvidia-h100"
+    assert common.slugify_device_name("NVIDIA A100-SXM4-80GB") == "nvidia-a100"
+    assert common.device_slug("cpu") == "cpu"
