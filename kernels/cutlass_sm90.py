@@ -115,7 +115,7 @@ def build_problem(device: torch.device | int | None = None) -> str | None:
         return "this PyTorch build has no CUDA support"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    index = torch.cuda.current_device() if device is None else torch.device("cuda", device).index
+    index = device if isinstance(device, int) else None if device is None else torch.device(device).index
     if index is None:
         index = torch.cuda.current_device()
     capability = torch.cuda.get_device_capability(index)

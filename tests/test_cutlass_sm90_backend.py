@@ -114,3 +114,17 @@ def test_module_wrappers_check_2to4_and_raise_the_extension_errors(fake):
         cutlass_sm90.compress(_sparse(8, 40))
     values, meta = cutlass_sm90.compress(_sparse(8, 32))
     assert values.shape == (8, 16)
+
+
+@pytest.mark.parametrize("device", [None, 0, torch.device("cuda"), torch.device("cuda", 1), "cuda:1"])
+def test_build_problem_accepts_every_device_spelling(monkeypatch, device):
+    # On the H100 a torch.device argument once raised TypeError inside the availability check.
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: seen.append(index) or (8, 0))
+    reason = cutlass_sm90.build_problem(device)
+    expected = 1 if device in (torch.device("cuda", 1), "cuda:1") else 0
+    assert seen == [expected]
+    assert "needs a Hopper GPU" in reason and f"cuda:{expected}" in reason
