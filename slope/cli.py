@@ -10,6 +10,11 @@ from pathlib import Path
 from slope.config import PRECISIONS, ConfigError, TrainConfig, load_config_file
 from slope.masks import MASK_TYPES
 
+#: ``slope eval`` / ``slope generate --mode`` (same as ``slope.evaluate.MODES``, which imports torch).
+INFERENCE_MODES = ("unmerged", "merged", "dense")
+MODE_HELP = ("unmerged: the model as trained; merged: adapters merged into one sparse GEMM per layer, "
+             "training state dropped (freeze_for_inference); dense: plain nn.Linear with the effective weights")
+
 __all__ = ["main", "build_parser", "resolve_train_config"]
 
 TRAIN_HELP = {
@@ -85,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory, or a run directory holding checkpoint/")
     ev.add_argument("--eval-batches", type=int, default=None, help="validation batches (default: the run's)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + " (default: unmerged)")
+    ev.add_argument("--compare", action="store_true",
+                    help="evaluate every mode and check they agree to fp tolerance (exit status 1 if not)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (Hugging Face generate)")
@@ -95,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--mode", choices=INFERENCE_MODES, default="unmerged", help=MODE_HELP + " (default: unmerged)")
     return parser
 
 
@@ -113,9 +122,70 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     return saved_config(Path(out) / "checkpoint").updated({"stop_after": None, **overrides, "out": out})
 
 
-def _checkpoint_dir(path: str) -> Path:
-    p = Path(path)
-    return p / "checkpoint" if (p / "checkpoint" / "manifest.json").exists() else p
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3f} MiB"
+
+
+def _memory_text(memory: dict) -> str:
+    """One line from :meth:`slope.evaluate.LoadedModel.memory_info`."""
+    freeze = memory["freeze"]
+    text = f"parameter memory {_mib(memory['weight_bytes'])}"
+    if freeze is not None:
+        text += (f" (freeze_for_inference: {_mib(freeze['total_before'])} -> {_mib(freeze['total_after'])}; parameters "
+                 f"{_mib(freeze['parameters_before'])} -> {_mib(freeze['parameters_after'])}, buffers "
+                 f"{_mib(freeze['buffers_before'])} -> {_mib(freeze['buffers_after'])})")
+    if memory["sparse_layer_bytes"]:
+        text += f", of which pruned layers {_mib(memory['sparse_layer_bytes'])}"
+    return text
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from slope.evaluate import compare_checkpoint, eval_checkpoint
+
+    if not args.compare:
+        result = eval_checkpoint(args.checkpoint, args.device, args.eval_batches, args.mode or "unmerged")
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        print(f"step {result['step']} ({result['mode']}): validation loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}) over "
+              f"{result['val_tokens']:,} tokens; unigram baseline {result['unigram_loss']:.4f}")
+        print(f"{result['tokens_per_s']:,.0f} tokens/s; {_memory_text(result)}")
+        if result["note"]:
+            print(f"note: {result['note']}")
+        return 0
+    result = compare_checkpoint(args.checkpoint, args.device, args.eval_batches)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"step {result['step']} ({result['precision']}), {next(iter(result['modes'].values()))['val_tokens']:,} validation tokens; "
+              f"unigram baseline {result['unigram_loss']:.4f}")
+        print(f"{'mode':<9} {'val loss':>10} {'ppl':>10} {'tokens/s':>10}  memory")
+        for mode, r in result["modes"].items():
+            print(f"{mode:<9} {r['val_loss']:>10.6f} {r['val_ppl']:>10.3f} {r['tokens_per_s']:>10,.0f}  {_memory_text(r)}")
+        for note in [result["note"]] + [r["note"] for r in result["modes"].values()]:
+            if note:
+                print(f"note: {note}")
+        verdict = "agree" if result["agree"] else "DISAGREE"
+        print(f"modes {verdict}: max |d loss| {result['max_loss_diff']:.2e} (tolerance {result['loss_tolerance']:g}), "
+              f"max |d logit| {result['max_logit_diff']:.2e} (tolerance {result['logit_tolerance']:g})")
+    if not result["agree"]:
+        print("slope eval: error: the inference modes disagree beyond fp tolerance", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from slope.evaluate import generate, load_trained_model
+
+    loaded = load_trained_model(args.checkpoint, args.device, args.mode)
+    gen = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, seed=args.seed)
+    print(gen.text)
+    # Statistics go to stderr, so stdout is only the text.
+    print(f"[{args.mode}] {gen.new_tokens} new tokens in {gen.seconds:.2f} s ({gen.tokens_per_s:,.1f} tokens/s); "
+          f"{_memory_text(loaded.memory_info())}", file=sys.stderr)
+    if loaded.note:
+        print(f"note: {loaded.note}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,23 +204,15 @@ def main(argv: list[str] | None = None) -> int:
 
             train(cfg)
         elif args.command == "eval":
-            from slope.evaluate import eval_checkpoint
-
             if args.eval_batches is not None and args.eval_batches < 1:
                 parser.error("--eval-batches must be >= 1")
-            result = eval_checkpoint(_checkpoint_dir(args.checkpoint), args.device, args.eval_batches)
-            if args.json:
-                print(json.dumps(result))
-            else:
-                print(f"step {result['step']}: validation loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}) over "
-                      f"{result['val_tokens']:,} tokens; unigram baseline {result['unigram_loss']:.4f}")
+            if args.compare and args.mode is not None:
+                parser.error("--compare evaluates every mode; drop --mode")
+            return _run_eval(args)
         elif args.command == "generate":
-            from slope.evaluate import generate_text
-
             if args.max_new_tokens < 1:
                 parser.error("--max-new-tokens must be >= 1")
-            print(generate_text(_checkpoint_dir(args.checkpoint), args.prompt, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device))
+            _run_generate(args)
     except (CheckpointError, DataError, ConfigError) as e:
         print(f"slope {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -1,19 +1,62 @@
-"""Validation loss of a model, and loading a trained checkpoint for ``slope eval`` / ``slope generate``."""
+"""Validation loss of a model, and a trained checkpoint in its inference forms for ``slope eval`` / ``slope generate``.
+
+A sparse checkpoint loads in three modes (``--mode``), which compute the same function to fp tolerance
+(:func:`compare_checkpoint` checks it):
+
+- ``unmerged``: the model as trained: SLoPe layers (adapters ``lora_A``/``lora_B`` if they were
+  attached) with their training state (``mask_t``).
+- ``merged``: the SLoPe way (DESIGN §5): the model is pruned with adapters, they are merged
+  (:func:`slope.lora.merge_lora`: one sparse GEMM on ``[W⊙M ; A⊙M_A]`` plus a fused add-mm per
+  layer), the trained state dict is loaded, and :func:`slope.lora.freeze_for_inference` drops the
+  training state (``mask_t``, gradients). A checkpoint without adapters (trained without lazy LoRA,
+  or stopped before they attached) gets the inference-only sparse form without LoRA.
+- ``dense``: a plain Hugging Face model: every SLoPe layer replaced by an ``nn.Linear`` holding its
+  effective weight ``W⊙M + (α/r)·B(A⊙M_A)`` (:func:`slope.prune.densify`, the weights
+  :func:`slope.export_dense` writes).
+
+A dense checkpoint (``--dense``, or a run that reached its dense tail) has one form only: ``unmerged``
+and ``dense`` both load it, ``merged`` is an error.
+"""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slope.checkpoint import Checkpoint, build_model, read_checkpoint
+from slope.checkpoint import Checkpoint, CheckpointError, build_model, read_checkpoint
 from slope.config import ConfigError, TrainConfig
 from slope.data import load_splits, load_tokenizer, perplexity, unigram_cross_entropy, val_batches
+from slope.lora import MemoryReport, freeze_for_inference, merge_lora
+from slope.registry import sparse_modules
 
-__all__ = ["LoadedModel", "autocast", "evaluate_loss", "eval_checkpoint", "generate_text", "load_trained_model", "resolve_device"]
+__all__ = [
+    "LOGIT_TOLERANCE",
+    "LOSS_TOLERANCE",
+    "MODES",
+    "Generation",
+    "LoadedModel",
+    "autocast",
+    "compare_checkpoint",
+    "eval_checkpoint",
+    "evaluate_loss",
+    "generate",
+    "generate_text",
+    "load_trained_model",
+    "model_from_checkpoint",
+    "open_checkpoint",
+    "resolve_device",
+]
+
+MODES = ("unmerged", "merged", "dense")
+#: Largest |Δ validation loss| (nats/token) between two modes that counts as agreement, per precision.
+LOSS_TOLERANCE = {"fp32": 2e-5, "bf16": 1e-2, "fp16": 2e-3}
+#: Largest |Δ logit| on the first validation sequence that counts as agreement, per precision.
+LOGIT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.125, "fp16": 0.03}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,6 +77,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches, device: torch.device, precision: str) -> float:
     """Mean next-token cross-entropy (nats/token) of ``model`` over ``batches`` of ``(x, y)``."""
@@ -50,63 +98,219 @@ def evaluate_loss(model: nn.Module, batches, device: torch.device, precision: st
     return total / count
 
 
+@torch.no_grad()
+def _logits(model: nn.Module, input_ids: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """fp32 CPU logits ``(batch, seq, vocab)`` of ``input_ids (batch, seq)`` int64."""
+    with autocast(device, precision):
+        logits = model(input_ids=input_ids.to(device)).logits
+    return logits.float().cpu()
+
+
+# ---------------------------------------------------------------------- loading a checkpoint
 @dataclass
 class LoadedModel:
+    """A checkpoint's model in one inference ``mode`` (see the module docstring), in eval mode on ``device``.
+
+    ``memory``: the :class:`~slope.lora.MemoryReport` of ``freeze_for_inference`` (``merged`` only);
+    ``note``: what the mode fell back to, if anything; ``sparse_layers``: names of the checkpoint's
+    SLoPe layers (``nn.Linear`` in ``dense`` mode).
+    """
+
     model: nn.Module
     config: TrainConfig
     checkpoint: Checkpoint
     device: torch.device
+    mode: str = "unmerged"
+    memory: MemoryReport | None = None
+    note: str | None = None
+    sparse_layers: tuple[str, ...] = ()
+
+    def memory_info(self) -> dict:
+        """JSON-able bytes: ``weight_bytes`` (all parameters and buffers: compressed values, masks,
+        metadata included), ``sparse_layer_bytes`` (those of the ``sparse_layers``), ``freeze``
+        (``None`` or the MemoryReport fields with ``total_before``/``total_after``)."""
+        report = self.memory
+        freeze = None if report is None else {**asdict(report), "total_before": report.total_before, "total_after": report.total_after}
+        layers = [self.model.get_submodule(name) for name in self.sparse_layers]
+        return {"weight_bytes": _nbytes(self.model), "sparse_layer_bytes": sum(_nbytes(m) for m in layers), "freeze": freeze}
 
 
-def load_trained_model(checkpoint_dir: str | Path, device: str = "auto") -> LoadedModel:
-    """Rebuild the model of a ``slope train`` checkpoint (pruned, adapters if trained) in eval mode."""
-    dev = resolve_device(device)
-    ckpt = read_checkpoint(checkpoint_dir)
-    cfg = ckpt.config
-    vocab_size = ckpt.trainer_state["vocab_size"]
-    model = build_model(cfg, vocab_size, ckpt.trainer_state["eos_id"], lora=ckpt.lora_attached, dense_tail=ckpt.dense_tail)
-    model.load_state_dict(ckpt.model_state)
-    return LoadedModel(model.to(dev).eval(), cfg, ckpt, dev)
+def _nbytes(module: nn.Module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def eval_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_batches: int | None = None) -> dict:
-    """Validation loss / perplexity of a checkpoint on its run's held-out split."""
-    loaded = load_trained_model(checkpoint_dir, device)
-    cfg = loaded.config
+def open_checkpoint(checkpoint_dir: str | Path) -> Checkpoint:
+    """Read and verify a ``slope train`` checkpoint directory, or the run directory holding it as
+    ``checkpoint/`` (:func:`slope.checkpoint.read_checkpoint`)."""
+    path = Path(checkpoint_dir)
+    if (path / "checkpoint" / "manifest.json").exists():
+        path = path / "checkpoint"
+    if not path.exists():
+        raise CheckpointError(
+            f"no checkpoint at {path}; pass --checkpoint a checkpoint directory (RUN/checkpoint) or the run directory "
+            "holding it (train one with `slope train --out RUN`)"
+        )
+    return read_checkpoint(path)
+
+
+def _is_sparse(ckpt: Checkpoint) -> bool:
+    return not ckpt.config.dense and not ckpt.dense_tail
+
+
+def model_from_checkpoint(ckpt: Checkpoint, mode: str = "unmerged", device: str | torch.device = "auto") -> LoadedModel:
+    """Build ``ckpt``'s model in ``mode`` (``unmerged``, ``merged`` or ``dense``; module docstring) on ``device``."""
+    if mode not in MODES:
+        raise ConfigError(f"mode {mode!r} is not an inference mode; choose one of {', '.join(MODES)}")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    cfg, state = ckpt.config, ckpt.trainer_state
+    model = build_model(cfg, state["vocab_size"], state["eos_id"], lora=ckpt.lora_attached, dense_tail=ckpt.dense_tail)
+    sparse_layers = tuple(name for name, _ in sparse_modules(model))
+    memory = note = None
+    if not _is_sparse(ckpt):
+        if mode == "merged":
+            raise ConfigError(
+                f"{ckpt.path} is a dense checkpoint ({'--dense' if cfg.dense else 'its dense tail was reached'}): it has no "
+                "sparse layers or adapters to merge; use --mode unmerged or --mode dense"
+            )
+        model.load_state_dict(ckpt.model_state)
+    elif mode == "merged":
+        if ckpt.lora_attached:
+            merge_lora(model)  # before loading, as prune_model(..., add_lora=True, merge_lora=True) does
+        else:
+            note = ("the checkpoint has no LoRA adapters (trained without lazy LoRA, or stopped before they attached): "
+                    "merged mode is the inference-only sparse model without adapters")
+        model.load_state_dict(ckpt.model_state)
+        memory = freeze_for_inference(model)
+    else:
+        model.load_state_dict(ckpt.model_state)
+        if mode == "dense":
+            from slope.prune import densify
+
+            densify(model)
+            model.requires_grad_(False)
+    return LoadedModel(model.to(dev).eval(), cfg, ckpt, dev, mode, memory, note, sparse_layers)
+
+
+def load_trained_model(checkpoint_dir: str | Path, device: str = "auto", mode: str = "unmerged") -> LoadedModel:
+    """Read the checkpoint in ``checkpoint_dir`` and build its model in ``mode`` (see :func:`model_from_checkpoint`)."""
+    return model_from_checkpoint(open_checkpoint(checkpoint_dir), mode, device)
+
+
+# ---------------------------------------------------------------------- slope eval
+def _validation(cfg: TrainConfig, eval_batches: int | None):
     data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field)
     batches = val_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=eval_batches or cfg.eval_batches)
-    loss = evaluate_loss(loaded.model, batches, loaded.device, cfg.precision)
+    return data, batches
+
+
+def _evaluate(loaded: LoadedModel, batches) -> dict:
+    """Loss, throughput and memory of ``loaded`` on ``batches``; a short warm-up forward builds the
+    sparse operands first, so tokens/s measures steady-state inference."""
+    cfg, dev = loaded.config, loaded.device
+    _logits(loaded.model, batches[0][0][:1, :8], dev, cfg.precision)
+    _sync(dev)
+    start = time.perf_counter()
+    loss = evaluate_loss(loaded.model, batches, dev, cfg.precision)
+    _sync(dev)
+    seconds = time.perf_counter() - start
+    tokens = sum(y.numel() for _, y in batches)
     return {
-        "checkpoint": str(checkpoint_dir),
-        "step": loaded.checkpoint.step,
+        "mode": loaded.mode,
         "val_loss": loss,
         "val_ppl": perplexity(loss),
-        "val_tokens": sum(y.numel() for _, y in batches),
+        "val_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        **loaded.memory_info(),
+        "note": loaded.note,
+    }
+
+
+def eval_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_batches: int | None = None, mode: str = "unmerged") -> dict:
+    """Validation loss / perplexity, tokens/s and parameter memory of a checkpoint in ``mode`` on its
+    run's held-out split (``eval_batches`` batches; default: the run's)."""
+    ckpt = open_checkpoint(checkpoint_dir)
+    loaded = model_from_checkpoint(ckpt, mode, device)
+    data, batches = _validation(ckpt.config, eval_batches)
+    return {
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        **_evaluate(loaded, batches),
         "unigram_loss": unigram_cross_entropy(data.train, data.val, data.vocab_size),
     }
 
 
+def compare_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_batches: int | None = None) -> dict:
+    """Evaluate a checkpoint in every mode (:data:`MODES`; a dense checkpoint: ``dense`` only) and check
+    they agree: ``max_loss_diff`` (|Δ validation loss| vs ``unmerged``) ≤ :data:`LOSS_TOLERANCE` and
+    ``max_logit_diff`` (|Δ logit| on the first validation sequence) ≤ :data:`LOGIT_TOLERANCE` of the
+    run's precision give ``agree``. ``modes`` maps each mode to its :func:`eval_checkpoint`-style result."""
+    ckpt = open_checkpoint(checkpoint_dir)
+    cfg = ckpt.config
+    data, batches = _validation(cfg, eval_batches)
+    modes = MODES if _is_sparse(ckpt) else ("dense",)
+    results, probes = {}, {}
+    for mode in modes:
+        loaded = model_from_checkpoint(ckpt, mode, device)
+        results[mode] = _evaluate(loaded, batches)
+        probes[mode] = _logits(loaded.model, batches[0][0][:1], loaded.device, cfg.precision)
+        del loaded  # one model in memory at a time
+    ref = modes[0]
+    loss_diff = max(abs(r["val_loss"] - results[ref]["val_loss"]) for r in results.values())
+    logit_diff = max(float((p - probes[ref]).abs().max()) for p in probes.values())
+    return {
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "precision": cfg.precision,
+        "modes": results,
+        "max_loss_diff": loss_diff,
+        "max_logit_diff": logit_diff,
+        "loss_tolerance": LOSS_TOLERANCE[cfg.precision],
+        "logit_tolerance": LOGIT_TOLERANCE[cfg.precision],
+        "agree": loss_diff <= LOSS_TOLERANCE[cfg.precision] and logit_diff <= LOGIT_TOLERANCE[cfg.precision],
+        "note": None if _is_sparse(ckpt) else "dense checkpoint: it has one form only",
+        "unigram_loss": unigram_cross_entropy(data.train, data.val, data.vocab_size),
+    }
+
+
+# ---------------------------------------------------------------------- slope generate
+@dataclass
+class Generation:
+    """A prompt's continuation: ``text`` (prompt + new tokens, decoded), token counts, decode time."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+
 @torch.no_grad()
-def generate_text(
-    checkpoint_dir: str | Path,
+def generate(
+    loaded: LoadedModel,
     prompt: str,
     *,
     max_new_tokens: int = 64,
     temperature: float = 0.8,
     top_k: int | None = 50,
     seed: int = 0,
-    device: str = "auto",
-) -> str:
-    """Continue ``prompt`` with the checkpoint's model (Hugging Face ``generate``); returns the text
-    of prompt + continuation. ``temperature=0`` decodes greedily."""
-    loaded = load_trained_model(checkpoint_dir, device)
+) -> Generation:
+    """Continue ``prompt`` with ``loaded.model`` (Hugging Face ``generate``, KV cache); ``temperature=0``
+    decodes greedily. A warm-up forward on the prompt builds the sparse operands before timing."""
     tokenizer = load_tokenizer()
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if not ids:
-        raise ValueError("--prompt is empty; give some text to continue")
+        raise ConfigError("--prompt is empty; give some text to continue")
     input_ids = torch.tensor([ids], device=loaded.device)
+    loaded.model(input_ids=input_ids)
     torch.manual_seed(seed)
     sample = temperature > 0
+    _sync(loaded.device)
+    start = time.perf_counter()
     out = loaded.model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -117,4 +321,11 @@ def generate_text(
         top_p=None,
         pad_token_id=loaded.checkpoint.trainer_state["eos_id"],
     )
-    return tokenizer.decode(out[0].tolist())
+    tokens = out[0].tolist()
+    seconds = time.perf_counter() - start
+    return Generation(tokenizer.decode(tokens), len(ids), len(tokens) - len(ids), seconds)
+
+
+def generate_text(checkpoint_dir: str | Path, prompt: str, *, device: str = "auto", mode: str = "unmerged", **kwargs) -> str:
+    """Text of ``prompt`` + its continuation by the checkpoint's model in ``mode`` (``kwargs``: :func:`generate`'s)."""
+    return generate(load_trained_model(checkpoint_dir, device, mode), prompt, **kwargs).text

@@ -13,7 +13,7 @@ from slope.kernels import COMPRESSIBLE_DTYPES
 from slope.layer import SparseLinear
 from slope.masks import MASK_TYPES, parse_sparsity
 
-__all__ = ["prune_model", "PruneDecision", "DEFAULT_SKIP"]
+__all__ = ["prune_model", "densify", "PruneDecision", "DEFAULT_SKIP"]
 
 logger = logging.getLogger("slope")
 
@@ -212,3 +212,36 @@ def format_summary(decisions: list[PruneDecision]) -> str:
     pruned = sum(d.pruned for d in decisions)
     lines.append(f"{pruned} of {len(decisions)} linear layers pruned")
     return "\n".join(lines)
+
+
+def densify(model: nn.Module) -> list[nn.Parameter]:
+    """Replace, in place, every SLoPe layer of ``model`` by a dense ``nn.Linear`` computing the same function.
+
+    The new ``weight (out, in)`` holds the layer's effective weight ``W⊙M`` (plus ``(α/r)·B (A⊙M_A)``
+    when adapters are attached; :func:`slope.lora.effective_weight`) in the dtype of ``values``, on
+    its device, and is an ordinary trainable parameter: from then on every entry, pruned ones
+    included, is trained by the dense optimizer (the final dense phase of ``slope train
+    --dense-tail-fraction``). The bias stays the **same** ``Parameter`` object, so an optimizer
+    that already holds it keeps its state. Call it between optimizer steps.
+
+    Returns the new weight parameters, in module order (add them to the dense optimizer).
+    """
+    from slope.lora import effective_weight
+    from slope.registry import sparse_modules
+
+    layers = list(sparse_modules(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SLoPe layers to densify; it is dense already (or was never pruned)")
+    if layers[0][0] == "":
+        raise ValueError("densify replaces SLoPe layers inside a model; a bare SparseLinear cannot replace itself (use nn.Linear with layer.dense_weight())")
+    weights = []
+    for name, layer in layers:
+        with torch.no_grad():
+            weight = effective_weight(layer)
+        linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight)
+        if layer.bias is not None:
+            linear.bias = layer.bias
+        _set_submodule(model, name, linear)
+        weights.append(linear.weight)
+    return weights

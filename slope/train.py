@@ -176,11 +176,12 @@ def _print(line: str) -> None:
     print(line, flush=True)  # line by line also when stdout is a file or a pipe
 
 
-def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print) -> dict:
+def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: bool = True) -> dict:
     """Run (or resume) the training job described by ``cfg``; returns the final summary record.
 
     ``progress``: tqdm bar (default: when stderr is a terminal); otherwise a plain line is logged
-    every ``log_every`` steps through ``log``.
+    every ``log_every`` steps through ``log``. ``plot=False`` skips ``loss.png`` (callers that run
+    many jobs in-process, e.g. ``accuracy_experiments/run.py``).
     """
     cfg.validate()
     out = Path(cfg.out)
@@ -346,7 +347,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print) -> dict
     if bar is not None:
         bar.close()
 
-    plot_losses(out / "metrics.jsonl", out / "loss.png", unigram)
+    if plot:
+        plot_losses(out / "metrics.jsonl", out / "loss.png", unigram)
     elapsed = elapsed_before + time.perf_counter() - t0
     summary = {"step": step, "event": "summary", "finished": step >= cfg.max_steps, "final_train_loss": loss, "final_val_loss": val_loss,
                "unigram_loss": unigram, "tokens": tokens, "elapsed_s": round(elapsed, 3), "out": str(out)}
