@@ -136,6 +136,7 @@ class SparseLinear(nn.Module):
         self.lora_rank = 0
         self._operands: dict[tuple, tuple[tuple, Any]] = {}
         self._backends: dict[tuple, SparseBackend] = {}
+        self._offsets: tuple[tuple, torch.Tensor] | None = None
         registry.register(self)
 
     # ------------------------------------------------------------------ construction
@@ -168,7 +169,7 @@ class SparseLinear(nn.Module):
             else:
                 raise ValueError(f"unknown mask_type {self.mask_type!r}; use 'nm' or 'transposable'")
         self.mask.copy_(mask)
-        self.values.copy_(weight.to(self.values.dtype).masked_select(self.mask).view_as(self.values))
+        self.values.copy_(self._gather_kept(weight.to(self.values.dtype)))
         self._refresh_meta()
         self.update_mask_t()
 
@@ -177,11 +178,35 @@ class SparseLinear(nn.Module):
         if self.meta is not None:
             self.meta = compress_2to4(self.dense_weight(), self.mask)[1]
 
+    # ------------------------------------------------------------------ kept positions
+    def _kept_offsets(self) -> torch.Tensor:
+        """``int64 (out, in/M, N)``: where, inside each group of M inputs, the N kept entries sit
+        (ascending, so gathering them gives ``values``' row order). Cached per mask version as
+        int8; gather/scatter with it is ~10x faster than ``masked_select``/``masked_scatter``."""
+        key = (self.mask._version, self.mask.data_ptr(), self.mask.device)
+        if self._offsets is None or self._offsets[0] != key:
+            groups = self.mask.view(self.out_features, -1, self.m)
+            if not bool((groups.sum(-1) == self.n).all()):
+                raise ValueError(
+                    f"{self.layer_name or 'SparseLinear'}: mask does not keep exactly {self.n} of every {self.m} "
+                    "inputs; load a mask of this layer's sparsity (or re-prune the model)"
+                )
+            order = torch.sort(groups.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+            self._offsets = (key, order[..., : self.n].to(torch.int8))
+        return self._offsets[1].long()
+
+    def _gather_kept(self, full: torch.Tensor) -> torch.Tensor:
+        """The kept entries of a dense ``(out, in)`` tensor as ``(out, in·N/M)`` (``values``' layout)."""
+        groups = full.reshape(self.out_features, -1, self.m)
+        return groups.gather(-1, self._kept_offsets()).reshape(self.values.shape)
+
     # ------------------------------------------------------------------ inspection
     def dense_weight(self) -> torch.Tensor:
         """Current ``W ⊙ M`` as a dense ``(out, in)`` tensor (a fresh copy)."""
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
-        return dense.masked_scatter_(self.mask, self.values.detach())
+        groups = dense.view(self.out_features, -1, self.m)
+        groups.scatter_(-1, self._kept_offsets(), self.values.detach().view(self.out_features, -1, self.n))
+        return dense
 
     def backward_weight(self) -> torch.Tensor:
         """Current ``W ⊙ M ⊙ M_t`` as a dense ``(out, in)`` tensor (a fresh copy)."""
@@ -245,7 +270,7 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def _accumulate_grad(self, full_grad: torch.Tensor) -> None:
         """Add ``(dyᵀ x) ⊙ M`` (given dense ``(out, in)``) to :attr:`values_grad`, kept compressed."""
-        kept = full_grad.masked_select(self.mask).view(self.values.shape).to(self.values.dtype)
+        kept = self._gather_kept(full_grad).to(self.values.dtype)
         if self.values_grad is None:
             self.values_grad = kept
         else:
@@ -296,7 +321,7 @@ class SparseLinear(nn.Module):
     def __getstate__(self):
         # Cached operands and backend objects (GPU handles) are rebuilt on use, never copied/pickled.
         state = super().__getstate__()
-        state["_operands"], state["_backends"] = {}, {}
+        state["_operands"], state["_backends"], state["_offsets"] = {}, {}, None
         return state
 
     def __setstate__(self, state):

@@ -336,3 +336,23 @@ def test_dtype_move_switches_metadata_layout():
     torch.testing.assert_close(layer(xb), F.linear(xb, layer.dense_weight(), layer.bias), **TOL[torch.bfloat16])
     layer.float()
     assert layer.meta.dtype == torch.uint8 and layer(x).dtype == torch.float32
+
+
+def test_mask_with_wrong_counts_per_group_is_a_clear_error():
+    # 2 kept per row of 8 but 0 and 2... per group of 4 would misplace values silently if accepted.
+    layer = make_layer(8, 8, 2, 4, compress=False)[0]
+    bad = torch.zeros(8, 8, dtype=torch.bool)
+    bad[:, [0, 1, 2, 3]] = True  # 4 in the first group, 0 in the second
+    with torch.no_grad():
+        layer.mask.copy_(bad)
+    with pytest.raises(ValueError, match="exactly 2 of every 4"):
+        layer.dense_weight()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8)])
+def test_gather_scatter_of_kept_entries_match_masked_select(n, m):
+    layer = make_layer(16, 32, n, m, compress=False)[0]
+    full = torch.randn(16, 32)
+    assert torch.equal(layer._gather_kept(full), full.masked_select(layer.mask).view(16, -1))
+    expected = torch.zeros(16, 32).masked_scatter_(layer.mask, layer.values.detach())
+    assert torch.equal(layer.dense_weight(), expected)
