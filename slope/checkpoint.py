@@ -143,8 +143,14 @@ def save_checkpoint(
     sparse_opt: torch.optim.Optimizer | None,
     trainer_state: dict,
     config: TrainConfig,
+    model_state: dict | None = None,
+    dense_state: dict | None = None,
 ) -> Path:
-    """Write the checkpoint of ``trainer_state["step"]`` to ``directory`` (atomically replaced)."""
+    """Write the checkpoint of ``trainer_state["step"]`` to ``directory`` (atomically replaced).
+
+    ``model_state`` / ``dense_state`` replace ``model.state_dict()`` / ``dense_opt.state_dict()``
+    when the live objects are sharded (DeepSpeed ZeRO: ``slope.parallel.full_*_state_dict``).
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -152,9 +158,10 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng_tensors, rng_plain = capture_rng()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if model_state is None else model_state).items()}
     save_file(state, str(tmp / "model.safetensors"))
-    torch.save({"dense": dense_opt.state_dict(), "sparse": None if sparse_opt is None else sparse_opt.state_dict()}, tmp / "optimizers.pt")
+    dense = dense_opt.state_dict() if dense_state is None else dense_state
+    torch.save({"dense": dense, "sparse": None if sparse_opt is None else sparse_opt.state_dict()}, tmp / "optimizers.pt")
     torch.save(rng_tensors, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "rng": rng_plain}, indent=1))
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))

@@ -31,7 +31,7 @@ TRAIN_HELP = {
     "dataset": "'embedded' (Python stdlib source shipped with slope), a .txt/.jsonl(.gz) file, or a Hugging Face dataset name[:config]",
     "text_field": "text field of .jsonl records / Hugging Face datasets",
     "seq_len": "tokens per training sequence",
-    "batch_size": "sequences per micro-batch",
+    "batch_size": "sequences per micro-batch (global: split over the ranks under torchrun)",
     "grad_accum": "micro-batches per optimizer step",
     "hidden_size": "model width (multiple of 64)",
     "intermediate_size": "MLP width (multiple of 64)",
@@ -57,6 +57,8 @@ TRAIN_HELP = {
     "mask_type": "nm (N:M along the input dimension) or transposable (N:M along both dimensions, exact backward)",
     "double_pruning": "double-prune the backward operand (--no-double-pruning: exact backward, needs --no-compress)",
     "dense_tail_fraction": "train this last fraction of steps dense (W⊙M in nn.Linear) instead of sparse (0: never)",
+    "deepspeed": "DeepSpeed config JSON: ZeRO-1/2 for the dense parameters (launch with torchrun; '' = off, "
+                 "the default: DDP under torchrun)",
 }
 
 
@@ -83,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", argument_default=argparse.SUPPRESS, help="pretrain a small Llama (default: SLoPe 2:4 on the embedded corpus, ~3 min on a CPU)",
-                           description="Pretrain a small Llama with SLoPe (or --dense). Precedence: defaults < --config FILE < flags.")
+                           description="Pretrain a small Llama with SLoPe (or --dense). Precedence: defaults < --config FILE < flags. "
+                           "Data parallel: `torchrun --nproc_per_node=N -m slope train ...` (DDP; --deepspeed CONFIG for ZeRO-1/2); "
+                           "--batch-size stays the global micro-batch, split over the N ranks, so runs and checkpoints do not depend on N.")
     _add_train_flags(train)
 
     ev = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint on its run's held-out split")

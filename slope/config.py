@@ -75,6 +75,8 @@ class TrainConfig:
     mask_type: str = "nm"  # "nm" or "transposable" (each MxM block N:M along both dimensions)
     double_pruning: bool = True  # False: exact backward dx = dy (W⊙M) (not 2:4 sparse: simulation only)
     dense_tail_fraction: float = 0.0  # last fraction of steps trained dense (W⊙M in nn.Linear), 0: never
+    # distribution (torchrun: DDP by default; a DeepSpeed config: ZeRO-1/2)
+    deepspeed: str = ""  # DeepSpeed config JSON; "" = off
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -162,6 +164,10 @@ class TrainConfig:
             raise ConfigError("double_pruning = False (an exact backward) is not 2:4 sparse, so it needs --no-compress (simulation)")
         if self.backend != "auto" and (self.dense or not self.compress):
             raise ConfigError(f"backend = {self.backend!r} applies to compressed storage; drop --backend or --no-compress/--dense")
+        if self.deepspeed:
+            check(Path(self.deepspeed).is_file(), "deepspeed", "no such file (a DeepSpeed config JSON)")
+            check(self.precision != "fp16", "deepspeed", "DeepSpeed runs support fp32 and bf16, not fp16 (its loss scaler ignores the sparse gradients)")
+            check(self.dense_tail_fraction == 0, "deepspeed", "the dense tail (--dense-tail-fraction) is not supported with DeepSpeed")
         check(self.hidden_size % self.num_heads == 0, "hidden_size", f"must be divisible by num_heads ({self.num_heads})")
         for key in ("hidden_size", "intermediate_size"):
             check(getattr(self, key) % 64 == 0, key, "must be a positive multiple of 64 (the compressed 2:4 layouts tile by 64)")

@@ -13,6 +13,13 @@ Lazy LoRA (DESIGN §5): after step ``ceil((1 - F) · max_steps)`` adapters are a
 SLoPe layer and join the dense optimizer as a new parameter group on the same schedule.
 The batches of step ``s`` depend only on ``(seed, s)``, and checkpoints hold every other piece of
 state, so ``--resume`` reproduces the uninterrupted run's losses exactly.
+
+Data parallel (``torchrun --nproc_per_node=N -m slope train``; ``slope.parallel``): every rank
+draws the same global micro-batch and trains on its ``batch_size/N`` rows, under DDP or, with
+``--deepspeed CONFIG``, DeepSpeed ZeRO-1/2 (which then clips dense and sparse gradients
+separately). Gradients are averaged over the ranks, so the run — and its checkpoints, written by
+rank 0 in the single-process format — do not depend on N: resume on any number of ranks.
+Rank 0 alone logs and writes files.
 """
 from __future__ import annotations
 
@@ -21,12 +28,14 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slope import parallel
 from slope.checkpoint import CheckpointError, attach_lora, build_model, check_compatible, read_checkpoint, restore_rng, save_checkpoint
 from slope.config import ConfigError, TrainConfig
 from slope.data import load_splits, perplexity, train_batch, unigram_cross_entropy, val_batches
@@ -122,10 +131,14 @@ def _densify(model, dense_opt, cfg: TrainConfig) -> tuple[int, int]:
 
 
 class _MetricsLog:
-    """``metrics.jsonl``: one JSON object per line; a resumed run first drops lines after its step."""
+    """``metrics.jsonl``: one JSON object per line; a resumed run first drops lines after its step.
+    ``enabled=False`` (ranks other than 0) writes nothing."""
 
-    def __init__(self, path: Path, keep_until_step: int):
+    def __init__(self, path: Path, keep_until_step: int, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
         kept = []
         if keep_until_step > 0 and path.exists():
             records = [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -133,6 +146,8 @@ class _MetricsLog:
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -176,6 +191,44 @@ def _print(line: str) -> None:
     print(line, flush=True)  # line by line also when stdout is a file or a pipe
 
 
+def _silent(line: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _grow(runner, model, dense_opt, cfg: TrainConfig, add, ds_config: dict | None):
+    """``add(model, dense_opt, cfg)`` adds parameters (lazy LoRA, dense tail) to the dense optimizer;
+    a DDP wrapper or DeepSpeed engine fixes its parameter list when built, so rebuild it (DeepSpeed:
+    with a new optimizer of the same groups, keeping weights and state). Returns
+    ``(runner, dense_opt, add's result)``."""
+    if ds_config is None:
+        result = add(model, dense_opt, cfg)
+        if runner is not model:
+            runner = parallel.rewrap_ddp(runner)
+        return runner, dense_opt, result
+    made = {}
+
+    def optimizer_with_new_parameters(module):
+        made["opt"] = torch.optim.AdamW(_dense_param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        made["result"] = add(module, made["opt"], cfg)
+        return made["opt"]
+
+    runner, _, _ = parallel.deepspeed_rebuild(runner, ds_config, optimizer_with_new_parameters)
+    return runner, made["opt"], made["result"]
+
+
+def _deepspeed_step(engine, sparse_opt) -> float | None:
+    """The step under DeepSpeed (it clipped the dense gradients, the sparse sync the sparse ones);
+    returns the joint gradient norm before clipping (None when DeepSpeed did not report one)."""
+    sparse_norm = 0.0
+    if sparse_opt is not None:
+        sync = engine.slope_sparse_sync
+        sparse_norm = sync.last_norm if sync.clip_norm is not None else float(sparse_opt.clip_grad_norm(math.inf))
+        sparse_opt.step()
+    engine.step()
+    dense_norm = engine.get_global_grad_norm()
+    return None if dense_norm is None else math.hypot(float(dense_norm), sparse_norm or 0.0)
+
+
 def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: bool = True) -> dict:
     """Run (or resume) the training job described by ``cfg``; returns the final summary record.
 
@@ -186,7 +239,21 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    # torchrun: join the process group (DeepSpeed needs one even for a single process).
+    env = parallel.init_distributed(device=resolve_device(cfg.device), single_process_group=bool(cfg.deepspeed))
+    device = env.device
+    if cfg.batch_size % env.world_size:
+        raise ConfigError(f"batch_size = {cfg.batch_size} is invalid: the global batch must split evenly over the {env.world_size} ranks")
+    if not env.is_main:
+        log, progress, plot = _silent, False, False
+    ds_config = None
+    if cfg.deepspeed:
+        try:
+            ds_config = parallel.deepspeed_train_config(cfg.deepspeed, global_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                                        world_size=env.world_size, gradient_clipping=cfg.grad_clip)
+        except ValueError as e:
+            parallel.destroy_distributed(env)
+            raise ConfigError(f"deepspeed = {cfg.deepspeed!r}: {e}") from e
     if cfg.precision == "fp16" and device.type == "cpu":
         log("note: fp16 matmuls are very slow on CPUs; prefer --precision bf16 or fp32 there")
 
@@ -232,7 +299,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
             _densify(model, dense_opt, cfg)
             densified = True
         model.load_state_dict(ckpt.model_state)
-        dense_opt.load_state_dict(ckpt.optimizers["dense"])
+        if not cfg.deepspeed:  # (DeepSpeed partitions the state: loaded into the engine below)
+            dense_opt.load_state_dict(ckpt.optimizers["dense"])
         if sparse_opt is not None:
             sparse_opt.load_state_dict(ckpt.optimizers["sparse"])
         scaler.load_state_dict(ckpt.trainer_state["scaler"])
@@ -241,7 +309,24 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         log(f"resumed from {ckpt.path} at step {step}")
     elif (out / "checkpoint").exists():
         log(f"note: starting a new run in {out}; its old checkpoint and metrics will be replaced (use --resume to continue)")
-    metrics = _MetricsLog(out / "metrics.jsonl", keep_until_step=step)
+    metrics = _MetricsLog(out / "metrics.jsonl", keep_until_step=step, enabled=env.is_main)
+
+    # ---- data parallel: DDP under torchrun, or a DeepSpeed engine ------------------------------
+    runner = model
+    if ds_config is not None:
+        try:
+            runner, _, _ = parallel.deepspeed_initialize(model, ds_config, optimizer=dense_opt)
+        except ImportError as e:
+            parallel.destroy_distributed(env)
+            raise ConfigError(f"deepspeed = {cfg.deepspeed!r}: {e}") from e
+        if ckpt is not None:
+            parallel.load_full_model_state_dict(runner, ckpt.model_state)
+            parallel.load_full_optimizer_state_dict(runner, None, ckpt.optimizers["dense"])
+    elif env.distributed:
+        runner = parallel.wrap_ddp(model, device_ids=[device.index] if device.type == "cuda" else None, require_sparse=not cfg.dense)
+    if env.distributed or ds_config is not None:
+        log(f"data parallel: {env.world_size} ranks ({'DeepSpeed ZeRO-' + str(ds_config.get('zero_optimization', {}).get('stage', 0)) if ds_config else 'DDP'}), "
+            f"{cfg.batch_size // env.world_size} of the {cfg.batch_size} sequences of each micro-batch per rank")
     lora_start = cfg.lora_start if not cfg.dense else cfg.max_steps
     if lora_start < cfg.max_steps and not lora_attached:
         log(f"lazy LoRA: rank-{cfg.lora_rank} adapters will be attached after step {lora_start} (last {cfg.lazy_lora_fraction:.1%} of steps)")
@@ -251,7 +336,14 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
             + ("; adapters attached before then are merged into the dense weights, none attach after" if lora_start < cfg.max_steps else ""))
 
     def save(step_done: int) -> None:
-        save_checkpoint(out / "checkpoint", model=model, dense_opt=dense_opt, sparse_opt=sparse_opt, config=cfg, trainer_state={
+        model_state = dense_state = None
+        if ds_config is not None:  # gather ZeRO's partitions (collective), in the single-process layout
+            model_state = parallel.full_model_state_dict(runner)
+            dense_state = parallel.full_optimizer_state_dict(runner, None, index_keys=True)
+        if not env.is_main:
+            return
+        save_checkpoint(out / "checkpoint", model=model, dense_opt=dense_opt, sparse_opt=sparse_opt, config=cfg,
+                        model_state=model_state, dense_state=dense_state, trainer_state={
             "step": step_done, "tokens": tokens, "elapsed_s": elapsed_before + time.perf_counter() - t0,
             "lora_attached": lora_attached, "dense_tail": densified, "scaler": scaler.state_dict(),
             "scheduler": {"kind": "warmup_cosine", "last_step": step_done, "last_lr": lr_at(max(step_done, 1), cfg)},
@@ -277,13 +369,13 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         step += 1
         # Dense tail: densify once ceil((1-F)·max_steps) steps are done (it takes precedence over LoRA).
         if step > dense_tail_start and not densified:
-            n_layers, n_dense = _densify(model, dense_opt, cfg)
+            runner, dense_opt, (n_layers, n_dense) = _grow(runner, model, dense_opt, cfg, _densify, ds_config)
             densified = True
             metrics.write({"step": step - 1, "event": "dense_tail_start", "dense_layers": n_layers, "dense_params": n_dense})
             write(f"step {step - 1}: dense tail: {n_layers} SLoPe layers replaced by dense nn.Linear (W⊙M), {n_dense:,} weights join AdamW")
         # Lazy LoRA: attach once ceil((1-F)·max_steps) steps are done.
         if step > lora_start and not lora_attached and not densified:
-            n_lora = _add_lora(model, dense_opt, cfg)
+            runner, dense_opt, n_lora = _grow(runner, model, dense_opt, cfg, _add_lora, ds_config)
             lora_attached = True
             metrics.write({"step": step - 1, "event": "lora_start", "lora_rank": cfg.lora_rank, "lora_params": n_lora})
             write(f"step {step - 1}: lazy LoRA attached: rank {cfg.lora_rank}, {n_lora:,} adapter parameters join AdamW")
@@ -299,19 +391,29 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         loss = 0.0
         for micro in range(cfg.grad_accum):
             x, y = train_batch(data.train, seed=cfg.seed, step=step, micro=micro, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
-            x, y = x.to(device), y.to(device)
-            with autocast(device, cfg.precision):
-                logits = model(input_ids=x).logits
-            micro_loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
-            (micro_loss * scaler.scale).backward()
+            x, y = (parallel.rank_slice(t, env.rank, env.world_size).to(device) for t in (x, y))
+            last = micro == cfg.grad_accum - 1
+            with nullcontext() if last else parallel.no_sync(runner):  # gradients are averaged on the last one
+                with autocast(device, cfg.precision):
+                    logits = runner(input_ids=x).logits
+                micro_loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
+                if ds_config is not None:
+                    runner.backward(micro_loss, scale_wrt_gas=False)
+                    if not last:
+                        runner.step()  # counts the micro-batch; the update happens on the last one
+                else:
+                    (micro_loss * scaler.scale).backward()
             loss += micro_loss.item()
+        loss = parallel.mean_over_ranks(loss)
         tokens += cfg.grad_accum * cfg.batch_size * cfg.seq_len
 
         # Unscale (fp16), then either skip the step on overflow or clip and update.
         dense_params = [p for group in dense_opt.param_groups for p in group["params"]]
         skipped = scaler.unscale_(dense_params, sparse_opt)
         grad_norm = None
-        if not skipped:
+        if not skipped and ds_config is not None:
+            grad_norm = _deepspeed_step(runner, sparse_opt)
+        elif not skipped:
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             if sparse_opt is not None:
                 grad_norm = float(sparse_opt.clip_grad_norm(max_norm, dense_parameters=dense_params))
@@ -360,4 +462,5 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         val = f"val loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f})" if val_loss is not None else "no validation"
         log(f"done: {step} steps, {tokens:,} tokens in {elapsed:.1f} s | train loss {loss:.4f} | {val} | "
             f"unigram baseline {unigram:.4f} | outputs in {out}/ (metrics.jsonl, loss.png, checkpoint/)")
+    parallel.destroy_distributed(env)
     return summary

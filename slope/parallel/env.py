@@ -1,0 +1,175 @@
+"""Process-group setup from the ``torchrun`` environment, rank queries and rank-0-only logging.
+
+``torchrun --nproc_per_node=N`` (and DeepSpeed's launcher) export ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them. Without
+them (a plain ``python`` run) everything here describes a single process and no group is made.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistEnv",
+    "init_distributed",
+    "destroy_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "mean_over_ranks",
+    "configure_rank_zero_logging",
+    "rank_slice",
+]
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: ``rank`` of ``world_size``, ``local_rank`` on its node, its device.
+
+    ``created_group`` is True when :func:`init_distributed` made the process group (so
+    :func:`destroy_distributed` should end it).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    created_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+
+
+def init_distributed(
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    timeout_s: float = 600.0,
+    single_process_group: bool = False,
+) -> DistEnv:
+    """Join the process group described by the ``torchrun`` environment variables.
+
+    Args:
+        backend: ``"nccl"`` / ``"gloo"``; default ``nccl`` when the device is CUDA, else ``gloo``.
+        device: ``"cpu"`` or ``"cuda"``; default CUDA (``cuda:LOCAL_RANK``) when available.
+        timeout_s: collective timeout.
+        single_process_group: without ``torchrun``, still create a group of one process (for
+            engines that insist on one, like DeepSpeed).
+
+    Returns a :class:`DistEnv`. Without ``WORLD_SIZE``/``RANK`` in the environment this is a
+    single process (``rank=0, world_size=1``) and no group is created unless asked; an already
+    initialised group is reused (``created_group=False``).
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, False)
+    if backend is None:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if world == 1:
+        if not single_process_group:
+            return DistEnv(0, 1, 0, device, False)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return DistEnv(0, 1, 0, device, True)
+    missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} is not set; launch with "
+            "`torchrun --nproc_per_node=N ...` (it sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
+        )
+    if not 0 <= rank < world:
+        raise RuntimeError(f"RANK={rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
+    return DistEnv(rank, world, local_rank, device, True)
+
+
+def destroy_distributed(env: DistEnv) -> None:
+    """End the process group if :func:`init_distributed` created it (after a final barrier)."""
+    if env.created_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    """This process's global rank (0 outside ``torch.distributed``)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the default group (1 outside ``torch.distributed``)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single-process run): the rank that logs and writes files."""
+    return get_rank() == 0
+
+
+def mean_over_ranks(value: float) -> float:
+    """The average of a number over all ranks (the number itself in a single process). Collective."""
+    world = get_world_size()
+    if world == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item() / world
+
+
+def configure_rank_zero_logging(logger: str | logging.Logger = "slope", rank: int | None = None) -> None:
+    """Silence INFO/DEBUG records of ``logger`` on every rank but 0 (warnings and errors stay).
+
+    Call once after :func:`init_distributed`. Idempotent; ``rank`` defaults to :func:`get_rank`.
+    """
+    log = logging.getLogger(logger) if isinstance(logger, str) else logger
+    if (get_rank() if rank is None else rank) != 0:
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+
+
+def rank_slice(batch: torch.Tensor, rank: int | None = None, world_size: int | None = None) -> torch.Tensor:
+    """This rank's contiguous share of a global batch ``(B, ...)``: rows ``rank·B/W … (rank+1)·B/W``.
+
+    Every rank reading the same global batch and keeping its slice makes N ranks × batch B/N
+    consume exactly the data of 1 process × batch B, so runs (and resumes) do not depend on N.
+    ``B`` must be divisible by the world size.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    total = batch.shape[0]
+    if total % world_size:
+        raise ValueError(
+            f"global batch of {total} rows does not split evenly over {world_size} ranks; "
+            f"use a batch size divisible by the number of processes"
+        )
+    share = total // world_size
+    return batch[rank * share : (rank + 1) * share]
