@@ -183,7 +183,8 @@ class SparseLinear(nn.Module):
         """``int64 (out, in/M, N)``: where, inside each group of M inputs, the N kept entries sit
         (ascending, so gathering them gives ``values``' row order). Cached per mask version as
         int8; gather/scatter with it is ~10x faster than ``masked_select``/``masked_scatter``."""
-        key = (self.mask._version, self.mask.data_ptr(), self.mask.device)
+        stored = self._stored_mask()
+        key = (stored._version, stored.data_ptr(), stored.device)
         if self._offsets is None or self._offsets[0] != key:
             groups = self.mask.view(self.out_features, -1, self.m)
             if not bool((groups.sum(-1) == self.n).all()):
@@ -194,6 +195,10 @@ class SparseLinear(nn.Module):
             order = torch.sort(groups.to(torch.uint8), dim=-1, descending=True, stable=True).indices
             self._offsets = (key, order[..., : self.n].to(torch.int8))
         return self._offsets[1].long()
+
+    def _stored_mask(self) -> torch.Tensor:
+        """The tensor that holds ``M`` (its version keys caches; the inference form stores it packed)."""
+        return self.mask
 
     def _gather_kept(self, full: torch.Tensor) -> torch.Tensor:
         """The kept entries of a dense ``(out, in)`` tensor as ``(out, in·N/M)`` (``values``' layout)."""

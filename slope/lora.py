@@ -77,7 +77,7 @@ class MergedSparseLinear(SparseLinear):
 
     def _merged_operand(self, dtype: torch.dtype, device: torch.device):
         """The backend operand of :meth:`stacked_weight` in ``dtype``, cached until a source changes."""
-        sources = [self.values, self.mask] + ([self.lora_A, self.lora_A_mask] if self.lora_rank else [])
+        sources = [self.values, self._stored_mask()] + ([self.lora_A, self.lora_A_mask] if self.lora_rank else [])
         version = tuple((t._version, t.data_ptr()) for t in sources)
         key = ("merged", dtype, device)
         cached = self._operands.get(key)
@@ -113,6 +113,30 @@ class MergedSparseLinear(SparseLinear):
         else:
             u = self._merged_product(x, dtype)
         return u[..., : self.out_features]
+
+    # ------------------------------------------------------------------ the mask, packed once frozen
+    @property
+    def mask(self) -> torch.Tensor:
+        """``M`` as ``bool (out, in)``; the inference-only form stores it as packed bits (1/8 byte
+        per weight) and unpacks a fresh copy here."""
+        bits = self._buffers.get("mask_bits")
+        if bits is None:
+            return self._buffers["mask"]
+        return _unpack_bits(bits, (self.out_features, self.in_features))
+
+    def _stored_mask(self) -> torch.Tensor:
+        bits = self._buffers.get("mask_bits")
+        return self._buffers["mask"] if bits is None else bits
+
+    def _pack_mask(self) -> None:
+        """Replace the bool ``mask`` buffer by packed bits (state dicts still carry ``mask`` as bool)."""
+        self.register_buffer("mask_bits", _pack_bits(self._buffers.pop("mask")), persistent=False)
+        self._offsets = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "mask_bits" in self._buffers:
+            destination[prefix + "mask"] = self.mask
 
     # ------------------------------------------------------------------ training-only API
     @property
@@ -156,10 +180,32 @@ class MergedSparseLinear(SparseLinear):
             )
         if self.inference_only:  # a training checkpoint still loads: its M_t is not needed
             state_dict.pop(prefix + "mask_t", None)
+        if "mask_bits" in self._buffers:
+            mask = state_dict.pop(prefix + "mask", None)
+            if mask is None:
+                if strict:
+                    missing_keys.append(prefix + "mask")
+            elif tuple(mask.shape) != (self.out_features, self.in_features) or mask.dtype != torch.bool:
+                error_msgs.append(f"{name}: the checkpoint's mask is {mask.dtype} {tuple(mask.shape)}, expected bool {(self.out_features, self.in_features)}")
+            else:
+                with torch.no_grad():
+                    self.mask_bits.copy_(_pack_bits(mask.to(self.mask_bits.device)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", merged, inference-only" if self.inference_only else ", merged")
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """``bool`` tensor (numel divisible by 8) -> ``uint8 (numel/8,)``, bit i of byte j = element 8j+i."""
+    weights = 1 << torch.arange(8, device=mask.device)
+    return (mask.reshape(-1, 8).long() * weights).sum(-1).to(torch.uint8)
+
+
+def _unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`_pack_bits`: ``uint8 (numel/8,)`` -> ``bool`` of ``shape``."""
+    shifts = torch.arange(8, device=bits.device)
+    return ((bits.long().unsqueeze(-1) >> shifts) & 1).bool().reshape(shape)
 
 
 def _to_merged(layer: SparseLinear) -> None:
@@ -261,6 +307,8 @@ def freeze_for_inference(model: nn.Module) -> MemoryReport:
         layer.sparse_requires_grad = False
         if not layer.inference_only:
             del layer.mask_t
+        if "mask_bits" not in layer._buffers:
+            layer._pack_mask()
     for p in model.parameters():
         p.grad = None
     model.requires_grad_(False)

@@ -224,13 +224,14 @@ def test_freeze_for_inference(adapters):
     with torch.no_grad():
         expected = model(x)
     mask_t_bytes = sum(m.mask_t.numel() for _, m in sparse_modules(model))
+    mask_bytes = sum(m.mask.numel() for _, m in sparse_modules(model))  # bool; packed to 1/8 when frozen
     grad_bytes = sum(m.values_grad.numel() * 4 for _, m in sparse_modules(model))
     grad_bytes += sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None)
 
     report = freeze_for_inference(model)
 
     assert report.gradients_before == grad_bytes > 0 and report.gradients_after == 0
-    assert report.buffers_before - report.buffers_after == mask_t_bytes
+    assert report.buffers_before - report.buffers_after == mask_t_bytes + mask_bytes - mask_bytes // 8
     assert report.parameters_after == report.parameters_before
     assert report.total_after < report.total_before and "MiB" in str(report)
     assert not any("mask_t" in k for k in model.state_dict())
@@ -334,3 +335,26 @@ def test_llama_bf16_merged_logits_match_unmerged():
         expected = model(ids).logits.float()
         got = merge_lora(model)(ids).logits.float()
     assert (got - expected).abs().max().item() <= 3e-2 * expected.abs().max().item()
+
+
+def test_frozen_layers_pack_the_mask_but_state_dicts_keep_it_bool():
+    trained = prune_model(MLP(), compress=True, verbose=False)
+    _train(trained, steps=2)
+    other = prune_model(MLP(), compress=True, verbose=False)  # different weights and masks
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected_trained, expected_other = trained(x), other(x)
+    frozen = prune_model(MLP(), compress=True, verbose=False)
+    frozen.load_state_dict(trained.state_dict())
+    freeze_for_inference(frozen)
+    for (_, a), (_, b) in zip(sparse_modules(frozen), sparse_modules(trained)):
+        assert "mask" not in a._buffers and a.mask_bits.numel() * 8 == a.mask.numel()
+        assert torch.equal(a.mask, b.mask)
+    state = frozen.state_dict()
+    assert all(state[k].dtype == torch.bool for k in state if k.endswith(".mask"))
+    assert not any(k.endswith("mask_bits") for k in state)
+    torch.testing.assert_close(frozen(x), expected_trained, rtol=1e-5, atol=1e-5)
+    frozen.load_state_dict(other.state_dict())  # new masks reach the packed bits and the operand
+    torch.testing.assert_close(frozen(x), expected_other, rtol=1e-5, atol=1e-5)
+    for (_, a), (_, b) in zip(sparse_modules(frozen), sparse_modules(other)):
+        assert torch.equal(a.mask, b.mask)
