@@ -193,12 +193,41 @@ def load_extension(verbose: bool = False) -> ModuleType:
     return module
 
 
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise RuntimeError(message)
+
+
+def _require_cuda(t: torch.Tensor, name: str) -> None:
+    _require(t.is_cuda, f"cutlass-sm90: {name} must be a CUDA tensor, got one on {t.device}")
+
+
+def _check_cuda_operand(t: torch.Tensor, name: str, device: torch.device, dtype: torch.dtype | None) -> None:
+    _require(isinstance(t, torch.Tensor), f"cutlass-sm90: {name} must be a tensor, got {type(t).__name__}")
+    _require_cuda(t, name)
+    _require(t.device == device, f"cutlass-sm90: {name} is on {t.device} but the operand is on {device}")
+    if dtype is not None:
+        _require(t.dtype == dtype, f"cutlass-sm90: {name} is {t.dtype} but the sparse operand is {dtype} (cast one of them)")
+
+
 def compress(dense: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress a 2:4 ``dense (M, K)`` fp16/bf16 CUDA tensor (``K % 16 == 0``) into CUTLASS's sm90
     ``(values (M, K/2), meta uint8)``. ``check`` verifies the 2:4 pattern first (one sync): the
-    compressor's behaviour on a group with more than two non-zeros is undefined."""
-    if check and dense.dim() == 2 and dense.shape[-1] % 4 == 0 and dense.numel():
-        most = int((dense.reshape(dense.shape[0], -1, 4) != 0).sum(-1).max())
+    compressor's behaviour on a group with more than two non-zeros is undefined.
+
+    Every input check happens here, in Python: the extension is only called with valid input
+    (an error raised inside it was seen to crash the process on the GPU machine)."""
+    _require(isinstance(dense, torch.Tensor) and dense.dim() == 2,
+             f"cutlass-sm90 compress: dense must be a 2-D tensor (rows, cols), got {getattr(dense, 'shape', dense)}")
+    _require(dense.dtype in (torch.float16, torch.bfloat16),
+             f"cutlass-sm90 compress: dense must be float16 or bfloat16, got {dense.dtype}")
+    _check_cuda_operand(dense, "dense", dense.device, None)
+    rows, cols = dense.shape
+    _require(rows > 0 and cols > 0 and cols % 16 == 0 and max(rows, cols) < 2**31,
+             f"cutlass-sm90 compress: cols must be a positive multiple of 16, got shape {tuple(dense.shape)} "
+             "(pad the columns with zeros)")
+    if check:
+        most = int((dense.reshape(rows, -1, 4) != 0).sum(-1).max())
         if most > 2:
             raise ValueError(
                 f"cutlass-sm90 compress: dense is not 2:4 sparse along its columns (a group of 4 has {most} "
@@ -221,9 +250,34 @@ def gemm(
 ) -> torch.Tensor:
     """``d (N, M) = alpha * b (N, K) @ A.T + beta * c (N, M) + bias (M,)`` for A = (values, meta)
     from :func:`compress`; all CUDA tensors of the same dtype; ``beta`` is ignored without ``c``."""
-    bias = None if bias is None else bias.contiguous()
-    c = None if c is None else c.contiguous()
-    d, error = load_extension().gemm(values, meta, b.contiguous(), bias, c, float(alpha), float(beta))
+    _require(isinstance(values, torch.Tensor) and isinstance(b, torch.Tensor) and values.dim() == 2 and b.dim() == 2,
+             f"cutlass-sm90 gemm: values and b must be 2-D tensors, got {getattr(values, 'shape', values)} and "
+             f"{getattr(b, 'shape', b)}")
+    _require(values.dtype in (torch.float16, torch.bfloat16),
+             f"cutlass-sm90 gemm: values must be float16 or bfloat16, got {values.dtype}")
+    device, dtype = values.device, values.dtype
+    _check_cuda_operand(values, "values", device, None)
+    _check_cuda_operand(meta, "meta", device, None)
+    _check_cuda_operand(b, "b", device, dtype)
+    _require(meta.dtype == torch.uint8, f"cutlass-sm90 gemm: meta must be uint8 (from compress), got {meta.dtype}")
+    m, k, n = values.shape[0], values.shape[1] * 2, b.shape[0]
+    _require(b.shape[1] == k, f"cutlass-sm90 gemm: b has {b.shape[1]} columns but the sparse operand has {k} "
+             f"(its values have {values.shape[1]} = K/2)")
+    _require(m > 0 and n > 0 and k > 0 and max(m, n, k) < 2**31 and m % 8 == 0,
+             f"cutlass-sm90 gemm: unsupported sizes M={m} N={n} K={k} (all positive, M a multiple of 8: pad the rows)")
+    if bias is not None:
+        _check_cuda_operand(bias, "bias", device, dtype)
+        _require(bias.numel() == m, f"cutlass-sm90 gemm: bias must have {m} elements, got shape {tuple(bias.shape)}")
+        bias = bias.contiguous()
+    if c is not None:
+        _check_cuda_operand(c, "c", device, dtype)
+        _require(tuple(c.shape) == (n, m), f"cutlass-sm90 gemm: c must have shape ({n}, {m}), got {tuple(c.shape)}")
+        c = c.contiguous()
+    values, meta, b = values.contiguous(), meta.contiguous(), b.contiguous()
+    for t, name in ((values, "values"), (meta, "meta"), (b, "b"), (bias, "bias"), (c, "c")):
+        _require(t is None or t.data_ptr() % 16 == 0,
+                 f"cutlass-sm90 gemm: {name} must be 16-byte aligned (call .clone() on a sliced tensor)")
+    d, error = load_extension().gemm(values, meta, b, bias, c, float(alpha), float(beta))
     if error:
         raise RuntimeError(error)
     return d

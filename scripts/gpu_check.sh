@@ -11,7 +11,8 @@
 #      each writing performance_experiments/results/<device>/<script>.json
 #   5. summarize.py (README tables + plots), summary table
 # With $OUT set (the device tool), logs + results.tgz (results/<device>/ and logs) are copied there.
-# Env: SLOPE_GPU_TESTS=0 skips the tests; SLOPE_BENCHMARKS="gemm layer" picks benchmarks;
+# Env: SLOPE_GPU_TESTS=0 skips the tests; SLOPE_BENCHMARKS="gemm layer" picks benchmarks (add
+#      sm90_tune for the cutlass-sm90 tile-configuration sweep; its variants compile during the tests);
 #      SLOPE_GIT_COMMIT names the commit when the tree has no .git; SLOPE_SKIP_INSTALL=1 uses the
 #      environment as it is; SLOPE_RESULTS_ROOT=dir writes results (and a README) there instead.
 set -u
@@ -84,6 +85,15 @@ RESULTS=$RESULTS_ROOT/$DEVICE
 mkdir -p "$RESULTS"
 echo "=== device slug: $DEVICE; results go to $RESULTS"
 
+BENCHES=${SLOPE_BENCHMARKS:-"gemm layer e2e memory inference overhead"}
+# sm90_tune compiles its kernel variants on the CPU cores while the GPU tests run.
+TUNE_BUILD_PID=
+if [[ " $BENCHES " == *" sm90_tune "* ]]; then
+  echo "=== sm90_tune variants: building in the background (log: sm90_tune_build.log)"
+  $PY performance_experiments/sm90_tune.py --build-only --jobs 12 > "$LOGDIR/sm90_tune_build.log" 2>&1 &
+  TUNE_BUILD_PID=$!
+fi
+
 # 3. GPU tests (at most 40% of the budget)
 if [[ "${SLOPE_GPU_TESTS:-1}" != "0" ]]; then
   limit=$(( $(left) * 2 / 5 )); (( limit > 240 )) && limit=240
@@ -96,8 +106,11 @@ else
 fi
 
 # 4. benchmarks: each gets its share of what is left; --budget-s stops new cases, timeout kills.
-BENCHES=${SLOPE_BENCHMARKS:-"gemm layer e2e memory inference overhead"}
-declare -A SHARE=([gemm]=30 [layer]=15 [e2e]=25 [memory]=10 [inference]=12 [overhead]=8)
+if [[ -n "$TUNE_BUILD_PID" ]]; then
+  while kill -0 "$TUNE_BUILD_PID" 2>/dev/null && (( $(left) > 120 )); do sleep 2; done
+  cat "$LOGDIR/sm90_tune_build.log"
+fi
+declare -A SHARE=([gemm]=30 [layer]=15 [e2e]=25 [memory]=10 [inference]=12 [overhead]=8 [sm90_tune]=30)
 total_share=0; for b in $BENCHES; do total_share=$(( total_share + ${SHARE[$b]:-10} )); done
 for b in $BENCHES; do
   rest=$(( $(left) - 25 ))

@@ -66,7 +66,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         dy = dy.to(dtype)
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            backend = layer._backend_for(dtype, dy.device)
+            backend = layer._backend_for(dtype, dy.device, "backward")
             dx = backend.matmul(dy, layer._operand("backward", dtype, dy.device)).to(ctx.x_dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
         if xc is not None:
@@ -236,13 +236,17 @@ class SparseLinear(nn.Module):
         self._operands.clear()
 
     # ------------------------------------------------------------------ backend plumbing
-    def _backend_for(self, dtype: torch.dtype, device: torch.device) -> SparseBackend:
-        key = (dtype, device)
-        if key not in self._backends and self.compress and self.backend_name == "auto" and device.type == "cuda":
-            # Timed per (shape, dtype, device) against a dense matmul: never slower than dense.
+    def _backend_for(self, dtype: torch.dtype, device: torch.device, which: str = "forward") -> SparseBackend:
+        """The backend multiplying the ``which`` operand ("forward" ``(out, in)`` or "backward"
+        ``(in, out)``). Only ``"auto"`` on CUDA can differ between the two: it is timed per operand
+        shape against a dense matmul, so each product is never slower than dense."""
+        auto = self.compress and self.backend_name == "auto" and device.type == "cuda"
+        key = (which if auto else "both", dtype, device)
+        if key not in self._backends and auto:
             from slope.backends.auto import AUTO_CHOOSER
 
-            self._backends[key] = AUTO_CHOOSER.choose((self.out_features, self.in_features), dtype, device, self.tiling)
+            shape = (self.out_features, self.in_features) if which == "forward" else (self.in_features, self.out_features)
+            self._backends[key] = AUTO_CHOOSER.choose(shape, dtype, device, self.tiling)
         if key not in self._backends:
             cls = resolve_backend(self.backend_name, self.compress, device, dtype)
             if not cls.any_nm and (self.n, self.m) != (2, 4):
@@ -257,7 +261,7 @@ class SparseLinear(nn.Module):
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:
             return cached[1]
-        backend = self._backend_for(dtype, device)
+        backend = self._backend_for(dtype, device, which)
         with torch.no_grad():
             dense = self.dense_weight().to(dtype)
             if which == "forward":

@@ -45,6 +45,7 @@ class FakeExtension:
 def fake(monkeypatch):
     ext = FakeExtension()
     monkeypatch.setattr(cutlass_sm90, "load_extension", lambda verbose=False: ext)
+    monkeypatch.setattr(cutlass_sm90, "_require_cuda", lambda t, name: None)  # the stand-in runs on CPU
     return ext
 
 
@@ -128,3 +129,37 @@ def test_build_problem_accepts_every_device_spelling(monkeypatch, device):
     expected = 1 if device in (torch.device("cuda", 1), "cuda:1") else 0
     assert seen == [expected]
     assert "needs a Hopper GPU" in reason and f"cuda:{expected}" in reason
+
+
+def test_wrapper_rejects_bad_input_before_calling_the_extension(monkeypatch):
+    """Every input check is in Python: an error raised inside the extension crashed the GPU machine."""
+
+    def no_extension(verbose=False):
+        raise AssertionError("the extension must not be reached with bad input")
+
+    monkeypatch.setattr(cutlass_sm90, "load_extension", no_extension)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        cutlass_sm90.compress(_sparse(64, 128))
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        cutlass_sm90.compress(_sparse(64, 128, torch.float32))
+    with pytest.raises(RuntimeError, match="2-D"):
+        cutlass_sm90.compress(_sparse(64, 128)[0])
+    monkeypatch.setattr(cutlass_sm90, "_require_cuda", lambda t, name: None)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cutlass_sm90.compress(_sparse(64, 40))
+    values, meta = compress_2to4(_sparse(64, 128), layout="plain")
+    b = torch.randn(8, 128, dtype=torch.bfloat16)
+    cases = [
+        (dict(b=torch.randn(8, 64, dtype=torch.bfloat16)), "columns"),
+        (dict(b=b.half()), "b is"),
+        (dict(b=b, bias=torch.randn(32, dtype=torch.bfloat16)), "bias"),
+        (dict(b=b, c=torch.randn(64, 8, dtype=torch.bfloat16)), "c must have shape"),
+        (dict(b=torch.empty(8 * 128 + 1, dtype=torch.bfloat16)[1:].view(8, 128)), "16-byte aligned"),
+        (dict(b=b, meta=meta.to(torch.int16)), "uint8"),
+    ]
+    for kwargs, message in cases:
+        args = {"values": values, "meta": meta, **kwargs}
+        with pytest.raises(RuntimeError, match=message):
+            cutlass_sm90.gemm(**args)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        cutlass_sm90.gemm(values[:60], meta, b)

@@ -51,7 +51,10 @@ std::string layout_error(const torch::Tensor& t, const char* name, const torch::
 using CompressResult = std::tuple<torch::Tensor, torch::Tensor, std::string>;
 
 CompressResult compress(const torch::Tensor& dense) {
-  auto fail = [](std::string message) { return CompressResult{torch::Tensor(), torch::Tensor(), message}; };
+  // Failures return empty (defined) tensors: nothing here relies on converting undefined ones.
+  auto fail = [](std::string message) {
+    return CompressResult{torch::empty({0}), torch::empty({0}, torch::kUInt8), message};
+  };
   SLOPE_REQUIRE(dense.dim() == 2, "cutlass-sm90 compress: dense must be 2-D (rows, cols), got shape ", dense.sizes());
   slope_sm90::DType dtype;
   SLOPE_REQUIRE(dtype_of(dense, &dtype), "cutlass-sm90 compress: dense must be float16 or bfloat16, got ",
@@ -78,7 +81,7 @@ using GemmResult = std::tuple<torch::Tensor, std::string>;
 GemmResult gemm(const torch::Tensor& values, const torch::Tensor& meta, const torch::Tensor& b,
                 const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& c, double alpha,
                 double beta) {
-  auto fail = [](std::string message) { return GemmResult{torch::Tensor(), message}; };
+  auto fail = [](std::string message) { return GemmResult{torch::empty({0}), message}; };
   SLOPE_REQUIRE(values.dim() == 2 && b.dim() == 2, "cutlass-sm90 gemm: values and b must be 2-D, got ",
                 values.sizes(), " and ", b.sizes());
   slope_sm90::DType dtype;

@@ -84,8 +84,26 @@ inline int sm_count_of_current_device() {
   return count;
 }
 
-/// The kernel family for one element type T (cutlass::half_t or cutlass::bfloat16_t).
-template <class T>
+/// The default tile configuration: 128x128 output tile, 128 logical (64 stored) K per stage;
+/// 2 CTAs along N share A via multicast; cooperative warp-specialized persistent schedule.
+/// `performance_experiments/sm90_tune.py` builds other configurations of the same kernel and times
+/// them against cuBLAS; the default is the one it measured fastest on the LLM shapes.
+struct DefaultConfig {
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_128>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+
+/// Run-time options of the persistent tile scheduler (no recompilation needed).
+struct SchedulerOptions {
+  int max_swizzle_size = 1;  // 1, 2, 4 or 8: CTAs grouped along the raster's minor direction
+  int raster = 0;            // 0 = CUTLASS heuristic, 1 = along M, 2 = along N
+};
+
+/// The kernel family for one element type T (cutlass::half_t or cutlass::bfloat16_t) and one tile
+/// configuration (see DefaultConfig).
+template <class T, class Config = DefaultConfig>
 struct Sm90SparseGemm {
   using Element = T;
   using ElementAccumulator = float;
@@ -96,11 +114,10 @@ struct Sm90SparseGemm {
   using LayoutTagC = cutlass::layout::ColumnMajor;  // C, D (M, N), M contiguous
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<T>::value;  // 16-byte accesses
 
-  // 128x128 output tile, 128 logical (64 stored) K per stage; 2 CTAs along N share A via multicast.
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_128>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using TileShape = typename Config::TileShape;
+  using ClusterShape = typename Config::ClusterShape;
+  using KernelSchedule = typename Config::KernelSchedule;
+  using EpilogueSchedule = typename Config::EpilogueSchedule;
 
   // D = alpha * acc + beta * C + bias[m]
   using FusionOp = cutlass::epilogue::fusion::LinCombPerRowBias<
@@ -179,7 +196,7 @@ struct Sm90SparseGemm {
 
   static typename Gemm::Arguments arguments(const T* values, const ElementE* meta, const T* b,
                                             const T* bias, const T* c, T* d, int M, int N, int K,
-                                            float alpha, float beta) {
+                                            float alpha, float beta, SchedulerOptions options = {}) {
     ProblemShape shape = problem(M, N, K);
     StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N, K, 1));
     StrideC stride_c = cutlass::make_cute_packed_stride(StrideC{}, cute::make_shape(M, N, 1));
@@ -197,6 +214,11 @@ struct Sm90SparseGemm {
     // for its pointer so that the source TMA descriptor is well formed.
     args.epilogue.thread.beta = c != nullptr ? beta : 0.0f;
     args.epilogue.thread.bias_ptr = bias;
+    using Raster = typename GemmKernel::TileScheduler::RasterOrderOptions;
+    args.scheduler.max_swizzle_size = options.max_swizzle_size;
+    args.scheduler.raster_order = options.raster == 1   ? Raster::AlongM
+                                  : options.raster == 2 ? Raster::AlongN
+                                                        : Raster::Heuristic;
     return args;
   }
 
@@ -209,10 +231,10 @@ struct Sm90SparseGemm {
   /// `workspace` holds workspace_size(M, N, K) bytes (may be null when that is 0).
   static std::string gemm(const T* values, const ElementE* meta, const T* b, const T* bias, const T* c,
                           T* d, int M, int N, int K, float alpha, float beta, void* workspace,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, SchedulerOptions options = {}) {
     std::string shape_error = check_gemm_shape(M, N, K);
     if (!shape_error.empty()) return shape_error;
-    typename Gemm::Arguments args = arguments(values, meta, b, bias, c, d, M, N, K, alpha, beta);
+    typename Gemm::Arguments args = arguments(values, meta, b, bias, c, d, M, N, K, alpha, beta, options);
     Gemm op;
     cutlass::Status status = op.can_implement(args);
     if (status != cutlass::Status::kSuccess) return status_message("gemm (can_implement)", status);

@@ -1,8 +1,10 @@
 """``backend="auto"`` on CUDA: pick, by measurement, the fastest way to run a layer's shape.
 
-For a layer ``W (out, in)`` in ``dtype`` on a CUDA device, :class:`AutoBackendChooser` times one
-SLoPe step's two sparse products — forward ``x (T, in) @ (W⊙M)ᵀ`` and input gradient
-``dy (T, out) @ (W⊙M⊙M_t)`` — with ``T = tokens`` (default 4096) for
+For an operand ``A (rows, cols)`` (2:4 along ``cols``) in ``dtype`` on a CUDA device,
+:class:`AutoBackendChooser` times the product ``x (T, cols) @ Aᵀ`` with ``T = tokens`` (default
+4096). A SLoPe layer ``W (out, in)`` asks twice: for its forward operand ``W⊙M (out, in)`` and for
+its input-gradient operand ``(W⊙M⊙M_t)ᵀ (in, out)``, so each direction gets its own choice
+(a backend fast for one shape can be slow for its transpose). Candidates are
 
 - every available sparse backend of :data:`slope.backends.AUTO_ORDER_CUDA`,
 - with ``tiling=True`` also each of them wrapped in :class:`RowTiledBackend` when the weight is
@@ -12,7 +14,7 @@ SLoPe step's two sparse products — forward ``x (T, in) @ (W⊙M)ᵀ`` and inpu
 
 It keeps a sparse choice only when it is faster than dense by ``margin`` (default 3 %, to stay
 clear of timing noise), so ``auto`` is never slower than dense. Results are cached per
-``(out, in, dtype, device, tiling)`` in the chooser object; the process-wide instance is
+``(rows, cols, dtype, device, tiling)`` in the chooser object; the process-wide instance is
 :data:`AUTO_CHOOSER`. Candidates that fail (an exception while building or multiplying) are
 skipped and their error is kept in :meth:`AutoBackendChooser.report`.
 """
@@ -24,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from slope.masks import double_prune_mask, nm_mask
+from slope.masks import nm_mask
 
 from . import AUTO_ORDER_CUDA, backend_class
 from .base import SparseBackend
@@ -88,7 +90,7 @@ class AutoBackendChooser:
             return dict(self._cache)
 
     def choose(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, tiling: bool = True) -> SparseBackend:
-        """The backend instance to use for a layer ``W (out, in) = shape`` in ``dtype`` on ``device``."""
+        """The backend instance to use for an operand ``(rows, cols) = shape`` in ``dtype`` on ``device``."""
         device = torch.device(device)
         key = (tuple(shape), dtype, device, bool(tiling))
         with self._lock:
@@ -116,15 +118,12 @@ class AutoBackendChooser:
         rows, cols = shape
         weight = torch.randn(rows, cols, device=device, dtype=dtype)
         mask = nm_mask(weight, 2, 4)
-        mask_t = double_prune_mask(weight, mask, 2, 4)
-        fwd = weight * mask
-        bwd, bwd_mask = (fwd * mask_t).t().contiguous(), mask_t.t().contiguous()
+        operand_dense = weight * mask
         x = torch.randn(self.tokens, cols, device=device, dtype=dtype)
-        dy = torch.randn(self.tokens, rows, device=device, dtype=dtype)
 
         def step_time(backend: SparseBackend) -> float:
-            ops = (backend.make_operand(fwd, mask), backend.make_operand(bwd, bwd_mask))
-            return self.timer(lambda: (backend.matmul(x, ops[0]), backend.matmul(dy, ops[1])), device)
+            op = backend.make_operand(operand_dense, mask)
+            return self.timer(lambda: backend.matmul(x, op), device)
 
         dense = DenseBackend(tiling=tiling)
         choice = AutoChoice(backend=dense, times_ms={"dense": step_time(dense)})

@@ -270,7 +270,7 @@ def test_auto_choice_is_never_slower_than_dense(shape):
     assert times[choice.name] <= 1.15 * times["dense"], times
 
 
-def test_auto_layer_uses_the_chooser_and_matches_simulated():
+def test_auto_layer_uses_the_chooser_per_direction_and_matches_simulated():
     from slope.backends.auto import AUTO_CHOOSER
     from slope.layer import SparseLinear
 
@@ -278,6 +278,15 @@ def test_auto_layer_uses_the_chooser_and_matches_simulated():
     layer = SparseLinear.from_dense(w, None, compress=True, backend="auto")
     sim = SparseLinear.from_dense(w, None, compress=False)
     x = torch.randn(8, 256, device=DEV, dtype=torch.bfloat16)
-    assert_rel_close(layer(x), sim(x), torch.bfloat16)
-    chosen = layer._backend_for(torch.bfloat16, x.device)
-    assert chosen is AUTO_CHOOSER.choose((1024, 256), torch.bfloat16, x.device, True)
+    x_fast, x_sim = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, y_sim = layer(x_fast), sim(x_sim)
+    assert_rel_close(y_fast, y_sim, torch.bfloat16)
+    dy = torch.randn_like(y_sim)
+    y_fast.backward(dy)
+    y_sim.backward(dy)
+    assert_rel_close(x_fast.grad, x_sim.grad, torch.bfloat16)
+    # forward operand (out, in) and input-gradient operand (in, out) are chosen separately
+    assert layer._backend_for(torch.bfloat16, x.device) is AUTO_CHOOSER.choose((1024, 256), torch.bfloat16, x.device, True)
+    assert layer._backend_for(torch.bfloat16, x.device, "backward") is AUTO_CHOOSER.choose(
+        (256, 1024), torch.bfloat16, x.device, True
+    )

@@ -1,0 +1,239 @@
+"""Tile-configuration sweep of slope's sm90 2:4 sparse GEMM (``cutlass-sm90``) against cuBLAS.
+
+Builds one shared library per configuration of ``kernels/csrc/sm90_sparse_gemm_kernels.h``
+(tile M×N×K, cluster M×N, cooperative or ping-pong schedule) from
+``performance_experiments/sm90_tune/sm90_tune_variant.cu``, all in parallel with nvcc, loads each
+with ctypes and, for every LLM shape ``y (tokens, out) = x (tokens, in) @ Wᵀ`` in bf16:
+
+- checks the variant's output against the dense product ``F.linear(x, W⊙M)`` (cuBLAS) on fresh
+  random inputs (relative Frobenius error, bf16 tolerance 2e-2; the output is poisoned first),
+- times it with CUDA events for each scheduler option (swizzle 1/2/4/8 × raster heuristic/M/N),
+  interleaved with the dense product, and records the best option's ``gemm_speedup``.
+
+Writes ``<out-dir>/<device>/sm90_tune.json`` (one record per variant and shape) and prints a table.
+Needs an sm90 GPU, nvcc and the CUTLASS headers (``nvidia-cutlass`` wheel or SLOPE_CUTLASS_DIR).
+
+    python performance_experiments/sm90_tune.py [--variants 128x128x128_1x2,...] [--budget-s 300]
+    python performance_experiments/sm90_tune.py --build-only   # compile only (CPU), e.g. beside other GPU work
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from performance_experiments.common import (  # noqa: E402
+    MODELS, Recorder, base_parser, environment, error_text, layer_shape, make_record, ratio,
+)
+from slope.kernels import cutlass_sm90  # noqa: E402
+from slope.masks import nm_mask  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "sm90_tune" / "sm90_tune_variant.cu"
+#: name -> (tile M, N, K, cluster M, N, ping-pong); the first is the library's DefaultConfig.
+VARIANTS = {
+    "128x128x128_1x2": (128, 128, 128, 1, 2, 0),
+    "128x256x128_1x2": (128, 256, 128, 1, 2, 0),
+    "128x256x128_2x1": (128, 256, 128, 2, 1, 0),
+    "256x128x128_1x2": (256, 128, 128, 1, 2, 0),
+    "256x128x128_2x1": (256, 128, 128, 2, 1, 0),
+    "128x128x128_2x1": (128, 128, 128, 2, 1, 0),
+    "128x128x128_1x1": (128, 128, 128, 1, 1, 0),
+    "128x256x64_1x2": (128, 256, 64, 1, 2, 0),
+    "64x256x128_1x2_pp": (64, 256, 128, 1, 2, 1),
+    "64x128x128_1x2_pp": (64, 128, 128, 1, 2, 1),
+}
+SCHEDULER_OPTIONS = [(s, r) for s in (1, 2, 4, 8) for r in (0, 1, 2)]
+DEFAULT_SHAPES = [(m, layer) for m in ("llama2-7b", "llama3-8b", "llama2-13b", "llama2-70b", "llama-1b")
+                  for layer in ("ffn_up", "ffn_down")]
+
+
+def build_variant(name: str, build_dir: Path) -> tuple[Path | None, str | None, float]:
+    """Compile one variant into ``build_dir/<name>.so``; (path, None, seconds) or (None, why, seconds)."""
+    tm, tn, tk, cm, cn, pp = VARIANTS[name]
+    out = build_dir / f"sm90_tune_{name}.so"
+    if out.is_file() and out.stat().st_mtime > max(SOURCE.stat().st_mtime, (cutlass_sm90.CSRC / "sm90_sparse_gemm_kernels.h").stat().st_mtime):
+        return out, None, 0.0  # built earlier (e.g. by --build-only while the GPU tests ran)
+    includes = [f"-I{d}" for d in cutlass_sm90.cutlass_include_dirs()] + [f"-I{cutlass_sm90.CSRC}"]
+    cmd = [cutlass_sm90.nvcc_path() or "nvcc", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+           *cutlass_sm90.nvcc_flags(), *includes,
+           f"-DTUNE_TM={tm}", f"-DTUNE_TN={tn}", f"-DTUNE_TK={tk}", f"-DTUNE_CM={cm}", f"-DTUNE_CN={cn}",
+           f"-DTUNE_PINGPONG={pp}", str(SOURCE), "-o", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        errors = [line for line in (proc.stderr or proc.stdout).splitlines() if "error" in line][:3]
+        return None, "nvcc failed: " + " | ".join(errors)[:600], seconds
+    return out, None, seconds
+
+
+class Variant:
+    """A built variant loaded with ctypes; methods raise RuntimeError with the library's message."""
+
+    def __init__(self, name: str, path: Path):
+        self.name, self.lib = name, ctypes.CDLL(str(path))
+        p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        self.lib.tune_compressed_sizes.argtypes = [i, i, ctypes.POINTER(ll)]
+        self.lib.tune_compress.argtypes = [p, i, i, p, p, p, ctypes.c_char_p, i]
+        self.lib.tune_workspace_size.argtypes = [i, i, i]
+        self.lib.tune_workspace_size.restype = ctypes.c_size_t
+        self.lib.tune_gemm.argtypes = [p, p, p, p, i, i, i, p, i, i, p, ctypes.c_char_p, i]
+        self._err = ctypes.create_string_buffer(1024)
+
+    def _check(self, status: int) -> None:
+        if status != 0:
+            raise RuntimeError(f"{self.name}: {self._err.value.decode(errors='replace')}")
+
+    def compress(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, k = dense.shape
+        sizes = (ctypes.c_longlong * 4)()
+        self.lib.tune_compressed_sizes(m, k, sizes)
+        values = torch.empty(sizes[0], sizes[1], device=dense.device, dtype=dense.dtype)
+        meta = torch.empty(sizes[2], sizes[3], device=dense.device, dtype=torch.uint8)
+        stream = torch.cuda.current_stream(dense.device).cuda_stream
+        self._check(self.lib.tune_compress(dense.data_ptr(), m, k, values.data_ptr(), meta.data_ptr(), stream,
+                                           self._err, len(self._err)))
+        return values, meta
+
+    def gemm_fn(self, values, meta, b, d, m, swizzle, raster):
+        """A no-argument callable computing ``d (N, M) = b @ A.T`` with the given scheduler options."""
+        n, k = b.shape
+        ws = torch.empty(max(1, self.lib.tune_workspace_size(m, n, k)), device=b.device, dtype=torch.uint8)
+        stream = torch.cuda.current_stream(b.device).cuda_stream
+        args = (values.data_ptr(), meta.data_ptr(), b.data_ptr(), d.data_ptr(), m, n, k, ws.data_ptr(),
+                swizzle, raster, stream, self._err, len(self._err))
+
+        def run():
+            self._check(self.lib.tune_gemm(*args))
+        run.workspace = ws  # keep it alive with the callable
+        return run
+
+
+def time_pair(dense_fn, sparse_fn, reps: int) -> tuple[float, float]:
+    """Median ms of dense and sparse calls, interleaved (same clocks for both), after warm-up."""
+    for _ in range(3):
+        dense_fn(), sparse_fn()
+    times = {"dense": [], "sparse": []}
+    for _ in range(reps):
+        for key, fn in (("dense", dense_fn), ("sparse", sparse_fn)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[key].append(start.elapsed_time(end))
+    return statistics.median(times["dense"]), statistics.median(times["sparse"])
+
+
+def measure(variant: Variant, w: torch.Tensor, x: torch.Tensor, reference: torch.Tensor, reps: int) -> dict:
+    """Correctness and the best scheduler option of one variant on one shape."""
+    m = w.shape[0]
+    values, meta = variant.compress(w)
+    d = torch.full_like(reference, float("nan"))
+    variant.gemm_fn(values, meta, x, d, m, 1, 0)()
+    torch.cuda.synchronize()
+    rel_err = float((d.float() - reference.float()).norm() / reference.float().norm())
+    result = {"rel_err": rel_err, "all_written": bool(torch.isfinite(d).all())}
+    if not result["all_written"] or rel_err > 2e-2:
+        result["error"] = f"wrong result: relative error {rel_err:.3g}, all written {result['all_written']}"
+        return result
+    best = None
+    for swizzle, raster in SCHEDULER_OPTIONS:
+        dense_ms, sparse_ms = time_pair(lambda: F.linear(x, w), variant.gemm_fn(values, meta, x, d, m, swizzle, raster),
+                                        reps)
+        entry = {"swizzle": swizzle, "raster": raster, "dense_ms": dense_ms, "sparse_ms": sparse_ms}
+        if best is None or dense_ms / sparse_ms > best["dense_ms"] / best["sparse_ms"]:
+            best = entry
+    result.update(best)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--build-dir", default=os.environ.get("SLOPE_TUNE_BUILD_DIR", "/tmp/slope_sm90_tune"))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 4)
+    parser.add_argument("--build-only", action="store_true", help="compile the variants (no GPU work) and stop")
+    args = parser.parse_args(argv)
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    device = torch.device("cuda")
+    problem = None if args.build_only else cutlass_sm90.build_problem(device)
+    if problem is not None:
+        print(f"[sm90_tune] nothing to do: {problem}")
+        return 0
+    started = time.perf_counter()
+    build_dir = Path(args.build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        built = dict(zip(names, pool.map(lambda n: build_variant(n, build_dir), names)))
+    if args.build_only:
+        for name, (path, why, seconds) in built.items():
+            print(f"[sm90_tune] build {name}: {'ok' if path else why} ({seconds:.0f}s)")
+        return 0
+    env = environment(device)
+    recorder = Recorder("sm90_tune", args.out_dir, device, vars(args))
+    variants = []
+    for name, (path, why, seconds) in built.items():
+        print(f"[sm90_tune] build {name}: {'ok' if path else why} ({seconds:.0f}s)")
+        if path is not None:
+            variants.append(Variant(name, path))
+        else:
+            recorder(make_record("sm90_tune", env, {"variant": name}, None, None, gemm_speedup=None, error=why))
+    gen = torch.Generator(device=device).manual_seed(0)
+    for model, layer in DEFAULT_SHAPES:
+        out_f, in_f = layer_shape(model, layer)
+        w = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16, generator=gen)
+        w = w * nm_mask(w, 2, 4)
+        x = torch.randn(args.tokens, in_f, device=device, dtype=torch.bfloat16, generator=gen)
+        reference = F.linear(x, w)
+        for variant in variants:
+            config = {"variant": variant.name, "model": model, "layer": layer, "tokens": args.tokens,
+                      "out": out_f, "in": in_f, "dtype": "bf16"}
+            if args.budget_s and time.perf_counter() - started > args.budget_s:
+                recorder(make_record("sm90_tune", env, config, None, None, gemm_speedup=None, error="skipped: budget"))
+                continue
+            try:
+                res = measure(variant, w, x, reference, args.reps)
+            except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the sweep
+                res = {"error": error_text(exc)}
+            flops = 2.0 * args.tokens * out_f * in_f
+            dense = {"ms": res["dense_ms"], "tflops": flops / res["dense_ms"] / 1e9} if "dense_ms" in res else None
+            sparse = ({"ms": res["sparse_ms"], "tflops_dense_equiv": flops / res["sparse_ms"] / 1e9,
+                       "swizzle": res["swizzle"], "raster": res["raster"], "rel_err": res["rel_err"]}
+                      if "sparse_ms" in res else None)
+            speedup = ratio(res.get("dense_ms"), res.get("sparse_ms"))
+            recorder(make_record("sm90_tune", env, config, dense, sparse, gemm_speedup=speedup, error=res.get("error"),
+                                 backend=variant.name))
+        del w, x, reference
+        torch.cuda.empty_cache()
+    records = recorder.finish()
+    print("\n[sm90_tune] best variant per shape (gemm_speedup = cuBLAS dense ms / sparse ms):")
+    by_shape: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("gemm_speedup") is not None:
+            by_shape.setdefault((r["config"]["model"], r["config"]["layer"]), []).append(r)
+    for (model, layer), rs in by_shape.items():
+        best = max(rs, key=lambda r: r["gemm_speedup"])
+        base = next((r["gemm_speedup"] for r in rs if r["config"]["variant"] == next(iter(VARIANTS))), None)
+        print(f"  {model:11s} {layer:8s} best {best['config']['variant']:20s} {best['gemm_speedup']:.3f}x "
+              f"(swizzle {best['sparse']['swizzle']}, raster {best['sparse']['raster']}); default config {base}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
