@@ -39,7 +39,7 @@ from slope.masks import nm_mask  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "sm90_tune" / "sm90_tune_variant.cu"
-#: name -> (tile M, N, K, cluster M, N, ping-pong); the first is the library's DefaultConfig.
+#: name -> (tile M, N, K, cluster M, N, ping-pong).
 VARIANTS = {
     "128x128x128_1x2": (128, 128, 128, 1, 2, 0),
     "128x256x128_1x2": (128, 256, 128, 1, 2, 0),
@@ -51,7 +51,14 @@ VARIANTS = {
     "128x256x64_1x2": (128, 256, 64, 1, 2, 0),
     "64x256x128_1x2_pp": (64, 256, 128, 1, 2, 1),
     "64x128x128_1x2_pp": (64, 128, 128, 1, 2, 1),
+    "256x128x64_1x2": (256, 128, 64, 1, 2, 0),
+    "128x256x64_2x1": (128, 256, 64, 2, 1, 0),
+    "128x128x64_1x2": (128, 128, 64, 1, 2, 0),
+    "128x256x64_1x1": (128, 256, 64, 1, 1, 0),
+    "256x128x64_2x1": (256, 128, 64, 2, 1, 0),
 }
+#: the configuration of kernels/csrc/sm90_sparse_gemm_kernels.h's DefaultConfig (the baseline column).
+DEFAULT_VARIANT = "128x256x64_1x2"
 SCHEDULER_OPTIONS = [(s, r) for s in (1, 2, 4, 8) for r in (0, 1, 2)]
 DEFAULT_SHAPES = [(m, layer) for m in ("llama2-7b", "llama3-8b", "llama2-13b", "llama2-70b", "llama-1b")
                   for layer in ("ffn_up", "ffn_down")]
@@ -160,7 +167,8 @@ def measure(variant: Variant, w: torch.Tensor, x: torch.Tensor, reference: torch
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--variants", default=os.environ.get("SLOPE_TUNE_VARIANTS", ",".join(VARIANTS)),
+                        help="comma-separated names of VARIANTS (default: $SLOPE_TUNE_VARIANTS or all)")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--build-dir", default=os.environ.get("SLOPE_TUNE_BUILD_DIR", "/tmp/slope_sm90_tune"))
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             by_shape.setdefault((r["config"]["model"], r["config"]["layer"]), []).append(r)
     for (model, layer), rs in by_shape.items():
         best = max(rs, key=lambda r: r["gemm_speedup"])
-        base = next((r["gemm_speedup"] for r in rs if r["config"]["variant"] == next(iter(VARIANTS))), None)
+        base = next((r["gemm_speedup"] for r in rs if r["config"]["variant"] == DEFAULT_VARIANT), None)
         print(f"  {model:11s} {layer:8s} best {best['config']['variant']:20s} {best['gemm_speedup']:.3f}x "
               f"(swizzle {best['sparse']['swizzle']}, raster {best['sparse']['raster']}); default config {base}")
     return 0

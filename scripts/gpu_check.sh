@@ -97,7 +97,7 @@ fi
 # 3. GPU tests (at most 40% of the budget)
 if [[ "${SLOPE_GPU_TESTS:-1}" != "0" ]]; then
   limit=$(( $(left) * 2 / 5 )); (( limit > 240 )) && limit=240
-  run_step pytest_gpu "$limit" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider tests
+  run_step pytest_gpu "$limit" $PY -m pytest -m gpu -v -rfEs -p no:cacheprovider --durations=10 tests
   # A build killed by the time limit leaves torch's build lock behind; later builds would wait on it.
   find "${SLOPE_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/slope/torch_extensions}" \
        "${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}" -name lock -delete 2>/dev/null
