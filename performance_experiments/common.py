@@ -74,8 +74,10 @@ def slugify_device_name(name: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD's short hash (``+dirty`` with local changes); ``$SLOPE_GIT_COMMIT`` where no git tree
-    is present (the GPU machine gets a copy of the working tree without ``.git``)."""
+    """``$SLOPE_GIT_COMMIT`` when set (the GPU machine's copy of the tree may carry a stale ``.git``
+    from an earlier commit), else HEAD's short hash (``+dirty`` with local changes), else "unknown"."""
+    if os.environ.get("SLOPE_GIT_COMMIT"):
+        return os.environ["SLOPE_GIT_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
@@ -88,7 +90,7 @@ def git_commit() -> str:
             return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("SLOPE_GIT_COMMIT", "unknown")
+    return "unknown"
 
 
 def environment(device: torch.device) -> dict:

@@ -8,7 +8,8 @@ with ctypes and, for every LLM shape ``y (tokens, out) = x (tokens, in) @ Wᵀ``
 - checks the variant's output against the dense product ``F.linear(x, W⊙M)`` (cuBLAS) on fresh
   random inputs (relative Frobenius error, bf16 tolerance 2e-2; the output is poisoned first),
 - times it with CUDA events for each scheduler option (swizzle 1/2/4/8 × raster heuristic/M/N),
-  interleaved with the dense product, and records the best option's ``gemm_speedup``.
+  interleaved with the dense product, and records ``gemm_speedup`` = median dense ms (all of the
+  variant's dense calls) / median sparse ms of its fastest option (see :func:`measure`).
 
 Writes ``<out-dir>/<device>/sm90_tune.json`` (one record per variant and shape) and prints a table.
 Needs an sm90 GPU, nvcc and the CUTLASS headers (``nvidia-cutlass`` wheel or SLOPE_CUTLASS_DIR).
@@ -126,8 +127,8 @@ class Variant:
         return run
 
 
-def time_pair(dense_fn, sparse_fn, reps: int) -> tuple[float, float]:
-    """Median ms of dense and sparse calls, interleaved (same clocks for both), after warm-up."""
+def time_pair(dense_fn, sparse_fn, reps: int) -> tuple[list[float], list[float]]:
+    """Per-call ms of dense and sparse calls, interleaved (same clocks for both), after warm-up."""
     for _ in range(3):
         dense_fn(), sparse_fn()
     times = {"dense": [], "sparse": []}
@@ -139,11 +140,17 @@ def time_pair(dense_fn, sparse_fn, reps: int) -> tuple[float, float]:
             end.record()
             end.synchronize()
             times[key].append(start.elapsed_time(end))
-    return statistics.median(times["dense"]), statistics.median(times["sparse"])
+    return times["dense"], times["sparse"]
 
 
 def measure(variant: Variant, w: torch.Tensor, x: torch.Tensor, reference: torch.Tensor, reps: int) -> dict:
-    """Correctness and the best scheduler option of one variant on one shape."""
+    """Correctness and the fastest scheduler option of one variant on one shape.
+
+    The option is chosen by its own median sparse time, and the speedup is taken against the
+    median of *all* dense calls of the variant (``len(SCHEDULER_OPTIONS) * reps`` of them): picking
+    the option with the best dense/sparse ratio instead would favour options whose interleaved
+    dense calls happened to be slow (the first sweep's records were chosen that way; one of them
+    reported an impossible 2.79x because its dense median doubled)."""
     m = w.shape[0]
     values, meta = variant.compress(w)
     d = torch.full_like(reference, float("nan"))
@@ -154,14 +161,13 @@ def measure(variant: Variant, w: torch.Tensor, x: torch.Tensor, reference: torch
     if not result["all_written"] or rel_err > 2e-2:
         result["error"] = f"wrong result: relative error {rel_err:.3g}, all written {result['all_written']}"
         return result
-    best = None
+    dense_all, options = [], []
     for swizzle, raster in SCHEDULER_OPTIONS:
-        dense_ms, sparse_ms = time_pair(lambda: F.linear(x, w), variant.gemm_fn(values, meta, x, d, m, swizzle, raster),
-                                        reps)
-        entry = {"swizzle": swizzle, "raster": raster, "dense_ms": dense_ms, "sparse_ms": sparse_ms}
-        if best is None or dense_ms / sparse_ms > best["dense_ms"] / best["sparse_ms"]:
-            best = entry
-    result.update(best)
+        dense, sparse = time_pair(lambda: F.linear(x, w), variant.gemm_fn(values, meta, x, d, m, swizzle, raster), reps)
+        dense_all += dense
+        options.append({"swizzle": swizzle, "raster": raster, "sparse_ms": statistics.median(sparse)})
+    best = min(options, key=lambda o: o["sparse_ms"])
+    result.update(best, dense_ms=statistics.median(dense_all), options=options)
     return result
 
 
@@ -222,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             flops = 2.0 * args.tokens * out_f * in_f
             dense = {"ms": res["dense_ms"], "tflops": flops / res["dense_ms"] / 1e9} if "dense_ms" in res else None
             sparse = ({"ms": res["sparse_ms"], "tflops_dense_equiv": flops / res["sparse_ms"] / 1e9,
-                       "swizzle": res["swizzle"], "raster": res["raster"], "rel_err": res["rel_err"]}
+                       "swizzle": res["swizzle"], "raster": res["raster"], "rel_err": res["rel_err"],
+                       "options": res["options"]}
                       if "sparse_ms" in res else None)
             speedup = ratio(res.get("dense_ms"), res.get("sparse_ms"))
             recorder(make_record("sm90_tune", env, config, dense, sparse, gemm_speedup=speedup, error=res.get("error"),

@@ -2,7 +2,7 @@
 
 For an operand ``A (rows, cols)`` (2:4 along ``cols``) in ``dtype`` on a CUDA device,
 :class:`AutoBackendChooser` times the product ``x (T, cols) @ Aᵀ`` with ``T = tokens`` (default
-4096). A SLoPe layer ``W (out, in)`` asks twice: for its forward operand ``W⊙M (out, in)`` and for
+8192, the benchmarks' token count). A SLoPe layer ``W (out, in)`` asks twice: for its forward operand ``W⊙M (out, in)`` and for
 its input-gradient operand ``(W⊙M⊙M_t)ᵀ (in, out)``, so each direction gets its own choice
 (a backend fast for one shape can be slow for its transpose). Candidates are
 
@@ -20,6 +20,7 @@ skipped and their error is kept in :meth:`AutoBackendChooser.report`.
 """
 from __future__ import annotations
 
+import statistics
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,19 +38,21 @@ __all__ = ["AutoChoice", "AutoBackendChooser", "AUTO_CHOOSER", "cuda_event_timer
 Timer = Callable[[Callable[[], object], torch.device], float]
 
 
-def cuda_event_timer(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
-    """Mean milliseconds of ``fn()`` on ``device``'s current stream (CUDA events)."""
+def cuda_event_timer(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 15) -> float:
+    """Median milliseconds of one ``fn()`` call on ``device``'s current stream (CUDA events per call:
+    the median is robust to a stray slow call, which a mean over the batch is not)."""
     with torch.cuda.device(device):
         for _ in range(warmup):
             fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
+        times = []
         for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / reps
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
 
 
 @dataclass
@@ -70,7 +73,7 @@ class AutoBackendChooser:
 
     def __init__(
         self,
-        tokens: int = 4096,
+        tokens: int = 8192,
         margin: float = 0.03,
         timer: Timer = cuda_event_timer,
         candidates: tuple[str, ...] = AUTO_ORDER_CUDA,
