@@ -65,11 +65,14 @@ def sparse_costs(name, backend, device, precision, dtype) -> dict:
             layer.update_mask_t()
 
     def rebuild_all():
+        # What every training step pays after the optimizer changed the values (mask unchanged):
+        # the layer's own rebuild of its forward and input-gradient operands (auto: per direction).
         for layer in layers:
-            operand_backend = layer._backend_for(dtype, device)  # the layer's own choice (auto: per shape)
-            dense = layer.dense_weight().to(dtype)
-            operand_backend.make_operand(dense, layer.mask)
-            operand_backend.make_operand((dense * layer.mask_t).t().contiguous(), layer.mask_t.t().contiguous())
+            with torch.no_grad():
+                layer.values.mul_(1.0)  # a new version of the values, as after opt.step()
+            layer.refresh()
+            layer._operand("forward", dtype, device)
+            layer._operand("backward", dtype, device)
 
     refresh_all()  # warm-up (kernel compilation, allocator)
     rebuild_all()

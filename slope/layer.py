@@ -135,6 +135,9 @@ class SparseLinear(nn.Module):
         self.values_grad: torch.Tensor | None = None
         self.lora_rank = 0
         self._operands: dict[tuple, tuple[tuple, Any]] = {}
+        # backend metadata of the forward mask M (see _operand_structure): survives refresh(),
+        # which runs after every optimizer step, and is re-derived when M's version changes.
+        self._structures: dict[tuple, tuple[tuple, Any]] = {}
         self._backends: dict[tuple, SparseBackend] = {}
         self._offsets: tuple[tuple, torch.Tensor] | None = None
         registry.register(self)
@@ -232,7 +235,8 @@ class SparseLinear(nn.Module):
         self.refresh()
 
     def refresh(self) -> None:
-        """Drop cached backend operands (they are rebuilt on next use)."""
+        """Drop cached backend operands (they are rebuilt on next use). The metadata derived from
+        the mask M alone is kept: it is keyed by M's version, so any change of M re-derives it."""
         self._operands.clear()
 
     # ------------------------------------------------------------------ backend plumbing
@@ -263,6 +267,10 @@ class SparseLinear(nn.Module):
             return cached[1]
         backend = self._backend_for(dtype, device, which)
         with torch.no_grad():
+            structure = self._operand_structure(backend, dtype, device) if which == "forward" else None
+            if structure is not None:  # kept values are already the operand's values: no dense detour
+                self._operands[key] = (version, backend.operand_from_values(self.values.detach().to(dtype), structure))
+                return self._operands[key][1]
             dense = self.dense_weight().to(dtype)
             if which == "forward":
                 operand = backend.make_operand(dense, self.mask)
@@ -275,6 +283,20 @@ class SparseLinear(nn.Module):
                 operand = backend.make_operand((dense * self.mask_t).t().contiguous(), self.mask_t.t().contiguous())
         self._operands[key] = (version, operand)
         return operand
+
+    def _operand_structure(self, backend: SparseBackend, dtype: torch.dtype, device: torch.device):
+        """``backend.operand_structure`` of the forward mask, cached per mask version (None: the
+        backend builds forward operands with ``make_operand``; only 2:4 layers qualify)."""
+        if (self.n, self.m) != (2, 4) or self.values.device != device:
+            return None
+        stored = self._stored_mask()
+        version = (stored._version, stored.data_ptr())
+        key = (dtype, device, id(backend))
+        cached = self._structures.get(key)
+        if cached is None or cached[0] != version:
+            cached = (version, backend.operand_structure(self.mask, dtype))
+            self._structures[key] = cached
+        return cached[1]
 
     @torch.no_grad()
     def _accumulate_grad(self, full_grad: torch.Tensor) -> None:
@@ -330,7 +352,7 @@ class SparseLinear(nn.Module):
     def __getstate__(self):
         # Cached operands and backend objects (GPU handles) are rebuilt on use, never copied/pickled.
         state = super().__getstate__()
-        state["_operands"], state["_backends"], state["_offsets"] = {}, {}, None
+        state["_operands"], state["_structures"], state["_backends"], state["_offsets"] = {}, {}, {}, None
         return state
 
     def __setstate__(self, state):
@@ -339,6 +361,7 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._operands.clear()
+        self._structures.clear()
         self._backends.clear()
         if self.values_grad is not None:
             self.values_grad = fn(self.values_grad)

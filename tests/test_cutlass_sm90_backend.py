@@ -163,3 +163,19 @@ def test_wrapper_rejects_bad_input_before_calling_the_extension(monkeypatch):
             cutlass_sm90.gemm(**args)
     with pytest.raises(RuntimeError, match="multiple of 8"):
         cutlass_sm90.gemm(values[:60], meta, b)
+
+
+def test_operand_from_kept_values_matches_the_dense_oracle(fake):
+    backend = CutlassSm90Backend()
+    w = torch.randn(64, 128)
+    mask = nm_mask(w, 2, 4)
+    dense = (w * mask).to(torch.bfloat16)
+    values = dense[mask].view(64, 64)  # kept entries, row order, ascending column in a group
+    structure = backend.operand_structure(mask, torch.bfloat16)
+    operand = backend.operand_from_values(values, structure)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(backend.matmul(x, operand).float(), F.linear(x.float(), dense.float()), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="values must have shape"):
+        backend.operand_from_values(values[:, :32], structure)
+    # shapes that need padding keep the make_operand path
+    assert backend.operand_structure(nm_mask(torch.randn(36, 52), 2, 4), torch.bfloat16) is None

@@ -356,3 +356,72 @@ def test_gather_scatter_of_kept_entries_match_masked_select(n, m):
     assert torch.equal(layer._gather_kept(full), full.masked_select(layer.mask).view(16, -1))
     expected = torch.zeros(16, 32).masked_scatter_(layer.mask, layer.values.detach())
     assert torch.equal(layer.dense_weight(), expected)
+
+
+# ---------------------------------------------------------------- forward operand from kept values
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((64, 96), torch.float32), ((64, 128), torch.bfloat16), ((40, 52), torch.bfloat16)],
+    ids=["fp32-plain", "bf16-cutlass-layout", "bf16-plain"],
+)
+def test_operand_from_values_equals_the_compressed_dense(backend_name, shape, dtype):
+    from slope.backends import backend_class
+
+    backend = backend_class(backend_name)()
+    layer = SparseLinear.from_dense(torch.randn(*shape), compress=True, backend="reference")
+    layer.values.data[0, :2] = 0.0  # kept entries that are exactly zero must keep their slots
+    structure = backend.operand_structure(layer.mask, dtype)
+    fast = backend.operand_from_values(layer.values.detach().to(dtype), structure)
+    slow = backend.make_operand(layer.dense_weight().to(dtype), layer.mask)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_forward_operand_skips_the_dense_detour_and_caches_the_structure(monkeypatch):
+    from slope.backends.reference import ReferenceBackend
+
+    calls = {"structure": 0, "make_operand": 0}
+    real_structure, real_make = ReferenceBackend.operand_structure, ReferenceBackend.make_operand
+
+    def counting_structure(self, mask, dtype):
+        calls["structure"] += 1
+        return real_structure(self, mask, dtype)
+
+    def counting_make(self, dense, mask):
+        calls["make_operand"] += 1
+        return real_make(self, dense, mask)
+
+    monkeypatch.setattr(ReferenceBackend, "operand_structure", counting_structure)
+    monkeypatch.setattr(ReferenceBackend, "make_operand", counting_make)
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    fast = SparseLinear.from_dense(w, compress=True, backend="reference")
+    sim = SparseLinear.from_dense(w, compress=False)
+    opt_fast = ADAMWSparse(fast, lr=1e-2)
+    opt_sim = ADAMWSparse(sim, lr=1e-2)
+    for _ in range(3):
+        x = torch.randn(5, 64, requires_grad=True)  # an input gradient needs the backward operand
+        for layer, opt in ((fast, opt_fast), (sim, opt_sim)):
+            layer(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        torch.testing.assert_close(fast.dense_weight(), sim.dense_weight(), rtol=1e-6, atol=1e-6)
+    # the values changed every step, the mask never: one structure, and make_operand only for
+    # the backward operand (once per step)
+    assert calls["structure"] == 1 and calls["make_operand"] == 3
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(fast(x), sim(x), rtol=1e-5, atol=1e-5)
+    # a new mask (here: a re-prune) invalidates the structure
+    with torch.no_grad():
+        fast.set_weight(torch.randn(48, 64))
+        sim.set_weight(fast.dense_weight())
+    torch.testing.assert_close(fast(x), F.linear(x, fast.dense_weight()), rtol=1e-5, atol=1e-5)
+    assert calls["structure"] == 2
+
+
+def test_forward_operand_of_other_sparsities_uses_make_operand():
+    layer = SparseLinear.from_dense(torch.randn(16, 32), compress=False, n=2, m=8)
+    backend = layer._backend_for(torch.float32, torch.device("cpu"))
+    assert layer._operand_structure(backend, torch.float32, torch.device("cpu")) is None
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight()))

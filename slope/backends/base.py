@@ -45,5 +45,22 @@ class SparseBackend:
         """``x (..., cols) @ denseᵀ -> (..., rows)`` in ``x.dtype``."""
         raise NotImplementedError
 
+    # A SLoPe layer already stores its forward operand's kept values, ``values (rows, cols/2)``
+    # (2:4 along cols, exactly two kept per group, ascending column within a group). A backend
+    # whose compressed values are exactly that tensor builds the operand from it and a metadata
+    # "structure" that depends only on the mask: after an optimizer step (new values, same mask)
+    # the forward operand then costs a dtype cast instead of a scatter to dense + a compression.
+
+    def operand_structure(self, mask: torch.Tensor, dtype: torch.dtype) -> Any | None:
+        """What an operand of bool ``mask (rows, cols)`` (exactly 2 of every 4 kept along cols) in
+        ``dtype`` needs besides its kept values — its metadata — or None when this backend cannot
+        build operands from kept values (the default; callers then use :meth:`make_operand`)."""
+        return None
+
+    def operand_from_values(self, values: torch.Tensor, structure: Any) -> Any:
+        """The operand whose kept entries are ``values (rows, cols/2)`` (row order, ascending column
+        inside each group of 4) and whose pattern is ``structure`` (from :meth:`operand_structure`)."""
+        raise NotImplementedError(f"{type(self).__name__} builds operands with make_operand only")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tiling={self.tiling})"

@@ -78,6 +78,24 @@ class CutlassSm90Backend(SparseBackend):
         values, meta = cutlass_sm90.compress(dense.contiguous(), check=False)
         return Sm90Operand(values, meta, rows, cols)
 
+    def operand_structure(self, mask: torch.Tensor, dtype: torch.dtype) -> Sm90Operand | None:
+        """The sm90 metadata of ``mask`` (compressing ``mask`` as ones), or None when the shape needs
+        padding. Relies on the sm90 compressor storing a group's two kept entries in ascending
+        column order, rows in order (checked on the GPU by
+        ``tests/gpu/test_cutlass_sm90.py::test_compressed_values_are_the_kept_entries_in_row_order``)."""
+        rows, cols = mask.shape
+        if rows % ROW_MULTIPLE or cols % COL_MULTIPLE or dtype not in self.dtypes:
+            return None
+        _, meta = cutlass_sm90.compress(mask.to(dtype).contiguous(), check=False)
+        return Sm90Operand(values=mask.new_empty(0, dtype=dtype), meta=meta, rows=rows, cols=cols)
+
+    def operand_from_values(self, values: torch.Tensor, structure: Sm90Operand) -> Sm90Operand:
+        if values.shape != (structure.rows, structure.cols // 2):
+            raise ValueError(
+                f"{self.name}: values must have shape {(structure.rows, structure.cols // 2)}, got {tuple(values.shape)}"
+            )
+        return Sm90Operand(_aligned(values.contiguous()), structure.meta, structure.rows, structure.cols)
+
     def matmul(self, x: torch.Tensor, operand: Sm90Operand) -> torch.Tensor:
         """``x (..., cols) @ denseᵀ -> (..., rows)`` in ``x.dtype`` (= the operand's dtype)."""
         return self.linear(x, operand)

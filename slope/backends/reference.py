@@ -38,6 +38,13 @@ class ReferenceBackend(SparseBackend):
     def make_operand(self, dense: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return compress_2to4(dense, mask)
 
+    def operand_structure(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The metadata of ``mask`` (its layout, CUTLASS or plain, follows ``dtype`` and the shape)."""
+        return compress_2to4(mask.to(dtype), mask)[1]
+
+    def operand_from_values(self, values: torch.Tensor, structure: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return values, structure
+
     def matmul(self, x: torch.Tensor, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         values, meta = operand
         return F.linear(x, decompress_2to4(values, meta))

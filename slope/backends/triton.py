@@ -42,6 +42,13 @@ class TritonBackend(SparseBackend):
     def make_operand(self, dense: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return compress_2to4(dense, mask)
 
+    def operand_structure(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The metadata of ``mask`` in ``slope.kernels``' format (values-independent)."""
+        return compress_2to4(mask.to(dtype), mask)[1]
+
+    def operand_from_values(self, values: torch.Tensor, structure: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return values, structure
+
     def matmul(self, x: torch.Tensor, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         from slope.kernels.triton_sparse import sparse_linear
 
