@@ -11,6 +11,10 @@ from slope.registry import GradDict, live_layers, sparse_modules
 
 __all__ = ["ADAMWSparse"]
 
+#: PyTorch's fused AdamW kernel (CPU and CUDA; the one ``torch.optim.AdamW(fused=True)`` runs),
+#: or None on a PyTorch without it.
+_FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)
+
 
 class ADAMWSparse(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose parameters are the SLoPe layers' kept values.
@@ -86,7 +90,9 @@ class ADAMWSparse(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            # fp32 values with fp32 gradients go through PyTorch's fused AdamW kernel, one launch
+            # per (device, step count) bucket; anything else (bf16/fp16 values) takes the loop.
+            fused: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 layer = self._layer_of[id(p)]
                 grad = layer.values_grad
@@ -98,23 +104,50 @@ class ADAMWSparse(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
-                step = int(state["step"].item())
-                g = grad.float()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(g, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                bias1 = 1 - beta1**step
-                bias2_sqrt = math.sqrt(1 - beta2**step)
-                master = p.float() if p.dtype != torch.float32 else p
-                master.mul_(1 - group["lr"] * group["weight_decay"])
-                denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(group["eps"])
-                master.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
-                if master is not p:
-                    p.copy_(master)
-                if step % group["mask_change_freq"] == 0:
+                if _FUSED_ADAMW is not None and p.dtype == grad.dtype == torch.float32 and p.device == grad.device:
+                    fused.setdefault((p.device, int(state["step"].item())), []).append(p)
+                else:
+                    self._step_one(p, grad.float(), state, group)
+            for (device, step), params in fused.items():
+                self._step_fused(params, device, step, group)
+            for p in group["params"]:
+                layer = self._layer_of[id(p)]
+                if layer.values_grad is None:
+                    continue
+                if int(self.state[p]["step"].item()) % group["mask_change_freq"] == 0:
                     layer.update_mask_t()
                 layer.refresh()
         return loss
+
+    def _step_fused(self, params: list[torch.Tensor], device: torch.device, step: int, group: dict) -> None:
+        """PyTorch's fused AdamW over fp32 ``params`` that share ``device`` and their step count."""
+        beta1, beta2 = group["betas"]
+        grads = [self._layer_of[id(p)].values_grad for p in params]
+        steps = [torch.tensor(float(step), device=device)] * len(params)  # read only, never advanced
+        _FUSED_ADAMW(
+            params, grads,
+            [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_avg_sq"] for p in params],
+            [], steps,
+            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+            amsgrad=False, maximize=False,
+        )
+
+    @staticmethod
+    def _step_one(p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        """One AdamW step of ``p`` (any float dtype; moments and arithmetic in fp32)."""
+        beta1, beta2 = group["betas"]
+        step = int(state["step"].item())
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bias1 = 1 - beta1**step
+        bias2_sqrt = math.sqrt(1 - beta2**step)
+        master = p.float() if p.dtype != torch.float32 else p
+        master.mul_(1 - group["lr"] * group["weight_decay"])
+        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(group["eps"])
+        master.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
+        if master is not p:
+            p.copy_(master)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for layer in self.layers():

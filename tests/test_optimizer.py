@@ -1,4 +1,5 @@
 """``ADAMWSparse``, ``grad_dict`` and ``sync_grads`` (single process)."""
+import copy
 import gc
 import io
 
@@ -225,3 +226,40 @@ def test_sync_grads_is_a_noop_without_distributed():
     sync_grads(model)
     for (obj, copy), layer in zip(grads, _layers(model)):
         assert layer.values_grad is obj and torch.equal(obj, copy)
+
+
+def test_fused_and_loop_paths_agree(monkeypatch):
+    """fp32 values take PyTorch's fused AdamW kernel; the per-tensor loop (bf16 values, or a
+    PyTorch without the kernel) must compute the same update."""
+    import slope.optimizers.adamw_sparse as adamw_sparse_module
+
+    calls = []
+    real = adamw_sparse_module._FUSED_ADAMW
+    if real is None:
+        pytest.skip("this PyTorch has no fused AdamW kernel")
+
+    def spy(params, *args, **kwargs):
+        calls.append(len(params))
+        return real(params, *args, **kwargs)
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    models = [copy.deepcopy(base) for _ in range(2)]
+    for model in models:
+        prune_model(model, verbose=False, compress=False)
+    opts = []
+    for fused, model in zip((True, False), models):
+        monkeypatch.setattr(adamw_sparse_module, "_FUSED_ADAMW", spy if fused else None)
+        opts.append(ADAMWSparse(model, lr=1e-2, weight_decay=0.1, mask_change_freq=2))
+    for _ in range(4):
+        x = torch.randn(6, 32)
+        for fused, model, opt in zip((True, False), models, opts):
+            monkeypatch.setattr(adamw_sparse_module, "_FUSED_ADAMW", spy if fused else None)
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert calls == [2, 2, 2, 2]  # one fused launch per step for both layers (same device, same step)
+    for (_, a), (_, b) in zip(sparse_modules(models[0]), sparse_modules(models[1])):
+        torch.testing.assert_close(a.values, b.values, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opts[0].state[a.values]["exp_avg_sq"], opts[1].state[b.values]["exp_avg_sq"])
+        assert torch.equal(a.mask_t, b.mask_t)
