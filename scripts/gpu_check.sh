@@ -12,7 +12,8 @@
 #   5. summarize.py (README tables + plots), summary table
 # With $OUT set (the device tool), logs + results.tgz (results/<device>/ and logs) are copied there.
 # Env: SLOPE_GPU_TESTS=0 skips the tests; SLOPE_BENCHMARKS="gemm layer" picks benchmarks (add
-#      sm90_tune for the cutlass-sm90 tile-configuration sweep; its variants compile during the tests);
+#      sm90_tune for the cutlass-sm90 tile-configuration sweep; its variants compile during the tests;
+#      SLOPE_BENCHMARKS=none runs the tests alone, with the whole budget);
 #      SLOPE_GIT_COMMIT names the commit when the tree has no .git; SLOPE_SKIP_INSTALL=1 uses the
 #      environment as it is; SLOPE_RESULTS_ROOT=dir writes results (and a README) there instead.
 set -u
@@ -96,7 +97,11 @@ fi
 
 # 3. GPU tests (at most 40% of the budget)
 if [[ "${SLOPE_GPU_TESTS:-1}" != "0" ]]; then
-  limit=$(( $(left) * 2 / 5 )); (( limit > 240 )) && limit=240
+  if [[ "$BENCHES" == "none" ]]; then
+    limit=$(( $(left) - 40 ))  # a tests-only run (the whole suite needs ~5 min on an H100)
+  else
+    limit=$(( $(left) * 2 / 5 )); (( limit > 240 )) && limit=240
+  fi
   run_step pytest_gpu "$limit" $PY -m pytest -m gpu -v -rfEs -p no:cacheprovider --durations=10 tests
   # A build killed by the time limit leaves torch's build lock behind; later builds would wait on it.
   find "${SLOPE_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/slope/torch_extensions}" \
@@ -111,7 +116,8 @@ if [[ -n "$TUNE_BUILD_PID" ]]; then
   cat "$LOGDIR/sm90_tune_build.log"
 fi
 declare -A SHARE=([gemm]=30 [layer]=15 [e2e]=25 [memory]=10 [inference]=12 [overhead]=8 [sm90_tune]=30)
-total_share=0; for b in $BENCHES; do total_share=$(( total_share + ${SHARE[$b]:-10} )); done
+total_share=0; [[ "$BENCHES" == "none" ]] && BENCHES=""
+for b in $BENCHES; do total_share=$(( total_share + ${SHARE[$b]:-10} )); done
 for b in $BENCHES; do
   rest=$(( $(left) - 25 ))
   share=$(( rest * ${SHARE[$b]:-10} / total_share )); total_share=$(( total_share - ${SHARE[$b]:-10} ))
@@ -125,7 +131,7 @@ echo
 echo "=================== gpu_check summary ($DEVICE, $((SECONDS - START))s of ${BUDGET}s)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$LOGDIR/summary.txt"
 if [[ -f "$LOGDIR/pytest_gpu.log" ]]; then
-  echo "--- pytest -m gpu:"; grep -E "passed|failed|error|no tests ran" "$LOGDIR/pytest_gpu.log" | tail -3 | tee -a "$LOGDIR/summary.txt"
+  echo "--- pytest -m gpu:"; grep -E "passed|failed|error|skipped in|no tests ran" "$LOGDIR/pytest_gpu.log" | tail -3 | tee -a "$LOGDIR/summary.txt"
 fi
 $PY performance_experiments/summarize.py "${SUMMARY_ARGS[@]}" --brief 2>/dev/null | tee -a "$LOGDIR/summary.txt"
 
