@@ -109,3 +109,31 @@ def test_backend_whose_availability_check_raises_is_skipped(monkeypatch):
     assert isinstance(auto.choose((64, 64), torch.float32, CPU), DenseBackend) and timer.calls == 1
     (entry,) = auto.report().values()
     assert "bad device argument" in entry.errors["reference"]
+
+
+def test_layer_asks_auto_for_each_direction_separately(monkeypatch):
+    """A layer W (out, in) with backend="auto" on CUDA gets one choice for its forward operand
+    (out, in) and one for its input-gradient operand (in, out), each cached (CPU: fake chooser)."""
+    import slope.backends.auto as auto_module
+    from slope.layer import SparseLinear
+
+    asked = []
+
+    class RecordingChooser:
+        def choose(self, shape, dtype, device, tiling=True):
+            asked.append(tuple(shape))
+            return DenseBackend() if shape[0] > shape[1] else ReferenceBackend()
+
+    monkeypatch.setattr(auto_module, "AUTO_CHOOSER", RecordingChooser())
+    layer = SparseLinear.from_dense(torch.randn(64, 32), compress=True, backend="auto")
+    cuda = torch.device("cuda")  # never touched: only the choice is made
+    forward = layer._backend_for(torch.bfloat16, cuda)
+    backward = layer._backend_for(torch.bfloat16, cuda, "backward")
+    assert isinstance(forward, DenseBackend) and isinstance(backward, ReferenceBackend)
+    assert layer._backend_for(torch.bfloat16, cuda) is forward
+    assert layer._backend_for(torch.bfloat16, cuda, "backward") is backward
+    assert asked == [(64, 32), (32, 64)]
+    # on CPU "auto" resolves to one backend for both directions, without the chooser
+    cpu = torch.device("cpu")
+    assert layer._backend_for(torch.float32, cpu) is layer._backend_for(torch.float32, cpu, "backward")
+    assert asked == [(64, 32), (32, 64)]
