@@ -356,6 +356,7 @@ class SparseLinear(nn.Module):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("_structures", {})  # layers pickled before the cache existed
         super().__setstate__(state)
         registry.register(self)  # copies (copy.deepcopy, pickle) are live layers too
 
