@@ -117,6 +117,12 @@ PRESETS = {
                  max_steps=500, eval_every=50, eval_batches=16, log_every=50, lr=2e-3, device="cpu"),
         ),
         Preset(
+            "long", "the default model for 4000 steps of 8x64 tokens (2.05 M tokens, 8x the default budget, "
+            "~1.4 tokens per parameter), 2 seeds, on a 2-core CPU (~5-7 min a run)",
+            dict(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, seq_len=64, batch_size=8,
+                 max_steps=4000, eval_every=400, eval_batches=16, log_every=200, lr=2e-3, device="cpu"),
+        ),
+        Preset(
             "gpu", "4-layer Llama (d=256) for 2000 steps of 32x256 tokens, bf16, 2 seeds, on one GPU",
             dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, seq_len=256, batch_size=32,
                  max_steps=2000, eval_every=100, eval_batches=16, log_every=50, lr=2e-3, precision="bf16", device="auto"),

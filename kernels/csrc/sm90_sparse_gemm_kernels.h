@@ -88,9 +88,10 @@ inline int sm_count_of_current_device() {
 /// (32 stored) K per stage, so the carveout leaves room for more pipeline stages; 2 CTAs along N
 /// share A via multicast; cooperative warp-specialized persistent schedule.
 /// `performance_experiments/sm90_tune.py` builds other configurations of the same kernel and times
-/// them against cuBLAS: on an H100 (bf16, 8192 tokens, Llama FFN shapes) this one reached
-/// 1.40-1.50x of cuBLAS where the earlier 128x128x128 default reached 1.16-1.36x and every
-/// other configuration tried stayed under 1.37x (results/nvidia-h100/sm90_tune.json).
+/// them against cuBLAS. This one won the first sweep (15 configurations in two sweeps on an H100);
+/// `performance_experiments/gemm.py` measured it at 1.38-1.47x of cuBLAS on the bf16 Llama 7B-70B
+/// FFN-up shapes (the earlier 128x128x128 default: 0.88-0.92x). The second sweep had cluster 1x1
+/// ahead by 1-12 %, not yet confirmed by gemm.py and the GPU tests (performance_experiments/README.md).
 struct DefaultConfig {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
