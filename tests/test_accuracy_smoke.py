@@ -124,7 +124,7 @@ def test_branching_from_the_trunk_equals_training_from_scratch(quick, tmp_path):
 
 def test_every_preset_gives_valid_configs_whose_final_phase_happens(tmp_path):
     run = _load_script()
-    assert list(run.METHODS) == METHODS and set(run.PRESETS) == {"quick", "default", "gpu"}
+    assert list(run.METHODS) == METHODS and set(run.PRESETS) == {"quick", "default", "long", "gpu"}
     for preset in run.PRESETS.values():
         cfgs = {name: run.method_config(m, preset, 0, tmp_path, None) for name, m in run.METHODS.items()}
         assert len({(c.max_steps, c.batch_size, c.seq_len, c.hidden_size, c.num_layers) for c in cfgs.values()}) == 1
@@ -134,4 +134,4 @@ def test_every_preset_gives_valid_configs_whose_final_phase_happens(tmp_path):
         assert fork is not None and fork < cfgs["slope"].max_steps  # LoRA gets at least one step
         assert starts["slope-dense-tail"] == fork == starts["slope-4:8"] == starts["slope-2:8"]
         assert starts["dense"] is starts["slope-no-lora"] is starts["static-2:4"] is None
-    assert run.PRESETS["default"].tail_fraction == run.PRESETS["gpu"].tail_fraction == 0.01
+    assert run.PRESETS["default"].tail_fraction == run.PRESETS["long"].tail_fraction == run.PRESETS["gpu"].tail_fraction == 0.01
