@@ -25,15 +25,9 @@ class SimulatedBackend(SparseBackend):
         return F.linear(x, operand)
 
 
-class ReferenceBackend(SparseBackend):
-    """Compressed 2:4 storage (``slope.kernels`` format) with a decompress-then-matmul product.
-
-    Memory-honest (only values + metadata are kept between steps) and exact; not fast: it exists
-    so that compressed training runs anywhere and as the oracle of the GPU backends.
-    """
-
-    name = "reference"
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+class SlopeFormatOperands:
+    """Operands in ``slope.kernels``' compressed 2:4 format ``(values, meta)``, shared by the
+    backends that multiply it (``reference``, ``triton``)."""
 
     def make_operand(self, dense: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return compress_2to4(dense, mask)
@@ -44,6 +38,17 @@ class ReferenceBackend(SparseBackend):
 
     def operand_from_values(self, values: torch.Tensor, structure: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return values, structure
+
+
+class ReferenceBackend(SlopeFormatOperands, SparseBackend):
+    """Compressed 2:4 storage (``slope.kernels`` format) with a decompress-then-matmul product.
+
+    Memory-honest (only values + metadata are kept between steps) and exact; not fast: it exists
+    so that compressed training runs anywhere and as the oracle of the GPU backends.
+    """
+
+    name = "reference"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def matmul(self, x: torch.Tensor, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         values, meta = operand

@@ -11,14 +11,13 @@ import os
 
 import torch
 
-from slope.kernels import compress_2to4
-
 from . import register_backend
 from .base import SparseBackend
+from .reference import SlopeFormatOperands
 
 
 @register_backend
-class TritonBackend(SparseBackend):
+class TritonBackend(SlopeFormatOperands, SparseBackend):
     """Operand ``(values (rows, cols/2), meta)``; ``matmul`` runs the Triton sparse GEMM."""
 
     name = "triton"
@@ -38,16 +37,6 @@ class TritonBackend(SparseBackend):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
             return None
         return f"backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU, for testing), got {device}"
-
-    def make_operand(self, dense: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return compress_2to4(dense, mask)
-
-    def operand_structure(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The metadata of ``mask`` in ``slope.kernels``' format (values-independent)."""
-        return compress_2to4(mask.to(dtype), mask)[1]
-
-    def operand_from_values(self, values: torch.Tensor, structure: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return values, structure
 
     def matmul(self, x: torch.Tensor, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         from slope.kernels.triton_sparse import sparse_linear
