@@ -1,11 +1,12 @@
 """Kernel entry points of slope (installed as ``slope.kernels``).
 
 Functions with a Triton kernel (``addmm``, ``matvec_add``, ``prune_2to4``,
-``double_prune_mask_2to4``, ``prune_compress_2to4``) dispatch: CUDA tensors of a dtype Triton
+``double_prune_mask_2to4``, ``prune_compress_2to4``, ``gather_kept_2to4``,
+``transpose_kept_2to4``) dispatch: CUDA tensors of a dtype Triton
 handles (fp16/bf16/fp32) go to :mod:`slope.kernels.triton_kernels` when Triton can run here;
 everything else goes to the pure-PyTorch references in :mod:`slope.kernels.reference`, which
 stay importable as ``slope.kernels.reference.*`` and are the oracles of the fast paths.
-``compress_2to4`` / ``decompress_2to4`` are the references on every device.
+``compress_2to4`` / ``decompress_2to4`` / ``stored_mask_2to4`` are the references on every device.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .reference import (
     cutlass_layout_supported,
     decompress_2to4,
     metadata_dtype,
+    stored_mask_2to4,
 )
 
 __all__ = [
@@ -29,11 +31,14 @@ __all__ = [
     "cutlass_layout_supported",
     "decompress_2to4",
     "double_prune_mask_2to4",
+    "gather_kept_2to4",
     "matvec_add",
     "metadata_dtype",
     "prune_2to4",
     "prune_compress_2to4",
     "reference",
+    "stored_mask_2to4",
+    "transpose_kept_2to4",
     "triton_usable",
 ]
 
@@ -97,3 +102,23 @@ def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torc
     if triton_usable(dense):
         return _triton().prune_compress_2to4(dense, layout)
     return reference.prune_compress_2to4(dense, layout)
+
+
+def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Kept entries of ``full (rows, cols)`` under 2:4 ``mask`` as ``(rows, cols/2)``, or added to ``out``.
+
+    The Triton path trusts ``mask`` to keep exactly 2 of every 4 (the reference checks it)."""
+    if triton_usable(full) and mask.device == full.device and (out is None or triton_usable(out)):
+        return _triton().gather_kept_2to4(full, mask, out)
+    return reference.gather_kept_2to4(full, mask, out)
+
+
+def transpose_kept_2to4(
+    values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Kept values ``(cols, rows/2)`` of ``(W ⊙ M ⊙ M_t)ᵀ`` from ``W``'s kept ``values (rows, cols/2)``.
+
+    The Triton path trusts the masks (2 of 4 kept, ``M_t ⊆ M``; the reference checks the counts)."""
+    if triton_usable(values) and mask.device == mask_t.device == values.device and (dtype is None or dtype in _TRITON_DTYPES):
+        return _triton().transpose_kept_2to4(values, mask, mask_t, dtype)
+    return reference.transpose_kept_2to4(values, mask, mask_t, dtype)

@@ -31,6 +31,9 @@ __all__ = [
     "prune_2to4",
     "double_prune_mask_2to4",
     "prune_compress_2to4",
+    "gather_kept_2to4",
+    "stored_mask_2to4",
+    "transpose_kept_2to4",
     "cutlass_layout_supported",
     "metadata_dtype",
     "addmm",
@@ -51,6 +54,16 @@ _PAIR_FOR_PATTERN = torch.tensor(
     ],
     dtype=torch.int64,
 )
+#: number of kept entries of each 4-bit pattern.
+_KEPT_COUNT = torch.tensor([bin(pattern).count("1") for pattern in range(16)], dtype=torch.uint8)
+
+
+def _group_patterns(mask: torch.Tensor) -> torch.Tensor:
+    """``int64 (rows, cols/4)``: the 4-bit pattern ``m0 | m1<<1 | m2<<2 | m3<<3`` of every group of
+    4 along the last dim of bool ``mask (rows, cols)`` (uint8 arithmetic: ~5x faster than int64)."""
+    rows, cols = mask.shape
+    g = mask.reshape(rows, cols // 4, 4).view(torch.uint8)
+    return (g[..., 0] | (g[..., 1] << 1) | (g[..., 2] << 2) | (g[..., 3] << 3)).long()
 
 
 def cutlass_layout_supported(rows: int, cols: int, dtype: torch.dtype) -> bool:
@@ -114,14 +127,13 @@ def compress_2to4(
         mask = dense != 0
     elif mask.shape != dense.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool of shape {tuple(dense.shape)}, got {mask.dtype} {tuple(mask.shape)}")
-    groups = mask.reshape(rows, cols // 4, 4)
-    if bool((groups.sum(-1) > 2).any()):
+    try:
+        pairs = _kept_pairs_2to4(mask, "mask", exactly_two=False)  # (rows, cols/4, 2)
+    except ValueError:
         raise ValueError(
             "input is not 2:4 sparse (some group of 4 keeps more than 2 entries); "
             "prune it first with slope.kernels.prune_2to4"
-        )
-    pattern = (groups.long() << torch.arange(4, device=dense.device)).sum(-1)
-    pairs = _PAIR_FOR_PATTERN.to(dense.device)[pattern]  # (rows, cols/4, 2)
+        ) from None
     kept = torch.where(mask, dense, torch.zeros((), dtype=dense.dtype, device=dense.device))
     values = kept.reshape(rows, cols // 4, 4).gather(-1, pairs).reshape(rows, cols // 2)
     codes = pairs[..., 0] | (pairs[..., 1] << 2)  # (rows, cols/4), 0..15
@@ -207,6 +219,92 @@ def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torc
     """:func:`prune_2to4` then :func:`compress_2to4` of ``dense (rows, cols)``: ``(values, meta)``."""
     pruned, mask = prune_2to4(dense)
     return compress_2to4(pruned, mask, layout)
+
+
+def _kept_pairs_2to4(mask: torch.Tensor, name: str, exactly_two: bool) -> torch.Tensor:
+    """``int64 (rows, cols/4, 2)``: the two stored positions of every group of 4 of bool ``mask
+    (rows, cols)``, ascending. Groups keeping fewer than two (allowed unless ``exactly_two``) get
+    :func:`compress_2to4`'s filler positions; more than two is an error."""
+    pattern = _group_patterns(mask)
+    counts = _KEPT_COUNT.to(mask.device)[pattern]
+    if not bool((counts == 2).all() if exactly_two else (counts <= 2).all()):
+        raise ValueError(f"{name} must keep {'exactly' if exactly_two else 'at most'} 2 of every 4 entries along its last dim")
+    return _PAIR_FOR_PATTERN.to(mask.device)[pattern]
+
+
+def _check_mask(name: str, mask: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape) or mask.device != device:
+        raise ValueError(
+            f"{name} must be a bool tensor of shape {tuple(shape)} on {device}, "
+            f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}"
+        )
+
+
+def stored_mask_2to4(mask: torch.Tensor) -> torch.Tensor:
+    """The positions a compressed operand of bool ``mask (rows, cols)`` (at most 2 of every 4
+    along ``cols``) stores: ``mask`` plus, in groups keeping fewer than two, :func:`compress_2to4`'s
+    filler positions (which then hold zeros). Exactly 2 of every 4; ``⊇ mask``."""
+    _check_2d("mask", mask)
+    rows, cols = mask.shape
+    if mask.dtype != torch.bool or cols % 4:
+        raise ValueError(f"mask must be bool with cols divisible by 4, got {mask.dtype} {tuple(mask.shape)}")
+    stored = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=mask.device)
+    stored.scatter_(-1, _kept_pairs_2to4(mask, "mask", exactly_two=False), True)
+    return stored.reshape(rows, cols)
+
+
+def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The kept entries of ``full (rows, cols)`` under bool ``mask`` (exactly 2 of every 4 along
+    ``cols``), as ``(rows, cols/2)`` in row order, ascending column inside each group — the layout
+    of a SLoPe layer's ``values``. Used for the weight gradient ``(dyᵀ x) ⊙ M``.
+
+    Without ``out`` the result is a new tensor of ``full``'s dtype; with ``out (rows, cols/2)`` (any
+    float dtype, e.g. fp32 for a bf16 ``full``) the kept entries are *added* to it in place (the
+    sum in ``out``'s dtype) and ``out`` is returned.
+    """
+    _check_2d("full", full)
+    rows, cols = full.shape
+    if cols % 4:
+        raise ValueError(f"2:4 gathering needs cols divisible by 4, got shape {(rows, cols)}")
+    _check_mask("mask", mask, full.shape, full.device)
+    pairs = _kept_pairs_2to4(mask, "mask", exactly_two=True)
+    kept = full.reshape(rows, cols // 4, 4).gather(-1, pairs).reshape(rows, cols // 2)
+    if out is None:
+        return kept
+    if out.shape != (rows, cols // 2) or out.device != full.device or not out.is_floating_point():
+        raise ValueError(
+            f"out must be a float tensor of shape {(rows, cols // 2)} on {full.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    return out.add_(kept.to(out.dtype))
+
+
+def transpose_kept_2to4(
+    values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Stored values of the double-pruned transpose ``(W ⊙ M ⊙ M_t)ᵀ``, straight from ``W``'s kept values.
+
+    ``values (rows, cols/2)``: the entries of ``W (rows, cols)`` that bool ``mask`` keeps (exactly 2
+    of every 4 along ``cols``), in row order, ascending column inside each group (a SLoPe layer's
+    ``values``). ``mask_t`` (bool ``(rows, cols)``, ``⊆ mask``) keeps at most 2 of every 4 along
+    ``rows``. Returns ``(cols, rows/2)`` in ``dtype`` (default ``values``' dtype): row ``j`` holds,
+    for each group of 4 rows, ``(W ⊙ M ⊙ M_t)[i, j]`` at the two ``i`` of
+    ``stored_mask_2to4(mask_tᵀ)`` (ascending; filler positions hold 0) — the values of the backward
+    operand, whose metadata depends on ``M_t`` alone.
+    """
+    _check_2d("values", values)
+    rows, half = values.shape
+    cols = 2 * half
+    if rows % 4 or cols % 4:
+        raise ValueError(f"values {tuple(values.shape)} must come from a (rows, cols) with rows and cols divisible by 4")
+    _check_mask("mask", mask, (rows, cols), values.device)
+    _check_mask("mask_t", mask_t, (rows, cols), values.device)
+    dtype = values.dtype if dtype is None else dtype
+    dense = torch.zeros(rows, cols // 4, 4, dtype=dtype, device=values.device)
+    dense.scatter_(-1, _kept_pairs_2to4(mask, "mask", exactly_two=True), values.to(dtype).reshape(rows, cols // 4, 2))
+    dense_t = (dense.reshape(rows, cols) * mask_t).t()
+    pairs = _kept_pairs_2to4(mask_t.t(), "mask_t (along rows)", exactly_two=False)
+    return dense_t.reshape(cols, rows // 4, 4).gather(-1, pairs).reshape(cols, rows // 2)
 
 
 def addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

@@ -26,6 +26,8 @@ __all__ = [
     "prune_2to4",
     "double_prune_mask_2to4",
     "prune_compress_2to4",
+    "gather_kept_2to4",
+    "transpose_kept_2to4",
 ]
 
 #: dtypes the Triton kernels handle (others go to the reference).
@@ -375,3 +377,152 @@ def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torc
         grid = (triton.cdiv(rows, br), triton.cdiv(triton.cdiv(cols // 4, 4), bmc))
         _prune_compress_kernel[grid](x, values, meta, rows, cols, BLOCK_R=br, BLOCK_MC=bmc, CUTLASS=cutlass)
     return values, meta
+
+
+# -------------------------------------------------------------------- kept-value movement (2:4)
+@triton.jit
+def _first_and_last(b0, b1, b2, b3):
+    """Positions (0..3) of the first and the last of exactly two set flags."""
+    first = tl.where(b0, 0, tl.where(b1, 1, 2))
+    last = tl.where(b3, 3, tl.where(b2, 2, 1))
+    return first, last
+
+
+@triton.jit
+def _gather_kept_kernel(
+    full_ptr, mask_ptr, out_ptr, rows, groups, stride_fr, stride_fc,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+    g = (tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)[None, :]
+    valid = (r < rows) & (g < groups)
+    mbase = r * (4 * groups) + 4 * g
+    b0 = tl.load(mask_ptr + mbase, mask=valid, other=0) != 0
+    b1 = tl.load(mask_ptr + mbase + 1, mask=valid, other=0) != 0
+    b2 = tl.load(mask_ptr + mbase + 2, mask=valid, other=0) != 0
+    b3 = tl.load(mask_ptr + mbase + 3, mask=valid, other=0) != 0
+    first, last = _first_and_last(b0, b1, b2, b3)
+    fbase = r * stride_fr + (4 * g) * stride_fc
+    v0 = tl.load(full_ptr + fbase + first * stride_fc, mask=valid, other=0.0)
+    v1 = tl.load(full_ptr + fbase + last * stride_fc, mask=valid, other=0.0)
+    obase = r * (2 * groups) + 2 * g
+    if ACCUMULATE:
+        acc0 = tl.load(out_ptr + obase, mask=valid, other=0.0)
+        acc1 = tl.load(out_ptr + obase + 1, mask=valid, other=0.0)
+        tl.store(out_ptr + obase, (acc0 + v0.to(acc0.dtype)).to(acc0.dtype), mask=valid)
+        tl.store(out_ptr + obase + 1, (acc1 + v1.to(acc1.dtype)).to(acc1.dtype), mask=valid)
+    else:
+        tl.store(out_ptr + obase, v0, mask=valid)
+        tl.store(out_ptr + obase + 1, v1, mask=valid)
+
+
+def _check_kept_masks(*named: tuple[str, torch.Tensor, tuple[int, ...], torch.device]) -> None:
+    for name, mask, shape, device in named:
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape) or mask.device != device:
+            raise ValueError(
+                f"{name} must be a bool tensor of shape {tuple(shape)} on {device}, "
+                f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}"
+            )
+
+
+def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One-pass :func:`slope.kernels.reference.gather_kept_2to4`: the kept entries of ``full (rows,
+    cols)`` (any strides) under ``mask`` as ``(rows, cols/2)``, or added in place to ``out``.
+
+    Unlike the reference it does not check that every group keeps exactly two (callers such as
+    :class:`slope.layer.SparseLinear` validate their masks once per mask version): a group keeping
+    other than two gives unspecified values for that group.
+    """
+    if full.dim() != 2 or full.shape[1] % 4:
+        raise ValueError(f"gather_kept_2to4 needs a 2-D (rows, cols) tensor with cols % 4 == 0, got {tuple(full.shape)}")
+    _check_dtype("gather_kept_2to4", full)
+    rows, cols = full.shape
+    _check_kept_masks(("mask", mask, full.shape, full.device))
+    if out is None:
+        out = torch.empty(rows, cols // 2, dtype=full.dtype, device=full.device)
+        accumulate = False
+    else:
+        if out.shape != (rows, cols // 2) or out.device != full.device or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous tensor of shape {(rows, cols // 2)} on {full.device}, "
+                f"got {tuple(out.shape)} on {out.device}"
+            )
+        _check_dtype("gather_kept_2to4 (out)", out)
+        accumulate = True
+    if full.numel():
+        br, bg = 32, 32
+        grid = (triton.cdiv(rows, br), triton.cdiv(cols // 4, bg))
+        _gather_kept_kernel[grid](
+            full, mask.contiguous().view(torch.uint8), out, rows, cols // 4, full.stride(0), full.stride(1),
+            BLOCK_R=br, BLOCK_G=bg, ACCUMULATE=accumulate,
+        )
+    return out
+
+
+@triton.jit
+def _transpose_kept_kernel(
+    values_ptr, mask_ptr, mask_t_ptr, out_ptr, rows, cols,
+    BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Output ``(j, q, k)``: ``(W ⊙ M_t)[4q + pos_k, j]`` for the group's k-th stored row, read from ``values``."""
+    j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)[:, None]
+    q = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)[None, :]
+    valid = (j < cols) & (q < rows // 4)
+    tbase = (4 * q) * cols + j
+    t0 = tl.load(mask_t_ptr + tbase, mask=valid, other=0) != 0
+    t1 = tl.load(mask_t_ptr + tbase + cols, mask=valid, other=0) != 0
+    t2 = tl.load(mask_t_ptr + tbase + 2 * cols, mask=valid, other=0) != 0
+    t3 = tl.load(mask_t_ptr + tbase + 3 * cols, mask=valid, other=0) != 0
+    # The two stored rows of the group (stored_mask_2to4): M_t's kept rows, completed by
+    # compress_2to4's fillers when M_t keeps fewer than two (those slots hold 0).
+    two = (t0.to(tl.int32) + t1.to(tl.int32) + t2.to(tl.int32) + t3.to(tl.int32)) == 2
+    pos0 = tl.where(t0, 0, tl.where(t1, 1, 2))
+    pos1 = tl.where(two, tl.where(t3, 3, tl.where(t2, 2, 1)), tl.where(pos0 == 2, 3, 2))
+    group_start = j - j % 4  # first column of j's group of 4 along cols
+    obase = j * (rows // 2) + 2 * q
+    for k in tl.static_range(2):
+        if k == 0:
+            pos = pos0
+        else:
+            pos = pos1
+        kept = valid & (tl.where(pos == 0, t0, tl.where(pos == 1, t1, tl.where(pos == 2, t2, t3))))
+        i = 4 * q + pos
+        # (i, j) is kept by M (M_t ⊆ M); its slot among the two kept of its group of row i is the
+        # number of entries M keeps in that group before j.
+        mrow = i * cols + group_start
+        slot = tl.zeros((BLOCK_J, BLOCK_Q), dtype=tl.int64)
+        for p in tl.static_range(3):
+            before = kept & ((j % 4) > p)
+            slot += (tl.load(mask_ptr + mrow + p, mask=before, other=0) != 0).to(tl.int64)
+        v = tl.load(values_ptr + i * (cols // 2) + group_start // 2 + slot, mask=kept, other=0.0)
+        tl.store(out_ptr + obase + k, v.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def transpose_kept_2to4(
+    values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """One-pass :func:`slope.kernels.reference.transpose_kept_2to4`: the backward operand's kept
+    values ``(cols, rows/2)`` in ``dtype`` from ``values (rows, cols/2)`` and the bool masks
+    ``mask`` / ``mask_t (rows, cols)``, never building the dense weight. Like
+    :func:`gather_kept_2to4` it trusts the masks (``M`` exactly 2 of 4 along cols, ``M_t`` at
+    most 2 of 4 along rows, ``M_t ⊆ M``).
+    """
+    if values.dim() != 2:
+        raise ValueError(f"values must be 2-D (rows, cols/2), got shape {tuple(values.shape)}")
+    _check_dtype("transpose_kept_2to4", values)
+    rows, cols = values.shape[0], 2 * values.shape[1]
+    if rows % 4 or cols % 4:
+        raise ValueError(f"values {tuple(values.shape)} must come from a (rows, cols) with rows and cols divisible by 4")
+    _check_kept_masks(("mask", mask, (rows, cols), values.device), ("mask_t", mask_t, (rows, cols), values.device))
+    dtype = values.dtype if dtype is None else dtype
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(f"transpose_kept_2to4: Triton kernels support fp16/bf16/fp32, got {dtype}")
+    out = torch.empty(cols, rows // 2, dtype=dtype, device=values.device)
+    if values.numel():
+        bj, bq = 64, 16
+        grid = (triton.cdiv(cols, bj), triton.cdiv(rows // 4, bq))
+        _transpose_kept_kernel[grid](
+            values.contiguous(), mask.contiguous().view(torch.uint8), mask_t.contiguous().view(torch.uint8),
+            out, rows, cols, BLOCK_J=bj, BLOCK_Q=bq,
+        )
+    return out

@@ -2,8 +2,11 @@
 
 - ``prune_ms``: ``prune_model`` once (N:M masks, ``M_t``, compression) — one-off;
 - ``mask_t_refresh_ms``: ``update_mask_t()`` of every layer once — every ``mask_change_freq`` steps;
-- ``operand_rebuild_ms``: every layer's forward and backward backend operands rebuilt from the
-  weights (``make_operand``) — after every optimizer step.
+- ``operand_rebuild_ms``: every layer's forward and backward backend operands rebuilt after the
+  values changed (masks unchanged) — after every optimizer step. For 2:4 layers on backends that
+  build operands from kept values (reference, triton, cutlass-sm90) that is a cast of ``values``
+  (forward) and :func:`slope.kernels.transpose_kept_2to4` (backward) with cached metadata; other
+  backends scatter to a dense weight and ``make_operand`` it.
 
 Each is compared with the dense model's training step (``dense.step_ms``, measured in the same
 run): ``prune_overhead_ratio`` (prune / step), ``mask_refresh_overhead_ratio`` (refresh /

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from slope import registry
 from slope.backends import SparseBackend, resolve_backend
+from slope import kernels
 from slope.kernels import compress_2to4, metadata_dtype
 from slope.masks import double_prune_mask, nm_mask, transposable_mask
 
@@ -135,8 +136,9 @@ class SparseLinear(nn.Module):
         self.values_grad: torch.Tensor | None = None
         self.lora_rank = 0
         self._operands: dict[tuple, tuple[tuple, Any]] = {}
-        # backend metadata of the forward mask M (see _operand_structure): survives refresh(),
-        # which runs after every optimizer step, and is re-derived when M's version changes.
+        # backend metadata of the operands' masks, M forward and M_t backward (see
+        # _operand_structure): survives refresh(), which runs after every optimizer step, and is
+        # re-derived when that mask's version changes.
         self._structures: dict[tuple, tuple[tuple, Any]] = {}
         self._backends: dict[tuple, SparseBackend] = {}
         self._offsets: tuple[tuple, torch.Tensor] | None = None
@@ -184,8 +186,14 @@ class SparseLinear(nn.Module):
     # ------------------------------------------------------------------ kept positions
     def _kept_offsets(self) -> torch.Tensor:
         """``int64 (out, in/M, N)``: where, inside each group of M inputs, the N kept entries sit
-        (ascending, so gathering them gives ``values``' row order). Cached per mask version as
-        int8; gather/scatter with it is ~10x faster than ``masked_select``/``masked_scatter``."""
+        (ascending, so gathering them gives ``values``' row order); see :meth:`_kept_offsets_int8`."""
+        return self._kept_offsets_int8().long()
+
+    def _kept_offsets_int8(self) -> torch.Tensor:
+        """:meth:`_kept_offsets` as int8, cached per mask version; computing it checks that ``M``
+        keeps exactly N of every M (so the fused 2:4 kernels, which trust the mask, may call this
+        to validate it once per mask change). Gather/scatter with it is ~10x faster than
+        ``masked_select``/``masked_scatter``."""
         stored = self._stored_mask()
         key = (stored._version, stored.data_ptr(), stored.device)
         if self._offsets is None or self._offsets[0] != key:
@@ -197,7 +205,7 @@ class SparseLinear(nn.Module):
                 )
             order = torch.sort(groups.to(torch.uint8), dim=-1, descending=True, stable=True).indices
             self._offsets = (key, order[..., : self.n].to(torch.int8))
-        return self._offsets[1].long()
+        return self._offsets[1]
 
     def _stored_mask(self) -> torch.Tensor:
         """The tensor that holds ``M`` (its version keys caches; the inference form stores it packed)."""
@@ -259,48 +267,76 @@ class SparseLinear(nn.Module):
         return self._backends[key]
 
     def _operand(self, which: str, dtype: torch.dtype, device: torch.device):
-        """The cached forward (``W⊙M``) or backward (``(W⊙M⊙M_t)ᵀ``) operand, rebuilt when stale."""
+        """The cached forward (``W⊙M``) or backward (``(W⊙M⊙M_t)ᵀ``) operand, rebuilt when stale.
+
+        For 2:4 layers on backends that build operands from kept values (``operand_structure``),
+        neither operand goes through a dense weight: the forward one is ``values`` cast to
+        ``dtype``, the backward one :func:`slope.kernels.transpose_kept_2to4` of them; the metadata
+        of each depends on a mask only and is cached per mask version."""
         version = (self.values._version, self.values.data_ptr(), self.mask._version, self.mask_t._version, self.mask_t.data_ptr())
         key = (which, dtype, device)
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:
             return cached[1]
         backend = self._backend_for(dtype, device, which)
+        if which == "backward" and not backend.any_nm and not self.double_pruning:
+            raise ValueError(
+                f"{self.layer_name}: an exact (not double-pruned) backward is not 2:4 along out; "
+                "it needs compress=False"
+            )
         with torch.no_grad():
-            structure = self._operand_structure(backend, dtype, device) if which == "forward" else None
-            if structure is not None:  # kept values are already the operand's values: no dense detour
-                self._operands[key] = (version, backend.operand_from_values(self.values.detach().to(dtype), structure))
-                return self._operands[key][1]
-            dense = self.dense_weight().to(dtype)
-            if which == "forward":
-                operand = backend.make_operand(dense, self.mask)
+            structure = self._operand_structure(backend, which, dtype, device)
+            values = self.values.detach()
+            if structure is not None and which == "forward":
+                operand = backend.operand_from_values(values.to(dtype), structure)
+            elif structure is not None:
+                operand = backend.operand_from_values(
+                    kernels.transpose_kept_2to4(values, self.mask, self.mask_t, dtype), structure
+                )
+            elif which == "forward":
+                operand = backend.make_operand(self.dense_weight().to(dtype), self.mask)
             else:
-                if not backend.any_nm and not self.double_pruning:
-                    raise ValueError(
-                        f"{self.layer_name}: an exact (not double-pruned) backward is not 2:4 along out; "
-                        "it needs compress=False"
-                    )
+                dense = self.dense_weight().to(dtype)
                 operand = backend.make_operand((dense * self.mask_t).t().contiguous(), self.mask_t.t().contiguous())
         self._operands[key] = (version, operand)
         return operand
 
-    def _operand_structure(self, backend: SparseBackend, dtype: torch.dtype, device: torch.device):
-        """``backend.operand_structure`` of the forward mask, cached per mask version (None: the
-        backend builds forward operands with ``make_operand``; only 2:4 layers qualify)."""
+    def _operand_structure(self, backend: SparseBackend, which: str, dtype: torch.dtype, device: torch.device):
+        """``backend.operand_structure`` of the ``which`` operand's stored pattern, cached per
+        version of the mask it depends on (``M`` forward; ``M_t`` backward, whose transpose keeps
+        at most 2 of 4 and is completed by :func:`slope.kernels.stored_mask_2to4`). None: the
+        backend builds operands with ``make_operand`` (also for every layer that is not 2:4)."""
         if (self.n, self.m) != (2, 4) or self.values.device != device:
             return None
-        stored = self._stored_mask()
+        if type(backend).operand_structure is SparseBackend.operand_structure:
+            return None  # builds every operand with make_operand
+        if which == "forward":
+            self._kept_offsets_int8()  # validates M (the kernels trust it), once per M version
+            stored = self._stored_mask()
+        else:
+            stored = self.mask_t
         version = (stored._version, stored.data_ptr())
-        key = (dtype, device, id(backend))
+        key = (which, dtype, device, id(backend))
         cached = self._structures.get(key)
         if cached is None or cached[0] != version:
-            cached = (version, backend.operand_structure(self.mask, dtype))
+            if which == "forward":
+                pattern = self.mask
+            else:
+                pattern = kernels.stored_mask_2to4(self.mask_t.t().contiguous())
+            cached = (version, backend.operand_structure(pattern, dtype))
             self._structures[key] = cached
         return cached[1]
 
     @torch.no_grad()
     def _accumulate_grad(self, full_grad: torch.Tensor) -> None:
-        """Add ``(dyᵀ x) ⊙ M`` (given dense ``(out, in)``) to :attr:`values_grad`, kept compressed."""
+        """Add ``(dyᵀ x) ⊙ M`` (given dense ``(out, in)``) to :attr:`values_grad`, kept compressed
+        (2:4 on CUDA: one fused gather-and-add kernel; else a gather with the cached offsets)."""
+        if (self.n, self.m) == (2, 4) and kernels.triton_usable(full_grad, self.values):
+            self._kept_offsets_int8()  # validates M (the kernel trusts it), once per M version
+            if self.values_grad is None:
+                self.values_grad = torch.zeros_like(self.values)
+            kernels.gather_kept_2to4(full_grad, self.mask, out=self.values_grad)
+            return
         kept = self._gather_kept(full_grad).to(self.values.dtype)
         if self.values_grad is None:
             self.values_grad = kept

@@ -144,3 +144,93 @@ def test_addmm_and_matvec_add():
     assert torch.equal(base[:, ::2], expected)
     with pytest.raises(ValueError, match="matvec_add"):
         matvec_add(view, torch.randn(4))
+
+
+# ------------------------------------------------------------------ kept-value movement (2:4)
+def _masks(rows, cols, seed=0):
+    """``W``, ``M`` (2:4 along cols) and ``M_t`` (double-pruned: at most 2:4 along rows, ⊆ M)."""
+    from slope.masks import double_prune_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen)
+    mask = nm_mask(w, 2, 4)
+    return w, mask, double_prune_mask(w * mask, mask, 2, 4)
+
+
+def test_stored_mask_completes_groups_like_compress():
+    from slope.kernels import stored_mask_2to4
+
+    dense = _sparse_input(32, 64, torch.float32)  # groups keeping 0, 1 and 2 entries
+    mask = dense != 0
+    stored = stored_mask_2to4(mask)
+    assert stored.dtype == torch.bool and bool((stored | ~mask).all())  # ⊇ mask
+    assert bool((stored.reshape(32, 16, 4).sum(-1) == 2).all())
+    assert bool((stored != mask).any())  # some groups were completed
+    # the stored positions are exactly those compress_2to4 writes values for
+    codes = compress_2to4(dense, layout="plain")[1].long()
+    from_codes = torch.zeros(32, 16, 4, dtype=torch.bool)
+    from_codes.scatter_(-1, torch.stack((codes & 3, codes >> 2), -1), True)
+    assert torch.equal(stored, from_codes.reshape(32, 64))
+    with pytest.raises(ValueError, match="at most 2"):
+        stored_mask_2to4(torch.ones(4, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_kept_2to4_matches_masked_select(dtype):
+    from slope.kernels import gather_kept_2to4
+
+    full, mask, _ = _masks(24, 40, seed=1)
+    full = torch.randn(24, 40).to(dtype)
+    kept = gather_kept_2to4(full, mask)
+    assert kept.dtype == dtype and torch.equal(kept, full.masked_select(mask).reshape(24, 20))
+    out = torch.randn(24, 20)
+    expected = out + kept.float()
+    assert gather_kept_2to4(full, mask, out=out) is out and torch.equal(out, expected)
+    # any strides
+    assert torch.equal(gather_kept_2to4(full.t().contiguous().t(), mask), kept)
+
+
+def test_gather_kept_2to4_errors():
+    from slope.kernels import gather_kept_2to4
+
+    full, mask, _ = _masks(8, 16)
+    three = mask.clone()
+    three[0, :4] = True
+    with pytest.raises(ValueError, match="exactly 2"):
+        gather_kept_2to4(full, three)
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        gather_kept_2to4(full, mask.float())
+    with pytest.raises(ValueError, match="out must be"):
+        gather_kept_2to4(full, mask, out=torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        gather_kept_2to4(torch.randn(8, 6), torch.ones(8, 6, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("rows,cols", [(48, 64), (36, 20), (4, 4)])
+def test_transpose_kept_2to4_is_the_backward_operand(rows, cols):
+    from slope.kernels import gather_kept_2to4, stored_mask_2to4, transpose_kept_2to4
+
+    w, mask, mask_t = _masks(rows, cols, seed=rows)
+    values = gather_kept_2to4(w, mask)
+    got = transpose_kept_2to4(values, mask, mask_t)
+    assert got.shape == (cols, rows // 2) and got.dtype == torch.float32
+    backward_t = (w * mask * mask_t).t().contiguous()  # (W ⊙ M ⊙ M_t)ᵀ, 2:4 at most along rows
+    stored = stored_mask_2to4(mask_t.t().contiguous())
+    assert torch.equal(got, backward_t.masked_select(stored).reshape(cols, rows // 2))
+    # with the metadata of the stored pattern it decompresses to the backward operand
+    meta = compress_2to4(stored.float(), stored, layout="plain")[1]
+    assert torch.equal(decompress_2to4(got, meta), backward_t)
+    assert torch.equal(transpose_kept_2to4(values, mask, mask_t, torch.bfloat16), got.bfloat16())
+
+
+def test_transpose_kept_2to4_errors():
+    from slope.kernels import transpose_kept_2to4
+
+    w, mask, mask_t = _masks(8, 16)
+    values = w.masked_select(mask).reshape(8, 8)
+    with pytest.raises(ValueError, match="at most 2"):
+        transpose_kept_2to4(values, mask, mask)  # M is 2:4 along cols, not along rows
+    with pytest.raises(ValueError, match="mask_t must be a bool tensor of shape"):
+        transpose_kept_2to4(values, mask, mask_t[:4])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        transpose_kept_2to4(torch.randn(6, 8), torch.ones(6, 16, dtype=torch.bool), torch.ones(6, 16, dtype=torch.bool))

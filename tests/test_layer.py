@@ -377,7 +377,7 @@ def test_operand_from_values_equals_the_compressed_dense(backend_name, shape, dt
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
 
 
-def test_forward_operand_skips_the_dense_detour_and_caches_the_structure(monkeypatch):
+def test_operands_skip_the_dense_detour_and_cache_their_structures(monkeypatch):
     from slope.backends.reference import ReferenceBackend
 
     calls = {"structure": 0, "make_operand": 0}
@@ -406,9 +406,8 @@ def test_forward_operand_skips_the_dense_detour_and_caches_the_structure(monkeyp
             opt.step()
             opt.zero_grad()
         torch.testing.assert_close(fast.dense_weight(), sim.dense_weight(), rtol=1e-6, atol=1e-6)
-    # the values changed every step, the mask never: one structure, and make_operand only for
-    # the backward operand (once per step)
-    assert calls["structure"] == 1 and calls["make_operand"] == 3
+    # the values changed every step, the masks never: one structure per operand, no make_operand
+    assert calls["structure"] == 2 and calls["make_operand"] == 0
     x = torch.randn(5, 64)
     torch.testing.assert_close(fast(x), sim(x), rtol=1e-5, atol=1e-5)
     # a new mask (here: a re-prune) invalidates the structure
@@ -416,12 +415,17 @@ def test_forward_operand_skips_the_dense_detour_and_caches_the_structure(monkeyp
         fast.set_weight(torch.randn(48, 64))
         sim.set_weight(fast.dense_weight())
     torch.testing.assert_close(fast(x), F.linear(x, fast.dense_weight()), rtol=1e-5, atol=1e-5)
-    assert calls["structure"] == 2
+    assert calls["structure"] == 3  # the forward one (M changed; M_t too, used at the next backward)
+    x.requires_grad_(True)
+    fast(x).sum().backward()
+    assert calls["structure"] == 4
+    torch.testing.assert_close(x.grad, torch.ones(5, 48) @ fast.backward_weight(), rtol=1e-5, atol=1e-5)
 
 
 def test_forward_operand_of_other_sparsities_uses_make_operand():
     layer = SparseLinear.from_dense(torch.randn(16, 32), compress=False, n=2, m=8)
     backend = layer._backend_for(torch.float32, torch.device("cpu"))
-    assert layer._operand_structure(backend, torch.float32, torch.device("cpu")) is None
+    for which in ("forward", "backward"):
+        assert layer._operand_structure(backend, which, torch.float32, torch.device("cpu")) is None
     x = torch.randn(3, 32)
     torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight()))

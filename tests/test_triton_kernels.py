@@ -160,6 +160,101 @@ def test_prune_compress_errors():
         tk.prune_compress_2to4(torch.randint(0, 3, (8, 8), dtype=torch.int8))
 
 
+# ------------------------------------------------------------- kept-value movement (2:4)
+def _layer_masks(rows, cols, dtype, seed):
+    from slope.masks import double_prune_mask, nm_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    mask = nm_mask(w, 2, 4)
+    return w, mask, double_prune_mask(w * mask, mask, 2, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 96), (36, 20), (4, 4)])
+def test_gather_kept_bit_identical(dtype, shape):
+    w, mask, _ = _layer_masks(*shape, dtype, seed=shape[0])
+    full = torch.randn(shape[1], shape[0]).to(dtype).t()  # strided, as dyᵀ x may be
+    assert torch.equal(tk.gather_kept_2to4(full, mask), ref.gather_kept_2to4(full, mask))
+    acc = torch.randn(shape[0], shape[1] // 2)  # fp32 accumulator of a bf16 gradient
+    expected = ref.gather_kept_2to4(full, mask, acc.clone())
+    out = acc.clone()
+    assert tk.gather_kept_2to4(full, mask, out) is out and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 96), (36, 20), (4, 4), (100, 8)])
+def test_transpose_kept_bit_identical(dtype, shape):
+    w, mask, mask_t = _layer_masks(*shape, dtype, seed=shape[1])
+    values = ref.gather_kept_2to4(w, mask)
+    expected = ref.transpose_kept_2to4(values, mask, mask_t)
+    assert bool((mask_t.t().reshape(shape[1], -1, 4).sum(-1) < 2).any())  # filler slots are exercised
+    assert torch.equal(tk.transpose_kept_2to4(values, mask, mask_t), expected)
+    # fp32 -> fp32 output dtype conversion (fp32 -> bf16 is a truncation in the interpreter)
+    assert torch.equal(tk.transpose_kept_2to4(values.float(), mask, mask_t, torch.float32), expected.float())
+
+
+def test_kept_kernels_errors():
+    w, mask, mask_t = _layer_masks(8, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="cols % 4"):
+        tk.gather_kept_2to4(torch.randn(8, 6), torch.ones(8, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        tk.gather_kept_2to4(w, mask[:4])
+    with pytest.raises(ValueError, match="contiguous tensor of shape"):
+        tk.gather_kept_2to4(w, mask, torch.zeros(8, 16))
+    values = ref.gather_kept_2to4(w, mask)
+    with pytest.raises(ValueError, match="mask_t must be a bool tensor"):
+        tk.transpose_kept_2to4(values, mask, mask_t.float())
+    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
+        tk.transpose_kept_2to4(values, mask, mask_t, torch.float64)
+
+
+def test_layer_takes_the_fused_kept_paths(monkeypatch):
+    """With the Triton paths enabled (as on CUDA), a 2:4 layer's weight gradient and backward
+    operand come from the fused kernels and match the simulated layer."""
+    from slope import kernels
+    from slope.layer import SparseLinear
+    from slope.optimizers import ADAMWSparse
+
+    calls = {"gather": 0, "transpose": 0}
+    real_gather, real_transpose = tk.gather_kept_2to4, tk.transpose_kept_2to4
+
+    def gather(*args):
+        calls["gather"] += 1
+        return real_gather(*args)
+
+    def transpose(*args):
+        calls["transpose"] += 1
+        return real_transpose(*args)
+
+    monkeypatch.setattr(tk, "gather_kept_2to4", gather)
+    monkeypatch.setattr(tk, "transpose_kept_2to4", transpose)
+    monkeypatch.setattr(kernels, "triton_usable", lambda *tensors: True)
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    fast = SparseLinear.from_dense(w, compress=True, backend="reference")
+    monkeypatch.undo()  # the oracle runs on the reference paths
+    sim = SparseLinear.from_dense(w, compress=False)
+    monkeypatch.setattr(tk, "gather_kept_2to4", gather)
+    monkeypatch.setattr(tk, "transpose_kept_2to4", transpose)
+    monkeypatch.setattr(kernels, "triton_usable", lambda *tensors: True)
+    opts = [ADAMWSparse(fast, lr=1e-2), ADAMWSparse(sim, lr=1e-2)]
+    for step in range(2):  # the second step runs on operands rebuilt after the optimizer step
+        x = torch.randn(5, 64)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        fast(xs[0]).square().sum().backward()
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "triton_usable", lambda *tensors: False)
+            sim(xs[1]).square().sum().backward()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.values_grad, sim.values_grad, rtol=1e-5, atol=1e-5)
+        assert calls == {"gather": step + 1, "transpose": step + 1}
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        torch.testing.assert_close(fast.values, sim.values, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------- sparse GEMM
 @pytest.mark.parametrize(
     "dtype,shape,layout",

@@ -116,6 +116,26 @@ def test_triton_pruning_kernels_bit_exact(dtype, make):
     assert torch.equal(kernels.prune_compress_2to4(w)[1], ref_meta)
 
 
+@pytest.mark.parametrize("dtype", HALF + [torch.float32])
+@pytest.mark.parametrize("shape", [(1024, 2048), (96, 200)])
+def test_triton_kept_value_kernels_bit_exact(dtype, shape):
+    """Weight-gradient gather and backward-operand values (compiled) against the references."""
+    from slope.kernels import triton_kernels as tk
+
+    w = torch.randn(*shape, device=DEV, dtype=dtype)
+    mask = nm_mask(w, 2, 4)
+    mask_t = double_prune_mask(w * mask, mask, 2, 4)
+    full = torch.randn(shape[1], shape[0], device=DEV, dtype=dtype).t()
+    assert torch.equal(tk.gather_kept_2to4(full, mask), ref.gather_kept_2to4(full, mask))
+    acc = torch.randn(shape[0], shape[1] // 2, device=DEV)
+    assert torch.equal(tk.gather_kept_2to4(full, mask, acc.clone()), ref.gather_kept_2to4(full, mask, acc.clone()))
+    values = ref.gather_kept_2to4(w.float(), mask)  # fp32 master values, cast by the kernel
+    for out_dtype in (dtype, torch.float32):
+        expected = ref.transpose_kept_2to4(values, mask, mask_t, out_dtype)
+        assert torch.equal(tk.transpose_kept_2to4(values, mask, mask_t, out_dtype), expected)
+        assert torch.equal(kernels.transpose_kept_2to4(values, mask, mask_t, out_dtype), expected)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("shape", [(1024, 2048), (96, 200)])
 def test_triton_sparse_gemm(dtype, shape):
