@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 from performance_experiments.common import DEFAULT_OUT_DIR, REPO_ROOT
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-SCRIPTS = ("gemm", "layer", "e2e", "inference", "memory", "overhead")
+SCRIPTS = ("gemm", "layer", "e2e", "inference", "memory", "overhead", "breakdown")
 README = REPO_ROOT / "performance_experiments" / "README.md"
 
 
@@ -124,11 +124,22 @@ def overhead_table(records):
                    "prune/step", "refresh/step (amortised)", "rebuild/step"], rows)
 
 
+def breakdown_table(records):
+    def top(r, side, n=4):
+        ops = (r.get(side) or {}).get("top_ops") or []
+        return "; ".join(f"{op['name'][:40]} {op['self_ms_per_iter']:.3g}" for op in ops[:n])
+
+    rows = [[r["config"]["workload"], r["backend"], _get(r, "dense", "wall_ms_per_iter"), _get(r, "sparse", "wall_ms_per_iter"),
+             r.get("breakdown_speedup"), top(r, "sparse")] for r in _ok(records)]
+    return _table(["workload", "backend", "dense ms/iter", "sparse ms/iter", "×", "sparse: top operators (self ms/iter)"], rows)
+
+
 TABLES = {"gemm": gemm_table, "layer": layer_table, "e2e": e2e_table, "inference": inference_table,
-          "memory": memory_table, "overhead": overhead_table}
+          "memory": memory_table, "overhead": overhead_table, "breakdown": breakdown_table}
 TITLES = {"gemm": "GEMM (speedup = dense `F.linear` time (cuBLAS on GPU) / sparse time)", "layer": "Linear layer",
           "e2e": "End-to-end training step", "inference": "Inference", "memory": "Memory (sparse / dense)",
-          "overhead": "Prune / refresh / operand overheads"}
+          "overhead": "Prune / refresh / operand overheads",
+          "breakdown": "Where the time goes (profiler; full tables in `breakdown.json`)"}
 
 
 def failures(records: list[dict]) -> list[str]:

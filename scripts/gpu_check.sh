@@ -86,7 +86,7 @@ RESULTS=$RESULTS_ROOT/$DEVICE
 mkdir -p "$RESULTS"
 echo "=== device slug: $DEVICE; results go to $RESULTS"
 
-BENCHES=${SLOPE_BENCHMARKS:-"gemm layer e2e memory inference overhead"}
+BENCHES=${SLOPE_BENCHMARKS:-"gemm layer e2e memory inference overhead breakdown"}
 # sm90_tune compiles its kernel variants on the CPU cores while the GPU tests run.
 TUNE_BUILD_PID=
 if [[ " $BENCHES " == *" sm90_tune "* ]]; then
@@ -115,7 +115,7 @@ if [[ -n "$TUNE_BUILD_PID" ]]; then
   while kill -0 "$TUNE_BUILD_PID" 2>/dev/null && (( $(left) > 120 )); do sleep 2; done
   cat "$LOGDIR/sm90_tune_build.log"
 fi
-declare -A SHARE=([gemm]=30 [layer]=15 [e2e]=25 [memory]=10 [inference]=12 [overhead]=8 [sm90_tune]=30)
+declare -A SHARE=([gemm]=30 [layer]=15 [e2e]=25 [memory]=10 [inference]=12 [overhead]=8 [breakdown]=8 [sm90_tune]=30)
 total_share=0; [[ "$BENCHES" == "none" ]] && BENCHES=""
 for b in $BENCHES; do total_share=$(( total_share + ${SHARE[$b]:-10} )); done
 for b in $BENCHES; do

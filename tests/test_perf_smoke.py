@@ -30,6 +30,7 @@ RATIOS = {
     "memory": [("optimizer_memory_ratio", "train_state_bytes.optimizer", "train_state_bytes.optimizer", "sparse/dense"),
                ("train_memory_ratio", "train_state_bytes.total", "train_state_bytes.total", "sparse/dense")],
     "overhead": [("prune_overhead_ratio", "step_ms", "prune_ms", "sparse/dense")],
+    "breakdown": [("breakdown_speedup", "wall_ms_per_iter", "wall_ms_per_iter", "dense/sparse")],
 }
 
 
@@ -70,6 +71,20 @@ def test_smoke_records_follow_the_schema(smoke_results, script):
             assert dense > 0 and sparse > 0, (script, key, dense, sparse)
             expected = dense / sparse if direction == "dense/sparse" else sparse / dense
             assert record[key] == pytest.approx(expected, rel=1e-3, abs=1e-4), (script, key)
+
+
+def test_breakdown_smoke_lists_operators_by_self_time(smoke_results):
+    records = json.loads((smoke_results / "cpu" / "breakdown.json").read_text())["records"]
+    assert {r["config"]["workload"] for r in records} == {"layer_step", "decode"}
+    for record in records:
+        for side in ("dense", "sparse"):
+            ops = record[side]["top_ops"]
+            times = [op["self_ms_per_iter"] for op in ops]
+            assert ops and times == sorted(times, reverse=True) and times[0] > 0
+            assert sum(times) <= record[side]["self_ms_total_per_iter"] + 1e-3
+    # the sparse layer step runs SLoPe's own kernels: the reference gather of the weight gradient
+    sparse_ops = {op["name"] for r in records if r["config"]["workload"] == "layer_step" for op in r["sparse"]["top_ops"]}
+    assert "aten::gather" in sparse_ops or "aten::scatter_" in sparse_ops
 
 
 def test_gemm_smoke_sparse_product_is_exact(smoke_results):
