@@ -4,7 +4,7 @@ A diagnostic beside the ratio benchmarks (``layer.py`` and ``inference.py`` say 
 or faster; this says *why*). For each workload, dense and sparse:
 
 - ``layer_step``: one linear layer's training step (forward, backward with input gradient,
-  optimizer step), as in ``layer.py``;
+  optimizer step; fp32 master weights under autocast), as in ``layer.py``;
 - ``decode``: one greedy decode step with the KV cache of a Llama-style model (sparse: merged
   sparse+LoRA inference form), as in ``inference.py``.
 
@@ -72,11 +72,12 @@ def profile_iterations(fn, device: torch.device, iters: int, warmup: int, top: i
 
 
 def layer_step(shape: tuple[int, int], tokens: int, dtype: torch.dtype, device: torch.device, backend: str | None):
-    """A closure running one training step of ``nn.Linear(in, out)`` (``backend=None``: dense)."""
+    """A closure running one training step of ``nn.Linear(in, out)`` (``backend=None``: dense) with
+    fp32 master weights, under autocast in ``dtype`` unless that is fp32 (as ``layer.py`` on CUDA)."""
     out_features, in_features = shape
-    model = nn.Sequential(nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype))
+    model = nn.Sequential(nn.Linear(in_features, out_features, bias=False, device=device))
     if backend is None:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(device.type == "cuda") or None)
     else:
         prune_model(model, verbose=False, **prune_kwargs(backend))
         opt = ADAMWSparse(model, lr=1e-5)
@@ -86,7 +87,9 @@ def layer_step(shape: tuple[int, int], tokens: int, dtype: torch.dtype, device: 
 
     def step():
         x.grad = None
-        model(x).backward(dy)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y = model(x)
+        y.backward(dy)
         opt.step()
         opt.zero_grad()
 

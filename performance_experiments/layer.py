@@ -1,8 +1,14 @@
 """One SLoPe linear layer vs ``nn.Linear``: forward, forward+backward, and a full training step.
 
-Dense: ``nn.Linear(in, out, bias=False)`` + ``torch.optim.AdamW``. Sparse: the same layer after
-``prune_model`` (each backend) + ``ADAMWSparse``. The input requires grad (a middle layer), so the
-backward computes both ``dx`` and the weight gradient. Parameters are in the benchmark dtype.
+Dense: ``nn.Linear(in, out, bias=False)`` + ``torch.optim.AdamW`` (fused on CUDA). Sparse: the
+same layer after ``prune_model`` (each backend) + ``ADAMWSparse``. The input requires grad (a
+middle layer), so the backward computes both ``dx`` and the weight gradient.
+
+Precision (``--master``): ``fp32`` (the default on CUDA) keeps fp32 master weights and runs the
+layer under ``torch.autocast`` in the benchmark dtype — the usual mixed-precision training, where
+both optimizers run PyTorch's fused AdamW kernel; ``same`` puts the parameters in the benchmark
+dtype (pure bf16/fp16: ``ADAMWSparse`` then keeps fp32 moments and updates in an unfused loop,
+``AdamW`` keeps moments in the parameter dtype, so the step comparison is not like for like).
 
 A sparse training step rebuilds the backend operands (the weights changed), and every
 ``mask_change_freq`` steps recomputes ``M_t``: that refresh is timed on its own and added
@@ -72,18 +78,24 @@ def cpu_cases() -> list[dict]:
 
 
 class _Workload:
-    """Forward / forward+backward / step closures over one layer (dense or sparse)."""
+    """Forward / forward+backward / step closures over one layer (dense or sparse); with
+    ``autocast`` (a dtype) the layer runs under ``torch.autocast`` in it."""
 
-    def __init__(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor, step):
-        self.module, self.x, self.dy, self._step = module, x, dy, step
+    def __init__(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor, step, autocast: torch.dtype | None):
+        self.module, self.x, self.dy, self._step, self.autocast = module, x, dy, step, autocast
+
+    def _context(self):
+        return torch.autocast(self.x.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
     def forward(self):
-        with torch.no_grad():
+        with torch.no_grad(), self._context():
             return self.module(self.x)
 
     def forward_backward(self):
         self.x.grad = None
-        self.module(self.x).backward(self.dy)
+        with self._context():
+            y = self.module(self.x)
+        y.backward(self.dy)
 
     def train_step(self):
         self.forward_backward()
@@ -103,21 +115,30 @@ def _measure_pair(dense: _Workload, sparse: _Workload, device, timing) -> tuple[
     return out
 
 
-def _dense_workload(case, device, x, dy) -> _Workload:
+def _precision(case) -> tuple[torch.dtype, torch.dtype | None]:
+    """(parameter dtype, autocast dtype or None) of a case."""
     dtype = parse_dtype(case["dtype"])
-    linear = nn.Linear(case["in"], case["out"], bias=False, device=device, dtype=dtype)
-    opt = torch.optim.AdamW(linear.parameters(), lr=1e-5)
+    if case["master"] == "fp32" and dtype != torch.float32:
+        return torch.float32, dtype
+    return dtype, None
+
+
+def _dense_workload(case, device, x, dy) -> _Workload:
+    param_dtype, autocast = _precision(case)
+    linear = nn.Linear(case["in"], case["out"], bias=False, device=device, dtype=param_dtype)
+    fused = device.type == "cuda" and param_dtype == torch.float32
+    opt = torch.optim.AdamW(linear.parameters(), lr=1e-5, fused=fused or None)
 
     def step():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _Workload(linear, x, dy, step)
+    return _Workload(linear, x, dy, step, autocast)
 
 
 def _sparse_workload(case, backend, device, x, dy, mask_change_freq):
-    dtype = parse_dtype(case["dtype"])
-    model = nn.Sequential(nn.Linear(case["in"], case["out"], bias=False, device=device, dtype=dtype))
+    param_dtype, autocast = _precision(case)
+    model = nn.Sequential(nn.Linear(case["in"], case["out"], bias=False, device=device, dtype=param_dtype))
     prune_model(model, verbose=False, **prune_kwargs(backend))
     opt = ADAMWSparse(model, lr=1e-5, mask_change_freq=mask_change_freq)
 
@@ -125,7 +146,7 @@ def _sparse_workload(case, backend, device, x, dy, mask_change_freq):
         opt.step()
         opt.zero_grad()
 
-    return _Workload(model, x, dy, step)
+    return _Workload(model, x, dy, step, autocast)
 
 
 def run_case(case, backends, device, env, budget, timing, mask_change_freq, emit) -> None:
@@ -172,8 +193,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tokens", default="8192")
     parser.add_argument("--dtypes", default="bf16")
     parser.add_argument("--mask-change-freq", type=int, default=100)
+    parser.add_argument("--master", choices=("fp32", "same"), default=None,
+                        help="fp32 master weights under autocast (default on CUDA) or parameters in the benchmark dtype")
     args = parser.parse_args(argv)
     device = pick_device(args)
+    master = args.master or ("fp32" if device.type == "cuda" else "same")
     backends = args.backends.split(",") if args.backends else default_backends(device)
     if args.smoke:
         cases, timing = smoke_cases(), {"warmup": 1, "reps": 2}
@@ -186,6 +210,7 @@ def main(argv=None) -> list[dict]:
     emit = Recorder(SCRIPT, args.out_dir, device, vars(args))
     skipped = 0
     for case in cases:
+        case["master"] = master
         if budget.expired():
             skipped += 1
             continue

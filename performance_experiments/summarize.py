@@ -75,7 +75,11 @@ def gemm_table(records: list[dict]) -> list[str]:
 
 
 def layer_table(records):
-    rows = [[r["config"]["dtype"], f"{r['config']['tokens']}×{r['config']['out']}×{r['config']['in']}", r["backend"],
+    def dtype(config):
+        master = config.get("master") == "fp32" and config["dtype"] != "fp32"
+        return config["dtype"] + (" (fp32 master)" if master else "")
+
+    rows = [[dtype(r["config"]), f"{r['config']['tokens']}×{r['config']['out']}×{r['config']['in']}", r["backend"],
              _get(r, "dense", "fwd_bwd_ms"), _get(r, "sparse", "fwd_bwd_ms"), r.get("layer_fwd_speedup"),
              r.get("layer_speedup"), r.get("layer_step_speedup")] for r in _ok(records)]
     return _table(["dtype", "tokens×out×in", "backend", "dense fwd+bwd ms", "sparse fwd+bwd ms",
