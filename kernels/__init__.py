@@ -92,7 +92,7 @@ def prune_2to4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def double_prune_mask_2to4(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``M_t`` for 2:4 (bool ``(out, in)``, 2:4 along ``out``, ``⊆ mask``)."""
-    if triton_usable(weight) and mask.is_cuda:
+    if triton_usable(weight) and mask.device == weight.device:
         return _triton().double_prune_mask_2to4(weight, mask)
     return reference.double_prune_mask_2to4(weight, mask)
 

@@ -169,6 +169,8 @@ class SparseLinear(nn.Module):
         if mask is None:
             if self.mask_type == "transposable":
                 mask = transposable_mask(weight, self.n, self.m)
+            elif self.mask_type == "nm" and (self.n, self.m) == (2, 4) and kernels.triton_usable(weight):
+                mask = kernels.prune_2to4(weight)[1]  # one Triton pass, same mask as nm_mask
             elif self.mask_type == "nm":
                 mask = nm_mask(weight, self.n, self.m)
             else:
@@ -236,7 +238,10 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def update_mask_t(self) -> None:
         """Recompute ``M_t`` from the current ``W ⊙ M`` (``M_t = M`` without double pruning)."""
-        if self.double_pruning and self.mask_type != "transposable":
+        if self.double_pruning and self.mask_type != "transposable" and (self.n, self.m) == (2, 4):
+            # Triton on CUDA (one pass), else slope.masks.double_prune_mask (the same mask)
+            self.mask_t.copy_(kernels.double_prune_mask_2to4(self.dense_weight(), self.mask))
+        elif self.double_pruning and self.mask_type != "transposable":
             self.mask_t.copy_(double_prune_mask(self.dense_weight(), self.mask, self.n, self.m))
         else:
             self.mask_t.copy_(self.mask)

@@ -210,14 +210,23 @@ def test_kept_kernels_errors():
 
 
 def test_layer_takes_the_fused_kept_paths(monkeypatch):
-    """With the Triton paths enabled (as on CUDA), a 2:4 layer's weight gradient and backward
-    operand come from the fused kernels and match the simulated layer."""
+    """With the Triton paths enabled (as on CUDA), a 2:4 layer's masks, weight gradient and
+    backward operand come from the Triton kernels and match the simulated layer."""
     from slope import kernels
     from slope.layer import SparseLinear
     from slope.optimizers import ADAMWSparse
 
-    calls = {"gather": 0, "transpose": 0}
+    calls = {"gather": 0, "transpose": 0, "prune": 0, "double_prune": 0}
     real_gather, real_transpose = tk.gather_kept_2to4, tk.transpose_kept_2to4
+    real_prune, real_double_prune = tk.prune_2to4, tk.double_prune_mask_2to4
+
+    def prune(*args):
+        calls["prune"] += 1
+        return real_prune(*args)
+
+    def double_prune(*args):
+        calls["double_prune"] += 1
+        return real_double_prune(*args)
 
     def gather(*args):
         calls["gather"] += 1
@@ -229,12 +238,17 @@ def test_layer_takes_the_fused_kept_paths(monkeypatch):
 
     monkeypatch.setattr(tk, "gather_kept_2to4", gather)
     monkeypatch.setattr(tk, "transpose_kept_2to4", transpose)
+    monkeypatch.setattr(tk, "prune_2to4", prune)
+    monkeypatch.setattr(tk, "double_prune_mask_2to4", double_prune)
     monkeypatch.setattr(kernels, "triton_usable", lambda *tensors: True)
     torch.manual_seed(0)
     w = torch.randn(48, 64)
     fast = SparseLinear.from_dense(w, compress=True, backend="reference")
+    assert calls["prune"] == 1 and calls["double_prune"] == 1
     monkeypatch.undo()  # the oracle runs on the reference paths
     sim = SparseLinear.from_dense(w, compress=False)
+    assert torch.equal(fast.mask, sim.mask) and torch.equal(fast.mask_t, sim.mask_t)
+    calls.update(prune=0, double_prune=0)
     monkeypatch.setattr(tk, "gather_kept_2to4", gather)
     monkeypatch.setattr(tk, "transpose_kept_2to4", transpose)
     monkeypatch.setattr(kernels, "triton_usable", lambda *tensors: True)
@@ -248,7 +262,7 @@ def test_layer_takes_the_fused_kept_paths(monkeypatch):
             sim(xs[1]).square().sum().backward()
         torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast.values_grad, sim.values_grad, rtol=1e-5, atol=1e-5)
-        assert calls == {"gather": step + 1, "transpose": step + 1}
+        assert calls == {"gather": step + 1, "transpose": step + 1, "prune": 0, "double_prune": 0}
         for opt in opts:
             opt.step()
             opt.zero_grad()
