@@ -124,17 +124,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--layer-shape", default="11008x4096", help="OUTxIN of the layer_step workload")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--decode-model", default="llama-1b")
+    parser.add_argument("--layer-shape", default="11008x4096", help="OUTxIN of the layer_step workload (GPU)")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens of the layer_step workload (GPU)")
+    parser.add_argument("--dtype", default="bf16", help="compute dtype on GPU (CPU: fp32 and smaller shapes)")
+    parser.add_argument("--decode-model", default="llama-1b", help="model of the decode workload (GPU)")
     args = parser.parse_args(argv)
     device = pick_device(args)
     if args.smoke:
         args.layer_shape, args.tokens, args.dtype, args.decode_model = "128x64", 32, "fp32", "llama-smoke"
         args.iters, args.warmup, args.backend = 2, 1, "reference"
-    elif device.type == "cpu" and args.dtype != "fp32":
-        args.dtype = "fp32"  # fp16/bf16 matmuls on CPU are not what a CPU run would use
+    elif device.type == "cpu":  # the CPU shapes of layer.py / inference.py, in fp32
+        args.layer_shape, args.tokens, args.dtype, args.decode_model = "2816x1024", 512, "fp32", "llama-cpu-20m"
     shape = tuple(int(v) for v in args.layer_shape.split("x"))
     dtype = parse_dtype(args.dtype)
     env, budget = environment(device), Budget(args.budget_s)
