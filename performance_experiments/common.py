@@ -75,7 +75,7 @@ def slugify_device_name(name: str) -> str:
 
 def git_commit() -> str:
     """``$SLOPE_GIT_COMMIT`` when set (the GPU machine's copy of the tree may carry a stale ``.git``
-    from an earlier commit), else HEAD's short hash (``+dirty`` with local changes), else "unknown"."""
+    from an earlier commit), else HEAD's short hash (``+dirty`` with local changes outside the results), else "unknown"."""
     if os.environ.get("SLOPE_GIT_COMMIT"):
         return os.environ["SLOPE_GIT_COMMIT"]
     try:
@@ -84,7 +84,9 @@ def git_commit() -> str:
         )
         if head.returncode == 0:
             dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
+                # results (written by the runs themselves) do not make the measured code dirty
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                 ":(exclude)performance_experiments/results", ":(exclude)performance_experiments/README.md"],
                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
             ).stdout.strip()
             return head.stdout.strip() + ("+dirty" if dirty else "")
