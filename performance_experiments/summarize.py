@@ -164,13 +164,14 @@ def render(results: dict) -> str:
         first = next(iter(scripts.values()))
         meta = first[0] if first else {}
         out.append(f"### {device}")
-        out.append(f"`{meta.get('device_name')}`, torch {meta.get('torch')}, triton {meta.get('triton')}, "
-                   f"commit `{meta.get('commit')}`, measured {meta.get('date', 'n/a')}")
+        out.append(f"`{meta.get('device_name')}`, torch {meta.get('torch')}, triton {meta.get('triton')}")
         for script in SCRIPTS:
             if script not in scripts:
                 continue
-            out += ["", f"#### {TITLES[script]} — `{script}.py`", ""]
             records = scripts[script]
+            first_record = records[0] if records else {}
+            out += ["", f"#### {TITLES[script]} — `{script}.py`", "",
+                    f"commit `{first_record.get('commit')}`, measured {first_record.get('date', 'n/a')}", ""]
             out += TABLES[script](records) if _ok(records) else ["(no successful measurement)"]
             fails = failures(records)
             if fails:
