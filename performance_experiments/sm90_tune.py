@@ -1,7 +1,8 @@
 """Tile-configuration sweep of slope's sm90 2:4 sparse GEMM (``cutlass-sm90``) against cuBLAS.
 
 Builds one shared library per configuration of ``kernels/csrc/sm90_sparse_gemm_kernels.h``
-(tile M×N×K, cluster M×N, cooperative or ping-pong schedule) from
+(tile M×N×K, cluster M×N, cooperative or ping-pong schedule, pipeline stages, persistent or
+stream-K tile scheduler) from
 ``performance_experiments/sm90_tune/sm90_tune_variant.cu``, all in parallel with nvcc, loads each
 with ctypes and, for every LLM shape ``y (tokens, out) = x (tokens, in) @ Wᵀ`` in bf16:
 
@@ -27,6 +28,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,26 +42,49 @@ from slope.masks import nm_mask  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "sm90_tune" / "sm90_tune_variant.cu"
-#: name -> (tile M, N, K, cluster M, N, ping-pong).
+
+
+class TileConfig(NamedTuple):
+    """One configuration of the kernel template (the macros of sm90_tune_variant.cu)."""
+
+    tm: int  # tile M (sparse rows)
+    tn: int  # tile N (tokens)
+    tk: int  # tile K (logical, before compression)
+    cm: int  # cluster M
+    cn: int  # cluster N
+    pingpong: int = 0  # 1: ping-pong schedule, 0: cooperative
+    stages: int = 0  # mainloop pipeline stages, 0: as many as fit beside the epilogue
+    streamk: int = 0  # 1: stream-K tile scheduler, 0: persistent
+
+
+#: name -> configuration; a name is ``{tm}x{tn}x{tk}_{cm}x{cn}`` + ``_s{stages}`` + ``_sk`` + ``_pp``
+#: (the suffixes only where set). 128x256x64 with auto stages has 4 (s4 is the same kernel) and 5
+#: stages do not fit its shared memory, so only s3 is listed.
 VARIANTS = {
-    "128x128x128_1x2": (128, 128, 128, 1, 2, 0),
-    "128x256x128_1x2": (128, 256, 128, 1, 2, 0),
-    "128x256x128_2x1": (128, 256, 128, 2, 1, 0),
-    "256x128x128_1x2": (256, 128, 128, 1, 2, 0),
-    "256x128x128_2x1": (256, 128, 128, 2, 1, 0),
-    "128x128x128_2x1": (128, 128, 128, 2, 1, 0),
-    "128x128x128_1x1": (128, 128, 128, 1, 1, 0),
-    "128x256x64_1x2": (128, 256, 64, 1, 2, 0),
-    "64x256x128_1x2_pp": (64, 256, 128, 1, 2, 1),
-    "64x128x128_1x2_pp": (64, 128, 128, 1, 2, 1),
-    "256x128x64_1x2": (256, 128, 64, 1, 2, 0),
-    "128x256x64_2x1": (128, 256, 64, 2, 1, 0),
-    "128x128x64_1x2": (128, 128, 64, 1, 2, 0),
-    "128x256x64_1x1": (128, 256, 64, 1, 1, 0),
-    "256x128x64_2x1": (256, 128, 64, 2, 1, 0),
+    "128x128x128_1x2": TileConfig(128, 128, 128, 1, 2),
+    "128x256x128_1x2": TileConfig(128, 256, 128, 1, 2),
+    "128x256x128_2x1": TileConfig(128, 256, 128, 2, 1),
+    "256x128x128_1x2": TileConfig(256, 128, 128, 1, 2),
+    "256x128x128_2x1": TileConfig(256, 128, 128, 2, 1),
+    "128x128x128_2x1": TileConfig(128, 128, 128, 2, 1),
+    "128x128x128_1x1": TileConfig(128, 128, 128, 1, 1),
+    "128x256x64_1x2": TileConfig(128, 256, 64, 1, 2),
+    "64x256x128_1x2_pp": TileConfig(64, 256, 128, 1, 2, pingpong=1),
+    "64x128x128_1x2_pp": TileConfig(64, 128, 128, 1, 2, pingpong=1),
+    "256x128x64_1x2": TileConfig(256, 128, 64, 1, 2),
+    "128x256x64_2x1": TileConfig(128, 256, 64, 2, 1),
+    "128x128x64_1x2": TileConfig(128, 128, 64, 1, 2),
+    "128x256x64_1x1": TileConfig(128, 256, 64, 1, 1),
+    "256x128x64_2x1": TileConfig(256, 128, 64, 2, 1),
+    "256x128x64_1x1": TileConfig(256, 128, 64, 1, 1),
+    "128x256x64_1x1_s3": TileConfig(128, 256, 64, 1, 1, stages=3),
+    "128x256x64_1x1_sk": TileConfig(128, 256, 64, 1, 1, streamk=1),
+    "256x128x64_1x1_sk": TileConfig(256, 128, 64, 1, 1, streamk=1),
+    # ping-pong with a full 128-row tile per consumer warp group (the 64-row ones above were slow)
+    "128x128x64_1x1_pp": TileConfig(128, 128, 64, 1, 1, pingpong=1),
 }
 #: the configuration of kernels/csrc/sm90_sparse_gemm_kernels.h's DefaultConfig (the baseline column).
-DEFAULT_VARIANT = "128x256x64_1x2"
+DEFAULT_VARIANT = "128x256x64_1x1"
 SCHEDULER_OPTIONS = [(s, r) for s in (1, 2, 4, 8) for r in (0, 1, 2)]
 DEFAULT_SHAPES = [(m, layer) for m in ("llama2-7b", "llama3-8b", "llama2-13b", "llama2-70b", "llama-1b")
                   for layer in ("ffn_up", "ffn_down")]
@@ -67,15 +92,16 @@ DEFAULT_SHAPES = [(m, layer) for m in ("llama2-7b", "llama3-8b", "llama2-13b", "
 
 def build_variant(name: str, build_dir: Path) -> tuple[Path | None, str | None, float]:
     """Compile one variant into ``build_dir/<name>.so``; (path, None, seconds) or (None, why, seconds)."""
-    tm, tn, tk, cm, cn, pp = VARIANTS[name]
+    c = VARIANTS[name]
     out = build_dir / f"sm90_tune_{name}.so"
     if out.is_file() and out.stat().st_mtime > max(SOURCE.stat().st_mtime, (cutlass_sm90.CSRC / "sm90_sparse_gemm_kernels.h").stat().st_mtime):
         return out, None, 0.0  # built earlier (e.g. by --build-only while the GPU tests ran)
     includes = [f"-I{d}" for d in cutlass_sm90.cutlass_include_dirs()] + [f"-I{cutlass_sm90.CSRC}"]
     cmd = [cutlass_sm90.nvcc_path() or "nvcc", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
            *cutlass_sm90.nvcc_flags(), *includes,
-           f"-DTUNE_TM={tm}", f"-DTUNE_TN={tn}", f"-DTUNE_TK={tk}", f"-DTUNE_CM={cm}", f"-DTUNE_CN={cn}",
-           f"-DTUNE_PINGPONG={pp}", str(SOURCE), "-o", str(out)]
+           f"-DTUNE_TM={c.tm}", f"-DTUNE_TN={c.tn}", f"-DTUNE_TK={c.tk}", f"-DTUNE_CM={c.cm}", f"-DTUNE_CN={c.cn}",
+           f"-DTUNE_PINGPONG={c.pingpong}", f"-DTUNE_STAGES={c.stages}", f"-DTUNE_STREAMK={c.streamk}",
+           str(SOURCE), "-o", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -93,7 +119,7 @@ class Variant:
         p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
         self.lib.tune_compressed_sizes.argtypes = [i, i, ctypes.POINTER(ll)]
         self.lib.tune_compress.argtypes = [p, i, i, p, p, p, ctypes.c_char_p, i]
-        self.lib.tune_workspace_size.argtypes = [i, i, i]
+        self.lib.tune_workspace_size.argtypes = [i, i, i, i, i]
         self.lib.tune_workspace_size.restype = ctypes.c_size_t
         self.lib.tune_gemm.argtypes = [p, p, p, p, i, i, i, p, i, i, p, ctypes.c_char_p, i]
         self._err = ctypes.create_string_buffer(1024)
@@ -116,7 +142,8 @@ class Variant:
     def gemm_fn(self, values, meta, b, d, m, swizzle, raster):
         """A no-argument callable computing ``d (N, M) = b @ A.T`` with the given scheduler options."""
         n, k = b.shape
-        ws = torch.empty(max(1, self.lib.tune_workspace_size(m, n, k)), device=b.device, dtype=torch.uint8)
+        ws_bytes = self.lib.tune_workspace_size(m, n, k, swizzle, raster)
+        ws = torch.empty(max(1, ws_bytes), device=b.device, dtype=torch.uint8)
         stream = torch.cuda.current_stream(b.device).cuda_stream
         args = (values.data_ptr(), meta.data_ptr(), b.data_ptr(), d.data_ptr(), m, n, k, ws.data_ptr(),
                 swizzle, raster, stream, self._err, len(self._err))

@@ -1,6 +1,8 @@
 """performance_experiments/sm90_tune.py off the GPU: its variant table agrees with the library's
-default kernel configuration, and it refuses bad options / does nothing without an sm90 GPU."""
+default kernel configuration, it passes every knob of a variant to nvcc, and it refuses bad
+options / does nothing without an sm90 GPU."""
 import re
+import subprocess
 
 import pytest
 import torch
@@ -15,8 +17,12 @@ def _default_config_in_header():
     body = body[: body.index("};")]
     tile = re.search(r"TileShape = cute::Shape<cute::_(\d+), cute::_(\d+), cute::_(\d+)>", body)
     cluster = re.search(r"ClusterShape = cute::Shape<cute::_(\d+), cute::_(\d+), cute::_1>", body)
-    pingpong = "Pingpong" in body
-    return tuple(int(g) for g in tile.groups()) + tuple(int(g) for g in cluster.groups()) + (int(pingpong),)
+    stages = re.search(r"kStages = (\d+);", body)
+    scheduler = re.search(r"TileSchedulerTag = cutlass::gemm::(\w+);", body)
+    assert scheduler.group(1) in ("PersistentScheduler", "StreamKScheduler")
+    return sm90_tune.TileConfig(*(int(g) for g in tile.groups() + cluster.groups()),
+                                pingpong=int("Pingpong" in body), stages=int(stages.group(1)),
+                                streamk=int(scheduler.group(1) == "StreamKScheduler"))
 
 
 def test_default_variant_is_the_library_default_config():
@@ -24,9 +30,26 @@ def test_default_variant_is_the_library_default_config():
 
 
 def test_variant_names_describe_their_configuration():
-    for name, (tm, tn, tk, cm, cn, pp) in sm90_tune.VARIANTS.items():
-        assert name.startswith(f"{tm}x{tn}x{tk}_{cm}x{cn}")
-        assert name.endswith("_pp") == bool(pp)
+    for name, c in sm90_tune.VARIANTS.items():
+        expected = (f"{c.tm}x{c.tn}x{c.tk}_{c.cm}x{c.cn}" + (f"_s{c.stages}" if c.stages else "")
+                    + ("_sk" if c.streamk else "") + ("_pp" if c.pingpong else ""))
+        assert name == expected
+
+
+def test_build_passes_every_knob_to_nvcc(tmp_path, monkeypatch):
+    commands = []
+
+    def failing_nvcc(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "error: not compiled in this test")
+
+    monkeypatch.setattr(sm90_tune.subprocess, "run", failing_nvcc)
+    monkeypatch.setattr(sm90_tune.cutlass_sm90, "cutlass_include_dirs", lambda: [])
+    path, why, _ = sm90_tune.build_variant("128x256x64_1x1_s3", tmp_path)
+    assert path is None and "not compiled in this test" in why
+    defines = dict(a[2:].split("=") for a in commands[0] if a.startswith("-DTUNE_"))
+    assert defines == {"TUNE_TM": "128", "TUNE_TN": "256", "TUNE_TK": "64", "TUNE_CM": "1", "TUNE_CN": "1",
+                       "TUNE_PINGPONG": "0", "TUNE_STAGES": "3", "TUNE_STREAMK": "0"}
 
 
 def test_unknown_variant_is_an_error(tmp_path):

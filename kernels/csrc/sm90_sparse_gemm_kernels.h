@@ -85,22 +85,32 @@ inline int sm_count_of_current_device() {
 }
 
 /// The default tile configuration: 128x256 output tile (M = sparse rows x N = tokens), 64 logical
-/// (32 stored) K per stage, so the carveout leaves room for more pipeline stages; 2 CTAs along N
-/// share A via multicast; cooperative warp-specialized persistent schedule.
+/// (32 stored) K per stage, so the carveout leaves room for more pipeline stages; no cluster
+/// (1x1: no multicast); cooperative warp-specialized persistent schedule with as many pipeline
+/// stages as fit beside the epilogue.
 /// `performance_experiments/sm90_tune.py` builds other configurations of the same kernel and times
-/// them against cuBLAS. This one won the first sweep (15 configurations in two sweeps on an H100);
-/// `performance_experiments/gemm.py` measured it at 1.38-1.47x of cuBLAS on the bf16 Llama 7B-70B
-/// FFN-up shapes (the earlier 128x128x128 default: 0.88-0.92x). The second sweep had cluster 1x1
-/// ahead by 1-12 %, not yet confirmed by gemm.py and the GPU tests (performance_experiments/README.md).
+/// them against cuBLAS. The 128x256x64 tile won the first sweep (15 configurations in two sweeps on
+/// an H100) with cluster 1x2, which `performance_experiments/gemm.py` measured at 1.38-1.47x of
+/// cuBLAS on the bf16 Llama 7B-70B FFN-up shapes (the earlier 128x128x128 default: 0.88-0.92x).
+/// Cluster 1x1 replaced 1x2 on the second sweep's sparse times (2-10 % faster on 9 of the 10 shapes,
+/// level within 0.1 % on Llama-2-13B FFN up); the GPU tests and gemm.py have not yet run with it
+/// (performance_experiments/README.md).
+///
+/// A configuration also names its pipeline stage count `kStages` (0 = as many as fit beside the
+/// epilogue's shared memory, else exactly that many) and its tile scheduler `TileSchedulerTag`
+/// (cutlass::gemm::PersistentScheduler, or cutlass::gemm::StreamKScheduler to split the K loop of
+/// some output tiles across CTAs, with a reduction through the workspace).
 struct DefaultConfig {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  static constexpr int kStages = 0;
+  using TileSchedulerTag = cutlass::gemm::PersistentScheduler;
 };
 
-/// Run-time options of the persistent tile scheduler (no recompilation needed).
-/// The defaults are the sweep's most frequent best options for DefaultConfig.
+/// Run-time options of the tile scheduler, persistent or stream-K (no recompilation needed).
+/// The defaults are the first sweep's most frequent best options for its (1x2 cluster) default.
 struct SchedulerOptions {
   int max_swizzle_size = 2;  // 1, 2, 4 or 8: CTAs grouped along the raster's minor direction
   int raster = 1;            // 0 = CUTLASS heuristic, 1 = along M, 2 = along N
@@ -123,6 +133,7 @@ struct Sm90SparseGemm {
   using ClusterShape = typename Config::ClusterShape;
   using KernelSchedule = typename Config::KernelSchedule;
   using EpilogueSchedule = typename Config::EpilogueSchedule;
+  using TileSchedulerTag = typename Config::TileSchedulerTag;
 
   // D = alpha * acc + beta * C + bias[m]
   using FusionOp = cutlass::epilogue::fusion::LinCombPerRowBias<
@@ -137,18 +148,28 @@ struct Sm90SparseGemm {
       T, LayoutTagC, kAlignment,
       EpilogueSchedule, FusionOp>::CollectiveOp;
 
+  // Mainloop pipeline stages: Config::kStages, or (0) as many as fit beside the epilogue.
+  using StageCount = cute::conditional_t<
+      Config::kStages == 0,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::collective::StageCount<Config::kStages>>;
+
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp,
       T, LayoutTagA, kAlignment,
       T, LayoutTagB, kAlignment,
       ElementAccumulator,
       TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<
-          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      StageCount,
       KernelSchedule>::CollectiveOp;
 
   using ProblemShape = cute::Shape<int, int, int, int>;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue,
+                                                          TileSchedulerTag>;
+  // CUTLASS itself does not check this: a kernel over the limit only fails at launch.
+  static_assert(GemmKernel::SharedStorageSize <= cutlass::gemm::collective::detail::sm90_smem_capacity_bytes,
+                "pipeline stages and epilogue need more than the 227 KiB of shared memory per block");
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
   using SparseConfig = typename CollectiveMainloop::SparseConfig;
@@ -227,13 +248,15 @@ struct Sm90SparseGemm {
     return args;
   }
 
-  static size_t workspace_size(int M, int N, int K) {
+  /// Bytes of workspace that gemm needs with these scheduler options (stream-K's reduction
+  /// workspace depends on them; the persistent scheduler needs none).
+  static size_t workspace_size(int M, int N, int K, SchedulerOptions options = {}) {
     return Gemm::get_workspace_size(arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                                              M, N, K, 1.0f, 0.0f));
+                                              M, N, K, 1.0f, 0.0f, options));
   }
 
   /// D = alpha * A(values, meta) . B + beta * C + bias. `bias` and `c` may be null.
-  /// `workspace` holds workspace_size(M, N, K) bytes (may be null when that is 0).
+  /// `workspace` holds workspace_size(M, N, K, options) bytes (may be null when that is 0).
   static std::string gemm(const T* values, const ElementE* meta, const T* b, const T* bias, const T* c,
                           T* d, int M, int N, int K, float alpha, float beta, void* workspace,
                           cudaStream_t stream, SchedulerOptions options = {}) {

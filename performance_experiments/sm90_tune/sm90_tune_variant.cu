@@ -4,6 +4,10 @@
 //
 //   nvcc -shared -Xcompiler -fPIC -gencode=arch=compute_90a,code=sm_90a -std=c++17 ...
 //        -DTUNE_TM=128 -DTUNE_TN=256 -DTUNE_TK=128 -DTUNE_CM=1 -DTUNE_CN=2 -DTUNE_PINGPONG=0
+//        -DTUNE_STAGES=0 -DTUNE_STREAMK=0
+//
+// TUNE_STAGES: mainloop pipeline stages (0 = as many as fit beside the epilogue); TUNE_STREAMK: 1 for
+// the stream-K tile scheduler, 0 for the persistent one. Both default to 0, like TUNE_PINGPONG.
 //
 // Every entry point returns 0 on success, else writes a message into `err` and returns 1.
 #include <cstdio>
@@ -16,6 +20,12 @@
 #endif
 #ifndef TUNE_PINGPONG
 #define TUNE_PINGPONG 0
+#endif
+#ifndef TUNE_STAGES
+#define TUNE_STAGES 0
+#endif
+#ifndef TUNE_STREAMK
+#define TUNE_STREAMK 0
 #endif
 
 namespace {
@@ -30,6 +40,12 @@ struct TuneConfig {
   using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 #endif
+  static constexpr int kStages = TUNE_STAGES;
+#if TUNE_STREAMK
+  using TileSchedulerTag = cutlass::gemm::StreamKScheduler;
+#else
+  using TileSchedulerTag = cutlass::gemm::PersistentScheduler;
+#endif
 };
 
 using Kernel = slope_sm90::Sm90SparseGemm<cutlass::bfloat16_t, TuneConfig>;
@@ -39,6 +55,13 @@ int report(const std::string& message, char* err, int err_len) {
   if (message.empty()) return 0;
   std::snprintf(err, static_cast<size_t>(err_len), "%s", message.c_str());
   return 1;
+}
+
+slope_sm90::SchedulerOptions scheduler_options(int swizzle, int raster) {
+  slope_sm90::SchedulerOptions options;
+  options.max_swizzle_size = swizzle;
+  options.raster = raster;
+  return options;
 }
 
 }  // namespace
@@ -61,17 +84,17 @@ int tune_compress(const void* dense, int M, int K, void* values, void* meta, voi
                 err, err_len);
 }
 
-size_t tune_workspace_size(int M, int N, int K) { return Kernel::workspace_size(M, N, K); }
+/// Workspace bytes of tune_gemm with the same shape and scheduler options.
+size_t tune_workspace_size(int M, int N, int K, int swizzle, int raster) {
+  return Kernel::workspace_size(M, N, K, scheduler_options(swizzle, raster));
+}
 
 /// d (N, M) = b (N, K) @ A^T for A = (values, meta); swizzle 1/2/4/8, raster 0 heuristic / 1 M / 2 N.
 int tune_gemm(const void* values, const void* meta, const void* b, void* d, int M, int N, int K, void* workspace,
               int swizzle, int raster, void* stream, char* err, int err_len) {
-  slope_sm90::SchedulerOptions options;
-  options.max_swizzle_size = swizzle;
-  options.raster = raster;
   return report(Kernel::gemm(static_cast<const T*>(values), static_cast<const Kernel::ElementE*>(meta),
                              static_cast<const T*>(b), nullptr, nullptr, static_cast<T*>(d), M, N, K, 1.0f, 0.0f,
-                             workspace, static_cast<cudaStream_t>(stream), options),
+                             workspace, static_cast<cudaStream_t>(stream), scheduler_options(swizzle, raster)),
                 err, err_len);
 }
 
