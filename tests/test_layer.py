@@ -429,3 +429,22 @@ def test_forward_operand_of_other_sparsities_uses_make_operand():
         assert layer._operand_structure(backend, which, torch.float32, torch.device("cpu")) is None
     x = torch.randn(3, 32)
     torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cutlass_backend_builds_operands_from_kept_values(dtype):
+    """PyTorch's CUTLASS tensors (sm8x; built here on CPU) from a layer's kept values equal the
+    ones make_operand builds from the dense weight; padded shapes fall back to make_operand."""
+    from slope.backends.torch_semi_structured import CutlassBackend
+
+    backend = CutlassBackend()
+    layer = SparseLinear.from_dense(torch.randn(64, 128), compress=False)
+    dense = layer.dense_weight().to(dtype)
+    structure = backend.operand_structure(layer.mask, dtype)
+    fast = backend.operand_from_values(layer.values.detach().to(dtype), structure)
+    slow = backend.make_operand(dense, layer.mask)
+    assert (fast.rows, fast.cols, fast.pad_cols) == (slow.rows, slow.cols, slow.pad_cols) == (64, 128, 0)
+    assert torch.equal(fast.sparse.packed, slow.sparse.packed) and torch.equal(fast.sparse.meta, slow.sparse.meta)
+    assert backend.operand_structure(layer.mask[:, :96], dtype) is None  # 96 columns need padding to 64s
+    with pytest.raises(ValueError, match="do not match metadata"):
+        backend.operand_from_values(layer.values.detach().to(dtype)[:32], structure)

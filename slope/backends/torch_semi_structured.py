@@ -8,7 +8,8 @@ Both wrap ``torch.sparse.SparseSemiStructuredTensorCUSPARSELT`` / ``...CUTLASS``
   zero-padded up to those multiples (padding rows/cols are pruned-away zeros, so still 2:4); the
   input gets matching zero columns and the result is sliced back to ``rows``.
 - **cutlass** builds its tensor straight from :func:`slope.kernels.compress_2to4` (our values +
-  metadata are bit-identical to PyTorch's CUTLASS layout), without PyTorch's converter.
+  metadata are bit-identical to PyTorch's CUTLASS layout), without PyTorch's converter; for
+  unpadded shapes a layer's kept values *are* its packed values (``operand_from_values``).
   PyTorch builds its CUTLASS 2:4 kernels for sm8x only, so this backend is unavailable elsewhere.
 - **cusparselt** compresses with ``torch._cslt_compress`` (via ``from_dense``) and uses the
   default ``alg_id`` 0 (some searched ids gave wrong results, pytorch#155333). cuSPARSELt
@@ -144,11 +145,25 @@ class CutlassBackend(_SemiStructuredBackend):
     def _build(self, padded: torch.Tensor, padded_mask: torch.Tensor) -> torch.Tensor:
         # Padding made rows % 32 == 0 and cols % 64 == 0, so the CUTLASS layout always fits.
         values, meta = compress_2to4(padded, padded_mask, layout="cutlass")
+        return self._tensor(values, meta)
+
+    def _tensor(self, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        rows, cols = values.shape[0], 2 * values.shape[1]
         return self._torch_class()(
-            padded.shape,
-            packed=values,
-            meta=meta,
-            packed_t=None,
-            meta_t=None,
-            compressed_swizzled_bitmask=None,
+            (rows, cols), packed=values, meta=meta, packed_t=None, meta_t=None, compressed_swizzled_bitmask=None
         )
+
+    def operand_structure(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The CUTLASS metadata of ``mask`` (exactly 2 of every 4 kept along cols), or None when
+        the shape needs padding to PyTorch's minimum (then :meth:`make_operand` pads)."""
+        rows, cols = mask.shape
+        row_mult, col_mult = self.min_shape(dtype)
+        if rows % row_mult or cols % col_mult or dtype not in self.dtypes:
+            return None
+        return compress_2to4(mask.to(dtype), mask, layout="cutlass")[1]
+
+    def operand_from_values(self, values: torch.Tensor, structure: torch.Tensor) -> SemiStructuredOperand:
+        rows, cols = values.shape[0], 2 * values.shape[1]
+        if structure.shape != (rows, cols // 16):
+            raise ValueError(f"{self.name}: values {tuple(values.shape)} do not match metadata {tuple(structure.shape)}")
+        return SemiStructuredOperand(self._tensor(values.contiguous(), structure), rows, cols, 0)
