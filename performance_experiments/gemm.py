@@ -79,12 +79,13 @@ def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _auto_backend(case, dtype, device):
-    """What ``backend="auto"`` runs for this layer shape (a timed choice, dense fallback included)."""
+    """What ``backend="auto"`` runs for this layer shape and token count (a timed choice per token
+    bucket, dense fallback included)."""
     try:
         from slope.backends.auto import AUTO_CHOOSER
     except ImportError:
         return resolve_backend("auto", True, device, dtype)(tiling=True)
-    return AUTO_CHOOSER.choose((case["out"], case["in"]), dtype, device, True)
+    return AUTO_CHOOSER.choose((case["out"], case["in"]), dtype, device, True, case["tokens"])
 
 
 def run_case(case: dict, backend_names, device, env, budget, timing, emit) -> None:

@@ -46,6 +46,12 @@ def _compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype, layer: "SparseLin
     return x.dtype
 
 
+def _auto_is_timed(device: torch.device) -> bool:
+    """Whether ``backend="auto"`` chooses by timing on ``device`` (CUDA); elsewhere it resolves
+    to one backend by capability (:func:`slope.backends.resolve_backend`)."""
+    return device.type == "cuda"
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     """Autograd function of :class:`SparseLinear` (weights reach it through the module)."""
 
@@ -54,7 +60,8 @@ class _SparseLinearFunction(torch.autograd.Function):
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         xc = x.to(dtype)
-        y = layer._backend_for(dtype, x.device).matmul(xc, layer._operand("forward", dtype, x.device))
+        backend = layer._backend_for(dtype, x.device, "forward", x.numel() // layer.in_features)
+        y = backend.matmul(xc, layer._operand("forward", dtype, x.device, backend))
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(xc if layer.sparse_requires_grad else None)
@@ -67,8 +74,8 @@ class _SparseLinearFunction(torch.autograd.Function):
         dy = dy.to(dtype)
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            backend = layer._backend_for(dtype, dy.device, "backward")
-            dx = backend.matmul(dy, layer._operand("backward", dtype, dy.device)).to(ctx.x_dtype)
+            backend = layer._backend_for(dtype, dy.device, "backward", dy.numel() // layer.out_features)
+            dx = backend.matmul(dy, layer._operand("backward", dtype, dy.device, backend)).to(ctx.x_dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
         if xc is not None:
             layer._accumulate_grad(dy2.t() @ xc.reshape(-1, xc.shape[-1]))
@@ -253,17 +260,22 @@ class SparseLinear(nn.Module):
         self._operands.clear()
 
     # ------------------------------------------------------------------ backend plumbing
-    def _backend_for(self, dtype: torch.dtype, device: torch.device, which: str = "forward") -> SparseBackend:
+    def _backend_for(
+        self, dtype: torch.dtype, device: torch.device, which: str = "forward", tokens: int | None = None
+    ) -> SparseBackend:
         """The backend multiplying the ``which`` operand ("forward" ``(out, in)`` or "backward"
-        ``(in, out)``). Only ``"auto"`` on CUDA can differ between the two: it is timed per operand
-        shape against a dense matmul, so each product is never slower than dense."""
-        auto = self.compress and self.backend_name == "auto" and device.type == "cuda"
-        key = (which if auto else "both", dtype, device)
-        if key not in self._backends and auto:
+        ``(in, out)``) by ``tokens`` rows. Only ``"auto"`` on CUDA can differ between directions
+        and token counts: it is timed per operand shape and token bucket against a dense matmul
+        (:mod:`slope.backends.auto`), so each product is never slower than dense."""
+        if self.compress and self.backend_name == "auto" and _auto_is_timed(device):
             from slope.backends.auto import AUTO_CHOOSER
 
-            shape = (self.out_features, self.in_features) if which == "forward" else (self.in_features, self.out_features)
-            self._backends[key] = AUTO_CHOOSER.choose(shape, dtype, device, self.tiling)
+            key = (which, dtype, device, AUTO_CHOOSER.bucket(tokens))
+            if key not in self._backends:
+                shape = (self.out_features, self.in_features) if which == "forward" else (self.in_features, self.out_features)
+                self._backends[key] = AUTO_CHOOSER.choose(shape, dtype, device, self.tiling, tokens)
+            return self._backends[key]
+        key = ("both", dtype, device)
         if key not in self._backends:
             cls = resolve_backend(self.backend_name, self.compress, device, dtype)
             if not cls.any_nm and (self.n, self.m) != (2, 4):
@@ -271,19 +283,21 @@ class SparseLinear(nn.Module):
             self._backends[key] = cls(tiling=self.tiling)
         return self._backends[key]
 
-    def _operand(self, which: str, dtype: torch.dtype, device: torch.device):
-        """The cached forward (``W⊙M``) or backward (``(W⊙M⊙M_t)ᵀ``) operand, rebuilt when stale.
+    def _operand(self, which: str, dtype: torch.dtype, device: torch.device, backend: SparseBackend | None = None):
+        """The cached forward (``W⊙M``) or backward (``(W⊙M⊙M_t)ᵀ``) operand of ``backend``
+        (default: the one :meth:`_backend_for` gives for the largest token bucket), rebuilt when stale.
 
         For 2:4 layers on backends that build operands from kept values (``operand_structure``),
         neither operand goes through a dense weight: the forward one is ``values`` cast to
         ``dtype``, the backward one :func:`slope.kernels.transpose_kept_2to4` of them; the metadata
         of each depends on a mask only and is cached per mask version."""
+        if backend is None:
+            backend = self._backend_for(dtype, device, which)
         version = (self.values._version, self.values.data_ptr(), self.mask._version, self.mask_t._version, self.mask_t.data_ptr())
-        key = (which, dtype, device)
+        key = (which, dtype, device, backend.name)
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:
             return cached[1]
-        backend = self._backend_for(dtype, device, which)
         if which == "backward" and not backend.any_nm and not self.double_pruning:
             raise ValueError(
                 f"{self.layer_name}: an exact (not double-pruned) backward is not 2:4 along out; "

@@ -75,15 +75,14 @@ class MergedSparseLinear(SparseLinear):
             mask.append(a_mask)
         return torch.cat(dense), torch.cat(mask)
 
-    def _merged_operand(self, dtype: torch.dtype, device: torch.device):
-        """The backend operand of :meth:`stacked_weight` in ``dtype``, cached until a source changes."""
+    def _merged_operand(self, dtype: torch.dtype, device: torch.device, backend):
+        """``backend``'s operand of :meth:`stacked_weight` in ``dtype``, cached until a source changes."""
         sources = [self.values, self._stored_mask()] + ([self.lora_A, self.lora_A_mask] if self.lora_rank else [])
         version = tuple((t._version, t.data_ptr()) for t in sources)
-        key = ("merged", dtype, device)
+        key = ("merged", dtype, device, backend.name)
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:
             return cached[1]
-        backend = self._backend_for(dtype, device)
         dense, mask = self.stacked_weight()
         with torch.no_grad():
             operand = backend.make_operand(dense.to(dtype), mask)
@@ -96,7 +95,8 @@ class MergedSparseLinear(SparseLinear):
         """``u (..., out + r)`` whose first ``out`` columns are the layer's output (see module docstring)."""
         out, r = self.out_features, self.lora_rank
         x2 = x.reshape(-1, self.in_features).to(dtype)
-        u = self._backend_for(dtype, x.device).matmul(x2, self._merged_operand(dtype, x.device))
+        backend = self._backend_for(dtype, x.device, "forward", x2.shape[0])
+        u = backend.matmul(x2, self._merged_operand(dtype, x.device, backend))
         y = u[:, :out]
         if r:
             kernels.addmm(u[:, out : out + r], self.lora_B.detach().t().to(dtype), y, alpha=self.lora_scaling)

@@ -46,7 +46,7 @@ def test_sparse_candidate_wins_only_when_faster_than_dense():
     slow, _ = chooser([1.0, 2.0])
     choice = slow.choose((64, 64), torch.float32, CPU)
     assert isinstance(choice, DenseBackend)
-    assert slow.report()[((64, 64), torch.float32, CPU, True)].times_ms == {"dense": 1.0, "reference": 2.0}
+    assert slow.report()[((64, 64), torch.float32, CPU, True, 8)].times_ms == {"dense": 1.0, "reference": 2.0}
 
 
 def test_failing_candidate_is_skipped_and_reported():
@@ -120,7 +120,10 @@ def test_layer_asks_auto_for_each_direction_separately(monkeypatch):
     asked = []
 
     class RecordingChooser:
-        def choose(self, shape, dtype, device, tiling=True):
+        def bucket(self, tokens):
+            return 8192
+
+        def choose(self, shape, dtype, device, tiling=True, tokens=None):
             asked.append(tuple(shape))
             return DenseBackend() if shape[0] > shape[1] else ReferenceBackend()
 
@@ -137,3 +140,55 @@ def test_layer_asks_auto_for_each_direction_separately(monkeypatch):
     cpu = torch.device("cpu")
     assert layer._backend_for(torch.float32, cpu) is layer._backend_for(torch.float32, cpu, "backward")
     assert asked == [(64, 32), (32, 64)]
+
+
+def test_choices_are_per_token_bucket_and_share_backend_instances():
+    """Calls are timed at their token bucket (16 / 128 / 1024 / tokens): a kernel that wins at
+    training sizes can lose at decode sizes; one backend instance serves every bucket."""
+    sizes = []
+
+    class SizeTimer(FakeTimer):
+        def __call__(self, fn, device):
+            sizes.append(fn().shape[0])  # the timed product's token count
+            self.calls += 1
+            return self.times.pop(0)
+
+    timer = SizeTimer([1.0, 2.0, 1.0, 0.5, 1.0, 0.5])
+    auto = AutoBackendChooser(tokens=512, timer=timer, candidates=("reference",))
+    assert auto.buckets == (16, 128, 512)
+    assert [auto.bucket(t) for t in (None, 1, 16, 17, 128, 129, 512, 100000)] == [512, 16, 16, 128, 128, 512, 512, 512]
+    small = auto.choose((64, 64), torch.float32, CPU, tokens=3)
+    assert isinstance(small, DenseBackend) and sizes == [16, 16]
+    large = auto.choose((64, 64), torch.float32, CPU, tokens=4096)
+    assert isinstance(large, ReferenceBackend) and sizes == [16, 16, 512, 512]
+    assert auto.choose((64, 64), torch.float32, CPU, tokens=9) is small and timer.calls == 4  # cached
+    assert auto.choose((64, 64), torch.float32, CPU, tokens=100) is large  # 128 bucket: same instance
+    assert sizes[4:] == [128, 128]
+    assert len(auto.report()) == 3
+
+
+def test_layer_keys_auto_choices_and_operands_by_bucket_and_backend(monkeypatch):
+    """With timed auto (as on CUDA) a layer multiplies decode-sized and training-sized inputs with
+    each bucket's choice, caching one operand per backend, and stays exact (CPU: fake chooser)."""
+    import slope.backends.auto as auto_module
+    import slope.layer as layer_module
+    from slope.layer import SparseLinear
+
+    # (dense, reference) times: forward and backward at 16 tokens (dense wins), then at 64 (reference)
+    timer = FakeTimer([1.0, 2.0, 1.0, 2.0, 1.0, 0.5, 1.0, 0.5])
+    monkeypatch.setattr(auto_module, "AUTO_CHOOSER", AutoBackendChooser(tokens=64, timer=timer, candidates=("reference",)))
+    monkeypatch.setattr(layer_module, "_auto_is_timed", lambda device: True)
+    torch.manual_seed(0)
+    layer = SparseLinear.from_dense(torch.randn(32, 48), compress=True, backend="auto")
+    for tokens in (4, 40):
+        x = torch.randn(tokens, 48, requires_grad=True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        torch.testing.assert_close(y, F.linear(x, layer.dense_weight()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, torch.ones(tokens, 32) @ layer.backward_weight(), rtol=1e-5, atol=1e-5)
+    assert {k[0] for k in layer._backends} == {"forward", "backward"}
+    names = {(k[0], k[3]): type(v).__name__ for k, v in layer._backends.items()}
+    assert names == {("forward", 16): "DenseBackend", ("backward", 16): "DenseBackend",
+                     ("forward", 64): "ReferenceBackend", ("backward", 64): "ReferenceBackend"}
+    assert sorted((k[0], k[3]) for k in layer._operands) == [
+        ("backward", "dense"), ("backward", "reference"), ("forward", "dense"), ("forward", "reference")]

@@ -305,8 +305,12 @@ def test_auto_layer_uses_the_chooser_per_direction_and_matches_simulated():
     y_fast.backward(dy)
     y_sim.backward(dy)
     assert_rel_close(x_fast.grad, x_sim.grad, torch.bfloat16)
-    # forward operand (out, in) and input-gradient operand (in, out) are chosen separately
-    assert layer._backend_for(torch.bfloat16, x.device) is AUTO_CHOOSER.choose((1024, 256), torch.bfloat16, x.device, True)
-    assert layer._backend_for(torch.bfloat16, x.device, "backward") is AUTO_CHOOSER.choose(
-        (256, 1024), torch.bfloat16, x.device, True
+    # forward operand (out, in) and input-gradient operand (in, out) are chosen separately, at
+    # the call's token bucket (8 tokens: timed at 16)
+    assert layer._backend_for(torch.bfloat16, x.device, "forward", 8) is AUTO_CHOOSER.choose(
+        (1024, 256), torch.bfloat16, x.device, True, 8
     )
+    assert layer._backend_for(torch.bfloat16, x.device, "backward", 8) is AUTO_CHOOSER.choose(
+        (256, 1024), torch.bfloat16, x.device, True, 16
+    )
+    assert ("forward", torch.bfloat16, x.device, 16) in layer._backends
