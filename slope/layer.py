@@ -52,6 +52,14 @@ def _auto_is_timed(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _sparse_product(layer: "SparseLinear", xc: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``xc (..., in) (W ⊙ M)ᵀ + bias`` in ``xc``'s dtype (the compute dtype), no autograd."""
+    dtype = xc.dtype
+    backend = layer._backend_for(dtype, xc.device, "forward", xc.numel() // layer.in_features)
+    operand = layer._operand("forward", dtype, xc.device, backend)
+    return backend.linear(xc, operand, None if bias is None else bias.to(dtype))
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     """Autograd function of :class:`SparseLinear` (weights reach it through the module)."""
 
@@ -60,10 +68,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         xc = x.to(dtype)
-        backend = layer._backend_for(dtype, x.device, "forward", x.numel() // layer.in_features)
-        y = backend.matmul(xc, layer._operand("forward", dtype, x.device, backend))
-        if bias is not None:
-            y = y + bias.to(dtype)
+        y = _sparse_product(layer, xc, bias)
         ctx.save_for_backward(xc if layer.sparse_requires_grad else None)
         return y
 
@@ -293,7 +298,8 @@ class SparseLinear(nn.Module):
         of each depends on a mask only and is cached per mask version."""
         if backend is None:
             backend = self._backend_for(dtype, device, which)
-        version = (self.values._version, self.values.data_ptr(), self.mask._version, self.mask_t._version, self.mask_t.data_ptr())
+        values, mask_t = self.values, self.mask_t
+        version = (values._version, values.data_ptr(), self.mask._version, mask_t._version, mask_t.data_ptr())
         key = (which, dtype, device, backend.name)
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:
@@ -367,12 +373,20 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name or 'SparseLinear'}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
         dtype = _compute_dtype(x, self.values.dtype, self)
-        anchor = None
-        if torch.is_grad_enabled() and self.sparse_requires_grad:
-            # A fresh leaf that requires grad makes autograd run our backward even when neither
-            # the input nor the bias needs a gradient (first layer without bias).
-            anchor = torch.empty(0, device=x.device, requires_grad=True)
-        y = _SparseLinearFunction.apply(x, self.bias, anchor, self, dtype)
+        bias = self.bias
+        if not torch.is_grad_enabled() or not (
+            self.sparse_requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
+        ):
+            # Nothing to differentiate (inference, evaluation): skip the autograd Function, whose
+            # per-call cost shows when decoding a token at a time.
+            y = _sparse_product(self, x.to(dtype), None if bias is None else bias.detach())
+        else:
+            anchor = None
+            if self.sparse_requires_grad:
+                # A fresh leaf that requires grad makes autograd run our backward even when neither
+                # the input nor the bias needs a gradient (first layer without bias).
+                anchor = torch.empty(0, device=x.device, requires_grad=True)
+            y = _SparseLinearFunction.apply(x, bias, anchor, self, dtype)
         if self.lora_rank:
             y = y + self._lora_delta(x, dtype)
         return y

@@ -90,28 +90,34 @@ class MergedSparseLinear(SparseLinear):
         return operand
 
     # ------------------------------------------------------------------ forward
-    @torch.no_grad()
     def _merged_product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``u (..., out + r)`` whose first ``out`` columns are the layer's output (see module docstring)."""
+        """``u (..., out + r)`` whose first ``out`` columns are the layer's output (see module
+        docstring). Call it with autograd off (the in-place adds are not differentiable)."""
         out, r = self.out_features, self.lora_rank
         x2 = x.reshape(-1, self.in_features).to(dtype)
         backend = self._backend_for(dtype, x.device, "forward", x2.shape[0])
-        u = backend.matmul(x2, self._merged_operand(dtype, x.device, backend))
+        operand = self._merged_operand(dtype, x.device, backend)
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        if not r:  # no adapters: the bias add can go into the product (fused where the backend can)
+            return backend.linear(x2, operand, bias).reshape(*x.shape[:-1], out)
+        u = backend.matmul(x2, operand)
         y = u[:, :out]
-        if r:
-            kernels.addmm(u[:, out : out + r], self.lora_B.detach().t().to(dtype), y, alpha=self.lora_scaling)
-        if self.bias is not None:
-            kernels.matvec_add(y, self.bias.detach().to(dtype))
+        kernels.addmm(u[:, out : out + r], self.lora_B.detach().t().to(dtype), y, alpha=self.lora_scaling)
+        if bias is not None:
+            kernels.matvec_add(y, bias)
         return u.reshape(*x.shape[:-1], u.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name or 'MergedSparseLinear'}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
         dtype = _compute_dtype(x, self.values.dtype, self)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if not torch.is_grad_enabled():  # inference: no context manager on the per-token path
+            u = self._merged_product(x, dtype)
+        elif x.requires_grad:
             u = _NoBackward.apply(x, self, dtype)
         else:
-            u = self._merged_product(x, dtype)
+            with torch.no_grad():
+                u = self._merged_product(x, dtype)
         return u[..., : self.out_features]
 
     # ------------------------------------------------------------------ the mask, packed once frozen

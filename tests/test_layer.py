@@ -448,3 +448,24 @@ def test_cutlass_backend_builds_operands_from_kept_values(dtype):
     assert backend.operand_structure(layer.mask[:, :96], dtype) is None  # 96 columns need padding to 64s
     with pytest.raises(ValueError, match="do not match metadata"):
         backend.operand_from_values(layer.values.detach().to(dtype)[:32], structure)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_inference_skips_the_autograd_function_and_matches(monkeypatch, compress):
+    """Without autograd (no_grad / inference) the layer computes the same output directly (with
+    the bias fused into the backend's product); with autograd it goes through the Function."""
+    import slope.layer as layer_module
+
+    calls = []
+    real_apply = layer_module._SparseLinearFunction.apply
+    monkeypatch.setattr(layer_module._SparseLinearFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    layer = SparseLinear.from_dense(torch.randn(32, 64), torch.randn(32), compress=compress, backend="reference")
+    x = torch.randn(3, 5, 64)
+    expected = F.linear(x, layer.dense_weight(), layer.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert calls == []
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # trains: the Function runs
+    assert calls == [1]

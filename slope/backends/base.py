@@ -45,6 +45,12 @@ class SparseBackend:
         """``x (..., cols) @ denseᵀ -> (..., rows)`` in ``x.dtype``."""
         raise NotImplementedError
 
+    def linear(self, x: torch.Tensor, operand: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``matmul(x, operand) + bias`` (``bias (rows,)`` in ``x.dtype``, or None); backends that
+        fuse the bias add into their product override it."""
+        y = self.matmul(x, operand)
+        return y if bias is None else y + bias
+
     # A SLoPe layer already stores its forward operand's kept values, ``values (rows, cols/2)``
     # (2:4 along cols, exactly two kept per group, ascending column within a group). A backend
     # whose compressed values are exactly that tensor builds the operand from it and a metadata

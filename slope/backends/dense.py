@@ -35,6 +35,9 @@ class DenseBackend(SparseBackend):
     def matmul(self, x: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
         return F.linear(x, operand)
 
+    def linear(self, x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, operand, bias)
+
 
 class _Tiles(list):
     """Operands of consecutive row blocks (a distinct type so an untiled operand is never confused)."""

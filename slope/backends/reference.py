@@ -24,6 +24,9 @@ class SimulatedBackend(SparseBackend):
     def matmul(self, x: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
         return F.linear(x, operand)
 
+    def linear(self, x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, operand, bias)
+
 
 class SlopeFormatOperands:
     """Operands in ``slope.kernels``' compressed 2:4 format ``(values, meta)``, shared by the
@@ -51,5 +54,8 @@ class ReferenceBackend(SlopeFormatOperands, SparseBackend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def matmul(self, x: torch.Tensor, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.linear(x, operand)
+
+    def linear(self, x: torch.Tensor, operand: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
         values, meta = operand
-        return F.linear(x, decompress_2to4(values, meta))
+        return F.linear(x, decompress_2to4(values, meta), bias)
