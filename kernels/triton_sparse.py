@@ -2,8 +2,9 @@
 
 ``sparse_linear(x (M, K), values (N, K/2), meta) -> x @ Wᵀ (M, N)`` where ``W (N, K)`` is the
 2:4 matrix that ``(values, meta)`` encode. The kernel reads the compressed values and metadata
-(CUTLASS int16 layout or plain uint8 codes) and expands each ``(BLOCK_K, BLOCK_N)`` tile of ``Wᵀ``
-in registers before ``tl.dot``; it never materialises ``W``. Correctness first: it moves half the
+(CUTLASS int16 layout or plain uint8 codes) once per group of 4 columns, expands each
+``(BLOCK_N, BLOCK_K)`` tile of ``W`` in registers (selects, then an interleave of the four
+positions) and feeds its transpose to ``tl.dot``; it never materialises ``W``. Correctness first: it moves half the
 weight bytes of a dense GEMM but does not use sparse tensor cores. Accumulates in fp32, returns
 ``x.dtype``.
 """
@@ -35,6 +36,34 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
+def _expanded_weight_tile(v_ptr, meta_ptr, rn, g, N, half, groups,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CUTLASS: tl.constexpr):
+    """Dense ``(BLOCK_N, BLOCK_K)`` tile of ``W`` for rows ``rn`` and the groups ``g`` (BLOCK_K / 4
+    consecutive groups of 4 columns): the compressed values and codes are loaded once per group
+    (contiguous along K) and expanded with selects, then the four positions are interleaved."""
+    valid = (rn[:, None] < N) & (g[None, :] < groups)
+    pair = rn[:, None] * half + 2 * g[None, :]  # (BLOCK_N, G): the group's first kept value
+    two = tl.arange(0, 2)
+    vals = tl.load(v_ptr + pair[:, :, None] + two[None, None, :], mask=valid[:, :, None], other=0.0)
+    v0, v1 = tl.split(vals)  # (BLOCK_N, G) each
+    if CUTLASS:
+        word = tl.load(meta_ptr + _cutlass_meta_offset(rn[:, None], g[None, :] // 4, N), mask=valid, other=0)
+        code = (word.to(tl.int32) >> (4 * (g[None, :] % 4)).to(tl.int32)) & 0xF
+    else:
+        code = tl.load(meta_ptr + rn[:, None] * groups + g[None, :], mask=valid, other=0).to(tl.int32)
+    i0 = code & 3
+    i1 = (code >> 2) & 3
+    zero = tl.zeros_like(v0)
+    w0 = tl.where(i0 == 0, v0, tl.where(i1 == 0, v1, zero))
+    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+    w3 = tl.where(i0 == 3, v0, tl.where(i1 == 3, v1, zero))
+    # join(join(w0, w2), join(w1, w3)) is (BLOCK_N, G, 2, 2) holding w0, w1, w2, w3 in row-major order
+    w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _sparse_linear_kernel(
     x_ptr, v_ptr, meta_ptr, out_ptr, M, N, K, stride_xm, stride_xk, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -45,6 +74,7 @@ def _sparse_linear_kernel(
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    rg = tl.arange(0, BLOCK_K // 4).to(tl.int64)
     half = K // 2
     groups = K // 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -52,26 +82,16 @@ def _sparse_linear_kernel(
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        # Tile of Wᵀ: element (k, n) = W[n, k]; group g = k // 4, position p = k % 4.
-        valid = (kk[:, None] < K) & (rn[None, :] < N)
-        g = kk[:, None] // 4
-        p = (kk[:, None] % 4).to(tl.int32)
-        n = rn[None, :]
-        if CUTLASS:
-            word = tl.load(meta_ptr + _cutlass_meta_offset(n, g // 4, N), mask=valid, other=0).to(tl.int32)
-            code = (word >> (4 * (g % 4)).to(tl.int32)) & 0xF
-        else:
-            code = tl.load(meta_ptr + n * groups + g, mask=valid, other=0).to(tl.int32)
-        v0 = tl.load(v_ptr + n * half + 2 * g, mask=valid, other=0.0)
-        v1 = tl.load(v_ptr + n * half + 2 * g + 1, mask=valid, other=0.0)
-        w = tl.where(p == (code & 3), v0, tl.where(p == ((code >> 2) & 3), v1, 0.0)).to(v0.dtype)
+        w = _expanded_weight_tile(v_ptr, meta_ptr, rn, k0 // 4 + rg, N, half, groups,
+                                  BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, CUTLASS=CUTLASS)
+        wt = tl.trans(w)  # (BLOCK_K, BLOCK_N) = Wᵀ tile
         if CAST_F32:
             x = x.to(tl.float32)
-            w = w.to(tl.float32)
+            wt = wt.to(tl.float32)
         if IEEE:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
+            acc = tl.dot(x, wt, acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x, wt, acc)
     o_mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
