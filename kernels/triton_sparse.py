@@ -4,7 +4,8 @@
 2:4 matrix that ``(values, meta)`` encode. The kernel reads the compressed values and metadata
 (CUTLASS int16 layout or plain uint8 codes) once per group of 4 columns, expands each
 ``(BLOCK_N, BLOCK_K)`` tile of ``W`` in registers (selects, then an interleave of the four
-positions) and feeds its transpose to ``tl.dot``; it never materialises ``W``. Correctness first: it moves half the
+positions) and multiplies it by the transposed activation tile (``tl.dot(W, xᵀ)``, stored
+transposed); it never materialises ``W``. Correctness first: it moves half the
 weight bytes of a dense GEMM but does not use sparse tensor cores. Accumulates in fp32, returns
 ``x.dtype``.
 """
@@ -77,23 +78,25 @@ def _sparse_linear_kernel(
     rg = tl.arange(0, BLOCK_K // 4).to(tl.int64)
     half = K // 2
     groups = K // 4
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The product is computed transposed, accT (BLOCK_N, BLOCK_M) = W tile @ xᵀ tile, so that the
+    # expanded W tile feeds tl.dot as it is built (no transpose of it; Triton 3.6's sm_90 pipeline
+    # failed on the transposed form).
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        xt = tl.load(x_ptr + kk[:, None] * stride_xk + rm[None, :] * stride_xm,
+                     mask=(kk[:, None] < K) & (rm[None, :] < M), other=0.0)
         w = _expanded_weight_tile(v_ptr, meta_ptr, rn, k0 // 4 + rg, N, half, groups,
                                   BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, CUTLASS=CUTLASS)
-        wt = tl.trans(w)  # (BLOCK_K, BLOCK_N) = Wᵀ tile
         if CAST_F32:
-            x = x.to(tl.float32)
-            wt = wt.to(tl.float32)
+            xt = xt.to(tl.float32)
+            w = w.to(tl.float32)
         if IEEE:
-            acc = tl.dot(x, wt, acc, input_precision="ieee")
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, wt, acc)
-    o_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+            acc = tl.dot(w, xt, acc)
+    o_mask = (rn[:, None] < N) & (rm[None, :] < M)
+    tl.store(out_ptr + rn[:, None] * stride_on + rm[None, :] * stride_om, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 _sparse_linear_autotuned = triton.autotune(configs=_configs(), key=["M", "N", "K"])(_sparse_linear_kernel)
