@@ -10,7 +10,8 @@ or faster; this says *why*). For each workload, dense and sparse:
 
 Each runs a few warm-up iterations, then ``--iters`` iterations under the profiler. A record holds,
 per side, the profiled wall time per iteration and the ``--top`` operators by self time on the
-device (CUDA) or the CPU, per iteration (name, calls, self ms, and CPU ms spent launching them).
+device (CUDA) or the CPU, per iteration (name, calls, self ms, and CPU ms spent launching them),
+and on CUDA the peak allocated memory of the workload (model, optimizer state, activations).
 Results go to ``results/<device>/breakdown.json`` (not rendered by ``summarize.py``); the tables
 are printed.
 
@@ -43,6 +44,8 @@ SCRIPT = "breakdown"
 
 def profile_iterations(fn, device: torch.device, iters: int, warmup: int, top: int) -> dict:
     """Wall ms per iteration and the ``top`` operators by self time (device time on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -67,8 +70,9 @@ def profile_iterations(fn, device: torch.device, iters: int, warmup: int, top: i
         })
     rows.sort(key=lambda r: r["self_ms_per_iter"], reverse=True)
     total = sum(r["self_ms_per_iter"] for r in rows)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_device else None
     return {"wall_ms_per_iter": round(wall_ms, 4), "self_ms_total_per_iter": round(total, 4),
-            "time_base": "device" if on_device else "cpu", "top_ops": rows[:top]}
+            "time_base": "device" if on_device else "cpu", "peak_mib": peak and round(peak, 1), "top_ops": rows[:top]}
 
 
 def layer_step(shape: tuple[int, int], tokens: int, dtype: torch.dtype, device: torch.device, backend: str | None):
