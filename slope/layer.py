@@ -231,11 +231,13 @@ class SparseLinear(nn.Module):
         return groups.gather(-1, self._kept_offsets()).reshape(self.values.shape)
 
     # ------------------------------------------------------------------ inspection
-    def dense_weight(self) -> torch.Tensor:
-        """Current ``W ⊙ M`` as a dense ``(out, in)`` tensor (a fresh copy)."""
-        dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Current ``W ⊙ M`` as a dense ``(out, in)`` tensor (a fresh copy) in ``dtype`` (default:
+        ``values``' dtype; built in it directly, without a full-size copy in ``values``' dtype)."""
+        dtype = self.values.dtype if dtype is None else dtype
+        dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
         groups = dense.view(self.out_features, -1, self.m)
-        groups.scatter_(-1, self._kept_offsets(), self.values.detach().view(self.out_features, -1, self.n))
+        groups.scatter_(-1, self._kept_offsets(), self.values.detach().to(dtype).view(self.out_features, -1, self.n))
         return dense
 
     def backward_weight(self) -> torch.Tensor:
@@ -319,9 +321,9 @@ class SparseLinear(nn.Module):
                     kernels.transpose_kept_2to4(values, self.mask, self.mask_t, dtype), structure
                 )
             elif which == "forward":
-                operand = backend.make_operand(self.dense_weight().to(dtype), self.mask)
+                operand = backend.make_operand(self.dense_weight(dtype), self.mask)
             else:
-                dense = self.dense_weight().to(dtype)
+                dense = self.dense_weight(dtype)
                 operand = backend.make_operand((dense * self.mask_t).t().contiguous(), self.mask_t.t().contiguous())
         self._operands[key] = (version, operand)
         return operand

@@ -469,3 +469,10 @@ def test_inference_skips_the_autograd_function_and_matches(monkeypatch, compress
     assert calls == []
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # trains: the Function runs
     assert calls == [1]
+
+
+def test_dense_weight_in_another_dtype_is_the_cast_copy():
+    layer = SparseLinear.from_dense(torch.randn(16, 32), compress=False)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        dense = layer.dense_weight(dtype)
+        assert dense.dtype == dtype and torch.equal(dense, layer.dense_weight().to(dtype))
