@@ -323,8 +323,8 @@ class SparseLinear(nn.Module):
             elif which == "forward":
                 operand = backend.make_operand(self.dense_weight(dtype), self.mask)
             else:
-                dense = self.dense_weight(dtype)
-                operand = backend.make_operand((dense * self.mask_t).t().contiguous(), self.mask_t.t().contiguous())
+                backward = self.dense_weight(dtype).mul_(self.mask_t)  # a fresh copy: masked in place
+                operand = backend.make_operand(backward.t().contiguous(), self.mask_t.t().contiguous())
         self._operands[key] = (version, operand)
         return operand
 
