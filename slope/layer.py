@@ -292,7 +292,8 @@ class SparseLinear(nn.Module):
 
     def _operand(self, which: str, dtype: torch.dtype, device: torch.device, backend: SparseBackend | None = None):
         """The cached forward (``W⊙M``) or backward (``(W⊙M⊙M_t)ᵀ``) operand of ``backend``
-        (default: the one :meth:`_backend_for` gives for the largest token bucket), rebuilt when stale.
+        (default: the one :meth:`_backend_for` gives for the largest token bucket), rebuilt when
+        stale or when it was built for another backend.
 
         For 2:4 layers on backends that build operands from kept values (``operand_structure``),
         neither operand goes through a dense weight: the forward one is ``values`` cast to
@@ -301,8 +302,10 @@ class SparseLinear(nn.Module):
         if backend is None:
             backend = self._backend_for(dtype, device, which)
         values, mask_t = self.values, self.mask_t
-        version = (values._version, values.data_ptr(), self.mask._version, mask_t._version, mask_t.data_ptr())
-        key = (which, dtype, device, backend.name)
+        # One slot per direction: an operand of another backend (auto, another token bucket)
+        # replaces it, so a layer never holds more operands than before token buckets existed.
+        version = (values._version, values.data_ptr(), self.mask._version, mask_t._version, mask_t.data_ptr(), backend.name)
+        key = (which, dtype, device)
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:
             return cached[1]

@@ -78,8 +78,8 @@ class MergedSparseLinear(SparseLinear):
     def _merged_operand(self, dtype: torch.dtype, device: torch.device, backend):
         """``backend``'s operand of :meth:`stacked_weight` in ``dtype``, cached until a source changes."""
         sources = [self.values, self._stored_mask()] + ([self.lora_A, self.lora_A_mask] if self.lora_rank else [])
-        version = tuple((t._version, t.data_ptr()) for t in sources)
-        key = ("merged", dtype, device, backend.name)
+        version = (*((t._version, t.data_ptr()) for t in sources), backend.name)  # one slot (see _operand)
+        key = ("merged", dtype, device)
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:
             return cached[1]

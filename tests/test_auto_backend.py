@@ -169,7 +169,8 @@ def test_choices_are_per_token_bucket_and_share_backend_instances():
 
 def test_layer_keys_auto_choices_and_operands_by_bucket_and_backend(monkeypatch):
     """With timed auto (as on CUDA) a layer multiplies decode-sized and training-sized inputs with
-    each bucket's choice, caching one operand per backend, and stays exact (CPU: fake chooser)."""
+    each bucket's choice and stays exact; it keeps one operand per direction, that of the backend
+    it used last (CPU: fake chooser)."""
     import slope.backends.auto as auto_module
     import slope.layer as layer_module
     from slope.layer import SparseLinear
@@ -190,5 +191,8 @@ def test_layer_keys_auto_choices_and_operands_by_bucket_and_backend(monkeypatch)
     names = {(k[0], k[3]): type(v).__name__ for k, v in layer._backends.items()}
     assert names == {("forward", 16): "DenseBackend", ("backward", 16): "DenseBackend",
                      ("forward", 64): "ReferenceBackend", ("backward", 64): "ReferenceBackend"}
-    assert sorted((k[0], k[3]) for k in layer._operands) == [
-        ("backward", "dense"), ("backward", "reference"), ("forward", "dense"), ("forward", "reference")]
+    assert sorted((k[0], v[0][-1]) for k, v in layer._operands.items()) == [("backward", "reference"), ("forward", "reference")]
+    with torch.no_grad():  # back to a decode-sized call: the dense operand replaces the reference one
+        x = torch.randn(2, 48)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight()), rtol=1e-5, atol=1e-5)
+    assert {k[0]: v[0][-1] for k, v in layer._operands.items()} == {"forward": "dense", "backward": "reference"}

@@ -18,8 +18,9 @@ fast for one shape can be slow for its transpose). Candidates are
 It keeps a sparse choice only when it is faster than dense by ``margin`` (default 3 %, to stay
 clear of timing noise), so ``auto`` is never slower than dense. Results are cached per
 ``(rows, cols, dtype, device, tiling, bucket)`` in the chooser object, which hands out one
-instance per backend (so a layer can key its cached operands by backend name and share an
-operand between buckets that chose the same backend); the process-wide instance is
+instance per backend (buckets that chose the same backend share it, and a layer's cached operand
+stays valid across them: layers keep one operand per direction, rebuilt when the backend
+changes); the process-wide instance is
 :data:`AUTO_CHOOSER`. Candidates that fail (an exception while building or multiplying) are
 skipped and their error is kept in :meth:`AutoBackendChooser.report`.
 """
