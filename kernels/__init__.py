@@ -2,7 +2,7 @@
 
 Functions with a Triton kernel (``addmm``, ``matvec_add``, ``prune_2to4``,
 ``double_prune_mask_2to4``, ``prune_compress_2to4``, ``gather_kept_2to4``,
-``transpose_kept_2to4``) dispatch: CUDA tensors of a dtype Triton
+``transpose_kept_2to4``, ``adamw_step_``) dispatch: CUDA tensors of a dtype Triton
 handles (fp16/bf16/fp32) go to :mod:`slope.kernels.triton_kernels` when Triton can run here;
 everything else goes to the pure-PyTorch references in :mod:`slope.kernels.reference`, which
 stay importable as ``slope.kernels.reference.*`` and are the oracles of the fast paths.
@@ -26,6 +26,7 @@ from .reference import (
 
 __all__ = [
     "COMPRESSIBLE_DTYPES",
+    "adamw_step_",
     "addmm",
     "compress_2to4",
     "cutlass_layout_supported",
@@ -122,3 +123,16 @@ def transpose_kept_2to4(
     if triton_usable(values) and mask.device == mask_t.device == values.device and (dtype is None or dtype in _TRITON_DTYPES):
         return _triton().transpose_kept_2to4(values, mask, mask_t, dtype)
     return reference.transpose_kept_2to4(values, mask, mask_t, dtype)
+
+
+def adamw_step_(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+) -> torch.Tensor:
+    """One in-place AdamW step of ``param`` (any float dtype) with fp32 moments; ``step`` counts
+    this step. One Triton pass for contiguous CUDA tensors, else the PyTorch reference."""
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    if triton_usable(*tensors) and all(t.is_contiguous() for t in tensors) and len({t.device for t in tensors}) == 1:
+        return _triton().adamw_step_(param, grad, exp_avg, exp_avg_sq, **kw)
+    return reference.adamw_step_(param, grad, exp_avg, exp_avg_sq, **kw)

@@ -22,6 +22,8 @@ Two metadata layouts, told apart by ``meta.dtype``:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "metadata_dtype",
     "addmm",
     "matvec_add",
+    "adamw_step_",
 ]
 
 COMPRESSIBLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)
@@ -323,3 +326,35 @@ def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
             f"matvec_add needs vector (N,) matching matrix (..., N); got {tuple(matrix.shape)} and {tuple(vector.shape)}"
         )
     return matrix.add_(vector)
+
+
+def _check_adamw(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    if not (param.shape == grad.shape == exp_avg.shape == exp_avg_sq.shape):
+        raise ValueError(
+            f"adamw_step_: param, grad and moments must have one shape, got {tuple(param.shape)}, "
+            f"{tuple(grad.shape)}, {tuple(exp_avg.shape)}, {tuple(exp_avg_sq.shape)}"
+        )
+    if exp_avg.dtype != torch.float32 or exp_avg_sq.dtype != torch.float32:
+        raise TypeError(f"adamw_step_: moments must be float32, got {exp_avg.dtype} and {exp_avg_sq.dtype}")
+
+
+def adamw_step_(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+) -> torch.Tensor:
+    """One AdamW step (decoupled weight decay), in place: ``param`` (any float dtype) is updated
+    in fp32 arithmetic and rounded back; ``exp_avg`` / ``exp_avg_sq`` are fp32; ``grad`` any float
+    dtype; ``step`` counts this step (1 for the first). Returns ``param``."""
+    _check_adamw(param, grad, exp_avg, exp_avg_sq)
+    g = grad.float()
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias1 = 1 - beta1**step
+    bias2_sqrt = math.sqrt(1 - beta2**step)
+    master = param.float() if param.dtype != torch.float32 else param
+    master.mul_(1 - lr * weight_decay)
+    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+    master.addcdiv_(exp_avg, denom, value=-lr / bias1)
+    if master is not param:
+        param.copy_(master)
+    return param

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import cutlass_layout_supported
+from .reference import _check_adamw, cutlass_layout_supported
 
 __all__ = [
     "interpreting",
@@ -28,6 +28,7 @@ __all__ = [
     "prune_compress_2to4",
     "gather_kept_2to4",
     "transpose_kept_2to4",
+    "adamw_step_",
 ]
 
 #: dtypes the Triton kernels handle (others go to the reference).
@@ -526,3 +527,45 @@ def transpose_kept_2to4(
             out, rows, cols, BLOCK_J=bj, BLOCK_Q=bq,
         )
     return out
+
+
+# ------------------------------------------------------------------------------------ AdamW step
+@triton.jit
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                  bias2_sqrt, BLOCK: tl.constexpr):
+    # The coefficients come from Python (double precision, rounded once to fp32) as PyTorch's do.
+    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    valid = offs < n
+    p = tl.load(p_ptr + offs, mask=valid, other=0.0)
+    g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=valid, other=0.0)
+    v = tl.load(v_ptr + offs, mask=valid, other=0.0)
+    m = m + one_minus_beta1 * (g - m)  # lerp, as torch.Tensor.lerp_
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    master = p.to(tl.float32) * decay
+    master = master - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
+    tl.store(m_ptr + offs, m, mask=valid)
+    tl.store(v_ptr + offs, v, mask=valid)
+    tl.store(p_ptr + offs, master.to(p.dtype), mask=valid)
+
+
+def adamw_step_(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+) -> torch.Tensor:
+    """:func:`slope.kernels.reference.adamw_step_` in one pass (fp32 arithmetic, ``param`` in
+    fp16/bf16/fp32 rounded back once); every tensor contiguous. Returns ``param``."""
+    _check_adamw(param, grad, exp_avg, exp_avg_sq)
+    _check_dtype("adamw_step_", param)
+    _check_dtype("adamw_step_ (grad)", grad)
+    for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not t.is_contiguous():
+            raise ValueError(f"adamw_step_: {name} must be contiguous")
+    n = param.numel()
+    if n:
+        block = 1024
+        _adamw_kernel[(triton.cdiv(n, block),)](
+            param, grad, exp_avg, exp_avg_sq, n, 1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0 - lr * weight_decay,
+            lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, BLOCK=block,
+        )
+    return param

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from slope import kernels
 from slope.registry import GradDict, live_layers, sparse_modules
 
 __all__ = ["ADAMWSparse"]
@@ -91,7 +92,8 @@ class ADAMWSparse(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             # fp32 values with fp32 gradients go through PyTorch's fused AdamW kernel, one launch
-            # per (device, step count) bucket; anything else (bf16/fp16 values) takes the loop.
+            # per (device, step count) bucket; anything else (bf16/fp16 values) is stepped per
+            # tensor by slope.kernels.adamw_step_ (one Triton pass on CUDA).
             fused: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 layer = self._layer_of[id(p)]
@@ -107,7 +109,7 @@ class ADAMWSparse(torch.optim.Optimizer):
                 if _FUSED_ADAMW is not None and p.dtype == grad.dtype == torch.float32 and p.device == grad.device:
                     fused.setdefault((p.device, int(state["step"].item())), []).append(p)
                 else:
-                    self._step_one(p, grad.float(), state, group)
+                    self._step_one(p, grad, state, group)
             for (device, step), params in fused.items():
                 self._step_fused(params, device, step, group)
             for p in group["params"]:
@@ -134,20 +136,13 @@ class ADAMWSparse(torch.optim.Optimizer):
 
     @staticmethod
     def _step_one(p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
-        """One AdamW step of ``p`` (any float dtype; moments and arithmetic in fp32)."""
+        """One AdamW step of ``p`` (any float dtype; moments and arithmetic in fp32): one Triton
+        pass on CUDA, else :func:`slope.kernels.reference.adamw_step_`."""
         beta1, beta2 = group["betas"]
-        step = int(state["step"].item())
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias1 = 1 - beta1**step
-        bias2_sqrt = math.sqrt(1 - beta2**step)
-        master = p.float() if p.dtype != torch.float32 else p
-        master.mul_(1 - group["lr"] * group["weight_decay"])
-        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(group["eps"])
-        master.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
-        if master is not p:
-            p.copy_(master)
+        kernels.adamw_step_(
+            p, g, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], step=int(state["step"].item()),
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for layer in self.layers():

@@ -234,3 +234,37 @@ def test_transpose_kept_2to4_errors():
         transpose_kept_2to4(values, mask, mask_t[:4])
     with pytest.raises(ValueError, match="divisible by 4"):
         transpose_kept_2to4(torch.randn(6, 8), torch.ones(6, 16, dtype=torch.bool), torch.ones(6, 16, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------- AdamW step
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_step_matches_torch_adamw(dtype):
+    """Three steps of the reference against torch.optim.AdamW on an fp32 copy; a bf16 parameter
+    is the fp32 result rounded once per step (moments stay fp32)."""
+    from slope.kernels import adamw_step_
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(257, generator=gen)
+    ours = start.to(dtype).clone()
+    master = ours.float().clone().requires_grad_()
+    torch_opt = torch.optim.AdamW([master], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    m, v = torch.zeros(257), torch.zeros(257)
+    for step in range(1, 4):
+        grad = torch.randn(257, generator=gen).to(dtype)
+        assert adamw_step_(ours, grad, m, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=step) is ours
+        master.grad = grad.float()
+        torch_opt.step()
+        with torch.no_grad():
+            master.copy_(master.to(dtype).float())  # the bf16 parameter is what the next step starts from
+        torch.testing.assert_close(ours.float(), master.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m, torch_opt.state[master]["exp_avg"], rtol=1e-6, atol=1e-8)
+
+
+def test_adamw_step_errors():
+    from slope.kernels import adamw_step_
+
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match="one shape"):
+        adamw_step_(torch.zeros(4), torch.zeros(5), torch.zeros(4), torch.zeros(4), **kw)
+    with pytest.raises(TypeError, match="moments must be float32"):
+        adamw_step_(torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4), **kw)

@@ -269,6 +269,60 @@ def test_layer_takes_the_fused_kept_paths(monkeypatch):
         torch.testing.assert_close(fast.values, sim.values, rtol=1e-6, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- AdamW step
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_step_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(1)
+    param = torch.randn(3000, generator=gen).to(dtype)  # more than one block, a partial last one
+    m, v = torch.randn(3000, generator=gen) * 0.1, torch.rand(3000, generator=gen) * 0.01
+    kw = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=7)
+    tensors = [param.clone(), m.clone(), v.clone()]
+    grad = torch.randn(3000, generator=gen).to(dtype)
+    ref.adamw_step_(tensors[0], grad, tensors[1], tensors[2], **kw)
+    out = [param.clone(), m.clone(), v.clone()]
+    assert tk.adamw_step_(out[0], grad, out[1], out[2], **kw) is out[0]
+    # PyTorch's CPU lerp/addcmul may fuse multiply-adds: ulp-level differences of the operands
+    torch.testing.assert_close(out[1], tensors[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[2], tensors[2], rtol=1e-6, atol=1e-8)
+    # fp32 -> bf16 truncates in the interpreter (rounds on a GPU): within one bf16 ulp there
+    ulp = 2.0 ** (torch.frexp(tensors[0].float())[1].float() - 8) if dtype == torch.bfloat16 else 1e-6
+    assert bool(((out[0].float() - tensors[0].float()).abs() <= ulp * 1.01 + 1e-7).all())
+    with pytest.raises(ValueError, match="contiguous"):
+        tk.adamw_step_(torch.zeros(8, 2).t(), torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(2, 8), **kw)
+
+
+def test_sparse_optimizer_takes_the_triton_step_for_bf16_values(monkeypatch):
+    """bf16 values step through the Triton kernel where it is usable (as on CUDA): same update as
+    the reference loop within a bf16 ulp."""
+    import copy
+
+    import torch.nn as nn
+
+    from slope import kernels, prune_model, sparse_modules
+    from slope.optimizers import ADAMWSparse
+
+    calls = []
+    real = tk.adamw_step_
+    monkeypatch.setattr(tk, "adamw_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)).to(torch.bfloat16)
+    models = [prune_model(copy.deepcopy(base), verbose=False, compress=False) for _ in range(2)]
+    opts = [ADAMWSparse(model, lr=1e-2, weight_decay=0.1) for model in models]
+    base_values = {id(layer): layer.values.clone() for _, layer in sparse_modules(models[0])}
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    for use_triton, model, opt in zip((True, False), models, opts):
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "triton_usable", lambda *tensors: use_triton)
+            model(x).float().square().mean().backward()
+            opt.step()
+    assert len(calls) == 2  # one kernel launch per layer
+    for (_, a), (_, b) in zip(sparse_modules(models[0]), sparse_modules(models[1])):
+        # the interpreter truncates fp32 -> bf16 where PyTorch rounds: at most one bf16 ulp apart
+        ulp = 2.0 ** (torch.frexp(b.values.float())[1].float() - 8)
+        assert bool(((a.values.float() - b.values.float()).abs() <= ulp * 1.01).all())
+        assert not torch.equal(a.values, base_values[id(a)])  # the step did update the values
+
+
 # ------------------------------------------------------------------------- sparse GEMM
 @pytest.mark.parametrize(
     "dtype,shape,layout",
