@@ -55,11 +55,15 @@ def _triton_importable() -> bool:
     return True
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def triton_usable(*tensors: torch.Tensor) -> bool:
-    """True when these tensors should take the Triton path: all CUDA, Triton-handled dtype, and
-    Triton importable (CPU tensors always use the reference)."""
+    """True when these tensors should take the Triton path: all plain (not a subclass such as
+    FSDP2's DTensor, whose local shards the kernels would not see) CUDA tensors of a
+    Triton-handled dtype, and Triton importable (CPU tensors always use the reference)."""
     return (
-        all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in tensors)
+        all(type(t) in _PLAIN_TENSOR_TYPES and t.is_cuda and t.dtype in _TRITON_DTYPES for t in tensors)
         and _triton_importable()
     )
 

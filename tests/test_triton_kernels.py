@@ -376,3 +376,4 @@ def test_dispatch_keeps_cpu_tensors_on_the_reference():
     dense = ties((16, 16), torch.float32)
     assert torch.equal(kernels.prune_2to4(dense)[1], ref.prune_2to4(dense)[1])
     assert kernels.reference.prune_compress_2to4 is ref.prune_compress_2to4
+
