@@ -143,8 +143,8 @@ def test_layer_asks_auto_for_each_direction_separately(monkeypatch):
 
 
 def test_choices_are_per_token_bucket_and_share_backend_instances():
-    """Calls are timed at their token bucket (16 / 128 / 1024 / tokens): a kernel that wins at
-    training sizes can lose at decode sizes; one backend instance serves every bucket."""
+    """Calls are timed at their token bucket (powers of two from 16 to ``tokens``): a kernel that
+    wins at training sizes can lose at decode sizes; one backend instance serves every bucket."""
     sizes = []
 
     class SizeTimer(FakeTimer):
@@ -154,7 +154,8 @@ def test_choices_are_per_token_bucket_and_share_backend_instances():
             return self.times.pop(0)
 
     timer = SizeTimer([1.0, 2.0, 1.0, 0.5, 1.0, 0.5])
-    auto = AutoBackendChooser(tokens=512, timer=timer, candidates=("reference",))
+    assert AutoBackendChooser().buckets == (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    auto = AutoBackendChooser(tokens=512, timer=timer, candidates=("reference",), small_buckets=(16, 128, 1024))
     assert auto.buckets == (16, 128, 512)
     assert [auto.bucket(t) for t in (None, 1, 16, 17, 128, 129, 512, 100000)] == [512, 16, 16, 128, 128, 512, 512, 512]
     small = auto.choose((64, 64), torch.float32, CPU, tokens=3)

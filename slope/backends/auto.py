@@ -2,9 +2,10 @@
 
 For an operand ``A (rows, cols)`` (2:4 along ``cols``) in ``dtype`` on a CUDA device,
 :class:`AutoBackendChooser` times the product ``x (T, cols) @ Aᵀ``. ``T`` is the call's token
-count rounded up to a bucket — 16, 128, 1024 or ``tokens`` (default 8192, the benchmarks' count;
-larger calls use it too) — so decode-sized calls (a few tokens) and training-sized ones each get
-their own choice: kernels that win at 8192 tokens can lose to cuBLAS at 16. A SLoPe layer
+count rounded up to a bucket — a power of two from 16 to ``tokens`` (default 8192, the
+benchmarks' count; larger calls use it too) — so decode-sized calls (a few tokens) and
+training-sized ones each get their own choice (kernels that win at 8192 tokens can lose to cuBLAS
+at 16), and a call is never timed at more than twice its own token count. A SLoPe layer
 ``W (out, in)`` asks for its forward operand ``W⊙M (out, in)`` and for its input-gradient
 operand ``(W⊙M⊙M_t)ᵀ (in, out)`` separately, so each direction gets its own choice (a backend
 fast for one shape can be slow for its transpose). Candidates are
@@ -83,7 +84,7 @@ class AutoBackendChooser:
         margin: float = 0.03,
         timer: Timer = cuda_event_timer,
         candidates: tuple[str, ...] = AUTO_ORDER_CUDA,
-        small_buckets: tuple[int, ...] = (16, 128, 1024),
+        small_buckets: tuple[int, ...] = tuple(2**k for k in range(4, 13)),  # 16 ... 4096
     ):
         self.tokens, self.margin, self.timer, self.candidates = tokens, margin, timer, candidates
         #: the token counts choices are timed at, ascending; ``tokens`` is the largest.
