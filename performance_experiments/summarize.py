@@ -71,7 +71,22 @@ def gemm_table(records: list[dict]) -> list[str]:
     header = ["dtype", "model", "layer", "tokens×out×in", "dense TFLOP/s"] + [f"{b} ×" for b in backends]
     rows = [[k[0], k[1], k[2], f"{k[3]}×{k[4]}×{k[5]}", v["dense"]] + [v.get(b) for b in backends]
             for k, v in sorted(shapes.items(), key=lambda kv: (kv[0][0], kv[0][3] * kv[0][4] * kv[0][5]))]
-    return _table(header, rows)
+    return _table(header, rows) + _auto_check(ok)
+
+
+def _auto_check(ok: list[dict]) -> list[str]:
+    """The ``auto`` acceptance line: on how many shapes ``auto`` was slower than dense."""
+    auto = [r for r in ok if r["backend"] == "auto"]
+    if not auto:
+        return []
+    slower = [r for r in auto if r["gemm_speedup"] < 1.0]
+    line = f"`auto` slower than dense on {len(slower)} of {len(auto)} shapes"
+    if slower:
+        worst = sorted(slower, key=lambda r: r["gemm_speedup"])[:5]
+        line += " (worst: " + ", ".join(
+            f"{r['config']['dtype']} {r['config']['tokens']}×{r['config']['out']}×{r['config']['in']} "
+            f"{r['gemm_speedup']:.2f} with {r.get('auto_choice')}" for r in worst) + ")"
+    return ["", line + "."]
 
 
 def layer_table(records):

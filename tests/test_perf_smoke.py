@@ -115,3 +115,15 @@ def test_device_slug():
     assert common.slugify_device_name("NVIDIA H100 80GB HBM3") == "nvidia-h100"
     assert common.slugify_device_name("NVIDIA A100-SXM4-80GB") == "nvidia-a100"
     assert common.device_slug("cpu") == "cpu"
+
+
+def test_summarize_counts_shapes_where_auto_lost_to_dense():
+    summarize = importlib.import_module("performance_experiments.summarize")
+
+    def record(speedup, tokens):
+        return {"backend": "auto", "gemm_speedup": speedup, "auto_choice": "cutlass-sm90",
+                "config": {"dtype": "bf16", "tokens": tokens, "out": 64, "in": 32}}
+
+    assert summarize._auto_check([]) == []
+    (_, line) = summarize._auto_check([record(1.2, 8192), record(0.9, 16), record(0.95, 32)])
+    assert line.startswith("`auto` slower than dense on 2 of 3 shapes (worst: bf16 16×64×32 0.90")
