@@ -127,3 +127,17 @@ def test_summarize_counts_shapes_where_auto_lost_to_dense():
     assert summarize._auto_check([]) == []
     (_, line) = summarize._auto_check([record(1.2, 8192), record(0.9, 16), record(0.95, 32)])
     assert line.startswith("`auto` slower than dense on 2 of 3 shapes (worst: bf16 16×64×32 0.90")
+
+
+def test_summarize_checks_the_gemm_target_on_its_shape_range():
+    summarize = importlib.import_module("performance_experiments.summarize")
+
+    def record(backend, speedup, tokens=8192, out=11008, inp=4096, dtype="bf16"):
+        return {"backend": backend, "gemm_speedup": speedup, "config": {"dtype": dtype, "tokens": tokens, "out": out, "in": inp}}
+
+    records = [record("cutlass-sm90", 1.65), record("cusparselt", 1.2),  # one shape: best 1.65
+               record("cutlass-sm90", 1.4, out=4096, inp=14336),  # FFN down: in range, below target
+               record("cutlass-sm90", 3.0, tokens=512), record("cutlass-sm90", 3.0, dtype="fp16"),  # outside
+               record("auto", 9.9)]
+    (_, line) = summarize._target_check(records)
+    assert "on 1 of 2 shapes" in line and "lowest best: 1.40 (cutlass-sm90)" in line
