@@ -119,14 +119,16 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
 
 
 def transpose_kept_2to4(
-    values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None
+    values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None,
+    dense: bool = False,
 ) -> torch.Tensor:
-    """Kept values ``(cols, rows/2)`` of ``(W ⊙ M ⊙ M_t)ᵀ`` from ``W``'s kept ``values (rows, cols/2)``.
+    """Kept values ``(cols, rows/2)`` of ``(W ⊙ M ⊙ M_t)ᵀ`` (``dense``: the whole ``(cols, rows)``)
+    from ``W``'s kept ``values (rows, cols/2)``.
 
     The Triton path trusts the masks (2 of 4 kept, ``M_t ⊆ M``; the reference checks the counts)."""
     if triton_usable(values) and mask.device == mask_t.device == values.device and (dtype is None or dtype in _TRITON_DTYPES):
-        return _triton().transpose_kept_2to4(values, mask, mask_t, dtype)
-    return reference.transpose_kept_2to4(values, mask, mask_t, dtype)
+        return _triton().transpose_kept_2to4(values, mask, mask_t, dtype, dense)
+    return reference.transpose_kept_2to4(values, mask, mask_t, dtype, dense)
 
 
 def adamw_step_(

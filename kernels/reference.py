@@ -283,7 +283,8 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
 
 
 def transpose_kept_2to4(
-    values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None
+    values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None,
+    dense: bool = False,
 ) -> torch.Tensor:
     """Stored values of the double-pruned transpose ``(W ⊙ M ⊙ M_t)ᵀ``, straight from ``W``'s kept values.
 
@@ -293,7 +294,8 @@ def transpose_kept_2to4(
     ``rows``. Returns ``(cols, rows/2)`` in ``dtype`` (default ``values``' dtype): row ``j`` holds,
     for each group of 4 rows, ``(W ⊙ M ⊙ M_t)[i, j]`` at the two ``i`` of
     ``stored_mask_2to4(mask_tᵀ)`` (ascending; filler positions hold 0) — the values of the backward
-    operand, whose metadata depends on ``M_t`` alone.
+    operand, whose metadata depends on ``M_t`` alone. With ``dense``: the whole
+    ``(W ⊙ M ⊙ M_t)ᵀ (cols, rows)``, contiguous (for backends that take dense operands).
     """
     _check_2d("values", values)
     rows, half = values.shape
@@ -303,10 +305,12 @@ def transpose_kept_2to4(
     _check_mask("mask", mask, (rows, cols), values.device)
     _check_mask("mask_t", mask_t, (rows, cols), values.device)
     dtype = values.dtype if dtype is None else dtype
-    dense = torch.zeros(rows, cols // 4, 4, dtype=dtype, device=values.device)
-    dense.scatter_(-1, _kept_pairs_2to4(mask, "mask", exactly_two=True), values.to(dtype).reshape(rows, cols // 4, 2))
-    dense_t = (dense.reshape(rows, cols) * mask_t).t()
-    pairs = _kept_pairs_2to4(mask_t.t(), "mask_t (along rows)", exactly_two=False)
+    full = torch.zeros(rows, cols // 4, 4, dtype=dtype, device=values.device)
+    full.scatter_(-1, _kept_pairs_2to4(mask, "mask", exactly_two=True), values.to(dtype).reshape(rows, cols // 4, 2))
+    dense_t = (full.reshape(rows, cols) * mask_t).t()
+    pairs = _kept_pairs_2to4(mask_t.t(), "mask_t (along rows)", exactly_two=False)  # checks M_t
+    if dense:
+        return dense_t.contiguous()
     return dense_t.reshape(cols, rows // 4, 4).gather(-1, pairs).reshape(cols, rows // 2)
 
 

@@ -461,11 +461,30 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
 
 
 @triton.jit
+def _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos, q, j, valid, cols,
+                           BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """``(W ⊙ M_t)[4q + pos, j]`` read from ``values`` (0 where ``M_t`` does not keep it)."""
+    kept = valid & (tl.where(pos == 0, t0, tl.where(pos == 1, t1, tl.where(pos == 2, t2, t3))))
+    i = 4 * q + pos
+    # (i, j) is kept by M (M_t ⊆ M); its slot among the two kept of its group of row i is the
+    # number of entries M keeps in that group before j.
+    group_start = j - j % 4  # first column of j's group of 4 along cols
+    mrow = i * cols + group_start
+    slot = tl.zeros((BLOCK_J, BLOCK_Q), dtype=tl.int64)
+    for p in tl.static_range(3):
+        before = kept & ((j % 4) > p)
+        slot += (tl.load(mask_ptr + mrow + p, mask=before, other=0) != 0).to(tl.int64)
+    return tl.load(values_ptr + i * (cols // 2) + group_start // 2 + slot, mask=kept, other=0.0)
+
+
+@triton.jit
 def _transpose_kept_kernel(
     values_ptr, mask_ptr, mask_t_ptr, out_ptr, rows, cols,
-    BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr, DENSE: tl.constexpr,
 ):
-    """Output ``(j, q, k)``: ``(W ⊙ M_t)[4q + pos_k, j]`` for the group's k-th stored row, read from ``values``."""
+    """Per column ``j`` of ``W`` and group ``q`` of 4 rows: the group's two stored values
+    ``(W ⊙ M_t)[4q + pos_k, j]`` into ``out (cols, rows/2)``, or (``DENSE``) all four entries of
+    ``(W ⊙ M ⊙ M_t)ᵀ`` into ``out (cols, rows)``."""
     j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)[:, None]
     q = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)[None, :]
     valid = (j < cols) & (q < rows // 4)
@@ -479,34 +498,28 @@ def _transpose_kept_kernel(
     two = (t0.to(tl.int32) + t1.to(tl.int32) + t2.to(tl.int32) + t3.to(tl.int32)) == 2
     pos0 = tl.where(t0, 0, tl.where(t1, 1, 2))
     pos1 = tl.where(two, tl.where(t3, 3, tl.where(t2, 2, 1)), tl.where(pos0 == 2, 3, 2))
-    group_start = j - j % 4  # first column of j's group of 4 along cols
-    obase = j * (rows // 2) + 2 * q
-    for k in tl.static_range(2):
-        if k == 0:
-            pos = pos0
-        else:
-            pos = pos1
-        kept = valid & (tl.where(pos == 0, t0, tl.where(pos == 1, t1, tl.where(pos == 2, t2, t3))))
-        i = 4 * q + pos
-        # (i, j) is kept by M (M_t ⊆ M); its slot among the two kept of its group of row i is the
-        # number of entries M keeps in that group before j.
-        mrow = i * cols + group_start
-        slot = tl.zeros((BLOCK_J, BLOCK_Q), dtype=tl.int64)
-        for p in tl.static_range(3):
-            before = kept & ((j % 4) > p)
-            slot += (tl.load(mask_ptr + mrow + p, mask=before, other=0) != 0).to(tl.int64)
-        v = tl.load(values_ptr + i * (cols // 2) + group_start // 2 + slot, mask=kept, other=0.0)
-        tl.store(out_ptr + obase + k, v.to(out_ptr.dtype.element_ty), mask=valid)
+    v0 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos0, q, j, valid, cols, BLOCK_J, BLOCK_Q)
+    v1 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos1, q, j, valid, cols, BLOCK_J, BLOCK_Q)
+    if DENSE:
+        dbase = j * rows + 4 * q
+        for r in tl.static_range(4):
+            entry = tl.where(pos0 == r, v0, tl.where(pos1 == r, v1, tl.zeros_like(v0)))
+            tl.store(out_ptr + dbase + r, entry.to(out_ptr.dtype.element_ty), mask=valid)
+    else:
+        obase = j * (rows // 2) + 2 * q
+        tl.store(out_ptr + obase, v0.to(out_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_ptr + obase + 1, v1.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def transpose_kept_2to4(
-    values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None
+    values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None,
+    dense: bool = False,
 ) -> torch.Tensor:
     """One-pass :func:`slope.kernels.reference.transpose_kept_2to4`: the backward operand's kept
-    values ``(cols, rows/2)`` in ``dtype`` from ``values (rows, cols/2)`` and the bool masks
-    ``mask`` / ``mask_t (rows, cols)``, never building the dense weight. Like
-    :func:`gather_kept_2to4` it trusts the masks (``M`` exactly 2 of 4 along cols, ``M_t`` at
-    most 2 of 4 along rows, ``M_t ⊆ M``).
+    values ``(cols, rows/2)`` — or with ``dense`` the whole ``(W ⊙ M ⊙ M_t)ᵀ (cols, rows)`` — in
+    ``dtype`` from ``values (rows, cols/2)`` and the bool masks ``mask`` / ``mask_t (rows, cols)``,
+    never building ``W`` itself. Like :func:`gather_kept_2to4` it trusts the masks (``M`` exactly
+    2 of 4 along cols, ``M_t`` at most 2 of 4 along rows, ``M_t ⊆ M``).
     """
     if values.dim() != 2:
         raise ValueError(f"values must be 2-D (rows, cols/2), got shape {tuple(values.shape)}")
@@ -518,13 +531,13 @@ def transpose_kept_2to4(
     dtype = values.dtype if dtype is None else dtype
     if dtype not in TRITON_DTYPES:
         raise TypeError(f"transpose_kept_2to4: Triton kernels support fp16/bf16/fp32, got {dtype}")
-    out = torch.empty(cols, rows // 2, dtype=dtype, device=values.device)
+    out = torch.empty(cols, rows if dense else rows // 2, dtype=dtype, device=values.device)
     if values.numel():
         bj, bq = 64, 16
         grid = (triton.cdiv(cols, bj), triton.cdiv(rows // 4, bq))
         _transpose_kept_kernel[grid](
             values.contiguous(), mask.contiguous().view(torch.uint8), mask_t.contiguous().view(torch.uint8),
-            out, rows, cols, BLOCK_J=bj, BLOCK_Q=bq,
+            out, rows, cols, BLOCK_J=bj, BLOCK_Q=bq, DENSE=dense,
         )
     return out
 

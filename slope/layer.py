@@ -326,8 +326,11 @@ class SparseLinear(nn.Module):
             elif which == "forward":
                 operand = backend.make_operand(self.dense_weight(dtype), self.mask)
             else:
-                backward = self.dense_weight(dtype).mul_(self.mask_t)  # a fresh copy: masked in place
-                operand = backend.make_operand(backward.t().contiguous(), self.mask_t.t().contiguous())
+                if (self.n, self.m) == (2, 4) and kernels.triton_usable(values):  # one Triton pass
+                    backward_t = kernels.transpose_kept_2to4(values, self.mask, self.mask_t, dtype, dense=True)
+                else:
+                    backward_t = self.dense_weight(dtype).mul_(self.mask_t).t().contiguous()
+                operand = backend.make_operand(backward_t, self.mask_t.t().contiguous())
         self._operands[key] = (version, operand)
         return operand
 

@@ -221,6 +221,8 @@ def test_transpose_kept_2to4_is_the_backward_operand(rows, cols):
     meta = compress_2to4(stored.float(), stored, layout="plain")[1]
     assert torch.equal(decompress_2to4(got, meta), backward_t)
     assert torch.equal(transpose_kept_2to4(values, mask, mask_t, torch.bfloat16), got.bfloat16())
+    dense = transpose_kept_2to4(values, mask, mask_t, torch.bfloat16, dense=True)
+    assert dense.is_contiguous() and torch.equal(dense, backward_t.bfloat16())
 
 
 def test_transpose_kept_2to4_errors():

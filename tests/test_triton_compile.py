@@ -54,8 +54,12 @@ def kernels(dtype: str):
          {"BLOCK": 1024}),
         ("transpose_kept_2to4", tk._transpose_kept_kernel,
          {"values_ptr": "*fp32", "mask_ptr": "*u8", "mask_t_ptr": "*u8", "out_ptr": p, "rows": INTS, "cols": INTS,
-          "BLOCK_J": C, "BLOCK_Q": C},
-         {"BLOCK_J": 64, "BLOCK_Q": 16}),
+          "BLOCK_J": C, "BLOCK_Q": C, "DENSE": C},
+         {"BLOCK_J": 64, "BLOCK_Q": 16, "DENSE": False}),
+        ("transpose_kept_2to4[dense]", tk._transpose_kept_kernel,
+         {"values_ptr": "*fp32", "mask_ptr": "*u8", "mask_t_ptr": "*u8", "out_ptr": p, "rows": INTS, "cols": INTS,
+          "BLOCK_J": C, "BLOCK_Q": C, "DENSE": C},
+         {"BLOCK_J": 64, "BLOCK_Q": 16, "DENSE": True}),
     ]
     layouts = [("plain", "*u8", False)] + ([("cutlass", "*i16", True)] if dtype != "fp32" else [])
     for layout, meta, cutlass in layouts:

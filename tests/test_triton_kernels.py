@@ -192,6 +192,8 @@ def test_transpose_kept_bit_identical(dtype, shape):
     assert torch.equal(tk.transpose_kept_2to4(values, mask, mask_t), expected)
     # fp32 -> fp32 output dtype conversion (fp32 -> bf16 is a truncation in the interpreter)
     assert torch.equal(tk.transpose_kept_2to4(values.float(), mask, mask_t, torch.float32), expected.float())
+    dense = tk.transpose_kept_2to4(values, mask, mask_t, dense=True)
+    assert dense.shape == (shape[1], shape[0]) and torch.equal(dense, ref.transpose_kept_2to4(values, mask, mask_t, dense=True))
 
 
 def test_kept_kernels_errors():
@@ -209,9 +211,11 @@ def test_kept_kernels_errors():
         tk.transpose_kept_2to4(values, mask, mask_t, torch.float64)
 
 
-def test_layer_takes_the_fused_kept_paths(monkeypatch):
+@pytest.mark.parametrize("compress", [True, False], ids=["from-values", "dense-operands"])
+def test_layer_takes_the_fused_kept_paths(monkeypatch, compress):
     """With the Triton paths enabled (as on CUDA), a 2:4 layer's masks, weight gradient and
-    backward operand come from the Triton kernels and match the simulated layer."""
+    backward operand (kept values for the reference backend, the dense transposed weight for the
+    masked-dense one) come from the Triton kernels and match the simulated layer."""
     from slope import kernels
     from slope.layer import SparseLinear
     from slope.optimizers import ADAMWSparse
@@ -234,6 +238,7 @@ def test_layer_takes_the_fused_kept_paths(monkeypatch):
 
     def transpose(*args):
         calls["transpose"] += 1
+        assert args[-1] is not compress  # dense=True exactly for the dense operands
         return real_transpose(*args)
 
     monkeypatch.setattr(tk, "gather_kept_2to4", gather)
@@ -243,7 +248,7 @@ def test_layer_takes_the_fused_kept_paths(monkeypatch):
     monkeypatch.setattr(kernels, "triton_usable", lambda *tensors: True)
     torch.manual_seed(0)
     w = torch.randn(48, 64)
-    fast = SparseLinear.from_dense(w, compress=True, backend="reference")
+    fast = SparseLinear.from_dense(w, compress=compress, backend="reference" if compress else "auto")
     assert calls["prune"] == 1 and calls["double_prune"] == 1
     monkeypatch.undo()  # the oracle runs on the reference paths
     sim = SparseLinear.from_dense(w, compress=False)
