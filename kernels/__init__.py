@@ -2,7 +2,7 @@
 
 Functions with a Triton kernel (``addmm``, ``matvec_add``, ``prune_2to4``,
 ``double_prune_mask_2to4``, ``prune_compress_2to4``, ``gather_kept_2to4``,
-``transpose_kept_2to4``, ``adamw_step_``) dispatch: CUDA tensors of a dtype Triton
+``scatter_kept_2to4``, ``transpose_kept_2to4``, ``adamw_step_``) dispatch: CUDA tensors of a dtype Triton
 handles (fp16/bf16/fp32) go to :mod:`slope.kernels.triton_kernels` when Triton can run here;
 everything else goes to the pure-PyTorch references in :mod:`slope.kernels.reference`, which
 stay importable as ``slope.kernels.reference.*`` and are the oracles of the fast paths.
@@ -38,6 +38,7 @@ __all__ = [
     "prune_2to4",
     "prune_compress_2to4",
     "reference",
+    "scatter_kept_2to4",
     "stored_mask_2to4",
     "transpose_kept_2to4",
     "triton_usable",
@@ -142,3 +143,12 @@ def adamw_step_(
     if triton_usable(*tensors) and all(t.is_contiguous() for t in tensors) and len({t.device for t in tensors}) == 1:
         return _triton().adamw_step_(param, grad, exp_avg, exp_avg_sq, **kw)
     return reference.adamw_step_(param, grad, exp_avg, exp_avg_sq, **kw)
+
+
+def scatter_kept_2to4(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense ``(rows, cols)`` (``W ⊙ M``) from kept ``values (rows, cols/2)`` and 2:4 ``mask``.
+
+    The Triton path trusts ``mask`` to keep exactly 2 of every 4 (the reference checks it)."""
+    if triton_usable(values) and mask.device == values.device and (dtype is None or dtype in _TRITON_DTYPES):
+        return _triton().scatter_kept_2to4(values, mask, dtype)
+    return reference.scatter_kept_2to4(values, mask, dtype)

@@ -34,6 +34,7 @@ __all__ = [
     "double_prune_mask_2to4",
     "prune_compress_2to4",
     "gather_kept_2to4",
+    "scatter_kept_2to4",
     "stored_mask_2to4",
     "transpose_kept_2to4",
     "cutlass_layout_supported",
@@ -282,6 +283,21 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
     return out.add_(kept.to(out.dtype))
 
 
+def scatter_kept_2to4(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of :func:`gather_kept_2to4`: the dense ``(rows, cols)`` tensor (in ``dtype``, default
+    ``values``' dtype) holding ``values (rows, cols/2)`` where bool ``mask`` (exactly 2 of every 4
+    along cols) keeps entries and zeros elsewhere — ``W ⊙ M`` from a SLoPe layer's values."""
+    _check_2d("values", values)
+    rows, cols = values.shape[0], 2 * values.shape[1]
+    if cols % 4:
+        raise ValueError(f"values {tuple(values.shape)} must come from a (rows, cols) with cols divisible by 4")
+    _check_mask("mask", mask, (rows, cols), values.device)
+    dtype = values.dtype if dtype is None else dtype
+    full = torch.zeros(rows, cols // 4, 4, dtype=dtype, device=values.device)
+    full.scatter_(-1, _kept_pairs_2to4(mask, "mask", exactly_two=True), values.to(dtype).reshape(rows, cols // 4, 2))
+    return full.reshape(rows, cols)
+
+
 def transpose_kept_2to4(
     values: torch.Tensor, mask: torch.Tensor, mask_t: torch.Tensor, dtype: torch.dtype | None = None,
     dense: bool = False,
@@ -305,9 +321,7 @@ def transpose_kept_2to4(
     _check_mask("mask", mask, (rows, cols), values.device)
     _check_mask("mask_t", mask_t, (rows, cols), values.device)
     dtype = values.dtype if dtype is None else dtype
-    full = torch.zeros(rows, cols // 4, 4, dtype=dtype, device=values.device)
-    full.scatter_(-1, _kept_pairs_2to4(mask, "mask", exactly_two=True), values.to(dtype).reshape(rows, cols // 4, 2))
-    dense_t = (full.reshape(rows, cols) * mask_t).t()
+    dense_t = (scatter_kept_2to4(values, mask, dtype) * mask_t).t()
     pairs = _kept_pairs_2to4(mask_t.t(), "mask_t (along rows)", exactly_two=False)  # checks M_t
     if dense:
         return dense_t.contiguous()

@@ -27,6 +27,7 @@ __all__ = [
     "double_prune_mask_2to4",
     "prune_compress_2to4",
     "gather_kept_2to4",
+    "scatter_kept_2to4",
     "transpose_kept_2to4",
     "adamw_step_",
 ]
@@ -457,6 +458,47 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
             full, mask.contiguous().view(torch.uint8), out, rows, cols // 4, full.stride(0), full.stride(1),
             BLOCK_R=br, BLOCK_G=bg, ACCUMULATE=accumulate,
         )
+    return out
+
+
+@triton.jit
+def _scatter_kept_kernel(values_ptr, mask_ptr, out_ptr, rows, groups, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+    g = (tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)[None, :]
+    valid = (r < rows) & (g < groups)
+    mbase = r * (4 * groups) + 4 * g
+    b0 = tl.load(mask_ptr + mbase, mask=valid, other=0) != 0
+    b1 = tl.load(mask_ptr + mbase + 1, mask=valid, other=0) != 0
+    b2 = tl.load(mask_ptr + mbase + 2, mask=valid, other=0) != 0
+    b3 = tl.load(mask_ptr + mbase + 3, mask=valid, other=0) != 0
+    first, last = _first_and_last(b0, b1, b2, b3)
+    vbase = r * (2 * groups) + 2 * g
+    v0 = tl.load(values_ptr + vbase, mask=valid, other=0.0)
+    v1 = tl.load(values_ptr + vbase + 1, mask=valid, other=0.0)
+    zero = tl.zeros_like(v0)
+    for p in tl.static_range(4):
+        entry = tl.where(first == p, v0, tl.where(last == p, v1, zero))
+        tl.store(out_ptr + mbase + p, entry.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def scatter_kept_2to4(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One-pass :func:`slope.kernels.reference.scatter_kept_2to4`: dense ``(rows, cols)`` in
+    ``dtype`` from ``values (rows, cols/2)`` and bool ``mask``, which it trusts to keep exactly 2 of
+    every 4 along cols (as :func:`gather_kept_2to4`)."""
+    if values.dim() != 2 or values.shape[1] % 2:
+        raise ValueError(f"values must be 2-D (rows, cols/2) with cols % 4 == 0, got shape {tuple(values.shape)}")
+    _check_dtype("scatter_kept_2to4", values)
+    rows, cols = values.shape[0], 2 * values.shape[1]
+    _check_kept_masks(("mask", mask, (rows, cols), values.device))
+    dtype = values.dtype if dtype is None else dtype
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(f"scatter_kept_2to4: Triton kernels support fp16/bf16/fp32, got {dtype}")
+    out = torch.empty(rows, cols, dtype=dtype, device=values.device)
+    if values.numel():
+        br, bg = 32, 32
+        grid = (triton.cdiv(rows, br), triton.cdiv(cols // 4, bg))
+        _scatter_kept_kernel[grid](values.contiguous(), mask.contiguous().view(torch.uint8), out, rows, cols // 4,
+                                   BLOCK_R=br, BLOCK_G=bg)
     return out
 
 

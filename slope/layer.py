@@ -235,9 +235,13 @@ class SparseLinear(nn.Module):
         """Current ``W ⊙ M`` as a dense ``(out, in)`` tensor (a fresh copy) in ``dtype`` (default:
         ``values``' dtype; built in it directly, without a full-size copy in ``values``' dtype)."""
         dtype = self.values.dtype if dtype is None else dtype
+        values = self.values.detach()
+        if (self.n, self.m) == (2, 4) and kernels.triton_usable(values):  # one Triton pass on CUDA
+            self._kept_offsets_int8()  # validates M (the kernel trusts it), once per M version
+            return kernels.scatter_kept_2to4(values, self.mask, dtype)
         dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
         groups = dense.view(self.out_features, -1, self.m)
-        groups.scatter_(-1, self._kept_offsets(), self.values.detach().to(dtype).view(self.out_features, -1, self.n))
+        groups.scatter_(-1, self._kept_offsets(), values.to(dtype).view(self.out_features, -1, self.n))
         return dense
 
     def backward_weight(self) -> torch.Tensor:

@@ -190,6 +190,20 @@ def test_gather_kept_2to4_matches_masked_select(dtype):
     assert torch.equal(gather_kept_2to4(full.t().contiguous().t(), mask), kept)
 
 
+def test_scatter_kept_2to4_inverts_gather():
+    from slope.kernels import gather_kept_2to4, scatter_kept_2to4
+
+    w, mask, _ = _masks(20, 36, seed=3)
+    values = gather_kept_2to4(w, mask)
+    dense = scatter_kept_2to4(values, mask)
+    assert torch.equal(dense, w * mask) and torch.equal(gather_kept_2to4(dense, mask), values)
+    assert torch.equal(scatter_kept_2to4(values, mask, torch.bfloat16), (w * mask).bfloat16())
+    three = mask.clone()
+    three[0, :4] = True
+    with pytest.raises(ValueError, match="exactly 2"):
+        scatter_kept_2to4(values, three)
+
+
 def test_gather_kept_2to4_errors():
     from slope.kernels import gather_kept_2to4
 

@@ -196,6 +196,16 @@ def test_transpose_kept_bit_identical(dtype, shape):
     assert dense.shape == (shape[1], shape[0]) and torch.equal(dense, ref.transpose_kept_2to4(values, mask, mask_t, dense=True))
 
 
+@pytest.mark.parametrize("shape", [(64, 96), (36, 20), (4, 4)])
+def test_scatter_kept_bit_identical(shape):
+    w, mask, _ = _layer_masks(*shape, torch.float32, seed=shape[0] + 1)
+    values = ref.gather_kept_2to4(w, mask)
+    for dtype in (None, torch.float32):
+        assert torch.equal(tk.scatter_kept_2to4(values, mask, dtype), ref.scatter_kept_2to4(values, mask, dtype))
+    bf16 = values.bfloat16()
+    assert torch.equal(tk.scatter_kept_2to4(bf16, mask), ref.scatter_kept_2to4(bf16, mask))
+
+
 def test_kept_kernels_errors():
     w, mask, mask_t = _layer_masks(8, 16, torch.float32, seed=0)
     with pytest.raises(ValueError, match="cols % 4"):

@@ -134,6 +134,7 @@ def test_triton_kept_value_kernels_bit_exact(dtype, shape):
         expected = ref.transpose_kept_2to4(values, mask, mask_t, out_dtype)
         assert torch.equal(tk.transpose_kept_2to4(values, mask, mask_t, out_dtype), expected)
         assert torch.equal(kernels.transpose_kept_2to4(values, mask, mask_t, out_dtype), expected)
+        assert torch.equal(tk.scatter_kept_2to4(values, mask, out_dtype), ref.scatter_kept_2to4(values, mask, out_dtype))
         dense = ref.transpose_kept_2to4(values, mask, mask_t, out_dtype, dense=True)
         assert torch.equal(tk.transpose_kept_2to4(values, mask, mask_t, out_dtype, dense=True), dense)
 
