@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _check_adamw, cutlass_layout_supported
+from .reference import _check_adamw, _check_mask, cutlass_layout_supported
 
 __all__ = [
     "interpreting",
@@ -212,6 +212,14 @@ def _keep_two_of_four(a0, a1, a2, a3):
 
 
 @triton.jit
+def _first_and_last(b0, b1, b2, b3):
+    """Positions (0..3) of the first and the last of exactly two set flags."""
+    first = tl.where(b0, 0, tl.where(b1, 1, 2))
+    last = tl.where(b3, 3, tl.where(b2, 2, 1))
+    return first, last
+
+
+@triton.jit
 def _prune_kernel(x_ptr, out_ptr, mask_ptr, groups, BLOCK: tl.constexpr):
     g = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     valid = g < groups
@@ -335,8 +343,7 @@ def _prune_compress_kernel(
         # Exactly two are kept: the first is at 0, 1 or 2 and the second at 1, 2 or 3.
         v0 = tl.where(k0, x0, tl.where(k1, x1, x2))
         v1 = tl.where(k3, x3, tl.where(k2, x2, x1))
-        idx0 = tl.where(k0, 0, tl.where(k1, 1, 2))
-        idx1 = tl.where(k3, 3, tl.where(k2, 2, 1))
+        idx0, idx1 = _first_and_last(k0, k1, k2, k3)
         code = idx0 | (idx1 << 2)
         vbase = r * (cols // 2) + 2 * g
         tl.store(v_ptr + vbase, v0, mask=valid)
@@ -383,18 +390,10 @@ def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torc
 
 # -------------------------------------------------------------------- kept-value movement (2:4)
 @triton.jit
-def _first_and_last(b0, b1, b2, b3):
-    """Positions (0..3) of the first and the last of exactly two set flags."""
-    first = tl.where(b0, 0, tl.where(b1, 1, 2))
-    last = tl.where(b3, 3, tl.where(b2, 2, 1))
-    return first, last
-
-
-@triton.jit
-def _gather_kept_kernel(
-    full_ptr, mask_ptr, out_ptr, rows, groups, stride_fr, stride_fc,
-    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, ACCUMULATE: tl.constexpr,
-):
+def _kept_group_block(mask_ptr, rows, groups, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """This program's ``(BLOCK_R, BLOCK_G)`` block of groups of 4 along the last dim of a bool
+    ``(rows, 4·groups)`` mask: row and group indices, validity, the groups' flat offsets and the
+    positions of their two kept entries (exactly two kept: trusted)."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
     g = (tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)[None, :]
     valid = (r < rows) & (g < groups)
@@ -404,6 +403,15 @@ def _gather_kept_kernel(
     b2 = tl.load(mask_ptr + mbase + 2, mask=valid, other=0) != 0
     b3 = tl.load(mask_ptr + mbase + 3, mask=valid, other=0) != 0
     first, last = _first_and_last(b0, b1, b2, b3)
+    return r, g, valid, mbase, first, last
+
+
+@triton.jit
+def _gather_kept_kernel(
+    full_ptr, mask_ptr, out_ptr, rows, groups, stride_fr, stride_fc,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    r, g, valid, mbase, first, last = _kept_group_block(mask_ptr, rows, groups, BLOCK_R, BLOCK_G)
     fbase = r * stride_fr + (4 * g) * stride_fc
     v0 = tl.load(full_ptr + fbase + first * stride_fc, mask=valid, other=0.0)
     v1 = tl.load(full_ptr + fbase + last * stride_fc, mask=valid, other=0.0)
@@ -418,15 +426,6 @@ def _gather_kept_kernel(
         tl.store(out_ptr + obase + 1, v1, mask=valid)
 
 
-def _check_kept_masks(*named: tuple[str, torch.Tensor, tuple[int, ...], torch.device]) -> None:
-    for name, mask, shape, device in named:
-        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape) or mask.device != device:
-            raise ValueError(
-                f"{name} must be a bool tensor of shape {tuple(shape)} on {device}, "
-                f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}"
-            )
-
-
 def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """One-pass :func:`slope.kernels.reference.gather_kept_2to4`: the kept entries of ``full (rows,
     cols)`` (any strides) under ``mask`` as ``(rows, cols/2)``, or added in place to ``out``.
@@ -439,7 +438,7 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
         raise ValueError(f"gather_kept_2to4 needs a 2-D (rows, cols) tensor with cols % 4 == 0, got {tuple(full.shape)}")
     _check_dtype("gather_kept_2to4", full)
     rows, cols = full.shape
-    _check_kept_masks(("mask", mask, full.shape, full.device))
+    _check_mask("mask", mask, full.shape, full.device)
     if out is None:
         out = torch.empty(rows, cols // 2, dtype=full.dtype, device=full.device)
         accumulate = False
@@ -463,15 +462,7 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
 
 @triton.jit
 def _scatter_kept_kernel(values_ptr, mask_ptr, out_ptr, rows, groups, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
-    g = (tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)[None, :]
-    valid = (r < rows) & (g < groups)
-    mbase = r * (4 * groups) + 4 * g
-    b0 = tl.load(mask_ptr + mbase, mask=valid, other=0) != 0
-    b1 = tl.load(mask_ptr + mbase + 1, mask=valid, other=0) != 0
-    b2 = tl.load(mask_ptr + mbase + 2, mask=valid, other=0) != 0
-    b3 = tl.load(mask_ptr + mbase + 3, mask=valid, other=0) != 0
-    first, last = _first_and_last(b0, b1, b2, b3)
+    r, g, valid, mbase, first, last = _kept_group_block(mask_ptr, rows, groups, BLOCK_R, BLOCK_G)
     vbase = r * (2 * groups) + 2 * g
     v0 = tl.load(values_ptr + vbase, mask=valid, other=0.0)
     v1 = tl.load(values_ptr + vbase + 1, mask=valid, other=0.0)
@@ -489,7 +480,7 @@ def scatter_kept_2to4(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dty
         raise ValueError(f"values must be 2-D (rows, cols/2) with cols % 4 == 0, got shape {tuple(values.shape)}")
     _check_dtype("scatter_kept_2to4", values)
     rows, cols = values.shape[0], 2 * values.shape[1]
-    _check_kept_masks(("mask", mask, (rows, cols), values.device))
+    _check_mask("mask", mask, (rows, cols), values.device)
     dtype = values.dtype if dtype is None else dtype
     if dtype not in TRITON_DTYPES:
         raise TypeError(f"scatter_kept_2to4: Triton kernels support fp16/bf16/fp32, got {dtype}")
@@ -538,8 +529,8 @@ def _transpose_kept_kernel(
     # The two stored rows of the group (stored_mask_2to4): M_t's kept rows, completed by
     # compress_2to4's fillers when M_t keeps fewer than two (those slots hold 0).
     two = (t0.to(tl.int32) + t1.to(tl.int32) + t2.to(tl.int32) + t3.to(tl.int32)) == 2
-    pos0 = tl.where(t0, 0, tl.where(t1, 1, 2))
-    pos1 = tl.where(two, tl.where(t3, 3, tl.where(t2, 2, 1)), tl.where(pos0 == 2, 3, 2))
+    pos0, last = _first_and_last(t0, t1, t2, t3)
+    pos1 = tl.where(two, last, tl.where(pos0 == 2, 3, 2))
     v0 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos0, q, j, valid, cols, BLOCK_J, BLOCK_Q)
     v1 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos1, q, j, valid, cols, BLOCK_J, BLOCK_Q)
     if DENSE:
@@ -569,7 +560,8 @@ def transpose_kept_2to4(
     rows, cols = values.shape[0], 2 * values.shape[1]
     if rows % 4 or cols % 4:
         raise ValueError(f"values {tuple(values.shape)} must come from a (rows, cols) with rows and cols divisible by 4")
-    _check_kept_masks(("mask", mask, (rows, cols), values.device), ("mask_t", mask_t, (rows, cols), values.device))
+    _check_mask("mask", mask, (rows, cols), values.device)
+    _check_mask("mask_t", mask_t, (rows, cols), values.device)
     dtype = values.dtype if dtype is None else dtype
     if dtype not in TRITON_DTYPES:
         raise TypeError(f"transpose_kept_2to4: Triton kernels support fp16/bf16/fp32, got {dtype}")

@@ -221,6 +221,14 @@ class SparseLinear(nn.Module):
             self._offsets = (key, order[..., : self.n].to(torch.int8))
         return self._offsets[1]
 
+    def _triton_2to4(self, *tensors: torch.Tensor) -> bool:
+        """Whether the one-pass 2:4 Triton kernels of :mod:`slope.kernels` serve this layer for
+        ``tensors`` (2:4 and CUDA); they trust ``M``, so this validates it first (once per M version)."""
+        if (self.n, self.m) != (2, 4) or not kernels.triton_usable(*tensors):
+            return False
+        self._kept_offsets_int8()
+        return True
+
     def _stored_mask(self) -> torch.Tensor:
         """The tensor that holds ``M`` (its version keys caches; the inference form stores it packed)."""
         return self.mask
@@ -236,8 +244,7 @@ class SparseLinear(nn.Module):
         ``values``' dtype; built in it directly, without a full-size copy in ``values``' dtype)."""
         dtype = self.values.dtype if dtype is None else dtype
         values = self.values.detach()
-        if (self.n, self.m) == (2, 4) and kernels.triton_usable(values):  # one Triton pass on CUDA
-            self._kept_offsets_int8()  # validates M (the kernel trusts it), once per M version
+        if self._triton_2to4(values):  # one Triton pass on CUDA
             return kernels.scatter_kept_2to4(values, self.mask, dtype)
         dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
         groups = dense.view(self.out_features, -1, self.m)
@@ -330,7 +337,7 @@ class SparseLinear(nn.Module):
             elif which == "forward":
                 operand = backend.make_operand(self.dense_weight(dtype), self.mask)
             else:
-                if (self.n, self.m) == (2, 4) and kernels.triton_usable(values):  # one Triton pass
+                if self._triton_2to4(values):  # one Triton pass
                     backward_t = kernels.transpose_kept_2to4(values, self.mask, self.mask_t, dtype, dense=True)
                 else:
                     backward_t = self.dense_weight(dtype).mul_(self.mask_t).t().contiguous()
@@ -347,11 +354,8 @@ class SparseLinear(nn.Module):
             return None
         if type(backend).operand_structure is SparseBackend.operand_structure:
             return None  # builds every operand with make_operand
-        if which == "forward":
-            self._kept_offsets_int8()  # validates M (the kernels trust it), once per M version
-            stored = self._stored_mask()
-        else:
-            stored = self.mask_t
+        self._kept_offsets_int8()  # validates M (the structures and kernels trust it), once per M version
+        stored = self._stored_mask() if which == "forward" else self.mask_t
         version = (stored._version, stored.data_ptr())
         key = (which, dtype, device, id(backend))
         cached = self._structures.get(key)
@@ -368,8 +372,7 @@ class SparseLinear(nn.Module):
     def _accumulate_grad(self, full_grad: torch.Tensor) -> None:
         """Add ``(dyᵀ x) ⊙ M`` (given dense ``(out, in)``) to :attr:`values_grad`, kept compressed
         (2:4 on CUDA: one fused gather-and-add kernel; else a gather with the cached offsets)."""
-        if (self.n, self.m) == (2, 4) and kernels.triton_usable(full_grad, self.values):
-            self._kept_offsets_int8()  # validates M (the kernel trusts it), once per M version
+        if self._triton_2to4(full_grad, self.values):
             if self.values_grad is None:
                 self.values_grad = torch.zeros_like(self.values)
             kernels.gather_kept_2to4(full_grad, self.mask, out=self.values_grad)
