@@ -7,6 +7,10 @@ handles (fp16/bf16/fp32) go to :mod:`slope.kernels.triton_kernels` when Triton c
 everything else goes to the pure-PyTorch references in :mod:`slope.kernels.reference`, which
 stay importable as ``slope.kernels.reference.*`` and are the oracles of the fast paths.
 ``compress_2to4`` / ``decompress_2to4`` / ``stored_mask_2to4`` are the references on every device.
+
+The kept-value kernels (``double_prune_mask_2to4``, ``gather_kept_2to4``, ``scatter_kept_2to4``,
+``transpose_kept_2to4``) take each mask as bool ``(rows, cols)`` or as its packed bits
+(:func:`slope.masks.pack_mask`, ``uint8 (rows·cols/8,)``), which is how SLoPe layers store them.
 """
 from __future__ import annotations
 

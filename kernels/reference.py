@@ -213,10 +213,12 @@ def prune_2to4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def double_prune_mask_2to4(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``M_t`` (bool ``(out, in)``) for 2:4: :func:`slope.masks.double_prune_mask` ``(weight, mask, 2, 4)``."""
+    """``M_t`` (bool ``(out, in)``) for 2:4: :func:`slope.masks.double_prune_mask` ``(weight, mask, 2, 4)``
+    (``mask`` bool, or its packed bits)."""
     from slope.masks import double_prune_mask
 
-    return double_prune_mask(weight, mask, 2, 4)
+    _check_2d("weight", weight)
+    return double_prune_mask(weight, _bool_mask("mask", mask, weight.shape, weight.device), 2, 4)
 
 
 def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,12 +238,24 @@ def _kept_pairs_2to4(mask: torch.Tensor, name: str, exactly_two: bool) -> torch.
     return _PAIR_FOR_PATTERN.to(mask.device)[pattern]
 
 
-def _check_mask(name: str, mask: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape) or mask.device != device:
+def _check_mask(name: str, mask: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> bool:
+    """Validate a mask argument: bool of ``shape``, or its packed bits (:func:`slope.masks.pack_mask`,
+    ``uint8 (ceil(numel/8),)``). Returns whether it is packed."""
+    numel = math.prod(shape)
+    packed = mask.dtype == torch.uint8 and tuple(mask.shape) == (-(-numel // 8),)
+    if not (packed or (mask.dtype == torch.bool and tuple(mask.shape) == tuple(shape))) or mask.device != device:
         raise ValueError(
-            f"{name} must be a bool tensor of shape {tuple(shape)} on {device}, "
-            f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}"
+            f"{name} must be a bool tensor of shape {tuple(shape)} (or its packed bits, uint8 "
+            f"({-(-numel // 8)},)) on {device}, got {mask.dtype} {tuple(mask.shape)} on {mask.device}"
         )
+    return packed
+
+
+def _bool_mask(name: str, mask: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A mask argument (see :func:`_check_mask`) as bool of ``shape``."""
+    from slope.masks import unpack_mask
+
+    return unpack_mask(mask, shape) if _check_mask(name, mask, shape, device) else mask
 
 
 def stored_mask_2to4(mask: torch.Tensor) -> torch.Tensor:
@@ -259,8 +273,9 @@ def stored_mask_2to4(mask: torch.Tensor) -> torch.Tensor:
 
 def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The kept entries of ``full (rows, cols)`` under bool ``mask`` (exactly 2 of every 4 along
-    ``cols``), as ``(rows, cols/2)`` in row order, ascending column inside each group — the layout
-    of a SLoPe layer's ``values``. Used for the weight gradient ``(dyᵀ x) ⊙ M``.
+    ``cols``; or its packed bits, :func:`slope.masks.pack_mask`), as ``(rows, cols/2)`` in row
+    order, ascending column inside each group — the layout of a SLoPe layer's ``values``. Used
+    for the weight gradient ``(dyᵀ x) ⊙ M``.
 
     Without ``out`` the result is a new tensor of ``full``'s dtype; with ``out (rows, cols/2)`` (any
     float dtype, e.g. fp32 for a bf16 ``full``) the kept entries are *added* to it in place (the
@@ -270,7 +285,7 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
     rows, cols = full.shape
     if cols % 4:
         raise ValueError(f"2:4 gathering needs cols divisible by 4, got shape {(rows, cols)}")
-    _check_mask("mask", mask, full.shape, full.device)
+    mask = _bool_mask("mask", mask, full.shape, full.device)
     pairs = _kept_pairs_2to4(mask, "mask", exactly_two=True)
     kept = full.reshape(rows, cols // 4, 4).gather(-1, pairs).reshape(rows, cols // 2)
     if out is None:
@@ -286,12 +301,13 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
 def scatter_kept_2to4(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of :func:`gather_kept_2to4`: the dense ``(rows, cols)`` tensor (in ``dtype``, default
     ``values``' dtype) holding ``values (rows, cols/2)`` where bool ``mask`` (exactly 2 of every 4
-    along cols) keeps entries and zeros elsewhere — ``W ⊙ M`` from a SLoPe layer's values."""
+    along cols; or its packed bits) keeps entries and zeros elsewhere — ``W ⊙ M`` from a SLoPe
+    layer's values."""
     _check_2d("values", values)
     rows, cols = values.shape[0], 2 * values.shape[1]
     if cols % 4:
         raise ValueError(f"values {tuple(values.shape)} must come from a (rows, cols) with cols divisible by 4")
-    _check_mask("mask", mask, (rows, cols), values.device)
+    mask = _bool_mask("mask", mask, (rows, cols), values.device)
     dtype = values.dtype if dtype is None else dtype
     full = torch.zeros(rows, cols // 4, 4, dtype=dtype, device=values.device)
     full.scatter_(-1, _kept_pairs_2to4(mask, "mask", exactly_two=True), values.to(dtype).reshape(rows, cols // 4, 2))
@@ -311,15 +327,16 @@ def transpose_kept_2to4(
     for each group of 4 rows, ``(W ⊙ M ⊙ M_t)[i, j]`` at the two ``i`` of
     ``stored_mask_2to4(mask_tᵀ)`` (ascending; filler positions hold 0) — the values of the backward
     operand, whose metadata depends on ``M_t`` alone. With ``dense``: the whole
-    ``(W ⊙ M ⊙ M_t)ᵀ (cols, rows)``, contiguous (for backends that take dense operands).
+    ``(W ⊙ M ⊙ M_t)ᵀ (cols, rows)``, contiguous (for backends that take dense operands). Either
+    mask may also be given as its packed bits (:func:`slope.masks.pack_mask`).
     """
     _check_2d("values", values)
     rows, half = values.shape
     cols = 2 * half
     if rows % 4 or cols % 4:
         raise ValueError(f"values {tuple(values.shape)} must come from a (rows, cols) with rows and cols divisible by 4")
-    _check_mask("mask", mask, (rows, cols), values.device)
-    _check_mask("mask_t", mask_t, (rows, cols), values.device)
+    mask = _bool_mask("mask", mask, (rows, cols), values.device)
+    mask_t = _bool_mask("mask_t", mask_t, (rows, cols), values.device)
     dtype = values.dtype if dtype is None else dtype
     dense_t = (scatter_kept_2to4(values, mask, dtype) * mask_t).t()
     pairs = _kept_pairs_2to4(mask_t.t(), "mask_t (along rows)", exactly_two=False)  # checks M_t

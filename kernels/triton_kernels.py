@@ -262,15 +262,35 @@ def prune_2to4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _double_prune_kernel(w_ptr, m_ptr, out_ptr, row_groups, cols, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+def _mask_at(mask_ptr, offset, valid, PACKED: tl.constexpr):
+    """Entry ``offset`` (flat, int64) of a mask held as one byte per entry (bool viewed as uint8)
+    or, with ``PACKED``, as bits (:func:`slope.masks.pack_mask`: bit ``offset % 8`` of byte
+    ``offset // 8``); False where not ``valid``."""
+    if PACKED:
+        byte = tl.load(mask_ptr + offset // 8, mask=valid, other=0).to(tl.int32)
+        return ((byte >> (offset % 8).to(tl.int32)) & 1) != 0
+    else:
+        return tl.load(mask_ptr + offset, mask=valid, other=0) != 0
+
+
+def _mask_arg(name: str, mask: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, bool]:
+    """A kernel's mask argument (bool of ``shape`` or its packed bits) as ``(uint8 tensor, packed)``."""
+    packed = _check_mask(name, mask, shape, device)
+    return (mask.contiguous() if packed else mask.contiguous().view(torch.uint8)), packed
+
+
+@triton.jit
+def _double_prune_kernel(
+    w_ptr, m_ptr, out_ptr, row_groups, cols, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, PACKED: tl.constexpr,
+):
     q = (tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     valid = (q[:, None] < row_groups) & (c[None, :] < cols)
     base = (4 * q)[:, None] * cols + c[None, :]
-    m0 = tl.load(m_ptr + base, mask=valid, other=0) != 0
-    m1 = tl.load(m_ptr + base + cols, mask=valid, other=0) != 0
-    m2 = tl.load(m_ptr + base + 2 * cols, mask=valid, other=0) != 0
-    m3 = tl.load(m_ptr + base + 3 * cols, mask=valid, other=0) != 0
+    m0 = _mask_at(m_ptr, base, valid, PACKED)
+    m1 = _mask_at(m_ptr, base + cols, valid, PACKED)
+    m2 = _mask_at(m_ptr, base + 2 * cols, valid, PACKED)
+    m3 = _mask_at(m_ptr, base + 3 * cols, valid, PACKED)
     # Entries M already pruned score -1 so a kept entry (|w| >= 0) always beats them.
     s0 = tl.where(m0, tl.abs(tl.load(w_ptr + base, mask=valid, other=0.0).to(tl.float32)), -1.0)
     s1 = tl.where(m1, tl.abs(tl.load(w_ptr + base + cols, mask=valid, other=0.0).to(tl.float32)), -1.0)
@@ -286,24 +306,22 @@ def _double_prune_kernel(w_ptr, m_ptr, out_ptr, row_groups, cols, BLOCK_Q: tl.co
 def double_prune_mask_2to4(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``M_t`` for 2:4: bool ``(out, in)``, 2:4 along ``out`` among the entries ``mask`` keeps.
 
-    ``weight (out, in)`` fp16/bf16/fp32 with ``out % 4 == 0``, ``mask`` bool of the same shape;
-    equals :func:`slope.masks.double_prune_mask` ``(weight, mask, 2, 4)``.
+    ``weight (out, in)`` fp16/bf16/fp32 with ``out % 4 == 0``, ``mask`` bool of the same shape (or
+    its packed bits); equals :func:`slope.masks.double_prune_mask` ``(weight, mask, 2, 4)``.
     """
     if weight.dim() != 2 or weight.shape[0] % 4:
         raise ValueError(
             f"double pruning groups 4 consecutive output rows; weight must be 2-D with out % 4 == 0, got {tuple(weight.shape)}"
         )
-    if mask.shape != weight.shape or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool of shape {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    m, packed = _mask_arg("mask", mask, tuple(weight.shape), weight.device)
     _check_dtype("double_prune_mask_2to4", weight)
     w = weight.contiguous()
-    m = mask.contiguous().view(torch.uint8)
     out = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     rows, cols = w.shape
     if w.numel():
         bq, bc = 16, 64
         grid = (triton.cdiv(rows // 4, bq), triton.cdiv(cols, bc))
-        _double_prune_kernel[grid](w, m, out, rows // 4, cols, BLOCK_Q=bq, BLOCK_C=bc)
+        _double_prune_kernel[grid](w, m, out, rows // 4, cols, BLOCK_Q=bq, BLOCK_C=bc, PACKED=packed)
     return out.view(torch.bool)
 
 
@@ -390,18 +408,18 @@ def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torc
 
 # -------------------------------------------------------------------- kept-value movement (2:4)
 @triton.jit
-def _kept_group_block(mask_ptr, rows, groups, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+def _kept_group_block(mask_ptr, rows, groups, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, PACKED: tl.constexpr):
     """This program's ``(BLOCK_R, BLOCK_G)`` block of groups of 4 along the last dim of a bool
-    ``(rows, 4·groups)`` mask: row and group indices, validity, the groups' flat offsets and the
-    positions of their two kept entries (exactly two kept: trusted)."""
+    ``(rows, 4·groups)`` mask (bytes, or bits with ``PACKED``): row and group indices, validity,
+    the groups' flat offsets and the positions of their two kept entries (exactly two kept: trusted)."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
     g = (tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)).to(tl.int64)[None, :]
     valid = (r < rows) & (g < groups)
     mbase = r * (4 * groups) + 4 * g
-    b0 = tl.load(mask_ptr + mbase, mask=valid, other=0) != 0
-    b1 = tl.load(mask_ptr + mbase + 1, mask=valid, other=0) != 0
-    b2 = tl.load(mask_ptr + mbase + 2, mask=valid, other=0) != 0
-    b3 = tl.load(mask_ptr + mbase + 3, mask=valid, other=0) != 0
+    b0 = _mask_at(mask_ptr, mbase, valid, PACKED)
+    b1 = _mask_at(mask_ptr, mbase + 1, valid, PACKED)
+    b2 = _mask_at(mask_ptr, mbase + 2, valid, PACKED)
+    b3 = _mask_at(mask_ptr, mbase + 3, valid, PACKED)
     first, last = _first_and_last(b0, b1, b2, b3)
     return r, g, valid, mbase, first, last
 
@@ -409,9 +427,9 @@ def _kept_group_block(mask_ptr, rows, groups, BLOCK_R: tl.constexpr, BLOCK_G: tl
 @triton.jit
 def _gather_kept_kernel(
     full_ptr, mask_ptr, out_ptr, rows, groups, stride_fr, stride_fc,
-    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, ACCUMULATE: tl.constexpr, PACKED: tl.constexpr,
 ):
-    r, g, valid, mbase, first, last = _kept_group_block(mask_ptr, rows, groups, BLOCK_R, BLOCK_G)
+    r, g, valid, mbase, first, last = _kept_group_block(mask_ptr, rows, groups, BLOCK_R, BLOCK_G, PACKED)
     fbase = r * stride_fr + (4 * g) * stride_fc
     v0 = tl.load(full_ptr + fbase + first * stride_fc, mask=valid, other=0.0)
     v1 = tl.load(full_ptr + fbase + last * stride_fc, mask=valid, other=0.0)
@@ -428,7 +446,8 @@ def _gather_kept_kernel(
 
 def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """One-pass :func:`slope.kernels.reference.gather_kept_2to4`: the kept entries of ``full (rows,
-    cols)`` (any strides) under ``mask`` as ``(rows, cols/2)``, or added in place to ``out``.
+    cols)`` (any strides) under ``mask`` (bool, or its packed bits) as ``(rows, cols/2)``, or added
+    in place to ``out``.
 
     Unlike the reference it does not check that every group keeps exactly two (callers such as
     :class:`slope.layer.SparseLinear` validate their masks once per mask version): a group keeping
@@ -438,7 +457,7 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
         raise ValueError(f"gather_kept_2to4 needs a 2-D (rows, cols) tensor with cols % 4 == 0, got {tuple(full.shape)}")
     _check_dtype("gather_kept_2to4", full)
     rows, cols = full.shape
-    _check_mask("mask", mask, full.shape, full.device)
+    mask, packed = _mask_arg("mask", mask, tuple(full.shape), full.device)
     if out is None:
         out = torch.empty(rows, cols // 2, dtype=full.dtype, device=full.device)
         accumulate = False
@@ -454,15 +473,17 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
         br, bg = 32, 32
         grid = (triton.cdiv(rows, br), triton.cdiv(cols // 4, bg))
         _gather_kept_kernel[grid](
-            full, mask.contiguous().view(torch.uint8), out, rows, cols // 4, full.stride(0), full.stride(1),
-            BLOCK_R=br, BLOCK_G=bg, ACCUMULATE=accumulate,
+            full, mask, out, rows, cols // 4, full.stride(0), full.stride(1),
+            BLOCK_R=br, BLOCK_G=bg, ACCUMULATE=accumulate, PACKED=packed,
         )
     return out
 
 
 @triton.jit
-def _scatter_kept_kernel(values_ptr, mask_ptr, out_ptr, rows, groups, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    r, g, valid, mbase, first, last = _kept_group_block(mask_ptr, rows, groups, BLOCK_R, BLOCK_G)
+def _scatter_kept_kernel(
+    values_ptr, mask_ptr, out_ptr, rows, groups, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, PACKED: tl.constexpr,
+):
+    r, g, valid, mbase, first, last = _kept_group_block(mask_ptr, rows, groups, BLOCK_R, BLOCK_G, PACKED)
     vbase = r * (2 * groups) + 2 * g
     v0 = tl.load(values_ptr + vbase, mask=valid, other=0.0)
     v1 = tl.load(values_ptr + vbase + 1, mask=valid, other=0.0)
@@ -474,13 +495,13 @@ def _scatter_kept_kernel(values_ptr, mask_ptr, out_ptr, rows, groups, BLOCK_R: t
 
 def scatter_kept_2to4(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """One-pass :func:`slope.kernels.reference.scatter_kept_2to4`: dense ``(rows, cols)`` in
-    ``dtype`` from ``values (rows, cols/2)`` and bool ``mask``, which it trusts to keep exactly 2 of
-    every 4 along cols (as :func:`gather_kept_2to4`)."""
+    ``dtype`` from ``values (rows, cols/2)`` and bool ``mask`` (or its packed bits), which it trusts
+    to keep exactly 2 of every 4 along cols (as :func:`gather_kept_2to4`)."""
     if values.dim() != 2 or values.shape[1] % 2:
         raise ValueError(f"values must be 2-D (rows, cols/2) with cols % 4 == 0, got shape {tuple(values.shape)}")
     _check_dtype("scatter_kept_2to4", values)
     rows, cols = values.shape[0], 2 * values.shape[1]
-    _check_mask("mask", mask, (rows, cols), values.device)
+    mask, packed = _mask_arg("mask", mask, (rows, cols), values.device)
     dtype = values.dtype if dtype is None else dtype
     if dtype not in TRITON_DTYPES:
         raise TypeError(f"scatter_kept_2to4: Triton kernels support fp16/bf16/fp32, got {dtype}")
@@ -488,14 +509,13 @@ def scatter_kept_2to4(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dty
     if values.numel():
         br, bg = 32, 32
         grid = (triton.cdiv(rows, br), triton.cdiv(cols // 4, bg))
-        _scatter_kept_kernel[grid](values.contiguous(), mask.contiguous().view(torch.uint8), out, rows, cols // 4,
-                                   BLOCK_R=br, BLOCK_G=bg)
+        _scatter_kept_kernel[grid](values.contiguous(), mask, out, rows, cols // 4, BLOCK_R=br, BLOCK_G=bg, PACKED=packed)
     return out
 
 
 @triton.jit
 def _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos, q, j, valid, cols,
-                           BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr):
+                           BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr, PACKED: tl.constexpr):
     """``(W ⊙ M_t)[4q + pos, j]`` read from ``values`` (0 where ``M_t`` does not keep it)."""
     kept = valid & (tl.where(pos == 0, t0, tl.where(pos == 1, t1, tl.where(pos == 2, t2, t3))))
     i = 4 * q + pos
@@ -506,14 +526,14 @@ def _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos, q, j, vali
     slot = tl.zeros((BLOCK_J, BLOCK_Q), dtype=tl.int64)
     for p in tl.static_range(3):
         before = kept & ((j % 4) > p)
-        slot += (tl.load(mask_ptr + mrow + p, mask=before, other=0) != 0).to(tl.int64)
+        slot += _mask_at(mask_ptr, mrow + p, before, PACKED).to(tl.int64)
     return tl.load(values_ptr + i * (cols // 2) + group_start // 2 + slot, mask=kept, other=0.0)
 
 
 @triton.jit
 def _transpose_kept_kernel(
     values_ptr, mask_ptr, mask_t_ptr, out_ptr, rows, cols,
-    BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr, DENSE: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr, DENSE: tl.constexpr, PACKED_M: tl.constexpr, PACKED_T: tl.constexpr,
 ):
     """Per column ``j`` of ``W`` and group ``q`` of 4 rows: the group's two stored values
     ``(W ⊙ M_t)[4q + pos_k, j]`` into ``out (cols, rows/2)``, or (``DENSE``) all four entries of
@@ -522,17 +542,17 @@ def _transpose_kept_kernel(
     q = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)[None, :]
     valid = (j < cols) & (q < rows // 4)
     tbase = (4 * q) * cols + j
-    t0 = tl.load(mask_t_ptr + tbase, mask=valid, other=0) != 0
-    t1 = tl.load(mask_t_ptr + tbase + cols, mask=valid, other=0) != 0
-    t2 = tl.load(mask_t_ptr + tbase + 2 * cols, mask=valid, other=0) != 0
-    t3 = tl.load(mask_t_ptr + tbase + 3 * cols, mask=valid, other=0) != 0
+    t0 = _mask_at(mask_t_ptr, tbase, valid, PACKED_T)
+    t1 = _mask_at(mask_t_ptr, tbase + cols, valid, PACKED_T)
+    t2 = _mask_at(mask_t_ptr, tbase + 2 * cols, valid, PACKED_T)
+    t3 = _mask_at(mask_t_ptr, tbase + 3 * cols, valid, PACKED_T)
     # The two stored rows of the group (stored_mask_2to4): M_t's kept rows, completed by
     # compress_2to4's fillers when M_t keeps fewer than two (those slots hold 0).
     two = (t0.to(tl.int32) + t1.to(tl.int32) + t2.to(tl.int32) + t3.to(tl.int32)) == 2
     pos0, last = _first_and_last(t0, t1, t2, t3)
     pos1 = tl.where(two, last, tl.where(pos0 == 2, 3, 2))
-    v0 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos0, q, j, valid, cols, BLOCK_J, BLOCK_Q)
-    v1 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos1, q, j, valid, cols, BLOCK_J, BLOCK_Q)
+    v0 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos0, q, j, valid, cols, BLOCK_J, BLOCK_Q, PACKED_M)
+    v1 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos1, q, j, valid, cols, BLOCK_J, BLOCK_Q, PACKED_M)
     if DENSE:
         dbase = j * rows + 4 * q
         for r in tl.static_range(4):
@@ -550,8 +570,8 @@ def transpose_kept_2to4(
 ) -> torch.Tensor:
     """One-pass :func:`slope.kernels.reference.transpose_kept_2to4`: the backward operand's kept
     values ``(cols, rows/2)`` — or with ``dense`` the whole ``(W ⊙ M ⊙ M_t)ᵀ (cols, rows)`` — in
-    ``dtype`` from ``values (rows, cols/2)`` and the bool masks ``mask`` / ``mask_t (rows, cols)``,
-    never building ``W`` itself. Like :func:`gather_kept_2to4` it trusts the masks (``M`` exactly
+    ``dtype`` from ``values (rows, cols/2)`` and the bool masks ``mask`` / ``mask_t (rows, cols)``
+    (or their packed bits), never building ``W`` itself. Like :func:`gather_kept_2to4` it trusts the masks (``M`` exactly
     2 of 4 along cols, ``M_t`` at most 2 of 4 along rows, ``M_t ⊆ M``).
     """
     if values.dim() != 2:
@@ -560,8 +580,8 @@ def transpose_kept_2to4(
     rows, cols = values.shape[0], 2 * values.shape[1]
     if rows % 4 or cols % 4:
         raise ValueError(f"values {tuple(values.shape)} must come from a (rows, cols) with rows and cols divisible by 4")
-    _check_mask("mask", mask, (rows, cols), values.device)
-    _check_mask("mask_t", mask_t, (rows, cols), values.device)
+    mask, packed_m = _mask_arg("mask", mask, (rows, cols), values.device)
+    mask_t, packed_t = _mask_arg("mask_t", mask_t, (rows, cols), values.device)
     dtype = values.dtype if dtype is None else dtype
     if dtype not in TRITON_DTYPES:
         raise TypeError(f"transpose_kept_2to4: Triton kernels support fp16/bf16/fp32, got {dtype}")
@@ -570,8 +590,8 @@ def transpose_kept_2to4(
         bj, bq = 64, 16
         grid = (triton.cdiv(cols, bj), triton.cdiv(rows // 4, bq))
         _transpose_kept_kernel[grid](
-            values.contiguous(), mask.contiguous().view(torch.uint8), mask_t.contiguous().view(torch.uint8),
-            out, rows, cols, BLOCK_J=bj, BLOCK_Q=bq, DENSE=dense,
+            values.contiguous(), mask, mask_t, out, rows, cols,
+            BLOCK_J=bj, BLOCK_Q=bq, DENSE=dense, PACKED_M=packed_m, PACKED_T=packed_t,
         )
     return out
 

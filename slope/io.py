@@ -6,7 +6,7 @@ A SLoPe checkpoint directory (:func:`save_pretrained`) holds
 - ``slope_config.json``: the model class and, per SLoPe layer, the prune arguments (sparsity,
   compress, backend, tiling, mask_type, double_pruning, dtype, adapter rank/alpha) and its form
   (training, merged, inference-only);
-- ``model.safetensors``: the full state dict (compressed ``values``, ``mask``, ``mask_t``,
+- ``model.safetensors``: the full state dict (compressed ``values``, packed ``mask_bits`` / ``mask_t_bits``,
   ``meta``, biases, adapters, every dense parameter), tied tensors stored once.
 
 :func:`from_pretrained` rebuilds the architecture from ``config.json``, prunes the same layers with

@@ -8,8 +8,11 @@ Math (DESIGN §2), ``W (out, in)``, ``x (..., in)``:
   (never in ``param.grad``: the sparse optimizer consumes it)
 
 Storage: ``values (out, in·N/M)`` holds the kept weights of every row in column order (for 2:4 this
-is exactly the values tensor of the CUTLASS format), ``mask`` / ``mask_t`` are bool buffers in
-``W``'s orientation, and with ``compress=True`` and 2:4 ``meta`` holds the compressed metadata.
+is exactly the values tensor of the CUTLASS format), ``M`` and ``M_t`` are stored as packed bits
+(buffers ``mask_bits`` / ``mask_t_bits``, 1/8 byte per weight, :func:`slope.masks.pack_mask`;
+``mask`` / ``mask_t`` unpack bool copies in ``W``'s orientation), and with ``compress=True`` and
+2:4 ``meta`` holds the compressed metadata. State dicts carry the packed buffers; checkpoints
+written with bool ``mask`` / ``mask_t`` entries still load.
 The backend operands (forward and backward) are derived and cached; they are rebuilt lazily when
 the weights or masks change (after an optimizer step, ``load_state_dict`` or ``.to()``).
 """
@@ -26,7 +29,7 @@ from slope import registry
 from slope.backends import SparseBackend, resolve_backend
 from slope import kernels
 from slope.kernels import compress_2to4, metadata_dtype
-from slope.masks import double_prune_mask, nm_mask, transposable_mask
+from slope.masks import double_prune_mask, nm_mask, pack_mask, transposable_mask, unpack_mask
 
 __all__ = ["SparseLinear"]
 
@@ -98,7 +101,9 @@ class SparseLinear(nn.Module):
         values: ``Parameter (out, in·N/M)`` of kept weights (``requires_grad=False``: updated by
             :class:`slope.optimizers.ADAMWSparse`, never by a dense optimizer).
         values_grad: accumulated sparse gradient, same shape/dtype as ``values``, or ``None``.
-        mask / mask_t: ``bool (out, in)``; ``M`` and the double-pruned ``M_t ⊆ M``.
+        mask / mask_t: ``bool (out, in)``; ``M`` and the double-pruned ``M_t ⊆ M``, unpacked
+            copies of the packed buffers ``mask_bits`` / ``mask_t_bits`` (writing into them
+            changes nothing: set masks with :meth:`set_weight` or ``load_state_dict``).
         bias: ordinary ``Parameter (out,)`` (dense optimizer) or ``None``.
     """
 
@@ -135,8 +140,10 @@ class SparseLinear(nn.Module):
         kept = in_features * n // m
         factory = {"device": device, "dtype": dtype}
         self.values = nn.Parameter(torch.zeros(out_features, kept, **factory), requires_grad=False)
-        self.register_buffer("mask", torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
-        self.register_buffer("mask_t", torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
+        # M and M_t as packed bits (slope.masks.pack_mask); the mask / mask_t properties unpack them.
+        empty_mask = pack_mask(torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
+        self.register_buffer("mask_bits", empty_mask)
+        self.register_buffer("mask_t_bits", empty_mask.clone())
         if compress:
             if (n, m) != (2, 4):
                 raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}; use compress=False to simulate N:M")
@@ -154,6 +161,7 @@ class SparseLinear(nn.Module):
         self._structures: dict[tuple, tuple[tuple, Any]] = {}
         self._backends: dict[tuple, SparseBackend] = {}
         self._offsets: tuple[tuple, torch.Tensor] | None = None
+        self._validated_mask: tuple | None = None  # key of the M version _check_mask accepted
         registry.register(self)
 
     # ------------------------------------------------------------------ construction
@@ -187,7 +195,7 @@ class SparseLinear(nn.Module):
                 mask = nm_mask(weight, self.n, self.m)
             else:
                 raise ValueError(f"unknown mask_type {self.mask_type!r}; use 'nm' or 'transposable'")
-        self.mask.copy_(mask)
+        self._set_mask(mask)
         self.values.copy_(self._gather_kept(weight.to(self.values.dtype)))
         self._refresh_meta()
         self.update_mask_t()
@@ -196,6 +204,52 @@ class SparseLinear(nn.Module):
     def _refresh_meta(self) -> None:
         if self.meta is not None:
             self.meta = compress_2to4(self.dense_weight(), self.mask)[1]
+
+    # ------------------------------------------------------------------ the masks, stored packed
+    @property
+    def mask(self) -> torch.Tensor:
+        """``M`` as a fresh ``bool (out, in)`` tensor (unpacked from ``mask_bits``)."""
+        return unpack_mask(self.mask_bits, (self.out_features, self.in_features))
+
+    @property
+    def mask_t(self) -> torch.Tensor:
+        """``M_t`` as a fresh ``bool (out, in)`` tensor (unpacked from ``mask_t_bits``)."""
+        return unpack_mask(self.mask_t_bits, (self.out_features, self.in_features))
+
+    def _set_mask(self, mask: torch.Tensor) -> None:
+        self.mask_bits.copy_(pack_mask(self._checked_mask(mask, "mask")))
+
+    def _set_mask_t(self, mask_t: torch.Tensor) -> None:
+        self.mask_t_bits.copy_(pack_mask(self._checked_mask(mask_t, "mask_t")))
+
+    def _checked_mask(self, mask: torch.Tensor, name: str) -> torch.Tensor:
+        if mask.dtype != torch.bool or tuple(mask.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{self.layer_name or 'SparseLinear'}: {name} must be bool {(self.out_features, self.in_features)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        return mask.to(self.mask_bits.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        name = self.layer_name or prefix.rstrip(".") or type(self).__name__
+        shape = (self.out_features, self.in_features)
+        for old, new in (("mask", "mask_bits"), ("mask_t", "mask_t_bits")):
+            bits = state_dict.get(prefix + new)
+            if bits is not None and bits.dtype != torch.uint8:
+                error_msgs.append(f"{name}: the checkpoint's {new} is {bits.dtype}, expected packed uint8 bits")
+            mask = state_dict.pop(prefix + old, None)  # written before masks were stored packed
+            if mask is None:
+                continue
+            if mask.dtype != torch.bool or tuple(mask.shape) != shape:
+                error_msgs.append(
+                    f"{name}: the checkpoint's {old} is {mask.dtype} {tuple(mask.shape)}, expected bool {shape}; "
+                    "load a checkpoint of this model's layer shapes"
+                )
+            else:
+                state_dict.setdefault(prefix + new, pack_mask(mask))
+        if "mask_t_bits" not in self._buffers:  # inference-only form: a training checkpoint's M_t is not needed
+            state_dict.pop(prefix + "mask_t_bits", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------------ kept positions
     def _kept_offsets(self) -> torch.Tensor:
@@ -208,30 +262,39 @@ class SparseLinear(nn.Module):
         keeps exactly N of every M (so the fused 2:4 kernels, which trust the mask, may call this
         to validate it once per mask change). Gather/scatter with it is ~10x faster than
         ``masked_select``/``masked_scatter``."""
-        stored = self._stored_mask()
-        key = (stored._version, stored.data_ptr(), stored.device)
+        key = self._mask_key()
         if self._offsets is None or self._offsets[0] != key:
+            self._check_mask()
             groups = self.mask.view(self.out_features, -1, self.m)
-            if not bool((groups.sum(-1) == self.n).all()):
-                raise ValueError(
-                    f"{self.layer_name or 'SparseLinear'}: mask does not keep exactly {self.n} of every {self.m} "
-                    "inputs; load a mask of this layer's sparsity (or re-prune the model)"
-                )
             order = torch.sort(groups.to(torch.uint8), dim=-1, descending=True, stable=True).indices
             self._offsets = (key, order[..., : self.n].to(torch.int8))
         return self._offsets[1]
+
+    def _mask_key(self) -> tuple:
+        """Identifies the current ``M`` (its packed buffer's version): keys the caches derived from it."""
+        bits = self.mask_bits
+        return (bits._version, bits.data_ptr(), bits.device)
+
+    def _check_mask(self) -> None:
+        """Validate that ``M`` keeps exactly N of every M inputs, once per M version (the fused
+        kernels and the backend structures trust it)."""
+        key = self._mask_key()
+        if self._validated_mask == key:
+            return
+        if not bool((self.mask.view(self.out_features, -1, self.m).sum(-1) == self.n).all()):
+            raise ValueError(
+                f"{self.layer_name or 'SparseLinear'}: mask does not keep exactly {self.n} of every {self.m} "
+                "inputs; load a mask of this layer's sparsity (or re-prune the model)"
+            )
+        self._validated_mask = key
 
     def _triton_2to4(self, *tensors: torch.Tensor) -> bool:
         """Whether the one-pass 2:4 Triton kernels of :mod:`slope.kernels` serve this layer for
         ``tensors`` (2:4 and CUDA); they trust ``M``, so this validates it first (once per M version)."""
         if (self.n, self.m) != (2, 4) or not kernels.triton_usable(*tensors):
             return False
-        self._kept_offsets_int8()
+        self._check_mask()
         return True
-
-    def _stored_mask(self) -> torch.Tensor:
-        """The tensor that holds ``M`` (its version keys caches; the inference form stores it packed)."""
-        return self.mask
 
     def _gather_kept(self, full: torch.Tensor) -> torch.Tensor:
         """The kept entries of a dense ``(out, in)`` tensor as ``(out, in·N/M)`` (``values``' layout)."""
@@ -245,7 +308,7 @@ class SparseLinear(nn.Module):
         dtype = self.values.dtype if dtype is None else dtype
         values = self.values.detach()
         if self._triton_2to4(values):  # one Triton pass on CUDA
-            return kernels.scatter_kept_2to4(values, self.mask, dtype)
+            return kernels.scatter_kept_2to4(values, self.mask_bits, dtype)
         dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
         groups = dense.view(self.out_features, -1, self.m)
         groups.scatter_(-1, self._kept_offsets(), values.to(dtype).view(self.out_features, -1, self.n))
@@ -265,11 +328,11 @@ class SparseLinear(nn.Module):
         """Recompute ``M_t`` from the current ``W ⊙ M`` (``M_t = M`` without double pruning)."""
         if self.double_pruning and self.mask_type != "transposable" and (self.n, self.m) == (2, 4):
             # Triton on CUDA (one pass), else slope.masks.double_prune_mask (the same mask)
-            self.mask_t.copy_(kernels.double_prune_mask_2to4(self.dense_weight(), self.mask))
+            self._set_mask_t(kernels.double_prune_mask_2to4(self.dense_weight(), self.mask_bits))
         elif self.double_pruning and self.mask_type != "transposable":
-            self.mask_t.copy_(double_prune_mask(self.dense_weight(), self.mask, self.n, self.m))
+            self._set_mask_t(double_prune_mask(self.dense_weight(), self.mask, self.n, self.m))
         else:
-            self.mask_t.copy_(self.mask)
+            self.mask_t_bits.copy_(self.mask_bits)
         self.refresh()
 
     def refresh(self) -> None:
@@ -312,10 +375,13 @@ class SparseLinear(nn.Module):
         of each depends on a mask only and is cached per mask version."""
         if backend is None:
             backend = self._backend_for(dtype, device, which)
-        values, mask_t = self.values, self.mask_t
+        values, mask_bits, mask_t_bits = self.values, self.mask_bits, self.mask_t_bits
         # One slot per direction: an operand of another backend (auto, another token bucket)
         # replaces it, so a layer never holds more operands than before token buckets existed.
-        version = (values._version, values.data_ptr(), self.mask._version, mask_t._version, mask_t.data_ptr(), backend.name)
+        version = (
+            values._version, values.data_ptr(), mask_bits._version, mask_bits.data_ptr(),
+            mask_t_bits._version, mask_t_bits.data_ptr(), backend.name,
+        )
         key = (which, dtype, device)
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:
@@ -332,16 +398,17 @@ class SparseLinear(nn.Module):
                 operand = backend.operand_from_values(values.to(dtype), structure)
             elif structure is not None:
                 operand = backend.operand_from_values(
-                    kernels.transpose_kept_2to4(values, self.mask, self.mask_t, dtype), structure
+                    kernels.transpose_kept_2to4(values, self.mask_bits, self.mask_t_bits, dtype), structure
                 )
             elif which == "forward":
                 operand = backend.make_operand(self.dense_weight(dtype), self.mask)
             else:
+                mask_t = self.mask_t
                 if self._triton_2to4(values):  # one Triton pass
-                    backward_t = kernels.transpose_kept_2to4(values, self.mask, self.mask_t, dtype, dense=True)
+                    backward_t = kernels.transpose_kept_2to4(values, self.mask_bits, self.mask_t_bits, dtype, dense=True)
                 else:
-                    backward_t = self.dense_weight(dtype).mul_(self.mask_t).t().contiguous()
-                operand = backend.make_operand(backward_t, self.mask_t.t().contiguous())
+                    backward_t = self.dense_weight(dtype).mul_(mask_t).t().contiguous()
+                operand = backend.make_operand(backward_t, mask_t.t().contiguous())
         self._operands[key] = (version, operand)
         return operand
 
@@ -354,8 +421,8 @@ class SparseLinear(nn.Module):
             return None
         if type(backend).operand_structure is SparseBackend.operand_structure:
             return None  # builds every operand with make_operand
-        self._kept_offsets_int8()  # validates M (the structures and kernels trust it), once per M version
-        stored = self._stored_mask() if which == "forward" else self.mask_t
+        self._check_mask()  # the structures and kernels trust M
+        stored = self.mask_bits if which == "forward" else self.mask_t_bits
         version = (stored._version, stored.data_ptr())
         key = (which, dtype, device, id(backend))
         cached = self._structures.get(key)
@@ -375,7 +442,7 @@ class SparseLinear(nn.Module):
         if self._triton_2to4(full_grad, self.values):
             if self.values_grad is None:
                 self.values_grad = torch.zeros_like(self.values)
-            kernels.gather_kept_2to4(full_grad, self.mask, out=self.values_grad)
+            kernels.gather_kept_2to4(full_grad, self.mask_bits, out=self.values_grad)
             return
         kept = self._gather_kept(full_grad).to(self.values.dtype)
         if self.values_grad is None:
@@ -437,10 +504,16 @@ class SparseLinear(nn.Module):
         # Cached operands and backend objects (GPU handles) are rebuilt on use, never copied/pickled.
         state = super().__getstate__()
         state["_operands"], state["_structures"], state["_backends"], state["_offsets"] = {}, {}, {}, None
+        state["_validated_mask"] = None
         return state
 
     def __setstate__(self, state):
         state.setdefault("_structures", {})  # layers pickled before the cache existed
+        state.setdefault("_validated_mask", None)
+        buffers = state.get("_buffers", {})
+        for old, new in (("mask", "mask_bits"), ("mask_t", "mask_t_bits")):  # pickled with bool masks
+            if old in buffers:
+                buffers[new] = pack_mask(buffers.pop(old))
         super().__setstate__(state)
         registry.register(self)  # copies (copy.deepcopy, pickle) are live layers too
 
@@ -452,7 +525,7 @@ class SparseLinear(nn.Module):
             self.values_grad = fn(self.values_grad)
         result = super()._apply(fn, recurse)
         # After a dtype change the metadata layout (plain vs CUTLASS) may have to change.
-        if self.meta is not None and self.meta.dtype != metadata_dtype(*self.mask.shape, self.values.dtype):
+        if self.meta is not None and self.meta.dtype != metadata_dtype(self.out_features, self.in_features, self.values.dtype):
             self._refresh_meta()
         return result
 

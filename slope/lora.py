@@ -18,8 +18,8 @@ Usage, the SLoPe way (build the merged model, then load the trained weights)::
     model.load_state_dict(trained_state)       # same keys as the unmerged model
     report = freeze_for_inference(model)       # optional: drop M_t, gradients, requires_grad
 
-A merged layer keeps every tensor of the unmerged one (``values``, ``mask``, ``mask_t``, ``meta``,
-``bias``, ``lora_A``, ``lora_B``, ``lora_A_mask``), so state dicts move between the two forms; the
+A merged layer keeps every tensor of the unmerged one (``values``, ``mask_bits``, ``mask_t_bits``,
+``meta``, ``bias``, ``lora_A``, ``lora_B``, ``lora_A_mask``), so state dicts move between the two forms; the
 stacked operand is derived from them and rebuilt lazily whenever one changes (version-keyed cache).
 Merged layers are for inference: their forward works with or without autograd enabled, but a
 backward through them is an error.
@@ -33,7 +33,7 @@ import torch.nn as nn
 
 import slope.kernels as kernels
 from slope.layer import SparseLinear, _compute_dtype
-from slope.masks import is_nm_sparse
+from slope.masks import is_nm_sparse, unpack_mask
 from slope.registry import sparse_modules
 
 __all__ = ["MergedSparseLinear", "MemoryReport", "merge_lora", "freeze_for_inference", "effective_weight"]
@@ -61,7 +61,7 @@ class MergedSparseLinear(SparseLinear):
     ``torch.nn.utils.parametrize`` does), so the object, its tensors, hooks and state-dict keys
     stay the same. :func:`merge_lora` converts layers with adapters; :func:`freeze_for_inference`
     converts every SLoPe layer (one without adapters runs the same path with ``r = 0``) and drops
-    ``mask_t``.
+    ``M_t`` (``mask_t_bits``).
     """
 
     # ------------------------------------------------------------------ the stacked operand
@@ -77,7 +77,7 @@ class MergedSparseLinear(SparseLinear):
 
     def _merged_operand(self, dtype: torch.dtype, device: torch.device, backend):
         """``backend``'s operand of :meth:`stacked_weight` in ``dtype``, cached until a source changes."""
-        sources = [self.values, self._stored_mask()] + ([self.lora_A, self.lora_A_mask] if self.lora_rank else [])
+        sources = [self.values, self.mask_bits] + ([self.lora_A, self.lora_A_mask] if self.lora_rank else [])
         version = (*((t._version, t.data_ptr()) for t in sources), backend.name)  # one slot (see _operand)
         key = ("merged", dtype, device)
         cached = self._operands.get(key)
@@ -120,35 +120,11 @@ class MergedSparseLinear(SparseLinear):
                 u = self._merged_product(x, dtype)
         return u[..., : self.out_features]
 
-    # ------------------------------------------------------------------ the mask, packed once frozen
-    @property
-    def mask(self) -> torch.Tensor:
-        """``M`` as ``bool (out, in)``; the inference-only form stores it as packed bits (1/8 byte
-        per weight) and unpacks a fresh copy here."""
-        bits = self._buffers.get("mask_bits")
-        if bits is None:
-            return self._buffers["mask"]
-        return _unpack_bits(bits, (self.out_features, self.in_features))
-
-    def _stored_mask(self) -> torch.Tensor:
-        bits = self._buffers.get("mask_bits")
-        return self._buffers["mask"] if bits is None else bits
-
-    def _pack_mask(self) -> None:
-        """Replace the bool ``mask`` buffer by packed bits (state dicts still carry ``mask`` as bool)."""
-        self.register_buffer("mask_bits", _pack_bits(self._buffers.pop("mask")), persistent=False)
-        self._offsets = None
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if "mask_bits" in self._buffers:
-            destination[prefix + "mask"] = self.mask
-
     # ------------------------------------------------------------------ training-only API
     @property
     def inference_only(self) -> bool:
         """True once :func:`freeze_for_inference` dropped the training state (``mask_t``)."""
-        return "mask_t" not in self._buffers
+        return "mask_t_bits" not in self._buffers
 
     def update_mask_t(self) -> None:
         if self.inference_only:
@@ -170,8 +146,11 @@ class MergedSparseLinear(SparseLinear):
                 f"layer is {self.n}:{self.m} ({self.values.shape[-1]} per row); prune the model with the "
                 "checkpoint's sparsity"
             )
-        mask = state_dict.get(prefix + "mask")
-        if mask is not None and mask.shape == self.mask.shape and not is_nm_sparse(mask, self.n, self.m):
+        mask = state_dict.get(prefix + "mask")  # bool, in checkpoints written before masks were packed
+        bits = state_dict.get(prefix + "mask_bits")
+        if mask is None and bits is not None and bits.dtype == torch.uint8 and bits.shape == self.mask_bits.shape:
+            mask = unpack_mask(bits, (self.out_features, self.in_features))
+        if mask is not None and mask.shape == (self.out_features, self.in_features) and not is_nm_sparse(mask, self.n, self.m):
             error_msgs.append(f"{name}: the checkpoint's mask is not {self.n}:{self.m}; prune the model with the checkpoint's sparsity")
         lora_a = state_dict.get(prefix + "lora_A")
         if lora_a is not None and lora_a.shape[0] != self.lora_rank:
@@ -184,34 +163,10 @@ class MergedSparseLinear(SparseLinear):
                 f"{name}: the checkpoint has no adapters (lora_A/lora_B) for this layer; load it into a model "
                 "pruned without add_lora/merge_lora"
             )
-        if self.inference_only:  # a training checkpoint still loads: its M_t is not needed
-            state_dict.pop(prefix + "mask_t", None)
-        if "mask_bits" in self._buffers:
-            mask = state_dict.pop(prefix + "mask", None)
-            if mask is None:
-                if strict:
-                    missing_keys.append(prefix + "mask")
-            elif tuple(mask.shape) != (self.out_features, self.in_features) or mask.dtype != torch.bool:
-                error_msgs.append(f"{name}: the checkpoint's mask is {mask.dtype} {tuple(mask.shape)}, expected bool {(self.out_features, self.in_features)}")
-            else:
-                with torch.no_grad():
-                    self.mask_bits.copy_(_pack_bits(mask.to(self.mask_bits.device)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", merged, inference-only" if self.inference_only else ", merged")
-
-
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """``bool`` tensor (numel divisible by 8) -> ``uint8 (numel/8,)``, bit i of byte j = element 8j+i."""
-    weights = 1 << torch.arange(8, device=mask.device)
-    return (mask.reshape(-1, 8).long() * weights).sum(-1).to(torch.uint8)
-
-
-def _unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`_pack_bits`: ``uint8 (numel/8,)`` -> ``bool`` of ``shape``."""
-    shifts = torch.arange(8, device=bits.device)
-    return ((bits.long().unsqueeze(-1) >> shifts) & 1).bool().reshape(shape)
 
 
 def _to_merged(layer: SparseLinear) -> None:
@@ -312,9 +267,7 @@ def freeze_for_inference(model: nn.Module) -> MemoryReport:
         layer.values_grad = None
         layer.sparse_requires_grad = False
         if not layer.inference_only:
-            del layer.mask_t
-        if "mask_bits" not in layer._buffers:
-            layer._pack_mask()
+            del layer.mask_t_bits
     for p in model.parameters():
         p.grad = None
     model.requires_grad_(False)

@@ -12,6 +12,9 @@ A weight ``W`` has shape ``(out, in)`` as in ``nn.Linear``.
   choosing the pattern of largest total magnitude (exhaustive over all such patterns).
 
 Ties are broken deterministically: among equal magnitudes the lower index wins.
+
+Layers *store* their masks as packed bits (:func:`pack_mask`, 1/8 byte per weight) and unpack a
+bool copy where one is needed (:func:`unpack_mask`).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ __all__ = [
     "double_prune_mask",
     "transposable_mask",
     "is_nm_sparse",
+    "pack_mask",
+    "unpack_mask",
     "MASK_TYPES",
 ]
 
@@ -131,3 +136,34 @@ def is_nm_sparse(mask: torch.Tensor, n: int, m: int, dim: int = -1, exact: bool 
         return False
     counts = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m).sum(-1)
     return bool((counts == n).all()) if exact else bool((counts <= n).all())
+
+
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``bool`` tensor (any shape) -> ``uint8 (ceil(numel/8),)``: bit ``i`` of byte ``j`` is element
+    ``8j + i`` of the flattened mask (padded with False to a whole byte)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_mask takes a bool mask, got {mask.dtype}")
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).view(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: ``uint8 (ceil(numel/8),)`` -> a fresh ``bool`` tensor of
+    ``shape`` (one table lookup per byte)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != -(-numel // 8):
+        raise ValueError(
+            f"packed mask of shape {tuple(shape)} must be uint8 ({-(-numel // 8)},), got {bits.dtype} {tuple(bits.shape)}"
+        )
+    byte = torch.arange(256, dtype=torch.int32, device=bits.device)
+    table = (byte[:, None] >> torch.arange(8, dtype=torch.int32, device=bits.device)) & 1
+    flat = table.to(torch.bool).index_select(0, bits.to(torch.int32)).reshape(-1)
+    return flat[:numel].reshape(shape)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slope.checkpoint import read_checkpoint
-from slope.masks import is_nm_sparse
+from slope.masks import is_nm_sparse, unpack_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["dense", "slope", "slope-no-lora", "static-2:4", "transposable-2:4", "slope-4:8", "slope-2:8", "slope-dense-tail"]
@@ -94,14 +94,17 @@ def test_plot_and_readme_table(quick):
 def test_each_method_trains_the_model_it_names(quick):
     _, tmp, _ = quick
 
-    def masks(method):
+    def masks(method, n=2, m=4):
         state = read_checkpoint(tmp / "work" / method.replace(":", "to") / "seed0" / "checkpoint").model_state
-        return [(state[k], state[k[: -len("mask")] + "mask_t"]) for k in state if k.endswith(".mask")]
+        names = [k[: -len(".mask_bits")] for k in state if k.endswith(".mask_bits")]
+        shapes = {name: (state[name + ".values"].shape[0], state[name + ".values"].shape[1] * m // n) for name in names}
+        return [(unpack_mask(state[name + ".mask_bits"], shapes[name]), unpack_mask(state[name + ".mask_t_bits"], shapes[name]))
+                for name in names]
 
     assert masks("dense") == []
     assert masks("slope-dense-tail") == []  # densified for the final phase
     for method, (n, m) in {"slope": (2, 4), "slope-no-lora": (2, 4), "slope-4:8": (4, 8), "slope-2:8": (2, 8)}.items():
-        pairs = masks(method)
+        pairs = masks(method, n, m)
         assert len(pairs) == 7
         for mask, mask_t in pairs:
             assert is_nm_sparse(mask, n, m, exact=True) and bool((mask_t <= mask).all()) and mask_t.sum() < mask.sum()

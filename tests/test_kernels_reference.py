@@ -239,6 +239,22 @@ def test_transpose_kept_2to4_is_the_backward_operand(rows, cols):
     assert dense.is_contiguous() and torch.equal(dense, backward_t.bfloat16())
 
 
+def test_kept_value_references_take_packed_masks():
+    from slope.kernels import double_prune_mask_2to4, gather_kept_2to4, scatter_kept_2to4, transpose_kept_2to4
+    from slope.masks import pack_mask
+
+    w, mask, mask_t = _masks(36, 20, seed=3)
+    bits, bits_t = pack_mask(mask), pack_mask(mask_t)
+    values = gather_kept_2to4(w, mask)
+    assert torch.equal(gather_kept_2to4(w, bits), values)
+    assert torch.equal(scatter_kept_2to4(values, bits), w * mask)
+    assert torch.equal(transpose_kept_2to4(values, bits, bits_t), transpose_kept_2to4(values, mask, mask_t))
+    assert torch.equal(transpose_kept_2to4(values, mask, bits_t, dense=True), (w * mask * mask_t).t())
+    assert torch.equal(double_prune_mask_2to4(w * mask, bits), mask_t)
+    with pytest.raises(ValueError, match=r"packed bits, uint8 \(90,\)"):
+        gather_kept_2to4(w, bits[:-1])
+
+
 def test_transpose_kept_2to4_errors():
     from slope.kernels import transpose_kept_2to4
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from slope import prune_model, sparse_modules
 from slope.kernels import compress_2to4
 from slope.layer import SparseLinear
-from slope.masks import double_prune_mask, is_nm_sparse, nm_mask
+from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, pack_mask
 from slope.optimizers import ADAMWSparse
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float64: {}}
@@ -343,10 +343,62 @@ def test_mask_with_wrong_counts_per_group_is_a_clear_error():
     layer = make_layer(8, 8, 2, 4, compress=False)[0]
     bad = torch.zeros(8, 8, dtype=torch.bool)
     bad[:, [0, 1, 2, 3]] = True  # 4 in the first group, 0 in the second
-    with torch.no_grad():
-        layer.mask.copy_(bad)
+    state = layer.state_dict()
+    state["mask_bits"] = pack_mask(bad)  # a checkpoint of another sparsity
+    layer.load_state_dict(state)
     with pytest.raises(ValueError, match="exactly 2 of every 4"):
         layer.dense_weight()
+
+
+@pytest.mark.parametrize("n,m,compress", [(2, 4, True), (2, 4, False), (1, 4, False)])
+def test_masks_are_stored_as_packed_bits(n, m, compress):
+    layer = make_layer(12, 20, n, m, compress=compress)[0]
+    mask, mask_t = layer.mask, layer.mask_t
+    assert mask.dtype == torch.bool and mask.shape == (12, 20) and not torch.equal(mask, mask_t)
+    # storage: 1/8 byte per weight and mask; no bool (out, in) buffer
+    assert layer.mask_bits.dtype == torch.uint8 and layer.mask_bits.numel() == 12 * 20 // 8
+    assert all(b.dtype != torch.bool for b in layer.buffers())
+    state = layer.state_dict()
+    assert torch.equal(state["mask_bits"], pack_mask(mask)) and torch.equal(state["mask_t_bits"], pack_mask(mask_t))
+    # another layer takes the masks (and the values they place) from the state dict, and from a
+    # checkpoint written with bool masks (before they were stored packed)
+    legacy = {k: v for k, v in state.items() if not k.endswith("_bits")} | {"mask": mask, "mask_t": mask_t}
+    for source in (state, legacy):
+        other = make_layer(12, 20, n, m, compress=compress)[0]
+        assert not torch.equal(other.mask, mask)
+        other.load_state_dict(source)
+        assert torch.equal(other.mask, mask) and torch.equal(other.mask_t, mask_t)
+        x = torch.randn(3, 20)
+        torch.testing.assert_close(other(x), layer(x))
+        torch.testing.assert_close(other.backward_weight(), layer.dense_weight() * mask_t)
+
+
+def test_a_checkpoint_mask_of_the_wrong_shape_or_dtype_is_a_clear_error():
+    layer = make_layer(8, 8, 2, 4, compress=False)[0]
+    legacy = {k: v for k, v in layer.state_dict().items() if not k.endswith("_bits")} | {"mask": layer.mask}
+    for bad in (torch.ones(8, 12, dtype=torch.bool), layer.mask.float()):
+        with pytest.raises(RuntimeError, match="mask_t is .* expected bool"):
+            layer.load_state_dict(legacy | {"mask_t": bad})
+    state = layer.state_dict()
+    with pytest.raises(RuntimeError, match="mask_t_bits is torch.bool, expected packed uint8"):
+        layer.load_state_dict(state | {"mask_t_bits": state["mask_t_bits"].bool()})
+    with pytest.raises(RuntimeError, match="size mismatch for mask_bits"):
+        layer.load_state_dict(state | {"mask_bits": state["mask_bits"][:4]})
+    del state["mask_bits"]
+    with pytest.raises(RuntimeError, match="Missing key.*mask_bits"):
+        layer.load_state_dict(state)
+    before = layer.mask
+    layer.load_state_dict(state, strict=False)  # the layer keeps its mask
+    assert torch.equal(layer.mask, before)
+
+
+def test_mask_updates_reach_the_cached_operands():
+    layer = make_layer(8, 16, 2, 4, compress=True)[0]
+    x = torch.randn(4, 16)
+    layer(x)  # caches the forward operand
+    weight = torch.randn(8, 16)
+    layer.set_weight(weight)  # new mask and values
+    torch.testing.assert_close(layer(x), F.linear(x, weight * nm_mask(weight), layer.bias))
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8)])

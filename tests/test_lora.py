@@ -223,15 +223,14 @@ def test_freeze_for_inference(adapters):
     x = torch.randn(3, 64)
     with torch.no_grad():
         expected = model(x)
-    mask_t_bytes = sum(m.mask_t.numel() for _, m in sparse_modules(model))
-    mask_bytes = sum(m.mask.numel() for _, m in sparse_modules(model))  # bool; packed to 1/8 when frozen
+    mask_t_bytes = sum(m.mask_t.numel() // 8 for _, m in sparse_modules(model))  # stored as packed bits
     grad_bytes = sum(m.values_grad.numel() * 4 for _, m in sparse_modules(model))
     grad_bytes += sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None)
 
     report = freeze_for_inference(model)
 
     assert report.gradients_before == grad_bytes > 0 and report.gradients_after == 0
-    assert report.buffers_before - report.buffers_after == mask_t_bytes + mask_bytes - mask_bytes // 8
+    assert report.buffers_before - report.buffers_after == mask_t_bytes
     assert report.parameters_after == report.parameters_before
     assert report.total_after < report.total_before and "MiB" in str(report)
     assert not any("mask_t" in k for k in model.state_dict())
@@ -337,7 +336,7 @@ def test_llama_bf16_merged_logits_match_unmerged():
     assert (got - expected).abs().max().item() <= 3e-2 * expected.abs().max().item()
 
 
-def test_frozen_layers_pack_the_mask_but_state_dicts_keep_it_bool():
+def test_frozen_layers_keep_the_packed_mask_and_load_new_masks():
     trained = prune_model(MLP(), compress=True, verbose=False)
     _train(trained, steps=2)
     other = prune_model(MLP(), compress=True, verbose=False)  # different weights and masks
@@ -348,11 +347,11 @@ def test_frozen_layers_pack_the_mask_but_state_dicts_keep_it_bool():
     frozen.load_state_dict(trained.state_dict())
     freeze_for_inference(frozen)
     for (_, a), (_, b) in zip(sparse_modules(frozen), sparse_modules(trained)):
-        assert "mask" not in a._buffers and a.mask_bits.numel() * 8 == a.mask.numel()
+        assert a.mask_bits.numel() * 8 == a.mask.numel() and "mask_t_bits" not in a._buffers
         assert torch.equal(a.mask, b.mask)
     state = frozen.state_dict()
-    assert all(state[k].dtype == torch.bool for k in state if k.endswith(".mask"))
-    assert not any(k.endswith("mask_bits") for k in state)
+    assert all(state[k].dtype == torch.uint8 for k in state if k.endswith(".mask_bits"))
+    assert not any(k.endswith("mask_t_bits") for k in state)
     torch.testing.assert_close(frozen(x), expected_trained, rtol=1e-5, atol=1e-5)
     frozen.load_state_dict(other.state_dict())  # new masks reach the packed bits and the operand
     torch.testing.assert_close(frozen(x), expected_other, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, parse_sparsity, transposable_mask
+from slope.masks import (
+    double_prune_mask,
+    is_nm_sparse,
+    nm_mask,
+    pack_mask,
+    parse_sparsity,
+    transposable_mask,
+    unpack_mask,
+)
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -167,3 +175,25 @@ def test_parse_sparsity(text, expected):
 def test_parse_sparsity_rejects(bad):
     with pytest.raises(ValueError, match="N:M"):
         parse_sparsity(bad)
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (3, 3), (8, 12), (5,), (0, 4)])
+def test_pack_unpack_mask_round_trip(shape):
+    mask = torch.rand(shape) > 0.5
+    bits = pack_mask(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (-(-mask.numel() // 8),)
+    # bit i of byte j is element 8j + i of the flattened mask
+    flat = mask.reshape(-1)
+    for j in range(bits.numel()):
+        expected = sum(1 << i for i in range(8) if 8 * j + i < flat.numel() and flat[8 * j + i])
+        assert int(bits[j]) == expected
+    assert torch.equal(unpack_mask(bits, shape), mask)
+
+
+def test_pack_unpack_mask_reject_bad_input():
+    with pytest.raises(TypeError, match="bool"):
+        pack_mask(torch.ones(8))
+    with pytest.raises(ValueError, match=r"uint8 \(2,\)"):
+        unpack_mask(torch.zeros(3, dtype=torch.uint8), (4, 4))
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_mask(torch.zeros(2, dtype=torch.int32), (4, 4))

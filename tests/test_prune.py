@@ -98,7 +98,7 @@ def test_state_dict_round_trip_into_fresh_pruned_model():
             layer.values.add_(0.01)
     state = model.state_dict()
     keys = [k for k in state if k.startswith("transformer.h.0.attn.c_attn.")]
-    assert {k.rpartition(".")[2] for k in keys} == {"values", "mask", "mask_t", "meta", "bias"}
+    assert {k.rpartition(".")[2] for k in keys} == {"values", "mask_bits", "mask_t_bits", "meta", "bias"}
     fresh = _gpt2(seed=1)
     prune_model(fresh, compress=True, verbose=False)
     ids = torch.randint(0, 64, (2, 10))

@@ -152,7 +152,8 @@ def test_pruned_entries_stay_zero_and_values_are_trained(tmp_path):
     for key in [k for k in init if k.endswith(".values")]:
         assert ckpt.model_state[key].shape == init[key].shape
         assert not torch.equal(ckpt.model_state[key], init[key])
-        assert torch.equal(ckpt.model_state[key.replace("values", "mask")], init[key.replace("values", "mask")])
+        bits = key.replace("values", "mask_bits")
+        assert torch.equal(ckpt.model_state[bits], init[bits])
 
 
 def test_dense_baseline_uses_no_sparse_layers(tmp_path):

@@ -10,7 +10,7 @@ from slope import SparseLinear, prune_model, sparse_modules
 from slope.checkpoint import read_checkpoint
 from slope.cli import build_parser, resolve_train_config
 from slope.config import ConfigError, TrainConfig
-from slope.masks import is_nm_sparse
+from slope.masks import is_nm_sparse, unpack_mask
 from slope.prune import densify
 from slope.train import train
 
@@ -100,10 +100,11 @@ def test_exact_backward_and_transposable_masks_reach_the_model(tmp_path):
         cfg = _cfg(tmp_path, "run", max_steps=2, lazy_lora_fraction=0.0, **kw)
         train(cfg, progress=False, log=lambda *a: None)
         state = read_checkpoint(f"{cfg.out}/checkpoint").model_state
-        names = [k[: -len(".mask")] for k in state if k.endswith(".mask")]
+        names = [k[: -len(".mask_bits")] for k in state if k.endswith(".mask_bits")]
         assert len(names) == 7
         for name in names:
-            mask, mask_t = state[name + ".mask"], state[name + ".mask_t"]
+            shape = (state[name + ".values"].shape[0], 2 * state[name + ".values"].shape[1])  # 2:4
+            mask, mask_t = unpack_mask(state[name + ".mask_bits"], shape), unpack_mask(state[name + ".mask_t_bits"], shape)
             assert is_nm_sparse(mask, 2, 4, exact=True) and check(mask, mask_t), (kw, name)
 
 
@@ -116,7 +117,7 @@ def test_dense_tail_replaces_the_sparse_layers_and_resumes_exactly(tmp_path, cap
     assert "step 6: dense tail" in capsys.readouterr().out
     ckpt = read_checkpoint(f"{full.out}/checkpoint")
     assert ckpt.trainer_state["dense_tail"] is True
-    assert not any(k.endswith((".values", ".mask")) for k in ckpt.model_state)
+    assert not any(k.endswith((".values", ".mask_bits")) for k in ckpt.model_state)
     up = ckpt.model_state["model.layers.0.mlp.up_proj.weight"]
     assert (up == 0).float().mean() < 0.25  # two dense steps moved the pruned entries off zero
 

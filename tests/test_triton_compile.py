@@ -3,8 +3,8 @@
 The interpreter tests (``test_triton_kernels.py``) check what the kernels compute; they do not
 run Triton's GPU compiler, whose rules are stricter (layouts, ``tl.join``/``tl.split``/``reshape``,
 pointer dtypes). This compiles each kernel with Triton's NVIDIA backend — no GPU needed, ptxas
-ships with Triton — with the tile sizes the launchers use: bf16 and fp32 for sm_90 (H100), bf16
-for sm_80 (A100). The compiler cannot run under ``TRITON_INTERPRET=1`` (CI exports it), so the
+ships with Triton — with the tile sizes the launchers use and masks as SLoPe layers pass them (packed bits): bf16 and
+fp32 for sm_90 (H100), bf16 for sm_80 (A100). The compiler cannot run under ``TRITON_INTERPRET=1`` (CI exports it), so the
 test runs this file as a script in a subprocess without it (about a minute, cached afterwards).
 """
 import os
@@ -41,29 +41,26 @@ def kernels(dtype: str):
         ("prune_2to4", tk._prune_kernel,
          {"x_ptr": p, "out_ptr": p, "mask_ptr": "*u8", "groups": INTS, "BLOCK": C}, {"BLOCK": 1024}),
         ("double_prune_mask_2to4", tk._double_prune_kernel,
-         {"w_ptr": p, "m_ptr": "*u8", "out_ptr": "*u8", "row_groups": INTS, "cols": INTS, "BLOCK_Q": C, "BLOCK_C": C},
-         {"BLOCK_Q": 16, "BLOCK_C": 64}),
-        ("gather_kept_2to4", tk._gather_kept_kernel,
-         {"full_ptr": p, "mask_ptr": "*u8", "out_ptr": "*fp32", "rows": INTS, "groups": INTS, "stride_fr": INTS,
-          "stride_fc": INTS, "BLOCK_R": C, "BLOCK_G": C, "ACCUMULATE": C},
-         {"BLOCK_R": 32, "BLOCK_G": 32, "ACCUMULATE": True}),
+         {"w_ptr": p, "m_ptr": "*u8", "out_ptr": "*u8", "row_groups": INTS, "cols": INTS, "BLOCK_Q": C, "BLOCK_C": C,
+          "PACKED": C},
+         {"BLOCK_Q": 16, "BLOCK_C": 64, "PACKED": True}),
+        *[(f"gather_kept_2to4[{'packed' if packed else 'bool'}]", tk._gather_kept_kernel,
+           {"full_ptr": p, "mask_ptr": "*u8", "out_ptr": "*fp32", "rows": INTS, "groups": INTS, "stride_fr": INTS,
+            "stride_fc": INTS, "BLOCK_R": C, "BLOCK_G": C, "ACCUMULATE": C, "PACKED": C},
+           {"BLOCK_R": 32, "BLOCK_G": 32, "ACCUMULATE": True, "PACKED": packed}) for packed in (True, False)],
         ("scatter_kept_2to4", tk._scatter_kept_kernel,
          {"values_ptr": "*fp32", "mask_ptr": "*u8", "out_ptr": p, "rows": INTS, "groups": INTS,
-          "BLOCK_R": C, "BLOCK_G": C},
-         {"BLOCK_R": 32, "BLOCK_G": 32}),
+          "BLOCK_R": C, "BLOCK_G": C, "PACKED": C},
+         {"BLOCK_R": 32, "BLOCK_G": 32, "PACKED": True}),
         ("adamw_step_", tk._adamw_kernel,
          {"p_ptr": p, "g_ptr": p, "m_ptr": "*fp32", "v_ptr": "*fp32", "n": INTS,
           **{a: "fp32" for a in ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size", "bias2_sqrt")},
           "BLOCK": C},
          {"BLOCK": 1024}),
-        ("transpose_kept_2to4", tk._transpose_kept_kernel,
-         {"values_ptr": "*fp32", "mask_ptr": "*u8", "mask_t_ptr": "*u8", "out_ptr": p, "rows": INTS, "cols": INTS,
-          "BLOCK_J": C, "BLOCK_Q": C, "DENSE": C},
-         {"BLOCK_J": 64, "BLOCK_Q": 16, "DENSE": False}),
-        ("transpose_kept_2to4[dense]", tk._transpose_kept_kernel,
-         {"values_ptr": "*fp32", "mask_ptr": "*u8", "mask_t_ptr": "*u8", "out_ptr": p, "rows": INTS, "cols": INTS,
-          "BLOCK_J": C, "BLOCK_Q": C, "DENSE": C},
-         {"BLOCK_J": 64, "BLOCK_Q": 16, "DENSE": True}),
+        *[(f"transpose_kept_2to4[{'dense' if dense else 'values'}]", tk._transpose_kept_kernel,
+           {"values_ptr": "*fp32", "mask_ptr": "*u8", "mask_t_ptr": "*u8", "out_ptr": p, "rows": INTS, "cols": INTS,
+            "BLOCK_J": C, "BLOCK_Q": C, "DENSE": C, "PACKED_M": C, "PACKED_T": C},
+           {"BLOCK_J": 64, "BLOCK_Q": 16, "DENSE": dense, "PACKED_M": True, "PACKED_T": True}) for dense in (False, True)],
     ]
     layouts = [("plain", "*u8", False)] + ([("cutlass", "*i16", True)] if dtype != "fp32" else [])
     for layout, meta, cutlass in layouts:

@@ -119,18 +119,20 @@ def test_prune_2to4_bit_identical(dtype, make):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("make", [torch.randn, ties], ids=["random", "ties"])
-def test_double_prune_mask_matches_masks_module(dtype, make):
+@pytest.mark.parametrize("packed", [False, True], ids=["bool", "packed"])
+def test_double_prune_mask_matches_masks_module(dtype, make, packed):
     from slope.masks import double_prune_mask, nm_mask
 
     for shape in [(64, 96), (20, 12)]:
         w = make(shape, dtype=dtype) if make is ties else make(*shape, dtype=dtype)
         mask = nm_mask(w, 2, 4)
         expected = double_prune_mask(w * mask, mask, 2, 4)
-        got = tk.double_prune_mask_2to4(w * mask, mask)
+        got = tk.double_prune_mask_2to4(w * mask, _maybe_packed(mask, packed))
         assert got.dtype == torch.bool and torch.equal(got, expected)
         # Also with an arbitrary (not magnitude-derived) mask.
         rand_mask = torch.rand(shape) < 0.5
-        assert torch.equal(tk.double_prune_mask_2to4(w, rand_mask), double_prune_mask(w, rand_mask, 2, 4))
+        got = tk.double_prune_mask_2to4(w, _maybe_packed(rand_mask, packed))
+        assert torch.equal(got, double_prune_mask(w, rand_mask, 2, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -161,6 +163,13 @@ def test_prune_compress_errors():
 
 
 # ------------------------------------------------------------- kept-value movement (2:4)
+def _maybe_packed(mask, packed):
+    """``mask`` as the kernels' packed-bits argument (how SLoPe layers store masks) or as is."""
+    from slope.masks import pack_mask
+
+    return pack_mask(mask) if packed else mask
+
+
 def _layer_masks(rows, cols, dtype, seed):
     from slope.masks import double_prune_mask, nm_mask
 
@@ -172,38 +181,44 @@ def _layer_masks(rows, cols, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 96), (36, 20), (4, 4)])
-def test_gather_kept_bit_identical(dtype, shape):
+@pytest.mark.parametrize("packed", [False, True], ids=["bool", "packed"])
+def test_gather_kept_bit_identical(dtype, shape, packed):
     w, mask, _ = _layer_masks(*shape, dtype, seed=shape[0])
     full = torch.randn(shape[1], shape[0]).to(dtype).t()  # strided, as dyᵀ x may be
-    assert torch.equal(tk.gather_kept_2to4(full, mask), ref.gather_kept_2to4(full, mask))
+    arg = _maybe_packed(mask, packed)
+    assert torch.equal(tk.gather_kept_2to4(full, arg), ref.gather_kept_2to4(full, mask))
     acc = torch.randn(shape[0], shape[1] // 2)  # fp32 accumulator of a bf16 gradient
     expected = ref.gather_kept_2to4(full, mask, acc.clone())
     out = acc.clone()
-    assert tk.gather_kept_2to4(full, mask, out) is out and torch.equal(out, expected)
+    assert tk.gather_kept_2to4(full, arg, out) is out and torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 96), (36, 20), (4, 4), (100, 8)])
-def test_transpose_kept_bit_identical(dtype, shape):
+@pytest.mark.parametrize("packed", [(False, False), (True, True), (True, False)], ids=["bool", "packed", "mixed"])
+def test_transpose_kept_bit_identical(dtype, shape, packed):
     w, mask, mask_t = _layer_masks(*shape, dtype, seed=shape[1])
     values = ref.gather_kept_2to4(w, mask)
     expected = ref.transpose_kept_2to4(values, mask, mask_t)
     assert bool((mask_t.t().reshape(shape[1], -1, 4).sum(-1) < 2).any())  # filler slots are exercised
-    assert torch.equal(tk.transpose_kept_2to4(values, mask, mask_t), expected)
+    args = (_maybe_packed(mask, packed[0]), _maybe_packed(mask_t, packed[1]))
+    assert torch.equal(tk.transpose_kept_2to4(values, *args), expected)
     # fp32 -> fp32 output dtype conversion (fp32 -> bf16 is a truncation in the interpreter)
-    assert torch.equal(tk.transpose_kept_2to4(values.float(), mask, mask_t, torch.float32), expected.float())
-    dense = tk.transpose_kept_2to4(values, mask, mask_t, dense=True)
+    assert torch.equal(tk.transpose_kept_2to4(values.float(), *args, torch.float32), expected.float())
+    dense = tk.transpose_kept_2to4(values, *args, dense=True)
     assert dense.shape == (shape[1], shape[0]) and torch.equal(dense, ref.transpose_kept_2to4(values, mask, mask_t, dense=True))
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (36, 20), (4, 4)])
-def test_scatter_kept_bit_identical(shape):
+@pytest.mark.parametrize("packed", [False, True], ids=["bool", "packed"])
+def test_scatter_kept_bit_identical(shape, packed):
     w, mask, _ = _layer_masks(*shape, torch.float32, seed=shape[0] + 1)
     values = ref.gather_kept_2to4(w, mask)
+    arg = _maybe_packed(mask, packed)
     for dtype in (None, torch.float32):
-        assert torch.equal(tk.scatter_kept_2to4(values, mask, dtype), ref.scatter_kept_2to4(values, mask, dtype))
+        assert torch.equal(tk.scatter_kept_2to4(values, arg, dtype), ref.scatter_kept_2to4(values, mask, dtype))
     bf16 = values.bfloat16()
-    assert torch.equal(tk.scatter_kept_2to4(bf16, mask), ref.scatter_kept_2to4(bf16, mask))
+    assert torch.equal(tk.scatter_kept_2to4(bf16, arg), ref.scatter_kept_2to4(bf16, mask))
 
 
 def test_kept_kernels_errors():
@@ -212,6 +227,8 @@ def test_kept_kernels_errors():
         tk.gather_kept_2to4(torch.randn(8, 6), torch.ones(8, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         tk.gather_kept_2to4(w, mask[:4])
+    with pytest.raises(ValueError, match=r"or its packed bits, uint8 \(16,\)"):
+        tk.gather_kept_2to4(w, _maybe_packed(mask, True)[:8])
     with pytest.raises(ValueError, match="contiguous tensor of shape"):
         tk.gather_kept_2to4(w, mask, torch.zeros(8, 16))
     values = ref.gather_kept_2to4(w, mask)

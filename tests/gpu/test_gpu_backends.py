@@ -24,7 +24,7 @@ pytestmark = [
 from slope import kernels  # noqa: E402
 from slope.backends import backend_class  # noqa: E402
 from slope.kernels import reference as ref  # noqa: E402
-from slope.masks import double_prune_mask, nm_mask  # noqa: E402
+from slope.masks import double_prune_mask, nm_mask, pack_mask  # noqa: E402
 
 DEV = torch.device("cuda")
 HALF = [torch.float16, torch.bfloat16]
@@ -137,6 +137,14 @@ def test_triton_kept_value_kernels_bit_exact(dtype, shape):
         assert torch.equal(tk.scatter_kept_2to4(values, mask, out_dtype), ref.scatter_kept_2to4(values, mask, out_dtype))
         dense = ref.transpose_kept_2to4(values, mask, mask_t, out_dtype, dense=True)
         assert torch.equal(tk.transpose_kept_2to4(values, mask, mask_t, out_dtype, dense=True), dense)
+        # the masks as SLoPe layers store them (packed bits)
+        bits, bits_t = pack_mask(mask), pack_mask(mask_t)
+        assert torch.equal(tk.transpose_kept_2to4(values, bits, bits_t, out_dtype), expected)
+        assert torch.equal(tk.transpose_kept_2to4(values, bits, bits_t, out_dtype, dense=True), dense)
+        assert torch.equal(tk.scatter_kept_2to4(values, bits, out_dtype), ref.scatter_kept_2to4(values, mask, out_dtype))
+    bits = pack_mask(mask)
+    assert torch.equal(tk.gather_kept_2to4(full, bits, acc.clone()), ref.gather_kept_2to4(full, mask, acc.clone()))
+    assert torch.equal(tk.double_prune_mask_2to4(w * mask, bits), mask_t)
 
 
 @pytest.mark.parametrize("dtype", HALF + [torch.float32])
