@@ -138,19 +138,21 @@ def is_nm_sparse(mask: torch.Tensor, n: int, m: int, dim: int = -1, exact: bool 
     return bool((counts == n).all()) if exact else bool((counts <= n).all())
 
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """``bool`` tensor (any shape) -> ``uint8 (ceil(numel/8),)``: bit ``i`` of byte ``j`` is element
     ``8j + i`` of the flattened mask (padded with False to a whole byte)."""
     if mask.dtype != torch.bool:
         raise TypeError(f"pack_mask takes a bool mask, got {mask.dtype}")
     flat = mask.reshape(-1)
-    if flat.numel() % 8:
-        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8).view(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+    if flat.numel() % 8 or flat.storage_offset() % 8:
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    # Each group of 8 bools read as one int64 holds entry i at bit 8i (little endian); three
+    # shift-ors fold bit 8i down to bit i (entries 0-1, then 0-3, then 0-7), no carries.
+    word = flat.view(torch.int64)
+    word = word | (word >> 7)
+    word = word | (word >> 14)
+    word = word | (word >> 28)
+    return (word & 0xFF).to(torch.uint8)
 
 
 def unpack_mask(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
@@ -163,7 +165,12 @@ def unpack_mask(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torc
         raise ValueError(
             f"packed mask of shape {tuple(shape)} must be uint8 ({-(-numel // 8)},), got {bits.dtype} {tuple(bits.shape)}"
         )
-    byte = torch.arange(256, dtype=torch.int32, device=bits.device)
-    table = (byte[:, None] >> torch.arange(8, dtype=torch.int32, device=bits.device)) & 1
-    flat = table.to(torch.bool).index_select(0, bits.to(torch.int32)).reshape(-1)
+    flat = _bit_table(bits.device).index_select(0, bits.to(torch.int32)).reshape(-1)
     return flat[:numel].reshape(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """``bool (256, 8)``: row ``b`` holds the bits of byte ``b``, lowest first (a constant per device)."""
+    byte = torch.arange(256, dtype=torch.int32, device=device)
+    return ((byte[:, None] >> torch.arange(8, dtype=torch.int32, device=device)) & 1).to(torch.bool)

@@ -197,3 +197,15 @@ def test_pack_unpack_mask_reject_bad_input():
         unpack_mask(torch.zeros(3, dtype=torch.uint8), (4, 4))
     with pytest.raises(ValueError, match="uint8"):
         unpack_mask(torch.zeros(2, dtype=torch.int32), (4, 4))
+
+
+def test_pack_mask_every_byte_pattern_and_offset_views():
+    import itertools
+
+    patterns = torch.tensor(list(itertools.product([False, True], repeat=8)))  # (256, 8)
+    expected = (patterns.long() * (1 << torch.arange(8))).sum(-1).to(torch.uint8)
+    assert torch.equal(pack_mask(patterns), expected)
+    # views whose storage does not start on an 8-byte boundary, and non-contiguous ones
+    base = torch.rand(9, 24) > 0.5
+    for view in (base[1:], base.reshape(-1)[3:195], base[:, 4:], base.t()):
+        assert torch.equal(unpack_mask(pack_mask(view), view.shape), view)
