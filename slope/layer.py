@@ -375,13 +375,11 @@ class SparseLinear(nn.Module):
         of each depends on a mask only and is cached per mask version."""
         if backend is None:
             backend = self._backend_for(dtype, device, which)
-        values, mask_bits, mask_t_bits = self.values, self.mask_bits, self.mask_t_bits
         # One slot per direction: an operand of another backend (auto, another token bucket)
         # replaces it, so a layer never holds more operands than before token buckets existed.
-        version = (
-            values._version, values.data_ptr(), mask_bits._version, mask_bits.data_ptr(),
-            mask_t_bits._version, mask_t_bits.data_ptr(), backend.name,
-        )
+        # The forward operand depends on W and M only (the inference-only form has no M_t).
+        sources = (self.values, self.mask_bits) + ((self.mask_t_bits,) if which == "backward" else ())
+        version = (*((t._version, t.data_ptr()) for t in sources), backend.name)
         key = (which, dtype, device)
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:

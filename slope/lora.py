@@ -76,7 +76,12 @@ class MergedSparseLinear(SparseLinear):
         return torch.cat(dense), torch.cat(mask)
 
     def _merged_operand(self, dtype: torch.dtype, device: torch.device, backend):
-        """``backend``'s operand of :meth:`stacked_weight` in ``dtype``, cached until a source changes."""
+        """``backend``'s operand of :meth:`stacked_weight` in ``dtype``, cached until a source changes.
+        Without adapters that is the layer's forward operand, which backends that build operands
+        from kept values share with ``values`` (no second copy of the weights when ``dtype`` is
+        theirs)."""
+        if not self.lora_rank:
+            return self._operand("forward", dtype, device, backend)
         sources = [self.values, self.mask_bits] + ([self.lora_A, self.lora_A_mask] if self.lora_rank else [])
         version = (*((t._version, t.data_ptr()) for t in sources), backend.name)  # one slot (see _operand)
         key = ("merged", dtype, device)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from slope import prune_model, sparse_modules
 from slope.kernels import decompress_2to4
@@ -357,3 +358,23 @@ def test_frozen_layers_keep_the_packed_mask_and_load_new_masks():
     torch.testing.assert_close(frozen(x), expected_other, rtol=1e-5, atol=1e-5)
     for (_, a), (_, b) in zip(sparse_modules(frozen), sparse_modules(other)):
         assert torch.equal(a.mask, b.mask)
+
+
+def test_frozen_layers_without_adapters_share_the_weights_with_their_operand():
+    model = prune_model(MLP(), compress=True, verbose=False)  # reference backend on CPU
+    _train(model, steps=1)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model(x)
+    freeze_for_inference(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    for _, layer in sparse_modules(model):
+        (_, (values, meta)), = layer._operands.values()  # the one cached operand: (values, meta)
+        assert values.data_ptr() == layer.values.data_ptr()  # no second copy of the kept weights
+        with torch.no_grad():
+            layer.values.mul_(2)  # an in-place change reaches the output (version-keyed cache)
+    with torch.no_grad():
+        w1, w2 = effective_weight(model.fc1), effective_weight(model.fc2)
+        oracle = F.linear(torch.relu(F.linear(x, w1, model.fc1.bias)), w2, model.fc2.bias)
+        torch.testing.assert_close(model(x), oracle, rtol=1e-5, atol=1e-5)
