@@ -79,11 +79,14 @@ def _triton():
     return triton_kernels
 
 
-def addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """In place ``c += alpha * (a @ b)``, ``a (M, K)``, ``b (K, N)``, ``c (M, N)``; returns ``c``."""
-    if triton_usable(a, b, c) and a.dtype == b.dtype == c.dtype:
-        return _triton().addmm(a, b, c, alpha)
-    return reference.addmm(a, b, c, alpha)
+def addmm(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0, bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place ``c += alpha * (a @ b) (+ bias)``, ``a (M, K)``, ``b (K, N)``, ``c (M, N)``, optional
+    ``bias (N,)`` added to every row (one pass with the product on CUDA); returns ``c``."""
+    if triton_usable(a, b, c) and a.dtype == b.dtype == c.dtype and (bias is None or triton_usable(bias)):
+        return _triton().addmm(a, b, c, alpha, bias)
+    return reference.addmm(a, b, c, alpha, bias)
 
 
 def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:

@@ -345,13 +345,24 @@ def transpose_kept_2to4(
     return dense_t.reshape(cols, rows // 4, 4).gather(-1, pairs).reshape(cols, rows // 2)
 
 
-def addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """In place ``c += alpha * (a @ b)`` for ``a (M, K)``, ``b (K, N)``, ``c (M, N)``; returns ``c``."""
+def addmm(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0, bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place ``c += alpha * (a @ b) (+ bias)`` for ``a (M, K)``, ``b (K, N)``, ``c (M, N)`` and an
+    optional ``bias (N,)`` added to every row; returns ``c``."""
+    _check_addmm(a, b, c, bias)
+    if bias is None:
+        return c.addmm_(a, b, alpha=alpha)
+    return c.copy_(torch.addmm(c.float() + bias.float(), a.float(), b.float(), alpha=alpha))
+
+
+def _check_addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> None:
     if a.dim() != 2 or b.dim() != 2 or c.dim() != 2 or a.shape[1] != b.shape[0] or c.shape != (a.shape[0], b.shape[1]):
         raise ValueError(
             f"addmm needs a (M, K), b (K, N), c (M, N); got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)}"
         )
-    return c.addmm_(a, b, alpha=alpha)
+    if bias is not None and (bias.shape != (c.shape[1],) or bias.device != c.device):
+        raise ValueError(f"addmm: bias must be ({c.shape[1]},) on {c.device}, got {tuple(bias.shape)} on {bias.device}")
 
 
 def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _check_adamw, _check_mask, cutlass_layout_supported
+from .reference import _check_adamw, _check_addmm, _check_mask, cutlass_layout_supported
 
 __all__ = [
     "interpreting",
@@ -69,10 +69,10 @@ def _addmm_configs() -> list[triton.Config]:
 
 @triton.jit
 def _addmm_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K, alpha,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, alpha,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_bias,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    CAST_F32: tl.constexpr, IEEE: tl.constexpr,
+    CAST_F32: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -104,6 +104,8 @@ def _addmm_kernel(
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     c_mask = (rm[:, None] < M) & (rn[None, :] < N)
     c = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + rn * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptrs, (c + alpha * acc).to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -113,35 +115,40 @@ _addmm_autotuned = triton.autotune(configs=_addmm_configs(), key=["M", "N", "K"]
 )
 
 
-def addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """In place ``c += alpha * (a @ b)`` for ``a (M, K)``, ``b (K, N)``, ``c (M, N)`` (any strides).
+def addmm(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0, bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place ``c += alpha * (a @ b) (+ bias)`` for ``a (M, K)``, ``b (K, N)``, ``c (M, N)`` (any
+    strides) and an optional ``bias (N,)`` (any stride, any float dtype) added to every row.
 
-    All three share one dtype (fp16, bf16 or fp32); products accumulate in fp32 and the sum is
-    rounded once to ``c.dtype``. fp32 inputs use IEEE fp32 products unless
+    ``a``, ``b`` and ``c`` share one dtype (fp16, bf16 or fp32); products accumulate in fp32 and the
+    sum is rounded once to ``c.dtype``. fp32 inputs use IEEE fp32 products unless
     ``torch.backends.cuda.matmul.allow_tf32`` is set. Returns ``c``.
     """
-    if a.dim() != 2 or b.dim() != 2 or c.dim() != 2 or a.shape[1] != b.shape[0] or c.shape != (a.shape[0], b.shape[1]):
-        raise ValueError(
-            f"addmm needs a (M, K), b (K, N), c (M, N); got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)}"
-        )
+    _check_addmm(a, b, c, bias)
     if not (a.dtype == b.dtype == c.dtype):
         raise TypeError(f"addmm needs one dtype for a, b, c; got {a.dtype}, {b.dtype}, {c.dtype}")
     _check_dtype("addmm", c)
+    if bias is not None:
+        _check_dtype("addmm (bias)", bias)
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return c
     ieee = c.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    args = (a, b, c, M, N, K, float(alpha), a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    bias_arg, bias_stride = (c, 0) if bias is None else (bias, bias.stride(0))  # c: an unused pointer
+    args = (a, b, c, bias_arg, M, N, K, float(alpha), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            c.stride(0), c.stride(1), bias_stride)
     if interpreting():
         bm, bn, bk = 32, 32, 32
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _addmm_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, CAST_F32=True, IEEE=ieee)
+        _addmm_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, CAST_F32=True, IEEE=ieee,
+                            HAS_BIAS=bias is not None)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-        _addmm_autotuned[grid](*args, CAST_F32=False, IEEE=ieee)
+        _addmm_autotuned[grid](*args, CAST_F32=False, IEEE=ieee, HAS_BIAS=bias is not None)
     return c
 
 

@@ -6,8 +6,8 @@ the merged form stacks them into **one** sparse operand ``S = [W⊙M ; A⊙M_A]`
 ``(out + r, in)`` and runs
 
 1. one sparse GEMM ``u = x Sᵀ`` of shape ``(..., out + r)``;
-2. one fused add-mm ``u[..., :out] += (α/r)·u[..., out:] Bᵀ`` (:func:`slope.kernels.addmm`);
-3. the bias add ``u[..., :out] += b`` (:func:`slope.kernels.matvec_add`);
+2. one fused add-mm with the bias ``u[..., :out] += (α/r)·u[..., out:] Bᵀ + b``
+   (:func:`slope.kernels.addmm`, one Triton pass on CUDA);
 
 and returns the view ``u[..., :out]`` (row stride ``out + r`` or more; no copy). Backends pad
 operands to their own alignment themselves.
@@ -107,9 +107,7 @@ class MergedSparseLinear(SparseLinear):
             return backend.linear(x2, operand, bias).reshape(*x.shape[:-1], out)
         u = backend.matmul(x2, operand)
         y = u[:, :out]
-        kernels.addmm(u[:, out : out + r], self.lora_B.detach().t().to(dtype), y, alpha=self.lora_scaling)
-        if bias is not None:
-            kernels.matvec_add(y, bias)
+        kernels.addmm(u[:, out : out + r], self.lora_B.detach().t().to(dtype), y, alpha=self.lora_scaling, bias=bias)
         return u.reshape(*x.shape[:-1], u.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

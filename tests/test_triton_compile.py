@@ -29,11 +29,13 @@ def kernels(dtype: str):
     """(name, kernel, signature, constexpr values) for one element dtype (bf16, fp16 or fp32)."""
     p = _pointer(dtype)
     out = [
-        ("addmm", tk._addmm_kernel,
-         {"a_ptr": p, "b_ptr": p, "c_ptr": p, "M": INTS, "N": INTS, "K": INTS, "alpha": "fp32",
-          **{s: INTS for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")},
-          "BLOCK_M": C, "BLOCK_N": C, "BLOCK_K": C, "GROUP_M": C, "CAST_F32": C, "IEEE": C},
-         {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "CAST_F32": False, "IEEE": dtype == "fp32"}),
+        *[(f"addmm[{'bias' if bias else 'no bias'}]", tk._addmm_kernel,
+           {"a_ptr": p, "b_ptr": p, "c_ptr": p, "bias_ptr": "*fp32", "M": INTS, "N": INTS, "K": INTS, "alpha": "fp32",
+            **{s: INTS for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn",
+                                 "stride_bias")},
+            "BLOCK_M": C, "BLOCK_N": C, "BLOCK_K": C, "GROUP_M": C, "CAST_F32": C, "IEEE": C, "HAS_BIAS": C},
+           {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "CAST_F32": False, "IEEE": dtype == "fp32",
+            "HAS_BIAS": bias}) for bias in (False, True)],
         ("matvec_add", tk._matvec_add_kernel,
          {"m_ptr": p, "v_ptr": p, **{a: INTS for a in ("rows", "N", "d1", "d2", "s0", "s1", "s2", "sn", "sv")},
           "BLOCK_R": C, "BLOCK_N": C},

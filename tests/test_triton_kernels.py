@@ -47,6 +47,21 @@ def test_addmm_matches_reference(dtype, m, k, n):
         torch.testing.assert_close(out.float(), expected, **BF16_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_addmm_with_bias_matches_reference(dtype):
+    a, b = torch.randn(37, 24, dtype=dtype), torch.randn(24, 70, dtype=dtype)
+    c = torch.randn(37, 140, dtype=dtype)[:, ::2]  # strided output, as the merged layer's view
+    bias = torch.randn(140, dtype=torch.float32)[::2]  # strided, another dtype than c
+    expected = ref.addmm(a.float(), b.float(), c.float().clone(), 0.3, bias)
+    assert torch.allclose(expected, c.float() + 0.3 * (a.float() @ b.float()) + bias, rtol=1e-5, atol=1e-5)
+    out = c.clone()
+    assert tk.addmm(a, b, out, 0.3, bias) is out
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(out.float(), expected, **tol)
+    with pytest.raises(ValueError, match=r"bias must be \(70,\)"):
+        tk.addmm(a, b, out, 0.3, bias[:69])
+
+
 def test_addmm_strided_operands():
     a = torch.randn(48, 80).t()  # (80, 48), column-major
     b = torch.randn(96, 48)[::2].t()  # (48, 48), strided

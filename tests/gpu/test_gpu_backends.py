@@ -75,6 +75,11 @@ def test_triton_addmm(dtype, m, k, n):
     out2 = c.t().contiguous().t()
     kernels.addmm(a.t().contiguous().t(), b, out2, 0.5)
     assert_rel_close(out2, expected, dtype)
+    # with the bias fused (the merged LoRA layer's epilogue), fp32 bias on a low-precision c
+    bias = torch.randn(n, device=DEV)
+    out3 = c.clone()
+    kernels.addmm(a, b, out3, 0.5, bias)
+    assert_rel_close(out3, expected + bias, dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF)
