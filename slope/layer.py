@@ -231,12 +231,23 @@ class SparseLinear(nn.Module):
         return mask.to(self.mask_bits.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._upgrade_legacy_masks(state_dict, prefix, error_msgs)
+        name = self.layer_name or prefix.rstrip(".") or type(self).__name__
+        for key in ("mask_bits", "mask_t_bits"):
+            bits = state_dict.get(prefix + key)
+            if bits is not None and bits.dtype != torch.uint8:
+                error_msgs.append(f"{name}: the checkpoint's {key} is {bits.dtype}, expected packed uint8 bits")
+        if "mask_t_bits" not in self._buffers:  # inference-only form: a training checkpoint's M_t is not needed
+            state_dict.pop(prefix + "mask_t_bits", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _upgrade_legacy_masks(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> None:
+        """In ``state_dict`` (in place), replace bool ``mask`` / ``mask_t`` entries (checkpoints
+        written before masks were stored packed) by packed ``mask_bits`` / ``mask_t_bits``; report
+        masks of the wrong dtype or shape in ``error_msgs``. Idempotent (the old entries are popped)."""
         name = self.layer_name or prefix.rstrip(".") or type(self).__name__
         shape = (self.out_features, self.in_features)
         for old, new in (("mask", "mask_bits"), ("mask_t", "mask_t_bits")):
-            bits = state_dict.get(prefix + new)
-            if bits is not None and bits.dtype != torch.uint8:
-                error_msgs.append(f"{name}: the checkpoint's {new} is {bits.dtype}, expected packed uint8 bits")
             mask = state_dict.pop(prefix + old, None)  # written before masks were stored packed
             if mask is None:
                 continue
@@ -247,9 +258,6 @@ class SparseLinear(nn.Module):
                 )
             else:
                 state_dict.setdefault(prefix + new, pack_mask(mask))
-        if "mask_t_bits" not in self._buffers:  # inference-only form: a training checkpoint's M_t is not needed
-            state_dict.pop(prefix + "mask_t_bits", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------------ kept positions
     def _kept_offsets(self) -> torch.Tensor:

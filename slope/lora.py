@@ -82,7 +82,7 @@ class MergedSparseLinear(SparseLinear):
         theirs)."""
         if not self.lora_rank:
             return self._operand("forward", dtype, device, backend)
-        sources = [self.values, self.mask_bits] + ([self.lora_A, self.lora_A_mask] if self.lora_rank else [])
+        sources = [self.values, self.mask_bits, self.lora_A, self.lora_A_mask]
         version = (*((t._version, t.data_ptr()) for t in sources), backend.name)  # one slot (see _operand)
         key = ("merged", dtype, device)
         cached = self._operands.get(key)
@@ -149,11 +149,12 @@ class MergedSparseLinear(SparseLinear):
                 f"layer is {self.n}:{self.m} ({self.values.shape[-1]} per row); prune the model with the "
                 "checkpoint's sparsity"
             )
-        mask = state_dict.get(prefix + "mask")  # bool, in checkpoints written before masks were packed
+        self._upgrade_legacy_masks(state_dict, prefix, error_msgs)
         bits = state_dict.get(prefix + "mask_bits")
-        if mask is None and bits is not None and bits.dtype == torch.uint8 and bits.shape == self.mask_bits.shape:
-            mask = unpack_mask(bits, (self.out_features, self.in_features))
-        if mask is not None and mask.shape == (self.out_features, self.in_features) and not is_nm_sparse(mask, self.n, self.m):
+        if (
+            bits is not None and bits.dtype == torch.uint8 and bits.shape == self.mask_bits.shape
+            and not is_nm_sparse(unpack_mask(bits, (self.out_features, self.in_features)), self.n, self.m)
+        ):
             error_msgs.append(f"{name}: the checkpoint's mask is not {self.n}:{self.m}; prune the model with the checkpoint's sparsity")
         lora_a = state_dict.get(prefix + "lora_A")
         if lora_a is not None and lora_a.shape[0] != self.lora_rank:

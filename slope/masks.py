@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import torch
 
@@ -158,9 +159,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: ``uint8 (ceil(numel/8),)`` -> a fresh ``bool`` tensor of
     ``shape`` (one table lookup per byte)."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != -(-numel // 8):
         raise ValueError(
             f"packed mask of shape {tuple(shape)} must be uint8 ({-(-numel // 8)},), got {bits.dtype} {tuple(bits.shape)}"
