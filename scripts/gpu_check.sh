@@ -5,7 +5,7 @@
 #
 # Steps (each one may fail; the next still runs and the summary says what failed):
 #   1. install carried wheels from .whl/ into /tmp/site (no index, no deps) and put them on PYTHONPATH
-#   2. pip install --no-deps --no-build-isolation -e .   (fallback: a PYTHONPATH shim of the tree)
+#   2. pip install --no-deps --no-build-isolation -e .   (fallback: PYTHONPATH=the tree)
 #   3. pytest -m gpu                                      (log: pytest_gpu.log)
 #   4. benchmarks gemm, layer, e2e, memory, inference, overhead within the remaining budget,
 #      each writing performance_experiments/results/<device>/<script>.json
@@ -69,12 +69,9 @@ elif $PY -m pip install -q --no-deps --no-build-isolation -e . > "$LOGDIR/instal
   record install "ok (pip -e)" $((SECONDS - t0))
 else
   tail -5 "$LOGDIR/install.log"
-  # slope.kernels / slope.optimizers live in kernels/ and optimizers/: mirror the installed layout.
-  SHIM=/tmp/slope_shim
-  rm -rf "$SHIM" && mkdir -p "$SHIM" && cp -rs "$ROOT/slope" "$SHIM/slope" \
-    && ln -s "$ROOT/kernels" "$SHIM/slope/kernels" && ln -s "$ROOT/optimizers" "$SHIM/slope/optimizers"
-  export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
-  record install "FAILED; PYTHONPATH shim" $((SECONDS - t0))
+  # every package lives under slope/, so the tree itself is importable.
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  record install "FAILED; PYTHONPATH=tree" $((SECONDS - t0))
 fi
 $PY -c "import torch, triton, slope; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('slope from', slope.__file__)" \
   || echo "!!! import check failed"

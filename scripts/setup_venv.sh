@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and print its path.
-# CPU machines get the CPU build of torch (a bare `pip install -e .` would pull a multi-GB CUDA
-# build); machines with an NVIDIA GPU get the default CUDA build.
-# Usage: bash scripts/setup_venv.sh [extra,...]   (extras beyond `dev`, e.g. `deepspeed`)
+# CPU machines (no NVIDIA GPU) install exactly the versions pinned in requirements/cpu.lock, so a
+# new upstream release cannot change what CI runs; refresh the lock with scripts/lock.sh.
+# SLOPE_VENV / SLOPE_LOCK pick another venv folder / constraints file.
+# Machines with an NVIDIA GPU get the newest CUDA builds that pyproject.toml's ranges allow.
+# One venv serves both README commands (train.sh and test.sh): it always has the dev and
+# deepspeed extras, so switching between them never reinstalls anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SLOPE_VENV:-.venv}
-EXTRAS="dev${1:+,$1}"
+LOCK=${SLOPE_LOCK:-requirements/cpu.lock}   # scripts/test_oldest.sh sets requirements/oldest.txt
 PY=${PYTHON:-python3}
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
-stamp_value=$(cat pyproject.toml scripts/setup_venv.sh | sha256sum | cut -c1-16)-$EXTRAS
+stamp_value=$(cat pyproject.toml scripts/setup_venv.sh "$LOCK" | sha256sum | cut -c1-16)
 stamp_file="$VENV/.slope-stamp"
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp_value" ] \
    && "$VENV/bin/python" -c "import slope, torch, triton" 2>/dev/null; then
   echo "$VENV" ; exit 0
 fi
 
+echo "setting up $VENV (the first time takes about a minute) ..." >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" >&2
-"$VENV/bin/python" -m pip install -q --upgrade pip >&2 || true
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]" >&2
+export DS_BUILD_OPS=0   # DeepSpeed without its CUDA ops (ZeRO-1/2 need none of them)
+# This machine's pip configuration names local index folders that often lack a package: pip warns
+# once per package; keep those lines out of the way.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+if has_gpu; then
+  quiet "$VENV/bin/python" -m pip install -q -e ".[dev,deepspeed]" >&2
 else
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0+cpu" "triton==3.7.1" -e ".[$EXTRAS]" >&2
+  # PIP_CONSTRAINT (not -c) so that the pins hold inside build environments too.
+  PIP_CONSTRAINT="$PWD/$LOCK" quiet "$VENV/bin/python" -m pip install -q -e ".[dev,deepspeed]" >&2
 fi
 echo "$stamp_value" > "$stamp_file"
+echo "$VENV ready" >&2
 echo "$VENV"

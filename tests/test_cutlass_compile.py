@@ -45,8 +45,8 @@ def test_build_cache_key_follows_the_sources(tmp_path, monkeypatch):
     key = cutlass_sm90._cache_key(dirs)
     assert key == cutlass_sm90._cache_key(dirs)
     for name in cutlass_sm90._HASHED:
-        (tmp_path / name).write_bytes((cutlass_sm90.CSRC / name).read_bytes())
-    monkeypatch.setattr(cutlass_sm90, "CSRC", tmp_path)
+        (tmp_path / name).write_bytes((cutlass_sm90.CUDA_SOURCES / name).read_bytes())
+    monkeypatch.setattr(cutlass_sm90, "CUDA_SOURCES", tmp_path)
     assert cutlass_sm90._cache_key(dirs) == key
     header = tmp_path / "sm90_sparse_gemm_kernels.h"
     header.write_bytes(b"// edited\n" + header.read_bytes())
@@ -63,8 +63,8 @@ def test_sm90_translation_unit_compiles_for_sm90a(tmp_path):
     flags = [f for f in cutlass_sm90.nvcc_flags() if not f.startswith("-U")]
     cmd = [
         nvcc, "-std=c++17", *flags, "-DSLOPE_SM90_SELFTEST",
-        "-I", str(cutlass_sm90.CSRC), *[arg for d in dirs for arg in ("-I", str(d))],
-        str(cutlass_sm90.CSRC / "sm90_sparse_gemm.cu"), "-o", str(exe),
+        "-I", str(cutlass_sm90.CUDA_SOURCES), *[arg for d in dirs for arg in ("-I", str(d))],
+        str(cutlass_sm90.CUDA_SOURCES / "sm90_sparse_gemm.cu"), "-o", str(exe),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-6000:]}"

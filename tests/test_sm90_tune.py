@@ -12,7 +12,7 @@ from slope.kernels import cutlass_sm90
 
 
 def _default_config_in_header():
-    text = (cutlass_sm90.CSRC / "sm90_sparse_gemm_kernels.h").read_text()
+    text = (cutlass_sm90.CUDA_SOURCES / "sm90_sparse_gemm_kernels.h").read_text()
     body = text[text.index("struct DefaultConfig"):]
     body = body[: body.index("};")]
     tile = re.search(r"TileShape = cute::Shape<cute::_(\d+), cute::_(\d+), cute::_(\d+)>", body)

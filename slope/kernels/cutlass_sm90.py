@@ -1,6 +1,7 @@
 """slope's own CUTLASS 3.x 2:4 sparse GEMM for Hopper (sm_90a), built at first use.
 
-The C++ lives in ``csrc/``: ``sm90_sparse_gemm_kernels.h`` (the CUTLASS kernel templates),
+The C++ lives in the repository's top-level ``kernels/`` folder (:data:`CUDA_SOURCES`), so the
+build needs a source checkout (``pip install -e .``): ``sm90_sparse_gemm_kernels.h`` (the CUTLASS kernel templates),
 ``sm90_sparse_gemm.h`` / ``sm90_sparse_gemm.cu`` (a type-erased fp16/bf16 API free of torch, so the
 .cu compiles standalone with nvcc; ``-DSLOPE_SM90_SELFTEST`` adds a self-test ``main``) and
 ``sm90_sparse_gemm_binding.cpp`` (the PyTorch binding).
@@ -47,7 +48,8 @@ __all__ = [
     "gemm",
 ]
 
-CSRC = Path(__file__).resolve().parent / "csrc"
+#: the folder of the CUDA/C++ sources: ``kernels/`` at the repository root.
+CUDA_SOURCES = Path(__file__).resolve().parents[2] / "kernels"
 #: compiled sources (the .cu is also the standalone test translation unit).
 SOURCES = ("sm90_sparse_gemm.cu", "sm90_sparse_gemm_binding.cpp")
 #: every file whose content keys the build cache.
@@ -121,6 +123,9 @@ def build_problem(device: torch.device | int | None = None) -> str | None:
     capability = torch.cuda.get_device_capability(index)
     if capability != (9, 0):
         return f"needs a Hopper GPU (compute capability 9.0, sm_90a); cuda:{index} has {capability[0]}.{capability[1]}"
+    if not all((CUDA_SOURCES / name).is_file() for name in _HASHED):
+        return (f"the CUDA sources are not in {CUDA_SOURCES}: this backend builds from a source checkout "
+                "of slope (git clone, then pip install -e .)")
     if nvcc_path() is None:
         return "nvcc was not found (install the CUDA toolkit or set CUDA_HOME)"
     try:
@@ -134,7 +139,7 @@ def _cache_key(include_dirs: list[Path]) -> str:
     digest = hashlib.sha256()
     for name in _HASHED:
         digest.update(name.encode())
-        digest.update((CSRC / name).read_bytes())
+        digest.update((CUDA_SOURCES / name).read_bytes())
     version_header = include_dirs[0] / "cutlass" / "version.h"
     if version_header.is_file():
         digest.update(version_header.read_bytes())
@@ -165,8 +170,8 @@ def _build(verbose: bool) -> tuple[ModuleType | None, str | None]:
     try:
         module = load(
             name=f"slope_cutlass_sm90_{key}",
-            sources=[str(CSRC / s) for s in SOURCES],
-            extra_include_paths=[str(CSRC)] + [str(d) for d in include_dirs],
+            sources=[str(CUDA_SOURCES / s) for s in SOURCES],
+            extra_include_paths=[str(CUDA_SOURCES)] + [str(d) for d in include_dirs],
             extra_cflags=["-O3"],
             extra_cuda_cflags=nvcc_flags(),
             build_directory=str(build_dir),

@@ -1,4 +1,4 @@
-"""Sparse optimizers (installed as ``slope.optimizers``)."""
+"""Sparse optimizers (``slope.optimizers``)."""
 from .adamw_sparse import ADAMWSparse
 
 __all__ = ["ADAMWSparse"]
