@@ -10,6 +10,10 @@ A weight ``W`` has shape ``(out, in)`` as in ``nn.Linear``.
   keeps (``M_t ⊆ M``; a group with fewer than ``n`` kept entries keeps what it has).
 - :func:`transposable_mask` — each ``m×m`` block keeps ``n`` per row *and* ``n`` per column,
   choosing the pattern of largest total magnitude (exhaustive over all such patterns).
+- :func:`mask_from_scores` — the mask any pruning criterion needs (magnitude, Wanda, RigL's
+  regrowth, SFT selection): the largest ``scores`` kept, either N:M within groups along the input
+  dimension (:func:`nm_mask_from_scores`) or unstructured over the whole tensor (:func:`topk_mask`).
+  :func:`parse_structure` reads the structure names of recipes (``"2:4"``, ``"0:0"``).
 
 Ties are broken deterministically: among equal magnitudes the lower index wins.
 
@@ -26,7 +30,11 @@ import torch
 
 __all__ = [
     "parse_sparsity",
+    "parse_structure",
     "nm_mask",
+    "nm_mask_from_scores",
+    "topk_mask",
+    "mask_from_scores",
     "double_prune_mask",
     "transposable_mask",
     "is_nm_sparse",
@@ -58,6 +66,14 @@ def parse_sparsity(sparsity: str | tuple[int, int]) -> tuple[int, int]:
     return n, m
 
 
+def parse_structure(structure: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """A mask structure: ``None``, ``"0:0"`` or ``"unstructured"`` -> ``None`` (unstructured);
+    ``"N:M"`` or ``(n, m)`` -> ``(n, m)`` validated as in :func:`parse_sparsity`."""
+    if structure is None or (isinstance(structure, str) and structure.strip().lower() in ("0:0", "unstructured")):
+        return None
+    return parse_sparsity(structure)
+
+
 def _topn_along_last(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Bool mask, True for the ``n`` largest entries of each last-dim row (ties: lower index)."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n]
@@ -65,14 +81,45 @@ def _topn_along_last(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """N:M mask along the last (input) dimension of ``weight`` ``(..., in)``; ``in % m == 0``."""
-    if weight.dim() < 1 or weight.shape[-1] % m:
+    """N:M mask along the last (input) dimension of ``weight`` ``(..., in)`` by ``|W|``; ``in % m == 0``."""
+    return nm_mask_from_scores(weight.detach().abs(), n, m)
+
+
+def nm_mask_from_scores(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every group of ``m`` consecutive entries along the last dim of ``scores (..., in)``, keep
+    the ``n`` largest scores (ties: lower index); ``in % m == 0``."""
+    if scores.dim() < 1 or scores.shape[-1] % m:
         raise ValueError(
             f"N:M pruning along the input dimension needs in_features divisible by M={m}; "
-            f"got a weight of shape {tuple(weight.shape)}"
+            f"got a weight of shape {tuple(scores.shape)}"
         )
-    groups = weight.detach().abs().reshape(*weight.shape[:-1], weight.shape[-1] // m, m)
-    return _topn_along_last(groups, n).reshape(weight.shape)
+    groups = scores.detach().reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
+    return _topn_along_last(groups, n).reshape(scores.shape)
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Unstructured: keep the ``round((1 - sparsity) · numel)`` largest ``scores`` of the whole
+    tensor (ties: lower flat index); ``0 <= sparsity <= 1``."""
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    keep = round((1.0 - float(sparsity)) * scores.numel())
+    return _topn_along_last(scores.detach().reshape(-1), keep).reshape(scores.shape)
+
+
+def mask_from_scores(
+    scores: torch.Tensor, sparsity: float | None = None, structure: str | tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The mask keeping the largest ``scores``: N:M along the last dim when ``structure`` is
+    ``"N:M"`` (``sparsity`` must then be ``None`` or ``1 - N/M``), else unstructured at ``sparsity``."""
+    nm = parse_structure(structure)
+    if nm is None:
+        if sparsity is None:
+            raise ValueError("an unstructured mask needs a sparsity in [0, 1]")
+        return topk_mask(scores, sparsity)
+    n, m = nm
+    if sparsity is not None and abs(float(sparsity) - (1 - n / m)) > 1e-9:
+        raise ValueError(f"sparsity {sparsity} disagrees with the structure {n}:{m} (which prunes {1 - n / m:g})")
+    return nm_mask_from_scores(scores, n, m)
 
 
 def double_prune_mask(weight: torch.Tensor, mask: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""``MaskedWeights``: masks on ordinary parameters, with pruned entries kept exactly zero."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from slope.masks import pack_mask, unpack_mask
+
+__all__ = ["MaskedWeights"]
+
+
+class MaskedWeights:
+    """Named parameters and their bool masks (same shape, ``True`` = kept).
+
+    What keeps a pruned entry at exactly zero, whatever the optimizer does:
+
+    - :meth:`apply_` zeroes the pruned weights (call once after setting masks);
+    - a gradient hook zeroes their gradients, so clipping norms and accumulation see kept entries only;
+    - :meth:`after_step` (call after every ``optimizer.step()``) zeroes the pruned entries of the
+      weights and of every optimizer state tensor of the weight's shape (Adam's moments, SGD's
+      momentum), which catches anything that would move them (weight decay on a moment, fp16 noise).
+
+    :meth:`set_mask` changes a mask (RigL, gradual pruning): entries that leave or join the mask
+    restart from zero in the weights and in the optimizer state. Masks live on the parameters'
+    devices; :meth:`state_dict` stores them packed (1 bit per entry).
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor] | None = None):
+        self.params: dict[str, nn.Parameter] = dict(params)
+        self.masks: dict[str, torch.Tensor] = {}
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        for name, mask in (masks or {}).items():
+            self._store(name, mask)
+        for name in self.params:
+            if name not in self.masks:
+                self._store(name, torch.ones_like(self.params[name], dtype=torch.bool))
+
+    @classmethod
+    def from_zeros(cls, params: Mapping[str, nn.Parameter]) -> "MaskedWeights":
+        """Masks that keep exactly the nonzero entries (the zeros a one-shot pruning left)."""
+        return cls(params, {name: p.detach() != 0 for name, p in params.items()})
+
+    def _store(self, name: str, mask: torch.Tensor) -> None:
+        if name not in self.params:
+            raise KeyError(f"{name!r} is not one of the masked parameters")
+        param = self.params[name]
+        if mask.dtype != torch.bool or mask.shape != param.shape:
+            raise ValueError(
+                f"{name}: a mask must be bool of the weight's shape {tuple(param.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+            )
+        self.masks[name] = mask.to(param.device)
+        if name not in self._hooks and param.requires_grad:
+            self._hooks[name] = param.register_hook(lambda grad, name=name: grad * self.masks[name].to(grad.dtype))
+
+    # ------------------------------------------------------------------ keeping zeros zero
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero every pruned weight in place."""
+        for name, param in self.params.items():
+            param.mul_(self.masks[name].to(param.dtype))
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero pruned weights and their per-entry optimizer state (call after ``optimizer.step()``)."""
+        self.apply_()
+        if optimizer is not None:
+            for name in self.params:
+                self._zero_state(name, optimizer, ~self.masks[name])
+
+    def _zero_state(self, name: str, optimizer: torch.optim.Optimizer, where: torch.Tensor) -> None:
+        param = self.params[name]
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.masked_fill_(where.to(value.device), 0)
+
+    @torch.no_grad()
+    def set_mask(self, name: str, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        """Replace ``name``'s mask; entries that change (dropped or grown) become zero in the weight
+        and in the optimizer state. Returns the bool tensor of changed entries."""
+        changed = mask.to(self.masks[name].device) ^ self.masks[name]
+        self._store(name, mask)
+        param = self.params[name]
+        param.masked_fill_(changed, 0)
+        if optimizer is not None:
+            self._zero_state(name, optimizer, changed)
+        return changed
+
+    # ------------------------------------------------------------------ reporting and persistence
+    def sparsity(self, names: Iterable[str] | None = None) -> float:
+        """Fraction of pruned entries over ``names`` (default: all masked parameters)."""
+        names = list(self.masks if names is None else names)
+        total = sum(self.masks[n].numel() for n in names)
+        kept = sum(int(self.masks[n].sum()) for n in names)
+        return 1.0 - kept / total if total else 0.0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{name: packed uint8 mask}`` (see :func:`slope.masks.pack_mask`), on the CPU."""
+        return {name: pack_mask(mask).cpu() for name, mask in self.masks.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore masks saved by :meth:`state_dict` (all names must match) and zero pruned weights."""
+        if set(state) != set(self.params):
+            missing, extra = sorted(set(self.params) - set(state)), sorted(set(state) - set(self.params))
+            raise ValueError(f"saved masks do not match the masked parameters (missing {missing}, unexpected {extra})")
+        for name, bits in state.items():
+            self._store(name, unpack_mask(bits, self.params[name].shape))
+        self.apply_()
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks (the masks stay; nothing keeps zeros zero any more)."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
