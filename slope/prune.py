@@ -12,6 +12,7 @@ from slope.backends import BACKEND_NAMES, backend_class
 from slope.kernels import COMPRESSIBLE_DTYPES
 from slope.layer import SparseLinear
 from slope.masks import MASK_TYPES, parse_sparsity
+from slope.serialization.hf_save import install_save_hook
 
 __all__ = ["prune_model", "densify", "PruneDecision", "DEFAULT_SKIP"]
 
@@ -178,6 +179,7 @@ def prune_model(
             mask_type=mask_type,
         )
         layer.layer_name = name
+        layer.weight_transposed = not isinstance(module, nn.Linear)  # GPT-2's Conv1D stores (in, out)
         if add_lora:
             layer.add_lora(lora_rank, lora_alpha)
         plan.append((name, layer))
@@ -190,6 +192,7 @@ def prune_model(
         )
     for name, layer in plan:
         _set_submodule(model, name, layer)
+    install_save_hook(model)  # model.save_pretrained writes W⊙M + masks (slope.serialization.hf_save)
     if merge_lora:
         from slope.lora import merge_lora as _merge
 
