@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +34,30 @@ class PruneDecision:
     reason: str
 
 
+def _patterns(patterns, what: str) -> list:
+    """``targets`` / ``skip`` as a list of glob strings and compiled ``re:`` regexes (checked)."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str) or not p or p == "re:":
+            raise TypeError(f"{what} patterns must be non-empty strings (a module name, suffix, glob or 're:<regex>'), got {p!r}")
+        if p.startswith("re:"):
+            try:
+                p = re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"{what} pattern {p!r} is not a valid regular expression ({e})") from None
+        compiled.append(p)
+    return compiled
+
+
 def _matches(name: str, patterns) -> bool:
-    """PEFT-style: a pattern matches the full name, a dotted suffix of it, or as a glob."""
-    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+    """PEFT-style (see :func:`prune_model`): ``re:<regex>`` matches the full name (``re.fullmatch``);
+    any other pattern matches the full name or a dotted suffix of it, as a glob (``*``, ``?``, ``[..]``)."""
+    suffixes = [name] + [name[i + 1 :] for i, c in enumerate(name) if c == "."]
+    return any(
+        p.fullmatch(name) is not None if isinstance(p, re.Pattern) else any(fnmatch.fnmatchcase(s, p) for s in suffixes)
+        for p in patterns
+    )
 
 
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -86,10 +109,15 @@ def prune_model(
         backend: ``"auto"`` or one of ``reference``, ``cusparselt``, ``cutlass``, ``cutlass-sm90``,
             ``triton`` (with ``compress=True``).
         sparsity: ``"N:M"`` kept along the input dimension.
-        targets: only layers whose name matches one of these patterns (suffix or glob) are pruned;
-            a targeted layer that cannot be pruned is an error.
-        skip: layers matching these patterns are left dense (added to the default rules: the
-            vocabulary projection, weights tied to an embedding, dimensions not divisible by M).
+        targets: only layers whose name matches one of these patterns are pruned; a targeted layer
+            that cannot be pruned is an error, a pattern that matches no linear layer a warning.
+            Patterns work like PEFT's ``target_modules`` list: ``"q_proj"`` or ``"mlp.up_proj"``
+            match the full name or a dotted suffix of it (``model.layers.0.mlp.up_proj``), and may
+            be globs (``"mlp.*"``: every layer under an ``mlp``; ``"layers.1.*"``); ``"re:<regex>"``
+            must match the full name (``re.fullmatch``, PEFT's string form, e.g.
+            ``"re:.*[.](q|v)_proj"``). A bare string is one pattern (not a regex as in PEFT).
+        skip: layers matching these patterns (same rules) are left dense (added to the default
+            rules: the vocabulary projection, weights tied to an embedding, dimensions not divisible by M).
         mask_type: ``"nm"`` (default) or ``"transposable"`` (each M×M block N:M both ways).
         double_pruning: ``False`` keeps the exact backward ``dx = dy (W⊙M)`` (simulation only).
         verbose: print the summary table (it is also logged at INFO on logger ``"slope"``).
@@ -114,8 +142,7 @@ def prune_model(
         raise ValueError("merge_lora=True needs add_lora=True and lora_rank > 0 (the merged form holds the adapters)")
     if add_lora and (not isinstance(lora_rank, int) or lora_rank <= 0):
         raise ValueError(f"add_lora=True needs a positive lora_rank, got {lora_rank!r}")
-    targets = [targets] if isinstance(targets, str) else list(targets or [])
-    skip = [skip] if isinstance(skip, str) else list(skip or [])
+    targets, skip = _patterns(targets, "targets"), _patterns(skip, "skip")
 
     decisions: list[PruneDecision] = []
     candidates = [(name, mod) for name, mod in model.named_modules() if name and _linear_weight(mod) is not None]
@@ -185,6 +212,10 @@ def prune_model(
         plan.append((name, layer))
         decisions.append(PruneDecision(name, (out_features, in_features), True, f"{n}:{m}"))
 
+    unmatched = [p if isinstance(p, str) else "re:" + p.pattern for p in targets
+                 if not any(_matches(name, [p]) for name, _ in candidates)]
+    if unmatched and any(d.pruned for d in decisions):
+        warnings.warn(f"prune_model: targets {unmatched} match no linear layer of {type(model).__name__}", UserWarning, stacklevel=2)
     if not any(d.pruned for d in decisions):
         raise ValueError(
             "prune_model found linear layers but pruned none of them:\n" + format_summary(decisions)
