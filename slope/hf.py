@@ -293,3 +293,10 @@ class SparseOptimizerCallback(TrainerCallback):
             self.sparse_opt.weight_decay = first.get("weight_decay", 0.0)
         self.sparse_opt.step()
         self.sparse_opt.zero_grad()
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from slope.moe import expert_masks
+
+        masked = None if model is None else expert_masks(model)
+        if masked is not None:  # fused MoE experts pruned in simulation: pruned weights and their Adam state stay zero
+            masked.after_step(getattr(optimizer, "optimizer", optimizer))

@@ -46,8 +46,10 @@ _LAYER_KEYS = ("sparsity", "compress", "backend", "tiling", "mask_type", "double
 def _check_hf_model(model: nn.Module, what: str) -> list[tuple[str, SparseLinear]]:
     if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "to_json_string"):
         raise TypeError(f"{what} needs a Hugging Face model (a PreTrainedModel with .config), got {type(model).__name__}")
+    from slope.moe import expert_masks
+
     layers = list(sparse_modules(model))
-    if not layers:
+    if not layers and expert_masks(model) is None:
         raise ValueError(f"{type(model).__name__} has no SLoPe layers; call slope.prune_model(model) first")
     return layers
 
@@ -102,8 +104,31 @@ def slope_record(model: nn.Module) -> dict:
         "masks": {"keys": ["<layer>.mask_bits", "<layer>.mask_t_bits"], "packing": "slope.masks.pack_mask"},
         "extra_keys": list(DENSE_FORM_EXTRAS),
         "layers": {name: _layer_record(layer) for name, layer in layers},
+        "experts": _experts_record(model),
         "buffer_dtypes": _derived_buffer_dtypes(model),
     }
+
+
+def _experts_record(model: nn.Module) -> dict:
+    """``{name: {"sparsity": "N:M"}}`` of the fused MoE expert tensors pruned in simulation (:mod:`slope.moe`)."""
+    from slope.moe import expert_masks
+
+    masked = expert_masks(model)
+    return {} if masked is None else {name: {"sparsity": f"{n}:{m}"} for name, (n, m) in masked.structure.items()}
+
+
+def _restore_experts(model: nn.Module, experts: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Prune ``model``'s fused expert tensors with the masks stored beside them (popped from ``tensors``)."""
+    from slope.masks import parse_sparsity, unpack_mask
+    from slope.moe import find_expert_weights, prune_experts
+
+    found = {e.name: e for e in find_expert_weights(model)}
+    for name, rec in experts.items():
+        bits = tensors.pop(name + ".mask_bits", None)
+        if name not in found or bits is None:
+            raise ValueError(f"{path} does not match config.json: the pruned expert weight {name!r} or its mask_bits is missing")
+        n, m = parse_sparsity(rec["sparsity"])
+        prune_experts(model, [found[name]], n, m, masks={name: unpack_mask(bits, model.get_parameter(name).shape)})
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
@@ -299,6 +324,7 @@ def from_pretrained(
     path = os.path.join(directory, WEIGHTS_NAME)
     if version >= 2:
         _native_tensors(model, tensors, path)
+        _restore_experts(model, record.get("experts", {}), tensors, path)
     _match_tensors(model, tensors, path)
     buffers = dict(model.named_buffers())
     for name, dtype in record.get("buffer_dtypes", {}).items():

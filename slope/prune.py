@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -26,12 +27,18 @@ DEFAULT_SKIP = ("lm_head", "embed_out", "output_projection")
 
 @dataclass
 class PruneDecision:
-    """One row of the prune summary."""
+    """One row of the prune summary: a linear layer (``shape (out, in)``) or a fused MoE expert
+    tensor (``shape (E, out, in)``), and its number of weights ``params``."""
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     pruned: bool
     reason: str
+    params: int = 0
+
+    def __post_init__(self):
+        if not self.params:
+            self.params = math.prod(self.shape)
 
 
 def _patterns(patterns, what: str) -> list:
@@ -96,6 +103,7 @@ def prune_model(
     mask_type: str = "nm",
     double_pruning: bool = True,
     lora_alpha: float | None = None,
+    experts: bool = False,
     verbose: bool = True,
 ) -> nn.Module:
     """Replace ``nn.Linear`` (and HF GPT-2 ``Conv1D``) layers of ``model`` by :class:`SparseLinear`.
@@ -120,6 +128,9 @@ def prune_model(
             rules: the vocabulary projection, weights tied to an embedding, dimensions not divisible by M).
         mask_type: ``"nm"`` (default) or ``"transposable"`` (each M×M block N:M both ways).
         double_pruning: ``False`` keeps the exact backward ``dx = dy (W⊙M)`` (simulation only).
+        experts: also prune the fused expert tensors of mixture-of-experts models (transformers 5's
+            Mixtral / Qwen-MoE ``...Experts`` modules) N:M per expert, in simulation (masked dense
+            tensors, :mod:`slope.moe`); without it they are listed as kept dense with their size.
         verbose: print the summary table (it is also logged at INFO on logger ``"slope"``).
 
     Returns the same ``model`` object; the decisions are kept in ``model.slope_prune_summary``.
@@ -212,8 +223,9 @@ def prune_model(
         plan.append((name, layer))
         decisions.append(PruneDecision(name, (out_features, in_features), True, f"{n}:{m}"))
 
-    unmatched = [p if isinstance(p, str) else "re:" + p.pattern for p in targets
-                 if not any(_matches(name, [p]) for name, _ in candidates)]
+    expert_plan = _plan_experts(model, decisions, targets, skip, experts, n, m)
+    names = [name for name, _ in candidates] + [e.name for e in expert_plan]
+    unmatched = [p if isinstance(p, str) else "re:" + p.pattern for p in targets if not any(_matches(x, [p]) for x in names)]
     if unmatched and any(d.pruned for d in decisions):
         warnings.warn(f"prune_model: targets {unmatched} match no linear layer of {type(model).__name__}", UserWarning, stacklevel=2)
     if not any(d.pruned for d in decisions):
@@ -223,6 +235,10 @@ def prune_model(
         )
     for name, layer in plan:
         _set_submodule(model, name, layer)
+    if expert_plan:
+        from slope.moe import prune_experts
+
+        prune_experts(model, expert_plan, n, m)
     install_save_hook(model)  # model.save_pretrained writes W⊙M + masks (slope.serialization.hf_save)
     if merge_lora:
         from slope.lora import merge_lora as _merge
@@ -236,15 +252,49 @@ def prune_model(
     return model
 
 
+def _plan_experts(model: nn.Module, decisions: list[PruneDecision], targets, skip, experts: bool, n: int, m: int):
+    """Decide for every fused MoE expert tensor (rows appended to ``decisions``); returns those to prune."""
+    from slope.moe import find_expert_weights
+
+    plan = []
+    for e in find_expert_weights(model):
+        explicit = bool(targets) and _matches(e.name, targets)
+        if targets and not explicit:
+            reason = "not in targets"
+        elif _matches(e.name, skip):
+            reason = "skip pattern"
+        elif not experts:
+            reason = "fused MoE experts; experts=True prunes them per expert in simulation"
+        elif e.shape[2] % m:
+            reason = f"in features not divisible by {m}"
+            if explicit:
+                raise ValueError(f"expert weight {e.name!r} {e.shape} is targeted but its input dimension is not divisible by M={m}")
+        else:
+            plan.append(e)
+            decisions.append(PruneDecision(e.name, e.shape, True, f"{n}:{m} per expert (simulated: masked dense)"))
+            continue
+        decisions.append(PruneDecision(e.name, e.shape, False, reason))
+    return plan
+
+
 def format_summary(decisions: list[PruneDecision]) -> str:
-    """Plain-text table of the prune decisions."""
+    """Plain-text table of the prune decisions, with layer and weight counts."""
     width = max([len(d.name) for d in decisions] + [5])
-    lines = [f"{'layer':<{width}}  {'out x in':>13}  action"]
+    lines = [f"{'layer':<{width}}  {'shape':>17}  {'weights':>11}  action"]
     for d in decisions:
         action = f"pruned {d.reason}" if d.pruned else f"kept dense ({d.reason})"
-        lines.append(f"{d.name:<{width}}  {d.shape[0]:>6}x{d.shape[1]:<6}  {action}")
-    pruned = sum(d.pruned for d in decisions)
-    lines.append(f"{pruned} of {len(decisions)} linear layers pruned")
+        lines.append(f"{d.name:<{width}}  {'x'.join(map(str, d.shape)):>17}  {d.params:>11,}  {action}")
+    linear = [d for d in decisions if len(d.shape) == 2]
+    experts = [d for d in decisions if len(d.shape) == 3]
+    line = f"{sum(d.pruned for d in linear)} of {len(linear)} linear layers pruned"
+    if experts:
+        line += f", {sum(d.pruned for d in experts)} of {len(experts)} fused MoE expert tensors pruned"
+    total, pruned = sum(d.params for d in decisions), sum(d.params for d in decisions if d.pruned)
+    line += f"; {pruned:,} of {total:,} weights ({100 * pruned / max(total, 1):.1f}%) are in pruned tensors"
+    dense_experts = sum(d.params for d in experts if not d.pruned)
+    if dense_experts:
+        line += f", {dense_experts:,} in fused expert tensors kept dense"
+    lines.append(line)
     return "\n".join(lines)
 
 

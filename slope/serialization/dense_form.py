@@ -12,6 +12,9 @@ wants ``<layer>.weight``. The dense form of a SLoPe layer ``L`` is:
   has no ``M_t``), and with adapters ``L.values`` (``W⊙M`` is no longer recoverable from
   ``weight``), ``L.lora_A``, ``L.lora_B``, ``L.lora_A_mask``.
 
+Fused mixture-of-experts tensors pruned in simulation (:mod:`slope.moe`) are ordinary parameters
+holding ``W⊙M`` already; their packed masks go beside them as ``<parameter>.mask_bits``.
+
 Without adapters ``values`` is exactly the kept entries of ``weight`` (same dtype), and ``meta``
 is derived from ``M``: :func:`native_entries` restores both, so the round trip is bit-exact.
 Every other entry of the model's state dict is unchanged.
@@ -66,6 +69,7 @@ def _effective(entries: dict, layer: nn.Module) -> torch.Tensor:
 def dense_form_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """``model``'s state dict (or the given one, e.g. gathered by accelerate, with the model's keys)
     in the dense form (module docstring). Tensors of other modules are passed through unchanged."""
+    from slope.moe import expert_masks
     from slope.registry import sparse_modules
 
     state = dict(model.state_dict() if state_dict is None else state_dict)
@@ -80,6 +84,9 @@ def dense_form_state_dict(model: nn.Module, state_dict: dict | None = None) -> d
             state[prefix + "bias"] = own["bias"]
         kept = DENSE_FORM_EXTRAS if layer.lora_rank else ("mask_bits", "mask_t_bits")
         state.update({prefix + key: own[key] for key in kept if key in own})
+    experts = expert_masks(model)  # fused MoE experts: already W⊙M; their masks go beside them
+    if experts is not None:
+        state.update({name + ".mask_bits": bits for name, bits in experts.state_dict().items()})
     return state
 
 

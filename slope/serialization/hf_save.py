@@ -36,6 +36,7 @@ def save_dense_form(model: nn.Module, save_directory: str | os.PathLike, *args, 
     and the ``slope_config`` entry (module docstring). A model without SLoPe layers (e.g. after
     :func:`slope.prune.densify`) is saved as the plain model it is, without the entry."""
     from slope.io import slope_record
+    from slope.moe import expert_masks
     from slope.registry import sparse_modules
     from slope.serialization.dense_form import dense_form_state_dict
 
@@ -46,7 +47,7 @@ def save_dense_form(model: nn.Module, save_directory: str | os.PathLike, *args, 
     arguments.update(bound.arguments.get("kwargs", {}))
     config = model.config
     config.__dict__.pop(SLOPE_CONFIG_KEY, None)  # a loaded folder's record is stale: rebuilt below
-    if not any(True for _ in sparse_modules(model)):
+    if not any(True for _ in sparse_modules(model)) and expert_masks(model) is None:
         return save(model, **arguments)
     arguments["state_dict"] = dense_form_state_dict(model, arguments.get("state_dict"))
     if "save_original_format" in params:
