@@ -25,7 +25,7 @@ from slope.sparsity import MaskedWeights
 
 __all__ = ["ExpertMasks", "ExpertWeight", "find_expert_weights", "prune_experts", "expert_masks"]
 
-#: Attribute of a model holding the :class:`MaskedWeights` of its pruned expert tensors.
+#: Attribute of each experts module holding the :class:`ExpertMasks` of the model's pruned expert tensors.
 EXPERT_MASKS_ATTR = "slope_expert_masks"
 
 
@@ -76,8 +76,8 @@ def _nm_mask(param: torch.Tensor, transposed: bool, n: int, m: int) -> torch.Ten
 def prune_experts(model: nn.Module, experts: list[ExpertWeight], n: int, m: int,
                   masks: dict[str, torch.Tensor] | None = None) -> ExpertMasks:
     """Prune ``experts`` of ``model`` N:M per expert (new magnitude masks, or the given bool ``masks``
-    by name), zero the pruned weights and keep them zero (:class:`MaskedWeights`, stored on the model
-    as ``model.slope_expert_masks`` and returned; an existing one is extended)."""
+    by name), zero the pruned weights and keep them zero (:class:`ExpertMasks`, returned and kept by
+    each experts module as ``slope_expert_masks``; an existing one is extended)."""
     params = {e.name: model.get_parameter(e.name) for e in experts}
     for e in experts:
         if e.shape[2] % m:
@@ -92,8 +92,26 @@ def prune_experts(model: nn.Module, experts: list[ExpertWeight], n: int, m: int,
         structure = {**previous.structure, **structure}
     masked = ExpertMasks(params, new, structure)
     masked.apply_()
-    setattr(model, EXPERT_MASKS_ATTR, masked)
+    for name in params:  # each experts module knows the masks (and reloads them, see _load_masks)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if EXPERT_MASKS_ATTR not in owner.__dict__:
+            owner.register_load_state_dict_pre_hook(_load_masks)
+        owner.__dict__[EXPERT_MASKS_ATTR] = masked
     return masked
+
+
+def _load_masks(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook of an experts module: masks saved beside its weights
+    (``<parameter>.mask_bits``, the dense form of a Hugging Face save) replace the current ones, e.g.
+    when a Trainer run resumes from ``checkpoint-N``."""
+    from slope.masks import unpack_mask
+
+    masked = module.__dict__[EXPERT_MASKS_ATTR]
+    for attr, param in module.named_parameters(recurse=False):
+        bits = state_dict.pop(prefix + attr + ".mask_bits", None)
+        name = next((n for n, p in masked.params.items() if p is param), None)
+        if bits is not None and name is not None:
+            masked.set_mask(name, unpack_mask(bits, param.shape).to(param.device))
 
 
 def expert_masks(model: nn.Module) -> ExpertMasks | None:

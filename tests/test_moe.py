@@ -113,6 +113,17 @@ def test_pruned_experts_round_trip_through_save_pretrained(tmp_path):
     assert torch.equal(loaded(ids()).logits, model(ids()).logits)
     a, b = expert_masks(model), expert_masks(loaded)
     assert a.structure == b.structure and all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+    # load_state_dict of the dense form (a Trainer resuming from checkpoint-N) restores the masks too
+    from slope.serialization.dense_form import dense_form_state_dict
+
+    torch.manual_seed(5)
+    fresh = AutoModelForCausalLM.from_config(CONFIGS["qwen2_moe"]()).eval()
+    prune_model(fresh, compress=True, experts=True, verbose=False)
+    c = expert_masks(fresh)
+    assert not all(torch.equal(a.masks[k], c.masks[k]) for k in a.masks)
+    fresh.load_state_dict(dense_form_state_dict(model))
+    assert all(torch.equal(a.masks[k], c.masks[k]) for k in a.masks)
+    assert torch.equal(fresh(ids()).logits, model(ids()).logits)
 
 
 def test_transposed_expert_layout_is_masked_along_its_input_dimension():
