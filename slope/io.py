@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from slope.layer import SparseLinear
 from slope.registry import sparse_modules
+from slope.serialization.hf_save import install_save_hook
 
 __all__ = ["save_pretrained", "from_pretrained", "export_dense", "slope_record", "SLOPE_CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -321,6 +322,7 @@ def from_pretrained(
     dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else None
     model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     _rebuild(model, record["layers"], backend)
+    install_save_hook(model)  # also when only MoE experts are pruned (no prune_model call above)
     path = os.path.join(directory, WEIGHTS_NAME)
     if version >= 2:
         _native_tensors(model, tensors, path)

@@ -261,6 +261,8 @@ def test_export_forms_load_back_with_the_same_logits(run, tmp_path, capsys):
 
 
 def test_export_errors(run, tmp_path, capsys):
+    with pytest.raises(ValueError, match="`slope train` checkpoint: evaluate it with `slope eval.*slope export"):
+        from_pretrained(run / "checkpoint")
     assert main(["export", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "x")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
     assert main(["export", str(run), "--output-dir", str(tmp_path / "d")]) == 0

@@ -85,7 +85,7 @@ def test_experts_pruned_per_expert_in_simulation(arch):
         torch.testing.assert_close(model(ids()).logits, original(ids()).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_pruned_experts_stay_pruned_through_training():
+def test_pruned_experts_stay_pruned_through_training(tmp_path):
     model = build("mixtral").train()
     prune_model(model, compress=False, experts=True, targets=["experts.*"], verbose=False)
     assert not list(sparse_modules(model))  # only the experts were targeted
@@ -101,6 +101,10 @@ def test_pruned_experts_stay_pruned_through_training():
     for name, param in masked.params.items():
         assert not param[~masked.masks[name]].any() and param[masked.masks[name]].ne(0).all()
         assert not opt.state[param]["exp_avg"][~masked.masks[name]].any()
+    model.eval().save_pretrained(tmp_path)  # experts only: no SLoPe layer, the masks still go with the weights
+    loaded = from_pretrained(tmp_path)
+    assert all(torch.equal(expert_masks(loaded).masks[k], masked.masks[k]) for k in masked.masks)
+    assert torch.equal(loaded(ids()).logits, model(ids()).logits)
 
 
 def test_pruned_experts_round_trip_through_save_pretrained(tmp_path):
