@@ -1,4 +1,4 @@
-"""The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate`` (also ``python -m slope``)."""
+"""The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate``, ``slope export`` (also ``python -m slope``)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,9 @@ from slope.masks import MASK_TYPES
 INFERENCE_MODES = ("unmerged", "merged", "dense")
 MODE_HELP = ("unmerged: the model as trained; merged: adapters merged into one sparse GEMM per layer, "
              "training state dropped (freeze_for_inference); dense: plain nn.Linear with the effective weights")
+
+#: ``slope export --form`` (same as ``slope.serialization.export.FORMS``, which imports torch).
+EXPORT_FORMS = ("dense", "sparse", "merged")
 
 __all__ = ["main", "build_parser", "resolve_train_config"]
 
@@ -108,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--mode", choices=INFERENCE_MODES, default="unmerged", help=MODE_HELP + " (default: unmerged)")
+
+    exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (model, config, tokenizer)",
+                         description="Write a `slope train` checkpoint (or a pruned model's Hugging Face folder) as a Hugging Face "
+                         "folder with its tokenizer. dense: ordinary layers holding W⊙M (adapters merged), loads with "
+                         "transformers.AutoModelForCausalLM and needs no slope; sparse: the model as trained, loads with "
+                         "slope.from_pretrained (and as the dense-equivalent model with AutoModelForCausalLM); merged: the "
+                         "inference form (adapters merged into the sparse operand, training state dropped), loads with slope.from_pretrained.")
+    exp.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory, or a run directory holding checkpoint/")
+    exp.add_argument("--output-dir", required=True, metavar="DIR", help="the Hugging Face folder to write")
+    exp.add_argument("--form", choices=EXPORT_FORMS, default="dense", help="dense, sparse or merged (default: dense)")
     return parser
 
 
@@ -192,6 +205,16 @@ def _run_generate(args: argparse.Namespace) -> None:
         print(f"note: {loaded.note}", file=sys.stderr)
 
 
+def _run_export(args: argparse.Namespace) -> None:
+    from slope.serialization.export import export_model
+
+    result = export_model(args.checkpoint, args.output_dir, args.form)
+    step = "" if result.step is None else f" (step {result.step})"
+    print(f"exported {result.source}{step} to {result.output_dir} ({result.form} form)")
+    if result.note:
+        print(f"note: {result.note}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
@@ -217,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_new_tokens < 1:
                 parser.error("--max-new-tokens must be >= 1")
             _run_generate(args)
+        elif args.command == "export":
+            _run_export(args)
     except (CheckpointError, DataError, ConfigError) as e:
         print(f"slope {args.command}: error: {e}", file=sys.stderr)
         return 1

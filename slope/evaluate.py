@@ -151,6 +151,12 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Checkpoint:
             f"no checkpoint at {path}; pass --checkpoint a checkpoint directory (RUN/checkpoint) or the run directory "
             "holding it (train one with `slope train --out RUN`)"
         )
+    if not (path / "manifest.json").exists():
+        from slope.serialization.folders import describe_folder, folder_kind
+
+        kind = folder_kind(path)
+        if kind not in ("slope-train", "unknown"):  # a Hugging Face folder: say how to load it
+            raise CheckpointError(f"not a `slope train` checkpoint: {describe_folder(path, kind)}")
     return read_checkpoint(path)
 
 

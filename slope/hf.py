@@ -112,6 +112,14 @@ class SparseOptimizerCallback(TrainerCallback):
     restores it (the Trainer restores the weights, masks and dense optimizer). Resuming after lazy
     adapters were attached is not supported (the Trainer restores its optimizer before callbacks run).
 
+    Logged ``grad_norm``: the Trainer logs the norm of ``model.parameters()``' gradients, computed
+    before ``on_pre_optimizer_step``. So that it is the joint norm, each SLoPe layer's sparse
+    gradient is also visible as ``values.grad`` (the same tensor as ``values_grad``; ``values``
+    stays out of every optimizer: ``requires_grad=False``) from ``on_step_begin`` until this
+    callback's ``on_pre_optimizer_step``, which removes it before any optimizer steps. Only when
+    the Trainer does not clip (``max_grad_norm`` inf or 0). Under data parallelism the logged norm
+    uses each rank's sparse gradients before averaging; :attr:`grad_norm` is exact.
+
     Attributes:
         grad_norm: joint (sparse + dense) gradient norm before clipping at the last step, or ``None``.
         lora_step: the global step at which adapters are attached (set at train begin), or ``None``.
@@ -150,6 +158,7 @@ class SparseOptimizerCallback(TrainerCallback):
         self.grad_norm: torch.Tensor | None = None
         self.lora_step: int | None = None
         self._lora_params: list[nn.Parameter] = []
+        self._expose_grads = True  # alias values_grad as values.grad for the Trainer's logged norm
 
     # ------------------------------------------------------------------ checks at train begin
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -180,6 +189,7 @@ class SparseOptimizerCallback(TrainerCallback):
                 f"SparseOptimizerCallback(max_grad_norm={self.max_grad_norm}) clips jointly: the dense gradients would "
                 "be clipped twice. Set TrainingArguments(max_grad_norm=float('inf'))"
             )
+        self._expose_grads = not trainer_clip  # the Trainer must only measure the norm, never clip with it
         if trainer_clip:
             warnings.warn(
                 f"TrainingArguments.max_grad_norm={args.max_grad_norm} clips only the dense gradients; the sparse "
@@ -232,6 +242,15 @@ class SparseOptimizerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ lazy adapters
     def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        self._attach_lora(state, model, optimizer, lr_scheduler)
+        if self._expose_grads and model is not None:
+            for _, layer in sparse_modules(model):
+                if layer.sparse_requires_grad:
+                    if layer.values_grad is None:  # accumulated into in place from now on
+                        layer.values_grad = torch.zeros_like(layer.values)
+                    layer.values.grad = layer.values_grad
+
+    def _attach_lora(self, state, model, optimizer, lr_scheduler) -> None:
         if self.lora_step is None or state.global_step < self.lora_step:
             return
         layers = [m for _, m in sparse_modules(model)]
@@ -261,6 +280,8 @@ class SparseOptimizerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ the sparse step
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        for _, layer in sparse_modules(model):  # the Trainer has logged its norm: no optimizer may see them
+            layer.values.grad = None
         sync_grads(model)
         _average_grads(self._lora_params)
         if self.max_grad_norm is not None:
@@ -272,3 +293,10 @@ class SparseOptimizerCallback(TrainerCallback):
             self.sparse_opt.weight_decay = first.get("weight_decay", 0.0)
         self.sparse_opt.step()
         self.sparse_opt.zero_grad()
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from slope.moe import expert_masks
+
+        masked = None if model is None else expert_masks(model)
+        if masked is not None:  # fused MoE experts pruned in simulation: pruned weights and their Adam state stay zero
+            masked.after_step(getattr(optimizer, "optimizer", optimizer))

@@ -1,18 +1,23 @@
 """Saving and loading pruned Hugging Face models (safetensors), and exporting dense checkpoints.
 
-A SLoPe checkpoint directory (:func:`save_pretrained`) holds
+A pruned model's folder (:func:`save_pretrained`, which is what ``model.save_pretrained`` and the
+``Trainer`` write too once :func:`slope.prune_model` ran; :mod:`slope.serialization.hf_save`) holds
 
-- ``config.json``: the model's Hugging Face config;
-- ``slope_config.json``: the model class and, per SLoPe layer, the prune arguments (sparsity,
-  compress, backend, tiling, mask_type, double_pruning, dtype, adapter rank/alpha) and its form
-  (training, merged, inference-only);
-- ``model.safetensors``: the full state dict (compressed ``values``, packed ``mask_bits`` / ``mask_t_bits``,
-  ``meta``, biases, adapters, every dense parameter), tied tensors stored once.
+- ``config.json``: the model's Hugging Face config with a ``slope_config`` entry
+  (:func:`slope_record`): the model class, where the masks live and, per SLoPe layer, the prune
+  arguments (sparsity, compress, backend, tiling, mask_type, double_pruning, dtype, adapter
+  rank/alpha) and its form (training, merged, inference-only);
+- ``model.safetensors`` (or shards and an index): the state dict in the dense form
+  (:mod:`slope.serialization.dense_form`): ``<layer>.weight = W⊙M`` (adapters merged) under the
+  keys of the dense model, and slope's packed masks (``mask_bits`` / ``mask_t_bits``; with adapters
+  also ``values``, ``lora_A``, ``lora_B``, ``lora_A_mask``) beside them.
 
-:func:`from_pretrained` rebuilds the architecture from ``config.json``, prunes the same layers with
-the same arguments and loads the tensors: the result computes bit-identical outputs.
-:func:`export_dense` writes an ordinary Hugging Face checkpoint (``W⊙M`` with the adapters
-merged, ``W⊙M + (α/r)·B(A⊙M_A)``) that plain ``transformers`` loads without slope.
+Plain ``transformers`` loads it as the dense-equivalent model (no missing key; slope's entries are
+listed as unexpected and ignored). :func:`from_pretrained` rebuilds the architecture from
+``config.json``, prunes the same layers with the same arguments and loads the tensors: the result
+computes bit-identical outputs. It also reads the older slope format (``slope_config.json`` beside
+the state dict of slope's own keys). :func:`export_dense` writes an ordinary Hugging Face
+checkpoint (``W⊙M`` with the adapters merged, ``W⊙M + (α/r)·B(A⊙M_A)``) without slope's entries.
 """
 from __future__ import annotations
 
@@ -26,13 +31,15 @@ import torch.nn as nn
 
 from slope.layer import SparseLinear
 from slope.registry import sparse_modules
+from slope.serialization.hf_save import install_save_hook
 
-__all__ = ["save_pretrained", "from_pretrained", "export_dense", "SLOPE_CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_pretrained", "from_pretrained", "export_dense", "slope_record", "SLOPE_CONFIG_NAME", "WEIGHTS_NAME"]
 
-SLOPE_CONFIG_NAME = "slope_config.json"
+SLOPE_CONFIG_NAME = "slope_config.json"  # the record of version-1 folders
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 _FORMAT = "slope-pretrained"
-_VERSION = 1
+_VERSION = 2  # 1: slope_config.json + slope's own state-dict keys; 2: config.json's slope_config + the dense form
 _LAYER_KEYS = ("sparsity", "compress", "backend", "tiling", "mask_type", "double_pruning", "dtype", "lora_rank",
                "lora_alpha", "merged", "inference_only")
 
@@ -40,8 +47,10 @@ _LAYER_KEYS = ("sparsity", "compress", "backend", "tiling", "mask_type", "double
 def _check_hf_model(model: nn.Module, what: str) -> list[tuple[str, SparseLinear]]:
     if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "to_json_string"):
         raise TypeError(f"{what} needs a Hugging Face model (a PreTrainedModel with .config), got {type(model).__name__}")
+    from slope.moe import expert_masks
+
     layers = list(sparse_modules(model))
-    if not layers:
+    if not layers and expert_masks(model) is None:
         raise ValueError(f"{type(model).__name__} has no SLoPe layers; call slope.prune_model(model) first")
     return layers
 
@@ -83,51 +92,102 @@ def _set_dtype(model: nn.Module, key: str, dtype: torch.dtype) -> None:
         module._buffers[attr] = module._buffers[attr].to(dtype)
 
 
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> None:
-    """Save a pruned Hugging Face ``model`` (adapters, merged or frozen forms included) to a directory.
-
-    Writes ``config.json``, ``slope_config.json`` and ``model.safetensors`` (see the module
-    docstring); :func:`from_pretrained` restores it exactly. Creates the directory if needed.
-    """
-    from safetensors.torch import save_model
+def slope_record(model: nn.Module) -> dict:
+    """The ``slope_config`` entry of a pruned model's ``config.json`` (module docstring)."""
+    from slope.serialization.dense_form import DENSE_FORM_EXTRAS
 
     layers = _check_hf_model(model, "save_pretrained")
-    os.makedirs(save_directory, exist_ok=True)
-    model.config.save_pretrained(save_directory)
-    save_model(model, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    record = {
+    return {
         "format": _FORMAT,
         "version": _VERSION,
         "architecture": type(model).__name__,
+        "weights": "dense-form",  # <layer>.weight = W⊙M (adapters merged), slope's entries beside it:
+        "masks": {"keys": ["<layer>.mask_bits", "<layer>.mask_t_bits"], "packing": "slope.masks.pack_mask"},
+        "extra_keys": list(DENSE_FORM_EXTRAS),
         "layers": {name: _layer_record(layer) for name, layer in layers},
+        "experts": _experts_record(model),
         "buffer_dtypes": _derived_buffer_dtypes(model),
     }
-    with open(os.path.join(save_directory, SLOPE_CONFIG_NAME), "w") as f:
-        json.dump(record, f, indent=2)
 
 
-def _read_slope_config(directory: str) -> dict:
-    path = os.path.join(directory, SLOPE_CONFIG_NAME)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory!r} is not a directory; pass the folder written by slope.save_pretrained")
-    if not os.path.isfile(path):
-        hint = " (it looks like a plain Hugging Face checkpoint: load it with transformers)" if os.path.isfile(
-            os.path.join(directory, "config.json")) else ""
-        raise FileNotFoundError(f"{path} is missing: {directory!r} is not a slope checkpoint{hint}")
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is corrupt (not valid JSON: {e}); re-save the model with slope.save_pretrained") from e
+def _experts_record(model: nn.Module) -> dict:
+    """``{name: {"sparsity": "N:M"}}`` of the fused MoE expert tensors pruned in simulation (:mod:`slope.moe`)."""
+    from slope.moe import expert_masks
+
+    masked = expert_masks(model)
+    return {} if masked is None else {name: {"sparsity": f"{n}:{m}"} for name, (n, m) in masked.structure.items()}
+
+
+def _restore_experts(model: nn.Module, experts: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Prune ``model``'s fused expert tensors with the masks stored beside them (popped from ``tensors``)."""
+    from slope.masks import parse_sparsity, unpack_mask
+    from slope.moe import find_expert_weights, prune_experts
+
+    found = {e.name: e for e in find_expert_weights(model)}
+    for name, rec in experts.items():
+        bits = tensors.pop(name + ".mask_bits", None)
+        if name not in found or bits is None:
+            raise ValueError(f"{path} does not match config.json: the pruned expert weight {name!r} or its mask_bits is missing")
+        n, m = parse_sparsity(rec["sparsity"])
+        prune_experts(model, [found[name]], n, m, masks={name: unpack_mask(bits, model.get_parameter(name).shape)})
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
+    """Save a pruned Hugging Face ``model`` (adapters, merged or frozen forms included) to a directory.
+
+    The same folder as ``model.save_pretrained(save_directory, **kwargs)`` writes for a pruned model
+    (module docstring; ``kwargs`` go to it, e.g. ``max_shard_size``): :func:`from_pretrained`
+    restores the sparse model exactly, ``transformers.AutoModelForCausalLM.from_pretrained`` loads
+    the dense-equivalent one. Creates the directory if needed.
+    """
+    from slope.serialization.hf_save import save_dense_form
+
+    _check_hf_model(model, "save_pretrained")
+    save_dense_form(model, save_directory, **kwargs)
+
+
+def _checked_record(record, where: str, version: int) -> dict:
     if not isinstance(record, dict) or record.get("format") != _FORMAT or not isinstance(record.get("layers"), dict):
-        raise ValueError(f"{path} is not a slope checkpoint config (expected format {_FORMAT!r} with a 'layers' table)")
-    if record.get("version") != _VERSION:
-        raise ValueError(f"{path} has version {record.get('version')!r}; this slope reads version {_VERSION}")
+        raise ValueError(f"{where} is not a slope checkpoint config (expected format {_FORMAT!r} with a 'layers' table)")
+    if record.get("version") != version:
+        raise ValueError(f"{where} has version {record.get('version')!r}; this slope reads version {version} there")
     for name, rec in record["layers"].items():
         absent = [key for key in _LAYER_KEYS if not isinstance(rec, dict) or key not in rec]
         if absent:
-            raise ValueError(f"{path}: the entry of layer {name!r} lacks {absent}; re-save the model with slope.save_pretrained")
+            raise ValueError(f"{where}: the entry of layer {name!r} lacks {absent}; re-save the model with slope.save_pretrained")
     return record
+
+
+def _read_json(path: str) -> object:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt (not valid JSON: {e}); re-save the model with slope.save_pretrained") from e
+
+
+def _read_slope_config(directory: str) -> tuple[dict, int]:
+    """``(record, version)`` of a pruned model's folder; a folder of another kind is an error that
+    says what it is and how to load it (:mod:`slope.serialization.folders`)."""
+    from slope.serialization.folders import describe_folder, folder_kind
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"{directory!r} is not a directory; pass the folder written by model.save_pretrained of a pruned model "
+            "(or slope.save_pretrained / slope export)"
+        )
+    config_path = os.path.join(directory, "config.json")
+    if os.path.isfile(config_path):
+        config = _read_json(config_path)
+        if isinstance(config, dict) and "slope_config" in config:
+            return _checked_record(config["slope_config"], f"{config_path} (its slope_config)", _VERSION), _VERSION
+    path = os.path.join(directory, SLOPE_CONFIG_NAME)
+    if os.path.isfile(path):
+        return _checked_record(_read_json(path), path, 1), 1
+    kind = folder_kind(directory)
+    if kind == "unknown":
+        raise FileNotFoundError(f"{config_path} is missing; {describe_folder(directory, kind)}")
+    raise ValueError(f"not a pruned model's folder: {describe_folder(directory, kind)}")
 
 
 def _model_class(record: dict, model_class):
@@ -142,7 +202,7 @@ def _model_class(record: dict, model_class):
     return cls
 
 
-def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+def _load_file(path: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -152,6 +212,32 @@ def _load_tensors(path: str) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is corrupt or truncated ({e}); re-save the model with slope.save_pretrained") from e
+
+
+def _load_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of ``directory``'s weights: ``model.safetensors``, or the shards its index names."""
+    index = os.path.join(directory, INDEX_NAME)
+    if not os.path.isfile(index):
+        return _load_file(os.path.join(directory, WEIGHTS_NAME))
+    content = _read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map; re-save the model with slope.save_pretrained")
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(_load_file(os.path.join(directory, shard)))
+    return tensors
+
+
+def _native_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Turn the SLoPe layers' dense-form entries of ``tensors`` into their own (in place)."""
+    from slope.serialization.dense_form import native_entries
+
+    errors: list[str] = []
+    for name, layer in sparse_modules(model):
+        native_entries(layer, tensors, f"{name}.", errors)
+    if errors:
+        raise ValueError(f"{path} does not match config.json (its slope_config): {'; '.join(errors[:3])}")
 
 
 def _rebuild(model: nn.Module, layers: dict, backend: str | None) -> None:
@@ -206,7 +292,9 @@ def from_pretrained(
     device: str | torch.device | None = None,
     backend: str | None = None,
 ) -> nn.Module:
-    """Load a model written by :func:`save_pretrained` (exact: same tensors, same outputs).
+    """Load a pruned model's folder (:func:`save_pretrained`, ``model.save_pretrained``, a ``Trainer``
+    ``checkpoint-N``, ``slope export --form sparse|merged``) as the sparse model (exact: same
+    tensors, same outputs). A folder of another kind is an error saying how to load it.
 
     Args:
         model_class: the model class to build (default: the saved class name, from ``transformers``).
@@ -220,7 +308,7 @@ def from_pretrained(
     from transformers import AutoConfig
 
     directory = os.fspath(load_directory)
-    record = _read_slope_config(directory)
+    record, version = _read_slope_config(directory)
     cls = _model_class(record, model_class)
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{os.path.join(directory, 'config.json')} is missing; the slope checkpoint is incomplete")
@@ -228,12 +316,17 @@ def from_pretrained(
         config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read the Hugging Face config in {directory!r}: {e}") from e
-    path = os.path.join(directory, WEIGHTS_NAME)
-    tensors = _load_tensors(path)
+    config.__dict__.pop("slope_config", None)  # rebuilt from the model whenever it is saved again
+    tensors = _load_tensors(directory)
     dtypes = {rec["dtype"] for rec in record["layers"].values()}
     dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else None
     model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     _rebuild(model, record["layers"], backend)
+    install_save_hook(model)  # also when only MoE experts are pruned (no prune_model call above)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if version >= 2:
+        _native_tensors(model, tensors, path)
+        _restore_experts(model, record.get("experts", {}), tensors, path)
     _match_tensors(model, tensors, path)
     buffers = dict(model.named_buffers())
     for name, dtype in record.get("buffer_dtypes", {}).items():

@@ -137,6 +137,9 @@ class SparseLinear(nn.Module):
         # Mixed precision without autocast: matmuls run in this dtype, ``values`` keep theirs (master).
         self.compute_dtype: torch.dtype | None = None
         self.layer_name = ""  # set by prune_model, used in messages
+        # True when it replaced a module storing (in, out) weights (GPT-2's Conv1D): the dense form
+        # of its state dict (slope.serialization.dense_form) stores ``weight`` in that orientation.
+        self.weight_transposed = False
         kept = in_features * n // m
         factory = {"device": device, "dtype": dtype}
         self.values = nn.Parameter(torch.zeros(out_features, kept, **factory), requires_grad=False)
@@ -231,7 +234,10 @@ class SparseLinear(nn.Module):
         return mask.to(self.mask_bits.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        from slope.serialization.dense_form import native_entries
+
         self._upgrade_legacy_masks(state_dict, prefix, error_msgs)
+        native_entries(self, state_dict, prefix, error_msgs)  # a Hugging Face save's dense-form entries
         name = self.layer_name or prefix.rstrip(".") or type(self).__name__
         for key in ("mask_bits", "mask_t_bits"):
             bits = state_dict.get(prefix + key)
@@ -516,6 +522,7 @@ class SparseLinear(nn.Module):
     def __setstate__(self, state):
         state.setdefault("_structures", {})  # layers pickled before the cache existed
         state.setdefault("_validated_mask", None)
+        state.setdefault("weight_transposed", False)
         buffers = state.get("_buffers", {})
         for old, new in (("mask", "mask_bits"), ("mask_t", "mask_t_bits")):  # pickled with bool masks
             if old in buffers:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +15,7 @@ from slope.backends import BACKEND_NAMES, backend_class
 from slope.kernels import COMPRESSIBLE_DTYPES
 from slope.layer import SparseLinear
 from slope.masks import MASK_TYPES, parse_sparsity
+from slope.serialization.hf_save import install_save_hook
 
 __all__ = ["prune_model", "densify", "PruneDecision", "DEFAULT_SKIP"]
 
@@ -23,17 +27,44 @@ DEFAULT_SKIP = ("lm_head", "embed_out", "output_projection")
 
 @dataclass
 class PruneDecision:
-    """One row of the prune summary."""
+    """One row of the prune summary: a linear layer (``shape (out, in)``) or a fused MoE expert
+    tensor (``shape (E, out, in)``), and its number of weights ``params``."""
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     pruned: bool
     reason: str
+    params: int = 0
+
+    def __post_init__(self):
+        if not self.params:
+            self.params = math.prod(self.shape)
+
+
+def _patterns(patterns, what: str) -> list:
+    """``targets`` / ``skip`` as a list of glob strings and compiled ``re:`` regexes (checked)."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str) or not p or p == "re:":
+            raise TypeError(f"{what} patterns must be non-empty strings (a module name, suffix, glob or 're:<regex>'), got {p!r}")
+        if p.startswith("re:"):
+            try:
+                p = re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"{what} pattern {p!r} is not a valid regular expression ({e})") from None
+        compiled.append(p)
+    return compiled
 
 
 def _matches(name: str, patterns) -> bool:
-    """PEFT-style: a pattern matches the full name, a dotted suffix of it, or as a glob."""
-    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+    """PEFT-style (see :func:`prune_model`): ``re:<regex>`` matches the full name (``re.fullmatch``);
+    any other pattern matches the full name or a dotted suffix of it, as a glob (``*``, ``?``, ``[..]``)."""
+    suffixes = [name] + [name[i + 1 :] for i, c in enumerate(name) if c == "."]
+    return any(
+        p.fullmatch(name) is not None if isinstance(p, re.Pattern) else any(fnmatch.fnmatchcase(s, p) for s in suffixes)
+        for p in patterns
+    )
 
 
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -72,6 +103,7 @@ def prune_model(
     mask_type: str = "nm",
     double_pruning: bool = True,
     lora_alpha: float | None = None,
+    experts: bool = False,
     verbose: bool = True,
 ) -> nn.Module:
     """Replace ``nn.Linear`` (and HF GPT-2 ``Conv1D``) layers of ``model`` by :class:`SparseLinear`.
@@ -85,12 +117,20 @@ def prune_model(
         backend: ``"auto"`` or one of ``reference``, ``cusparselt``, ``cutlass``, ``cutlass-sm90``,
             ``triton`` (with ``compress=True``).
         sparsity: ``"N:M"`` kept along the input dimension.
-        targets: only layers whose name matches one of these patterns (suffix or glob) are pruned;
-            a targeted layer that cannot be pruned is an error.
-        skip: layers matching these patterns are left dense (added to the default rules: the
-            vocabulary projection, weights tied to an embedding, dimensions not divisible by M).
+        targets: only layers whose name matches one of these patterns are pruned; a targeted layer
+            that cannot be pruned is an error, a pattern that matches no linear layer a warning.
+            Patterns work like PEFT's ``target_modules`` list: ``"q_proj"`` or ``"mlp.up_proj"``
+            match the full name or a dotted suffix of it (``model.layers.0.mlp.up_proj``), and may
+            be globs (``"mlp.*"``: every layer under an ``mlp``; ``"layers.1.*"``); ``"re:<regex>"``
+            must match the full name (``re.fullmatch``, PEFT's string form, e.g.
+            ``"re:.*[.](q|v)_proj"``). A bare string is one pattern (not a regex as in PEFT).
+        skip: layers matching these patterns (same rules) are left dense (added to the default
+            rules: the vocabulary projection, weights tied to an embedding, dimensions not divisible by M).
         mask_type: ``"nm"`` (default) or ``"transposable"`` (each M×M block N:M both ways).
         double_pruning: ``False`` keeps the exact backward ``dx = dy (W⊙M)`` (simulation only).
+        experts: also prune the fused expert tensors of mixture-of-experts models (transformers 5's
+            Mixtral / Qwen-MoE ``...Experts`` modules) N:M per expert, in simulation (masked dense
+            tensors, :mod:`slope.moe`); without it they are listed as kept dense with their size.
         verbose: print the summary table (it is also logged at INFO on logger ``"slope"``).
 
     Returns the same ``model`` object; the decisions are kept in ``model.slope_prune_summary``.
@@ -113,8 +153,7 @@ def prune_model(
         raise ValueError("merge_lora=True needs add_lora=True and lora_rank > 0 (the merged form holds the adapters)")
     if add_lora and (not isinstance(lora_rank, int) or lora_rank <= 0):
         raise ValueError(f"add_lora=True needs a positive lora_rank, got {lora_rank!r}")
-    targets = [targets] if isinstance(targets, str) else list(targets or [])
-    skip = [skip] if isinstance(skip, str) else list(skip or [])
+    targets, skip = _patterns(targets, "targets"), _patterns(skip, "skip")
 
     decisions: list[PruneDecision] = []
     candidates = [(name, mod) for name, mod in model.named_modules() if name and _linear_weight(mod) is not None]
@@ -178,11 +217,17 @@ def prune_model(
             mask_type=mask_type,
         )
         layer.layer_name = name
+        layer.weight_transposed = not isinstance(module, nn.Linear)  # GPT-2's Conv1D stores (in, out)
         if add_lora:
             layer.add_lora(lora_rank, lora_alpha)
         plan.append((name, layer))
         decisions.append(PruneDecision(name, (out_features, in_features), True, f"{n}:{m}"))
 
+    expert_plan = _plan_experts(model, decisions, targets, skip, experts, n, m)
+    names = [name for name, _ in candidates] + [e.name for e in expert_plan]
+    unmatched = [p if isinstance(p, str) else "re:" + p.pattern for p in targets if not any(_matches(x, [p]) for x in names)]
+    if unmatched and any(d.pruned for d in decisions):
+        warnings.warn(f"prune_model: targets {unmatched} match no linear layer of {type(model).__name__}", UserWarning, stacklevel=2)
     if not any(d.pruned for d in decisions):
         raise ValueError(
             "prune_model found linear layers but pruned none of them:\n" + format_summary(decisions)
@@ -190,6 +235,11 @@ def prune_model(
         )
     for name, layer in plan:
         _set_submodule(model, name, layer)
+    if expert_plan:
+        from slope.moe import prune_experts
+
+        prune_experts(model, expert_plan, n, m)
+    install_save_hook(model)  # model.save_pretrained writes W⊙M + masks (slope.serialization.hf_save)
     if merge_lora:
         from slope.lora import merge_lora as _merge
 
@@ -202,15 +252,49 @@ def prune_model(
     return model
 
 
+def _plan_experts(model: nn.Module, decisions: list[PruneDecision], targets, skip, experts: bool, n: int, m: int):
+    """Decide for every fused MoE expert tensor (rows appended to ``decisions``); returns those to prune."""
+    from slope.moe import find_expert_weights
+
+    plan = []
+    for e in find_expert_weights(model):
+        explicit = bool(targets) and _matches(e.name, targets)
+        if targets and not explicit:
+            reason = "not in targets"
+        elif _matches(e.name, skip):
+            reason = "skip pattern"
+        elif not experts:
+            reason = "fused MoE experts; experts=True prunes them per expert in simulation"
+        elif e.shape[2] % m:
+            reason = f"in features not divisible by {m}"
+            if explicit:
+                raise ValueError(f"expert weight {e.name!r} {e.shape} is targeted but its input dimension is not divisible by M={m}")
+        else:
+            plan.append(e)
+            decisions.append(PruneDecision(e.name, e.shape, True, f"{n}:{m} per expert (simulated: masked dense)"))
+            continue
+        decisions.append(PruneDecision(e.name, e.shape, False, reason))
+    return plan
+
+
 def format_summary(decisions: list[PruneDecision]) -> str:
-    """Plain-text table of the prune decisions."""
+    """Plain-text table of the prune decisions, with layer and weight counts."""
     width = max([len(d.name) for d in decisions] + [5])
-    lines = [f"{'layer':<{width}}  {'out x in':>13}  action"]
+    lines = [f"{'layer':<{width}}  {'shape':>17}  {'weights':>11}  action"]
     for d in decisions:
         action = f"pruned {d.reason}" if d.pruned else f"kept dense ({d.reason})"
-        lines.append(f"{d.name:<{width}}  {d.shape[0]:>6}x{d.shape[1]:<6}  {action}")
-    pruned = sum(d.pruned for d in decisions)
-    lines.append(f"{pruned} of {len(decisions)} linear layers pruned")
+        lines.append(f"{d.name:<{width}}  {'x'.join(map(str, d.shape)):>17}  {d.params:>11,}  {action}")
+    linear = [d for d in decisions if len(d.shape) == 2]
+    experts = [d for d in decisions if len(d.shape) == 3]
+    line = f"{sum(d.pruned for d in linear)} of {len(linear)} linear layers pruned"
+    if experts:
+        line += f", {sum(d.pruned for d in experts)} of {len(experts)} fused MoE expert tensors pruned"
+    total, pruned = sum(d.params for d in decisions), sum(d.params for d in decisions if d.pruned)
+    line += f"; {pruned:,} of {total:,} weights ({100 * pruned / max(total, 1):.1f}%) are in pruned tensors"
+    dense_experts = sum(d.params for d in experts if not d.pruned)
+    if dense_experts:
+        line += f", {dense_experts:,} in fused expert tensors kept dense"
+    lines.append(line)
     return "\n".join(lines)
 
 

@@ -70,10 +70,10 @@ class TokenSet(torch.utils.data.Dataset):
 
 def make_trainer(model, tmp_path, callbacks, *, steps=4, batch=8, **kwargs):
     kwargs = {"max_grad_norm": float("inf"), "learning_rate": 3e-3, "lr_scheduler_type": "constant",
-              "save_strategy": "no", **kwargs}
+              "save_strategy": "no", "logging_strategy": "no", **kwargs}
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch, report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_strategy="no", **kwargs,
+        disable_tqdm=True, **kwargs,
     )
     return Trainer(model=model, args=args, train_dataset=TokenSet(), callbacks=callbacks)
 
@@ -161,7 +161,8 @@ def test_joint_clipping(tmp_path):
 
     def record(event, args, state, model=None, **kw):
         sparse = [layer.values_grad.float().norm() for _, layer in sparse_modules(model)]
-        dense = [p.grad.float().norm() for p in model.parameters() if p.grad is not None]
+        # values.grad (an alias of values_grad, for the Trainer's logged norm) is not a dense gradient
+        dense = [p.grad.float().norm() for p in model.parameters() if p.grad is not None and p.requires_grad]
         pre.append((torch.stack(sparse).norm(), torch.stack(dense).norm()))
 
     callback = SparseOptimizerCallback(sparse_opt, max_grad_norm=max_norm)
@@ -181,6 +182,34 @@ def test_joint_clipping(tmp_path):
         torch.testing.assert_close(dense1, dense0 * coef, rtol=1e-4, atol=0)
         torch.testing.assert_close(torch.sqrt(sparse1**2 + dense1**2), torch.tensor(max_norm), rtol=1e-3, atol=0)
     torch.testing.assert_close(callback.grad_norm, total0)
+
+
+@pytest.mark.parametrize("max_norm", [1e-2, None], ids=["clipping", "no-clipping"])
+def test_logged_grad_norm_is_the_joint_norm(tmp_path, max_norm):
+    model = tiny_model("llama")
+    norms = []
+
+    def record(event, args, state, model=None, **kw):
+        sparse = [layer.values_grad.float().norm() for _, layer in sparse_modules(model)]
+        dense = [p.grad.float().norm() for p in model.parameters() if p.grad is not None and p.requires_grad]
+        norms.append((torch.stack(sparse).norm().item(), torch.stack(dense).norm().item()))
+
+    seen_by_dense_opt = []
+    after = Spy(lambda e, a, s, model=None, **kw: seen_by_dense_opt.append(
+        [n for n, p in model.named_parameters() if p.grad is not None and not p.requires_grad]),
+        events=("on_pre_optimizer_step",))
+    callback = SparseOptimizerCallback(ADAMWSparse(model), max_grad_norm=max_norm)
+    trainer = make_trainer(model, tmp_path, [Spy(record, events=("on_pre_optimizer_step",)), callback, after], steps=2,
+                           logging_strategy="steps", logging_steps=1, gradient_accumulation_steps=2, batch=4)
+    trainer.train()
+    logged = [r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r]
+    assert len(logged) == len(norms) == 2
+    for value, (sparse, dense) in zip(logged, norms):
+        assert sparse > 0.1 * dense  # the sparse part matters
+        assert value == pytest.approx(math.hypot(sparse, dense), rel=1e-4)
+    if max_norm is not None:
+        assert logged[-1] == pytest.approx(callback.grad_norm.item(), rel=1e-5)
+    assert seen_by_dense_opt == [[], []]  # the aliases are gone before any optimizer steps
 
 
 def test_no_clipping_without_max_grad_norm(tmp_path):

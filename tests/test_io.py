@@ -94,7 +94,8 @@ def assert_same_state(a, b):
 def test_round_trip_is_exact(arch, dtype, kwargs, tmp_path):
     model = tiny(arch, dtype, **kwargs)
     save_pretrained(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "slope_config.json"]
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["slope_config"]["version"] == 2
     loaded = from_pretrained(tmp_path)
     assert type(loaded) is type(model) and not loaded.training
     assert_same_state(model, loaded)
@@ -167,7 +168,7 @@ def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         from_pretrained(tmp_path / "nowhere")
     export_dense(model, tmp_path / "plain")
-    with pytest.raises(FileNotFoundError, match="plain Hugging Face checkpoint"):
+    with pytest.raises(ValueError, match="plain Hugging Face folder.*AutoModelForCausalLM"):
         from_pretrained(tmp_path / "plain")
 
     ckpt = tmp_path / "ckpt"
@@ -181,16 +182,15 @@ def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         from_pretrained(ckpt)
     weights.write_bytes(data)
-    record = (ckpt / "slope_config.json").read_text()
-    (ckpt / "slope_config.json").write_text("{not json")
+    config = (ckpt / "config.json").read_text()
+    (ckpt / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         from_pretrained(ckpt)
-    broken = json.loads(record)
-    del next(iter(broken["layers"].values()))["mask_type"]
-    (ckpt / "slope_config.json").write_text(json.dumps(broken))
+    broken = json.loads(config)
+    del next(iter(broken["slope_config"]["layers"].values()))["mask_type"]
+    (ckpt / "config.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match=r"lacks \['mask_type'\]"):
         from_pretrained(ckpt)
-    (ckpt / "slope_config.json").write_text(record)
     (ckpt / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         from_pretrained(ckpt)
@@ -204,9 +204,10 @@ def test_config_mismatch_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="does not match config.json"):
         from_pretrained(tmp_path)
 
-    record = json.loads((tmp_path / "slope_config.json").read_text())
+    config["intermediate_size"] = 128
+    record = config["slope_config"]
     record["layers"]["model.layers.7.mlp.up_proj"] = next(iter(record["layers"].values()))
-    (tmp_path / "slope_config.json").write_text(json.dumps(record))
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not exist in the model"):
         from_pretrained(tmp_path)
 

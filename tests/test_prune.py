@@ -177,3 +177,52 @@ def test_failed_prune_leaves_model_untouched():
     with pytest.raises(TypeError, match="'fc2'"):
         prune_model(mixed, compress=True, skip=["odd"])
     assert type(mixed.fc1) is nn.Linear
+
+
+# ---------------------------------------------------------------------------------------------- PEFT-like targets
+def _llama(layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def _peft_list_rule(name, targets):
+    """PEFT's ``target_modules`` list rule (``check_target_module_exists``): exact name or dotted suffix."""
+    return name in targets or any(name.endswith("." + t) for t in targets)
+
+
+def _pruned_names(targets):
+    model = _llama()
+    prune_model(model, compress=False, targets=targets, verbose=False)
+    return {name for name, _ in sparse_modules(model)}
+
+
+def test_targets_follow_peft_semantics():
+    import re
+
+    linear = [name for name, m in _llama().named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for targets in (["q_proj", "v_proj"], ["mlp.down_proj"], ["layers.1.self_attn.o_proj", "gate_proj"], projections):
+        assert _pruned_names(targets) == {n for n in linear if _peft_list_rule(n, targets)}, targets
+    # PEFT's string form (a regex that must match the full name) is written 're:<regex>'
+    regex = r".*\.(q|v)_proj"
+    assert _pruned_names("re:" + regex) == {n for n in linear if re.fullmatch(regex, n)} == _pruned_names(["q_proj", "v_proj"])
+    # globs match the full name or a dotted suffix: 'mlp.*' is every layer under an mlp
+    assert _pruned_names(["mlp.*"]) == {n for n in linear if ".mlp." in n} != set()
+    assert _pruned_names(["layers.0.*"]) == {n for n in linear if n.startswith("model.layers.0.")}
+    assert _pruned_names(["*_proj"]) == set(linear)
+    with pytest.raises(ValueError, match="pruned none"):  # a regex must match the whole name
+        _pruned_names(["re:mlp.*"])
+
+
+def test_target_pattern_errors_and_warnings():
+    with pytest.warns(UserWarning, match=r"targets \['qproj'\] match no linear layer"):
+        assert _pruned_names(["q_proj", "qproj"]) != set()
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        _pruned_names(["re:(q"])
+    with pytest.raises(TypeError, match="non-empty strings"):
+        _pruned_names([3])
+    model = _llama()
+    prune_model(model, compress=False, skip=["re:.*layers\\.1\\..*", "mlp.*"], verbose=False)
+    assert {name for name, _ in sparse_modules(model)} == {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}

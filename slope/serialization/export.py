@@ -1,0 +1,135 @@
+"""``slope export``: a checkpoint → a Hugging Face folder (model, config, generation config, tokenizer).
+
+Forms (``--form``):
+
+- ``dense``: every SLoPe layer an ``nn.Linear`` holding its effective weight ``W⊙M + (α/r)·B(A⊙M_A)``
+  (:func:`slope.evaluate.load_trained_model` in ``dense`` mode); an ordinary model that needs no
+  slope: ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``.
+- ``sparse``: the model as trained, in slope's Hugging Face format (:func:`slope.save_pretrained`):
+  ``slope.from_pretrained(DIR)`` gives the sparse model (masks, adapters), and plain transformers
+  still loads the dense-equivalent model from the same folder.
+- ``merged``: the inference form (adapters merged into one sparse operand per layer, training
+  state dropped: :func:`slope.lora.freeze_for_inference`), same format as ``sparse``.
+
+The source is a ``slope train`` checkpoint (or its run directory) or a pruned model's Hugging Face
+folder (:func:`slope.from_pretrained`). The tokenizer: the one the run trained with (the embedded
+corpus's byte-level BPE, as a ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as its BOS/EOS/PAD),
+or the one in the source folder. ``config.json`` records the export in a ``slope_export`` entry.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+__all__ = ["FORMS", "ExportResult", "export_model", "embedded_tokenizer"]
+
+FORMS = ("dense", "sparse", "merged")
+_TRAIN_MODE = {"dense": "dense", "sparse": "unmerged", "merged": "merged"}
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote: the folder, the form, the source and its step (``None`` for a
+    Hugging Face source), and a note when the form fell back (merged without adapters)."""
+
+    output_dir: str
+    form: str
+    source: str
+    step: int | None
+    note: str | None = None
+
+
+def embedded_tokenizer(model_max_length: int | None = None):
+    """The shipped byte-level BPE (:data:`slope.data.TOKENIZER_FILE`) as a ``PreTrainedTokenizerFast``
+    whose BOS, EOS and PAD token is ``<|endoftext|>`` (token 0, what ``slope train`` models use)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from slope.data import EOS_TOKEN, TOKENIZER_FILE
+
+    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                   pad_token=EOS_TOKEN, unk_token=EOS_TOKEN, **kwargs)
+
+
+def _from_train_checkpoint(source: str, form: str):
+    from slope.checkpoint import CheckpointError
+    from slope.evaluate import load_trained_model
+
+    loaded = load_trained_model(source, "cpu", _TRAIN_MODE[form])
+    sparse = any(True for _ in _sparse(loaded.model))
+    if form != "dense" and not sparse:
+        raise CheckpointError(
+            f"{loaded.checkpoint.path} is a dense checkpoint (--dense, or its dense tail was reached): it has no "
+            f"{form} form; export it with --form dense"
+        )
+    tokenizer = embedded_tokenizer(loaded.config.seq_len)
+    return loaded.model, tokenizer, str(loaded.checkpoint.path), loaded.checkpoint.step, loaded.note
+
+
+def _from_pretrained_folder(source: str, form: str):
+    from slope.checkpoint import CheckpointError
+    from slope.io import from_pretrained
+    from slope.lora import freeze_for_inference
+    from slope.prune import densify
+
+    try:
+        model = from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e)) from e
+    note = None
+    if form == "dense":
+        densify(model)
+    elif form == "merged":
+        if not any(layer.lora_rank for _, layer in _sparse(model)):
+            note = "the model has no LoRA adapters: the merged form is the inference-only sparse model without adapters"
+        freeze_for_inference(model)
+    tokenizer = None
+    if any(Path(source, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer, source, None, note
+
+
+def _sparse(model: nn.Module):
+    from slope.registry import sparse_modules
+
+    return sparse_modules(model)
+
+
+def export_model(source: str | os.PathLike, output_dir: str | os.PathLike, form: str = "dense") -> ExportResult:
+    """Write ``source`` (a ``slope train`` checkpoint or a pruned model's folder) to ``output_dir`` as a
+    Hugging Face folder in ``form`` (module docstring). Errors (:class:`slope.checkpoint.CheckpointError`)
+    say what a source of another kind is and how to load it."""
+    from slope.checkpoint import CheckpointError
+    from slope.io import save_pretrained
+    from slope.serialization.folders import describe_folder, folder_kind
+
+    if form not in FORMS:
+        raise ValueError(f"unknown export form {form!r}; choose one of {', '.join(FORMS)}")
+    source, output_dir = os.fspath(source), os.fspath(output_dir)
+    kind = folder_kind(source)
+    if kind == "missing":
+        raise CheckpointError(f"no checkpoint at {source}; pass a `slope train` checkpoint (RUN/checkpoint) or its run directory")
+    if os.path.abspath(source) == os.path.abspath(output_dir):
+        raise CheckpointError(f"--output-dir {output_dir} is the checkpoint itself; pick another folder")
+    if kind == "slope-train":
+        model, tokenizer, where, step, note = _from_train_checkpoint(source, form)
+    elif kind in ("slope-pretrained", "slope-pretrained-v1"):
+        model, tokenizer, where, step, note = _from_pretrained_folder(source, form)
+    else:
+        raise CheckpointError(f"cannot export: {describe_folder(source, kind)}")
+    model.config.slope_export = {"form": form, "source": where, "step": step}
+    try:
+        if any(True for _ in _sparse(model)):
+            save_pretrained(model, output_dir)
+        else:
+            model.save_pretrained(output_dir)
+    finally:
+        del model.config.slope_export
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return ExportResult(output_dir, form, where, step, note)

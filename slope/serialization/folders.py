@@ -1,0 +1,99 @@
+"""What kind of model folder a path is, and what to do with it (for error messages that give the right advice).
+
+Kinds (:func:`folder_kind`):
+
+- ``"slope-train"``: a ``slope train`` checkpoint (``manifest.json``), or a run directory holding one as ``checkpoint/``;
+- ``"slope-pretrained"``: a Hugging Face folder of a pruned model (``slope_config`` in ``config.json``),
+  written by ``model.save_pretrained`` / the ``Trainer`` / :func:`slope.save_pretrained` / ``slope export --form sparse|merged``;
+- ``"slope-pretrained-v1"``: the older slope format (``slope_config.json`` beside the weights);
+- ``"slope-export-dense"``: ``slope export --form dense`` (``slope_export`` in ``config.json``, no sparse layers);
+- ``"hf-pruned"``: weights with SLoPe layers' entries (``values`` / ``mask_bits``) but no record: a pruned
+  model saved by a path that bypassed slope's ``save_pretrained`` (or by a slope older than the record);
+- ``"hf"``: a plain Hugging Face folder; ``"missing"``; ``"unknown"``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["folder_kind", "describe_folder", "weight_keys"]
+
+_DESCRIPTIONS = {
+    "slope-train": (
+        "a `slope train` checkpoint: evaluate it with `slope eval --checkpoint {path}`, or write a Hugging Face folder "
+        "with `slope export {path} --output-dir OUT` (OUT then loads with slope.from_pretrained or, in the dense form, "
+        "with transformers.AutoModelForCausalLM)"
+    ),
+    "slope-pretrained": (
+        "a Hugging Face folder of a pruned model (slope_config in config.json): load it with "
+        "slope.from_pretrained({path!r}) for the sparse model, or transformers.AutoModelForCausalLM.from_pretrained "
+        "for the dense-equivalent one"
+    ),
+    "slope-pretrained-v1": "a slope.save_pretrained folder (slope_config.json): load it with slope.from_pretrained({path!r})",
+    "slope-export-dense": (
+        "a dense `slope export` folder (W⊙M in ordinary layers, no masks): load it with "
+        "transformers.AutoModelForCausalLM.from_pretrained({path!r}); for the sparse model, export with --form sparse"
+    ),
+    "hf-pruned": (
+        "a pruned model saved without slope's record (no slope_config in config.json: an older slope, or a save "
+        "that bypassed the pruned model's save_pretrained). Build the model from its config, prune it with the same "
+        "slope.prune_model arguments, load_state_dict the weights, and re-save it with model.save_pretrained"
+    ),
+    "hf": (
+        "a plain Hugging Face folder without slope layers: load it with "
+        "transformers.AutoModelForCausalLM.from_pretrained({path!r}) and prune it with slope.prune_model"
+    ),
+    "missing": "missing",
+    "unknown": "not a model folder slope knows (no config.json, slope_config.json or manifest.json)",
+}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def weight_keys(directory: str | os.PathLike) -> list[str]:
+    """Tensor names of the safetensors weights in ``directory`` (one file or an index; headers only)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    index = _read_json(directory / "model.safetensors.index.json")
+    if index is not None and isinstance(index.get("weight_map"), dict):
+        return sorted(index["weight_map"])
+    try:
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return sorted(f.keys())
+    except Exception:  # noqa: BLE001 (missing or corrupt: the caller reports that when it loads)
+        return []
+
+
+def folder_kind(path: str | os.PathLike) -> str:
+    """The kind of model folder ``path`` is (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if (path / "manifest.json").is_file() or (path / "checkpoint" / "manifest.json").is_file():
+        return "slope-train"
+    config = _read_json(path / "config.json")
+    if config is not None and "slope_config" in config:
+        return "slope-pretrained"
+    if (path / "slope_config.json").is_file():
+        return "slope-pretrained-v1"
+    if config is None:
+        return "unknown"
+    if isinstance(config.get("slope_export"), dict):
+        return "slope-export-dense"
+    if any(key.endswith((".values", ".mask_bits")) for key in weight_keys(path)):
+        return "hf-pruned"
+    return "hf"
+
+
+def describe_folder(path: str | os.PathLike, kind: str | None = None) -> str:
+    """``"<path> is <what it is and how to load it>"`` for error messages."""
+    kind = folder_kind(path) if kind is None else kind
+    return f"{os.fspath(path)} is " + _DESCRIPTIONS[kind].format(path=os.fspath(path))
