@@ -154,8 +154,12 @@ class Run:
         self.logs.mkdir(parents=True)
         self.export_dir = Path(args.export_dir) if args.export_dir else None
         self.build: BackgroundBuild | None = None
+        self.build_dir = Path(args.work_dir) / "sm90_build"
         self.build_wait_left = float(args.build_wait_s)
         self.child_env = {"SLOPE_SM90_JIT": "0", "PYTHONUNBUFFERED": "1"}
+        #: "fork" (steps start warm); "spawn" only if something initialised CUDA in this process,
+        #: which a forked step could not use (see _preimport).
+        self.start_method = "fork"
         self.state = {"script": "gpu_evidence", "commit": git_commit(), "device": self.slug, "smoke": args.smoke,
                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "budget_s": args.budget_s,
                       "steps": [], "sm90_library": None, "fallback_build": None}
@@ -202,13 +206,13 @@ class Run:
         if problem is not None and not self.args.smoke:
             self.start_build(problem)
 
+    def build_command(self) -> list[str]:
+        return [sys.executable, "-m", "slope.kernels.cutlass_sm90_lib", "build", "--out", str(self.build_dir)]
+
     def start_build(self, reason: str) -> None:
         if self.build is not None:
             return
-        out_dir = Path(self.args.work_dir) / "sm90_build"
-        command = self.args.build_command or [sys.executable, "-m", "slope.kernels.cutlass_sm90_lib", "build",
-                                              "--out", str(out_dir)]
-        self.build = BackgroundBuild(list(command), out_dir, self.logs / "sm90_build.log", reason)
+        self.build = BackgroundBuild(self.build_command(), self.build_dir, self.logs / "sm90_build.log", reason)
         self.build.start()
         self.say(f"=== building the cutlass-sm90 library in the background ({reason})")
 
@@ -256,7 +260,7 @@ class Run:
                  f"{' '.join(argv)}")
         sys.stdout.flush()
         started = time.monotonic()
-        proc = multiprocessing.get_context("fork").Process(
+        proc = multiprocessing.get_context(self.start_method).Process(
             target=_child, args=(step.module, argv, str(log_path), dict(self.child_env)))
         proc.start()
         position = 0
@@ -354,14 +358,19 @@ def _machine_report() -> str:
         return f"nvidia-smi: {exc}"
 
 
-def _preimport(smoke: bool) -> None:
-    """Import what the steps import (no CUDA call), so that each forked step starts warm."""
-    import torch  # noqa: F401
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
+def _preimport(steps: list[Step]) -> str:
+    """Import what the steps import, so that each forked step starts warm; returns the start method
+    for the steps: "fork", or "spawn" if an import initialised CUDA here after all (a forked child
+    cannot use CUDA then). ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (set by :func:`main`) keeps
+    ``torch.cuda.is_available()`` in imported code from initialising the driver."""
+    import torch
 
     import slope.lora  # noqa: F401
-    for step in STEPS:
+    if any(step.name in ("e2e", "inference") for step in steps):
+        from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
+    for step in steps:
         importlib.import_module(step.module)
+    return "spawn" if torch.cuda.is_initialized() else "fork"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -375,7 +384,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--build-wait-s", type=float, default=90, help="longest wait, in all, for a background build")
     parser.add_argument("--cap-scale", type=float, default=1.0, help="multiply every step's cap (a longer lease)")
     parser.add_argument("--min-step-s", type=float, default=20, help="skip a step whose limit would be shorter")
-    parser.add_argument("--build-command", nargs="+", default=None, help=argparse.SUPPRESS)  # tests: a fake build
     args = parser.parse_args(argv)
     args.budget_s = args.budget_s or (300 if args.smoke else 440)
     args.step_names = [n for n in args.steps.split(",") if n]
@@ -386,6 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # this process must not initialise CUDA
     args = parse_args(argv)
     run = Run(args)
     run.say(f"=== slope gpu_evidence: commit {run.state['commit']}, device {run.slug}, budget {args.budget_s:.0f} s, "
@@ -393,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke:
         run.say(_machine_report())
     run.check_library()
-    _preimport(args.smoke)
-    run.say(f"=== imports done after {time.monotonic() - run.t0:.1f} s")
-    for step in (s for s in STEPS if s.name in args.step_names):
+    steps = [s for s in STEPS if s.name in args.step_names]
+    run.start_method = _preimport(steps)
+    run.say(f"=== imports done after {time.monotonic() - run.t0:.1f} s; steps start by {run.start_method}")
+    for step in steps:
         run.run_step(step)
         if step.name == "kernel" and not args.smoke:
             reason = run.build_needed_after_kernel_step()

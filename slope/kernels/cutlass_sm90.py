@@ -1,4 +1,4 @@
-"""slope's own CUTLASS 3.x 2:4 sparse GEMM for Hopper (sm_90a), built at first use.
+"""slope's own CUTLASS 3.x 2:4 sparse GEMM for Hopper (sm_90a): a prebuilt library, or built at first use.
 
 The C++ lives in the repository's top-level ``kernels/`` folder (:data:`CUDA_SOURCES`), so the
 build needs a source checkout (``pip install -e .``): ``sm90_sparse_gemm_kernels.h`` (the CUTLASS kernel templates),

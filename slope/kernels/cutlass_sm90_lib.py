@@ -138,7 +138,7 @@ def check(library: Path | str | None = None) -> str | None:
     these sources, without loading it (files only), or None when its manifest matches."""
     library = Path(library) if library else default_library_path()
     if not library.is_file():
-        return f"no prebuilt cutlass-sm90 library at {library} ({_REBUILD})"
+        return f"no prebuilt cutlass-sm90 library at {library}; {_REBUILD}"
     manifest_file = manifest_path(library)
     try:
         manifest = json.loads(manifest_file.read_text())
