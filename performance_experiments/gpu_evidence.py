@@ -79,13 +79,16 @@ STEPS = (
          ("--smoke", "--checks", "kernel", "--name", "kernel"), needs_sm90=False),
     Step("smoke", 90, "performance_experiments.gpu_smoke"),
     Step("calibration", 25, "performance_experiments.calibration", needs_sm90=False),
-    Step("gemm", 55, "performance_experiments.gemm", ("--shapes", GEMM_SHAPES, "--tokens", "8192", "--dtypes", "bf16",
-                              "--backends", "cutlass-sm90,cusparselt,auto")),
-    Step("layer", 65, "performance_experiments.layer", ("--models", "llama2-7b", "--layers", "ffn_up,ffn_down", "--tokens", "8192",
-                                "--dtypes", "bf16", "--master", "fp32", "--backends", "cutlass-sm90,auto")),
-    Step("e2e", 100, "performance_experiments.e2e", ("--models", "llama-1b", "--batch", "4", "--seq", "2048", "--precision", "autocast",
-                             "--backends", "auto,cutlass-sm90")),
-    Step("inference", 65, "performance_experiments.inference", ("--models", "llama-1b", "--backends", "auto", "--decode-repeats", "5")),
+    Step("gemm", 55, "performance_experiments.gemm",
+         ("--shapes", GEMM_SHAPES, "--tokens", "8192", "--dtypes", "bf16", "--backends", "cutlass-sm90,cusparselt,auto")),
+    Step("layer", 65, "performance_experiments.layer",
+         ("--models", "llama2-7b", "--layers", "ffn_up,ffn_down", "--tokens", "8192", "--dtypes", "bf16",
+          "--master", "fp32", "--backends", "cutlass-sm90,auto")),
+    Step("e2e", 100, "performance_experiments.e2e",
+         ("--models", "llama-1b", "--batch", "4", "--seq", "2048", "--precision", "autocast",
+          "--backends", "auto,cutlass-sm90")),
+    Step("inference", 65, "performance_experiments.inference",
+         ("--models", "llama-1b", "--backends", "auto", "--decode-repeats", "5")),
 )
 
 
@@ -120,11 +123,12 @@ class BackgroundBuild:
     log_path: Path
     reason: str
     started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
     proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "w")  # noqa: SIM115 - held by the child process
-        self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -136,8 +140,10 @@ class BackgroundBuild:
 
     def summary(self) -> dict:
         rc = None if self.proc is None else self.proc.poll()
+        if rc is not None and self.ended is None:
+            self.ended = time.monotonic()
         status = "running" if rc is None else ("ok" if rc == 0 else f"failed (exit {rc})")
-        return {"reason": self.reason, "status": status, "seconds": round(time.monotonic() - self.started, 1),
+        return {"reason": self.reason, "status": status, "seconds": round((self.ended or time.monotonic()) - self.started, 1),
                 "library": str(self.out_dir / "libslope_sm90.so"), "log": self.log_path.name}
 
 

@@ -22,14 +22,15 @@ int slope_sm90_gemm(void) { return 1; }
 """
 
 
-def _fake_library(folder, key: str, manifest_key: str | None = None):
-    """A shared library exporting the ABI's symbols (stubs) that reports ``key``, with a manifest."""
+def _fake_library(folder, key: str, manifest_key: str | None = None, source: str = FAKE_C):
+    """A shared library exporting the ABI's symbols (``source``: stubs by default) that reports
+    ``key``, with a manifest."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
-    source, library = folder / "fake.c", folder / lib.LIB_NAME
-    source.write_text(FAKE_C.replace("KEY", f"0x{key}ULL"))
-    subprocess.run([cc, "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    c_file, library = folder / "fake.c", folder / lib.LIB_NAME
+    c_file.write_text(source.replace("KEY", f"0x{key}ULL"))
+    subprocess.run([cc, "-shared", "-fPIC", str(c_file), "-o", str(library)], check=True)
     manifest = {"key": manifest_key or key, "sha256": lib._sha256(library)}
     lib.manifest_path(library).write_text(json.dumps(manifest))
     return library
@@ -122,6 +123,65 @@ def test_cutlass_sm90_prefers_a_matching_library_and_warns_on_a_stale_one(tmp_pa
     with pytest.warns(UserWarning, match="not using the prebuilt library"):
         with pytest.raises(RuntimeError, match=r"built from other sources.*SLOPE_SM90_JIT=0"):
             cutlass_sm90.load_extension()
+
+
+ECHO_C = r"""
+#include <stdio.h>
+#include <string.h>
+typedef unsigned short u16;
+char last_call[512];
+unsigned long long slope_sm90_build_key(void) { return KEY; }
+int slope_sm90_compressed_sizes(int dtype, int M, int K, long long* sizes, char* err, int n) {
+  sizes[0] = M; sizes[1] = K / 2; sizes[2] = M; sizes[3] = K / 8; return 0;
+}
+int slope_sm90_compress(int dtype, int device, const void* dense, int M, int K, void* values, void* meta,
+                        void* stream, char* err, int n) {
+  if (M == 8) { snprintf(err, n, "sm90 sparse compress: refused M=%d", M); return 1; }
+  for (int r = 0; r < M; ++r) for (int j = 0; j < K / 2; ++j) ((u16*)values)[r * (K / 2) + j] = ((const u16*)dense)[r * K + 2 * j];
+  memset(meta, dtype * 16 + device, (size_t)M * (K / 8));
+  snprintf(last_call, sizeof last_call, "compress dtype=%d device=%d M=%d K=%d stream=%p", dtype, device, M, K, stream);
+  return 0;
+}
+int slope_sm90_gemm_workspace_size(int dtype, int M, int N, int K, long long* bytes, char* err, int n) {
+  *bytes = (long long)M * N; return 0;
+}
+int slope_sm90_gemm(int dtype, int device, const void* values, const void* meta, const void* b, const void* bias,
+                    const void* c, void* d, int M, int N, int K, float alpha, float beta, void* workspace,
+                    void* stream, char* err, int n) {
+  for (int i = 0; i < N * M; ++i) ((u16*)d)[i] = ((const u16*)b)[i % (N * K)];
+  snprintf(last_call, sizeof last_call,
+           "gemm dtype=%d device=%d M=%d N=%d K=%d alpha=%g beta=%g bias=%d c=%d workspace=%d stream=%p meta0=%d",
+           dtype, device, M, N, K, alpha, beta, bias != 0, c != 0, workspace != 0, stream, ((const unsigned char*)meta)[0]);
+  return 0;
+}
+"""
+
+
+def test_library_calls_pass_every_argument_through_the_c_abi(tmp_path, monkeypatch):
+    """The ctypes wrapper against an echoing fake of the C ABI (CPU tensors stand in for device
+    memory): dtype and device codes, sizes, alpha/beta, optional bias / c, workspace and stream
+    reach the library, outputs are allocated at the sizes it reports, and an error comes back as text."""
+    import torch
+
+    library = _fake_library(tmp_path, lib.build_key(), source=ECHO_C)
+    loaded, why = lib.load(library)
+    assert why is None, why
+    monkeypatch.setattr(lib, "_stream", lambda device: 0x1234)
+    last = ctypes.c_char.in_dll(loaded.lib, "last_call")
+    dense = torch.arange(16 * 32, dtype=torch.float32).reshape(16, 32).to(torch.bfloat16)
+    values, meta, error = loaded.compress(dense)
+    assert error == "" and torch.equal(values, dense[:, ::2]) and meta.shape == (16, 4) and bool((meta == 15).all())  # dtype 1 * 16 + device -1
+    assert ctypes.string_at(ctypes.addressof(last)).decode() == "compress dtype=1 device=-1 M=16 K=32 stream=0x1234"
+    b = torch.randn(4, 32).to(torch.bfloat16)
+    bias = torch.zeros(16, dtype=torch.bfloat16)
+    d, error = loaded.gemm(values, meta, b, bias, None, 0.5, 2.0)
+    assert error == "" and d.shape == (4, 16) and torch.equal(d.flatten(), b.flatten()[: 4 * 16])
+    assert ctypes.string_at(ctypes.addressof(last)).decode() == (
+        "gemm dtype=1 device=-1 M=16 N=4 K=32 alpha=0.5 beta=2 bias=1 c=0 workspace=1 stream=0x1234 meta0=15")
+    d, error = loaded.gemm(values, meta[:2], b, None, None, 1.0, 0.0)
+    assert "meta has shape (2, 4), expected (16, 4)" in error
+    _, _, error = loaded.compress(torch.zeros(8, 32, dtype=torch.float16))
+    assert error == "sm90 sparse compress: refused M=8"
 
 
 def test_check_command_exit_status(tmp_path, capsys):

@@ -221,7 +221,7 @@ class Sm90Library:
         rows, cols, meta_rows, meta_cols = self.compressed_sizes(code, m, k)
         values = torch.empty(rows, cols, device=dense.device, dtype=dense.dtype)
         meta = torch.empty(meta_rows, meta_cols, device=dense.device, dtype=torch.uint8)
-        error = self._call(self.lib.slope_sm90_compress, code, dense.device.index, dense.data_ptr(), m, k,
+        error = self._call(self.lib.slope_sm90_compress, code, dense.get_device(), dense.data_ptr(), m, k,
                            values.data_ptr(), meta.data_ptr(), _stream(dense.device))
         return values, meta, error
 
@@ -235,7 +235,7 @@ class Sm90Library:
         d = torch.empty(n, m, device=b.device, dtype=b.dtype)
         ws_bytes = self._workspace_bytes(code, m, n, k)
         workspace = torch.empty(ws_bytes, device=b.device, dtype=torch.uint8) if ws_bytes else None
-        error = self._call(self.lib.slope_sm90_gemm, code, b.device.index, values.data_ptr(), meta.data_ptr(),
+        error = self._call(self.lib.slope_sm90_gemm, code, b.get_device(), values.data_ptr(), meta.data_ptr(),
                            b.data_ptr(), None if bias is None else bias.data_ptr(),
                            None if c is None else c.data_ptr(), d.data_ptr(), m, n, k, alpha, beta,
                            None if workspace is None else workspace.data_ptr(), _stream(b.device))
