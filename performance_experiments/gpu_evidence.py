@@ -22,7 +22,7 @@ at t=0 and, when it is missing, stale or does not load, starts its build in the 
 that use the kernel wait for that build at most ``--build-wait-s`` in all (children run with
 ``SLOPE_SM90_JIT=0``, so nothing compiles inside a step).
 
-Budget: each step's limit is its cap, cut to what is left of ``--budget-s`` (default 440 s, for a
+Budget: each step's limit is its cap, cut to what is left of ``--budget-s`` (default 450 s, for a
 device call of 480 s); a step whose limit would fall under 20 s is skipped; each script is told to
 stop starting new cases some seconds before its limit. After every step the results folder
 (``performance_experiments/results/<device>/``: one JSON per step, ``gpu_evidence.json`` with every
@@ -382,7 +382,7 @@ def _preimport(steps: list[Step]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny shapes, reference backends")
-    parser.add_argument("--budget-s", type=float, default=None, help="whole run (default 440 on GPU, 300 with --smoke)")
+    parser.add_argument("--budget-s", type=float, default=None, help="whole run (default 450 on GPU, 300 with --smoke)")
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma list of steps to run")
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help="results root; <device>/ is copied there at the end")
     parser.add_argument("--work-dir", default="/tmp/slope_gpu_evidence", help="staging folder of this run")
@@ -391,7 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cap-scale", type=float, default=1.0, help="multiply every step's cap (a longer lease)")
     parser.add_argument("--min-step-s", type=float, default=20, help="skip a step whose limit would be shorter")
     args = parser.parse_args(argv)
-    args.budget_s = args.budget_s or (300 if args.smoke else 440)
+    args.budget_s = args.budget_s or (300 if args.smoke else 450)
     args.step_names = [n for n in args.steps.split(",") if n]
     unknown = sorted(set(args.step_names) - {s.name for s in STEPS})
     if unknown:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's entry point: prepare the environment, then run the one-run evidence driver.
 #
-#   scripts/gpu_check.sh [gpu_evidence.py options]   # every headline ratio in <= 440 s (default budget)
+#   scripts/gpu_check.sh [gpu_evidence.py options]   # every headline ratio in <= 450 s (default budget)
 #   scripts/gpu_check.sh --tests [pytest options]    # the whole GPU test suite (pytest -m gpu), on its own
 #   scripts/gpu_check.sh --run CMD [ARGS...]         # any command in the same environment (e.g. sm90_tune.py)
 #
