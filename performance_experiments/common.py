@@ -203,7 +203,7 @@ class Budget:
     """Wall-clock budget: :meth:`expired` turns True ``seconds`` after creation (never if None).
 
     Scripts check it before starting each case, so a case in flight finishes (the outer
-    ``timeout`` of ``scripts/gpu_check.sh`` leaves room for that)."""
+    step limit of ``gpu_evidence.py`` leaves room for that)."""
 
     def __init__(self, seconds: float | None):
         self.deadline = None if seconds is None else time.monotonic() + seconds

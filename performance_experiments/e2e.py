@@ -3,7 +3,9 @@
 A step is forward + loss + backward + ``ADAMWSparse`` (sparse weights) + ``AdamW`` (the rest);
 dense uses ``AdamW`` for everything. Step time is the median over timed steps after warm-up; the
 ratio is ``e2e_speedup`` (dense step time / sparse step time); on CPU also
-``e2e_cputime_speedup``, the same in process CPU time (robust to a shared machine's load).
+``e2e_cputime_speedup``, the same in process CPU time (robust to a shared machine's load); on GPU
+also ``train_peak_memory_ratio`` (sparse / dense peak allocated memory over the timed steps).
+On CUDA both sides train with PyTorch's fused AdamW (the sparse values through ``ADAMWSparse``).
 ``M_t`` refreshes happen inside the timed steps at their natural rate (every
 ``--mask-change-freq`` steps).
 
@@ -63,13 +65,17 @@ def figures(trainer: Trainer, t: dict, batch: int, seq: int) -> dict:
 
 
 def measure_gpu(name, variant, device, args, timing) -> dict:
-    """One variant alone on the GPU: median step time, tokens/s, loss, peak memory, and the
-    memory growth over the timed steps (growth would be a leak)."""
+    """One variant alone on the GPU: median step time, tokens/s, loss, peak memory (of the whole
+    measurement, set-up included, and of the timed steps alone), and the memory growth over the
+    timed steps (growth would be a leak)."""
     torch.cuda.reset_peak_memory_stats(device)
     trainer = prepare(name, variant, device, args.precision, args.batch, args.seq, args.mask_change_freq)
+    setup_peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     allocated = torch.cuda.memory_allocated(device)
     result = figures(trainer, time_fn(trainer.step, device, flush_l2=False, **timing), args.batch, args.seq)
-    result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    result["peak_step_bytes"] = torch.cuda.max_memory_allocated(device)
+    result["peak_allocated_bytes"] = max(setup_peak, result["peak_step_bytes"])
     result["allocated_growth_bytes"] = torch.cuda.memory_allocated(device) - allocated
     return result
 
@@ -105,6 +111,8 @@ def run_model(name, backends, device, env, budget, args, timing, emit) -> None:
                 dense, sparse = figures(dense_trainer, t["dense"], args.batch, args.seq), figures(trainer, t["sparse"], args.batch, args.seq)
                 del trainer
             extra = {}
+            if "peak_step_bytes" in sparse:  # GPU: peak memory of a training step, sparse / dense
+                extra["train_peak_memory_ratio"] = ratio(sparse["peak_step_bytes"], dense["peak_step_bytes"])
             if "step_cpu_ms" in sparse:  # CPU: the same ratio in process CPU time (load-independent)
                 extra["e2e_cputime_speedup"] = ratio(dense["step_cpu_ms"], sparse["step_cpu_ms"])
             emit(make_record(SCRIPT, env, config, dense, sparse, backend=backend,

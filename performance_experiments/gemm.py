@@ -147,6 +147,8 @@ def main(argv=None) -> list[dict]:
                         help=f"comma list of {list(MODELS)}, in priority order")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts in priority order")
     parser.add_argument("--layers", default="ffn_up,ffn_down,attn_o")
+    parser.add_argument("--shapes", default=None,
+                        help="comma list of model:layer pairs (e.g. llama2-7b:ffn_up) instead of --models x --layers")
     args = parser.parse_args(argv)
     device = pick_device(args)
     backends = args.backends.split(",") if args.backends else default_backends(device)
@@ -155,7 +157,14 @@ def main(argv=None) -> list[dict]:
     elif device.type == "cpu":
         cases, timing = cpu_cases(), {"warmup": 2, "reps": 9}
     else:
-        cases = llm_cases(args.models.split(","), [int(t) for t in args.tokens.split(",")], args.dtypes.split(","), args.layers.split(","))
+        tokens, dtypes = [int(t) for t in args.tokens.split(",")], args.dtypes.split(",")
+        if args.shapes:
+            pairs = [pair.split(":") for pair in args.shapes.split(",")]
+            if any(len(p) != 2 for p in pairs):
+                parser.error(f"--shapes takes model:layer pairs, got {args.shapes!r}")
+            cases = [c for model, layer in pairs for c in llm_cases([model], tokens, dtypes, [layer])]
+        else:
+            cases = llm_cases(args.models.split(","), tokens, dtypes, args.layers.split(","))
         timing = {"warmup": 5, "reps": 30, "flush_l2": True}
     env, budget = environment(device), Budget(args.budget_s)
     emit = Recorder(SCRIPT, args.out_dir, device, vars(args))

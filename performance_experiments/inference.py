@@ -7,7 +7,9 @@ merge error, if merging failed).
 
 - prefill: a no-grad forward over ``batch × prompt`` tokens (median of timed calls);
 - decode: after a prefill of ``decode_prompt`` tokens, ``new_tokens`` greedy steps with the KV
-  cache, timed from the first to the last step (median over repeats).
+  cache, timed from the first to the last step (median over ``decode_repeats``, 5 on GPU, after
+  one untimed decode of each model: every choice of ``auto`` and every Triton autotuning for the
+  decode shapes happens there, never in the timed region).
 
 Dense and sparse models are kept side by side and their calls alternate (same clocks and machine
 load for both).
@@ -83,6 +85,8 @@ def measure_pair(models: dict, device, args, timing, vocab) -> dict:
     short = random_tokens(vocab, args.decode_batch, args.decode_prompt, device)
     prefill = time_interleaved({k: (lambda m=m: m(input_ids=prompt, use_cache=False)) for k, m in models.items()},
                                device, **timing)
+    for m in models.values():  # untimed: auto's choices and Triton autotuning for these shapes happen here
+        _decode_ms(m, short, args.new_tokens, device)
     decode = {k: [] for k in models}
     for _ in range(args.decode_repeats):
         for k, m in models.items():
@@ -140,12 +144,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--decode-batch", type=int, default=None)
     parser.add_argument("--decode-prompt", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
-    parser.add_argument("--decode-repeats", type=int, default=2)
+    parser.add_argument("--decode-repeats", type=int, default=None, help="timed decodes per model (default: 5 on GPU, 2 on CPU)")
     parser.add_argument("--lora-rank", type=int, default=None)
     parser.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"))
     args = parser.parse_args(argv)
     device = pick_device(args)
     backends = args.backends.split(",") if args.backends else default_backends(device)
+    if args.decode_repeats is None:
+        args.decode_repeats = 5 if device.type == "cuda" else 2
     if args.smoke:
         defaults = ("llama-smoke", 2, 32, 2, 4, 2, 8, "fp32")
         timing = {"warmup": 1, "reps": 1}

@@ -80,7 +80,8 @@ def autocast(device: torch.device, precision: str):
 
 @dataclass
 class Trainer:
-    """One training step of a model: loss, backward, sparse + dense optimizer steps."""
+    """One training step of a model: loss, backward, sparse + dense optimizer steps (on CUDA the
+    dense optimizer is PyTorch's fused AdamW, and ADAMWSparse runs fp32 values through the same kernel)."""
 
     model: nn.Module
     device: torch.device
@@ -95,7 +96,8 @@ class Trainer:
         self.sparse_opt = ADAMWSparse(self.model, lr=1e-5, mask_change_freq=self.mask_change_freq) if any(
             True for _ in sparse_modules(self.model)) else None
         dense_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.dense_opt = torch.optim.AdamW(dense_params, lr=1e-5)
+        # PyTorch's fused AdamW on CUDA (one kernel for all tensors), as ADAMWSparse uses for fp32 values
+        self.dense_opt = torch.optim.AdamW(dense_params, lr=1e-5, fused=self.device.type == "cuda" or None)
         self.loss = None
 
     def step(self) -> None:

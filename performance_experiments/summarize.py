@@ -272,7 +272,7 @@ def plot(results: dict, results_dir: Path) -> list[Path]:
 
 
 def brief(results: dict) -> str:
-    """The best figure of each ratio per device (for the end of gpu_check.sh)."""
+    """The best figure of each ratio per device (a short text summary)."""
     lines = []
     keys = {"gemm": "gemm_speedup", "layer": "layer_speedup", "e2e": "e2e_speedup", "inference": "prefill_speedup",
             "memory": "train_memory_ratio"}

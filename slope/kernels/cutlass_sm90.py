@@ -1,11 +1,16 @@
-"""slope's own CUTLASS 3.x 2:4 sparse GEMM for Hopper (sm_90a), built at first use.
+"""slope's own CUTLASS 3.x 2:4 sparse GEMM for Hopper (sm_90a): a prebuilt library, or built at first use.
 
 The C++ lives in the repository's top-level ``kernels/`` folder (:data:`CUDA_SOURCES`), so the
 build needs a source checkout (``pip install -e .``): ``sm90_sparse_gemm_kernels.h`` (the CUTLASS kernel templates),
 ``sm90_sparse_gemm.h`` / ``sm90_sparse_gemm.cu`` (a type-erased fp16/bf16 API free of torch, so the
 .cu compiles standalone with nvcc; ``-DSLOPE_SM90_SELFTEST`` adds a self-test ``main``) and
 ``sm90_sparse_gemm_binding.cpp`` (the PyTorch binding).
-It is compiled as a torch extension against the CUTLASS headers shipped in the ``nvidia-cutlass``
+A **prebuilt library** comes first: when ``build/sm90/libslope_sm90.so`` (or ``$SLOPE_SM90_LIB``)
+was built from these very sources (:mod:`slope.kernels.cutlass_sm90_lib`: the same kernel behind a
+C ABI, compiled ahead of time with nvcc alone and loaded with ctypes), it is used and nothing is
+compiled. Otherwise (a mismatched library is refused with a warning saying why) the kernel
+is compiled as a torch extension (unless ``SLOPE_SM90_JIT=0``: then the backend is unavailable and
+says why) against the CUTLASS headers shipped in the ``nvidia-cutlass``
 wheel (``cutlass_library/source/include`` and ``.../tools/util/include``; ``SLOPE_CUTLASS_DIR``
 may point at a CUTLASS checkout instead). The build is cached per user under
 ``$SLOPE_EXTENSIONS_DIR`` (default ``~/.cache/slope/torch_extensions``) in a folder keyed by a
@@ -31,8 +36,8 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import warnings
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -111,8 +116,17 @@ def nvcc_flags() -> list[str]:
     ]
 
 
+def _jit_enabled() -> bool:
+    """Whether a missing prebuilt library may be replaced by compiling the torch extension
+    (``SLOPE_SM90_JIT=0`` turns that off, e.g. where a compile would eat a time-limited GPU run)."""
+    return os.environ.get("SLOPE_SM90_JIT", "1") != "0"
+
+
 def build_problem(device: torch.device | int | None = None) -> str | None:
-    """Why the extension cannot be built or run here (no build attempted), or None."""
+    """Why the kernel cannot be made available or run here (no build attempted, no library
+    loaded), or None."""
+    from slope.kernels import cutlass_sm90_lib
+
     if torch.version.cuda is None:
         return "this PyTorch build has no CUDA support"
     if not torch.cuda.is_available():
@@ -123,6 +137,15 @@ def build_problem(device: torch.device | int | None = None) -> str | None:
     capability = torch.cuda.get_device_capability(index)
     if capability != (9, 0):
         return f"needs a Hopper GPU (compute capability 9.0, sm_90a); cuda:{index} has {capability[0]}.{capability[1]}"
+    prebuilt_problem = cutlass_sm90_lib.check()
+    return None if prebuilt_problem is None else _jit_problem(prebuilt_problem)
+
+
+def _jit_problem(prebuilt_problem: str) -> str | None:
+    """Why the torch extension cannot be compiled here instead of using the prebuilt library
+    (which is unusable for ``prebuilt_problem``), or None."""
+    if os.environ.get("SLOPE_SM90_JIT", "1") == "0":
+        return f"{prebuilt_problem}; compiling the torch extension instead is off (SLOPE_SM90_JIT=0)"
     if not all((CUDA_SOURCES / name).is_file() for name in _HASHED):
         return (f"the CUDA sources are not in {CUDA_SOURCES}: this backend builds from a source checkout "
                 "of slope (git clone, then pip install -e .)")
@@ -156,9 +179,20 @@ def _extensions_root() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(verbose: bool) -> tuple[ModuleType | None, str | None]:
-    """(module, None) or (None, why it failed); the outcome is cached so a failing build runs once."""
+def _build(verbose: bool) -> tuple[object | None, str | None]:
+    """(the prebuilt library or the compiled extension, None) or (None, why not); the outcome is
+    cached so a failing build runs once."""
+    from slope.kernels import cutlass_sm90_lib
+
     problem = build_problem()
+    if problem is not None:
+        return None, problem
+    library, why_not = cutlass_sm90_lib.load()
+    if library is not None:
+        return library, None
+    if cutlass_sm90_lib.default_library_path().is_file():  # there is one, but not for these sources
+        warnings.warn(f"cutlass-sm90: not using the prebuilt library: {why_not}", stacklevel=3)
+    problem = _jit_problem(why_not)
     if problem is not None:
         return None, problem
     from torch.utils.cpp_extension import load
@@ -190,8 +224,9 @@ def unavailable_reason(device: torch.device | int | None = None) -> str | None:
     return _build(False)[1]
 
 
-def load_extension(verbose: bool = False) -> ModuleType:
-    """The compiled extension (built on first call, then cached); RuntimeError saying why not."""
+def load_extension(verbose: bool = False):
+    """The kernel's Python interface: the prebuilt library (:class:`slope.kernels.cutlass_sm90_lib.Sm90Library`)
+    or the compiled extension (built on first call, then cached); RuntimeError saying why not."""
     module, problem = _build(verbose)
     if module is None:
         raise RuntimeError(f"cutlass-sm90 is unavailable: {problem}")

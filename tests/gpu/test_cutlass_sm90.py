@@ -213,3 +213,13 @@ def test_layer_forward_operand_follows_optimizer_steps(dtype):
         with torch.no_grad():
             _assert_close(layer(x), _oracle(layer.dense_weight().to(dtype), x), dtype)
     assert layer._backend_for(dtype, x.device).name == "cutlass-sm90"
+
+
+def test_a_matching_prebuilt_library_is_what_the_backend_runs():
+    """With build/sm90 (or $SLOPE_SM90_LIB) built from these sources, nothing is compiled: the
+    kernel's interface is the ctypes library, and its products are the ones checked above."""
+    from slope.kernels import cutlass_sm90_lib
+
+    if cutlass_sm90_lib.check() is not None:
+        pytest.skip(cutlass_sm90_lib.check())
+    assert isinstance(cutlass_sm90.load_extension(), cutlass_sm90_lib.Sm90Library)
