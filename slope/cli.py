@@ -1,4 +1,4 @@
-"""The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate`` (also ``python -m slope``)."""
+"""The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate``, ``slope sparse-finetune`` (also ``python -m slope``)."""
 from __future__ import annotations
 
 import argparse
@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--mode", choices=INFERENCE_MODES, default="unmerged", help=MODE_HELP + " (default: unmerged)")
+
+    from slope.dynamic.cli import add_parser as add_sparse_finetune
+
+    add_sparse_finetune(sub)
     return parser
 
 
@@ -213,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare and args.mode is not None:
                 parser.error("--compare evaluates every mode; drop --mode")
             return _run_eval(args)
+        elif args.command == "sparse-finetune":
+            from slope.dynamic.cli import run as run_sparse_finetune
+
+            return run_sparse_finetune(args)
         elif args.command == "generate":
             if args.max_new_tokens < 1:
                 parser.error("--max-new-tokens must be >= 1")

@@ -102,12 +102,26 @@ class DynamicSparsityConfig:
             self._validate_nm()
         return self
 
+    @property
+    def final_sparsity(self) -> float:
+        """``sparsity_ratio`` (unstructured) or ``1 - N/M``."""
+        return self.sparsity_ratio if self.structure is None else 1 - self.structure[0] / self.structure[1]
+
+    @property
+    def gradual_nm(self) -> bool:
+        """N:M reached by gradual pruning: trained as masked ``nn.Linear`` weights, not SLoPe layers."""
+        return self.structure is not None and resolve_schedule(self.sparsity_schedule, self.final_sparsity, self.use_rigl) is not None
+
     def _validate_nm(self) -> None:
         n, m = self.structure
-        if self.sparsity_schedule not in (None, "constant"):
-            raise ValueError(f"sparsity_schedule applies to unstructured sparsity; {n}:{m} fixes the sparsity at {1 - n / m:g}")
         if self.pruning_method is not None:
             raise ValueError(f"pruning_method applies to unstructured sparsity; {n}:{m} keeps the {n} largest |w| of every {m}")
+        if self.gradual_nm and self.use_rigl:
+            raise ValueError(f"gradual pruning to {n}:{m} (sparsity_schedule) cannot run with use_rigl=True: RigL needs exact "
+                             f"{n}:{m} masks from the start; use one of them, or sparsity_schedule='constant' for RigL")
+        if self.gradual_nm and (self.compress or self.double_pruning):
+            raise ValueError(f"gradual pruning to {n}:{m} trains masked nn.Linear weights; compress / double_pruning need a fixed "
+                             "N:M mask (use_rigl=True or sparsity_schedule='constant')")
         if self.compress and (n, m) != (2, 4):
             raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}")
         if abs(self.sparsity_ratio - (1 - n / m)) > 1e-9:
@@ -123,8 +137,9 @@ class DynamicSparsityConfig:
         return values
 
 
-def _unstructured_targets(model: nn.Module, targets, skip) -> dict[str, nn.Parameter]:
-    """``{name.weight: weight}`` of the ``nn.Linear`` layers to mask (the rules of :func:`slope.prune_model`)."""
+def _linear_targets(model: nn.Module, targets, skip, multiple_of: int = 1) -> dict[str, nn.Parameter]:
+    """``{name.weight: weight}`` of the ``nn.Linear`` layers to mask (the rules of :func:`slope.prune_model`;
+    ``multiple_of``: only layers whose input dimension it divides, for N:M)."""
     from slope.prune import DEFAULT_SKIP, _matches, _tied_to_embedding
 
     targets = [targets] if isinstance(targets, str) else list(targets or [])
@@ -136,6 +151,10 @@ def _unstructured_targets(model: nn.Module, targets, skip) -> dict[str, nn.Param
         if targets and not _matches(name, targets):
             continue
         if _matches(name, skip) or (not targets and (name.rsplit(".", 1)[-1] in DEFAULT_SKIP or _tied_to_embedding(module.weight, model))):
+            continue
+        if module.in_features % multiple_of:
+            if targets:
+                raise ValueError(f"{name}: in_features {module.in_features} is not divisible by M={multiple_of}")
             continue
         chosen[name + ".weight"] = module.weight
     if not chosen:
@@ -187,19 +206,21 @@ class DynamicSparsity:
         cfg = self.config
         self.model, self.total_steps = model, total_steps
         method = resolve_pruning_method(cfg.pruning_method)
-        if cfg.structure is None:
-            self.masked = MaskedWeights(_unstructured_targets(model, cfg.targets, cfg.skip))
-            schedule = resolve_schedule(cfg.sparsity_schedule, cfg.sparsity_ratio, cfg.use_rigl)
+        schedule = resolve_schedule(cfg.sparsity_schedule, cfg.final_sparsity, cfg.use_rigl)
+        if cfg.structure is None or schedule is not None:
+            multiple = 1 if cfg.structure is None else cfg.structure[1]
+            self.masked = MaskedWeights(_linear_targets(model, cfg.targets, cfg.skip, multiple))
         else:
-            self.masked, schedule = _nm_layers(model, cfg), None
+            self.masked = _nm_layers(model, cfg)
         self.policies: list[MaskPolicy] = []
         self.history: list[dict[str, Any]] = []
         if schedule is not None:
-            gradual = GradualPruning(self.masked, total_steps, schedule, interval=cfg.mask_update_interval, pruning_method=method)
+            gradual = GradualPruning(self.masked, total_steps, schedule, interval=cfg.mask_update_interval,
+                                     pruning_method=method, structure=cfg.structure)
             gradual.prune(0)
             self.history.append(gradual.last_update)
             self.policies.append(gradual)
-        elif cfg.structure is None:
+        elif cfg.structure is None:  # (N:M: prune_model pruned the layers)
             pruned = prune_to(self.masked, cfg.sparsity_ratio, method)
             self.history.append({"step": 0, "kind": "prune", "sparsity": cfg.sparsity_ratio,
                                  "layers": {name: {"pruned": count} for name, count in pruned.items()}})
