@@ -219,8 +219,8 @@ def _loop(ctx: _Run, out: Path | None) -> dict[str, Any]:
     bar.close()
     if log is not None:
         log.close()
-    vals = [r["val_loss"] for r in records if "val_loss" in r]
-    return {"steps": ctx.total_steps, "initial_val_loss": initial_val, "final_val_loss": vals[-1], "final_train_loss": loss,
+    vals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    return {"steps": ctx.total_steps, "initial_val_loss": initial_val, "final_val_loss": vals[-1][1], "val_curve": vals, "final_train_loss": loss,
             "final_sparsity": sparsifier.sparsity, "mask_updates": sum(1 for r in records if r.get("event") == "mask_update"),
             "elapsed_s": round(time.perf_counter() - t0, 3), "records": records}
 
