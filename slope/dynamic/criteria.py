@@ -12,7 +12,8 @@ many*. Both conventions for ``default_mask`` work:
   new although more sparsity was asked for, the method is called again with an all-zero
   ``default_mask``.
 
-Either way an entry pruned earlier stays pruned (the result is intersected with ``M``).
+Either way an entry pruned earlier stays pruned (the result is intersected with ``M``), and a
+result that keeps a different number of weights than asked (beyond 1 % and rounding) is an error.
 """
 from __future__ import annotations
 
@@ -61,9 +62,11 @@ def criterion_mask(method: BasePruningMethod, weight: torch.Tensor, mask: torch.
     new = _as_mask(method.compute_mask(weight, default_mask=current), weight.shape, method) & mask
     if target_pruned > int((~mask).sum()) and torch.equal(new, mask):  # sets kept entries: start empty
         new = _as_mask(method.compute_mask(weight, default_mask=torch.zeros_like(current)), weight.shape, method) & mask
-        if torch.equal(new, mask):
-            raise ValueError(
-                f"pruning_method {type(method).__name__} pruned nothing at sparsity {sparsity:g} (with the current mask and "
-                "with an empty one as default_mask); its compute_mask must zero pruned entries or set kept ones"
-            )
+    kept, expected = int(new.sum()), weight.numel() - target_pruned
+    if abs(kept - expected) > 1 + 0.01 * weight.numel():
+        raise ValueError(
+            f"pruning_method {type(method).__name__} kept {kept} of {weight.numel()} weights at sparsity {sparsity:g} "
+            f"(expected about {expected}); its compute_mask must zero pruned entries of default_mask or set kept ones, "
+            "keeping about (1 - amount) of the weights"
+        )
     return new

@@ -318,7 +318,10 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
 
         enable_topk_attention(model, topk_ratio)
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers >= 5.2x)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dense_opt, sparse_opt = _optimizers(model, sparsifier, learning_rate, extra["weight_decay"])
     ctx = _Run(args, model, sparsifier, data, dense_opt, sparse_opt, LossScaler(fp16), device, total)
     out = None if output_dir is None else Path(output_dir)

@@ -220,9 +220,10 @@ class DynamicSparsity:
             gradual.prune(0)
             self.history.append(gradual.last_update)
             self.policies.append(gradual)
-        elif cfg.structure is None:  # (N:M: prune_model pruned the layers)
-            pruned = prune_to(self.masked, cfg.sparsity_ratio, method)
-            self.history.append({"step": 0, "kind": "prune", "sparsity": cfg.sparsity_ratio,
+        else:  # N:M: prune_model has pruned the layers
+            pruned = prune_to(self.masked, cfg.sparsity_ratio, method) if cfg.structure is None else {
+                name: int((~mask).sum()) for name, mask in self.masked.masks.items()}
+            self.history.append({"step": 0, "kind": "prune", "sparsity": cfg.final_sparsity,
                                  "layers": {name: {"pruned": count} for name, count in pruned.items()}})
         if cfg.use_rigl:
             self.policies.append(RigL(self.masked, total_steps, interval=cfg.mask_update_interval,
