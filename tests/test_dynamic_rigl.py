@@ -349,3 +349,14 @@ def test_decreasing_or_out_of_range_schedules_are_errors():
                          targets=["0"])
     with pytest.raises(ValueError, match="cannot un-prune"):
         sp.step()
+
+
+def test_topk_mask_takes_an_exact_count():
+    from slope.masks import topk_mask
+
+    scores = torch.randn(5, 7)
+    mask = topk_mask(scores, keep=9)
+    assert int(mask.sum()) == 9 and scores[mask].min() >= scores[~mask].max()
+    for kwargs, match in ((dict(), "either"), (dict(sparsity=0.5, keep=3), "either"), (dict(keep=36), r"\[0, 35\]")):
+        with pytest.raises(ValueError, match=match):
+            topk_mask(scores, **kwargs)
