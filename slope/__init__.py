@@ -24,6 +24,7 @@ __all__ = [
     "merge_lora",
     "prune_model",
     "save_pretrained",
+    "sparse_finetune",
     "sparse_modules",
     "sync_grads",
 ]
@@ -35,4 +36,8 @@ def __getattr__(name):
         from slope.hf import SparseOptimizerCallback
 
         return SparseOptimizerCallback
+    if name == "sparse_finetune":  # slope.dynamic (seed 000's one call)
+        from slope.dynamic.finetune import sparse_finetune
+
+        return sparse_finetune
     raise AttributeError(f"module 'slope' has no attribute {name!r}")

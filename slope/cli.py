@@ -1,4 +1,5 @@
-"""The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate``, ``slope export`` (also ``python -m slope``)."""
+"""The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate``, ``slope export``,
+``slope sparse-finetune`` (also ``python -m slope``)."""
 from __future__ import annotations
 
 import argparse
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory, or a run directory holding checkpoint/")
     exp.add_argument("--output-dir", required=True, metavar="DIR", help="the Hugging Face folder to write")
     exp.add_argument("--form", choices=EXPORT_FORMS, default="dense", help="dense, sparse or merged (default: dense)")
+
+    from slope.dynamic.cli import add_parser as add_sparse_finetune
+
+    add_sparse_finetune(sub)
     return parser
 
 
@@ -236,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare and args.mode is not None:
                 parser.error("--compare evaluates every mode; drop --mode")
             return _run_eval(args)
+        elif args.command == "sparse-finetune":
+            from slope.dynamic.cli import run as run_sparse_finetune
+
+            return run_sparse_finetune(args)
         elif args.command == "generate":
             if args.max_new_tokens < 1:
                 parser.error("--max-new-tokens must be >= 1")

@@ -156,6 +156,10 @@ class SparseLinear(nn.Module):
         self.register_buffer("meta", meta)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.values_grad: torch.Tensor | None = None
+        # Mask-update policies (RigL) set keep_dense_grad for a step whose full weight gradient
+        # dyᵀx they need: the backward computes it anyway and then also adds it to dense_grad.
+        self.keep_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
         self.lora_rank = 0
         self._operands: dict[tuple, tuple[tuple, Any]] = {}
         # backend metadata of the operands' masks, M forward and M_t backward (see
@@ -323,10 +327,46 @@ class SparseLinear(nn.Module):
         values = self.values.detach()
         if self._triton_2to4(values):  # one Triton pass on CUDA
             return kernels.scatter_kept_2to4(values, self.mask_bits, dtype)
-        dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
+        return self._scatter_kept(values, dtype)
+
+    def _scatter_kept(self, kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Inverse of :meth:`_gather_kept`: a ``(out, in·N/M)`` tensor in ``values``' layout as a
+        dense ``(out, in)`` tensor of ``dtype``, zero where ``M`` prunes."""
+        dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=kept.device)
         groups = dense.view(self.out_features, -1, self.m)
-        groups.scatter_(-1, self._kept_offsets(), values.to(dtype).view(self.out_features, -1, self.n))
+        groups.scatter_(-1, self._kept_offsets(), kept.to(dtype).view(self.out_features, -1, self.n))
         return dense
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        """Change ``M`` to ``mask`` (bool ``(out, in)``, exactly N of every M inputs) between
+        optimizer steps (dynamic sparsity: RigL). Weights kept by both masks keep their values;
+        entries that join or leave ``M`` are zero. Every tensor in ``values``' layout moves to the
+        new positions the same way: :attr:`values_grad` and each per-entry state tensor that
+        ``optimizer`` (e.g. :class:`slope.optimizers.ADAMWSparse`) holds for :attr:`values`
+        (Adam's moments: carried over where kept, zero where grown). ``meta`` and ``M_t`` are
+        recomputed. Returns the bool ``(out, in)`` tensor of changed entries."""
+        mask = self._checked_mask(mask, "mask")
+        groups = mask.view(self.out_features, -1, self.m).sum(-1)
+        if not bool((groups == self.n).all()):
+            raise ValueError(
+                f"{self.layer_name or 'SparseLinear'}: set_mask needs exactly {self.n} kept of every {self.m} inputs; "
+                "build the mask with slope.masks.nm_mask_from_scores"
+            )
+        changed = mask ^ self.mask
+        state = {} if optimizer is None else optimizer.state.get(self.values, {})
+        moved = {key: t for key, t in state.items() if torch.is_tensor(t) and t.shape == self.values.shape}
+        if self.values_grad is not None:
+            moved[None] = self.values_grad
+        dense = {key: self._scatter_kept(t, t.dtype).masked_fill_(changed, 0) for key, t in moved.items()}
+        weight = self._scatter_kept(self.values.detach(), self.values.dtype).masked_fill_(changed, 0)
+        self._set_mask(mask)
+        self.values.copy_(self._gather_kept(weight))
+        for key, full in dense.items():
+            moved[key].copy_(self._gather_kept(full))
+        self._refresh_meta()
+        self.update_mask_t()
+        return changed
 
     def backward_weight(self) -> torch.Tensor:
         """Current ``W ⊙ M ⊙ M_t`` as a dense ``(out, in)`` tensor (a fresh copy)."""
@@ -450,7 +490,13 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def _accumulate_grad(self, full_grad: torch.Tensor) -> None:
         """Add ``(dyᵀ x) ⊙ M`` (given dense ``(out, in)``) to :attr:`values_grad`, kept compressed
-        (2:4 on CUDA: one fused gather-and-add kernel; else a gather with the cached offsets)."""
+        (2:4 on CUDA: one fused gather-and-add kernel; else a gather with the cached offsets).
+        With :attr:`keep_dense_grad` also add the whole ``dyᵀ x`` to :attr:`dense_grad` (fp32)."""
+        if self.keep_dense_grad:
+            if self.dense_grad is None:
+                self.dense_grad = full_grad.float()
+            else:
+                self.dense_grad.add_(full_grad)
         if self._triton_2to4(full_grad, self.values):
             if self.values_grad is None:
                 self.values_grad = torch.zeros_like(self.values)
@@ -523,6 +569,8 @@ class SparseLinear(nn.Module):
         state.setdefault("_structures", {})  # layers pickled before the cache existed
         state.setdefault("_validated_mask", None)
         state.setdefault("weight_transposed", False)
+        state.setdefault("keep_dense_grad", False)  # layers pickled before dynamic sparsity
+        state.setdefault("dense_grad", None)
         buffers = state.get("_buffers", {})
         for old, new in (("mask", "mask_bits"), ("mask_t", "mask_t_bits")):  # pickled with bool masks
             if old in buffers:
@@ -536,6 +584,8 @@ class SparseLinear(nn.Module):
         self._backends.clear()
         if self.values_grad is not None:
             self.values_grad = fn(self.values_grad)
+        if self.dense_grad is not None:
+            self.dense_grad = fn(self.dense_grad)
         result = super()._apply(fn, recurse)
         # After a dtype change the metadata layout (plain vs CUTLASS) may have to change.
         if self.meta is not None and self.meta.dtype != metadata_dtype(self.out_features, self.in_features, self.values.dtype):

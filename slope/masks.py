@@ -97,13 +97,19 @@ def nm_mask_from_scores(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _topn_along_last(groups, n).reshape(scores.shape)
 
 
-def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, sparsity: float | None = None, *, keep: int | None = None) -> torch.Tensor:
     """Unstructured: keep the ``round((1 - sparsity) · numel)`` largest ``scores`` of the whole
-    tensor (ties: lower flat index); ``0 <= sparsity <= 1``."""
-    if not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
-    keep = round((1.0 - float(sparsity)) * scores.numel())
-    return _topn_along_last(scores.detach().reshape(-1), keep).reshape(scores.shape)
+    tensor (ties: lower flat index); ``0 <= sparsity <= 1``. Or give the exact count ``keep``
+    (``0 <= keep <= numel``) instead of ``sparsity``."""
+    if (sparsity is None) == (keep is None):
+        raise ValueError("topk_mask takes either sparsity or keep (a count of kept entries), not both or neither")
+    if keep is None:
+        if not 0.0 <= float(sparsity) <= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+        keep = round((1.0 - float(sparsity)) * scores.numel())
+    elif not 0 <= int(keep) <= scores.numel():
+        raise ValueError(f"keep must be a count in [0, {scores.numel()}], got {keep!r}")
+    return _topn_along_last(scores.detach().reshape(-1), int(keep)).reshape(scores.shape)
 
 
 def mask_from_scores(

@@ -7,9 +7,11 @@
   (``slope.pruning``, ``slope.dynamic``, ``slope.peft``).
 
 Masks themselves come from :mod:`slope.masks` (:func:`slope.masks.mask_from_scores`). 2:4 weights
-that train on slope's SLoPe layers (:class:`slope.SparseLinear`) keep their masks in the layer.
+that train on slope's SLoPe layers (:class:`slope.SparseLinear`) keep their masks in the layer;
+:class:`SparseLayerMasks` shows those masks to a policy through :class:`MaskedWeights`' interface.
 """
+from slope.sparsity.layers import SparseLayerMasks
 from slope.sparsity.masked import MaskedWeights
 from slope.sparsity.policy import MaskPolicy, StaticMask
 
-__all__ = ["MaskedWeights", "MaskPolicy", "StaticMask"]
+__all__ = ["MaskedWeights", "MaskPolicy", "SparseLayerMasks", "StaticMask"]

@@ -25,12 +25,19 @@ class MaskedWeights:
     :meth:`set_mask` changes a mask (RigL, gradual pruning): entries that leave or join the mask
     restart from zero in the weights and in the optimizer state. Masks live on the parameters'
     devices; :meth:`state_dict` stores them packed (1 bit per entry).
+
+    Dense gradients (RigL's regrowth): while :meth:`capture_dense_grads` is on, the gradient hook
+    also adds each full gradient (pruned entries included, before masking; fp32) to
+    :attr:`dense_grads` — autograd computes the full gradient anyway, so the only cost is one
+    weight-sized buffer per parameter while capturing.
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor] | None = None):
         self.params: dict[str, nn.Parameter] = dict(params)
         self.masks: dict[str, torch.Tensor] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self.capturing = False
+        self.dense_grads: dict[str, torch.Tensor] = {}
         for name, mask in (masks or {}).items():
             self._store(name, mask)
         for name in self.params:
@@ -52,7 +59,23 @@ class MaskedWeights:
             )
         self.masks[name] = mask.to(param.device)
         if name not in self._hooks and param.requires_grad:
-            self._hooks[name] = param.register_hook(lambda grad, name=name: grad * self.masks[name].to(grad.dtype))
+            self._hooks[name] = param.register_hook(lambda grad, name=name: self._mask_grad(name, grad))
+
+    def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        if self.capturing:
+            held = self.dense_grads.get(name)
+            self.dense_grads[name] = grad.detach().to(torch.float32, copy=True) if held is None else held.add_(grad.detach())
+        return grad * self.masks[name].to(grad.dtype)
+
+    def capture_dense_grads(self, on: bool) -> None:
+        """Start (``True``: :attr:`dense_grads` emptied, then accumulated over the following backward
+        passes) or stop (``False``: emptied) keeping the full gradients."""
+        self.capturing = bool(on)
+        self.dense_grads = {}
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The current weight ``name`` (pruned entries zero), detached."""
+        return self.params[name].detach()
 
     # ------------------------------------------------------------------ keeping zeros zero
     @torch.no_grad()

@@ -1,0 +1,110 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017) as a :class:`MaskPolicy`, and one-off pruning to a sparsity.
+
+Every ``interval`` optimizer steps (and after the last one) each masked weight is pruned to the
+sparsity ``schedule(steps_done, total_steps)``: the kept entries of smallest ``|w|`` — or those a
+custom ``torch.nn.utils.prune.BasePruningMethod`` picks (:mod:`slope.dynamic.criteria`) — join the
+pruned ones, which stay pruned. Per layer: every layer reaches the scheduled sparsity. Towards an
+N:M target the sparsity moves in whole entries per group (2:4: 4:4 → 3:4 → 2:4), so the layers
+are N:M only once the schedule reaches ``1 - N/M``; they train as masked dense weights until then.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn.utils.prune import BasePruningMethod
+
+from slope.masks import nm_mask_from_scores, topk_mask
+from slope.sparsity import MaskPolicy
+from slope.dynamic.criteria import criterion_mask
+from slope.dynamic.policies import check_schedule
+
+__all__ = ["GradualPruning", "prune_to"]
+
+
+@torch.no_grad()
+def prune_to(masked, sparsity: float, method: BasePruningMethod | None = None,
+             optimizer: torch.optim.Optimizer | None = None, structure: tuple[int, int] | None = None) -> dict[str, int]:
+    """Prune every weight of ``masked`` to ``sparsity`` (never un-pruning); returns the newly pruned
+    count per weight. ``structure`` ``(n, m)``: every group of ``m`` inputs keeps
+    ``clamp(round((1 - sparsity)·m), n, m)`` — gradual N:M steps through ``m:m, (m-1):m, …, n:m``."""
+    pruned = {}
+    for name, mask in masked.masks.items():
+        scores = masked.weight(name).abs().float().masked_fill(~mask, -1.0)  # pruned ones stay pruned
+        if structure is not None:
+            n, m = structure
+            per_group = min(m, max(n, round((1.0 - sparsity) * m)))
+            new = nm_mask_from_scores(scores, per_group, m) & mask
+        else:
+            keep = round((1.0 - sparsity) * mask.numel())
+            if keep >= int(mask.sum()):
+                pruned[name] = 0
+                continue
+            new = topk_mask(scores, keep=keep) if method is None else criterion_mask(method, masked.weight(name), mask, sparsity)
+        pruned[name] = int(masked.set_mask(name, new, optimizer).sum())
+    return pruned
+
+
+class GradualPruning(MaskPolicy):
+    """Prune to ``schedule(steps_done, total_steps)`` after every ``interval`` steps and the last one
+    (unstructured, or N:M through intermediate ``k:m`` stages with ``structure``; see :func:`prune_to`).
+
+    The schedule must never decrease (pruned weights are gone); a value outside ``[0, 1)`` or a
+    decrease is a clear error. :attr:`last_update` records each pruning event.
+    """
+
+    kind = "gradual"
+
+    def __init__(self, masked, total_steps: int, schedule: Callable[[int, int], float], *, interval: int = 100,
+                 pruning_method: BasePruningMethod | None = None, structure: tuple[int, int] | None = None):
+        super().__init__(masked, total_steps)
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise ValueError(f"gradual pruning: the mask update interval must be a positive int of optimizer steps, got {interval!r}")
+        if not callable(schedule):
+            raise TypeError(f"sparsity_schedule must be callable (step, total_steps) -> sparsity, got {type(schedule).__name__}")
+        self.schedule, self.interval, self.pruning_method, self.structure = schedule, interval, pruning_method, structure
+        self.last_target = 0.0
+        self.last_update: dict[str, Any] | None = None
+
+    def target(self, steps_done: int) -> float:
+        """The schedule's sparsity after ``steps_done`` steps, validated (range, never decreasing)."""
+        value = self.schedule(steps_done, self.total_steps)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"sparsity_schedule({steps_done}, {self.total_steps}) returned {value!r}, not a number") from None
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"sparsity_schedule({steps_done}, {self.total_steps}) = {value!r} is outside [0, 1)")
+        if value < self.last_target - 1e-9:
+            raise ValueError(
+                f"sparsity_schedule({steps_done}, {self.total_steps}) = {value:g} is below the earlier {self.last_target:g}: "
+                "gradual pruning cannot un-prune; make the schedule non-decreasing"
+            )
+        return value
+
+    def prune(self, steps_done: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Prune to :meth:`target` of ``steps_done`` now (also the initial pruning, ``steps_done=0``)."""
+        target = self.target(steps_done)
+        pruned = prune_to(self.masked, target, self.pruning_method, optimizer, self.structure)
+        self.last_target = max(self.last_target, target)
+        self.last_update = {"step": steps_done, "kind": self.kind, "sparsity": target,
+                            "layers": {name: {"pruned": count} for name, count in pruned.items()}}
+
+    def due(self, step: int) -> bool:
+        done = step + 1
+        return done % self.interval == 0 or done == self.total_steps
+
+    def update(self, step: int, optimizer: torch.optim.Optimizer | None, grads: dict[str, torch.Tensor] | None) -> None:  # noqa: ARG002
+        self.prune(step + 1, optimizer)
+
+    def _schedule_state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "interval": self.interval, "structure": None if self.structure is None else list(self.structure)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "schedule": self._schedule_state(), "last_target": self.last_target}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_schedule(self, state["schedule"])
+        super().load_state_dict(state)
+        self.last_target = float(state["last_target"])
