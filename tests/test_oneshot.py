@@ -271,8 +271,13 @@ def test_bad_calibration_and_outputs(tmp_path):
     with pytest.raises(FileExistsError, match="not an empty folder"):
         oneshot(model, r, dataset=token_ids(), output_dir=tmp_path / "full", verbose=False)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
-    # magnitude pruning needs no data at all
+    # magnitude pruning needs no data at all, nor transformer blocks
     oneshot(model, recipe("MagnitudePruningModifier", sparsity=0.5), verbose=False)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    oneshot(mlp, recipe("MagnitudePruningModifier", mask_structure="2:4"), verbose=False)
+    assert is_nm_sparse(mlp[0].weight != 0, 2, 4, exact=True) and is_nm_sparse(mlp[2].weight != 0, 2, 4, exact=True)
+    with pytest.raises(RecipeError, match="no nn.ModuleList"):
+        oneshot(mlp, recipe("WandaPruningModifier", sparsity=0.5), dataset=token_ids(), verbose=False)
 
 
 def test_calibration_windows():

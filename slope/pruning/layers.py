@@ -8,7 +8,7 @@
   ``"LlamaDecoderLayer"``) or ``re:REGEX`` (``re.match`` on the module name, so
   ``re:model.layers.\\d+$`` selects the blocks). A selected module that is not a linear selects the
   linears inside it; a linear inside an ignored module is ignored. No targets: every linear inside
-  the blocks.
+  the blocks (every linear, for a model without blocks).
 - :class:`WeightJournal`: writes pruned weights and keeps the originals until the run succeeds.
 """
 from __future__ import annotations
@@ -97,8 +97,9 @@ def _tied_to_embedding(weight: torch.Tensor, model: nn.Module) -> bool:
 def _selected(model: nn.Module, modifier: PruningModifier, blocks_name: str | None) -> dict[str, bool]:
     """``{linear name: explicitly named}`` of the linears ``targets`` select (before ``ignore``)."""
     modules = dict(model.named_modules())
-    if modifier.targets is None:
-        return {n: False for n, m in modules.items() if n and is_linear(m) and _block_index(n, blocks_name) is not None}
+    if modifier.targets is None:  # the linears of the blocks (all linears of a model without blocks)
+        return {n: False for n, m in modules.items()
+                if n and is_linear(m) and (blocks_name is None or _block_index(n, blocks_name) is not None)}
     chosen: dict[str, bool] = {}
     for entry in modifier.targets:
         hits = [n for n, m in modules.items() if _matches(entry, n, m)]
