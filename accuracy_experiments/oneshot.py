@@ -145,6 +145,24 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table(records: list[dict]) -> str:
+    """Markdown: per structure and method, the mean over seeds (and the per-seed values)."""
+    seeds = sorted({r["config"]["seed"] for r in records})
+    dense = {r["config"]["seed"]: r["dense"]["val_loss"] for r in records}
+    lines = [f"dense validation loss: {', '.join(f'seed {s}: {dense[s]:.4f}' for s in seeds)}", "",
+             "| structure | method | loss increase over dense (mean; per seed) | ppl ratio (mean) | prune time (s, mean) |",
+             "|---|---|---|---|---|"]
+    for structure, method in cells(False):
+        rows = [r for r in records if r["config"]["structure"] == structure and r["config"]["method"] == method]
+        if not rows:
+            continue
+        inc = [r["loss_increase"] for r in rows]
+        lines.append(f"| {structure} | {method} | {sum(inc) / len(inc):.4f} ({'; '.join(f'{v:.4f}' for v in inc)}) | "
+                     f"{sum(r['val_ppl_ratio'] for r in rows) / len(rows):.4f} | "
+                     f"{sum(r['sparse']['prune_seconds'] for r in rows) / len(rows):.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -154,17 +172,24 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", default=str(REPO_ROOT / "runs"), help="where the pretraining runs go")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--quick", action="store_true", help="smoke run: 2:4 only, one seed, 20 steps, few samples")
+    parser.add_argument("--report-only", action="store_true", help="print the table and redraw the plot from --out")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        records = json.loads((out / "oneshot.json").read_text())
+        plot(records, out / "oneshot.png")
+        print(table(records))
+        return
     if args.quick:
         args.seeds, args.max_steps, args.samples, args.eval_batches = args.seeds[:1], 20, 8, 2
     torch.set_num_threads(1)  # the 2-core machine is shared; one thread per process is faster and steadier
     env = environment(torch.device("cpu"))
     env.update({"transformers": __import__("transformers").__version__})
     records = [r for seed in args.seeds for r in run_seed(seed, args, env)]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "oneshot.json").write_text(json.dumps(records, indent=1))
     plot(records, out / "oneshot.png")
+    print(table(records))
     print(f"wrote {out / 'oneshot.json'} and {out / 'oneshot.png'}")
 
 

@@ -232,6 +232,7 @@ BAD_RECIPES = [
     (recipe("SparseGPTModifier", sparsity=0.5, targets=["re:model.layerz.\\d+$"]), "matches no module"),
     (recipe("SparseGPTModifier", sparsity=0.5, ignore=["re:(unclosed"]), "not a valid regex"),
     (recipe("SparseGPTModifier", sparsity=0.5, ignore=["model.layers.9"]), "matches no module"),
+    ("s:\n  g:\n    WandaPruningModifier: {mask_structure: 2:4}\n", "quote it"),
     ({}, "holds no modifiers"),
     ("just: [a, list", "not valid YAML"),
     ("missing_recipe.yaml", "not found"),
@@ -271,6 +272,8 @@ def test_bad_calibration_and_outputs(tmp_path):
     with pytest.raises(FileExistsError, match="not an empty folder"):
         oneshot(model, r, dataset=token_ids(), output_dir=tmp_path / "full", verbose=False)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+    with pytest.raises(TypeError, match="save_pretrained"):
+        oneshot(model, r, dataset=token_ids(), tokenizer=shipped_tokenizer()._tokenizer, output_dir=tmp_path / "o", verbose=False)
     # magnitude pruning needs no data at all, nor transformer blocks
     oneshot(model, recipe("MagnitudePruningModifier", sparsity=0.5), verbose=False)
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))

@@ -57,6 +57,9 @@ class PruningModifier:
     def __post_init__(self):
         self.targets = _names(self, "targets")
         self.ignore = _names(self, "ignore") or []
+        if isinstance(self.mask_structure, int):
+            raise RecipeError(f"{self.name}: mask_structure {self.mask_structure!r} is a number; quote it, e.g. "
+                              "mask_structure: \"2:4\" (YAML reads an unquoted 2:4 as the base-60 number 124)")
         try:
             self.structure = parse_structure(self.mask_structure)
         except ValueError as e:

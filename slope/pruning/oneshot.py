@@ -168,6 +168,9 @@ def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples
         raise TypeError(f"oneshot needs a torch model (e.g. a transformers PreTrainedModel) or a model folder, got {type(model).__name__}")
     entries = parse_recipe(recipe)
     out = _check_output_dir(output_dir)
+    if out is not None and tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"output_dir saves the tokenizer with save_pretrained, which {type(tokenizer).__name__} lacks; pass a "
+                        "transformers tokenizer (e.g. PreTrainedTokenizerFast(tokenizer_object=tok))")
     planned = [(entry, *select_layers(model, entry.modifier)) for entry in entries]
     samples = None
     if any(entry.modifier.statistics for entry in entries):
