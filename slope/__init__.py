@@ -10,6 +10,7 @@ from slope.io import export_dense, from_pretrained, save_pretrained
 from slope.layer import SparseLinear
 from slope.lora import merge_lora
 from slope.prune import prune_model
+from slope.pruning import oneshot
 from slope.registry import GradDict, grad_dict, sparse_modules
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "from_pretrained",
     "grad_dict",
     "merge_lora",
+    "oneshot",
     "prune_model",
     "save_pretrained",
     "sparse_finetune",

@@ -1,5 +1,5 @@
 """The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate``, ``slope export``,
-``slope sparse-finetune`` (also ``python -m slope``)."""
+``slope oneshot``, ``slope sparse-finetune`` (also ``python -m slope``)."""
 from __future__ import annotations
 
 import argparse
@@ -126,7 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
     from slope.dynamic.cli import add_parser as add_sparse_finetune
 
     add_sparse_finetune(sub)
+    _add_oneshot_parser(sub)
     return parser
+
+
+def _add_oneshot_parser(sub) -> None:
+    one = sub.add_parser("oneshot", help="prune a pretrained model in one shot with a recipe (magnitude, Wanda, SparseGPT, OWL)",
+                         description="One-shot pruning with a SparseML / llm-compressor style recipe; writes a save_pretrained "
+                         "folder with its tokenizer, recipe.yaml and sparsity_report.json. See docs/oneshot.md.")
+    one.add_argument("--model", required=True, metavar="DIR",
+                     help="a Hugging Face model folder, a slope save_pretrained folder, or a `slope train` checkpoint/run folder")
+    one.add_argument("--recipe", required=True, metavar="FILE", help="YAML recipe (stage -> modifier group -> ModifierName: {params})")
+    one.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR", help="new (or empty) folder")
+    one.add_argument("--dataset", default=None, help="calibration data: 'embedded', a .txt/.jsonl file, or a Hugging Face "
+                     "dataset name (needs internet); not needed by MagnitudePruningModifier")
+    one.add_argument("--dataset-config-name", "--dataset_config_name", dest="dataset_config_name", default=None,
+                     help="config of a Hugging Face dataset (e.g. main)")
+    one.add_argument("--text-field", default="text", help="text field of .jsonl records / Hugging Face datasets")
+    one.add_argument("--num-calibration-samples", "--num_calibration_samples", dest="num_calibration_samples", type=int,
+                     default=512, metavar="N", help="calibration windows (default: 512)")
+    one.add_argument("--max-seq-len", "--max_seq_len", "--max-seq-length", dest="max_seq_len", type=int, default=512,
+                     metavar="L", help="tokens per calibration window (default: 512)")
+    one.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's own)")
+    one.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    one.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="dtype to load and prune the model in (auto: as saved)")
 
 
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
@@ -220,6 +244,31 @@ def _run_export(args: argparse.Namespace) -> None:
         print(f"note: {result.note}", file=sys.stderr)
 
 
+def _run_oneshot(args: argparse.Namespace) -> int:
+    from slope.evaluate import resolve_device
+    from slope.pruning import oneshot
+    from slope.pruning.loading import load_model
+    from slope.pruning.recipe import parse_recipe
+    from slope.pruning.sparsegpt import PruningError
+
+    try:
+        parse_recipe(args.recipe)  # recipe errors before the model loads
+        model, tokenizer = load_model(args.model, resolve_device(args.device), args.precision)
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        dataset = args.dataset
+        if dataset and args.dataset_config_name:
+            dataset = f"{dataset}:{args.dataset_config_name}"
+        oneshot(model, args.recipe, dataset, tokenizer, args.num_calibration_samples, args.max_seq_len, args.output_dir,
+                text_field=args.text_field)
+    except (ValueError, OSError, PruningError) as e:
+        print(f"slope oneshot: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
@@ -251,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             _run_generate(args)
         elif args.command == "export":
             _run_export(args)
+        elif args.command == "oneshot":
+            return _run_oneshot(args)
     except (CheckpointError, DataError, ConfigError) as e:
         print(f"slope {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,192 @@
+"""Which linear layers a modifier prunes, and writing their weights so that a failure can be undone.
+
+- :func:`find_blocks`: the model's transformer blocks (the ``nn.ModuleList`` holding most
+  parameters: ``model.layers`` of Llama / Mistral / Qwen2, ``model.decoder.layers`` of OPT,
+  ``transformer.h`` of GPT-2, ``bert.encoder.layer`` of BERT).
+- :func:`select_layers`: the linears (``nn.Linear``, GPT-2 ``Conv1D``) a modifier's ``targets`` /
+  ``ignore`` select. An entry is a module name (exact), a class name (``"Linear"``,
+  ``"LlamaDecoderLayer"``) or ``re:REGEX`` (``re.match`` on the module name, so
+  ``re:model.layers.\\d+$`` selects the blocks). A selected module that is not a linear selects the
+  linears inside it; a linear inside an ignored module is ignored. No targets: every linear inside
+  the blocks (every linear, for a model without blocks).
+- :class:`WeightJournal`: writes pruned weights and keeps the originals until the run succeeds.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from slope.prune import DEFAULT_SKIP
+from slope.pruning.modifiers import PruningModifier, RecipeError
+
+__all__ = ["LayerPlan", "Skipped", "WeightJournal", "find_blocks", "is_linear", "read_weight", "select_layers"]
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or HF GPT-2 ``Conv1D`` (which stores its weight as ``(in, out)``)."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def read_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(out, in)`` (a view for ``Conv1D``)."""
+    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+
+
+@dataclass
+class LayerPlan:
+    """A linear to prune: ``name``, ``module``, its block index (``None`` outside the blocks), ``shape`` (out, in)."""
+
+    name: str
+    module: nn.Module
+    block: int | None
+    shape: tuple[int, int]
+
+
+@dataclass
+class Skipped:
+    """A selected linear that is left as it is, and why."""
+
+    name: str
+    shape: tuple[int, int]
+    reason: str
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """``(name, blocks)``: the ``nn.ModuleList`` with the most parameters, or ``None`` if there is none."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            size = sum(p.numel() for p in module.parameters())
+            if size and (best is None or size > best[2]):
+                best = (name, module, size)
+    return None if best is None else (best[0], best[1])
+
+
+def _matches(entry: str, name: str, module: nn.Module) -> bool:
+    if entry.startswith("re:"):
+        return re.match(entry[3:], name) is not None
+    return name == entry or type(module).__name__ == entry
+
+
+def _check_regexes(entries: list[str], modifier: PruningModifier, key: str) -> None:
+    for entry in entries:
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as e:
+                raise RecipeError(f"{modifier.name}: {key} entry {entry!r} is not a valid regex ({e})") from None
+
+
+def _block_index(name: str, blocks_name: str | None) -> int | None:
+    if blocks_name is None:
+        return None
+    prefix = blocks_name + "." if blocks_name else ""
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _tied_to_embedding(weight: torch.Tensor, model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Embedding) and m.weight.data_ptr() == weight.data_ptr() for m in model.modules())
+
+
+def _selected(model: nn.Module, modifier: PruningModifier, blocks_name: str | None) -> dict[str, bool]:
+    """``{linear name: explicitly named}`` of the linears ``targets`` select (before ``ignore``)."""
+    modules = dict(model.named_modules())
+    if modifier.targets is None:  # the linears of the blocks (all linears of a model without blocks)
+        return {n: False for n, m in modules.items()
+                if n and is_linear(m) and (blocks_name is None or _block_index(n, blocks_name) is not None)}
+    chosen: dict[str, bool] = {}
+    for entry in modifier.targets:
+        hits = [n for n, m in modules.items() if _matches(entry, n, m)]
+        if not hits:
+            raise RecipeError(f"{modifier.name}: target {entry!r} matches no module of {type(model).__name__}; "
+                              "check the name (module names look like model.layers.0.mlp.up_proj)")
+        for hit in hits:
+            if is_linear(modules[hit]):
+                chosen[hit] = chosen.get(hit, False) or hit == entry
+            else:
+                prefix = hit + "." if hit else ""
+                for n, m in modules.items():
+                    if n.startswith(prefix) and n and is_linear(m):
+                        chosen.setdefault(n, False)
+    return chosen
+
+
+def _skip_reason(name, module, explicit, modifier, model, blocks_name, ignored) -> str:
+    out_features, in_features = read_weight(module).shape
+    if ignored:
+        return "ignored by the recipe"
+    if not explicit and name.rpartition(".")[2] in DEFAULT_SKIP:
+        return "vocabulary projection (default skip; name it exactly in targets to prune it)"
+    if _tied_to_embedding(module.weight, model):
+        return "tied to an embedding"
+    if modifier.statistics is not None and _block_index(name, blocks_name) is None:
+        return "outside the transformer blocks (calibration runs block by block)"
+    if modifier.structure is not None and in_features % modifier.structure[1]:
+        return f"in_features {in_features} not divisible by M={modifier.structure[1]}"
+    return ""
+
+
+def select_layers(model: nn.Module, modifier: PruningModifier) -> tuple[list[LayerPlan], list[Skipped]]:
+    """The linears ``modifier`` prunes and the selected ones it leaves alone (with the reason).
+
+    Raises :class:`RecipeError` for a ``targets`` / ``ignore`` entry that matches nothing, and when
+    nothing at all is left to prune.
+    """
+    _check_regexes(modifier.targets or [], modifier, "targets")
+    _check_regexes(modifier.ignore, modifier, "ignore")
+    found = find_blocks(model)
+    blocks_name = found[0] if found else None
+    if modifier.statistics is not None and found is None:
+        raise RecipeError(f"{modifier.name} calibrates block by block, but {type(model).__name__} has no nn.ModuleList of "
+                          "transformer blocks; use MagnitudePruningModifier")
+    modules = dict(model.named_modules())
+    for entry in modifier.ignore:
+        if not any(_matches(entry, n, m) for n, m in modules.items()):
+            raise RecipeError(f"{modifier.name}: ignore entry {entry!r} matches no module of {type(model).__name__}")
+    plans, skipped = [], []
+    for name, explicit in _selected(model, modifier, blocks_name).items():
+        module = modules[name]
+        shape = tuple(read_weight(module).shape)
+        parts = name.split(".")
+        ancestry = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        ignored = any(_matches(e, a, modules[a]) for e in modifier.ignore for a in ancestry)
+        reason = _skip_reason(name, module, explicit, modifier, model, blocks_name, ignored)
+        if reason:
+            skipped.append(Skipped(name, shape, reason))
+        else:
+            plans.append(LayerPlan(name, module, _block_index(name, blocks_name), shape))
+    if not plans:
+        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:6]) or "no linear layers selected"
+        raise RecipeError(f"{modifier.name} selects no layer it can prune ({detail}); adjust targets / ignore / mask_structure")
+    return plans, skipped
+
+
+class WeightJournal:
+    """Writes new weights into linears, keeping each original (on the CPU) until :meth:`commit`;
+    :meth:`rollback` restores every written layer, so a failed run leaves the model as it was."""
+
+    def __init__(self):
+        self._originals: dict[nn.Module, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def write(self, module: nn.Module, weight: torch.Tensor) -> None:
+        """Set ``module``'s weight to ``weight (out, in)`` (cast to the module's dtype)."""
+        target = read_weight(module)
+        if module not in self._originals:
+            self._originals[module] = module.weight.detach().to("cpu", copy=True)
+        target.copy_(weight.to(target.dtype))
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        for module, original in self._originals.items():
+            module.weight.copy_(original.to(module.weight.device))
+        self._originals.clear()
+
+    def commit(self) -> None:
+        self._originals.clear()

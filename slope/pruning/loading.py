@@ -1,0 +1,83 @@
+"""Loading the model that ``slope oneshot --model`` names, with its tokenizer.
+
+``--model`` may be
+
+- a Hugging Face model folder (``config.json`` + weights, from ``save_pretrained``): built with the
+  class its config names (``architectures``), else ``AutoModelForCausalLM``; its tokenizer is
+  loaded when the folder has one;
+- a ``slope train`` checkpoint (a folder with ``manifest.json``, or a run folder holding
+  ``checkpoint/``): loaded with :func:`slope.evaluate.load_trained_model` in ``dense`` form (plain
+  ``nn.Linear`` layers; a sparse run's effective weights ``W⊙M``), with the shipped tokenizer the run
+  was trained with;
+- a slope ``save_pretrained`` folder (``slope_config.json``): :func:`slope.from_pretrained`, then
+  densified.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+__all__ = ["load_model", "shipped_tokenizer"]
+
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def shipped_tokenizer():
+    """slope's byte-level BPE (the one ``slope train`` uses) as a ``transformers`` fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    from slope.data import EOS_TOKEN, TOKENIZER_FILE
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   pad_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+
+
+def _hf_model(path: Path, dtype):
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    cls = cls or AutoModelForCausalLM
+    return cls.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+
+
+def _hf_tokenizer(path: Path):
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(path, device: str = "cpu", precision: str = "auto") -> tuple[nn.Module, object | None]:
+    """``(model, tokenizer or None)`` for ``path`` (see the module docstring), on ``device`` in ``precision``
+    (``auto``: as saved; ``fp32``, ``bf16``, ``fp16``)."""
+    if precision not in DTYPES:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(DTYPES)}")
+    dtype = DTYPES[precision]
+    root = Path(path).expanduser()
+    if (root / "manifest.json").is_file() or (root / "checkpoint" / "manifest.json").is_file():
+        from slope.evaluate import load_trained_model
+
+        model, tokenizer = load_trained_model(root, device="cpu", mode="dense").model, shipped_tokenizer()
+    elif (root / "slope_config.json").is_file():
+        from slope.io import from_pretrained
+        from slope.prune import densify
+
+        model, tokenizer = from_pretrained(root), _hf_tokenizer(root)
+        densify(model)
+    elif (root / "config.json").is_file():
+        model, tokenizer = _hf_model(root, dtype), _hf_tokenizer(root)
+    else:
+        raise FileNotFoundError(
+            f"--model {path}: not a Hugging Face model folder (config.json), a slope save_pretrained folder "
+            "(slope_config.json) or a slope train checkpoint (manifest.json); models are loaded from local folders"
+        )
+    if dtype is not None:
+        model.to(dtype)
+    model.requires_grad_(False)
+    return model.to(device).eval(), tokenizer
