@@ -4,7 +4,8 @@ Every ``reselection_steps`` optimizer steps (not after the last), each delta of 
 replaces a fraction ``rate = initial_reselection_rate · (1 - t / T)`` of them (``t``: completed
 steps, ``T``: total), keeping its size ``k`` exactly:
 
-- **drop**: the ``⌊rate·k⌋`` entries whose delta values have the smallest magnitude;
+- **drop**: the ``⌊rate·k⌋`` entries whose delta values have the smallest magnitude (ties: the
+  lower weight index);
 - **grow**, ``rigl`` (SpIEL-AG): candidates are the ``k`` entries of largest ``|gradient|`` in the
   first backward of an accumulation window of ``selection_accumulation_steps`` (γ) optimizer
   steps ending at the reselection; their per-step gradients are summed over the window and the
@@ -211,10 +212,10 @@ class SftReselection(MaskPolicy):
 
     @staticmethod
     def _drop(delta: SparseDelta, n: int) -> torch.Tensor:
-        """Slots of the ``n`` smallest ``|values|`` (ties: lower slot), smallest first."""
-        magnitude = delta.values.detach().abs().float()
-        slots = largest(-magnitude, n)
-        return slots[torch.sort(magnitude[slots], stable=True).indices]
+        """Slots of the ``n`` smallest ``|values|`` (ties: lower weight index), smallest first."""
+        by_index = torch.sort(delta.indices).indices
+        magnitude = delta.values.detach().abs().float()[by_index]
+        return by_index[torch.sort(magnitude, stable=True).indices[:n]]
 
     def _regrow_rigl(self, name: str, delta: SparseDelta, n: int, optimizer) -> None:
         cand = self.candidates[name]
@@ -254,7 +255,7 @@ class SftReselection(MaskPolicy):
         state = opt.state[delta.values]
         scores = torch.outer(state["accumulator_0"], state["accumulator_1"]).reshape(-1)
         scores[delta.indices] = -1.0  # active entries cannot be grown
-        grown = largest(scores, n)
+        grown = largest(scores, n)  # ties: lower weight index
         grown = grown[scores[grown] > 0]
         grown = grown[torch.sort(scores[grown], descending=True, stable=True).indices]
         dropped = self._drop(delta, n)[: grown.numel()]
