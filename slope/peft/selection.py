@@ -248,11 +248,11 @@ class SftReselection(MaskPolicy):
 
     def _regrow_sm3(self, name: str, delta: SparseDelta, n: int, optimizer) -> None:
         opt = _unwrap_optimizer(optimizer)
-        if n == 0 or not isinstance(opt, SftSM3) or "accumulator_1" not in opt.state.get(delta.values, {}):
-            if n and not isinstance(opt, SftSM3):
-                raise TypeError("selection_algorithm='sm3' reselects from SftSM3's accumulators: train with slope.peft.SftSM3")
+        if n and not isinstance(opt, SftSM3):
+            raise TypeError("selection_algorithm='sm3' grows from SftSM3's accumulators: train with slope.peft.SftSM3")
+        state = opt.state.get(delta.values, {}) if n else {}
+        if "accumulator_1" not in state:  # nothing to reselect, or no step taken yet
             return
-        state = opt.state[delta.values]
         scores = torch.outer(state["accumulator_0"], state["accumulator_1"]).reshape(-1)
         scores[delta.indices] = -1.0  # active entries cannot be grown
         grown = largest(scores, n)  # ties: lower weight index
