@@ -216,7 +216,7 @@ class DenseReference:
 
 @pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
 def test_matches_dense_masked_reference(algorithm):
-    steps = 8
+    steps = 6
     cfg = config(selection_algorithm=algorithm)
     model = get_peft_model(tiny_llama(), cfg)
     deltas = DeltaSet({n: d for n, _, d in model.active_deltas()})
