@@ -10,7 +10,7 @@
    and optimizer state (every tensor in ``optimizer.state``). LoRA (the ``peft`` library) gets
    the rank whose trainable count is closest to SpIEL's; SIFT gets the same count.
 
-    python accuracy_experiments/peft_sft.py          # ~10-20 min on a 2-core CPU
+    python accuracy_experiments/peft_sft.py          # ~15 min on an idle 2-core CPU (over an hour under load)
     python accuracy_experiments/peft_sft.py --quick  # a smoke run of the pipeline
 
 Writes ``accuracy_experiments/results/peft_sft.json`` and ``peft_sft.png``.
@@ -43,7 +43,7 @@ DOMAIN = ["imaplib.py", "smtplib.py", "nntplib.py", "ftplib.py", "smtpd.py", "po
           "socketserver.py", "asynchat.py", "asyncore.py"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRESETS = {
-    "default": dict(pretrain_steps=300, steps=150, batch=8, seq_len=128, eval_every=25, eval_batches=8),
+    "default": dict(pretrain_steps=100, steps=60, batch=8, seq_len=128, eval_every=20, eval_batches=8),
     "quick": dict(pretrain_steps=4, steps=6, batch=2, seq_len=32, eval_every=3, eval_batches=1),
 }
 # One learning rate per method; the best of LR_FACTORS x it is reported (all are recorded).
