@@ -1,0 +1,43 @@
+"""Sparse-increment fine-tuning of frozen models (DESIGN §8.4): SIFT and PEFT-SFT / SpIEL.
+
+Ports of the two seeds change only their imports::
+
+    from slope.peft import SIFT                                   # SIFT (Song et al. 2023)
+    from slope.peft import (SftConfig, TaskType, get_peft_model,  # PEFT-SFT (Ansell et al. 2024)
+                            SftTrainer, SftAdamW, SftSM3, SftSelector)
+
+Both train a small sparse delta (indices + values) per target weight; gradients and optimizer state
+exist only for the delta's entries. See docs/peft.md.
+"""
+from slope.peft.config import SftConfig, TaskType
+from slope.peft.delta import SftLinear, SparseDelta
+from slope.peft.model import SftModel, get_peft_model
+from slope.peft.optim import SftAdamW, SftSM3
+from slope.peft.selection import DeltaSet, SftReselection
+from slope.peft.selector import SftSelector
+from slope.peft.sift import SIFT
+
+__all__ = [
+    "DeltaSet",
+    "SIFT",
+    "SftAdamW",
+    "SftConfig",
+    "SftLinear",
+    "SftModel",
+    "SftReselection",
+    "SftSM3",
+    "SftSelector",
+    "SftTrainer",
+    "SparseDelta",
+    "TaskType",
+    "get_peft_model",
+]
+
+
+def __getattr__(name):
+    # Imported lazily: the Trainer subclass pulls in transformers' Trainer (and accelerate).
+    if name == "SftTrainer":
+        from slope.peft.trainer import SftTrainer
+
+        return SftTrainer
+    raise AttributeError(f"module 'slope.peft' has no attribute {name!r}")

@@ -1,0 +1,236 @@
+"""``get_peft_model`` and ``SftModel``: a frozen model with sparse deltas, PEFT-style.
+
+``SftModel`` wraps the model (``.base_model``) and behaves like it (calls and unknown attributes
+go through). Its deltas save alone (:meth:`SftModel.save_pretrained`: ``adapter_config.json`` +
+``adapter_model.safetensors``, PEFT's file names), load onto a fresh copy of the same base
+(:meth:`SftModel.from_pretrained`), merge into the base weights and unmerge exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from slope.peft.config import CONFIG_NAME, WEIGHTS_NAME, SftConfig
+from slope.peft.delta import SftLinear, SparseDelta
+from slope.peft.targets import allocate, find_targets, random_indices
+
+__all__ = ["SftModel", "get_peft_model"]
+
+FINGERPRINT_SAMPLES = 16  # base values per target weight recorded to recognise the base model
+FINGERPRINT_RTOL = 1e-2  # loose enough for a base loaded in another float dtype
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _fingerprint(weight: torch.Tensor) -> list[float]:
+    flat = weight.detach().reshape(-1)
+    positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).round().long().to(flat.device)
+    return [float(v) for v in flat[positions].float().cpu()]
+
+
+class SftModel(nn.Module):
+    """A model whose target linear weights are frozen and carry trainable sparse deltas."""
+
+    def __init__(self, model: nn.Module, config: SftConfig, indices: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.base_model = model
+        self.peft_config = config
+        for p in model.parameters():
+            p.requires_grad_(False)
+        targets = find_targets(model, config.target_modules)
+        if indices is None:
+            indices = self._initial_indices(model, config, targets)
+        for name, module in targets:
+            if name not in indices:
+                raise ValueError(f"no delta indices for target module {name!r}")
+            _set_submodule(model, name, SftLinear(module, indices[name]))
+        if config.inference_mode:
+            for _, _, delta in self.active_deltas():
+                delta.values.requires_grad_(False)
+
+    @staticmethod
+    def _initial_indices(model, config: SftConfig, targets) -> dict[str, torch.Tensor]:
+        sizes = [m.weight.numel() for _, m in targets]
+        total = config.num_tunable_weights
+        if total is None:
+            total = max(1, round(float(config.density) * sum(p.numel() for p in model.parameters())))
+        shares = allocate(int(total), sizes)
+        gen = torch.Generator().manual_seed(int(config.seed))
+        return {name: random_indices(size, k, gen) for (name, _), size, k in zip(targets, sizes, shares)}
+
+    # ------------------------------------------------------------------ behaving like the model
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # ------------------------------------------------------------------ the deltas
+    def sft_layers(self) -> Iterator[tuple[str, SftLinear]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, SftLinear):
+                yield name, module
+
+    def active_deltas(self) -> Iterator[tuple[str, str, SparseDelta]]:
+        """``(module_name, param_name, delta)`` for every delta (``delta.values``, ``delta.indices``)."""
+        for name, layer in self.sft_layers():
+            yield name, "weight", layer.sft_delta
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, as PEFT counts them (deltas included in ``all``)."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ merging
+    def merge(self) -> None:
+        """Add every delta into its base weight (in place; :meth:`unmerge` restores the base exactly)."""
+        for _, layer in self.sft_layers():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for _, layer in self.sft_layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool) -> nn.Module:
+        for name, layer in list(self.sft_layers()):
+            if merge:
+                layer.merge()
+            _set_submodule(self.base_model, name, layer.base_layer)
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain model with the deltas added into its weights (the wrappers removed)."""
+        return self._unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """The plain base model without the deltas (merged deltas are removed exactly first)."""
+        self.unmerge()
+        return self._unload(merge=False)
+
+    # ------------------------------------------------------------------ persistence
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"<module>.sft_delta.values": (k,), "<module>.sft_delta.indices": (k,) int64}`` on the CPU."""
+        out = {}
+        for name, layer in self.sft_layers():
+            out[f"{name}.sft_delta.values"] = layer.sft_delta.values.detach().cpu().contiguous()
+            out[f"{name}.sft_delta.indices"] = layer.sft_delta.indices.cpu().contiguous()
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_ignored) -> None:
+        """Write only the deltas (safetensors) and the config with the base model's fingerprint."""
+        from safetensors.torch import save_file
+
+        base = {name: {"shape": list(layer.weight.shape), "samples": _fingerprint(self._base_weight(layer))}
+                for name, layer in self.sft_layers()}
+        os.makedirs(save_directory, exist_ok=True)
+        self.peft_config.save_pretrained(save_directory, extra={"base_model": base, "base_model_class": type(self.base_model).__name__})
+        save_file(self.delta_state_dict(), os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "SFT"})
+
+    @torch.no_grad()
+    def load_deltas(self, directory: str | os.PathLike) -> None:
+        """Replace this model's deltas (indices and values) by those saved in ``directory``."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: pass a folder written by SftModel.save_pretrained")
+        tensors = load_file(path)
+        layers = dict(self.sft_layers())
+        expected = {f"{n}.sft_delta.{t}" for n in layers for t in ("values", "indices")}
+        if set(tensors) != expected:
+            raise ValueError(f"{path} holds deltas for other modules than this model's {sorted(layers)}")
+        for name, layer in layers.items():
+            values, indices = tensors[f"{name}.sft_delta.values"], tensors[f"{name}.sft_delta.indices"]
+            if values.shape != layer.sft_delta.values.shape or indices.shape != values.shape:
+                raise ValueError(f"{path}: {name} has {values.numel()} entries, this model's delta {layer.sft_delta.values.numel()}")
+            layer.sft_delta.indices.copy_(indices)
+            layer.sft_delta.values.copy_(values)
+
+    @staticmethod
+    def _base_weight(layer: SftLinear) -> torch.Tensor:
+        if not layer.merged:
+            return layer.weight
+        base = layer.weight.detach().clone()
+        base.view(-1)[layer.sft_delta.indices] = layer._merged_base
+        return base
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, is_trainable: bool = False) -> "SftModel":
+        """Apply deltas saved by :meth:`save_pretrained` to ``model`` (a fresh copy of their base).
+
+        A delta folder made for another base model (other module names or shapes, or other base
+        weights) is a ``ValueError``.
+        """
+        from safetensors.torch import load_file
+
+        config_path, weights_path = os.path.join(model_id, CONFIG_NAME), os.path.join(model_id, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found: pass a folder written by SftModel.save_pretrained")
+        with open(config_path) as f:
+            raw = json.load(f)
+        config = SftConfig.from_dict(raw)
+        config.inference_mode = not is_trainable
+        tensors = load_file(weights_path)
+        _check_base(model, raw.get("base_model", {}), model_id)
+        indices = {key[: -len(".sft_delta.indices")]: t for key, t in tensors.items() if key.endswith(".sft_delta.indices")}
+        device = next(model.parameters()).device
+        sft = cls(model, config, indices={k: v.to(device) for k, v in indices.items()})
+        loaded = {name for name, _ in sft.sft_layers()}
+        if loaded != set(indices):
+            raise ValueError(f"{model_id}: deltas for modules {sorted(set(indices) - loaded)} have no target in this model")
+        with torch.no_grad():
+            for name, layer in sft.sft_layers():
+                values = tensors[f"{name}.sft_delta.values"]
+                if values.shape != layer.sft_delta.values.shape:
+                    raise ValueError(f"{model_id}: {name} has {values.numel()} values for {indices[name].numel()} indices (corrupt file)")
+                layer.sft_delta.values.copy_(values)
+        return sft
+
+
+def _check_base(model: nn.Module, recorded: dict, where) -> None:
+    """Raise ``ValueError`` unless ``model`` has the recorded target weights (names, shapes, values)."""
+    modules = dict(model.named_modules())
+    for name, record in recorded.items():
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise ValueError(f"{where}: these deltas were made for a base model with a module {name!r}, which this model lacks")
+        if list(weight.shape) != record["shape"]:
+            raise ValueError(
+                f"{where}: {name} has shape {list(weight.shape)} here but {record['shape']} in the deltas' base model: "
+                "load the deltas onto the base model they were trained on"
+            )
+        samples = torch.tensor(_fingerprint(weight))
+        expected = torch.tensor(record["samples"])
+        if not torch.allclose(samples, expected, rtol=FINGERPRINT_RTOL, atol=1e-6):
+            raise ValueError(
+                f"{where}: the weights of {name} differ from those of the base model the deltas were trained on: "
+                "load the deltas onto that base model (a delta only makes sense relative to its base)"
+            )
+
+
+def get_peft_model(model: nn.Module, peft_config: SftConfig) -> SftModel:
+    """Freeze ``model`` and give each target weight a trainable sparse delta (PEFT's entry point)."""
+    if not isinstance(peft_config, SftConfig):
+        raise TypeError(f"get_peft_model here takes an slope.peft.SftConfig, got {type(peft_config).__name__} (use peft's for other methods)")
+    return SftModel(model, peft_config)

@@ -1,0 +1,154 @@
+"""``SIFT``: sparse increment fine-tuning (Song et al. 2023), SIFT's API.
+
+For every parameter whose name contains one of ``sparse_module``, SIFT trains ``k =
+min(int(sparse_rate · numel) + 1, numel)`` entries, chosen as the largest ``|gradient|`` of the
+first micro-batch and fixed afterwards. The optimizer sees only the sparse parameters
+(``sift.named_parameters_in_optimizer()``), each a ``(k,)`` tensor of *pending increments* with
+``.idx`` (``(ndim, k)`` coordinates into its weight):
+
+- backward: a post-accumulate-grad hook on the weight gathers its gradient at the ``k`` entries
+  into the sparse parameter's ``.grad`` (summing over micro-batches) and drops the full gradient
+  at once, so at most one weight's full gradient exists at any time;
+- forward: a pre-hook on the owning module adds the pending increment (what the optimizer wrote
+  since the last forward) into the weight and zeroes it, so every forward sees the updated weights.
+
+The increment restarts from zero each step, so an optimizer whose update depends on the
+parameter's value (weight decay) sees ~0 there: like the original, SIFT has no weight decay on the
+sparse entries. ``exception`` names parameters trained densely. Single process, as the original;
+for data-parallel sparse fine-tuning use :func:`slope.peft.get_peft_model`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from slope.peft.selection import largest
+
+__all__ = ["SIFT"]
+
+
+class SIFT:
+    """Sparse increment fine-tuning of ``model`` in place (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, sparse_rate: float = 0.01, sparse_module: Iterable[str] = (),
+                 exception: Iterable[str] | None = None, grad_acc: int = 1, gradient_checkpointing: bool = False):
+        if not isinstance(sparse_rate, (int, float)) or not 0.0 < float(sparse_rate) <= 1.0:
+            raise ValueError(f"sparse_rate must be in (0, 1] (the fraction of each weight to train), got {sparse_rate!r}")
+        if int(grad_acc) < 1:
+            raise ValueError(f"grad_acc must be >= 1, got {grad_acc!r}")
+        self.model = model
+        self.sparse_rate = float(sparse_rate)
+        self.sparse_module = list(sparse_module)
+        self.exception = list(exception or [])
+        self.grad_acc = int(grad_acc)  # SIFT's argument; the hooks sum any number of micro-batches
+        self.gradient_checkpointing = gradient_checkpointing
+        self.total_num = sum(p.numel() for p in model.parameters())
+        self.sparse_mapping: dict[str, nn.Parameter] = {}
+        self._trainable: list[tuple[str, nn.Parameter]] = []
+        self._in_optimizer: list[tuple[str, nn.Parameter]] = []
+        self._handles = []
+        self._register(list(model.named_parameters()))
+        if gradient_checkpointing:
+            self._input_grads()
+
+    def _register(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        for name, p in named:
+            if any(key in name for key in self.sparse_module):
+                self._add_sparse(name, p)
+            elif any(key in name for key in self.exception):
+                p.requires_grad_(True)
+                self._trainable.append((name, p))
+                self._in_optimizer.append((name, p))
+            else:
+                p.requires_grad_(False)
+        if not self.sparse_mapping:
+            raise ValueError(f"sparse_module {self.sparse_module} matches no parameter name of the model")
+
+    def _add_sparse(self, name: str, p: nn.Parameter) -> None:
+        k = min(int(self.sparse_rate * p.numel()) + 1, p.numel())
+        sparse = nn.Parameter(p.new_zeros(k))
+        sparse.train_num = k
+        sparse.idx = None  # (ndim, k) after the first backward
+        sparse.flat_idx = None
+        p.requires_grad_(True)
+        self.sparse_mapping[name] = sparse
+        self.model.register_parameter(name.replace(".", "_") + "_sparse", sparse)
+        self._trainable.append((name, p))
+        self._in_optimizer.append((name + "_sparse", sparse))
+        self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(sparse)))
+        owner = self.model.get_submodule(name.rpartition(".")[0]) if "." in name else self.model
+        self._handles.append(owner.register_forward_pre_hook(self._apply_hook(p, sparse)))
+
+    @staticmethod
+    def _grad_hook(sparse: nn.Parameter):
+        @torch.no_grad()
+        def hook(p: torch.Tensor) -> None:
+            grad, p.grad = p.grad, None
+            flat = grad.reshape(-1)
+            if sparse.flat_idx is None:
+                sparse.flat_idx = largest(flat.abs().float(), sparse.train_num)
+                sparse.idx = torch.stack(torch.unravel_index(sparse.flat_idx, p.shape))
+            picked = flat[sparse.flat_idx].to(sparse.dtype)
+            if sparse.grad is None:
+                sparse.grad = picked
+            else:
+                sparse.grad += picked
+
+        return hook
+
+    @staticmethod
+    def _apply_hook(p: nn.Parameter, sparse: nn.Parameter):
+        seen = [sparse._version]
+
+        @torch.no_grad()
+        def hook(module, args) -> None:  # noqa: ARG001
+            if sparse._version != seen[0] and sparse.flat_idx is not None:
+                p.data.view(-1).index_add_(0, sparse.flat_idx, sparse.to(p.dtype))
+                sparse.zero_()
+            seen[0] = sparse._version
+
+        return hook
+
+    def _input_grads(self) -> None:
+        """Reentrant checkpointing needs an input that requires grad: the embeddings' output."""
+        get = getattr(self.model, "get_input_embeddings", None)
+        embeddings = get() if get is not None else None
+        if embeddings is None:
+            raise ValueError("gradient_checkpointing=True needs a model with get_input_embeddings() (a Hugging Face model)")
+        self._handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+
+    # ------------------------------------------------------------------ SIFT's API
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(self._trainable)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self._trainable)
+
+    def named_parameters_in_optimizer(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(self._in_optimizer)
+
+    def parameters_in_optimizer(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self._in_optimizer)
+
+    def get_trainable_num(self) -> int:
+        return sum(p.numel() for p in self.parameters_in_optimizer())
+
+    def print_trainable_parameters(self) -> None:
+        n = self.get_trainable_num()
+        print(f"trainable params: {n:,d} || all params: {self.total_num:,d} || trainable%: {100 * n / self.total_num:.4f}")
+
+    @torch.no_grad()
+    def apply_pending(self) -> None:
+        """Add any increment the optimizer wrote since the last forward (before saving or exporting)."""
+        for name, p in self._trainable:
+            sparse = self.sparse_mapping.get(name)
+            if sparse is not None and sparse.flat_idx is not None:
+                p.data.view(-1).index_add_(0, sparse.flat_idx, sparse.to(p.dtype))
+                sparse.zero_()
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -1,0 +1,115 @@
+"""slope.peft under DDP (gloo, 2 CPU processes; this file is the worker script, launched the way
+tests/test_distributed.py launches its workers): 2 ranks × batch b train the same deltas —
+indices and values — as 1 process × batch 2b, through rigl reselections (whose candidate
+statistics are averaged over the ranks) and sm3 ones."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from slope.peft import SftAdamW, SftConfig, SftSelector, SftSM3, get_peft_model
+
+pytestmark = pytest.mark.distributed
+
+WORLD, ROWS, STEPS, VOCAB = 2, 4, 6, 64
+
+
+def build(algorithm: str):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    sft_cfg = SftConfig(density=0.05, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], selection_algorithm=algorithm,
+                        reselection_steps=2, selection_accumulation_steps=2, initial_reselection_rate=0.5)
+    model = get_peft_model(transformers.LlamaForCausalLM(cfg), sft_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if algorithm == "sm3":
+        opt = SftSM3(params, {d.values: d for _, _, d in model.active_deltas()}, lr=1e-2)
+    else:
+        opt = SftAdamW(params, lr=1e-2, eps=1e-4)
+    return model, opt, sft_cfg
+
+
+def run(algorithm: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    model, opt, cfg = build(algorithm)
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    selector = SftSelector(trained, opt, cfg, STEPS, 1)
+    rows = ROWS // world
+    for step in range(STEPS):
+        ids = torch.randint(0, VOCAB, (ROWS, 12), generator=torch.Generator().manual_seed(step))[rank * rows:(rank + 1) * rows]
+        trained(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        selector.step()
+    return model.delta_state_dict()
+
+
+def _worker(workdir: str) -> None:
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    for algorithm in ("rigl", "sm3"):
+        state = run(algorithm, rank, WORLD)
+        torch.save(state, Path(workdir) / f"{algorithm}_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks_output(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("peft_ddp")
+    port, procs = _free_port(), []
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        log = open(workdir / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, __file__, str(workdir)], env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p, _ in procs):
+        if any(p.poll() not in (None, 0) for p, _ in procs) or time.monotonic() > deadline:
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.2)
+    errors = []
+    for rank, (proc, log) in enumerate(procs):
+        log.close()
+        if proc.wait() != 0:
+            errors.append(f"rank {rank}:\n" + (workdir / f"rank{rank}.log").read_text()[-3000:])
+    assert not errors, "\n".join(errors)
+    return workdir
+
+
+@pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
+def test_two_ranks_train_the_deltas_of_one_process(ranks_output, algorithm):
+    reference = run(algorithm)
+    initial = build(algorithm)[0].delta_state_dict()
+    r0 = torch.load(ranks_output / f"{algorithm}_rank0.pt")
+    r1 = torch.load(ranks_output / f"{algorithm}_rank1.pt")
+    moved = 0
+    for key, ref in reference.items():
+        assert torch.equal(r0[key], r1[key]), f"{key}: the ranks disagree"
+        if key.endswith("indices"):
+            assert torch.equal(r0[key], ref), f"{key}: 2 ranks selected other entries than 1 process"
+            moved += int((~torch.isin(ref, initial[key])).sum())
+        else:
+            torch.testing.assert_close(r0[key], ref, atol=1e-5, rtol=1e-4)
+    assert moved > 0
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -1,0 +1,135 @@
+"""slope.peft.SIFT against a slow dense reference: AdamW on a dense copy whose gradients are masked
+to the top-|gradient| entries of the first micro-batch (computed here independently)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from slope.peft import SIFT
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def batch(step: int, micro: int = 0, rows: int = 2):
+    return torch.randint(0, VOCAB, (rows, 10), generator=torch.Generator().manual_seed(1000 * step + micro))
+
+
+def loss_of(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def reference_run(steps: int, accum: int, rate: float, checkpointing: bool = False):
+    """Dense AdamW on a copy; gradients masked to the first micro-batch's top-|g| entries."""
+    model = tiny_llama()
+    sparse = [n for n, _ in model.named_parameters() if any(t in n for t in TARGETS)]
+    probe = copy.deepcopy(model)
+    loss_of(probe, batch(0, 0)).backward()
+    masks = {}
+    for n, p in probe.named_parameters():
+        if n in sparse:
+            k = min(int(rate * p.numel()) + 1, p.numel())
+            top = torch.sort(p.grad.reshape(-1).abs(), descending=True, stable=True).indices[:k]
+            masks[n] = torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, top, True).view(p.shape)
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        p.requires_grad_(n in sparse)
+    opt = torch.optim.AdamW([params[n] for n in sparse], lr=1e-2, weight_decay=0.0)
+    for step in range(steps):
+        for micro in range(accum):
+            (loss_of(model, batch(step, micro)) / accum).backward()
+        for n in sparse:
+            params[n].grad *= masks[n]
+        opt.step()
+        opt.zero_grad()
+    return model, masks
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sift_matches_dense_masked_adamw(accum):
+    steps, rate = 4, 0.05
+    ref, masks = reference_run(steps, accum, rate)
+    model = tiny_llama()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sift = SIFT(model, sparse_rate=rate, sparse_module=TARGETS, grad_acc=accum)
+    opt = torch.optim.AdamW([p for _, p in sift.named_parameters_in_optimizer()], lr=1e-2, weight_decay=0.0)
+    for step in range(steps):
+        for micro in range(accum):
+            (loss_of(model, batch(step, micro)) / accum).backward()
+            assert all(p.grad is None for _, p in sift.named_trainable_parameters())  # full gradients dropped
+        opt.step()
+        opt.zero_grad()
+    sift.apply_pending()
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if n.endswith("_sparse"):
+            continue
+        if n in sift.sparse_mapping:
+            sparse = sift.sparse_mapping[n]
+            assert sparse.idx.shape == (p.dim(), sparse.train_num)
+            chosen = torch.zeros(p.shape, dtype=torch.bool)
+            chosen[tuple(sparse.idx)] = True
+            assert torch.equal(chosen, masks[n]), f"{n}: other entries than the first batch's top |gradient|"
+            changed = p != original[n]
+            assert changed.any() and not (changed & ~masks[n]).any(), f"{n}: an unselected entry changed"
+            torch.testing.assert_close(p, ref_params[n], atol=1e-5, rtol=1e-4)
+        else:
+            assert torch.equal(p, original[n]), f"{n} is frozen but changed"
+
+
+def test_sift_with_gradient_checkpointing_matches_plain():
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.train()
+        sift = SIFT(model, sparse_rate=0.05, sparse_module=TARGETS, gradient_checkpointing=checkpointing)
+        opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)
+        for step in range(3):
+            loss_of(model, batch(step)).backward()
+            opt.step()
+            opt.zero_grad()
+        sift.apply_pending()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("_sparse")})
+    moved = 0
+    for n, p in results[0].items():
+        torch.testing.assert_close(results[1][n], p, atol=1e-6, rtol=1e-5)
+        moved += int((p != tiny_llama().state_dict()[n]).sum()) if n.endswith("q_proj.weight") else 0
+    assert moved > 0
+
+
+def test_sift_counts_and_exceptions(capsys):
+    model = tiny_llama()
+    sift = SIFT(model, sparse_rate=0.01, sparse_module=["q_proj"], exception=["norm"])
+    sift.print_trainable_parameters()
+    params = dict(tiny_llama().named_parameters())
+    k = sum(min(int(0.01 * p.numel()) + 1, p.numel()) for n, p in params.items() if "q_proj" in n)
+    norms = sum(p.numel() for n, p in params.items() if "norm" in n)
+    total = sum(p.numel() for p in params.values())
+    assert sift.get_trainable_num() == k + norms
+    assert capsys.readouterr().out.strip() == f"trainable params: {k + norms:,d} || all params: {total:,d} || trainable%: {100 * (k + norms) / total:.4f}"
+    in_opt = dict(sift.named_parameters_in_optimizer())
+    assert all(p.requires_grad for p in in_opt.values())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n not in in_opt and "q_proj" not in n)
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.5, 1.01])
+def test_sift_bad_rate_is_an_error(rate):
+    with pytest.raises(ValueError, match=r"sparse_rate must be in \(0, 1\]"):
+        SIFT(tiny_llama(), sparse_rate=rate, sparse_module=TARGETS)
+
+
+def test_sift_module_matching_nothing_is_an_error():
+    with pytest.raises(ValueError, match="matches no parameter"):
+        SIFT(tiny_llama(), sparse_rate=0.01, sparse_module=["c_attn"])
