@@ -43,7 +43,10 @@ class RunLock:
         """An open descriptor of the lock file, locked; retried if a finishing holder removed the
         file between our open and our lock (we would hold a lock nobody else sees)."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RunLockError(f"cannot create the lock file {self.path} ({e.strerror or e}); choose a writable --out") from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

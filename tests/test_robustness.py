@@ -438,12 +438,18 @@ def test_a_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "slope", "train", "--out", str(out), *TINY, "--max-steps", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-    deadline = time.monotonic() + 120
-    while not ((out / "metrics.jsonl").exists() and len(_train_steps(out)) >= 2):  # mid-run
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 600
+        while not ((out / "metrics.jsonl").exists() and len(_train_steps(out)) >= 2):  # mid-run
+            assert proc.poll() is None, "the run ended early"
+            assert time.monotonic() < deadline, "the run did not reach step 2"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     last = stdout.strip().splitlines()[-1]
