@@ -10,16 +10,19 @@ A checkpoint is a directory::
     config.json         the TrainConfig
     manifest.json       format version, step, and the sha256 of every file above
 
-It is written to a temporary directory and renamed into place, so a run killed while saving
-keeps its previous checkpoint. Loading verifies the manifest and every checksum first: a corrupt,
-incomplete or foreign directory is a :class:`CheckpointError` that says what is wrong.
+Every file is written and ``fsync``-ed inside a temporary directory, the manifest last, and only
+then published under its name (:mod:`slope.checkpoint_store`: a kill or a power loss at any
+instant keeps a complete checkpoint, and :func:`~slope.checkpoint_store.latest_checkpoint` finds the
+newest). Loading verifies the manifest and every checksum first: a corrupt, incomplete or foreign
+directory is a :class:`CheckpointError` that says what is wrong. The manifest's ``serial`` orders
+the checkpoints of one folder (one more than any before it).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +39,13 @@ __all__ = [
     "build_model",
     "capture_rng",
     "check_compatible",
+    "check_state_fits",
+    "load_model_state",
     "read_checkpoint",
     "restore_rng",
     "save_checkpoint",
     "saved_config",
+    "verify_checkpoint",
 ]
 
 FORMAT = "slope-train-checkpoint"
@@ -135,6 +141,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=1).encode("utf-8")
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(
     directory: str | Path,
     *,
@@ -145,40 +161,45 @@ def save_checkpoint(
     config: TrainConfig,
     model_state: dict | None = None,
     dense_state: dict | None = None,
+    keep: int = 1,
 ) -> Path:
-    """Write the checkpoint of ``trainer_state["step"]`` to ``directory`` (atomically replaced).
+    """Write the checkpoint of ``trainer_state["step"]`` to ``directory``, crash-safely replacing
+    the one there (:func:`slope.checkpoint_store.publish`; ``keep``: how many complete checkpoints
+    the folder keeps, this one included). A full disk is a :class:`slope.durable.StorageError`
+    and leaves the previous checkpoint as it was, with no partial files.
 
     ``model_state`` / ``dense_state`` replace ``model.state_dict()`` / ``dense_opt.state_dict()``
     when the live objects are sharded (DeepSpeed ZeRO: ``slope.parallel.full_*_state_dict``).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    from slope.checkpoint_store import publish
+    from slope.durable import write_file
+
     rng_tensors, rng_plain = capture_rng()
     state = {k: v.detach().contiguous() for k, v in (model.state_dict() if model_state is None else model_state).items()}
-    save_file(state, str(tmp / "model.safetensors"))
     dense = dense_opt.state_dict() if dense_state is None else dense_state
-    torch.save({"dense": dense, "sparse": None if sparse_opt is None else sparse_opt.state_dict()}, tmp / "optimizers.pt")
-    torch.save(rng_tensors, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "rng": rng_plain}, indent=1))
-    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "step": trainer_state["step"],
-        "sha256": {name: _sha256(tmp / name) for name in FILES},
+    files = {
+        "model.safetensors": lambda: safetensors_bytes(state),
+        "optimizers.pt": lambda: _torch_bytes({"dense": dense, "sparse": None if sparse_opt is None else sparse_opt.state_dict()}),
+        "rng.pt": lambda: _torch_bytes(rng_tensors),
+        "trainer_state.json": lambda: _json_bytes({**trainer_state, "rng": rng_plain}),
+        "config.json": lambda: _json_bytes(config.to_dict()),
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
+
+    def write(tmp: Path, serial: int) -> None:
+        for name in FILES:  # one file in memory at a time
+            write_file(tmp / name, files[name]())
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": trainer_state["step"],
+            "serial": serial,
+            "sha256": {name: _sha256(tmp / name) for name in FILES},
+        }
+        write_file(tmp / "manifest.json", _json_bytes(manifest))  # last: its presence marks a complete write
+
+    return publish(Path(directory), write, keep)
 
 
 @dataclass
@@ -206,10 +227,9 @@ class Checkpoint:
         return self.trainer_state.get("dense_tail", False)
 
 
-def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and verify the checkpoint in ``directory`` (see the module docstring)."""
-    from safetensors.torch import load_file
-
+def verify_checkpoint(directory: str | Path) -> dict:
+    """Check that ``directory`` holds a complete slope checkpoint (manifest, format, every file and
+    its sha256); returns the manifest or raises :class:`CheckpointError` saying what is wrong."""
     directory = Path(directory)
     manifest_file = directory / "manifest.json"
     if not directory.is_dir():
@@ -217,9 +237,11 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if not manifest_file.is_file():
         raise CheckpointError(f"{directory} is not a slope checkpoint (no manifest.json); it is incomplete or from another tool")
     try:
-        manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{manifest_file} is corrupt ({e.msg}); delete the checkpoint and retrain") from e
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_file} is corrupt ({e}); delete the checkpoint and retrain") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
+        raise CheckpointError(f"{manifest_file} is corrupt (expected a JSON object with a 'sha256' table); delete the checkpoint and retrain")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(
             f"{directory}: checkpoint format {manifest.get('format')!r} v{manifest.get('version')} is not "
@@ -231,6 +253,15 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
             raise CheckpointError(f"{directory}: {name} is missing; the checkpoint is incomplete")
         if _sha256(path) != manifest["sha256"].get(name):
             raise CheckpointError(f"{directory}: {name} is corrupt (sha256 does not match the manifest); delete the checkpoint and retrain")
+    return manifest
+
+
+def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and verify the checkpoint in ``directory`` (see the module docstring)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    verify_checkpoint(directory)
     try:
         config = TrainConfig(**json.loads((directory / "config.json").read_text()))
         model_state = load_file(str(directory / "model.safetensors"), device=str(map_location))
@@ -253,13 +284,42 @@ def saved_config(directory: str | Path) -> TrainConfig:
         raise CheckpointError(f"{path} is corrupt or from another version of slope ({e}); delete the checkpoint and retrain") from e
 
 
+def check_state_fits(ckpt: Checkpoint, model: nn.Module, dense_opt: torch.optim.Optimizer | None = None,
+                     sparse_opt: torch.optim.Optimizer | None = None) -> None:
+    """Raise :class:`CheckpointError` naming the file and layer unless ``ckpt``'s model state (and,
+    if given, both optimizer states) fit ``model`` / ``dense_opt`` / ``sparse_opt`` exactly (keys,
+    shapes, dtypes, N:M masks): checked before anything is loaded (:mod:`slope.statecheck`)."""
+    from slope.statecheck import StateDictError, check_model_state, check_optimizer_state
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    checks = [("model.safetensors", lambda: check_model_state(model, ckpt.model_state))]
+    if dense_opt is not None:
+        dense_names = [names.get(id(p), "?") for g in dense_opt.param_groups for p in g["params"]]
+        checks.append(("optimizers.pt (AdamW)", lambda: check_optimizer_state(dense_opt, ckpt.optimizers["dense"], dense_names)))
+    if sparse_opt is not None:
+        checks.append(("optimizers.pt (ADAMWSparse)", lambda: check_optimizer_state(
+            sparse_opt, ckpt.optimizers["sparse"], [layer.layer_name for layer in sparse_opt.layers()])))
+    for what, check in checks:
+        try:
+            check()
+        except (StateDictError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt.path}: {what} does not match the model its config.json describes: {e}") from e
+
+
+def load_model_state(model: nn.Module, ckpt: Checkpoint) -> None:
+    """``model.load_state_dict(ckpt.model_state)`` once :func:`check_state_fits` accepts it."""
+    check_state_fits(ckpt, model)
+    model.load_state_dict(ckpt.model_state)
+
+
 def check_compatible(saved: TrainConfig, requested: TrainConfig) -> None:
     """Raise :class:`CheckpointError` if ``requested`` changes the model, sparsity or data of ``saved``."""
     for key in STRUCTURAL_KEYS:
         old, new = getattr(saved, key), getattr(requested, key)
         if old != new:
             flag = "--" + key.replace("_", "-")
+            why = " (the seed fixes the data order: the resumed run would not be the run that stopped)" if key == "seed" else ""
             raise CheckpointError(
-                f"cannot resume: the checkpoint was trained with {key}={old!r} but this run asks for {key}={new!r}; "
+                f"cannot resume: the checkpoint was trained with {key}={old!r} but this run asks for {key}={new!r}{why}; "
                 f"drop {flag} to continue the checkpoint's run, or use another --out to start a new one"
             )

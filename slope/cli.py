@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -32,6 +33,8 @@ TRAIN_HELP = {
     "eval_every": "validate every K steps (and at the end)",
     "eval_batches": "validation batches per evaluation",
     "save_every": "checkpoint every K steps (0: only at the end / --stop-after)",
+    "keep_checkpoints": "complete checkpoints to keep: checkpoint/ plus the K-1 newest older ones as checkpoint-stepN/",
+    "nonfinite_patience": "stop with an error after this many consecutive steps with a non-finite loss or gradients (skipped)",
     "dataset": "'embedded' (Python stdlib source shipped with slope), a .txt/.jsonl(.gz) file, or a Hugging Face dataset name[:config]",
     "text_field": "text field of .jsonl records / Hugging Face datasets",
     "seq_len": "tokens per training sequence",
@@ -51,6 +54,7 @@ TRAIN_HELP = {
     "precision": "fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling)",
     "fp16_init_scale": "initial fp16 loss scale",
     "fp16_growth_interval": "clean steps before the fp16 loss scale doubles",
+    "fp16_min_scale": "floor of the fp16 loss scale (the initial scale if lower); consecutive overflows count towards --nonfinite-patience",
     "dense": "train the dense baseline (no pruning) in the same loop",
     "sparsity": "N:M kept along the input dimension (compressed: 2:4 only)",
     "compress": "compressed 2:4 storage (reference backend on CPU); --no-compress simulates with masks",
@@ -162,10 +166,12 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     if not overrides.get("resume", False):
         return TrainConfig().updated(overrides)
     from slope.checkpoint import saved_config
+    from slope.checkpoint_store import latest_checkpoint
 
     # The checkpoint's run continues: its settings are the defaults, except where it stopped.
     out = overrides.get("out", TrainConfig.out)
-    return saved_config(Path(out) / "checkpoint").updated({"stop_after": None, **overrides, "out": out})
+    newest = latest_checkpoint(Path(out) / "checkpoint", "train without --resume first (or point --out at the run's directory)")
+    return saved_config(newest).updated({"stop_after": None, **overrides, "out": out})
 
 
 def _mib(n: int) -> str:
@@ -185,6 +191,16 @@ def _memory_text(memory: dict) -> str:
     return text
 
 
+def _nonfinite_exit(results: list[dict]) -> int:
+    """1 (with one line on stderr) if any validation loss is not finite: the weights are unusable."""
+    bad = [r for r in results if not math.isfinite(r["val_loss"])]
+    if bad:
+        print(f"slope eval: error: the validation loss is {bad[0]['val_loss']} ({bad[0]['mode']}): the checkpoint's weights "
+              "do not compute finite outputs (a diverged run?); use an earlier checkpoint", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from slope.evaluate import compare_checkpoint, eval_checkpoint
 
@@ -192,13 +208,13 @@ def _run_eval(args: argparse.Namespace) -> int:
         result = eval_checkpoint(args.checkpoint, args.device, args.eval_batches, args.mode or "unmerged")
         if args.json:
             print(json.dumps(result))
-            return 0
+            return _nonfinite_exit([result])
         print(f"step {result['step']} ({result['mode']}): validation loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}) over "
               f"{result['val_tokens']:,} tokens; unigram baseline {result['unigram_loss']:.4f}")
         print(f"{result['tokens_per_s']:,.0f} tokens/s; {_memory_text(result)}")
         if result["note"]:
             print(f"note: {result['note']}")
-        return 0
+        return _nonfinite_exit([result])
     result = compare_checkpoint(args.checkpoint, args.device, args.eval_batches)
     if args.json:
         print(json.dumps(result))
@@ -214,6 +230,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         verdict = "agree" if result["agree"] else "DISAGREE"
         print(f"modes {verdict}: max |d loss| {result['max_loss_diff']:.2e} (tolerance {result['loss_tolerance']:g}), "
               f"max |d logit| {result['max_logit_diff']:.2e} (tolerance {result['logit_tolerance']:g})")
+    if _nonfinite_exit(list(result["modes"].values())):
+        return 1
     if not result["agree"]:
         print("slope eval: error: the inference modes disagree beyond fp tolerance", file=sys.stderr)
         return 1
@@ -272,6 +290,9 @@ def _run_oneshot(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
+    from slope.durable import StorageError
+    from slope.guard import DivergenceError
+    from slope.runlock import RunLockError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -302,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             _run_export(args)
         elif args.command == "oneshot":
             return _run_oneshot(args)
-    except (CheckpointError, DataError, ConfigError) as e:
+    except (CheckpointError, DataError, ConfigError, StorageError, DivergenceError, RunLockError) as e:
         print(f"slope {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"slope {args.command}: interrupted; a run keeps its last complete checkpoint (continue with --resume)", file=sys.stderr)
+        return 130
     return 0

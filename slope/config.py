@@ -16,10 +16,12 @@ __all__ = ["ConfigError", "TrainConfig", "load_config_file", "STRUCTURAL_KEYS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-#: Keys that define the model, its sparsity or the data: a checkpoint only resumes with equal values.
+#: Keys that define the model, its sparsity or the data (the seed fixes the data order): a
+#: checkpoint only resumes with equal values, so that the resumed run is the run that stopped.
 STRUCTURAL_KEYS = (
     "dataset", "text_field", "seq_len", "hidden_size", "intermediate_size", "num_layers", "num_heads",
     "dense", "sparsity", "compress", "backend", "lora_rank", "precision", "mask_type", "double_pruning",
+    "seed",
 )
 
 
@@ -42,6 +44,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100  # periodic checkpoints (0: only at the end / at --stop-after)
+    keep_checkpoints: int = 1  # complete checkpoints kept: checkpoint/ plus K-1 older checkpoint-stepN/
+    nonfinite_patience: int = 25  # consecutive steps with a non-finite loss/gradients before the run stops
     # data
     dataset: str = "embedded"  # "embedded", a .txt/.jsonl(.gz) file, or a Hugging Face dataset name
     text_field: str = "text"
@@ -64,6 +68,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling)
     fp16_init_scale: float = 2.0**16
     fp16_growth_interval: int = 200
+    fp16_min_scale: float = 1.0  # the loss scale never halves below this
     # sparsity (SLoPe)
     dense: bool = False  # dense baseline: no pruning, same loop
     sparsity: str = "2:4"
@@ -135,8 +140,9 @@ class TrainConfig:
             elif kind == "str":
                 check(isinstance(value, str), key, "expected a string")
         for key in ("max_steps", "log_every", "eval_every", "eval_batches", "seq_len", "batch_size", "grad_accum",
-                    "num_layers", "num_heads", "mask_change_freq", "lora_rank", "fp16_growth_interval"):
+                    "num_layers", "num_heads", "mask_change_freq", "lora_rank", "fp16_growth_interval", "keep_checkpoints"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
+        check(self.nonfinite_patience >= 0, "nonfinite_patience", "must be >= 0 (0: stop at the first non-finite step)")
         check(self.save_every >= 0, "save_every", "must be >= 0 (0: save only at the end)")
         if self.stop_after is not None:
             check(1 <= self.stop_after <= self.max_steps, "stop_after", f"must be between 1 and max_steps ({self.max_steps})")
@@ -152,6 +158,7 @@ class TrainConfig:
         check(0.0 <= self.beta2 < 1.0, "beta2", "must be in [0, 1)")
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         check(self.fp16_init_scale > 0, "fp16_init_scale", "must be > 0")
+        check(self.fp16_min_scale > 0, "fp16_min_scale", "must be > 0")
         check(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device", "use auto, cpu, cuda or cuda:N")
         try:

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slope.checkpoint import Checkpoint, CheckpointError, build_model, read_checkpoint
+from slope.checkpoint import Checkpoint, build_model, load_model_state, read_checkpoint
+from slope.checkpoint_store import latest_checkpoint
 from slope.config import ConfigError, TrainConfig
 from slope.data import load_splits, load_tokenizer, perplexity, unigram_cross_entropy, val_batches
 from slope.lora import MemoryReport, freeze_for_inference, merge_lora
@@ -63,7 +64,12 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` → ``cuda`` when available, else ``cpu``; other names are checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
@@ -141,23 +147,21 @@ def _nbytes(module: nn.Module) -> int:
 
 
 def open_checkpoint(checkpoint_dir: str | Path) -> Checkpoint:
-    """Read and verify a ``slope train`` checkpoint directory, or the run directory holding it as
-    ``checkpoint/`` (:func:`slope.checkpoint.read_checkpoint`)."""
+    """Read and verify a ``slope train`` checkpoint directory, or the newest complete checkpoint of the
+    run directory holding it as ``checkpoint/`` (:func:`slope.checkpoint_store.latest_checkpoint`:
+    also right after a crash interrupted a save)."""
     path = Path(checkpoint_dir)
-    if (path / "checkpoint" / "manifest.json").exists():
-        path = path / "checkpoint"
-    if not path.exists():
-        raise CheckpointError(
-            f"no checkpoint at {path}; pass --checkpoint a checkpoint directory (RUN/checkpoint) or the run directory "
-            "holding it (train one with `slope train --out RUN`)"
-        )
-    if not (path / "manifest.json").exists():
+    if not (path / "manifest.json").exists() and any((path / name).is_dir() for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old")):
+        path = path / "checkpoint"  # a run directory
+    if path.is_dir() and not (path / "manifest.json").exists():
         from slope.serialization.folders import describe_folder, folder_kind
 
         kind = folder_kind(path)
         if kind not in ("slope-train", "unknown"):  # a Hugging Face folder: say how to load it
             raise CheckpointError(f"not a `slope train` checkpoint: {describe_folder(path, kind)}")
-    return read_checkpoint(path)
+    hint = ("pass --checkpoint a checkpoint directory (RUN/checkpoint) or the run directory holding it "
+            "(train one with `slope train --out RUN`)")
+    return read_checkpoint(latest_checkpoint(path, hint))
 
 
 def _is_sparse(ckpt: Checkpoint) -> bool:
@@ -179,17 +183,17 @@ def model_from_checkpoint(ckpt: Checkpoint, mode: str = "unmerged", device: str 
                 f"{ckpt.path} is a dense checkpoint ({'--dense' if cfg.dense else 'its dense tail was reached'}): it has no "
                 "sparse layers or adapters to merge; use --mode unmerged or --mode dense"
             )
-        model.load_state_dict(ckpt.model_state)
+        load_model_state(model, ckpt)
     elif mode == "merged":
         if ckpt.lora_attached:
             merge_lora(model)  # before loading, as prune_model(..., add_lora=True, merge_lora=True) does
         else:
             note = ("the checkpoint has no LoRA adapters (trained without lazy LoRA, or stopped before they attached): "
                     "merged mode is the inference-only sparse model without adapters")
-        model.load_state_dict(ckpt.model_state)
+        load_model_state(model, ckpt)
         memory = freeze_for_inference(model)
     else:
-        model.load_state_dict(ckpt.model_state)
+        load_model_state(model, ckpt)
         if mode == "dense":
             from slope.prune import densify
 

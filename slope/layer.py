@@ -29,7 +29,7 @@ from slope import registry
 from slope.backends import SparseBackend, resolve_backend
 from slope import kernels
 from slope.kernels import compress_2to4, metadata_dtype
-from slope.masks import double_prune_mask, nm_mask, pack_mask, transposable_mask, unpack_mask
+from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, pack_mask, transposable_mask, unpack_mask
 
 __all__ = ["SparseLinear"]
 
@@ -242,14 +242,37 @@ class SparseLinear(nn.Module):
 
         self._upgrade_legacy_masks(state_dict, prefix, error_msgs)
         native_entries(self, state_dict, prefix, error_msgs)  # a Hugging Face save's dense-form entries
+        if "mask_t_bits" not in self._buffers:  # inference-only form: a training checkpoint's M_t is not needed
+            state_dict.pop(prefix + "mask_t_bits", None)
+        errors = self.state_errors(state_dict, prefix)
+        if errors:  # nothing of a mismatched state is written into this layer
+            error_msgs.extend(errors)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def state_errors(self, state_dict: dict, prefix: str = "") -> list[str]:
+        """Why the entries of ``state_dict`` under ``prefix`` cannot load into this layer, one line
+        each naming it (``[]`` if they fit): ``values`` of another shape (another N:M or size),
+        masks that are not packed ``uint8`` bits of this layer's shape or not exactly N:M."""
         name = self.layer_name or prefix.rstrip(".") or type(self).__name__
+        errors = []
+        values = state_dict.get(prefix + "values")
+        if values is not None and tuple(values.shape) != tuple(self.values.shape):
+            errors.append(
+                f"{name}: the checkpoint keeps {values.shape[-1]} of {self.in_features} weights per row but this layer is "
+                f"{self.n}:{self.m} ({self.values.shape[-1]} per row, values {tuple(values.shape)} vs {tuple(self.values.shape)}); "
+                "prune the model with the checkpoint's sparsity"
+            )
         for key in ("mask_bits", "mask_t_bits"):
             bits = state_dict.get(prefix + key)
             if bits is not None and bits.dtype != torch.uint8:
-                error_msgs.append(f"{name}: the checkpoint's {key} is {bits.dtype}, expected packed uint8 bits")
-        if "mask_t_bits" not in self._buffers:  # inference-only form: a training checkpoint's M_t is not needed
-            state_dict.pop(prefix + "mask_t_bits", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+                errors.append(f"{name}: the checkpoint's {key} is {bits.dtype}, expected packed uint8 bits")
+            elif bits is not None and tuple(bits.shape) != tuple(self.mask_bits.shape):
+                errors.append(f"{name}: the checkpoint's {key} is {tuple(bits.shape)}, expected {tuple(self.mask_bits.shape)} (a layer of another size)")
+        bits = state_dict.get(prefix + "mask_bits")
+        if not errors and bits is not None and not is_nm_sparse(unpack_mask(bits, (self.out_features, self.in_features)), self.n, self.m, exact=True):
+            errors.append(f"{name}: the checkpoint's mask is not {self.n}:{self.m}; prune the model with the checkpoint's sparsity")
+        return errors
 
     def _upgrade_legacy_masks(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> None:
         """In ``state_dict`` (in place), replace bool ``mask`` / ``mask_t`` entries (checkpoints

@@ -33,7 +33,6 @@ import torch.nn as nn
 
 import slope.kernels as kernels
 from slope.layer import SparseLinear, _compute_dtype
-from slope.masks import is_nm_sparse, unpack_mask
 from slope.registry import sparse_modules
 
 __all__ = ["MergedSparseLinear", "MemoryReport", "merge_lora", "freeze_for_inference", "effective_weight"]
@@ -142,20 +141,6 @@ class MergedSparseLinear(SparseLinear):
     # ------------------------------------------------------------------ loading checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         name = self.layer_name or prefix.rstrip(".") or "MergedSparseLinear"
-        values = state_dict.get(prefix + "values")
-        if values is not None and tuple(values.shape) != tuple(self.values.shape):
-            error_msgs.append(
-                f"{name}: the checkpoint keeps {values.shape[-1]} of {self.in_features} weights per row but this "
-                f"layer is {self.n}:{self.m} ({self.values.shape[-1]} per row); prune the model with the "
-                "checkpoint's sparsity"
-            )
-        self._upgrade_legacy_masks(state_dict, prefix, error_msgs)
-        bits = state_dict.get(prefix + "mask_bits")
-        if (
-            bits is not None and bits.dtype == torch.uint8 and bits.shape == self.mask_bits.shape
-            and not is_nm_sparse(unpack_mask(bits, (self.out_features, self.in_features)), self.n, self.m)
-        ):
-            error_msgs.append(f"{name}: the checkpoint's mask is not {self.n}:{self.m}; prune the model with the checkpoint's sparsity")
         lora_a = state_dict.get(prefix + "lora_A")
         if lora_a is not None and lora_a.shape[0] != self.lora_rank:
             error_msgs.append(

@@ -146,7 +146,7 @@ def prune_model(
         if not double_pruning:
             raise ValueError("double_pruning=False (an exact backward) is not 2:4 sparse; it needs compress=False")
         if backend != "auto":
-            backend_class(backend)  # load errors surface now, device checks at first use
+            _check_backend_runs_here(backend)
     elif backend != "auto":
         raise ValueError(f"backend={backend!r} applies to compressed storage; pass compress=True (or backend='auto')")
     if merge_lora and not add_lora:
@@ -154,6 +154,7 @@ def prune_model(
     if add_lora and (not isinstance(lora_rank, int) or lora_rank <= 0):
         raise ValueError(f"add_lora=True needs a positive lora_rank, got {lora_rank!r}")
     targets, skip = _patterns(targets, "targets"), _patterns(skip, "skip")
+    _check_not_pruned(model, targets)
 
     decisions: list[PruneDecision] = []
     candidates = [(name, mod) for name, mod in model.named_modules() if name and _linear_weight(mod) is not None]
@@ -161,6 +162,12 @@ def prune_model(
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear (or Conv1D) layers to prune; prune_model needs a "
             "model built from linear layers"
+        )
+    on_meta = [name for name, mod in candidates if _linear_weight(mod)[0].is_meta]
+    if on_meta:
+        raise ValueError(
+            f"layer {on_meta[0]!r} (and {len(on_meta) - 1} more) is on the meta device: it has no weights to prune yet; "
+            "load the weights first (e.g. model.to_empty(device='cpu') then load_state_dict), or build the model on a real device"
         )
     mha_owned = {id(mod.out_proj) for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)}
     # Nothing is replaced until every layer has been checked and built: an error leaves the model as it was.
@@ -275,6 +282,31 @@ def _plan_experts(model: nn.Module, decisions: list[PruneDecision], targets, ski
             continue
         decisions.append(PruneDecision(e.name, e.shape, False, reason))
     return plan
+
+
+def _check_backend_runs_here(backend: str) -> None:
+    """A named backend must load, and, on a machine without CUDA, run on the CPU (cuSPARSELt and
+    CUTLASS cannot): say so now rather than at the first forward."""
+    cls = backend_class(backend)
+    if torch.cuda.is_available():
+        return  # device and dtype are checked when the layers run (the model may move to the GPU first)
+    reason = cls.unavailable_reason(torch.device("cpu"), cls.dtypes[0])
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run on this machine (no CUDA GPU): {reason}; use backend='auto' or 'reference' here")
+
+
+def _check_not_pruned(model: nn.Module, targets: list[str]) -> None:
+    """``prune_model`` prunes a model once; later calls may only name layers that are still dense."""
+    from slope.registry import sparse_modules
+
+    pruned = [name for name, _ in sparse_modules(model)]
+    again = [name for name in pruned if targets and _matches(name, targets)]
+    if pruned and (not targets or again):
+        example = again[0] if again else pruned[0]
+        raise ValueError(
+            f"{type(model).__name__} is already pruned ({len(pruned)} SLoPe layers, e.g. {example!r}); prune_model runs "
+            "once per model: to change the sparsity, prune a fresh copy of the dense model (or slope.from_pretrained a saved one)"
+        )
 
 
 def format_summary(decisions: list[PruneDecision]) -> str:

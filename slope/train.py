@@ -5,9 +5,9 @@ Per step ``s`` (1-based, up to ``max_steps``)::
     lr = warmup + cosine(s)                     set on both optimizers
     grad_accum × { batch(seed, s, micro) → forward (autocast) → (loss · scale / grad_accum).backward() }
     unscale dense and sparse grads (fp16)       overflow → skip both optimizers, shrink the scale
-    clip the joint norm of sparse + dense grads
+    clip the joint norm of sparse + dense grads non-finite loss or norm → skip both optimizers
     sparse_opt.step(); dense_opt.step()         ADAMWSparse for SLoPe values, AdamW for the rest
-    log / validate / checkpoint
+    log / validate / checkpoint                 SIGINT/SIGTERM → checkpoint and stop
 
 Lazy LoRA (DESIGN §5): after step ``ceil((1 - F) · max_steps)`` adapters are attached to every
 SLoPe layer and join the dense optimizer as a new parameter group on the same schedule.
@@ -20,10 +20,15 @@ draws the same global micro-batch and trains on its ``batch_size/N`` rows, under
 separately). Gradients are averaged over the ranks, so the run — and its checkpoints, written by
 rank 0 in the single-process format — do not depend on N: resume on any number of ranks.
 Rank 0 alone logs and writes files.
+
+No fault loses a run (``docs/robustness.md``): the output folder is locked (:mod:`slope.runlock`),
+saves are crash-safe and a resume finds the newest complete checkpoint (:mod:`slope.checkpoint_store`),
+more than ``nonfinite_patience`` skipped steps in a row stop the run and a checkpoint never holds
+non-finite numbers (:mod:`slope.guard`), SIGINT/SIGTERM save and exit cleanly (:mod:`slope.interrupt`),
+and ``metrics.jsonl`` is appended line-atomically (:mod:`slope.metrics_log`).
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -36,10 +41,17 @@ import torch
 import torch.nn.functional as F
 
 from slope import parallel
-from slope.checkpoint import CheckpointError, attach_lora, build_model, check_compatible, read_checkpoint, restore_rng, save_checkpoint
+from slope.checkpoint import (
+    CheckpointError, attach_lora, build_model, check_compatible, check_state_fits, read_checkpoint, restore_rng, save_checkpoint,
+)
+from slope.checkpoint_store import latest_checkpoint, recover
 from slope.config import ConfigError, TrainConfig
 from slope.data import load_splits, perplexity, train_batch, unigram_cross_entropy, val_batches
 from slope.evaluate import autocast, evaluate_loss, resolve_device
+from slope.guard import FiniteGuard, check_finite
+from slope.interrupt import GracefulStop
+from slope.metrics_log import MetricsLog, read_records
+from slope.runlock import RunLock, RunLockError
 
 __all__ = ["LossScaler", "lr_at", "train"]
 
@@ -59,14 +71,16 @@ class LossScaler:
 
     The loss is multiplied by ``scale`` before backward; :meth:`unscale_` divides every gradient
     (``p.grad`` of the dense parameters and the SLoPe layers' compressed ``values_grad``) by it and
-    reports an inf/nan anywhere. On overflow the step is skipped and the scale halves; after
-    ``growth_interval`` clean steps it doubles. Disabled (fp32/bf16): scale 1, never skips.
+    reports an inf/nan anywhere. On overflow the step is skipped and the scale halves (never below
+    ``min_scale``); after ``growth_interval`` clean steps it doubles. Disabled (fp32/bf16): scale 1,
+    never skips.
     """
 
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 200):
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 200, min_scale: float = 1.0):
         self.enabled = enabled
         self.scale = float(init_scale) if enabled else 1.0
         self.growth_interval = growth_interval
+        self.min_scale = min(float(min_scale), self.scale)
         self.good_steps = 0
 
     @torch.no_grad()
@@ -88,7 +102,7 @@ class LossScaler:
         if not self.enabled:
             return
         if found_inf:
-            self.scale *= 0.5
+            self.scale = max(self.scale * 0.5, self.min_scale)
             self.good_steps = 0
         else:
             self.good_steps += 1
@@ -130,31 +144,6 @@ def _densify(model, dense_opt, cfg: TrainConfig) -> tuple[int, int]:
     return len(params), sum(p.numel() for p in params)
 
 
-class _MetricsLog:
-    """``metrics.jsonl``: one JSON object per line; a resumed run first drops lines after its step.
-    ``enabled=False`` (ranks other than 0) writes nothing."""
-
-    def __init__(self, path: Path, keep_until_step: int, enabled: bool = True):
-        self.path = path
-        self.enabled = enabled
-        if not enabled:
-            return
-        kept = []
-        if keep_until_step > 0 and path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line]
-            kept = [json.dumps(r) for r in records if r["step"] <= keep_until_step and r.get("event") != "summary"]
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
-
-
 def plot_losses(metrics_file: Path, png: Path, unigram: float | None = None) -> None:
     """``loss.png``: train and validation loss against step, lazy-LoRA start and unigram baseline marked."""
     import matplotlib
@@ -162,7 +151,7 @@ def plot_losses(metrics_file: Path, png: Path, unigram: float | None = None) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    records = read_records(metrics_file)
     train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val_pts = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     lora = [r["step"] for r in records if r.get("event") == "lora_start"]
@@ -229,18 +218,82 @@ def _deepspeed_step(engine, sparse_opt) -> float | None:
     return None if dense_norm is None else math.hypot(float(dense_norm), sparse_norm or 0.0)
 
 
+def _output_dir(name: str) -> Path:
+    out = Path(name)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out = {name!r} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out = {name!r}: cannot create the folder ({e.strerror or e}); choose another --out") from e
+    return out
+
+
+def _lock_and_recover(out: Path, env, cfg: TrainConfig, log) -> RunLock | None:
+    """Rank 0 locks ``out`` and finishes any save a crash interrupted; every rank fails alike if it
+    cannot (collective). Returns the held lock (rank 0) or None."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(out, note=log)
+            lock.acquire()
+        except RunLockError as e:
+            lock, error = None, e
+        else:
+            for note in recover(out / "checkpoint", cfg.keep_checkpoints):
+                log(f"note: {note}")
+    if parallel.mean_over_ranks(0.0 if error else 1.0) < 1.0:  # (also a barrier after the recovery)
+        parallel.destroy_distributed(env)
+        raise error or RunLockError(f"rank 0 could not lock {out}; see its error")
+    return lock
+
+
+def _clip_and_step(dense_opt, sparse_opt, dense_params: list, grad_clip: float) -> float | None:
+    """Clip the joint norm of the sparse and dense gradients and step both optimizers; returns the
+    norm before clipping, or None (and nothing is updated) when it is not finite."""
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    if sparse_opt is not None:
+        grad_norm = float(sparse_opt.clip_grad_norm(max_norm, dense_parameters=dense_params))
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(dense_params, max_norm))
+    if not math.isfinite(grad_norm):
+        return None
+    if sparse_opt is not None:
+        sparse_opt.step()
+    dense_opt.step()
+    return grad_norm
+
+
+def _stop_requested(stop: GracefulStop, env) -> str | None:
+    """The signal asking the run to stop, agreed over the ranks (a collective under torchrun)."""
+    name = stop.signal_name
+    if env.world_size > 1 and parallel.mean_over_ranks(float(name is not None)) > 0:
+        return name or "a signal to another rank"
+    return name
+
+
 def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: bool = True) -> dict:
     """Run (or resume) the training job described by ``cfg``; returns the final summary record.
 
     ``progress``: tqdm bar (default: when stderr is a terminal); otherwise a plain line is logged
     every ``log_every`` steps through ``log``. ``plot=False`` skips ``loss.png`` (callers that run
-    many jobs in-process, e.g. ``accuracy_experiments/run.py``).
+    many jobs in-process, e.g. ``accuracy_experiments/run.py``). Holds the lock of ``cfg.out``
+    while it runs; SIGINT/SIGTERM end it after the current step with a checkpoint.
     """
     cfg.validate()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(cfg.out)
     # torchrun: join the process group (DeepSpeed needs one even for a single process).
     env = parallel.init_distributed(device=resolve_device(cfg.device), single_process_group=bool(cfg.deepspeed))
+    lock = _lock_and_recover(out, env, cfg, log if env.is_main else _silent)
+    try:
+        with GracefulStop() as stop:
+            return _train(cfg, out, env, stop, progress=progress, log=log, plot=plot)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, *, progress: bool | None, log, plot: bool) -> dict:
     device = env.device
     if cfg.batch_size % env.world_size:
         raise ConfigError(f"batch_size = {cfg.batch_size} is invalid: the global batch must split evenly over the {env.world_size} ranks")
@@ -258,11 +311,15 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         log("note: fp16 matmuls are very slow on CPUs; prefer --precision bf16 or fp32 there")
 
     # ---- resume: verify the checkpoint before doing anything else ---------------------------
-    ckpt = read_checkpoint(out / "checkpoint") if cfg.resume else None
+    no_checkpoint = "train without --resume first (or point --out at the run's directory)"
+    ckpt = read_checkpoint(latest_checkpoint(out / "checkpoint", no_checkpoint)) if cfg.resume else None
     if ckpt is not None:
         check_compatible(ckpt.config, cfg)
         if cfg.stop_after is not None and cfg.stop_after <= ckpt.step:
             raise ConfigError(f"stop_after = {cfg.stop_after} is invalid: the checkpoint is already at step {ckpt.step}")
+        if cfg.max_steps < ckpt.step:
+            raise ConfigError(f"max_steps = {cfg.max_steps} is invalid: the checkpoint is already at step {ckpt.step}; "
+                              f"drop --max-steps to finish the run's {ckpt.config.max_steps} steps, or raise it")
 
     # ---- data ------------------------------------------------------------------------------
     data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field)
@@ -285,7 +342,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         from slope.optimizers import ADAMWSparse
 
         sparse_opt = ADAMWSparse(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, mask_change_freq=cfg.mask_change_freq)
-    scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval)
+    scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval, cfg.fp16_min_scale)
+    guard = FiniteGuard(cfg.nonfinite_patience)
     kind = "dense baseline" if cfg.dense else f"SLoPe {cfg.sparsity} ({'compressed' if cfg.compress else 'simulated'})"
     log(f"model: Llama {cfg.num_layers}x{cfg.hidden_size} (mlp {cfg.intermediate_size}), {n_params:,} parameters, {kind}, "
         f"{cfg.precision}, device {device}")
@@ -298,6 +356,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         if ckpt.dense_tail:
             _densify(model, dense_opt, cfg)
             densified = True
+        check_state_fits(ckpt, model, None if cfg.deepspeed else dense_opt, sparse_opt)  # before anything is loaded
         model.load_state_dict(ckpt.model_state)
         if not cfg.deepspeed:  # (DeepSpeed partitions the state: loaded into the engine below)
             dense_opt.load_state_dict(ckpt.optimizers["dense"])
@@ -309,7 +368,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         log(f"resumed from {ckpt.path} at step {step}")
     elif (out / "checkpoint").exists():
         log(f"note: starting a new run in {out}; its old checkpoint and metrics will be replaced (use --resume to continue)")
-    metrics = _MetricsLog(out / "metrics.jsonl", keep_until_step=step, enabled=env.is_main)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step, enabled=env.is_main, note=log)
 
     # ---- data parallel: DDP under torchrun, or a DeepSpeed engine ------------------------------
     runner = model
@@ -335,14 +394,17 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         log(f"dense tail: the SLoPe layers become dense after step {dense_tail_start} (last {cfg.dense_tail_fraction:.1%} of steps)"
             + ("; adapters attached before then are merged into the dense weights, none attach after" if lora_start < cfg.max_steps else ""))
 
-    def save(step_done: int) -> None:
+    def save(step_done: int, loss: float) -> None:
         model_state = dense_state = None
         if ds_config is not None:  # gather ZeRO's partitions (collective), in the single-process layout
             model_state = parallel.full_model_state_dict(runner)
             dense_state = parallel.full_optimizer_state_dict(runner, None, index_keys=True)
+        # Never a checkpoint with non-finite numbers (every rank checks the same values: all stop alike).
+        check_finite(step_done, loss, {"model": model_state or model.state_dict(), "AdamW": dense_state or dense_opt.state_dict(),
+                                       "ADAMWSparse": sparse_opt.state_dict() if sparse_opt is not None else {}})
         if not env.is_main:
             return
-        save_checkpoint(out / "checkpoint", model=model, dense_opt=dense_opt, sparse_opt=sparse_opt, config=cfg,
+        save_checkpoint(out / "checkpoint", model=model, dense_opt=dense_opt, sparse_opt=sparse_opt, config=cfg, keep=cfg.keep_checkpoints,
                         model_state=model_state, dense_state=dense_state, trainer_state={
             "step": step_done, "tokens": tokens, "elapsed_s": elapsed_before + time.perf_counter() - t0,
             "lora_attached": lora_attached, "dense_tail": densified, "scaler": scaler.state_dict(),
@@ -363,7 +425,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
     model.train()
     t0 = time.perf_counter()
     last_stop = cfg.stop_after if cfg.stop_after is not None else cfg.max_steps
-    val_loss = None
+    val_loss = stopped_by = None
     loss = float("nan")
     while step < last_stop:
         step += 1
@@ -407,20 +469,16 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
         loss = parallel.mean_over_ranks(loss)
         tokens += cfg.grad_accum * cfg.batch_size * cfg.seq_len
 
-        # Unscale (fp16), then either skip the step on overflow or clip and update.
+        # Unscale (fp16), then skip the step on an overflow or a non-finite loss or gradient norm,
+        # else clip and update. (DeepSpeed, never fp16, steps anyway: its engine counts the micro-batches.)
         dense_params = [p for group in dense_opt.param_groups for p in group["params"]]
-        skipped = scaler.unscale_(dense_params, sparse_opt)
+        skipped = scaler.unscale_(dense_params, sparse_opt) or not math.isfinite(loss)
         grad_norm = None
-        if not skipped and ds_config is not None:
+        if ds_config is not None:
             grad_norm = _deepspeed_step(runner, sparse_opt)
         elif not skipped:
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            if sparse_opt is not None:
-                grad_norm = float(sparse_opt.clip_grad_norm(max_norm, dense_parameters=dense_params))
-                sparse_opt.step()
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(dense_params, max_norm))
-            dense_opt.step()
+            grad_norm = _clip_and_step(dense_opt, sparse_opt, dense_params, cfg.grad_clip)
+            skipped = grad_norm is None
         scaler.update(skipped)
         dense_opt.zero_grad(set_to_none=True)
         if sparse_opt is not None:
@@ -432,30 +490,44 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
             record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "elapsed_s": round(elapsed, 3), "grad_norm": grad_norm}
             if scaler.enabled:
                 record.update(loss_scale=scaler.scale, skipped=skipped)
+            elif skipped:
+                record["skipped"] = True
             metrics.write(record)
             if bar is None:
                 write(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens / max(elapsed, 1e-9):,.0f} tok/s | {elapsed:.1f} s"
-                    + (" | overflow: step skipped, loss scale now " + f"{scaler.scale:g}" if skipped else ""))
+                    + ((" | overflow: step skipped, loss scale now " + f"{scaler.scale:g}" if scaler.enabled else
+                        " | non-finite loss or gradients: step skipped") if skipped else ""))
+        guard.record(step, loss, skipped, f"fp16 loss scale {scaler.scale:g}, floor {scaler.min_scale:g}" if scaler.enabled else "")
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             val_loss = evaluate_loss(model, val_set, device, cfg.precision)
             metrics.write({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "tokens": tokens,
                            "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3)})
             write(f"step {step}: validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f}; unigram baseline {unigram:.4f})")
-        if step == last_stop or (cfg.save_every and step % cfg.save_every == 0):
-            save(step)
+        saved = step == last_stop or (cfg.save_every and step % cfg.save_every == 0)
+        if saved:
+            save(step, loss)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        # SIGINT / SIGTERM: end here with a checkpoint (the last step ends the run anyway).
+        stopped_by = _stop_requested(stop, env) if step < last_stop else None
+        if stopped_by:
+            if not saved:
+                save(step, loss)
+            break
     if bar is not None:
         bar.close()
 
-    if plot:
+    if plot and not stopped_by:
         plot_losses(out / "metrics.jsonl", out / "loss.png", unigram)
     elapsed = elapsed_before + time.perf_counter() - t0
     summary = {"step": step, "event": "summary", "finished": step >= cfg.max_steps, "final_train_loss": loss, "final_val_loss": val_loss,
-               "unigram_loss": unigram, "tokens": tokens, "elapsed_s": round(elapsed, 3), "out": str(out)}
+               "unigram_loss": unigram, "tokens": tokens, "elapsed_s": round(elapsed, 3), "out": str(out), "stopped_by": stopped_by}
     metrics.write(summary)
-    if step < cfg.max_steps:
+    if stopped_by:
+        log(f"stopped by {stopped_by} after step {step} of {cfg.max_steps}: checkpoint saved in {out / 'checkpoint'}; "
+            f"continue with: slope train --out {out} --resume")
+    elif step < cfg.max_steps:
         log(f"stopped after step {step} of {cfg.max_steps} ({elapsed:.1f} s); checkpoint in {out / 'checkpoint'}; "
             f"continue with: slope train --out {out} --resume")
     else:

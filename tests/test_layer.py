@@ -345,7 +345,11 @@ def test_mask_with_wrong_counts_per_group_is_a_clear_error():
     bad[:, [0, 1, 2, 3]] = True  # 4 in the first group, 0 in the second
     state = layer.state_dict()
     state["mask_bits"] = pack_mask(bad)  # a checkpoint of another sparsity
-    layer.load_state_dict(state)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="mask is not 2:4"):  # refused at load, before anything is written
+        layer.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    layer.mask_bits.copy_(pack_mask(bad))  # written behind the loader's back: still caught at use
     with pytest.raises(ValueError, match="exactly 2 of every 4"):
         layer.dense_weight()
 
@@ -382,7 +386,7 @@ def test_a_checkpoint_mask_of_the_wrong_shape_or_dtype_is_a_clear_error():
     state = layer.state_dict()
     with pytest.raises(RuntimeError, match="mask_t_bits is torch.bool, expected packed uint8"):
         layer.load_state_dict(state | {"mask_t_bits": state["mask_t_bits"].bool()})
-    with pytest.raises(RuntimeError, match="size mismatch for mask_bits"):
+    with pytest.raises(RuntimeError, match=r"mask_bits is \(4,\), expected \(8,\) \(a layer of another size\)"):
         layer.load_state_dict(state | {"mask_bits": state["mask_bits"][:4]})
     del state["mask_bits"]
     with pytest.raises(RuntimeError, match="Missing key.*mask_bits"):

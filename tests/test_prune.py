@@ -119,11 +119,6 @@ def test_transposable_and_exact_backward_options():
     assert torch.equal(model[0].mask_t, model[0].mask)
 
 
-def _cusparselt_on_cpu():
-    model = prune_model(nn.Sequential(nn.Linear(32, 32).half()), compress=True, backend="cusparselt", verbose=False)
-    model(torch.randn(2, 32, dtype=torch.half))
-
-
 @pytest.mark.parametrize(
     "call,error,match",
     [
@@ -150,9 +145,25 @@ def test_clear_errors(call, error, match):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU failure mode")
-def test_gpu_backend_on_cpu_fails_clearly():
-    with pytest.raises(RuntimeError, match="cusparselt"):
-        _cusparselt_on_cpu()
+@pytest.mark.parametrize("backend", ["cusparselt", "cutlass"])
+def test_gpu_backend_on_cpu_fails_at_prune_time(backend):
+    """Said when pruning (naming the missing GPU), not as a dtype complaint at the first forward."""
+    model = nn.Sequential(nn.Linear(32, 32))
+    with pytest.raises(ValueError, match=f"backend='{backend}' cannot run on this machine \\(no CUDA GPU\\).*needs a CUDA device"):
+        prune_model(model, compress=True, backend=backend, verbose=False)
+    assert isinstance(model[0], nn.Linear)  # left as it was
+
+
+def test_second_prune_and_meta_models_are_clear_errors():
+    model = prune_model(Toy(), compress=False, verbose=False)
+    with pytest.raises(ValueError, match="Toy is already pruned .* runs once per model"):
+        prune_model(model, compress=False, verbose=False)
+    with pytest.raises(ValueError, match="already pruned .*'fc1'"):
+        prune_model(model, compress=False, targets=["fc1"], verbose=False)
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="'0' .* meta device: it has no weights to prune yet"):
+        prune_model(meta, verbose=False)
 
 
 def test_multihead_attention_out_proj_is_left_dense():

@@ -61,7 +61,23 @@ def load_tokenizer(path: str | Path = TOKENIZER_FILE):
     return Tokenizer.from_file(str(path))
 
 
+def _unreadable(path: Path, e: Exception) -> DataError:
+    """One line for a file that is not the text its name promises (bad gzip, not UTF-8)."""
+    if isinstance(e, UnicodeDecodeError):
+        return DataError(f"--dataset {path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8")
+    hint = "; a .jsonl.gz file must be gzip-compressed JSON lines" if path.suffix == ".gz" else ""
+    return DataError(f"--dataset {path}: cannot read it ({e}){hint}")
+
+
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        yield from _jsonl_records(path, text_field)
+    except (UnicodeDecodeError, OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise _unreadable(path, e) from e
+
+
+def _jsonl_records(path: Path, text_field: str) -> Iterator[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -86,7 +102,11 @@ def read_documents(dataset: str, text_field: str = "text") -> Iterator[str]:
         if path.name.endswith((".jsonl", ".jsonl.gz")):
             yield from _read_jsonl(path, text_field)
         elif path.suffix == ".txt":
-            yield path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:
+                raise _unreadable(path, e) from e
+            yield text
         else:
             raise DataError(f"--dataset {dataset}: unsupported file type; use a .txt, .jsonl or .jsonl.gz file")
         return

@@ -1,0 +1,500 @@
+"""No fault loses a run (issue 20, docs/robustness.md): crash states of a save, kills at every
+instant of one, full disks, NaN runs, fp16 overflow at the scale floor, state-dict mismatches,
+two runs on one folder, torn metrics lines, SIGINT/SIGTERM, and one-line CLI errors."""
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import slope.checkpoint_store as store
+import slope.durable as durable
+from slope import prune_model
+from slope.checkpoint import read_checkpoint, save_checkpoint, verify_checkpoint
+from slope.cli import main
+from slope.config import TrainConfig
+from slope.durable import StorageError, append_line
+from slope.guard import DivergenceError, FiniteGuard, check_finite
+from slope.metrics_log import MetricsLog, read_records
+from slope.optimizers import ADAMWSparse
+from slope.runlock import RunLock, RunLockError
+from slope.statecheck import StateDictError, check_model_state, check_optimizer_state
+from slope.train import LossScaler
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "1", "--num-heads", "2",
+        "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--log-every", "1", "--eval-every", "100",
+        "--save-every", "0", "--lazy-lora-fraction", "0"]
+
+
+# ---------------------------------------------------------------------- helpers
+def _save(directory: Path, step: int, keep: int = 1, scale: float = 1.0) -> None:
+    """A small but real checkpoint of ``step`` (an nn.Linear and its AdamW) published at ``directory``."""
+    model = nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.fill_(scale * step)
+    save_checkpoint(directory, model=model, dense_opt=torch.optim.AdamW(model.parameters()), sparse_opt=None,
+                    trainer_state={"step": step}, config=TrainConfig(), keep=keep)
+
+
+def _step(path: Path) -> int:
+    return verify_checkpoint(path)["step"]
+
+
+def _names(run: Path) -> list[str]:
+    return sorted(p.name for p in run.iterdir())
+
+
+def _two_checkpoints(run: Path) -> tuple[Path, Path]:
+    """``run/A`` (step 2, serial 1) and ``run/B`` (step 4, serial 2): the before/after of one save."""
+    _save(run / "checkpoint", 2)
+    shutil.copytree(run / "checkpoint", run / "A")
+    _save(run / "checkpoint", 4)
+    os.rename(run / "checkpoint", run / "B")
+    return run / "A", run / "B"
+
+
+def _rewrite(ckpt: Path, name: str, data: bytes) -> None:
+    """Replace one file of a checkpoint and its manifest checksum (a consistent, edited checkpoint)."""
+    (ckpt / name).write_bytes(data)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["sha256"][name] = hashlib.sha256(data).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny SLoPe run stopped after step 2 of 4 (copy it before changing it)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", "--out", str(run), *TINY, "--max-steps", "4", "--stop-after", "2"]) == 0
+    return run
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"slope {command}: error: "), err
+    return lines[0]
+
+
+def _train_steps(run: Path) -> list[int]:
+    return [r["step"] for r in read_records(run / "metrics.jsonl") if "loss" in r]
+
+
+# ---------------------------------------------------------------------- 1. crash-safe saves
+@pytest.mark.parametrize("state, expected_step, keep", [
+    ("partial .tmp", 2, 1),         # killed while writing the new save
+    ("complete .tmp", 4, 1),        # killed after writing, before the renames
+    ("between renames", 4, 1),      # issue 20 item 1: checkpoint.old + checkpoint.tmp, no checkpoint/
+    ("between renames", 4, 2),      # ... keeping 2: the older one becomes checkpoint-step000002/
+    ("before retiring .old", 4, 1),
+    ("partial .old", 4, 1),         # killed while removing the previous checkpoint
+])
+def test_crash_states_resolve_to_the_newest_complete_checkpoint(tmp_path, state, expected_step, keep):
+    run = tmp_path / "run"
+    run.mkdir()
+    a, b = _two_checkpoints(run)
+    base = run / "checkpoint"
+    if state == "partial .tmp":
+        os.rename(a, base)
+        os.rename(b, run / "checkpoint.tmp")
+        (run / "checkpoint.tmp" / "manifest.json").unlink()
+        (run / "checkpoint.tmp" / "rng.pt").write_bytes(b"trunc")
+    elif state == "complete .tmp":
+        os.rename(a, base)
+        os.rename(b, run / "checkpoint.tmp")
+    elif state == "between renames":
+        os.rename(a, run / "checkpoint.old")
+        os.rename(b, run / "checkpoint.tmp")
+    elif state == "before retiring .old":
+        os.rename(a, run / "checkpoint.old")
+        os.rename(b, base)
+    else:
+        os.rename(a, run / "checkpoint.old")
+        (run / "checkpoint.old" / "optimizers.pt").unlink()
+        os.rename(b, base)
+    before = _names(run)
+    newest = store.latest_checkpoint(base)
+    assert _step(newest) == expected_step and _names(run) == before  # finding it changes nothing
+    store.recover(base, keep)
+    kept = ["checkpoint-step000002"] if keep == 2 and state == "between renames" else []
+    assert _names(run) == sorted(["checkpoint", *kept])
+    assert _step(base) == expected_step and read_checkpoint(base).step == expected_step
+    assert all(_step(run / k) == 2 for k in kept)
+
+
+def test_newest_is_the_last_written_not_the_highest_step(tmp_path):
+    """A new run in an old folder restarts at step 1: the manifest serial orders saves, not steps."""
+    base = tmp_path / "checkpoint"
+    _save(base, 10)
+    shutil.copytree(base, tmp_path / "old-run")
+    _save(base, 1)  # the new run's first save
+    os.rename(base, tmp_path / "checkpoint.tmp")
+    os.rename(tmp_path / "old-run", tmp_path / "checkpoint.old")  # killed between the renames
+    assert _step(store.latest_checkpoint(base)) == 1
+
+
+def test_a_damaged_checkpoint_is_reported_not_skipped(tmp_path):
+    base = tmp_path / "checkpoint"
+    _save(base, 2, keep=2)
+    _save(base, 4, keep=2)
+    (base / "manifest.json").write_text("[1, 2]")  # not an object (issue 20 item 8)
+    with pytest.raises(store.CheckpointError, match="manifest.json is corrupt"):
+        store.latest_checkpoint(base)
+    assert store.recover(base, 2) == [] and (base / "manifest.json").exists()  # nothing deleted
+
+
+def test_keep_rotates_only_after_the_newer_one_is_safe(tmp_path):
+    base = tmp_path / "checkpoint"
+    for step in (1, 2, 3, 4):
+        _save(base, step, keep=3)
+    assert _names(tmp_path) == ["checkpoint", "checkpoint-step000002", "checkpoint-step000003"]
+    assert [_step(p) for p in store.kept_checkpoints(base)] == [2, 3] and _step(base) == 4
+    _save(base, 5, keep=1)  # fewer kept from now on
+    assert _names(tmp_path) == ["checkpoint"] and _step(base) == 5
+
+
+def test_a_kill_at_any_instant_of_a_save_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
+    """Snapshot the folder before every file-system operation of a save (and mid-way through every
+    file write): each snapshot is what a kill at that instant leaves. Each must resolve to the old
+    checkpoint until the new manifest is durable, to the new one after, and recover cleanly."""
+    run, snaps = tmp_path / "run", tmp_path / "snaps"
+    run.mkdir()
+    snaps.mkdir()
+    _save(run / "checkpoint", 2)
+    log, real = [], {"rename": os.rename, "rmtree": shutil.rmtree, "write": durable.write_file, "fsync_dir": store.fsync_dir}
+
+    def snapshot(label, partial=None):
+        dest = snaps / f"{len(log):03d}"
+        shutil.copytree(run, dest)
+        if partial is not None:
+            path, data = partial
+            (dest / path.relative_to(run)).write_bytes(data[: len(data) // 2])
+        log.append(label)
+
+    def write(path, data):
+        snapshot(f"write {Path(path).name}")
+        snapshot(f"half {Path(path).name}", (Path(path), data))
+        real["write"](path, data)
+
+    def rename(src, dst):
+        snapshot(f"rename {Path(src).name} {Path(dst).name}")
+        real["rename"](src, dst)
+
+    def rmtree(path, *a, **k):
+        if Path(path).is_dir():
+            snapshot(f"rmtree {Path(path).name}")
+        real["rmtree"](path, *a, **k)
+
+    def fsync_dir(path):
+        log.append(f"fsync {Path(path).name}")
+        real["fsync_dir"](path)
+
+    monkeypatch.setattr(durable, "write_file", write)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    monkeypatch.setattr(store, "fsync_dir", fsync_dir)
+    _save(run / "checkpoint", 4)
+    monkeypatch.undo()
+    # Power loss: every file and the new folder are synced before the first rename, the run folder after.
+    first_rename = next(i for i, e in enumerate(log) if e.startswith("rename"))
+    assert "fsync checkpoint.tmp" in log[:first_rename] and log[first_rename + 2] == "fsync run"
+    manifest_done = log.index("half manifest.json") + 1
+    snapshots = sorted(snaps.iterdir())
+    assert len(snapshots) >= 14
+    for snap in snapshots:
+        expected = 2 if int(snap.name) <= manifest_done else 4
+        assert _step(store.latest_checkpoint(snap / "checkpoint")) == expected, (snap.name, log[int(snap.name)])
+        store.recover(snap / "checkpoint")
+        assert _names(snap) == ["checkpoint"] and read_checkpoint(snap / "checkpoint").step == expected
+
+
+def test_resume_between_the_renames_continues_the_run(run, capsys):
+    """Issue 20 item 1 end to end: --resume used to say 'no checkpoint' (and a new run deleted both)."""
+    base = run / "checkpoint"
+    shutil.copytree(base, run / "checkpoint.tmp")
+    os.rename(base, run / "checkpoint.old")
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "published checkpoint.tmp/ as checkpoint/" in out and "resumed from" in out and "done: 4 steps" in out
+    assert _names(run) == ["checkpoint", "loss.png", "metrics.jsonl"] and read_checkpoint(base).step == 4
+
+
+# ---------------------------------------------------------------------- 6. full disks
+def _disk_full_after(monkeypatch, budget: int):
+    """Every low-level write fails with ENOSPC once ``budget`` bytes have been written."""
+    real, left = durable._write_all, [budget]
+
+    def write_all(fd, data):
+        if len(data) > left[0]:
+            os.write(fd, bytes(memoryview(data)[: left[0]]))
+            left[0] = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        left[0] -= len(data)
+        return real(fd, data)
+
+    monkeypatch.setattr(durable, "_write_all", write_all)
+
+
+@pytest.mark.parametrize("budget", [0, 3_000])  # fails on the first file / a later one
+def test_disk_full_during_a_save_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch, budget):
+    base = tmp_path / "checkpoint"
+    _save(base, 2)
+    _disk_full_after(monkeypatch, budget)
+    with pytest.raises(StorageError) as e:
+        _save(base, 4)
+    assert "No space left on device (the disk is full: free some space)" in str(e.value) and "\n" not in str(e.value)
+    assert _names(tmp_path) == ["checkpoint"] and read_checkpoint(base).step == 2
+
+
+def test_disk_full_while_logging_metrics_keeps_whole_lines(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "metrics.jsonl"
+    append_line(path, json.dumps({"step": 1}))
+    _disk_full_after(monkeypatch, 5)
+    with pytest.raises(StorageError, match="metrics.jsonl: No space left on device"):
+        append_line(path, json.dumps({"step": 2, "loss": 1.0}))
+    assert path.read_text() == '{"step": 1}\n'  # the torn half line was cut back
+    run = tmp_path / "run"
+    _disk_full_after(monkeypatch, 0)
+    assert main(["train", "--out", str(run), *TINY, "--max-steps", "2"]) == 1
+    assert "No space left on device" in _one_line_error(capsys, "train")
+
+
+# ---------------------------------------------------------------------- 5. metrics.jsonl
+def test_a_torn_last_metrics_line_is_dropped_with_a_note_on_resume(run, capsys):
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # what a full disk under another writer leaves
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert "dropped a torn last line" in capsys.readouterr().out
+    assert _train_steps(run) == [1, 2, 3, 4]
+
+
+def test_a_kill_while_a_resume_rewrites_metrics_keeps_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    original = path.read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies before the new file replaces the old one
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLog(path, keep_until_step=2)
+    assert path.read_text() == original
+    monkeypatch.undo()
+    MetricsLog(path, keep_until_step=2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+# ---------------------------------------------------------------------- 2. the finite-loss guard
+def test_guard_patience_and_the_finite_check():
+    guard = FiniteGuard(patience=2)
+    guard.record(1, 1.0, skipped=False)
+    guard.record(2, float("nan"), skipped=True)
+    guard.record(3, float("nan"), skipped=True)
+    with pytest.raises(DivergenceError, match=r"step 4: 3 steps in a row .*\(since step 1; last loss nan\)"):
+        guard.record(4, float("nan"), skipped=True)
+    guard = FiniteGuard(patience=1)
+    for step in range(1, 10):  # isolated skips never stop a run
+        guard.record(step, 1.0, skipped=step % 2 == 0)
+    check_finite(1, 2.0, {"model": {"w": torch.ones(2)}, "opt": {"state": {0: {"exp_avg": torch.zeros(2)}}}})
+    with pytest.raises(DivergenceError, match=r"opt.state.0.exp_avg holds inf/nan"):
+        check_finite(1, 2.0, {"model": {"w": torch.ones(2)}, "opt": {"state": {0: {"exp_avg": torch.tensor([0.0, float("inf")])}}}})
+    with pytest.raises(DivergenceError, match="the loss is nan; the checkpoint is not written"):
+        check_finite(1, float("nan"), {})
+
+
+def test_loss_scale_has_a_floor():
+    scaler = LossScaler(True, init_scale=1024.0, min_scale=64.0)
+    for _ in range(10):
+        scaler.update(True)
+    assert scaler.scale == 64.0
+    assert LossScaler(True, init_scale=0.5, min_scale=1.0).min_scale == 0.5  # never above the start
+
+
+def test_a_diverging_resume_stops_and_keeps_the_good_checkpoint(run, capsys):
+    """Issue 20 item 2: --resume --lr 1e9 used to write NaN weights over the good checkpoint and exit 0."""
+    before = (run / "checkpoint" / "manifest.json").read_text()
+    assert main(["train", "--out", str(run), "--resume", "--lr", "1e9", "--max-steps", "12", "--nonfinite-patience", "2"]) == 1
+    line = _one_line_error(capsys, "train")
+    assert "inf/nan" in line or "diverged" in line
+    assert (run / "checkpoint" / "manifest.json").read_text() == before
+    assert not (run / "checkpoint.tmp").exists() and main(["eval", "--checkpoint", str(run)]) == 0
+
+
+def test_fp16_overflow_at_the_scale_floor_stops_the_run(tmp_path, capsys):
+    """Issue 20 item 2: fp16 used to skip every step forever, halving the scale without a floor."""
+    out = tmp_path / "fp16"
+    args = ["--precision", "fp16", "--fp16-init-scale", str(2.0**40), "--fp16-min-scale", str(2.0**39), "--nonfinite-patience", "2"]
+    assert main(["train", "--out", str(out), *TINY, "--max-steps", "50", *args]) == 1
+    assert "step 3: 3 steps in a row skipped" in _one_line_error(capsys, "train")
+    scales = [json.loads(line)["loss_scale"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert scales == [2.0**39, 2.0**39, 2.0**39] and not (out / "checkpoint").exists()
+
+
+def test_eval_fails_on_a_non_finite_loss(run, capsys):
+    from safetensors.torch import load_file, save
+
+    state = load_file(str(run / "checkpoint" / "model.safetensors"))
+    state["model.norm.weight"].fill_(float("nan"))
+    _rewrite(run / "checkpoint", "model.safetensors", save(state))
+    assert main(["eval", "--checkpoint", str(run)]) == 1
+    assert "the validation loss is nan" in _one_line_error(capsys, "eval")
+
+
+# ---------------------------------------------------------------------- 3. state-dict validation
+def _mlp(sparsity: str) -> nn.Module:
+    torch.manual_seed(0)
+    return prune_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), compress=False, sparsity=sparsity, verbose=False)
+
+
+@pytest.mark.parametrize("saved, loaded", [("2:4", "1:4"), ("1:4", "2:4")])
+def test_adamw_sparse_refuses_another_sparsity_before_changing_anything(saved, loaded):
+    """Issue 20 item 3: 1:4 moments into 2:4 layers made the fused step write out of bounds."""
+    source = _mlp(saved)
+    opt = ADAMWSparse(source, lr=1e-3)
+    source(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    target = _mlp(loaded)
+    fresh = ADAMWSparse(target, lr=1e-3)
+    with pytest.raises(StateDictError, match=r"0: exp_avg is \(64, (16|32)\), the parameter is \(64, (16|32)\)"):
+        fresh.load_state_dict(opt.state_dict())
+    assert not fresh.state and fresh.lr == 1e-3
+    target(torch.randn(4, 64)).sum().backward()
+    fresh.step()  # still usable
+
+
+def test_model_and_dense_optimizer_states_are_checked_before_loading():
+    source, target = _mlp("2:4"), _mlp("1:4")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(StateDictError, match="0: the checkpoint keeps 32 of 64 weights per row but this layer is 1:4"):
+        check_model_state(target, source.state_dict())
+    with pytest.raises(RuntimeError, match="0: the checkpoint keeps 32"):
+        target.load_state_dict(source.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    state = source.state_dict()
+    state["0.bias"] = state["0.bias"].double()
+    with pytest.raises(StateDictError, match="0.bias is torch.float64, the model's is torch.float32"):
+        check_model_state(source, state)
+    a, b = nn.Linear(4, 8), nn.Linear(4, 4)
+    opt_a, opt_b = torch.optim.AdamW(a.parameters()), torch.optim.AdamW(b.parameters())
+    a(torch.randn(2, 4)).sum().backward()
+    opt_a.step()
+    with pytest.raises(StateDictError, match=r"weight: exp_avg is \(8, 4\), the parameter is \(4, 4\)"):
+        check_optimizer_state(opt_b, opt_a.state_dict(), ["weight", "bias"])
+
+
+# ---------------------------------------------------------------------- 4. one run per folder
+def test_a_second_run_on_the_same_folder_is_refused(run, capsys):
+    metrics = (run / "metrics.jsonl").read_text()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from slope.runlock import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)", str(run)],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["train", "--out", str(run), "--resume"]) == 1
+        line = _one_line_error(capsys, "train")
+        assert f"is in use by another slope train (pid {holder.pid} on " in line and "choose another --out" in line
+        assert (run / "metrics.jsonl").read_text() == metrics  # nothing mixed in
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its lock file is stale, and the next run takes over.
+    assert json.loads((run / ".lock").read_text())["pid"] == holder.pid
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert f"took over the stale lock of pid {holder.pid}" in capsys.readouterr().out
+    assert not (run / ".lock").exists()
+
+
+def test_run_lock_in_process(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(RunLockError, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    with RunLock(tmp_path):  # released: free again
+        pass
+
+
+# ---------------------------------------------------------------------- 7. SIGINT / SIGTERM
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "slope", "train", "--out", str(out), *TINY, "--max-steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while not ((out / "metrics.jsonl").exists() and len(_train_steps(out)) >= 2):  # mid-run
+            assert proc.poll() is None, "the run ended early"
+            assert time.monotonic() < deadline, "the run did not reach step 2"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by {sig.name} after step ") and "continue with: slope train --out" in last
+    step = int(last.split("after step ")[1].split()[0])
+    assert read_checkpoint(out / "checkpoint").step == step >= 2 and not (out / ".lock").exists()
+
+
+# ---------------------------------------------------------------------- 8. one-line CLI errors
+def _cli_case(name: str, run: Path, tmp_path: Path) -> tuple[list[str], str, str]:
+    """``(argv, command, expected text)`` of each CLI case of issue 20 item 8."""
+    if name == "non-UTF-8 dataset":
+        data = tmp_path / "latin1.txt"
+        data.write_bytes("caf\xe9 au lait ".encode("latin-1") * 300)
+        return ["train", "--out", str(tmp_path / "x"), *TINY, "--dataset", str(data)], "train", "not UTF-8 text"
+    if name == "jsonl.gz that is not gzip":
+        data = tmp_path / "data.jsonl.gz"
+        data.write_text('{"text": "not compressed"}\n')
+        return ["train", "--out", str(tmp_path / "x"), *TINY, "--dataset", str(data)], "train", "must be gzip-compressed"
+    if name == "manifest not an object":
+        (run / "checkpoint" / "manifest.json").write_text("[1, 2]")
+        return ["eval", "--checkpoint", str(run)], "eval", "manifest.json is corrupt (expected a JSON object"
+    if name == "config/weights size mismatch":
+        config = json.loads((run / "checkpoint" / "config.json").read_text())
+        _rewrite(run / "checkpoint", "config.json", json.dumps({**config, "intermediate_size": 192}).encode())
+        return ["eval", "--checkpoint", str(run)], "eval", "model.safetensors does not match the model its config.json describes"
+    if name == "--out names a file":
+        (tmp_path / "file").write_text("x")
+        return ["train", "--out", str(tmp_path / "file"), *TINY], "train", "is a file, not a folder"
+    if name == "eval --device tpu":
+        return ["eval", "--checkpoint", str(run), "--device", "tpu"], "eval", "device 'tpu' is not supported; use auto, cpu"
+    if name == "--max-steps below the checkpoint's step":
+        return ["train", "--out", str(run), "--resume", "--max-steps", "1"], "train", "the checkpoint is already at step 2"
+    if name == "resume with another --seed":
+        return ["train", "--out", str(run), "--resume", "--seed", "5"], "train", "seed=0 but this run asks for seed=5 (the seed fixes"
+    assert name == "resume of a folder without a checkpoint"
+    return ["train", "--out", str(tmp_path / "none"), "--resume"], "train", "no checkpoint at"
+
+
+@pytest.mark.parametrize("name", [
+    "non-UTF-8 dataset", "jsonl.gz that is not gzip", "manifest not an object", "config/weights size mismatch",
+    "--out names a file", "eval --device tpu", "--max-steps below the checkpoint's step", "resume with another --seed",
+    "resume of a folder without a checkpoint",
+])
+def test_cli_errors_are_one_line_without_traceback(run, tmp_path, capsys, name):
+    argv, command, expected = _cli_case(name, run, tmp_path)
+    assert main(argv) == 1
+    assert expected in _one_line_error(capsys, command)
