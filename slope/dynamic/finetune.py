@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,10 +195,9 @@ def _loop(ctx: _Run, out: Path | None) -> dict[str, Any]:
 
     for event in sparsifier.history:
         write({"event": "mask_update", **event})
-    show = args.extra["progress"] if args.extra["progress"] is not None else sys.stderr.isatty()
-    from tqdm import tqdm
+    from slope.progress import Progress, display_for
 
-    bar = tqdm(total=ctx.total_steps, desc="sparse-finetune", disable=not show, dynamic_ncols=True)
+    bar = Progress(ctx.total_steps, "sparse-finetune", unit="step", display=display_for(args.extra["progress"]))
     initial_val = evaluate_loss(ctx.model, ctx.data.val, ctx.device, args.precision)
     write({"step": 0, "val_loss": initial_val, "sparsity": sparsifier.sparsity})
     t0, eval_steps, loss = time.perf_counter(), args.extra["eval_steps"], float("nan")
@@ -214,8 +212,7 @@ def _loop(ctx: _Run, out: Path | None) -> dict[str, Any]:
         if (eval_steps and done % eval_steps == 0) or done == ctx.total_steps:
             write({"step": done, "val_loss": evaluate_loss(ctx.model, ctx.data.val, ctx.device, args.precision),
                    "sparsity": sparsifier.sparsity})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", sparsity=f"{sparsifier.sparsity:.3f}")
+        bar.update(1, loss=f"{loss:.3f}", sparsity=f"{sparsifier.sparsity:.3f}")
     bar.close()
     if log is not None:
         log.close()
@@ -283,7 +280,8 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
     ``max_steps`` (overrides ``num_epochs``), ``tokenizer``, ``seed``, ``max_seq_length`` (256),
     ``eval_batches`` (8), ``eval_steps``, ``logging_steps`` (10), ``max_grad_norm`` (1.0),
     ``weight_decay`` (0.0), ``text_field``, ``device`` ("auto"), ``targets`` / ``skip`` (layers),
-    ``compress`` / ``double_pruning`` (N:M SLoPe layers), ``progress`` (tqdm bar; default: on a terminal).
+    ``compress`` / ``double_pruning`` (N:M SLoPe layers), ``progress`` (True: tqdm bar, False: none;
+    default: a bar on a terminal, plain lines with rate and ETA otherwise: :mod:`slope.progress`).
 
     The returned model keeps its sparse form: unstructured masks as zeros in ``nn.Linear`` weights,
     N:M as :class:`slope.SparseLinear` layers (2:4: accelerable). Its ``dynamic_sparsity`` attribute
