@@ -334,7 +334,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     # ---- tokenizer, architecture and --report-to backend: checked before the data are read -----
     tokenizer = open_tokenizer(cfg.tokenizer)
     arch = (ckpt.model_config if ckpt is not None else None) or causal_lm_config(cfg, tokenizer.vocab_size, tokenizer.eos_id).to_dict()
-    tokenizer_copy = tokenizer_files(tokenizer, cfg.seq_len) if cfg.tokenizer and env.is_main else None  # saved in checkpoints
+    tokenizer_copy = tokenizer_files(tokenizer, "tokenizer", cfg.seq_len) if cfg.tokenizer and env.is_main else None  # saved in checkpoints
     reporter = cleanup.enter_context(open_reporter(cfg.report_to if env.is_main else "none", out, cfg, ckpt.step if ckpt else 0))
 
     # ---- data ------------------------------------------------------------------------------

@@ -126,8 +126,9 @@ def open_tokenizer(spec: str | Path = "") -> TextTokenizer:
     raise DataError(f"--tokenizer {spec}: no such file or folder (give a Hugging Face tokenizer folder or a tokenizer.json file)")
 
 
-def tokenizer_files(tokenizer: TextTokenizer, model_max_length: int | None = None) -> dict[str, bytes]:
-    """The files of ``tokenizer`` as a Hugging Face folder (``save_pretrained``): name → bytes."""
+def tokenizer_files(tokenizer: TextTokenizer, folder: str, model_max_length: int | None = None) -> dict[str, bytes]:
+    """The files of ``tokenizer`` as a Hugging Face folder (``save_pretrained``) named ``folder``:
+    ``"folder/name"`` → bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.to_hf(model_max_length).save_pretrained(tmp)
-        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+        return {f"{folder}/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
