@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slope.checkpoint import Checkpoint, build_model, load_model_state, read_checkpoint
+from slope.checkpoint import Checkpoint, CheckpointError, build_model, load_model_state, read_checkpoint
 from slope.checkpoint_store import latest_checkpoint
 from slope.config import ConfigError, TrainConfig
 from slope.data import load_splits, open_tokenizer, perplexity, unigram_cross_entropy, val_batches
@@ -210,18 +210,20 @@ def load_trained_model(checkpoint_dir: str | Path, device: str = "auto", mode: s
 
 
 # ---------------------------------------------------------------------- slope eval
-def _validation(ckpt: Checkpoint, eval_batches: int | None):
-    """The run's validation batches, tokenized with the run's tokenizer; a note if the data (or the
-    tokenizer) are not those the run trained on."""
-    cfg = ckpt.config
-    data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field, ckpt.tokenizer)
+def _validation(cfg: TrainConfig, eval_batches: int | None, tokenizer: str = ""):
+    """The run's data (tokenized with the run's ``tokenizer``: :attr:`Checkpoint.tokenizer`) and validation batches."""
+    data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field, tokenizer)
     batches = val_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=eval_batches or cfg.eval_batches)
+    return data, batches
+
+
+def _data_note(ckpt: Checkpoint, data) -> str | None:
+    """A note when the data (or the tokenizer) are not those the run trained on."""
     trained_on = ckpt.trainer_state.get("data_fingerprint")
-    note = None
-    if trained_on is not None and trained_on != data.fingerprint:
-        note = (f"--dataset {cfg.dataset}: the data (or tokenizer) differ from those the run trained on (fingerprint "
-                f"{data.fingerprint}, trained on {trained_on}); the loss is not comparable with the run's")
-    return data, batches, note
+    if trained_on is None or trained_on == data.fingerprint:
+        return None
+    return (f"--dataset {ckpt.config.dataset}: the data (or tokenizer) differ from those the run trained on (fingerprint "
+            f"{data.fingerprint}, trained on {trained_on}); the loss is not comparable with the run's")
 
 
 def _evaluate(loaded: LoadedModel, batches, progress: bool | None = False) -> dict:
@@ -256,14 +258,14 @@ def eval_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_batch
     bar on a terminal and plain lines otherwise, ``True`` a bar, ``False`` nothing."""
     ckpt = open_checkpoint(checkpoint_dir)
     loaded = model_from_checkpoint(ckpt, mode, device)
-    data, batches, data_note = _validation(ckpt, eval_batches)
+    data, batches = _validation(ckpt.config, eval_batches, ckpt.tokenizer)
     result = {
         "checkpoint": str(ckpt.path),
         "step": ckpt.step,
         **_evaluate(loaded, batches, progress),
         "unigram_loss": unigram_cross_entropy(data.train, data.val, data.vocab_size),
     }
-    result["note"] = "; ".join(n for n in (result["note"], data_note) if n) or None
+    result["note"] = "; ".join(n for n in (result["note"], _data_note(ckpt, data)) if n) or None
     return result
 
 
@@ -275,7 +277,7 @@ def compare_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_ba
     run's precision give ``agree``. ``modes`` maps each mode to its :func:`eval_checkpoint`-style result."""
     ckpt = open_checkpoint(checkpoint_dir)
     cfg = ckpt.config
-    data, batches, data_note = _validation(ckpt, eval_batches)
+    data, batches = _validation(cfg, eval_batches, ckpt.tokenizer)
     modes = MODES if _is_sparse(ckpt) else ("dense",)
     results, probes = {}, {}
     for mode in modes:
@@ -296,7 +298,8 @@ def compare_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_ba
         "loss_tolerance": LOSS_TOLERANCE[cfg.precision],
         "logit_tolerance": LOGIT_TOLERANCE[cfg.precision],
         "agree": loss_diff <= LOSS_TOLERANCE[cfg.precision] and logit_diff <= LOGIT_TOLERANCE[cfg.precision],
-        "note": "; ".join(n for n in (None if _is_sparse(ckpt) else "dense checkpoint: it has one form only", data_note) if n) or None,
+        "note": "; ".join(n for n in (None if _is_sparse(ckpt) else "dense checkpoint: it has one form only", _data_note(ckpt, data))
+                          if n) or None,
         "unigram_loss": unigram_cross_entropy(data.train, data.val, data.vocab_size),
     }
 
