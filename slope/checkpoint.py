@@ -41,6 +41,7 @@ __all__ = [
     "build_model",
     "capture_rng",
     "check_compatible",
+    "check_model_config",
     "check_state_fits",
     "load_model_state",
     "read_checkpoint",
@@ -321,6 +322,17 @@ def check_state_fits(ckpt: Checkpoint, model: nn.Module, dense_opt: torch.optim.
             check()
         except (StateDictError, KeyError, TypeError) as e:
             raise CheckpointError(f"{ckpt.path}: {what} does not match the model its config.json describes: {e}") from e
+
+
+def check_model_config(ckpt: Checkpoint) -> None:
+    """Raise :class:`CheckpointError` if ``config.json``'s sizes disagree with the model config stored
+    in ``trainer_state.json`` (an edited or corrupt checkpoint): the model is built from the latter."""
+    from slope.model_config import size_mismatch
+
+    mismatch = ckpt.model_config and size_mismatch(ckpt.config, ckpt.model_config)
+    if mismatch:
+        raise CheckpointError(f"{ckpt.path}: trainer_state.json's model config does not match the model its config.json describes: "
+                              f"{mismatch}; the checkpoint was edited or is corrupt")
 
 
 def load_model_state(model: nn.Module, ckpt: Checkpoint) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slope.checkpoint import Checkpoint, CheckpointError, build_model, load_model_state, read_checkpoint
+from slope.checkpoint import Checkpoint, CheckpointError, build_model, check_model_config, load_model_state, read_checkpoint
 from slope.checkpoint_store import latest_checkpoint
 from slope.config import ConfigError, TrainConfig
 from slope.data import load_splits, open_tokenizer, perplexity, unigram_cross_entropy, val_batches
@@ -175,6 +175,7 @@ def model_from_checkpoint(ckpt: Checkpoint, mode: str = "unmerged", device: str 
         raise ConfigError(f"mode {mode!r} is not an inference mode; choose one of {', '.join(MODES)}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     cfg, state = ckpt.config, ckpt.trainer_state
+    check_model_config(ckpt)
     model = build_model(cfg, state["vocab_size"], state["eos_id"], lora=ckpt.lora_attached, dense_tail=ckpt.dense_tail,
                         model_config=ckpt.model_config)
     sparse_layers = tuple(name for name, _ in sparse_modules(model))

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from slope.config import ConfigError, TrainConfig
 
-__all__ = ["build_causal_lm", "causal_lm_config", "config_from_dict", "describe"]
+__all__ = ["build_causal_lm", "causal_lm_config", "config_from_dict", "describe", "size_mismatch"]
 
 #: Names of the MLP width in transformers configs (the first one a config has is set).
 _MLP_WIDTH = ("intermediate_size", "n_inner", "ffn_dim")
@@ -99,6 +99,21 @@ def config_from_dict(values: dict):
 
     values = dict(values)
     return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def size_mismatch(cfg: TrainConfig, stored: dict) -> str | None:
+    """Where ``cfg``'s size flags disagree with a stored config built from them (the default Llama or a
+    model type; a file's sizes are its own): ``"hidden_size = 64 (stored 128)"``, or ``None``."""
+    spec = cfg.model_config
+    if spec and (Path(spec).expanduser().exists() or stored.get("model_type") != spec):
+        return None
+    config = config_from_dict(stored)
+    width = next((name for name in _MLP_WIDTH if hasattr(config, name)), None)
+    pairs = [("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads")]
+    for ours, theirs in pairs + ([("intermediate_size", width)] if width else []):
+        if getattr(config, theirs) is not None and getattr(cfg, ours) != getattr(config, theirs):
+            return f"{ours} = {getattr(cfg, ours)} (the stored model config has {getattr(config, theirs)})"
+    return None
 
 
 def build_causal_lm(config) -> nn.Module:

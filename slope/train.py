@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from slope import parallel
 from slope.checkpoint import (
-    CheckpointError, attach_lora, build_model, check_compatible, check_state_fits, read_checkpoint, restore_rng, save_checkpoint,
+    CheckpointError, attach_lora, build_model, check_compatible, check_model_config, check_state_fits, read_checkpoint, restore_rng,
+    save_checkpoint,
 )
 from slope.checkpoint_store import latest_checkpoint, recover
 from slope.config import ConfigError, TrainConfig
@@ -325,6 +326,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     ckpt = read_checkpoint(latest_checkpoint(out / "checkpoint", no_checkpoint)) if cfg.resume else None
     if ckpt is not None:
         check_compatible(ckpt.config, cfg)
+        check_model_config(ckpt)
         if cfg.stop_after is not None and cfg.stop_after <= ckpt.step:
             raise ConfigError(f"stop_after = {cfg.stop_after} is invalid: the checkpoint is already at step {ckpt.step}")
         if cfg.max_steps < ckpt.step:
