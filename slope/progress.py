@@ -43,6 +43,18 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
+def _interval_from_env(value: str) -> float:
+    from slope.config import ConfigError
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"SLOPE_PROGRESS_INTERVAL={value!r} is not a number of seconds >= 0; unset it or give e.g. 10")
+    return seconds
+
+
 class Progress:
     """Progress of ``total`` units (``unit``, e.g. "step"), starting from ``initial`` (a resumed run).
 
@@ -59,7 +71,7 @@ class Progress:
         if display == "auto":
             display = "bar" if sys.stderr.isatty() else "lines"
         if interval_s is not None and "SLOPE_PROGRESS_INTERVAL" in os.environ:
-            interval_s = float(os.environ["SLOPE_PROGRESS_INTERVAL"])
+            interval_s = _interval_from_env(os.environ["SLOPE_PROGRESS_INTERVAL"])
         self.total, self.desc, self.unit, self.display = int(total), desc, unit, display
         self.initial = self.done = int(initial)
         self.interval_s, self.log = interval_s, log

@@ -288,8 +288,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
     ``progress``: tqdm bar (default: when stderr is a terminal); otherwise a plain line with rate
     and ETA is logged every ``log_every`` steps through ``log`` (:mod:`slope.progress`).
     ``plot=False`` skips ``loss.png`` (callers that run many jobs in-process, e.g.
-    ``accuracy_experiments/run.py``). Holds the lock of ``cfg.out``
-    while it runs; SIGINT/SIGTERM end it after the current step with a checkpoint.
+    ``accuracy_experiments/run.py``). Holds the lock of ``cfg.out`` while it runs; SIGINT/SIGTERM
+    end it after the current step with a checkpoint.
     """
     cfg.validate()
     out = _output_dir(cfg.out)
@@ -342,11 +342,12 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     # ---- data ------------------------------------------------------------------------------
     data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field, cfg.tokenizer)
     if ckpt is not None and ckpt.trainer_state["data_fingerprint"] != data.fingerprint:
-        raise CheckpointError(f"--dataset {cfg.dataset}: the data differ from the checkpoint's (its files changed); cannot resume exactly")
+        raise CheckpointError(f"--dataset {cfg.dataset}: the data differ from the checkpoint's (its files, or the --tokenizer's, changed); "
+                              "cannot resume exactly")
     val_set = val_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
     unigram = unigram_cross_entropy(data.train, data.val, data.vocab_size)
-    log(f"data: {cfg.dataset}: {len(data.train):,} train / {len(data.val):,} validation tokens, vocab {data.vocab_size}"
-        + (f" (tokenizer {cfg.tokenizer})" if cfg.tokenizer else "") + "; "
+    tokenized_by = f" (tokenizer {cfg.tokenizer})" if cfg.tokenizer else ""
+    log(f"data: {cfg.dataset}: {len(data.train):,} train / {len(data.val):,} validation tokens, vocab {data.vocab_size}{tokenized_by}; "
         f"unigram baseline (validation cross-entropy of train-split token frequencies) {unigram:.4f}")
 
     # ---- model and optimizers ----------------------------------------------------------------
@@ -364,8 +365,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval, cfg.fp16_min_scale)
     guard = FiniteGuard(cfg.nonfinite_patience)
     kind = "dense baseline" if cfg.dense else f"SLoPe {cfg.sparsity} ({'compressed' if cfg.compress else 'simulated'})"
-    log(f"model: {describe(model.config)}, {n_params:,} parameters, {kind}, "
-        f"{cfg.precision}, device {device}")
+    log(f"model: {describe(model.config)}, {n_params:,} parameters, {kind}, {cfg.precision}, device {device}")
 
     step, tokens, elapsed_before, lora_attached, densified = 0, 0, 0.0, False, False
     if ckpt is not None:

@@ -72,6 +72,9 @@ def test_env_sets_the_interval(fake_time, monkeypatch):
     lines = []
     assert list(iterate("ab", "x", unit="item", display="lines", log=lines.append)) == ["a", "b"]
     assert [line.split(" | ")[0] for line in lines] == ["x: 1/2 items (50%)", "x: 2/2 items (100%)"]
+    monkeypatch.setenv("SLOPE_PROGRESS_INTERVAL", "often")
+    with pytest.raises(ValueError, match="SLOPE_PROGRESS_INTERVAL='often' is not a number of seconds"):
+        Progress(1, "x", display="lines")
 
 
 def test_bar_mode_is_tqdm_on_stderr(capsys):
