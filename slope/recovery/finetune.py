@@ -48,7 +48,8 @@ __all__ = ["TRAINING_DEFAULTS", "finetune", "CHECKPOINT_STATE"]
 TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 3.0, "max_steps": None, "learning_rate": 5e-5, "lr_scheduler_type": "linear", "warmup_steps": 0,
     "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_seq_length": 512, "bf16": False,
-    "fp16": False, "gradient_checkpointing": False, "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 42,
+    "fp16": False, "gradient_checkpointing": False, "max_grad_norm": 1.0, "weight_decay": 0.0, "adam_beta1": 0.9,
+    "adam_beta2": 0.999, "adam_epsilon": 1e-8, "seed": 42,
     "logging_steps": 10, "eval_steps": None, "eval_batches": 8, "save_steps": None, "resume_from_checkpoint": None,
     "tokenizer": None, "text_field": "text", "device": "auto", "precision": "auto", "double_pruning": False,
     "backend": "auto", "progress": None,
@@ -59,7 +60,7 @@ CHECKPOINT_STATE = "slope_finetune_state.pt"
 #: Settings a resumed run must share with the checkpoint's run.
 _RESUME_KEYS = ("total_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "global_batch",
                 "gradient_accumulation_steps", "max_seq_length", "seed", "recipe", "double_pruning", "precision_mode",
-                "max_grad_norm", "weight_decay")
+                "max_grad_norm", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
 _PRECISIONS = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
                "float16": "fp16"}
 
@@ -83,7 +84,7 @@ def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
         integer(name, minimum)
     for name in ("max_steps", "eval_steps", "save_steps"):
         integer(name, optional=True)
-    for name in ("learning_rate", "num_train_epochs"):
+    for name in ("learning_rate", "num_train_epochs", "adam_epsilon"):
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -96,6 +97,7 @@ def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("bf16 and fp16 are exclusive; choose one (or neither for fp32)")
     if args["precision"] not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {args['precision']!r}")
+    args["precision"] = _PRECISIONS[args["precision"]]
     args["precision_mode"] = "fp16" if args["fp16"] else "bf16" if args["bf16"] else "fp32"
     return args
 
@@ -135,19 +137,21 @@ def _check_tokenizers(student_tok, teacher_tok) -> None:
                                 "teacher trained with the student's tokenizer (the dense model it was pruned from)")
 
 
-def _optimizers(model: nn.Module, lr: float, weight_decay: float):
+def _optimizers(model: nn.Module, args: dict[str, Any]):
     """AdamW over the trainable parameters (matrices decay, vectors do not) and ADAMWSparse over SLoPe layers."""
     from slope.registry import sparse_modules
 
+    lr, weight_decay = args["learning_rate"], args["weight_decay"]
+    adam = {"betas": (args["adam_beta1"], args["adam_beta2"]), "eps": args["adam_epsilon"]}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **adam)
     sparse = None
     if any(True for _ in sparse_modules(model)):
         from slope.optimizers import ADAMWSparse
 
-        sparse = ADAMWSparse(model, lr=lr, weight_decay=weight_decay)
+        sparse = ADAMWSparse(model, lr=lr, weight_decay=weight_decay, **adam)
     return dense, sparse
 
 
@@ -303,8 +307,11 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     distiller = _prepare_teacher(model, teacher, distill_mod, args, env.device, steps_per_epoch, tokenizer,
                                  data.val[0][0][:1, :32].to(env.device))
     if args["gradient_checkpointing"] and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    dense_opt, sparse_opt = _optimizers(model, args["learning_rate"], args["weight_decay"])
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers >= 5.2x)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    dense_opt, sparse_opt = _optimizers(model, args)
     forward_model = model
     if env.distributed:
         forward_model = parallel.wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -335,8 +342,9 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str
         start, records = run.checkpoints.load(args["resume_from_checkpoint"])
     summary = run.loop.run(run.out, start_step=start, records=records, save=run.checkpoints.save,
                            save_steps=args["save_steps"], main_process=env.is_main)
-    summary["config"] = {**{k: v for k, v in args.items() if k != "tokenizer"}, **run.checkpoints.fingerprint,
-                         "world_size": env.world_size}
+    plain = (int, float, str, bool, type(None))
+    summary["config"] = {**{k: v if isinstance(v, plain) else str(v) for k, v in args.items() if k != "tokenizer"},
+                         **run.checkpoints.fingerprint, "world_size": env.world_size}
     if run.constant is not None:
         summary["constant_pruning"] = run.constant.summary()
     if run.distiller is not None:
