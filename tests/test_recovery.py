@@ -177,16 +177,16 @@ def test_teacher_runs_without_gradients_and_stops_after_its_last_target():
 
 
 # ---------------------------------------------------------------------- zeros stay zero
-@pytest.mark.parametrize("double_pruning", [False, True])
-def test_finetune_never_changes_the_masks(tmp_path, double_pruning):
+@pytest.mark.parametrize("double_pruning,precision", [(False, "bf16"), (True, "fp16")])
+def test_finetune_never_changes_the_masks(tmp_path, double_pruning, precision):
     student, teacher = pruned_pair()
     layer = student.model.layers[0].mlp.up_proj
     with torch.no_grad():  # a group with a single nonzero: its second kept entry is an exact zero ("pinned")
         row = layer.weight[0, :4]
         row[row != 0] = torch.tensor([0.0, 0.5])
     before = dense_weights(student)
-    model = run(student, tmp_path, teacher, recipe(distill=["model.layers.1", "lm_head"], comparison="kl"), bf16=True,
-                weight_decay=0.1, max_grad_norm=0.05, save_steps=4, double_pruning=double_pruning)
+    model = run(student, tmp_path, teacher, recipe(distill=["model.layers.1", "lm_head"], comparison="kl"), weight_decay=0.1,
+                max_grad_norm=0.05, save_steps=4, double_pruning=double_pruning, **{precision: True})
     after = dense_weights(model)
     kinds = model.finetune_summary["constant_pruning"]["layers"]
     assert {kinds[n]["kind"] for n in kinds if ".layers.0." in n} == {"2:4 SLoPe"}
@@ -216,6 +216,7 @@ def test_finetune_never_changes_the_masks(tmp_path, double_pruning):
 
 # ---------------------------------------------------------------------- equalities
 def test_distill_scale_zero_equals_plain_finetuning():
+    assert slope.finetune is finetune
     plain = run(pruned_pair()[0], rec=recipe())
     student, teacher = pruned_pair()
     zero = run(student, teacher=teacher, rec=recipe(distill=["model.layers.0", "model"], distill_scale=0.0))
@@ -233,6 +234,11 @@ def test_resume_is_exact(tmp_path):
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert full.finetune_summary["val_curve"] == resumed.finetune_summary["val_curve"]
+    latest = run(pruned_pair()[0], tmp_path / "latest", None, recipe(), save_steps=2, max_steps=2)
+    again = run(pruned_pair()[0], tmp_path / "latest", None, recipe(), save_steps=2, max_steps=2, resume_from_checkpoint=True)
+    assert again.finetune_summary["val_curve"] == latest.finetune_summary["val_curve"]  # nothing left to train
+    with pytest.raises(FileNotFoundError, match="no checkpoint-<step> folder"):
+        run(pruned_pair()[0], tmp_path / "none", None, recipe(), resume_from_checkpoint=True)
     with pytest.raises(ValueError, match="learning_rate"):
         run(pruned_pair()[0], tmp_path / "other", None, recipe(), learning_rate=1e-3,
             resume_from_checkpoint=tmp_path / "full" / "checkpoint-2")

@@ -196,13 +196,15 @@ class _Checkpoints:
         os.replace(tmp, final)
 
     def resolve(self, source) -> Path:
-        if source is True:
-            found = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if self.out else []
-            if not found:
-                raise FileNotFoundError(f"resume_from_checkpoint=True but {self.out} holds no checkpoint-<step> folder")
-            return found[-1]
-        path = Path(source)
-        return path if path.name.startswith("checkpoint-") or not (path / "checkpoint").exists() else path / "checkpoint"
+        """A ``checkpoint-<step>`` folder, or the newest one in a folder (``True``: in ``output_dir``)."""
+        folder = self.out if source is True else Path(source)
+        if folder is not None and (folder / CHECKPOINT_STATE).is_file():
+            return folder
+        found = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()] if folder is not None and folder.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-<step> folder written by slope.finetune at {folder} "
+                                    "(pass save_steps to write them)")
+        return max(found, key=lambda p: int(p.name[11:]))
 
     def load(self, source) -> tuple[int, list[dict]]:
         path = self.resolve(source) / CHECKPOINT_STATE
