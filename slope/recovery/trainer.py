@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -53,7 +54,7 @@ class RecoveryTrainer(Trainer):
 
     Args (besides the Trainer's own, ``model`` and ``args`` given by keyword):
         recipe: a finetune recipe (YAML path, YAML text or dict), or ``None``.
-        distill_teacher: the teacher model an ``OutputDistillationModifier`` needs.
+        distill_teacher: the teacher an ``OutputDistillationModifier`` needs (a model or a model folder).
         double_pruning: 2:4 layers compressed with SLoPe's double-pruned backward (default: exact
             backward in simulation).
 
@@ -81,6 +82,10 @@ class RecoveryTrainer(Trainer):
             kwargs["args"] = targs = self._sparse_training(model, targs, callbacks)
         if self.constant is not None:
             callbacks.append(_HoldZeros(self.constant, self.sparse_optimizer))
+        if isinstance(distill_teacher, (str, os.PathLike)):
+            from slope.pruning.loading import load_model
+
+            distill_teacher = load_model(distill_teacher)[0]
         self.distiller = None if distill_mod is None else Distiller(model, distill_teacher, distill_mod)
         super().__init__(callbacks=callbacks, **kwargs)
         if self.distiller is not None:
