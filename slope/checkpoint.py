@@ -6,8 +6,10 @@ A checkpoint is a directory::
                         lora_A / lora_B / lora_A_mask once the adapters are attached
     optimizers.pt       {"dense": AdamW state_dict, "sparse": ADAMWSparse state_dict or None}
     rng.pt              torch (CPU and CUDA) and numpy RNG states
-    trainer_state.json  step, tokens, elapsed time, scaler, scheduler, data position, python RNG
+    trainer_state.json  step, tokens, elapsed time, scaler, scheduler, data position, python RNG,
+                        the model's transformers config (``model_config``)
     config.json         the TrainConfig
+    tokenizer/          the run's ``--tokenizer`` as a Hugging Face folder (only with one)
     manifest.json       format version, step, and the sha256 of every file above
 
 Every file is written and ``fsync``-ed inside a temporary directory, the manifest last, and only
@@ -39,6 +41,7 @@ __all__ = [
     "build_model",
     "capture_rng",
     "check_compatible",
+    "check_model_config",
     "check_state_fits",
     "load_model_state",
     "read_checkpoint",
@@ -58,29 +61,19 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------- the model of a config
-def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int, *, lora: bool = False, dense_tail: bool = False) -> nn.Module:
-    """A randomly initialised ``LlamaForCausalLM`` of ``cfg``'s shape (fp32, on the CPU), pruned to
+def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int, *, lora: bool = False, dense_tail: bool = False,
+                model_config: dict | None = None) -> nn.Module:
+    """A randomly initialised causal LM of ``cfg``'s architecture (:mod:`slope.model_config`: a Llama
+    of ``cfg``'s sizes unless ``cfg.model_config`` names another; fp32, on the CPU), pruned to
     ``cfg.sparsity`` (``cfg.mask_type`` masks, ``cfg.double_pruning``) unless ``cfg.dense``, with
     rank-``cfg.lora_rank`` adapters if ``lora``, and densified (:func:`slope.prune.densify`, the
-    final dense phase) if ``dense_tail``. Initialisation draws from torch's global RNG (seed it first)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    final dense phase) if ``dense_tail``. ``model_config``: a checkpoint's stored ``config.to_dict()``,
+    built instead of what ``cfg`` names. Initialisation draws from torch's global RNG (seed it first)."""
+    from slope.model_config import build_causal_lm, causal_lm_config, config_from_dict
     from slope.prune import densify, prune_model
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.seq_len,
-        tie_word_embeddings=False,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
-    model = LlamaForCausalLM(config)
+    config = config_from_dict(model_config) if model_config else causal_lm_config(cfg, vocab_size, eos_id)
+    model = build_causal_lm(config)
     if not cfg.dense:
         prune_model(model, compress=cfg.compress, sparsity=cfg.sparsity, backend=cfg.backend, verbose=False,
                     mask_type=cfg.mask_type, double_pruning=cfg.double_pruning)
@@ -162,6 +155,7 @@ def save_checkpoint(
     model_state: dict | None = None,
     dense_state: dict | None = None,
     keep: int = 1,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write the checkpoint of ``trainer_state["step"]`` to ``directory``, crash-safely replacing
     the one there (:func:`slope.checkpoint_store.publish`; ``keep``: how many complete checkpoints
@@ -170,11 +164,13 @@ def save_checkpoint(
 
     ``model_state`` / ``dense_state`` replace ``model.state_dict()`` / ``dense_opt.state_dict()``
     when the live objects are sharded (DeepSpeed ZeRO: ``slope.parallel.full_*_state_dict``).
+    ``extra_files``: more files (relative name, e.g. ``tokenizer/tokenizer.json`` → bytes), written
+    and checksummed like the others.
     """
     from safetensors.torch import save as safetensors_bytes
 
     from slope.checkpoint_store import publish
-    from slope.durable import write_file
+    from slope.durable import fsync_dir, write_file
 
     rng_tensors, rng_plain = capture_rng()
     state = {k: v.detach().contiguous() for k, v in (model.state_dict() if model_state is None else model_state).items()}
@@ -187,15 +183,23 @@ def save_checkpoint(
         "config.json": lambda: _json_bytes(config.to_dict()),
     }
 
+    extra = dict(extra_files or {})
+
     def write(tmp: Path, serial: int) -> None:
         for name in FILES:  # one file in memory at a time
             write_file(tmp / name, files[name]())
+        for folder in sorted({(tmp / name).parent for name in extra}):
+            folder.mkdir(parents=True, exist_ok=True)
+        for name, data in extra.items():
+            write_file(tmp / name, data)
+        for folder in sorted({(tmp / name).parent for name in extra} - {tmp}):
+            fsync_dir(folder)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
             "step": trainer_state["step"],
             "serial": serial,
-            "sha256": {name: _sha256(tmp / name) for name in FILES},
+            "sha256": {name: _sha256(tmp / name) for name in (*FILES, *extra)},
         }
         write_file(tmp / "manifest.json", _json_bytes(manifest))  # last: its presence marks a complete write
 
@@ -220,6 +224,18 @@ class Checkpoint:
     @property
     def lora_attached(self) -> bool:
         return self.trainer_state["lora_attached"]
+
+    @property
+    def model_config(self) -> dict | None:
+        """The model's transformers config (``config.to_dict()``; ``None`` in checkpoints before it was stored)."""
+        return self.trainer_state.get("model_config")
+
+    @property
+    def tokenizer(self) -> str:
+        """The run's tokenizer for :func:`slope.data.open_tokenizer`: the checkpoint's own copy
+        (``tokenizer/``) of a ``--tokenizer`` run, ``""`` (the shipped BPE) otherwise."""
+        copy = self.path / "tokenizer"
+        return str(copy) if self.config.tokenizer and copy.is_dir() else self.config.tokenizer
 
     @property
     def dense_tail(self) -> bool:
@@ -247,8 +263,10 @@ def verify_checkpoint(directory: str | Path) -> dict:
             f"{directory}: checkpoint format {manifest.get('format')!r} v{manifest.get('version')} is not "
             f"{FORMAT!r} v{VERSION}; it was written by another version of slope"
         )
-    for name in FILES:
+    for name in (*FILES, *(n for n in manifest["sha256"] if n not in FILES)):
         path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{manifest_file} is corrupt (it names the file {name!r} outside the checkpoint); delete the checkpoint and retrain")
         if not path.is_file():
             raise CheckpointError(f"{directory}: {name} is missing; the checkpoint is incomplete")
         if _sha256(path) != manifest["sha256"].get(name):
@@ -304,6 +322,17 @@ def check_state_fits(ckpt: Checkpoint, model: nn.Module, dense_opt: torch.optim.
             check()
         except (StateDictError, KeyError, TypeError) as e:
             raise CheckpointError(f"{ckpt.path}: {what} does not match the model its config.json describes: {e}") from e
+
+
+def check_model_config(ckpt: Checkpoint) -> None:
+    """Raise :class:`CheckpointError` if ``config.json``'s sizes disagree with the model config stored
+    in ``trainer_state.json`` (an edited or corrupt checkpoint): the model is built from the latter."""
+    from slope.model_config import size_mismatch
+
+    mismatch = ckpt.model_config and size_mismatch(ckpt.config, ckpt.model_config)
+    if mismatch:
+        raise CheckpointError(f"{ckpt.path}: trainer_state.json's model config does not match the model its config.json describes: "
+                              f"{mismatch}; the checkpoint was edited or is corrupt")
 
 
 def load_model_state(model: nn.Module, ckpt: Checkpoint) -> None:

@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from slope.config import PRECISIONS, ConfigError, TrainConfig, load_config_file
+from slope.config import PRECISIONS, REPORT_TO, SIZE_KEYS, ConfigError, TrainConfig, load_config_file
 from slope.masks import MASK_TYPES
 
 #: ``slope eval`` / ``slope generate --mode`` (same as ``slope.evaluate.MODES``, which imports torch).
@@ -37,6 +37,12 @@ TRAIN_HELP = {
     "nonfinite_patience": "stop with an error after this many consecutive steps with a non-finite loss or gradients (skipped)",
     "dataset": "'embedded' (Python stdlib source shipped with slope), a .txt/.jsonl(.gz) file, or a Hugging Face dataset name[:config]",
     "text_field": "text field of .jsonl records / Hugging Face datasets",
+    "tokenizer": "a Hugging Face tokenizer folder or a tokenizer.json file ('' = the shipped byte-level BPE, trained on "
+                 "Python code); the model's vocabulary follows it, and checkpoints keep a copy",
+    "model_config": "architecture: '' = Llama; a model type (qwen2, mistral, gpt2, ...) built with the size flags below; "
+                    "or a transformers config JSON file / folder, whose sizes are used instead of the flags",
+    "report_to": "also log metrics to TensorBoard (OUT/tensorboard; pip install 'slope[tensorboard]') or Weights & Biases "
+                 "(offline unless WANDB_MODE=online; pip install 'slope[wandb]')",
     "seq_len": "tokens per training sequence",
     "batch_size": "sequences per micro-batch (global: split over the ranks under torchrun)",
     "grad_accum": "micro-batches per optimizer step",
@@ -83,6 +89,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, choices=PRECISIONS, help=help_text)
         elif f.name == "mask_type":
             parser.add_argument(flag, choices=MASK_TYPES, help=help_text)
+        elif f.name == "report_to":
+            parser.add_argument(flag, choices=REPORT_TO, help=help_text)
+        elif f.name in ("tokenizer", "model_config"):
+            parser.add_argument(flag, metavar={"tokenizer": "PATH", "model_config": "PATH_OR_TYPE"}[f.name], help=help_text)
         else:
             kind, metavar = {"int": (int, "N"), "int | None": (int, "N"), "float": (float, "X"), "str": (str, "STR")}[f.type]
             parser.add_argument(flag, type=kind, metavar=metavar, help=help_text)
@@ -92,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slope", description="2:4 sparse pretraining with SLoPe (double-pruned sparse weights + lazy LoRA)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", argument_default=argparse.SUPPRESS, help="pretrain a small Llama (default: SLoPe 2:4 on the embedded corpus, ~3 min on a CPU)",
-                           description="Pretrain a small Llama with SLoPe (or --dense). Precedence: defaults < --config FILE < flags. "
+    train = sub.add_parser("train", argument_default=argparse.SUPPRESS, help="pretrain a small Llama or any HF causal LM (default: SLoPe 2:4 on the embedded corpus, ~3 min on a CPU)",
+                           description="Pretrain a small Llama (or any Hugging Face causal LM: --model-config) with SLoPe (or --dense). Precedence: defaults < --config FILE < flags. "
                            "Data parallel: `torchrun --nproc_per_node=N -m slope train ...` (DDP; --deepspeed CONFIG for ZeRO-1/2); "
                            "--batch-size stays the global micro-batch, split over the N ranks, so runs and checkpoints do not depend on N.")
     _add_train_flags(train)
@@ -166,6 +176,11 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     values.pop("command")
     config_file = values.pop("config", None)
     overrides = {**(load_config_file(config_file) if config_file else {}), **values}
+    sized = sorted(set(SIZE_KEYS) & set(overrides))
+    if overrides.get("model_config") and Path(overrides["model_config"]).expanduser().exists() and sized:
+        flags = ", ".join("--" + key.replace("_", "-") for key in sized)
+        raise ConfigError(f"{flags}: --model-config {overrides['model_config']} is a config file, which sets the sizes; "
+                          "edit the file, or give a model type (e.g. qwen2) to use the size flags")
     if not overrides.get("resume", False):
         return TrainConfig().updated(overrides)
     from slope.checkpoint import saved_config
@@ -208,7 +223,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from slope.evaluate import compare_checkpoint, eval_checkpoint
 
     if not args.compare:
-        result = eval_checkpoint(args.checkpoint, args.device, args.eval_batches, args.mode or "unmerged")
+        result = eval_checkpoint(args.checkpoint, args.device, args.eval_batches, args.mode or "unmerged", progress=None)
         if args.json:
             print(json.dumps(result))
             return _nonfinite_exit([result])
@@ -218,7 +233,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         if result["note"]:
             print(f"note: {result['note']}")
         return _nonfinite_exit([result])
-    result = compare_checkpoint(args.checkpoint, args.device, args.eval_batches)
+    result = compare_checkpoint(args.checkpoint, args.device, args.eval_batches, progress=None)
     if args.json:
         print(json.dumps(result))
     else:
@@ -246,7 +261,7 @@ def _run_generate(args: argparse.Namespace) -> None:
 
     loaded = load_trained_model(args.checkpoint, args.device, args.mode)
     gen = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, seed=args.seed)
+                   top_k=args.top_k, seed=args.seed, progress=None)
     print(gen.text)
     # Statistics go to stderr, so stdout is only the text.
     print(f"[{args.mode}] {gen.new_tokens} new tokens in {gen.seconds:.2f} s ({gen.tokens_per_s:,.1f} tokens/s); "

@@ -15,12 +15,16 @@ from slope.masks import MASK_TYPES, parse_sparsity
 __all__ = ["ConfigError", "TrainConfig", "load_config_file", "STRUCTURAL_KEYS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: ``--report-to``: where metrics go besides ``metrics.jsonl`` (:mod:`slope.reporting`).
+REPORT_TO = ("none", "tensorboard", "wandb")
+#: Keys that set the model's size; a ``model_config`` file sets them itself.
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads")
 
 #: Keys that define the model, its sparsity or the data (the seed fixes the data order): a
 #: checkpoint only resumes with equal values, so that the resumed run is the run that stopped.
 STRUCTURAL_KEYS = (
-    "dataset", "text_field", "seq_len", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-    "dense", "sparsity", "compress", "backend", "lora_rank", "precision", "mask_type", "double_pruning",
+    "dataset", "text_field", "tokenizer", "seq_len", "model_config", "hidden_size", "intermediate_size", "num_layers",
+    "num_heads", "dense", "sparsity", "compress", "backend", "lora_rank", "precision", "mask_type", "double_pruning",
     "seed",
 )
 
@@ -46,13 +50,17 @@ class TrainConfig:
     save_every: int = 100  # periodic checkpoints (0: only at the end / at --stop-after)
     keep_checkpoints: int = 1  # complete checkpoints kept: checkpoint/ plus K-1 older checkpoint-stepN/
     nonfinite_patience: int = 25  # consecutive steps with a non-finite loss/gradients before the run stops
+    report_to: str = "none"  # also log metrics to "tensorboard" (OUT/tensorboard) or "wandb" (offline by default)
     # data
     dataset: str = "embedded"  # "embedded", a .txt/.jsonl(.gz) file, or a Hugging Face dataset name
     text_field: str = "text"
+    tokenizer: str = ""  # an HF tokenizer folder or a tokenizer.json file; "" = the shipped byte-level BPE
     seq_len: int = 128
     batch_size: int = 16
     grad_accum: int = 1
-    # model (a small Llama built from transformers.LlamaConfig, random init)
+    # model (random init): a small Llama, or any HF causal LM (a config file/folder, or a model type
+    # built with the sizes below); its vocabulary is the tokenizer's
+    model_config: str = ""  # "" = Llama
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
@@ -160,6 +168,7 @@ class TrainConfig:
         check(self.fp16_init_scale > 0, "fp16_init_scale", "must be > 0")
         check(self.fp16_min_scale > 0, "fp16_min_scale", "must be > 0")
         check(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")
+        check(self.report_to in REPORT_TO, "report_to", f"choose one of {', '.join(REPORT_TO)}")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device", "use auto, cpu, cuda or cuda:N")
         try:
             n, m = parse_sparsity(self.sparsity)

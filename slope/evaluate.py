@@ -28,11 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slope.checkpoint import Checkpoint, CheckpointError, build_model, load_model_state, read_checkpoint
+from slope.checkpoint import Checkpoint, CheckpointError, build_model, check_model_config, load_model_state, read_checkpoint
 from slope.checkpoint_store import latest_checkpoint
 from slope.config import ConfigError, TrainConfig
-from slope.data import load_splits, load_tokenizer, perplexity, unigram_cross_entropy, val_batches
+from slope.data import load_splits, open_tokenizer, perplexity, unigram_cross_entropy, val_batches
 from slope.lora import MemoryReport, freeze_for_inference, merge_lora
+from slope.progress import Progress, display_for, iterate
 from slope.registry import sparse_modules
 
 __all__ = [
@@ -174,7 +175,9 @@ def model_from_checkpoint(ckpt: Checkpoint, mode: str = "unmerged", device: str 
         raise ConfigError(f"mode {mode!r} is not an inference mode; choose one of {', '.join(MODES)}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     cfg, state = ckpt.config, ckpt.trainer_state
-    model = build_model(cfg, state["vocab_size"], state["eos_id"], lora=ckpt.lora_attached, dense_tail=ckpt.dense_tail)
+    check_model_config(ckpt)
+    model = build_model(cfg, state["vocab_size"], state["eos_id"], lora=ckpt.lora_attached, dense_tail=ckpt.dense_tail,
+                        model_config=ckpt.model_config)
     sparse_layers = tuple(name for name, _ in sparse_modules(model))
     memory = note = None
     if not _is_sparse(ckpt):
@@ -208,20 +211,32 @@ def load_trained_model(checkpoint_dir: str | Path, device: str = "auto", mode: s
 
 
 # ---------------------------------------------------------------------- slope eval
-def _validation(cfg: TrainConfig, eval_batches: int | None):
-    data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field)
+def _validation(cfg: TrainConfig, eval_batches: int | None, tokenizer: str = ""):
+    """The run's data (tokenized with the run's ``tokenizer``: :attr:`Checkpoint.tokenizer`) and validation batches."""
+    data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field, tokenizer)
     batches = val_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=eval_batches or cfg.eval_batches)
     return data, batches
 
 
-def _evaluate(loaded: LoadedModel, batches) -> dict:
+def _data_note(ckpt: Checkpoint, data) -> str | None:
+    """A note when the data (or the tokenizer) are not those the run trained on."""
+    trained_on = ckpt.trainer_state.get("data_fingerprint")
+    if trained_on is None or trained_on == data.fingerprint:
+        return None
+    return (f"--dataset {ckpt.config.dataset}: the data (or tokenizer) differ from those the run trained on (fingerprint "
+            f"{data.fingerprint}, trained on {trained_on}); the loss is not comparable with the run's")
+
+
+def _evaluate(loaded: LoadedModel, batches, progress: bool | None = False) -> dict:
     """Loss, throughput and memory of ``loaded`` on ``batches``; a short warm-up forward builds the
-    sparse operands first, so tokens/s measures steady-state inference."""
+    sparse operands first, so tokens/s measures steady-state inference. ``progress``: a bar / plain
+    lines (:func:`slope.progress.display_for`)."""
     cfg, dev = loaded.config, loaded.device
     _logits(loaded.model, batches[0][0][:1, :8], dev, cfg.precision)
     _sync(dev)
     start = time.perf_counter()
-    loss = evaluate_loss(loaded.model, batches, dev, cfg.precision)
+    shown = iterate(batches, f"slope eval ({loaded.mode})", unit="batch", display=display_for(progress))
+    loss = evaluate_loss(loaded.model, shown, dev, cfg.precision)
     _sync(dev)
     seconds = time.perf_counter() - start
     tokens = sum(y.numel() for _, y in batches)
@@ -237,33 +252,38 @@ def _evaluate(loaded: LoadedModel, batches) -> dict:
     }
 
 
-def eval_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_batches: int | None = None, mode: str = "unmerged") -> dict:
+def eval_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_batches: int | None = None, mode: str = "unmerged",
+                    progress: bool | None = False) -> dict:
     """Validation loss / perplexity, tokens/s and parameter memory of a checkpoint in ``mode`` on its
-    run's held-out split (``eval_batches`` batches; default: the run's)."""
+    run's held-out split (``eval_batches`` batches; default: the run's). ``progress``: ``None`` a
+    bar on a terminal and plain lines otherwise, ``True`` a bar, ``False`` nothing."""
     ckpt = open_checkpoint(checkpoint_dir)
     loaded = model_from_checkpoint(ckpt, mode, device)
-    data, batches = _validation(ckpt.config, eval_batches)
-    return {
+    data, batches = _validation(ckpt.config, eval_batches, ckpt.tokenizer)
+    result = {
         "checkpoint": str(ckpt.path),
         "step": ckpt.step,
-        **_evaluate(loaded, batches),
+        **_evaluate(loaded, batches, progress),
         "unigram_loss": unigram_cross_entropy(data.train, data.val, data.vocab_size),
     }
+    result["note"] = "; ".join(n for n in (result["note"], _data_note(ckpt, data)) if n) or None
+    return result
 
 
-def compare_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_batches: int | None = None) -> dict:
+def compare_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_batches: int | None = None,
+                       progress: bool | None = False) -> dict:
     """Evaluate a checkpoint in every mode (:data:`MODES`; a dense checkpoint: ``dense`` only) and check
     they agree: ``max_loss_diff`` (|Δ validation loss| vs ``unmerged``) ≤ :data:`LOSS_TOLERANCE` and
     ``max_logit_diff`` (|Δ logit| on the first validation sequence) ≤ :data:`LOGIT_TOLERANCE` of the
     run's precision give ``agree``. ``modes`` maps each mode to its :func:`eval_checkpoint`-style result."""
     ckpt = open_checkpoint(checkpoint_dir)
     cfg = ckpt.config
-    data, batches = _validation(cfg, eval_batches)
+    data, batches = _validation(cfg, eval_batches, ckpt.tokenizer)
     modes = MODES if _is_sparse(ckpt) else ("dense",)
     results, probes = {}, {}
     for mode in modes:
         loaded = model_from_checkpoint(ckpt, mode, device)
-        results[mode] = _evaluate(loaded, batches)
+        results[mode] = _evaluate(loaded, batches, progress)
         probes[mode] = _logits(loaded.model, batches[0][0][:1], loaded.device, cfg.precision)
         del loaded  # one model in memory at a time
     ref = modes[0]
@@ -279,7 +299,8 @@ def compare_checkpoint(checkpoint_dir: str | Path, device: str = "auto", eval_ba
         "loss_tolerance": LOSS_TOLERANCE[cfg.precision],
         "logit_tolerance": LOGIT_TOLERANCE[cfg.precision],
         "agree": loss_diff <= LOSS_TOLERANCE[cfg.precision] and logit_diff <= LOGIT_TOLERANCE[cfg.precision],
-        "note": None if _is_sparse(ckpt) else "dense checkpoint: it has one form only",
+        "note": "; ".join(n for n in (None if _is_sparse(ckpt) else "dense checkpoint: it has one form only", _data_note(ckpt, data))
+                          if n) or None,
         "unigram_loss": unigram_cross_entropy(data.train, data.val, data.vocab_size),
     }
 
@@ -299,6 +320,33 @@ class Generation:
         return self.new_tokens / max(self.seconds, 1e-9)
 
 
+class _TokenCounter:
+    """A ``generate`` streamer that counts the new tokens on a :class:`~slope.progress.Progress`
+    (``put`` gets the prompt first, then each new token)."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.prompt_seen = progress, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.progress.update(value.numel())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def _check_positions(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A model with learned position embeddings (GPT-2's ``wpe``) cannot go past its positions."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    learned = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == positions
+               and m is not model.get_input_embeddings()]
+    if learned and prompt_tokens + max_new_tokens > positions:
+        room = positions - prompt_tokens
+        raise ConfigError(f"the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} exceed the model's {positions} "
+                          "learned positions (its --seq-len); " + (f"use --max-new-tokens {room} or less" if room > 0 else "shorten the prompt"))
+
+
 @torch.no_grad()
 def generate(
     loaded: LoadedModel,
@@ -308,29 +356,34 @@ def generate(
     temperature: float = 0.8,
     top_k: int | None = 50,
     seed: int = 0,
+    progress: bool | None = False,
 ) -> Generation:
-    """Continue ``prompt`` with ``loaded.model`` (Hugging Face ``generate``, KV cache); ``temperature=0``
-    decodes greedily. A warm-up forward on the prompt builds the sparse operands before timing."""
-    tokenizer = load_tokenizer()
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    """Continue ``prompt`` with ``loaded.model`` (Hugging Face ``generate``, KV cache) and the run's
+    tokenizer; ``temperature=0`` decodes greedily. A warm-up forward on the prompt builds the sparse
+    operands before timing. ``progress``: new tokens as a bar / plain lines (:func:`slope.progress.display_for`)."""
+    tokenizer = open_tokenizer(loaded.checkpoint.tokenizer)
+    ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError("--prompt is empty; give some text to continue")
+    _check_positions(loaded.model, len(ids), max_new_tokens)
     input_ids = torch.tensor([ids], device=loaded.device)
     loaded.model(input_ids=input_ids)
     torch.manual_seed(seed)
     sample = temperature > 0
     _sync(loaded.device)
     start = time.perf_counter()
-    out = loaded.model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_k=top_k if sample else None,
-        top_p=None,
-        pad_token_id=loaded.checkpoint.trainer_state["eos_id"],
-    )
+    with Progress(max_new_tokens, "slope generate", unit="token", display=display_for(progress)) as shown:
+        out = loaded.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_k=top_k if sample else None,
+            top_p=None,
+            pad_token_id=loaded.checkpoint.trainer_state["eos_id"],
+            streamer=_TokenCounter(shown),
+        )
     tokens = out[0].tolist()
     seconds = time.perf_counter() - start
     return Generation(tokenizer.decode(tokens), len(ids), len(tokens) - len(ids), seconds)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +66,8 @@ class LoopSettings:
     """How :class:`FinetuneLoop` steps (validated by the front doors).
 
     ``max_grad_norm``: ``None`` or 0 = no clipping. ``eval_steps``: validate every K steps (and
-    at the end). ``progress``: tqdm bar (``None``: on a terminal). ``desc``: the bar's label.
+    at the end). ``progress``: True a tqdm bar, False none, ``None`` a bar on a terminal and plain
+    lines with rate and ETA otherwise (:mod:`slope.progress`). ``desc``: the progress label.
     """
 
     learning_rate: float
@@ -168,10 +168,9 @@ class FinetuneLoop:
         """Train steps ``start_step … total_steps - 1``; log to ``out/metrics.jsonl`` (main process);
         ``save(done, records)`` after every ``save_steps`` steps. ``records``: those of the run so
         far (resuming). Returns the summary (``records`` included)."""
-        from tqdm import tqdm
-
         from slope.evaluate import evaluate_loss
         from slope.parallel import mean_over_ranks
+        from slope.progress import Progress, display_for
 
         s, records = self.settings, list(records or [])
         log = (out / "metrics.jsonl").open("w") if out is not None and main_process else None
@@ -190,8 +189,8 @@ class FinetuneLoop:
 
         if start_step == 0:
             validate(0)
-        show = (s.progress if s.progress is not None else sys.stderr.isatty()) and main_process
-        bar = tqdm(total=self.total_steps, initial=start_step, desc=s.desc, disable=not show, dynamic_ncols=True)
+        display = display_for(s.progress) if main_process else "off"
+        bar = Progress(self.total_steps, s.desc, unit="step", initial=start_step, display=display)
         t0, loss = time.perf_counter(), float("nan")
         self.model.train()
         for step in range(start_step, self.total_steps):
@@ -207,8 +206,7 @@ class FinetuneLoop:
                 validate(done)
             if save is not None and save_steps and done % save_steps == 0:
                 save(done, records)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in self.status().items() if isinstance(v, float)})
+            bar.update(1, loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in self.status().items() if isinstance(v, float)})
         bar.close()
         if log is not None:
             log.close()

@@ -42,11 +42,13 @@ def read_records(path: str | Path, note=None) -> list[dict]:
 
 class MetricsLog:
     """``enabled=False`` (ranks other than 0) writes nothing. A resumed run (``keep_until_step > 0``)
-    keeps the records up to that step (summaries dropped); a new run starts an empty file."""
+    keeps the records up to that step (summaries dropped); a new run starts an empty file.
+    ``reporter``: also gets every record written (``--report-to``: :mod:`slope.reporting`)."""
 
-    def __init__(self, path: Path, keep_until_step: int, enabled: bool = True, note=print):
+    def __init__(self, path: Path, keep_until_step: int, enabled: bool = True, note=print, reporter=None):
         self.path = path
         self.enabled = enabled
+        self.reporter = reporter
         if not enabled:
             return
         kept = []
@@ -57,6 +59,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             append_line(self.path, json.dumps(record))
+            if self.reporter is not None:
+                self.reporter.log(record)
 
     def records(self) -> list[dict]:
         return read_records(self.path)

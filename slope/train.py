@@ -1,4 +1,5 @@
-"""``slope train``: pretrain a small Llama with SLoPe (or dense, as the baseline) in one readable loop.
+"""``slope train``: pretrain a small Llama (or any Hugging Face causal LM) with SLoPe (or dense, as
+the baseline) in one readable loop.
 
 Per step ``s`` (1-based, up to ``max_steps``)::
 
@@ -26,14 +27,18 @@ saves are crash-safe and a resume finds the newest complete checkpoint (:mod:`sl
 more than ``nonfinite_patience`` skipped steps in a row stop the run and a checkpoint never holds
 non-finite numbers (:mod:`slope.guard`), SIGINT/SIGTERM save and exit cleanly (:mod:`slope.interrupt`),
 and ``metrics.jsonl`` is appended line-atomically (:mod:`slope.metrics_log`).
+
+Around the loop: the architecture (``--model-config``: :mod:`slope.model_config`) and the tokenizer
+(``--tokenizer``: :mod:`slope.data.tokenizer`) are stored in every checkpoint; metrics also go to
+TensorBoard or W&B (``--report-to``: :mod:`slope.reporting`); progress is a bar on a terminal and
+the step lines (with ETA) otherwise (:mod:`slope.progress`).
 """
 from __future__ import annotations
 
 import math
 import random
-import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +47,20 @@ import torch.nn.functional as F
 
 from slope import parallel
 from slope.checkpoint import (
-    CheckpointError, attach_lora, build_model, check_compatible, check_state_fits, read_checkpoint, restore_rng, save_checkpoint,
+    CheckpointError, attach_lora, build_model, check_compatible, check_model_config, check_state_fits, read_checkpoint, restore_rng,
+    save_checkpoint,
 )
 from slope.checkpoint_store import latest_checkpoint, recover
 from slope.config import ConfigError, TrainConfig
-from slope.data import load_splits, perplexity, train_batch, unigram_cross_entropy, val_batches
+from slope.data import load_splits, open_tokenizer, perplexity, train_batch, unigram_cross_entropy, val_batches
+from slope.data.tokenizer import tokenizer_files
 from slope.evaluate import autocast, evaluate_loss, resolve_device
 from slope.guard import FiniteGuard, check_finite
 from slope.interrupt import GracefulStop
 from slope.metrics_log import MetricsLog, read_records
+from slope.model_config import causal_lm_config, describe
+from slope.progress import Progress
+from slope.reporting import open_reporter
 from slope.runlock import RunLock, RunLockError
 
 __all__ = ["LossScaler", "lr_at", "train"]
@@ -275,10 +285,11 @@ def _stop_requested(stop: GracefulStop, env) -> str | None:
 def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: bool = True) -> dict:
     """Run (or resume) the training job described by ``cfg``; returns the final summary record.
 
-    ``progress``: tqdm bar (default: when stderr is a terminal); otherwise a plain line is logged
-    every ``log_every`` steps through ``log``. ``plot=False`` skips ``loss.png`` (callers that run
-    many jobs in-process, e.g. ``accuracy_experiments/run.py``). Holds the lock of ``cfg.out``
-    while it runs; SIGINT/SIGTERM end it after the current step with a checkpoint.
+    ``progress``: tqdm bar (default: when stderr is a terminal); otherwise a plain line with rate
+    and ETA is logged every ``log_every`` steps through ``log`` (:mod:`slope.progress`).
+    ``plot=False`` skips ``loss.png`` (callers that run many jobs in-process, e.g.
+    ``accuracy_experiments/run.py``). Holds the lock of ``cfg.out`` while it runs; SIGINT/SIGTERM
+    end it after the current step with a checkpoint.
     """
     cfg.validate()
     out = _output_dir(cfg.out)
@@ -286,14 +297,14 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
     env = parallel.init_distributed(device=resolve_device(cfg.device), single_process_group=bool(cfg.deepspeed))
     lock = _lock_and_recover(out, env, cfg, log if env.is_main else _silent)
     try:
-        with GracefulStop() as stop:
-            return _train(cfg, out, env, stop, progress=progress, log=log, plot=plot)
+        with GracefulStop() as stop, ExitStack() as cleanup:  # cleanup: the progress bar and the --report-to backend
+            return _train(cfg, out, env, stop, cleanup, progress=progress, log=log, plot=plot)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, *, progress: bool | None, log, plot: bool) -> dict:
+def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitStack, *, progress: bool | None, log, plot: bool) -> dict:
     device = env.device
     if cfg.batch_size % env.world_size:
         raise ConfigError(f"batch_size = {cfg.batch_size} is invalid: the global batch must split evenly over the {env.world_size} ranks")
@@ -315,26 +326,35 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, *, progress: bo
     ckpt = read_checkpoint(latest_checkpoint(out / "checkpoint", no_checkpoint)) if cfg.resume else None
     if ckpt is not None:
         check_compatible(ckpt.config, cfg)
+        check_model_config(ckpt)
         if cfg.stop_after is not None and cfg.stop_after <= ckpt.step:
             raise ConfigError(f"stop_after = {cfg.stop_after} is invalid: the checkpoint is already at step {ckpt.step}")
         if cfg.max_steps < ckpt.step:
             raise ConfigError(f"max_steps = {cfg.max_steps} is invalid: the checkpoint is already at step {ckpt.step}; "
                               f"drop --max-steps to finish the run's {ckpt.config.max_steps} steps, or raise it")
 
+    # ---- tokenizer, architecture and --report-to backend: checked before the data are read -----
+    tokenizer = open_tokenizer(cfg.tokenizer)
+    arch = (ckpt.model_config if ckpt is not None else None) or causal_lm_config(cfg, tokenizer.vocab_size, tokenizer.eos_id).to_dict()
+    tokenizer_copy = tokenizer_files(tokenizer, "tokenizer", cfg.seq_len) if cfg.tokenizer and env.is_main else None  # saved in checkpoints
+    reporter = cleanup.enter_context(open_reporter(cfg.report_to if env.is_main else "none", out, cfg, ckpt.step if ckpt else 0))
+
     # ---- data ------------------------------------------------------------------------------
-    data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field)
+    data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field, cfg.tokenizer)
     if ckpt is not None and ckpt.trainer_state["data_fingerprint"] != data.fingerprint:
-        raise CheckpointError(f"--dataset {cfg.dataset}: the data differ from the checkpoint's (its files changed); cannot resume exactly")
+        raise CheckpointError(f"--dataset {cfg.dataset}: the data differ from the checkpoint's (its files, or the --tokenizer's, changed); "
+                              "cannot resume exactly")
     val_set = val_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
     unigram = unigram_cross_entropy(data.train, data.val, data.vocab_size)
-    log(f"data: {cfg.dataset}: {len(data.train):,} train / {len(data.val):,} validation tokens, vocab {data.vocab_size}; "
+    tokenized_by = f" (tokenizer {cfg.tokenizer})" if cfg.tokenizer else ""
+    log(f"data: {cfg.dataset}: {len(data.train):,} train / {len(data.val):,} validation tokens, vocab {data.vocab_size}{tokenized_by}; "
         f"unigram baseline (validation cross-entropy of train-split token frequencies) {unigram:.4f}")
 
     # ---- model and optimizers ----------------------------------------------------------------
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.vocab_size, data.eos_id).to(device)
+    model = build_model(cfg, data.vocab_size, data.eos_id, model_config=arch).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     dense_opt = torch.optim.AdamW(_dense_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     sparse_opt = None
@@ -345,8 +365,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, *, progress: bo
     scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval, cfg.fp16_min_scale)
     guard = FiniteGuard(cfg.nonfinite_patience)
     kind = "dense baseline" if cfg.dense else f"SLoPe {cfg.sparsity} ({'compressed' if cfg.compress else 'simulated'})"
-    log(f"model: Llama {cfg.num_layers}x{cfg.hidden_size} (mlp {cfg.intermediate_size}), {n_params:,} parameters, {kind}, "
-        f"{cfg.precision}, device {device}")
+    log(f"model: {describe(model.config)}, {n_params:,} parameters, {kind}, {cfg.precision}, device {device}")
 
     step, tokens, elapsed_before, lora_attached, densified = 0, 0, 0.0, False, False
     if ckpt is not None:
@@ -368,7 +387,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, *, progress: bo
         log(f"resumed from {ckpt.path} at step {step}")
     elif (out / "checkpoint").exists():
         log(f"note: starting a new run in {out}; its old checkpoint and metrics will be replaced (use --resume to continue)")
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step, enabled=env.is_main, note=log)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step, enabled=env.is_main, note=log, reporter=reporter)
 
     # ---- data parallel: DDP under torchrun, or a DeepSpeed engine ------------------------------
     runner = model
@@ -405,23 +424,21 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, *, progress: bo
         if not env.is_main:
             return
         save_checkpoint(out / "checkpoint", model=model, dense_opt=dense_opt, sparse_opt=sparse_opt, config=cfg, keep=cfg.keep_checkpoints,
-                        model_state=model_state, dense_state=dense_state, trainer_state={
+                        model_state=model_state, dense_state=dense_state, extra_files=tokenizer_copy, trainer_state={
             "step": step_done, "tokens": tokens, "elapsed_s": elapsed_before + time.perf_counter() - t0,
             "lora_attached": lora_attached, "dense_tail": densified, "scaler": scaler.state_dict(),
             "scheduler": {"kind": "warmup_cosine", "last_step": step_done, "last_lr": lr_at(max(step_done, 1), cfg)},
             "data_seed": cfg.seed, "data_next_step": step_done + 1, "data_fingerprint": data.fingerprint,
-            "vocab_size": data.vocab_size, "eos_id": data.eos_id,
+            "vocab_size": data.vocab_size, "eos_id": data.eos_id, "model_config": arch,
         })
 
     # ---- the loop ------------------------------------------------------------------------------
     if step >= cfg.max_steps:
         log(f"the checkpoint is already at step {step} = --max-steps; raise --max-steps to train further")
-    bar = None
-    if progress if progress is not None else sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="slope train", dynamic_ncols=True)
-    write = bar.write if bar is not None else log
+    # A bar on a terminal (or on request); otherwise the step lines below are the progress lines.
+    bar = cleanup.enter_context(Progress(cfg.max_steps, "slope train", unit="step", initial=step, interval_s=None, log=log,
+                                         display={None: "auto", True: "bar", False: "lines"}[progress]))
+    write = bar.write
     model.train()
     t0 = time.perf_counter()
     last_stop = cfg.stop_after if cfg.stop_after is not None else cfg.max_steps
@@ -484,6 +501,8 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, *, progress: bo
         if sparse_opt is not None:
             sparse_opt.zero_grad()
 
+        bar.update(1, loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+
         # Logging, validation, checkpoints.
         elapsed = elapsed_before + time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == last_stop or skipped:
@@ -493,8 +512,9 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, *, progress: bo
             elif skipped:
                 record["skipped"] = True
             metrics.write(record)
-            if bar is None:
+            if bar.display != "bar":
                 write(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens / max(elapsed, 1e-9):,.0f} tok/s | {elapsed:.1f} s"
+                    + (f" | ETA {bar.eta()}" if step < cfg.max_steps else "")
                     + ((" | overflow: step skipped, loss scale now " + f"{scaler.scale:g}" if scaler.enabled else
                         " | non-finite loss or gradients: step skipped") if skipped else ""))
         guard.record(step, loss, skipped, f"fp16 loss scale {scaler.scale:g}, floor {scaler.min_scale:g}" if scaler.enabled else "")
@@ -506,17 +526,13 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, *, progress: bo
         saved = step == last_stop or (cfg.save_every and step % cfg.save_every == 0)
         if saved:
             save(step, loss)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         # SIGINT / SIGTERM: end here with a checkpoint (the last step ends the run anyway).
         stopped_by = _stop_requested(stop, env) if step < last_stop else None
         if stopped_by:
             if not saved:
                 save(step, loss)
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
 
     if plot and not stopped_by:
         plot_losses(out / "metrics.jsonl", out / "loss.png", unigram)

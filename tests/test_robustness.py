@@ -475,7 +475,7 @@ def _cli_case(name: str, run: Path, tmp_path: Path) -> tuple[list[str], str, str
     if name == "config/weights size mismatch":
         config = json.loads((run / "checkpoint" / "config.json").read_text())
         _rewrite(run / "checkpoint", "config.json", json.dumps({**config, "intermediate_size": 192}).encode())
-        return ["eval", "--checkpoint", str(run)], "eval", "model.safetensors does not match the model its config.json describes"
+        return ["eval", "--checkpoint", str(run)], "eval", "does not match the model its config.json describes"
     if name == "--out names a file":
         (tmp_path / "file").write_text("x")
         return ["train", "--out", str(tmp_path / "file"), *TINY], "train", "is a file, not a folder"

@@ -1,4 +1,4 @@
-"""Data for ``slope train``: the embedded corpus, the shipped tokenizer and the batch samplers."""
+"""Data for ``slope train``: the embedded corpus, the shipped tokenizer (or the run's ``--tokenizer``) and the batch samplers."""
 from slope.data.dataset import (
     CORPUS_FILE,
     EMBEDDED,
@@ -15,6 +15,7 @@ from slope.data.dataset import (
     unigram_cross_entropy,
     val_batches,
 )
+from slope.data.tokenizer import TextTokenizer, open_tokenizer
 
 __all__ = [
     "CORPUS_FILE",
@@ -22,9 +23,11 @@ __all__ = [
     "EMBEDDED",
     "EOS_TOKEN",
     "TOKENIZER_FILE",
+    "TextTokenizer",
     "TokenSplits",
     "load_splits",
     "load_tokenizer",
+    "open_tokenizer",
     "perplexity",
     "read_documents",
     "split_stream",

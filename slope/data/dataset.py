@@ -4,9 +4,9 @@
   ``.txt`` file (one document) or ``.jsonl`` / ``.jsonl.gz`` file (one document per record, field
   ``text``), or otherwise a Hugging Face dataset name (``name`` or ``name:config``; needs the
   ``datasets`` package and a network connection, imported only then).
-- ``load_splits``: tokenizes every document (with the shipped byte-level BPE), appends
-  ``<|endoftext|>``, concatenates, and splits the stream into chunks; every 20th chunk is
-  validation. The split depends only on the text, so it is the same on every machine.
+- ``load_splits``: tokenizes every document (with the shipped byte-level BPE, or the run's
+  ``--tokenizer``: :mod:`slope.data.tokenizer`), appends its end-of-text token, concatenates,
+  and splits the stream into chunks; every 20th chunk is validation. The split depends only on the text, so it is the same on every machine.
 - ``train_batch``: the micro-batch of a training step is a pure function of
   ``(seed, step, micro)``, so a resumed run sees exactly the batches of an uninterrupted one.
 - ``val_batches``: a fixed list of non-overlapping validation windows.
@@ -163,27 +163,42 @@ def split_stream(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torc
     return train_t, val_t
 
 
+def _stamp(path: Path) -> tuple | None:
+    """What identifies a file's (or a folder's files') version: sizes and modification times."""
+    if path.is_file():
+        return (path.stat().st_mtime_ns, path.stat().st_size)
+    if path.is_dir():
+        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.iterdir()) if p.is_file())
+    return None
+
+
 @lru_cache(maxsize=4)
-def _tokenize(dataset: str, text_field: str, tokenizer_file: str, stamp: tuple | None) -> tuple[torch.Tensor, int, int]:
-    """The whole dataset as one ``int64`` stream (cached per file version, ``stamp``: tokenizing
-    the corpus takes seconds, and tests train many times in one process)."""
-    tokenizer = load_tokenizer(tokenizer_file)
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+def _tokenize(dataset: str, text_field: str, tokenizer: str, stamp: tuple | None,
+              tokenizer_stamp: tuple | None) -> tuple[torch.Tensor, int, int]:
+    """The whole dataset as one ``int64`` stream, its vocabulary size and EOS id (cached per version
+    of the data and tokenizer files, the stamps: tokenizing the corpus takes seconds, and tests
+    train many times in one process)."""
+    from slope.data.tokenizer import open_tokenizer
+
+    tok = open_tokenizer(tokenizer)
     docs = list(read_documents(dataset, text_field))
     if not docs:
         raise DataError(f"--dataset {dataset}: no documents found")
     ids: list[int] = []
-    for enc in tokenizer.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eos_id)
-    return torch.tensor(ids, dtype=torch.int64), tokenizer.get_vocab_size(), eos_id
+    for doc_ids in tok.encode_batch(docs):
+        ids.extend(doc_ids)
+        ids.append(tok.eos_id)
+    return torch.tensor(ids, dtype=torch.int64), tok.vocab_size, tok.eos_id
 
 
-def load_splits(dataset: str, seq_len: int, text_field: str = "text", tokenizer_file: str | Path = TOKENIZER_FILE) -> TokenSplits:
-    """Tokenize ``dataset`` and split it deterministically (see :func:`split_stream`)."""
+def load_splits(dataset: str, seq_len: int, text_field: str = "text", tokenizer: str | Path = "") -> TokenSplits:
+    """Tokenize ``dataset`` with ``tokenizer`` (:func:`slope.data.tokenizer.open_tokenizer`: ``""`` is
+    the shipped BPE, else a tokenizer.json file or a Hugging Face tokenizer folder) and split it
+    deterministically (see :func:`split_stream`)."""
     path = CORPUS_FILE if dataset == EMBEDDED else Path(dataset).expanduser()
-    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
-    tokens, vocab_size, eos_id = _tokenize(dataset, text_field, str(tokenizer_file), stamp)
+    tokenizer = str(tokenizer)
+    tokenizer_stamp = _stamp(Path(tokenizer).expanduser()) if tokenizer else None
+    tokens, vocab_size, eos_id = _tokenize(dataset, text_field, tokenizer, _stamp(path), tokenizer_stamp)
     train, val = split_stream(tokens, seq_len)
     digest = hashlib.sha256(train.numpy().tobytes())
     digest.update(val.numpy().tobytes())

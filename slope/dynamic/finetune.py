@@ -170,7 +170,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
     ``max_steps`` (overrides ``num_epochs``), ``tokenizer``, ``seed``, ``max_seq_length`` (256),
     ``eval_batches`` (8), ``eval_steps``, ``logging_steps`` (10), ``max_grad_norm`` (1.0),
     ``weight_decay`` (0.0), ``text_field``, ``device`` ("auto"), ``targets`` / ``skip`` (layers),
-    ``compress`` / ``double_pruning`` (N:M SLoPe layers), ``progress`` (tqdm bar; default: on a terminal).
+    ``compress`` / ``double_pruning`` (N:M SLoPe layers), ``progress`` (True: tqdm bar, False: none; default: a bar on a terminal, plain lines with rate and ETA otherwise).
 
     The returned model keeps its sparse form: unstructured masks as zeros in ``nn.Linear`` weights,
     N:M as :class:`slope.SparseLinear` layers (2:4: accelerable). Its ``dynamic_sparsity`` attribute

@@ -1,8 +1,6 @@
 """The per-layer sparsity report of a one-shot run (JSON + printed table), and progress output."""
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -59,17 +57,8 @@ def report_dict(results: list[LayerResult], skipped: list[Skipped], **info) -> d
 
 
 def progress(items, desc: str, enabled: bool = True):
-    """Iterate ``items`` with a tqdm bar on a terminal, one plain line per item otherwise (logs, CI)."""
-    items = list(items)
-    if not enabled:
-        yield from items
-        return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+    """Iterate ``items`` (calibration blocks) with a tqdm bar on a terminal, one plain line per
+    block with rate and ETA otherwise (logs, CI): :func:`slope.progress.iterate`."""
+    from slope.progress import iterate
 
-        yield from tqdm(items, desc=desc, unit="block")
-        return
-    start = time.perf_counter()
-    for i, item in enumerate(items, 1):
-        yield item
-        print(f"{desc}: block {i}/{len(items)} done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    return iterate(items, desc, unit="block", display="auto" if enabled else "off", interval_s=0)

@@ -12,9 +12,9 @@ Forms (``--form``):
   state dropped: :func:`slope.lora.freeze_for_inference`), same format as ``sparse``.
 
 The source is a ``slope train`` checkpoint (or its run directory) or a pruned model's Hugging Face
-folder (:func:`slope.from_pretrained`). The tokenizer: the one the run trained with (the embedded
-corpus's byte-level BPE, as a ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as its BOS/EOS/PAD),
-or the one in the source folder. ``config.json`` records the export in a ``slope_export`` entry.
+folder (:func:`slope.from_pretrained`). The tokenizer: the one the run trained with (its
+``--tokenizer``, from the checkpoint's copy, or else the embedded corpus's byte-level BPE, as a
+``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as its BOS/EOS/PAD), or the one in the source folder. ``config.json`` records the export in a ``slope_export`` entry.
 """
 from __future__ import annotations
 
@@ -65,7 +65,12 @@ def _from_train_checkpoint(source: str, form: str):
             f"{loaded.checkpoint.path} is a dense checkpoint (--dense, or its dense tail was reached): it has no "
             f"{form} form; export it with --form dense"
         )
-    tokenizer = embedded_tokenizer(loaded.config.seq_len)
+    if loaded.config.tokenizer:  # the run's --tokenizer, from the checkpoint's copy
+        from slope.data import open_tokenizer
+
+        tokenizer = open_tokenizer(loaded.checkpoint.tokenizer).to_hf(loaded.config.seq_len)
+    else:
+        tokenizer = embedded_tokenizer(loaded.config.seq_len)
     return loaded.model, tokenizer, str(loaded.checkpoint.path), loaded.checkpoint.step, loaded.note
 
 
