@@ -50,8 +50,8 @@ def _step_entry(p_ptr, g_ptr, m_ptr, v_ptr, fwd_ptr, off, valid,
     tl.store(v_ptr + off, v, mask=valid)
     stored = master.to(p.dtype)
     tl.store(p_ptr + off, stored, mask=valid)
-    if WRITE_FWD:
-        tl.store(fwd_ptr + off, master.to(fwd_ptr.dtype.element_ty), mask=valid)
+    if WRITE_FWD:  # the stored value cast, as a rebuild from values would
+        tl.store(fwd_ptr + off, stored.to(fwd_ptr.dtype.element_ty), mask=valid)
     return stored.to(tl.float32)
 
 
