@@ -55,10 +55,11 @@ def _auto_is_timed(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _sparse_product(layer: "SparseLinear", xc: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``xc (..., in) (W ⊙ M)ᵀ + bias`` in ``xc``'s dtype (the compute dtype), no autograd."""
+def _sparse_product(layer: "SparseLinear", xc: torch.Tensor, bias: torch.Tensor | None, training: bool) -> torch.Tensor:
+    """``xc (..., in) (W ⊙ M)ᵀ + bias`` in ``xc``'s dtype (the compute dtype), no autograd;
+    ``training``: the call is part of a training step (``auto`` counts the operand's rebuild)."""
     dtype = xc.dtype
-    backend = layer._backend_for(dtype, xc.device, "forward", xc.numel() // layer.in_features)
+    backend = layer._backend_for(dtype, xc.device, "forward", xc.numel() // layer.in_features, training)
     operand = layer._operand("forward", dtype, xc.device, backend)
     return backend.linear(xc, operand, None if bias is None else bias.to(dtype))
 
@@ -71,7 +72,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         xc = x.to(dtype)
-        y = _sparse_product(layer, xc, bias)
+        y = _sparse_product(layer, xc, bias, training=layer.sparse_requires_grad)
         ctx.save_for_backward(xc if layer.sparse_requires_grad else None)
         return y
 
@@ -82,7 +83,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         dy = dy.to(dtype)
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            backend = layer._backend_for(dtype, dy.device, "backward", dy.numel() // layer.out_features)
+            backend = layer._backend_for(dtype, dy.device, "backward", dy.numel() // layer.out_features, True)
             dx = backend.matmul(dy, layer._operand("backward", dtype, dy.device, backend)).to(ctx.x_dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
         if xc is not None:
@@ -101,6 +102,8 @@ class SparseLinear(nn.Module):
         values: ``Parameter (out, in·N/M)`` of kept weights (``requires_grad=False``: updated by
             :class:`slope.optimizers.ADAMWSparse`, never by a dense optimizer).
         values_grad: accumulated sparse gradient, same shape/dtype as ``values``, or ``None``.
+        optimizer_steps: how many steps :class:`slope.optimizers.ADAMWSparse` made of this layer
+            (after ``AUTO_CHOOSER.timed_steps`` of them, ``backend="auto"`` times nothing new).
         mask / mask_t: ``bool (out, in)``; ``M`` and the double-pruned ``M_t ⊆ M``, unpacked
             copies of the packed buffers ``mask_bits`` / ``mask_t_bits`` (writing into them
             changes nothing: set masks with :meth:`set_weight` or ``load_state_dict``).
@@ -156,6 +159,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("meta", meta)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.values_grad: torch.Tensor | None = None
+        self.optimizer_steps = 0  # counted by ADAMWSparse: backend="auto" stops timing after the first ones
         self._zeroed_grad: tuple[torch.Tensor, int] | None = None  # see zero_values_grad
         # Mask-update policies (RigL) set keep_dense_grad for a step whose full weight gradient
         # dyᵀx they need: the backward computes it anyway and then also adds it to dense_grad.
@@ -420,19 +424,24 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ backend plumbing
     def _backend_for(
-        self, dtype: torch.dtype, device: torch.device, which: str = "forward", tokens: int | None = None
+        self, dtype: torch.dtype, device: torch.device, which: str = "forward", tokens: int | None = None,
+        training: bool = False,
     ) -> SparseBackend:
         """The backend multiplying the ``which`` operand ("forward" ``(out, in)`` or "backward"
         ``(in, out)``) by ``tokens`` rows. Only ``"auto"`` on CUDA can differ between directions
         and token counts: it is timed per operand shape and token bucket against a dense matmul
-        (:mod:`slope.backends.auto`), so each product is never slower than dense."""
+        (:mod:`slope.backends.auto`; for ``training`` calls the operand's rebuild after each
+        optimizer step counts too), so each product is never slower than dense."""
         if self.compress and self.backend_name == "auto" and _auto_is_timed(device):
             from slope.backends.auto import AUTO_CHOOSER
 
-            key = (which, dtype, device, AUTO_CHOOSER.bucket(tokens))
+            key = (which, dtype, device, AUTO_CHOOSER.bucket(tokens), training)
             if key not in self._backends:
                 shape = (self.out_features, self.in_features) if which == "forward" else (self.in_features, self.out_features)
-                self._backends[key] = AUTO_CHOOSER.choose(shape, dtype, device, self.tiling, tokens)
+                self._backends[key] = AUTO_CHOOSER.choose(
+                    shape, dtype, device, self.tiling, tokens, direction=which, training=training,
+                    allow_timing=self.optimizer_steps < AUTO_CHOOSER.timed_steps,  # never inside a loop's later steps
+                )
             return self._backends[key]
         key = ("both", dtype, device)
         if key not in self._backends:
@@ -597,7 +606,7 @@ class SparseLinear(nn.Module):
         ):
             # Nothing to differentiate (inference, evaluation): skip the autograd Function, whose
             # per-call cost shows when decoding a token at a time.
-            y = _sparse_product(self, x.to(dtype), None if bias is None else bias.detach())
+            y = _sparse_product(self, x.to(dtype), None if bias is None else bias.detach(), training=False)
         else:
             anchor = None
             if self.sparse_requires_grad:
@@ -651,6 +660,7 @@ class SparseLinear(nn.Module):
         state.setdefault("keep_dense_grad", False)  # layers pickled before dynamic sparsity
         state.setdefault("dense_grad", None)
         state.setdefault("_zeroed_grad", None)
+        state.setdefault("optimizer_steps", 0)
         buffers = state.get("_buffers", {})
         for old, new in (("mask", "mask_bits"), ("mask_t", "mask_t_bits")):  # pickled with bool masks
             if old in buffers:

@@ -128,6 +128,7 @@ class ADAMWSparse(torch.optim.Optimizer):
                 self._step_fused(params, group)
             for layer, count, buffers in stepped:
                 layer.operands_written(buffers)  # the others are rebuilt on next use
+                layer.optimizer_steps += 1  # backend="auto" times nothing for it after its first steps
                 if count % group["mask_change_freq"] == 0:
                     layer.update_mask_t()
         return loss
