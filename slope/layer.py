@@ -461,7 +461,7 @@ class SparseLinear(nn.Module):
         ``dtype``, the backward one :func:`slope.kernels.transpose_kept_2to4` of them; the metadata
         of each depends on a mask only and is cached per mask version."""
         if backend is None:
-            backend = self._backend_for(dtype, device, which)
+            backend = self._backend_for(dtype, device, which, training=which == "backward")
         # One slot per direction: an operand of another backend (auto, another token bucket)
         # replaces it, so a layer never holds more operands than before token buckets existed.
         # The forward operand depends on W and M only (the inference-only form has no M_t).
