@@ -20,6 +20,7 @@ __all__ = [
     "SparseLinear",
     "SparseOptimizerCallback",
     "export_dense",
+    "finetune",
     "from_pretrained",
     "grad_dict",
     "merge_lora",
@@ -38,6 +39,10 @@ def __getattr__(name):
         from slope.hf import SparseOptimizerCallback
 
         return SparseOptimizerCallback
+    if name == "finetune":  # slope.recovery (seed 002's recovery fine-tuning)
+        from slope.recovery.finetune import finetune
+
+        return finetune
     if name == "sparse_finetune":  # slope.dynamic (seed 000's one call)
         from slope.dynamic.finetune import sparse_finetune
 

@@ -1,5 +1,5 @@
 """The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate``, ``slope export``,
-``slope oneshot``, ``slope sparse-finetune`` (also ``python -m slope``)."""
+``slope oneshot``, ``slope sparse-finetune``, ``slope finetune`` (also ``python -m slope``)."""
 from __future__ import annotations
 
 import argparse
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sparse_finetune(sub)
     _add_oneshot_parser(sub)
+    from slope.recovery.cli import add_parser as add_finetune
+
+    add_finetune(sub)
     return parser
 
 
@@ -323,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             _run_export(args)
         elif args.command == "oneshot":
             return _run_oneshot(args)
+        elif args.command == "finetune":
+            from slope.recovery.cli import run as run_finetune
+
+            return run_finetune(args)
     except (CheckpointError, DataError, ConfigError, StorageError, DivergenceError, RunLockError) as e:
         print(f"slope {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slope.checkpoint import Checkpoint, build_model, load_model_state, read_checkpoint
+from slope.checkpoint import Checkpoint, CheckpointError, build_model, load_model_state, read_checkpoint
 from slope.checkpoint_store import latest_checkpoint
 from slope.config import ConfigError, TrainConfig
 from slope.data import load_splits, load_tokenizer, perplexity, unigram_cross_entropy, val_batches

@@ -87,7 +87,7 @@ def load_finetune_data(dataset, tokenizer, *, seq_len: int, batch_size: int, see
         train, val = splits.train, splits.val
     else:
         docs = _documents(dataset, text_field)
-        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]  # whole documents: no length warning
         eos = tokenizer.eos_token_id
         stream = [t for doc in ids for t in (doc + ([eos] if eos is not None else []))]
         train, val = split_stream(torch.tensor(stream, dtype=torch.int64), seq_len)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from slope.dynamic.data import FinetuneData, load_finetune_data, resolve_tokenizer
+from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
+from slope.finetune_loop import FinetuneLoop, LoopSettings, plot_run
 from slope.sparsity import SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
@@ -120,135 +118,24 @@ def _optimizers(model: nn.Module, sparsifier: DynamicSparsity, lr: float, weight
     return dense, sparse
 
 
-def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
-    """Learning rate of 0-based step ``step``: linear warmup over ``warmup`` steps, then linear decay to 0."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * max(0.0, (total - step) / max(1, total - warmup))
-
-
-# ---------------------------------------------------------------------- one optimizer step
-def _train_step(ctx: "_Run", step: int) -> tuple[float, bool]:
-    """Forward/backward over the micro-batches of ``step``, then the optimizer steps; returns
-    ``(mean loss, skipped)`` (skipped: an fp16 overflow)."""
-    from slope.evaluate import autocast
-
-    args, model = ctx.args, ctx.model
-    lr = lr_at(step, args.learning_rate, args.warmup_steps, ctx.total_steps)
-    for group in ctx.dense_opt.param_groups:
-        group["lr"] = lr
-    if ctx.sparse_opt is not None:
-        ctx.sparse_opt.lr = lr
-    accum, loss = args.gradient_accumulation_steps, 0.0
-    for micro in range(accum):
-        x, y = (t.to(ctx.device) for t in ctx.data.batch(step, micro, accum))
-        with autocast(ctx.device, args.precision):
-            logits = model(input_ids=x).logits
-        micro_loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
-        (micro_loss * ctx.scaler.scale).backward()
-        loss += micro_loss.item()
-    dense_params = [p for group in ctx.dense_opt.param_groups for p in group["params"]]
-    skipped = ctx.scaler.unscale_(dense_params, ctx.sparse_opt)
-    if not skipped:
-        max_norm = args.extra["max_grad_norm"] or math.inf
-        if ctx.sparse_opt is not None:
-            ctx.sparse_opt.clip_grad_norm(max_norm, dense_parameters=dense_params)
-            ctx.sparse_opt.step()
-        else:
-            torch.nn.utils.clip_grad_norm_(dense_params, max_norm)
-        ctx.dense_opt.step()
-    ctx.scaler.update(skipped)
-    ctx.dense_opt.zero_grad(set_to_none=True)
-    if ctx.sparse_opt is not None:
-        ctx.sparse_opt.zero_grad()
-    ctx.last_lr = lr
-    return loss, skipped
-
-
 @dataclass
 class _Run:
-    """Everything one fine-tuning run holds."""
+    """Everything one fine-tuning run holds (the loop is :class:`slope.finetune_loop.FinetuneLoop`)."""
 
     args: FinetuneArgs
     model: nn.Module
     sparsifier: DynamicSparsity
-    data: FinetuneData
-    dense_opt: torch.optim.Optimizer
-    sparse_opt: torch.optim.Optimizer | None
-    scaler: Any
-    device: torch.device
-    total_steps: int
-    last_lr: float = 0.0
+    loop: FinetuneLoop
 
 
 def _loop(ctx: _Run, out: Path | None) -> dict[str, Any]:
     """Train all steps; log metrics (to ``out/metrics.jsonl`` when given); returns the summary."""
-    from slope.evaluate import evaluate_loss
-
-    args, sparsifier, records = ctx.args, ctx.sparsifier, []
-    log = (out / "metrics.jsonl").open("w") if out is not None else None
-
-    def write(record):
-        records.append(record)
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-
-    for event in sparsifier.history:
-        write({"event": "mask_update", **event})
-    show = args.extra["progress"] if args.extra["progress"] is not None else sys.stderr.isatty()
-    from tqdm import tqdm
-
-    bar = tqdm(total=ctx.total_steps, desc="sparse-finetune", disable=not show, dynamic_ncols=True)
-    initial_val = evaluate_loss(ctx.model, ctx.data.val, ctx.device, args.precision)
-    write({"step": 0, "val_loss": initial_val, "sparsity": sparsifier.sparsity})
-    t0, eval_steps, loss = time.perf_counter(), args.extra["eval_steps"], float("nan")
-    ctx.model.train()
-    for step in range(ctx.total_steps):
-        loss, skipped = _train_step(ctx, step)
-        for event in sparsifier.step(ctx.sparse_opt or ctx.dense_opt, skipped=skipped):
-            write({"event": "mask_update", **event})
-        done = step + 1
-        if done % args.extra["logging_steps"] == 0 or done == ctx.total_steps or skipped:
-            write({"step": done, "loss": loss, "lr": ctx.last_lr, "sparsity": sparsifier.sparsity, "skipped": skipped})
-        if (eval_steps and done % eval_steps == 0) or done == ctx.total_steps:
-            write({"step": done, "val_loss": evaluate_loss(ctx.model, ctx.data.val, ctx.device, args.precision),
-                   "sparsity": sparsifier.sparsity})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", sparsity=f"{sparsifier.sparsity:.3f}")
-    bar.close()
-    if log is not None:
-        log.close()
-    vals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    return {"steps": ctx.total_steps, "initial_val_loss": initial_val, "final_val_loss": vals[-1][1], "val_curve": vals, "final_train_loss": loss,
-            "final_sparsity": sparsifier.sparsity, "mask_updates": sum(1 for r in records if r.get("event") == "mask_update"),
-            "elapsed_s": round(time.perf_counter() - t0, 3), "records": records}
-
-
-# ---------------------------------------------------------------------- outputs
-def plot_run(records: list[dict], png: Path, title: str) -> None:
-    """``loss.png``: training loss and validation loss against step, mask updates marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    updates = sorted({r["step"] for r in records if r.get("event") == "mask_update" and r["step"] > 0})
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
-    for i, step in enumerate(updates):
-        ax.axvline(step, color="gray", ls=":", lw=0.8, label="mask update" if i == 0 else None)
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    sparsifier = ctx.sparsifier
+    history = [{"event": "mask_update", **event} for event in sparsifier.history]
+    summary = ctx.loop.run(out, records=history)
+    summary["final_sparsity"] = sparsifier.sparsity
+    summary["mask_updates"] = sum(1 for r in summary["records"] if r.get("event") == "mask_update")
+    return summary
 
 
 def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any]) -> None:
@@ -323,7 +210,14 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dense_opt, sparse_opt = _optimizers(model, sparsifier, learning_rate, extra["weight_decay"])
-    ctx = _Run(args, model, sparsifier, data, dense_opt, sparse_opt, LossScaler(fp16), device, total)
+    settings = LoopSettings(learning_rate, warmup_steps, "linear", gradient_accumulation_steps, args.precision,
+                            extra["max_grad_norm"], extra["logging_steps"], extra["eval_steps"], extra["progress"],
+                            "sparse-finetune")
+    loop = FinetuneLoop(model, data, dense_opt, sparse_opt, LossScaler(fp16), device, total, settings,
+                        after_step=lambda step, skipped: [{"event": "mask_update", **event} for event in
+                                                          sparsifier.step(sparse_opt or dense_opt, skipped=skipped)],
+                        status=lambda: {"sparsity": sparsifier.sparsity})
+    ctx = _Run(args, model, sparsifier, loop)
     out = None if output_dir is None else Path(output_dir)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ import torch.nn as nn
 from slope.prune import DEFAULT_SKIP
 from slope.pruning.modifiers import PruningModifier, RecipeError
 
-__all__ = ["LayerPlan", "Skipped", "WeightJournal", "find_blocks", "is_linear", "read_weight", "select_layers"]
+__all__ = ["LayerPlan", "Skipped", "WeightJournal", "find_blocks", "is_linear", "match_targets", "matching_modules", "read_weight",
+           "select_layers"]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -94,17 +95,16 @@ def _tied_to_embedding(weight: torch.Tensor, model: nn.Module) -> bool:
     return any(isinstance(m, nn.Embedding) and m.weight.data_ptr() == weight.data_ptr() for m in model.modules())
 
 
-def _selected(model: nn.Module, modifier: PruningModifier, blocks_name: str | None) -> dict[str, bool]:
-    """``{linear name: explicitly named}`` of the linears ``targets`` select (before ``ignore``)."""
+def match_targets(model: nn.Module, targets: list[str], owner: str) -> dict[str, bool]:
+    """``{linear name: explicitly named}`` of the linears ``targets`` select: module names (exact),
+    class names or ``re:`` regexes (``re.match``); a non-linear module selects the linears inside it.
+    An entry that matches no module is a :class:`RecipeError` naming ``owner`` (the modifier)."""
     modules = dict(model.named_modules())
-    if modifier.targets is None:  # the linears of the blocks (all linears of a model without blocks)
-        return {n: False for n, m in modules.items()
-                if n and is_linear(m) and (blocks_name is None or _block_index(n, blocks_name) is not None)}
     chosen: dict[str, bool] = {}
-    for entry in modifier.targets:
+    for entry in targets:
         hits = [n for n, m in modules.items() if _matches(entry, n, m)]
         if not hits:
-            raise RecipeError(f"{modifier.name}: target {entry!r} matches no module of {type(model).__name__}; "
+            raise RecipeError(f"{owner}: target {entry!r} matches no module of {type(model).__name__}; "
                               "check the name (module names look like model.layers.0.mlp.up_proj)")
         for hit in hits:
             if is_linear(modules[hit]):
@@ -115,6 +115,33 @@ def _selected(model: nn.Module, modifier: PruningModifier, blocks_name: str | No
                     if n.startswith(prefix) and n and is_linear(m):
                         chosen.setdefault(n, False)
     return chosen
+
+
+def matching_modules(model: nn.Module, entries: list[str], owner: str) -> list[str]:
+    """Names of the modules (any kind) that ``entries`` select (module names, class names, ``re:``
+    regexes), in model order; an entry that matches no module is a :class:`RecipeError`."""
+    modules = dict(model.named_modules())
+    chosen = set()
+    for entry in entries:
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as e:
+                raise RecipeError(f"{owner}: target {entry!r} is not a valid regex ({e})") from None
+        hits = {n for n, m in modules.items() if _matches(entry, n, m)}
+        if not hits:
+            raise RecipeError(f"{owner}: target {entry!r} matches no module of {type(model).__name__}; "
+                              "check the name (module names look like model.layers.0 or lm_head)")
+        chosen |= hits
+    return [n for n in modules if n in chosen]
+
+
+def _selected(model: nn.Module, modifier: PruningModifier, blocks_name: str | None) -> dict[str, bool]:
+    """``{linear name: explicitly named}`` of the linears ``targets`` select (before ``ignore``)."""
+    if modifier.targets is None:  # the linears of the blocks (all linears of a model without blocks)
+        return {n: False for n, m in model.named_modules()
+                if n and is_linear(m) and (blocks_name is None or _block_index(n, blocks_name) is not None)}
+    return match_targets(model, modifier.targets, modifier.name)
 
 
 def _skip_reason(name, module, explicit, modifier, model, blocks_name, ignored) -> str:

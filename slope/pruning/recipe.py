@@ -11,6 +11,11 @@
 
 A recipe is a YAML file path, YAML text, or the same structure as a dict. Stages, groups and
 modifiers run in the order written. Anything unknown is a :class:`RecipeError` naming it.
+
+Two kinds of recipe share the format: ``oneshot`` recipes (the pruning modifiers of
+:mod:`slope.pruning.modifiers`; stages may say ``run_type: oneshot``) and ``finetune`` recipes
+(``ConstantPruningModifier`` / ``OutputDistillationModifier`` of :mod:`slope.recovery.modifiers`;
+``run_type: train``). A modifier of the other kind is an error that says which command runs it.
 """
 from __future__ import annotations
 
@@ -24,10 +29,8 @@ from slope.pruning.modifiers import MODIFIERS, PruningModifier, RecipeError
 
 __all__ = ["RecipeEntry", "parse_recipe", "recipe_yaml"]
 
-#: Modifiers of other workflows, with where they belong.
+#: Modifiers slope does not run, with why.
 _ELSEWHERE = {
-    "ConstantPruningModifier": "a fine-tuning modifier (recovery training keeps the zeros), not a one-shot one",
-    "OutputDistillationModifier": "a fine-tuning modifier (distillation), not a one-shot one",
     "QuantizationModifier": "quantization, which slope does not support",
     "GPTQModifier": "quantization, which slope does not support",
     "SmoothQuantModifier": "quantization, which slope does not support",
@@ -40,7 +43,7 @@ class RecipeEntry:
 
     stage: str
     group: str
-    modifier: PruningModifier
+    modifier: PruningModifier  # or a slope.recovery.modifiers.TrainingModifier in a finetune recipe
 
     @property
     def where(self) -> str:
@@ -69,11 +72,29 @@ def _load(recipe) -> dict:
     return data
 
 
-def _modifier(name: str, params, where: str) -> PruningModifier:
-    if name not in MODIFIERS:
+#: Per recipe kind: the ``run_type`` its stages may declare, and the command that runs the other kind.
+_KINDS = {"oneshot": ("oneshot", "slope oneshot (slope.oneshot)"), "finetune": ("train", "slope finetune (slope.finetune)")}
+
+
+def _registry(kind: str) -> dict:
+    if kind == "oneshot":
+        return MODIFIERS
+    from slope.recovery.modifiers import TRAINING_MODIFIERS
+
+    return TRAINING_MODIFIERS
+
+
+def _modifier(name: str, params, where: str, kind: str):
+    registry = _registry(kind)
+    if name not in registry:
+        other = "finetune" if kind == "oneshot" else "oneshot"
+        if name in _registry(other):
+            what = "a fine-tuning modifier" if other == "finetune" else "a one-shot pruning modifier"
+            raise RecipeError(f"{where}: {name} is {what}, not a {kind} one; run it with {_KINDS[other][1]} "
+                              f"({kind} recipes use {', '.join(registry)})")
         reason = _ELSEWHERE.get(name, "not a known modifier")
-        raise RecipeError(f"{where}: {name} is {reason}; one-shot recipes use {', '.join(MODIFIERS)}")
-    cls = MODIFIERS[name]
+        raise RecipeError(f"{where}: {name} is {reason}; {kind} recipes use {', '.join(registry)}")
+    cls = registry[name]
     params = {} if params is None else params
     if not isinstance(params, dict):
         raise RecipeError(f"{where}: the parameters of {name} must be a mapping, got {type(params).__name__}")
@@ -87,8 +108,13 @@ def _modifier(name: str, params, where: str) -> PruningModifier:
         raise RecipeError(f"{where}: {e}") from None
 
 
-def parse_recipe(recipe) -> list[RecipeEntry]:
-    """The modifiers of ``recipe`` (a YAML path, YAML text or dict), in the order they run."""
+def parse_recipe(recipe, kind: str = "oneshot") -> list[RecipeEntry]:
+    """The modifiers of ``recipe`` (a YAML path, YAML text or dict), in the order they run.
+
+    ``kind``: ``"oneshot"`` (pruning modifiers) or ``"finetune"`` (fine-tuning modifiers)."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    run_type = _KINDS[kind][0]
     entries = []
     for stage, groups in _load(recipe).items():
         if not isinstance(groups, dict):
@@ -96,15 +122,18 @@ def parse_recipe(recipe) -> list[RecipeEntry]:
                               f"got {type(groups).__name__}")
         for group, modifiers in groups.items():
             if group == "run_type":
-                if modifiers != "oneshot":
-                    raise RecipeError(f"{stage}: run_type {modifiers!r} is not supported here; slope.oneshot runs 'oneshot' stages")
+                if modifiers != run_type:
+                    raise RecipeError(f"{stage}: run_type {modifiers!r} is not supported in a {kind} recipe; "
+                                      f"{_KINDS[kind][1]} runs '{run_type}' stages")
                 continue
             if not isinstance(modifiers, dict) or not modifiers:
                 raise RecipeError(f"{stage}.{group} must map modifier names (e.g. SparseGPTModifier) to their parameters")
             for name, params in modifiers.items():
-                entries.append(RecipeEntry(str(stage), str(group), _modifier(str(name), params, f"{stage}.{group}")))
+                entries.append(RecipeEntry(str(stage), str(group), _modifier(str(name), params, f"{stage}.{group}", kind)))
     if not entries:
-        raise RecipeError("the recipe holds no modifiers; add e.g. `pruning_stage: {pruning_modifiers: {SparseGPTModifier: {sparsity: 0.5}}}`")
+        example = ("pruning_stage: {pruning_modifiers: {SparseGPTModifier: {sparsity: 0.5}}}" if kind == "oneshot"
+                   else "recovery_stage: {pruning_modifiers: {ConstantPruningModifier: {start: 0}}}")
+        raise RecipeError(f"the recipe holds no modifiers; add e.g. `{example}`")
     return entries
 
 

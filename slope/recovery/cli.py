@@ -1,0 +1,113 @@
+"""``slope finetune``: :func:`slope.recovery.finetune` from the command line, with the seed's flags.
+
+The SparseML command of seed 002 runs with ``slope`` in place of its launcher: flags take dashes or
+underscores (``--output-dir`` / ``--output_dir``), booleans may carry a value (``--bf16 True``),
+``--max-grad-norm None`` turns clipping off, ``--precision bfloat16`` loads the model in bf16. Under
+``torchrun --nproc_per_node=N -m slope finetune ...`` it trains with DDP.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from slope.finetune_loop import LR_SCHEDULES
+
+__all__ = ["add_parser", "run"]
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _norm(text: str) -> float | None:
+    if text.strip().lower() in ("none", "null", "0"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or None, got {text!r}") from None
+
+
+def _flag(p, name: str, **kw) -> None:
+    dashed = "--" + name.replace("_", "-")
+    names = [dashed] + (["--" + name] if "_" in name else [])
+    p.add_argument(*names, dest=name, **kw)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``finetune`` subcommand to ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("finetune", help="fine-tune a (pruned) model with a recipe: constant masks, distillation from a teacher",
+                       description="Fine-tune a causal LM (seed 002 steps 1 and 3): plain fine-tuning without --recipe; with a "
+                       "recipe, ConstantPruningModifier keeps the pruned zeros and OutputDistillationModifier distils from "
+                       "--distill-teacher. Writes the model (plain Hugging Face folder), metrics.jsonl, summary.json and "
+                       "loss.png to --output-dir. See docs/recovery.md.")
+    _flag(p, "model", required=True, metavar="DIR", help="a Hugging Face model folder, a slope save_pretrained folder or a "
+          "`slope train` checkpoint/run folder")
+    _flag(p, "dataset", default="embedded", help="'embedded', a .txt/.jsonl(.gz) file or a Hugging Face dataset name")
+    _flag(p, "dataset_config_name", default=None, help="config of a Hugging Face dataset (e.g. main)")
+    _flag(p, "splits", default="train", help="dataset split to train on (only 'train'; validation is held out of it)")
+    _flag(p, "recipe", default=None, metavar="FILE", help="finetune recipe (ConstantPruningModifier, OutputDistillationModifier)")
+    _flag(p, "output_dir", default=None, metavar="DIR", help="where the model, metrics and checkpoints go")
+    _flag(p, "distill_teacher", default=None, metavar="DIR", help="the teacher model folder (OutputDistillationModifier)")
+    _flag(p, "num_train_epochs", type=float, default=3.0)
+    _flag(p, "max_steps", type=int, default=None, help="optimizer steps (overrides --num-train-epochs)")
+    _flag(p, "learning_rate", type=float, default=5e-5)
+    _flag(p, "lr_scheduler_type", choices=LR_SCHEDULES, default="linear")
+    _flag(p, "warmup_steps", type=int, default=0)
+    _flag(p, "per_device_train_batch_size", type=int, default=8, help="sequences per micro-batch on each process")
+    _flag(p, "gradient_accumulation_steps", type=int, default=1)
+    _flag(p, "max_seq_length", type=int, default=512, help="tokens per training sequence")
+    _flag(p, "bf16", type=_bool, nargs="?", const=True, default=False, help="bf16 autocast ('--bf16' or '--bf16 True')")
+    _flag(p, "fp16", type=_bool, nargs="?", const=True, default=False, help="fp16 autocast with dynamic loss scaling")
+    _flag(p, "gradient_checkpointing", type=_bool, nargs="?", const=True, default=False)
+    _flag(p, "max_grad_norm", type=_norm, default=1.0, help="joint gradient-norm bound; None (or 0): no clipping")
+    _flag(p, "weight_decay", type=float, default=0.0)
+    _flag(p, "seed", type=int, default=42)
+    _flag(p, "logging_steps", type=int, default=10)
+    _flag(p, "eval_steps", type=int, default=None, help="validate every K steps (and at the end)")
+    _flag(p, "eval_batches", type=int, default=8)
+    _flag(p, "save_steps", type=int, default=None, help="write OUTPUT_DIR/checkpoint-<step> every K steps")
+    _flag(p, "resume_from_checkpoint", default=None, metavar="DIR", help="a checkpoint-<step> folder ('latest': the newest "
+          "in --output-dir)")
+    _flag(p, "tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's, else slope's shipped one)")
+    _flag(p, "text_field", default="text")
+    _flag(p, "device", default="auto")
+    _flag(p, "precision", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"), default="auto",
+          help="dtype to load the model and teacher in (auto: as saved)")
+    _flag(p, "double_pruning", type=_bool, nargs="?", const=True, default=False,
+          help="2:4 layers compressed on the accelerated path with SLoPe's double-pruned backward (default: exact backward)")
+    _flag(p, "backend", default="auto", help="sparse backend of compressed 2:4 layers (with --double-pruning)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the subcommand; returns the exit status (1 with a one-line error for bad input)."""
+    from slope.checkpoint import CheckpointError
+    from slope.data import DataError
+    from slope.recovery.finetune import finetune
+
+    options = vars(args).copy()
+    options.pop("command")
+    model, recipe, dataset = options.pop("model"), options.pop("recipe"), options.pop("dataset")
+    teacher, output_dir = options.pop("distill_teacher"), options.pop("output_dir")
+    config, split = options.pop("dataset_config_name"), options.pop("splits")
+    if options["resume_from_checkpoint"] == "latest":
+        options["resume_from_checkpoint"] = True
+    try:
+        if split != "train":
+            raise ValueError(f"--splits {split!r}: slope finetune trains on the 'train' split (validation is held out of it)")
+        if config:
+            dataset = f"{dataset}:{config}"
+        result = finetune(model, recipe, dataset, distill_teacher=teacher, output_dir=output_dir, **options)
+    except (ValueError, TypeError, DataError, CheckpointError, OSError) as e:
+        print(f"slope finetune: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    s = result.finetune_summary
+    print(f"done: {s['steps']} steps in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
+          f"{s['final_val_loss']:.4f}" + (f" | outputs in {output_dir}" if output_dir else ""))
+    return 0

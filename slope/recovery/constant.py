@@ -1,0 +1,174 @@
+"""``ConstantMasks``: a :class:`~slope.recovery.modifiers.ConstantPruningModifier` at work — the zeros
+of the targeted linears at the start of fine-tuning stay exactly zero.
+
+Each targeted linear is held in one of two ways, by the structure of its zeros (weight ``(out, in)``):
+
+- **2:4** (every group of 4 consecutive inputs of a row holds at most 2 nonzeros; both dimensions
+  divisible by 4; weight not tied to an embedding): replaced by a :class:`slope.SparseLinear`
+  (:func:`slope.prune_model` with exactly these layers as targets). ``M`` keeps the 2 largest
+  ``|W|`` of each group, so every nonzero is kept; the layer stores only kept entries and its
+  optimizer (:class:`slope.optimizers.ADAMWSparse`) holds state only for them, so a pruned entry
+  cannot move. A group with fewer than 2 nonzeros must still keep 2 entries: those kept entries
+  that are exactly zero at the start ("pinned") are zeroed again, with their moments, after every
+  step. By default the layer is simulated with an exact backward (``compress=False,
+  double_pruning=False``: ``dx = dy (W⊙M)``); ``double_pruning=True`` stores it compressed 2:4
+  (``compress=True``: the accelerated path), whose backward is SLoPe's ``dy (W⊙M⊙M_t)`` — the
+  transposed operand of an exact backward is not 2:4 along its reduction dimension, so compressed
+  storage cannot give an exact backward.
+- **anything else** (unstructured, other N:M): the weight stays an ``nn.Linear`` weight under
+  :class:`slope.sparsity.MaskedWeights` with mask ``W != 0`` (gradients masked by a hook; weights
+  and every weight-shaped optimizer state re-zeroed after each step).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slope.pruning.layers import is_linear, match_targets, read_weight
+from slope.recovery.modifiers import ConstantPruningModifier
+from slope.sparsity import MaskedWeights
+
+__all__ = ["ConstantMasks", "is_2to4"]
+
+
+def is_2to4(weight: torch.Tensor) -> bool:
+    """Whether ``weight (out, in)`` has at most 2 nonzeros in every group of 4 consecutive inputs
+    (and both dimensions divisible by 4, as a 2:4 SLoPe layer needs)."""
+    out_features, in_features = weight.shape
+    if out_features % 4 or in_features % 4:
+        return False
+    return bool(((weight.detach() != 0).view(out_features, -1, 4).sum(-1) <= 2).all())
+
+
+def _tied(weight: torch.Tensor, model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Embedding) and m.weight.data_ptr() == weight.data_ptr() for m in model.modules())
+
+
+def _zero_fraction(module: nn.Module) -> float:
+    weight = module.weight.detach()
+    return float((weight == 0).sum()) / weight.numel()
+
+
+class ConstantMasks:
+    """Hold the zeros of ``modifier``'s targets in ``model`` (module docstring). Converts the 2:4
+    layers to SLoPe layers in place when built.
+
+    Args:
+        model: the (pruned) model; ``modifier``: its :class:`ConstantPruningModifier`.
+        double_pruning: 2:4 layers compressed on the accelerated path with SLoPe's double-pruned
+            backward, instead of simulated with an exact backward.
+        backend: the sparse backend of compressed layers (``"auto"``).
+
+    Attributes:
+        masked: :class:`MaskedWeights` of the layers that are not 2:4 (``None`` if none).
+        slope_layers: ``{name: SparseLinear}`` of the 2:4 layers.
+        layers: ``{name: "2:4 SLoPe" | "masked"}`` for every held layer.
+    """
+
+    def __init__(self, model: nn.Module, modifier: ConstantPruningModifier, *, double_pruning: bool = False,
+                 backend: str = "auto"):
+        self.model = model
+        modules = dict(model.named_modules())
+        if modifier.targets is None:
+            names = [n for n, m in modules.items() if n and is_linear(m) and _zero_fraction(m) > 0]
+            if not names:
+                raise ValueError("ConstantPruningModifier: no linear layer of the model holds exact zeros (is it pruned? run "
+                                 "slope oneshot first, or name the targets)")
+        else:
+            names = list(match_targets(model, modifier.targets, modifier.name))
+            empty = [n for n in names if _zero_fraction(modules[n]) == 0]
+            if empty:
+                warnings.warn(f"ConstantPruningModifier: {len(empty)} targeted linear(s) hold no zeros and train dense "
+                              f"(e.g. {', '.join(empty[:3])})", UserWarning, stacklevel=3)
+            names = [n for n in names if n not in empty]
+        _warn_uncovered(modules, set(names))
+        nm = [n for n in names if is_2to4(read_weight(modules[n])) and not _tied(modules[n].weight, model)]
+        other = [n for n in names if n not in nm]
+        self.layers = {n: ("2:4 SLoPe" if n in nm else "masked") for n in names}
+        self.masked = MaskedWeights.from_zeros({n + ".weight": modules[n].weight for n in other}) if other else None
+        self.slope_layers: dict[str, nn.Module] = {}
+        self.pinned: dict[str, torch.Tensor] = {}
+        if nm:
+            self._to_slope_layers(nm, double_pruning, backend)
+
+    def _to_slope_layers(self, names: list[str], double_pruning: bool, backend: str) -> None:
+        from slope.prune import prune_model
+        from slope.registry import sparse_modules
+
+        zeros = {n: read_weight(self.model.get_submodule(n)).detach() == 0 for n in names}
+        prune_model(self.model, compress=double_pruning, double_pruning=double_pruning, backend=backend if double_pruning else "auto",
+                    sparsity="2:4", targets=["re:" + re.escape(n) for n in names], verbose=False)
+        layers = dict(sparse_modules(self.model))
+        self.slope_layers = {n: layers[n] for n in names}
+        for name, layer in self.slope_layers.items():
+            mask = layer.mask
+            if bool((~zeros[name] & ~mask).any()):  # prune_model keeps the 2 largest |W|: never a nonzero
+                raise RuntimeError(f"{name}: the 2:4 mask dropped a nonzero weight (please report this)")
+            pinned = (zeros[name] & mask)[mask].view(layer.values.shape)  # values' layout: kept entries, row by row
+            if bool(pinned.any()):
+                self.pinned[name] = pinned.to(layer.values.device)
+
+    # ------------------------------------------------------------------ the training-loop calls
+    @torch.no_grad()
+    def after_step(self, dense_opt: torch.optim.Optimizer | None = None, sparse_opt: torch.optim.Optimizer | None = None) -> None:
+        """Call after every optimizer step: re-zero pruned weights and their optimizer state."""
+        if self.masked is not None:
+            self.masked.after_step(dense_opt)
+        for name, pinned in self.pinned.items():
+            values = self.slope_layers[name].values
+            values.masked_fill_(pinned, 0)
+            state = {} if sparse_opt is None else sparse_opt.state.get(values, {})
+            for tensor in state.values():
+                if torch.is_tensor(tensor) and tensor.shape == values.shape:
+                    tensor.masked_fill_(pinned, 0)
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks of the masked weights (after training)."""
+        if self.masked is not None:
+            self.masked.remove_hooks()
+
+    # ------------------------------------------------------------------ reporting and persistence
+    def zero_masks(self) -> dict[str, torch.Tensor]:
+        """``{layer name: bool (out, in)}``, True where the weight must stay exactly zero."""
+        result = {}
+        for name, kind in self.layers.items():
+            if kind == "masked":
+                result[name] = ~self.masked.masks[name + ".weight"]
+            else:
+                layer = self.slope_layers[name]
+                zero = ~layer.mask
+                if name in self.pinned:
+                    zero[layer.mask] = self.pinned[name].flatten()
+                result[name] = zero
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """Per held layer its kind and fraction of entries held at zero, and the overall fraction."""
+        zeros = self.zero_masks()
+        layers = {n: {"kind": self.layers[n], "zero_fraction": round(float(z.float().mean()), 6)} for n, z in zeros.items()}
+        total = sum(z.numel() for z in zeros.values())
+        return {"layers": layers, "zero_fraction": sum(int(z.sum()) for z in zeros.values()) / max(total, 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The masks of the masked weights (the SLoPe layers' masks are in the model's state dict)."""
+        return {"masked": None if self.masked is None else self.masked.state_dict(), "layers": dict(self.layers)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("layers") != self.layers:
+            raise ValueError("the checkpoint's ConstantPruningModifier layers differ from this run's; resume with the same "
+                             "model and recipe")
+        if self.masked is not None:
+            self.masked.load_state_dict(state["masked"])
+
+
+def _warn_uncovered(modules: dict[str, nn.Module], held: set[str]) -> None:
+    """Warn about pruned-looking linears (>= 25 % exact zeros) that no target holds: their zeros fill in."""
+    loose = [n for n, m in modules.items() if n and n not in held and is_linear(m) and _zero_fraction(m) >= 0.25]
+    if loose:
+        warnings.warn(f"{len(loose)} linear layer(s) hold >= 25% exact zeros but no ConstantPruningModifier target covers "
+                      f"them, so they train dense and their zeros fill in (e.g. {', '.join(loose[:3])}); add them to "
+                      "targets to keep them sparse", UserWarning, stacklevel=4)

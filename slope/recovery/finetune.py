@@ -1,0 +1,399 @@
+"""``slope.finetune``: fine-tune a (pruned) causal LM with a recipe — seed 002, steps 1 and 3.
+
+::
+
+    finetune("llama-2of4", "recipe.yaml", "embedded", distill_teacher="llama-dense", output_dir="recovered",
+             num_train_epochs=2, learning_rate=5e-5, lr_scheduler_type="linear", warmup_steps=20,
+             per_device_train_batch_size=32, max_seq_length=1024, bf16=True, max_grad_norm=None)
+
+Without a recipe it is plain (dense) fine-tuning (the seed's step 1). With a
+``ConstantPruningModifier`` the zeros of its targets stay zero (:class:`slope.recovery.ConstantMasks`:
+2:4 layers train on SLoPe layers with an exact backward, or compressed and double-pruned with
+``double_pruning=True``; others under masks); with an ``OutputDistillationModifier`` the loss adds
+the comparison with ``distill_teacher`` (:class:`slope.recovery.Distiller`). The optimizer-step loop
+is :class:`slope.finetune_loop.FinetuneLoop` (shared with ``sparse_finetune``); the data is that of
+:mod:`slope.dynamic.data` (windows of ``max_seq_length`` tokens; every 20th chunk is validation).
+
+``output_dir`` receives the model as a plain Hugging Face folder (pruned entries are exact zeros),
+its tokenizer, ``recipe.yaml`` (defaults filled in), ``metrics.jsonl``, ``summary.json``,
+``loss.png`` and, every ``save_steps``, ``checkpoint-<step>/`` (weights, masks, both optimizers, loss
+scaler, RNG states, records): ``resume_from_checkpoint`` continues exactly as if never stopped.
+Under ``torchrun`` it trains data-parallel (DDP; ``per_device_train_batch_size`` per rank).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, plot_run
+from slope.pruning.recipe import parse_recipe, recipe_yaml
+from slope.recovery.constant import ConstantMasks, _warn_uncovered
+from slope.recovery.distill import DistillationError, Distiller
+from slope.recovery.modifiers import ConstantPruningModifier, OutputDistillationModifier
+
+__all__ = ["TRAINING_DEFAULTS", "finetune", "CHECKPOINT_STATE"]
+
+#: ``**training_args`` of :func:`finetune` and their defaults (``transformers.TrainingArguments`` names).
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 3.0, "max_steps": None, "learning_rate": 5e-5, "lr_scheduler_type": "linear", "warmup_steps": 0,
+    "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_seq_length": 512, "bf16": False,
+    "fp16": False, "gradient_checkpointing": False, "max_grad_norm": 1.0, "weight_decay": 0.0, "adam_beta1": 0.9,
+    "adam_beta2": 0.999, "adam_epsilon": 1e-8, "seed": 42,
+    "logging_steps": 10, "eval_steps": None, "eval_batches": 8, "save_steps": None, "resume_from_checkpoint": None,
+    "tokenizer": None, "text_field": "text", "device": "auto", "precision": "auto", "double_pruning": False,
+    "backend": "auto", "progress": None,
+}
+
+#: File in each ``checkpoint-<step>`` folder holding the run's state.
+CHECKPOINT_STATE = "slope_finetune_state.pt"
+#: Settings a resumed run must share with the checkpoint's run.
+_RESUME_KEYS = ("total_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "global_batch",
+                "gradient_accumulation_steps", "max_seq_length", "seed", "recipe", "double_pruning", "precision_mode",
+                "max_grad_norm", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+_PRECISIONS = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
+               "float16": "fp16"}
+
+
+# ---------------------------------------------------------------------- settings
+def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(training_args) - set(TRAINING_DEFAULTS))
+    if unknown:
+        raise TypeError(f"finetune got unknown training arguments {unknown}; accepted: {sorted(TRAINING_DEFAULTS)}")
+    args = {**TRAINING_DEFAULTS, **training_args}
+
+    def integer(name, minimum=1, optional=False):
+        value = args[name]
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+    for name, minimum in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1), ("warmup_steps", 0),
+                          ("max_seq_length", 2), ("logging_steps", 1), ("eval_batches", 1)):
+        integer(name, minimum)
+    for name in ("max_steps", "eval_steps", "save_steps"):
+        integer(name, optional=True)
+    for name in ("learning_rate", "num_train_epochs", "adam_epsilon"):
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if args["lr_scheduler_type"] not in LR_SCHEDULES:
+        raise ValueError(f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULES)}, got {args['lr_scheduler_type']!r}")
+    norm = args["max_grad_norm"]
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm < 0):
+        raise ValueError(f"max_grad_norm must be a non-negative number or None (no clipping), got {norm!r}")
+    if args["bf16"] and args["fp16"]:
+        raise ValueError("bf16 and fp16 are exclusive; choose one (or neither for fp32)")
+    if args["precision"] not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {args['precision']!r}")
+    args["precision"] = _PRECISIONS[args["precision"]]
+    args["precision_mode"] = "fp16" if args["fp16"] else "bf16" if args["bf16"] else "fp32"
+    return args
+
+
+def plan_recipe(recipe) -> tuple[ConstantPruningModifier | None, OutputDistillationModifier | None, list]:
+    """``(constant, distillation, entries)`` of a finetune recipe (``None``: no recipe)."""
+    if recipe is None:
+        return None, None, []
+    entries = parse_recipe(recipe, kind="finetune")
+    found: dict[type, Any] = {}
+    for entry in entries:
+        if type(entry.modifier) in found:
+            from slope.pruning.modifiers import RecipeError
+
+            raise RecipeError(f"{entry.where}: the recipe holds two {entry.modifier.name}s; give one (list all targets in it)")
+        found[type(entry.modifier)] = entry.modifier
+    return found.get(ConstantPruningModifier), found.get(OutputDistillationModifier), entries
+
+
+# ---------------------------------------------------------------------- models
+def _load(source, device: torch.device, precision: str, what: str):
+    """``(model, tokenizer or None)`` from a model or a folder (see :func:`slope.pruning.loading.load_model`)."""
+    if isinstance(source, nn.Module):
+        return source.to(device), None
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a model or a model folder, got {type(source).__name__}")
+    from slope.pruning.loading import load_model
+
+    return load_model(source, device, precision)
+
+
+def _check_tokenizers(student_tok, teacher_tok) -> None:
+    if student_tok is None or teacher_tok is None or not hasattr(teacher_tok, "get_vocab"):
+        return
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise DistillationError("the teacher's tokenizer differs from the student's (other tokens or ids); distil from a "
+                                "teacher trained with the student's tokenizer (the dense model it was pruned from)")
+
+
+def _optimizers(model: nn.Module, args: dict[str, Any]):
+    """AdamW over the trainable parameters (matrices decay, vectors do not) and ADAMWSparse over SLoPe layers."""
+    from slope.registry import sparse_modules
+
+    lr, weight_decay = args["learning_rate"], args["weight_decay"]
+    adam = {"betas": (args["adam_beta1"], args["adam_beta2"]), "eps": args["adam_epsilon"]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **adam)
+    sparse = None
+    if any(True for _ in sparse_modules(model)):
+        from slope.optimizers import ADAMWSparse
+
+        sparse = ADAMWSparse(model, lr=lr, weight_decay=weight_decay, **adam)
+    return dense, sparse
+
+
+def _loss_fn(distiller: Distiller | None):
+    """The loop's loss: cross-entropy, plus the distillation term from the distiller's start step on."""
+    def loss_fn(model, x, y, step):
+        if distiller is None or not distiller.active(step):
+            return cross_entropy_loss(model, x, y, step)
+        with distiller.student_capture.capture() as student:
+            logits = model(input_ids=x).logits
+        task = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        distill = distiller.loss(student, distiller.teacher_outputs(x))
+        return distiller.combine(task, distill), {"task_loss": task.item(), "distill_loss": distill.item()}
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------- checkpoints
+class _Checkpoints:
+    """``checkpoint-<step>/`` folders under ``out``: the run's whole state, written atomically."""
+
+    def __init__(self, out: Path | None, loop: FinetuneLoop, constant: ConstantMasks | None, fingerprint: dict, main: bool):
+        self.out, self.loop, self.constant, self.fingerprint, self.main = out, loop, constant, fingerprint, main
+
+    def save(self, step: int, records: list[dict]) -> None:
+        if self.out is None or not self.main:
+            return
+        from slope.parallel import full_model_state_dict
+
+        loop = self.loop
+        state = {"step": step, "fingerprint": self.fingerprint, "records": records,
+                 "model": full_model_state_dict(loop.model), "dense_opt": loop.dense_opt.state_dict(),
+                 "sparse_opt": None if loop.sparse_opt is None else loop.sparse_opt.state_dict(),
+                 "scaler": loop.scaler.state_dict(), "constant": None if self.constant is None else self.constant.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        final = self.out / f"checkpoint-{step}"
+        tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / CHECKPOINT_STATE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    def resolve(self, source) -> Path:
+        """A ``checkpoint-<step>`` folder, or the newest one in a folder (``True``: in ``output_dir``)."""
+        folder = self.out if source is True else Path(source)
+        if folder is not None and (folder / CHECKPOINT_STATE).is_file():
+            return folder
+        found = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()] if folder is not None and folder.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-<step> folder written by slope.finetune at {folder} "
+                                    "(pass save_steps to write them)")
+        return max(found, key=lambda p: int(p.name[11:]))
+
+    def load(self, source) -> tuple[int, list[dict]]:
+        path = self.resolve(source) / CHECKPOINT_STATE
+        if not path.is_file():
+            raise FileNotFoundError(f"resume_from_checkpoint: {path} not found (written by slope.finetune with save_steps)")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        theirs = state["fingerprint"]
+        diff = {k: (theirs.get(k), self.fingerprint[k]) for k in _RESUME_KEYS if theirs.get(k) != self.fingerprint[k]}
+        if diff:
+            raise ValueError(f"the checkpoint {path.parent} was written by a run with other settings "
+                             f"({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); resume with the same ones")
+        loop = self.loop
+        loop.model.load_state_dict(state["model"])
+        loop.dense_opt.load_state_dict(state["dense_opt"])
+        if loop.sparse_opt is not None:
+            loop.sparse_opt.load_state_dict(state["sparse_opt"])
+        loop.scaler.load_state_dict(state["scaler"])
+        if self.constant is not None:
+            self.constant.load_state_dict(state["constant"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        return int(state["step"]), list(state["records"])
+
+
+# ---------------------------------------------------------------------- outputs
+def _save_outputs(model: nn.Module, tokenizer, out: Path, entries: list, summary: dict) -> None:
+    """The HF folder (plain transformers; zeros where pruned), tokenizer, recipe, summary and plot."""
+    from slope.registry import sparse_modules
+
+    if any(True for _ in sparse_modules(model)):
+        from slope.io import export_dense
+
+        export_dense(model, out)
+    else:
+        model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if entries:
+        (out / "recipe.yaml").write_text(recipe_yaml(entries), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=2) + "\n")
+    plot_run(summary["records"], out / "loss.png", "fine-tuning" + (" (recipe)" if entries else ""))
+
+
+# ---------------------------------------------------------------------- the one call
+def _prepare_student(model, args, device, constant_mod):
+    """Load the student, hold its zeros (``ConstantMasks``) and return ``(model, tokenizer, constant)``."""
+    model, tokenizer = _load(model, device, args["precision"], "model")
+    model.requires_grad_(True).train()
+    if constant_mod is not None:
+        constant = ConstantMasks(model, constant_mod, double_pruning=args["double_pruning"], backend=args["backend"])
+    else:
+        constant = None
+        _warn_uncovered(dict(model.named_modules()), set())
+    return model, tokenizer, constant
+
+
+def _prepare_teacher(model, teacher, distill_mod, args, device, steps_per_epoch: float, tokenizer, sample):
+    if distill_mod is None:
+        if teacher is not None:
+            raise ValueError("distill_teacher is given but the recipe has no OutputDistillationModifier; add one (e.g. "
+                             "comparison: square_head) or drop the teacher")
+        return None
+    if teacher is None:
+        raise ValueError("the recipe's OutputDistillationModifier needs distill_teacher (the dense model, e.g. the one "
+                         "that was pruned)")
+    teacher, teacher_tokenizer = _load(teacher, device, args["precision"], "distill_teacher")
+    _check_tokenizers(tokenizer, teacher_tokenizer)
+    distiller = Distiller(model, teacher, distill_mod, start_step=math.ceil(distill_mod.start * steps_per_epoch))
+    distiller.check(sample)
+    return distiller
+
+
+@dataclass
+class _Recovery:
+    """Everything one :func:`finetune` run holds."""
+
+    model: nn.Module
+    tokenizer: Any
+    constant: ConstantMasks | None
+    distiller: Distiller | None
+    loop: FinetuneLoop
+    checkpoints: _Checkpoints
+    out: Path | None
+
+
+def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill_mod, entries) -> _Recovery:
+    """Load and prepare the models, data, optimizers and loop of a run (module docstring)."""
+    from slope import parallel
+    from slope.dynamic.data import load_finetune_data, resolve_tokenizer
+    from slope.train import LossScaler
+
+    model, own_tokenizer, constant = _prepare_student(model, args, env.device, constant_mod)
+    tokenizer = resolve_tokenizer(args["tokenizer"] if args["tokenizer"] is not None else own_tokenizer, model_source=None)
+    global_batch = args["per_device_train_batch_size"] * env.world_size
+    data = load_finetune_data(dataset, tokenizer, seq_len=args["max_seq_length"], batch_size=global_batch, seed=args["seed"],
+                              eval_batches=args["eval_batches"], vocab_size=model.get_input_embeddings().num_embeddings,
+                              text_field=args["text_field"])
+    accum = args["gradient_accumulation_steps"]
+    steps_per_epoch = data.micro_batches_per_epoch / accum
+    total = args["max_steps"] or max(1, math.ceil(args["num_train_epochs"] * steps_per_epoch))
+    distiller = _prepare_teacher(model, teacher, distill_mod, args, env.device, steps_per_epoch, tokenizer,
+                                 data.val[0][0][:1, :32].to(env.device))
+    if args["gradient_checkpointing"] and getattr(model, "supports_gradient_checkpointing", False):
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers >= 5.2x)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    dense_opt, sparse_opt = _optimizers(model, args)
+    forward_model = model
+    if env.distributed:
+        forward_model = parallel.wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                          require_sparse=False)
+    settings = LoopSettings(args["learning_rate"], args["warmup_steps"], args["lr_scheduler_type"], accum, args["precision_mode"],
+                            args["max_grad_norm"], args["logging_steps"], args["eval_steps"], args["progress"], "finetune")
+    held = {} if constant is None else {"held_zero_fraction": constant.summary()["zero_fraction"]}
+
+    def after_step(step, skipped):  # noqa: ARG001
+        if constant is not None:
+            constant.after_step(dense_opt, sparse_opt)
+        return []
+
+    loop = FinetuneLoop(model, data, dense_opt, sparse_opt, LossScaler(args["fp16"]), env.device, total, settings,
+                        loss_fn=_loss_fn(distiller), after_step=after_step, status=lambda: held, forward_model=forward_model)
+    out = None if output_dir is None else Path(output_dir)
+    if out is not None and env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"total_steps": total, "global_batch": global_batch, "recipe": recipe_yaml(entries) if entries else None,
+                   **{k: args[k] for k in _RESUME_KEYS if k in args}}
+    return _Recovery(model, tokenizer, constant, distiller, loop, _Checkpoints(out, loop, constant, fingerprint, env.is_main), out)
+
+
+def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str, Any]:
+    """Resume if asked, train, and write the outputs; returns the summary."""
+    start, records = 0, []
+    if args["resume_from_checkpoint"]:
+        start, records = run.checkpoints.load(args["resume_from_checkpoint"])
+    summary = run.loop.run(run.out, start_step=start, records=records, save=run.checkpoints.save,
+                           save_steps=args["save_steps"], main_process=env.is_main)
+    plain = (int, float, str, bool, type(None))
+    summary["config"] = {**{k: v if isinstance(v, plain) else str(v) for k, v in args.items() if k != "tokenizer"},
+                         **run.checkpoints.fingerprint, "world_size": env.world_size}
+    if run.constant is not None:
+        summary["constant_pruning"] = run.constant.summary()
+    if run.distiller is not None:
+        summary["distillation"] = {"targets": run.distiller.names, "comparison": run.distiller.modifier.comparison,
+                                   "teacher_output_bytes_per_micro_batch": run.distiller.teacher_bytes}
+    if run.out is not None and env.is_main:
+        _save_outputs(run.model, run.tokenizer, run.out, entries, summary)
+    return summary
+
+
+def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, output_dir=None, **training_args) -> nn.Module:
+    """Fine-tune ``model`` with ``recipe`` on ``dataset``; returns the fine-tuned model (module docstring).
+
+    Args:
+        model: a causal LM, a Hugging Face folder, a slope ``save_pretrained`` folder or a ``slope
+            train`` checkpoint (:func:`slope.pruning.loading.load_model`).
+        recipe: ``None`` (plain fine-tuning) or a finetune recipe (YAML path, YAML text or dict) with a
+            ``ConstantPruningModifier`` and/or an ``OutputDistillationModifier``.
+        dataset: ``"embedded"``, a ``.txt`` / ``.jsonl`` file, a list of strings, or an HF dataset name.
+        distill_teacher: the teacher (model or folder) an ``OutputDistillationModifier`` needs.
+        output_dir: where the model and metrics go (module docstring).
+        training_args: :data:`TRAINING_DEFAULTS` (``transformers.TrainingArguments`` names, plus
+            ``max_seq_length``, ``eval_batches``, ``tokenizer``, ``text_field``, ``device``, ``precision``
+            (dtype to load folders in), ``double_pruning`` (2:4 layers compressed with SLoPe's
+            backward), ``backend``, ``progress``). ``max_grad_norm=None`` or 0: no clipping.
+
+    The returned model keeps its training form (2:4 layers as :class:`slope.SparseLinear`) and holds
+    the run's summary in ``finetune_summary``.
+    """
+    from slope import parallel
+    from slope.evaluate import resolve_device
+
+    args = _checked_args(training_args)
+    constant_mod, distill_mod, entries = plan_recipe(recipe)
+    env = parallel.init_distributed(device=resolve_device(args["device"]))
+    random.seed(args["seed"])
+    np.random.seed(args["seed"])
+    torch.manual_seed(args["seed"])
+    run = None
+    try:
+        run = _build(model, dataset, distill_teacher, output_dir, args, env, constant_mod, distill_mod, entries)
+        summary = _train(run, args, entries, env)
+    finally:
+        parallel.destroy_distributed(env)
+        if run is not None and run.distiller is not None:
+            run.distiller.remove()
+        if run is not None and run.constant is not None:
+            run.constant.remove_hooks()
+    run.model.finetune_summary = {k: v for k, v in summary.items() if k != "records"}
+    return run.model.eval()

@@ -1,0 +1,114 @@
+"""The fine-tuning modifiers of a recipe (SparseML / llm-compressor names), one class each.
+
+- :class:`ConstantPruningModifier` — the zeros of the targeted weights at ``start`` stay zero for
+  the whole run (weights, gradients and optimizer state);
+- :class:`OutputDistillationModifier` — add a comparison of the targets' outputs with a dense
+  teacher's to the loss: ``orig_scale · task + distill_scale · mean over targets``.
+
+Both are config dataclasses checked when built (a :class:`RecipeError` names the parameter and the
+fix); the work happens in :mod:`slope.recovery.constant` and :mod:`slope.recovery.distill`.
+``start`` is in epochs, as in SparseML (``-1`` means from the beginning, like ``0``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from slope.pruning.modifiers import RecipeError
+
+__all__ = ["COMPARISONS", "TRAINING_MODIFIERS", "ALL_PRUNABLE", "ConstantPruningModifier", "OutputDistillationModifier",
+           "TrainingModifier"]
+
+#: ``comparison`` values of :class:`OutputDistillationModifier` (see :mod:`slope.recovery.distill`).
+COMPARISONS = ("square_head", "kl", "mse")
+
+#: SparseML's ``targets`` aliases for "every prunable layer": here, every linear that holds exact zeros.
+ALL_PRUNABLE = ("__ALL_PRUNABLE__", "__ALL__")
+
+
+class TrainingModifier:
+    """What the fine-tuning modifiers share: their recipe name and parameters."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def params(self) -> dict:
+        """The recipe parameters, as a YAML-able dict."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def _targets(self, required: bool) -> list[str] | None:
+        value = self.targets
+        if value is None and not required:
+            return None
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+            raise RecipeError(f"{self.name}: targets must be a module name, a 're:' regex, or a non-empty list of them; "
+                              f"got {self.targets!r}")
+        return list(value)
+
+    def _start(self) -> float:
+        start = self.start
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or (start < 0 and start != -1):
+            raise RecipeError(f"{self.name}: start must be an epoch >= 0 (or -1: from the beginning), got {start!r}")
+        return max(0.0, float(start))
+
+
+@dataclass
+class ConstantPruningModifier(TrainingModifier):
+    """Keep the zeros of ``targets`` (module names, class names or ``re:`` regexes, as in one-shot
+    recipes; a non-linear module selects the linears inside it) exactly zero.
+
+    ``targets`` ``None`` (or ``__ALL_PRUNABLE__``): every linear holding exact zeros. ``start``: only
+    from the beginning (``0`` or ``-1``): a recipe holds nothing that prunes later, and weights
+    trained dense until ``start`` would hold no zeros to keep.
+    """
+
+    targets: list[str] | str | None = None
+    start: float = 0
+
+    def __post_init__(self):
+        self.targets = self._targets(required=False)
+        if self.targets is not None and any(t in ALL_PRUNABLE for t in self.targets):
+            if len(self.targets) > 1:
+                raise RecipeError(f"{self.name}: {self.targets[0]} selects every pruned linear; do not list other targets with it")
+            self.targets = None
+        if self._start() != 0:
+            raise RecipeError(f"{self.name}: start {self.start!r} is not supported: the zeros are kept from the first step "
+                              "(start: 0); weights trained dense before a later start would hold no zeros to keep")
+        self.start = 0
+
+
+@dataclass
+class OutputDistillationModifier(TrainingModifier):
+    """Distil the outputs of ``targets`` (module names or ``re:`` regexes; ``re:`` entries select every
+    module they match) from a teacher into the student.
+
+    ``comparison``: ``square_head`` (per target ``MSE(f_s, f_t) / MSE(f_t, 0)``, Kurtic et al. 2023),
+    ``kl`` (``KL(softmax f_t ‖ softmax f_s)`` over the last dimension, e.g. of the logits) or ``mse``.
+    Loss = ``orig_scale · task_loss + distill_scale · mean over targets``, from epoch ``start`` on
+    (before it: the task loss alone).
+    """
+
+    targets: list[str] | str | None = None
+    comparison: str = "square_head"
+    orig_scale: float = 1.0
+    distill_scale: float = 1.0
+    start: float = 0
+
+    def __post_init__(self):
+        if self.targets is None:
+            raise RecipeError(f"{self.name}: give targets, the modules whose outputs are compared (e.g. ['model.layers.0', "
+                              "'lm_head'])")
+        self.targets = self._targets(required=True)
+        if self.comparison not in COMPARISONS:
+            raise RecipeError(f"{self.name}: comparison must be one of {', '.join(COMPARISONS)}, got {self.comparison!r}")
+        for key in ("orig_scale", "distill_scale"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise RecipeError(f"{self.name}: {key} must be a non-negative number, got {value!r}")
+            setattr(self, key, float(value))
+        self.start = self._start()
+
+
+#: Fine-tuning modifier classes by recipe name.
+TRAINING_MODIFIERS = {cls.__name__: cls for cls in (ConstantPruningModifier, OutputDistillationModifier)}
