@@ -13,7 +13,8 @@ reference paths, which exercises the suite itself):
 - ``kept_values``: the kept-value kernels (gather with accumulation, scatter, transpose to kept
   values and to dense, double pruning; packed masks as layers store them) bit-exact against
   :mod:`slope.kernels.reference`;
-- ``optimizer``: the one-pass AdamW kernel (bf16 / fp16 parameters, fp32 moments) against the reference;
+- ``optimizer``: the one-pass AdamW kernel (bf16 / fp16 parameters, fp32 moments) against the reference,
+  and the fused step that also writes both operands (fp32 master) bit-exact against the unfused chain;
 - ``merged_lora``: merged sparse + LoRA layers (prefill- and decode-sized inputs) per backend against float64;
 - ``auto``: ``auto``'s choice on two LLM shapes: never slower than dense by its own timings, and
   its product right.
@@ -196,6 +197,7 @@ def check_layer(suite: Suite) -> None:
         opt = ADAMWSparse(nn.Sequential(layer), lr=1e-2, weight_decay=0.0)
         opt.step()
         opt.zero_grad()
+        fused_operands = sorted(layer.operand_buffers())  # operands the optimizer pass wrote (CUDA)
         updated = torch.zeros(out_f, in_f, device=device)
         updated[oracle["mask"]] = layer.values.detach().float().flatten()
         x_next = torch.randn(64, in_f, device=device, dtype=dtype, generator=gen)
@@ -206,7 +208,8 @@ def check_layer(suite: Suite) -> None:
         used = sorted({b.name for b in layer._backends.values()})
         tol = TOL[dtype] * 2  # gradients sum over 132 tokens in the compute dtype
         ok = masks_ok and moved > 0 and all(e <= tol for e in errors.values())
-        suite.record("layer", name, errors, tol, ok=ok, masks_match_reference=masks_ok, step_moved=moved, backends_used=used)
+        suite.record("layer", name, errors, tol, ok=ok, masks_match_reference=masks_ok, step_moved=moved, backends_used=used,
+                     fused_operand_step=fused_operands)
 
 
 def check_kept_values(suite: Suite) -> None:
@@ -256,6 +259,36 @@ def check_optimizer(suite: Suite) -> None:
         errors = {"exp_avg": rel_err(got[1], expected[1]), "exp_avg_sq": rel_err(got[2], expected[2])}
         suite.record("optimizer", f"adamw_step_ {_dt(dtype)}", errors, 1e-6,
                      ok=param_ok and all(e <= 1e-6 for e in errors.values()), param_within_one_ulp=param_ok)
+    check_fused_operand_step(suite, gen)
+
+
+def check_fused_operand_step(suite: Suite, gen: torch.Generator) -> None:
+    """AdamW over fp32 master kept values that also writes both operands (one pass,
+    :func:`slope.kernels.adamw_step_operands_`) against the unfused chain — the same AdamW step,
+    then the cast and ``transpose_kept_2to4`` of the new values — bit for bit, fp32 master, bf16
+    and fp16 operands, packed masks as layers store them."""
+    device = suite.device
+    kw = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=5)
+    rows, cols = (11008, 4096) if device.type == "cuda" else (256, 512)
+    w = torch.randn(rows, cols, device=device, generator=gen)
+    mask = nm_mask(w, 2, 4)
+    mask_t = double_prune_mask(w * mask, mask, 2, 4)
+    bits, bits_t = pack_mask(mask), pack_mask(mask_t)
+    values = ref.gather_kept_2to4(w, mask)
+    grad = torch.randn(values.shape, device=device, generator=gen)
+    m, v = torch.randn(values.shape, device=device, generator=gen) * 0.1, torch.rand(values.shape, device=device, generator=gen) * 0.01
+    for dtype in (torch.bfloat16, torch.float16):
+        chain = [values.clone(), m.clone(), v.clone()]
+        kernels.adamw_step_(chain[0], grad, chain[1], chain[2], **kw)
+        fused = [values.clone(), m.clone(), v.clone()]
+        fwd = torch.full((rows, cols // 2), float("nan"), device=device, dtype=dtype)
+        bwd = torch.full((cols, rows // 2), float("nan"), device=device, dtype=dtype)
+        kernels.adamw_step_operands_(fused[0], grad, fused[1], fused[2], bits, bits_t, fwd=fwd, bwd=bwd, **kw)
+        results = {"state": all(torch.equal(a, b) for a, b in zip(chain, fused)),
+                   "fwd": torch.equal(fwd, chain[0].to(dtype)),
+                   "bwd": torch.equal(bwd, kernels.transpose_kept_2to4(chain[0], bits, bits_t, dtype))}
+        suite.record("optimizer", f"adamw_step_operands_ {_dt(dtype)} {rows}x{cols}", ok=all(results.values()),
+                     bit_exact=results)
 
 
 def check_merged_lora(suite: Suite) -> None:

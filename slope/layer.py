@@ -55,10 +55,11 @@ def _auto_is_timed(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _sparse_product(layer: "SparseLinear", xc: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``xc (..., in) (W ⊙ M)ᵀ + bias`` in ``xc``'s dtype (the compute dtype), no autograd."""
+def _sparse_product(layer: "SparseLinear", xc: torch.Tensor, bias: torch.Tensor | None, training: bool) -> torch.Tensor:
+    """``xc (..., in) (W ⊙ M)ᵀ + bias`` in ``xc``'s dtype (the compute dtype), no autograd;
+    ``training``: the call is part of a training step (``auto`` counts the operand's rebuild)."""
     dtype = xc.dtype
-    backend = layer._backend_for(dtype, xc.device, "forward", xc.numel() // layer.in_features)
+    backend = layer._backend_for(dtype, xc.device, "forward", xc.numel() // layer.in_features, training)
     operand = layer._operand("forward", dtype, xc.device, backend)
     return backend.linear(xc, operand, None if bias is None else bias.to(dtype))
 
@@ -71,7 +72,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         xc = x.to(dtype)
-        y = _sparse_product(layer, xc, bias)
+        y = _sparse_product(layer, xc, bias, training=layer.sparse_requires_grad)
         ctx.save_for_backward(xc if layer.sparse_requires_grad else None)
         return y
 
@@ -82,7 +83,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         dy = dy.to(dtype)
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            backend = layer._backend_for(dtype, dy.device, "backward", dy.numel() // layer.out_features)
+            backend = layer._backend_for(dtype, dy.device, "backward", dy.numel() // layer.out_features, True)
             dx = backend.matmul(dy, layer._operand("backward", dtype, dy.device, backend)).to(ctx.x_dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
         if xc is not None:
@@ -101,6 +102,8 @@ class SparseLinear(nn.Module):
         values: ``Parameter (out, in·N/M)`` of kept weights (``requires_grad=False``: updated by
             :class:`slope.optimizers.ADAMWSparse`, never by a dense optimizer).
         values_grad: accumulated sparse gradient, same shape/dtype as ``values``, or ``None``.
+        optimizer_steps: how many steps :class:`slope.optimizers.ADAMWSparse` made of this layer
+            (after ``AUTO_CHOOSER.timed_steps`` of them, ``backend="auto"`` times nothing new).
         mask / mask_t: ``bool (out, in)``; ``M`` and the double-pruned ``M_t ⊆ M``, unpacked
             copies of the packed buffers ``mask_bits`` / ``mask_t_bits`` (writing into them
             changes nothing: set masks with :meth:`set_weight` or ``load_state_dict``).
@@ -156,6 +159,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("meta", meta)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.values_grad: torch.Tensor | None = None
+        self.optimizer_steps = 0  # counted by ADAMWSparse: backend="auto" stops timing after the first ones
+        self._zeroed_grad: tuple[torch.Tensor, int] | None = None  # see zero_values_grad
         # Mask-update policies (RigL) set keep_dense_grad for a step whose full weight gradient
         # dyᵀx they need: the backward computes it anyway and then also adds it to dense_grad.
         self.keep_dense_grad = False
@@ -419,19 +424,24 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ backend plumbing
     def _backend_for(
-        self, dtype: torch.dtype, device: torch.device, which: str = "forward", tokens: int | None = None
+        self, dtype: torch.dtype, device: torch.device, which: str = "forward", tokens: int | None = None,
+        training: bool = False,
     ) -> SparseBackend:
         """The backend multiplying the ``which`` operand ("forward" ``(out, in)`` or "backward"
         ``(in, out)``) by ``tokens`` rows. Only ``"auto"`` on CUDA can differ between directions
         and token counts: it is timed per operand shape and token bucket against a dense matmul
-        (:mod:`slope.backends.auto`), so each product is never slower than dense."""
+        (:mod:`slope.backends.auto`; for ``training`` calls the operand's rebuild after each
+        optimizer step counts too), so each product is never slower than dense."""
         if self.compress and self.backend_name == "auto" and _auto_is_timed(device):
             from slope.backends.auto import AUTO_CHOOSER
 
-            key = (which, dtype, device, AUTO_CHOOSER.bucket(tokens))
+            key = (which, dtype, device, AUTO_CHOOSER.bucket(tokens), training)
             if key not in self._backends:
                 shape = (self.out_features, self.in_features) if which == "forward" else (self.in_features, self.out_features)
-                self._backends[key] = AUTO_CHOOSER.choose(shape, dtype, device, self.tiling, tokens)
+                self._backends[key] = AUTO_CHOOSER.choose(
+                    shape, dtype, device, self.tiling, tokens, direction=which, training=training,
+                    allow_timing=self.optimizer_steps < AUTO_CHOOSER.timed_steps,  # never inside a loop's later steps
+                )
             return self._backends[key]
         key = ("both", dtype, device)
         if key not in self._backends:
@@ -451,12 +461,11 @@ class SparseLinear(nn.Module):
         ``dtype``, the backward one :func:`slope.kernels.transpose_kept_2to4` of them; the metadata
         of each depends on a mask only and is cached per mask version."""
         if backend is None:
-            backend = self._backend_for(dtype, device, which)
+            backend = self._backend_for(dtype, device, which, training=which == "backward")
         # One slot per direction: an operand of another backend (auto, another token bucket)
         # replaces it, so a layer never holds more operands than before token buckets existed.
         # The forward operand depends on W and M only (the inference-only form has no M_t).
-        sources = (self.values, self.mask_bits) + ((self.mask_t_bits,) if which == "backward" else ())
-        version = (*((t._version, t.data_ptr()) for t in sources), backend.name)
+        version = self._operand_version(which, backend.name)
         key = (which, dtype, device)
         cached = self._operands.get(key)
         if cached is not None and cached[0] == version:
@@ -466,15 +475,19 @@ class SparseLinear(nn.Module):
                 f"{self.layer_name}: an exact (not double-pruned) backward is not 2:4 along out; "
                 "it needs compress=False"
             )
+        buffer = None  # the operand's own kept values, which a fused optimizer step may refresh in place
         with torch.no_grad():
             structure = self._operand_structure(backend, which, dtype, device)
             values = self.values.detach()
-            if structure is not None and which == "forward":
-                operand = backend.operand_from_values(values.to(dtype), structure)
-            elif structure is not None:
-                operand = backend.operand_from_values(
-                    kernels.transpose_kept_2to4(values, self.mask_bits, self.mask_t_bits, dtype), structure
-                )
+            if structure is not None:
+                if which == "forward":
+                    kept = values.to(dtype)
+                else:
+                    kept = kernels.transpose_kept_2to4(values, self.mask_bits, self.mask_t_bits, dtype)
+                operand = backend.operand_from_values(kept, structure)
+                held = backend.operand_values(operand)
+                if kept is not values and held is not None and held.data_ptr() == kept.data_ptr():
+                    buffer = kept
             elif which == "forward":
                 operand = backend.make_operand(self.dense_weight(dtype), self.mask)
             else:
@@ -484,8 +497,36 @@ class SparseLinear(nn.Module):
                 else:
                     backward_t = self.dense_weight(dtype).mul_(mask_t).t().contiguous()
                 operand = backend.make_operand(backward_t, mask_t.t().contiguous())
-        self._operands[key] = (version, operand)
+        self._operands[key] = (version, operand, buffer)
         return operand
+
+    def _operand_version(self, which: str, backend_name: str) -> tuple:
+        """What a cached ``which`` operand depends on: the values and masks it was built from (their
+        version counters and storage) and the backend; a cached operand of another key is stale."""
+        sources = (self.values, self.mask_bits) + ((self.mask_t_bits,) if which == "backward" else ())
+        return (*((t._version, t.data_ptr()) for t in sources), backend_name)
+
+    def operand_buffers(self) -> dict[str, torch.Tensor]:
+        """For each direction ("forward" ``(out, in/2)``, "backward" ``(in, out/2)``) whose cached
+        operand is current and holds its kept values in a tensor of its own (a compute dtype other
+        than ``values``'): that tensor. Writing the operand's new values into it (what
+        :func:`slope.kernels.adamw_step_operands_` does) and then calling
+        :meth:`operands_written` replaces the rebuild after an optimizer step."""
+        found = {}
+        for (which, _, _), (version, _, buffer) in self._operands.items():
+            if buffer is not None and which not in found and version == self._operand_version(which, version[-1]):
+                found[which] = buffer
+        return found
+
+    def operands_written(self, written: dict[str, torch.Tensor]) -> None:
+        """After the values changed: the operands whose buffers (:meth:`operand_buffers`) are in
+        ``written`` hold the new values and stay cached; every other operand is dropped (rebuilt on
+        next use). Call it right after changing the values, before anything else changes them."""
+        kept = {}
+        for key, (version, operand, buffer) in self._operands.items():
+            if buffer is not None and written.get(key[0]) is buffer:
+                kept[key] = (self._operand_version(key[0], version[-1]), operand, buffer)
+        self._operands = kept
 
     def _operand_structure(self, backend: SparseBackend, which: str, dtype: torch.dtype, device: torch.device):
         """``backend.operand_structure`` of the ``which`` operand's stored pattern, cached per
@@ -513,23 +554,46 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def _accumulate_grad(self, full_grad: torch.Tensor) -> None:
         """Add ``(dyᵀ x) ⊙ M`` (given dense ``(out, in)``) to :attr:`values_grad`, kept compressed
-        (2:4 on CUDA: one fused gather-and-add kernel; else a gather with the cached offsets).
+        in ``values``' dtype (2:4 on CUDA: one Triton gather; the first micro-batch's gradient —
+        ``values_grad`` None, or zeroed by :meth:`zero_values_grad` and untouched since — is
+        written into a fresh resp. that buffer, never added to zeros; later ones are added).
         With :attr:`keep_dense_grad` also add the whole ``dyᵀ x`` to :attr:`dense_grad` (fp32)."""
         if self.keep_dense_grad:
             if self.dense_grad is None:
                 self.dense_grad = full_grad.float()
             else:
                 self.dense_grad.add_(full_grad)
+        grad, zeroed = self.values_grad, self._grad_is_zero()
+        self._zeroed_grad = None
         if self._triton_2to4(full_grad, self.values):
-            if self.values_grad is None:
-                self.values_grad = torch.zeros_like(self.values)
-            kernels.gather_kept_2to4(full_grad, self.mask_bits, out=self.values_grad)
+            if grad is None:
+                self.values_grad = kernels.gather_kept_2to4(full_grad, self.mask_bits, dtype=self.values.dtype)
+            else:
+                kernels.gather_kept_2to4(full_grad, self.mask_bits, out=grad, accumulate=not zeroed)
             return
         kept = self._gather_kept(full_grad).to(self.values.dtype)
-        if self.values_grad is None:
+        if grad is None:
             self.values_grad = kept
+        elif zeroed:
+            grad.copy_(kept)
         else:
-            self.values_grad.add_(kept)
+            grad.add_(kept)
+
+    def zero_values_grad(self, set_to_none: bool = True) -> None:
+        """Drop :attr:`values_grad` (``set_to_none``) or zero it; a zeroed gradient that nothing
+        changes before the next backward is overwritten there, not added to."""
+        if set_to_none or self.values_grad is None:
+            self.values_grad = None
+            self._zeroed_grad = None
+            return
+        self.values_grad.zero_()
+        self._zeroed_grad = (self.values_grad, self.values_grad._version)
+
+    def _grad_is_zero(self) -> bool:
+        """Whether :attr:`values_grad` is the tensor :meth:`zero_values_grad` zeroed, unchanged since."""
+        marked = self._zeroed_grad
+        grad = self.values_grad
+        return marked is not None and marked[0] is grad and grad._version == marked[1]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -542,7 +606,7 @@ class SparseLinear(nn.Module):
         ):
             # Nothing to differentiate (inference, evaluation): skip the autograd Function, whose
             # per-call cost shows when decoding a token at a time.
-            y = _sparse_product(self, x.to(dtype), None if bias is None else bias.detach())
+            y = _sparse_product(self, x.to(dtype), None if bias is None else bias.detach(), training=False)
         else:
             anchor = None
             if self.sparse_requires_grad:
@@ -586,6 +650,7 @@ class SparseLinear(nn.Module):
         state = super().__getstate__()
         state["_operands"], state["_structures"], state["_backends"], state["_offsets"] = {}, {}, {}, None
         state["_validated_mask"] = None
+        state["_zeroed_grad"] = None
         return state
 
     def __setstate__(self, state):
@@ -594,6 +659,8 @@ class SparseLinear(nn.Module):
         state.setdefault("weight_transposed", False)
         state.setdefault("keep_dense_grad", False)  # layers pickled before dynamic sparsity
         state.setdefault("dense_grad", None)
+        state.setdefault("_zeroed_grad", None)
+        state.setdefault("optimizer_steps", 0)
         buffers = state.get("_buffers", {})
         for old, new in (("mask", "mask_bits"), ("mask_t", "mask_t_bits")):  # pickled with bool masks
             if old in buffers:

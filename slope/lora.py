@@ -90,7 +90,7 @@ class MergedSparseLinear(SparseLinear):
         dense, mask = self.stacked_weight()
         with torch.no_grad():
             operand = backend.make_operand(dense.to(dtype), mask)
-        self._operands[key] = (version, operand)
+        self._operands[key] = (version, operand, None)  # (version, operand, own values buffer: see SparseLinear._operand)
         return operand
 
     # ------------------------------------------------------------------ forward

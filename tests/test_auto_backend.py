@@ -120,10 +120,12 @@ def test_layer_asks_auto_for_each_direction_separately(monkeypatch):
     asked = []
 
     class RecordingChooser:
+        timed_steps = 2
+
         def bucket(self, tokens):
             return 8192
 
-        def choose(self, shape, dtype, device, tiling=True, tokens=None):
+        def choose(self, shape, dtype, device, tiling=True, tokens=None, **kw):
             asked.append(tuple(shape))
             return DenseBackend() if shape[0] > shape[1] else ReferenceBackend()
 
@@ -176,8 +178,11 @@ def test_layer_keys_auto_choices_and_operands_by_bucket_and_backend(monkeypatch)
     import slope.layer as layer_module
     from slope.layer import SparseLinear
 
-    # (dense, reference) times: forward and backward at 16 tokens (dense wins), then at 64 (reference)
-    timer = FakeTimer([1.0, 2.0, 1.0, 2.0, 1.0, 0.5, 1.0, 0.5])
+    # (dense GEMM, dense operand rebuild, reference GEMM) times — training calls count the rebuild;
+    # reference builds from kept values, which the fused optimizer step writes (not timed):
+    # forward and backward at 16 tokens (dense wins), then at 64 (reference); last an inference call
+    # (no rebuild counted) at 16 tokens, where dense wins
+    timer = FakeTimer([1.0, 0.0, 2.0, 1.0, 0.0, 2.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.5, 1.0, 2.0])
     monkeypatch.setattr(auto_module, "AUTO_CHOOSER", AutoBackendChooser(tokens=64, timer=timer, candidates=("reference",)))
     monkeypatch.setattr(layer_module, "_auto_is_timed", lambda device: True)
     torch.manual_seed(0)
@@ -197,3 +202,133 @@ def test_layer_keys_auto_choices_and_operands_by_bucket_and_backend(monkeypatch)
         x = torch.randn(2, 48)
         torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight()), rtol=1e-5, atol=1e-5)
     assert {k[0]: v[0][-1] for k, v in layer._operands.items()} == {"forward": "dense", "backward": "reference"}
+
+
+# ------------------------------------------------------------------ whole cost, preference, freezing
+class MakeOperandOnly(DenseBackend):
+    """A sparse backend stand-in that cannot build operands from kept values (like cuSPARSELt)."""
+
+    name = "fake-make-only"
+    compressed = True
+
+
+@pytest.fixture
+def make_only(monkeypatch):
+    import slope.backends as backends
+
+    monkeypatch.setitem(backends._REGISTRY, MakeOperandOnly.name, MakeOperandOnly)
+    return MakeOperandOnly.name
+
+
+def test_whole_cost_counts_the_operand_rebuild_in_training(make_only):
+    # training: dense GEMM 1.0 + its rebuild 0.1 against GEMM 0.8 + rebuild 0.5: dense is cheaper
+    timer = FakeTimer([1.0, 0.1, 0.8, 0.5])
+    auto = AutoBackendChooser(tokens=8, timer=timer, candidates=(make_only,))
+    assert isinstance(auto.choose((64, 64), torch.float32, CPU, training=True), DenseBackend) and timer.calls == 4
+    (entry,) = auto.report().values()
+    assert entry.rebuild_ms == {"dense": 0.1, make_only: 0.5}
+    assert entry.cost_ms == pytest.approx({"dense": 1.1, make_only: 1.3})
+    # the same product for inference (frozen weights): no rebuild, the faster GEMM wins
+    timer.times = [1.0, 0.8]
+    assert type(auto.choose((64, 64), torch.float32, CPU)).__name__ == "MakeOperandOnly" and timer.calls == 6
+    # with gradient accumulation the rebuild is shared by the micro-batches' products
+    amortised = AutoBackendChooser(tokens=8, timer=FakeTimer([1.0, 0.1, 0.8, 0.5]), candidates=(make_only,),
+                                   gemms_per_rebuild=4)
+    assert type(amortised.choose((64, 64), torch.float32, CPU, training=True)).__name__ == "MakeOperandOnly"
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_backends_building_operands_from_kept_values_are_preferred(make_only, direction):
+    # dense 1.0 + 0.2; make-only 0.5 + 0.0; reference (kept values, written by the fused step) 0.51:
+    # within the 3 % margin of the cheapest, so it is chosen
+    auto = AutoBackendChooser(tokens=8, timer=FakeTimer([1.0, 0.2, 0.5, 0.0, 0.51]), candidates=(make_only, "reference"))
+    choice = auto.choose((64, 32), torch.float32, CPU, tiling=False, direction=direction, training=True)
+    (entry,) = auto.report().values()
+    assert isinstance(choice, ReferenceBackend) and entry.from_values == {"reference"}
+    assert entry.rebuild_ms["reference"] == 0.0
+    # beyond the margin the cheaper one wins
+    auto = AutoBackendChooser(tokens=8, timer=FakeTimer([1.0, 0.2, 0.5, 0.0, 0.6]), candidates=(make_only, "reference"))
+    assert type(auto.choose((64, 32), torch.float32, CPU, tiling=False, direction=direction, training=True)).__name__ == "MakeOperandOnly"
+    # without the fused optimizer step the kept-value rebuild (cast / transpose) is timed too
+    timer = FakeTimer([1.0, 0.2, 0.5, 0.0, 0.51, 0.3])
+    auto = AutoBackendChooser(tokens=8, timer=timer, candidates=(make_only, "reference"), fused_rebuild=False)
+    assert type(auto.choose((64, 32), torch.float32, CPU, tiling=False, direction=direction, training=True)).__name__ == "MakeOperandOnly"
+    assert timer.calls == 6 and auto.report()[((64, 32), torch.float32, CPU, False, 8, direction, "training")].rebuild_ms["reference"] == 0.3
+
+
+def test_rebuilds_timed_are_the_layers_own(make_only):
+    """The rebuild callables the chooser times build the operand the layer would: the kept values
+    (cast, or transposed under M_t) for the reference backend, the dense (transposed) weight otherwise."""
+    from slope.backends.auto import _Problem
+
+    for direction, shape in (("forward", (32, 64)), ("backward", (64, 32))):
+        problem = _Problem(shape, torch.float32, CPU, 8, direction)
+        rebuild, from_values = problem.rebuild(ReferenceBackend())
+        values, meta = rebuild()
+        assert from_values and values.shape == (shape[0], shape[1] // 2)
+        rebuild, from_values = problem.rebuild(MakeOperandOnly())
+        dense = rebuild()
+        assert not from_values and dense.shape == shape
+        torch.testing.assert_close(dense, ReferenceBackend().matmul(torch.eye(shape[1]), (values, meta)).t(), rtol=0, atol=0)
+
+
+def test_triton_is_dropped_where_it_cannot_win():
+    from slope.backends.auto import AutoChoice
+
+    cuda = torch.device("cuda")  # never touched: only the candidate list is built
+    hopper = AutoBackendChooser(candidates=("triton",), capability=lambda device: (9, 0))
+    choice = AutoChoice(backend=None)
+    assert hopper._candidates((64, 64), torch.bfloat16, cuda, False, choice) == []
+    assert "0.12x cuBLAS" in choice.dropped["triton"] and "sm90" in choice.dropped["triton"]
+    ampere = AutoBackendChooser(candidates=("triton",), capability=lambda device: (8, 0))
+    choice = AutoChoice(backend=None)
+    assert [b.name for b in ampere._candidates((64, 64), torch.bfloat16, cuda, False, choice)] == ["triton"]
+    assert choice.dropped == {}
+
+
+def test_choices_without_timing():
+    timer = FakeTimer([1.0, 0.5])
+    auto = AutoBackendChooser(tokens=512, timer=timer, candidates=("reference",), small_buckets=(16, 128))
+    assert isinstance(auto.choose((64, 64), torch.float32, CPU, tokens=512), ReferenceBackend)
+    # a new bucket of a timed operand: the nearest timed bucket's choice, no timing
+    assert isinstance(auto.choose((64, 64), torch.float32, CPU, tokens=100, allow_timing=False), ReferenceBackend)
+    # an operand never timed: dense, no timing
+    auto.freeze()
+    assert isinstance(auto.choose((64, 96), torch.float32, CPU, tokens=100), DenseBackend) and timer.calls == 2
+    untimed = [c for c in auto.report().values() if not c.timed]
+    assert len(untimed) == 2 and "512 tokens" in untimed[0].note and "dense" in untimed[1].note
+    auto.clear()
+    assert not auto.frozen and auto.report() == {}
+
+
+def test_training_loop_freezes_auto_after_its_first_steps(monkeypatch):
+    """ADAMWSparse counts each layer's steps: after two of them a new token count is not timed
+    for that layer (the fake timer has no times left: timing would fail); a fresh layer still is."""
+    import slope.backends.auto as auto_module
+    import slope.layer as layer_module
+    from slope.layer import SparseLinear
+    from slope.optimizers import ADAMWSparse
+
+    # per direction at 16 tokens, training: dense GEMM, dense rebuild, reference GEMM
+    timer = FakeTimer([1.0, 0.0, 0.5, 1.0, 0.0, 0.5])
+    chooser = AutoBackendChooser(tokens=64, timer=timer, candidates=("reference",), small_buckets=(16,))
+    monkeypatch.setattr(auto_module, "AUTO_CHOOSER", chooser)
+    monkeypatch.setattr(layer_module, "_auto_is_timed", lambda device: True)
+    torch.manual_seed(0)
+    layer = SparseLinear.from_dense(torch.randn(32, 48), compress=True, backend="auto")
+    opt = ADAMWSparse(torch.nn.Sequential(layer), lr=1e-2)
+    for tokens in (8, 8, 40):  # the third step brings a new bucket (64 tokens): not timed
+        x = torch.randn(tokens, 48, requires_grad=True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        torch.testing.assert_close(y, F.linear(x, layer.dense_weight()), rtol=1e-5, atol=1e-5)
+        opt.step()
+        opt.zero_grad()
+    assert layer.optimizer_steps == 3 and timer.calls == 6
+    assert {k[0]: type(v).__name__ for k, v in layer._backends.items() if k[3] == 64} == {
+        "forward": "ReferenceBackend", "backward": "ReferenceBackend"}
+    fresh = SparseLinear.from_dense(torch.randn(32, 48), compress=True, backend="auto")
+    timer.times = [1.0, 2.0]
+    with torch.no_grad():
+        fresh(torch.randn(40, 48))  # inference at 64 tokens: not timed yet for any layer
+    assert timer.calls == 8

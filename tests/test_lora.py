@@ -370,7 +370,7 @@ def test_frozen_layers_without_adapters_share_the_weights_with_their_operand():
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
     for _, layer in sparse_modules(model):
-        (_, (values, meta)), = layer._operands.values()  # the one cached operand: (values, meta)
+        (_, (values, meta), _), = layer._operands.values()  # the one cached operand: (values, meta)
         assert values.data_ptr() == layer.values.data_ptr()  # no second copy of the kept weights
         with torch.no_grad():
             layer.values.mul_(2)  # an in-place change reaches the output (version-keyed cache)

@@ -16,6 +16,7 @@ import pytest
 triton = pytest.importorskip("triton")
 tk = pytest.importorskip("slope.kernels.triton_kernels")
 ts = pytest.importorskip("slope.kernels.triton_sparse")
+tf = pytest.importorskip("slope.kernels.triton_fused_step")
 
 INTS = "i32"
 C = "constexpr"
@@ -46,10 +47,19 @@ def kernels(dtype: str):
          {"w_ptr": p, "m_ptr": "*u8", "out_ptr": "*u8", "row_groups": INTS, "cols": INTS, "BLOCK_Q": C, "BLOCK_C": C,
           "PACKED": C},
          {"BLOCK_Q": 16, "BLOCK_C": 64, "PACKED": True}),
-        *[(f"gather_kept_2to4[{'packed' if packed else 'bool'}]", tk._gather_kept_kernel,
+        *[(f"gather_kept_2to4[{'packed' if packed else 'bool'}, {'add' if add else 'write'}]", tk._gather_kept_kernel,
            {"full_ptr": p, "mask_ptr": "*u8", "out_ptr": "*fp32", "rows": INTS, "groups": INTS, "stride_fr": INTS,
             "stride_fc": INTS, "BLOCK_R": C, "BLOCK_G": C, "ACCUMULATE": C, "PACKED": C},
-           {"BLOCK_R": 32, "BLOCK_G": 32, "ACCUMULATE": True, "PACKED": packed}) for packed in (True, False)],
+           {"BLOCK_R": 32, "BLOCK_G": 32, "ACCUMULATE": add, "PACKED": packed})
+          for packed, add in ((True, True), (False, True), (True, False))],
+        # fp32 master values and moments; the operands in the case's dtype
+        *[(f"adamw_step_operands_[{'fwd+bwd' if fwd else 'bwd'}]", tf._adamw_operands_kernel,
+           {**{a: "*fp32" for a in ("p_ptr", "g_ptr", "m_ptr", "v_ptr")}, "mask_ptr": "*u8", "mask_t_ptr": "*u8",
+            "fwd_ptr": p, "bwd_ptr": p, "rows": INTS, "cols": INTS,
+            **{a: "fp32" for a in ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size", "bias2_sqrt")},
+            "BLOCK_Q": C, "BLOCK_G": C, "PACKED_M": C, "PACKED_T": C, "WRITE_FWD": C, "WRITE_BWD": C},
+           {"BLOCK_Q": tf.BLOCK_Q, "BLOCK_G": tf.BLOCK_G, "PACKED_M": True, "PACKED_T": True, "WRITE_FWD": fwd,
+            "WRITE_BWD": True}) for fwd in (True, False)],
         ("scatter_kept_2to4", tk._scatter_kept_kernel,
          {"values_ptr": "*fp32", "mask_ptr": "*u8", "out_ptr": p, "rows": INTS, "groups": INTS,
           "BLOCK_R": C, "BLOCK_G": C, "PACKED": C},

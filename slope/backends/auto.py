@@ -10,15 +10,28 @@ at 16), and a call is never timed at more than twice its own token count. A SLoP
 operand ``(W⊙M⊙M_t)ᵀ (in, out)`` separately, so each direction gets its own choice (a backend
 fast for one shape can be slow for its transpose). Candidates are
 
-- every available sparse backend of :data:`slope.backends.AUTO_ORDER_CUDA`,
+- every available sparse backend of :data:`slope.backends.AUTO_ORDER_CUDA`, except those that
+  cannot win on this GPU generation (:data:`NEVER_WINS`: Triton's sparse GEMM on sm90+),
 - with ``tiling=True`` also each of them wrapped in :class:`RowTiledBackend` when the weight is
   very non-square (``max(out, in) >= 2·min(out, in)``): a tall operand is split into near-square
   row blocks (a simple heuristic: ``round(rows / cols)`` blocks, heights rounded up to 64 rows),
 - and the ``dense`` backend (masked dense operand through cuBLAS: same math).
 
-It keeps a sparse choice only when it is faster than dense by ``margin`` (default 3 %, to stay
-clear of timing noise), so ``auto`` is never slower than dense. Results are cached per
-``(rows, cols, dtype, device, tiling, bucket)`` in the chooser object, which hands out one
+For a training call (the layer's forward with gradients on, and every backward) the cost of a
+candidate is the **whole cost**: its GEMM plus the operand rebuild that each optimizer step makes
+it pay (divided by ``gemms_per_rebuild``). Backends that build operands from kept values
+(``operand_structure``) pay nothing extra: the fused optimizer step writes their operands
+(:func:`slope.kernels.adamw_step_operands_`; ``fused_rebuild=False`` times the cast / transpose
+instead). Every other one — ``dense`` included — pays the scatter to a dense weight (transposed
+for the backward operand) plus its ``make_operand``, timed. Inference calls count the GEMM alone.
+
+It keeps a sparse choice only when it is cheaper than dense by ``margin`` (default 3 %, to stay
+clear of timing noise), so ``auto`` is never slower than dense; among the sparse ones it prefers a
+backend that builds operands from kept values over a cheaper one within the margin. Timing
+happens only in a layer's first steps: after ``timed_steps`` optimizer steps of a layer (or
+:meth:`AutoBackendChooser.freeze`) a new token bucket takes the nearest timed bucket's choice
+(``dense`` for an operand never timed). Results are cached per
+``(rows, cols, dtype, device, tiling, bucket)`` (plus direction for training calls) in the chooser object, which hands out one
 instance per backend (buckets that chose the same backend share it, and a layer's cached operand
 stays valid across them: layers keep one operand per direction, rebuilt when the backend
 changes); the process-wide instance is
@@ -27,6 +40,7 @@ skipped and their error is kept in :meth:`AutoBackendChooser.report`.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 from dataclasses import dataclass, field
@@ -34,6 +48,7 @@ from typing import Callable
 
 import torch
 
+from slope import kernels
 from slope.masks import nm_mask
 
 from . import AUTO_ORDER_CUDA, backend_class
@@ -64,18 +79,45 @@ def cuda_event_timer(fn: Callable[[], object], device: torch.device, warmup: int
 
 @dataclass
 class AutoChoice:
-    """The chosen backend for one key, with every candidate's time (ms) or error."""
+    """The chosen backend for one key, with every candidate's GEMM time, operand-rebuild time and
+    whole cost (ms), errors, and the candidates dropped without timing (name -> why). ``timed`` is
+    False for a choice made after the chooser froze (copied from the nearest timed bucket, or
+    ``dense``), ``note`` says which."""
 
     backend: SparseBackend
     times_ms: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    rebuild_ms: dict[str, float] = field(default_factory=dict)
+    cost_ms: dict[str, float] = field(default_factory=dict)
+    from_values: set[str] = field(default_factory=set)
+    dropped: dict[str, str] = field(default_factory=dict)
+    timed: bool = True
+    note: str = ""
+
+
+#: sparse backends that cannot win on a GPU generation: name -> (first compute capability it is
+#: dropped at, why). Triton's sparse GEMM expands each tile in registers and multiplies on dense
+#: tensor cores: 0.12-0.13x cuBLAS on every H100 shape measured (performance_experiments/README.md).
+NEVER_WINS = {"triton": ((9, 0), "Triton's sparse GEMM runs on dense tensor cores: 0.12x cuBLAS measured on sm90")}
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 class AutoBackendChooser:
     """Times candidate backends per layer shape and caches the choice (see module docstring).
 
     ``timer(fn, device) -> ms`` is injectable (tests use a fake one); ``candidates`` defaults to
-    :data:`slope.backends.AUTO_ORDER_CUDA`.
+    :data:`slope.backends.AUTO_ORDER_CUDA`; ``capability(device) -> (major, minor)`` decides which
+    of :data:`NEVER_WINS` are dropped (default: the CUDA device's). ``fused_rebuild``: the
+    optimizer writes the operands of backends that build them from kept values
+    (:func:`slope.kernels.adamw_step_operands_`), so their rebuild costs nothing extra; False
+    times it. ``gemms_per_rebuild``: products per optimizer step and direction (micro-batches).
+    ``timed_steps``: a layer asks with ``allow_timing=False`` once the optimizer stepped it that
+    often (:attr:`slope.layer.SparseLinear.optimizer_steps`); such a call, or any call after
+    :meth:`freeze`, gets for a key not timed yet the choice of its nearest timed token bucket (else
+    ``dense``) without timing, so nothing is timed inside a training loop after its first steps.
     """
 
     def __init__(
@@ -85,13 +127,20 @@ class AutoBackendChooser:
         timer: Timer = cuda_event_timer,
         candidates: tuple[str, ...] = AUTO_ORDER_CUDA,
         small_buckets: tuple[int, ...] = tuple(2**k for k in range(4, 13)),  # 16 ... 4096
+        capability: Callable[[torch.device], tuple[int, int]] | None = None,
+        fused_rebuild: bool = True,
+        gemms_per_rebuild: int = 1,
+        timed_steps: int = 2,
     ):
         self.tokens, self.margin, self.timer, self.candidates = tokens, margin, timer, candidates
+        self.capability = capability or _cuda_capability
+        self.fused_rebuild, self.gemms_per_rebuild, self.timed_steps = fused_rebuild, gemms_per_rebuild, timed_steps
         #: the token counts choices are timed at, ascending; ``tokens`` is the largest.
         self.buckets = tuple(sorted({b for b in small_buckets if b < tokens} | {tokens}))
         self._cache: dict[tuple, AutoChoice] = {}
         self._instances: dict[tuple, SparseBackend] = {}
         self._lock = threading.Lock()
+        self.frozen = False
 
     def bucket(self, tokens: int | None) -> int:
         """The token count a call with ``tokens`` rows is timed at: the smallest bucket that holds
@@ -100,27 +149,44 @@ class AutoBackendChooser:
             return self.tokens
         return next((b for b in self.buckets if tokens <= b), self.tokens)
 
+    def freeze(self) -> None:
+        """Time nothing from now on, for any layer (e.g. before a timed benchmark region)."""
+        self.frozen = True
+
     def clear(self) -> None:
-        """Forget every cached choice (e.g. after changing ``tokens``)."""
+        """Forget every cached choice (e.g. after changing ``tokens``) and time again."""
         with self._lock:
             self._cache.clear()
+            self.frozen = False
 
     def report(self) -> dict[tuple, AutoChoice]:
-        """A copy of the cache: ``((rows, cols), dtype, device, tiling, bucket) -> AutoChoice``."""
+        """A copy of the cache: ``((rows, cols), dtype, device, tiling, bucket) -> AutoChoice``
+        (``direction`` and ``"training"`` appended to the key for those choices)."""
         with self._lock:
             return dict(self._cache)
 
     def choose(
         self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, tiling: bool = True,
-        tokens: int | None = None,
+        tokens: int | None = None, *, direction: str = "forward", training: bool = False,
+        allow_timing: bool = True,
     ) -> SparseBackend:
         """The backend instance to use for an operand ``(rows, cols) = shape`` in ``dtype`` on
-        ``device``, multiplied by ``tokens`` rows at a time (``None``: the largest bucket)."""
+        ``device``, multiplied by ``tokens`` rows at a time (``None``: the largest bucket).
+        ``training``: the operand is rebuilt after every optimizer step, and that rebuild counts
+        (``direction`` "forward": the operand is ``W (rows, cols)``; "backward": ``(W⊙M⊙M_t)ᵀ``
+        of ``W (cols, rows)``). ``allow_timing=False``: a key not timed yet is not timed now."""
+        if direction not in ("forward", "backward"):
+            raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
         device = torch.device(device)
         key = (tuple(shape), dtype, device, bool(tiling), self.bucket(tokens))
+        if training:
+            key = (*key, direction, "training")
         with self._lock:
             if key not in self._cache:
-                self._cache[key] = self._measure(tuple(shape), dtype, device, tiling, key[-1])
+                if self.frozen or not allow_timing:
+                    self._cache[key] = self._untimed(key)
+                else:
+                    self._cache[key] = self._measure(tuple(shape), dtype, device, tiling, key[4], direction, training)
             return self._cache[key].backend
 
     def _instance(self, cls, tiling: bool, row_tiled: bool) -> SparseBackend:
@@ -132,45 +198,121 @@ class AutoBackendChooser:
         return self._instances[key]
 
     # ------------------------------------------------------------------ internals
-    def _candidates(self, shape, dtype, device, tiling, errors: dict[str, str]) -> list[SparseBackend]:
+    def _dropped_reason(self, name: str, device: torch.device) -> str | None:
+        rule = NEVER_WINS.get(name)
+        if rule is None or device.type != "cuda":
+            return None
+        first, why = rule
+        capability = tuple(self.capability(device))
+        return f"{why} (sm{capability[0]}{capability[1]})" if capability >= first else None
+
+    def _candidates(self, shape, dtype, device, tiling, choice: AutoChoice) -> list[SparseBackend]:
         out: list[SparseBackend] = []
         for name in self.candidates:
             try:
                 cls = backend_class(name)
                 if cls.unavailable_reason(device, dtype) is not None:
                     continue
+                dropped = self._dropped_reason(name, device)
             except Exception as exc:  # noqa: BLE001 - a backend that cannot even say why is skipped
-                errors[name] = f"{type(exc).__name__}: {exc}"
+                choice.errors[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            if dropped is not None:
+                choice.dropped[name] = dropped
                 continue
             out.append(self._instance(cls, tiling, False))
             if tiling and max(shape) >= 2 * min(shape):
                 out.append(self._instance(cls, tiling, True))
         return out
 
-    def _measure(self, shape, dtype, device, tiling, tokens: int) -> AutoChoice:
-        rows, cols = shape
-        weight = torch.randn(rows, cols, device=device, dtype=dtype)
-        mask = nm_mask(weight, 2, 4)
-        operand_dense = weight * mask
-        x = torch.randn(tokens, cols, device=device, dtype=dtype)
-
-        def step_time(backend: SparseBackend) -> float:
-            op = backend.make_operand(operand_dense, mask)
-            return self.timer(lambda: backend.matmul(x, op), device)
-
+    def _measure(self, shape, dtype, device, tiling, tokens: int, direction: str, training: bool) -> AutoChoice:
+        problem = _Problem(shape, dtype, device, tokens, direction)
         dense = self._instance(DenseBackend, tiling, False)
-        choice = AutoChoice(backend=dense, times_ms={"dense": step_time(dense)})
-        best = choice.times_ms["dense"] * (1.0 - self.margin)
-        for backend in self._candidates(shape, dtype, device, tiling, choice.errors):
+        choice = AutoChoice(backend=dense)
+        tried = [dense, *self._candidates(shape, dtype, device, tiling, choice)]
+        for backend in tried:
             try:
-                t = step_time(backend)
+                choice.times_ms[backend.name] = self.timer(problem.gemm(backend), device)
+                rebuild, from_values = problem.rebuild(backend)
+                if from_values:
+                    choice.from_values.add(backend.name)
+                rebuild_ms = 0.0
+                if training and not (from_values and self.fused_rebuild):
+                    rebuild_ms = self.timer(rebuild, device)
             except Exception as exc:  # noqa: BLE001 - a failing candidate is skipped, not fatal
+                if backend is dense:
+                    raise
+                choice.times_ms.pop(backend.name, None)
                 choice.errors[backend.name] = f"{type(exc).__name__}: {exc}"
                 continue
-            choice.times_ms[backend.name] = t
-            if t < best:
-                best, choice.backend = t, backend
+            choice.rebuild_ms[backend.name] = rebuild_ms
+            choice.cost_ms[backend.name] = choice.times_ms[backend.name] + rebuild_ms / self.gemms_per_rebuild
+        choice.backend = self._pick(choice, {b.name: b for b in tried})
         return choice
+
+    def _pick(self, choice: AutoChoice, instances: dict[str, SparseBackend]) -> SparseBackend:
+        """The cheapest candidate by whole cost, if it beats dense by :attr:`margin`; one building
+        its operands from kept values is preferred to a cheaper one within the margin."""
+        dense = instances["dense"]
+        limit = choice.cost_ms["dense"] * (1.0 - self.margin)
+        eligible = {n: c for n, c in choice.cost_ms.items() if n != "dense" and c < limit}
+        if not eligible:
+            return dense
+        best = min(eligible, key=eligible.get)
+        preferred = [n for n in eligible if n in choice.from_values and eligible[n] <= eligible[best] * (1.0 + self.margin)]
+        if best not in choice.from_values and preferred:
+            best = min(preferred, key=eligible.get)
+        return instances[best]
+
+    def _untimed(self, key: tuple) -> AutoChoice:
+        """After freezing: the choice of the nearest timed bucket of the same operand, else dense."""
+        same = [(k, c) for k, c in self._cache.items() if c.timed and k[:4] == key[:4] and k[5:] == key[5:]]
+        dense = self._instance(DenseBackend, key[3], False)
+        if not same:
+            return AutoChoice(backend=dense, timed=False, note="frozen: no timed bucket of this operand; dense")
+        nearest_key, nearest = min(same, key=lambda kc: abs(math.log2(kc[0][4]) - math.log2(key[4])))
+        return AutoChoice(backend=nearest.backend, timed=False, note=f"frozen: the choice timed at {nearest_key[4]} tokens")
+
+
+class _Problem:
+    """Random inputs for timing one operand's product and its rebuild after an optimizer step:
+    the layer weight ``W`` (fp32 master values, kept along its input dimension), ``M``, ``M_t``."""
+
+    def __init__(self, shape, dtype, device, tokens: int, direction: str):
+        rows, cols = shape
+        self.dtype, self.direction = dtype, direction
+        out_f, in_f = (rows, cols) if direction == "forward" else (cols, rows)
+        weight = torch.randn(out_f, in_f, device=device)
+        self.mask = nm_mask(weight, 2, 4)
+        self.values = kernels.gather_kept_2to4(weight, self.mask)
+        self.mask_t = kernels.double_prune_mask_2to4(weight * self.mask, self.mask)
+        operand = torch.randn(rows, cols, device=device, dtype=dtype)
+        self.operand_mask = nm_mask(operand, 2, 4)
+        self.operand = operand * self.operand_mask
+        self.x = torch.randn(tokens, cols, device=device, dtype=dtype)
+
+    def gemm(self, backend: SparseBackend) -> Callable[[], object]:
+        op = backend.make_operand(self.operand, self.operand_mask)
+        return lambda: backend.matmul(self.x, op)
+
+    def rebuild(self, backend: SparseBackend) -> tuple[Callable[[], object], bool]:
+        """What the layer runs to rebuild this operand after a step, and whether it is from kept values."""
+        forward = self.direction == "forward"
+        if forward:
+            stored = self.mask
+        else:
+            stored = kernels.stored_mask_2to4(self.mask_t.t().contiguous())
+        structure = backend.operand_structure(stored, self.dtype)
+        if structure is not None:
+            if forward:
+                return (lambda: backend.operand_from_values(self.values.to(self.dtype), structure)), True
+            return (lambda: backend.operand_from_values(
+                kernels.transpose_kept_2to4(self.values, self.mask, self.mask_t, self.dtype), structure)), True
+        if forward:
+            return (lambda: backend.make_operand(kernels.scatter_kept_2to4(self.values, self.mask, self.dtype), self.mask)), False
+        mask_t = self.mask_t.t().contiguous()
+        return (lambda: backend.make_operand(
+            kernels.transpose_kept_2to4(self.values, self.mask, self.mask_t, self.dtype, dense=True), mask_t)), False
 
 
 #: the process-wide chooser used by :class:`slope.layer.SparseLinear` for ``backend="auto"`` on CUDA.

@@ -65,8 +65,15 @@ class SparseBackend:
 
     def operand_from_values(self, values: torch.Tensor, structure: Any) -> Any:
         """The operand whose kept entries are ``values (rows, cols/2)`` (row order, ascending column
-        inside each group of 4) and whose pattern is ``structure`` (from :meth:`operand_structure`)."""
+        inside each group of 4) and whose pattern is ``structure`` (from :meth:`operand_structure`).
+        It should hold ``values`` itself, not a copy (see :meth:`operand_values`)."""
         raise NotImplementedError(f"{type(self).__name__} builds operands with make_operand only")
+
+    def operand_values(self, operand: Any) -> torch.Tensor | None:
+        """The tensor holding the kept values of an operand built by :meth:`operand_from_values`, or
+        None when unknown. When it is the very tensor the operand was built from, writing new values
+        into it updates the operand in place (the fused optimizer step does, instead of a rebuild)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tiling={self.tiling})"

@@ -96,6 +96,9 @@ class CutlassSm90Backend(SparseBackend):
             )
         return Sm90Operand(_aligned(values.contiguous()), structure.meta, structure.rows, structure.cols)
 
+    def operand_values(self, operand: Sm90Operand) -> torch.Tensor:
+        return operand.values
+
     def matmul(self, x: torch.Tensor, operand: Sm90Operand) -> torch.Tensor:
         """``x (..., cols) @ denseᵀ -> (..., rows)`` in ``x.dtype`` (= the operand's dtype)."""
         return self.linear(x, operand)

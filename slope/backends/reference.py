@@ -42,6 +42,9 @@ class SlopeFormatOperands:
     def operand_from_values(self, values: torch.Tensor, structure: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return values, structure
 
+    def operand_values(self, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return operand[0]
+
 
 class ReferenceBackend(SlopeFormatOperands, SparseBackend):
     """Compressed 2:4 storage (``slope.kernels`` format) with a decompress-then-matmul product.

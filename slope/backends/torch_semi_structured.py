@@ -167,3 +167,6 @@ class CutlassBackend(_SemiStructuredBackend):
         if structure.shape != (rows, cols // 16):
             raise ValueError(f"{self.name}: values {tuple(values.shape)} do not match metadata {tuple(structure.shape)}")
         return SemiStructuredOperand(self._tensor(values.contiguous(), structure), rows, cols, 0)
+
+    def operand_values(self, operand: SemiStructuredOperand) -> torch.Tensor | None:
+        return getattr(operand.sparse, "packed", None)

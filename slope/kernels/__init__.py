@@ -5,7 +5,7 @@ top-level ``kernels/`` folder, which is not a Python package.
 
 Functions with a Triton kernel (``addmm``, ``matvec_add``, ``prune_2to4``,
 ``double_prune_mask_2to4``, ``prune_compress_2to4``, ``gather_kept_2to4``,
-``scatter_kept_2to4``, ``transpose_kept_2to4``, ``adamw_step_``) dispatch: CUDA tensors of a dtype Triton
+``scatter_kept_2to4``, ``transpose_kept_2to4``, ``adamw_step_``, ``adamw_step_operands_``) dispatch: CUDA tensors of a dtype Triton
 handles (fp16/bf16/fp32) go to :mod:`slope.kernels.triton_kernels` when Triton can run here;
 everything else goes to the pure-PyTorch references in :mod:`slope.kernels.reference`, which
 stay importable as ``slope.kernels.reference.*`` and are the oracles of the fast paths.
@@ -34,6 +34,7 @@ from .reference import (
 __all__ = [
     "COMPRESSIBLE_DTYPES",
     "adamw_step_",
+    "adamw_step_operands_",
     "addmm",
     "compress_2to4",
     "cutlass_layout_supported",
@@ -120,13 +121,18 @@ def prune_compress_2to4(dense: torch.Tensor, layout: str = "auto") -> tuple[torc
     return reference.prune_compress_2to4(dense, layout)
 
 
-def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Kept entries of ``full (rows, cols)`` under 2:4 ``mask`` as ``(rows, cols/2)``, or added to ``out``.
+def gather_kept_2to4(
+    full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None, *,
+    dtype: torch.dtype | None = None, accumulate: bool = True,
+) -> torch.Tensor:
+    """Kept entries of ``full (rows, cols)`` under 2:4 ``mask`` as a new ``(rows, cols/2)`` tensor
+    (of ``dtype``, default ``full``'s), or added to ``out`` (``accumulate=False``: written into it).
 
     The Triton path trusts ``mask`` to keep exactly 2 of every 4 (the reference checks it)."""
-    if triton_usable(full) and mask.device == full.device and (out is None or triton_usable(out)):
-        return _triton().gather_kept_2to4(full, mask, out)
-    return reference.gather_kept_2to4(full, mask, out)
+    if (triton_usable(full) and mask.device == full.device and (out is None or triton_usable(out))
+            and (dtype is None or dtype in _TRITON_DTYPES)):
+        return _triton().gather_kept_2to4(full, mask, out, dtype=dtype, accumulate=accumulate)
+    return reference.gather_kept_2to4(full, mask, out, dtype=dtype, accumulate=accumulate)
 
 
 def transpose_kept_2to4(
@@ -153,6 +159,26 @@ def adamw_step_(
     if triton_usable(*tensors) and all(t.is_contiguous() for t in tensors) and len({t.device for t in tensors}) == 1:
         return _triton().adamw_step_(param, grad, exp_avg, exp_avg_sq, **kw)
     return reference.adamw_step_(param, grad, exp_avg, exp_avg_sq, **kw)
+
+
+def adamw_step_operands_(
+    values: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    mask: torch.Tensor, mask_t: torch.Tensor, *, fwd: torch.Tensor | None = None, bwd: torch.Tensor | None = None,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+) -> torch.Tensor:
+    """One AdamW step of a 2:4 layer's kept ``values (rows, cols/2)`` (fp32 moments) that also writes
+    its forward operand's values ``fwd (rows, cols/2)`` and backward operand's values ``bwd (cols,
+    rows/2)`` (:func:`transpose_kept_2to4` of the new values; either may be None): one Triton pass
+    on CUDA (:mod:`slope.kernels.triton_fused_step`), else the reference. The Triton path trusts the
+    masks as :func:`transpose_kept_2to4` does."""
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    tensors = [values, grad, exp_avg, exp_avg_sq] + [t for t in (fwd, bwd) if t is not None]
+    if (triton_usable(*tensors) and all(t.is_contiguous() for t in tensors)
+            and len({t.device for t in tensors + [mask, mask_t]}) == 1):
+        from . import triton_fused_step
+
+        return triton_fused_step.adamw_step_operands_(values, grad, exp_avg, exp_avg_sq, mask, mask_t, fwd=fwd, bwd=bwd, **kw)
+    return reference.adamw_step_operands_(values, grad, exp_avg, exp_avg_sq, mask, mask_t, fwd=fwd, bwd=bwd, **kw)
 
 
 def scatter_kept_2to4(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ __all__ = [
     "addmm",
     "matvec_add",
     "adamw_step_",
+    "adamw_step_operands_",
 ]
 
 COMPRESSIBLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)
@@ -271,15 +272,19 @@ def stored_mask_2to4(mask: torch.Tensor) -> torch.Tensor:
     return stored.reshape(rows, cols)
 
 
-def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_kept_2to4(
+    full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None, *,
+    dtype: torch.dtype | None = None, accumulate: bool = True,
+) -> torch.Tensor:
     """The kept entries of ``full (rows, cols)`` under bool ``mask`` (exactly 2 of every 4 along
     ``cols``; or its packed bits, :func:`slope.masks.pack_mask`), as ``(rows, cols/2)`` in row
     order, ascending column inside each group — the layout of a SLoPe layer's ``values``. Used
     for the weight gradient ``(dyᵀ x) ⊙ M``.
 
-    Without ``out`` the result is a new tensor of ``full``'s dtype; with ``out (rows, cols/2)`` (any
-    float dtype, e.g. fp32 for a bf16 ``full``) the kept entries are *added* to it in place (the
-    sum in ``out``'s dtype) and ``out`` is returned.
+    Without ``out`` the result is a new tensor of ``dtype`` (default ``full``'s; e.g. fp32 for a
+    bf16 ``full``: the first micro-batch's gradient, written, never added to zeros); with ``out
+    (rows, cols/2)`` (any float dtype) the kept entries are *added* to it in place (the sum in
+    ``out``'s dtype; ``accumulate=False``: they overwrite it) and ``out`` is returned.
     """
     _check_2d("full", full)
     rows, cols = full.shape
@@ -289,13 +294,13 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
     pairs = _kept_pairs_2to4(mask, "mask", exactly_two=True)
     kept = full.reshape(rows, cols // 4, 4).gather(-1, pairs).reshape(rows, cols // 2)
     if out is None:
-        return kept
+        return kept if dtype is None else kept.to(dtype)
     if out.shape != (rows, cols // 2) or out.device != full.device or not out.is_floating_point():
         raise ValueError(
             f"out must be a float tensor of shape {(rows, cols // 2)} on {full.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
-    return out.add_(kept.to(out.dtype))
+    return out.add_(kept.to(out.dtype)) if accumulate else out.copy_(kept)
 
 
 def scatter_kept_2to4(values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -404,3 +409,21 @@ def adamw_step_(
     if master is not param:
         param.copy_(master)
     return param
+
+
+def adamw_step_operands_(
+    values: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    mask: torch.Tensor, mask_t: torch.Tensor, *, fwd: torch.Tensor | None = None, bwd: torch.Tensor | None = None,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+) -> torch.Tensor:
+    """:func:`adamw_step_` of a SLoPe layer's kept ``values (rows, cols/2)`` that also refreshes its
+    GEMM operands' values: ``fwd (rows, cols/2)`` gets the new values in its dtype, ``bwd (cols,
+    rows/2)`` :func:`transpose_kept_2to4` of them under ``mask`` / ``mask_t`` (bool ``(rows, cols)``
+    or packed bits); either may be None. Returns ``values``."""
+    adamw_step_(values, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, step=step)
+    if fwd is not None:
+        fwd.copy_(values)
+    if bwd is not None:
+        bwd.copy_(transpose_kept_2to4(values, mask, mask_t, bwd.dtype))
+    return values

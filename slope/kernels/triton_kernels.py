@@ -447,14 +447,18 @@ def _gather_kept_kernel(
         tl.store(out_ptr + obase, (acc0 + v0.to(acc0.dtype)).to(acc0.dtype), mask=valid)
         tl.store(out_ptr + obase + 1, (acc1 + v1.to(acc1.dtype)).to(acc1.dtype), mask=valid)
     else:
-        tl.store(out_ptr + obase, v0, mask=valid)
-        tl.store(out_ptr + obase + 1, v1, mask=valid)
+        tl.store(out_ptr + obase, v0.to(out_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_ptr + obase + 1, v1.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_kept_2to4(
+    full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None, *,
+    dtype: torch.dtype | None = None, accumulate: bool = True,
+) -> torch.Tensor:
     """One-pass :func:`slope.kernels.reference.gather_kept_2to4`: the kept entries of ``full (rows,
-    cols)`` (any strides) under ``mask`` (bool, or its packed bits) as ``(rows, cols/2)``, or added
-    in place to ``out``.
+    cols)`` (any strides) under ``mask`` (bool, or its packed bits) as a new ``(rows, cols/2)``
+    tensor of ``dtype`` (default ``full``'s; written only, no memset), or added in place to ``out``
+    (``accumulate=False``: written into it, not read).
 
     Unlike the reference it does not check that every group keeps exactly two (callers such as
     :class:`slope.layer.SparseLinear` validate their masks once per mask version): a group keeping
@@ -466,7 +470,9 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
     rows, cols = full.shape
     mask, packed = _mask_arg("mask", mask, tuple(full.shape), full.device)
     if out is None:
-        out = torch.empty(rows, cols // 2, dtype=full.dtype, device=full.device)
+        dtype = full.dtype if dtype is None else dtype
+        _check_dtype("gather_kept_2to4 (dtype)", torch.empty(0, dtype=dtype))
+        out = torch.empty(rows, cols // 2, dtype=dtype, device=full.device)
         accumulate = False
     else:
         if out.shape != (rows, cols // 2) or out.device != full.device or not out.is_contiguous():
@@ -475,7 +481,6 @@ def gather_kept_2to4(full: torch.Tensor, mask: torch.Tensor, out: torch.Tensor |
                 f"got {tuple(out.shape)} on {out.device}"
             )
         _check_dtype("gather_kept_2to4 (out)", out)
-        accumulate = True
     if full.numel():
         br, bg = 32, 32
         grid = (triton.cdiv(rows, br), triton.cdiv(cols // 4, bg))
@@ -605,6 +610,17 @@ def transpose_kept_2to4(
 
 # ------------------------------------------------------------------------------------ AdamW step
 @triton.jit
+def _adamw_math(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias2_sqrt):
+    """One AdamW update of fp32 ``p`` (param), ``g`` (grad), ``m`` / ``v`` (moments): the new
+    ``(p, m, v)``. Shared by every AdamW kernel so that they round identically."""
+    m = m + one_minus_beta1 * (g - m)  # lerp, as torch.Tensor.lerp_
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    master = p * decay
+    master = master - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
+    return master, m, v
+
+
+@triton.jit
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
                   bias2_sqrt, BLOCK: tl.constexpr):
     # The coefficients come from Python (double precision, rounded once to fp32) as PyTorch's do.
@@ -614,10 +630,8 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, one_minus_beta1, beta2, one_min
     g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=valid, other=0.0)
     v = tl.load(v_ptr + offs, mask=valid, other=0.0)
-    m = m + one_minus_beta1 * (g - m)  # lerp, as torch.Tensor.lerp_
-    v = v * beta2 + one_minus_beta2 * (g * g)
-    master = p.to(tl.float32) * decay
-    master = master - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
+    master, m, v = _adamw_math(p.to(tl.float32), g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                               step_size, bias2_sqrt)
     tl.store(m_ptr + offs, m, mask=valid)
     tl.store(v_ptr + offs, v, mask=valid)
     tl.store(p_ptr + offs, master.to(p.dtype), mask=valid)
@@ -639,7 +653,14 @@ def adamw_step_(
     if n:
         block = 1024
         _adamw_kernel[(triton.cdiv(n, block),)](
-            param, grad, exp_avg, exp_avg_sq, n, 1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0 - lr * weight_decay,
-            lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, BLOCK=block,
+            param, grad, exp_avg, exp_avg_sq, n, *adamw_coefficients(lr, beta1, beta2, eps, weight_decay, step),
+            BLOCK=block,
         )
     return param
+
+
+def adamw_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> tuple:
+    """The scalar arguments of the AdamW kernels, computed in double precision on the host (as
+    PyTorch's fused AdamW does): ``(1-β1, β2, 1-β2, eps, 1-lr·wd, lr/(1-β1^t), sqrt(1-β2^t))``."""
+    return (1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0 - lr * weight_decay, lr / (1.0 - beta1**step),
+            (1.0 - beta2**step) ** 0.5)

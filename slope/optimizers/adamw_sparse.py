@@ -56,6 +56,9 @@ class ADAMWSparse(torch.optim.Optimizer):
         if not layers:
             raise ValueError("ADAMWSparse found no SLoPe layers; call slope.prune_model(model) first")
         self._layer_of: dict[int, nn.Module] = {id(layer.values): layer for layer in layers}
+        # per parameter (id): (its state's step tensor, the host's count of it), so that no step
+        # reads the device counter (the count is trusted while the state holds that same tensor)
+        self._host_steps: dict[int, tuple[torch.Tensor | None, int]] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mask_change_freq=mask_change_freq)
         super().__init__([layer.values for layer in layers], defaults)
 
@@ -86,70 +89,115 @@ class ADAMWSparse(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One AdamW step of every layer that has a gradient. Per layer, the first that applies:
+
+        - the layer holds current operands built from its kept values in a compute dtype of their
+          own (CUDA, bf16/fp16 compute, fp32 master; :meth:`slope.layer.SparseLinear.operand_buffers`):
+          :func:`slope.kernels.adamw_step_operands_` updates values and moments *and* writes the new
+          forward and backward operand values in one pass, and the operands stay cached;
+        - fp32 values with fp32 gradients: PyTorch's fused AdamW kernel, one launch per (device,
+          step count) bucket; the layer's operands are rebuilt on next use;
+        - anything else: :func:`slope.kernels.adamw_step_` per tensor.
+
+        Nothing here reads a device tensor on the host: the step count kernels see lives on the
+        values' device and the host keeps its own count (for the bias corrections and
+        ``mask_change_freq``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            # fp32 values with fp32 gradients go through PyTorch's fused AdamW kernel, one launch
-            # per (device, step count) bucket; anything else (bf16/fp16 values) is stepped per
-            # tensor by slope.kernels.adamw_step_ (one Triton pass on CUDA).
             fused: dict[tuple, list[torch.Tensor]] = {}
+            stepped: list[tuple[nn.Module, int, dict]] = []
             for p in group["params"]:
                 layer = self._layer_of[id(p)]
                 grad = layer.values_grad
                 if grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                if _FUSED_ADAMW is not None and p.dtype == grad.dtype == torch.float32 and p.device == grad.device:
-                    fused.setdefault((p.device, int(state["step"].item())), []).append(p)
+                count = self._advance(p, state)
+                buffers = self._operand_buffers(layer, p, grad, state)
+                if buffers:
+                    self._step_with_operands(layer, p, grad, state, group, count, buffers)
+                elif _FUSED_ADAMW is not None and p.dtype == grad.dtype == torch.float32 and p.device == grad.device:
+                    fused.setdefault((p.device, count), []).append(p)
                 else:
-                    self._step_one(p, grad, state, group)
-            for (device, step), params in fused.items():
-                self._step_fused(params, device, step, group)
-            for p in group["params"]:
-                layer = self._layer_of[id(p)]
-                if layer.values_grad is None:
-                    continue
-                if int(self.state[p]["step"].item()) % group["mask_change_freq"] == 0:
+                    self._step_one(p, grad, state, group, count)
+                stepped.append((layer, count, buffers))
+            for (device, count), params in fused.items():
+                self._step_fused(params, group)
+            for layer, count, buffers in stepped:
+                layer.operands_written(buffers)  # the others are rebuilt on next use
+                layer.optimizer_steps += 1  # backend="auto" times nothing for it after its first steps
+                if count % group["mask_change_freq"] == 0:
                     layer.update_mask_t()
-                layer.refresh()
         return loss
 
-    def _step_fused(self, params: list[torch.Tensor], device: torch.device, step: int, group: dict) -> None:
-        """PyTorch's fused AdamW over fp32 ``params`` that share ``device`` and their step count."""
+    def _advance(self, p: torch.Tensor, state: dict) -> int:
+        """Count one more step of ``p``: ``state["step"]`` (fp32, on ``p``'s device: what the fused
+        kernels read) and the host's count, which is returned. The host count starts from the
+        state's once (a loaded state dict: the one read of the device counter)."""
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            self._host_steps[id(p)] = (state["step"], 0)
+        counter, count = self._host_steps.get(id(p), (None, 0))
+        if counter is not state["step"]:  # a state that was loaded or replaced: read its counter once
+            count = int(state["step"].item())
+        state["step"] += 1
+        self._host_steps[id(p)] = (state["step"], count + 1)
+        return count + 1
+
+    @staticmethod
+    def _operand_buffers(layer: nn.Module, p: torch.Tensor, grad: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+        """The layer's operand buffers the fused operand step can write (empty: it does not apply)."""
+        if (layer.n, layer.m) != (2, 4):
+            return {}
+        buffers = layer.operand_buffers()
+        tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"], layer.mask_bits, layer.mask_t_bits, *buffers.values())
+        if not buffers or not kernels.triton_usable(p, grad, state["exp_avg"], state["exp_avg_sq"], *buffers.values()):
+            return {}
+        if len({t.device for t in tensors}) != 1 or not all(t.is_contiguous() for t in tensors):
+            return {}
+        return buffers
+
+    @staticmethod
+    def _step_with_operands(layer, p, grad, state, group, count: int, buffers: dict[str, torch.Tensor]) -> None:
+        """:func:`slope.kernels.adamw_step_operands_`: AdamW and both operands' new values, one pass."""
+        beta1, beta2 = group["betas"]
+        kernels.adamw_step_operands_(
+            p, grad, state["exp_avg"], state["exp_avg_sq"], layer.mask_bits, layer.mask_t_bits,
+            fwd=buffers.get("forward"), bwd=buffers.get("backward"), lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], step=count,
+        )
+
+    def _step_fused(self, params: list[torch.Tensor], group: dict) -> None:
+        """PyTorch's fused AdamW over fp32 ``params`` that share a device and their step count
+        (each ``state["step"]``, already advanced, on that device: nothing is copied per step)."""
         beta1, beta2 = group["betas"]
         grads = [self._layer_of[id(p)].values_grad for p in params]
-        steps = [torch.tensor(float(step), device=device)] * len(params)  # read only, never advanced
         _FUSED_ADAMW(
             params, grads,
             [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_avg_sq"] for p in params],
-            [], steps,
+            [], [self.state[p]["step"] for p in params],
             lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
             amsgrad=False, maximize=False,
         )
 
     @staticmethod
-    def _step_one(p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+    def _step_one(p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, count: int) -> None:
         """One AdamW step of ``p`` (any float dtype; moments and arithmetic in fp32): one Triton
         pass on CUDA, else :func:`slope.kernels.reference.adamw_step_`."""
         beta1, beta2 = group["betas"]
         kernels.adamw_step_(
             p, g, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=group["weight_decay"], step=int(state["step"].item()),
+            eps=group["eps"], weight_decay=group["weight_decay"], step=count,
         )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for layer in self.layers():
-            if set_to_none or layer.values_grad is None:
-                layer.values_grad = None
-            else:
-                layer.values_grad.zero_()
+            layer.zero_values_grad(set_to_none)
 
     @torch.no_grad()
     def clip_grad_norm(
@@ -178,12 +226,16 @@ class ADAMWSparse(torch.optim.Optimizer):
 
     @torch.no_grad()
     def unscale_(self, inv_scale: float | torch.Tensor) -> bool:
-        """Multiply the sparse gradients by ``inv_scale`` (fp16 loss scaling); True if any is inf/nan."""
-        found_inf = False
-        for g in self.sparse_grads():
+        """Multiply the sparse gradients by ``inv_scale`` (fp16 loss scaling); True if any is inf/nan.
+        The answer is a host bool, so this reads the device once (one flag for all gradients)."""
+        grads = self.sparse_grads()
+        if not grads:
+            return False
+        finite = []
+        for g in grads:
             g.mul_(inv_scale)
-            found_inf = found_inf or not bool(torch.isfinite(g).all())
-        return found_inf
+            finite.append(torch.isfinite(g).all().to(grads[0].device))
+        return not bool(torch.stack(finite).all())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this optimizer over layers of the same shapes and sparsity; anything
@@ -195,8 +247,10 @@ class ADAMWSparse(torch.optim.Optimizer):
         # torch casts floating state to the parameter dtype on load; our moments stay fp32.
         saved = {k: {name: v for name, v in s.items() if torch.is_tensor(v)} for k, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
+        self._host_steps.clear()  # read again from the loaded counters at the next step
         params = [p for group in self.param_groups for p in group["params"]]
         for index, tensors in saved.items():
             p = params[int(index)]
             for name, value in tensors.items():
-                self.state[p][name] = value.to(device=p.device) if name != "step" else value
+                # the step counter too lives on the values' device (fp32: what the fused kernels read)
+                self.state[p][name] = value.to(device=p.device, dtype=torch.float32) if name == "step" else value.to(device=p.device)

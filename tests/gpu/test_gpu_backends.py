@@ -344,11 +344,11 @@ def test_auto_layer_uses_the_chooser_per_direction_and_matches_simulated():
     y_sim.backward(dy)
     assert_rel_close(x_fast.grad, x_sim.grad, torch.bfloat16)
     # forward operand (out, in) and input-gradient operand (in, out) are chosen separately, at
-    # the call's token bucket (8 tokens: timed at 16)
-    assert layer._backend_for(torch.bfloat16, x.device, "forward", 8) is AUTO_CHOOSER.choose(
-        (1024, 256), torch.bfloat16, x.device, True, 8
+    # the call's token bucket (8 tokens: timed at 16), counting their rebuild (training calls)
+    assert layer._backend_for(torch.bfloat16, x.device, "forward", 8, True) is AUTO_CHOOSER.choose(
+        (1024, 256), torch.bfloat16, x.device, True, 8, direction="forward", training=True
     )
-    assert layer._backend_for(torch.bfloat16, x.device, "backward", 8) is AUTO_CHOOSER.choose(
-        (256, 1024), torch.bfloat16, x.device, True, 16
+    assert layer._backend_for(torch.bfloat16, x.device, "backward", 8, True) is AUTO_CHOOSER.choose(
+        (256, 1024), torch.bfloat16, x.device, True, 16, direction="backward", training=True
     )
-    assert ("forward", torch.bfloat16, x.device, 16) in layer._backends
+    assert ("forward", torch.bfloat16, x.device, 16, True) in layer._backends
