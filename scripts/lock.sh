@@ -12,7 +12,7 @@ TRITON=${TRITON:-triton==3.7.1}
 PY=${PYTHON:-python3}
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 "$PY" -m venv "$tmp/venv"
-DS_BUILD_OPS=0 "$tmp/venv/bin/python" -m pip install -q "$TORCH_CPU" "$TRITON" -e ".[dev,deepspeed]" \
+DS_BUILD_OPS=0 "$tmp/venv/bin/python" -m pip install -q "$TORCH_CPU" "$TRITON" -e ".[dev,deepspeed,tensorboard,peft]" \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 {
   echo "# CPU machines' pinned environment (scripts/setup_venv.sh installs exactly this)."

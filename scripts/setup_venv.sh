@@ -4,13 +4,14 @@
 # new upstream release cannot change what CI runs; refresh the lock with scripts/lock.sh.
 # SLOPE_VENV / SLOPE_LOCK pick another venv folder / constraints file.
 # Machines with an NVIDIA GPU get the newest CUDA builds that pyproject.toml's ranges allow.
-# One venv serves both README commands (train.sh and test.sh): it always has the dev and
-# deepspeed extras, so switching between them never reinstalls anything.
+# One venv serves both README commands (train.sh and test.sh): it always has the extras the tests
+# exercise (dev, deepspeed, tensorboard, peft), so switching between them never reinstalls anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SLOPE_VENV:-.venv}
 LOCK=${SLOPE_LOCK:-requirements/cpu.lock}   # scripts/test_oldest.sh sets requirements/oldest.txt
 PY=${PYTHON:-python3}
+EXTRAS="dev,deepspeed,tensorboard,peft"   # scripts/lock.sh resolves the same
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 stamp_value=$(cat pyproject.toml scripts/setup_venv.sh "$LOCK" | sha256sum | cut -c1-16)
@@ -27,10 +28,10 @@ export DS_BUILD_OPS=0   # DeepSpeed without its CUDA ops (ZeRO-1/2 need none of 
 # once per package; keep those lines out of the way.
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 if has_gpu; then
-  quiet "$VENV/bin/python" -m pip install -q -e ".[dev,deepspeed]" >&2
+  quiet "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]" >&2
 else
   # PIP_CONSTRAINT (not -c) so that the pins hold inside build environments too.
-  PIP_CONSTRAINT="$PWD/$LOCK" quiet "$VENV/bin/python" -m pip install -q -e ".[dev,deepspeed]" >&2
+  PIP_CONSTRAINT="$PWD/$LOCK" quiet "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]" >&2
 fi
 echo "$stamp_value" > "$stamp_file"
 echo "$VENV ready" >&2

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LR_SCHEDULES", "FinetuneLoop", "LoopSettings", "cross_entropy_loss", "lr_at", "plot_run"]
+__all__ = ["LR_SCHEDULES", "FinetuneLoop", "LoopSettings", "cross_entropy_loss", "enable_activation_checkpointing", "lr_at", "plot_run"]
 
 #: ``lr_scheduler_type`` values (the names of ``transformers.TrainingArguments``).
 LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -53,6 +53,18 @@ def lr_at(step: int, lr: float, warmup: int, total: int, kind: str = "linear") -
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of an HF model's layers (nothing for a model without
+    support); ``activation_checkpointing_enable`` is the name since transformers 5.2x, the older
+    ``gradient_checkpointing_enable`` (deprecated there) before."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:  # noqa: ARG001

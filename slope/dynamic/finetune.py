@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
-from slope.finetune_loop import FinetuneLoop, LoopSettings, plot_run
+from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing, plot_run
 from slope.sparsity import SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
@@ -204,11 +204,8 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
         from slope.dynamic.attention import enable_topk_attention
 
         enable_topk_attention(model, topk_ratio)
-    if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers >= 5.2x)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
     dense_opt, sparse_opt = _optimizers(model, sparsifier, learning_rate, extra["weight_decay"])
     settings = LoopSettings(learning_rate, warmup_steps, "linear", gradient_accumulation_steps, args.precision,
                             extra["max_grad_norm"], extra["logging_steps"], extra["eval_steps"], extra["progress"],

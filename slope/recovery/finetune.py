@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, plot_run
+from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing, plot_run
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import ConstantMasks, _warn_uncovered
 from slope.recovery.distill import DistillationError, Distiller
@@ -308,11 +308,8 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     total = args["max_steps"] or max(1, math.ceil(args["num_train_epochs"] * steps_per_epoch))
     distiller = _prepare_teacher(model, teacher, distill_mod, args, env.device, steps_per_epoch, tokenizer,
                                  data.val[0][0][:1, :32].to(env.device))
-    if args["gradient_checkpointing"] and getattr(model, "supports_gradient_checkpointing", False):
-        if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers >= 5.2x)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args["gradient_checkpointing"]:
+        enable_activation_checkpointing(model)
     dense_opt, sparse_opt = _optimizers(model, args)
     forward_model = model
     if env.distributed:
