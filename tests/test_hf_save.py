@@ -23,12 +23,7 @@ from slope.serialization.folders import folder_kind  # noqa: E402
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama():

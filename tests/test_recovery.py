@@ -49,13 +49,7 @@ test_stage:
 """ % "\n".join(f'        "model.layers.{i}",' for i in range(31))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is fastest (and far faster on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(layers=2, vocab=4096, hidden=32, seed=0):

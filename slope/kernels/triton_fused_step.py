@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .reference import _check_adamw, _check_mask
-from .triton_kernels import TRITON_DTYPES, _adamw_math, _first_and_last, _mask_at, adamw_coefficients
+from .triton_kernels import TRITON_DTYPES, _adamw_math, _first_and_last, _mask_at, _stored_rows, adamw_coefficients
 
 __all__ = ["adamw_step_operands_", "BLOCK_Q", "BLOCK_G"]
 
@@ -112,15 +112,7 @@ def _adamw_operands_kernel(
             w2 = _entry(c0, c1, f2, l2, p)
             w3 = _entry(d0, d1, f3, l3, p)
             tbase = (4 * q) * cols + 4 * g + p
-            t0 = _mask_at(mask_t_ptr, tbase, valid, PACKED_T)
-            t1 = _mask_at(mask_t_ptr, tbase + cols, valid, PACKED_T)
-            t2 = _mask_at(mask_t_ptr, tbase + 2 * cols, valid, PACKED_T)
-            t3 = _mask_at(mask_t_ptr, tbase + 3 * cols, valid, PACKED_T)
-            # the two stored rows (stored_mask_2to4 of M_tᵀ): M_t's kept rows, completed by
-            # compress_2to4's fillers when it keeps fewer than two (those slots hold 0)
-            two = (t0.to(tl.int32) + t1.to(tl.int32) + t2.to(tl.int32) + t3.to(tl.int32)) == 2
-            pos0, last = _first_and_last(t0, t1, t2, t3)
-            pos1 = tl.where(two, last, tl.where(pos0 == 2, 3, 2))
+            t0, t1, t2, t3, pos0, pos1 = _stored_rows(mask_t_ptr, tbase, cols, valid, PACKED_T)
             s0 = tl.where(t0, w0, 0.0)
             s1 = tl.where(t1, w1, 0.0)
             s2 = tl.where(t2, w2, 0.0)

@@ -280,6 +280,21 @@ def _mask_at(mask_ptr, offset, valid, PACKED: tl.constexpr):
         return tl.load(mask_ptr + offset, mask=valid, other=0) != 0
 
 
+@triton.jit
+def _stored_rows(mask_ptr, base, stride, valid, PACKED: tl.constexpr):
+    """``M_t`` of one column's group of 4 rows (``base + i·stride``), and the group's two stored rows
+    (:func:`slope.kernels.stored_mask_2to4` of ``M_tᵀ``): M_t's kept rows, completed by
+    compress_2to4's fillers when M_t keeps fewer than two (those slots hold 0)."""
+    t0 = _mask_at(mask_ptr, base, valid, PACKED)
+    t1 = _mask_at(mask_ptr, base + stride, valid, PACKED)
+    t2 = _mask_at(mask_ptr, base + 2 * stride, valid, PACKED)
+    t3 = _mask_at(mask_ptr, base + 3 * stride, valid, PACKED)
+    two = (t0.to(tl.int32) + t1.to(tl.int32) + t2.to(tl.int32) + t3.to(tl.int32)) == 2
+    pos0, last = _first_and_last(t0, t1, t2, t3)
+    pos1 = tl.where(two, last, tl.where(pos0 == 2, 3, 2))
+    return t0, t1, t2, t3, pos0, pos1
+
+
 def _mask_arg(name: str, mask: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, bool]:
     """A kernel's mask argument (bool of ``shape`` or its packed bits) as ``(uint8 tensor, packed)``."""
     packed = _check_mask(name, mask, shape, device)
@@ -554,15 +569,7 @@ def _transpose_kept_kernel(
     q = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)[None, :]
     valid = (j < cols) & (q < rows // 4)
     tbase = (4 * q) * cols + j
-    t0 = _mask_at(mask_t_ptr, tbase, valid, PACKED_T)
-    t1 = _mask_at(mask_t_ptr, tbase + cols, valid, PACKED_T)
-    t2 = _mask_at(mask_t_ptr, tbase + 2 * cols, valid, PACKED_T)
-    t3 = _mask_at(mask_t_ptr, tbase + 3 * cols, valid, PACKED_T)
-    # The two stored rows of the group (stored_mask_2to4): M_t's kept rows, completed by
-    # compress_2to4's fillers when M_t keeps fewer than two (those slots hold 0).
-    two = (t0.to(tl.int32) + t1.to(tl.int32) + t2.to(tl.int32) + t3.to(tl.int32)) == 2
-    pos0, last = _first_and_last(t0, t1, t2, t3)
-    pos1 = tl.where(two, last, tl.where(pos0 == 2, 3, 2))
+    t0, t1, t2, t3, pos0, pos1 = _stored_rows(mask_t_ptr, tbase, cols, valid, PACKED_T)
     v0 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos0, q, j, valid, cols, BLOCK_J, BLOCK_Q, PACKED_M)
     v1 = _stored_backward_value(values_ptr, mask_ptr, t0, t1, t2, t3, pos1, q, j, valid, cols, BLOCK_J, BLOCK_Q, PACKED_M)
     if DENSE:
