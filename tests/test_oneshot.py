@@ -296,6 +296,18 @@ def test_calibration_windows():
     assert torch.cat([w[0] for w in text]).tolist() == (ids * 20)[:32]
 
 
+def test_named_calibration_data_comes_from_the_training_split_only():
+    """Calibration on "embedded" never reads the text slope eval holds out: with slope's tokenizer its
+    windows are the first windows of the training stream of slope train (48 × 512 tokens reach past
+    the first validation chunk, tokens 20480-22527 of the whole stream)."""
+    from slope.data import load_splits
+
+    splits = load_splits("embedded", 512)
+    windows = calibration_samples("embedded", shipped_tokenizer(), 48, 512)
+    assert len(windows) == 48
+    assert torch.equal(torch.cat([w[0] for w in windows]), splits.train[: 48 * 512])
+
+
 def test_non_divisible_layers_are_skipped_with_a_note():
     model = tiny_llama(hidden=36, heads=2)  # in_features 36: not divisible by 8; down_proj (in 64) is
     oneshot(model, recipe("SparseGPTModifier", mask_structure="4:8", block_size=8), dataset=token_ids(), verbose=False)

@@ -33,6 +33,7 @@ __all__ = [
     "TOKENIZER_FILE",
     "TokenSplits",
     "load_splits",
+    "split_chunks",
     "load_tokenizer",
     "read_documents",
     "split_stream",
@@ -145,15 +146,21 @@ class TokenSplits:
     fingerprint: str  # sha256 of both streams: identifies the data in checkpoints
 
 
-def split_stream(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a 1-D token stream into ``(train, val)``: chunk ``i`` is validation iff
-    ``i % VAL_EVERY == VAL_EVERY // 2``; chunks are ``MAX_CHUNK`` tokens, or fewer for small data."""
+def split_chunks(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, val)`` of a 1-D token stream, with no size check: chunk ``i`` is validation iff
+    ``i % VAL_EVERY == VAL_EVERY // 2``; chunks are ``MAX_CHUNK`` tokens, or fewer for small data
+    (streams under ``VAL_EVERY · MAX_CHUNK`` tokens). From that length on the chunks are fixed, so a
+    prefix of at least that many tokens splits exactly as the whole stream does."""
     chunk = max(1, min(MAX_CHUNK, len(tokens) // VAL_EVERY))
     chunks = torch.split(tokens, chunk)
     val = [c for i, c in enumerate(chunks) if i % VAL_EVERY == VAL_EVERY // 2]
     train = [c for i, c in enumerate(chunks) if i % VAL_EVERY != VAL_EVERY // 2]
-    train_t = torch.cat(train) if train else tokens[:0]
-    val_t = torch.cat(val) if val else tokens[:0]
+    return (torch.cat(train) if train else tokens[:0]), (torch.cat(val) if val else tokens[:0])
+
+
+def split_stream(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_chunks`, refusing a split with less than one ``seq_len + 1`` window on either side."""
+    train_t, val_t = split_chunks(tokens)
     need = seq_len + 1
     if len(train_t) < need or len(val_t) < need:
         raise DataError(

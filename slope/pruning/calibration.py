@@ -72,7 +72,8 @@ def calibration_samples(dataset, tokenizer=None, num_samples: int = 512, max_seq
     evenly over the stream), or text: ``"embedded"``, a ``.txt`` / ``.jsonl`` file, a Hugging Face
     dataset name (needs internet) or a list of strings, tokenized with ``tokenizer`` (an HF tokenizer
     or a ``tokenizers.Tokenizer``) and concatenated (documents separated by EOS) until there are
-    enough tokens; then consecutive windows. A stream shorter than one window is one shorter sample.
+    enough tokens; then consecutive windows (a named source: from its training split only, see
+    :func:`_text_stream`). A stream shorter than one window is one shorter sample.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise CalibrationError(f"num_calibration_samples must be a positive integer, got {num_samples!r}")
@@ -91,16 +92,32 @@ def calibration_samples(dataset, tokenizer=None, num_samples: int = 512, max_seq
         return _windows(dataset.long(), num_samples, max_seq_length, spread=True)
     if tokenizer is None:
         raise CalibrationError("tokenizing the calibration text needs a tokenizer: pass tokenizer= (e.g. the model's AutoTokenizer)")
-    need, eos, ids = num_samples * max_seq_length, _eos_id(tokenizer), []
+    stream = _text_stream(dataset, tokenizer, num_samples * max_seq_length, text_field)
+    return _windows(stream, num_samples, max_seq_length, spread=False)
+
+
+def _text_stream(dataset, tokenizer, need: int, text_field: str) -> torch.Tensor:
+    """``int64 (tokens,)``: the documents tokenized and concatenated (EOS after each). A named source
+    (``"embedded"``, a file, a Hugging Face dataset) gives the *training* part of slope's split
+    (:func:`slope.data.split_chunks`), so calibration never sees the text ``slope eval`` holds out;
+    with slope's own tokenizer that is exactly the stream ``slope train`` trains on. A list of strings
+    is the user's calibration set and is used whole."""
+    from slope.data.dataset import MAX_CHUNK, VAL_EVERY, split_chunks
+
+    named = isinstance(dataset, str)
+    # enough tokens for `need` training tokens, and a prefix long enough to split as the whole stream does
+    enough = max(need * VAL_EVERY // (VAL_EVERY - 1) + MAX_CHUNK, VAL_EVERY * MAX_CHUNK) if named else need
+    eos, ids = _eos_id(tokenizer), []
     for doc in _documents(dataset, text_field):
-        if not doc.strip():
+        if not named and not doc.strip():
             continue
         ids.extend(_encode(tokenizer, doc))
         if eos is not None:
             ids.append(eos)
-        if len(ids) >= need:
+        if len(ids) >= enough:
             break
-    return _windows(torch.tensor(ids, dtype=torch.int64), num_samples, max_seq_length, spread=False)
+    stream = torch.tensor(ids, dtype=torch.int64)
+    return split_chunks(stream)[0] if named else stream
 
 
 # ---------------------------------------------------------------------- running blocks
