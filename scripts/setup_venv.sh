@@ -21,7 +21,7 @@ if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp_v
   echo "$VENV" ; exit 0
 fi
 
-echo "setting up $VENV (the first time takes about a minute) ..." >&2
+echo "setting up $VENV (the first time takes a few minutes) ..." >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" >&2
 export DS_BUILD_OPS=0   # DeepSpeed without its CUDA ops (ZeRO-1/2 need none of them)
 # This machine's pip configuration names local index folders that often lack a package: pip warns

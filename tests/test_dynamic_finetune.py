@@ -183,6 +183,26 @@ def test_cli_sparse_finetune(tmp_path, capsys):
     assert "sparsity_ratio must be" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
+def test_sparse_finetune_resumes_exactly(tmp_path, sparsity_type):
+    """A run stopped after step 3 and resumed from its checkpoint ends where an uninterrupted one
+    does: weights, masks, mask-update history and logged records (RigL updates after steps 2 and 4)."""
+    kw = dict(sparsity_type=sparsity_type, max_steps=6, save_steps=3, gradient_accumulation_steps=1)
+    whole = _run(tmp_path / "whole", **kw)
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    resumed = _run(tmp_path / "resumed", **kw, resume_from_checkpoint=tmp_path / "whole" / "checkpoint-3")
+    assert [r["step"] for r in resumed.dynamic_sparsity.history] == [r["step"] for r in whole.dynamic_sparsity.history] == [0, 2, 4]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.finetune_summary["val_curve"] == whole.finetune_summary["val_curve"]
+    lines = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lines("resumed") == lines("whole")
+    with pytest.raises(ValueError, match="learning_rate"):
+        _run(tmp_path / "other", **kw, learning_rate=2e-3, resume_from_checkpoint=tmp_path / "whole")
+    with pytest.raises(FileNotFoundError, match="no checkpoint-<step> folder"):
+        _run(tmp_path / "none", **kw, resume_from_checkpoint=True)
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kw,match", [
     (dict(sparsity_ratio=1.0), "sparsity_ratio must be"),

@@ -49,6 +49,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--targets", nargs="+", default=None, help="only these linear layers (names, suffixes or globs)")
     p.add_argument("--skip", nargs="+", default=None, help="leave these linear layers dense")
+    p.add_argument("--save-steps", type=int, default=None, help="write OUTPUT_DIR/checkpoint-<step> every K steps")
+    p.add_argument("--resume-from-checkpoint", default=None, metavar="DIR",
+                   help="a checkpoint-<step> folder ('latest': the newest in --output-dir)")
     return p
 
 
@@ -71,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     options = vars(args).copy()
     options.pop("command")
     try:
+        if options["resume_from_checkpoint"] == "latest":
+            options["resume_from_checkpoint"] = True
         if options["pruning_method"] is not None:
             options["pruning_method"] = _import_method(options["pruning_method"])
         model = sparse_finetune(options.pop("model"), options.pop("dataset"), **options)

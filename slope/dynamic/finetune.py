@@ -11,7 +11,8 @@ On RigL update steps the backward also keeps the dense weight gradients (see
 :class:`slope.dynamic.DynamicSparsity`). ``output_dir`` receives the fine-tuned model as a plain
 Hugging Face folder (pruned entries are exact zeros; N:M models are exported with
 :func:`slope.export_dense`), its tokenizer, ``metrics.jsonl``, ``summary.json``, ``loss.png`` and
-``dynamic_sparsity.pt`` (masks and mask-update history).
+``dynamic_sparsity.pt`` (masks and mask-update history); with ``save_steps``, ``checkpoint-<step>/``
+folders that ``resume_from_checkpoint`` continues from exactly (:mod:`slope.finetune_checkpoints`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.nn as nn
 
 from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
+from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing, plot_run
 from slope.sparsity import SparseLayerMasks
 
@@ -38,7 +40,12 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "max_steps": None, "tokenizer": None, "seed": 0, "max_seq_length": 256, "eval_batches": 8, "eval_steps": None,
     "logging_steps": 10, "max_grad_norm": 1.0, "weight_decay": 0.0, "text_field": "text", "device": "auto",
     "targets": None, "skip": None, "compress": None, "double_pruning": None, "progress": None,
+    "save_steps": None, "resume_from_checkpoint": None,
 }
+
+#: What a resumed run must share with the run that wrote its checkpoint.
+RESUME_KEYS = ("total_steps", "sparsity", "learning_rate", "batch_size", "warmup_steps", "gradient_accumulation_steps",
+               "precision", "seed", "max_seq_length", "max_grad_norm", "weight_decay")
 
 
 @dataclass
@@ -75,6 +82,8 @@ class FinetuneArgs:
             positive_int("max_steps", self.extra["max_steps"])
         if self.extra["eval_steps"] is not None:
             positive_int("eval_steps", self.extra["eval_steps"])
+        if self.extra["save_steps"] is not None:
+            positive_int("save_steps", self.extra["save_steps"])
         if self.fp16 and self.bf16:
             raise ValueError("fp16 and bf16 are exclusive; choose one (or neither for fp32)")
         if self.use_topk_attention and not (isinstance(self.topk_ratio, (int, float)) and 0 < self.topk_ratio <= 1):
@@ -128,11 +137,25 @@ class _Run:
     loop: FinetuneLoop
 
 
+def _checkpoints(ctx: _Run, out: Path | None) -> LoopCheckpoints:
+    """``out/checkpoint-<step>/`` of this run: the loop's state and the dynamic-sparsity schedule."""
+    args = ctx.args
+    fingerprint = {"total_steps": ctx.loop.total_steps, "sparsity": ctx.sparsifier.config.summary(),
+                   "learning_rate": args.learning_rate, "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
+                   "gradient_accumulation_steps": args.gradient_accumulation_steps, "precision": args.precision,
+                   **{k: args.extra[k] for k in ("seed", "max_seq_length", "max_grad_norm", "weight_decay")}}
+    return LoopCheckpoints(out, ctx.loop, {"sparsifier": ctx.sparsifier}, fingerprint, RESUME_KEYS, writer="sparse_finetune")
+
+
 def _loop(ctx: _Run, out: Path | None) -> dict[str, Any]:
-    """Train all steps; log metrics (to ``out/metrics.jsonl`` when given); returns the summary."""
-    sparsifier = ctx.sparsifier
-    history = [{"event": "mask_update", **event} for event in sparsifier.history]
-    summary = ctx.loop.run(out, records=history)
+    """Train all steps (from a checkpoint when ``resume_from_checkpoint`` says so); log metrics (to
+    ``out/metrics.jsonl`` when given), write ``checkpoint-<step>/`` every ``save_steps``; returns the summary."""
+    sparsifier, extra = ctx.sparsifier, ctx.args.extra
+    checkpoints = _checkpoints(ctx, out)
+    start, records = 0, [{"event": "mask_update", **event} for event in sparsifier.history]
+    if extra["resume_from_checkpoint"]:
+        start, records = checkpoints.load(extra["resume_from_checkpoint"])
+    summary = ctx.loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=extra["save_steps"])
     summary["final_sparsity"] = sparsifier.sparsity
     summary["mask_updates"] = sum(1 for r in summary["records"] if r.get("event") == "mask_update")
     return summary
@@ -170,7 +193,11 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
     ``max_steps`` (overrides ``num_epochs``), ``tokenizer``, ``seed``, ``max_seq_length`` (256),
     ``eval_batches`` (8), ``eval_steps``, ``logging_steps`` (10), ``max_grad_norm`` (1.0),
     ``weight_decay`` (0.0), ``text_field``, ``device`` ("auto"), ``targets`` / ``skip`` (layers),
-    ``compress`` / ``double_pruning`` (N:M SLoPe layers), ``progress`` (True: tqdm bar, False: none; default: a bar on a terminal, plain lines with rate and ETA otherwise).
+    ``compress`` / ``double_pruning`` (N:M SLoPe layers), ``progress`` (True: tqdm bar, False: none;
+    default: a bar on a terminal, plain lines with rate and ETA otherwise), ``save_steps`` (write
+    ``output_dir/checkpoint-<step>/`` every K steps: model, masks, schedule, optimizers, RNG states),
+    ``resume_from_checkpoint`` (such a folder, or ``True`` for the newest in ``output_dir``: continues
+    exactly; a checkpoint of other settings is refused).
 
     The returned model keeps its sparse form: unstructured masks as zeros in ``nn.Linear`` weights,
     N:M as :class:`slope.SparseLinear` layers (2:4: accelerable). Its ``dynamic_sparsity`` attribute
@@ -223,7 +250,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
                          "num_epochs": num_epochs, "warmup_steps": warmup_steps,
                          "gradient_accumulation_steps": gradient_accumulation_steps, "precision": args.precision,
                          "gradient_checkpointing": gradient_checkpointing, "use_topk_attention": use_topk_attention,
-                         "topk_ratio": topk_ratio, **{k: v for k, v in extra.items() if k != "tokenizer"}}
+                         "topk_ratio": topk_ratio, **{k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in extra.items() if k != "tokenizer"}}
     if out is not None:
         _save(ctx, tokenizer, out, summary)
     if hasattr(sparsifier.masked, "remove_hooks"):

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing, plot_run
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import ConstantMasks, _warn_uncovered
@@ -56,7 +56,6 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 #: File in each ``checkpoint-<step>`` folder holding the run's state.
-CHECKPOINT_STATE = "slope_finetune_state.pt"
 #: Settings a resumed run must share with the checkpoint's run.
 _RESUME_KEYS = ("total_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "global_batch",
                 "gradient_accumulation_steps", "max_seq_length", "seed", "recipe", "double_pruning", "precision_mode",
@@ -169,67 +168,6 @@ def _loss_fn(distiller: Distiller | None):
     return loss_fn
 
 
-# ---------------------------------------------------------------------- checkpoints
-class _Checkpoints:
-    """``checkpoint-<step>/`` folders under ``out``: the run's whole state, written atomically."""
-
-    def __init__(self, out: Path | None, loop: FinetuneLoop, constant: ConstantMasks | None, fingerprint: dict, main: bool):
-        self.out, self.loop, self.constant, self.fingerprint, self.main = out, loop, constant, fingerprint, main
-
-    def save(self, step: int, records: list[dict]) -> None:
-        if self.out is None or not self.main:
-            return
-        from slope.parallel import full_model_state_dict
-
-        loop = self.loop
-        state = {"step": step, "fingerprint": self.fingerprint, "records": records,
-                 "model": full_model_state_dict(loop.model), "dense_opt": loop.dense_opt.state_dict(),
-                 "sparse_opt": None if loop.sparse_opt is None else loop.sparse_opt.state_dict(),
-                 "scaler": loop.scaler.state_dict(), "constant": None if self.constant is None else self.constant.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
-        final = self.out / f"checkpoint-{step}"
-        tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / CHECKPOINT_STATE)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-
-    def resolve(self, source) -> Path:
-        """A ``checkpoint-<step>`` folder, or the newest one in a folder (``True``: in ``output_dir``)."""
-        folder = self.out if source is True else Path(source)
-        if folder is not None and (folder / CHECKPOINT_STATE).is_file():
-            return folder
-        found = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()] if folder is not None and folder.is_dir() else []
-        if not found:
-            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-<step> folder written by slope.finetune at {folder} "
-                                    "(pass save_steps to write them)")
-        return max(found, key=lambda p: int(p.name[11:]))
-
-    def load(self, source) -> tuple[int, list[dict]]:
-        path = self.resolve(source) / CHECKPOINT_STATE
-        if not path.is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint: {path} not found (written by slope.finetune with save_steps)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        theirs = state["fingerprint"]
-        diff = {k: (theirs.get(k), self.fingerprint[k]) for k in _RESUME_KEYS if theirs.get(k) != self.fingerprint[k]}
-        if diff:
-            raise ValueError(f"the checkpoint {path.parent} was written by a run with other settings "
-                             f"({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); resume with the same ones")
-        loop = self.loop
-        loop.model.load_state_dict(state["model"])
-        loop.dense_opt.load_state_dict(state["dense_opt"])
-        if loop.sparse_opt is not None:
-            loop.sparse_opt.load_state_dict(state["sparse_opt"])
-        loop.scaler.load_state_dict(state["scaler"])
-        if self.constant is not None:
-            self.constant.load_state_dict(state["constant"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        return int(state["step"]), list(state["records"])
-
-
 # ---------------------------------------------------------------------- outputs
 def _save_outputs(model: nn.Module, tokenizer, out: Path, entries: list, summary: dict) -> None:
     """The HF folder (plain transformers; zeros where pruned), tokenizer, recipe, summary and plot."""
@@ -287,7 +225,7 @@ class _Recovery:
     constant: ConstantMasks | None
     distiller: Distiller | None
     loop: FinetuneLoop
-    checkpoints: _Checkpoints
+    checkpoints: LoopCheckpoints
     out: Path | None
 
 
@@ -331,7 +269,7 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
         out.mkdir(parents=True, exist_ok=True)
     fingerprint = {"total_steps": total, "global_batch": global_batch, "recipe": recipe_yaml(entries) if entries else None,
                    **{k: args[k] for k in _RESUME_KEYS if k in args}}
-    return _Recovery(model, tokenizer, constant, distiller, loop, _Checkpoints(out, loop, constant, fingerprint, env.is_main), out)
+    return _Recovery(model, tokenizer, constant, distiller, loop, LoopCheckpoints(out, loop, {"constant": constant}, fingerprint, _RESUME_KEYS, env.is_main), out)
 
 
 def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""``checkpoint-<step>/`` folders of a :class:`slope.finetune_loop.FinetuneLoop` run, for every front door
+that trains on it (``slope.finetune``, ``slope.dynamic.sparse_finetune``).
+
+A checkpoint holds the run's whole state in one file (``slope_finetune_state.pt``): the model's full state
+dict (masks included), both optimizers, the loss scaler, the torch / NumPy / Python RNG states, the
+records logged so far, the front door's own stateful objects (held masks, a dynamic-sparsity
+schedule: anything with ``state_dict`` / ``load_state_dict``) and a fingerprint of the settings a
+resumed run must share. It is written to a temporary folder and renamed, so a kill leaves either the
+old checkpoint or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slope.finetune_loop import FinetuneLoop
+
+__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints"]
+
+CHECKPOINT_STATE = "slope_finetune_state.pt"
+
+
+class LoopCheckpoints:
+    """Save and resume ``loop``'s run under ``out`` (``None``: no saving).
+
+    ``states``: ``{name: object}`` saved and restored beside the loop's own state (``None`` values
+    are skipped). ``fingerprint``: plain values; a checkpoint whose ``resume_keys`` differ is refused.
+    ``writer``: the front door's name for error messages. Only the ``main`` process writes.
+    """
+
+    def __init__(self, out: Path | None, loop: FinetuneLoop, states: dict[str, Any], fingerprint: dict[str, Any],
+                 resume_keys: tuple[str, ...], main: bool = True, writer: str = "slope.finetune"):
+        self.out, self.loop, self.main, self.writer = out, loop, main, writer
+        self.states = {name: obj for name, obj in states.items() if obj is not None}
+        self.fingerprint, self.resume_keys = fingerprint, resume_keys
+
+    def save(self, step: int, records: list[dict]) -> None:
+        """Write ``out/checkpoint-<step>/`` atomically (replacing one of the same step)."""
+        if self.out is None or not self.main:
+            return
+        from slope.parallel import full_model_state_dict
+
+        loop = self.loop
+        state = {"step": step, "fingerprint": self.fingerprint, "records": records,
+                 "model": full_model_state_dict(loop.model), "dense_opt": loop.dense_opt.state_dict(),
+                 "sparse_opt": None if loop.sparse_opt is None else loop.sparse_opt.state_dict(),
+                 "scaler": loop.scaler.state_dict(), **{name: obj.state_dict() for name, obj in self.states.items()},
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        final = self.out / f"checkpoint-{step}"
+        tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / CHECKPOINT_STATE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    def resolve(self, source) -> Path:
+        """A ``checkpoint-<step>`` folder, or the newest one in a folder (``True``: in ``out``)."""
+        folder = self.out if source is True else Path(source)
+        if folder is not None and (folder / CHECKPOINT_STATE).is_file():
+            return folder
+        found = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()] if folder is not None and folder.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-<step> folder written by {self.writer} at {folder} "
+                                    "(pass save_steps to write them)")
+        return max(found, key=lambda p: int(p.name[11:]))
+
+    def load(self, source) -> tuple[int, list[dict]]:
+        """Restore the run saved at ``source``; returns ``(step, records)`` to continue from."""
+        path = self.resolve(source) / CHECKPOINT_STATE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and what to do
+            raise ValueError(f"resume_from_checkpoint: {path} cannot be read ({type(e).__name__}: {e}); "
+                             "resume from another checkpoint-<step> folder") from e
+        missing = [name for name in ("step", "fingerprint", "model", *self.states) if name not in state]
+        if missing:
+            raise ValueError(f"resume_from_checkpoint: {path} lacks {missing}: it was not written by {self.writer}")
+        theirs = state["fingerprint"]
+        diff = {k: (theirs.get(k), self.fingerprint.get(k)) for k in self.resume_keys if theirs.get(k) != self.fingerprint.get(k)}
+        if diff:
+            raise ValueError(f"the checkpoint {path.parent} was written by a run with other settings "
+                             f"({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); resume with the same ones")
+        loop = self.loop
+        loop.model.load_state_dict(state["model"])
+        for name, obj in self.states.items():
+            obj.load_state_dict(state[name])
+        loop.dense_opt.load_state_dict(state["dense_opt"])
+        if loop.sparse_opt is not None:
+            loop.sparse_opt.load_state_dict(state["sparse_opt"])
+        loop.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        return int(state["step"]), list(state["records"])
