@@ -5,11 +5,13 @@ A checkpoint holds the run's whole state in one file (``slope_finetune_state.pt`
 dict (masks included), both optimizers, the loss scaler, the torch / NumPy / Python RNG states, the
 records logged so far, the front door's own stateful objects (held masks, a dynamic-sparsity
 schedule: anything with ``state_dict`` / ``load_state_dict``) and a fingerprint of the settings a
-resumed run must share. It is written to a temporary folder and renamed, so a kill leaves either the
-old checkpoint or the new one, never half of one.
+resumed run must share. It is written and fsynced in a temporary folder, then renamed (and the
+folder synced), so a kill or a power loss leaves either the old checkpoint or the new one, never half
+of one; a full disk is a one-line :class:`slope.durable.StorageError`.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slope.durable import fsync_dir, write_file
 from slope.finetune_loop import FinetuneLoop
 
 __all__ = ["CHECKPOINT_STATE", "LoopCheckpoints"]
@@ -56,9 +59,13 @@ class LoopCheckpoints:
         tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save(state, tmp / CHECKPOINT_STATE)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_file(tmp / CHECKPOINT_STATE, buffer.getbuffer())  # fsynced; a full disk is a StorageError
+        fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(self.out)
 
     def resolve(self, source) -> Path:
         """A ``checkpoint-<step>`` folder, or the newest one in a folder (``True``: in ``out``)."""

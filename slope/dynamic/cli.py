@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (1 with a one-line error for bad input)."""
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
+    from slope.durable import StorageError
     from slope.dynamic.finetune import sparse_finetune
 
     options = vars(args).copy()
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if options["pruning_method"] is not None:
             options["pruning_method"] = _import_method(options["pruning_method"])
         model = sparse_finetune(options.pop("model"), options.pop("dataset"), **options)
-    except (ValueError, TypeError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
         print(f"slope sparse-finetune: error: {e}", file=sys.stderr)
         return 1
     s = model.finetune_summary

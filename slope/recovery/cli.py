@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (1 with a one-line error for bad input)."""
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
+    from slope.durable import StorageError
     from slope.recovery.finetune import finetune
 
     options = vars(args).copy()
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         if config:
             dataset = f"{dataset}:{config}"
         result = finetune(model, recipe, dataset, distill_teacher=teacher, output_dir=output_dir, **options)
-    except (ValueError, TypeError, DataError, CheckpointError, OSError) as e:
+    except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
         print(f"slope finetune: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     s = result.finetune_summary
