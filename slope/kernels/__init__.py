@@ -3,7 +3,7 @@
 The CUDA/C++ sources that :mod:`slope.kernels.cutlass_sm90` compiles live in the repository's
 top-level ``kernels/`` folder, which is not a Python package.
 
-Functions with a Triton kernel (``addmm``, ``matvec_add``, ``prune_2to4``,
+Functions with a Triton kernel (``addmm``, ``lowrank_concat``, ``matvec_add``, ``prune_2to4``,
 ``double_prune_mask_2to4``, ``prune_compress_2to4``, ``gather_kept_2to4``,
 ``scatter_kept_2to4``, ``transpose_kept_2to4``, ``adamw_step_``, ``adamw_step_operands_``) dispatch: CUDA tensors of a dtype Triton
 handles (fp16/bf16/fp32) go to :mod:`slope.kernels.triton_kernels` when Triton can run here;
@@ -41,6 +41,7 @@ __all__ = [
     "decompress_2to4",
     "double_prune_mask_2to4",
     "gather_kept_2to4",
+    "lowrank_concat",
     "matvec_add",
     "metadata_dtype",
     "prune_2to4",
@@ -91,6 +92,17 @@ def addmm(
     if triton_usable(a, b, c) and a.dtype == b.dtype == c.dtype and (bias is None or triton_usable(bias)):
         return _triton().addmm(a, b, c, alpha, bias)
     return reference.addmm(a, b, c, alpha, bias)
+
+
+def lowrank_concat(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``[x | interleave(x aᵀ, 0)]`` of shape ``(M, K + 2R)`` for ``x (M, K)``, ``a (R, K)``: ``x``
+    then ``u = x aᵀ`` with ``u[:, i]`` at column ``K + 2i`` and zeros between (one Triton pass on
+    CUDA, reading ``x`` once; see :mod:`slope.kernels.triton_lowrank`)."""
+    if triton_usable(x, a) and x.dtype == a.dtype and x.device == a.device and x.dim() == a.dim() == 2 and x.shape[1] == a.shape[1]:
+        from . import triton_lowrank
+
+        return triton_lowrank.lowrank_concat(x, a)
+    return reference.lowrank_concat(x, a)
 
 
 def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
