@@ -36,6 +36,7 @@ import torch.nn as nn
 
 import slope.kernels as kernels
 from slope.inference.fold import FOLDS, choose_fold, extended_weight, scaled_lora_a
+import slope.layer as _layer_module
 from slope.layer import SparseLinear, _compute_dtype
 from slope.registry import sparse_modules
 
@@ -150,7 +151,7 @@ class MergedSparseLinear(SparseLinear):
         """As :meth:`SparseLinear._backend_for`, but ``auto`` on CUDA picks among sparse backends
         only for an inference-only layer: a ``dense`` choice would hold a dense copy of the weight
         beside the compressed one (more memory than the dense model) — docs/inference.md."""
-        if not (self.inference_only and self.compress and self.backend_name == "auto" and device.type == "cuda"):
+        if not (self.inference_only and self.compress and self.backend_name == "auto" and _layer_module._auto_is_timed(device)):
             return super()._backend_for(dtype, device, which, tokens, training)
         from slope.backends.auto import AUTO_CHOOSER
 
