@@ -191,7 +191,17 @@ class MergedSparseLinear(SparseLinear):
             raise RuntimeError(f"{self.layer_name}: M_t was dropped by freeze_for_inference; there is no backward weight")
         return super().backward_weight()
 
-    # ------------------------------------------------------------------ loading checkpoints
+    # ------------------------------------------------------------------ saving and loading checkpoints
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Saved ``values`` are a contiguous tensor of their own, also when they are a view of the
+        operand (:meth:`_share_values`): a checkpoint holds no operand bytes and shares no storage
+        (safetensors refuses shared or strided tensors)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        values = destination.get(prefix + "values")
+        if values is not None and (not values.is_contiguous()
+                                   or values.untyped_storage().nbytes() != values.numel() * values.element_size()):
+            destination[prefix + "values"] = values.detach().clone(memory_format=torch.contiguous_format)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         name = self.layer_name or prefix.rstrip(".") or "MergedSparseLinear"
         lora_a = state_dict.get(prefix + "lora_A")

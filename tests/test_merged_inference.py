@@ -163,6 +163,9 @@ def test_frozen_layer_keeps_its_weights_once_and_still_loads(fold):
         (operand,) = [v[1] for k, v in layer._operands.items() if k[0] == "merged"]
         held = operand[0][0] if fold == "extended" else operand[0]
         assert layer.values.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()  # one copy
+        saved = model.state_dict()["fc1.values"]
+        assert saved.is_contiguous() and saved.untyped_storage().nbytes() == saved.numel() * saved.element_size()
+        torch.testing.assert_close(saved, layer.values, rtol=0, atol=0)
         torch.testing.assert_close(layer.dense_weight(), decompress_2to4(*(operand[0] if fold == "extended" else operand))[:96, :64])
         torch.testing.assert_close(model(x), first, rtol=0, atol=0)  # no rebuild loop, same result
         # new weights load into the shared view and the operand follows
