@@ -40,7 +40,12 @@ import slope.layer as _layer_module
 from slope.layer import SparseLinear, _compute_dtype
 from slope.registry import sparse_modules
 
-__all__ = ["FOLDS", "MergedSparseLinear", "MemoryReport", "merge_lora", "set_lora_fold", "freeze_for_inference", "effective_weight"]
+__all__ = ["FOLDS", "MergedSparseLinear", "MemoryReport", "merge_lora", "set_decode_kernel", "set_lora_fold", "freeze_for_inference", "effective_weight"]
+
+#: decode kernels of merged layers (:func:`set_decode_kernel`), and the most rows ``fused`` takes.
+DECODE_KERNELS = ("gemm", "fused")
+DECODE_ROWS = 16
+
 
 class _NoBackward(torch.autograd.Function):
     """Runs the merged product when autograd is recording; a backward through it is an error."""
@@ -134,9 +139,12 @@ class MergedSparseLinear(SparseLinear):
         differentiable)."""
         out, r = self.out_features, self.lora_rank
         x2 = x.reshape(-1, self.in_features).to(dtype)
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        if r and x2.shape[0] <= DECODE_ROWS and self._fused_decode_runs(x2, dtype):  # one launch (decoding)
+            meta, a_scaled, b = self._decode_operands(dtype, x.device)
+            return kernels.merged_decode(x2, self.values.detach(), meta, a_scaled, b, bias).reshape(*x.shape[:-1], out)
         backend = self._backend_for(dtype, x.device, "forward", x2.shape[0])
         operand = self._merged_operand(dtype, x.device, backend)
-        bias = None if self.bias is None else self.bias.detach().to(dtype)
         if not r:  # no adapters: the bias add can go into the product (fused where the backend can)
             return backend.linear(x2, operand, bias).reshape(*x.shape[:-1], out)
         if self.fold == "extended":  # [x | ũ] · [W⊙M | B̃]ᵀ + b: one GEMM, bias in its epilogue
@@ -146,6 +154,32 @@ class MergedSparseLinear(SparseLinear):
         y = u[:, :out]
         kernels.addmm(u[:, out : out + r], self.lora_B.detach().t().to(dtype), y, alpha=self.lora_scaling, bias=bias)
         return u.reshape(*x.shape[:-1], u.shape[-1])
+
+    @property
+    def decode_kernel(self) -> str:
+        """``gemm`` (the fold's kernels at every size) or ``fused`` (inputs of at most
+        :data:`DECODE_ROWS` rows take :func:`slope.kernels.merged_decode`: one Triton launch per layer,
+        CUDA only); set with :func:`set_decode_kernel`."""
+        return getattr(self, "_decode_kernel", "gemm")
+
+    def _fused_decode_runs(self, x2: torch.Tensor, dtype: torch.dtype) -> bool:
+        return (self.decode_kernel == "fused" and (self.n, self.m) == (2, 4) and self.values.dtype == dtype
+                and kernels.triton_usable(x2, self.values))
+
+    def _decode_operands(self, dtype: torch.dtype, device: torch.device):
+        """``(meta, s·A⊙M_A (R, in), B (out, r))`` of :func:`slope.kernels.merged_decode` in ``dtype``
+        (the kept values are ``values`` themselves), cached until the mask or the adapters change."""
+        key = ("decode", dtype, device)
+        sources = (self.mask_bits, self.lora_A, self.lora_A_mask, self.lora_B)
+        version = tuple((t._version, t.data_ptr()) for t in sources)
+        cached = self._operands.get(key)
+        if cached is None or cached[0] != version:
+            with torch.no_grad():
+                meta = kernels.compress_2to4(self.mask.to(dtype), self.mask)[1]
+                b = self.lora_B.detach().to(dtype).contiguous()
+                cached = (version, (meta, scaled_lora_a(self, dtype)[: self.lora_rank].contiguous(), b), None)
+            self._operands[key] = cached
+        return cached[1]
 
     def _backend_for(self, dtype, device, which="forward", tokens=None, training=False):
         """As :meth:`SparseLinear._backend_for`, but ``auto`` on CUDA picks among sparse backends
@@ -256,6 +290,20 @@ def merge_lora(model: nn.Module, fold: str = "auto") -> nn.Module:
         )
     for layer in todo:
         _to_merged(layer, fold)
+    return model
+
+
+def set_decode_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Decode-sized inputs of every merged layer with adapters run on ``kernel``: ``gemm`` (the
+    default: the fold's kernels) or ``fused`` (:func:`slope.kernels.merged_decode`, one Triton launch
+    per layer on CUDA; elsewhere the GEMM path). Returns ``model``."""
+    if kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel {kernel!r} unknown; choose one of {', '.join(DECODE_KERNELS)}")
+    layers = [m for _, m in sparse_modules(model) if isinstance(m, MergedSparseLinear) and m.lora_rank]
+    if not layers:
+        raise ValueError("the model has no merged layers with adapters; call slope.merge_lora(model) first")
+    for layer in layers:
+        layer._decode_kernel = kernel
     return model
 
 

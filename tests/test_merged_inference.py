@@ -201,3 +201,69 @@ def test_auto_on_frozen_merged_layers_never_picks_dense(monkeypatch):
         y = model(x)
     assert {type(b).__name__ for b in model.fc1._backends.values()} == {"ReferenceBackend"}
     torch.testing.assert_close(y.double(), _oracle(model.fc2, torch.relu(_oracle(model.fc1, x))), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- fused decode kernel
+def _decode_case(dtype, m, n, k, r, layout, strided, seed=0):
+    from slope.kernels import compress_2to4, prune_2to4
+
+    gen = torch.Generator().manual_seed(seed)
+    w, mask = prune_2to4(torch.randn(n, k, generator=gen).to(dtype))
+    values, meta = compress_2to4(w, mask, layout=layout)
+    if strided:  # the kept values as a view into a wider operand's storage (frozen layers share them)
+        wide = torch.zeros(n, k // 2 + 16, dtype=dtype)
+        wide[:, : k // 2] = values
+        values = wide[:, : k // 2]
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    a = (torch.randn(r, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, r, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    oracle = x.double() @ w.double().t() + (x.double() @ a.double().t()) @ b.double().t() + bias.double()
+    return (x, values, meta, a, b, bias), oracle
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton runs on CPU only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "plain"), (torch.bfloat16, "cutlass"), (torch.bfloat16, "plain")])
+@pytest.mark.parametrize("m,n,k,r,strided", [(1, 64, 128, 8, False), (5, 96, 64, 4, True), (16, 64, 256, 24, True)])
+def test_triton_merged_decode_matches_reference_and_oracle(dtype, layout, m, n, k, r, strided):
+    from slope.kernels.triton_merged_decode import merged_decode
+
+    if layout == "cutlass" and (n % 32 or k % 32):
+        pytest.skip("the CUTLASS metadata layout needs rows and cols % 32")
+    args, oracle = _decode_case(dtype, m, n, k, r, layout, strided)
+    got, ref = merged_decode(*args), reference.merged_decode(*args)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    scale = oracle.abs().max().item()
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert (got.double() - oracle).abs().max().item() <= tol * scale
+    assert (got.double() - ref.double()).abs().max().item() <= tol * scale
+    without_bias = merged_decode(*args[:5])
+    assert (without_bias.double() + args[5].double() - got.double()).abs().max().item() <= tol * scale
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        merged_decode(torch.zeros(17, k, dtype=dtype), *args[1:])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton runs on CPU only under TRITON_INTERPRET=1")
+def test_fused_decode_layers_take_one_launch_and_equal_unmerged(monkeypatch):
+    import slope.kernels as kernels
+    from slope.lora import set_decode_kernel
+
+    model = _model("reference", 8, torch.float32)
+    x_decode, x_prefill = torch.randn(3, 64), torch.randn(17, 64)
+    with torch.no_grad():
+        expected = [model(x_decode), model(x_prefill)]
+    merge_lora(model, fold="extended")
+    freeze_for_inference(model)
+    assert model.fc1.decode_kernel == "gemm"
+    set_decode_kernel(model, "fused")
+    calls = []
+    fused = kernels.merged_decode
+    monkeypatch.setattr(kernels, "triton_usable", lambda *tensors: True)  # Triton on CPU tensors (interpreter)
+    monkeypatch.setattr(kernels, "merged_decode", lambda *args: calls.append(args[0].shape) or fused(*args))
+    with torch.no_grad():
+        got = [model(x_decode), model(x_prefill)]
+    assert calls == [(3, 64), (3, 96)]  # both layers, decode-sized input only
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="choose one of gemm, fused"):
+        set_decode_kernel(model, "cublas")

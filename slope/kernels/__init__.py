@@ -42,6 +42,7 @@ __all__ = [
     "double_prune_mask_2to4",
     "gather_kept_2to4",
     "lowrank_concat",
+    "merged_decode",
     "matvec_add",
     "metadata_dtype",
     "prune_2to4",
@@ -103,6 +104,21 @@ def lowrank_concat(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
         return triton_lowrank.lowrank_concat(x, a)
     return reference.lowrank_concat(x, a)
+
+
+def merged_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A merged 2:4 + low-rank layer on a few rows: ``x Wᵀ + (x aᵀ) bᵀ (+ bias)`` with ``W`` given as
+    kept ``values (N, K/2)`` (rows may be strided) and ``compress_2to4`` metadata, ``x (M <= 16, K)``,
+    ``a (R, K)``, ``b (N, R)``: one Triton launch on CUDA (:mod:`slope.kernels.triton_merged_decode`),
+    else the reference."""
+    tensors = [x, values, a, b] + ([bias] if bias is not None else [])
+    if (triton_usable(*tensors) and len({t.dtype for t in tensors}) == 1 and x.shape[0] <= 16
+            and values.stride(1) == 1 and meta.device == x.device):
+        from . import triton_merged_decode
+
+        return triton_merged_decode.merged_decode(x, values, meta, a, b, bias)
+    return reference.merged_decode(x, values, meta, a, b, bias)
 
 
 def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:

@@ -370,6 +370,15 @@ def lowrank_concat(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.stack([u, torch.zeros_like(u)], dim=-1).reshape(x.shape[0], -1)], dim=1)
 
 
+def merged_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + (x aᵀ) bᵀ (+ bias)`` for the 2:4 ``W`` of ``(values, meta)`` (:func:`compress_2to4`'s),
+    ``x (M, K)``, ``a (R, K)``, ``b (N, R)``; ``x aᵀ`` is rounded to ``x``'s dtype before ``bᵀ``."""
+    u = torch.nn.functional.linear(x, a)
+    y = torch.nn.functional.linear(x, decompress_2to4(values.contiguous(), meta), bias)
+    return torch.addmm(y, u, b.t())
+
+
 def _check_lowrank_concat(x: torch.Tensor, a: torch.Tensor) -> None:
     if x.dim() != 2 or a.dim() != 2 or x.shape[1] != a.shape[1]:
         raise ValueError(f"lowrank_concat needs x (M, K) and a (R, K); got {tuple(x.shape)} and {tuple(a.shape)}")
