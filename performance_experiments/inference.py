@@ -17,7 +17,9 @@ runs unmerged (``sparse_form`` says which, ``merge_error`` why).
 
 Ratios: ``prefill_speedup`` (fold ``auto``), ``prefill_stacked_speedup``,
 ``prefill_extended_speedup``, ``decode_speedup`` (eager), ``decode_graphs_speedup`` (both models
-under CUDA graphs) — dense time / sparse time — and ``weights_memory_ratio`` (sparse / dense bytes).
+under CUDA graphs), ``decode_fused_graphs_speedup`` (the sparse model's decode on the one-launch
+Triton kernel, ``slope.lora.set_decode_kernel(model, "fused")``, under CUDA graphs) — dense time /
+sparse time — and ``weights_memory_ratio`` (sparse / dense bytes).
 
     python performance_experiments/inference.py --budget-s 60
     python performance_experiments/inference.py --smoke
@@ -123,6 +125,16 @@ def measure_pair(models: dict, device, args, timing, vocab, sparse_is_merged: bo
         set_lora_fold(models["sparse"], "auto")
     decode = _decode_figures(models, short, args, graphs=False)
     graphs = _decode_figures(models, short, args, graphs=True) if device.type == "cuda" else {}
+    if sparse_is_merged and device.type == "cuda":  # the one-launch Triton decode kernel, under CUDA graphs
+        from slope.lora import set_decode_kernel
+
+        set_decode_kernel(models["sparse"], "fused")
+        try:
+            fused = _decode_figures({"sparse": models["sparse"]}, short, args, graphs=True)["sparse"]
+            figures["sparse"]["decode_ms_per_token_fused_graphs"] = round(fused, 4)
+        except Exception as exc:  # noqa: BLE001 (recorded; the other figures stand)
+            figures["sparse"]["decode_fused_error"] = error_text(exc)
+        set_decode_kernel(models["sparse"], "gemm")
     for k, m in models.items():
         f = figures[k]
         f["prefill_tokens_per_s"] = round(args.batch * args.prompt / f["prefill_ms"] * 1e3, 1)
@@ -142,6 +154,8 @@ def _ratios(dense: dict, sparse: dict) -> dict:
         "prefill_extended_speedup": ratio(dense["prefill_ms"], sparse.get("prefill_ms_extended")),
         "decode_speedup": ratio(dense["decode_ms_per_token"], sparse["decode_ms_per_token"]),
         "decode_graphs_speedup": ratio(dense.get("decode_ms_per_token_graphs"), sparse.get("decode_ms_per_token_graphs")),
+        "decode_fused_graphs_speedup": ratio(dense.get("decode_ms_per_token_graphs"),
+                                             sparse.get("decode_ms_per_token_fused_graphs")),
         "weights_memory_ratio": ratio(sparse["weights_bytes"], dense["weights_bytes"]),
     }
 

@@ -182,17 +182,19 @@ class MergedSparseLinear(SparseLinear):
         return cached[1]
 
     def _backend_for(self, dtype, device, which="forward", tokens=None, training=False):
-        """As :meth:`SparseLinear._backend_for`, but ``auto`` on CUDA picks among sparse backends
-        only for an inference-only layer: a ``dense`` choice would hold a dense copy of the weight
-        beside the compressed one (more memory than the dense model) — docs/inference.md."""
+        """As :meth:`SparseLinear._backend_for`, but for an inference-only layer ``auto`` on CUDA
+        picks one backend, once, among the sparse ones only, timed at the largest token bucket
+        (prefill): a ``dense`` choice would hold a dense copy of the weight beside the compressed
+        one (more memory than the dense model), and per-bucket choices would rebuild the layer's one
+        operand at every switch between prefill and decode (docs/inference.md)."""
         if not (self.inference_only and self.compress and self.backend_name == "auto" and _layer_module._auto_is_timed(device)):
             return super()._backend_for(dtype, device, which, tokens, training)
         from slope.backends.auto import AUTO_CHOOSER
 
-        key = ("sparse-only", dtype, device, AUTO_CHOOSER.bucket(tokens))
+        key = ("sparse-only", dtype, device)
         if key not in self._backends:
             self._backends[key] = AUTO_CHOOSER.choose(
-                (self.out_features, self.in_features), dtype, device, self.tiling, tokens, sparse_only=True,
+                (self.out_features, self.in_features), dtype, device, self.tiling, None, sparse_only=True,
             )
         return self._backends[key]
 

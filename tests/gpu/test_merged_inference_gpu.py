@@ -131,8 +131,26 @@ def test_bound_cutlass_gemm_is_bound_once_and_replays_under_a_cuda_graph():
     assert _rel_err(out, x.double() @ dense.double().t()) <= REL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("backend", ["auto", "cutlass-sm90"])
-def test_cuda_graph_decode_equals_eager_decode(backend):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,r", [(1, 2048, 2048, 64), (8, 256, 2048, 64), (16, 5632, 2048, 16), (8, 2048, 5632, 64)])
+def test_triton_merged_decode(dtype, m, n, k, r):
+    from slope.kernels import compress_2to4, merged_decode, prune_2to4
+
+    w, mask = prune_2to4(torch.randn(n, k, device=DEV, dtype=dtype))
+    values, meta = compress_2to4(w, mask)
+    wide = torch.zeros(n, k // 2 + 64, device=DEV, dtype=dtype)  # strided kept values, as frozen layers share them
+    wide[:, : k // 2] = values
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    a = torch.randn(r, k, device=DEV, dtype=dtype) / k**0.5
+    b = torch.randn(n, r, device=DEV, dtype=dtype) / r**0.5
+    bias = torch.randn(n, device=DEV, dtype=dtype)
+    got = merged_decode(x, wide[:, : k // 2], meta, a, b, bias)
+    oracle = x.double() @ w.double().t() + (x.double() @ a.double().t()) @ b.double().t() + bias.double()
+    assert _rel_err(got, oracle) <= REL[dtype]
+
+
+@pytest.mark.parametrize("backend,decode_kernel", [("auto", "gemm"), ("cutlass-sm90", "gemm"), ("cutlass-sm90", "fused")])
+def test_cuda_graph_decode_equals_eager_decode(backend, decode_kernel):
     _available(backend, torch.bfloat16)
     transformers = pytest.importorskip("transformers")
     from slope.inference.decode import static_decode
@@ -146,6 +164,9 @@ def test_cuda_graph_decode_equals_eager_decode(backend):
         for _, layer in sparse_modules(model):
             layer.lora_B.normal_(0.0, 0.05)
     freeze_for_inference(model)
+    from slope.lora import set_decode_kernel
+
+    set_decode_kernel(model, decode_kernel)
     ids = torch.randint(0, 512, (8, 20), device=DEV)
     eager = static_decode(model, ids, 12)
     graphs = static_decode(model, ids, 12, cuda_graphs=True)
