@@ -124,8 +124,15 @@ def measure_pair(models: dict, device, args, timing, vocab, sparse_is_merged: bo
     if sparse_is_merged:
         set_lora_fold(models["sparse"], "auto")
     decode = _decode_figures(models, short, args, graphs=False)
-    graphs = _decode_figures(models, short, args, graphs=True) if device.type == "cuda" else {}
-    if sparse_is_merged and device.type == "cuda":  # the one-launch Triton decode kernel, under CUDA graphs
+    graphs, graphs_error = {}, None
+    if device.type == "cuda":
+        try:
+            graphs = _decode_figures(models, short, args, graphs=True)
+        except Exception as exc:  # noqa: BLE001 (recorded; prefill and eager decode figures stand)
+            graphs_error = error_text(exc)
+    if graphs_error:
+        figures["sparse"]["decode_graphs_error"] = graphs_error
+    if sparse_is_merged and graphs:  # the one-launch Triton decode kernel, under CUDA graphs
         from slope.lora import set_decode_kernel
 
         set_decode_kernel(models["sparse"], "fused")
