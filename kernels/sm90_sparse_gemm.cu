@@ -59,6 +59,18 @@ std::string gemm(DType dtype, const void* values, const void* meta, const void* 
   });
 }
 
+std::string gemm_bind(DType dtype, const void* values, const void* meta, const void* b, const void* bias,
+                      const void* c, void* d, int M, int N, int K, float alpha, float beta, void* workspace,
+                      BoundGemm** bound) {
+  return dispatch(dtype, [&](auto kernel) {
+    using K_ = decltype(kernel);
+    using T = typename K_::Element;
+    return K_::bind(static_cast<const T*>(values), static_cast<const typename K_::ElementE*>(meta),
+                    static_cast<const T*>(b), static_cast<const T*>(bias), static_cast<const T*>(c),
+                    static_cast<T*>(d), M, N, K, alpha, beta, workspace, bound);
+  });
+}
+
 }  // namespace slope_sm90
 
 #ifdef SLOPE_SM90_SELFTEST

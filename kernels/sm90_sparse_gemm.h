@@ -38,4 +38,19 @@ std::string gemm(DType dtype, const void* values, const void* meta, const void* 
                  const void* c, void* d, int M, int N, int K, float alpha, float beta, void* workspace,
                  cudaStream_t stream);
 
+/// A GEMM whose arguments (pointers, shape, alpha/beta, workspace) are bound once: the kernel's
+/// parameters, TMA descriptors included, are built by `gemm_bind` and every `run` only launches.
+class BoundGemm {
+ public:
+  virtual ~BoundGemm() = default;
+  /// Launch on `stream` (any stream of the bound pointers' device); empty string on success.
+  virtual std::string run(cudaStream_t stream) = 0;
+};
+
+/// Bind `gemm`'s arguments (same meaning and requirements) into a new BoundGemm (*bound; the
+/// caller deletes it). The workspace must stay allocated for the BoundGemm's lifetime.
+std::string gemm_bind(DType dtype, const void* values, const void* meta, const void* b, const void* bias,
+                      const void* c, void* d, int M, int N, int K, float alpha, float beta, void* workspace,
+                      BoundGemm** bound);
+
 }  // namespace slope_sm90

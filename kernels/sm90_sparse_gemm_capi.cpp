@@ -120,4 +120,35 @@ int slope_sm90_gemm(int dtype, int device, const void* values, const void* meta,
   });
 }
 
+/// Bind slope_sm90_gemm's arguments once (*handle: an opaque BoundGemm, free it with
+/// slope_sm90_gemm_release): its CUTLASS parameters and TMA descriptors are built here, so
+/// slope_sm90_gemm_run does nothing on the host but the launch (decode, CUDA-graph capture).
+int slope_sm90_gemm_bind(int dtype, int device, const void* values, const void* meta, const void* b,
+                         const void* bias, const void* c, void* d, int M, int N, int K, float alpha, float beta,
+                         void* workspace, void** handle, char* err, int err_len) {
+  return guarded(err, err_len, [&]() -> std::string {
+    slope_sm90::DType type;
+    std::string problem = dtype_of(dtype, &type);
+    if (problem.empty()) problem = use_device(device);
+    if (!problem.empty()) return problem;
+    slope_sm90::BoundGemm* bound = nullptr;
+    problem = slope_sm90::gemm_bind(type, values, meta, b, bias, c, d, M, N, K, alpha, beta, workspace, &bound);
+    if (problem.empty()) *handle = bound;
+    return problem;
+  });
+}
+
+/// Launch a bound GEMM on `stream` (a stream of the device it was bound on, made current here).
+int slope_sm90_gemm_run(void* handle, int device, void* stream, char* err, int err_len) {
+  return guarded(err, err_len, [&]() -> std::string {
+    if (handle == nullptr) return "sm90 sparse: gemm_run got a null handle (bind it first)";
+    std::string problem = use_device(device);
+    if (!problem.empty()) return problem;
+    return static_cast<slope_sm90::BoundGemm*>(handle)->run(static_cast<cudaStream_t>(stream));
+  });
+}
+
+/// Free a handle of slope_sm90_gemm_bind (null is ignored).
+void slope_sm90_gemm_release(void* handle) { delete static_cast<slope_sm90::BoundGemm*>(handle); }
+
 }  // extern "C"

@@ -272,6 +272,34 @@ struct Sm90SparseGemm {
     if (status != cutlass::Status::kSuccess) return status_message("gemm (run)", status);
     return launch_message("gemm");
   }
+
+  /// The GEMM with its parameters built once (`bind`): `run` is a kernel launch and nothing else.
+  struct Bound : BoundGemm {
+    Gemm op;
+    std::string run(cudaStream_t stream) override {
+      cutlass::Status status = op.run(stream);
+      if (status != cutlass::Status::kSuccess) return status_message("bound gemm (run)", status);
+      return launch_message("bound gemm");
+    }
+  };
+
+  /// Check and bind gemm's arguments (see gemm) into a new Bound (*bound, owned by the caller).
+  static std::string bind(const T* values, const ElementE* meta, const T* b, const T* bias, const T* c, T* d,
+                          int M, int N, int K, float alpha, float beta, void* workspace, BoundGemm** bound,
+                          SchedulerOptions options = {}) {
+    std::string shape_error = check_gemm_shape(M, N, K);
+    if (!shape_error.empty()) return shape_error;
+    typename Gemm::Arguments args = arguments(values, meta, b, bias, c, d, M, N, K, alpha, beta, options);
+    Bound* made = new Bound();
+    cutlass::Status status = made->op.can_implement(args);
+    if (status == cutlass::Status::kSuccess) status = made->op.initialize(args, workspace, nullptr);
+    if (status != cutlass::Status::kSuccess) {
+      delete made;
+      return status_message("gemm bind (can_implement/initialize)", status);
+    }
+    *bound = made;
+    return launch_message("gemm bind");
+  }
 };
 
 }  // namespace slope_sm90

@@ -64,7 +64,12 @@ def ratios(folder: Path) -> dict[tuple[str, str, str], tuple[float, str, str]]:
     for r in _records(folder, "inference"):
         case = _case(r["config"], "model", "precision")
         put("prefill", case, r, "prefill_speedup")
+        put("prefill stacked fold", case, r, "prefill_stacked_speedup")
+        put("prefill extended fold", case, r, "prefill_extended_speedup")
         put("decode", case, r, "decode_speedup")
+        put("decode CUDA graphs", case, r, "decode_graphs_speedup")
+        put("decode CUDA graphs fused kernel", case, r, "decode_fused_graphs_speedup")
+        put("inference weights memory", case, r, "weights_memory_ratio", "sparse/dense")
     return found
 
 

@@ -12,7 +12,8 @@ calibration     25   ``calibration.py``: copy bandwidth, dense 8192³ bf16 GEMM 
 gemm            55   sparse GEMM on 4 LLM shapes (8192 tokens, bf16): cutlass-sm90, cusparselt, auto
 layer           65   7B FFN up / down: fwd, fwd+bwd, fwd+bwd+AdamW step (fp32 master, bf16 autocast)
 e2e            100   Llama-1B training step (fp32 master, bf16 autocast, fused AdamW both sides), peak memory
-inference       65   Llama-1B merged sparse+LoRA prefill and decode (untimed warm-up, 5 repeats)
+inference       65   Llama-1B then 4 Llama-2-7B layers, merged sparse+LoRA (rank 64, frozen): prefill 8×1024 per
+                     adapter fold, decode batch 8 eager and under CUDA graphs, weights memory
 =============  ====  ==========================================================================
 
 Every benchmark measures dense and sparse in the same run (the scripts' own methods, see
@@ -88,7 +89,8 @@ STEPS = (
          ("--models", "llama-1b", "--batch", "4", "--seq", "2048", "--precision", "autocast",
           "--backends", "auto,cutlass-sm90")),
     Step("inference", 65, "performance_experiments.inference",
-         ("--models", "llama-1b", "--backends", "auto", "--decode-repeats", "5")),
+         ("--models", "llama-1b,llama2-7b-4L", "--backends", "auto", "--batch", "8", "--prompt", "1024",
+          "--decode-batch", "8", "--lora-rank", "64", "--decode-repeats", "3")),
 )
 
 

@@ -15,7 +15,7 @@ reference paths, which exercises the suite itself):
   :mod:`slope.kernels.reference`;
 - ``optimizer``: the one-pass AdamW kernel (bf16 / fp16 parameters, fp32 moments) against the reference,
   and the fused step that also writes both operands (fp32 master) bit-exact against the unfused chain;
-- ``merged_lora``: merged sparse + LoRA layers (prefill- and decode-sized inputs) per backend against float64;
+- ``merged_lora``: merged sparse + LoRA layers (prefill- and decode-sized inputs, both adapter folds) per backend against float64;
 - ``auto``: ``auto``'s choice on two LLM shapes: never slower than dense by its own timings, and
   its product right.
 
@@ -292,9 +292,10 @@ def check_fused_operand_step(suite: Suite, gen: torch.Generator) -> None:
 
 
 def check_merged_lora(suite: Suite) -> None:
-    """Merged sparse + LoRA layers (one sparse GEMM of [W; A], then the fused add-mm) against float64."""
+    """Merged sparse + LoRA layers against float64, in both adapter folds (``stacked``: one sparse GEMM
+    of [W; A], then the fused add-mm; ``extended``: one GEMM of [x | ũ] by [W | B̃])."""
     from slope.layer import SparseLinear
-    from slope.lora import merge_lora
+    from slope.lora import merge_lora, set_lora_fold
 
     device, gen = suite.device, suite.generator(4)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -312,16 +313,18 @@ def check_merged_lora(suite: Suite) -> None:
             layer.lora_B.normal_(0.0, 0.1, generator=gen)
         a = (layer.lora_A * layer.lora_A_mask).double()
         w = (weight * layer.mask).double()
-        merged = merge_lora(nn.Sequential(layer))[0]
-        errors = {}
-        for label, shape in (("prefill", (3, 37)), ("decode", (1, 1))):
-            x = torch.randn(*shape, 256, device=device, dtype=dtype, generator=gen)
-            with torch.no_grad():
-                got = merged(x)
-            xd = x.double()
-            oracle = xd @ w.t() + layer.lora_scaling * (xd @ a.t()) @ layer.lora_B.double().t() + bias.double()
-            errors[label] = rel_err(got, oracle)
-        suite.record("merged_lora", name, errors, TOL[dtype])
+        merged = merge_lora(nn.Sequential(layer))
+        for fold in ("extended", "stacked"):
+            set_lora_fold(merged, fold)
+            errors = {}
+            for label, shape in (("prefill", (3, 37)), ("decode", (1, 1))):
+                x = torch.randn(*shape, 256, device=device, dtype=dtype, generator=gen)
+                with torch.no_grad():
+                    got = merged(x)
+                xd = x.double()
+                oracle = xd @ w.t() + layer.lora_scaling * (xd @ a.t()) @ layer.lora_B.double().t() + bias.double()
+                errors[label] = rel_err(got, oracle)
+            suite.record("merged_lora", f"{name} {fold}", errors, TOL[dtype])
 
 
 def check_auto(suite: Suite) -> None:

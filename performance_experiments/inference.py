@@ -1,20 +1,25 @@
-"""Inference throughput of Llama-style models: prefill and decode tokens/s, dense vs sparse.
+"""Inference throughput of Llama-style models: prefill and decode tokens/s and weights memory, dense vs merged sparse.
 
-The sparse model is pruned with adapters (``lora_rank``) and, where ``slope.lora.merge_lora``
-exists, merged (``prune_model(add_lora=True, merge_lora=True)``: one 2:4 GEMM for ``[W; A]`` then
-the fused add-mm); otherwise it runs unmerged. Each record says which in ``sparse_form`` (and the
-merge error, if merging failed).
+The sparse model is pruned with adapters (``lora_rank``), merged (``merge_lora``, fold ``auto``)
+and frozen (``slope.lora.freeze_for_inference``: the inference-only form); where merging fails it
+runs unmerged (``sparse_form`` says which, ``merge_error`` why).
 
-- prefill: a no-grad forward over ``batch × prompt`` tokens (median of timed calls);
-- decode: after a prefill of ``decode_prompt`` tokens, ``new_tokens`` greedy steps with the KV
-  cache, timed from the first to the last step (median over ``decode_repeats``, 5 on GPU, after
-  one untimed decode of each model: every choice of ``auto`` and every Triton autotuning for the
-  decode shapes happens there, never in the timed region).
+- prefill: a no-grad forward over ``batch × prompt`` tokens (median of timed calls, alternating
+  with the dense model), for each adapter fold (``auto``, ``stacked``, ``extended``:
+  ``slope.inference.fold``; each fold timed after its own warm-up, operands rebuilt in between);
+- decode: ``slope.inference.decode.static_decode`` (static KV cache, greedy, tokens chosen on the
+  device) of ``new_tokens`` after a ``decode_prompt`` prefill, batch ``decode_batch``, eager and
+  (CUDA) under a CUDA graph, median over ``decode_repeats`` after one untimed decode of each model
+  (``auto``'s choices and Triton autotuning happen there, never in the timed region);
+- weights memory: bytes of parameters, buffers and cached operands after the warm-up (every
+  storage once: ``models.state_bytes``), and on CUDA the allocator's growth while building and
+  warming the model.
 
-Dense and sparse models are kept side by side and their calls alternate (same clocks and machine
-load for both).
-
-Ratios: ``prefill_speedup``, ``decode_speedup`` (dense time / sparse time).
+Ratios: ``prefill_speedup`` (fold ``auto``), ``prefill_stacked_speedup``,
+``prefill_extended_speedup``, ``decode_speedup`` (eager), ``decode_graphs_speedup`` (both models
+under CUDA graphs), ``decode_fused_graphs_speedup`` (the sparse model's decode on the one-launch
+Triton kernel, ``slope.lora.set_decode_kernel(model, "fused")``, under CUDA graphs) — dense time /
+sparse time — and ``weights_memory_ratio`` (sparse / dense bytes).
 
     python performance_experiments/inference.py --budget-s 60
     python performance_experiments/inference.py --smoke
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -44,64 +48,133 @@ from performance_experiments.common import (
     make_record,
     pick_device,
     ratio,
-    synchronize,
     time_interleaved,
 )
-from performance_experiments.models import build_model, describe, random_tokens
+from performance_experiments.models import build_model, describe, random_tokens, state_bytes
 
 SCRIPT = "inference"
 
 
-def _build_sparse(name, backend, device, precision, rank):
-    """``(model, form, merge_error)``: merged sparse+LoRA when possible, else unmerged."""
-    try:
-        import slope.lora  # noqa: F401 (merged inference lands there)
+FOLDS = ("auto", "stacked", "extended")
 
-        return build_model(name, backend, device, precision, lora_rank=rank, merge_lora=True), "merged-lora", None
+
+def _allocated(device) -> int:
+    free_memory(device)
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _build_sparse(name, backend, device, precision, rank):
+    """``(model, form, merge_error)``: merged sparse+LoRA in its inference-only form when possible,
+    else unmerged."""
+    try:
+        from slope.lora import freeze_for_inference
+
+        model = build_model(name, backend, device, precision, lora_rank=rank, merge_lora=True)
+        freeze_for_inference(model)
+        return model, "merged-lora", None
     except Exception as exc:  # noqa: BLE001 (recorded; the unmerged form still gets measured)
         merge_error = error_text(exc)
     free_memory(device)
-    return build_model(name, backend, device, precision, lora_rank=rank), "unmerged-lora", merge_error
+    return build_model(name, backend, device, precision, lora_rank=rank).eval(), "unmerged-lora", merge_error
 
 
-def _decode_ms(model, short: torch.Tensor, new_tokens: int, device) -> float:
-    """Milliseconds of ``new_tokens`` greedy steps with the KV cache, after an untimed prefill."""
-    out = model(input_ids=short, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    synchronize(device)
-    return (time.perf_counter() - t0) * 1e3
+def _decode_ms(model, short: torch.Tensor, new_tokens: int, graphs: bool) -> float:
+    """Milliseconds per decode step (static KV cache, greedy), after the prefill of ``short``."""
+    from slope.inference.decode import static_decode
+
+    run = static_decode(model, short, new_tokens, cuda_graphs=graphs)
+    return run.decode_s * 1e3 / max(new_tokens - 1, 1)
+
+
+def _decode_figures(models: dict, short, args, graphs: bool) -> dict:
+    for m in models.values():  # untimed: auto's choices, Triton autotuning, graph capture paths warmed
+        _decode_ms(m, short, min(args.new_tokens, 4), graphs)
+    times = {k: [] for k in models}
+    for _ in range(args.decode_repeats):
+        for k, m in models.items():
+            times[k].append(_decode_ms(m, short, args.new_tokens, graphs))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _weights(model, device, before: int) -> dict:
+    counted = state_bytes(model)
+    figures = {"weights_bytes": counted["weights"] + counted["operands"], "operand_bytes": counted["operands"]}
+    if device.type == "cuda":
+        figures["allocated_bytes"] = _allocated(device) - before
+    return figures
 
 
 @torch.no_grad()
-def measure_pair(models: dict, device, args, timing, vocab) -> dict:
-    """Prefill and decode figures of ``{"dense": model, "sparse": model}``, their calls alternated
-    (same clocks and machine load for both)."""
+def measure_pair(models: dict, device, args, timing, vocab, sparse_is_merged: bool) -> dict:
+    """Prefill (per fold), decode (eager and, on CUDA, CUDA graphs) figures of ``{"dense": model,
+    "sparse": model}``, their calls alternated (same clocks and machine load for both)."""
+    from slope.lora import set_lora_fold
+
     prompt = random_tokens(vocab, args.batch, args.prompt, device)
     short = random_tokens(vocab, args.decode_batch, args.decode_prompt, device)
-    prefill = time_interleaved({k: (lambda m=m: m(input_ids=prompt, use_cache=False)) for k, m in models.items()},
-                               device, **timing)
-    for m in models.values():  # untimed: auto's choices and Triton autotuning for these shapes happen here
-        _decode_ms(m, short, args.new_tokens, device)
-    decode = {k: [] for k in models}
-    for _ in range(args.decode_repeats):
-        for k, m in models.items():
-            decode[k].append(_decode_ms(m, short, args.new_tokens, device))
-    figures = {}
+    figures = {k: {} for k in models}
+    for fold in (FOLDS if sparse_is_merged else ("auto",)):
+        if sparse_is_merged:
+            set_lora_fold(models["sparse"], fold)
+        prefill = time_interleaved({k: (lambda m=m: m(input_ids=prompt, use_cache=False)) for k, m in models.items()},
+                                   device, **timing)
+        for k in models:
+            if k == "sparse" or fold == "auto":
+                figures[k][f"prefill_ms{'' if fold == 'auto' else '_' + fold}"] = prefill[k]["ms"]
+    if sparse_is_merged:
+        set_lora_fold(models["sparse"], "auto")
+    decode = _decode_figures(models, short, args, graphs=False)
+    graphs, graphs_error = {}, None
+    if device.type == "cuda":
+        try:
+            graphs = _decode_figures(models, short, args, graphs=True)
+        except Exception as exc:  # noqa: BLE001 (recorded; prefill and eager decode figures stand)
+            graphs_error = error_text(exc)
+    if graphs_error:
+        figures["sparse"]["decode_graphs_error"] = graphs_error
+    if sparse_is_merged and graphs:  # the one-launch Triton decode kernel, under CUDA graphs
+        from slope.lora import set_decode_kernel
+
+        set_decode_kernel(models["sparse"], "fused")
+        try:
+            fused = _decode_figures({"sparse": models["sparse"]}, short, args, graphs=True)["sparse"]
+            figures["sparse"]["decode_ms_per_token_fused_graphs"] = round(fused, 4)
+        except Exception as exc:  # noqa: BLE001 (recorded; the other figures stand)
+            figures["sparse"]["decode_fused_error"] = error_text(exc)
+        set_decode_kernel(models["sparse"], "gemm")
     for k, m in models.items():
-        decode_ms = statistics.median(decode[k])
-        figures[k] = {
-            "prefill_ms": prefill[k]["ms"],
-            "prefill_tokens_per_s": round(args.batch * args.prompt / prefill[k]["ms"] * 1e3, 1),
-            "decode_ms_per_token": round(decode_ms / args.new_tokens, 4),
-            "decode_tokens_per_s": round(args.decode_batch * args.new_tokens / decode_ms * 1e3, 1),
-            "backends_used": backends_used(m),
-        }
+        f = figures[k]
+        f["prefill_tokens_per_s"] = round(args.batch * args.prompt / f["prefill_ms"] * 1e3, 1)
+        f["decode_ms_per_token"] = round(decode[k], 4)
+        f["decode_tokens_per_s"] = round(args.decode_batch / decode[k] * 1e3, 1)
+        if graphs:
+            f["decode_ms_per_token_graphs"] = round(graphs[k], 4)
+            f["decode_tokens_per_s_graphs"] = round(args.decode_batch / graphs[k] * 1e3, 1)
+        f["backends_used"] = backends_used(m)
     return figures
+
+
+def _ratios(dense: dict, sparse: dict) -> dict:
+    return {
+        "prefill_speedup": ratio(dense["prefill_ms"], sparse["prefill_ms"]),
+        "prefill_stacked_speedup": ratio(dense["prefill_ms"], sparse.get("prefill_ms_stacked")),
+        "prefill_extended_speedup": ratio(dense["prefill_ms"], sparse.get("prefill_ms_extended")),
+        "decode_speedup": ratio(dense["decode_ms_per_token"], sparse["decode_ms_per_token"]),
+        "decode_graphs_speedup": ratio(dense.get("decode_ms_per_token_graphs"), sparse.get("decode_ms_per_token_graphs")),
+        "decode_fused_graphs_speedup": ratio(dense.get("decode_ms_per_token_graphs"),
+                                             sparse.get("decode_ms_per_token_fused_graphs")),
+        "weights_memory_ratio": ratio(sparse["weights_bytes"], dense["weights_bytes"]),
+    }
+
+
+def _folds(model) -> dict:
+    from slope import sparse_modules
+
+    counts: dict[str, int] = {}
+    for _, layer in sparse_modules(model):
+        fold = getattr(layer, "fold", "unmerged")
+        counts[fold] = counts.get(fold, 0) + 1
+    return counts
 
 
 def run_model(name, backends, device, env, budget, args, timing, emit) -> None:
@@ -109,10 +182,15 @@ def run_model(name, backends, device, env, budget, args, timing, emit) -> None:
     config = {**describe(name), "batch": args.batch, "prompt": args.prompt, "decode_batch": args.decode_batch,
               "decode_prompt": args.decode_prompt, "new_tokens": args.new_tokens, "precision": args.precision,
               "lora_rank": args.lora_rank}
+    before = _allocated(device)
     dense_model = build_model(name, "dense", device, args.precision).eval()
+    with torch.no_grad():
+        dense_model(input_ids=random_tokens(vocab, 1, 8, device))
+    dense_weights = _weights(dense_model, device, before)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     names, skipped = available_backends(backends, device, dtype)
-    none = {"prefill_speedup": None, "decode_speedup": None}
+    none = {key: None for key in _ratios({"prefill_ms": 1, "decode_ms_per_token": 1, "weights_bytes": 1},
+                                         {"prefill_ms": 1, "decode_ms_per_token": 1, "weights_bytes": 1})}
     for n, why in skipped.items():
         emit(make_record(SCRIPT, env, config, None, None, backend=n, error=f"unavailable: {why}", **none))
     for backend in names:
@@ -120,16 +198,18 @@ def run_model(name, backends, device, env, budget, args, timing, emit) -> None:
             emit(make_record(SCRIPT, env, config, None, None, backend=backend, error="skipped: budget", **none))
             continue
         try:
+            before = _allocated(device)
             model, form, merge_error = _build_sparse(name, backend, device, args.precision, args.lora_rank)
-            figures = measure_pair({"dense": dense_model, "sparse": model.eval()}, device, args, timing, vocab)
+            with torch.no_grad():
+                model(input_ids=random_tokens(vocab, 1, 8, device))  # operands built (and weights shared)
+            sparse_weights = _weights(model, device, before)
+            figures = measure_pair({"dense": dense_model, "sparse": model}, device, args, timing, vocab,
+                                   form == "merged-lora")
+            dense, sparse = {**figures["dense"], **dense_weights}, {**figures["sparse"], **sparse_weights}
+            sparse["folds"] = _folds(model)
             del model
-            dense, sparse = figures["dense"], figures["sparse"]
-            emit(make_record(
-                SCRIPT, env, config, dense, sparse, backend=backend, sparse_form=form, merge_error=merge_error,
-                prefill_speedup=ratio(dense["prefill_ms"], sparse["prefill_ms"]),
-                decode_speedup=ratio(dense["decode_ms_per_token"], sparse["decode_ms_per_token"]),
-                error=None,
-            ))
+            emit(make_record(SCRIPT, env, config, dense, sparse, backend=backend, sparse_form=form,
+                             merge_error=merge_error, error=None, **_ratios(dense, sparse)))
         except Exception as exc:  # noqa: BLE001 (recorded; the next backend still runs)
             emit(make_record(SCRIPT, env, config, None, None, backend=backend, error=error_text(exc), **none))
         free_memory(device)
@@ -160,7 +240,7 @@ def main(argv=None) -> list[dict]:
         defaults = ("llama-cpu-20m", 4, 128, 4, 32, 16, 16, "fp32")
         timing = {"warmup": 1, "reps": 5}
     else:
-        defaults = ("llama-1b,llama2-7b-4L", 4, 2048, 8, 128, 32, 32, "bf16")
+        defaults = ("llama-1b,llama2-7b-4L", 8, 1024, 8, 128, 32, 64, "bf16")
         timing = {"warmup": 3, "reps": 10}
     names = ("models", "batch", "prompt", "decode_batch", "decode_prompt", "new_tokens", "lora_rank", "precision")
     for key, value in zip(names, defaults):

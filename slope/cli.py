@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--mode", choices=INFERENCE_MODES, default="unmerged", help=MODE_HELP + " (default: unmerged)")
+    gen.add_argument("--cuda-graphs", action="store_true",
+                     help="decode with a static KV cache under a CUDA graph (one launch per token; CUDA only)")
+    gen.add_argument("--compare", action="store_true",
+                     help="greedy-decode in every mode (dense, unmerged, merged) and report prefill / decode tokens/s")
+    gen.add_argument("--batch", type=int, default=1, help="with --compare: decode the prompt this many times at once")
 
     exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (model, config, tokenizer)",
                          description="Write a `slope train` checkpoint (or a pruned model's Hugging Face folder) as a Hugging Face "
@@ -256,12 +261,32 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_generate_compare(args: argparse.Namespace) -> None:
+    from slope.inference.speed import compare_speed
+
+    rows = compare_speed(args.checkpoint, args.prompt, device=args.device, max_new_tokens=args.max_new_tokens,
+                         batch=args.batch, cuda_graphs=args.cuda_graphs)
+    print(rows[-1].text)
+    graphs = ", CUDA graphs" if args.cuda_graphs else ""
+    print(f"greedy, batch {args.batch}, {args.max_new_tokens} new tokens{graphs}:", file=sys.stderr)
+    print(f"{'mode':<9} {'prefill tok/s':>14} {'decode tok/s':>13} {'weights MiB':>12}  vs dense (decode)", file=sys.stderr)
+    dense = next((r for r in rows if r.mode == "dense"), None)
+    for r in rows:
+        speedup = f"{r.decode_tokens_per_s / dense.decode_tokens_per_s:.2f}x" if dense else "-"
+        print(f"{r.mode:<9} {r.prefill_tokens_per_s:>14,.1f} {r.decode_tokens_per_s:>13,.1f} {r.weight_bytes / 2**20:>12.2f}  {speedup}",
+              file=sys.stderr)
+    if len({r.text for r in rows}) > 1:
+        print("note: the modes' greedy texts differ (rounding ties can flip a token in bf16/fp16)", file=sys.stderr)
+
+
 def _run_generate(args: argparse.Namespace) -> None:
     from slope.evaluate import generate, load_trained_model
 
+    if args.compare:
+        return _run_generate_compare(args)
     loaded = load_trained_model(args.checkpoint, args.device, args.mode)
     gen = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, seed=args.seed, progress=None)
+                   top_k=args.top_k, seed=args.seed, progress=None, cuda_graphs=args.cuda_graphs)
     print(gen.text)
     # Statistics go to stderr, so stdout is only the text.
     print(f"[{args.mode}] {gen.new_tokens} new tokens in {gen.seconds:.2f} s ({gen.tokens_per_s:,.1f} tokens/s); "
@@ -336,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "generate":
             if args.max_new_tokens < 1:
                 parser.error("--max-new-tokens must be >= 1")
+            if args.batch < 1:
+                parser.error("--batch must be >= 1")
             _run_generate(args)
         elif args.command == "export":
             _run_export(args)

@@ -357,16 +357,21 @@ def generate(
     top_k: int | None = 50,
     seed: int = 0,
     progress: bool | None = False,
+    cuda_graphs: bool = False,
 ) -> Generation:
     """Continue ``prompt`` with ``loaded.model`` (Hugging Face ``generate``, KV cache) and the run's
     tokenizer; ``temperature=0`` decodes greedily. A warm-up forward on the prompt builds the sparse
-    operands before timing. ``progress``: new tokens as a bar / plain lines (:func:`slope.progress.display_for`)."""
+    operands before timing. ``progress``: new tokens as a bar / plain lines (:func:`slope.progress.display_for`).
+    ``cuda_graphs``: decode with a static KV cache under a CUDA graph instead
+    (:func:`slope.inference.decode.static_decode`; CUDA only, ConfigError elsewhere)."""
     tokenizer = open_tokenizer(loaded.checkpoint.tokenizer)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError("--prompt is empty; give some text to continue")
     _check_positions(loaded.model, len(ids), max_new_tokens)
     input_ids = torch.tensor([ids], device=loaded.device)
+    if cuda_graphs:
+        return _graph_generate(loaded, tokenizer, input_ids, max_new_tokens, temperature, top_k, seed)
     loaded.model(input_ids=input_ids)
     torch.manual_seed(seed)
     sample = temperature > 0
@@ -387,6 +392,19 @@ def generate(
     tokens = out[0].tolist()
     seconds = time.perf_counter() - start
     return Generation(tokenizer.decode(tokens), len(ids), len(tokens) - len(ids), seconds)
+
+
+def _graph_generate(loaded, tokenizer, input_ids, max_new_tokens, temperature, top_k, seed) -> Generation:
+    from slope.inference.decode import static_decode
+    from slope.inference.speed import decode_text
+
+    if loaded.device.type != "cuda":
+        raise ConfigError(f"--cuda-graphs needs a CUDA device, not {loaded.device}; drop the flag or pass --device cuda")
+    kw = dict(cuda_graphs=True, temperature=temperature, top_k=top_k, seed=seed)
+    static_decode(loaded.model, input_ids, min(max_new_tokens, 4), **kw)  # warm-up: operands, auto, autotuning
+    run = static_decode(loaded.model, input_ids, max_new_tokens, **kw)
+    text, new = decode_text(tokenizer, run.tokens[0].tolist(), input_ids.shape[1], loaded.checkpoint.trainer_state["eos_id"])
+    return Generation(text, input_ids.shape[1], new, run.prefill_s + run.decode_s)
 
 
 def generate_text(checkpoint_dir: str | Path, prompt: str, *, device: str = "auto", mode: str = "unmerged", **kwargs) -> str:

@@ -10,7 +10,10 @@ the merged form stacks them into **one** sparse operand ``S = [W⊙M ; A⊙M_A]`
    (:func:`slope.kernels.addmm`, one Triton pass on CUDA);
 
 and returns the view ``u[..., :out]`` (row stride ``out + r`` or more; no copy). Backends pad
-operands to their own alignment themselves.
+operands to their own alignment themselves. That is the ``stacked`` fold; the ``extended`` fold
+instead sums the low-rank term inside the one GEMM, ``[x | ũ] · [W⊙M | B̃]ᵀ + b`` with ``B̃`` stored
+2:4 (no add-mm pass, contiguous output; :mod:`slope.inference.fold`, chosen per layer by
+``merge_lora(model, fold=...)``).
 
 Usage, the SLoPe way (build the merged model, then load the trained weights)::
 
@@ -32,10 +35,17 @@ import torch
 import torch.nn as nn
 
 import slope.kernels as kernels
+from slope.inference.fold import FOLDS, choose_fold, extended_weight, scaled_lora_a
+import slope.layer as _layer_module
 from slope.layer import SparseLinear, _compute_dtype
 from slope.registry import sparse_modules
 
-__all__ = ["MergedSparseLinear", "MemoryReport", "merge_lora", "freeze_for_inference", "effective_weight"]
+__all__ = ["FOLDS", "MergedSparseLinear", "MemoryReport", "merge_lora", "set_decode_kernel", "set_lora_fold", "freeze_for_inference", "effective_weight"]
+
+#: decode kernels of merged layers (:func:`set_decode_kernel`), and the most rows ``fused`` takes.
+DECODE_KERNELS = ("gemm", "fused")
+DECODE_ROWS = 16
+
 
 class _NoBackward(torch.autograd.Function):
     """Runs the merged product when autograd is recording; a backward through it is an error."""
@@ -74,40 +84,119 @@ class MergedSparseLinear(SparseLinear):
             mask.append(a_mask)
         return torch.cat(dense), torch.cat(mask)
 
+    @property
+    def fold(self) -> str:
+        """``stacked`` or ``extended``: how this layer's adapters enter the GEMM (:mod:`slope.inference.fold`)."""
+        return getattr(self, "lora_fold", "stacked") if self.lora_rank else "none"
+
     def _merged_operand(self, dtype: torch.dtype, device: torch.device, backend):
-        """``backend``'s operand of :meth:`stacked_weight` in ``dtype``, cached until a source changes.
-        Without adapters that is the layer's forward operand, which backends that build operands
-        from kept values share with ``values`` (no second copy of the weights when ``dtype`` is
-        theirs)."""
+        """``backend``'s operand of the merged weight (:meth:`stacked_weight` or, for the
+        ``extended`` fold, :func:`~slope.inference.fold.extended_weight` plus the scaled ``A``) in
+        ``dtype``, cached until a source changes. Without adapters that is the layer's forward
+        operand, which backends that build operands from kept values share with ``values`` (no
+        second copy of the weights when ``dtype`` is theirs). With adapters, an inference-only
+        layer whose ``values`` are in ``dtype`` shares them with the operand instead
+        (:meth:`_share_values`)."""
         if not self.lora_rank:
             return self._operand("forward", dtype, device, backend)
-        sources = [self.values, self.mask_bits, self.lora_A, self.lora_A_mask]
-        version = (*((t._version, t.data_ptr()) for t in sources), backend.name)  # one slot (see _operand)
+        fold = self.fold
         key = ("merged", dtype, device)
         cached = self._operands.get(key)
-        if cached is not None and cached[0] == version:
+        if cached is not None and cached[0] == self._merged_version(backend, fold):
             return cached[1]
-        dense, mask = self.stacked_weight()
         with torch.no_grad():
-            operand = backend.make_operand(dense.to(dtype), mask)
-        self._operands[key] = (version, operand, None)  # (version, operand, own values buffer: see SparseLinear._operand)
+            if fold == "extended":
+                dense, mask = extended_weight(self)
+                operand = (backend.make_operand(dense.to(dtype), mask), scaled_lora_a(self, dtype))
+            else:
+                dense, mask = self.stacked_weight()
+                operand = backend.make_operand(dense.to(dtype), mask)
+            del dense, mask
+            self._share_values(backend, operand[0] if fold == "extended" else operand, dtype)
+        self._operands[key] = (self._merged_version(backend, fold), operand, None)  # (version, operand, own values buffer: see SparseLinear._operand)
         return operand
+
+    def _merged_version(self, backend, fold: str) -> tuple:
+        sources = [self.values, self.mask_bits, self.lora_A, self.lora_A_mask, self.lora_B]
+        return (*((t._version, t.data_ptr()) for t in sources), backend.name, fold)  # one slot (see _operand)
+
+    def _share_values(self, backend, operand, dtype: torch.dtype) -> None:
+        """Make ``values`` a view of the operand's kept values when those hold them (the first
+        ``in/2`` entries of each of the first ``out`` rows, checked here once), so that an
+        inference-only layer keeps its weights once, not twice."""
+        held = backend.operand_values(operand) if self.inference_only and self.values.dtype == dtype else None
+        half = self.in_features // 2
+        if held is None or held.dim() != 2 or held.shape[0] < self.out_features or held.shape[1] < half:
+            return
+        view = held[: self.out_features, :half]
+        if view.dtype == self.values.dtype and torch.equal(view, self.values.detach()):
+            self.values.data = view
 
     # ------------------------------------------------------------------ forward
     def _merged_product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``u (..., out + r)`` whose first ``out`` columns are the layer's output (see module
-        docstring). Call it with autograd off (the in-place adds are not differentiable)."""
+        """``u (..., out + r)`` (``extended``: ``(..., out)``) whose first ``out`` columns are the
+        layer's output (see module docstring). Call it with autograd off (the in-place adds are not
+        differentiable)."""
         out, r = self.out_features, self.lora_rank
         x2 = x.reshape(-1, self.in_features).to(dtype)
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        if r and x2.shape[0] <= DECODE_ROWS and self._fused_decode_runs(x2, dtype):  # one launch (decoding)
+            meta, a_scaled, b = self._decode_operands(dtype, x.device)
+            return kernels.merged_decode(x2, self.values.detach(), meta, a_scaled, b, bias).reshape(*x.shape[:-1], out)
         backend = self._backend_for(dtype, x.device, "forward", x2.shape[0])
         operand = self._merged_operand(dtype, x.device, backend)
-        bias = None if self.bias is None else self.bias.detach().to(dtype)
         if not r:  # no adapters: the bias add can go into the product (fused where the backend can)
             return backend.linear(x2, operand, bias).reshape(*x.shape[:-1], out)
+        if self.fold == "extended":  # [x | ũ] · [W⊙M | B̃]ᵀ + b: one GEMM, bias in its epilogue
+            weight, a_scaled = operand
+            return backend.linear(kernels.lowrank_concat(x2, a_scaled), weight, bias).reshape(*x.shape[:-1], out)
         u = backend.matmul(x2, operand)
         y = u[:, :out]
         kernels.addmm(u[:, out : out + r], self.lora_B.detach().t().to(dtype), y, alpha=self.lora_scaling, bias=bias)
         return u.reshape(*x.shape[:-1], u.shape[-1])
+
+    @property
+    def decode_kernel(self) -> str:
+        """``gemm`` (the fold's kernels at every size) or ``fused`` (inputs of at most
+        :data:`DECODE_ROWS` rows take :func:`slope.kernels.merged_decode`: one Triton launch per layer,
+        CUDA only); set with :func:`set_decode_kernel`."""
+        return getattr(self, "_decode_kernel", "gemm")
+
+    def _fused_decode_runs(self, x2: torch.Tensor, dtype: torch.dtype) -> bool:
+        return (self.decode_kernel == "fused" and (self.n, self.m) == (2, 4) and self.values.dtype == dtype
+                and kernels.triton_usable(x2, self.values))
+
+    def _decode_operands(self, dtype: torch.dtype, device: torch.device):
+        """``(meta, s·A⊙M_A (R, in), B (out, r))`` of :func:`slope.kernels.merged_decode` in ``dtype``
+        (the kept values are ``values`` themselves), cached until the mask or the adapters change."""
+        key = ("decode", dtype, device)
+        sources = (self.mask_bits, self.lora_A, self.lora_A_mask, self.lora_B)
+        version = tuple((t._version, t.data_ptr()) for t in sources)
+        cached = self._operands.get(key)
+        if cached is None or cached[0] != version:
+            with torch.no_grad():
+                meta = kernels.compress_2to4(self.mask.to(dtype), self.mask)[1]
+                b = self.lora_B.detach().to(dtype).contiguous()
+                cached = (version, (meta, scaled_lora_a(self, dtype)[: self.lora_rank].contiguous(), b), None)
+            self._operands[key] = cached
+        return cached[1]
+
+    def _backend_for(self, dtype, device, which="forward", tokens=None, training=False):
+        """As :meth:`SparseLinear._backend_for`, but for an inference-only layer ``auto`` on CUDA
+        picks one backend, once, among the sparse ones only, timed at the largest token bucket
+        (prefill): a ``dense`` choice would hold a dense copy of the weight beside the compressed
+        one (more memory than the dense model), and per-bucket choices would rebuild the layer's one
+        operand at every switch between prefill and decode (docs/inference.md)."""
+        if not (self.inference_only and self.compress and self.backend_name == "auto" and _layer_module._auto_is_timed(device)):
+            return super()._backend_for(dtype, device, which, tokens, training)
+        from slope.backends.auto import AUTO_CHOOSER
+
+        key = ("sparse-only", dtype, device)
+        if key not in self._backends:
+            self._backends[key] = AUTO_CHOOSER.choose(
+                (self.out_features, self.in_features), dtype, device, self.tiling, None, sparse_only=True,
+            )
+        return self._backends[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -138,7 +227,17 @@ class MergedSparseLinear(SparseLinear):
             raise RuntimeError(f"{self.layer_name}: M_t was dropped by freeze_for_inference; there is no backward weight")
         return super().backward_weight()
 
-    # ------------------------------------------------------------------ loading checkpoints
+    # ------------------------------------------------------------------ saving and loading checkpoints
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Saved ``values`` are a contiguous tensor of their own, also when they are a view of the
+        operand (:meth:`_share_values`): a checkpoint holds no operand bytes and shares no storage
+        (safetensors refuses shared or strided tensors)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        values = destination.get(prefix + "values")
+        if values is not None and (not values.is_contiguous()
+                                   or values.untyped_storage().nbytes() != values.numel() * values.element_size()):
+            destination[prefix + "values"] = values.detach().clone(memory_format=torch.contiguous_format)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         name = self.layer_name or prefix.rstrip(".") or "MergedSparseLinear"
         lora_a = state_dict.get(prefix + "lora_A")
@@ -158,18 +257,28 @@ class MergedSparseLinear(SparseLinear):
         return super().extra_repr() + (", merged, inference-only" if self.inference_only else ", merged")
 
 
-def _to_merged(layer: SparseLinear) -> None:
+def _to_merged(layer: SparseLinear, fold: str = "auto") -> None:
     layer.refresh()  # the unmerged forward/backward operands are no longer used
     layer.__class__ = MergedSparseLinear
+    layer.lora_fold = _layer_fold(layer, fold)
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def _layer_fold(layer: SparseLinear, fold: str) -> str:
+    """The fold of one layer: :func:`~slope.inference.fold.choose_fold`'s, ``stacked`` when the
+    layer is not 2:4 (the extended operand's adapter columns are 2:4)."""
+    chosen = choose_fold(fold, layer.in_features, layer.out_features, layer.lora_rank)
+    return chosen if (layer.n, layer.m) == (2, 4) else "stacked"
+
+
+def merge_lora(model: nn.Module, fold: str = "auto") -> nn.Module:
     """Convert, in place, every SLoPe layer of ``model`` that has adapters into the merged form.
 
-    Returns ``model``. Outputs are unchanged (fp32 to rounding, bf16 to bf16 tolerance). Errors:
-    a model without SLoPe layers or without adapters, and a model whose adapters are all merged
-    already.
+    ``fold``: how the adapters enter the sparse GEMM, ``stacked``, ``extended`` or ``auto`` (per
+    layer, the one moving fewer bytes; :mod:`slope.inference.fold`). Returns ``model``. Outputs
+    are unchanged (fp32 to rounding, bf16 to bf16 tolerance). Errors: a model without SLoPe layers
+    or without adapters, and a model whose adapters are all merged already.
     """
+    choose_fold(fold, 1, 1, 1)  # an unknown fold is an error before anything changes
     layers = [m for _, m in sparse_modules(model)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no SLoPe layers; call slope.prune_model(model, add_lora=True, lora_rank=r) first")
@@ -182,7 +291,34 @@ def merge_lora(model: nn.Module) -> nn.Module:
             "prune_model(..., add_lora=True, lora_rank=r) (or layer.add_lora(r)) first"
         )
     for layer in todo:
-        _to_merged(layer)
+        _to_merged(layer, fold)
+    return model
+
+
+def set_decode_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Decode-sized inputs of every merged layer with adapters run on ``kernel``: ``gemm`` (the
+    default: the fold's kernels) or ``fused`` (:func:`slope.kernels.merged_decode`, one Triton launch
+    per layer on CUDA; elsewhere the GEMM path). Returns ``model``."""
+    if kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel {kernel!r} unknown; choose one of {', '.join(DECODE_KERNELS)}")
+    layers = [m for _, m in sparse_modules(model) if isinstance(m, MergedSparseLinear) and m.lora_rank]
+    if not layers:
+        raise ValueError("the model has no merged layers with adapters; call slope.merge_lora(model) first")
+    for layer in layers:
+        layer._decode_kernel = kernel
+    return model
+
+
+def set_lora_fold(model: nn.Module, fold: str) -> nn.Module:
+    """Switch every merged layer of ``model`` that has adapters to ``fold`` (``stacked``,
+    ``extended`` or ``auto``); their operands are rebuilt on next use. Returns ``model``."""
+    choose_fold(fold, 1, 1, 1)
+    layers = [m for _, m in sparse_modules(model) if isinstance(m, MergedSparseLinear) and m.lora_rank]
+    if not layers:
+        raise ValueError("the model has no merged layers with adapters; call slope.merge_lora(model) first")
+    for layer in layers:
+        layer.lora_fold = _layer_fold(layer, fold)
+        layer._operands.pop(next((k for k in layer._operands if k[0] == "merged"), None), None)
     return model
 
 

@@ -222,3 +222,50 @@ def test_inference_script_reports_a_missing_checkpoint(tmp_path):
     out = subprocess.run(["bash", str(REPO / "scripts" / "inference.sh"), str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "no checkpoint at" in out.stderr and "scripts/train.sh" in out.stderr
+
+
+def test_generate_compare_reports_tokens_per_s_of_every_mode(runs, capsys):
+    assert main(["generate", "--checkpoint", str(runs / "lora"), "--prompt", "def main(", "--compare",
+                 "--max-new-tokens", "5", "--batch", "2", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def main(")
+    rows = {line.split()[0]: line.split() for line in captured.err.splitlines() if line.split() and line.split()[0] in MODES}
+    assert set(rows) == set(MODES)
+    for mode, row in rows.items():
+        prefill, decode = (float(v.replace(",", "")) for v in row[1:3])
+        assert prefill > 0 and decode > 0, row
+    assert rows["dense"][-1] == "1.00x" and "differ" not in captured.err  # greedy texts of the modes agree
+    # a dense checkpoint has one form
+    assert main(["generate", "--checkpoint", str(runs / "dense"), "--prompt", "x", "--compare",
+                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().err.splitlines()[2:]] == ["dense"]
+
+
+def test_static_decode_matches_hugging_face_generate(runs):
+    """The static-KV-cache loop behind --compare / --cuda-graphs emits generate's greedy tokens."""
+    from slope.inference.decode import static_decode
+
+    for mode in ("merged", "unmerged"):
+        loaded = load_trained_model(runs / "lora", "cpu", mode)
+        ids = torch.tensor([[5, 9, 2, 7], [1, 3, 3, 8]])
+        hf = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   min_new_tokens=6, pad_token_id=0)
+        run = static_decode(loaded.model, ids, 6)
+        assert torch.equal(run.tokens, hf) and run.decode_tokens_per_s > 0 and not run.cuda_graphs
+        sampled = [static_decode(loaded.model, ids, 4, temperature=1.0, top_k=20, seed=s).tokens for s in (1, 1, 2)]
+        assert torch.equal(sampled[0], sampled[1])
+
+
+def test_cuda_graphs_without_cuda_is_a_clear_error(runs, capsys):
+    from slope.inference.decode import static_decode
+
+    assert main(["generate", "--checkpoint", str(runs / "lora"), "--prompt", "x", "--cuda-graphs", "--device", "cpu"]) == 1
+    assert "--cuda-graphs needs a CUDA device, not cpu" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(runs / "lora"), "--prompt", "x", "--compare", "--cuda-graphs",
+                 "--device", "cpu"]) == 1
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        static_decode(load_trained_model(runs / "lora", "cpu", "merged").model, torch.tensor([[1, 2]]), 2, cuda_graphs=True)
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", str(runs / "lora"), "--prompt", "x", "--compare", "--batch", "0"])
+    assert "--batch must be >= 1" in capsys.readouterr().err

@@ -112,8 +112,8 @@ def test_merged_under_autocast_matches_unmerged():
 
 @pytest.mark.parametrize("compress", [True, False])
 def test_one_stacked_operand(compress):
-    """The merged layer multiplies by one operand [W⊙M ; A⊙M_A] (out=96, r=8)."""
-    model = merge_lora(_pruned_mlp(compress))
+    """The stacked fold multiplies by one operand [W⊙M ; A⊙M_A] (out=96, r=8)."""
+    model = merge_lora(_pruned_mlp(compress), fold="stacked")
     with torch.no_grad():
         model(torch.randn(2, 64))
     layer = model.fc1

@@ -19,6 +19,9 @@ int slope_sm90_compressed_sizes(void) { return 1; }
 int slope_sm90_compress(void) { return 1; }
 int slope_sm90_gemm_workspace_size(void) { return 1; }
 int slope_sm90_gemm(void) { return 1; }
+int slope_sm90_gemm_bind(void) { return 1; }
+int slope_sm90_gemm_run(void) { return 1; }
+void slope_sm90_gemm_release(void* handle) { }
 """
 
 
@@ -148,12 +151,32 @@ int slope_sm90_gemm_workspace_size(int dtype, int M, int N, int K, long long* by
 int slope_sm90_gemm(int dtype, int device, const void* values, const void* meta, const void* b, const void* bias,
                     const void* c, void* d, int M, int N, int K, float alpha, float beta, void* workspace,
                     void* stream, char* err, int n) {
-  for (int i = 0; i < N * M; ++i) ((u16*)d)[i] = ((const u16*)b)[i % (N * K)];
-  snprintf(last_call, sizeof last_call,
-           "gemm dtype=%d device=%d M=%d N=%d K=%d alpha=%g beta=%g bias=%d c=%d workspace=%d stream=%p meta0=%d",
-           dtype, device, M, N, K, alpha, beta, bias != 0, c != 0, workspace != 0, stream, ((const unsigned char*)meta)[0]);
+  return 1;  /* the wrapper binds and runs instead */
+}
+typedef struct { const void* b; void* d; int M, N, K; float alpha, beta; int bias, c, workspace; const void* meta; } bound_t;
+int binds = 0, runs = 0, releases = 0;
+int slope_sm90_gemm_bind(int dtype, int device, const void* values, const void* meta, const void* b, const void* bias,
+                         const void* c, void* d, int M, int N, int K, float alpha, float beta, void* workspace,
+                         void** handle, char* err, int n) {
+  static bound_t slots[64];
+  if (M == 24) { snprintf(err, n, "sm90 sparse gemm: refused M=%d", M); return 1; }
+  bound_t* s = &slots[binds++ % 64];
+  s->b = b; s->d = d; s->M = M; s->N = N; s->K = K; s->alpha = alpha; s->beta = beta;
+  s->bias = bias != 0; s->c = c != 0; s->workspace = workspace != 0; s->meta = meta;
+  snprintf(last_call, sizeof last_call, "bind dtype=%d device=%d M=%d N=%d K=%d alpha=%g beta=%g bias=%d c=%d workspace=%d",
+           dtype, device, M, N, K, alpha, beta, bias != 0, c != 0, workspace != 0);
+  *handle = s;
   return 0;
 }
+int slope_sm90_gemm_run(void* handle, int device, void* stream, char* err, int n) {
+  bound_t* s = (bound_t*)handle;
+  for (int i = 0; i < s->N * s->M; ++i) ((u16*)s->d)[i] = ((const u16*)s->b)[i % (s->N * s->K)];
+  runs++;
+  snprintf(last_call, sizeof last_call, "run device=%d stream=%p meta0=%d M=%d N=%d K=%d alpha=%g beta=%g bias=%d c=%d workspace=%d",
+           device, stream, ((const unsigned char*)s->meta)[0], s->M, s->N, s->K, s->alpha, s->beta, s->bias, s->c, s->workspace);
+  return 0;
+}
+void slope_sm90_gemm_release(void* handle) { releases++; }
 """
 
 
@@ -177,7 +200,22 @@ def test_library_calls_pass_every_argument_through_the_c_abi(tmp_path, monkeypat
     d, error = loaded.gemm(values, meta, b, bias, None, 0.5, 2.0)
     assert error == "" and d.shape == (4, 16) and torch.equal(d.flatten(), b.flatten()[: 4 * 16])
     assert ctypes.string_at(ctypes.addressof(last)).decode() == (
-        "gemm dtype=1 device=-1 M=16 N=4 K=32 alpha=0.5 beta=2 bias=1 c=0 workspace=1 stream=0x1234 meta0=15")
+        "run device=-1 stream=0x1234 meta0=15 M=16 N=4 K=32 alpha=0.5 beta=2 bias=1 c=0 workspace=1")
+    counter = {name: ctypes.c_int.in_dll(loaded.lib, name) for name in ("binds", "runs", "releases")}
+    assert (counter["binds"].value, counter["runs"].value) == (1, 1)
+    out = torch.empty(4, 16, dtype=torch.bfloat16)
+    for _ in range(2):  # same addresses: bound once, then only run
+        d, error = loaded.gemm(values, meta, b, bias, None, 0.5, 2.0, out=out)
+        assert error == "" and d is out and torch.equal(d.flatten(), b.flatten()[: 4 * 16])
+    assert (counter["binds"].value, counter["runs"].value, loaded.bound_count()) == (2, 3, 2)
+    _, error = loaded.gemm(values, meta, b, None, None, 0.5, 2.0, out=out)  # another bias: another binding
+    assert ctypes.string_at(ctypes.addressof(last)).decode().endswith("bias=0 c=0 workspace=1")
+    assert loaded.bound_count() == 3 and counter["binds"].value == 3 and counter["runs"].value == 4
+    loaded.release_bound()
+    assert loaded.bound_count() == 0 and counter["releases"].value == 3
+    _, error = loaded.gemm(torch.zeros(24, 16, dtype=torch.bfloat16), torch.zeros(24, 4, dtype=torch.uint8),
+                           b, None, None, 1.0, 0.0)
+    assert error == "sm90 sparse gemm: refused M=24" and loaded.bound_count() == 0
     d, error = loaded.gemm(values, meta[:2], b, None, None, 1.0, 0.0)
     assert "meta has shape (2, 4), expected (16, 4)" in error
     _, _, error = loaded.compress(torch.zeros(8, 32, dtype=torch.float16))
@@ -209,7 +247,8 @@ def test_real_library_compiles_for_sm90a_and_loads(tmp_path):
     assert why is None, why
     exported = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True).stdout
     for symbol in ("slope_sm90_build_key", "slope_sm90_compressed_sizes", "slope_sm90_compress",
-                   "slope_sm90_gemm_workspace_size", "slope_sm90_gemm"):
+                   "slope_sm90_gemm_workspace_size", "slope_sm90_gemm", "slope_sm90_gemm_bind", "slope_sm90_gemm_run",
+                   "slope_sm90_gemm_release"):
         assert f" T {symbol}" in exported, symbol
     raw = ctypes.CDLL(str(library))
     raw.slope_sm90_build_key.restype = ctypes.c_ulonglong

@@ -168,25 +168,30 @@ class AutoBackendChooser:
     def choose(
         self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, tiling: bool = True,
         tokens: int | None = None, *, direction: str = "forward", training: bool = False,
-        allow_timing: bool = True,
+        allow_timing: bool = True, sparse_only: bool = False,
     ) -> SparseBackend:
         """The backend instance to use for an operand ``(rows, cols) = shape`` in ``dtype`` on
         ``device``, multiplied by ``tokens`` rows at a time (``None``: the largest bucket).
         ``training``: the operand is rebuilt after every optimizer step, and that rebuild counts
         (``direction`` "forward": the operand is ``W (rows, cols)``; "backward": ``(W⊙M⊙M_t)ᵀ``
-        of ``W (cols, rows)``). ``allow_timing=False``: a key not timed yet is not timed now."""
+        of ``W (cols, rows)``). ``allow_timing=False``: a key not timed yet is not timed now.
+        ``sparse_only``: the fastest sparse candidate even when dense is faster (``dense`` only when
+        none runs): for inference-only layers, whose dense operand would be a second, dense copy
+        of the weights (docs/inference.md)."""
         if direction not in ("forward", "backward"):
             raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
         device = torch.device(device)
         key = (tuple(shape), dtype, device, bool(tiling), self.bucket(tokens))
         if training:
             key = (*key, direction, "training")
+        if sparse_only:
+            key = (*key, "sparse-only")
         with self._lock:
             if key not in self._cache:
                 if self.frozen or not allow_timing:
                     self._cache[key] = self._untimed(key)
                 else:
-                    self._cache[key] = self._measure(tuple(shape), dtype, device, tiling, key[4], direction, training)
+                    self._cache[key] = self._measure(tuple(shape), dtype, device, tiling, key[4], direction, training, sparse_only)
             return self._cache[key].backend
 
     def _instance(self, cls, tiling: bool, row_tiled: bool) -> SparseBackend:
@@ -225,7 +230,8 @@ class AutoBackendChooser:
                 out.append(self._instance(cls, tiling, True))
         return out
 
-    def _measure(self, shape, dtype, device, tiling, tokens: int, direction: str, training: bool) -> AutoChoice:
+    def _measure(self, shape, dtype, device, tiling, tokens: int, direction: str, training: bool,
+                 sparse_only: bool = False) -> AutoChoice:
         problem = _Problem(shape, dtype, device, tokens, direction)
         dense = self._instance(DenseBackend, tiling, False)
         choice = AutoChoice(backend=dense)
@@ -247,14 +253,15 @@ class AutoBackendChooser:
                 continue
             choice.rebuild_ms[backend.name] = rebuild_ms
             choice.cost_ms[backend.name] = choice.times_ms[backend.name] + rebuild_ms / self.gemms_per_rebuild
-        choice.backend = self._pick(choice, {b.name: b for b in tried})
+        choice.backend = self._pick(choice, {b.name: b for b in tried}, sparse_only)
         return choice
 
-    def _pick(self, choice: AutoChoice, instances: dict[str, SparseBackend]) -> SparseBackend:
-        """The cheapest candidate by whole cost, if it beats dense by :attr:`margin`; one building
-        its operands from kept values is preferred to a cheaper one within the margin."""
+    def _pick(self, choice: AutoChoice, instances: dict[str, SparseBackend], sparse_only: bool = False) -> SparseBackend:
+        """The cheapest candidate by whole cost, if it beats dense by :attr:`margin` (``sparse_only``:
+        whether or not); one building its operands from kept values is preferred to a cheaper one
+        within the margin."""
         dense = instances["dense"]
-        limit = choice.cost_ms["dense"] * (1.0 - self.margin)
+        limit = math.inf if sparse_only else choice.cost_ms["dense"] * (1.0 - self.margin)
         eligible = {n: c for n, c in choice.cost_ms.items() if n != "dense" and c < limit}
         if not eligible:
             return dense

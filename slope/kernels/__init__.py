@@ -3,7 +3,7 @@
 The CUDA/C++ sources that :mod:`slope.kernels.cutlass_sm90` compiles live in the repository's
 top-level ``kernels/`` folder, which is not a Python package.
 
-Functions with a Triton kernel (``addmm``, ``matvec_add``, ``prune_2to4``,
+Functions with a Triton kernel (``addmm``, ``lowrank_concat``, ``matvec_add``, ``prune_2to4``,
 ``double_prune_mask_2to4``, ``prune_compress_2to4``, ``gather_kept_2to4``,
 ``scatter_kept_2to4``, ``transpose_kept_2to4``, ``adamw_step_``, ``adamw_step_operands_``) dispatch: CUDA tensors of a dtype Triton
 handles (fp16/bf16/fp32) go to :mod:`slope.kernels.triton_kernels` when Triton can run here;
@@ -41,6 +41,8 @@ __all__ = [
     "decompress_2to4",
     "double_prune_mask_2to4",
     "gather_kept_2to4",
+    "lowrank_concat",
+    "merged_decode",
     "matvec_add",
     "metadata_dtype",
     "prune_2to4",
@@ -91,6 +93,32 @@ def addmm(
     if triton_usable(a, b, c) and a.dtype == b.dtype == c.dtype and (bias is None or triton_usable(bias)):
         return _triton().addmm(a, b, c, alpha, bias)
     return reference.addmm(a, b, c, alpha, bias)
+
+
+def lowrank_concat(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``[x | interleave(x aᵀ, 0)]`` of shape ``(M, K + 2R)`` for ``x (M, K)``, ``a (R, K)``: ``x``
+    then ``u = x aᵀ`` with ``u[:, i]`` at column ``K + 2i`` and zeros between (one Triton pass on
+    CUDA, reading ``x`` once; see :mod:`slope.kernels.triton_lowrank`)."""
+    if triton_usable(x, a) and x.dtype == a.dtype and x.device == a.device and x.dim() == a.dim() == 2 and x.shape[1] == a.shape[1]:
+        from . import triton_lowrank
+
+        return triton_lowrank.lowrank_concat(x, a)
+    return reference.lowrank_concat(x, a)
+
+
+def merged_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A merged 2:4 + low-rank layer on a few rows: ``x Wᵀ + (x aᵀ) bᵀ (+ bias)`` with ``W`` given as
+    kept ``values (N, K/2)`` (rows may be strided) and ``compress_2to4`` metadata, ``x (M <= 16, K)``,
+    ``a (R, K)``, ``b (N, R)``: one Triton launch on CUDA (:mod:`slope.kernels.triton_merged_decode`),
+    else the reference."""
+    tensors = [x, values, a, b] + ([bias] if bias is not None else [])
+    if (triton_usable(*tensors) and len({t.dtype for t in tensors}) == 1 and x.shape[0] <= 16
+            and values.stride(1) == 1 and meta.device == x.device):
+        from . import triton_merged_decode
+
+        return triton_merged_decode.merged_decode(x, values, meta, a, b, bias)
+    return reference.merged_decode(x, values, meta, a, b, bias)
 
 
 def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:

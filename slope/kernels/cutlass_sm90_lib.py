@@ -32,7 +32,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -182,7 +184,19 @@ class Sm90Library:
     error)`` and ``gemm(values, meta, b, bias, c, alpha, beta) -> (d, error)``, error ``""`` on success.
 
     Inputs are validated by :mod:`slope.kernels.cutlass_sm90` (contiguous, 16-byte aligned CUDA
-    tensors of one dtype); outputs are allocated here with PyTorch on the current stream."""
+    tensors of one dtype); outputs are allocated here with PyTorch on the current stream.
+
+    **Bound GEMMs.** ``gemm`` does not rebuild the kernel's parameters (CUTLASS arguments, TMA
+    descriptors) on every call: it binds them once per (pointers, shape, alpha, beta) with
+    ``slope_sm90_gemm_bind`` and afterwards only launches (``slope_sm90_gemm_run``), so a call
+    whose tensors sit where they sat before (steady decoding: PyTorch's caching allocator hands
+    out the same blocks; always under a CUDA graph's static memory) costs one dict lookup and a
+    launch. Up to :attr:`max_bound` handles are kept (least recently used freed first); a handle
+    holds only addresses and is used only for exactly those addresses.
+    """
+
+    #: bound GEMM handles kept per library (each a few KiB of host memory).
+    max_bound = 4096
 
     def __init__(self, lib: ctypes.CDLL, path: str):
         self.lib, self.path = lib, path
@@ -192,13 +206,24 @@ class Sm90Library:
         lib.slope_sm90_compress.argtypes = [i, i, p, i, i, p, p, p, *err]
         lib.slope_sm90_gemm_workspace_size.argtypes = [i, i, i, i, ll, *err]
         lib.slope_sm90_gemm.argtypes = [i, i, p, p, p, p, p, p, i, i, i, f, f, p, p, *err]
+        lib.slope_sm90_gemm_bind.argtypes = [i, i, p, p, p, p, p, p, i, i, i, f, f, p, ctypes.POINTER(p), *err]
+        lib.slope_sm90_gemm_run.argtypes = [p, i, p, *err]
+        lib.slope_sm90_gemm_release.argtypes = [p]
+        lib.slope_sm90_gemm_release.restype = None
         for fn in (lib.slope_sm90_compressed_sizes, lib.slope_sm90_compress, lib.slope_sm90_gemm_workspace_size,
-                   lib.slope_sm90_gemm):
+                   lib.slope_sm90_gemm, lib.slope_sm90_gemm_bind, lib.slope_sm90_gemm_run):
             fn.restype = i
+        self._bound: OrderedDict[tuple, tuple[int, torch.Tensor | None]] = OrderedDict()
+        self._bound_lock = threading.Lock()
+        self._local = threading.local()  # one error buffer per thread (the backward runs on another)
 
     def _call(self, fn, *args) -> str:
-        err = ctypes.create_string_buffer(1024)
-        return err.value.decode(errors="replace") if fn(*args, err, len(err)) else ""
+        err = getattr(self._local, "err", None)
+        if err is None:
+            err = self._local.err = ctypes.create_string_buffer(1024)
+        if not fn(*args, err, len(err)):
+            return ""
+        return err.value.decode(errors="replace")
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one library per process, shapes repeat
     def compressed_sizes(self, dtype_code: int, m: int, k: int) -> tuple[int, int, int, int]:
@@ -225,21 +250,55 @@ class Sm90Library:
                            values.data_ptr(), meta.data_ptr(), _stream(dense.device))
         return values, meta, error
 
-    def gemm(self, values, meta, b, bias, c, alpha: float, beta: float) -> tuple[torch.Tensor, str]:
+    def gemm(self, values, meta, b, bias, c, alpha: float, beta: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+        """``(d, error)``; ``out``: a contiguous ``(N, M)`` tensor to write ``d`` into (else a new one)."""
         code, m, k, n = _DTYPE_CODES[values.dtype], values.shape[0], values.shape[1] * 2, b.shape[0]
         _, _, meta_rows, meta_cols = self.compressed_sizes(code, m, k)
         if meta.shape[0] != meta_rows or meta.numel() != meta_rows * meta_cols:
             return b.new_empty(0), (f"cutlass-sm90 gemm: meta has shape {tuple(meta.shape)}, expected "
                                     f"({meta_rows}, {meta_cols}) for a ({m}, {k}) operand: pass the meta from "
                                     "the same compress()")
-        d = torch.empty(n, m, device=b.device, dtype=b.dtype)
+        d = torch.empty(n, m, device=b.device, dtype=b.dtype) if out is None else out
+        device = b.get_device()
+        key = (code, device, values.data_ptr(), meta.data_ptr(), b.data_ptr(), 0 if bias is None else bias.data_ptr(),
+               0 if c is None else c.data_ptr(), d.data_ptr(), m, n, k, alpha, beta)
+        bound = self._bound.get(key)
+        if bound is None:
+            bound, error = self._bind(key, b.device)
+            if error:
+                return d, error
+        else:
+            self._bound.move_to_end(key)
+        return d, self._call(self.lib.slope_sm90_gemm_run, bound[0], device, _stream(b.device))
+
+    def _bind(self, key: tuple, device: torch.device) -> tuple[tuple | None, str]:
+        """Bind a GEMM for ``key`` (see :meth:`gemm`) with its own workspace; ``(bound, error)``."""
+        code, index, values, meta, b, bias, c, d, m, n, k, alpha, beta = key
         ws_bytes = self._workspace_bytes(code, m, n, k)
-        workspace = torch.empty(ws_bytes, device=b.device, dtype=torch.uint8) if ws_bytes else None
-        error = self._call(self.lib.slope_sm90_gemm, code, b.get_device(), values.data_ptr(), meta.data_ptr(),
-                           b.data_ptr(), None if bias is None else bias.data_ptr(),
-                           None if c is None else c.data_ptr(), d.data_ptr(), m, n, k, alpha, beta,
-                           None if workspace is None else workspace.data_ptr(), _stream(b.device))
-        return d, error
+        workspace = torch.empty(ws_bytes, device=device, dtype=torch.uint8) if ws_bytes else None
+        handle = ctypes.c_void_p()
+        error = self._call(self.lib.slope_sm90_gemm_bind, code, index, values, meta, b, bias or None, c or None, d,
+                           m, n, k, alpha, beta, None if workspace is None else workspace.data_ptr(), ctypes.byref(handle))
+        if error:
+            return None, error
+        bound = (handle.value, workspace)
+        with self._bound_lock:
+            self._bound[key] = bound
+            while len(self._bound) > self.max_bound:
+                _, (old, _) = self._bound.popitem(last=False)
+                self.lib.slope_sm90_gemm_release(old)
+        return bound, ""
+
+    def bound_count(self) -> int:
+        """How many bound GEMMs are cached (tests and benchmarks report it)."""
+        return len(self._bound)
+
+    def release_bound(self) -> None:
+        """Free every bound GEMM (e.g. before freeing the memory their addresses point at for good)."""
+        with self._bound_lock:
+            while self._bound:
+                _, (handle, _) = self._bound.popitem()
+                self.lib.slope_sm90_gemm_release(handle)
 
 
 def _stream(device: torch.device) -> int:

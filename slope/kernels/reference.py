@@ -361,6 +361,31 @@ def addmm(
     return c.copy_(torch.addmm(c.float() + bias.float(), a.float(), b.float(), alpha=alpha))
 
 
+def lowrank_concat(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``(M, K + 2R)``: ``x (M, K)`` followed by ``u = x @ aᵀ`` (``a (R, K)``) interleaved with zeros
+    (``u[:, i]`` at column ``K + 2i``, 0 at ``K + 2i + 1``): the input of a merged layer's
+    extended-reduction GEMM (:mod:`slope.inference.fold`)."""
+    _check_lowrank_concat(x, a)
+    u = torch.nn.functional.linear(x, a)
+    return torch.cat([x, torch.stack([u, torch.zeros_like(u)], dim=-1).reshape(x.shape[0], -1)], dim=1)
+
+
+def merged_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + (x aᵀ) bᵀ (+ bias)`` for the 2:4 ``W`` of ``(values, meta)`` (:func:`compress_2to4`'s),
+    ``x (M, K)``, ``a (R, K)``, ``b (N, R)``; ``x aᵀ`` is rounded to ``x``'s dtype before ``bᵀ``."""
+    u = torch.nn.functional.linear(x, a)
+    y = torch.nn.functional.linear(x, decompress_2to4(values.contiguous(), meta), bias)
+    return torch.addmm(y, u, b.t())
+
+
+def _check_lowrank_concat(x: torch.Tensor, a: torch.Tensor) -> None:
+    if x.dim() != 2 or a.dim() != 2 or x.shape[1] != a.shape[1]:
+        raise ValueError(f"lowrank_concat needs x (M, K) and a (R, K); got {tuple(x.shape)} and {tuple(a.shape)}")
+    if x.dtype != a.dtype or x.device != a.device:
+        raise ValueError(f"lowrank_concat: x ({x.dtype}, {x.device}) and a ({a.dtype}, {a.device}) must share dtype and device")
+
+
 def _check_addmm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> None:
     if a.dim() != 2 or b.dim() != 2 or c.dim() != 2 or a.shape[1] != b.shape[0] or c.shape != (a.shape[0], b.shape[1]):
         raise ValueError(
