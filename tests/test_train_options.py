@@ -79,6 +79,10 @@ def test_run_with_a_tokenizer_keeps_it_for_eval_generate_export(english, tmp_pat
     loaded = load_trained_model(cfg.out, "cpu")
     gen = generate(loaded, "the cat sat", max_new_tokens=4, temperature=0)
     assert gen.text.startswith("the cat sat") and gen.prompt_tokens == len(open_tokenizer(english / "tokenizer.json").encode("the cat sat"))
+    from slope.inference.speed import compare_speed
+
+    (speed,) = compare_speed(cfg.out, "the cat sat", device="cpu", max_new_tokens=3, modes=("dense",))
+    assert speed.text.startswith("the cat sat")  # the shipped BPE would encode ids beyond this 300-token vocabulary
     assert main(["export", cfg.out, "--output-dir", str(tmp_path / "hf")]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
