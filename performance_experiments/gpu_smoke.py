@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from performance_experiments.common import Budget, base_parser, environment, error_text, pick_device, write_results
 from slope import kernels
-from slope.backends import BACKEND_NAMES, backend_class
+from slope.backends import backend_class
 from slope.kernels import reference as ref
 from slope.masks import double_prune_mask, nm_mask, pack_mask
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from performance_experiments.common import (  # noqa: E402
-    MODELS, Recorder, base_parser, environment, error_text, layer_shape, make_record, ratio,
+    Recorder, base_parser, environment, error_text, layer_shape, make_record, ratio,
 )
 from slope.kernels import cutlass_sm90  # noqa: E402
 from slope.masks import nm_mask  # noqa: E402

@@ -9,8 +9,7 @@
 # Hugging Face folder with its tokenizer), the recipes, summary.json.
 #   bash scripts/prune_and_recover.sh [OUT]
 # Knobs (environment): PRETRAIN_STEPS (300), CALIBRATION_SAMPLES (64), FT_STEPS (100), FT_LR (5e-4), SEED (0).
-# Note: `slope oneshot --dataset embedded` calibrates on windows of the whole corpus (validation
-# chunks included); `slope finetune` trains on the training split only.
+# `slope oneshot --dataset embedded` calibrates and `slope finetune` trains on the training split only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/prune_and_recover}

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from slope import parallel
 from slope.checkpoint import (
-    CheckpointError, attach_lora, build_model, check_compatible, check_model_config, check_state_fits, read_checkpoint, restore_rng,
+    Checkpoint, CheckpointError, attach_lora, build_model, check_compatible, check_model_config, check_state_fits, read_checkpoint, restore_rng,
     save_checkpoint,
 )
 from slope.checkpoint_store import latest_checkpoint, recover
@@ -282,6 +282,141 @@ def _stop_requested(stop: GracefulStop, env) -> str | None:
     return name
 
 
+def _checked_resume(cfg: TrainConfig, out: Path) -> Checkpoint | None:
+    """With ``--resume``: the newest complete checkpoint of ``out``, checked against ``cfg`` (settings,
+    architecture, ``--stop-after`` / ``--max-steps`` beyond its step); ``None`` otherwise."""
+    if not cfg.resume:
+        return None
+    ckpt = read_checkpoint(latest_checkpoint(out / "checkpoint", "train without --resume first (or point --out at the run's directory)"))
+    check_compatible(ckpt.config, cfg)
+    check_model_config(ckpt)
+    if cfg.stop_after is not None and cfg.stop_after <= ckpt.step:
+        raise ConfigError(f"stop_after = {cfg.stop_after} is invalid: the checkpoint is already at step {ckpt.step}")
+    if cfg.max_steps < ckpt.step:
+        raise ConfigError(f"max_steps = {cfg.max_steps} is invalid: the checkpoint is already at step {ckpt.step}; "
+                          f"drop --max-steps to finish the run's {ckpt.config.max_steps} steps, or raise it")
+    return ckpt
+
+
+def _optimizers(model, cfg: TrainConfig):
+    """``(AdamW over the dense parameters, ADAMWSparse over the SLoPe layers or None for --dense)``."""
+    dense_opt = torch.optim.AdamW(_dense_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.dense:
+        return dense_opt, None
+    from slope.optimizers import ADAMWSparse
+
+    return dense_opt, ADAMWSparse(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                  mask_change_freq=cfg.mask_change_freq)
+
+
+def _restore(ckpt: Checkpoint, model, dense_opt, sparse_opt, scaler: LossScaler, cfg: TrainConfig) -> tuple[bool, bool]:
+    """Load the checkpoint's model, optimizers, loss scaler and RNG states (the model grown as it was:
+    adapters, dense tail); returns ``(lora_attached, densified)``. Every shape is checked first."""
+    if ckpt.lora_attached:
+        _add_lora(model, dense_opt, cfg)
+    if ckpt.dense_tail:
+        _densify(model, dense_opt, cfg)
+    check_state_fits(ckpt, model, None if cfg.deepspeed else dense_opt, sparse_opt)  # before anything is loaded
+    model.load_state_dict(ckpt.model_state)
+    if not cfg.deepspeed:  # (DeepSpeed partitions the state: loaded into its engine by _data_parallel)
+        dense_opt.load_state_dict(ckpt.optimizers["dense"])
+    if sparse_opt is not None:
+        sparse_opt.load_state_dict(ckpt.optimizers["sparse"])
+    scaler.load_state_dict(ckpt.trainer_state["scaler"])
+    restore_rng(ckpt.rng_tensors, ckpt.trainer_state["rng"])
+    return bool(ckpt.lora_attached), bool(ckpt.dense_tail)
+
+
+def _data_parallel(model, dense_opt, ds_config: dict | None, ckpt: Checkpoint | None, cfg: TrainConfig, env, log):
+    """What runs the forward: a DeepSpeed engine (``--deepspeed``; a resumed state loaded into it),
+    DDP under torchrun, or ``model`` itself."""
+    runner = model
+    if ds_config is not None:
+        try:
+            runner, _, _ = parallel.deepspeed_initialize(model, ds_config, optimizer=dense_opt)
+        except ImportError as e:
+            parallel.destroy_distributed(env)
+            raise ConfigError(f"deepspeed = {cfg.deepspeed!r}: {e}") from e
+        if ckpt is not None:
+            parallel.load_full_model_state_dict(runner, ckpt.model_state)
+            parallel.load_full_optimizer_state_dict(runner, None, ckpt.optimizers["dense"])
+    elif env.distributed:
+        runner = parallel.wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, require_sparse=not cfg.dense)
+    if env.distributed or ds_config is not None:
+        how = f"DeepSpeed ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}" if ds_config else "DDP"
+        log(f"data parallel: {env.world_size} ranks ({how}), "
+            f"{cfg.batch_size // env.world_size} of the {cfg.batch_size} sequences of each micro-batch per rank")
+    return runner
+
+
+def _forward_backward(runner, train_tokens: torch.Tensor, step: int, cfg: TrainConfig, env, scaler: LossScaler, deepspeed: bool) -> float:
+    """Forward and backward over the ``cfg.grad_accum`` micro-batches of ``step`` (this rank's rows;
+    sparse gradients accumulate in the layers, DDP averages on the last one); the step's loss,
+    averaged over ranks."""
+    loss = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = train_batch(train_tokens, seed=cfg.seed, step=step, micro=micro, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+        x, y = (parallel.rank_slice(t, env.rank, env.world_size).to(env.device) for t in (x, y))
+        last = micro == cfg.grad_accum - 1
+        with nullcontext() if last else parallel.no_sync(runner):  # gradients are averaged on the last one
+            with autocast(env.device, cfg.precision):
+                logits = runner(input_ids=x).logits
+            micro_loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
+            if deepspeed:
+                runner.backward(micro_loss, scale_wrt_gas=False)
+                if not last:
+                    runner.step()  # counts the micro-batch; the update happens on the last one
+            else:
+                (micro_loss * scaler.scale).backward()
+        loss += micro_loss.item()
+    return parallel.mean_over_ranks(loss)
+
+
+def _update(runner, dense_opt, sparse_opt, scaler: LossScaler, loss: float, cfg: TrainConfig, deepspeed: bool) -> tuple[bool, float | None]:
+    """Unscale (fp16), then skip the step on an overflow or a non-finite loss or gradient norm, else
+    clip and update both optimizers; gradients are zeroed either way. Returns ``(skipped, grad_norm)``.
+    (DeepSpeed, never fp16, steps anyway: its engine counts the micro-batches.)"""
+    dense_params = [p for group in dense_opt.param_groups for p in group["params"]]
+    skipped = scaler.unscale_(dense_params, sparse_opt) or not math.isfinite(loss)
+    grad_norm = None
+    if deepspeed:
+        grad_norm = _deepspeed_step(runner, sparse_opt)
+    elif not skipped:
+        grad_norm = _clip_and_step(dense_opt, sparse_opt, dense_params, cfg.grad_clip)
+        skipped = grad_norm is None
+    scaler.update(skipped)
+    dense_opt.zero_grad(set_to_none=True)
+    if sparse_opt is not None:
+        sparse_opt.zero_grad()
+    return skipped, grad_norm
+
+
+def _step_line(step: int, max_steps: int, loss: float, lr: float, tokens: int, elapsed: float, eta: str,
+               scaler: LossScaler, skipped: bool) -> str:
+    """The plain progress line of a logged step (``step 10/300 | loss … | lr … | tok/s | s | ETA``)."""
+    line = f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens / max(elapsed, 1e-9):,.0f} tok/s | {elapsed:.1f} s"
+    if step < max_steps:
+        line += f" | ETA {eta}"
+    if skipped:
+        line += (f" | overflow: step skipped, loss scale now {scaler.scale:g}" if scaler.enabled
+                 else " | non-finite loss or gradients: step skipped")
+    return line
+
+
+def _final_line(summary: dict, max_steps: int) -> str:
+    """The run's last line: done (with its losses), or stopped early and how to continue."""
+    step, out, elapsed = summary["step"], summary["out"], summary["elapsed_s"]
+    resume = f"checkpoint in {out}/checkpoint; continue with: slope train --out {out} --resume"
+    if summary["stopped_by"]:
+        return f"stopped by {summary['stopped_by']} after step {step} of {max_steps}: {resume.replace('checkpoint in', 'checkpoint saved in', 1)}"
+    if step < max_steps:
+        return f"stopped after step {step} of {max_steps} ({elapsed:.1f} s); {resume}"
+    val_loss = summary["final_val_loss"]
+    val = f"val loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f})" if val_loss is not None else "no validation"
+    return (f"done: {step} steps, {summary['tokens']:,} tokens in {elapsed:.1f} s | train loss {summary['final_train_loss']:.4f} | {val} | "
+            f"unigram baseline {summary['unigram_loss']:.4f} | outputs in {out}/ (metrics.jsonl, loss.png, checkpoint/)")
+
+
 def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: bool = True) -> dict:
     """Run (or resume) the training job described by ``cfg``; returns the final summary record.
 
@@ -321,17 +456,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     if cfg.precision == "fp16" and device.type == "cpu":
         log("note: fp16 matmuls are very slow on CPUs; prefer --precision bf16 or fp32 there")
 
-    # ---- resume: verify the checkpoint before doing anything else ---------------------------
-    no_checkpoint = "train without --resume first (or point --out at the run's directory)"
-    ckpt = read_checkpoint(latest_checkpoint(out / "checkpoint", no_checkpoint)) if cfg.resume else None
-    if ckpt is not None:
-        check_compatible(ckpt.config, cfg)
-        check_model_config(ckpt)
-        if cfg.stop_after is not None and cfg.stop_after <= ckpt.step:
-            raise ConfigError(f"stop_after = {cfg.stop_after} is invalid: the checkpoint is already at step {ckpt.step}")
-        if cfg.max_steps < ckpt.step:
-            raise ConfigError(f"max_steps = {cfg.max_steps} is invalid: the checkpoint is already at step {ckpt.step}; "
-                              f"drop --max-steps to finish the run's {ckpt.config.max_steps} steps, or raise it")
+    ckpt = _checked_resume(cfg, out)  # verified before anything else is done
 
     # ---- tokenizer, architecture and --report-to backend: checked before the data are read -----
     tokenizer = open_tokenizer(cfg.tokenizer)
@@ -356,12 +481,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size, data.eos_id, model_config=arch).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    dense_opt = torch.optim.AdamW(_dense_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    sparse_opt = None
-    if not cfg.dense:
-        from slope.optimizers import ADAMWSparse
-
-        sparse_opt = ADAMWSparse(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, mask_change_freq=cfg.mask_change_freq)
+    dense_opt, sparse_opt = _optimizers(model, cfg)
     scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval, cfg.fp16_min_scale)
     guard = FiniteGuard(cfg.nonfinite_patience)
     kind = "dense baseline" if cfg.dense else f"SLoPe {cfg.sparsity} ({'compressed' if cfg.compress else 'simulated'})"
@@ -369,20 +489,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
 
     step, tokens, elapsed_before, lora_attached, densified = 0, 0, 0.0, False, False
     if ckpt is not None:
-        if ckpt.lora_attached:
-            _add_lora(model, dense_opt, cfg)
-            lora_attached = True
-        if ckpt.dense_tail:
-            _densify(model, dense_opt, cfg)
-            densified = True
-        check_state_fits(ckpt, model, None if cfg.deepspeed else dense_opt, sparse_opt)  # before anything is loaded
-        model.load_state_dict(ckpt.model_state)
-        if not cfg.deepspeed:  # (DeepSpeed partitions the state: loaded into the engine below)
-            dense_opt.load_state_dict(ckpt.optimizers["dense"])
-        if sparse_opt is not None:
-            sparse_opt.load_state_dict(ckpt.optimizers["sparse"])
-        scaler.load_state_dict(ckpt.trainer_state["scaler"])
-        restore_rng(ckpt.rng_tensors, ckpt.trainer_state["rng"])
+        lora_attached, densified = _restore(ckpt, model, dense_opt, sparse_opt, scaler, cfg)
         step, tokens, elapsed_before = ckpt.step, ckpt.trainer_state["tokens"], ckpt.trainer_state["elapsed_s"]
         log(f"resumed from {ckpt.path} at step {step}")
     elif (out / "checkpoint").exists():
@@ -390,21 +497,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step, enabled=env.is_main, note=log, reporter=reporter)
 
     # ---- data parallel: DDP under torchrun, or a DeepSpeed engine ------------------------------
-    runner = model
-    if ds_config is not None:
-        try:
-            runner, _, _ = parallel.deepspeed_initialize(model, ds_config, optimizer=dense_opt)
-        except ImportError as e:
-            parallel.destroy_distributed(env)
-            raise ConfigError(f"deepspeed = {cfg.deepspeed!r}: {e}") from e
-        if ckpt is not None:
-            parallel.load_full_model_state_dict(runner, ckpt.model_state)
-            parallel.load_full_optimizer_state_dict(runner, None, ckpt.optimizers["dense"])
-    elif env.distributed:
-        runner = parallel.wrap_ddp(model, device_ids=[device.index] if device.type == "cuda" else None, require_sparse=not cfg.dense)
-    if env.distributed or ds_config is not None:
-        log(f"data parallel: {env.world_size} ranks ({'DeepSpeed ZeRO-' + str(ds_config.get('zero_optimization', {}).get('stage', 0)) if ds_config else 'DDP'}), "
-            f"{cfg.batch_size // env.world_size} of the {cfg.batch_size} sequences of each micro-batch per rank")
+    runner = _data_parallel(model, dense_opt, ds_config, ckpt, cfg, env, log)
     lora_start = cfg.lora_start if not cfg.dense else cfg.max_steps
     if lora_start < cfg.max_steps and not lora_attached:
         log(f"lazy LoRA: rank-{cfg.lora_rank} adapters will be attached after step {lora_start} (last {cfg.lazy_lora_fraction:.1%} of steps)")
@@ -466,40 +559,10 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
         if sparse_opt is not None:
             sparse_opt.lr = lr
 
-        # Forward and backward over the micro-batches; sparse grads accumulate in the layers.
-        loss = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = train_batch(data.train, seed=cfg.seed, step=step, micro=micro, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
-            x, y = (parallel.rank_slice(t, env.rank, env.world_size).to(device) for t in (x, y))
-            last = micro == cfg.grad_accum - 1
-            with nullcontext() if last else parallel.no_sync(runner):  # gradients are averaged on the last one
-                with autocast(device, cfg.precision):
-                    logits = runner(input_ids=x).logits
-                micro_loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
-                if ds_config is not None:
-                    runner.backward(micro_loss, scale_wrt_gas=False)
-                    if not last:
-                        runner.step()  # counts the micro-batch; the update happens on the last one
-                else:
-                    (micro_loss * scaler.scale).backward()
-            loss += micro_loss.item()
-        loss = parallel.mean_over_ranks(loss)
+        # Forward and backward over the micro-batches, then the update (or a skipped step).
+        loss = _forward_backward(runner, data.train, step, cfg, env, scaler, ds_config is not None)
         tokens += cfg.grad_accum * cfg.batch_size * cfg.seq_len
-
-        # Unscale (fp16), then skip the step on an overflow or a non-finite loss or gradient norm,
-        # else clip and update. (DeepSpeed, never fp16, steps anyway: its engine counts the micro-batches.)
-        dense_params = [p for group in dense_opt.param_groups for p in group["params"]]
-        skipped = scaler.unscale_(dense_params, sparse_opt) or not math.isfinite(loss)
-        grad_norm = None
-        if ds_config is not None:
-            grad_norm = _deepspeed_step(runner, sparse_opt)
-        elif not skipped:
-            grad_norm = _clip_and_step(dense_opt, sparse_opt, dense_params, cfg.grad_clip)
-            skipped = grad_norm is None
-        scaler.update(skipped)
-        dense_opt.zero_grad(set_to_none=True)
-        if sparse_opt is not None:
-            sparse_opt.zero_grad()
+        skipped, grad_norm = _update(runner, dense_opt, sparse_opt, scaler, loss, cfg, ds_config is not None)
 
         bar.update(1, loss=f"{loss:.3f}", lr=f"{lr:.1e}")
 
@@ -513,10 +576,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
                 record["skipped"] = True
             metrics.write(record)
             if bar.display != "bar":
-                write(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens / max(elapsed, 1e-9):,.0f} tok/s | {elapsed:.1f} s"
-                    + (f" | ETA {bar.eta()}" if step < cfg.max_steps else "")
-                    + ((" | overflow: step skipped, loss scale now " + f"{scaler.scale:g}" if scaler.enabled else
-                        " | non-finite loss or gradients: step skipped") if skipped else ""))
+                write(_step_line(step, cfg.max_steps, loss, lr, tokens, elapsed, bar.eta(), scaler, skipped))
         guard.record(step, loss, skipped, f"fp16 loss scale {scaler.scale:g}, floor {scaler.min_scale:g}" if scaler.enabled else "")
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             val_loss = evaluate_loss(model, val_set, device, cfg.precision)
@@ -540,15 +600,6 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     summary = {"step": step, "event": "summary", "finished": step >= cfg.max_steps, "final_train_loss": loss, "final_val_loss": val_loss,
                "unigram_loss": unigram, "tokens": tokens, "elapsed_s": round(elapsed, 3), "out": str(out), "stopped_by": stopped_by}
     metrics.write(summary)
-    if stopped_by:
-        log(f"stopped by {stopped_by} after step {step} of {cfg.max_steps}: checkpoint saved in {out / 'checkpoint'}; "
-            f"continue with: slope train --out {out} --resume")
-    elif step < cfg.max_steps:
-        log(f"stopped after step {step} of {cfg.max_steps} ({elapsed:.1f} s); checkpoint in {out / 'checkpoint'}; "
-            f"continue with: slope train --out {out} --resume")
-    else:
-        val = f"val loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f})" if val_loss is not None else "no validation"
-        log(f"done: {step} steps, {tokens:,} tokens in {elapsed:.1f} s | train loss {loss:.4f} | {val} | "
-            f"unigram baseline {unigram:.4f} | outputs in {out}/ (metrics.jsonl, loss.png, checkpoint/)")
+    log(_final_line(summary, cfg.max_steps))
     parallel.destroy_distributed(env)
     return summary

@@ -22,7 +22,6 @@ from slope.evaluate import (
     model_from_checkpoint,
     open_checkpoint,
 )
-from slope.layer import SparseLinear
 from slope.lora import MergedSparseLinear, freeze_for_inference
 from slope.registry import sparse_modules
 from slope.train import train

@@ -30,7 +30,7 @@ class CalibrationError(ValueError):
 def _encode(tokenizer, text: str) -> list[int]:
     if hasattr(tokenizer, "encode") and not callable(tokenizer):  # tokenizers.Tokenizer
         return tokenizer.encode(text, add_special_tokens=False).ids
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # whole documents: no length warning
 
 
 def _eos_id(tokenizer) -> int | None:

@@ -6,7 +6,6 @@ Fresh random inputs each test; runs only on an sm90 GPU with nvcc and the nvidia
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from slope.backends import backend_class
 from slope.kernels import cutlass_sm90

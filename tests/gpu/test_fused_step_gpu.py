@@ -46,7 +46,6 @@ def _backend_or_skip(name, dtype=torch.bfloat16):
 @pytest.mark.parametrize("op_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 1024), (96, 200), (11008, 512)])
 def test_fused_step_is_the_unfused_chain_bit_for_bit(op_dtype, shape):
-    from slope.kernels import triton_fused_step as tf
     from slope.kernels import triton_kernels as tk
 
     rows, cols = shape
