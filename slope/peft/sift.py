@@ -14,14 +14,21 @@ first micro-batch and fixed afterwards. The optimizer sees only the sparse param
 
 The increment restarts from zero each step, so an optimizer whose update depends on the
 parameter's value (weight decay) sees ~0 there: like the original, SIFT has no weight decay on the
-sparse entries. ``exception`` names parameters trained densely. Single process, as the original;
-for data-parallel sparse fine-tuning use :func:`slope.peft.get_peft_model`.
+sparse entries. ``exception`` names parameters trained densely.
+
+Data parallel (torchrun; the original is single-process): do not wrap the model in DDP (its full
+gradients never persist for DDP to reduce); call :meth:`SIFT.all_reduce_grads` after a step's
+backward passes and before ``optimizer.step()``: it averages the increments' gradients (``k`` values
+per weight) and the ``exception`` parameters' over the ranks. The entries are chosen from the
+gradient summed over the ranks (one full-size all-reduce per weight, once), so every rank trains
+the same entries — those one process would pick from the whole first batch.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from slope.peft.selection import largest
@@ -88,7 +95,11 @@ class SIFT:
             grad, p.grad = p.grad, None
             flat = grad.reshape(-1)
             if sparse.flat_idx is None:
-                sparse.flat_idx = largest(flat.abs().float(), sparse.train_num)
+                scores = flat.float()
+                if _world_size() > 1:  # every rank picks the entries of the gradient summed over the ranks
+                    scores = scores.clone()
+                    dist.all_reduce(scores)
+                sparse.flat_idx = largest(scores.abs(), sparse.train_num)
                 sparse.idx = torch.stack(torch.unravel_index(sparse.flat_idx, p.shape))
             picked = flat[sparse.flat_idx].to(sparse.dtype)
             if sparse.grad is None:
@@ -140,6 +151,19 @@ class SIFT:
         print(f"trainable params: {n:,d} || all params: {self.total_num:,d} || trainable%: {100 * n / self.total_num:.4f}")
 
     @torch.no_grad()
+    def all_reduce_grads(self) -> None:
+        """Average the gradients of every parameter in the optimizer (increments and ``exception``
+        parameters) over the ranks of the default process group; nothing in one process."""
+        world = _world_size()
+        if world == 1:
+            return
+        for _, p in self._in_optimizer:
+            if p.grad is None:  # (a rank whose micro-batches did not reach it: all ranks must join)
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+    @torch.no_grad()
     def apply_pending(self) -> None:
         """Add any increment the optimizer wrote since the last forward (before saving or exporting)."""
         for name, p in self._trainable:
@@ -152,3 +176,7 @@ class SIFT:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
