@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from slope.peft import SIFT
+from slope.peft import SIFT, load_sift
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 VOCAB = 64
@@ -133,3 +133,46 @@ def test_sift_bad_rate_is_an_error(rate):
 def test_sift_module_matching_nothing_is_an_error():
     with pytest.raises(ValueError, match="matches no parameter"):
         SIFT(tiny_llama(), sparse_rate=0.01, sparse_module=["c_attn"])
+
+
+def _trained_sift(steps: int = 3):
+    model = tiny_llama()
+    sift = SIFT(model, sparse_rate=0.05, sparse_module=TARGETS, exception=["norm"])
+    opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)
+    for step in range(steps):
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, sift
+
+
+def test_sift_increments_save_alone_load_onto_a_fresh_base_and_come_off(tmp_path):
+    import os
+
+    model, sift = _trained_sift()
+    sift.save_pretrained(tmp_path)  # applies the last pending increment first
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("_sparse")}
+    base = {n: p.detach().clone() for n, p in tiny_llama().named_parameters()}
+    size = os.path.getsize(tmp_path / "sift_delta.safetensors")
+    assert size < 0.25 * sum(p.numel() * 4 for p in base.values())  # the increments, not the model
+    fresh = load_sift(tiny_llama(), tmp_path)
+    for name, p in fresh.named_parameters():
+        torch.testing.assert_close(p, trained[name], rtol=0, atol=1e-6, msg=name)
+        if any(t in name for t in TARGETS):  # only the k chosen entries moved
+            assert int((p != base[name]).sum()) <= int(0.05 * p.numel()) + 1 and not torch.equal(p, base[name]), name
+    load_sift(fresh, tmp_path, sign=-1)
+    for name, p in fresh.named_parameters():
+        if any(t in name for t in TARGETS):
+            torch.testing.assert_close(p, base[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_sift_saving_errors(tmp_path):
+    model, sift = _trained_sift(steps=1)
+    sift.save_pretrained(tmp_path / "d")
+    with pytest.raises(ValueError, match="differ from those of the base model"):
+        load_sift(tiny_llama(seed=1), tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match="SIFT.save_pretrained"):
+        load_sift(tiny_llama(), tmp_path / "missing")
+    untrained = SIFT(tiny_llama(), sparse_rate=0.05, sparse_module=TARGETS)
+    with pytest.raises(ValueError, match="train at least one step"):
+        untrained.save_pretrained(tmp_path / "e")

@@ -16,6 +16,7 @@ from slope.peft.optim import SftAdamW, SftSM3
 from slope.peft.selection import DeltaSet, SftReselection
 from slope.peft.selector import SftSelector
 from slope.peft.sift import SIFT
+from slope.peft.sift_io import load_sift
 
 __all__ = [
     "DeltaSet",
@@ -31,6 +32,7 @@ __all__ = [
     "SparseDelta",
     "TaskType",
     "get_peft_model",
+    "load_sift",
 ]
 
 

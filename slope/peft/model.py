@@ -29,7 +29,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _fingerprint(weight: torch.Tensor) -> list[float]:
+def fingerprint(weight: torch.Tensor) -> list[float]:
+    """``FINGERPRINT_SAMPLES`` values of ``weight`` at fixed positions: recognises a base model's weights."""
     flat = weight.detach().reshape(-1)
     positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).round().long().to(flat.device)
     return [float(v) for v in flat[positions].float().cpu()]
@@ -139,7 +140,7 @@ class SftModel(nn.Module):
         """Write only the deltas (safetensors) and the config with the base model's fingerprint."""
         from safetensors.torch import save_file
 
-        base = {name: {"shape": list(layer.weight.shape), "samples": _fingerprint(self._base_weight(layer))}
+        base = {name: {"shape": list(layer.weight.shape), "samples": fingerprint(self._base_weight(layer))}
                 for name, layer in self.sft_layers()}
         os.makedirs(save_directory, exist_ok=True)
         self.peft_config.save_pretrained(save_directory, extra={"base_model": base, "base_model_class": type(self.base_model).__name__})
@@ -220,7 +221,7 @@ def _check_base(model: nn.Module, recorded: dict, where) -> None:
                 f"{where}: {name} has shape {list(weight.shape)} here but {record['shape']} in the deltas' base model: "
                 "load the deltas onto the base model they were trained on"
             )
-        samples = torch.tensor(_fingerprint(weight))
+        samples = torch.tensor(fingerprint(weight))
         expected = torch.tensor(record["samples"])
         if not torch.allclose(samples, expected, rtol=FINGERPRINT_RTOL, atol=1e-6):
             raise ValueError(

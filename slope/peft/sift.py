@@ -14,7 +14,9 @@ first micro-batch and fixed afterwards. The optimizer sees only the sparse param
 
 The increment restarts from zero each step, so an optimizer whose update depends on the
 parameter's value (weight decay) sees ~0 there: like the original, SIFT has no weight decay on the
-sparse entries. ``exception`` names parameters trained densely.
+sparse entries. ``exception`` names parameters trained densely. ``save_pretrained`` writes only the
+increments (and the ``exception`` parameters); :func:`slope.peft.load_sift` adds them to a fresh copy
+of the base model.
 
 Data parallel (torchrun; the original is single-process): do not wrap the model in DDP (its full
 gradients never persist for DDP to reduce); call :meth:`SIFT.all_reduce_grads` after a step's
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from slope.peft.model import fingerprint
 from slope.peft.selection import largest
 
 __all__ = ["SIFT"]
@@ -53,6 +56,7 @@ class SIFT:
         self.gradient_checkpointing = gradient_checkpointing
         self.total_num = sum(p.numel() for p in model.parameters())
         self.sparse_mapping: dict[str, nn.Parameter] = {}
+        self.base_fingerprints: dict[str, list[float]] = {}
         self._trainable: list[tuple[str, nn.Parameter]] = []
         self._in_optimizer: list[tuple[str, nn.Parameter]] = []
         self._handles = []
@@ -79,6 +83,8 @@ class SIFT:
         sparse.train_num = k
         sparse.idx = None  # (ndim, k) after the first backward
         sparse.flat_idx = None
+        sparse.base_values = None  # the chosen entries' values before training (what a saved delta is relative to)
+        self.base_fingerprints[name] = fingerprint(p)
         p.requires_grad_(True)
         self.sparse_mapping[name] = sparse
         self.model.register_parameter(name.replace(".", "_") + "_sparse", sparse)
@@ -100,6 +106,7 @@ class SIFT:
                     scores = scores.clone()
                     dist.all_reduce(scores)
                 sparse.flat_idx = largest(scores.abs(), sparse.train_num)
+                sparse.base_values = p.detach().reshape(-1)[sparse.flat_idx].clone()
                 sparse.idx = torch.stack(torch.unravel_index(sparse.flat_idx, p.shape))
             picked = flat[sparse.flat_idx].to(sparse.dtype)
             if sparse.grad is None:
@@ -171,6 +178,12 @@ class SIFT:
             if sparse is not None and sparse.flat_idx is not None:
                 p.data.view(-1).index_add_(0, sparse.flat_idx, sparse.to(p.dtype))
                 sparse.zero_()
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write the trained increments alone (:func:`slope.peft.sift_io.save_sift`)."""
+        from slope.peft.sift_io import save_sift
+
+        save_sift(self, save_directory)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
