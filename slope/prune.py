@@ -88,6 +88,82 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _check_arguments(n: int, m: int, mask_type: str, backend: str, compress: bool, double_pruning: bool,
+                     add_lora: bool, lora_rank, merge_lora: bool) -> None:
+    """One-line errors for :func:`prune_model` arguments that cannot go together."""
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"unknown mask_type {mask_type!r}; choose one of {MASK_TYPES}")
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKEND_NAMES}")
+    if compress:
+        if (n, m) != (2, 4):
+            raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}; use compress=False to simulate {n}:{m}")
+        if not double_pruning:
+            raise ValueError("double_pruning=False (an exact backward) is not 2:4 sparse; it needs compress=False")
+        if backend != "auto":
+            _check_backend_runs_here(backend)
+    elif backend != "auto":
+        raise ValueError(f"backend={backend!r} applies to compressed storage; pass compress=True (or backend='auto')")
+    if merge_lora and not add_lora:
+        raise ValueError("merge_lora=True needs add_lora=True and lora_rank > 0 (the merged form holds the adapters)")
+    if add_lora and (not isinstance(lora_rank, int) or lora_rank <= 0):
+        raise ValueError(f"add_lora=True needs a positive lora_rank, got {lora_rank!r}")
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every linear layer (``nn.Linear``, GPT-2 ``Conv1D``); errors for a model
+    without any, or with layers on the meta device."""
+    candidates = [(name, mod) for name, mod in model.named_modules() if name and _linear_weight(mod) is not None]
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear (or Conv1D) layers to prune; prune_model needs a "
+            "model built from linear layers"
+        )
+    on_meta = [name for name, mod in candidates if _linear_weight(mod)[0].is_meta]
+    if on_meta:
+        raise ValueError(
+            f"layer {on_meta[0]!r} (and {len(on_meta) - 1} more) is on the meta device: it has no weights to prune yet; "
+            "load the weights first (e.g. model.to_empty(device='cpu') then load_state_dict), or build the model on a real device"
+        )
+    return candidates
+
+
+def _kept_dense_reason(model: nn.Module, name: str, module: nn.Module, targets: list, skip: list, mha_owned: set,
+                       n: int, m: int) -> str:
+    """Why layer ``name`` stays dense (``""``: it is pruned). A layer named by ``targets`` that cannot
+    be pruned is an error, not a reason."""
+    out_features, in_features = _linear_weight(module)[0].shape
+    explicit = bool(targets) and _matches(name, targets)
+    if targets and not explicit:
+        return "not in targets"
+    if _matches(name, skip):
+        return "skip pattern"
+    if not targets and name.rpartition(".")[2] in DEFAULT_SKIP:
+        return "vocabulary projection (default skip)"
+    if _tied_to_embedding(module.weight, model):
+        if explicit:
+            raise ValueError(
+                f"layer {name!r} is targeted but its weight is tied to an embedding (pruning would untie "
+                "them); remove it from targets"
+            )
+        return "tied to an embedding"
+    if id(module) in mha_owned:
+        if explicit:
+            raise ValueError(
+                f"layer {name!r} is the out_proj of an nn.MultiheadAttention, which reads .weight directly "
+                "(bypassing the layer's forward), so it cannot be sparse; remove it from targets"
+            )
+        return "nn.MultiheadAttention reads its weight directly"
+    if in_features % m or out_features % m:
+        if explicit:
+            raise ValueError(
+                f"layer {name!r} ({out_features}x{in_features}) is targeted but its in_features and "
+                f"out_features must be divisible by M={m} for {n}:{m}; remove it from targets or pick another sparsity"
+            )
+        return f"in/out features not divisible by {m}"
+    return ""
+
+
 def prune_model(
     model: nn.Module,
     compress: bool = True,
@@ -136,75 +212,20 @@ def prune_model(
     Returns the same ``model`` object; the decisions are kept in ``model.slope_prune_summary``.
     """
     n, m = parse_sparsity(sparsity)
-    if mask_type not in MASK_TYPES:
-        raise ValueError(f"unknown mask_type {mask_type!r}; choose one of {MASK_TYPES}")
-    if backend != "auto" and backend not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKEND_NAMES}")
-    if compress:
-        if (n, m) != (2, 4):
-            raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}; use compress=False to simulate {n}:{m}")
-        if not double_pruning:
-            raise ValueError("double_pruning=False (an exact backward) is not 2:4 sparse; it needs compress=False")
-        if backend != "auto":
-            _check_backend_runs_here(backend)
-    elif backend != "auto":
-        raise ValueError(f"backend={backend!r} applies to compressed storage; pass compress=True (or backend='auto')")
-    if merge_lora and not add_lora:
-        raise ValueError("merge_lora=True needs add_lora=True and lora_rank > 0 (the merged form holds the adapters)")
-    if add_lora and (not isinstance(lora_rank, int) or lora_rank <= 0):
-        raise ValueError(f"add_lora=True needs a positive lora_rank, got {lora_rank!r}")
+    _check_arguments(n, m, mask_type, backend, compress, double_pruning, add_lora, lora_rank, merge_lora)
     targets, skip = _patterns(targets, "targets"), _patterns(skip, "skip")
     _check_not_pruned(model, targets)
 
     decisions: list[PruneDecision] = []
-    candidates = [(name, mod) for name, mod in model.named_modules() if name and _linear_weight(mod) is not None]
-    if not candidates:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear (or Conv1D) layers to prune; prune_model needs a "
-            "model built from linear layers"
-        )
-    on_meta = [name for name, mod in candidates if _linear_weight(mod)[0].is_meta]
-    if on_meta:
-        raise ValueError(
-            f"layer {on_meta[0]!r} (and {len(on_meta) - 1} more) is on the meta device: it has no weights to prune yet; "
-            "load the weights first (e.g. model.to_empty(device='cpu') then load_state_dict), or build the model on a real device"
-        )
+    candidates = _candidates(model)
     mha_owned = {id(mod.out_proj) for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)}
     # Nothing is replaced until every layer has been checked and built: an error leaves the model as it was.
     plan: list[tuple[str, nn.Module]] = []
     for name, module in candidates:
         weight, bias = _linear_weight(module)
         out_features, in_features = weight.shape
-        explicit = bool(targets) and _matches(name, targets)
-        reason = ""
-        if targets and not explicit:
-            reason = "not in targets"
-        elif _matches(name, skip):
-            reason = "skip pattern"
-        elif not targets and name.rpartition(".")[2] in DEFAULT_SKIP:
-            reason = "vocabulary projection (default skip)"
-        elif _tied_to_embedding(module.weight, model):
-            reason = "tied to an embedding"
-            if explicit:
-                raise ValueError(
-                    f"layer {name!r} is targeted but its weight is tied to an embedding (pruning would untie "
-                    "them); remove it from targets"
-                )
-        elif id(module) in mha_owned:
-            reason = "nn.MultiheadAttention reads its weight directly"
-            if explicit:
-                raise ValueError(
-                    f"layer {name!r} is the out_proj of an nn.MultiheadAttention, which reads .weight directly "
-                    "(bypassing the layer's forward), so it cannot be sparse; remove it from targets"
-                )
-        elif in_features % m or out_features % m:
-            reason = f"in/out features not divisible by {m}"
-            if explicit:
-                raise ValueError(
-                    f"layer {name!r} ({out_features}x{in_features}) is targeted but its in_features and "
-                    f"out_features must be divisible by M={m} for {n}:{m}; remove it from targets or pick another sparsity"
-                )
-        elif compress and weight.dtype not in COMPRESSIBLE_DTYPES:
+        reason = _kept_dense_reason(model, name, module, targets, skip, mha_owned, n, m)
+        if not reason and compress and weight.dtype not in COMPRESSIBLE_DTYPES:
             raise TypeError(
                 f"layer {name!r} has dtype {weight.dtype}; compressed storage supports "
                 f"{[str(d) for d in COMPRESSIBLE_DTYPES]}. Cast the model (e.g. model.float()) or use compress=False"
