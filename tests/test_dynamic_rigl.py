@@ -112,6 +112,63 @@ def test_unstructured_rigl_invariants_after_every_update():
     assert sp.sparsity == pytest.approx(1 - sum(kept.values()) / sum(p.numel() for p in sp.masked.params.values()))
 
 
+def _erk_by_bisection(shapes, density, iters=200):
+    """ERK the slow way: the one ε whose clipped fractions min(1, ε·(n_in+n_out)/(n_in·n_out)) keep
+    ``density`` of all weights, found by bisection (the kept count grows with ε)."""
+    raw = {n: (o + i) / (o * i) for n, (o, i) in shapes.items()}
+    total = sum(o * i for o, i in shapes.values())
+
+    def kept(eps):
+        return sum(min(1.0, eps * raw[n]) * o * i for n, (o, i) in shapes.items())
+
+    lo, hi = 0.0, 1.0
+    while kept(hi) < density * total:
+        hi *= 2
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kept(mid) < density * total else (lo, mid)
+    eps = (lo + hi) / 2
+    return {n: min(1.0, eps * raw[n]) for n in shapes}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_erk_densities_match_the_bisection_reference(seed):
+    from slope.dynamic.distribution import erk_densities
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = [4, 8, 16, 64, 256, 1024]
+    shapes = {f"l{k}": (sizes[int(torch.randint(0, 6, (1,), generator=g))], sizes[int(torch.randint(0, 6, (1,), generator=g))])
+              for k in range(7)}
+    shapes["tiny"] = (4, 4)  # saturates: kept dense at any density below 1
+    for density in (0.05, 0.2, 0.5, 0.8):
+        got, ref = erk_densities(shapes, density), _erk_by_bisection(shapes, density)
+        for name in shapes:
+            assert got[name] == pytest.approx(ref[name], rel=1e-9, abs=1e-12), (name, density)
+        kept = sum(got[n] * o * i for n, (o, i) in shapes.items())
+        assert kept == pytest.approx(density * sum(o * i for o, i in shapes.values()), rel=1e-12)
+        assert all(0.0 < d <= 1.0 for d in got.values())
+
+
+def test_erk_rigl_keeps_each_layers_erk_count():
+    from slope.dynamic.distribution import layer_sparsities
+
+    model = _toy()
+    sp = DynamicSparsity(model, 9, sparsity_ratio=0.8, mask_update_interval=3, targets=["0", "2", "4"],
+                         sparsity_distribution="erk")
+    shapes = {n: tuple(m.shape) for n, m in sp.masked.masks.items()}
+    want = {n: round((1 - s) * sp.masked.params[n].numel()) for n, s in layer_sparsities(shapes, 0.8, "erk").items()}
+    kept = {n: int(m.sum()) for n, m in sp.masked.masks.items()}
+    assert kept == want and len(set(1 - k / sp.masked.params[n].numel() for n, k in kept.items())) == 2  # (16,32) and (32,16) alike; (8,16) denser
+    assert sp.sparsity == pytest.approx(0.8, abs=2 / sum(p.numel() for p in sp.masked.params.values()))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, sp, opt, 9)
+    assert {n: int(m.sum()) for n, m in sp.masked.masks.items()} == want  # RigL moves entries, never counts
+    with pytest.raises(ValueError, match="sparsity_distribution='erk' spreads an unstructured budget"):
+        DynamicSparsity(_toy(), 9, sparsity_type="2:4", sparsity_distribution="erk", targets=["0", "2"])
+    with pytest.raises(ValueError, match="unknown sparsity_distribution"):
+        DynamicSparsity(_toy(), 9, sparsity_distribution="erdos", targets=["0"])
+
+
 def _slope_toy(compress):
     model = _toy(bias=False)
     sp = DynamicSparsity(model, 16, sparsity_type="2:4" if compress else "4:8", mask_update_interval=2,

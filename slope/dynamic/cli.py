@@ -49,6 +49,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--targets", nargs="+", default=None, help="only these linear layers (names, suffixes or globs)")
     p.add_argument("--skip", nargs="+", default=None, help="leave these linear layers dense")
+    p.add_argument("--sparsity-distribution", choices=("uniform", "erk"), default="uniform",
+                   help="spread of an unstructured budget over the layers: the same in each, or RigL's ERK")
     p.add_argument("--save-steps", type=int, default=None, help="write OUTPUT_DIR/checkpoint-<step> every K steps")
     p.add_argument("--resume-from-checkpoint", default=None, metavar="DIR",
                    help="a checkpoint-<step> folder ('latest': the newest in --output-dir)")

@@ -40,7 +40,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "max_steps": None, "tokenizer": None, "seed": 0, "max_seq_length": 256, "eval_batches": 8, "eval_steps": None,
     "logging_steps": 10, "max_grad_norm": 1.0, "weight_decay": 0.0, "text_field": "text", "device": "auto",
     "targets": None, "skip": None, "compress": None, "double_pruning": None, "progress": None,
-    "save_steps": None, "resume_from_checkpoint": None,
+    "save_steps": None, "resume_from_checkpoint": None, "sparsity_distribution": "uniform",
 }
 
 #: What a resumed run must share with the run that wrote its checkpoint.
@@ -197,7 +197,8 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
     default: a bar on a terminal, plain lines with rate and ETA otherwise), ``save_steps`` (write
     ``output_dir/checkpoint-<step>/`` every K steps: model, masks, schedule, optimizers, RNG states),
     ``resume_from_checkpoint`` (such a folder, or ``True`` for the newest in ``output_dir``: continues
-    exactly; a checkpoint of other settings is refused).
+    exactly; a checkpoint of other settings is refused), ``sparsity_distribution`` (``"uniform"`` or
+    ``"erk"``: RigL's Erdős–Rényi-Kernel spread of the unstructured budget over the layers).
 
     The returned model keeps its sparse form: unstructured masks as zeros in ``nn.Linear`` weights,
     N:M as :class:`slope.SparseLinear` layers (2:4: accelerable). Its ``dynamic_sparsity`` attribute
@@ -214,7 +215,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
                         gradient_checkpointing, use_topk_attention, topk_ratio, extra).validate()
     config = DynamicSparsityConfig(sparsity_ratio, sparsity_type, mask_update_interval, mask_update_fraction, use_rigl,
                                    sparsity_schedule, pruning_method, extra["targets"], extra["skip"], extra["compress"],
-                                   extra["double_pruning"]).validate()
+                                   extra["double_pruning"], sparsity_distribution=extra["sparsity_distribution"]).validate()
     device = resolve_device(extra["device"])
     random.seed(extra["seed"])
     np.random.seed(extra["seed"])

@@ -24,24 +24,25 @@ __all__ = ["GradualPruning", "prune_to"]
 
 
 @torch.no_grad()
-def prune_to(masked, sparsity: float, method: BasePruningMethod | None = None,
+def prune_to(masked, sparsity: float | dict[str, float], method: BasePruningMethod | None = None,
              optimizer: torch.optim.Optimizer | None = None, structure: tuple[int, int] | None = None) -> dict[str, int]:
-    """Prune every weight of ``masked`` to ``sparsity`` (never un-pruning); returns the newly pruned
-    count per weight. ``structure`` ``(n, m)``: every group of ``m`` inputs keeps
+    """Prune every weight of ``masked`` to ``sparsity`` (one for all, or ``{name: sparsity}``; never
+    un-pruning); returns the newly pruned count per weight. ``structure`` ``(n, m)``: every group of ``m`` inputs keeps
     ``clamp(round((1 - sparsity)·m), n, m)`` — gradual N:M steps through ``m:m, (m-1):m, …, n:m``."""
     pruned = {}
     for name, mask in masked.masks.items():
+        target = sparsity[name] if isinstance(sparsity, dict) else sparsity
         scores = masked.weight(name).abs().float().masked_fill(~mask, -1.0)  # pruned ones stay pruned
         if structure is not None:
             n, m = structure
-            per_group = min(m, max(n, round((1.0 - sparsity) * m)))
+            per_group = min(m, max(n, round((1.0 - target) * m)))
             new = nm_mask_from_scores(scores, per_group, m) & mask
         else:
-            keep = round((1.0 - sparsity) * mask.numel())
+            keep = round((1.0 - target) * mask.numel())
             if keep >= int(mask.sum()):
                 pruned[name] = 0
                 continue
-            new = topk_mask(scores, keep=keep) if method is None else criterion_mask(method, masked.weight(name), mask, sparsity)
+            new = topk_mask(scores, keep=keep) if method is None else criterion_mask(method, masked.weight(name), mask, target)
         pruned[name] = int(masked.set_mask(name, new, optimizer).sum())
     return pruned
 

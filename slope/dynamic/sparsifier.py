@@ -29,6 +29,7 @@ import torch.nn as nn
 from slope.masks import parse_structure
 from slope.sparsity import MaskedWeights, MaskPolicy, SparseLayerMasks, StaticMask
 from slope.dynamic.criteria import resolve_pruning_method
+from slope.dynamic.distribution import DISTRIBUTIONS, layer_sparsities
 from slope.dynamic.gradual import GradualPruning, prune_to
 from slope.dynamic.policies import PolicyChain
 from slope.dynamic.rigl import RigL
@@ -60,6 +61,9 @@ class DynamicSparsityConfig:
         compress, double_pruning, backend: N:M layers (:func:`slope.prune_model`): ``None`` means
             2:4 compressed on the accelerated SLoPe path with double pruning (the SLoPe backward,
             which compressed storage requires), any other N:M simulated with an exact backward.
+        sparsity_distribution: ``"uniform"`` (every layer at ``sparsity_ratio``) or ``"erk"`` (RigL's
+            Erdős–Rényi-Kernel: the same global count, small layers denser; unstructured, without a
+            gradual schedule; :mod:`slope.dynamic.distribution`).
     """
 
     sparsity_ratio: float = 0.5
@@ -74,6 +78,7 @@ class DynamicSparsityConfig:
     compress: bool | None = None
     double_pruning: bool | None = None
     backend: str = "auto"
+    sparsity_distribution: str = "uniform"
     structure: tuple[int, int] | None = field(init=False, default=None, repr=False)
 
     def validate(self) -> "DynamicSparsityConfig":
@@ -95,6 +100,12 @@ class DynamicSparsityConfig:
         if isinstance(self.sparsity_schedule, str) and self.sparsity_schedule not in SCHEDULES:
             raise ValueError(f"unknown sparsity_schedule {self.sparsity_schedule!r}; use one of {sorted(SCHEDULES)} or a callable")
         resolve_pruning_method(self.pruning_method)  # type errors now
+        if self.sparsity_distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown sparsity_distribution {self.sparsity_distribution!r}; choose one of {DISTRIBUTIONS}")
+        if self.sparsity_distribution != "uniform" and (
+                self.structure is not None or resolve_schedule(self.sparsity_schedule, self.final_sparsity, self.use_rigl) is not None):
+            raise ValueError(f"sparsity_distribution={self.sparsity_distribution!r} spreads an unstructured budget over the layers once: "
+                             "use it with sparsity_type='unstructured' and no gradual schedule (N:M keeps N of every M in every layer)")
         if self.structure is None:
             if self.compress is not None or self.double_pruning is not None:
                 raise ValueError("compress / double_pruning apply to N:M sparsity_type (SLoPe layers), not 'unstructured'")
@@ -131,6 +142,8 @@ class DynamicSparsityConfig:
         """The settings a resumed run must share (plain values)."""
         keep = ("sparsity_ratio", "sparsity_type", "mask_update_interval", "mask_update_fraction", "use_rigl")
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in keep}
+        if self.sparsity_distribution != "uniform":  # (absent from runs that predate the option)
+            values["sparsity_distribution"] = self.sparsity_distribution
         schedule = self.sparsity_schedule
         values["sparsity_schedule"] = schedule if schedule is None or isinstance(schedule, str) else getattr(
             schedule, "__qualname__", type(schedule).__name__)
@@ -221,7 +234,9 @@ class DynamicSparsity:
             self.history.append(gradual.last_update)
             self.policies.append(gradual)
         else:  # N:M: prune_model has pruned the layers
-            pruned = prune_to(self.masked, cfg.sparsity_ratio, method) if cfg.structure is None else {
+            shapes = {name: tuple(mask.shape) for name, mask in self.masked.masks.items()}
+            ratios = layer_sparsities(shapes, cfg.sparsity_ratio, cfg.sparsity_distribution)
+            pruned = prune_to(self.masked, ratios, method) if cfg.structure is None else {
                 name: int((~mask).sum()) for name, mask in self.masked.masks.items()}
             self.history.append({"step": 0, "kind": "prune", "sparsity": cfg.final_sparsity,
                                  "layers": {name: {"pruned": count} for name, count in pruned.items()}})
