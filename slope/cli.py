@@ -99,7 +99,11 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slope", description="2:4 sparse pretraining with SLoPe (double-pruned sparse weights + lazy LoRA)")
+    from slope import __version__
+
+    parser = argparse.ArgumentParser(prog="slope", description="2:4 sparse pretraining and fine-tuning: SLoPe (double-pruned sparse "
+                                     "weights + lazy LoRA), one-shot pruning, recovery, dynamic and sparse-increment fine-tuning")
+    parser.add_argument("--version", action="version", version=f"slope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", argument_default=argparse.SUPPRESS, help="pretrain a small Llama or any HF causal LM (default: SLoPe 2:4 on the embedded corpus, ~3 min on a CPU)",

@@ -155,3 +155,15 @@ def test_python_dash_m_help():
     assert out.returncode == 0
     for flag in ("--max-steps", "--stop-after", "--resume", "--no-compress", "--lazy-lora-fraction", "--config", "--dense"):
         assert flag in out.stdout
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    import slope
+    from slope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"slope {slope.__version__}" == f"slope {version('slope')}"
