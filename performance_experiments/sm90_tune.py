@@ -1,6 +1,6 @@
 """Tile-configuration sweep of slope's sm90 2:4 sparse GEMM (``cutlass-sm90``) against cuBLAS.
 
-Builds one shared library per configuration of ``kernels/sm90_sparse_gemm_kernels.h``
+Builds one shared library per configuration of ``slope/kernels/csrc/sm90_sparse_gemm_kernels.h``
 (tile M×N×K, cluster M×N, cooperative or ping-pong schedule, pipeline stages, persistent or
 stream-K tile scheduler) from
 ``performance_experiments/sm90_tune/sm90_tune_variant.cu``, all in parallel with nvcc, loads each
@@ -83,7 +83,7 @@ VARIANTS = {
     # ping-pong with a full 128-row tile per consumer warp group (the 64-row ones above were slow)
     "128x128x64_1x1_pp": TileConfig(128, 128, 64, 1, 1, pingpong=1),
 }
-#: the configuration of kernels/sm90_sparse_gemm_kernels.h's DefaultConfig (the baseline column).
+#: the configuration of slope/kernels/csrc/sm90_sparse_gemm_kernels.h's DefaultConfig (the baseline column).
 DEFAULT_VARIANT = "128x256x64_1x1"
 SCHEDULER_OPTIONS = [(s, r) for s in (1, 2, 4, 8) for r in (0, 1, 2)]
 DEFAULT_SHAPES = [(m, layer) for m in ("llama2-7b", "llama3-8b", "llama2-13b", "llama2-70b", "llama-1b")

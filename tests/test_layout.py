@@ -64,6 +64,23 @@ def test_no_installed_top_level_module_resolves_into_the_repository():
     assert shadowed == {}, f"run from the repository root, these resolve into the repository: {shadowed}"
 
 
+#: top-level folders that Python would import as namespace packages from the root: our own names only.
+OWN_FOLDERS = {"slope", "tests", "scripts", "docs", "requirements", "accuracy_experiments", "performance_experiments", "build"}
+
+
+def test_no_top_level_folder_is_a_namespace_package_under_a_foreign_name():
+    """A folder without ``__init__.py`` still imports, as a namespace package, when nothing else of
+    that name is installed: ``kernels/`` made ``import kernels`` (which transformers probes for its
+    optional hub kernels) resolve into the repository on machines without the hub package."""
+    folders = {p.name for p in REPO.iterdir() if p.is_dir() and p.name.isidentifier() and not p.name.startswith(".")}
+    assert folders <= OWN_FOLDERS, f"top-level folders {sorted(folders - OWN_FOLDERS)} import as namespace packages from the root"
+    proc = _from_root("import importlib.util, json; s = importlib.util.find_spec('kernels'); "
+                      "print(json.dumps(None if s is None else (s.origin or list(s.submodule_search_locations))))")
+    assert proc.returncode == 0, proc.stderr
+    where = json.loads(proc.stdout)
+    assert where is None or "site-packages" in Path(where if isinstance(where, str) else where[0]).parts, where
+
+
 def test_transformers_starts_from_the_repository_root():
     proc = _from_root("import transformers; print(type(transformers.LlamaConfig()).__name__)")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -93,4 +110,4 @@ def test_slope_kernels_and_optimizers_import_from_the_package():
     kernels_dir, optimizers_dir, sources_found = proc.stdout.split()
     assert Path(kernels_dir) == REPO / "slope" / "kernels"
     assert Path(optimizers_dir) == REPO / "slope" / "optimizers"
-    assert sources_found == "True"  # the CUDA/C++ sources are found in the top-level kernels/
+    assert sources_found == "True"  # the CUDA/C++ sources are found in slope/kernels/csrc/

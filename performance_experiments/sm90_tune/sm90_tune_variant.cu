@@ -1,4 +1,4 @@
-// slope: one tile configuration of the sm90 2:4 sparse GEMM (kernels/sm90_sparse_gemm_kernels.h)
+// slope: one tile configuration of the sm90 2:4 sparse GEMM (slope/kernels/csrc/sm90_sparse_gemm_kernels.h)
 // for bf16, behind a C API that performance_experiments/sm90_tune.py loads with ctypes. The
 // configuration comes from macros, so the driver builds several variants in parallel:
 //

@@ -1,7 +1,7 @@
 """Kernel entry points of slope (``slope.kernels``).
 
-The CUDA/C++ sources that :mod:`slope.kernels.cutlass_sm90` compiles live in the repository's
-top-level ``kernels/`` folder, which is not a Python package.
+The CUDA/C++ sources that :mod:`slope.kernels.cutlass_sm90` compiles live in ``csrc/`` here
+(package data, not a Python package).
 
 Functions with a Triton kernel (``addmm``, ``lowrank_concat``, ``matvec_add``, ``prune_2to4``,
 ``double_prune_mask_2to4``, ``prune_compress_2to4``, ``gather_kept_2to4``,

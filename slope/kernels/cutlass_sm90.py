@@ -1,7 +1,7 @@
 """slope's own CUTLASS 3.x 2:4 sparse GEMM for Hopper (sm_90a): a prebuilt library, or built at first use.
 
-The C++ lives in the repository's top-level ``kernels/`` folder (:data:`CUDA_SOURCES`), so the
-build needs a source checkout (``pip install -e .``): ``sm90_sparse_gemm_kernels.h`` (the CUTLASS kernel templates),
+The C++ lives in ``slope/kernels/csrc/`` (:data:`CUDA_SOURCES`; package data, so installed
+copies have it too): ``sm90_sparse_gemm_kernels.h`` (the CUTLASS kernel templates),
 ``sm90_sparse_gemm.h`` / ``sm90_sparse_gemm.cu`` (a type-erased fp16/bf16 API free of torch, so the
 .cu compiles standalone with nvcc; ``-DSLOPE_SM90_SELFTEST`` adds a self-test ``main``) and
 ``sm90_sparse_gemm_binding.cpp`` (the PyTorch binding).
@@ -53,8 +53,8 @@ __all__ = [
     "gemm",
 ]
 
-#: the folder of the CUDA/C++ sources: ``kernels/`` at the repository root.
-CUDA_SOURCES = Path(__file__).resolve().parents[2] / "kernels"
+#: the folder of the CUDA/C++ sources (not a Python package: no name to shadow anything with).
+CUDA_SOURCES = Path(__file__).resolve().parent / "csrc"
 #: compiled sources (the .cu is also the standalone test translation unit).
 SOURCES = ("sm90_sparse_gemm.cu", "sm90_sparse_gemm_binding.cpp")
 #: every file whose content keys the build cache.
@@ -147,8 +147,8 @@ def _jit_problem(prebuilt_problem: str) -> str | None:
     if os.environ.get("SLOPE_SM90_JIT", "1") == "0":
         return f"{prebuilt_problem}; compiling the torch extension instead is off (SLOPE_SM90_JIT=0)"
     if not all((CUDA_SOURCES / name).is_file() for name in _HASHED):
-        return (f"the CUDA sources are not in {CUDA_SOURCES}: this backend builds from a source checkout "
-                "of slope (git clone, then pip install -e .)")
+        return (f"the CUDA sources are not in {CUDA_SOURCES}: reinstall slope (they ship in slope/kernels/csrc/), "
+                "or use a source checkout (git clone, then pip install -e .)")
     if nvcc_path() is None:
         return "nvcc was not found (install the CUDA toolkit or set CUDA_HOME)"
     try:

@@ -2,7 +2,7 @@
 
 The torch extension of :mod:`slope.kernels.cutlass_sm90` compiles at first use on the GPU machine
 (~100 s) and needs the CUDA toolkit's full headers. This module instead compiles the same kernel
-(``kernels/sm90_sparse_gemm.cu``) behind the C ABI of ``kernels/sm90_sparse_gemm_capi.cpp`` into a
+(``slope/kernels/csrc/sm90_sparse_gemm.cu``) behind the C ABI of ``slope/kernels/csrc/sm90_sparse_gemm_capi.cpp`` into a
 plain shared library, with nvcc and the CUTLASS headers only: no GPU, no PyTorch headers, so it is
 built ahead of time on any x86-64 machine with nvcc >= 12.2, carried to the GPU machine, and loaded
 there with ctypes in milliseconds. :class:`Sm90Library` has the extension's interface
@@ -45,6 +45,8 @@ __all__ = ["LIB_SOURCES", "build_flags", "build_key", "default_library_path", "m
            "load", "Sm90Library"]
 
 LIB_NAME = "libslope_sm90.so"
+#: the checkout holding slope/ (``build/sm90/`` there is where the library is built and carried).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: the translation units of the library (the .cu holds the kernels, the .cpp the C ABI).
 LIB_SOURCES = ("sm90_sparse_gemm.cu", "sm90_sparse_gemm_capi.cpp")
 #: every file whose content enters the build key.
@@ -71,7 +73,7 @@ def build_key(sources: Path | None = None) -> str:
 def default_library_path() -> Path:
     """``$SLOPE_SM90_LIB`` or ``<repository>/build/sm90/libslope_sm90.so``."""
     env = os.environ.get("SLOPE_SM90_LIB")
-    return Path(env) if env else _sm90.CUDA_SOURCES.parent / "build" / "sm90" / LIB_NAME
+    return Path(env) if env else REPO_ROOT / "build" / "sm90" / LIB_NAME
 
 
 def manifest_path(library: Path) -> Path:
