@@ -72,13 +72,18 @@ def _matches(entry: str, name: str, module: nn.Module) -> bool:
     return name == entry or type(module).__name__ == entry
 
 
+def _check_regex(entry: str, what: str) -> None:
+    """A ``re:`` entry must compile (:class:`RecipeError` naming ``what`` otherwise)."""
+    if entry.startswith("re:"):
+        try:
+            re.compile(entry[3:])
+        except re.error as e:
+            raise RecipeError(f"{what} {entry!r} is not a valid regex ({e})") from None
+
+
 def _check_regexes(entries: list[str], modifier: PruningModifier, key: str) -> None:
     for entry in entries:
-        if entry.startswith("re:"):
-            try:
-                re.compile(entry[3:])
-            except re.error as e:
-                raise RecipeError(f"{modifier.name}: {key} entry {entry!r} is not a valid regex ({e})") from None
+        _check_regex(entry, f"{modifier.name}: {key} entry")
 
 
 def _block_index(name: str, blocks_name: str | None) -> int | None:
@@ -123,11 +128,7 @@ def matching_modules(model: nn.Module, entries: list[str], owner: str) -> list[s
     modules = dict(model.named_modules())
     chosen = set()
     for entry in entries:
-        if entry.startswith("re:"):
-            try:
-                re.compile(entry[3:])
-            except re.error as e:
-                raise RecipeError(f"{owner}: target {entry!r} is not a valid regex ({e})") from None
+        _check_regex(entry, f"{owner}: target")
         hits = {n for n, m in modules.items() if _matches(entry, n, m)}
         if not hits:
             raise RecipeError(f"{owner}: target {entry!r} matches no module of {type(model).__name__}; "
