@@ -186,12 +186,16 @@ def save_checkpoint(
     extra = dict(extra_files or {})
 
     def write(tmp: Path, serial: int) -> None:
-        for name in FILES:  # one file in memory at a time
-            write_file(tmp / name, files[name]())
+        digests = {}
+        for name in FILES:  # one file in memory at a time, hashed while it is there
+            data = files[name]()
+            write_file(tmp / name, data)
+            digests[name] = hashlib.sha256(data).hexdigest()
         for folder in sorted({(tmp / name).parent for name in extra}):
             folder.mkdir(parents=True, exist_ok=True)
         for name, data in extra.items():
             write_file(tmp / name, data)
+            digests[name] = hashlib.sha256(data).hexdigest()
         for folder in sorted({(tmp / name).parent for name in extra} - {tmp}):
             fsync_dir(folder)
         manifest = {
@@ -199,7 +203,7 @@ def save_checkpoint(
             "version": VERSION,
             "step": trainer_state["step"],
             "serial": serial,
-            "sha256": {name: _sha256(tmp / name) for name in (*FILES, *extra)},
+            "sha256": digests,
         }
         write_file(tmp / "manifest.json", _json_bytes(manifest))  # last: its presence marks a complete write
 

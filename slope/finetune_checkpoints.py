@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from slope.checkpoint import capture_rng, restore_rng
 from slope.durable import fsync_dir, write_file
 from slope.finetune_loop import FinetuneLoop
 
@@ -54,7 +53,7 @@ class LoopCheckpoints:
                  "model": full_model_state_dict(loop.model), "dense_opt": loop.dense_opt.state_dict(),
                  "sparse_opt": None if loop.sparse_opt is None else loop.sparse_opt.state_dict(),
                  "scaler": loop.scaler.state_dict(), **{name: obj.state_dict() for name, obj in self.states.items()},
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                 "rng": capture_rng()}  # torch (and CUDA), NumPy and Python states
         final = self.out / f"checkpoint-{step}"
         tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,7 +101,5 @@ class LoopCheckpoints:
         if loop.sparse_opt is not None:
             loop.sparse_opt.load_state_dict(state["sparse_opt"])
         loop.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        restore_rng(*state["rng"])
         return int(state["step"]), list(state["records"])

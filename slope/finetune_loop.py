@@ -204,6 +204,7 @@ class FinetuneLoop:
         display = display_for(s.progress) if main_process else "off"
         bar = Progress(self.total_steps, s.desc, unit="step", initial=start_step, display=display)
         t0, loss = time.perf_counter(), float("nan")
+        shown = {}  # the status on the bar: refreshed on logged steps only (it may read the device)
         self.model.train()
         for step in range(start_step, self.total_steps):
             loss, parts, skipped = self.train_step(step)
@@ -212,13 +213,15 @@ class FinetuneLoop:
             done = step + 1
             if done % s.logging_steps == 0 or done == self.total_steps or skipped:
                 loss = mean_over_ranks(loss)
+                status = self.status()
+                shown = {k: f"{v:.3f}" for k, v in status.items() if isinstance(v, float)}
                 write({"step": done, "loss": loss, **{k: mean_over_ranks(v) for k, v in parts.items()}, "lr": self.last_lr,
-                       **self.status(), "skipped": skipped})
+                       **status, "skipped": skipped})
             if (s.eval_steps and done % s.eval_steps == 0) or done == self.total_steps:
                 validate(done)
             if save is not None and save_steps and done % save_steps == 0:
                 save(done, records)
-            bar.update(1, loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in self.status().items() if isinstance(v, float)})
+            bar.update(1, loss=f"{loss:.3f}", **shown)
         bar.close()
         if log is not None:
             log.close()

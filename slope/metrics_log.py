@@ -62,5 +62,3 @@ class MetricsLog:
             if self.reporter is not None:
                 self.reporter.log(record)
 
-    def records(self) -> list[dict]:
-        return read_records(self.path)

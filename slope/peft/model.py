@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from slope.peft.config import CONFIG_NAME, WEIGHTS_NAME, SftConfig
+from slope.prune import _set_submodule
 from slope.peft.delta import SftLinear, SparseDelta
 from slope.peft.targets import allocate, find_targets, random_indices
 
@@ -22,11 +23,6 @@ __all__ = ["SftModel", "get_peft_model"]
 
 FINGERPRINT_SAMPLES = 16  # base values per target weight recorded to recognise the base model
 FINGERPRINT_RTOL = 1e-2  # loose enough for a base loaded in another float dtype
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def fingerprint(weight: torch.Tensor) -> list[float]:

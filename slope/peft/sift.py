@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from slope.parallel import get_world_size
+
 from slope.peft.model import fingerprint
 from slope.peft.selection import largest
 
@@ -102,7 +104,7 @@ class SIFT:
             flat = grad.reshape(-1)
             if sparse.flat_idx is None:
                 scores = flat.float()
-                if _world_size() > 1:  # every rank picks the entries of the gradient summed over the ranks
+                if get_world_size() > 1:  # every rank picks the entries of the gradient summed over the ranks
                     scores = scores.clone()
                     dist.all_reduce(scores)
                 sparse.flat_idx = largest(scores.abs(), sparse.train_num)
@@ -161,7 +163,7 @@ class SIFT:
     def all_reduce_grads(self) -> None:
         """Average the gradients of every parameter in the optimizer (increments and ``exception``
         parameters) over the ranks of the default process group; nothing in one process."""
-        world = _world_size()
+        world = get_world_size()
         if world == 1:
             return
         for _, p in self._in_optimizer:
@@ -189,7 +191,3 @@ class SIFT:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

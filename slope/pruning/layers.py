@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from slope.prune import DEFAULT_SKIP
+from slope.prune import DEFAULT_SKIP, _tied_to_embedding
 from slope.pruning.modifiers import PruningModifier, RecipeError
 
 __all__ = ["LayerPlan", "Skipped", "WeightJournal", "find_blocks", "is_linear", "match_targets", "matching_modules", "read_weight",
@@ -94,10 +94,6 @@ def _block_index(name: str, blocks_name: str | None) -> int | None:
         return None
     head = name[len(prefix):].split(".", 1)[0]
     return int(head) if head.isdigit() else None
-
-
-def _tied_to_embedding(weight: torch.Tensor, model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Embedding) and m.weight.data_ptr() == weight.data_ptr() for m in model.modules())
 
 
 def match_targets(model: nn.Module, targets: list[str], owner: str) -> dict[str, bool]:

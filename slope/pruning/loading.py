@@ -26,12 +26,9 @@ DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": t
 
 def shipped_tokenizer():
     """slope's byte-level BPE (the one ``slope train`` uses) as a ``transformers`` fast tokenizer."""
-    from transformers import PreTrainedTokenizerFast
+    from slope.data import open_tokenizer
 
-    from slope.data import EOS_TOKEN, TOKENIZER_FILE
-
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                                   pad_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+    return open_tokenizer("").to_hf()
 
 
 def _hf_model(path: Path, dtype):

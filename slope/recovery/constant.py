@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slope.masks import is_nm_sparse
+from slope.prune import _tied_to_embedding
 from slope.pruning.layers import is_linear, match_targets, read_weight
 from slope.recovery.modifiers import ConstantPruningModifier
 from slope.sparsity import MaskedWeights
@@ -38,14 +40,7 @@ __all__ = ["ConstantMasks", "is_2to4"]
 def is_2to4(weight: torch.Tensor) -> bool:
     """Whether ``weight (out, in)`` has at most 2 nonzeros in every group of 4 consecutive inputs
     (and both dimensions divisible by 4, as a 2:4 SLoPe layer needs)."""
-    out_features, in_features = weight.shape
-    if out_features % 4 or in_features % 4:
-        return False
-    return bool(((weight.detach() != 0).view(out_features, -1, 4).sum(-1) <= 2).all())
-
-
-def _tied(weight: torch.Tensor, model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Embedding) and m.weight.data_ptr() == weight.data_ptr() for m in model.modules())
+    return weight.shape[0] % 4 == 0 and is_nm_sparse(weight.detach() != 0, 2, 4)
 
 
 def _zero_fraction(module: nn.Module) -> float:
@@ -86,7 +81,7 @@ class ConstantMasks:
                               f"(e.g. {', '.join(empty[:3])})", UserWarning, stacklevel=3)
             names = [n for n in names if n not in empty]
         _warn_uncovered(modules, set(names))
-        nm = [n for n in names if is_2to4(read_weight(modules[n])) and not _tied(modules[n].weight, model)]
+        nm = [n for n in names if is_2to4(read_weight(modules[n])) and not _tied_to_embedding(modules[n].weight, model)]
         other = [n for n in names if n not in nm]
         self.layers = {n: ("2:4 SLoPe" if n in nm else "masked") for n in names}
         self.masked = MaskedWeights.from_zeros({n + ".weight": modules[n].weight for n in other}) if other else None

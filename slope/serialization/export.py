@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-__all__ = ["FORMS", "ExportResult", "export_model", "embedded_tokenizer"]
+__all__ = ["FORMS", "ExportResult", "export_model"]
 
 FORMS = ("dense", "sparse", "merged")
 _TRAIN_MODE = {"dense": "dense", "sparse": "unmerged", "merged": "merged"}
@@ -42,18 +42,6 @@ class ExportResult:
     note: str | None = None
 
 
-def embedded_tokenizer(model_max_length: int | None = None):
-    """The shipped byte-level BPE (:data:`slope.data.TOKENIZER_FILE`) as a ``PreTrainedTokenizerFast``
-    whose BOS, EOS and PAD token is ``<|endoftext|>`` (token 0, what ``slope train`` models use)."""
-    from transformers import PreTrainedTokenizerFast
-
-    from slope.data import EOS_TOKEN, TOKENIZER_FILE
-
-    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                   pad_token=EOS_TOKEN, unk_token=EOS_TOKEN, **kwargs)
-
-
 def _from_train_checkpoint(source: str, form: str):
     from slope.checkpoint import CheckpointError
     from slope.evaluate import load_trained_model
@@ -65,12 +53,10 @@ def _from_train_checkpoint(source: str, form: str):
             f"{loaded.checkpoint.path} is a dense checkpoint (--dense, or its dense tail was reached): it has no "
             f"{form} form; export it with --form dense"
         )
-    if loaded.config.tokenizer:  # the run's --tokenizer, from the checkpoint's copy
-        from slope.data import open_tokenizer
+    from slope.data import open_tokenizer
 
-        tokenizer = open_tokenizer(loaded.checkpoint.tokenizer).to_hf(loaded.config.seq_len)
-    else:
-        tokenizer = embedded_tokenizer(loaded.config.seq_len)
+    # the run's --tokenizer (the checkpoint's copy), or the shipped BPE: EOS as BOS/EOS/PAD
+    tokenizer = open_tokenizer(loaded.checkpoint.tokenizer).to_hf(loaded.config.seq_len)
     return loaded.model, tokenizer, str(loaded.checkpoint.path), loaded.checkpoint.step, loaded.note
 
 

@@ -41,11 +41,6 @@ class SparseLayerMasks:
     def masks(self) -> dict[str, torch.Tensor]:
         return {name: layer.mask for name, layer in self.layers.items()}
 
-    def structure(self, name: str) -> tuple[int, int]:
-        """``(n, m)`` of layer ``name``."""
-        layer = self.layers[name]
-        return layer.n, layer.m
-
     def weight(self, name: str) -> torch.Tensor:
         """``W ⊙ M`` of layer ``name`` as a dense fp32 ``(out, in)`` tensor."""
         return self.layers[name].dense_weight(torch.float32)
