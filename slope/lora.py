@@ -44,7 +44,7 @@ __all__ = ["FOLDS", "MergedSparseLinear", "MemoryReport", "merge_lora", "set_dec
 
 #: decode kernels of merged layers (:func:`set_decode_kernel`), and the most rows ``fused`` takes.
 DECODE_KERNELS = ("gemm", "fused")
-DECODE_ROWS = 16
+DECODE_ROWS = kernels.reference.MERGED_DECODE_MAX_ROWS
 
 
 class _NoBackward(torch.autograd.Function):

@@ -99,11 +99,12 @@ class LossScaler:
         if not self.enabled:
             return False
         inv = 1.0 / self.scale
+        grads = [p.grad for p in dense_params if p.grad is not None]
         found_inf = False
-        for p in dense_params:
-            if p.grad is not None:
-                p.grad.mul_(inv)
-                found_inf = found_inf or not bool(torch.isfinite(p.grad).all())
+        if grads:  # one device read for all of them
+            for g in grads:
+                g.mul_(inv)
+            found_inf = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if sparse_opt is not None:
             found_inf = sparse_opt.unscale_(inv) or found_inf
         return found_inf
@@ -507,12 +508,13 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
             + ("; adapters attached before then are merged into the dense weights, none attach after" if lora_start < cfg.max_steps else ""))
 
     def save(step_done: int, loss: float) -> None:
-        model_state = dense_state = None
         if ds_config is not None:  # gather ZeRO's partitions (collective), in the single-process layout
             model_state = parallel.full_model_state_dict(runner)
             dense_state = parallel.full_optimizer_state_dict(runner, None, index_keys=True)
+        else:  # built once: checked here, then written
+            model_state, dense_state = model.state_dict(), dense_opt.state_dict()
         # Never a checkpoint with non-finite numbers (every rank checks the same values: all stop alike).
-        check_finite(step_done, loss, {"model": model_state or model.state_dict(), "AdamW": dense_state or dense_opt.state_dict(),
+        check_finite(step_done, loss, {"model": model_state, "AdamW": dense_state,
                                        "ADAMWSparse": sparse_opt.state_dict() if sparse_opt is not None else {}})
         if not env.is_main:
             return

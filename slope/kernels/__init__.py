@@ -113,7 +113,7 @@ def merged_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: 
     ``a (R, K)``, ``b (N, R)``: one Triton launch on CUDA (:mod:`slope.kernels.triton_merged_decode`),
     else the reference."""
     tensors = [x, values, a, b] + ([bias] if bias is not None else [])
-    if (triton_usable(*tensors) and len({t.dtype for t in tensors}) == 1 and x.shape[0] <= 16
+    if (triton_usable(*tensors) and len({t.dtype for t in tensors}) == 1 and x.shape[0] <= reference.MERGED_DECODE_MAX_ROWS
             and values.stride(1) == 1 and meta.device == x.device):
         from . import triton_merged_decode
 

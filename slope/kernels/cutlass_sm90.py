@@ -144,7 +144,7 @@ def build_problem(device: torch.device | int | None = None) -> str | None:
 def _jit_problem(prebuilt_problem: str) -> str | None:
     """Why the torch extension cannot be compiled here instead of using the prebuilt library
     (which is unusable for ``prebuilt_problem``), or None."""
-    if os.environ.get("SLOPE_SM90_JIT", "1") == "0":
+    if not _jit_enabled():
         return f"{prebuilt_problem}; compiling the torch extension instead is off (SLOPE_SM90_JIT=0)"
     if not all((CUDA_SOURCES / name).is_file() for name in _HASHED):
         return (f"the CUDA sources are not in {CUDA_SOURCES}: reinstall slope (they ship in slope/kernels/csrc/), "

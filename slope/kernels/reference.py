@@ -26,6 +26,9 @@ import math
 
 import torch
 
+#: the most rows :func:`merged_decode` (and its Triton kernel) takes: decoding batches.
+MERGED_DECODE_MAX_ROWS = 16
+
 __all__ = [
     "COMPRESSIBLE_DTYPES",
     "compress_2to4",

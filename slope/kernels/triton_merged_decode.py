@@ -16,12 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import MERGED_DECODE_MAX_ROWS as MAX_ROWS
 from .triton_kernels import interpreting
 from .triton_sparse import _expanded_weight_tile
 
 __all__ = ["merged_decode"]
-
-MAX_ROWS = 16
 
 
 def _configs() -> list[triton.Config]:
