@@ -216,17 +216,26 @@ def _grow(runner, model, dense_opt, cfg: TrainConfig, add, ds_config: dict | Non
     return runner, made["opt"], made["result"]
 
 
-def _deepspeed_step(engine, sparse_opt) -> float | None:
-    """The step under DeepSpeed (it clipped the dense gradients, the sparse sync the sparse ones);
-    returns the joint gradient norm before clipping (None when DeepSpeed did not report one)."""
+def _deepspeed_step(engine, sparse_opt, loss: float) -> tuple[bool, float | None]:
+    """The step under DeepSpeed (it clipped the dense gradients, the sparse sync the sparse ones).
+
+    A non-finite step changes no weight: ZeRO-1/2 skip a dense step whose gradient norm is not
+    finite (in bf16 too: :func:`slope.parallel.deepspeed_train_config` keeps its check on), and the
+    sparse optimizer steps only when the engine applied its step and the loss and the sparse
+    gradient norm are finite. Returns ``(skipped, joint gradient norm before clipping)`` (the norm
+    None on a skipped step or when DeepSpeed reported none)."""
     sparse_norm = 0.0
     if sparse_opt is not None:
         sync = engine.slope_sparse_sync
         sparse_norm = sync.last_norm if sync.clip_norm is not None else float(sparse_opt.clip_grad_norm(math.inf))
-        sparse_opt.step()
     engine.step()
+    skipped = not (engine.was_step_applied() and math.isfinite(loss) and math.isfinite(sparse_norm))
+    if skipped:
+        return True, None
+    if sparse_opt is not None:
+        sparse_opt.step()
     dense_norm = engine.get_global_grad_norm()
-    return None if dense_norm is None else math.hypot(float(dense_norm), sparse_norm or 0.0)
+    return False, None if dense_norm is None else math.hypot(float(dense_norm), sparse_norm)
 
 
 def _output_dir(name: str) -> Path:
@@ -376,12 +385,13 @@ def _forward_backward(runner, train_tokens: torch.Tensor, step: int, cfg: TrainC
 def _update(runner, dense_opt, sparse_opt, scaler: LossScaler, loss: float, cfg: TrainConfig, deepspeed: bool) -> tuple[bool, float | None]:
     """Unscale (fp16), then skip the step on an overflow or a non-finite loss or gradient norm, else
     clip and update both optimizers; gradients are zeroed either way. Returns ``(skipped, grad_norm)``.
-    (DeepSpeed, never fp16, steps anyway: its engine counts the micro-batches.)"""
+    (DeepSpeed, never fp16, calls its engine's step anyway, which counts the micro-batches; see
+    :func:`_deepspeed_step` for how a non-finite step then changes nothing.)"""
     dense_params = [p for group in dense_opt.param_groups for p in group["params"]]
     skipped = scaler.unscale_(dense_params, sparse_opt) or not math.isfinite(loss)
     grad_norm = None
     if deepspeed:
-        grad_norm = _deepspeed_step(runner, sparse_opt)
+        skipped, grad_norm = _deepspeed_step(runner, sparse_opt, loss)
     elif not skipped:
         grad_norm = _clip_and_step(dense_opt, sparse_opt, dense_params, cfg.grad_clip)
         skipped = grad_norm is None

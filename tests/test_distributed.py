@@ -721,13 +721,14 @@ def test_deepspeed_train_config_fills_in_the_batch_sizes():
     config = deepspeed_train_config({"zero_optimization": {"stage": 2}}, **sizes)
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (4, 2, 16)
     assert config["gradient_clipping"] == 1.0
-    assert deepspeed_train_config({"train_batch_size": 16, "gradient_clipping": 0}, **sizes)["gradient_clipping"] == 0
+    zero1 = {"zero_optimization": {"stage": 1}}
+    assert deepspeed_train_config({**zero1, "train_batch_size": 16, "gradient_clipping": 0}, **sizes)["gradient_clipping"] == 0
     with pytest.raises(ValueError, match="train_batch_size=32"):
-        deepspeed_train_config({"train_batch_size": 32}, **sizes)
+        deepspeed_train_config({**zero1, "train_batch_size": 32}, **sizes)
     with pytest.raises(ValueError, match="'optimizer' section"):
-        deepspeed_train_config({"optimizer": {"type": "AdamW"}}, **sizes)
+        deepspeed_train_config({**zero1, "optimizer": {"type": "AdamW"}}, **sizes)
     with pytest.raises(ValueError, match="does not split over 3 ranks"):
-        deepspeed_train_config({}, **{**sizes, "world_size": 3})
+        deepspeed_train_config(zero1, **{**sizes, "world_size": 3})
 
 
 def test_single_process_group_for_engines_that_need_one(monkeypatch):
@@ -828,7 +829,7 @@ def test_cli_rejects_unsupported_deepspeed_settings(tmp_path, capsys):
     with pytest.raises(ConfigError, match="dense tail"):
         TrainConfig(deepspeed=str(ds_json), dense_tail_fraction=0.5).validate()
     # Checked before any work, and the single-process group made for DeepSpeed is released.
-    ds_json.write_text('{"optimizer": {"type": "AdamW"}}')
+    ds_json.write_text('{"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW"}}')
     from slope.cli import main
 
     assert main(["train", "--out", str(tmp_path / "run"), *CLI_TINY, "--deepspeed", str(ds_json)]) == 1

@@ -110,8 +110,22 @@ def deepspeed_train_config(
     Fills in ``train_micro_batch_size_per_gpu`` (``global_batch / world_size``),
     ``gradient_accumulation_steps`` and ``train_batch_size``; a config that sets them differently,
     or that has an ``"optimizer"`` / ``"scheduler"`` section, is a ``ValueError`` naming the key.
+    So is ZeRO stage 0 (its plain optimizer has no rank-independent checkpoint here) and bf16 with
+    ``check_grad_overflow`` off: the loop relies on ZeRO skipping a step whose dense gradients are
+    not finite (``engine.was_step_applied()``).
     """
     config = load_deepspeed_config(config, gradient_clipping)
+    if int(config.get("zero_optimization", {}).get("stage", 0)) == 0:
+        raise ValueError(
+            "the DeepSpeed config runs ZeRO stage 0 (no \"zero_optimization\" stage), whose checkpoints slope train cannot "
+            "write rank-independently; set \"zero_optimization\": {\"stage\": 1} (or 2), or train data-parallel without "
+            "--deepspeed under torchrun"
+        )
+    if config.get("bf16", {}).get("check_grad_overflow", True) is False:
+        raise ValueError(
+            "the DeepSpeed config turns bf16 check_grad_overflow off, so DeepSpeed would apply a step with non-finite "
+            "gradients that slope train skips; remove \"check_grad_overflow\": false"
+        )
     if global_batch % world_size:
         raise ValueError(f"batch size {global_batch} does not split over {world_size} ranks; use a multiple of {world_size}")
     for section in ("optimizer", "scheduler"):
@@ -133,6 +147,15 @@ def deepspeed_train_config(
             )
         config[key] = value
     return config
+
+
+def _single_process_local_rank() -> None:
+    """DeepSpeed asserts that a launcher set ``LOCAL_RANK``; a single process outside any launcher
+    (a group of one, :func:`slope.parallel.init_distributed` with ``single_process_group``) is local
+    rank 0, so say so instead of failing on DeepSpeed's assertion."""
+    if "LOCAL_RANK" not in os.environ and "OMPI_COMM_WORLD_LOCAL_RANK" not in os.environ:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            os.environ["LOCAL_RANK"] = "0"
 
 
 def deepspeed_initialize(
@@ -164,6 +187,7 @@ def deepspeed_initialize(
     config = load_deepspeed_config(config)
     layers = _require_pruned(model, "deepspeed_initialize")
     masters = [layer.values.detach().clone() for layer in layers]  # before a bf16 engine casts them
+    _single_process_local_rank()
     engine, ds_optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=dense_parameters(model),
