@@ -180,6 +180,13 @@ class TrainConfig:
             raise ConfigError("double_pruning = False (an exact backward) is not 2:4 sparse, so it needs --no-compress (simulation)")
         if self.backend != "auto" and (self.dense or not self.compress):
             raise ConfigError(f"backend = {self.backend!r} applies to compressed storage; drop --backend or --no-compress/--dense")
+        if self.backend != "auto" and not self.dense:
+            from slope.prune import check_backend_runs_here
+
+            try:
+                check_backend_runs_here(self.backend)
+            except ValueError as e:
+                raise ConfigError(f"backend = {self.backend!r} is invalid here: {e}") from None
         if self.deepspeed:
             check(Path(self.deepspeed).is_file(), "deepspeed", "no such file (a DeepSpeed config JSON)")
             check(self.precision != "fp16", "deepspeed", "DeepSpeed runs support fp32 and bf16, not fp16 (its loss scaler ignores the sparse gradients)")
@@ -210,6 +217,9 @@ def load_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if isinstance(data.get("sparsity"), int):
+        raise ConfigError(f"--config {path}: sparsity {data['sparsity']!r} is a number; quote it, e.g. sparsity: \"2:4\" "
+                          "(YAML reads an unquoted 2:4 as the base-60 number 124)")
     unknown = sorted(set(data) - set(TrainConfig.keys()))
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {unknown}; valid keys: {', '.join(TrainConfig.keys())}")

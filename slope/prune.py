@@ -101,7 +101,7 @@ def _check_arguments(n: int, m: int, mask_type: str, backend: str, compress: boo
         if not double_pruning:
             raise ValueError("double_pruning=False (an exact backward) is not 2:4 sparse; it needs compress=False")
         if backend != "auto":
-            _check_backend_runs_here(backend)
+            check_backend_runs_here(backend)
     elif backend != "auto":
         raise ValueError(f"backend={backend!r} applies to compressed storage; pass compress=True (or backend='auto')")
     if merge_lora and not add_lora:
@@ -305,7 +305,7 @@ def _plan_experts(model: nn.Module, decisions: list[PruneDecision], targets, ski
     return plan
 
 
-def _check_backend_runs_here(backend: str) -> None:
+def check_backend_runs_here(backend: str) -> None:
     """A named backend must load, and, on a machine without CUDA, run on the CPU (cuSPARSELt and
     CUTLASS cannot): say so now rather than at the first forward."""
     cls = backend_class(backend)

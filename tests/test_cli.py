@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from slope.cli import build_parser, main, resolve_train_config
 
@@ -79,6 +80,11 @@ def test_config_file_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", str(typed)])
     assert "max_steps = 'ten' is invalid: expected an integer" in capsys.readouterr().err
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text("sparsity: 2:4\n")  # YAML 1.1 reads it as 2*60 + 4
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(unquoted)])
+    assert 'sparsity 124 is a number; quote it, e.g. sparsity: "2:4"' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -91,6 +97,8 @@ def test_config_file_errors(tmp_path, capsys):
         (["--hidden-size", "96"], "hidden_size = 96 is invalid: must be a positive multiple of 64"),
         (["--max-steps", "5", "--stop-after", "9"], "stop_after = 9 is invalid: must be between 1 and max_steps (5)"),
         (["--no-compress", "--backend", "reference"], "applies to compressed storage"),
+        pytest.param(["--backend", "cutlass"], "backend = 'cutlass' is invalid here",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the backends run on a GPU")),
         (["--precision", "fp8"], "invalid choice: 'fp8'"),
         (["--lr", "fast"], "invalid float value: 'fast'"),
     ],
