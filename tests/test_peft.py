@@ -400,3 +400,16 @@ def test_target_modules_matching_nothing_is_an_error():
         config(selection_algorithm="magnitude")
     with pytest.raises(ValueError, match="selection_accumulation_steps"):
         config(reselection_steps=2, selection_accumulation_steps=5)
+
+
+def test_get_peft_config_builds_the_sft_config_and_refuses_unknown_keys():
+    from slope.peft import SftConfig, TaskType, get_peft_config
+
+    config = get_peft_config({"peft_type": "SFT", "task_type": TaskType.CAUSAL_LM, "density": 0.02, "target_modules": ["q_proj"]})
+    assert config == SftConfig(task_type="CAUSAL_LM", density=0.02, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"unknown SftConfig key\(s\) \['densty'\]"):
+        get_peft_config({"densty": 0.02, "target_modules": ["q_proj"]})
+    with pytest.raises(ValueError, match="peft_type 'LORA'"):
+        get_peft_config({"peft_type": "LORA", "r": 8})
+    with pytest.raises(ValueError, match="set it to at most 2"):
+        SftConfig(target_modules=["q_proj"], reselection_steps=2)

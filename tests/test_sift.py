@@ -176,3 +176,13 @@ def test_sift_saving_errors(tmp_path):
     untrained = SIFT(tiny_llama(), sparse_rate=0.05, sparse_module=TARGETS)
     with pytest.raises(ValueError, match="train at least one step"):
         untrained.save_pretrained(tmp_path / "e")
+
+
+def test_sift_refuses_the_weights_of_slope_layers():
+    """A pruned model's 2:4 values never get a dense gradient: SIFT would train nothing."""
+    import slope
+    from slope.peft import SIFT
+
+    model = slope.prune_model(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)), verbose=False)
+    with pytest.raises(ValueError, match="a SLoPe 2:4 layer's weights"):
+        SIFT(model, sparse_rate=0.01, sparse_module=["0."])

@@ -3,13 +3,14 @@
 Ports of the two seeds change only their imports::
 
     from slope.peft import SIFT                                   # SIFT (Song et al. 2023)
-    from slope.peft import (SftConfig, TaskType, get_peft_model,  # PEFT-SFT (Ansell et al. 2024)
+    from slope.peft import (get_peft_config, get_peft_model,      # PEFT-SFT (Ansell et al. 2024)
+                            SftConfig, TaskType,
                             SftTrainer, SftAdamW, SftSM3, SftSelector)
 
 Both train a small sparse delta (indices + values) per target weight; gradients and optimizer state
 exist only for the delta's entries. See docs/peft.md.
 """
-from slope.peft.config import SftConfig, TaskType
+from slope.peft.config import SftConfig, TaskType, get_peft_config
 from slope.peft.delta import SftLinear, SparseDelta
 from slope.peft.model import SftModel, get_peft_model
 from slope.peft.optim import SftAdamW, SftSM3
@@ -31,6 +32,7 @@ __all__ = [
     "SftTrainer",
     "SparseDelta",
     "TaskType",
+    "get_peft_config",
     "get_peft_model",
     "load_sift",
 ]

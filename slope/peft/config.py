@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["CONFIG_NAME", "SftConfig", "TaskType", "WEIGHTS_NAME"]
+__all__ = ["CONFIG_NAME", "SftConfig", "TaskType", "WEIGHTS_NAME", "get_peft_config"]
 
 CONFIG_NAME = "adapter_config.json"  # PEFT's file names, so the folder looks like any adapter
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -77,8 +77,8 @@ class SftConfig:
             raise ValueError(f"reselection_steps must be a positive number of steps, got {self.reselection_steps!r}")
         if not 0 < int(self.selection_accumulation_steps) <= int(self.reselection_steps):
             raise ValueError(
-                f"selection_accumulation_steps must be in [1, reselection_steps={self.reselection_steps}], "
-                f"got {self.selection_accumulation_steps!r}"
+                f"selection_accumulation_steps (default 5) must be in [1, reselection_steps={self.reselection_steps}], "
+                f"got {self.selection_accumulation_steps!r}; set it to at most {self.reselection_steps}"
             )
         if not 0.0 <= float(self.initial_reselection_rate) <= 1.0:
             raise ValueError(f"initial_reselection_rate must be in [0, 1], got {self.initial_reselection_rate!r}")
@@ -97,3 +97,21 @@ class SftConfig:
         if values.get("peft_type", "SFT") != "SFT":
             raise ValueError(f"this adapter config is for PEFT method {values.get('peft_type')!r}, not sparse fine-tuning (SFT)")
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def get_peft_config(config_dict: dict) -> SftConfig:
+    """PEFT's ``get_peft_config``: the :class:`SftConfig` that ``config_dict`` describes
+    (``peft_type`` ``"SFT"`` or absent). Unlike :meth:`SftConfig.from_dict`, which reads saved
+    folders, an unknown key is an error here: it is the user's own dict, and a misspelt setting
+    must not be dropped silently."""
+    values = dict(config_dict)
+    kind = values.pop("peft_type", "SFT")
+    kind = getattr(kind, "value", kind)
+    if str(kind).upper() != "SFT":
+        raise ValueError(f"peft_type {kind!r}: slope.peft builds sparse fine-tuning configs (peft_type 'SFT'); "
+                         f"for {kind} use peft's own get_peft_config")
+    names = sorted(f.name for f in fields(SftConfig) if f.init)
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown SftConfig key(s) {unknown}; valid keys: {', '.join(names)}")
+    return SftConfig(**values)

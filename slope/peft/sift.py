@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from slope.layer import SparseLinear
 from slope.parallel import get_world_size
 
 from slope.peft.model import fingerprint
@@ -69,6 +70,7 @@ class SIFT:
     def _register(self, named: list[tuple[str, nn.Parameter]]) -> None:
         for name, p in named:
             if any(key in name for key in self.sparse_module):
+                self._check_dense(name)
                 self._add_sparse(name, p)
             elif any(key in name for key in self.exception):
                 p.requires_grad_(True)
@@ -78,6 +80,17 @@ class SIFT:
                 p.requires_grad_(False)
         if not self.sparse_mapping:
             raise ValueError(f"sparse_module {self.sparse_module} matches no parameter name of the model")
+
+    def _check_dense(self, name: str) -> None:
+        """SIFT's increments ride on the dense gradient of ``name``; a SLoPe 2:4 layer has none
+        (its kept values get their gradient in the layer's own buffer), so nothing would train."""
+        owner = self.model.get_submodule(name.rpartition(".")[0]) if "." in name else self.model
+        if isinstance(owner, SparseLinear):
+            raise ValueError(
+                f"sparse_module {self.sparse_module} matches {name}, a SLoPe 2:4 layer's weights (prune_model), which "
+                "train through slope.ADAMWSparse and never get the dense gradient SIFT needs; run SIFT on the dense "
+                "model, or fine-tune the pruned one with slope.finetune / ADAMWSparse"
+            )
 
     def _add_sparse(self, name: str, p: nn.Parameter) -> None:
         k = min(int(self.sparse_rate * p.numel()) + 1, p.numel())

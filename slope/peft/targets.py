@@ -31,7 +31,9 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[tupl
         else:
             wrong.append(f"{name} ({type(module).__name__})")
     if wrong:
-        raise ValueError(f"target_modules {target_modules!r} match modules that are not nn.Linear/Conv1D: {', '.join(wrong[:5])}")
+        hint = ("; SparseLinear is a SLoPe 2:4 layer (prune_model): sparse fine-tuning starts from the dense model"
+                if any(w.endswith("(SparseLinear)") for w in wrong) else "")
+        raise ValueError(f"target_modules {target_modules!r} match modules that are not nn.Linear/Conv1D: {', '.join(wrong[:5])}{hint}")
     if not found:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)})
         raise ValueError(f"target_modules {target_modules!r} match no module of the model; its linear modules are named {linear}")
