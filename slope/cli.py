@@ -334,6 +334,18 @@ def _run_oneshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_deepspeed_without_accelerator() -> None:
+    """transformers imports DeepSpeed wherever it is installed, and on a machine without any
+    accelerator DeepSpeed then warns that it "was unable to detect" one before settling on the
+    CPU: name the CPU for it up front (a user's own ``DS_ACCELERATOR`` is kept)."""
+    import os
+
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
@@ -343,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_deepspeed_without_accelerator()
     try:
         if args.command == "train":
             try:
@@ -367,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--max-new-tokens must be >= 1")
             if args.batch < 1:
                 parser.error("--batch must be >= 1")
+            if not args.temperature >= 0:
+                parser.error(f"--temperature must be >= 0 (0: greedy decoding), got {args.temperature}")
+            if args.top_k < 0:
+                parser.error(f"--top-k must be >= 0 (0: no top-k filter), got {args.top_k}")
             _run_generate(args)
         elif args.command == "export":
             _run_export(args)

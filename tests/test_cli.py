@@ -1,5 +1,6 @@
 """The ``slope`` command: smoke runs of every mode, config precedence, eval/generate, error messages."""
 import json
+import os
 import subprocess
 import sys
 
@@ -175,3 +176,30 @@ def test_version_is_the_installed_distributions(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"slope {slope.__version__}" == f"slope {version('slope')}"
+
+
+def test_deepspeed_is_told_the_cpu_on_a_machine_without_accelerator(monkeypatch):
+    from slope.cli import _quiet_deepspeed_without_accelerator
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    _quiet_deepspeed_without_accelerator()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")  # a user's choice stays
+    _quiet_deepspeed_without_accelerator()
+    assert os.environ["DS_ACCELERATOR"] == "xpu"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    _quiet_deepspeed_without_accelerator()
+    assert "DS_ACCELERATOR" not in os.environ
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--top-k", "-5"], "--top-k must be >= 0"),
+])
+def test_generate_refuses_bad_sampling_settings(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--checkpoint", str(tmp_path / "none"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
