@@ -201,5 +201,5 @@ def test_deepspeed_is_told_the_cpu_on_a_machine_without_accelerator(monkeypatch)
 ])
 def test_generate_refuses_bad_sampling_settings(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--checkpoint", str(tmp_path / "none"), *flags])
+        main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "def", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
