@@ -35,6 +35,7 @@ the step lines (with ETA) otherwise (:mod:`slope.progress`).
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from slope import parallel
 from slope.checkpoint import (
     Checkpoint, CheckpointError, attach_lora, build_model, check_compatible, check_model_config, check_state_fits, read_checkpoint, restore_rng,
-    save_checkpoint,
+    save_checkpoint, saved_config,
 )
 from slope.checkpoint_store import latest_checkpoint, recover
 from slope.config import ConfigError, TrainConfig
@@ -250,22 +251,45 @@ def _output_dir(name: str) -> Path:
 
 
 def _lock_and_recover(out: Path, env, cfg: TrainConfig, log) -> RunLock | None:
-    """Rank 0 locks ``out`` and finishes any save a crash interrupted; every rank fails alike if it
-    cannot (collective). Returns the held lock (rank 0) or None."""
+    """Rank 0 locks ``out``, finishes any save a crash interrupted and, for a new run, checks that
+    it replaces no unfinished one; every rank fails alike if it cannot (collective). Returns the
+    held lock (rank 0) or None."""
     lock, error = None, None
     if env.is_main:
         try:
             lock = RunLock(out, note=log)
             lock.acquire()
-        except RunLockError as e:
-            lock, error = None, e
-        else:
             for note in recover(out / "checkpoint", cfg.keep_checkpoints):
                 log(f"note: {note}")
+            if not cfg.resume:
+                _refuse_to_replace_unfinished(out)
+        except (RunLockError, ConfigError) as e:
+            error = e
+            if lock is not None:
+                lock.release()
+            lock = None
     if parallel.mean_over_ranks(0.0 if error else 1.0) < 1.0:  # (also a barrier after the recovery)
         parallel.destroy_distributed(env)
-        raise error or RunLockError(f"rank 0 could not lock {out}; see its error")
+        raise error or RunLockError(f"rank 0 stopped before training in {out}; see its error")
     return lock
+
+
+def _refuse_to_replace_unfinished(out: Path) -> None:
+    """A new run (no ``--resume``) would replace the checkpoint and metrics in ``out``: refuse
+    when they belong to a run that stopped before its last step (interrupted, ``--stop-after``)."""
+    if not (out / "checkpoint").exists():
+        return
+    try:
+        newest = latest_checkpoint(out / "checkpoint")
+        step = int(json.loads((newest / "manifest.json").read_text(encoding="utf-8"))["step"])
+        planned = saved_config(newest).max_steps
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        return  # nothing resumable to protect
+    if step < planned:
+        raise ConfigError(
+            f"out = {str(out)!r} holds an unfinished run (its checkpoint is at step {step} of {planned}): continue it with "
+            "--resume, or choose another --out (or delete the folder) to start a new run"
+        )
 
 
 def _clip_and_step(dense_opt, sparse_opt, dense_params: list, grad_clip: float) -> float | None:
@@ -306,6 +330,13 @@ def _checked_resume(cfg: TrainConfig, out: Path) -> Checkpoint | None:
         raise ConfigError(f"max_steps = {cfg.max_steps} is invalid: the checkpoint is already at step {ckpt.step}; "
                           f"drop --max-steps to finish the run's {ckpt.config.max_steps} steps, or raise it")
     return ckpt
+
+
+def _changed_on_resume(saved: TrainConfig, cfg: TrainConfig) -> str:
+    """The settings a resumed run was given anew with other values (``lr 0.003 -> 0.001, ...``);
+    the run-control ones (resume, stop_after) and the folder (a run may move) are left out."""
+    keys = [k for k in TrainConfig.keys() if k not in ("resume", "stop_after", "out")]
+    return ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in keys if getattr(saved, k) != getattr(cfg, k))
 
 
 def _optimizers(model, cfg: TrainConfig):
@@ -503,8 +534,11 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
         lora_attached, densified = _restore(ckpt, model, dense_opt, sparse_opt, scaler, cfg)
         step, tokens, elapsed_before = ckpt.step, ckpt.trainer_state["tokens"], ckpt.trainer_state["elapsed_s"]
         log(f"resumed from {ckpt.path} at step {step}")
+        changed = _changed_on_resume(ckpt.config, cfg)
+        if changed:
+            log(f"note: resuming with changed settings ({changed}); they apply from step {step + 1} on")
     elif (out / "checkpoint").exists():
-        log(f"note: starting a new run in {out}; its old checkpoint and metrics will be replaced (use --resume to continue)")
+        log(f"note: starting a new run in {out}; the finished run's checkpoint and metrics there will be replaced")
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step, enabled=env.is_main, note=log, reporter=reporter)
 
     # ---- data parallel: DDP under torchrun, or a DeepSpeed engine ------------------------------

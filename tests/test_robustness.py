@@ -498,3 +498,19 @@ def test_cli_errors_are_one_line_without_traceback(run, tmp_path, capsys, name):
     argv, command, expected = _cli_case(name, run, tmp_path)
     assert main(argv) == 1
     assert expected in _one_line_error(capsys, command)
+
+
+def test_a_new_run_never_replaces_an_unfinished_one(run, capsys):
+    """The fixture's run stopped at step 2 of 4: a new run in its folder is refused (nothing written),
+    a resume goes on, and once the run has finished a new run may replace it."""
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoint").iterdir()}
+    metrics = (run / "metrics.jsonl").read_text()
+    assert main(["train", "--out", str(run), *TINY, "--max-steps", "4"]) == 1
+    assert "holds an unfinished run (its checkpoint is at step 2 of 4): continue it with --resume" in _one_line_error(capsys, "train")
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoint").iterdir()} == before
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert main(["train", "--out", str(run), "--resume", "--lr", "0.002"]) == 0
+    out = capsys.readouterr().out
+    assert "note: resuming with changed settings (lr 0.003 -> 0.002); they apply from step 3 on" in out, out
+    assert main(["train", "--out", str(run), *TINY, "--max-steps", "2"]) == 0
+    assert "the finished run's checkpoint and metrics there will be replaced" in capsys.readouterr().out
