@@ -8,7 +8,6 @@ underscores (``--output-dir`` / ``--output_dir``), booleans may carry a value (`
 from __future__ import annotations
 
 import argparse
-import sys
 
 from slope.finetune_loop import LR_SCHEDULES
 
@@ -87,28 +86,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (1 with a one-line error for bad input)."""
-    from slope.checkpoint import CheckpointError
-    from slope.data import DataError
-    from slope.durable import StorageError
-    from slope.recovery.finetune import finetune
+    from slope.finetune_run import command_options, run_command
 
-    options = vars(args).copy()
-    options.pop("command")
-    model, recipe, dataset = options.pop("model"), options.pop("recipe"), options.pop("dataset")
-    teacher, output_dir = options.pop("distill_teacher"), options.pop("output_dir")
-    config, split = options.pop("dataset_config_name"), options.pop("splits")
-    if options["resume_from_checkpoint"] == "latest":
-        options["resume_from_checkpoint"] = True
-    try:
+    def call():
+        from slope.recovery.finetune import finetune
+
+        options = command_options(args)
+        model, recipe, dataset = options.pop("model"), options.pop("recipe"), options.pop("dataset")
+        teacher, output_dir = options.pop("distill_teacher"), options.pop("output_dir")
+        config, split = options.pop("dataset_config_name"), options.pop("splits")
         if split != "train":
             raise ValueError(f"--splits {split!r}: slope finetune trains on the 'train' split (validation is held out of it)")
         if config:
             dataset = f"{dataset}:{config}"
-        result = finetune(model, recipe, dataset, distill_teacher=teacher, output_dir=output_dir, **options)
-    except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
-        print(f"slope finetune: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    s = result.finetune_summary
-    print(f"done: {s['steps']} steps in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
-          f"{s['final_val_loss']:.4f}" + (f" | outputs in {output_dir}" if output_dir else ""))
-    return 0
+        return finetune(model, recipe, dataset, distill_teacher=teacher, output_dir=output_dir, **options)
+
+    return run_command("finetune", call, args.output_dir)

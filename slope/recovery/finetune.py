@@ -22,21 +22,20 @@ Under ``torchrun`` it trains data-parallel (DDP; ``per_device_train_batch_size``
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
-from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing, plot_run
+from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
+from slope.finetune_run import (build_optimizers, check_int, check_positive, output_folder, plain_config, precision_mode,
+                                run_resumable, save_model_folder, seed_everything)
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import ConstantMasks, _warn_uncovered
 from slope.recovery.distill import DistillationError, Distiller
@@ -70,34 +69,24 @@ def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"finetune got unknown training arguments {unknown}; accepted: {sorted(TRAINING_DEFAULTS)}")
     args = {**TRAINING_DEFAULTS, **training_args}
-
-    def integer(name, minimum=1, optional=False):
-        value = args[name]
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
     for name, minimum in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1), ("warmup_steps", 0),
                           ("max_seq_length", 2), ("logging_steps", 1), ("eval_batches", 1)):
-        integer(name, minimum)
+        check_int(name, args[name], minimum)
     for name in ("max_steps", "eval_steps", "save_steps"):
-        integer(name, optional=True)
+        if args[name] is not None:
+            check_int(name, args[name])
     for name in ("learning_rate", "num_train_epochs", "adam_epsilon"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        check_positive(name, args[name])
     if args["lr_scheduler_type"] not in LR_SCHEDULES:
         raise ValueError(f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULES)}, got {args['lr_scheduler_type']!r}")
     norm = args["max_grad_norm"]
     if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm < 0):
         raise ValueError(f"max_grad_norm must be a non-negative number or None (no clipping), got {norm!r}")
-    if args["bf16"] and args["fp16"]:
-        raise ValueError("bf16 and fp16 are exclusive; choose one (or neither for fp32)")
+    mode = precision_mode(args["fp16"], args["bf16"])
     if args["precision"] not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {args['precision']!r}")
     args["precision"] = _PRECISIONS[args["precision"]]
-    args["precision_mode"] = "fp16" if args["fp16"] else "bf16" if args["bf16"] else "fp32"
+    args["precision_mode"] = mode
     return args
 
 
@@ -137,21 +126,11 @@ def _check_tokenizers(student_tok, teacher_tok) -> None:
 
 
 def _optimizers(model: nn.Module, args: dict[str, Any]):
-    """AdamW over the trainable parameters (matrices decay, vectors do not) and ADAMWSparse over SLoPe layers."""
+    """AdamW over the trainable parameters and ADAMWSparse over the SLoPe layers (when there are any)."""
     from slope.registry import sparse_modules
 
-    lr, weight_decay = args["learning_rate"], args["weight_decay"]
-    adam = {"betas": (args["adam_beta1"], args["adam_beta2"]), "eps": args["adam_epsilon"]}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **adam)
-    sparse = None
-    if any(True for _ in sparse_modules(model)):
-        from slope.optimizers import ADAMWSparse
-
-        sparse = ADAMWSparse(model, lr=lr, weight_decay=weight_decay, **adam)
-    return dense, sparse
+    return build_optimizers(model, args["learning_rate"], args["weight_decay"], sparse=any(True for _ in sparse_modules(model)),
+                            betas=(args["adam_beta1"], args["adam_beta2"]), eps=args["adam_epsilon"])
 
 
 def _loss_fn(distiller: Distiller | None):
@@ -171,20 +150,9 @@ def _loss_fn(distiller: Distiller | None):
 # ---------------------------------------------------------------------- outputs
 def _save_outputs(model: nn.Module, tokenizer, out: Path, entries: list, summary: dict) -> None:
     """The HF folder (plain transformers; zeros where pruned), tokenizer, recipe, summary and plot."""
-    from slope.registry import sparse_modules
-
-    if any(True for _ in sparse_modules(model)):
-        from slope.io import export_dense
-
-        export_dense(model, out)
-    else:
-        model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     if entries:
         (out / "recipe.yaml").write_text(recipe_yaml(entries), encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=2) + "\n")
-    plot_run(summary["records"], out / "loss.png", "fine-tuning" + (" (recipe)" if entries else ""))
+    save_model_folder(model, tokenizer, out, summary, "fine-tuning" + (" (recipe)" if entries else ""))
 
 
 # ---------------------------------------------------------------------- the one call
@@ -264,9 +232,7 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
 
     loop = FinetuneLoop(model, data, dense_opt, sparse_opt, LossScaler(args["fp16"]), env.device, total, settings,
                         loss_fn=_loss_fn(distiller), after_step=after_step, status=lambda: held, forward_model=forward_model)
-    out = None if output_dir is None else Path(output_dir)
-    if out is not None and env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(output_dir, env.is_main)
     fingerprint = {"total_steps": total, "global_batch": global_batch, "recipe": recipe_yaml(entries) if entries else None,
                    **{k: args[k] for k in _RESUME_KEYS if k in args}}
     return _Recovery(model, tokenizer, constant, distiller, loop, LoopCheckpoints(out, loop, {"constant": constant}, fingerprint, _RESUME_KEYS, env.is_main), out)
@@ -274,14 +240,9 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
 
 def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str, Any]:
     """Resume if asked, train, and write the outputs; returns the summary."""
-    start, records = 0, []
-    if args["resume_from_checkpoint"]:
-        start, records = run.checkpoints.load(args["resume_from_checkpoint"])
-    summary = run.loop.run(run.out, start_step=start, records=records, save=run.checkpoints.save,
-                           save_steps=args["save_steps"], main_process=env.is_main)
-    plain = (int, float, str, bool, type(None))
-    summary["config"] = {**{k: v if isinstance(v, plain) else str(v) for k, v in args.items() if k != "tokenizer"},
-                         **run.checkpoints.fingerprint, "world_size": env.world_size}
+    summary = run_resumable(run.loop, run.checkpoints, run.out, args["resume_from_checkpoint"], args["save_steps"],
+                            main_process=env.is_main)
+    summary["config"] = {**plain_config(args), **run.checkpoints.fingerprint, "world_size": env.world_size}
     if run.constant is not None:
         summary["constant_pruning"] = run.constant.summary()
     if run.distiller is not None:
@@ -317,9 +278,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     args = _checked_args(training_args)
     constant_mod, distill_mod, entries = plan_recipe(recipe)
     env = parallel.init_distributed(device=resolve_device(args["device"]))
-    random.seed(args["seed"])
-    np.random.seed(args["seed"])
-    torch.manual_seed(args["seed"])
+    seed_everything(args["seed"])
     run = None
     try:
         run = _build(model, dataset, distill_teacher, output_dir, args, env, constant_mod, distill_mod, entries)
