@@ -30,8 +30,8 @@ import torch.nn as nn
 from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, plot_run
 
-__all__ = ["build_optimizers", "check_int", "check_positive", "command_options", "output_folder", "plain_config", "precision_mode", "run_command",
-           "run_resumable", "save_model_folder", "seed_everything"]
+__all__ = ["build_optimizers", "check_int", "check_positive", "command_options", "output_folder", "plain_config",
+           "precision_mode", "run_command", "run_resumable", "save_model_folder", "seed_everything"]
 
 
 # ---------------------------------------------------------------------- settings

@@ -7,7 +7,8 @@
              per_device_train_batch_size=32, max_seq_length=1024, bf16=True, max_grad_norm=None)
 
 Without a recipe it is plain (dense) fine-tuning (the seed's step 1). With a
-``ConstantPruningModifier`` the zeros of its targets stay zero (:class:`slope.recovery.ConstantMasks`:
+``ConstantPruningModifier`` the zeros of its targets stay zero from its ``start`` to its ``end``
+(:class:`slope.recovery.schedule.HeldZeros` over :class:`slope.recovery.ConstantMasks`:
 2:4 layers train on SLoPe layers with an exact backward, or compressed and double-pruned with
 ``double_pruning=True``; others under masks); with an ``OutputDistillationModifier`` the loss adds
 the comparison with ``distill_teacher`` (:class:`slope.recovery.Distiller`). The optimizer-step loop
@@ -37,9 +38,10 @@ from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_
 from slope.finetune_run import (build_optimizers, check_int, check_positive, output_folder, plain_config, precision_mode,
                                 run_resumable, save_model_folder, seed_everything)
 from slope.pruning.recipe import parse_recipe, recipe_yaml
-from slope.recovery.constant import ConstantMasks, _warn_uncovered
+from slope.recovery.constant import _warn_uncovered
 from slope.recovery.distill import DistillationError, Distiller
 from slope.recovery.modifiers import ConstantPruningModifier, OutputDistillationModifier
+from slope.recovery.schedule import HeldZeros, epoch_to_step
 
 __all__ = ["TRAINING_DEFAULTS", "finetune", "CHECKPOINT_STATE"]
 
@@ -157,15 +159,12 @@ def _save_outputs(model: nn.Module, tokenizer, out: Path, entries: list, summary
 
 # ---------------------------------------------------------------------- the one call
 def _prepare_student(model, args, device, constant_mod):
-    """Load the student, hold its zeros (``ConstantMasks``) and return ``(model, tokenizer, constant)``."""
+    """Load the student for training; ``(model, tokenizer or None)``."""
     model, tokenizer = _load(model, device, args["precision"], "model")
     model.requires_grad_(True).train()
-    if constant_mod is not None:
-        constant = ConstantMasks(model, constant_mod, double_pruning=args["double_pruning"], backend=args["backend"])
-    else:
-        constant = None
+    if constant_mod is None:
         _warn_uncovered(dict(model.named_modules()), set())
-    return model, tokenizer, constant
+    return model, tokenizer
 
 
 def _prepare_teacher(model, teacher, distill_mod, args, device, steps_per_epoch: float, tokenizer, sample):
@@ -179,7 +178,7 @@ def _prepare_teacher(model, teacher, distill_mod, args, device, steps_per_epoch:
                          "that was pruned)")
     teacher, teacher_tokenizer = _load(teacher, device, args["precision"], "distill_teacher")
     _check_tokenizers(tokenizer, teacher_tokenizer)
-    distiller = Distiller(model, teacher, distill_mod, start_step=math.ceil(distill_mod.start * steps_per_epoch))
+    distiller = Distiller(model, teacher, distill_mod, start_step=epoch_to_step(distill_mod.start, steps_per_epoch))
     distiller.check(sample)
     return distiller
 
@@ -190,7 +189,7 @@ class _Recovery:
 
     model: nn.Module
     tokenizer: Any
-    constant: ConstantMasks | None
+    held: HeldZeros | None
     distiller: Distiller | None
     loop: FinetuneLoop
     checkpoints: LoopCheckpoints
@@ -203,7 +202,7 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     from slope.dynamic.data import load_finetune_data, resolve_tokenizer
     from slope.train import LossScaler
 
-    model, own_tokenizer, constant = _prepare_student(model, args, env.device, constant_mod)
+    model, own_tokenizer = _prepare_student(model, args, env.device, constant_mod)
     tokenizer = resolve_tokenizer(args["tokenizer"] if args["tokenizer"] is not None else own_tokenizer, model_source=None)
     global_batch = args["per_device_train_batch_size"] * env.world_size
     data = load_finetune_data(dataset, tokenizer, seq_len=args["max_seq_length"], batch_size=global_batch, seed=args["seed"],
@@ -212,6 +211,8 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     accum = args["gradient_accumulation_steps"]
     steps_per_epoch = data.micro_batches_per_epoch / accum
     total = args["max_steps"] or max(1, math.ceil(args["num_train_epochs"] * steps_per_epoch))
+    held = None if constant_mod is None else HeldZeros(model, constant_mod, steps_per_epoch, total,
+                                                       double_pruning=args["double_pruning"], backend=args["backend"])
     distiller = _prepare_teacher(model, teacher, distill_mod, args, env.device, steps_per_epoch, tokenizer,
                                  data.val[0][0][:1, :32].to(env.device))
     if args["gradient_checkpointing"]:
@@ -223,19 +224,18 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
                                           require_sparse=False)
     settings = LoopSettings(args["learning_rate"], args["warmup_steps"], args["lr_scheduler_type"], accum, args["precision_mode"],
                             args["max_grad_norm"], args["logging_steps"], args["eval_steps"], args["progress"], "finetune")
-    held = {} if constant is None else {"held_zero_fraction": constant.summary()["zero_fraction"]}
-
     def after_step(step, skipped):  # noqa: ARG001
-        if constant is not None:
-            constant.after_step(dense_opt, sparse_opt)
+        if held is not None:
+            held.after_step(step, dense_opt, sparse_opt)
         return []
 
     loop = FinetuneLoop(model, data, dense_opt, sparse_opt, LossScaler(args["fp16"]), env.device, total, settings,
-                        loss_fn=_loss_fn(distiller), after_step=after_step, status=lambda: held, forward_model=forward_model)
+                        loss_fn=_loss_fn(distiller), after_step=after_step,
+                        status=lambda: {} if held is None else {"held_zero_fraction": held.zero_fraction}, forward_model=forward_model)
     out = output_folder(output_dir, env.is_main)
     fingerprint = {"total_steps": total, "global_batch": global_batch, "recipe": recipe_yaml(entries) if entries else None,
                    **{k: args[k] for k in _RESUME_KEYS if k in args}}
-    return _Recovery(model, tokenizer, constant, distiller, loop, LoopCheckpoints(out, loop, {"constant": constant}, fingerprint, _RESUME_KEYS, env.is_main), out)
+    return _Recovery(model, tokenizer, held, distiller, loop, LoopCheckpoints(out, loop, {"constant": held}, fingerprint, _RESUME_KEYS, env.is_main), out)
 
 
 def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str, Any]:
@@ -243,8 +243,8 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str
     summary = run_resumable(run.loop, run.checkpoints, run.out, args["resume_from_checkpoint"], args["save_steps"],
                             main_process=env.is_main)
     summary["config"] = {**plain_config(args), **run.checkpoints.fingerprint, "world_size": env.world_size}
-    if run.constant is not None:
-        summary["constant_pruning"] = run.constant.summary()
+    if run.held is not None:
+        summary["constant_pruning"] = run.held.summary()
     if run.distiller is not None:
         summary["distillation"] = {"targets": run.distiller.names, "comparison": run.distiller.modifier.comparison,
                                    "teacher_output_bytes_per_micro_batch": run.distiller.teacher_bytes}
@@ -287,7 +287,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
         parallel.destroy_distributed(env)
         if run is not None and run.distiller is not None:
             run.distiller.remove()
-        if run is not None and run.constant is not None:
-            run.constant.remove_hooks()
+        if run is not None and run.held is not None:
+            run.held.remove_hooks()
     run.model.finetune_summary = {k: v for k, v in summary.items() if k != "records"}
     return run.model.eval()

@@ -69,6 +69,9 @@ class RecoveryTrainer(Trainer):
         if model is None or targs is None or args:
             raise TypeError("RecoveryTrainer takes model= and args= (TrainingArguments) by keyword")
         constant_mod, distill_mod, _ = plan_recipe(recipe)
+        if constant_mod is not None and (constant_mod.start > 0 or constant_mod.end is not None):
+            raise ValueError("RecoveryTrainer holds a ConstantPruningModifier's zeros from the first step to the last; a later "
+                             "start or an end runs with slope.finetune (slope finetune --recipe ...)")
         if distill_mod is None and distill_teacher is not None:
             raise ValueError("distill_teacher is given but the recipe has no OutputDistillationModifier; add one or drop the teacher")
         if distill_mod is not None and distill_teacher is None:
