@@ -92,11 +92,14 @@ def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-def plan_recipe(recipe) -> tuple[ConstantPruningModifier | None, OutputDistillationModifier | None, list]:
-    """``(constant, distillation, entries)`` of a finetune recipe (``None``: no recipe)."""
+def plan_recipe(recipe, stage: str | None = None) -> tuple[ConstantPruningModifier | None, OutputDistillationModifier | None, list]:
+    """``(constant, distillation, entries)`` of a finetune recipe's train stage (or of ``stage``;
+    ``None``: no recipe)."""
     if recipe is None:
+        if stage is not None:
+            raise ValueError(f"stage {stage!r} is given but no recipe; pass the recipe that holds it")
         return None, None, []
-    entries = parse_recipe(recipe, kind="finetune")
+    entries = parse_recipe(recipe, kind="finetune", stage=stage)
     found: dict[type, Any] = {}
     for entry in entries:
         if type(entry.modifier) in found:
@@ -253,14 +256,17 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str
     return summary
 
 
-def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, output_dir=None, **training_args) -> nn.Module:
+def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, output_dir=None, *, stage: str | None = None,
+             **training_args) -> nn.Module:
     """Fine-tune ``model`` with ``recipe`` on ``dataset``; returns the fine-tuned model (module docstring).
 
     Args:
         model: a causal LM, a Hugging Face folder, a slope ``save_pretrained`` folder or a ``slope
             train`` checkpoint (:func:`slope.pruning.loading.load_model`).
         recipe: ``None`` (plain fine-tuning) or a finetune recipe (YAML path, YAML text or dict) with a
-            ``ConstantPruningModifier`` and/or an ``OutputDistillationModifier``.
+            ``ConstantPruningModifier`` and/or an ``OutputDistillationModifier``; of a multi-stage
+            recipe, its one ``train`` stage runs (``oneshot`` stages are for :func:`slope.oneshot`).
+        stage: the stage of a multi-stage recipe to run, by name.
         dataset: ``"embedded"``, a ``.txt`` / ``.jsonl`` file, a list of strings, or an HF dataset name.
         distill_teacher: the teacher (model or folder) an ``OutputDistillationModifier`` needs.
         output_dir: where the model and metrics go (module docstring).
@@ -276,7 +282,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     from slope.evaluate import resolve_device
 
     args = _checked_args(training_args)
-    constant_mod, distill_mod, entries = plan_recipe(recipe)
+    constant_mod, distill_mod, entries = plan_recipe(recipe, stage)
     env = parallel.init_distributed(device=resolve_device(args["device"]))
     seed_everything(args["seed"])
     run = None
