@@ -163,6 +163,8 @@ def _add_oneshot_parser(sub) -> None:
     one.add_argument("--model", required=True, metavar="DIR",
                      help="a Hugging Face model folder, a slope save_pretrained folder, or a `slope train` checkpoint/run folder")
     one.add_argument("--recipe", required=True, metavar="FILE", help="YAML recipe (stage -> modifier group -> ModifierName: {params})")
+    one.add_argument("--stage", default=None, metavar="NAME", help="run only this stage of a multi-stage recipe (default: its "
+                     "oneshot stages; train stages run with slope finetune)")
     one.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR", help="new (or empty) folder")
     one.add_argument("--dataset", default=None, help="calibration data: 'embedded', a .txt/.jsonl file, or a Hugging Face "
                      "dataset name (needs internet); not needed by MagnitudePruningModifier")
@@ -317,7 +319,7 @@ def _run_oneshot(args: argparse.Namespace) -> int:
     from slope.pruning.sparsegpt import PruningError
 
     try:
-        parse_recipe(args.recipe)  # recipe errors before the model loads
+        parse_recipe(args.recipe, stage=args.stage)  # recipe errors before the model loads
         model, tokenizer = load_model(args.model, resolve_device(args.device), args.precision)
         if args.tokenizer:
             from transformers import AutoTokenizer
@@ -327,7 +329,7 @@ def _run_oneshot(args: argparse.Namespace) -> int:
         if dataset and args.dataset_config_name:
             dataset = f"{dataset}:{args.dataset_config_name}"
         oneshot(model, args.recipe, dataset, tokenizer, args.num_calibration_samples, args.max_seq_len, args.output_dir,
-                text_field=args.text_field)
+                text_field=args.text_field, stage=args.stage)
     except (ValueError, OSError, PruningError) as e:
         print(f"slope oneshot: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

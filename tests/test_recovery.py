@@ -260,8 +260,8 @@ def test_the_seed_recipe_runs_verbatim():
 
 @pytest.mark.parametrize("bad,match", [
     ({"s": {"g": {"SparseGPTModifier": {"sparsity": 0.5}}}}, "one-shot pruning modifier.*slope oneshot"),
-    ({"s": {"g": {"ConstantPruningModifier": {"start": 1}}}}, "start 1 is not supported"),
-    ({"s": {"g": {"ConstantPruningModifier": {"end": 1}}}}, "unknown parameter"),
+    ({"s": {"g": {"ConstantPruningModifier": {"start": 1, "end": 1}}}}, "end must be an epoch after start"),
+    ({"s": {"g": {"ConstantPruningModifier": {"stop": 1}}}}, "unknown parameter"),
     ({"s": {"g": {"OutputDistillationModifier": {"targets": ["lm_head"], "comparison": "cosine"}}}}, "comparison must be"),
     ({"s": {"g": {"OutputDistillationModifier": {"comparison": "kl"}}}}, "give targets"),
     ({"s": {"g": {"OutputDistillationModifier": {"targets": "lm_head", "distill_scale": -1}}}}, "distill_scale"),

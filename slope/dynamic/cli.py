@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 from slope.dynamic.schedules import SCHEDULES
 
@@ -69,24 +68,15 @@ def _import_method(spec: str):
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (1 with a one-line error for bad input)."""
-    from slope.checkpoint import CheckpointError
-    from slope.data import DataError
-    from slope.durable import StorageError
-    from slope.dynamic.finetune import sparse_finetune
+    from slope.finetune_run import command_options, run_command
 
-    options = vars(args).copy()
-    options.pop("command")
-    try:
-        if options["resume_from_checkpoint"] == "latest":
-            options["resume_from_checkpoint"] = True
+    def call():
+        from slope.dynamic.finetune import sparse_finetune
+
+        options = command_options(args)
         if options["pruning_method"] is not None:
             options["pruning_method"] = _import_method(options["pruning_method"])
-        model = sparse_finetune(options.pop("model"), options.pop("dataset"), **options)
-    except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
-        print(f"slope sparse-finetune: error: {e}", file=sys.stderr)
-        return 1
-    s = model.finetune_summary
-    print(f"done: {s['steps']} steps in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
-          f"{s['final_val_loss']:.4f} | sparsity {s['final_sparsity']:.4f} | {s['mask_updates']} mask updates"
-          + (f" | outputs in {args.output_dir}" if args.output_dir else ""))
-    return 0
+        return sparse_finetune(options.pop("model"), options.pop("dataset"), **options)
+
+    return run_command("sparse-finetune", call, args.output_dir,
+                       lambda s: f" | sparsity {s['final_sparsity']:.4f} | {s['mask_updates']} mask updates")

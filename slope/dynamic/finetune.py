@@ -16,21 +16,20 @@ folders that ``resume_from_checkpoint`` continues from exactly (:mod:`slope.fine
 """
 from __future__ import annotations
 
-import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
 from slope.finetune_checkpoints import LoopCheckpoints
-from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing, plot_run
+from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing
+from slope.finetune_run import (build_optimizers, check_int, check_positive, output_folder, plain_config, precision_mode,
+                                run_resumable, save_model_folder, seed_everything)
 from slope.sparsity import SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
@@ -65,34 +64,25 @@ class FinetuneArgs:
     extra: dict[str, Any]
 
     def validate(self) -> "FinetuneArgs":
-        def positive_int(name, value, minimum=1):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
-        positive_int("batch_size", self.batch_size)
-        positive_int("num_epochs", self.num_epochs)
-        positive_int("warmup_steps", self.warmup_steps, 0)
-        positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        positive_int("max_seq_length", self.extra["max_seq_length"], 2)
-        positive_int("eval_batches", self.extra["eval_batches"])
-        positive_int("logging_steps", self.extra["logging_steps"])
-        if self.extra["max_steps"] is not None:
-            positive_int("max_steps", self.extra["max_steps"])
-        if self.extra["eval_steps"] is not None:
-            positive_int("eval_steps", self.extra["eval_steps"])
-        if self.extra["save_steps"] is not None:
-            positive_int("save_steps", self.extra["save_steps"])
-        if self.fp16 and self.bf16:
-            raise ValueError("fp16 and bf16 are exclusive; choose one (or neither for fp32)")
+        check_positive("learning_rate", self.learning_rate)
+        check_int("batch_size", self.batch_size)
+        check_int("num_epochs", self.num_epochs)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        check_int("max_seq_length", self.extra["max_seq_length"], 2)
+        check_int("eval_batches", self.extra["eval_batches"])
+        check_int("logging_steps", self.extra["logging_steps"])
+        for name in ("max_steps", "eval_steps", "save_steps"):
+            if self.extra[name] is not None:
+                check_int(name, self.extra[name])
+        precision_mode(self.fp16, self.bf16)
         if self.use_topk_attention and not (isinstance(self.topk_ratio, (int, float)) and 0 < self.topk_ratio <= 1):
             raise ValueError(f"topk_ratio must be in (0, 1] (the fraction of keys each query attends to), got {self.topk_ratio!r}")
         return self
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
+        return precision_mode(self.fp16, self.bf16)
 
 
 # ---------------------------------------------------------------------- model and optimizers
@@ -111,20 +101,6 @@ def load_model(model_name, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_name), dtype=torch.float32).to(device)
-
-
-def _optimizers(model: nn.Module, sparsifier: DynamicSparsity, lr: float, weight_decay: float):
-    """AdamW over the trainable parameters (matrices decay, vectors do not) and, for N:M, ADAMWSparse."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    sparse = None
-    if isinstance(sparsifier.masked, SparseLayerMasks):  # N:M on SLoPe layers
-        from slope.optimizers import ADAMWSparse
-
-        sparse = ADAMWSparse(model, lr=lr, weight_decay=weight_decay)
-    return dense, sparse
 
 
 @dataclass
@@ -151,11 +127,8 @@ def _loop(ctx: _Run, out: Path | None) -> dict[str, Any]:
     """Train all steps (from a checkpoint when ``resume_from_checkpoint`` says so); log metrics (to
     ``out/metrics.jsonl`` when given), write ``checkpoint-<step>/`` every ``save_steps``; returns the summary."""
     sparsifier, extra = ctx.sparsifier, ctx.args.extra
-    checkpoints = _checkpoints(ctx, out)
-    start, records = 0, [{"event": "mask_update", **event} for event in sparsifier.history]
-    if extra["resume_from_checkpoint"]:
-        start, records = checkpoints.load(extra["resume_from_checkpoint"])
-    summary = ctx.loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=extra["save_steps"])
+    summary = run_resumable(ctx.loop, _checkpoints(ctx, out), out, extra["resume_from_checkpoint"], extra["save_steps"],
+                            records=[{"event": "mask_update", **event} for event in sparsifier.history])
     summary["final_sparsity"] = sparsifier.sparsity
     summary["mask_updates"] = sum(1 for r in summary["records"] if r.get("event") == "mask_update")
     return summary
@@ -163,19 +136,9 @@ def _loop(ctx: _Run, out: Path | None) -> dict[str, Any]:
 
 def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any]) -> None:
     """The HF folder (plain transformers; zeros where pruned), tokenizer, masks, summary and plot."""
-    from slope.registry import sparse_modules
-
-    if any(True for _ in sparse_modules(ctx.model)):
-        from slope.io import export_dense
-
-        export_dense(ctx.model, out)
-    else:
-        ctx.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     torch.save(ctx.sparsifier.state_dict(), out / "dynamic_sparsity.pt")
-    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=2) + "\n")
     kind = ctx.sparsifier.config.sparsity_type + (" RigL" if ctx.sparsifier.config.use_rigl else "")
-    plot_run(summary["records"], out / "loss.png", f"sparse fine-tuning ({kind})")
+    save_model_folder(ctx.model, tokenizer, out, summary, f"sparse fine-tuning ({kind})")
 
 
 # ---------------------------------------------------------------------- the one call
@@ -217,9 +180,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
                                    sparsity_schedule, pruning_method, extra["targets"], extra["skip"], extra["compress"],
                                    extra["double_pruning"], sparsity_distribution=extra["sparsity_distribution"]).validate()
     device = resolve_device(extra["device"])
-    random.seed(extra["seed"])
-    np.random.seed(extra["seed"])
-    torch.manual_seed(extra["seed"])
+    seed_everything(extra["seed"])
     model = load_model(model_name, device)
     tokenizer = resolve_tokenizer(extra["tokenizer"], model_name)
     data = load_finetune_data(dataset, tokenizer, seq_len=extra["max_seq_length"], batch_size=batch_size, seed=extra["seed"],
@@ -234,7 +195,8 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
         enable_topk_attention(model, topk_ratio)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
-    dense_opt, sparse_opt = _optimizers(model, sparsifier, learning_rate, extra["weight_decay"])
+    dense_opt, sparse_opt = build_optimizers(model, learning_rate, extra["weight_decay"],
+                                             sparse=isinstance(sparsifier.masked, SparseLayerMasks))  # N:M on SLoPe layers
     settings = LoopSettings(learning_rate, warmup_steps, "linear", gradient_accumulation_steps, args.precision,
                             extra["max_grad_norm"], extra["logging_steps"], extra["eval_steps"], extra["progress"],
                             "sparse-finetune")
@@ -243,15 +205,13 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
                                                           sparsifier.step(sparse_opt or dense_opt, skipped=skipped)],
                         status=lambda: {"sparsity": sparsifier.sparsity})
     ctx = _Run(args, model, sparsifier, loop)
-    out = None if output_dir is None else Path(output_dir)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(output_dir)
     summary = _loop(ctx, out)
     summary["config"] = {**sparsifier.config_dict(), "learning_rate": learning_rate, "batch_size": batch_size,
                          "num_epochs": num_epochs, "warmup_steps": warmup_steps,
                          "gradient_accumulation_steps": gradient_accumulation_steps, "precision": args.precision,
                          "gradient_checkpointing": gradient_checkpointing, "use_topk_attention": use_topk_attention,
-                         "topk_ratio": topk_ratio, **{k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in extra.items() if k != "tokenizer"}}
+                         "topk_ratio": topk_ratio, **plain_config(extra)}
     if out is not None:
         _save(ctx, tokenizer, out, summary)
     if hasattr(sparsifier.masked, "remove_hooks"):

@@ -29,7 +29,7 @@ from slope.pruning.calibration import BlockRunner, attach_stats, calibration_sam
 from slope.pruning.layers import LayerPlan, WeightJournal, find_blocks, read_weight, select_layers
 from slope.pruning.modifiers import PruningModifier, RecipeError
 from slope.pruning.owl import outlier_ratio, owl_sparsities
-from slope.pruning.recipe import RecipeEntry, parse_recipe, recipe_yaml
+from slope.pruning.recipe import RecipeEntry, parse_recipe, recipe_yaml, skipped_stages
 from slope.pruning.report import LayerResult, format_table, progress, report_dict, zero_fraction
 from slope.pruning.wanda import wanda_scores
 
@@ -141,7 +141,7 @@ def _save(model, tokenizer, path: Path, entries: list[RecipeEntry], report: dict
 
 
 def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples: int = 512, max_seq_length: int = 512,
-            output_dir=None, *, text_field: str = "text", verbose: bool = True) -> nn.Module:
+            output_dir=None, *, text_field: str = "text", verbose: bool = True, stage: str | None = None) -> nn.Module:
     """Prune ``model`` in place with ``recipe`` and return it (DESIGN §8.1).
 
     Args:
@@ -154,7 +154,9 @@ def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples
         tokenizer: tokenizes text datasets and is saved with the model (a path ``model`` brings its own).
         num_calibration_samples / max_seq_length: calibration windows and their length in tokens.
         output_dir: save the pruned model there (must not exist, or be empty).
-        verbose: print the report table and progress (tqdm on a terminal, plain lines otherwise).
+        verbose: print the report table and progress (tqdm on a terminal, plain lines otherwise), and
+            a line per recipe stage left to ``slope finetune``.
+        stage: run only this stage of a multi-stage recipe (default: its ``oneshot`` stages).
 
     The model runs on its own device (move it to CUDA first to calibrate there) in its dtype
     (statistics and SparseGPT's algebra in fp32). The report is kept in ``model.slope_oneshot_report``.
@@ -166,7 +168,7 @@ def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples
         tokenizer = tokenizer if tokenizer is not None else own_tokenizer
     if not isinstance(model, nn.Module):
         raise TypeError(f"oneshot needs a torch model (e.g. a transformers PreTrainedModel) or a model folder, got {type(model).__name__}")
-    entries = parse_recipe(recipe)
+    entries = parse_recipe(recipe, stage=stage)
     out = _check_output_dir(output_dir)
     if out is not None and tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"output_dir saves the tokenizer with save_pretrained, which {type(tokenizer).__name__} lacks; pass a "
@@ -204,6 +206,8 @@ def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples
     )
     model.slope_oneshot_report = report
     if verbose:
+        for note in skipped_stages(recipe, "oneshot", stage):
+            print(note)
         print(format_table(list(results.values()), list(skipped.values())))
     if out is not None:
         _save(model, tokenizer, out, entries, report)

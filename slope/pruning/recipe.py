@@ -12,10 +12,15 @@
 A recipe is a YAML file path, YAML text, or the same structure as a dict. Stages, groups and
 modifiers run in the order written. Anything unknown is a :class:`RecipeError` naming it.
 
-Two kinds of recipe share the format: ``oneshot`` recipes (the pruning modifiers of
-:mod:`slope.pruning.modifiers`; stages may say ``run_type: oneshot``) and ``finetune`` recipes
-(``ConstantPruningModifier`` / ``OutputDistillationModifier`` of :mod:`slope.recovery.modifiers`;
-``run_type: train``). A modifier of the other kind is an error that says which command runs it.
+Stages are of two run types: ``oneshot`` stages hold the pruning modifiers of
+:mod:`slope.pruning.modifiers` and run with ``slope oneshot``; ``train`` stages hold
+``ConstantPruningModifier`` / ``OutputDistillationModifier`` (:mod:`slope.recovery.modifiers`) and
+run with ``slope finetune``. A stage's run type is its ``run_type:`` or, without one, that of its
+modifiers (a stage mixing both is an error). A recipe may hold several stages, as llm-compressor's
+do (``sparsity_stage:`` then ``finetuning_stage:``): each command runs the stages of its run type
+and leaves the others to the other command, or runs the one stage ``stage`` names; where that would
+break the recipe's order (two train stages; oneshot stages with a train stage between them) it is
+an error that lists the commands to run, stage by stage.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import yaml
 
 from slope.pruning.modifiers import MODIFIERS, PruningModifier, RecipeError
 
-__all__ = ["RecipeEntry", "parse_recipe", "recipe_yaml"]
+__all__ = ["RecipeEntry", "RecipeStage", "parse_recipe", "recipe_stages", "recipe_yaml", "skipped_stages"]
 
 #: Modifiers slope does not run, with why.
 _ELSEWHERE = {
@@ -72,8 +77,10 @@ def _load(recipe) -> dict:
     return data
 
 
-#: Per recipe kind: the ``run_type`` its stages may declare, and the command that runs the other kind.
+#: Per recipe kind: the ``run_type`` of its stages, and the command that runs them.
 _KINDS = {"oneshot": ("oneshot", "slope oneshot (slope.oneshot)"), "finetune": ("train", "slope finetune (slope.finetune)")}
+#: Per stage ``run_type``: the recipe kind of its modifiers, and the command's short name.
+_RUN_TYPES = {"oneshot": ("oneshot", "slope oneshot"), "train": ("finetune", "slope finetune")}
 
 
 def _registry(kind: str) -> dict:
@@ -108,33 +115,128 @@ def _modifier(name: str, params, where: str, kind: str):
         raise RecipeError(f"{where}: {e}") from None
 
 
-def parse_recipe(recipe, kind: str = "oneshot") -> list[RecipeEntry]:
-    """The modifiers of ``recipe`` (a YAML path, YAML text or dict), in the order they run.
+@dataclass(frozen=True)
+class RecipeStage:
+    """One stage of a recipe: its ``name``, ``run_type`` (``"oneshot"``: run by ``slope oneshot``;
+    ``"train"``: by ``slope finetune``) and ``modifiers`` (``(group, name, params)``, as written)."""
 
-    ``kind``: ``"oneshot"`` (pruning modifiers) or ``"finetune"`` (fine-tuning modifiers)."""
+    name: str
+    run_type: str
+    modifiers: tuple
+
+    @property
+    def command(self) -> str:
+        return _RUN_TYPES[self.run_type][1]
+
+
+def _run_type_of(name: str) -> str | None:
+    """The ``run_type`` of the stages a modifier belongs in (``None``: not a known modifier)."""
+    if name in MODIFIERS or name in _ELSEWHERE:
+        return "oneshot"
+    return "train" if name in _registry("finetune") else None
+
+
+def _stage(stage: str, groups) -> RecipeStage:
+    """A stage's modifiers and its ``run_type`` (declared, or that of its modifiers), checked."""
+    if not isinstance(groups, dict):
+        raise RecipeError(f"stage {stage!r} must map modifier groups (e.g. `obcq_modifiers:`) to modifiers, "
+                          f"got {type(groups).__name__}")
+    declared, modifiers = None, []
+    for group, entries in groups.items():
+        if group == "run_type":
+            if entries not in _RUN_TYPES:
+                raise RecipeError(f"{stage}: run_type {entries!r} is not supported; 'oneshot' stages run with slope oneshot, "
+                                  "'train' stages with slope finetune")
+            declared = entries
+            continue
+        if not isinstance(entries, dict) or not entries:
+            raise RecipeError(f"{stage}.{group} must map modifier names (e.g. SparseGPTModifier) to their parameters")
+        modifiers += [(str(group), str(name), params) for name, params in entries.items()]
+    found: dict[str, str] = {}  # run_type -> the first modifier of it ("stage.group.Name")
+    for group, name, _ in modifiers:
+        run_type = _run_type_of(name)
+        if run_type is None:
+            raise RecipeError(f"{stage}.{group}: {name} is not a known modifier; oneshot stages use {', '.join(MODIFIERS)}, "
+                              f"train stages use {', '.join(_registry('finetune'))}")
+        found.setdefault(run_type, f"{stage}.{group}.{name}")
+    for run_type, where in found.items():
+        if declared is not None and run_type != declared:
+            raise RecipeError(f"{stage}: run_type {declared!r} does not fit {where}, which {_RUN_TYPES[run_type][1]} runs; "
+                              "give it a stage of its own")
+    if len(found) > 1:
+        raise RecipeError(f"stage {stage!r} mixes one-shot pruning ({found['oneshot']}: slope oneshot) and fine-tuning "
+                          f"({found['train']}: slope finetune); split it into a oneshot stage and a train stage, in the order they run")
+    return RecipeStage(str(stage), declared or next(iter(found), "oneshot"), tuple(modifiers))
+
+
+def recipe_stages(recipe) -> list[RecipeStage]:
+    """The stages of ``recipe`` (a YAML path, YAML text or dict) in order, each checked (structure,
+    known modifiers, ``run_type``); modifier parameters are checked by :func:`parse_recipe`."""
+    return [_stage(stage, groups) for stage, groups in _load(recipe).items()]
+
+
+def _listing(stages: list[RecipeStage]) -> str:
+    return ", ".join(f"{s.name} ({s.run_type}: {s.command})" for s in stages)
+
+
+def _select(stages: list[RecipeStage], kind: str, stage: str | None) -> list[RecipeStage]:
+    """The stages the command of ``kind`` runs: ``stage`` (by name), else every stage of its run type
+    (one for finetune; consecutive for oneshot, so that the recipe's order holds)."""
+    run_type, command = _KINDS[kind][0], _RUN_TYPES[_KINDS[kind][0]][1]
+    if stage is not None:
+        chosen = [s for s in stages if s.name == stage]
+        if not chosen:
+            raise RecipeError(f"the recipe has no stage {stage!r}; its stages: {_listing(stages) or 'none'}")
+        if chosen[0].run_type != run_type:
+            raise RecipeError(f"stage {stage!r} is a {chosen[0].run_type} stage; run it with {chosen[0].command} --stage {stage}")
+        return chosen
+    mine = [i for i, s in enumerate(stages) if s.run_type == run_type]
+    if not mine:
+        if len(stages) == 1:  # one stage of the other kind: say so of its first modifier
+            group, name, params = stages[0].modifiers[0]
+            _modifier(name, params, f"{stages[0].name}.{group}", kind)
+        raise RecipeError(f"the recipe holds no {run_type} stage for {command}; its stages: {_listing(stages)}")
+    if len(mine) > 1 and (kind == "finetune" or mine != list(range(mine[0], mine[-1] + 1))):
+        order = ", ".join(f"{s.command} --stage {s.name}" for s in stages)
+        why = ("runs one train stage per run" if kind == "finetune" else
+               f"cannot run {', '.join(stages[i].name for i in mine)} together: other stages come between them")
+        raise RecipeError(f"{command} {why}; run the stages in the recipe's order, one at a time, each on the model the previous "
+                          f"one wrote: {order}")
+    return [stages[i] for i in mine]
+
+
+def parse_recipe(recipe, kind: str = "oneshot", stage: str | None = None) -> list[RecipeEntry]:
+    """The modifiers of ``recipe`` (a YAML path, YAML text or dict) that the command of ``kind`` runs,
+    in the order they run.
+
+    ``kind``: ``"oneshot"`` (pruning modifiers) or ``"finetune"`` (fine-tuning modifiers). A recipe
+    may hold several stages (llm-compressor's ``oneshot_stage:`` then ``finetuning_stage:``): each
+    command runs the stages of its run type (``oneshot`` / ``train``, declared by ``run_type`` or
+    given by the stage's modifiers) and leaves the others to the other command; ``stage`` picks one
+    stage by name. Every modifier of every stage is checked, so a typo fails before anything runs
+    (quantization modifiers, which slope does not run, only in a stage that runs)."""
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
-    run_type = _KINDS[kind][0]
-    entries = []
-    for stage, groups in _load(recipe).items():
-        if not isinstance(groups, dict):
-            raise RecipeError(f"stage {stage!r} must map modifier groups (e.g. `obcq_modifiers:`) to modifiers, "
-                              f"got {type(groups).__name__}")
-        for group, modifiers in groups.items():
-            if group == "run_type":
-                if modifiers != run_type:
-                    raise RecipeError(f"{stage}: run_type {modifiers!r} is not supported in a {kind} recipe; "
-                                      f"{_KINDS[kind][1]} runs '{run_type}' stages")
-                continue
-            if not isinstance(modifiers, dict) or not modifiers:
-                raise RecipeError(f"{stage}.{group} must map modifier names (e.g. SparseGPTModifier) to their parameters")
-            for name, params in modifiers.items():
-                entries.append(RecipeEntry(str(stage), str(group), _modifier(str(name), params, f"{stage}.{group}", kind)))
+    stages = recipe_stages(recipe)
+    for s in stages:  # parameters of the stages this command skips, too
+        for group, name, params in s.modifiers:
+            if name not in _ELSEWHERE:
+                _modifier(name, params, f"{s.name}.{group}", _RUN_TYPES[s.run_type][0])
+    selected = _select(stages, kind, stage) if any(s.modifiers for s in stages) else []
+    entries = [RecipeEntry(s.name, group, _modifier(name, params, f"{s.name}.{group}", kind))
+               for s in selected for group, name, params in s.modifiers]
     if not entries:
         example = ("pruning_stage: {pruning_modifiers: {SparseGPTModifier: {sparsity: 0.5}}}" if kind == "oneshot"
                    else "recovery_stage: {pruning_modifiers: {ConstantPruningModifier: {start: 0}}}")
         raise RecipeError(f"the recipe holds no modifiers; add e.g. `{example}`")
     return entries
+
+
+def skipped_stages(recipe, kind: str, stage: str | None = None) -> list[str]:
+    """One line per stage of ``recipe`` that the command of ``kind`` leaves to the other (or, with
+    ``stage``, does not run), naming the command that runs it."""
+    ran = {e.stage for e in parse_recipe(recipe, kind, stage)}
+    return [f"recipe stage {s.name} ({s.run_type}) not run here: {s.command} runs it" for s in recipe_stages(recipe) if s.name not in ran]
 
 
 def recipe_yaml(entries: list[RecipeEntry]) -> str:

@@ -9,6 +9,8 @@
   format of :mod:`slope.pruning.recipe`, ``kind="finetune"``);
 - :class:`ConstantMasks`: the zeros stay zero (2:4 on SLoPe layers, other structures under
   :class:`slope.sparsity.MaskedWeights`);
+- :mod:`~slope.recovery.schedule`: recipe epochs as steps; :class:`~slope.recovery.schedule.HeldZeros`, the
+  window (``start`` / ``end``) in which a ``ConstantPruningModifier`` holds zeros;
 - :class:`Distiller` and the comparisons ``square_head``, ``kl_divergence``, ``mse``;
 - :func:`finetune` (also ``slope finetune``) and, for ``transformers.Trainer``, :class:`RecoveryTrainer`.
 """

@@ -8,7 +8,7 @@ underscores (``--output-dir`` / ``--output_dir``), booleans may carry a value (`
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 
 from slope.finetune_loop import LR_SCHEDULES
 
@@ -52,6 +52,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _flag(p, "dataset_config_name", default=None, help="config of a Hugging Face dataset (e.g. main)")
     _flag(p, "splits", default="train", help="dataset split to train on (only 'train'; validation is held out of it)")
     _flag(p, "recipe", default=None, metavar="FILE", help="finetune recipe (ConstantPruningModifier, OutputDistillationModifier)")
+    _flag(p, "stage", default=None, metavar="NAME", help="the stage of a multi-stage recipe to run (default: its one train stage; "
+          "oneshot stages run with slope oneshot)")
     _flag(p, "output_dir", default=None, metavar="DIR", help="where the model, metrics and checkpoints go")
     _flag(p, "distill_teacher", default=None, metavar="DIR", help="the teacher model folder (OutputDistillationModifier)")
     _flag(p, "num_train_epochs", type=float, default=3.0)
@@ -87,28 +89,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (1 with a one-line error for bad input)."""
-    from slope.checkpoint import CheckpointError
-    from slope.data import DataError
-    from slope.durable import StorageError
-    from slope.recovery.finetune import finetune
+    from slope.finetune_run import command_options, run_command
 
-    options = vars(args).copy()
-    options.pop("command")
-    model, recipe, dataset = options.pop("model"), options.pop("recipe"), options.pop("dataset")
-    teacher, output_dir = options.pop("distill_teacher"), options.pop("output_dir")
-    config, split = options.pop("dataset_config_name"), options.pop("splits")
-    if options["resume_from_checkpoint"] == "latest":
-        options["resume_from_checkpoint"] = True
-    try:
+    def call():
+        from slope.recovery.finetune import finetune
+
+        options = command_options(args)
+        model, recipe, dataset, stage = options.pop("model"), options.pop("recipe"), options.pop("dataset"), options.pop("stage")
+        teacher, output_dir = options.pop("distill_teacher"), options.pop("output_dir")
+        config, split = options.pop("dataset_config_name"), options.pop("splits")
         if split != "train":
             raise ValueError(f"--splits {split!r}: slope finetune trains on the 'train' split (validation is held out of it)")
         if config:
             dataset = f"{dataset}:{config}"
-        result = finetune(model, recipe, dataset, distill_teacher=teacher, output_dir=output_dir, **options)
-    except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
-        print(f"slope finetune: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    s = result.finetune_summary
-    print(f"done: {s['steps']} steps in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
-          f"{s['final_val_loss']:.4f}" + (f" | outputs in {output_dir}" if output_dir else ""))
-    return 0
+        if recipe is not None and os.environ.get("RANK", "0") == "0":  # the stages left to slope oneshot, said once
+            from slope.pruning.recipe import skipped_stages
+
+            for note in skipped_stages(recipe, "finetune", stage):
+                print(note)
+        return finetune(model, recipe, dataset, distill_teacher=teacher, output_dir=output_dir, stage=stage, **options)
+
+    return run_command("finetune", call, args.output_dir)

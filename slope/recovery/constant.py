@@ -1,7 +1,9 @@
 """``ConstantMasks``: a :class:`~slope.recovery.modifiers.ConstantPruningModifier` at work — the zeros
 of the targeted linears at the start of fine-tuning stay exactly zero.
 
-Each targeted linear is held in one of two ways, by the structure of its zeros (weight ``(out, in)``):
+Each targeted linear is held in one of two ways, by the structure of its zeros (weight ``(out, in)``;
+a modifier that holds for only part of the run holds every layer the second way, so that its
+weights can train dense before and after):
 
 - **2:4** (every group of 4 consecutive inputs of a row holds at most 2 nonzeros; both dimensions
   divisible by 4; weight not tied to an embedding): replaced by a :class:`slope.SparseLinear`
@@ -34,7 +36,7 @@ from slope.pruning.layers import is_linear, match_targets, read_weight
 from slope.recovery.modifiers import ConstantPruningModifier
 from slope.sparsity import MaskedWeights
 
-__all__ = ["ConstantMasks", "is_2to4"]
+__all__ = ["ConstantMasks", "is_2to4", "target_linears"]
 
 
 def is_2to4(weight: torch.Tensor) -> bool:
@@ -48,15 +50,38 @@ def _zero_fraction(module: nn.Module) -> float:
     return float((weight == 0).sum()) / weight.numel()
 
 
+def target_linears(model: nn.Module, modifier: ConstantPruningModifier, *, zeros_only: bool = True) -> list[str]:
+    """The names of the linears ``modifier`` targets in ``model``: with ``targets`` ``None``, every
+    linear holding exact zeros (an error if none does); else the matched linears, those without
+    zeros left out with a warning when ``zeros_only``. Warns about pruned-looking linears left out."""
+    modules = dict(model.named_modules())
+    if modifier.targets is None:
+        names = [n for n, m in modules.items() if n and is_linear(m) and _zero_fraction(m) > 0]
+        if not names:
+            raise ValueError("ConstantPruningModifier: no linear layer of the model holds exact zeros (is it pruned? run "
+                             "slope oneshot first, or name the targets)")
+    else:
+        names = list(match_targets(model, modifier.targets, modifier.name))
+        empty = [n for n in names if _zero_fraction(modules[n]) == 0]
+        if empty and zeros_only:
+            warnings.warn(f"ConstantPruningModifier: {len(empty)} targeted linear(s) hold no zeros and train dense "
+                          f"(e.g. {', '.join(empty[:3])})", UserWarning, stacklevel=3)
+            names = [n for n in names if n not in empty]
+    _warn_uncovered(modules, set(names))
+    return names
+
+
 class ConstantMasks:
     """Hold the zeros of ``modifier``'s targets in ``model`` (module docstring). Converts the 2:4
-    layers to SLoPe layers in place when built.
+    layers to SLoPe layers in place when built (unless ``slope_layers=False``).
 
     Args:
         model: the (pruned) model; ``modifier``: its :class:`ConstantPruningModifier`.
         double_pruning: 2:4 layers compressed on the accelerated path with SLoPe's double-pruned
             backward, instead of simulated with an exact backward.
         backend: the sparse backend of compressed layers (``"auto"``).
+        names: the linears to hold, already chosen (default: :func:`target_linears`).
+        slope_layers: ``False``: every layer stays an ``nn.Linear`` under masks, 2:4 ones included.
 
     Attributes:
         masked: :class:`MaskedWeights` of the layers that are not 2:4 (``None`` if none).
@@ -65,23 +90,12 @@ class ConstantMasks:
     """
 
     def __init__(self, model: nn.Module, modifier: ConstantPruningModifier, *, double_pruning: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", names: list[str] | None = None, slope_layers: bool = True):
         self.model = model
         modules = dict(model.named_modules())
-        if modifier.targets is None:
-            names = [n for n, m in modules.items() if n and is_linear(m) and _zero_fraction(m) > 0]
-            if not names:
-                raise ValueError("ConstantPruningModifier: no linear layer of the model holds exact zeros (is it pruned? run "
-                                 "slope oneshot first, or name the targets)")
-        else:
-            names = list(match_targets(model, modifier.targets, modifier.name))
-            empty = [n for n in names if _zero_fraction(modules[n]) == 0]
-            if empty:
-                warnings.warn(f"ConstantPruningModifier: {len(empty)} targeted linear(s) hold no zeros and train dense "
-                              f"(e.g. {', '.join(empty[:3])})", UserWarning, stacklevel=3)
-            names = [n for n in names if n not in empty]
-        _warn_uncovered(modules, set(names))
-        nm = [n for n in names if is_2to4(read_weight(modules[n])) and not _tied_to_embedding(modules[n].weight, model)]
+        names = target_linears(model, modifier) if names is None else list(names)
+        nm = [n for n in names if slope_layers and is_2to4(read_weight(modules[n]))
+              and not _tied_to_embedding(modules[n].weight, model)]
         other = [n for n in names if n not in nm]
         self.layers = {n: ("2:4 SLoPe" if n in nm else "masked") for n in names}
         self.masked = MaskedWeights.from_zeros({n + ".weight": modules[n].weight for n in other}) if other else None

@@ -7,7 +7,8 @@
              per_device_train_batch_size=32, max_seq_length=1024, bf16=True, max_grad_norm=None)
 
 Without a recipe it is plain (dense) fine-tuning (the seed's step 1). With a
-``ConstantPruningModifier`` the zeros of its targets stay zero (:class:`slope.recovery.ConstantMasks`:
+``ConstantPruningModifier`` the zeros of its targets stay zero from its ``start`` to its ``end``
+(:class:`slope.recovery.schedule.HeldZeros` over :class:`slope.recovery.ConstantMasks`:
 2:4 layers train on SLoPe layers with an exact backward, or compressed and double-pruned with
 ``double_pruning=True``; others under masks); with an ``OutputDistillationModifier`` the loss adds
 the comparison with ``distill_teacher`` (:class:`slope.recovery.Distiller`). The optimizer-step loop
@@ -22,25 +23,25 @@ Under ``torchrun`` it trains data-parallel (DDP; ``per_device_train_batch_size``
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
-from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing, plot_run
+from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
+from slope.finetune_run import (build_optimizers, check_int, check_positive, output_folder, plain_config, precision_mode,
+                                run_resumable, save_model_folder, seed_everything)
 from slope.pruning.recipe import parse_recipe, recipe_yaml
-from slope.recovery.constant import ConstantMasks, _warn_uncovered
+from slope.recovery.constant import _warn_uncovered
 from slope.recovery.distill import DistillationError, Distiller
 from slope.recovery.modifiers import ConstantPruningModifier, OutputDistillationModifier
+from slope.recovery.schedule import HeldZeros, epoch_to_step
 
 __all__ = ["TRAINING_DEFAULTS", "finetune", "CHECKPOINT_STATE"]
 
@@ -70,42 +71,35 @@ def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"finetune got unknown training arguments {unknown}; accepted: {sorted(TRAINING_DEFAULTS)}")
     args = {**TRAINING_DEFAULTS, **training_args}
-
-    def integer(name, minimum=1, optional=False):
-        value = args[name]
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
     for name, minimum in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1), ("warmup_steps", 0),
                           ("max_seq_length", 2), ("logging_steps", 1), ("eval_batches", 1)):
-        integer(name, minimum)
+        check_int(name, args[name], minimum)
     for name in ("max_steps", "eval_steps", "save_steps"):
-        integer(name, optional=True)
+        if args[name] is not None:
+            check_int(name, args[name])
     for name in ("learning_rate", "num_train_epochs", "adam_epsilon"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        check_positive(name, args[name])
     if args["lr_scheduler_type"] not in LR_SCHEDULES:
         raise ValueError(f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULES)}, got {args['lr_scheduler_type']!r}")
     norm = args["max_grad_norm"]
     if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm < 0):
         raise ValueError(f"max_grad_norm must be a non-negative number or None (no clipping), got {norm!r}")
-    if args["bf16"] and args["fp16"]:
-        raise ValueError("bf16 and fp16 are exclusive; choose one (or neither for fp32)")
+    mode = precision_mode(args["fp16"], args["bf16"])
     if args["precision"] not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {args['precision']!r}")
     args["precision"] = _PRECISIONS[args["precision"]]
-    args["precision_mode"] = "fp16" if args["fp16"] else "bf16" if args["bf16"] else "fp32"
+    args["precision_mode"] = mode
     return args
 
 
-def plan_recipe(recipe) -> tuple[ConstantPruningModifier | None, OutputDistillationModifier | None, list]:
-    """``(constant, distillation, entries)`` of a finetune recipe (``None``: no recipe)."""
+def plan_recipe(recipe, stage: str | None = None) -> tuple[ConstantPruningModifier | None, OutputDistillationModifier | None, list]:
+    """``(constant, distillation, entries)`` of a finetune recipe's train stage (or of ``stage``;
+    ``None``: no recipe)."""
     if recipe is None:
+        if stage is not None:
+            raise ValueError(f"stage {stage!r} is given but no recipe; pass the recipe that holds it")
         return None, None, []
-    entries = parse_recipe(recipe, kind="finetune")
+    entries = parse_recipe(recipe, kind="finetune", stage=stage)
     found: dict[type, Any] = {}
     for entry in entries:
         if type(entry.modifier) in found:
@@ -137,21 +131,11 @@ def _check_tokenizers(student_tok, teacher_tok) -> None:
 
 
 def _optimizers(model: nn.Module, args: dict[str, Any]):
-    """AdamW over the trainable parameters (matrices decay, vectors do not) and ADAMWSparse over SLoPe layers."""
+    """AdamW over the trainable parameters and ADAMWSparse over the SLoPe layers (when there are any)."""
     from slope.registry import sparse_modules
 
-    lr, weight_decay = args["learning_rate"], args["weight_decay"]
-    adam = {"betas": (args["adam_beta1"], args["adam_beta2"]), "eps": args["adam_epsilon"]}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **adam)
-    sparse = None
-    if any(True for _ in sparse_modules(model)):
-        from slope.optimizers import ADAMWSparse
-
-        sparse = ADAMWSparse(model, lr=lr, weight_decay=weight_decay, **adam)
-    return dense, sparse
+    return build_optimizers(model, args["learning_rate"], args["weight_decay"], sparse=any(True for _ in sparse_modules(model)),
+                            betas=(args["adam_beta1"], args["adam_beta2"]), eps=args["adam_epsilon"])
 
 
 def _loss_fn(distiller: Distiller | None):
@@ -171,33 +155,19 @@ def _loss_fn(distiller: Distiller | None):
 # ---------------------------------------------------------------------- outputs
 def _save_outputs(model: nn.Module, tokenizer, out: Path, entries: list, summary: dict) -> None:
     """The HF folder (plain transformers; zeros where pruned), tokenizer, recipe, summary and plot."""
-    from slope.registry import sparse_modules
-
-    if any(True for _ in sparse_modules(model)):
-        from slope.io import export_dense
-
-        export_dense(model, out)
-    else:
-        model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     if entries:
         (out / "recipe.yaml").write_text(recipe_yaml(entries), encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=2) + "\n")
-    plot_run(summary["records"], out / "loss.png", "fine-tuning" + (" (recipe)" if entries else ""))
+    save_model_folder(model, tokenizer, out, summary, "fine-tuning" + (" (recipe)" if entries else ""))
 
 
 # ---------------------------------------------------------------------- the one call
 def _prepare_student(model, args, device, constant_mod):
-    """Load the student, hold its zeros (``ConstantMasks``) and return ``(model, tokenizer, constant)``."""
+    """Load the student for training; ``(model, tokenizer or None)``."""
     model, tokenizer = _load(model, device, args["precision"], "model")
     model.requires_grad_(True).train()
-    if constant_mod is not None:
-        constant = ConstantMasks(model, constant_mod, double_pruning=args["double_pruning"], backend=args["backend"])
-    else:
-        constant = None
+    if constant_mod is None:
         _warn_uncovered(dict(model.named_modules()), set())
-    return model, tokenizer, constant
+    return model, tokenizer
 
 
 def _prepare_teacher(model, teacher, distill_mod, args, device, steps_per_epoch: float, tokenizer, sample):
@@ -211,7 +181,7 @@ def _prepare_teacher(model, teacher, distill_mod, args, device, steps_per_epoch:
                          "that was pruned)")
     teacher, teacher_tokenizer = _load(teacher, device, args["precision"], "distill_teacher")
     _check_tokenizers(tokenizer, teacher_tokenizer)
-    distiller = Distiller(model, teacher, distill_mod, start_step=math.ceil(distill_mod.start * steps_per_epoch))
+    distiller = Distiller(model, teacher, distill_mod, start_step=epoch_to_step(distill_mod.start, steps_per_epoch))
     distiller.check(sample)
     return distiller
 
@@ -222,7 +192,7 @@ class _Recovery:
 
     model: nn.Module
     tokenizer: Any
-    constant: ConstantMasks | None
+    held: HeldZeros | None
     distiller: Distiller | None
     loop: FinetuneLoop
     checkpoints: LoopCheckpoints
@@ -235,7 +205,7 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     from slope.dynamic.data import load_finetune_data, resolve_tokenizer
     from slope.train import LossScaler
 
-    model, own_tokenizer, constant = _prepare_student(model, args, env.device, constant_mod)
+    model, own_tokenizer = _prepare_student(model, args, env.device, constant_mod)
     tokenizer = resolve_tokenizer(args["tokenizer"] if args["tokenizer"] is not None else own_tokenizer, model_source=None)
     global_batch = args["per_device_train_batch_size"] * env.world_size
     data = load_finetune_data(dataset, tokenizer, seq_len=args["max_seq_length"], batch_size=global_batch, seed=args["seed"],
@@ -244,6 +214,8 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     accum = args["gradient_accumulation_steps"]
     steps_per_epoch = data.micro_batches_per_epoch / accum
     total = args["max_steps"] or max(1, math.ceil(args["num_train_epochs"] * steps_per_epoch))
+    held = None if constant_mod is None else HeldZeros(model, constant_mod, steps_per_epoch, total,
+                                                       double_pruning=args["double_pruning"], backend=args["backend"])
     distiller = _prepare_teacher(model, teacher, distill_mod, args, env.device, steps_per_epoch, tokenizer,
                                  data.val[0][0][:1, :32].to(env.device))
     if args["gradient_checkpointing"]:
@@ -255,35 +227,27 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
                                           require_sparse=False)
     settings = LoopSettings(args["learning_rate"], args["warmup_steps"], args["lr_scheduler_type"], accum, args["precision_mode"],
                             args["max_grad_norm"], args["logging_steps"], args["eval_steps"], args["progress"], "finetune")
-    held = {} if constant is None else {"held_zero_fraction": constant.summary()["zero_fraction"]}
-
     def after_step(step, skipped):  # noqa: ARG001
-        if constant is not None:
-            constant.after_step(dense_opt, sparse_opt)
+        if held is not None:
+            held.after_step(step, dense_opt, sparse_opt)
         return []
 
     loop = FinetuneLoop(model, data, dense_opt, sparse_opt, LossScaler(args["fp16"]), env.device, total, settings,
-                        loss_fn=_loss_fn(distiller), after_step=after_step, status=lambda: held, forward_model=forward_model)
-    out = None if output_dir is None else Path(output_dir)
-    if out is not None and env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+                        loss_fn=_loss_fn(distiller), after_step=after_step,
+                        status=lambda: {} if held is None else {"held_zero_fraction": held.zero_fraction}, forward_model=forward_model)
+    out = output_folder(output_dir, env.is_main)
     fingerprint = {"total_steps": total, "global_batch": global_batch, "recipe": recipe_yaml(entries) if entries else None,
                    **{k: args[k] for k in _RESUME_KEYS if k in args}}
-    return _Recovery(model, tokenizer, constant, distiller, loop, LoopCheckpoints(out, loop, {"constant": constant}, fingerprint, _RESUME_KEYS, env.is_main), out)
+    return _Recovery(model, tokenizer, held, distiller, loop, LoopCheckpoints(out, loop, {"constant": held}, fingerprint, _RESUME_KEYS, env.is_main), out)
 
 
 def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str, Any]:
     """Resume if asked, train, and write the outputs; returns the summary."""
-    start, records = 0, []
-    if args["resume_from_checkpoint"]:
-        start, records = run.checkpoints.load(args["resume_from_checkpoint"])
-    summary = run.loop.run(run.out, start_step=start, records=records, save=run.checkpoints.save,
-                           save_steps=args["save_steps"], main_process=env.is_main)
-    plain = (int, float, str, bool, type(None))
-    summary["config"] = {**{k: v if isinstance(v, plain) else str(v) for k, v in args.items() if k != "tokenizer"},
-                         **run.checkpoints.fingerprint, "world_size": env.world_size}
-    if run.constant is not None:
-        summary["constant_pruning"] = run.constant.summary()
+    summary = run_resumable(run.loop, run.checkpoints, run.out, args["resume_from_checkpoint"], args["save_steps"],
+                            main_process=env.is_main)
+    summary["config"] = {**plain_config(args), **run.checkpoints.fingerprint, "world_size": env.world_size}
+    if run.held is not None:
+        summary["constant_pruning"] = run.held.summary()
     if run.distiller is not None:
         summary["distillation"] = {"targets": run.distiller.names, "comparison": run.distiller.modifier.comparison,
                                    "teacher_output_bytes_per_micro_batch": run.distiller.teacher_bytes}
@@ -292,14 +256,17 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str
     return summary
 
 
-def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, output_dir=None, **training_args) -> nn.Module:
+def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, output_dir=None, *, stage: str | None = None,
+             **training_args) -> nn.Module:
     """Fine-tune ``model`` with ``recipe`` on ``dataset``; returns the fine-tuned model (module docstring).
 
     Args:
         model: a causal LM, a Hugging Face folder, a slope ``save_pretrained`` folder or a ``slope
             train`` checkpoint (:func:`slope.pruning.loading.load_model`).
         recipe: ``None`` (plain fine-tuning) or a finetune recipe (YAML path, YAML text or dict) with a
-            ``ConstantPruningModifier`` and/or an ``OutputDistillationModifier``.
+            ``ConstantPruningModifier`` and/or an ``OutputDistillationModifier``; of a multi-stage
+            recipe, its one ``train`` stage runs (``oneshot`` stages are for :func:`slope.oneshot`).
+        stage: the stage of a multi-stage recipe to run, by name.
         dataset: ``"embedded"``, a ``.txt`` / ``.jsonl`` file, a list of strings, or an HF dataset name.
         distill_teacher: the teacher (model or folder) an ``OutputDistillationModifier`` needs.
         output_dir: where the model and metrics go (module docstring).
@@ -315,11 +282,9 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     from slope.evaluate import resolve_device
 
     args = _checked_args(training_args)
-    constant_mod, distill_mod, entries = plan_recipe(recipe)
+    constant_mod, distill_mod, entries = plan_recipe(recipe, stage)
     env = parallel.init_distributed(device=resolve_device(args["device"]))
-    random.seed(args["seed"])
-    np.random.seed(args["seed"])
-    torch.manual_seed(args["seed"])
+    seed_everything(args["seed"])
     run = None
     try:
         run = _build(model, dataset, distill_teacher, output_dir, args, env, constant_mod, distill_mod, entries)
@@ -328,7 +293,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
         parallel.destroy_distributed(env)
         if run is not None and run.distiller is not None:
             run.distiller.remove()
-        if run is not None and run.constant is not None:
-            run.constant.remove_hooks()
+        if run is not None and run.held is not None:
+            run.held.remove_hooks()
     run.model.finetune_summary = {k: v for k, v in summary.items() if k != "records"}
     return run.model.eval()

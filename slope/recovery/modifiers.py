@@ -1,13 +1,15 @@
 """The fine-tuning modifiers of a recipe (SparseML / llm-compressor names), one class each.
 
-- :class:`ConstantPruningModifier` — the zeros of the targeted weights at ``start`` stay zero for
-  the whole run (weights, gradients and optimizer state);
+- :class:`ConstantPruningModifier` — the zeros of the targeted weights at ``start`` stay zero until
+  ``end`` (weights, gradients and optimizer state); before and after, the modifier does nothing;
 - :class:`OutputDistillationModifier` — add a comparison of the targets' outputs with a dense
   teacher's to the loss: ``orig_scale · task + distill_scale · mean over targets``.
 
 Both are config dataclasses checked when built (a :class:`RecipeError` names the parameter and the
 fix); the work happens in :mod:`slope.recovery.constant` and :mod:`slope.recovery.distill`.
-``start`` is in epochs, as in SparseML (``-1`` means from the beginning, like ``0``).
+``start`` and ``end`` are in epochs, fractions allowed, as in SparseML / llm-compressor (``start: -1``
+means from the beginning, like ``0``; ``end: -1`` or none: never): a modifier acts on the optimizer
+steps ``s`` with ``start <= s / steps_per_epoch < end`` (:mod:`slope.recovery.schedule`).
 """
 from __future__ import annotations
 
@@ -58,13 +60,16 @@ class ConstantPruningModifier(TrainingModifier):
     """Keep the zeros of ``targets`` (module names, class names or ``re:`` regexes, as in one-shot
     recipes; a non-linear module selects the linears inside it) exactly zero.
 
-    ``targets`` ``None`` (or ``__ALL_PRUNABLE__``): every linear holding exact zeros. ``start``: only
-    from the beginning (``0`` or ``-1``): a recipe holds nothing that prunes later, and weights
-    trained dense until ``start`` would hold no zeros to keep.
+    ``targets`` ``None`` (or ``__ALL_PRUNABLE__``): every linear holding exact zeros (at the start
+    of the run). ``start`` (epoch): the zeros present when it starts are held from then on; before,
+    the weights train dense (as in SparseML / llm-compressor, whose modifier takes its masks from
+    the weights at its start). ``end`` (epoch, ``None`` / ``-1``: never): from then on the weights
+    train dense again.
     """
 
     targets: list[str] | str | None = None
     start: float = 0
+    end: float | None = None
 
     def __post_init__(self):
         self.targets = self._targets(required=False)
@@ -72,10 +77,18 @@ class ConstantPruningModifier(TrainingModifier):
             if len(self.targets) > 1:
                 raise RecipeError(f"{self.name}: {self.targets[0]} selects every pruned linear; do not list other targets with it")
             self.targets = None
-        if self._start() != 0:
-            raise RecipeError(f"{self.name}: start {self.start!r} is not supported: the zeros are kept from the first step "
-                              "(start: 0); weights trained dense before a later start would hold no zeros to keep")
-        self.start = 0
+        self.start = self._start() or 0  # 0 (an int) as before later starts were supported: same recipe.yaml
+        end = self.end
+        if end is not None and end != -1 and (isinstance(end, bool) or not isinstance(end, (int, float)) or end <= self.start):
+            raise RecipeError(f"{self.name}: end must be an epoch after start ({self.start:g}), or -1 / null for never; "
+                              f"got {end!r}")
+        self.end = None if end is None or end == -1 else float(end)
+
+    def params(self) -> dict:
+        params = super().params()
+        if params["end"] is None:  # recipes without an end read (and resume) as before it existed
+            del params["end"]
+        return params
 
 
 @dataclass

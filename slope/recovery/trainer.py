@@ -53,7 +53,8 @@ class RecoveryTrainer(Trainer):
     """``transformers.Trainer`` running a finetune recipe (module docstring).
 
     Args (besides the Trainer's own, ``model`` and ``args`` given by keyword):
-        recipe: a finetune recipe (YAML path, YAML text or dict), or ``None``.
+        recipe: a finetune recipe (YAML path, YAML text or dict), or ``None``; ``stage``: which stage
+            of a multi-stage recipe (default: its one train stage).
         distill_teacher: the teacher an ``OutputDistillationModifier`` needs (a model or a model folder).
         double_pruning: 2:4 layers compressed with SLoPe's double-pruned backward (default: exact
             backward in simulation).
@@ -62,13 +63,17 @@ class RecoveryTrainer(Trainer):
     or ``None``), ``sparse_optimizer`` (``ADAMWSparse`` over the SLoPe layers, or ``None``).
     """
 
-    def __init__(self, *args, recipe=None, distill_teacher=None, double_pruning: bool = False, backend: str = "auto", **kwargs):
+    def __init__(self, *args, recipe=None, distill_teacher=None, double_pruning: bool = False, backend: str = "auto",
+                 stage: str | None = None, **kwargs):
         from slope.recovery.finetune import plan_recipe
 
         model, targs = kwargs.get("model"), kwargs.get("args")
         if model is None or targs is None or args:
             raise TypeError("RecoveryTrainer takes model= and args= (TrainingArguments) by keyword")
-        constant_mod, distill_mod, _ = plan_recipe(recipe)
+        constant_mod, distill_mod, _ = plan_recipe(recipe, stage)
+        if constant_mod is not None and (constant_mod.start > 0 or constant_mod.end is not None):
+            raise ValueError("RecoveryTrainer holds a ConstantPruningModifier's zeros from the first step to the last; a later "
+                             "start or an end runs with slope.finetune (slope finetune --recipe ...)")
         if distill_mod is None and distill_teacher is not None:
             raise ValueError("distill_teacher is given but the recipe has no OutputDistillationModifier; add one or drop the teacher")
         if distill_mod is not None and distill_teacher is None:

@@ -1,0 +1,155 @@
+"""What slope's fine-tuning front doors do alike around :class:`slope.finetune_loop.FinetuneLoop`.
+
+:func:`slope.dynamic.sparse_finetune` and :func:`slope.recovery.finetune` (and their commands
+``slope sparse-finetune`` / ``slope finetune``) differ in their models, losses and after-step work;
+they share, from here:
+
+- argument checks (:func:`check_int`, :func:`check_positive`, :func:`precision_mode`);
+- the seeding of Python, NumPy and torch (:func:`seed_everything`);
+- the optimizers: AdamW over the trainable parameters (matrices decay, vectors do not) and, for
+  SLoPe layers, :class:`slope.optimizers.ADAMWSparse` (:func:`build_optimizers`);
+- the run: resume from a ``checkpoint-<step>/`` folder when asked, train, save every
+  ``save_steps`` (:func:`run_resumable`);
+- the outputs: the plain Hugging Face folder (zeros where pruned), tokenizer, ``summary.json`` and
+  ``loss.png`` (:func:`output_folder`, :func:`plain_config`, :func:`save_model_folder`);
+- the commands' flags, one-line errors and closing line (:func:`command_options`, :func:`run_command`).
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from slope.finetune_checkpoints import LoopCheckpoints
+from slope.finetune_loop import FinetuneLoop, plot_run
+
+__all__ = ["build_optimizers", "check_int", "check_positive", "command_options", "output_folder", "plain_config",
+           "precision_mode", "run_command", "run_resumable", "save_model_folder", "seed_everything"]
+
+
+# ---------------------------------------------------------------------- settings
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """A ``ValueError`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_positive(name: str, value) -> None:
+    """A ``ValueError`` unless ``value`` is a number (not a bool) > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def precision_mode(fp16: bool, bf16: bool) -> str:
+    """``"fp16"``, ``"bf16"`` or ``"fp32"`` (a ``ValueError`` for both flags)."""
+    if fp16 and bf16:
+        raise ValueError("fp16 and bf16 are exclusive; choose one (or neither for fp32)")
+    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------- optimizers
+def build_optimizers(model: nn.Module, lr: float, weight_decay: float, *, sparse: bool,
+                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    """``(dense, sparse)``: AdamW over ``model``'s trainable parameters (matrices decay, vectors do
+    not) and, when ``sparse``, :class:`slope.optimizers.ADAMWSparse` over its SLoPe layers (else ``None``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    if not sparse:
+        return dense, None
+    from slope.optimizers import ADAMWSparse
+
+    return dense, ADAMWSparse(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+
+# ---------------------------------------------------------------------- the run
+def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | None, resume_from, save_steps: int | None, *,
+                  records: list[dict] | None = None, main_process: bool = True) -> dict[str, Any]:
+    """Train ``loop`` from step 0 (``records``: those logged before training) or, with
+    ``resume_from`` (a ``checkpoint-<step>`` folder, or ``True``: the newest in ``out``), from its
+    checkpoint; write ``checkpoint-<step>/`` every ``save_steps``. Returns the loop's summary."""
+    start, records = 0, list(records or [])
+    if resume_from:
+        start, records = checkpoints.load(resume_from)
+    return loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=save_steps,
+                    main_process=main_process)
+
+
+# ---------------------------------------------------------------------- outputs
+def output_folder(output_dir, main_process: bool = True) -> Path | None:
+    """``output_dir`` as a ``Path`` (``None`` stays ``None``), created by the main process."""
+    if output_dir is None:
+        return None
+    out = Path(output_dir)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def plain_config(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` for ``summary.json``: plain values as they are, others as ``str``; the tokenizer left out."""
+    plain = (int, float, str, bool, type(None))
+    return {k: v if isinstance(v, plain) else str(v) for k, v in values.items() if k != "tokenizer"}
+
+
+def save_model_folder(model: nn.Module, tokenizer, out: Path, summary: dict[str, Any], title: str) -> None:
+    """Write ``out``: the model as a plain Hugging Face folder (SLoPe layers exported dense, exact
+    zeros where pruned), its tokenizer (when given), ``summary.json`` (without ``records``) and ``loss.png``."""
+    from slope.registry import sparse_modules
+
+    if any(True for _ in sparse_modules(model)):
+        from slope.io import export_dense
+
+        export_dense(model, out)
+    else:
+        model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=2) + "\n")
+    plot_run(summary["records"], out / "loss.png", title)
+
+
+# ---------------------------------------------------------------------- the commands
+def command_options(args) -> dict[str, Any]:
+    """A command's parsed flags as keyword arguments: the subcommand's name dropped, and
+    ``--resume-from-checkpoint latest`` as ``True`` (the newest checkpoint in the output folder)."""
+    options = vars(args).copy()
+    options.pop("command", None)
+    if options.get("resume_from_checkpoint") == "latest":
+        options["resume_from_checkpoint"] = True
+    return options
+
+
+def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
+                details: Callable[[dict], str] = lambda summary: "") -> int:
+    """Run ``call`` (a front door) for ``slope <name>``: bad input, data, checkpoints or storage
+    end in one line ``slope <name>: error: ...`` and exit status 1; success prints ``done: ...``
+    (steps, time, validation loss, ``details(summary)``, the output folder) and returns 0."""
+    from slope.checkpoint import CheckpointError
+    from slope.data import DataError
+    from slope.durable import StorageError
+
+    try:
+        model = call()
+    except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
+        print(f"slope {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    s = model.finetune_summary
+    print(f"done: {s['steps']} steps in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
+          f"{s['final_val_loss']:.4f}" + details(s) + (f" | outputs in {output_dir}" if output_dir else ""))
+    return 0
