@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_oneshot_parser(sub) -> None:
+    from slope.recovery.cli import _bool as bool_text  # SparseML-style booleans: --flag False
+
     one = sub.add_parser("oneshot", help="prune a pretrained model in one shot with a recipe (magnitude, Wanda, SparseGPT, OWL)",
                          description="One-shot pruning with a SparseML / llm-compressor style recipe; writes a save_pretrained "
                          "folder with its tokenizer, recipe.yaml and sparsity_report.json. See docs/oneshot.md.")
@@ -175,6 +177,13 @@ def _add_oneshot_parser(sub) -> None:
                      default=512, metavar="N", help="calibration windows (default: 512)")
     one.add_argument("--max-seq-len", "--max_seq_len", "--max-seq-length", dest="max_seq_len", type=int, default=512,
                      metavar="L", help="tokens per calibration window (default: 512)")
+    one.add_argument("--splits", default="train", help="calibration split (only 'train': calibration never reads held-out text)")
+    one.add_argument("--concatenate-data", "--concatenate_data", dest="concatenate_data", nargs="?", const=True, default=True,
+                     type=bool_text, metavar="BOOL", help="SparseML's flag, accepted: calibration windows are always cut "
+                     "from the concatenated text")
+    one.add_argument("--pad-to-max-length", "--pad_to_max_length", dest="pad_to_max_length", default=False, type=bool_text,
+                     metavar="BOOL", help="SparseML's flag, accepted: every calibration window is a full --max-seq-len "
+                     "window, so nothing is padded")
     one.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's own)")
     one.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     one.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -318,6 +327,12 @@ def _run_oneshot(args: argparse.Namespace) -> int:
     from slope.pruning.recipe import parse_recipe
     from slope.pruning.sparsegpt import PruningError
 
+    if args.splits != "train":
+        print(f"slope oneshot: error: --splits {args.splits!r}: calibration reads the 'train' split only (held-out text "
+              "stays unseen); use --splits train", file=sys.stderr)
+        return 1
+    if not args.concatenate_data:
+        print("note: --concatenate_data False has no effect: calibration windows are always cut from the concatenated text")
     try:
         parse_recipe(args.recipe, stage=args.stage)  # recipe errors before the model loads
         model, tokenizer = load_model(args.model, resolve_device(args.device), args.precision)

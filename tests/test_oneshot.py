@@ -389,9 +389,12 @@ def test_cli_oneshot_on_hf_folder_and_train_checkpoint(tmp_path, capsys):
     recipe_file.write_text(SEED_RECIPE.replace("sparsity: 0.5", 'sparsity: 0.5\n      mask_structure: "2:4"'))
     args = ["oneshot", "--model", str(model_dir), "--dataset", "embedded", "--recipe", str(recipe_file),
             "--num-calibration-samples", "3", "--max-seq-len", "16", "--device", "cpu"]
-    assert main([*args, "--output-dir", str(tmp_path / "out")]) == 0
+    seed_flags = ["--splits", "train", "--pad_to_max_length", "False", "--concatenate_data"]  # seed 002's command
+    assert main([*args, *seed_flags, "--output-dir", str(tmp_path / "out")]) == 0
     assert "14 linear layers pruned (50.00% of their weights are zero)" in capsys.readouterr().out
     assert (tmp_path / "out" / "tokenizer.json").exists()
+    assert main([*args, "--splits", "validation", "--output-dir", str(tmp_path / "held_out")]) == 1
+    assert "calibration reads the 'train' split only" in capsys.readouterr().err and not (tmp_path / "held_out").exists()
     recipe_file.write_text(SEED_RECIPE.replace("quantize: False", "quantize: True"))
     assert main([*args, "--output-dir", str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err
