@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from slope import registry
 from slope.backends import SparseBackend, resolve_backend
+from slope.backends.kept import operand_from_kept, operand_pattern
 from slope import kernels
 from slope.kernels import compress_2to4, metadata_dtype
 from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, pack_mask, transposable_mask, unpack_mask
@@ -479,23 +480,17 @@ class SparseLinear(nn.Module):
         with torch.no_grad():
             structure = self._operand_structure(backend, which, dtype, device)
             values = self.values.detach()
-            if structure is not None:
-                if which == "forward":
-                    kept = values.to(dtype)
-                else:
-                    kept = kernels.transpose_kept_2to4(values, self.mask_bits, self.mask_t_bits, dtype)
-                operand = backend.operand_from_values(kept, structure)
-                held = backend.operand_values(operand)
+            if structure is not None or self._triton_2to4(values):  # from kept values (one Triton pass)
+                mask_t = self.mask_t_bits if which == "backward" else None  # the inference-only form has no M_t
+                operand, kept = operand_from_kept(backend, which, values, self.mask_bits, mask_t, dtype, structure)
+                held = None if kept is None else backend.operand_values(operand)
                 if kept is not values and held is not None and held.data_ptr() == kept.data_ptr():
                     buffer = kept
             elif which == "forward":
                 operand = backend.make_operand(self.dense_weight(dtype), self.mask)
             else:
                 mask_t = self.mask_t
-                if self._triton_2to4(values):  # one Triton pass
-                    backward_t = kernels.transpose_kept_2to4(values, self.mask_bits, self.mask_t_bits, dtype, dense=True)
-                else:
-                    backward_t = self.dense_weight(dtype).mul_(mask_t).t().contiguous()
+                backward_t = self.dense_weight(dtype).mul_(mask_t).t().contiguous()
                 operand = backend.make_operand(backward_t, mask_t.t().contiguous())
         self._operands[key] = (version, operand, buffer)
         return operand
@@ -543,10 +538,7 @@ class SparseLinear(nn.Module):
         key = (which, dtype, device, id(backend))
         cached = self._structures.get(key)
         if cached is None or cached[0] != version:
-            if which == "forward":
-                pattern = self.mask
-            else:
-                pattern = kernels.stored_mask_2to4(self.mask_t.t().contiguous())
+            pattern = operand_pattern(which, unpack_mask(stored, (self.out_features, self.in_features)))
             cached = (version, backend.operand_structure(pattern, dtype))
             self._structures[key] = cached
         return cached[1]
