@@ -19,6 +19,7 @@ the weights or masks change (after an optimizer step, ``load_state_dict`` or ``.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -175,6 +176,8 @@ class SparseLinear(nn.Module):
         self._backends: dict[tuple, SparseBackend] = {}
         self._offsets: tuple[tuple, torch.Tensor] | None = None
         self._validated_mask: tuple | None = None  # key of the M version _check_mask accepted
+        # (weak reference, version) of the last state dict's mask_bits found exactly N:M (_state_mask_fits)
+        self._fitting_state_mask: tuple | None = None
         registry.register(self)
 
     # ------------------------------------------------------------------ construction
@@ -254,7 +257,10 @@ class SparseLinear(nn.Module):
         if errors:  # nothing of a mismatched state is written into this layer
             error_msgs.extend(errors)
             return
+        before = self._mask_key()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "mask_bits" in state_dict and self._mask_key() != before:
+            self._validated_mask = self._mask_key()  # M is the mask state_errors just found N:M: not checked again at first use
 
     def state_errors(self, state_dict: dict, prefix: str = "") -> list[str]:
         """Why the entries of ``state_dict`` under ``prefix`` cannot load into this layer, one line
@@ -276,9 +282,25 @@ class SparseLinear(nn.Module):
             elif bits is not None and tuple(bits.shape) != tuple(self.mask_bits.shape):
                 errors.append(f"{name}: the checkpoint's {key} is {tuple(bits.shape)}, expected {tuple(self.mask_bits.shape)} (a layer of another size)")
         bits = state_dict.get(prefix + "mask_bits")
-        if not errors and bits is not None and not is_nm_sparse(unpack_mask(bits, (self.out_features, self.in_features)), self.n, self.m, exact=True):
+        if not errors and bits is not None and not self._state_mask_fits(bits):
             errors.append(f"{name}: the checkpoint's mask is not {self.n}:{self.m}; prune the model with the checkpoint's sparsity")
         return errors
+
+    def _state_mask_fits(self, bits: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+        """Whether a state dict's packed ``mask_bits`` (uint8, this layer's size; ``mask``: them
+        unpacked, when the caller has that) keep exactly N of every M. The last tensor found so is
+        remembered (a weak reference and its version: an in-place change or another tensor is
+        checked afresh), so validating a state dict before loading it
+        (:func:`slope.statecheck.check_model_state`, :func:`slope.serialization.dense_form.native_entries`)
+        and the load's own check unpack and count each mask once."""
+        seen = self._fitting_state_mask
+        if seen is not None and seen[0]() is bits and seen[1] == bits._version:
+            return True
+        mask = unpack_mask(bits, (self.out_features, self.in_features)) if mask is None else mask
+        if not is_nm_sparse(mask, self.n, self.m, exact=True):
+            return False
+        self._fitting_state_mask = (weakref.ref(bits), bits._version)
+        return True
 
     def _upgrade_legacy_masks(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> None:
         """In ``state_dict`` (in place), replace bool ``mask`` / ``mask_t`` entries (checkpoints
@@ -641,13 +663,14 @@ class SparseLinear(nn.Module):
         # Cached operands and backend objects (GPU handles) are rebuilt on use, never copied/pickled.
         state = super().__getstate__()
         state["_operands"], state["_structures"], state["_backends"], state["_offsets"] = {}, {}, {}, None
-        state["_validated_mask"] = None
+        state["_validated_mask"] = state["_fitting_state_mask"] = None
         state["_zeroed_grad"] = None
         return state
 
     def __setstate__(self, state):
         state.setdefault("_structures", {})  # layers pickled before the cache existed
         state.setdefault("_validated_mask", None)
+        state.setdefault("_fitting_state_mask", None)
         state.setdefault("weight_transposed", False)
         state.setdefault("keep_dense_grad", False)  # layers pickled before dynamic sparsity
         state.setdefault("dense_grad", None)

@@ -401,6 +401,45 @@ def test_model_and_dense_optimizer_states_are_checked_before_loading():
         check_optimizer_state(opt_b, opt_a.state_dict(), ["weight", "bias"])
 
 
+def _counting(monkeypatch, module, name: str) -> list:
+    """Count the calls of ``module.name`` (still calling it)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def test_a_state_dict_checked_before_loading_is_validated_once(monkeypatch):
+    """check_model_state then load_state_dict count each mask once, and the loaded M is not
+    counted again at first use; a mask changed in place after the check is checked again."""
+    import slope.layer
+
+    source, target = _mlp("2:4"), _mlp("2:4")
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    counted = _counting(monkeypatch, slope.layer, "is_nm_sparse")
+    check_model_state(target, state)
+    target.load_state_dict(state)
+    assert len(counted) == 2  # one per SLoPe layer
+    layers = [target[0], target[2]]
+    assert all(layer._validated_mask == layer._mask_key() for layer in layers)
+    torch.testing.assert_close(target(torch.ones(2, 64)), source(torch.ones(2, 64)), rtol=0, atol=0)
+    check_model_state(target, state)
+    state["0.mask_bits"].zero_()  # after the check: keeps 0 of every 4
+    with pytest.raises(RuntimeError, match="0: the checkpoint's mask is not 2:4"):
+        target.load_state_dict(state)
+
+
+def test_resume_validates_masks_and_optimizer_states_once(run, monkeypatch):
+    """slope train --resume checks the checkpoint's masks and optimizer states before loading
+    anything, and the loads do not check them again (7 SLoPe layers; AdamW and ADAMWSparse)."""
+    import slope.layer
+    import slope.statecheck
+
+    masks = _counting(monkeypatch, slope.layer, "is_nm_sparse")
+    optimizers = _counting(monkeypatch, slope.statecheck, "check_optimizer_state")
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert len(masks) == 7 and len(optimizers) == 2
+
+
 # ---------------------------------------------------------------------- 4. one run per folder
 def test_a_second_run_on_the_same_folder_is_refused(run, capsys):
     metrics = (run / "metrics.jsonl").read_text()
