@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from slope.config import STRUCTURAL_KEYS, TrainConfig
+from slope.filestamp import sha256_file
 
 __all__ = [
     "Checkpoint",
@@ -126,14 +127,6 @@ def restore_rng(tensors: dict, plain: dict) -> None:
 
 
 # ---------------------------------------------------------------------- save / load
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _json_bytes(obj) -> bytes:
     return json.dumps(obj, indent=1).encode("utf-8")
 
@@ -249,7 +242,9 @@ class Checkpoint:
 
 def verify_checkpoint(directory: str | Path) -> dict:
     """Check that ``directory`` holds a complete slope checkpoint (manifest, format, every file and
-    its sha256); returns the manifest or raises :class:`CheckpointError` saying what is wrong."""
+    its sha256); returns the manifest or raises :class:`CheckpointError` saying what is wrong.
+    A file already hashed in this process and unchanged since is not read again
+    (:func:`slope.filestamp.sha256_file`): finding, recovering and reading a checkpoint hash it once."""
     directory = Path(directory)
     manifest_file = directory / "manifest.json"
     if not directory.is_dir():
@@ -273,7 +268,7 @@ def verify_checkpoint(directory: str | Path) -> dict:
             raise CheckpointError(f"{manifest_file} is corrupt (it names the file {name!r} outside the checkpoint); delete the checkpoint and retrain")
         if not path.is_file():
             raise CheckpointError(f"{directory}: {name} is missing; the checkpoint is incomplete")
-        if _sha256(path) != manifest["sha256"].get(name):
+        if sha256_file(path) != manifest["sha256"].get(name):  # hashed once per file state
             raise CheckpointError(f"{directory}: {name} is corrupt (sha256 does not match the manifest); delete the checkpoint and retrain")
     return manifest
 

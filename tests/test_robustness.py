@@ -19,7 +19,7 @@ import torch.nn as nn
 import slope.checkpoint_store as store
 import slope.durable as durable
 from slope import prune_model
-from slope.checkpoint import read_checkpoint, save_checkpoint, verify_checkpoint
+from slope.checkpoint import FILES, read_checkpoint, save_checkpoint, verify_checkpoint
 from slope.cli import main
 from slope.config import TrainConfig
 from slope.durable import StorageError, append_line
@@ -235,6 +235,30 @@ def test_resume_between_the_renames_continues_the_run(run, capsys):
     out = capsys.readouterr().out
     assert "published checkpoint.tmp/ as checkpoint/" in out and "resumed from" in out and "done: 4 steps" in out
     assert _names(run) == ["checkpoint", "loss.png", "metrics.jsonl"] and read_checkpoint(base).step == 4
+
+
+def test_a_crashed_save_is_hashed_once_from_discovery_to_load(run, monkeypatch):
+    """--resume of a run killed after writing checkpoint.tmp/: the CLI's look for the newest
+    checkpoint, recover() (which publishes .tmp and verifies the one it rotates out) and
+    read_checkpoint hash each file once (three times each for the published one before)."""
+    import slope.filestamp as filestamp
+
+    base, tmp = run / "checkpoint", run / "checkpoint.tmp"
+    shutil.copytree(base, tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    (tmp / "manifest.json").write_text(json.dumps({**manifest, "serial": manifest["serial"] + 1}))
+    past = time.time_ns() - 100 * 10**9  # written a while ago, like a crashed run's files
+    for path in (*base.iterdir(), *tmp.iterdir()):
+        os.utime(path, ns=(past, past))
+    hashed = []
+
+    def counting_open(path, *args, **kwargs):
+        hashed.append(os.stat(path).st_ino)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(filestamp, "open", counting_open, raising=False)
+    assert main(["train", "--out", str(run), "--resume", "--stop-after", "3"]) == 0
+    assert len(hashed) == len(set(hashed)) == 2 * len(FILES)  # both checkpoints' files, once each
 
 
 # ---------------------------------------------------------------------- 6. full disks
