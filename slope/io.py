@@ -119,17 +119,21 @@ def _experts_record(model: nn.Module) -> dict:
 
 
 def _restore_experts(model: nn.Module, experts: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Prune ``model``'s fused expert tensors with the masks stored beside them (popped from ``tensors``)."""
+    """Prune ``model``'s fused expert tensors with the masks stored beside them (popped from
+    ``tensors``): one :func:`slope.moe.prune_experts` call per sparsity, so the masks are wrapped
+    and applied once, not once more for every further tensor."""
     from slope.masks import parse_sparsity, unpack_mask
     from slope.moe import find_expert_weights, prune_experts
 
     found = {e.name: e for e in find_expert_weights(model)}
+    groups: dict[tuple[int, int], dict[str, torch.Tensor]] = defaultdict(dict)
     for name, rec in experts.items():
         bits = tensors.pop(name + ".mask_bits", None)
         if name not in found or bits is None:
             raise ValueError(f"{path} does not match config.json: the pruned expert weight {name!r} or its mask_bits is missing")
-        n, m = parse_sparsity(rec["sparsity"])
-        prune_experts(model, [found[name]], n, m, masks={name: unpack_mask(bits, model.get_parameter(name).shape)})
+        groups[parse_sparsity(rec["sparsity"])][name] = unpack_mask(bits, model.get_parameter(name).shape)
+    for (n, m), masks in groups.items():
+        prune_experts(model, [found[name] for name in masks], n, m, masks=masks)
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
