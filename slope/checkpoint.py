@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from slope.config import STRUCTURAL_KEYS, TrainConfig
 from slope.filestamp import sha256_file
+from slope.serialization.jsonfile import read_json_object
 
 __all__ = [
     "Checkpoint",
@@ -251,11 +252,9 @@ def verify_checkpoint(directory: str | Path) -> dict:
         raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
     if not manifest_file.is_file():
         raise CheckpointError(f"{directory} is not a slope checkpoint (no manifest.json); it is incomplete or from another tool")
-    try:
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{manifest_file} is corrupt ({e}); delete the checkpoint and retrain") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
+    manifest = read_json_object(manifest_file, lambda why: CheckpointError(
+        f"{manifest_file} is corrupt ({why}); delete the checkpoint and retrain"))
+    if not isinstance(manifest.get("sha256"), dict):
         raise CheckpointError(f"{manifest_file} is corrupt (expected a JSON object with a 'sha256' table); delete the checkpoint and retrain")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(
@@ -280,11 +279,11 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     directory = Path(directory)
     verify_checkpoint(directory)
     try:
-        config = TrainConfig(**json.loads((directory / "config.json").read_text()))
+        config = TrainConfig(**read_json_object(directory / "config.json", ValueError))
         model_state = load_file(str(directory / "model.safetensors"), device=str(map_location))
         optimizers = torch.load(directory / "optimizers.pt", map_location=map_location, weights_only=True)
         rng_tensors = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
-        trainer_state = json.loads((directory / "trainer_state.json").read_text())
+        trainer_state = read_json_object(directory / "trainer_state.json", ValueError)
     except Exception as e:  # noqa: BLE001 (checksums matched, so this is a foreign or buggy writer)
         raise CheckpointError(f"{directory}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
     return Checkpoint(directory, config, model_state, optimizers, rng_tensors, trainer_state)
@@ -295,10 +294,13 @@ def saved_config(directory: str | Path) -> TrainConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
+    def corrupt(why) -> CheckpointError:
+        return CheckpointError(f"{path} is corrupt or from another version of slope ({why}); delete the checkpoint and retrain")
+
     try:
-        return TrainConfig(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path} is corrupt or from another version of slope ({e}); delete the checkpoint and retrain") from e
+        return TrainConfig(**read_json_object(path, corrupt))
+    except TypeError as e:  # keys of another version
+        raise corrupt(e) from e
 
 
 def check_state_fits(ckpt: Checkpoint, model: nn.Module, dense_opt: torch.optim.Optimizer | None = None,

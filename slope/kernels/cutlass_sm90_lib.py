@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from slope.filestamp import file_stamp
+from slope.serialization.jsonfile import read_json_object
 from slope.kernels import cutlass_sm90 as _sm90
 
 __all__ = ["LIB_SOURCES", "build_flags", "build_key", "default_library_path", "manifest_path", "build", "check",
@@ -169,7 +170,7 @@ def _check_files(library: Path) -> str | None:
         return f"no prebuilt cutlass-sm90 library at {library}; {_REBUILD}"
     manifest_file = manifest_path(library)
     try:
-        manifest = json.loads(manifest_file.read_text())
+        manifest = read_json_object(manifest_file, ValueError)
         built_key, built_sha = manifest["key"], manifest["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"prebuilt library {library} has no readable manifest {manifest_file.name} ({type(exc).__name__}); {_REBUILD}"
