@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 
 from slope.config import STRUCTURAL_KEYS, TrainConfig
+from slope.filestamp import sha256_file
+from slope.serialization.jsonfile import read_json_object
 
 __all__ = [
     "Checkpoint",
@@ -126,14 +128,6 @@ def restore_rng(tensors: dict, plain: dict) -> None:
 
 
 # ---------------------------------------------------------------------- save / load
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _json_bytes(obj) -> bytes:
     return json.dumps(obj, indent=1).encode("utf-8")
 
@@ -249,18 +243,18 @@ class Checkpoint:
 
 def verify_checkpoint(directory: str | Path) -> dict:
     """Check that ``directory`` holds a complete slope checkpoint (manifest, format, every file and
-    its sha256); returns the manifest or raises :class:`CheckpointError` saying what is wrong."""
+    its sha256); returns the manifest or raises :class:`CheckpointError` saying what is wrong.
+    A file already hashed in this process and unchanged since is not read again
+    (:func:`slope.filestamp.sha256_file`): finding, recovering and reading a checkpoint hash it once."""
     directory = Path(directory)
     manifest_file = directory / "manifest.json"
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
     if not manifest_file.is_file():
         raise CheckpointError(f"{directory} is not a slope checkpoint (no manifest.json); it is incomplete or from another tool")
-    try:
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{manifest_file} is corrupt ({e}); delete the checkpoint and retrain") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
+    manifest = read_json_object(manifest_file, lambda why: CheckpointError(
+        f"{manifest_file} is corrupt ({why}); delete the checkpoint and retrain"))
+    if not isinstance(manifest.get("sha256"), dict):
         raise CheckpointError(f"{manifest_file} is corrupt (expected a JSON object with a 'sha256' table); delete the checkpoint and retrain")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(
@@ -273,7 +267,7 @@ def verify_checkpoint(directory: str | Path) -> dict:
             raise CheckpointError(f"{manifest_file} is corrupt (it names the file {name!r} outside the checkpoint); delete the checkpoint and retrain")
         if not path.is_file():
             raise CheckpointError(f"{directory}: {name} is missing; the checkpoint is incomplete")
-        if _sha256(path) != manifest["sha256"].get(name):
+        if sha256_file(path) != manifest["sha256"].get(name):  # hashed once per file state
             raise CheckpointError(f"{directory}: {name} is corrupt (sha256 does not match the manifest); delete the checkpoint and retrain")
     return manifest
 
@@ -285,11 +279,11 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     directory = Path(directory)
     verify_checkpoint(directory)
     try:
-        config = TrainConfig(**json.loads((directory / "config.json").read_text()))
+        config = TrainConfig(**read_json_object(directory / "config.json", ValueError))
         model_state = load_file(str(directory / "model.safetensors"), device=str(map_location))
         optimizers = torch.load(directory / "optimizers.pt", map_location=map_location, weights_only=True)
         rng_tensors = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
-        trainer_state = json.loads((directory / "trainer_state.json").read_text())
+        trainer_state = read_json_object(directory / "trainer_state.json", ValueError)
     except Exception as e:  # noqa: BLE001 (checksums matched, so this is a foreign or buggy writer)
         raise CheckpointError(f"{directory}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
     return Checkpoint(directory, config, model_state, optimizers, rng_tensors, trainer_state)
@@ -300,10 +294,13 @@ def saved_config(directory: str | Path) -> TrainConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
+    def corrupt(why) -> CheckpointError:
+        return CheckpointError(f"{path} is corrupt or from another version of slope ({why}); delete the checkpoint and retrain")
+
     try:
-        return TrainConfig(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path} is corrupt or from another version of slope ({e}); delete the checkpoint and retrain") from e
+        return TrainConfig(**read_json_object(path, corrupt))
+    except TypeError as e:  # keys of another version
+        raise corrupt(e) from e
 
 
 def check_state_fits(ckpt: Checkpoint, model: nn.Module, dense_opt: torch.optim.Optimizer | None = None,

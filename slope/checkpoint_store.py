@@ -31,7 +31,6 @@ deleted except to rotate it out after a newer one is safely in place.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from slope.checkpoint import CheckpointError, verify_checkpoint
 from slope.durable import StorageError, fsync_dir
+from slope.serialization.jsonfile import read_json_object
 
 __all__ = ["kept_checkpoints", "latest_checkpoint", "publish", "recover"]
 
@@ -57,11 +57,8 @@ def kept_checkpoints(base: Path) -> list[Path]:
 
 
 def _manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return manifest if isinstance(manifest, dict) else {}
+    """``path``'s manifest, or ``{}`` when it has none that reads as a JSON object."""
+    return read_json_object(path / "manifest.json") or {}
 
 
 def _serial(path: Path) -> int:

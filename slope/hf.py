@@ -159,9 +159,11 @@ class SparseOptimizerCallback(TrainerCallback):
         self.lora_step: int | None = None
         self._lora_params: list[nn.Parameter] = []
         self._expose_grads = True  # alias values_grad as values.grad for the Trainer's logged norm
+        self._parts: tuple | None = None  # ((id(model), global_step), SLoPe layers, expert masks): see _model_parts
 
     # ------------------------------------------------------------------ checks at train begin
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._parts = None
         if model is None:
             raise RuntimeError("SparseOptimizerCallback needs the Trainer's model (transformers >= 5 passes it)")
         layers = [m for _, m in sparse_modules(model)]
@@ -240,11 +242,23 @@ class SparseOptimizerCallback(TrainerCallback):
                 stacklevel=3,
             )
 
+    def _model_parts(self, model: nn.Module, state) -> tuple[list[nn.Module], object | None]:
+        """``model``'s SLoPe layers and its MoE :class:`slope.moe.ExpertMasks` (or None), found by
+        walking its modules once per optimizer step (the events of one step share the walk; the
+        key ``(id(model), state.global_step)`` changes every step, so a model changed between steps,
+        e.g. re-pruned, is walked afresh; adapters attached within a step add no modules)."""
+        from slope.moe import expert_masks
+
+        key = (id(model), state.global_step)
+        if self._parts is None or self._parts[0] != key:
+            self._parts = (key, [m for _, m in sparse_modules(model)], expert_masks(model))
+        return self._parts[1], self._parts[2]
+
     # ------------------------------------------------------------------ lazy adapters
     def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         self._attach_lora(state, model, optimizer, lr_scheduler)
         if self._expose_grads and model is not None:
-            for _, layer in sparse_modules(model):
+            for layer in self._model_parts(model, state)[0]:
                 if layer.sparse_requires_grad:
                     if layer.values_grad is None:  # accumulated into in place from now on
                         layer.values_grad = torch.zeros_like(layer.values)
@@ -253,7 +267,7 @@ class SparseOptimizerCallback(TrainerCallback):
     def _attach_lora(self, state, model, optimizer, lr_scheduler) -> None:
         if self.lora_step is None or state.global_step < self.lora_step:
             return
-        layers = [m for _, m in sparse_modules(model)]
+        layers = self._model_parts(model, state)[0]
         if all(layer.lora_rank for layer in layers):
             return
         params = []
@@ -280,7 +294,7 @@ class SparseOptimizerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ the sparse step
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        for _, layer in sparse_modules(model):  # the Trainer has logged its norm: no optimizer may see them
+        for layer in self._model_parts(model, state)[0]:  # the Trainer has logged its norm: no optimizer may see them
             layer.values.grad = None
         sync_grads(model)
         _average_grads(self._lora_params)
@@ -295,8 +309,6 @@ class SparseOptimizerCallback(TrainerCallback):
         self.sparse_opt.zero_grad()
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        from slope.moe import expert_masks
-
-        masked = None if model is None else expert_masks(model)
+        masked = None if model is None else self._model_parts(model, state)[1]
         if masked is not None:  # fused MoE experts pruned in simulation: pruned weights and their Adam state stay zero
             masked.after_step(getattr(optimizer, "optimizer", optimizer))

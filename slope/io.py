@@ -22,7 +22,6 @@ checkpoint (``W⊙M`` with the adapters merged, ``W⊙M + (α/r)·B(A⊙M_A)``) 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections import defaultdict
 
@@ -32,6 +31,7 @@ import torch.nn as nn
 from slope.layer import SparseLinear
 from slope.registry import sparse_modules
 from slope.serialization.hf_save import install_save_hook
+from slope.serialization.jsonfile import read_json_object
 
 __all__ = ["save_pretrained", "from_pretrained", "export_dense", "slope_record", "SLOPE_CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -119,17 +119,21 @@ def _experts_record(model: nn.Module) -> dict:
 
 
 def _restore_experts(model: nn.Module, experts: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Prune ``model``'s fused expert tensors with the masks stored beside them (popped from ``tensors``)."""
+    """Prune ``model``'s fused expert tensors with the masks stored beside them (popped from
+    ``tensors``): one :func:`slope.moe.prune_experts` call per sparsity, so the masks are wrapped
+    and applied once, not once more for every further tensor."""
     from slope.masks import parse_sparsity, unpack_mask
     from slope.moe import find_expert_weights, prune_experts
 
     found = {e.name: e for e in find_expert_weights(model)}
+    groups: dict[tuple[int, int], dict[str, torch.Tensor]] = defaultdict(dict)
     for name, rec in experts.items():
         bits = tensors.pop(name + ".mask_bits", None)
         if name not in found or bits is None:
             raise ValueError(f"{path} does not match config.json: the pruned expert weight {name!r} or its mask_bits is missing")
-        n, m = parse_sparsity(rec["sparsity"])
-        prune_experts(model, [found[name]], n, m, masks={name: unpack_mask(bits, model.get_parameter(name).shape)})
+        groups[parse_sparsity(rec["sparsity"])][name] = unpack_mask(bits, model.get_parameter(name).shape)
+    for (n, m), masks in groups.items():
+        prune_experts(model, [found[name] for name in masks], n, m, masks=masks)
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
@@ -158,12 +162,8 @@ def _checked_record(record, where: str, version: int) -> dict:
     return record
 
 
-def _read_json(path: str) -> object:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is corrupt (not valid JSON: {e}); re-save the model with slope.save_pretrained") from e
+def _read_json(path: str) -> dict:
+    return read_json_object(path, lambda why: ValueError(f"{path} is corrupt ({why}); re-save the model with slope.save_pretrained"))
 
 
 def _read_slope_config(directory: str) -> tuple[dict, int]:
@@ -179,7 +179,7 @@ def _read_slope_config(directory: str) -> tuple[dict, int]:
     config_path = os.path.join(directory, "config.json")
     if os.path.isfile(config_path):
         config = _read_json(config_path)
-        if isinstance(config, dict) and "slope_config" in config:
+        if "slope_config" in config:
             return _checked_record(config["slope_config"], f"{config_path} (its slope_config)", _VERSION), _VERSION
     path = os.path.join(directory, SLOPE_CONFIG_NAME)
     if os.path.isfile(path):
@@ -219,8 +219,7 @@ def _load_tensors(directory: str) -> dict[str, torch.Tensor]:
     index = os.path.join(directory, INDEX_NAME)
     if not os.path.isfile(index):
         return _load_file(os.path.join(directory, WEIGHTS_NAME))
-    content = _read_json(index)
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index} has no weight_map; re-save the model with slope.save_pretrained")
     tensors = {}

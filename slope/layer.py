@@ -19,6 +19,7 @@ the weights or masks change (after an optimizer step, ``load_state_dict`` or ``.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from slope import registry
 from slope.backends import SparseBackend, resolve_backend
+from slope.backends.kept import operand_from_kept, operand_pattern
 from slope import kernels
 from slope.kernels import compress_2to4, metadata_dtype
 from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, pack_mask, transposable_mask, unpack_mask
@@ -174,6 +176,8 @@ class SparseLinear(nn.Module):
         self._backends: dict[tuple, SparseBackend] = {}
         self._offsets: tuple[tuple, torch.Tensor] | None = None
         self._validated_mask: tuple | None = None  # key of the M version _check_mask accepted
+        # (weak reference, version) of the last state dict's mask_bits found exactly N:M (_state_mask_fits)
+        self._fitting_state_mask: tuple | None = None
         registry.register(self)
 
     # ------------------------------------------------------------------ construction
@@ -253,7 +257,10 @@ class SparseLinear(nn.Module):
         if errors:  # nothing of a mismatched state is written into this layer
             error_msgs.extend(errors)
             return
+        before = self._mask_key()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "mask_bits" in state_dict and self._mask_key() != before:
+            self._validated_mask = self._mask_key()  # M is the mask state_errors just found N:M: not checked again at first use
 
     def state_errors(self, state_dict: dict, prefix: str = "") -> list[str]:
         """Why the entries of ``state_dict`` under ``prefix`` cannot load into this layer, one line
@@ -275,9 +282,25 @@ class SparseLinear(nn.Module):
             elif bits is not None and tuple(bits.shape) != tuple(self.mask_bits.shape):
                 errors.append(f"{name}: the checkpoint's {key} is {tuple(bits.shape)}, expected {tuple(self.mask_bits.shape)} (a layer of another size)")
         bits = state_dict.get(prefix + "mask_bits")
-        if not errors and bits is not None and not is_nm_sparse(unpack_mask(bits, (self.out_features, self.in_features)), self.n, self.m, exact=True):
+        if not errors and bits is not None and not self._state_mask_fits(bits):
             errors.append(f"{name}: the checkpoint's mask is not {self.n}:{self.m}; prune the model with the checkpoint's sparsity")
         return errors
+
+    def _state_mask_fits(self, bits: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+        """Whether a state dict's packed ``mask_bits`` (uint8, this layer's size; ``mask``: them
+        unpacked, when the caller has that) keep exactly N of every M. The last tensor found so is
+        remembered (a weak reference and its version: an in-place change or another tensor is
+        checked afresh), so validating a state dict before loading it
+        (:func:`slope.statecheck.check_model_state`, :func:`slope.serialization.dense_form.native_entries`)
+        and the load's own check unpack and count each mask once."""
+        seen = self._fitting_state_mask
+        if seen is not None and seen[0]() is bits and seen[1] == bits._version:
+            return True
+        mask = unpack_mask(bits, (self.out_features, self.in_features)) if mask is None else mask
+        if not is_nm_sparse(mask, self.n, self.m, exact=True):
+            return False
+        self._fitting_state_mask = (weakref.ref(bits), bits._version)
+        return True
 
     def _upgrade_legacy_masks(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> None:
         """In ``state_dict`` (in place), replace bool ``mask`` / ``mask_t`` entries (checkpoints
@@ -479,23 +502,17 @@ class SparseLinear(nn.Module):
         with torch.no_grad():
             structure = self._operand_structure(backend, which, dtype, device)
             values = self.values.detach()
-            if structure is not None:
-                if which == "forward":
-                    kept = values.to(dtype)
-                else:
-                    kept = kernels.transpose_kept_2to4(values, self.mask_bits, self.mask_t_bits, dtype)
-                operand = backend.operand_from_values(kept, structure)
-                held = backend.operand_values(operand)
+            if structure is not None or self._triton_2to4(values):  # from kept values (one Triton pass)
+                mask_t = self.mask_t_bits if which == "backward" else None  # the inference-only form has no M_t
+                operand, kept = operand_from_kept(backend, which, values, self.mask_bits, mask_t, dtype, structure)
+                held = None if kept is None else backend.operand_values(operand)
                 if kept is not values and held is not None and held.data_ptr() == kept.data_ptr():
                     buffer = kept
             elif which == "forward":
                 operand = backend.make_operand(self.dense_weight(dtype), self.mask)
             else:
                 mask_t = self.mask_t
-                if self._triton_2to4(values):  # one Triton pass
-                    backward_t = kernels.transpose_kept_2to4(values, self.mask_bits, self.mask_t_bits, dtype, dense=True)
-                else:
-                    backward_t = self.dense_weight(dtype).mul_(mask_t).t().contiguous()
+                backward_t = self.dense_weight(dtype).mul_(mask_t).t().contiguous()
                 operand = backend.make_operand(backward_t, mask_t.t().contiguous())
         self._operands[key] = (version, operand, buffer)
         return operand
@@ -543,10 +560,7 @@ class SparseLinear(nn.Module):
         key = (which, dtype, device, id(backend))
         cached = self._structures.get(key)
         if cached is None or cached[0] != version:
-            if which == "forward":
-                pattern = self.mask
-            else:
-                pattern = kernels.stored_mask_2to4(self.mask_t.t().contiguous())
+            pattern = operand_pattern(which, unpack_mask(stored, (self.out_features, self.in_features)))
             cached = (version, backend.operand_structure(pattern, dtype))
             self._structures[key] = cached
         return cached[1]
@@ -649,13 +663,14 @@ class SparseLinear(nn.Module):
         # Cached operands and backend objects (GPU handles) are rebuilt on use, never copied/pickled.
         state = super().__getstate__()
         state["_operands"], state["_structures"], state["_backends"], state["_offsets"] = {}, {}, {}, None
-        state["_validated_mask"] = None
+        state["_validated_mask"] = state["_fitting_state_mask"] = None
         state["_zeroed_grad"] = None
         return state
 
     def __setstate__(self, state):
         state.setdefault("_structures", {})  # layers pickled before the cache existed
         state.setdefault("_validated_mask", None)
+        state.setdefault("_fitting_state_mask", None)
         state.setdefault("weight_transposed", False)
         state.setdefault("keep_dense_grad", False)  # layers pickled before dynamic sparsity
         state.setdefault("dense_grad", None)

@@ -15,12 +15,12 @@ this architecture (:func:`config_from_dict`) whatever happens to the file later.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch.nn as nn
 
 from slope.config import ConfigError, TrainConfig
+from slope.serialization.jsonfile import read_json_object
 
 __all__ = ["build_causal_lm", "causal_lm_config", "config_from_dict", "describe", "size_mismatch"]
 
@@ -61,10 +61,7 @@ def _from_file(spec: str, path: Path):
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"model_config = {spec!r}: the folder has no config.json; give a config JSON file, its folder, or a model type")
-    try:
-        model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ConfigError(f"model_config = {spec!r}: {file} is not a JSON object ({e})") from e
+    model_type = read_json_object(file, lambda why: ConfigError(f"model_config = {spec!r}: {file} is not a JSON object ({why})")).get("model_type")
     if not model_type:
         raise ConfigError(f"model_config = {spec!r}: {file} has no \"model_type\" (e.g. \"qwen2\"); add it")
     try:

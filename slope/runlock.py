@@ -14,6 +14,8 @@ import os
 import socket
 from pathlib import Path
 
+from slope.serialization.jsonfile import read_json_object
+
 __all__ = ["RunLock", "RunLockError"]
 
 LOCK_NAME = ".lock"
@@ -33,11 +35,7 @@ class RunLock:
         self._fd: int | None = None
 
     def _holder(self) -> dict:
-        try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return holder if isinstance(holder, dict) else {}
+        return read_json_object(self.path) or {}
 
     def _lock_file(self) -> int:
         """An open descriptor of the lock file, locked; retried if a finishing holder removed the

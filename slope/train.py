@@ -362,7 +362,7 @@ def _restore(ckpt: Checkpoint, model, dense_opt, sparse_opt, scaler: LossScaler,
     if not cfg.deepspeed:  # (DeepSpeed partitions the state: loaded into its engine by _data_parallel)
         dense_opt.load_state_dict(ckpt.optimizers["dense"])
     if sparse_opt is not None:
-        sparse_opt.load_state_dict(ckpt.optimizers["sparse"])
+        sparse_opt.load_state_dict(ckpt.optimizers["sparse"], checked=True)  # by check_state_fits above
     scaler.load_state_dict(ckpt.trainer_state["scaler"])
     restore_rng(ckpt.rng_tensors, ckpt.trainer_state["rng"])
     return bool(ckpt.lora_attached), bool(ckpt.dense_tail)

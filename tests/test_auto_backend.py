@@ -272,6 +272,26 @@ def test_rebuilds_timed_are_the_layers_own(make_only):
         torch.testing.assert_close(dense, ReferenceBackend().matmul(torch.eye(shape[1]), (values, meta)).t(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_layer_operands_are_the_shared_builders(direction):
+    """SparseLinear's cached operand multiplies exactly like slope.backends.kept.operand_from_kept's
+    (what the chooser's timed rebuild runs), for a backend building from kept values (reference)
+    and one that only has make_operand."""
+    from slope.backends.kept import operand_from_kept, operand_pattern
+    from slope.layer import SparseLinear
+
+    layer = SparseLinear.from_dense(torch.randn(32, 64), compress=True, backend="reference")
+    x = torch.randn(5, 64 if direction == "forward" else 32)
+    for backend in (ReferenceBackend(), MakeOperandOnly()):
+        kept_mask = layer.mask if direction == "forward" else layer.mask_t
+        structure = backend.operand_structure(operand_pattern(direction, kept_mask), torch.float32)
+        shared, kept = operand_from_kept(backend, direction, layer.values.detach(), layer.mask, layer.mask_t,
+                                         torch.float32, structure)
+        assert (kept is not None) == (backend.name == "reference")
+        own = layer._operand(direction, torch.float32, CPU, backend)
+        torch.testing.assert_close(backend.matmul(x, own), backend.matmul(x, shared), rtol=0, atol=0)
+
+
 def test_triton_is_dropped_where_it_cannot_win():
     from slope.backends.auto import AutoChoice
 

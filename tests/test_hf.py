@@ -147,6 +147,34 @@ def test_gradient_accumulation_steps_once_per_update(tmp_path, monkeypatch):
         torch.testing.assert_close(grads[2][name], g, rtol=1e-4, atol=1e-6)
 
 
+def test_the_model_is_walked_once_per_optimizer_step(tmp_path, monkeypatch):
+    """The callback's events of one step (exposing gradients, lazy adapters, the sparse step, the
+    expert masks) share one walk of the model's modules; a model changed between steps is walked
+    afresh."""
+    import types
+
+    import slope.moe
+
+    walked, masks_looked_up = [], []
+    real_walk, real_expert_masks = slope.hf.sparse_modules, slope.moe.expert_masks
+    monkeypatch.setattr(slope.hf, "sparse_modules", lambda model: walked.append(1) or real_walk(model))
+    monkeypatch.setattr(slope.moe, "expert_masks", lambda model: masks_looked_up.append(1) or real_expert_masks(model))
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    callback = SparseOptimizerCallback(ADAMWSparse(model), lazy_lora_fraction=0.5, lora_rank=2)
+    make_trainer(model, tmp_path, [callback], steps=4, gradient_accumulation_steps=2, batch=4).train()
+    assert len(walked) == 1 + 4 and len(masks_looked_up) == 4  # on_train_begin, then one per step
+    assert all(layer.lora_rank == 2 for _, layer in sparse_modules(model))
+    # the walk is keyed on the step: layers pruned between steps are found at the next one
+    model = tiny_model("llama", targets=["*.mlp.*"])
+    state = types.SimpleNamespace(global_step=7)
+    assert len(callback._model_parts(model, state)[0]) == 3
+    prune_model(model, compress=True, targets=["*.self_attn.*"], verbose=False)
+    assert len(callback._model_parts(model, state)[0]) == 3  # same step: the same walk
+    state.global_step = 8
+    assert len(callback._model_parts(model, state)[0]) == 7
+
+
 def test_joint_clipping(tmp_path):
     model = tiny_model("gpt2")
     sparse_opt = RecordingADAMWSparse(model)

@@ -105,6 +105,31 @@ def test_round_trip_is_exact(arch, dtype, kwargs, tmp_path):
         assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
 
 
+def test_loading_counts_each_mask_once(tmp_path, monkeypatch):
+    """from_pretrained of a compressed model rebuilds values and meta from the dense form and loads
+    them: each layer's mask is checked to be N:M once (not again by gather, scatter, the load or
+    the first forward)."""
+    import slope.layer
+    import slope.serialization.dense_form as dense_form
+
+    model = tiny("llama")
+    save_pretrained(model, tmp_path)
+    counted, unchecked, real_offsets = [], [], dense_form._kept_offsets
+    real_is_nm = slope.layer.is_nm_sparse
+    monkeypatch.setattr(slope.layer, "is_nm_sparse", lambda *a, **k: counted.append(1) or real_is_nm(*a, **k))
+
+    def kept_offsets(mask, n, m, checked=False):
+        unchecked.extend([] if checked else [1])
+        return real_offsets(mask, n, m, checked)
+
+    monkeypatch.setattr(dense_form, "_kept_offsets", kept_offsets)
+    loaded = from_pretrained(tmp_path)
+    layers = [layer for _, layer in sparse_modules(loaded)]
+    assert len(counted) == len(layers) == 7 and not unchecked
+    assert all(layer._validated_mask == layer._mask_key() for layer in layers)
+    assert torch.equal(logits(model), logits(loaded))
+
+
 def test_round_trip_mixed_arguments_and_merged_form(tmp_path):
     model = AutoModelForCausalLM.from_config(CONFIGS["mistral"]())
     prune_model(model, compress=True, targets=["*.mlp.*"], add_lora=True, lora_rank=4, verbose=False)

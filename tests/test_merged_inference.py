@@ -269,3 +269,24 @@ def test_fused_decode_layers_take_one_launch_and_equal_unmerged(monkeypatch):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="choose one of gemm, fused"):
         set_decode_kernel(model, "cublas")
+
+
+def test_decode_operands_are_built_once_until_a_source_changes(monkeypatch):
+    """The fused decode's operands (metadata of M, s·A⊙M_A, B) are cached per version of the mask
+    and adapters: repeated decode steps build them once; an in-place change of A rebuilds them."""
+    import slope.kernels as kernels
+
+    model = _model("reference", 8, torch.float32)
+    merge_lora(model)
+    freeze_for_inference(model)
+    layer, cpu = model.fc1, torch.device("cpu")
+    built, compress = [], kernels.compress_2to4
+    monkeypatch.setattr(kernels, "compress_2to4", lambda *args, **kw: built.append(1) or compress(*args, **kw))
+    meta, a_scaled, b = layer._decode_operands(torch.float32, cpu)
+    for _ in range(3):
+        assert all(x is y for x, y in zip(layer._decode_operands(torch.float32, cpu), (meta, a_scaled, b)))
+    assert len(built) == 1
+    assert torch.equal(meta, compress(layer.mask.float(), layer.mask)[1])
+    with torch.no_grad():
+        layer.lora_A.mul_(2)
+    torch.testing.assert_close(layer._decode_operands(torch.float32, cpu)[1], 2 * a_scaled, rtol=0, atol=0)

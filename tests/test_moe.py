@@ -130,6 +130,28 @@ def test_pruned_experts_round_trip_through_save_pretrained(tmp_path):
     assert torch.equal(fresh(ids()).logits, model(ids()).logits)
 
 
+def test_loading_wraps_the_expert_masks_once(tmp_path, monkeypatch):
+    """from_pretrained restores all expert masks of one sparsity with one ExpertMasks (it built one
+    per tensor, re-wrapping and re-applying the earlier ones each time)."""
+    import slope.moe
+
+    model = build("qwen2_moe")
+    prune_model(model, compress=True, experts=True, verbose=False)
+    model.save_pretrained(tmp_path)
+    built, real_init = [], slope.moe.ExpertMasks.__init__
+
+    def counting_init(self, params, masks, structure):
+        built.append(sorted(params))
+        real_init(self, params, masks, structure)
+
+    monkeypatch.setattr(slope.moe.ExpertMasks, "__init__", counting_init)
+    loaded = from_pretrained(tmp_path)
+    names = sorted(expert_masks(model).masks)
+    assert len(names) >= 2 and built == [names]
+    a, b = expert_masks(model), expert_masks(loaded)
+    assert a.structure == b.structure and all(torch.equal(a.masks[k], b.masks[k]) for k in names)
+
+
 def test_transposed_expert_layout_is_masked_along_its_input_dimension():
     class TransposedExperts(nn.Module):  # stored (E, in, out), as transformers' is_transposed experts
         is_transposed = True

@@ -19,7 +19,7 @@ import torch.nn as nn
 import slope.checkpoint_store as store
 import slope.durable as durable
 from slope import prune_model
-from slope.checkpoint import read_checkpoint, save_checkpoint, verify_checkpoint
+from slope.checkpoint import FILES, read_checkpoint, save_checkpoint, verify_checkpoint
 from slope.cli import main
 from slope.config import TrainConfig
 from slope.durable import StorageError, append_line
@@ -237,6 +237,30 @@ def test_resume_between_the_renames_continues_the_run(run, capsys):
     assert _names(run) == ["checkpoint", "loss.png", "metrics.jsonl"] and read_checkpoint(base).step == 4
 
 
+def test_a_crashed_save_is_hashed_once_from_discovery_to_load(run, monkeypatch):
+    """--resume of a run killed after writing checkpoint.tmp/: the CLI's look for the newest
+    checkpoint, recover() (which publishes .tmp and verifies the one it rotates out) and
+    read_checkpoint hash each file once (three times each for the published one before)."""
+    import slope.filestamp as filestamp
+
+    base, tmp = run / "checkpoint", run / "checkpoint.tmp"
+    shutil.copytree(base, tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    (tmp / "manifest.json").write_text(json.dumps({**manifest, "serial": manifest["serial"] + 1}))
+    past = time.time_ns() - 100 * 10**9  # written a while ago, like a crashed run's files
+    for path in (*base.iterdir(), *tmp.iterdir()):
+        os.utime(path, ns=(past, past))
+    hashed = []
+
+    def counting_open(path, *args, **kwargs):
+        hashed.append(os.stat(path).st_ino)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(filestamp, "open", counting_open, raising=False)
+    assert main(["train", "--out", str(run), "--resume", "--stop-after", "3"]) == 0
+    assert len(hashed) == len(set(hashed)) == 2 * len(FILES)  # both checkpoints' files, once each
+
+
 # ---------------------------------------------------------------------- 6. full disks
 def _disk_full_after(monkeypatch, budget: int):
     """Every low-level write fails with ENOSPC once ``budget`` bytes have been written."""
@@ -399,6 +423,45 @@ def test_model_and_dense_optimizer_states_are_checked_before_loading():
     opt_a.step()
     with pytest.raises(StateDictError, match=r"weight: exp_avg is \(8, 4\), the parameter is \(4, 4\)"):
         check_optimizer_state(opt_b, opt_a.state_dict(), ["weight", "bias"])
+
+
+def _counting(monkeypatch, module, name: str) -> list:
+    """Count the calls of ``module.name`` (still calling it)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def test_a_state_dict_checked_before_loading_is_validated_once(monkeypatch):
+    """check_model_state then load_state_dict count each mask once, and the loaded M is not
+    counted again at first use; a mask changed in place after the check is checked again."""
+    import slope.layer
+
+    source, target = _mlp("2:4"), _mlp("2:4")
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    counted = _counting(monkeypatch, slope.layer, "is_nm_sparse")
+    check_model_state(target, state)
+    target.load_state_dict(state)
+    assert len(counted) == 2  # one per SLoPe layer
+    layers = [target[0], target[2]]
+    assert all(layer._validated_mask == layer._mask_key() for layer in layers)
+    torch.testing.assert_close(target(torch.ones(2, 64)), source(torch.ones(2, 64)), rtol=0, atol=0)
+    check_model_state(target, state)
+    state["0.mask_bits"].zero_()  # after the check: keeps 0 of every 4
+    with pytest.raises(RuntimeError, match="0: the checkpoint's mask is not 2:4"):
+        target.load_state_dict(state)
+
+
+def test_resume_validates_masks_and_optimizer_states_once(run, monkeypatch):
+    """slope train --resume checks the checkpoint's masks and optimizer states before loading
+    anything, and the loads do not check them again (7 SLoPe layers; AdamW and ADAMWSparse)."""
+    import slope.layer
+    import slope.statecheck
+
+    masks = _counting(monkeypatch, slope.layer, "is_nm_sparse")
+    optimizers = _counting(monkeypatch, slope.statecheck, "check_optimizer_state")
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert len(masks) == 7 and len(optimizers) == 2
 
 
 # ---------------------------------------------------------------------- 4. one run per folder

@@ -5,8 +5,10 @@ back (with a warning). Fake libraries are compiled with the C compiler in millis
 nvcc build of the library is the slow test at the end (~1.5-12 min on 2 shared cores)."""
 import ctypes
 import json
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +44,11 @@ def _fake_library(folder, key: str, manifest_key: str | None = None, source: str
 @pytest.fixture(autouse=True)
 def _fresh_loader():
     lib._load_checked.cache_clear()
+    lib._check_cached.cache_clear()
     cutlass_sm90._build.cache_clear()
     yield
     lib._load_checked.cache_clear()
+    lib._check_cached.cache_clear()
     cutlass_sm90._build.cache_clear()
 
 
@@ -97,6 +101,44 @@ def test_mismatched_library_is_refused_with_a_clear_message(tmp_path, damage, me
     loaded, why = lib.load(library)
     assert loaded is None and message in why and "\n" not in why
     assert why.endswith("rebuild it: python -m slope.kernels.cutlass_sm90_lib build")
+
+
+def _dated(path, seconds_ago: int):
+    """Date ``path``'s mtime ``seconds_ago`` back: what a file untouched for a while looks like (a
+    file modified in the last 2 s has no stamp and is checked on every call)."""
+    os.utime(path, ns=(path.stat().st_atime_ns, time.time_ns() - seconds_ago * 10**9))
+
+
+def test_check_hashes_once_per_file_state_and_notices_changes(tmp_path, monkeypatch):
+    """Repeated checks of unchanged files read nothing (no hashing); touching the library,
+    rewriting its manifest (same size) or editing a source is noticed and checked afresh; a file
+    just written is checked on every call."""
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    for name in lib._KEYED:
+        shutil.copy(cutlass_sm90.CUDA_SOURCES / name, sources / name)
+    monkeypatch.setattr(cutlass_sm90, "CUDA_SOURCES", sources)
+    library = _fake_library(tmp_path, lib.build_key())
+    hashed = []
+    real_sha256 = lib._sha256
+    monkeypatch.setattr(lib, "_sha256", lambda path: hashed.append(Path(path)) or real_sha256(path))
+    assert [lib.check(library) for _ in range(2)] == [None] * 2 and len(hashed) == 2  # just built: no stamp
+    for path in (library, lib.manifest_path(library), *(sources / name for name in lib._KEYED)):
+        _dated(path, 100)
+    assert [lib.check(library) for _ in range(3)] == [None] * 3 and len(hashed) == 3
+    _dated(library, 90)  # touched
+    assert lib.check(library) is None and len(hashed) == 4
+    manifest = json.loads(lib.manifest_path(library).read_text())
+    lib.manifest_path(library).write_text(json.dumps({**manifest, "sha256": "0" * 64}))  # same size
+    _dated(lib.manifest_path(library), 80)
+    assert "differs from the file its manifest describes" in lib.check(library) and len(hashed) == 5
+    lib.manifest_path(library).write_text(json.dumps(manifest))
+    _dated(lib.manifest_path(library), 70)
+    assert lib.check(library) is None and len(hashed) == 6
+    (sources / lib._KEYED[-1]).write_bytes((sources / lib._KEYED[-1]).read_bytes() + b"\n")
+    _dated(sources / lib._KEYED[-1], 60)
+    assert "built from other sources or flags" in lib.check(library)
+    assert lib.check(library) == lib.check(library) and lib._check_cached.cache_info().hits >= 2
 
 
 def test_library_missing_a_symbol_is_refused(tmp_path):

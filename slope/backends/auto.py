@@ -54,6 +54,7 @@ from slope.masks import nm_mask
 from . import AUTO_ORDER_CUDA, backend_class
 from .base import SparseBackend
 from .dense import DenseBackend, RowTiledBackend
+from .kept import operand_from_kept, operand_pattern
 
 __all__ = ["AutoChoice", "AutoBackendChooser", "AUTO_CHOOSER", "cuda_event_timer"]
 
@@ -304,22 +305,10 @@ class _Problem:
 
     def rebuild(self, backend: SparseBackend) -> tuple[Callable[[], object], bool]:
         """What the layer runs to rebuild this operand after a step, and whether it is from kept values."""
-        forward = self.direction == "forward"
-        if forward:
-            stored = self.mask
-        else:
-            stored = kernels.stored_mask_2to4(self.mask_t.t().contiguous())
-        structure = backend.operand_structure(stored, self.dtype)
-        if structure is not None:
-            if forward:
-                return (lambda: backend.operand_from_values(self.values.to(self.dtype), structure)), True
-            return (lambda: backend.operand_from_values(
-                kernels.transpose_kept_2to4(self.values, self.mask, self.mask_t, self.dtype), structure)), True
-        if forward:
-            return (lambda: backend.make_operand(kernels.scatter_kept_2to4(self.values, self.mask, self.dtype), self.mask)), False
-        mask_t = self.mask_t.t().contiguous()
-        return (lambda: backend.make_operand(
-            kernels.transpose_kept_2to4(self.values, self.mask, self.mask_t, self.dtype, dense=True), mask_t)), False
+        kept_mask = self.mask if self.direction == "forward" else self.mask_t
+        structure = backend.operand_structure(operand_pattern(self.direction, kept_mask), self.dtype)
+        return (lambda: operand_from_kept(backend, self.direction, self.values, self.mask, self.mask_t, self.dtype,
+                                          structure)[0]), structure is not None
 
 
 #: the process-wide chooser used by :class:`slope.layer.SparseLinear` for ``backend="auto"`` on CUDA.

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from slope.filestamp import file_stamp
+from slope.serialization.jsonfile import read_json_object
 from slope.kernels import cutlass_sm90 as _sm90
 
 __all__ = ["LIB_SOURCES", "build_flags", "build_key", "default_library_path", "manifest_path", "build", "check",
@@ -139,13 +141,36 @@ def build(out_dir: Path | str | None = None, *, nvcc: str | None = None, verbose
 
 def check(library: Path | str | None = None) -> str | None:
     """Why the library at ``library`` (default :func:`default_library_path`) must not be used for
-    these sources, without loading it (files only), or None when its manifest matches."""
+    these sources, without loading it (files only), or None when its manifest matches.
+
+    The verdict is cached per process, keyed on the :func:`slope.filestamp.file_stamp` of the
+    library, its manifest and every keyed source plus :func:`build_flags`: a repeated call (every
+    availability query on the GPU machine) only stats those files instead of hashing the ~1.3 MB
+    library and the sources again, and a file that is rewritten, touched, replaced or removed
+    changes the key and is checked afresh (one modified in the last two seconds has no stamp: it
+    is checked every time). The cache holds immutable verdicts (``str`` or None) only, so nothing
+    one model or library path does can change another's answer."""
     library = Path(library) if library else default_library_path()
+    files = (library, manifest_path(library), *(Path(_sm90.CUDA_SOURCES) / name for name in _KEYED))
+    stamps = tuple(file_stamp(f) for f in files)
+    if None in stamps:  # a file missing or just written: nothing to key a verdict on
+        return _check_files(library)
+    return _check_cached(str(library), stamps, tuple(build_flags()))
+
+
+@functools.lru_cache(maxsize=32)
+def _check_cached(library: str, stamps: tuple, flags: tuple) -> str | None:
+    """:func:`_check_files` of ``library``; ``stamps`` and ``flags`` only key the cache."""
+    return _check_files(Path(library))
+
+
+def _check_files(library: Path) -> str | None:
+    """:func:`check`'s work: read the manifest, key the sources, hash the library."""
     if not library.is_file():
         return f"no prebuilt cutlass-sm90 library at {library}; {_REBUILD}"
     manifest_file = manifest_path(library)
     try:
-        manifest = json.loads(manifest_file.read_text())
+        manifest = read_json_object(manifest_file, ValueError)
         built_key, built_sha = manifest["key"], manifest["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"prebuilt library {library} has no readable manifest {manifest_file.name} ({type(exc).__name__}); {_REBUILD}"

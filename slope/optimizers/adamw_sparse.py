@@ -237,13 +237,16 @@ class ADAMWSparse(torch.optim.Optimizer):
             finite.append(torch.isfinite(g).all().to(grads[0].device))
         return not bool(torch.stack(finite).all())
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, *, checked: bool = False) -> None:
         """Load a state dict of this optimizer over layers of the same shapes and sparsity; anything
         else (another N:M, another model) is a ``ValueError`` naming the layer, raised before any
-        state changes (wrong-shaped moments would corrupt memory in the fused step)."""
+        state changes (wrong-shaped moments would corrupt memory in the fused step). ``checked``:
+        the caller has just validated ``state_dict`` against this optimizer
+        (:func:`slope.checkpoint.check_state_fits`), so it is not validated twice."""
         from slope.statecheck import check_optimizer_state
 
-        check_optimizer_state(self, state_dict, [layer.layer_name or f"layer {i}" for i, layer in enumerate(self.layers())])
+        if not checked:
+            check_optimizer_state(self, state_dict, [layer.layer_name or f"layer {i}" for i, layer in enumerate(self.layers())])
         # torch casts floating state to the parameter dtype on load; our moments stay fp32.
         saved = {k: {name: v for name, v in s.items() if torch.is_tensor(v)} for k, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)

@@ -20,7 +20,6 @@ enough): it is imported only inside these functions.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from slope.serialization.jsonfile import read_json_object
 from slope.parallel.wrap import (
     SYNC_ATTR,
     SparseGradSync,
@@ -75,12 +75,9 @@ def load_deepspeed_config(config: str | os.PathLike | dict, gradient_clipping: f
     if not isinstance(config, dict):
         path = os.fspath(config)
         try:
-            with open(path) as handle:
-                config = json.load(handle)
+            config = read_json_object(path, lambda why: ValueError(f"DeepSpeed config {path!r}: {why}"))
         except FileNotFoundError:
             raise FileNotFoundError(f"DeepSpeed config {path!r} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {exc}") from None
     stage = int(config.get("zero_optimization", {}).get("stage", 0))
     if stage not in (0, 1, 2):
         raise ValueError(

@@ -7,7 +7,6 @@ go through). Its deltas save alone (:meth:`SftModel.save_pretrained`: ``adapter_
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 
@@ -16,6 +15,7 @@ import torch.nn as nn
 
 from slope.peft.config import CONFIG_NAME, WEIGHTS_NAME, SftConfig
 from slope.prune import _set_submodule
+from slope.serialization.jsonfile import read_json_object
 from slope.peft.delta import SftLinear, SparseDelta
 from slope.peft.targets import allocate, find_targets, random_indices
 
@@ -183,8 +183,8 @@ class SftModel(nn.Module):
         for path in (config_path, weights_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} not found: pass a folder written by SftModel.save_pretrained")
-        with open(config_path) as f:
-            raw = json.load(f)
+        raw = read_json_object(config_path, lambda why: ValueError(
+            f"{config_path} is corrupt ({why}); pass a folder written by SftModel.save_pretrained"))
         config = SftConfig.from_dict(raw)
         config.inference_mode = not is_trainable
         tensors = load_file(weights_path)

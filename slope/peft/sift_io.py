@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from slope.peft.model import FINGERPRINT_RTOL, fingerprint
+from slope.serialization.jsonfile import read_json_object
 
 __all__ = ["SIFT_CONFIG", "SIFT_WEIGHTS", "load_sift", "save_sift"]
 
@@ -83,8 +84,8 @@ def load_sift(model: nn.Module, directory: str | os.PathLike, sign: int = 1) -> 
             raise FileNotFoundError(f"{path} not found: pass a folder written by SIFT.save_pretrained")
     if sign not in (1, -1):
         raise ValueError(f"sign must be 1 (add the increments) or -1 (remove them), got {sign!r}")
-    with open(config_path) as f:
-        recorded = json.load(f)["base_model"]
+    recorded = read_json_object(config_path, lambda why: ValueError(
+        f"{config_path} is corrupt ({why}); pass a folder written by SIFT.save_pretrained"))["base_model"]
     tensors = load_file(weights_path)
     if sign == 1:
         params = _check_base(model, recorded, directory)

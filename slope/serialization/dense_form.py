@@ -32,26 +32,31 @@ __all__ = ["dense_form_state_dict", "native_entries", "scatter_kept", "gather_ke
 DENSE_FORM_EXTRAS = ("mask_bits", "mask_t_bits", "values", "lora_A", "lora_B", "lora_A_mask")
 
 
-def _kept_offsets(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """``int64 (out, in/M, N)``: positions of the kept entries inside each group of M (ascending)."""
+def _kept_offsets(mask: torch.Tensor, n: int, m: int, checked: bool = False) -> torch.Tensor:
+    """``int64 (out, in/M, N)``: positions of the kept entries inside each group of M (ascending);
+    ``checked``: the caller already knows ``mask`` keeps exactly N of every M."""
     groups = mask.reshape(mask.shape[0], -1, m)
-    if not bool((groups.sum(-1) == n).all()):
+    if not checked and not bool((groups.sum(-1) == n).all()):
         raise ValueError(f"the mask does not keep exactly {n} of every {m} inputs")
     return torch.sort(groups.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :n]
 
 
-def scatter_kept(values: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """``W⊙M (out, in)`` in ``values``' dtype from ``values (out, in·N/M)`` and ``mask (out, in)`` bool."""
+def scatter_kept(values: torch.Tensor, mask: torch.Tensor, n: int, m: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """``W⊙M (out, in)`` in ``values``' dtype from ``values (out, in·N/M)`` and ``mask (out, in)`` bool
+    (``offsets``: its :func:`_kept_offsets`, when already made)."""
     out, cols = mask.shape
     dense = torch.zeros(out, cols, dtype=values.dtype, device=values.device)
-    dense.view(out, -1, m).scatter_(-1, _kept_offsets(mask, n, m), values.reshape(out, -1, n))
+    offsets = _kept_offsets(mask, n, m) if offsets is None else offsets
+    dense.view(out, -1, m).scatter_(-1, offsets, values.reshape(out, -1, n))
     return dense
 
 
-def gather_kept(dense: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """The kept entries of ``dense (out, in)`` as ``values (out, in·N/M)`` (inverse of :func:`scatter_kept`)."""
+def gather_kept(dense: torch.Tensor, mask: torch.Tensor, n: int, m: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """The kept entries of ``dense (out, in)`` as ``values (out, in·N/M)`` (inverse of :func:`scatter_kept`;
+    ``offsets`` as there)."""
     out = dense.shape[0]
-    return dense.reshape(out, -1, m).gather(-1, _kept_offsets(mask, n, m)).reshape(out, -1).contiguous()
+    offsets = _kept_offsets(mask, n, m) if offsets is None else offsets
+    return dense.reshape(out, -1, m).gather(-1, offsets).reshape(out, -1).contiguous()
 
 
 def _effective(entries: dict, layer: nn.Module) -> torch.Tensor:
@@ -114,12 +119,18 @@ def native_entries(layer: nn.Module, state_dict: dict, prefix: str, error_msgs: 
     dense = weight.t() if layer.weight_transposed else weight
     try:
         mask = unpack_mask(bits, shape).to(dense.device)
-        if prefix + "values" not in state_dict:
-            state_dict[prefix + "values"] = gather_kept(dense, mask, layer.n, layer.m)
-        if layer.meta is not None and prefix + "meta" not in state_dict:
+        need_values = prefix + "values" not in state_dict
+        need_meta = layer.meta is not None and prefix + "meta" not in state_dict
+        if need_values or need_meta:  # checked once here; the layer's load then knows these bits
+            if not layer._state_mask_fits(bits, mask):
+                raise ValueError(f"the mask does not keep exactly {layer.n} of every {layer.m} inputs")
+            offsets = _kept_offsets(mask, layer.n, layer.m, checked=True)
+        if need_values:
+            state_dict[prefix + "values"] = gather_kept(dense, mask, layer.n, layer.m, offsets)
+        if need_meta:
             from slope.kernels import compress_2to4
 
             values = state_dict[prefix + "values"]
-            state_dict[prefix + "meta"] = compress_2to4(scatter_kept(values, mask, layer.n, layer.m), mask)[1]
+            state_dict[prefix + "meta"] = compress_2to4(scatter_kept(values, mask, layer.n, layer.m, offsets), mask)[1]
     except ValueError as e:  # a mask of another shape or sparsity
         error_msgs.append(f"{name}: the checkpoint's mask does not fit this {layer.n}:{layer.m} layer ({e})")

@@ -13,9 +13,10 @@ Kinds (:func:`folder_kind`):
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from slope.serialization.jsonfile import read_json_object
 
 __all__ = ["folder_kind", "describe_folder", "weight_keys"]
 
@@ -49,20 +50,12 @@ _DESCRIPTIONS = {
 }
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def weight_keys(directory: str | os.PathLike) -> list[str]:
     """Tensor names of the safetensors weights in ``directory`` (one file or an index; headers only)."""
     from safetensors import safe_open
 
     directory = Path(directory)
-    index = _read_json(directory / "model.safetensors.index.json")
+    index = read_json_object(directory / "model.safetensors.index.json")
     if index is not None and isinstance(index.get("weight_map"), dict):
         return sorted(index["weight_map"])
     try:
@@ -79,7 +72,7 @@ def folder_kind(path: str | os.PathLike) -> str:
         return "missing"
     if (path / "manifest.json").is_file() or (path / "checkpoint" / "manifest.json").is_file():
         return "slope-train"
-    config = _read_json(path / "config.json")
+    config = read_json_object(path / "config.json")
     if config is not None and "slope_config" in config:
         return "slope-pretrained"
     if (path / "slope_config.json").is_file():
