@@ -19,6 +19,7 @@ the weights or masks change (after an optimizer step, ``load_state_dict`` or ``.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Any
 
@@ -32,6 +33,10 @@ from slope.backends.kept import operand_from_kept, operand_pattern
 from slope import kernels
 from slope.kernels import compress_2to4, metadata_dtype
 from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, pack_mask, transposable_mask, unpack_mask
+
+#: Backward passes added into one ``values_grad`` without it being zeroed, after which a layer
+#: warns: far beyond any gradient accumulation, it means no ADAMWSparse steps and zeroes it.
+UNSTEPPED_BACKWARDS_WARNING = 256
 
 __all__ = ["SparseLinear"]
 
@@ -163,6 +168,7 @@ class SparseLinear(nn.Module):
         self.values_grad: torch.Tensor | None = None
         self.optimizer_steps = 0  # counted by ADAMWSparse: backend="auto" stops timing after the first ones
         self._zeroed_grad: tuple[torch.Tensor, int] | None = None  # see zero_values_grad
+        self._backwards_since_zero = 0  # backward passes added into values_grad since it was last fresh
         # Mask-update policies (RigL) set keep_dense_grad for a step whose full weight gradient
         # dyᵀx they need: the backward computes it anyway and then also adds it to dense_grad.
         self.keep_dense_grad = False
@@ -579,6 +585,12 @@ class SparseLinear(nn.Module):
                 self.dense_grad.add_(full_grad)
         grad, zeroed = self.values_grad, self._grad_is_zero()
         self._zeroed_grad = None
+        self._backwards_since_zero = 1 if grad is None or zeroed else self._backwards_since_zero + 1
+        if self._backwards_since_zero == UNSTEPPED_BACKWARDS_WARNING:
+            warnings.warn(
+                f"a SLoPe layer's values_grad has added up {UNSTEPPED_BACKWARDS_WARNING} backward passes without being "
+                "zeroed: the 2:4 weights train only through slope.ADAMWSparse(model) (torch optimizers skip them); "
+                "step it and call its zero_grad() every iteration, beside your dense optimizer", stacklevel=2)
         if self._triton_2to4(full_grad, self.values):
             if grad is None:
                 self.values_grad = kernels.gather_kept_2to4(full_grad, self.mask_bits, dtype=self.values.dtype)
@@ -675,6 +687,7 @@ class SparseLinear(nn.Module):
         state.setdefault("keep_dense_grad", False)  # layers pickled before dynamic sparsity
         state.setdefault("dense_grad", None)
         state.setdefault("_zeroed_grad", None)
+        state.setdefault("_backwards_since_zero", 0)
         state.setdefault("optimizer_steps", 0)
         buffers = state.get("_buffers", {})
         for old, new in (("mask", "mask_bits"), ("mask_t", "mask_t_bits")):  # pickled with bool masks

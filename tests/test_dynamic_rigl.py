@@ -417,3 +417,13 @@ def test_topk_mask_takes_an_exact_count():
     for kwargs, match in ((dict(), "either"), (dict(sparsity=0.5, keep=3), "either"), (dict(keep=36), r"\[0, 35\]")):
         with pytest.raises(ValueError, match=match):
             topk_mask(scores, **kwargs)
+
+
+def test_nm_step_refuses_a_torch_optimizer():
+    """With N:M the weights live in SLoPe layers: AdamW never steps them (they used to stay frozen, silently)."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    sparsifier = DynamicSparsity(model, total_steps=4, sparsity_type="2:4")
+    with pytest.raises(TypeError, match=r"got AdamW, but the 2:4 weights live in SLoPe layers.*slope.ADAMWSparse"):
+        sparsifier.step(torch.optim.AdamW(p for p in model.parameters() if p.requires_grad))
+    sparsifier.step(ADAMWSparse(model))
+    assert sparsifier.steps_done == 1

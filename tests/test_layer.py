@@ -532,3 +532,31 @@ def test_dense_weight_in_another_dtype_is_the_cast_copy():
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
         dense = layer.dense_weight(dtype)
         assert dense.dtype == dtype and torch.equal(dense, layer.dense_weight().to(dtype))
+
+
+def test_a_layer_warns_when_its_gradient_is_never_stepped(monkeypatch):
+    """prune_model + a torch optimizer alone: the 2:4 values never train; after many backward passes
+    into one un-zeroed values_grad the layer says why. An ADAMWSparse loop never hears it."""
+    import warnings
+
+    import slope.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "UNSTEPPED_BACKWARDS_WARNING", 4)
+    x = torch.randn(8, 64)
+
+    def layer():
+        torch.manual_seed(0)
+        return prune_model(nn.Sequential(nn.Linear(64, 64)), verbose=False)
+
+    model = layer()
+    with pytest.warns(UserWarning, match="added up 4 backward passes without being zeroed.*slope.ADAMWSparse"):
+        for _ in range(4):
+            model(x).sum().backward()
+    model = layer()
+    opt = ADAMWSparse(model, lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(8):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from slope.masks import parse_structure
+from slope.optimizers import ADAMWSparse
 from slope.sparsity import MaskedWeights, MaskPolicy, SparseLayerMasks, StaticMask
 from slope.dynamic.criteria import resolve_pruning_method
 from slope.dynamic.distribution import DISTRIBUTIONS, layer_sparsities
@@ -262,6 +263,13 @@ class DynamicSparsity:
         (an fp16 overflow step the optimizer skipped) counts the step without a mask update.
         Returns the records of the mask changes made now (empty on most steps)."""
         step = self.steps_done
+        if optimizer is not None and isinstance(self.masked, SparseLayerMasks) and not isinstance(optimizer, ADAMWSparse):
+            raise TypeError(
+                f"DynamicSparsity.step got {type(optimizer).__name__}, but the {self.config.sparsity_type} weights live in SLoPe "
+                "layers, whose optimizer state is slope.ADAMWSparse(model)'s (torch optimizers skip them): pass that one "
+                "(with transformers.Trainer: DynamicSparsityCallback(sparsifier, optimizer=sparse_opt)) and step it every "
+                "iteration beside your dense optimizer"
+            )
         if step >= self.total_steps:
             raise RuntimeError(f"DynamicSparsity: all {self.total_steps} steps are done; build it with the run's total optimizer steps")
         records = []
