@@ -37,6 +37,7 @@ from performance_experiments.common import (
 )
 from performance_experiments.models import build_model, describe, random_tokens
 from slope import prune_model
+from slope.inference.decode import cache_keyword
 from slope.optimizers import ADAMWSparse
 
 SCRIPT = "breakdown"
@@ -109,15 +110,16 @@ def decode_step(name: str, backend: str | None, device: torch.device, batch: int
                             lora_rank=lora_rank, merge_lora=True)
     model.eval()
     ids = random_tokens(describe(name)["vocab"], batch, prompt, device)
+    cache = cache_keyword(model)  # "cache" (transformers >= 5.25) or "past_key_values"
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-    state = {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1)}
+    state = {"cache": out[cache], "token": out.logits[:, -1:].argmax(-1)}
 
     @torch.no_grad()
     def step():
         # The cache grows by one token per step, as in real decoding.
-        result = model(input_ids=state["token"], past_key_values=state["cache"], use_cache=True)
-        state["cache"], state["token"] = result.past_key_values, result.logits[:, -1:].argmax(-1)
+        result = model(input_ids=state["token"], **{cache: state["cache"]}, use_cache=True)
+        state["cache"], state["token"] = result[cache], result.logits[:, -1:].argmax(-1)
 
     return step
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import transformers
 from transformers.pytorch_utils import Conv1D
 
+from slope.finetune_loop import enable_activation_checkpointing
 from slope.peft import (DeltaSet, SftAdamW, SftConfig, SftLinear, SftModel, SftSelector, SftSM3, TaskType,
                         get_peft_model)
 
@@ -325,7 +326,7 @@ def test_grad_accumulation_matches_the_full_batch():
 def test_gradient_checkpointing_gives_the_same_gradients():
     cfg = config()
     plain, ckpt = get_peft_model(tiny_llama(), cfg), get_peft_model(tiny_llama(), cfg)
-    ckpt.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_activation_checkpointing(ckpt.base_model, use_reentrant=True)
     ckpt.base_model.enable_input_require_grads()
     ckpt.train()
     ids = batch(0)

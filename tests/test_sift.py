@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from slope.finetune_loop import enable_activation_checkpointing
 from slope.peft import SIFT, load_sift
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -92,7 +93,7 @@ def test_sift_with_gradient_checkpointing_matches_plain():
     for checkpointing in (False, True):
         model = tiny_llama()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            enable_activation_checkpointing(model, use_reentrant=True)
             model.train()
         sift = SIFT(model, sparse_rate=0.05, sparse_module=TARGETS, gradient_checkpointing=checkpointing)
         opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)

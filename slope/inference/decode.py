@@ -15,14 +15,14 @@ also where ``backend="auto"`` times the decode shapes and Triton autotunes), and
 """
 from __future__ import annotations
 
+import inspect
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-__all__ = ["DecodeResult", "static_decode"]
+__all__ = ["DecodeResult", "cache_keyword", "static_decode"]
 
 
 @dataclass
@@ -71,9 +71,14 @@ def static_decode(
     """Greedy (``temperature=0``) or sampled continuation of ``input_ids (B, P)`` int64 by a Hugging
     Face causal LM ``model`` (in eval mode, on ``input_ids``' device); see the module docstring.
     ``cuda_graphs`` needs a CUDA device (ValueError otherwise)."""
-    with warnings.catch_warnings():  # transformers >= 5.25 renames past_key_values; older ones lack the new name
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-        return _static_decode(model, input_ids, max_new_tokens, cuda_graphs, temperature, top_k, seed)
+    return _static_decode(model, input_ids, max_new_tokens, cuda_graphs, temperature, top_k, seed)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword (and output field) of a Hugging Face causal LM's KV cache: ``"cache"`` since
+    transformers 5.25 (``past_key_values`` is deprecated there, removed in 5.40), before it
+    ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _static_decode(model, input_ids, max_new_tokens, cuda_graphs, temperature, top_k, seed) -> DecodeResult:
@@ -88,12 +93,12 @@ def _static_decode(model, input_ids, max_new_tokens, cuda_graphs, temperature, t
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     batch, prompt = input_ids.shape
     generator = torch.Generator(device=device).manual_seed(seed)
-    cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)
+    cache = {cache_keyword(model): StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)}
     out_tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
 
     _sync(device)
     start = time.perf_counter()
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+    logits = model(input_ids=input_ids, **cache, use_cache=True,
                    cache_position=torch.arange(prompt, device=device)).logits[:, -1]
     out_tokens[:, 0] = _choose(logits, temperature, top_k, generator)
     _sync(device)
@@ -103,7 +108,7 @@ def _static_decode(model, input_ids, max_new_tokens, cuda_graphs, temperature, t
     position = torch.full((1,), prompt, dtype=torch.long, device=device)
 
     def step() -> torch.Tensor:
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=position).logits[:, -1]
+        logits = model(input_ids=ids, **cache, use_cache=True, cache_position=position).logits[:, -1]
         position.add_(1)
         return logits
 
