@@ -241,11 +241,29 @@ class Checkpoint:
         return self.trainer_state.get("dense_tail", False)
 
 
-def verify_checkpoint(directory: str | Path) -> dict:
+#: Files that only resuming training needs: evaluation, generation and export load without them.
+TRAINING_ONLY = ("optimizers.pt", "rng.pt")
+
+
+def damage_advice(directory: Path) -> str:
+    """What to do about a damaged checkpoint ``directory``: use an older copy kept beside it
+    (``--keep-checkpoints``), else delete it and retrain."""
+    base = directory.name.split("-step")[0]
+    older = sorted((p.name for p in directory.parent.glob(base + "-step*") if p.is_dir() and p != directory),
+                   key=lambda name: int(name.rsplit("-step", 1)[1]) if name.rsplit("-step", 1)[1].isdigit() else -1)
+    if not older:
+        return "delete the checkpoint and retrain"
+    return (f"older checkpoints are kept beside it ({', '.join(older[-3:])}): move {directory.name} aside and "
+            "--resume continues from the newest of them (or pass one to --checkpoint)")
+
+
+def verify_checkpoint(directory: str | Path, optional: tuple[str, ...] = ()) -> dict:
     """Check that ``directory`` holds a complete slope checkpoint (manifest, format, every file and
     its sha256); returns the manifest or raises :class:`CheckpointError` saying what is wrong.
     A file already hashed in this process and unchanged since is not read again
-    (:func:`slope.filestamp.sha256_file`): finding, recovering and reading a checkpoint hash it once."""
+    (:func:`slope.filestamp.sha256_file`): finding, recovering and reading a checkpoint hash it once.
+    Files named in ``optional`` may be missing (e.g. :data:`TRAINING_ONLY` for inference); present,
+    they are checked like the others."""
     directory = Path(directory)
     manifest_file = directory / "manifest.json"
     if not directory.is_dir():
@@ -253,9 +271,9 @@ def verify_checkpoint(directory: str | Path) -> dict:
     if not manifest_file.is_file():
         raise CheckpointError(f"{directory} is not a slope checkpoint (no manifest.json); it is incomplete or from another tool")
     manifest = read_json_object(manifest_file, lambda why: CheckpointError(
-        f"{manifest_file} is corrupt ({why}); delete the checkpoint and retrain"))
+        f"{manifest_file} is corrupt ({why}); {damage_advice(directory)}"))
     if not isinstance(manifest.get("sha256"), dict):
-        raise CheckpointError(f"{manifest_file} is corrupt (expected a JSON object with a 'sha256' table); delete the checkpoint and retrain")
+        raise CheckpointError(f"{manifest_file} is corrupt (expected a JSON object with a 'sha256' table); {damage_advice(directory)}")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(
             f"{directory}: checkpoint format {manifest.get('format')!r} v{manifest.get('version')} is not "
@@ -264,25 +282,34 @@ def verify_checkpoint(directory: str | Path) -> dict:
     for name in (*FILES, *(n for n in manifest["sha256"] if n not in FILES)):
         path = directory / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise CheckpointError(f"{manifest_file} is corrupt (it names the file {name!r} outside the checkpoint); delete the checkpoint and retrain")
+            raise CheckpointError(f"{manifest_file} is corrupt (it names the file {name!r} outside the checkpoint); {damage_advice(directory)}")
         if not path.is_file():
-            raise CheckpointError(f"{directory}: {name} is missing; the checkpoint is incomplete")
+            if name in optional:
+                continue
+            needed = " (resuming training needs it; evaluation and export do not)" if name in TRAINING_ONLY else ""
+            raise CheckpointError(f"{directory}: {name} is missing; the checkpoint is incomplete{needed}")
         if sha256_file(path) != manifest["sha256"].get(name):  # hashed once per file state
-            raise CheckpointError(f"{directory}: {name} is corrupt (sha256 does not match the manifest); delete the checkpoint and retrain")
+            raise CheckpointError(f"{directory}: {name} is corrupt (sha256 does not match the manifest); {damage_advice(directory)}")
     return manifest
 
 
-def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and verify the checkpoint in ``directory`` (see the module docstring)."""
+def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", training: bool = True) -> Checkpoint:
+    """Read and verify the checkpoint in ``directory`` (see the module docstring). With
+    ``training=False`` (evaluation, generation, export) the :data:`TRAINING_ONLY` files may be
+    missing: ``optimizers`` / ``rng_tensors`` are then empty."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    verify_checkpoint(directory)
+    verify_checkpoint(directory, optional=() if training else TRAINING_ONLY)
+
+    def load_optional(name: str, location) -> dict:
+        return torch.load(directory / name, map_location=location, weights_only=True) if (directory / name).is_file() else {}
+
     try:
         config = TrainConfig(**read_json_object(directory / "config.json", ValueError))
         model_state = load_file(str(directory / "model.safetensors"), device=str(map_location))
-        optimizers = torch.load(directory / "optimizers.pt", map_location=map_location, weights_only=True)
-        rng_tensors = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
+        optimizers = load_optional("optimizers.pt", map_location)
+        rng_tensors = load_optional("rng.pt", "cpu")
         trainer_state = read_json_object(directory / "trainer_state.json", ValueError)
     except Exception as e:  # noqa: BLE001 (checksums matched, so this is a foreign or buggy writer)
         raise CheckpointError(f"{directory}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
@@ -295,7 +322,7 @@ def saved_config(directory: str | Path) -> TrainConfig:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
     def corrupt(why) -> CheckpointError:
-        return CheckpointError(f"{path} is corrupt or from another version of slope ({why}); delete the checkpoint and retrain")
+        return CheckpointError(f"{path} is corrupt or from another version of slope ({why}); {damage_advice(Path(directory))}")
 
     try:
         return TrainConfig(**read_json_object(path, corrupt))

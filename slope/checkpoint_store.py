@@ -68,9 +68,9 @@ def _serial(path: Path) -> int:
     return serial if isinstance(serial, int) else -1
 
 
-def _complete(path: Path) -> bool:
+def _complete(path: Path, optional: tuple[str, ...] = ()) -> bool:
     try:
-        verify_checkpoint(path)
+        verify_checkpoint(path, optional)
     except CheckpointError:
         return False
     return True
@@ -84,25 +84,26 @@ def _candidates(base: Path) -> list[Path]:
     return [path for path, _ in sorted(found, key=lambda item: (_serial(item[0]), item[1]), reverse=True)]
 
 
-def _newest_complete(base: Path) -> Path | None:
+def _newest_complete(base: Path, optional: tuple[str, ...] = ()) -> Path | None:
     """The newest complete checkpoint folder of ``base``, or None. ``base`` itself is trusted when it
     is the newest (it is only ever created by renaming a complete, synced folder; reading it verifies
     every checksum), and a ``base`` without a readable manifest is damaged, not a crash leftover:
     its error is raised rather than silently falling back to an older checkpoint."""
     if base.is_dir() and _serial(base) < 0:
-        verify_checkpoint(base)
+        verify_checkpoint(base, optional)
     for path in _candidates(base):
-        if path == base or _complete(path):
+        if path == base or _complete(path, optional):
             return path
     return None
 
 
-def latest_checkpoint(base: str | Path, hint: str = "train one first (slope train --out RUN)") -> Path:
+def latest_checkpoint(base: str | Path, hint: str = "train one first (slope train --out RUN)", optional: tuple[str, ...] = ()) -> Path:
     """The folder holding the newest complete checkpoint of ``base`` (``RUN/checkpoint``), whatever
-    a crash left (module docstring); changes nothing. Raises :class:`CheckpointError` (ending in
-    ``hint``) when there is none."""
+    a crash left (module docstring); changes nothing. ``optional``: files a checkpoint may lack
+    and still count as complete (:data:`slope.checkpoint.TRAINING_ONLY` for inference). Raises
+    :class:`CheckpointError` (ending in ``hint``) when there is none."""
     base = Path(base)
-    found = _newest_complete(base)
+    found = _newest_complete(base, optional)
     if found is None:
         raise CheckpointError(f"no checkpoint at {base}; {hint}")
     return found

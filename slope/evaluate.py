@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slope.checkpoint import Checkpoint, CheckpointError, build_model, check_model_config, load_model_state, read_checkpoint
+from slope.checkpoint import Checkpoint, CheckpointError, build_model, check_model_config, load_model_state, read_checkpoint, TRAINING_ONLY
 from slope.checkpoint_store import latest_checkpoint
 from slope.config import ConfigError, TrainConfig
 from slope.data import load_splits, open_tokenizer, perplexity, unigram_cross_entropy, val_batches
@@ -162,7 +162,7 @@ def open_checkpoint(checkpoint_dir: str | Path) -> Checkpoint:
             raise CheckpointError(f"not a `slope train` checkpoint: {describe_folder(path, kind)}")
     hint = ("pass --checkpoint a checkpoint directory (RUN/checkpoint) or the run directory holding it "
             "(train one with `slope train --out RUN`)")
-    return read_checkpoint(latest_checkpoint(path, hint))
+    return read_checkpoint(latest_checkpoint(path, hint, optional=TRAINING_ONLY), training=False)
 
 
 def _is_sparse(ckpt: Checkpoint) -> bool:

@@ -156,9 +156,17 @@ def test_a_damaged_checkpoint_is_reported_not_skipped(tmp_path):
     _save(base, 2, keep=2)
     _save(base, 4, keep=2)
     (base / "manifest.json").write_text("[1, 2]")  # not an object (issue 20 item 8)
-    with pytest.raises(store.CheckpointError, match="manifest.json is corrupt"):
+    with pytest.raises(store.CheckpointError, match="manifest.json is corrupt") as e:
         store.latest_checkpoint(base)
+    # the kept older copy is named as the way out (not "delete the checkpoint and retrain")
+    assert "older checkpoints are kept beside it (checkpoint-step000002): move checkpoint aside" in str(e.value)
     assert store.recover(base, 2) == [] and (base / "manifest.json").exists()  # nothing deleted
+    base.rename(tmp_path / "damaged")  # as the advice says: the kept copy is found
+    assert store.latest_checkpoint(base) == tmp_path / "checkpoint-step000002"
+    (tmp_path / "damaged").rename(base)
+    shutil.rmtree(tmp_path / "checkpoint-step000002")
+    with pytest.raises(store.CheckpointError, match="delete the checkpoint and retrain"):
+        store.latest_checkpoint(base)
 
 
 def test_keep_rotates_only_after_the_newer_one_is_safe(tmp_path):
@@ -577,3 +585,15 @@ def test_a_new_run_never_replaces_an_unfinished_one(run, capsys):
     assert "note: resuming with changed settings (lr 0.003 -> 0.002); they apply from step 3 on" in out, out
     assert main(["train", "--out", str(run), *TINY, "--max-steps", "2"]) == 0
     assert "the finished run's checkpoint and metrics there will be replaced" in capsys.readouterr().out
+
+
+def test_inference_needs_no_training_state(run, capsys):
+    """A checkpoint without optimizers.pt / rng.pt (removed to save space) still evaluates, generates
+    and exports; resuming it says which file training needs."""
+    for name in ("optimizers.pt", "rng.pt"):
+        (run / "checkpoint" / name).unlink()
+    assert main(["eval", "--checkpoint", str(run)]) == 0
+    assert main(["export", str(run), "--output-dir", str(run.parent / "exported")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume"]) == 1
+    assert "optimizers.pt is missing; the checkpoint is incomplete (resuming training needs it" in _one_line_error(capsys, "train")
