@@ -317,9 +317,11 @@ def _run_oneshot(args: argparse.Namespace) -> int:
     from slope.pruning.loading import load_model
     from slope.pruning.recipe import parse_recipe
     from slope.pruning.sparsegpt import PruningError
+    from slope.serialization.folders import check_new_output_dir
 
     try:
-        parse_recipe(args.recipe, stage=args.stage)  # recipe errors before the model loads
+        parse_recipe(args.recipe, stage=args.stage)  # recipe and output folder errors before the model loads
+        check_new_output_dir(args.output_dir)
         model, tokenizer = load_model(args.model, resolve_device(args.device), args.precision)
         if args.tokenizer:
             from transformers import AutoTokenizer
@@ -354,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     from slope.durable import StorageError
     from slope.guard import DivergenceError
     from slope.runlock import RunLockError
+    from slope.serialization.folders import OutputDirError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             from slope.recovery.cli import run as run_finetune
 
             return run_finetune(args)
-    except (CheckpointError, DataError, ConfigError, StorageError, DivergenceError, RunLockError) as e:
+    except (CheckpointError, DataError, ConfigError, StorageError, DivergenceError, RunLockError, OutputDirError) as e:
         print(f"slope {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
