@@ -37,6 +37,7 @@ from slope.dynamic.schedules import SCHEDULES, resolve_schedule
 
 __all__ = ["DynamicSparsityConfig", "DynamicSparsity"]
 
+
 @dataclass
 class DynamicSparsityConfig:
     """What to sparsify and how the masks evolve (names and defaults of seed 000).
@@ -303,7 +304,8 @@ class DynamicSparsity:
     def config_dict(self) -> dict[str, Any]:
         """The config as plain values (for metrics files)."""
         values = asdict(self.config)
-        values.pop("structure"), values.pop("_ratio_unused_warned")
+        for internal in ("structure", "_ratio_unused_warned"):
+            values.pop(internal)
         values["sparsity_schedule"] = self.config.summary()["sparsity_schedule"]
         values["pruning_method"] = None if self.config.pruning_method is None else repr(self.config.pruning_method)
         return values
