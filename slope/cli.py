@@ -326,6 +326,7 @@ def _run_oneshot(args: argparse.Namespace) -> int:
     from slope.pruning.loading import load_model
     from slope.pruning.recipe import parse_recipe
     from slope.pruning.sparsegpt import PruningError
+    from slope.serialization.folders import check_new_output_dir
 
     if args.splits != "train":
         print(f"slope oneshot: error: --splits {args.splits!r}: calibration reads the 'train' split only (held-out text "
@@ -334,7 +335,8 @@ def _run_oneshot(args: argparse.Namespace) -> int:
     if not args.concatenate_data:
         print("note: --concatenate_data False has no effect: calibration windows are always cut from the concatenated text")
     try:
-        parse_recipe(args.recipe, stage=args.stage)  # recipe errors before the model loads
+        parse_recipe(args.recipe, stage=args.stage)  # recipe and output folder errors before the model loads
+        check_new_output_dir(args.output_dir)
         model, tokenizer = load_model(args.model, resolve_device(args.device), args.precision)
         if args.tokenizer:
             from transformers import AutoTokenizer
@@ -369,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from slope.durable import StorageError
     from slope.guard import DivergenceError
     from slope.runlock import RunLockError
+    from slope.serialization.folders import OutputDirError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             from slope.recovery.cli import run as run_finetune
 
             return run_finetune(args)
-    except (CheckpointError, DataError, ConfigError, StorageError, DivergenceError, RunLockError) as e:
+    except (CheckpointError, DataError, ConfigError, StorageError, DivergenceError, RunLockError, OutputDirError) as e:
         print(f"slope {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

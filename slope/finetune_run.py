@@ -4,21 +4,24 @@
 ``slope sparse-finetune`` / ``slope finetune``) differ in their models, losses and after-step work;
 they share, from here:
 
-- argument checks (:func:`check_int`, :func:`check_positive`, :func:`precision_mode`);
+- argument checks (:func:`check_int`, :func:`check_positive`, :func:`precision_mode`), and the
+  output folder's (:func:`check_output_dir`: new or empty, unless the run there is resumed);
 - the seeding of Python, NumPy and torch (:func:`seed_everything`);
 - the optimizers: AdamW over the trainable parameters (matrices decay, vectors do not) and, for
   SLoPe layers, :class:`slope.optimizers.ADAMWSparse` (:func:`build_optimizers`);
 - the run: resume from a ``checkpoint-<step>/`` folder when asked, train, save every
-  ``save_steps`` (:func:`run_resumable`);
+  ``save_steps`` (:func:`run_resumable`; a warmup as long as the run is warned of);
 - the outputs: the plain Hugging Face folder (zeros where pruned), tokenizer, ``summary.json`` and
   ``loss.png`` (:func:`output_folder`, :func:`plain_config`, :func:`save_model_folder`);
-- the commands' flags, one-line errors and closing line (:func:`command_options`, :func:`run_command`).
+- the commands' flags, one-line errors, ``note:`` lines (slope's warnings) and closing line
+  (:func:`command_options`, :func:`run_command`).
 """
 from __future__ import annotations
 
 import json
 import random
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,10 +30,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slope.finetune_checkpoints import LoopCheckpoints
+from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, plot_run
+from slope.serialization.folders import check_new_output_dir
 
-__all__ = ["build_optimizers", "check_int", "check_positive", "command_options", "output_folder", "plain_config",
+__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positive", "command_options", "output_folder", "plain_config",
            "precision_mode", "run_command", "run_resumable", "save_model_folder", "seed_everything"]
 
 
@@ -52,6 +56,33 @@ def precision_mode(fp16: bool, bf16: bool) -> str:
     if fp16 and bf16:
         raise ValueError("fp16 and bf16 are exclusive; choose one (or neither for fp32)")
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"
+
+
+def _resumes_in(out: Path, resume_from) -> bool:
+    """Whether ``resume_from`` (``True``: the newest checkpoint in ``out``; a path) continues a run in ``out``."""
+    if resume_from is True:
+        return True
+    source = Path(resume_from).expanduser().resolve()
+    return out.resolve() in (source, source.parent)
+
+
+def check_output_dir(output_dir, resume_from=None) -> None:
+    """Before any work: ``output_dir`` must be new or empty (one-line
+    :class:`slope.serialization.folders.OutputDirError`), unless ``resume_from`` continues the run
+    there. A folder holding an unfinished run (``checkpoint-<step>/`` without ``summary.json``) is
+    refused with the advice to resume it."""
+    if output_dir is None:
+        return
+    out = Path(output_dir).expanduser()
+    if resume_from and _resumes_in(out, resume_from):
+        return
+    advice = None
+    if out.is_dir() and not (out / "summary.json").exists():
+        steps = [int(p.name[11:]) for p in out.glob("checkpoint-*") if p.name[11:].isdigit() and (p / CHECKPOINT_STATE).is_file()]
+        if steps:
+            advice = (f"it holds an unfinished run (checkpoint-{max(steps)}/): continue it with resume_from_checkpoint=True "
+                      "(--resume-from-checkpoint latest), or choose a new folder")
+    check_new_output_dir(out, advice=advice)
 
 
 def seed_everything(seed: int) -> None:
@@ -82,7 +113,15 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
                   records: list[dict] | None = None, main_process: bool = True) -> dict[str, Any]:
     """Train ``loop`` from step 0 (``records``: those logged before training) or, with
     ``resume_from`` (a ``checkpoint-<step>`` folder, or ``True``: the newest in ``out``), from its
-    checkpoint; write ``checkpoint-<step>/`` every ``save_steps``. Returns the loop's summary."""
+    checkpoint; write ``checkpoint-<step>/`` every ``save_steps``. Returns the loop's summary.
+    A warmup of at least the run's steps (the learning rate never reaches its peak before the last
+    step, nor decays) is warned of (``UserWarning``; a ``note:`` line from the commands)."""
+    settings, total = loop.settings, loop.total_steps
+    warmup = settings.warmup_steps
+    if main_process and settings.lr_scheduler_type != "constant" and warmup > 1 and warmup >= total:
+        warnings.warn(f"warmup_steps={warmup} >= the run's {total} optimizer steps: the learning rate only warms up, reaching "
+                      f"{total / warmup:.0%} of learning_rate at the last step; lower warmup_steps (e.g. to {max(0, total // 10)})",
+                      UserWarning, stacklevel=2)
     start, records = 0, list(records or [])
     if resume_from:
         start, records = checkpoints.load(resume_from)
@@ -135,17 +174,34 @@ def command_options(args) -> dict[str, Any]:
     return options
 
 
+def _slope_warnings_as_notes(show):
+    """A ``warnings.showwarning`` that prints slope's own warnings as one ``note: ...`` line on
+    stderr and hands the others to ``show``."""
+    package = Path(__file__).resolve().parent
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if package in Path(filename).resolve().parents:
+            print(f"note: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
                 details: Callable[[dict], str] = lambda summary: "") -> int:
     """Run ``call`` (a front door) for ``slope <name>``: bad input, data, checkpoints or storage
-    end in one line ``slope <name>: error: ...`` and exit status 1; success prints ``done: ...``
-    (steps, time, validation loss, ``details(summary)``, the output folder) and returns 0."""
+    end in one line ``slope <name>: error: ...`` and exit status 1; slope's warnings are ``note:``
+    lines; success prints ``done: ...`` (steps, time, validation loss, ``details(summary)``, the
+    output folder) and returns 0."""
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
     from slope.durable import StorageError
 
     try:
-        model = call()
+        with warnings.catch_warnings():
+            warnings.showwarning = _slope_warnings_as_notes(warnings.showwarning)
+            model = call()
     except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
         print(f"slope {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -265,3 +265,26 @@ def test_export_errors(run, tmp_path, capsys):
     assert "dense `slope export` folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", str(run), "--output-dir", str(tmp_path / "x"), "--form", "compressed"])
+
+
+def test_export_refuses_a_folder_that_holds_files(run, tmp_path, capsys):
+    from slope.serialization.export import export_model
+
+    pruned_dir = tmp_path / "pruned"  # what slope oneshot leaves: an export there would sit beside an unrelated report
+    pruned_dir.mkdir()
+    (pruned_dir / "sparsity_report.json").write_text("{}")
+    refusal = f"output_dir {str(pruned_dir)!r} exists and is not an empty folder; choose a new folder for this export"
+    assert main(["export", str(run), "--output-dir", str(pruned_dir)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"slope export: error: {refusal} (one form per folder) or remove it"]
+    assert [p.name for p in pruned_dir.iterdir()] == ["sparsity_report.json"]
+    fake = tmp_path / "fake"  # a pruned model's folder without weights: refused before it loads
+    fake.mkdir()
+    (fake / "config.json").write_text(json.dumps({"slope_config": {}}))
+    with pytest.raises(ValueError, match=refusal):
+        export_model(fake, pruned_dir)
+    (tmp_path / "d").mkdir()  # an empty folder is fine
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "d")]) == 0
+    written = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "d"), "--form", "sparse"]) == 1
+    assert "one form per folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == written

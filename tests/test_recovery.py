@@ -321,7 +321,8 @@ def test_cli_finetune_with_the_seed_flags(tmp_path, capsys):
     saved = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert saved.dtype == torch.bfloat16
     assert is_nm_sparse(saved.model.layers[0].mlp.up_proj.weight != 0, 2, 4, exact=True)
-    assert main(args[:-4] + ["--distill_teacher", str(tmp_path / "nowhere")]) == 1
+    again = [str(tmp_path / "out2") if a == str(tmp_path / "out") else a for a in args[:-4]]  # "out" now holds a run
+    assert main(again + ["--distill_teacher", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("slope finetune: error:") and "not a Hugging Face model folder" in err
 

@@ -17,7 +17,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face folder (or hub name) or a `slope train` run directory")
     p.add_argument("--dataset", default="embedded", help="'embedded', a .txt/.jsonl(.gz) file or a Hugging Face dataset name")
     p.add_argument("--output-dir", default=None, help="where the fine-tuned model and metrics go")
-    p.add_argument("--sparsity-ratio", type=float, default=0.5, help="fraction of weights pruned per layer (unstructured)")
+    p.add_argument("--sparsity-ratio", type=float, default=None,
+                   help="fraction of weights pruned per layer (unstructured; default: 0.5; N:M prunes 1 - N/M)")
     p.add_argument("--sparsity-type", default="unstructured", help="'unstructured' or N:M ('2:4', '4:8', ...)")
     p.add_argument("--mask-update-interval", type=int, default=100, help="optimizer steps between mask updates")
     p.add_argument("--mask-update-fraction", type=float, default=0.3, help="RigL's initial swap fraction (cosine-decayed to 0)")

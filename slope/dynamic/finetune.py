@@ -9,7 +9,8 @@ Per optimizer step ``s`` (0-based, ``total_steps`` in all)::
 
 On RigL update steps the backward also keeps the dense weight gradients (see
 :class:`slope.dynamic.DynamicSparsity`). ``output_dir`` receives the fine-tuned model as a plain
-Hugging Face folder (pruned entries are exact zeros; N:M models are exported with
+Hugging Face folder (a new or empty one, unless ``resume_from_checkpoint`` continues the run there;
+pruned entries are exact zeros; N:M models are exported with
 :func:`slope.export_dense`), its tokenizer, ``metrics.jsonl``, ``summary.json``, ``loss.png`` and
 ``dynamic_sparsity.pt`` (masks and mask-update history); with ``save_steps``, ``checkpoint-<step>/``
 folders that ``resume_from_checkpoint`` continues from exactly (:mod:`slope.finetune_checkpoints`).
@@ -28,8 +29,8 @@ from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
 from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_positive, output_folder, plain_config, precision_mode,
-                                run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, output_folder, plain_config,
+                                precision_mode, run_resumable, save_model_folder, seed_everything)
 from slope.sparsity import SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
@@ -142,7 +143,7 @@ def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- the one call
-def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_type: str = "unstructured",
+def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sparsity_type: str = "unstructured",
                     mask_update_interval: int = 100, mask_update_fraction: float = 0.3, use_rigl: bool = True,
                     sparsity_schedule=None, learning_rate: float = 5e-5, batch_size: int = 8, num_epochs: int = 3,
                     warmup_steps: int = 100, gradient_accumulation_steps: int = 4, fp16: bool = False, bf16: bool = False,
@@ -179,6 +180,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float = 0.5, sparsity_t
     config = DynamicSparsityConfig(sparsity_ratio, sparsity_type, mask_update_interval, mask_update_fraction, use_rigl,
                                    sparsity_schedule, pruning_method, extra["targets"], extra["skip"], extra["compress"],
                                    extra["double_pruning"], sparsity_distribution=extra["sparsity_distribution"]).validate()
+    check_output_dir(output_dir, extra["resume_from_checkpoint"])
     device = resolve_device(extra["device"])
     seed_everything(extra["seed"])
     model = load_model(model_name, device)

@@ -18,7 +18,7 @@ masks, the step count and the schedule, so a resumed run updates the same masks 
 """
 from __future__ import annotations
 
-import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -38,16 +38,15 @@ from slope.dynamic.schedules import SCHEDULES, resolve_schedule
 
 __all__ = ["DynamicSparsityConfig", "DynamicSparsity"]
 
-logger = logging.getLogger("slope")
-
 
 @dataclass
 class DynamicSparsityConfig:
     """What to sparsify and how the masks evolve (names and defaults of seed 000).
 
     Attributes:
-        sparsity_ratio: target fraction of pruned weights per layer, in ``[0, 1)`` (unstructured;
-            N:M prunes ``1 - N/M``).
+        sparsity_ratio: target fraction of pruned weights per layer, in ``[0, 1)`` (unstructured);
+            ``None`` (unset): 0.5 unstructured, ``1 - N/M`` for N:M (which prunes ``1 - N/M`` whatever it is
+            set to: a set ratio that differs is warned of, once). :meth:`validate` fills it in.
         sparsity_type: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``, …) along the input dimension.
         mask_update_interval: optimizer steps between mask updates (RigL and gradual pruning).
         mask_update_fraction: RigL's initial fraction of kept weights swapped per update (cosine-decayed to 0).
@@ -67,7 +66,7 @@ class DynamicSparsityConfig:
             gradual schedule; :mod:`slope.dynamic.distribution`).
     """
 
-    sparsity_ratio: float = 0.5
+    sparsity_ratio: float | None = None
     sparsity_type: str = "unstructured"
     mask_update_interval: int = 100
     mask_update_fraction: float = 0.3
@@ -81,11 +80,12 @@ class DynamicSparsityConfig:
     backend: str = "auto"
     sparsity_distribution: str = "uniform"
     structure: tuple[int, int] | None = field(init=False, default=None, repr=False)
+    _ratio_unused_warned: bool = field(init=False, default=False, repr=False, compare=False)
 
     def validate(self) -> "DynamicSparsityConfig":
         """Check every field (clear one-line errors); fills :attr:`structure`. Returns ``self``."""
         ratio = self.sparsity_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0):
             raise ValueError(f"sparsity_ratio must be a number in [0, 1) (the fraction of weights pruned), got {ratio!r}")
         if not isinstance(self.sparsity_type, str):
             raise ValueError(f"sparsity_type must be 'unstructured' or 'N:M' (e.g. '2:4'), got {self.sparsity_type!r}")
@@ -93,6 +93,8 @@ class DynamicSparsityConfig:
             self.structure = parse_structure(self.sparsity_type)
         except ValueError as e:
             raise ValueError(f"sparsity_type {self.sparsity_type!r}: {e}") from None
+        if ratio is None:  # unset: the default of the sparsity type
+            self.sparsity_ratio = 0.5 if self.structure is None else 1 - self.structure[0] / self.structure[1]
         interval = self.mask_update_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"mask_update_interval must be a positive int of optimizer steps, got {interval!r}")
@@ -136,8 +138,10 @@ class DynamicSparsityConfig:
                              "N:M mask (use_rigl=True or sparsity_schedule='constant')")
         if self.compress and (n, m) != (2, 4):
             raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}")
-        if abs(self.sparsity_ratio - (1 - n / m)) > 1e-9:
-            logger.warning("sparsity_type %d:%d prunes %g of each layer; sparsity_ratio=%g is not used", n, m, 1 - n / m, self.sparsity_ratio)
+        if abs(self.sparsity_ratio - (1 - n / m)) > 1e-9 and not self._ratio_unused_warned:
+            self._ratio_unused_warned = True
+            warnings.warn(f"sparsity_type {n}:{m} prunes {1 - n / m:g} of each layer; sparsity_ratio={self.sparsity_ratio:g} is not used",
+                          UserWarning, stacklevel=3)
 
     def summary(self) -> dict[str, Any]:
         """The settings a resumed run must share (plain values)."""
@@ -308,7 +312,8 @@ class DynamicSparsity:
     def config_dict(self) -> dict[str, Any]:
         """The config as plain values (for metrics files)."""
         values = asdict(self.config)
-        values.pop("structure")
+        for internal in ("structure", "_ratio_unused_warned"):
+            values.pop(internal)
         values["sparsity_schedule"] = self.config.summary()["sparsity_schedule"]
         values["pruning_method"] = None if self.config.pruning_method is None else repr(self.config.pruning_method)
         return values

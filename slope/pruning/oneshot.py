@@ -32,6 +32,7 @@ from slope.pruning.owl import outlier_ratio, owl_sparsities
 from slope.pruning.recipe import RecipeEntry, parse_recipe, recipe_yaml, skipped_stages
 from slope.pruning.report import LayerResult, format_table, progress, report_dict, zero_fraction
 from slope.pruning.wanda import wanda_scores
+from slope.serialization.folders import check_new_output_dir
 
 __all__ = ["oneshot", "REPORT_NAME", "RECIPE_NAME"]
 
@@ -41,15 +42,6 @@ RECIPE_NAME = "recipe.yaml"
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _check_output_dir(output_dir) -> Path | None:
-    if output_dir is None:
-        return None
-    path = Path(output_dir).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"output_dir {str(path)!r} exists and is not an empty folder; choose a new folder or remove it")
-    return path
 
 
 def _check_seq_len(model: nn.Module, samples: list[torch.Tensor]) -> None:
@@ -161,6 +153,7 @@ def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples
     The model runs on its own device (move it to CUDA first to calibrate there) in its dtype
     (statistics and SparseGPT's algebra in fp32). The report is kept in ``model.slope_oneshot_report``.
     """
+    out = None if output_dir is None else check_new_output_dir(output_dir)  # before the model loads
     if isinstance(model, (str, os.PathLike)):
         from slope.pruning.loading import load_model
 
@@ -169,7 +162,6 @@ def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples
     if not isinstance(model, nn.Module):
         raise TypeError(f"oneshot needs a torch model (e.g. a transformers PreTrainedModel) or a model folder, got {type(model).__name__}")
     entries = parse_recipe(recipe, stage=stage)
-    out = _check_output_dir(output_dir)
     if out is not None and tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"output_dir saves the tokenizer with save_pretrained, which {type(tokenizer).__name__} lacks; pass a "
                         "transformers tokenizer (e.g. PreTrainedTokenizerFast(tokenizer_object=tok))")

@@ -15,7 +15,8 @@ the comparison with ``distill_teacher`` (:class:`slope.recovery.Distiller`). The
 is :class:`slope.finetune_loop.FinetuneLoop` (shared with ``sparse_finetune``); the data is that of
 :mod:`slope.dynamic.data` (windows of ``max_seq_length`` tokens; every 20th chunk is validation).
 
-``output_dir`` receives the model as a plain Hugging Face folder (pruned entries are exact zeros),
+``output_dir`` (new or empty, unless ``resume_from_checkpoint`` continues the run there: checked
+before anything loads) receives the model as a plain Hugging Face folder (pruned entries are exact zeros),
 its tokenizer, ``recipe.yaml`` (defaults filled in), ``metrics.jsonl``, ``summary.json``,
 ``loss.png`` and, every ``save_steps``, ``checkpoint-<step>/`` (weights, masks, both optimizers, loss
 scaler, RNG states, records): ``resume_from_checkpoint`` continues exactly as if never stopped.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,8 @@ import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_positive, output_folder, plain_config, precision_mode,
-                                run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, output_folder, plain_config,
+                                precision_mode, run_resumable, save_model_folder, seed_everything)
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import _warn_uncovered
 from slope.recovery.distill import DistillationError, Distiller
@@ -66,6 +68,17 @@ _PRECISIONS = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16"
 
 
 # ---------------------------------------------------------------------- settings
+def _check_backend(backend, double_pruning: bool) -> None:
+    """A ``ValueError`` for an unknown backend name; a warning for one that ``double_pruning=False`` leaves unused."""
+    from slope.backends import BACKEND_NAMES
+
+    if backend not in ("auto", *BACKEND_NAMES):
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(('auto', *BACKEND_NAMES))}")
+    if backend != "auto" and not double_pruning:
+        warnings.warn(f"backend={backend!r} is not used: it runs the compressed 2:4 layers of double_pruning=True "
+                      "(--double-pruning); without it 2:4 layers train with an exact backward", UserWarning, stacklevel=4)
+
+
 def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(training_args) - set(TRAINING_DEFAULTS))
     if unknown:
@@ -84,6 +97,7 @@ def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
     norm = args["max_grad_norm"]
     if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm < 0):
         raise ValueError(f"max_grad_norm must be a non-negative number or None (no clipping), got {norm!r}")
+    _check_backend(args["backend"], args["double_pruning"])
     mode = precision_mode(args["fp16"], args["bf16"])
     if args["precision"] not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {args['precision']!r}")
@@ -269,7 +283,8 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
         stage: the stage of a multi-stage recipe to run, by name.
         dataset: ``"embedded"``, a ``.txt`` / ``.jsonl`` file, a list of strings, or an HF dataset name.
         distill_teacher: the teacher (model or folder) an ``OutputDistillationModifier`` needs.
-        output_dir: where the model and metrics go (module docstring).
+        output_dir: where the model and metrics go: a new or empty folder, or that of the run
+            ``resume_from_checkpoint`` continues (module docstring).
         training_args: :data:`TRAINING_DEFAULTS` (``transformers.TrainingArguments`` names, plus
             ``max_seq_length``, ``eval_batches``, ``tokenizer``, ``text_field``, ``device``, ``precision``
             (dtype to load folders in), ``double_pruning`` (2:4 layers compressed with SLoPe's
@@ -283,6 +298,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
 
     args = _checked_args(training_args)
     constant_mod, distill_mod, entries = plan_recipe(recipe, stage)
+    check_output_dir(output_dir, args["resume_from_checkpoint"])
     env = parallel.init_distributed(device=resolve_device(args["device"]))
     seed_everything(args["seed"])
     run = None

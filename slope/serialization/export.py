@@ -94,10 +94,11 @@ def _sparse(model: nn.Module):
 def export_model(source: str | os.PathLike, output_dir: str | os.PathLike, form: str = "dense") -> ExportResult:
     """Write ``source`` (a ``slope train`` checkpoint or a pruned model's folder) to ``output_dir`` as a
     Hugging Face folder in ``form`` (module docstring). Errors (:class:`slope.checkpoint.CheckpointError`)
-    say what a source of another kind is and how to load it."""
+    say what a source of another kind is and how to load it; an ``output_dir`` that holds files is refused
+    (:class:`slope.serialization.folders.OutputDirError`) before anything loads."""
     from slope.checkpoint import CheckpointError
     from slope.io import save_pretrained
-    from slope.serialization.folders import describe_folder, folder_kind
+    from slope.serialization.folders import check_new_output_dir, describe_folder, folder_kind
 
     if form not in FORMS:
         raise ValueError(f"unknown export form {form!r}; choose one of {', '.join(FORMS)}")
@@ -107,6 +108,7 @@ def export_model(source: str | os.PathLike, output_dir: str | os.PathLike, form:
         raise CheckpointError(f"no checkpoint at {source}; pass a `slope train` checkpoint (RUN/checkpoint) or its run directory")
     if os.path.abspath(source) == os.path.abspath(output_dir):
         raise CheckpointError(f"--output-dir {output_dir} is the checkpoint itself; pick another folder")
+    check_new_output_dir(output_dir, advice="choose a new folder for this export (one form per folder) or remove it")
     if kind == "slope-train":
         model, tokenizer, where, step, note = _from_train_checkpoint(source, form)
     elif kind in ("slope-pretrained", "slope-pretrained-v1"):

@@ -10,6 +10,10 @@ Kinds (:func:`folder_kind`):
 - ``"hf-pruned"``: weights with SLoPe layers' entries (``values`` / ``mask_bits``) but no record: a pruned
   model saved by a path that bypassed slope's ``save_pretrained`` (or by a slope older than the record);
 - ``"hf"``: a plain Hugging Face folder; ``"missing"``; ``"unknown"``.
+
+:func:`check_new_output_dir` is the one check of every command that writes a folder (``slope oneshot``,
+``slope finetune``, ``slope sparse-finetune``, ``slope export``): the folder must be new or empty,
+so that no run's files end up beside another's.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["folder_kind", "describe_folder", "weight_keys"]
+__all__ = ["OutputDirError", "check_new_output_dir", "folder_kind", "describe_folder", "weight_keys"]
 
 _DESCRIPTIONS = {
     "slope-train": (
@@ -90,3 +94,18 @@ def describe_folder(path: str | os.PathLike, kind: str | None = None) -> str:
     """``"<path> is <what it is and how to load it>"`` for error messages."""
     kind = folder_kind(path) if kind is None else kind
     return f"{os.fspath(path)} is " + _DESCRIPTIONS[kind].format(path=os.fspath(path))
+
+
+class OutputDirError(FileExistsError, ValueError):
+    """An output folder that already holds files (an ``OSError`` and a ``ValueError``: callers that
+    catch either for one-line errors report it)."""
+
+
+def check_new_output_dir(path: str | os.PathLike, name: str = "output_dir", advice: str | None = None) -> Path:
+    """``path`` as a ``Path`` if nothing is there or it is an empty folder; else an :class:`OutputDirError`
+    (one line: ``advice``, or "choose a new folder or remove it"). Call it before any work."""
+    path = Path(path).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        what = "exists and is not an empty folder" if path.is_dir() else "exists and is a file"
+        raise OutputDirError(f"{name} {os.fspath(path)!r} {what}; {advice or 'choose a new folder or remove it'}")
+    return path

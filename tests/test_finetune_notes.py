@@ -1,0 +1,89 @@
+"""What the fine-tuning doors say about settings that do nothing: a ``sparsity_ratio`` that N:M ignores
+(only when set, once), a warmup as long as the run, and ``slope finetune``'s ``--backend``."""
+import warnings
+
+import pytest
+import torch
+import transformers as T
+
+from slope.cli import main
+from slope.dynamic import sparse_finetune
+from slope.pruning.loading import shipped_tokenizer
+from slope.recovery.finetune import finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DOCS = ["def f%d(x):\n    return x * %d + %d\n" % (i, i, i * i) for i in range(120)]
+SPARSE = dict(batch_size=4, gradient_accumulation_steps=1, max_seq_length=16, eval_batches=1, learning_rate=1e-3,
+              mask_update_interval=2, progress=False, gradient_checkpointing=False)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def caught_messages(call, match: str):
+    """``(call()'s result, [messages of the warnings it raised that contain match])``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught if match in str(w.message)]
+
+
+def test_an_unset_sparsity_ratio_is_not_warned_of_and_a_set_one_once(caplog):
+    model, unused = caught_messages(lambda: sparse_finetune(tiny_llama(), DOCS, sparsity_type="1:4", max_steps=1, warmup_steps=0,
+                                                            **SPARSE), "is not used")
+    assert unused == [] and "is not used" not in caplog.text
+    assert model.dynamic_sparsity.config.sparsity_ratio == model.finetune_summary["final_sparsity"] == pytest.approx(0.75)
+    _, unused = caught_messages(lambda: sparse_finetune(tiny_llama(), DOCS, sparsity_type="1:4", sparsity_ratio=0.5, max_steps=1,
+                                                        warmup_steps=0, **SPARSE), "is not used")
+    assert unused == ["sparsity_type 1:4 prunes 0.75 of each layer; sparsity_ratio=0.5 is not used"]
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_of_once():
+    model, notes = caught_messages(lambda: sparse_finetune(tiny_llama(), DOCS, max_steps=4, **SPARSE), "warmup_steps")
+    assert notes == ["warmup_steps=100 >= the run's 4 optimizer steps: the learning rate only warms up, reaching 4% of "
+                     "learning_rate at the last step; lower warmup_steps (e.g. to 0)"]
+    assert model.finetune_summary["config"]["warmup_steps"] == 100
+    _, notes = caught_messages(lambda: sparse_finetune(tiny_llama(), DOCS, max_steps=4, warmup_steps=3, **SPARSE), "warmup_steps")
+    assert notes == []
+    _, notes = caught_messages(lambda: finetune(tiny_llama(), None, DOCS, max_steps=2, warmup_steps=5, lr_scheduler_type="constant",
+                                                per_device_train_batch_size=4, max_seq_length=16, eval_batches=1,
+                                                tokenizer=shipped_tokenizer(), progress=False), "warmup_steps")
+    assert notes == []  # the constant schedule has no warmup
+
+
+def test_finetune_checks_the_backend_before_loading(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ValueError, match=r"^unknown backend 'bogus'; choose one of auto, reference, cusparselt, cutlass"):
+        finetune(missing, backend="bogus")
+    for double_pruning, expected in ((False, ["backend='reference' is not used: it runs the compressed 2:4 layers of "
+                                              "double_pruning=True (--double-pruning); without it 2:4 layers train with an exact "
+                                              "backward"]), (True, [])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(OSError):  # the model folder is missing: the backend passed the check
+                finetune(missing, backend="reference", double_pruning=double_pruning)
+        assert [str(w.message) for w in caught if "not used" in str(w.message)] == expected
+
+
+def test_the_command_prints_notes_and_one_line_errors(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    shipped_tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()
+    assert main(["finetune", "--model", str(tmp_path / "no-such-model"), "--backend", "bogus"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slope finetune: error: unknown backend 'bogus'; choose one of auto, reference")
+    assert main(["finetune", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
+                 "--warmup-steps", "5", "--backend", "reference", "--per-device-train-batch-size", "4", "--max-seq-length", "16",
+                 "--eval-batches", "1"]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "warmup_steps" in line or "backend" in line]
+    assert notes == ["note: backend='reference' is not used: it runs the compressed 2:4 layers of double_pruning=True "
+                     "(--double-pruning); without it 2:4 layers train with an exact backward",
+                     "note: warmup_steps=5 >= the run's 2 optimizer steps: the learning rate only warms up, reaching 40% of "
+                     "learning_rate at the last step; lower warmup_steps (e.g. to 0)"]
+    assert "done: 2 steps" in captured.out
