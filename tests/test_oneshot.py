@@ -12,7 +12,7 @@ from slope.cli import main
 from slope.masks import is_nm_sparse
 from slope.pruning import RecipeError, oneshot, parse_recipe
 from slope.pruning.calibration import BlockRunner, CalibrationError, LayerStats, attach_stats, calibration_samples, capture_block_calls
-from slope.pruning.layers import find_blocks, is_linear, read_weight, select_layers
+from slope.pruning.layers import find_blocks, is_linear, match_targets, read_weight, select_layers
 from slope.pruning.loading import shipped_tokenizer
 from slope.pruning.sparsegpt import sparsegpt_prune
 from slope.pruning.wanda import wanda_mask
@@ -411,3 +411,19 @@ def test_cli_oneshot_on_hf_folder_and_train_checkpoint(tmp_path, capsys):
     assert main(["oneshot", "--model", str(tmp_path / "nowhere"), "--recipe", str(recipe_file),
                  "--output-dir", str(tmp_path / "x")]) == 1
     assert "not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_targets_may_name_the_weights_as_sparseml_recipes_do():
+    """SparseML recipes name parameters (``re:.*q_proj.weight``): they select the same linears as the
+    module names, exact names count as explicit, and a pattern of another parameter still matches nothing."""
+    model = tiny_llama()
+
+    def chosen(targets):
+        return match_targets(model, targets, "ConstantPruningModifier")
+
+    by_module = chosen(["re:.*self_attn.q_proj", "model.layers.0.mlp.up_proj"])
+    by_weight = chosen(["re:.*self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"])
+    assert by_weight == by_module and by_weight["model.layers.0.mlp.up_proj"] is True
+    assert sum(name.endswith("q_proj") for name in by_weight) == len(model.model.layers)
+    with pytest.raises(RecipeError, match="matches no module"):
+        chosen(["re:.*q_proj.bias"])

@@ -6,9 +6,10 @@
 - :func:`select_layers`: the linears (``nn.Linear``, GPT-2 ``Conv1D``) a modifier's ``targets`` /
   ``ignore`` select. An entry is a module name (exact), a class name (``"Linear"``,
   ``"LlamaDecoderLayer"``) or ``re:REGEX`` (``re.match`` on the module name, so
-  ``re:model.layers.\\d+$`` selects the blocks). A selected module that is not a linear selects the
-  linears inside it; a linear inside an ignored module is ignored. No targets: every linear inside
-  the blocks (every linear, for a model without blocks).
+  ``re:model.layers.\\d+$`` selects the blocks); a linear also answers to its weight's name
+  (``up_proj.weight``, ``re:.*q_proj.weight``), as SparseML recipes write it. A selected module
+  that is not a linear selects the linears inside it; a linear inside an ignored module is
+  ignored. No targets: every linear inside the blocks (every linear, for a model without blocks).
 - :class:`WeightJournal`: writes pruned weights and keeps the originals until the run succeeds.
 """
 from __future__ import annotations
@@ -66,10 +67,17 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None if best is None else (best[0], best[1])
 
 
+def _answers_to(name: str, module: nn.Module) -> tuple[str, ...]:
+    """The names an entry may give ``module`` by: its own, and for a linear its weight's
+    (SparseML recipes name parameters: ``re:.*q_proj.weight``, ``model.layers.0.mlp.up_proj.weight``)."""
+    return (name, name + ".weight") if is_linear(module) else (name,)
+
+
 def _matches(entry: str, name: str, module: nn.Module) -> bool:
+    names = _answers_to(name, module)
     if entry.startswith("re:"):
-        return re.match(entry[3:], name) is not None
-    return name == entry or type(module).__name__ == entry
+        return any(re.match(entry[3:], n) is not None for n in names)
+    return entry in names or type(module).__name__ == entry
 
 
 def _check_regex(entry: str, what: str) -> None:
@@ -109,7 +117,7 @@ def match_targets(model: nn.Module, targets: list[str], owner: str) -> dict[str,
                               "check the name (module names look like model.layers.0.mlp.up_proj)")
         for hit in hits:
             if is_linear(modules[hit]):
-                chosen[hit] = chosen.get(hit, False) or hit == entry
+                chosen[hit] = chosen.get(hit, False) or entry in _answers_to(hit, modules[hit])
             else:
                 prefix = hit + "." if hit else ""
                 for n, m in modules.items():
