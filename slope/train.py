@@ -35,7 +35,6 @@ the step lines (with ETA) otherwise (:mod:`slope.progress`).
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -63,6 +62,7 @@ from slope.model_config import causal_lm_config, describe
 from slope.progress import Progress
 from slope.reporting import open_reporter
 from slope.runlock import RunLock, RunLockError
+from slope.serialization.jsonfile import read_json_object
 
 __all__ = ["LossScaler", "lr_at", "train"]
 
@@ -281,11 +281,11 @@ def _refuse_to_replace_unfinished(out: Path) -> None:
         return
     try:
         newest = latest_checkpoint(out / "checkpoint")
-        step = int(json.loads((newest / "manifest.json").read_text(encoding="utf-8"))["step"])
+        step = (read_json_object(newest / "manifest.json") or {}).get("step")
         planned = saved_config(newest).max_steps
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+    except CheckpointError:
         return  # nothing resumable to protect
-    if step < planned:
+    if isinstance(step, int) and step < planned:
         raise ConfigError(
             f"out = {str(out)!r} holds an unfinished run (its checkpoint is at step {step} of {planned}): continue it with "
             "--resume, or choose another --out (or delete the folder) to start a new run"
