@@ -264,9 +264,90 @@ def test_bad_windows(params, match):
         plan_recipe({"s": {"g": {"ConstantPruningModifier": params}}})
 
 
-def test_recovery_trainer_refuses_a_partial_window(tmp_path):
+class _Windows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16  # 4 micro-batches of 4 per epoch
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 4096, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def _trainer_held_steps(tmp_path, params: dict, inject_at: int | None = None) -> list[bool]:
+    """A 6-step RecoveryTrainer run (4 steps per epoch) with ``ConstantPruningModifier`` ``params``;
+    for each optimizer step, whether the tracked entries of layer 0's linears are still all zero
+    after it. The tracked entries are the one-shot zeros, or (``inject_at``) a set zeroed after that
+    step by a callback that runs before the recipe's (as a pruner running alongside would)."""
+    from transformers import TrainerCallback
+
     from slope.recovery import RecoveryTrainer
 
-    args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match="RecoveryTrainer holds .* from the first step to the last.*slope finetune"):
-        RecoveryTrainer(model=_pair(), args=args, recipe=_recipe(start=1))
+    student = _pair()
+    linears = {n: m for n, m in student.named_modules() if n.startswith("model.layers.0.") and isinstance(m, nn.Linear)}
+    tracked = {n: (m.weight == 0) if inject_at is None else
+               torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(7)) < 0.2 for n, m in linears.items()}
+    held: list[bool] = []
+
+    class Track(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == inject_at:
+                with torch.no_grad():
+                    for n, m in linears.items():
+                        m.weight[tracked[n]] = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            held.append(all(bool((m.weight[tracked[n]] == 0).all()) for n, m in linears.items()))
+
+    args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                               report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0)
+    RecoveryTrainer(model=student, args=args, train_dataset=_Windows(), recipe=_recipe(**params), callbacks=[Track()]).train()
+    return held
+
+
+def test_recovery_trainer_holds_an_end_window(tmp_path):
+    """end 0.9 epoch of 4 steps: held on steps 0..3 (4 / 4 >= 0.9 releases after step 3), dense after."""
+    assert epoch_to_step(0.9, 4) == 4
+    assert _trainer_held_steps(tmp_path, {"start": 0, "end": 0.9}) == [True] * 4 + [False] * 2
+    assert _trainer_held_steps(tmp_path, {"start": 0, "end": 0.5}) == [True] * 2 + [False] * 4
+
+
+def test_recovery_trainer_holds_from_a_later_start(tmp_path):
+    """start 0.4 epoch of 4 steps = step 2: the zeros present after step 1 are held from then on; the
+    one-shot zeros train dense before."""
+    assert epoch_to_step(0.4, 4) == 2
+    assert _trainer_held_steps(tmp_path, {"start": 0.4}, inject_at=1) == [False] + [True] * 5
+    with pytest.warns(UserWarning, match="hold no exact zeros"):  # one step too late: nothing to hold at the start
+        assert _trainer_held_steps(tmp_path, {"start": 0.4}, inject_at=2)[2:] == [True] + [False] * 3
+    with pytest.warns(UserWarning, match="hold no exact zeros"):  # the one-shot zeros trained dense before the start
+        assert _trainer_held_steps(tmp_path, {"start": 0.4})[0] is False
+
+
+def test_recovery_trainer_resumes_inside_a_window(tmp_path):
+    """start 0.4 epoch (step 2), zeros appearing after step 1, saved at step 4 while holding and
+    resumed by a fresh trainer: the same weights as the run that went straight through. (Without the
+    window's state the resumed run would be "before" its start forever and hold nothing.)"""
+    from transformers import TrainerCallback
+
+    from slope.recovery import RecoveryTrainer
+
+    class ZerosAfterStep1(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    for n, m in model.named_modules():
+                        if n.startswith("model.layers.0.") and isinstance(m, nn.Linear):
+                            m.weight[torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(7)) < 0.2] = 0
+
+    def trainer():
+        args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                                   report_to=[], save_strategy="steps", save_steps=4, use_cpu=True, dataloader_num_workers=0,
+                                   seed=0)
+        return RecoveryTrainer(model=_pair(), args=args, train_dataset=_Windows(), recipe=_recipe(start=0.4),
+                               callbacks=[ZerosAfterStep1()])
+
+    straight = trainer()
+    straight.train()
+    assert (tmp_path / "checkpoint-4" / "slope_held_zeros.pt").is_file()
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert _close(_layer0(resumed.model), _layer0(straight.model)) < 1e-6

@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback
 
 from slope.recovery.constant import ConstantMasks, _warn_uncovered
 from slope.recovery.distill import Distiller
+from slope.recovery.schedule import HeldZeros
 
 __all__ = ["RecoveryTrainer"]
 
@@ -49,6 +50,39 @@ class _HoldZeros(TrainerCallback):
         self.constant.after_step(_torch_optimizer(optimizer), self.sparse_opt)
 
 
+class _HoldWindow(TrainerCallback):
+    """A ``ConstantPruningModifier`` over part of the run (``start > 0`` or an ``end``):
+    :class:`slope.recovery.schedule.HeldZeros` placed on the Trainer's optimizer steps once it
+    knows them (steps per epoch: its dataloader's micro-batches / gradient accumulation, as in
+    ``slope.finetune``); its state rides in each checkpoint folder as ``slope_held_zeros.pt``."""
+
+    STATE_NAME = "slope_held_zeros.pt"
+
+    def __init__(self, model, modifier):
+        self.model, self.modifier, self.held = model, modifier, None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        steps_per_epoch = len(train_dataloader) / args.gradient_accumulation_steps
+        self.held = HeldZeros(self.model, self.modifier, steps_per_epoch, state.max_steps)
+        if state.global_step > 0:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.STATE_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"resuming at step {state.global_step} needs {path} (written by RecoveryTrainer at save time)")
+            self.held.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.held.after_step(state.global_step, _torch_optimizer(optimizer))  # global_step: this step's 0-based index
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self.held.state_dict(), os.path.join(folder, self.STATE_NAME))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.held.remove_hooks()
+
+
 class RecoveryTrainer(Trainer):
     """``transformers.Trainer`` running a finetune recipe (module docstring).
 
@@ -59,8 +93,10 @@ class RecoveryTrainer(Trainer):
         double_pruning: 2:4 layers compressed with SLoPe's double-pruned backward (default: exact
             backward in simulation).
 
-    Attributes: ``constant`` (:class:`ConstantMasks` or ``None``), ``distiller`` (:class:`Distiller`
-    or ``None``), ``sparse_optimizer`` (``ADAMWSparse`` over the SLoPe layers, or ``None``).
+    Attributes: ``constant`` (:class:`ConstantMasks` holding the whole run, or ``None``; a
+    modifier with ``start > 0`` or an ``end`` holds its window through a callback instead, on
+    masked linears, as ``slope.finetune`` does), ``distiller`` (:class:`Distiller` or ``None``),
+    ``sparse_optimizer`` (``ADAMWSparse`` over the SLoPe layers, or ``None``).
     """
 
     def __init__(self, *args, recipe=None, distill_teacher=None, double_pruning: bool = False, backend: str = "auto",
@@ -71,18 +107,20 @@ class RecoveryTrainer(Trainer):
         if model is None or targs is None or args:
             raise TypeError("RecoveryTrainer takes model= and args= (TrainingArguments) by keyword")
         constant_mod, distill_mod, _ = plan_recipe(recipe, stage)
-        if constant_mod is not None and (constant_mod.start > 0 or constant_mod.end is not None):
-            raise ValueError("RecoveryTrainer holds a ConstantPruningModifier's zeros from the first step to the last; a later "
-                             "start or an end runs with slope.finetune (slope finetune --recipe ...)")
+        window = constant_mod is not None and (constant_mod.start > 0 or constant_mod.end is not None)
         if distill_mod is None and distill_teacher is not None:
             raise ValueError("distill_teacher is given but the recipe has no OutputDistillationModifier; add one or drop the teacher")
         if distill_mod is not None and distill_teacher is None:
             raise ValueError("the recipe's OutputDistillationModifier needs distill_teacher (the dense model)")
-        self.constant = ConstantMasks(model, constant_mod, double_pruning=double_pruning, backend=backend) if constant_mod else None
-        if self.constant is None:
+        self.constant = None
+        if constant_mod is not None and not window:
+            self.constant = ConstantMasks(model, constant_mod, double_pruning=double_pruning, backend=backend)
+        if constant_mod is None:
             _warn_uncovered(dict(model.named_modules()), set())
         self.sparse_optimizer = None
         callbacks = list(kwargs.pop("callbacks", None) or [])
+        if window:  # masked linears only (HeldZeros), held over the window the Trainer's steps place
+            callbacks.append(_HoldWindow(model, constant_mod))
         if self.constant is not None and self.constant.slope_layers:
             kwargs["args"] = targs = self._sparse_training(model, targs, callbacks)
         if self.constant is not None:
