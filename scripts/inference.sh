@@ -11,14 +11,16 @@
 #   Environment: MODE (generate's --mode, default merged), MAX_NEW_TOKENS (default 64), DEVICE (default auto),
 #   BATCH (prompt copies decoded at once by step 3, default 1), CUDA_GRAPHS (set: --cuda-graphs).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# Runs in the caller's folder (relative paths are the caller's); the venv lives in the repository.
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CHECKPOINT=${1:-runs/default/checkpoint}
 PROMPT=${2:-"def main(argv):"}
 if [ ! -e "$CHECKPOINT" ]; then
   echo "inference.sh: no checkpoint at $CHECKPOINT; train one first (bash scripts/train.sh) or pass its directory" >&2
   exit 1
 fi
-VENV=$(bash scripts/setup_venv.sh)
+VENV=$(cd "$ROOT" && bash scripts/setup_venv.sh)
+case $VENV in /*) ;; *) VENV=$ROOT/$VENV ;; esac
 DEVICE=${DEVICE:-auto}
 echo "== slope eval --compare ($CHECKPOINT)"
 "$VENV/bin/slope" eval --checkpoint "$CHECKPOINT" --compare --device "$DEVICE"

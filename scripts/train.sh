@@ -6,6 +6,8 @@
 #   bash scripts/train.sh --dense --out runs/dense
 #   bash scripts/train.sh --out runs/default --resume
 set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV=$(bash scripts/setup_venv.sh)
+# Runs in the caller's folder (relative paths are the caller's); the venv lives in the repository.
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=$(cd "$ROOT" && bash scripts/setup_venv.sh)
+case $VENV in /*) ;; *) VENV=$ROOT/$VENV ;; esac
 exec "$VENV/bin/slope" train "$@"

@@ -203,3 +203,18 @@ def test_generate_refuses_bad_sampling_settings(tmp_path, capsys, flags, message
     with pytest.raises(SystemExit) as e:
         main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "def", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_script_works_in_the_callers_folder(tmp_path):
+    """`bash /path/to/scripts/train.sh --dataset my.txt --out r` from another folder reads and writes
+    there (it used to change to the repository first: 'no such file', outputs in the repository)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.sh"
+    (tmp_path / "my.txt").write_text("def f(x):\n    return x + 1\n" * 300)
+    tiny = ["--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "1", "--num-heads", "2", "--seq-len", "16",
+            "--batch-size", "2", "--eval-batches", "1", "--max-steps", "1", "--device", "cpu"]
+    out = subprocess.run(["bash", str(script), "--dataset", "my.txt", "--out", "r", *tiny], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "r" / "metrics.jsonl").is_file() and "data: my.txt" in out.stdout
