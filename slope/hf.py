@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from slope.distributed import sync_grads
 from slope.registry import sparse_modules
+from slope.trainer_state import save_in_trainer_checkpoint, trainer_checkpoint_file
 
 __all__ = ["SparseOptimizerCallback", "SPARSE_OPTIMIZER_NAME"]
 
@@ -206,12 +207,8 @@ class SparseOptimizerCallback(TrainerCallback):
             self._resume(args, state)
 
     # ------------------------------------------------------------------ checkpoints
-    @staticmethod
-    def _state_path(args, state) -> str:
-        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}", SPARSE_OPTIMIZER_NAME)
-
     def _resume(self, args, state) -> None:
-        path = self._state_path(args, state)
+        path = trainer_checkpoint_file(args, state, SPARSE_OPTIMIZER_NAME)
         if not os.path.isfile(path):
             warnings.warn(
                 f"resuming at step {state.global_step} without {path}: the sparse optimizer starts from fresh "
@@ -223,8 +220,7 @@ class SparseOptimizerCallback(TrainerCallback):
         self.sparse_opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:  # the state is replicated over data-parallel ranks
-            torch.save(self.sparse_opt.state_dict(), self._state_path(args, state))
+        save_in_trainer_checkpoint(args, state, SPARSE_OPTIMIZER_NAME, self.sparse_opt.state_dict())
 
     def _plan_lora(self, layers: list[nn.Module], max_steps: int) -> None:
         with_lora = [layer for layer in layers if layer.lora_rank]

@@ -16,24 +16,16 @@ resume_from_checkpoint=...)`` restores the masks, the step count and the schedul
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers import TrainerCallback
 
 from slope.dynamic.sparsifier import DynamicSparsity
+from slope.trainer_state import load_from_trainer_checkpoint, save_in_trainer_checkpoint, torch_optimizer
 
 __all__ = ["DynamicSparsityCallback", "STATE_NAME"]
 
 #: File (in each Trainer ``checkpoint-<step>`` folder) holding :meth:`DynamicSparsity.state_dict`.
 STATE_NAME = "slope_dynamic_sparsity.pt"
-
-
-def _torch_optimizer(optimizer):
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (its state is keyed by the parameters)."""
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 class DynamicSparsityCallback(TrainerCallback):
@@ -58,19 +50,13 @@ class DynamicSparsityCallback(TrainerCallback):
                 f"{self.sparsifier.total_steps}; build it with total_steps={state.max_steps} (TrainingArguments.max_steps)"
             )
         if state.global_step > 0:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"resuming at step {state.global_step} needs {path} (written by DynamicSparsityCallback at save time)")
-            self.sparsifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.sparsifier.load_state_dict(load_from_trainer_checkpoint(args, state, STATE_NAME, "DynamicSparsityCallback"))
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.sparsifier.step(self.optimizer if self.optimizer is not None else _torch_optimizer(optimizer))
+        self.sparsifier.step(self.optimizer if self.optimizer is not None else torch_optimizer(optimizer))
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            torch.save(self.sparsifier.state_dict(), os.path.join(folder, STATE_NAME))
+        save_in_trainer_checkpoint(args, state, STATE_NAME, self.sparsifier.state_dict())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None:

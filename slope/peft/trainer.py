@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from slope.peft.model import SftModel
 from slope.peft.optim import SftAdamW, SftSM3
 from slope.peft.selector import SftSelector
+from slope.trainer_state import trainer_checkpoint_file
 
 __all__ = ["SftTrainer"]
 
@@ -35,9 +36,9 @@ class _SelectorCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                torch.save(self.trainer.sft_selector.state_dict(), os.path.join(folder, SELECTOR_STATE))
+            path = trainer_checkpoint_file(args, state, SELECTOR_STATE)
+            if os.path.isdir(os.path.dirname(path)):
+                torch.save(self.trainer.sft_selector.state_dict(), path)
 
 
 def SftTrainer(trainer_class):  # noqa: N802 (PEFT-SFT's name for a class factory)

@@ -23,21 +23,14 @@ import copy
 import math
 import os
 
-import torch
 from transformers import Trainer, TrainerCallback
 
 from slope.recovery.constant import ConstantMasks, _warn_uncovered
 from slope.recovery.distill import Distiller
 from slope.recovery.schedule import HeldZeros
+from slope.trainer_state import load_from_trainer_checkpoint, save_in_trainer_checkpoint, torch_optimizer
 
 __all__ = ["RecoveryTrainer"]
-
-
-def _torch_optimizer(optimizer):
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``."""
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 class _HoldZeros(TrainerCallback):
@@ -47,7 +40,7 @@ class _HoldZeros(TrainerCallback):
         self.constant, self.sparse_opt = constant, sparse_opt
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.constant.after_step(_torch_optimizer(optimizer), self.sparse_opt)
+        self.constant.after_step(torch_optimizer(optimizer), self.sparse_opt)
 
 
 class _HoldWindow(TrainerCallback):
@@ -65,19 +58,13 @@ class _HoldWindow(TrainerCallback):
         steps_per_epoch = len(train_dataloader) / args.gradient_accumulation_steps
         self.held = HeldZeros(self.model, self.modifier, steps_per_epoch, state.max_steps)
         if state.global_step > 0:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.STATE_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"resuming at step {state.global_step} needs {path} (written by RecoveryTrainer at save time)")
-            self.held.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.held.load_state_dict(load_from_trainer_checkpoint(args, state, self.STATE_NAME, "RecoveryTrainer"))
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.held.after_step(state.global_step, _torch_optimizer(optimizer))  # global_step: this step's 0-based index
+        self.held.after_step(state.global_step, torch_optimizer(optimizer))  # global_step: this step's 0-based index
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            torch.save(self.held.state_dict(), os.path.join(folder, self.STATE_NAME))
+        save_in_trainer_checkpoint(args, state, self.STATE_NAME, self.held.state_dict())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.held.remove_hooks()
