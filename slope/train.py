@@ -277,14 +277,14 @@ def _lock_and_recover(out: Path, env, cfg: TrainConfig, log) -> RunLock | None:
 def _refuse_to_replace_unfinished(out: Path) -> None:
     """A new run (no ``--resume``) would replace the checkpoint and metrics in ``out``: refuse
     when they belong to a run that stopped before its last step (interrupted, ``--stop-after``)."""
-    if not (out / "checkpoint").exists():
-        return
+    newest = out / "checkpoint"  # (recover() has just published any interrupted save here)
+    step = (read_json_object(newest / "manifest.json") or {}).get("step")  # no hashing: nothing is read but two JSON files
+    if step is None:
+        return  # nothing resumable to protect
     try:
-        newest = latest_checkpoint(out / "checkpoint")
-        step = (read_json_object(newest / "manifest.json") or {}).get("step")
         planned = saved_config(newest).max_steps
     except CheckpointError:
-        return  # nothing resumable to protect
+        return
     if isinstance(step, int) and step < planned:
         raise ConfigError(
             f"out = {str(out)!r} holds an unfinished run (its checkpoint is at step {step} of {planned}): continue it with "
