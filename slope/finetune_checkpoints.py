@@ -43,17 +43,27 @@ class LoopCheckpoints:
         self.fingerprint, self.resume_keys = fingerprint, resume_keys
 
     def save(self, step: int, records: list[dict]) -> None:
-        """Write ``out/checkpoint-<step>/`` atomically (replacing one of the same step)."""
-        if self.out is None or not self.main:
+        """Write ``out/checkpoint-<step>/`` atomically (replacing one of the same step). Every rank
+        calls it: an FSDP2-sharded model's state is gathered (collective), then the main process writes."""
+        if self.out is None:
             return
-        from slope.parallel import full_model_state_dict
+        from slope.parallel import full_model_state_dict, full_optimizer_state_dict, is_fsdp2
 
         loop = self.loop
-        state = {"step": step, "fingerprint": self.fingerprint, "records": records,
-                 "model": full_model_state_dict(loop.model), "dense_opt": loop.dense_opt.state_dict(),
+        sharded = is_fsdp2(loop.model)
+        if not (self.main or sharded):
+            return
+        if sharded:  # the single-process layout: a checkpoint of N ranks resumes on any number
+            model_state = full_model_state_dict(loop.model, rank0_only=True)
+            dense_state = full_optimizer_state_dict(loop.model, loop.dense_opt, index_keys=True, rank0_only=True)
+        else:
+            model_state, dense_state = full_model_state_dict(loop.model), loop.dense_opt.state_dict()
+        states = {name: obj.state_dict() for name, obj in self.states.items()}  # (gathers sharded masks)
+        if not self.main:
+            return
+        state = {"step": step, "fingerprint": self.fingerprint, "records": records, "model": model_state, "dense_opt": dense_state,
                  "sparse_opt": None if loop.sparse_opt is None else loop.sparse_opt.state_dict(),
-                 "scaler": loop.scaler.state_dict(), **{name: obj.state_dict() for name, obj in self.states.items()},
-                 "rng": capture_rng()}  # torch (and CUDA), NumPy and Python states
+                 "scaler": loop.scaler.state_dict(), **states, "rng": capture_rng()}  # torch (and CUDA), NumPy and Python states
         final = self.out / f"checkpoint-{step}"
         tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,11 +103,20 @@ class LoopCheckpoints:
         if diff:
             raise ValueError(f"the checkpoint {path.parent} was written by a run with other settings "
                              f"({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); resume with the same ones")
+        from slope.parallel import is_fsdp2, load_full_model_state_dict, load_full_optimizer_state_dict
+
         loop = self.loop
-        loop.model.load_state_dict(state["model"])
+        sharded = is_fsdp2(loop.model)
+        if sharded:
+            load_full_model_state_dict(loop.model, state["model"])
+        else:
+            loop.model.load_state_dict(state["model"])
         for name, obj in self.states.items():
             obj.load_state_dict(state[name])
-        loop.dense_opt.load_state_dict(state["dense_opt"])
+        if sharded:
+            load_full_optimizer_state_dict(loop.model, loop.dense_opt, state["dense_opt"])
+        else:
+            loop.dense_opt.load_state_dict(state["dense_opt"])
         if loop.sparse_opt is not None:
             loop.sparse_opt.load_state_dict(state["sparse_opt"])
         loop.scaler.load_state_dict(state["scaler"])

@@ -7,13 +7,15 @@ keeping zeros zero). Per optimizer step ``s`` (0-based, ``total_steps`` in all):
 
     lr = lr_at(s, ...)                                   linear / cosine / constant (+ warmup)
     accum × { global micro-batch(seed, s, micro) → this rank's rows → loss_fn (autocast) → backward }
+    before_update()                                      e.g. mask the gradients of sharded weights
     unscale (fp16; overflow → step skipped) → clip the joint (sparse + dense) norm
     sparse_opt.step(); dense_opt.step(); zero both
     after_step(s, skipped)                               returns event records (mask updates, ...)
 
-Under ``torchrun`` (``forward_model`` a :func:`slope.parallel.wrap_ddp` wrapper) every rank reads the
-same global micro-batch and keeps its slice (:func:`slope.parallel.rank_slice`), so N ranks × batch
-b/N take the step of one process × batch b; gradients are reduced on the last micro-batch only.
+Under ``torchrun`` (``forward_model`` a :func:`slope.parallel.wrap_ddp` wrapper, or a model sharded
+by :func:`slope.parallel.wrap_fsdp2`) every rank reads the same global micro-batch and keeps its
+slice (:func:`slope.parallel.rank_slice`), so N ranks × batch b/N take the step of one process ×
+batch b; gradients are reduced on the last micro-batch only.
 The micro-batch of a step is a pure function of ``(seed, step, micro)``, and the learning rate of
 ``step``, so a run resumed from :meth:`FinetuneLoop.state_dict` continues exactly.
 """
@@ -101,14 +103,16 @@ class FinetuneLoop:
     """Trains ``model`` for ``total_steps`` optimizer steps (module docstring).
 
     Args:
-        model: the (unwrapped) model; ``forward_model``: what runs the forward (a DDP wrapper of
-            ``model`` under ``torchrun``; default ``model``).
+        model: the (unwrapped or FSDP2-sharded) model; ``forward_model``: what runs the forward (a
+            DDP wrapper of ``model`` under ``torchrun``; default ``model``).
         data: a :class:`slope.dynamic.data.FinetuneData` (``batch(step, micro, accum)`` gives the
             global micro-batch ``(x, y)``; ``val``: validation batches).
         dense_opt / sparse_opt: the dense optimizer (its param groups get the LR) and
             :class:`slope.optimizers.ADAMWSparse` for SLoPe layers, or ``None``.
         scaler: a :class:`slope.train.LossScaler` (fp16) or a disabled one.
         loss_fn: ``(forward_model, x, y, step) -> (loss, {name: float})`` (default: cross-entropy).
+        before_update: ``() -> None``, called after the backward passes of every step, before
+            unscaling and clipping.
         after_step: ``(step, skipped) -> [records]``, called after every optimizer step.
         status: ``() -> {name: value}`` added to log records and the progress bar (e.g. sparsity).
     """
@@ -116,17 +120,21 @@ class FinetuneLoop:
     def __init__(self, model: nn.Module, data, dense_opt: torch.optim.Optimizer, sparse_opt, scaler, device: torch.device,
                  total_steps: int, settings: LoopSettings, *, loss_fn: LossFn = cross_entropy_loss,
                  after_step: Callable[[int, bool], list[dict]] | None = None, status: Callable[[], dict] | None = None,
-                 forward_model: nn.Module | None = None):
+                 forward_model: nn.Module | None = None, before_update: Callable[[], None] | None = None):
         self.model, self.data, self.dense_opt, self.sparse_opt = model, data, dense_opt, sparse_opt
         self.scaler, self.device, self.total_steps, self.settings = scaler, device, total_steps, settings
         self.loss_fn, self.after_step = loss_fn, after_step or (lambda step, skipped: [])
         self.status = status or dict
         self.forward_model = forward_model if forward_model is not None else model
+        self.before_update = before_update or (lambda: None)
+        from slope.parallel import is_data_parallel
+
+        self.data_parallel = is_data_parallel(self.forward_model)
         self.last_lr = 0.0
 
     # ------------------------------------------------------------------ one optimizer step
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.forward_model, nn.parallel.DistributedDataParallel):
+        if self.data_parallel:
             from slope.parallel import rank_slice
 
             t = rank_slice(t)
@@ -136,6 +144,7 @@ class FinetuneLoop:
         """Forward/backward over the micro-batches of ``step``, then the optimizer steps; returns
         ``(mean loss, mean loss parts, skipped)`` (skipped: an fp16 overflow)."""
         from slope.evaluate import autocast
+        from slope.parallel import no_sync
 
         s = self.settings
         lr = lr_at(step, s.learning_rate, s.warmup_steps, self.total_steps, s.lr_scheduler_type)
@@ -144,10 +153,9 @@ class FinetuneLoop:
         if self.sparse_opt is not None:
             self.sparse_opt.lr = lr
         accum, loss, parts = s.gradient_accumulation_steps, 0.0, {}
-        ddp = isinstance(self.forward_model, nn.parallel.DistributedDataParallel)
         for micro in range(accum):
             x, y = (self._rows(t) for t in self.data.batch(step, micro, accum))
-            sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else self.forward_model.no_sync()
+            sync = contextlib.nullcontext() if micro == accum - 1 else no_sync(self.forward_model)
             with sync:
                 with autocast(self.device, s.precision):
                     micro_loss, micro_parts = self.loss_fn(self.forward_model, x, y, step)
@@ -156,6 +164,7 @@ class FinetuneLoop:
             loss += micro_loss.item()
             for key, value in micro_parts.items():
                 parts[key] = parts.get(key, 0.0) + value / accum
+        self.before_update()
         dense_params = [p for group in self.dense_opt.param_groups for p in group["params"]]
         skipped = self.scaler.unscale_(dense_params, self.sparse_opt)
         if not skipped:

@@ -146,15 +146,22 @@ def plain_config(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, plain) else str(v) for k, v in values.items() if k != "tokenizer"}
 
 
-def save_model_folder(model: nn.Module, tokenizer, out: Path, summary: dict[str, Any], title: str) -> None:
+def save_model_folder(model: nn.Module, tokenizer, out: Path, summary: dict[str, Any], title: str, *,
+                      main_process: bool = True) -> None:
     """Write ``out``: the model as a plain Hugging Face folder (SLoPe layers exported dense, exact
-    zeros where pruned), its tokenizer (when given), ``summary.json`` (without ``records``) and ``loss.png``."""
+    zeros where pruned), its tokenizer (when given), ``summary.json`` (without ``records``) and ``loss.png``.
+    Every rank calls it for an FSDP2-sharded model (its weights are gathered); the main process writes."""
+    from slope.io import export_dense, save_state_pretrained
+    from slope.parallel import full_model_state_dict, is_fsdp2
     from slope.registry import sparse_modules
 
+    state = full_model_state_dict(model, rank0_only=True) if is_fsdp2(model) else None
+    if not main_process:
+        return
     if any(True for _ in sparse_modules(model)):
-        from slope.io import export_dense
-
-        export_dense(model, out)
+        export_dense(model, out, state_dict=state)
+    elif state is not None:
+        save_state_pretrained(model, state, out)
     else:
         model.save_pretrained(out)
     if tokenizer is not None:

@@ -33,7 +33,8 @@ from slope.registry import sparse_modules
 from slope.serialization.hf_save import install_save_hook
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["save_pretrained", "from_pretrained", "export_dense", "slope_record", "SLOPE_CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_pretrained", "from_pretrained", "export_dense", "plain_model_class", "save_state_pretrained", "slope_record",
+           "SLOPE_CONFIG_NAME", "WEIGHTS_NAME"]
 
 SLOPE_CONFIG_NAME = "slope_config.json"  # the record of version-1 folders
 WEIGHTS_NAME = "model.safetensors"
@@ -337,36 +338,64 @@ def from_pretrained(
     return model.eval()
 
 
-def export_dense(model: nn.Module, save_directory: str | os.PathLike) -> None:
+def plain_model_class(model: nn.Module) -> type:
+    """The class of ``model`` itself: FSDP2's ``fully_shard`` wraps it in a generated subclass
+    (``FSDP<Name>``), which must not name a saved architecture."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+
+
+def _fresh_model(model: nn.Module) -> nn.Module:
+    """A new model of :func:`plain_model_class` built from ``model.config``, on the meta device."""
+    with torch.device("meta"):
+        return plain_model_class(model)(copy.deepcopy(model.config))
+
+
+def _save_fresh(fresh: nn.Module, state: dict[str, torch.Tensor], save_directory, what: str) -> None:
+    name = type(fresh).__name__
+    fresh.to_empty(device="cpu")
+    missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}: {name}'s state does not match a fresh {name} built from its config "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); was the model changed after pruning?"
+        )
+    fresh.save_pretrained(save_directory)
+
+
+def save_state_pretrained(model: nn.Module, state: dict[str, torch.Tensor], save_directory: str | os.PathLike) -> None:
+    """Write ``state`` (plain Hugging Face keys, whole CPU tensors) as ``model``'s architecture
+    would save it: a fresh model of :func:`plain_model_class` built from ``model.config`` holds
+    it and ``save_pretrained`` writes it (for a sharded model, whose own parameters are shards)."""
+    _save_fresh(_fresh_model(model), state, save_directory, "save_state_pretrained")
+
+
+def export_dense(model: nn.Module, save_directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``model`` as an ordinary Hugging Face checkpoint that needs no slope to load.
 
     Every SLoPe layer becomes the module it replaced (``nn.Linear``, or GPT-2's ``Conv1D`` with its
     ``(in, out)`` weight) holding the dense-equivalent weight ``W⊙M`` plus, with adapters,
     ``(α/r)·B (A⊙M_A)`` (computed in fp32, stored in the layer's dtype). Load it with the matching
     Auto class, e.g. ``AutoModelForCausalLM.from_pretrained(save_directory)``.
+    ``state_dict``: for an FSDP2-sharded model, its full state
+    (:func:`slope.parallel.full_model_state_dict`), read instead of its sharded parameters.
     """
     from slope.lora import effective_weight
 
     layers = dict(_check_hf_model(model, "export_dense"))
-    with torch.device("meta"):
-        dense = type(model)(copy.deepcopy(model.config))
+    source = model.state_dict() if state_dict is None else state_dict
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in source.items():
         module_name = key.rpartition(".")[0]
         if module_name not in layers:
             state[key] = value.detach().cpu()
+    dense = _fresh_model(model)
     for name, layer in layers.items():
         weight = effective_weight(layer).cpu()
         if type(dense.get_submodule(name)).__name__ == "Conv1D":  # GPT-2's Conv1D stores (in, out)
             weight = weight.t()
         state[name + ".weight"] = weight.contiguous()
         if layer.bias is not None:
-            state[name + ".bias"] = layer.bias.detach().cpu()
-    dense.to_empty(device="cpu")
-    missing, unexpected = dense.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(
-            f"export_dense: {type(model).__name__}'s state does not match a fresh {type(model).__name__} built from "
-            f"its config (missing {missing[:5]}, unexpected {unexpected[:5]}); was the model changed after pruning?"
-        )
-    dense.save_pretrained(save_directory)
+            state[name + ".bias"] = source[name + ".bias"].detach().cpu()
+    _save_fresh(dense, state, save_directory, "export_dense")

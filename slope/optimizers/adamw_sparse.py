@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from slope import kernels
+from slope.parallel.sharded import full_tensor, local_tensor
 from slope.registry import GradDict, live_layers, sparse_modules
 
 __all__ = ["ADAMWSparse"]
@@ -215,13 +216,14 @@ class ADAMWSparse(torch.optim.Optimizer):
             grads += [p.grad for p in dense_parameters if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        device = grads[0].device
-        norms = torch.stack([torch.linalg.vector_norm(g.float(), norm_type).to(device) for g in grads])
+        device = local_tensor(grads[0]).device
+        # (FSDP2's dense gradients are sharded DTensors: their norms are reduced over the ranks)
+        norms = torch.stack([full_tensor(torch.linalg.vector_norm(g.float(), norm_type)).to(device) for g in grads])
         total = torch.linalg.vector_norm(norms, norm_type)
         if max_norm is not None and math.isfinite(max_norm):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             for g in grads:
-                g.mul_(coef.to(g.dtype))
+                local_tensor(g).mul_(coef.to(g.dtype))
         return total
 
     @torch.no_grad()

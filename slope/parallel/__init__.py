@@ -15,6 +15,7 @@ from slope.parallel.deepspeed import (
 )
 from slope.parallel.env import (
     DistEnv,
+    accelerate_fsdp,
     configure_rank_zero_logging,
     destroy_distributed,
     get_rank,
@@ -36,6 +37,8 @@ from slope.parallel.wrap import (
     SparseGradSync,
     broadcast_module_state,
     dense_parameters,
+    is_data_parallel,
+    is_fsdp2,
     no_sync,
     rewrap_ddp,
     unwrap,
@@ -45,6 +48,7 @@ from slope.parallel.wrap import (
 
 __all__ = [
     "DistEnv",
+    "accelerate_fsdp",
     "SparseGradSync",
     "broadcast_module_state",
     "configure_rank_zero_logging",
@@ -58,7 +62,9 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "init_distributed",
+    "is_data_parallel",
     "is_deepspeed_engine",
+    "is_fsdp2",
     "is_main_process",
     "load_deepspeed_config",
     "load_full_model_state_dict",

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistEnv",
+    "accelerate_fsdp",
     "init_distributed",
     "destroy_distributed",
     "get_rank",
@@ -173,3 +174,32 @@ def rank_slice(batch: torch.Tensor, rank: int | None = None, world_size: int | N
         )
     share = total // world_size
     return batch[rank * share : (rank + 1) * share]
+
+
+_SHARDING = {"1": True, "FULL_SHARD": True, "2": False, "SHARD_GRAD_OP": False}
+
+
+def accelerate_fsdp() -> dict | None:
+    """The FSDP settings of an ``accelerate launch --config_file <FSDP config>`` (it exports
+    ``ACCELERATE_USE_FSDP=true`` and ``FSDP_*``), or ``None`` for any other launch.
+
+    Returns ``{"reshard_after_forward": bool, "activation_checkpointing": bool}``: FULL_SHARD (1)
+    reshards after the forward, SHARD_GRAD_OP (2) does not (FSDP version 2 configs give
+    ``fsdp_reshard_after_forward`` directly). Settings slope's FSDP2 cannot honour (other sharding
+    strategies, parameter offload) are a one-line ``ValueError``.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() not in ("true", "1"):
+        return None
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").strip().lower() in ("true", "1"):
+        raise ValueError("the accelerate config sets fsdp_offload_params: true; slope's FSDP keeps parameters on the "
+                         "device: set it to false")
+    if os.environ.get("FSDP_VERSION", "1").strip() == "2":
+        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() in ("true", "1")
+    else:
+        strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+        reshard = _SHARDING.get(strategy)
+        if reshard is None:
+            raise ValueError(f"the accelerate config sets fsdp_sharding_strategy {strategy}; slope shards with FULL_SHARD (1) or "
+                             "SHARD_GRAD_OP (2): choose one of them, or launch without an FSDP config (DDP)")
+    checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").strip().lower() in ("true", "1")
+    return {"reshard_after_forward": reshard, "activation_checkpointing": checkpointing}

@@ -12,12 +12,16 @@ Format (the same for a single process, DDP, FSDP2 and DeepSpeed ZeRO-1/2):
   ``state_dict()`` is already rank-independent.
 
 All functions are collective under ``torch.distributed``: every rank must call them. The getters
-return the full state on every rank; only rank 0 needs to write it. The loaders expect every rank
+return the full state on every rank (on the CPU); only rank 0 needs to write it. With
+``rank0_only=True`` only rank 0 receives it (the others ``{}``), gathered straight into CPU memory,
+so no rank holds a second whole copy of a sharded model on its device; on a CPU model rank 0's
+tensors may then share storage with the model's: write them before training on. The loaders expect every rank
 to pass the full state (e.g. each rank ``torch.load``s the same file).
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -41,6 +45,7 @@ __all__ = [
 ]
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=False)
+_FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _to_cpu(state):
@@ -62,10 +67,18 @@ def _copy_structure(state):
     return state
 
 
-def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU state dict of a plain, DDP-wrapped, FSDP2-sharded model or a DeepSpeed engine."""
+def _main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def full_model_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """Full CPU state dict of a plain, DDP-wrapped, FSDP2-sharded model or a DeepSpeed engine
+    (``rank0_only``: module docstring)."""
     if ds.is_deepspeed_engine(model):
         return ds.deepspeed_full_model_state_dict(model)
+    if rank0_only:
+        state = get_model_state_dict(model, options=_FULL_ON_RANK0)
+        return {k: v.cpu() for k, v in state.items()} if _main() else {}
     return _to_cpu(get_model_state_dict(model, options=_FULL))
 
 
@@ -122,12 +135,17 @@ def to_name_keyed(state: dict, names: list[list[str]]) -> dict:
     }
 
 
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None, index_keys: bool = False) -> dict:
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None, index_keys: bool = False,
+                              rank0_only: bool = False) -> dict:
     """Full state of the dense optimizer (the engine's when ``model`` is a DeepSpeed engine), keyed
     by parameter name, or with ``index_keys=True`` numbered like ``optimizer.state_dict()`` of a
-    single process."""
+    single process (``rank0_only``: module docstring)."""
     if ds.is_deepspeed_engine(model):
         state = ds.deepspeed_full_optimizer_state_dict(model)
+    elif rank0_only:
+        state = get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK0)
+        if not _main():
+            return {}
     else:
         state = _to_cpu(get_optimizer_state_dict(model, optimizer, options=_FULL))
     return to_index_keyed(state) if index_keys else state

@@ -25,6 +25,8 @@ from slope.registry import sparse_modules
 __all__ = [
     "SparseGradSync",
     "dense_parameters",
+    "is_data_parallel",
+    "is_fsdp2",
     "broadcast_module_state",
     "rewrap_ddp",
     "wrap_ddp",
@@ -229,6 +231,7 @@ def wrap_fsdp2(
     mesh=None,
     sync_module_states: bool = True,
     sync_sparse: bool = True,
+    require_sparse: bool = True,
 ) -> nn.Module:
     """Shard a **pruned** model with FSDP2 (``torch.distributed.fsdp.fully_shard``), in place.
 
@@ -248,12 +251,14 @@ def wrap_fsdp2(
         sync_module_states: copy rank 0's weights and buffers to every rank before sharding.
         sync_sparse: average sparse gradients automatically (else call ``sync_grads`` yourself;
             skip it for accumulation micro-batches, like :func:`no_sync`).
+        require_sparse: ``False`` accepts a model without SLoPe layers (e.g. one fine-tuned dense
+            or under masks); by default that is an error, as for :func:`wrap_ddp`.
 
     Returns the same model object (now an ``FSDPModule``); use :func:`no_sync` for accumulation.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    layers = _require_pruned(model, "wrap_fsdp2")
+    layers = _require_pruned(model, "wrap_fsdp2") if require_sparse else _sparse_layers(model)
     _require_group("wrap_fsdp2")
     if sync_module_states:
         broadcast_module_state(model)
@@ -286,10 +291,16 @@ def wrap_fsdp2(
     return model
 
 
-def _is_fsdp2(model: nn.Module) -> bool:
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by ``fully_shard`` (FSDP2; e.g. by :func:`wrap_fsdp2`)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def is_data_parallel(model: nn.Module) -> bool:
+    """Whether ``model`` trains data-parallel: a DDP wrapper or an FSDP2-sharded model."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) or is_fsdp2(model)
 
 
 @contextlib.contextmanager
@@ -304,7 +315,7 @@ def no_sync(model: nn.Module) -> Iterator[None]:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
-    elif _is_fsdp2(model):
+    elif is_fsdp2(model):
         model.set_requires_gradient_sync(False)
         previous = sync.enabled if sync is not None else None
         if sync is not None:

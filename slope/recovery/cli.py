@@ -3,7 +3,9 @@
 The SparseML command of seed 002 runs with ``slope`` in place of its launcher: flags take dashes or
 underscores (``--output-dir`` / ``--output_dir``), booleans may carry a value (``--bf16 True``),
 ``--max-grad-norm None`` turns clipping off, ``--precision bfloat16`` loads the model in bf16. Under
-``torchrun --nproc_per_node=N -m slope finetune ...`` it trains with DDP.
+``torchrun --nproc_per_node=N -m slope finetune ...`` it trains with DDP, with ``--fsdp`` sharded by
+FSDP2; ``accelerate launch --config_file <FSDP config> --no_python slope finetune ...`` (the seed's
+launch) shards by FSDP2 too.
 """
 from __future__ import annotations
 
@@ -84,6 +86,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _flag(p, "double_pruning", type=_bool, nargs="?", const=True, default=False,
           help="2:4 layers compressed on the accelerated path with SLoPe's double-pruned backward (default: exact backward)")
     _flag(p, "backend", default="auto", help="sparse backend of compressed 2:4 layers (with --double-pruning)")
+    _flag(p, "fsdp", type=_bool, nargs="?", const=True, default=False,
+          help="under torchrun, shard the model with FSDP2 instead of DDP (automatic under accelerate launch with an FSDP config)")
     return p
 
 

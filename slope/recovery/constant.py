@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from slope.masks import is_nm_sparse
+from slope.parallel.sharded import full_tensor
 from slope.prune import _tied_to_embedding
 from slope.pruning.layers import is_linear, match_targets, read_weight
 from slope.recovery.modifiers import ConstantPruningModifier
@@ -103,6 +104,7 @@ class ConstantMasks:
         self.pinned: dict[str, torch.Tensor] = {}
         if nm:
             self._to_slope_layers(nm, double_pruning, backend)
+        self._summary = self._measure()
 
     def _to_slope_layers(self, names: list[str], double_pruning: bool, backend: str) -> None:
         from slope.prune import prune_model
@@ -135,6 +137,18 @@ class ConstantMasks:
                 if torch.is_tensor(tensor) and tensor.shape == values.shape:
                     tensor.masked_fill_(pinned, 0)
 
+    def rebind(self) -> None:
+        """Hold the same weights after ``fully_shard`` replaced the model's parameters by sharded
+        ones (the SLoPe layers' ``values`` stay replicated and are held as they were)."""
+        if self.masked is not None:
+            self.masked.rebind({name: self.model.get_parameter(name) for name in self.masked.params})
+
+    def before_update(self) -> None:
+        """Call after the backward passes of a step, before clipping: masks the gradients of
+        sharded weights (:meth:`MaskedWeights.mask_grads_`; unsharded ones are masked by hooks)."""
+        if self.masked is not None:
+            self.masked.mask_grads_()
+
     def remove_hooks(self) -> None:
         """Detach the gradient hooks of the masked weights (after training)."""
         if self.masked is not None:
@@ -142,11 +156,12 @@ class ConstantMasks:
 
     # ------------------------------------------------------------------ reporting and persistence
     def zero_masks(self) -> dict[str, torch.Tensor]:
-        """``{layer name: bool (out, in)}``, True where the weight must stay exactly zero."""
+        """``{layer name: bool (out, in)}``, True where the weight must stay exactly zero (whole
+        masks: gathered over the ranks when sharded, so every rank must call it then)."""
         result = {}
         for name, kind in self.layers.items():
             if kind == "masked":
-                result[name] = ~self.masked.masks[name + ".weight"]
+                result[name] = ~full_tensor(self.masked.masks[name + ".weight"])
             else:
                 layer = self.slope_layers[name]
                 zero = ~layer.mask
@@ -156,7 +171,12 @@ class ConstantMasks:
         return result
 
     def summary(self) -> dict[str, Any]:
-        """Per held layer its kind and fraction of entries held at zero, and the overall fraction."""
+        """Per held layer its kind and fraction of entries held at zero, and the overall fraction
+        (the masks never change: measured when built or loaded)."""
+        return {"layers": {name: dict(layer) for name, layer in self._summary["layers"].items()},
+                "zero_fraction": self._summary["zero_fraction"]}
+
+    def _measure(self) -> dict[str, Any]:
         zeros = self.zero_masks()
         layers = {n: {"kind": self.layers[n], "zero_fraction": round(float(z.float().mean()), 6)} for n, z in zeros.items()}
         total = sum(z.numel() for z in zeros.values())
@@ -172,6 +192,7 @@ class ConstantMasks:
                              "model and recipe")
         if self.masked is not None:
             self.masked.load_state_dict(state["masked"])
+        self._summary = self._measure()
 
 
 def _warn_uncovered(modules: dict[str, nn.Module], held: set[str]) -> None:

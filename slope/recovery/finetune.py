@@ -20,7 +20,11 @@ before anything loads) receives the model as a plain Hugging Face folder (pruned
 its tokenizer, ``recipe.yaml`` (defaults filled in), ``metrics.jsonl``, ``summary.json``,
 ``loss.png`` and, every ``save_steps``, ``checkpoint-<step>/`` (weights, masks, both optimizers, loss
 scaler, RNG states, records): ``resume_from_checkpoint`` continues exactly as if never stopped.
-Under ``torchrun`` it trains data-parallel (DDP; ``per_device_train_batch_size`` per rank).
+Under ``torchrun`` it trains data-parallel (``per_device_train_batch_size`` per rank): with DDP,
+or with ``fsdp=True`` (``--fsdp``; also under ``accelerate launch`` with an FSDP config, as in the
+seed) sharded by FSDP2 (:func:`slope.parallel.wrap_fsdp2`: dense weights, gradients and AdamW state
+sharded; 2:4 SLoPe layers' kept values replicated). Every launch gives the run of one process
+(same losses and weights to float rounding), and its checkpoints resume on any number of ranks.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "adam_beta2": 0.999, "adam_epsilon": 1e-8, "seed": 42,
     "logging_steps": 10, "eval_steps": None, "eval_batches": 8, "save_steps": None, "resume_from_checkpoint": None,
     "tokenizer": None, "text_field": "text", "device": "auto", "precision": "auto", "double_pruning": False,
-    "backend": "auto", "progress": None,
+    "backend": "auto", "progress": None, "fsdp": False,
 }
 
 #: File in each ``checkpoint-<step>`` folder holding the run's state.
@@ -99,6 +103,8 @@ def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"max_grad_norm must be a non-negative number or None (no clipping), got {norm!r}")
     _check_backend(args["backend"], args["double_pruning"])
     mode = precision_mode(args["fp16"], args["bf16"])
+    if not isinstance(args["fsdp"], bool):
+        raise ValueError(f"fsdp must be True or False, got {args['fsdp']!r}")
     if args["precision"] not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {args['precision']!r}")
     args["precision"] = _PRECISIONS[args["precision"]]
@@ -167,11 +173,12 @@ def _loss_fn(distiller: Distiller | None):
 
 
 # ---------------------------------------------------------------------- outputs
-def _save_outputs(model: nn.Module, tokenizer, out: Path, entries: list, summary: dict) -> None:
-    """The HF folder (plain transformers; zeros where pruned), tokenizer, recipe, summary and plot."""
-    if entries:
+def _save_outputs(model: nn.Module, tokenizer, out: Path, entries: list, summary: dict, main_process: bool) -> None:
+    """The HF folder (plain transformers; zeros where pruned), tokenizer, recipe, summary and plot
+    (every rank calls it: a sharded model is gathered; the main process writes)."""
+    if entries and main_process:
         (out / "recipe.yaml").write_text(recipe_yaml(entries), encoding="utf-8")
-    save_model_folder(model, tokenizer, out, summary, "fine-tuning" + (" (recipe)" if entries else ""))
+    save_model_folder(model, tokenizer, out, summary, "fine-tuning" + (" (recipe)" if entries else ""), main_process=main_process)
 
 
 # ---------------------------------------------------------------------- the one call
@@ -213,9 +220,42 @@ class _Recovery:
     out: Path | None
 
 
-def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill_mod, entries) -> _Recovery:
-    """Load and prepare the models, data, optimizers and loop of a run (module docstring)."""
+def _fsdp_settings(args: dict[str, Any], env) -> dict[str, bool] | None:
+    """How to shard the student: ``None`` (unsharded: one process, or DDP) or the
+    :func:`slope.parallel.wrap_fsdp2` settings of ``fsdp=True`` or of an ``accelerate launch``
+    with an FSDP config."""
+    from slope.parallel import accelerate_fsdp
+
+    settings = accelerate_fsdp() or ({"reshard_after_forward": True, "activation_checkpointing": False} if args["fsdp"] else None)
+    if settings is None:
+        return None
+    if args["fp16"]:
+        raise ValueError("FSDP with fp16 is not supported (the loss scaling does not cover sharded gradients); use bf16 "
+                         "(--bf16) or fp32")
+    if not env.distributed:
+        warnings.warn("FSDP in a single process has nothing to shard: the model trains unsharded; launch with torchrun "
+                      "--nproc_per_node=N (or accelerate launch) to shard it", UserWarning, stacklevel=3)
+        return None
+    return settings
+
+
+def _wrap(model, held, env, fsdp):
+    """``forward_model``: the student sharded in place by FSDP2 (``fsdp``; held masks follow its
+    new parameters), wrapped in DDP under ``torchrun``, or itself."""
     from slope import parallel
+
+    if fsdp is not None:
+        parallel.wrap_fsdp2(model, reshard_after_forward=fsdp["reshard_after_forward"], require_sparse=False)
+        if held is not None:
+            held.rebind()
+        return model
+    if env.distributed:
+        return parallel.wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, require_sparse=False)
+    return model
+
+
+def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill_mod, entries, fsdp) -> _Recovery:
+    """Load and prepare the models, data, optimizers and loop of a run (module docstring)."""
     from slope.dynamic.data import load_finetune_data, resolve_tokenizer
     from slope.train import LossScaler
 
@@ -232,13 +272,10 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
                                                        double_pruning=args["double_pruning"], backend=args["backend"])
     distiller = _prepare_teacher(model, teacher, distill_mod, args, env.device, steps_per_epoch, tokenizer,
                                  data.val[0][0][:1, :32].to(env.device))
-    if args["gradient_checkpointing"]:
+    if args["gradient_checkpointing"] or (fsdp or {}).get("activation_checkpointing"):
         enable_activation_checkpointing(model)
-    dense_opt, sparse_opt = _optimizers(model, args)
-    forward_model = model
-    if env.distributed:
-        forward_model = parallel.wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                          require_sparse=False)
+    forward_model = _wrap(model, held, env, fsdp)
+    dense_opt, sparse_opt = _optimizers(model, args)  # after sharding: over the sharded parameters
     settings = LoopSettings(args["learning_rate"], args["warmup_steps"], args["lr_scheduler_type"], accum, args["precision_mode"],
                             args["max_grad_norm"], args["logging_steps"], args["eval_steps"], args["progress"], "finetune")
     def after_step(step, skipped):  # noqa: ARG001
@@ -248,7 +285,8 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
 
     loop = FinetuneLoop(model, data, dense_opt, sparse_opt, LossScaler(args["fp16"]), env.device, total, settings,
                         loss_fn=_loss_fn(distiller), after_step=after_step,
-                        status=lambda: {} if held is None else {"held_zero_fraction": held.zero_fraction}, forward_model=forward_model)
+                        status=lambda: {} if held is None else {"held_zero_fraction": held.zero_fraction}, forward_model=forward_model,
+                        before_update=None if held is None else held.before_update)
     out = output_folder(output_dir, env.is_main)
     fingerprint = {"total_steps": total, "global_batch": global_batch, "recipe": recipe_yaml(entries) if entries else None,
                    **{k: args[k] for k in _RESUME_KEYS if k in args}}
@@ -265,8 +303,8 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str
     if run.distiller is not None:
         summary["distillation"] = {"targets": run.distiller.names, "comparison": run.distiller.modifier.comparison,
                                    "teacher_output_bytes_per_micro_batch": run.distiller.teacher_bytes}
-    if run.out is not None and env.is_main:
-        _save_outputs(run.model, run.tokenizer, run.out, entries, summary)
+    if run.out is not None:
+        _save_outputs(run.model, run.tokenizer, run.out, entries, summary, env.is_main)
     return summary
 
 
@@ -288,10 +326,12 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
         training_args: :data:`TRAINING_DEFAULTS` (``transformers.TrainingArguments`` names, plus
             ``max_seq_length``, ``eval_batches``, ``tokenizer``, ``text_field``, ``device``, ``precision``
             (dtype to load folders in), ``double_pruning`` (2:4 layers compressed with SLoPe's
-            backward), ``backend``, ``progress``). ``max_grad_norm=None`` or 0: no clipping.
+            backward), ``backend``, ``progress``, ``fsdp`` (shard with FSDP2 under ``torchrun``)).
+            ``max_grad_norm=None`` or 0: no clipping.
 
-    The returned model keeps its training form (2:4 layers as :class:`slope.SparseLinear`) and holds
-    the run's summary in ``finetune_summary``.
+    The returned model keeps its training form (2:4 layers as :class:`slope.SparseLinear`; under
+    FSDP still sharded: :func:`slope.parallel.full_model_state_dict` gathers it) and holds the run's
+    summary in ``finetune_summary``.
     """
     from slope import parallel
     from slope.evaluate import resolve_device
@@ -303,7 +343,8 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     seed_everything(args["seed"])
     run = None
     try:
-        run = _build(model, dataset, distill_teacher, output_dir, args, env, constant_mod, distill_mod, entries)
+        fsdp = _fsdp_settings(args, env)
+        run = _build(model, dataset, distill_teacher, output_dir, args, env, constant_mod, distill_mod, entries, fsdp)
         summary = _train(run, args, entries, env)
     finally:
         parallel.destroy_distributed(env)

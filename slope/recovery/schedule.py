@@ -94,6 +94,19 @@ class HeldZeros:
         elif self.phase == "before" and self.holds_any and step + 1 == self.start_step:
             self._start()
 
+    def rebind(self) -> None:
+        """Hold the model's parameters after ``fully_shard`` replaced them by sharded ones (a
+        whole-run window only: one that starts or ends mid-run reads and re-masks whole weights)."""
+        if not self.whole_run:
+            raise ValueError("under FSDP a ConstantPruningModifier holds the whole run only (start: 0, no end); train with DDP "
+                             "(no --fsdp) for a window that starts or ends mid-run")
+        self.constant.rebind()
+
+    def before_update(self) -> None:
+        """After the backward passes of a step, before clipping: mask sharded weights' gradients."""
+        if self.constant is not None:
+            self.constant.before_update()
+
     def _start(self) -> None:
         """Take the masks "nonzero now" of the targeted linears that hold exact zeros."""
         modules = dict(self.model.named_modules())

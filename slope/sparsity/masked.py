@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from slope.masks import pack_mask, unpack_mask
+from slope.parallel.sharded import full_tensor, is_sharded, shard_like
 
 __all__ = ["MaskedWeights"]
 
@@ -25,6 +26,12 @@ class MaskedWeights:
     :meth:`set_mask` changes a mask (RigL, gradual pruning): entries that leave or join the mask
     restart from zero in the weights and in the optimizer state. Masks live on the parameters'
     devices; :meth:`state_dict` stores them packed (1 bit per entry).
+
+    FSDP2 (``fully_shard``) replaces parameters by sharded ``DTensor`` ones: :meth:`rebind` to
+    them, and each mask is split like its weight. Hooks on sharded parameters do not run, so for
+    those :meth:`mask_grads_` masks the (reduced) gradients instead: call it after the backward
+    passes of a step, before clipping. :meth:`state_dict` and :meth:`sparsity` then gather over
+    the ranks (collective: every rank calls them).
 
     Dense gradients (RigL's regrowth): while :meth:`capture_dense_grads` is on, the gradient hook
     also adds each full gradient (pruned entries included, before masking; fp32) to
@@ -57,6 +64,9 @@ class MaskedWeights:
             raise ValueError(
                 f"{name}: a mask must be bool of the weight's shape {tuple(param.shape)}, got {mask.dtype} {tuple(mask.shape)}"
             )
+        if is_sharded(param):
+            self.masks[name] = mask if is_sharded(mask) else shard_like(mask, param)
+            return  # no hook: see mask_grads_
         self.masks[name] = mask.to(param.device)
         if name not in self._hooks and param.requires_grad:
             self._hooks[name] = param.register_hook(lambda grad, name=name: self._mask_grad(name, grad))
@@ -67,9 +77,30 @@ class MaskedWeights:
             self.dense_grads[name] = grad.detach().to(torch.float32, copy=True) if held is None else held.add_(grad.detach())
         return grad * self.masks[name].to(grad.dtype)
 
+    def rebind(self, params: Mapping[str, nn.Parameter]) -> None:
+        """Hold the same weights as new parameter objects (``fully_shard`` replaced them by
+        sharded ones): the masks are split like them, the old gradient hooks removed."""
+        if set(params) != set(self.params):
+            raise ValueError(f"rebind: the parameters {sorted(set(params) ^ set(self.params))[:3]} are not those masked")
+        masks = {name: full_tensor(mask) for name, mask in self.masks.items()}
+        self.remove_hooks()
+        self.params = dict(params)
+        for name, mask in masks.items():
+            self._store(name, mask)
+
+    @torch.no_grad()
+    def mask_grads_(self) -> None:
+        """Zero the gradients of pruned entries of sharded parameters (their hooks do not run);
+        unsharded ones are masked by their hooks already."""
+        for name, param in self.params.items():
+            if is_sharded(param) and param.grad is not None:
+                param.grad.mul_(self.masks[name].to(param.grad.dtype))
+
     def capture_dense_grads(self, on: bool) -> None:
         """Start (``True``: :attr:`dense_grads` emptied, then accumulated over the following backward
         passes) or stop (``False``: emptied) keeping the full gradients."""
+        if on and any(is_sharded(p) for p in self.params.values()):
+            raise ValueError("capture_dense_grads needs unsharded parameters (the gradient hooks of FSDP2-sharded ones do not run)")
         self.capturing = bool(on)
         self.dense_grads = {}
 
@@ -102,6 +133,8 @@ class MaskedWeights:
     def set_mask(self, name: str, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
         """Replace ``name``'s mask; entries that change (dropped or grown) become zero in the weight
         and in the optimizer state. Returns the bool tensor of changed entries."""
+        if is_sharded(self.params.get(name)) and not is_sharded(mask):
+            mask = shard_like(mask, self.params[name])
         changed = mask.to(self.masks[name].device) ^ self.masks[name]
         self._store(name, mask)
         param = self.params[name]
@@ -115,12 +148,12 @@ class MaskedWeights:
         """Fraction of pruned entries over ``names`` (default: all masked parameters)."""
         names = list(self.masks if names is None else names)
         total = sum(self.masks[n].numel() for n in names)
-        kept = sum(int(self.masks[n].sum()) for n in names)
+        kept = sum(int(full_tensor(self.masks[n].sum())) for n in names)
         return 1.0 - kept / total if total else 0.0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``{name: packed uint8 mask}`` (see :func:`slope.masks.pack_mask`), on the CPU."""
-        return {name: pack_mask(mask).cpu() for name, mask in self.masks.items()}
+        return {name: pack_mask(full_tensor(mask)).cpu() for name, mask in self.masks.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore masks saved by :meth:`state_dict` (all names must match) and zero pruned weights."""

@@ -1,0 +1,117 @@
+"""slope.finetune under FSDP2: the seed's `accelerate launch` with an FSDP config gives the run of one
+process (weights, held zeros, checkpoints that resume in one process); the launcher's settings."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_recovery import pruned_pair, recipe, run  # noqa: E402
+
+from slope.parallel import accelerate_fsdp  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Distillation by MSE (a mean over all rows: ranks' means average to the global one; SquareHead's
+# ratio of means would not), joint clipping that bites (0.5), a checkpoint half-way.
+OPTIONS = dict(adam_epsilon=1e-4, device="cpu", max_grad_norm=0.5, save_steps=2,
+               rec=recipe(distill=["model.layers.0", "model"], comparison="mse"))
+# What `accelerate launch --config_file example_fsdp_config.yaml` exports for the seed's config.
+SEED_FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "1",
+                 "FSDP_OFFLOAD_PARAMS": "false", "FSDP_ACTIVATION_CHECKPOINTING": "false"}
+
+
+def _launch(out: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, **SEED_FSDP_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return T.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-5, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.distributed
+def test_fsdp_under_the_seeds_launch_is_the_run_of_one_process(tmp_path):
+    _launch(tmp_path / "fsdp")
+    student, teacher = pruned_pair()
+    single = run(student, tmp_path / "single", teacher=teacher, per_device_train_batch_size=4, **OPTIONS)
+    assert single.finetune_summary["config"]["world_size"] == 1
+
+    sharded = _weights(tmp_path / "fsdp")
+    _assert_same(_weights(tmp_path / "single"), sharded)
+    # the zeros of the unstructured (masked) block and the 2:4 block stayed zeros under sharding
+    pruned, _ = pruned_pair()
+    for name, before in pruned.state_dict().items():
+        if ".layers." in name and name.endswith("proj.weight") and "down_proj" not in name:
+            assert bool((sharded[name][before == 0] == 0).all()), name
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["config"]["world_size"] == 2
+    assert summary["constant_pruning"] == single.finetune_summary["constant_pruning"]
+
+    # its half-way checkpoint (single-process layout) resumes in one process to the same weights
+    resumed_student, teacher = pruned_pair()
+    options = {**OPTIONS, "save_steps": None}
+    run(resumed_student, tmp_path / "fsdp", teacher=teacher, per_device_train_batch_size=4,
+        resume_from_checkpoint=str(tmp_path / "fsdp" / "checkpoint-2"), **options)
+    _assert_same(_weights(tmp_path / "single"), _weights(tmp_path / "fsdp"))
+
+
+def test_the_accelerate_fsdp_settings(monkeypatch):
+    for name in [n for n in os.environ if n.startswith(("FSDP_", "ACCELERATE_"))]:
+        monkeypatch.delenv(name)
+    assert accelerate_fsdp() is None
+    for name, value in SEED_FSDP_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert accelerate_fsdp() == {"reshard_after_forward": True, "activation_checkpointing": False}
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    assert accelerate_fsdp() == {"reshard_after_forward": False, "activation_checkpointing": True}
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    assert accelerate_fsdp()["reshard_after_forward"] is True
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "3")
+    with pytest.raises(ValueError, match="FULL_SHARD"):
+        accelerate_fsdp()
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "1")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ValueError, match="offload"):
+        accelerate_fsdp()
+
+
+def test_fsdp_in_one_process_says_it_trains_unsharded_and_refuses_fp16():
+    student, _ = pruned_pair()
+    with pytest.warns(UserWarning, match="nothing to shard"):
+        run(student, fsdp=True, max_steps=1, rec=recipe())
+    with pytest.raises(ValueError, match="fp16"):
+        run(pruned_pair()[0], fsdp=True, fp16=True, max_steps=1)
+    with pytest.raises(ValueError, match="fsdp must be True or False"):
+        run(pruned_pair()[0], fsdp="yes", max_steps=1)
+
+
+if __name__ == "__main__":  # an FSDP worker (launched by the test above)
+    warnings.simplefilter("ignore")
+    student, teacher = pruned_pair()
+    run(student, Path(sys.argv[1]), teacher=teacher, per_device_train_batch_size=2, **OPTIONS)
