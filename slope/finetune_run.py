@@ -19,6 +19,7 @@ they share, from here:
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import warnings
@@ -181,14 +182,24 @@ def command_options(args) -> dict[str, Any]:
     return options
 
 
+def _launched_rank() -> int:
+    """This process's rank under ``torchrun`` / ``accelerate launch`` (0 for a plain run)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _slope_warnings_as_notes(show):
     """A ``warnings.showwarning`` that prints slope's own warnings as one ``note: ...`` line on
-    stderr and hands the others to ``show``."""
+    stderr (on the first rank only: every rank warns alike) and hands the others to ``show``."""
     package = Path(__file__).resolve().parent
+    main = _launched_rank() == 0
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if package in Path(filename).resolve().parents:
-            print(f"note: {' '.join(str(message).split())}", file=sys.stderr)
+            if main:
+                print(f"note: {' '.join(str(message).split())}", file=sys.stderr)
         else:
             show(message, category, filename, lineno, file, line)
 
@@ -200,7 +211,7 @@ def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
     """Run ``call`` (a front door) for ``slope <name>``: bad input, data, checkpoints or storage
     end in one line ``slope <name>: error: ...`` and exit status 1; slope's warnings are ``note:``
     lines; success prints ``done: ...`` (steps, time, validation loss, ``details(summary)``, the
-    output folder) and returns 0."""
+    output folder) and returns 0. Under a launcher, notes and the closing line come from rank 0 only."""
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
     from slope.durable import StorageError
@@ -213,6 +224,8 @@ def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
         print(f"slope {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     s = model.finetune_summary
+    if _launched_rank() != 0:  # said once, by the first rank
+        return 0
     print(f"done: {s['steps']} steps in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
           f"{s['final_val_loss']:.4f}" + details(s) + (f" | outputs in {output_dir}" if output_dir else ""))
     return 0

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_recovery import pruned_pair, recipe, run  # noqa: E402
 
 from slope.parallel import accelerate_fsdp  # noqa: E402
+from slope.pruning.recipe import parse_recipe, recipe_yaml  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,6 +77,62 @@ def test_fsdp_under_the_seeds_launch_is_the_run_of_one_process(tmp_path):
     run(resumed_student, tmp_path / "fsdp", teacher=teacher, per_device_train_batch_size=4,
         resume_from_checkpoint=str(tmp_path / "fsdp" / "checkpoint-2"), **options)
     _assert_same(_weights(tmp_path / "single"), _weights(tmp_path / "fsdp"))
+
+
+SEED_ACCELERATE_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+downcast_bf16: 'no'
+fsdp_config:
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_backward_prefetch_policy: BACKWARD_PRE
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_forward_prefetch: false
+  fsdp_offload_params: false
+  fsdp_sharding_strategy: 1
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_sync_module_states: true
+  fsdp_use_orig_params: false
+machine_rank: 0
+main_training_function: main
+mixed_precision: bf16
+num_machines: 1
+num_processes: 2
+rdzv_backend: static
+same_network: true
+use_cpu: true
+"""
+
+
+@pytest.mark.distributed
+def test_the_seeds_accelerate_command_runs_as_written(tmp_path):
+    """Seed 002 step 3's `accelerate launch --config_file example_fsdp_config.yaml --no_python ... finetune`
+    with slope's command in place of SparseML's (the config as in the guide, on CPUs)."""
+    from slope.pruning.loading import shipped_tokenizer
+
+    student, teacher = pruned_pair()
+    for model, folder in ((student, "student"), (teacher, "teacher")):
+        model.save_pretrained(tmp_path / folder)
+        shipped_tokenizer().save_pretrained(tmp_path / folder)
+    (tmp_path / "fsdp.yaml").write_text(SEED_ACCELERATE_CONFIG)
+    (tmp_path / "recipe.yaml").write_text(recipe_yaml(parse_recipe(recipe(distill=["model.layers.0", "model"]), kind="finetune")))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "fsdp.yaml", "--no_python", "slope", "finetune",
+               "--model", "student", "--dataset", "embedded", "--output_dir", "out", "--splits", "train", "--num_train_epochs", "2",
+               "--precision", "bfloat16", "--gradient_checkpointing", "True", "--bf16", "True", "--learning_rate", "0.00005",
+               "--lr_scheduler_type", "linear", "--max_seq_length", "32", "--per_device_train_batch_size", "2",
+               "--max_grad_norm", "None", "--warmup_steps", "1", "--distill_teacher", "teacher", "--recipe", "recipe.yaml",
+               "--max-steps", "3"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("done: 3 steps") == 1, done.stdout  # said once, by rank 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["config"]["world_size"] == 2 and summary["config"]["bf16"] is True
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    trained = _weights(tmp_path / "out")
+    for name, before in student.state_dict().items():
+        if name.endswith("q_proj.weight"):
+            assert bool((trained[name][before == 0] == 0).all()) and not torch.equal(trained[name], before), name
 
 
 def test_the_accelerate_fsdp_settings(monkeypatch):

@@ -18,6 +18,7 @@ folders that ``resume_from_checkpoint`` continues from exactly (:mod:`slope.fine
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,15 @@ def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- the one call
+def _refuse_launchers() -> None:
+    """sparse_finetune trains in one process: under ``torchrun`` / ``accelerate launch`` every rank
+    would train the whole run alone and all would write the same folder."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world not in ("", "1"):
+        raise ValueError(f"sparse_finetune runs in one process, but this is one of WORLD_SIZE={world} launched processes; "
+                         "run it without torchrun / accelerate launch (slope finetune trains data-parallel)")
+
+
 def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sparsity_type: str = "unstructured",
                     mask_update_interval: int = 100, mask_update_fraction: float = 0.3, use_rigl: bool = True,
                     sparsity_schedule=None, learning_rate: float = 5e-5, batch_size: int = 8, num_epochs: int = 3,
@@ -181,6 +191,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
                                    sparsity_schedule, pruning_method, extra["targets"], extra["skip"], extra["compress"],
                                    extra["double_pruning"], sparsity_distribution=extra["sparsity_distribution"]).validate()
     check_output_dir(output_dir, extra["resume_from_checkpoint"])
+    _refuse_launchers()
     device = resolve_device(extra["device"])
     seed_everything(extra["seed"])
     model = load_model(model_name, device)
