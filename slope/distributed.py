@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from slope.registry import live_layers, sparse_modules
 
-__all__ = ["sync_grads"]
+__all__ = ["average_over_ranks", "sync_grads"]
 
 
 def _layers(model: nn.Module | None) -> list[nn.Module]:
@@ -44,3 +44,18 @@ def sync_grads(model: nn.Module | None = None, group=None) -> None:
             numel = layer.values_grad.numel()
             layer.values_grad.copy_(flat[offset : offset + numel].view_as(layer.values_grad))
             offset += numel
+
+
+@torch.no_grad()
+def average_over_ranks(tensors: list[torch.Tensor], group=None) -> None:
+    """Replace each tensor by its mean over the ranks, in place (one all-reduce per tensor; every
+    rank must call it with tensors of the same shapes, in the same order). A no-op outside an
+    initialised ``torch.distributed`` process group or with one rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, group=group)
+        tensor.div_(world)

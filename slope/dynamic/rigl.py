@@ -14,7 +14,9 @@ Newly grown weights start at zero with zero optimizer state (:meth:`MaskedWeight
 :meth:`slope.SparseLinear.set_mask`), and the number of kept weights of every layer never changes:
 the budget is per layer (each layer keeps its own sparsity; a global budget could move weights
 between layers, which N:M cannot and which starves small layers). The dense gradient is the
-gradient of the update step's loss, kept only on update steps (:meth:`RigL.needs_dense_grad`).
+gradient of the update step's loss, kept only on update steps (:meth:`RigL.needs_dense_grad`);
+under data parallelism (DDP, the Trainer's) it is averaged over the ranks before the regrowth, so
+every rank grows the same weights: the masks of N ranks are those of one process with their batch.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from slope.distributed import average_over_ranks
 from slope.masks import is_nm_sparse, nm_mask_from_scores, topk_mask
 from slope.sparsity import MaskPolicy
 from slope.dynamic.policies import check_schedule
@@ -102,6 +105,9 @@ class RigL(MaskPolicy):
 
     def update(self, step: int, optimizer: torch.optim.Optimizer | None, grads: dict[str, torch.Tensor] | None) -> None:
         grads = self.masked.dense_grads if grads is None else grads
+        # Data-parallel ranks captured the gradients of their own rows: regrow by their mean (the
+        # gradient of the whole batch), so every rank picks the same entries and the masks stay equal.
+        average_over_ranks([grads[name] for name in self.masked.masks if name in grads])
         fraction = self.fraction_at(step + 1)
         record: dict[str, Any] = {"step": step + 1, "kind": self.kind, "fraction": fraction, "layers": {}}
         if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
