@@ -2,6 +2,7 @@
 process (weights, held zeros, checkpoints that resume in one process); the launcher's settings."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ SEED_FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARD
                  "FSDP_OFFLOAD_PARAMS": "false", "FSDP_ACTIVATION_CHECKPOINTING": "false"}
 
 
-def _launch(out: Path) -> None:
+def _launch(out: Path, *extra: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -37,7 +38,7 @@ def _launch(out: Path) -> None:
     for rank in range(2):
         env = {**os.environ, **SEED_FSDP_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, __file__, str(out), *extra], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
@@ -71,7 +72,11 @@ def test_fsdp_under_the_seeds_launch_is_the_run_of_one_process(tmp_path):
     assert summary["config"]["world_size"] == 2
     assert summary["constant_pruning"] == single.finetune_summary["constant_pruning"]
 
-    # its half-way checkpoint (single-process layout) resumes in one process to the same weights
+    # its half-way checkpoint (single-process layout) resumes to the same weights in one process,
+    # and sharded again (the checkpoint's weights and AdamW state split over the ranks)
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", tmp_path / "again" / "checkpoint-2")
+    _launch(tmp_path / "again", "resume")
+    _assert_same(_weights(tmp_path / "single"), _weights(tmp_path / "again"))
     resumed_student, teacher = pruned_pair()
     options = {**OPTIONS, "save_steps": None}
     run(resumed_student, tmp_path / "fsdp", teacher=teacher, per_device_train_batch_size=4,
@@ -171,4 +176,5 @@ def test_fsdp_in_one_process_says_it_trains_unsharded_and_refuses_fp16():
 if __name__ == "__main__":  # an FSDP worker (launched by the test above)
     warnings.simplefilter("ignore")
     student, teacher = pruned_pair()
-    run(student, Path(sys.argv[1]), teacher=teacher, per_device_train_batch_size=2, **OPTIONS)
+    resume = {"resume_from_checkpoint": True} if sys.argv[2:] == ["resume"] else {}
+    run(student, Path(sys.argv[1]), teacher=teacher, per_device_train_batch_size=2, **OPTIONS, **resume)
