@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from slope.distributed import sync_grads
 from slope.registry import sparse_modules
-from slope.trainer_state import save_in_trainer_checkpoint, trainer_checkpoint_file
+from slope.trainer_state import refuse_sharded_trainer, save_in_trainer_checkpoint, trainer_checkpoint_file
 
 __all__ = ["SparseOptimizerCallback", "SPARSE_OPTIMIZER_NAME"]
 
@@ -164,6 +164,7 @@ class SparseOptimizerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checks at train begin
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        refuse_sharded_trainer(args, "SparseOptimizerCallback")
         self._parts = None
         if model is None:
             raise RuntimeError("SparseOptimizerCallback needs the Trainer's model (transformers >= 5 passes it)")

@@ -2,7 +2,8 @@
 
 Each callback with state (dynamic sparsity, the held-zeros window of a recipe, the sparse
 optimizer, the SFT selector) writes one file into the Trainer's ``output_dir/checkpoint-<step>/``
-at save time and reads it back when the Trainer resumes at that step.
+at save time and reads it back when the Trainer resumes at that step. They run under the
+Trainer's DDP, not under its FSDP or DeepSpeed (:func:`refuse_sharded_trainer`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_from_trainer_checkpoint", "save_in_trainer_checkpoint", "torch_optimizer", "trainer_checkpoint_file"]
+__all__ = ["load_from_trainer_checkpoint", "refuse_sharded_trainer", "save_in_trainer_checkpoint", "torch_optimizer",
+           "trainer_checkpoint_file"]
 
 
 def trainer_checkpoint_file(args, state, name: str) -> str:
@@ -43,3 +45,24 @@ def torch_optimizer(optimizer):
     while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("true", "1")
+
+
+def refuse_sharded_trainer(args, what: str) -> None:
+    """A one-line ``ValueError`` when the Trainer (``args``: its ``TrainingArguments``, or the
+    ``accelerate launch`` environment) shards the model with FSDP or partitions it with DeepSpeed:
+    slope's callbacks hold masks, SLoPe values and their optimizer state on the model's own
+    parameters, which those engines replace by flat shards or partitioned fp32 masters, so masks
+    would silently stop holding."""
+    if bool(getattr(args, "fsdp", None)) or _env_flag("ACCELERATE_USE_FSDP"):
+        engine = "FSDP"
+    elif bool(getattr(args, "deepspeed", None)) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        engine = "DeepSpeed"
+    else:
+        return
+    raise ValueError(f"{what} does not run under the Trainer's {engine} (its masks and sparse weights live on the model's own "
+                     f"parameters, which {engine} replaces): train with the Trainer's DDP (torchrun, no {engine} config), or "
+                     "shard with `slope finetune --fsdp`")

@@ -383,3 +383,29 @@ def test_checkpoint_resume_restores_the_sparse_optimizer(tmp_path):
     assert all(state["step"].item() == 4 for state in opt.state.values())
     for (name, a), (_, b) in zip(sparse_modules(straight), sparse_modules(resumed)):
         torch.testing.assert_close(b.values, a.values, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_trainer_callbacks_refuse_fsdp_and_deepspeed(engine, monkeypatch):
+    """Masks and SLoPe values live on the model's own parameters; FSDP / DeepSpeed replace them,
+    so every slope callback refuses those engines at train begin (one line) instead of holding nothing."""
+    from types import SimpleNamespace
+
+    from slope.dynamic import DynamicSparsity, DynamicSparsityCallback
+    from slope.peft.trainer import _SelectorCallback
+    from slope.recovery.trainer import _HoldWindow, _HoldZeros
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    args = SimpleNamespace(fsdp="full_shard" if engine == "fsdp" else "", deepspeed="ds.json" if engine == "deepspeed" else None)
+    if engine.startswith("ACCELERATE"):
+        monkeypatch.setenv(engine, "true")
+    shown = "FSDP" if "fsdp" in engine.lower() else "DeepSpeed"
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    callbacks = {"SparseOptimizerCallback": SparseOptimizerCallback(ADAMWSparse(prune_model(torch.nn.Sequential(torch.nn.Linear(8, 8))))),
+                 "DynamicSparsityCallback": DynamicSparsityCallback(DynamicSparsity(model, 4, targets=["0"])),
+                 "RecoveryTrainer": _HoldZeros(None, None), "SftTrainer": _SelectorCallback(None)}
+    state = SimpleNamespace(max_steps=4, global_step=0)
+    for what, callback in [*callbacks.items(), ("RecoveryTrainer", _HoldWindow(model, None))]:
+        with pytest.raises(ValueError, match=f"{what} does not run under the Trainer's {shown}.*slope finetune --fsdp"):
+            callback.on_train_begin(args, state, None, model=model, train_dataloader=[])

@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from slope.dynamic.sparsifier import DynamicSparsity
-from slope.trainer_state import load_from_trainer_checkpoint, save_in_trainer_checkpoint, torch_optimizer
+from slope.trainer_state import load_from_trainer_checkpoint, refuse_sharded_trainer, save_in_trainer_checkpoint, torch_optimizer
 
 __all__ = ["DynamicSparsityCallback", "STATE_NAME"]
 
@@ -44,6 +44,7 @@ class DynamicSparsityCallback(TrainerCallback):
         self.optimizer = optimizer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        refuse_sharded_trainer(args, "DynamicSparsityCallback")
         if state.max_steps != self.sparsifier.total_steps:
             raise ValueError(
                 f"the Trainer runs {state.max_steps} optimizer steps but the DynamicSparsity was built for "

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from slope.peft.model import SftModel
 from slope.peft.optim import SftAdamW, SftSM3
 from slope.peft.selector import SftSelector
-from slope.trainer_state import trainer_checkpoint_file
+from slope.trainer_state import refuse_sharded_trainer, trainer_checkpoint_file
 
 __all__ = ["SftTrainer"]
 
@@ -29,6 +29,7 @@ class _SelectorCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        refuse_sharded_trainer(args, "SftTrainer")
         self.trainer._start_selector(state, optimizer)
 
     def on_step_end(self, args, state, control, **kwargs):

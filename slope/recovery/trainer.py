@@ -28,7 +28,8 @@ from transformers import Trainer, TrainerCallback
 from slope.recovery.constant import ConstantMasks, _warn_uncovered
 from slope.recovery.distill import Distiller
 from slope.recovery.schedule import HeldZeros
-from slope.trainer_state import load_from_trainer_checkpoint, save_in_trainer_checkpoint, torch_optimizer
+from slope.trainer_state import (load_from_trainer_checkpoint, refuse_sharded_trainer, save_in_trainer_checkpoint,
+                                 torch_optimizer)
 
 __all__ = ["RecoveryTrainer"]
 
@@ -38,6 +39,9 @@ class _HoldZeros(TrainerCallback):
 
     def __init__(self, constant: ConstantMasks, sparse_opt):
         self.constant, self.sparse_opt = constant, sparse_opt
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        refuse_sharded_trainer(args, "RecoveryTrainer")
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.constant.after_step(torch_optimizer(optimizer), self.sparse_opt)
@@ -55,6 +59,7 @@ class _HoldWindow(TrainerCallback):
         self.model, self.modifier, self.held = model, modifier, None
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        refuse_sharded_trainer(args, "RecoveryTrainer")
         steps_per_epoch = len(train_dataloader) / args.gradient_accumulation_steps
         self.held = HeldZeros(self.model, self.modifier, steps_per_epoch, state.max_steps)
         if state.global_step > 0:
