@@ -218,9 +218,33 @@ def prune_model(
 
     decisions: list[PruneDecision] = []
     candidates = _candidates(model)
-    mha_owned = {id(mod.out_proj) for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)}
     # Nothing is replaced until every layer has been checked and built: an error leaves the model as it was.
-    plan: list[tuple[str, nn.Module]] = []
+    plan = _plan_layers(model, candidates, decisions, targets, skip, n, m, compress=compress, backend=backend, tiling=tiling,
+                        double_pruning=double_pruning, mask_type=mask_type, add_lora=add_lora, lora_rank=lora_rank, lora_alpha=lora_alpha)
+    expert_plan = _plan_experts(model, decisions, targets, skip, experts, n, m)
+    _check_plan(model, decisions, targets, [name for name, _ in candidates] + [e.name for e in expert_plan])
+    for name, layer in plan:
+        _set_submodule(model, name, layer)
+    if expert_plan:
+        from slope.moe import prune_experts
+
+        prune_experts(model, expert_plan, n, m)
+    install_save_hook(model)  # model.save_pretrained writes W⊙M + masks (slope.serialization.hf_save)
+    if merge_lora:
+        from slope.lora import merge_lora as _merge
+
+        _merge(model)
+    _report(model, decisions, verbose)
+    return model
+
+
+def _plan_layers(model: nn.Module, candidates: list[tuple[str, nn.Module]], decisions: list[PruneDecision], targets: list, skip: list,
+                 n: int, m: int, *, compress: bool, backend: str, tiling: bool, double_pruning: bool, mask_type: str,
+                 add_lora: bool, lora_rank: int, lora_alpha: float | None) -> list[tuple[str, SparseLinear]]:
+    """Decide for every linear layer of ``candidates`` (rows appended to ``decisions``) and build the
+    :class:`SparseLinear` of each one pruned, replacing nothing; returns ``(name, new layer)`` pairs."""
+    mha_owned = {id(mod.out_proj) for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)}
+    plan: list[tuple[str, SparseLinear]] = []
     for name, module in candidates:
         weight, bias = _linear_weight(module)
         out_features, in_features = weight.shape
@@ -250,34 +274,30 @@ def prune_model(
             layer.add_lora(lora_rank, lora_alpha)
         plan.append((name, layer))
         decisions.append(PruneDecision(name, (out_features, in_features), True, f"{n}:{m}"))
+    return plan
 
-    expert_plan = _plan_experts(model, decisions, targets, skip, experts, n, m)
-    names = [name for name, _ in candidates] + [e.name for e in expert_plan]
+
+def _check_plan(model: nn.Module, decisions: list[PruneDecision], targets: list, names: list[str]) -> None:
+    """Before anything is replaced: warn of ``targets`` patterns that match none of ``names`` (the
+    linear layers and expert tensors), and fail when nothing would be pruned."""
     unmatched = [p if isinstance(p, str) else "re:" + p.pattern for p in targets if not any(_matches(x, [p]) for x in names)]
     if unmatched and any(d.pruned for d in decisions):
-        warnings.warn(f"prune_model: targets {unmatched} match no linear layer of {type(model).__name__}", UserWarning, stacklevel=2)
+        # stacklevel 3: the warning points at prune_model's caller
+        warnings.warn(f"prune_model: targets {unmatched} match no linear layer of {type(model).__name__}", UserWarning, stacklevel=3)
     if not any(d.pruned for d in decisions):
         raise ValueError(
             "prune_model found linear layers but pruned none of them:\n" + format_summary(decisions)
             + "\nadjust targets/skip or the sparsity"
         )
-    for name, layer in plan:
-        _set_submodule(model, name, layer)
-    if expert_plan:
-        from slope.moe import prune_experts
 
-        prune_experts(model, expert_plan, n, m)
-    install_save_hook(model)  # model.save_pretrained writes W⊙M + masks (slope.serialization.hf_save)
-    if merge_lora:
-        from slope.lora import merge_lora as _merge
 
-        _merge(model)
+def _report(model: nn.Module, decisions: list[PruneDecision], verbose: bool) -> None:
+    """Keep the decisions in ``model.slope_prune_summary``; log the summary table (and print it if ``verbose``)."""
     model.slope_prune_summary = decisions
     summary = format_summary(decisions)
     logger.info("slope.prune_model summary:\n%s", summary)
     if verbose:
         print(summary)
-    return model
 
 
 def _plan_experts(model: nn.Module, decisions: list[PruneDecision], targets, skip, experts: bool, n: int, m: int):

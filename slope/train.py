@@ -39,6 +39,7 @@ import math
 import random
 import time
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ from slope.checkpoint import (
 )
 from slope.checkpoint_store import latest_checkpoint, recover
 from slope.config import ConfigError, TrainConfig
-from slope.data import load_splits, open_tokenizer, perplexity, train_batch, unigram_cross_entropy, val_batches
+from slope.data import TokenSplits, load_splits, open_tokenizer, perplexity, train_batch, unigram_cross_entropy, val_batches
 from slope.data.tokenizer import tokenizer_files
 from slope.evaluate import autocast, evaluate_loss, resolve_device
 from slope.guard import FiniteGuard, check_finite
@@ -481,21 +482,90 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
             lock.release()
 
 
-def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitStack, *, progress: bool | None, log, plot: bool) -> dict:
-    device = env.device
+@dataclass
+class _Run:
+    """What the loop of :func:`_train` works on, made by :func:`_setup`: the run's settings, data and
+    model, what trains it (``runner``: the model, its DDP wrapper or DeepSpeed engine; ``dense_opt``
+    and ``runner`` are replaced when the model grows), and where it starts (``step``, ``tokens`` and
+    ``elapsed_before``: the seconds of earlier sessions, from a resumed checkpoint)."""
+
+    cfg: TrainConfig
+    out: Path
+    env: parallel.DistEnv
+    ds_config: dict | None
+    arch: dict  # the architecture, stored in every checkpoint
+    tokenizer_copy: dict[str, bytes] | None  # the --tokenizer's files, saved in checkpoints
+    data: TokenSplits
+    val_set: list[tuple[torch.Tensor, torch.Tensor]]
+    unigram: float
+    model: torch.nn.Module
+    runner: torch.nn.Module
+    dense_opt: torch.optim.Optimizer
+    sparse_opt: object | None  # ADAMWSparse (None for --dense)
+    scaler: LossScaler
+    guard: FiniteGuard
+    metrics: MetricsLog
+    lora_start: int
+    dense_tail_start: int
+    step: int
+    tokens: int
+    elapsed_before: float
+    lora_attached: bool
+    densified: bool
+
+
+def _deepspeed_config(cfg: TrainConfig, env) -> dict | None:
+    """The DeepSpeed config of ``--deepspeed`` (checked against the batch settings), or None."""
+    if not cfg.deepspeed:
+        return None
+    try:
+        return parallel.deepspeed_train_config(cfg.deepspeed, global_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                               world_size=env.world_size, gradient_clipping=cfg.grad_clip)
+    except ValueError as e:
+        parallel.destroy_distributed(env)
+        raise ConfigError(f"deepspeed = {cfg.deepspeed!r}: {e}") from e
+
+
+def _read_data(cfg: TrainConfig, ckpt: Checkpoint | None, log) -> tuple[TokenSplits, list, float]:
+    """``(splits, validation batches, unigram baseline)`` of ``--dataset``; a resumed run's data must
+    be the checkpoint's."""
+    data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field, cfg.tokenizer)
+    if ckpt is not None and ckpt.trainer_state["data_fingerprint"] != data.fingerprint:
+        raise CheckpointError(f"--dataset {cfg.dataset}: the data differ from the checkpoint's (its files, or the --tokenizer's, changed); "
+                              "cannot resume exactly")
+    val_set = val_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
+    unigram = unigram_cross_entropy(data.train, data.val, data.vocab_size)
+    tokenized_by = f" (tokenizer {cfg.tokenizer})" if cfg.tokenizer else ""
+    log(f"data: {cfg.dataset}: {len(data.train):,} train / {len(data.val):,} validation tokens, vocab {data.vocab_size}{tokenized_by}; "
+        f"unigram baseline (validation cross-entropy of train-split token frequencies) {unigram:.4f}")
+    return data, val_set, unigram
+
+
+def _resume_position(ckpt: Checkpoint | None, model, dense_opt, sparse_opt, scaler: LossScaler, cfg: TrainConfig, out: Path, log):
+    """Restore ``ckpt`` (if any) into the model, optimizers and scaler; returns
+    ``(step, tokens, elapsed_before, lora_attached, densified)`` where the run starts."""
+    if ckpt is None:
+        if (out / "checkpoint").exists():
+            log(f"note: starting a new run in {out}; the finished run's checkpoint and metrics there will be replaced")
+        return 0, 0, 0.0, False, False
+    lora_attached, densified = _restore(ckpt, model, dense_opt, sparse_opt, scaler, cfg)
+    step, tokens, elapsed_before = ckpt.step, ckpt.trainer_state["tokens"], ckpt.trainer_state["elapsed_s"]
+    log(f"resumed from {ckpt.path} at step {step}")
+    changed = _changed_on_resume(ckpt.config, cfg)
+    if changed:
+        log(f"note: resuming with changed settings ({changed}); they apply from step {step + 1} on")
+    return step, tokens, elapsed_before, lora_attached, densified
+
+
+def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
+    """Everything before the loop, in this order: check the settings (batch split, DeepSpeed config,
+    the checkpoint to resume), open the tokenizer, architecture and ``--report-to`` backend (into
+    ``cleanup``), read the data, seed the RNGs and build the model and optimizers, restore the
+    checkpoint, open ``metrics.jsonl``, wrap the model for data parallelism, announce the growth."""
     if cfg.batch_size % env.world_size:
         raise ConfigError(f"batch_size = {cfg.batch_size} is invalid: the global batch must split evenly over the {env.world_size} ranks")
-    if not env.is_main:
-        log, progress, plot = _silent, False, False
-    ds_config = None
-    if cfg.deepspeed:
-        try:
-            ds_config = parallel.deepspeed_train_config(cfg.deepspeed, global_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                                        world_size=env.world_size, gradient_clipping=cfg.grad_clip)
-        except ValueError as e:
-            parallel.destroy_distributed(env)
-            raise ConfigError(f"deepspeed = {cfg.deepspeed!r}: {e}") from e
-    if cfg.precision == "fp16" and device.type == "cpu":
+    ds_config = _deepspeed_config(cfg, env)
+    if cfg.precision == "fp16" and env.device.type == "cpu":
         log("note: fp16 matmuls are very slow on CPUs; prefer --precision bf16 or fp32 there")
 
     ckpt = _checked_resume(cfg, out)  # verified before anything else is done
@@ -506,39 +576,21 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     tokenizer_copy = tokenizer_files(tokenizer, "tokenizer", cfg.seq_len) if cfg.tokenizer and env.is_main else None  # saved in checkpoints
     reporter = cleanup.enter_context(open_reporter(cfg.report_to if env.is_main else "none", out, cfg, ckpt.step if ckpt else 0))
 
-    # ---- data ------------------------------------------------------------------------------
-    data = load_splits(cfg.dataset, cfg.seq_len, cfg.text_field, cfg.tokenizer)
-    if ckpt is not None and ckpt.trainer_state["data_fingerprint"] != data.fingerprint:
-        raise CheckpointError(f"--dataset {cfg.dataset}: the data differ from the checkpoint's (its files, or the --tokenizer's, changed); "
-                              "cannot resume exactly")
-    val_set = val_batches(data.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
-    unigram = unigram_cross_entropy(data.train, data.val, data.vocab_size)
-    tokenized_by = f" (tokenizer {cfg.tokenizer})" if cfg.tokenizer else ""
-    log(f"data: {cfg.dataset}: {len(data.train):,} train / {len(data.val):,} validation tokens, vocab {data.vocab_size}{tokenized_by}; "
-        f"unigram baseline (validation cross-entropy of train-split token frequencies) {unigram:.4f}")
+    data, val_set, unigram = _read_data(cfg, ckpt, log)
 
     # ---- model and optimizers ----------------------------------------------------------------
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.vocab_size, data.eos_id, model_config=arch).to(device)
+    model = build_model(cfg, data.vocab_size, data.eos_id, model_config=arch).to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
     dense_opt, sparse_opt = _optimizers(model, cfg)
     scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval, cfg.fp16_min_scale)
     guard = FiniteGuard(cfg.nonfinite_patience)
     kind = "dense baseline" if cfg.dense else f"SLoPe {cfg.sparsity} ({'compressed' if cfg.compress else 'simulated'})"
-    log(f"model: {describe(model.config)}, {n_params:,} parameters, {kind}, {cfg.precision}, device {device}")
+    log(f"model: {describe(model.config)}, {n_params:,} parameters, {kind}, {cfg.precision}, device {env.device}")
 
-    step, tokens, elapsed_before, lora_attached, densified = 0, 0, 0.0, False, False
-    if ckpt is not None:
-        lora_attached, densified = _restore(ckpt, model, dense_opt, sparse_opt, scaler, cfg)
-        step, tokens, elapsed_before = ckpt.step, ckpt.trainer_state["tokens"], ckpt.trainer_state["elapsed_s"]
-        log(f"resumed from {ckpt.path} at step {step}")
-        changed = _changed_on_resume(ckpt.config, cfg)
-        if changed:
-            log(f"note: resuming with changed settings ({changed}); they apply from step {step + 1} on")
-    elif (out / "checkpoint").exists():
-        log(f"note: starting a new run in {out}; the finished run's checkpoint and metrics there will be replaced")
+    step, tokens, elapsed_before, lora_attached, densified = _resume_position(ckpt, model, dense_opt, sparse_opt, scaler, cfg, out, log)
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step, enabled=env.is_main, note=log, reporter=reporter)
 
     # ---- data parallel: DDP under torchrun, or a DeepSpeed engine ------------------------------
@@ -550,26 +602,79 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     if dense_tail_start < cfg.max_steps and not densified:
         log(f"dense tail: the SLoPe layers become dense after step {dense_tail_start} (last {cfg.dense_tail_fraction:.1%} of steps)"
             + ("; adapters attached before then are merged into the dense weights, none attach after" if lora_start < cfg.max_steps else ""))
+    return _Run(cfg=cfg, out=out, env=env, ds_config=ds_config, arch=arch, tokenizer_copy=tokenizer_copy, data=data, val_set=val_set,
+                unigram=unigram, model=model, runner=runner, dense_opt=dense_opt, sparse_opt=sparse_opt, scaler=scaler, guard=guard,
+                metrics=metrics, lora_start=lora_start, dense_tail_start=dense_tail_start, step=step, tokens=tokens,
+                elapsed_before=elapsed_before, lora_attached=lora_attached, densified=densified)
 
-    def save(step_done: int, loss: float) -> None:
-        if ds_config is not None:  # gather ZeRO's partitions (collective), in the single-process layout
-            model_state = parallel.full_model_state_dict(runner)
-            dense_state = parallel.full_optimizer_state_dict(runner, None, index_keys=True)
-        else:  # built once: checked here, then written
-            model_state, dense_state = model.state_dict(), dense_opt.state_dict()
-        # Never a checkpoint with non-finite numbers (every rank checks the same values: all stop alike).
-        check_finite(step_done, loss, {"model": model_state, "AdamW": dense_state,
-                                       "ADAMWSparse": sparse_opt.state_dict() if sparse_opt is not None else {}})
-        if not env.is_main:
-            return
-        save_checkpoint(out / "checkpoint", model=model, dense_opt=dense_opt, sparse_opt=sparse_opt, config=cfg, keep=cfg.keep_checkpoints,
-                        model_state=model_state, dense_state=dense_state, extra_files=tokenizer_copy, trainer_state={
-            "step": step_done, "tokens": tokens, "elapsed_s": elapsed_before + time.perf_counter() - t0,
-            "lora_attached": lora_attached, "dense_tail": densified, "scaler": scaler.state_dict(),
-            "scheduler": {"kind": "warmup_cosine", "last_step": step_done, "last_lr": lr_at(max(step_done, 1), cfg)},
-            "data_seed": cfg.seed, "data_next_step": step_done + 1, "data_fingerprint": data.fingerprint,
-            "vocab_size": data.vocab_size, "eos_id": data.eos_id, "model_config": arch,
-        })
+
+def _save(run: _Run, step_done: int, loss: float, tokens: int, t0: float) -> None:
+    """Checkpoint the run after ``step_done`` (``t0``: when this session's loop started). Every rank
+    checks the values are finite (a collective under DeepSpeed); rank 0 writes."""
+    cfg = run.cfg
+    if run.ds_config is not None:  # gather ZeRO's partitions (collective), in the single-process layout
+        model_state = parallel.full_model_state_dict(run.runner)
+        dense_state = parallel.full_optimizer_state_dict(run.runner, None, index_keys=True)
+    else:  # built once: checked here, then written
+        model_state, dense_state = run.model.state_dict(), run.dense_opt.state_dict()
+    # Never a checkpoint with non-finite numbers (every rank checks the same values: all stop alike).
+    check_finite(step_done, loss, {"model": model_state, "AdamW": dense_state,
+                                   "ADAMWSparse": run.sparse_opt.state_dict() if run.sparse_opt is not None else {}})
+    if not run.env.is_main:
+        return
+    save_checkpoint(run.out / "checkpoint", model=run.model, dense_opt=run.dense_opt, sparse_opt=run.sparse_opt, config=cfg,
+                    keep=cfg.keep_checkpoints, model_state=model_state, dense_state=dense_state, extra_files=run.tokenizer_copy, trainer_state={
+        "step": step_done, "tokens": tokens, "elapsed_s": run.elapsed_before + time.perf_counter() - t0,
+        "lora_attached": run.lora_attached, "dense_tail": run.densified, "scaler": run.scaler.state_dict(),
+        "scheduler": {"kind": "warmup_cosine", "last_step": step_done, "last_lr": lr_at(max(step_done, 1), cfg)},
+        "data_seed": cfg.seed, "data_next_step": step_done + 1, "data_fingerprint": run.data.fingerprint,
+        "vocab_size": run.data.vocab_size, "eos_id": run.data.eos_id, "model_config": run.arch,
+    })
+
+
+def _grow_if_due(run: _Run, step: int, write) -> None:
+    """Before ``step``: the dense tail once ``dense_tail_start`` steps are done (it takes precedence
+    over LoRA), else lazy LoRA once ``lora_start`` steps are done; each once, recorded and written."""
+    cfg = run.cfg
+    if step > run.dense_tail_start and not run.densified:
+        run.runner, run.dense_opt, (n_layers, n_dense) = _grow(run.runner, run.model, run.dense_opt, cfg, _densify, run.ds_config)
+        run.densified = True
+        run.metrics.write({"step": step - 1, "event": "dense_tail_start", "dense_layers": n_layers, "dense_params": n_dense})
+        write(f"step {step - 1}: dense tail: {n_layers} SLoPe layers replaced by dense nn.Linear (W⊙M), {n_dense:,} weights join AdamW")
+    if step > run.lora_start and not run.lora_attached and not run.densified:
+        run.runner, run.dense_opt, n_lora = _grow(run.runner, run.model, run.dense_opt, cfg, _add_lora, run.ds_config)
+        run.lora_attached = True
+        run.metrics.write({"step": step - 1, "event": "lora_start", "lora_rank": cfg.lora_rank, "lora_params": n_lora})
+        write(f"step {step - 1}: lazy LoRA attached: rank {cfg.lora_rank}, {n_lora:,} adapter parameters join AdamW")
+
+
+def _log_step(run: _Run, bar: Progress, step: int, loss: float, lr: float, tokens: int, elapsed: float,
+              skipped: bool, grad_norm: float | None) -> None:
+    """The metrics record of a logged step and, without a bar, its progress line."""
+    record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "elapsed_s": round(elapsed, 3), "grad_norm": grad_norm}
+    if run.scaler.enabled:
+        record.update(loss_scale=run.scaler.scale, skipped=skipped)
+    elif skipped:
+        record["skipped"] = True
+    run.metrics.write(record)
+    if bar.display != "bar":
+        bar.write(_step_line(step, run.cfg.max_steps, loss, lr, tokens, elapsed, bar.eta(), run.scaler, skipped))
+
+
+def _validate(run: _Run, step: int, tokens: int, t0: float, write) -> float:
+    """Validation loss after ``step``, recorded and written; returns it."""
+    val_loss = evaluate_loss(run.model, run.val_set, run.env.device, run.cfg.precision)
+    run.metrics.write({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "tokens": tokens,
+                       "elapsed_s": round(run.elapsed_before + time.perf_counter() - t0, 3)})
+    write(f"step {step}: validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f}; unigram baseline {run.unigram:.4f})")
+    return val_loss
+
+
+def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitStack, *, progress: bool | None, log, plot: bool) -> dict:
+    if not env.is_main:
+        log, progress, plot = _silent, False, False
+    run = _setup(cfg, out, env, cleanup, log)
+    step, tokens = run.step, run.tokens
 
     # ---- the loop ------------------------------------------------------------------------------
     if step >= cfg.max_steps:
@@ -578,74 +683,54 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     bar = cleanup.enter_context(Progress(cfg.max_steps, "slope train", unit="step", initial=step, interval_s=None, log=log,
                                          display={None: "auto", True: "bar", False: "lines"}[progress]))
     write = bar.write
-    model.train()
+    run.model.train()
     t0 = time.perf_counter()
     last_stop = cfg.stop_after if cfg.stop_after is not None else cfg.max_steps
     val_loss = stopped_by = None
     loss = float("nan")
     while step < last_stop:
         step += 1
-        # Dense tail: densify once ceil((1-F)·max_steps) steps are done (it takes precedence over LoRA).
-        if step > dense_tail_start and not densified:
-            runner, dense_opt, (n_layers, n_dense) = _grow(runner, model, dense_opt, cfg, _densify, ds_config)
-            densified = True
-            metrics.write({"step": step - 1, "event": "dense_tail_start", "dense_layers": n_layers, "dense_params": n_dense})
-            write(f"step {step - 1}: dense tail: {n_layers} SLoPe layers replaced by dense nn.Linear (W⊙M), {n_dense:,} weights join AdamW")
-        # Lazy LoRA: attach once ceil((1-F)·max_steps) steps are done.
-        if step > lora_start and not lora_attached and not densified:
-            runner, dense_opt, n_lora = _grow(runner, model, dense_opt, cfg, _add_lora, ds_config)
-            lora_attached = True
-            metrics.write({"step": step - 1, "event": "lora_start", "lora_rank": cfg.lora_rank, "lora_params": n_lora})
-            write(f"step {step - 1}: lazy LoRA attached: rank {cfg.lora_rank}, {n_lora:,} adapter parameters join AdamW")
+        # Dense tail or lazy LoRA: grow the model once ceil((1-F)·max_steps) steps are done.
+        _grow_if_due(run, step, write)
 
         # Learning rate of this step, on both optimizers.
         lr = lr_at(step, cfg)
-        for group in dense_opt.param_groups:
+        for group in run.dense_opt.param_groups:
             group["lr"] = lr
-        if sparse_opt is not None:
-            sparse_opt.lr = lr
+        if run.sparse_opt is not None:
+            run.sparse_opt.lr = lr
 
         # Forward and backward over the micro-batches, then the update (or a skipped step).
-        loss = _forward_backward(runner, data.train, step, cfg, env, scaler, ds_config is not None)
+        loss = _forward_backward(run.runner, run.data.train, step, cfg, env, run.scaler, run.ds_config is not None)
         tokens += cfg.grad_accum * cfg.batch_size * cfg.seq_len
-        skipped, grad_norm = _update(runner, dense_opt, sparse_opt, scaler, loss, cfg, ds_config is not None)
+        skipped, grad_norm = _update(run.runner, run.dense_opt, run.sparse_opt, run.scaler, loss, cfg, run.ds_config is not None)
 
         bar.update(1, loss=f"{loss:.3f}", lr=f"{lr:.1e}")
 
         # Logging, validation, checkpoints.
-        elapsed = elapsed_before + time.perf_counter() - t0
+        elapsed = run.elapsed_before + time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == last_stop or skipped:
-            record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "elapsed_s": round(elapsed, 3), "grad_norm": grad_norm}
-            if scaler.enabled:
-                record.update(loss_scale=scaler.scale, skipped=skipped)
-            elif skipped:
-                record["skipped"] = True
-            metrics.write(record)
-            if bar.display != "bar":
-                write(_step_line(step, cfg.max_steps, loss, lr, tokens, elapsed, bar.eta(), scaler, skipped))
-        guard.record(step, loss, skipped, f"fp16 loss scale {scaler.scale:g}, floor {scaler.min_scale:g}" if scaler.enabled else "")
+            _log_step(run, bar, step, loss, lr, tokens, elapsed, skipped, grad_norm)
+        run.guard.record(step, loss, skipped, f"fp16 loss scale {run.scaler.scale:g}, floor {run.scaler.min_scale:g}" if run.scaler.enabled else "")
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val_loss = evaluate_loss(model, val_set, device, cfg.precision)
-            metrics.write({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "tokens": tokens,
-                           "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3)})
-            write(f"step {step}: validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f}; unigram baseline {unigram:.4f})")
+            val_loss = _validate(run, step, tokens, t0, write)
         saved = step == last_stop or (cfg.save_every and step % cfg.save_every == 0)
         if saved:
-            save(step, loss)
+            _save(run, step, loss, tokens, t0)
         # SIGINT / SIGTERM: end here with a checkpoint (the last step ends the run anyway).
         stopped_by = _stop_requested(stop, env) if step < last_stop else None
         if stopped_by:
             if not saved:
-                save(step, loss)
+                _save(run, step, loss, tokens, t0)
             break
     bar.close()
 
     if plot and not stopped_by:
-        plot_losses(out / "metrics.jsonl", out / "loss.png", unigram)
-    elapsed = elapsed_before + time.perf_counter() - t0
+        plot_losses(out / "metrics.jsonl", out / "loss.png", run.unigram)
+    elapsed = run.elapsed_before + time.perf_counter() - t0
     summary = {"step": step, "event": "summary", "finished": step >= cfg.max_steps, "final_train_loss": loss, "final_val_loss": val_loss,
-               "unigram_loss": unigram, "tokens": tokens, "elapsed_s": round(elapsed, 3), "out": str(out), "stopped_by": stopped_by}
-    metrics.write(summary)
+               "unigram_loss": run.unigram, "tokens": tokens, "elapsed_s": round(elapsed, 3), "out": str(out), "stopped_by": stopped_by}
+    run.metrics.write(summary)
     log(_final_line(summary, cfg.max_steps))
     parallel.destroy_distributed(env)
     return summary
