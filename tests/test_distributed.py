@@ -16,10 +16,8 @@ import importlib.util
 import io
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -48,6 +46,9 @@ from slope.parallel import (
     wrap_ddp,
     wrap_fsdp2,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -401,48 +402,11 @@ def _worker_main(group: str, workdir: str) -> None:
 
 
 # ---------------------------------------------------------------------- launcher + fixtures
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(group: str, workdir: Path, timeout: float = 300) -> str:
-    """Run this file as 2 ranks, torchrun-style. Returns "" or the failing ranks' stderr."""
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "LOCAL_WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            "DS_ACCELERATOR": "cpu",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-        }
-        log = open(workdir / f"{group}_rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, group, str(workdir)], env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    # A rank that fails leaves its peer waiting in a collective: stop everyone at the first failure.
-    deadline = time.monotonic() + timeout
-    while any(proc.poll() is None for proc, _ in procs):
-        failed = any(proc.poll() not in (None, 0) for proc, _ in procs)
-        if failed or time.monotonic() > deadline:
-            for proc, _ in procs:
-                if proc.poll() is None:
-                    proc.kill()
-            break
-        time.sleep(0.2)
-    errors = []
-    for rank, (proc, log) in enumerate(procs):
-        rc = proc.wait()
-        log.close()
-        if rc != 0:
-            errors.append(f"rank {rank} exited with {rc}:\n" + (workdir / f"{group}_rank{rank}.log").read_text()[-4000:])
-    return "\n".join(errors)
+    """Run this file as 2 ranks, torchrun-style. Returns "" or the failing ranks' logs."""
+    env = {"DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    return run_ranks([__file__, group, str(workdir)], workdir, world=WORLD, env=env, timeout=timeout, name=group)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,5 @@
 """RigL under DDP: the ranks' dense gradients are averaged before each regrowth, so every rank keeps
 the same masks and the run equals one process with the whole batch."""
-import os
-import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -11,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import launch  # noqa: E402
 from test_dynamic_rigl import _batch, _toy  # noqa: E402
 
 from slope.dynamic import DynamicSparsity  # noqa: E402
@@ -49,17 +47,7 @@ def _worker(out: str) -> None:
 
 @pytest.mark.distributed
 def test_rigl_under_ddp_keeps_equal_masks_and_the_run_of_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path / "rank")], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    launch([__file__, str(tmp_path / "rank")], tmp_path)
     model, sparsifier, updates = _train()
     assert len(updates) == 4 and all(sum(c["changed"] for c in u["layers"].values()) > 0 for u in updates)  # masks moved
     ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(2)]

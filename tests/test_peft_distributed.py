@@ -1,15 +1,11 @@
 """slope.peft under DDP (gloo, 2 CPU processes; this file is the worker script, launched the way
-tests/test_distributed.py launches its workers): 2 ranks × batch b train the same deltas —
+tests/ranks.py launches every test's workers): 2 ranks × batch b train the same deltas —
 indices and values — as 1 process × batch 2b, through rigl reselections (whose candidate
 statistics are averaged over the ranks) and sm3 ones; and SIFT (no DDP wrapper:
 ``sift.all_reduce_grads()``) changes the same entries by the same amounts as one process."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,9 @@ import torch
 import transformers
 
 from slope.peft import SIFT, SftAdamW, SftConfig, SftSelector, SftSM3, get_peft_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import launch  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -94,35 +93,10 @@ def _worker(workdir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks_output(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("peft_ddp")
-    port, procs = _free_port(), []
-    for rank in range(WORLD):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        log = open(workdir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(workdir)], env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + 300
-    while any(p.poll() is None for p, _ in procs):
-        if any(p.poll() not in (None, 0) for p, _ in procs) or time.monotonic() > deadline:
-            for p, _ in procs:
-                if p.poll() is None:
-                    p.kill()
-            break
-        time.sleep(0.2)
-    errors = []
-    for rank, (proc, log) in enumerate(procs):
-        log.close()
-        if proc.wait() != 0:
-            errors.append(f"rank {rank}:\n" + (workdir / f"rank{rank}.log").read_text()[-3000:])
-    assert not errors, "\n".join(errors)
+    launch([__file__, str(workdir)], workdir, world=WORLD)
     return workdir
 
 

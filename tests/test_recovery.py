@@ -2,8 +2,6 @@
 import copy
 import json
 import os
-import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -19,6 +17,9 @@ from slope.pruning import RecipeError, oneshot, parse_recipe
 from slope.pruning.loading import shipped_tokenizer
 from slope.recovery import DistillationError, Distiller, OutputDistillationModifier, kl_divergence, mse, square_head
 from slope.recovery.finetune import CHECKPOINT_STATE, finetune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import launch  # noqa: E402
 
 DOCS = ["def f%d(x):\n    return x * %d + %d\n" % (i, i, i * i) for i in range(120)]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -381,17 +382,7 @@ def _ddp_worker(out: str) -> None:
 
 @pytest.mark.distributed
 def test_ddp_two_ranks_match_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path / "ddp.pt")], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    launch([__file__, str(tmp_path / "ddp.pt")], tmp_path)
     student, teacher = pruned_pair()
     single = run(student, teacher=teacher, per_device_train_batch_size=4, **DDP_OPTIONS)
     ddp = torch.load(tmp_path / "ddp.pt")

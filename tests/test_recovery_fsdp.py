@@ -3,7 +3,6 @@ process (weights, held zeros, checkpoints that resume in one process); the launc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -14,6 +13,7 @@ import torch
 import transformers as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import launch  # noqa: E402
 from test_recovery import pruned_pair, recipe, run  # noqa: E402
 
 from slope.parallel import accelerate_fsdp  # noqa: E402
@@ -31,17 +31,7 @@ SEED_FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARD
 
 
 def _launch(out: Path, *extra: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, **SEED_FSDP_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out), *extra], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    launch([__file__, str(out), *extra], out.parent, env=SEED_FSDP_ENV, name=out.name)  # logs beside the output folder
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
