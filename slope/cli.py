@@ -328,6 +328,14 @@ def _run_oneshot(args: argparse.Namespace) -> int:
     from slope.pruning.sparsegpt import PruningError
     from slope.serialization.folders import check_new_output_dir
 
+    from slope.parallel import launched_rank
+
+    rank, world = launched_rank()
+    if rank != 0:  # under a launcher (the seed's `accelerate launch ... oneshot`) rank 0 prunes alone
+        return 0
+    if world > 1:
+        print(f"note: slope oneshot prunes in one process (calibration runs block by block): rank 0 does the work, the other "
+              f"{world - 1} launched process(es) exit")
     if args.splits != "train":
         print(f"slope oneshot: error: --splits {args.splits!r}: calibration reads the 'train' split only (held-out text "
               "stays unseen); use --splits train", file=sys.stderr)

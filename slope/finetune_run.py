@@ -19,7 +19,6 @@ they share, from here:
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import warnings
@@ -182,19 +181,13 @@ def command_options(args) -> dict[str, Any]:
     return options
 
 
-def _launched_rank() -> int:
-    """This process's rank under ``torchrun`` / ``accelerate launch`` (0 for a plain run)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def _slope_warnings_as_notes(show):
     """A ``warnings.showwarning`` that prints slope's own warnings as one ``note: ...`` line on
     stderr (on the first rank only: every rank warns alike) and hands the others to ``show``."""
     package = Path(__file__).resolve().parent
-    main = _launched_rank() == 0
+    from slope.parallel import launched_rank
+
+    main = launched_rank()[0] == 0
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if package in Path(filename).resolve().parents:
@@ -224,7 +217,9 @@ def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
         print(f"slope {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     s = model.finetune_summary
-    if _launched_rank() != 0:  # said once, by the first rank
+    from slope.parallel import launched_rank
+
+    if launched_rank()[0] != 0:  # said once, by the first rank
         return 0
     print(f"done: {s['steps']} steps in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
           f"{s['final_val_loss']:.4f}" + details(s) + (f" | outputs in {output_dir}" if output_dir else ""))

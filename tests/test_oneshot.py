@@ -413,6 +413,26 @@ def test_cli_oneshot_on_hf_folder_and_train_checkpoint(tmp_path, capsys):
     assert "not a Hugging Face model folder" in capsys.readouterr().err
 
 
+def test_cli_oneshot_under_a_launcher_prunes_on_rank_0_alone(tmp_path, capsys, monkeypatch):
+    """The seed runs step 2 under `accelerate launch` (N processes): rank 0 prunes and writes the
+    folder, the other ranks exit at once instead of pruning the same model into the same folder."""
+    model_dir = tmp_path / "dense"
+    tiny_llama(vocab=4096).save_pretrained(model_dir)
+    shipped_tokenizer().save_pretrained(model_dir)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(SEED_RECIPE)
+    args = ["oneshot", "--model", str(model_dir), "--dataset", "embedded", "--recipe", str(recipe_file), "--output-dir",
+            str(tmp_path / "out"), "--num-calibration-samples", "2", "--max-seq-len", "16", "--device", "cpu"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0
+    assert capsys.readouterr().out == "" and not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 0
+    assert "rank 0 does the work, the other 1 launched process(es) exit" in capsys.readouterr().out
+    assert (tmp_path / "out" / "recipe.yaml").exists()
+
+
 def test_targets_may_name_the_weights_as_sparseml_recipes_do():
     """SparseML recipes name parameters (``re:.*q_proj.weight``): they select the same linears as the
     module names, exact names count as explicit, and a pattern of another parameter still matches nothing."""

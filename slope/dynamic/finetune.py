@@ -18,7 +18,6 @@ folders that ``resume_from_checkpoint`` continues from exactly (:mod:`slope.fine
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +146,10 @@ def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any]) -> None:
 def _refuse_launchers() -> None:
     """sparse_finetune trains in one process: under ``torchrun`` / ``accelerate launch`` every rank
     would train the whole run alone and all would write the same folder."""
-    world = os.environ.get("WORLD_SIZE", "1").strip()
-    if world not in ("", "1"):
+    from slope.parallel import launched_rank
+
+    world = launched_rank()[1]
+    if world > 1:
         raise ValueError(f"sparse_finetune runs in one process, but this is one of WORLD_SIZE={world} launched processes; "
                          "run it without torchrun / accelerate launch (slope finetune trains data-parallel)")
 

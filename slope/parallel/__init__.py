@@ -22,6 +22,7 @@ from slope.parallel.env import (
     get_world_size,
     init_distributed,
     is_main_process,
+    launched_rank,
     mean_over_ranks,
     rank_slice,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "is_deepspeed_engine",
     "is_fsdp2",
     "is_main_process",
+    "launched_rank",
     "load_deepspeed_config",
     "load_full_model_state_dict",
     "load_full_optimizer_state_dict",

@@ -17,6 +17,7 @@ import torch.distributed as dist
 __all__ = [
     "DistEnv",
     "accelerate_fsdp",
+    "launched_rank",
     "init_distributed",
     "destroy_distributed",
     "get_rank",
@@ -61,6 +62,12 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+
+
+def launched_rank() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` as a launcher (``torchrun``, ``accelerate launch``) exported them,
+    ``(0, 1)`` for a plain run; no process group is needed (e.g. to let one rank speak or work alone)."""
+    return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
 
 
 def init_distributed(
