@@ -470,6 +470,9 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
     end it after the current step with a checkpoint.
     """
     cfg.validate()
+    if parallel.accelerate_fsdp() is not None:  # the launcher asks for FSDP, which slope train does not shard with
+        raise ConfigError("slope train does not shard with FSDP (the accelerate config sets distributed_type: FSDP): launch "
+                          "with torchrun (DDP) or pass --deepspeed CONFIG.json (ZeRO-1/2 partitions the optimizer state)")
     out = _output_dir(cfg.out)
     # torchrun: join the process group (DeepSpeed needs one even for a single process).
     env = parallel.init_distributed(device=resolve_device(cfg.device), single_process_group=bool(cfg.deepspeed))

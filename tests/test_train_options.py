@@ -239,3 +239,13 @@ def test_cli_end_to_end_without_a_traceback(english, tmp_path):
 def test_config_validation():
     with pytest.raises(ConfigError, match="report_to = 'mlflow' is invalid"):
         TrainConfig(report_to="mlflow").validate()
+
+
+def test_train_refuses_an_fsdp_launch(tmp_path, monkeypatch):
+    """Under `accelerate launch` with an FSDP config slope train would have trained unsharded (DDP)."""
+    from slope.train import train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="does not shard with FSDP.*--deepspeed"):
+        train(TrainConfig(out=str(tmp_path / "run"), max_steps=1))
+    assert not (tmp_path / "run").exists()
