@@ -269,7 +269,12 @@ def verify_checkpoint(directory: str | Path, optional: tuple[str, ...] = ()) -> 
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
     if not manifest_file.is_file():
-        raise CheckpointError(f"{directory} is not a slope checkpoint (no manifest.json); it is incomplete or from another tool")
+        from slope.serialization.folders import describe_folder, folder_kind
+
+        kind = folder_kind(directory)
+        if kind in ("unknown", "missing"):
+            raise CheckpointError(f"{directory} is not a slope checkpoint (no manifest.json); it is incomplete or from another tool")
+        raise CheckpointError(f"{describe_folder(directory, kind)} (it is not a slope checkpoint: no manifest.json)")
     manifest = read_json_object(manifest_file, lambda why: CheckpointError(
         f"{manifest_file} is corrupt ({why}); {damage_advice(directory)}"))
     if not isinstance(manifest.get("sha256"), dict):

@@ -6,11 +6,13 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
 from slope.config import PRECISIONS, REPORT_TO, SIZE_KEYS, ConfigError, TrainConfig, load_config_file
 from slope.masks import MASK_TYPES
+from slope.notes import warnings_as_notes
 
 #: ``slope eval`` / ``slope generate --mode`` (same as ``slope.evaluate.MODES``, which imports torch).
 INFERENCE_MODES = ("unmerged", "merged", "dense")
@@ -186,7 +188,7 @@ def _add_oneshot_parser(sub) -> None:
                      "window, so nothing is padded")
     one.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's own)")
     one.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    one.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    one.add_argument("--precision", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"), default="auto",
                      help="dtype to load and prune the model in (auto: as saved)")
 
 
@@ -321,6 +323,7 @@ def _run_export(args: argparse.Namespace) -> None:
 
 
 def _run_oneshot(args: argparse.Namespace) -> int:
+    from slope.data import with_dataset_config
     from slope.evaluate import resolve_device
     from slope.pruning import oneshot
     from slope.pruning.loading import load_model
@@ -350,9 +353,7 @@ def _run_oneshot(args: argparse.Namespace) -> int:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        dataset = args.dataset
-        if dataset and args.dataset_config_name:
-            dataset = f"{dataset}:{args.dataset_config_name}"
+        dataset = with_dataset_config(args.dataset, args.dataset_config_name) if args.dataset else args.dataset
         oneshot(model, args.recipe, dataset, tokenizer, args.num_calibration_samples, args.max_seq_len, args.output_dir,
                 text_field=args.text_field, stage=args.stage)
     except (ValueError, OSError, PruningError) as e:
@@ -373,7 +374,29 @@ def _quiet_deepspeed_without_accelerator() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _resume_advice(args: argparse.Namespace) -> str:
+    """What an interrupted command's run can be continued with ("" for commands that train nothing)."""
+    if args.command == "train":
+        return "; a run keeps its last complete checkpoint (continue with --resume)"
+    if args.command not in ("finetune", "sparse-finetune"):
+        return ""
+    if not getattr(args, "save_steps", None):
+        return "; no checkpoint was written (pass --save-steps K to write checkpoint-<step> folders)"
+    return "; a run keeps its last complete checkpoint-<step> folder (continue with --resume-from-checkpoint latest)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``slope <command> ...``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_deepspeed_without_accelerator()
+    with warnings.catch_warnings():
+        warnings.showwarning = warnings_as_notes(warnings.showwarning)
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the parsed command; known errors end in one line and exit status 1."""
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
     from slope.durable import StorageError
@@ -381,9 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     from slope.runlock import RunLockError
     from slope.serialization.folders import OutputDirError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_deepspeed_without_accelerator()
     try:
         if args.command == "train":
             try:
@@ -425,6 +445,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slope {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"slope {args.command}: interrupted; a run keeps its last complete checkpoint (continue with --resume)", file=sys.stderr)
+        print(f"slope {args.command}: interrupted{_resume_advice(args)}", file=sys.stderr)
         return 130
     return 0

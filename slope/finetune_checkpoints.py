@@ -23,9 +23,21 @@ from slope.checkpoint import capture_rng, restore_rng
 from slope.durable import fsync_dir, write_file
 from slope.finetune_loop import FinetuneLoop
 
-__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints"]
+__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "resolve_checkpoint"]
 
 CHECKPOINT_STATE = "slope_finetune_state.pt"
+
+
+def resolve_checkpoint(folder: Path | None, writer: str = "slope's fine-tuning") -> Path:
+    """``folder`` itself when it is a ``checkpoint-<step>`` folder, else the newest one inside it;
+    a ``FileNotFoundError`` naming the flag when there is none (``writer``: who writes them)."""
+    if folder is not None and (folder / CHECKPOINT_STATE).is_file():
+        return folder
+    found = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()] if folder is not None and folder.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"resume_from_checkpoint (--resume-from-checkpoint): no checkpoint-<step> folder written by {writer} "
+                                f"at {folder} (one is written every save_steps / --save-steps steps)")
+    return max(found, key=lambda p: int(p.name[11:]))
 
 
 class LoopCheckpoints:
@@ -78,14 +90,7 @@ class LoopCheckpoints:
 
     def resolve(self, source) -> Path:
         """A ``checkpoint-<step>`` folder, or the newest one in a folder (``True``: in ``out``)."""
-        folder = self.out if source is True else Path(source)
-        if folder is not None and (folder / CHECKPOINT_STATE).is_file():
-            return folder
-        found = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()] if folder is not None and folder.is_dir() else []
-        if not found:
-            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-<step> folder written by {self.writer} at {folder} "
-                                    "(pass save_steps to write them)")
-        return max(found, key=lambda p: int(p.name[11:]))
+        return resolve_checkpoint(self.out if source is True else Path(source), self.writer)
 
     def load(self, source) -> tuple[int, list[dict]]:
         """Restore the run saved at ``source``; returns ``(step, records)`` to continue from."""
@@ -101,8 +106,11 @@ class LoopCheckpoints:
         theirs = state["fingerprint"]
         diff = {k: (theirs.get(k), self.fingerprint.get(k)) for k in self.resume_keys if theirs.get(k) != self.fingerprint.get(k)}
         if diff:
+            hint = ("; the global batch is per_device_train_batch_size × the number of processes, so on another number of "
+                    "processes set per_device_train_batch_size to keep it") if "global_batch" in diff else ""
             raise ValueError(f"the checkpoint {path.parent} was written by a run with other settings "
-                             f"({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); resume with the same ones")
+                             f"({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); resume with the same "
+                             f"ones{hint}")
         from slope.parallel import is_fsdp2, load_full_model_state_dict, load_full_optimizer_state_dict
 
         loop = self.loop

@@ -13,8 +13,7 @@ they share, from here:
   ``save_steps`` (:func:`run_resumable`; a warmup as long as the run is warned of);
 - the outputs: the plain Hugging Face folder (zeros where pruned), tokenizer, ``summary.json`` and
   ``loss.png`` (:func:`output_folder`, :func:`plain_config`, :func:`save_model_folder`);
-- the commands' flags, one-line errors, ``note:`` lines (slope's warnings) and closing line
-  (:func:`command_options`, :func:`run_command`).
+- the commands' flags, one-line errors and closing line (:func:`command_options`, :func:`run_command`).
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
+from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints, resolve_checkpoint
 from slope.finetune_loop import FinetuneLoop, plot_run
 from slope.serialization.folders import check_new_output_dir
 
@@ -70,7 +69,12 @@ def check_output_dir(output_dir, resume_from=None) -> None:
     """Before any work: ``output_dir`` must be new or empty (one-line
     :class:`slope.serialization.folders.OutputDirError`), unless ``resume_from`` continues the run
     there. A folder holding an unfinished run (``checkpoint-<step>/`` without ``summary.json``) is
-    refused with the advice to resume it."""
+    refused with the advice to resume it; a ``resume_from`` without a checkpoint is a
+    ``FileNotFoundError``."""
+    if resume_from is True and output_dir is None:
+        raise ValueError("resume_from_checkpoint=True resumes the newest checkpoint in output_dir: give output_dir")
+    if resume_from:  # a checkpoint to resume must exist before anything loads (or a folder is made)
+        resolve_checkpoint(Path(output_dir).expanduser() if resume_from is True else Path(resume_from).expanduser())
     if output_dir is None:
         return
     out = Path(output_dir).expanduser()
@@ -113,7 +117,8 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
                   records: list[dict] | None = None, main_process: bool = True) -> dict[str, Any]:
     """Train ``loop`` from step 0 (``records``: those logged before training) or, with
     ``resume_from`` (a ``checkpoint-<step>`` folder, or ``True``: the newest in ``out``), from its
-    checkpoint; write ``checkpoint-<step>/`` every ``save_steps``. Returns the loop's summary.
+    checkpoint; write ``checkpoint-<step>/`` every ``save_steps``. Returns the loop's summary (with
+    ``resumed_from``: the checkpoint folder, or ``None``).
     A warmup of at least the run's steps (the learning rate never reaches its peak before the last
     step, nor decays) is warned of (``UserWarning``; a ``note:`` line from the commands)."""
     settings, total = loop.settings, loop.total_steps
@@ -122,11 +127,14 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
         warnings.warn(f"warmup_steps={warmup} >= the run's {total} optimizer steps: the learning rate only warms up, reaching "
                       f"{total / warmup:.0%} of learning_rate at the last step; lower warmup_steps (e.g. to {max(0, total // 10)})",
                       UserWarning, stacklevel=2)
-    start, records = 0, list(records or [])
+    start, records, resumed = 0, list(records or []), None
     if resume_from:
+        resumed = str(checkpoints.resolve(resume_from))
         start, records = checkpoints.load(resume_from)
-    return loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=save_steps,
-                    main_process=main_process)
+    summary = loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=save_steps,
+                       main_process=main_process)
+    summary["resumed_from"] = resumed
+    return summary
 
 
 # ---------------------------------------------------------------------- outputs
@@ -181,46 +189,28 @@ def command_options(args) -> dict[str, Any]:
     return options
 
 
-def _slope_warnings_as_notes(show):
-    """A ``warnings.showwarning`` that prints slope's own warnings as one ``note: ...`` line on
-    stderr (on the first rank only: every rank warns alike) and hands the others to ``show``."""
-    package = Path(__file__).resolve().parent
-    from slope.parallel import launched_rank
-
-    main = launched_rank()[0] == 0
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if package in Path(filename).resolve().parents:
-            if main:
-                print(f"note: {' '.join(str(message).split())}", file=sys.stderr)
-        else:
-            show(message, category, filename, lineno, file, line)
-
-    return showwarning
-
-
 def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
                 details: Callable[[dict], str] = lambda summary: "") -> int:
     """Run ``call`` (a front door) for ``slope <name>``: bad input, data, checkpoints or storage
-    end in one line ``slope <name>: error: ...`` and exit status 1; slope's warnings are ``note:``
-    lines; success prints ``done: ...`` (steps, time, validation loss, ``details(summary)``, the
-    output folder) and returns 0. Under a launcher, notes and the closing line come from rank 0 only."""
+    end in one line ``slope <name>: error: ...`` and exit status 1 (slope's warnings are ``note:``
+    lines: :mod:`slope.notes`); success prints ``done: ...`` (steps, time, validation loss, ``details(summary)``, the
+    output folder) and returns 0. Under a launcher, errors, notes and the closing line come from rank 0
+    only (every rank meets the same input)."""
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
     from slope.durable import StorageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _slope_warnings_as_notes(warnings.showwarning)
-            model = call()
-    except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
-        print(f"slope {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    s = model.finetune_summary
     from slope.parallel import launched_rank
 
+    try:
+        model = call()
+    except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
+        if launched_rank()[0] == 0:  # every rank meets the same bad input: said once, in one write
+            sys.stderr.write(f"slope {name}: error: {' '.join(str(e).split())}\n")
+        return 1
+    s = model.finetune_summary
     if launched_rank()[0] != 0:  # said once, by the first rank
         return 0
-    print(f"done: {s['steps']} steps in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
+    resumed = f" (resumed from {s['resumed_from']})" if s.get("resumed_from") else ""
+    print(f"done: {s['steps']} steps{resumed} in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
           f"{s['final_val_loss']:.4f}" + details(s) + (f" | outputs in {output_dir}" if output_dir else ""))
     return 0

@@ -87,3 +87,44 @@ def test_the_command_prints_notes_and_one_line_errors(tmp_path, capsys):
                      "note: warmup_steps=5 >= the run's 2 optimizer steps: the learning rate only warms up, reaching 40% of "
                      "learning_rate at the last step; lower warmup_steps (e.g. to 0)"]
     assert "done: 2 steps" in captured.out
+
+
+def test_resuming_says_so_and_its_errors_name_the_flags(tmp_path, capsys, monkeypatch):
+    """A resume is named in the closing line; a resume with nothing to resume fails before anything
+    loads (no folder left behind); another global batch is explained; a dataset config of a local
+    corpus is ignored with a note; under a launcher only rank 0 speaks."""
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    shipped_tokenizer().save_pretrained(model_dir)
+    run = ["finetune", "--model", str(model_dir), "--per-device-train-batch-size", "4", "--max-seq-length", "16",
+           "--eval-batches", "1", "--max-steps", "4", "--save-steps", "2"]
+    capsys.readouterr()
+    assert main([*run, "--output-dir", str(tmp_path / "nothing"), "--resume-from-checkpoint", "latest"]) == 1
+    err = capsys.readouterr().err
+    assert "error: resume_from_checkpoint (--resume-from-checkpoint): no checkpoint-<step> folder" in err and "--save-steps" in err
+    assert not (tmp_path / "nothing").exists()
+    assert main([*run, "--output-dir", str(tmp_path / "out"), "--dataset", "embedded", "--dataset_config_name", "main"]) == 0
+    captured = capsys.readouterr()
+    assert "note: --dataset_config_name 'main' applies to Hugging Face datasets; ignored for --dataset embedded" in captured.err
+    assert "resumed" not in captured.out
+    assert main([*run, "--output-dir", str(tmp_path / "out"), "--resume-from-checkpoint", str(tmp_path / "out" / "checkpoint-2")]) == 0
+    assert f"done: 4 steps (resumed from {tmp_path / 'out' / 'checkpoint-2'})" in capsys.readouterr().out
+    wider = [a if a != "4" or i != run.index("--per-device-train-batch-size") + 1 else "8" for i, a in enumerate(run)]
+    assert main([*wider, "--output-dir", str(tmp_path / "out"), "--resume-from-checkpoint", "latest"]) == 1
+    err = capsys.readouterr().err
+    assert "global_batch: 4 there, 8 here" in err and "set per_device_train_batch_size to keep it" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # (no process group: the error comes before one is made)
+    assert main([*run, "--output-dir", str(tmp_path / "out"), "--backend", "bogus"]) == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_interrupted_commands_name_the_resume_that_works():
+    from argparse import Namespace
+
+    from slope.cli import _resume_advice
+
+    assert _resume_advice(Namespace(command="train")).endswith("(continue with --resume)")
+    assert _resume_advice(Namespace(command="finetune", save_steps=5)).endswith("(continue with --resume-from-checkpoint latest)")
+    assert "pass --save-steps K" in _resume_advice(Namespace(command="sparse-finetune", save_steps=None))
+    assert _resume_advice(Namespace(command="oneshot")) == ""

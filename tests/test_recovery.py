@@ -239,6 +239,20 @@ def test_resume_is_exact(tmp_path):
             resume_from_checkpoint=tmp_path / "full" / "checkpoint-2")
 
 
+def test_half_precision_students_train_fp32_master_weights_under_autocast():
+    """The guide loads the model in bf16 (`--precision bfloat16`) and trains with `--bf16 True`: the
+    weights train as fp32 masters (as accelerate's mixed precision does); without autocast it is said."""
+    student, _ = pruned_pair()
+    zeros = {n: p == 0 for n, p in student.named_parameters() if p.dim() == 2}
+    with pytest.warns(UserWarning, match="bfloat16 weights train as fp32 master weights under bf16 autocast"):
+        model = run(student.to(torch.bfloat16), rec=recipe(), bf16=True, max_steps=2)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    for name, weight in dense_weights(model).items():
+        assert not bool(weight[zeros[name + ".weight"]].any()), name  # the held zeros survived the upcast
+    with pytest.warns(UserWarning, match="weights train in bfloat16 .* add --bf16"):
+        run(pruned_pair()[0].to(torch.bfloat16), max_steps=1)
+
+
 def test_lr_schedules():
     assert [lr_at(s, 1.0, 2, 6, "linear") for s in range(6)] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
     assert [lr_at(s, 1.0, 2, 6, "constant_with_warmup") for s in range(4)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
@@ -318,9 +332,10 @@ def test_cli_finetune_with_the_seed_flags(tmp_path, capsys):
             "--distill_teacher", str(tmp_path / "teacher"), "--recipe", str(tmp_path / "recipe.yaml"), "--max-steps", "2",
             "--eval-batches", "1"]
     assert main(args) == 0
-    assert "done: 2 steps" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "done: 2 steps" in out and "note: the model's bfloat16 weights train as fp32 master weights under bf16 autocast" in err
     saved = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert saved.dtype == torch.bfloat16
+    assert saved.dtype == torch.float32  # the masters, as accelerate's mixed precision saves them
     assert is_nm_sparse(saved.model.layers[0].mlp.up_proj.weight != 0, 2, 4, exact=True)
     again = [str(tmp_path / "out2") if a == str(tmp_path / "out") else a for a in args[:-4]]  # "out" now holds a run
     assert main(again + ["--distill_teacher", str(tmp_path / "nowhere")]) == 1

@@ -123,6 +123,7 @@ def test_the_seeds_accelerate_command_runs_as_written(tmp_path):
     assert done.stdout.count("done: 3 steps") == 1, done.stdout  # said once, by rank 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["config"]["world_size"] == 2 and summary["config"]["bf16"] is True
+    assert summary["config"]["fsdp"] is True and summary["config"]["data_parallel"] == "fsdp"  # from the launcher, no --fsdp
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     trained = _weights(tmp_path / "out")
     for name, before in student.state_dict().items():

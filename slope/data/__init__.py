@@ -15,6 +15,7 @@ from slope.data.dataset import (
     train_batch,
     unigram_cross_entropy,
     val_batches,
+    with_dataset_config,
 )
 from slope.data.tokenizer import TextTokenizer, open_tokenizer
 
@@ -36,4 +37,5 @@ __all__ = [
     "train_batch",
     "unigram_cross_entropy",
     "val_batches",
+    "with_dataset_config",
 ]

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,6 +41,7 @@ __all__ = [
     "train_batch",
     "unigram_cross_entropy",
     "val_batches",
+    "with_dataset_config",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -114,6 +116,19 @@ def read_documents(dataset: str, text_field: str = "text") -> Iterator[str]:
     if path.suffix in (".txt", ".jsonl", ".gz") or path.is_dir() or dataset.startswith((".", "/", "~")):
         raise DataError(f"--dataset {dataset}: no such file (give a .txt/.jsonl file, 'embedded', or a Hugging Face dataset name)")
     yield from _read_hf(dataset, text_field)
+
+
+def with_dataset_config(dataset: str, config: str | None) -> str:
+    """``dataset`` with a Hugging Face dataset ``config`` (``--dataset_config_name``, e.g. gsm8k's
+    ``main``) as ``name:config``; for the embedded corpus or a local file, which have no configs,
+    ``dataset`` itself (a ``UserWarning`` says the config is ignored)."""
+    if not config:
+        return dataset
+    if dataset == EMBEDDED or Path(dataset).expanduser().exists():
+        warnings.warn(f"--dataset_config_name {config!r} applies to Hugging Face datasets; ignored for --dataset {dataset}",
+                      UserWarning, stacklevel=2)
+        return dataset
+    return f"{dataset}:{config}"
 
 
 def _read_hf(name: str, text_field: str) -> Iterator[str]:

@@ -21,7 +21,9 @@ import torch.nn as nn
 
 __all__ = ["load_model", "shipped_tokenizer"]
 
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``precision`` names (SparseML's ``--precision bfloat16`` spelling too) and the dtypes they load in.
+DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
 
 
 def shipped_tokenizer():

@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from slope.finetune_run import command_options, run_command
 
     def call():
+        from slope.data import with_dataset_config
         from slope.recovery.finetune import finetune
 
         options = command_options(args)
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
         config, split = options.pop("dataset_config_name"), options.pop("splits")
         if split != "train":
             raise ValueError(f"--splits {split!r}: slope finetune trains on the 'train' split (validation is held out of it)")
-        if config:
-            dataset = f"{dataset}:{config}"
+        dataset = with_dataset_config(dataset, config)
         if recipe is not None and os.environ.get("RANK", "0") == "0":  # the stages left to slope oneshot, said once
             from slope.pruning.recipe import skipped_stages
 

@@ -182,9 +182,28 @@ def _save_outputs(model: nn.Module, tokenizer, out: Path, entries: list, summary
 
 
 # ---------------------------------------------------------------------- the one call
+def _master_weights(model: nn.Module, mode: str) -> None:
+    """Keep fp32 master weights under autocast (``mode`` bf16 / fp16), as accelerate's mixed
+    precision does: a student loaded in half precision (``precision="bf16"``, the guide's
+    ``--precision bfloat16``) is upcast, since AdamW's small updates vanish in bf16 weights. Without
+    autocast its weights train in their own dtype, which is said."""
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)})
+    if not low:
+        return
+    if mode in ("bf16", "fp16"):
+        model.float()
+        warnings.warn(f"the model's {'/'.join(low)} weights train as fp32 master weights under {mode} autocast (as accelerate's "
+                      "mixed precision does); the output folder holds them in fp32", UserWarning, stacklevel=4)
+    else:
+        warnings.warn(f"the model's weights train in {'/'.join(low)} (loaded so, without --bf16 / --fp16 autocast): updates "
+                      "below its resolution are lost; add --bf16 to train fp32 master weights with bf16 compute",
+                      UserWarning, stacklevel=4)
+
+
 def _prepare_student(model, args, device, constant_mod):
-    """Load the student for training; ``(model, tokenizer or None)``."""
+    """Load the student for training (fp32 master weights under autocast); ``(model, tokenizer or None)``."""
     model, tokenizer = _load(model, device, args["precision"], "model")
+    _master_weights(model, args["precision_mode"])
     model.requires_grad_(True).train()
     if constant_mod is None:
         _warn_uncovered(dict(model.named_modules()), set())
@@ -297,7 +316,11 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str
     """Resume if asked, train, and write the outputs; returns the summary."""
     summary = run_resumable(run.loop, run.checkpoints, run.out, args["resume_from_checkpoint"], args["save_steps"],
                             main_process=env.is_main)
-    summary["config"] = {**plain_config(args), **run.checkpoints.fingerprint, "world_size": env.world_size}
+    from slope.parallel import is_fsdp2
+
+    sharded = is_fsdp2(run.model)  # also under an FSDP accelerate launch without --fsdp
+    summary["config"] = {**plain_config(args), **run.checkpoints.fingerprint, "world_size": env.world_size, "fsdp": sharded,
+                         "data_parallel": "fsdp" if sharded else "ddp" if env.distributed else None}
     if run.held is not None:
         summary["constant_pruning"] = run.held.summary()
     if run.distiller is not None:

@@ -98,8 +98,8 @@ class HeldZeros:
         """Hold the model's parameters after ``fully_shard`` replaced them by sharded ones (a
         whole-run window only: one that starts or ends mid-run reads and re-masks whole weights)."""
         if not self.whole_run:
-            raise ValueError("under FSDP a ConstantPruningModifier holds the whole run only (start: 0, no end); train with DDP "
-                             "(no --fsdp) for a window that starts or ends mid-run")
+            raise ValueError("under FSDP a ConstantPruningModifier holds the whole run only (start: 0, no end); for a window "
+                             "that starts or ends mid-run train with DDP (no --fsdp, and no FSDP accelerate config)")
         self.constant.rebind()
 
     def before_update(self) -> None:

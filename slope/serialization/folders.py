@@ -9,6 +9,7 @@ Kinds (:func:`folder_kind`):
 - ``"slope-export-dense"``: ``slope export --form dense`` (``slope_export`` in ``config.json``, no sparse layers);
 - ``"hf-pruned"``: weights with SLoPe layers' entries (``values`` / ``mask_bits``) but no record: a pruned
   model saved by a path that bypassed slope's ``save_pretrained`` (or by a slope older than the record);
+- ``"slope-finetune-checkpoint"``: a ``checkpoint-<step>`` folder of ``slope finetune`` / ``sparse-finetune``;
 - ``"hf"``: a plain Hugging Face folder; ``"missing"``; ``"unknown"``.
 
 :func:`check_new_output_dir` is the one check of every command that writes a folder (``slope oneshot``,
@@ -46,8 +47,13 @@ _DESCRIPTIONS = {
         "slope.prune_model arguments, load_state_dict the weights, and re-save it with model.save_pretrained"
     ),
     "hf": (
-        "a plain Hugging Face folder without slope layers: load it with "
-        "transformers.AutoModelForCausalLM.from_pretrained({path!r}) and prune it with slope.prune_model"
+        "a plain Hugging Face folder without slope layers (what slope oneshot, finetune and sparse-finetune write: "
+        "pruned entries are exact zeros, and the run's summary.json holds its validation loss): load it with "
+        "transformers.AutoModelForCausalLM.from_pretrained({path!r}); for SLoPe layers, prune it with slope.prune_model"
+    ),
+    "slope-finetune-checkpoint": (
+        "a checkpoint-<step> folder of slope finetune / sparse-finetune (the whole training state, not a model folder): "
+        "continue its run with --resume-from-checkpoint {path}; the run writes its model to the output folder when it ends"
     ),
     "missing": "missing",
     "unknown": "not a model folder slope knows (no config.json, slope_config.json or manifest.json)",
@@ -76,6 +82,8 @@ def folder_kind(path: str | os.PathLike) -> str:
         return "missing"
     if (path / "manifest.json").is_file() or (path / "checkpoint" / "manifest.json").is_file():
         return "slope-train"
+    if (path / "slope_finetune_state.pt").is_file():  # slope.finetune_checkpoints.CHECKPOINT_STATE
+        return "slope-finetune-checkpoint"
     config = read_json_object(path / "config.json")
     if config is not None and "slope_config" in config:
         return "slope-pretrained"
