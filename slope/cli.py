@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(train)
 
     ev = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint on its run's held-out split")
-    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory, or a run directory holding checkpoint/")
+    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory, a run directory holding checkpoint/, "
+                    "or a model folder (slope oneshot / finetune / sparse-finetune output, any causal LM)")
     ev.add_argument("--eval-batches", type=int, default=None, help="validation batches (default: the run's)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + " (default: unmerged)")
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (Hugging Face generate)")
-    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory, or a run directory holding checkpoint/")
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory, a run directory holding checkpoint/, "
+                     "or a model folder (slope oneshot / finetune / sparse-finetune output, any causal LM)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy decoding")
@@ -241,9 +243,48 @@ def _nonfinite_exit(results: list[dict]) -> int:
     return 0
 
 
+#: Folder kinds ``slope eval`` / ``generate`` read as one plain model (:mod:`slope.inference.folder`).
+_MODEL_FOLDERS = ("hf", "slope-export-dense", "slope-pretrained")
+
+
+def _model_folder(args: argparse.Namespace) -> bool:
+    """Whether ``--checkpoint`` is a model folder (not a ``slope train`` checkpoint); a
+    :class:`ConfigError` for the options that only checkpoints have."""
+    from slope.serialization.folders import folder_kind
+
+    if folder_kind(args.checkpoint) not in _MODEL_FOLDERS:
+        return False
+    for flag, given in (("--compare", args.compare), ("--mode", args.mode not in (None, "unmerged")),
+                        ("--cuda-graphs", getattr(args, "cuda_graphs", False))):
+        if given:
+            raise ConfigError(f"{flag} applies to slope train checkpoints; {args.checkpoint} is a model folder with one "
+                              "(dense) form: drop it")
+    return True
+
+
+def _run_folder_eval(args: argparse.Namespace) -> int:
+    from slope.inference.folder import eval_model_folder
+
+    result = eval_model_folder(args.checkpoint, args.device, args.eval_batches)
+    if args.json:
+        print(json.dumps(result))
+        return _nonfinite_exit([result])
+    settings = result["settings"]
+    source = "the run's settings (summary.json)" if settings["from_run"] else "default settings"
+    print(f"{args.checkpoint} (model folder, {settings['precision']}): validation loss {result['val_loss']:.4f} "
+          f"(ppl {result['val_ppl']:.2f}) over {result['val_tokens']:,} tokens of --dataset {settings['dataset']} "
+          f"({source}); unigram baseline {result['unigram_loss']:.4f}")
+    if result["run_final_val_loss"] is not None:
+        print(f"the run reported a final validation loss of {result['run_final_val_loss']:.4f}")
+    print(f"{result['tokens_per_s']:,.0f} tokens/s; weights {result['weight_bytes'] / 2**20:.1f} MiB")
+    return _nonfinite_exit([result])
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from slope.evaluate import compare_checkpoint, eval_checkpoint
 
+    if _model_folder(args):
+        return _run_folder_eval(args)
     if not args.compare:
         result = eval_checkpoint(args.checkpoint, args.device, args.eval_batches, args.mode or "unmerged", progress=None)
         if args.json:
@@ -299,6 +340,16 @@ def _run_generate_compare(args: argparse.Namespace) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
     from slope.evaluate import generate, load_trained_model
 
+    if _model_folder(args):
+        from slope.inference.folder import generate_from_folder
+
+        text, new_tokens, seconds = generate_from_folder(args.checkpoint, args.prompt, device=args.device,
+                                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                                         top_k=args.top_k, seed=args.seed)
+        print(text)
+        print(f"[model folder] {new_tokens} new tokens in {seconds:.2f} s ({new_tokens / max(seconds, 1e-9):,.1f} tokens/s)",
+              file=sys.stderr)
+        return
     if args.compare:
         return _run_generate_compare(args)
     loaded = load_trained_model(args.checkpoint, args.device, args.mode)
@@ -329,9 +380,8 @@ def _run_oneshot(args: argparse.Namespace) -> int:
     from slope.pruning.loading import load_model
     from slope.pruning.recipe import parse_recipe
     from slope.pruning.sparsegpt import PruningError
-    from slope.serialization.folders import check_new_output_dir
-
     from slope.parallel import launched_rank
+    from slope.serialization.folders import check_new_output_dir
 
     rank, world = launched_rank()
     if rank != 0:  # under a launcher (the seed's `accelerate launch ... oneshot`) rank 0 prunes alone

@@ -33,7 +33,7 @@ from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints, resolv
 from slope.finetune_loop import FinetuneLoop, plot_run
 from slope.serialization.folders import check_new_output_dir
 
-__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positive", "command_options", "output_folder", "plain_config",
+__all__ = ["build_optimizers", "check_int", "dataset_name", "check_output_dir", "check_positive", "command_options", "output_folder", "plain_config",
            "precision_mode", "run_command", "run_resumable", "save_model_folder", "seed_everything"]
 
 
@@ -152,6 +152,12 @@ def plain_config(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` for ``summary.json``: plain values as they are, others as ``str``; the tokenizer left out."""
     plain = (int, float, str, bool, type(None))
     return {k: v if isinstance(v, plain) else str(v) for k, v in values.items() if k != "tokenizer"}
+
+
+def dataset_name(dataset) -> str | None:
+    """``dataset`` as ``summary.json`` records it: a name or path (``slope eval`` on the output
+    folder validates on its held-out split again), ``None`` for documents given in memory."""
+    return str(dataset) if isinstance(dataset, (str, Path)) else None
 
 
 def save_model_folder(model: nn.Module, tokenizer, out: Path, summary: dict[str, Any], title: str, *,

@@ -29,8 +29,8 @@ from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
 from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, output_folder, plain_config,
-                                precision_mode, run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, dataset_name, output_folder,
+                                plain_config, precision_mode, run_resumable, save_model_folder, seed_everything)
 from slope.sparsity import SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
@@ -225,7 +225,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
                          "num_epochs": num_epochs, "warmup_steps": warmup_steps,
                          "gradient_accumulation_steps": gradient_accumulation_steps, "precision": args.precision,
                          "gradient_checkpointing": gradient_checkpointing, "use_topk_attention": use_topk_attention,
-                         "topk_ratio": topk_ratio, **plain_config(extra)}
+                         "topk_ratio": topk_ratio, **plain_config(extra), "dataset": dataset_name(dataset)}
     if out is not None:
         _save(ctx, tokenizer, out, summary)
     if hasattr(sparsifier.masked, "remove_hooks"):

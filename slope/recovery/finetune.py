@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, output_folder, plain_config,
-                                precision_mode, run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, dataset_name, output_folder,
+                                plain_config, precision_mode, run_resumable, save_model_folder, seed_everything)
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import _warn_uncovered
 from slope.recovery.distill import DistillationError, Distiller
@@ -312,14 +312,15 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     return _Recovery(model, tokenizer, held, distiller, loop, LoopCheckpoints(out, loop, {"constant": held}, fingerprint, _RESUME_KEYS, env.is_main), out)
 
 
-def _train(run: _Recovery, args: dict[str, Any], entries: list, env) -> dict[str, Any]:
+def _train(run: _Recovery, args: dict[str, Any], entries: list, env, dataset) -> dict[str, Any]:
     """Resume if asked, train, and write the outputs; returns the summary."""
     summary = run_resumable(run.loop, run.checkpoints, run.out, args["resume_from_checkpoint"], args["save_steps"],
                             main_process=env.is_main)
     from slope.parallel import is_fsdp2
 
     sharded = is_fsdp2(run.model)  # also under an FSDP accelerate launch without --fsdp
-    summary["config"] = {**plain_config(args), **run.checkpoints.fingerprint, "world_size": env.world_size, "fsdp": sharded,
+    summary["config"] = {**plain_config(args), **run.checkpoints.fingerprint, "dataset": dataset_name(dataset),
+                         "world_size": env.world_size, "fsdp": sharded,
                          "data_parallel": "fsdp" if sharded else "ddp" if env.distributed else None}
     if run.held is not None:
         summary["constant_pruning"] = run.held.summary()
@@ -368,7 +369,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     try:
         fsdp = _fsdp_settings(args, env)
         run = _build(model, dataset, distill_teacher, output_dir, args, env, constant_mod, distill_mod, entries, fsdp)
-        summary = _train(run, args, entries, env)
+        summary = _train(run, args, entries, env, dataset)
     finally:
         parallel.destroy_distributed(env)
         if run is not None and run.distiller is not None:

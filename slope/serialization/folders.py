@@ -48,7 +48,7 @@ _DESCRIPTIONS = {
     ),
     "hf": (
         "a plain Hugging Face folder without slope layers (what slope oneshot, finetune and sparse-finetune write: "
-        "pruned entries are exact zeros, and the run's summary.json holds its validation loss): load it with "
+        "pruned entries are exact zeros): evaluate it with `slope eval --checkpoint {path}`, load it with "
         "transformers.AutoModelForCausalLM.from_pretrained({path!r}); for SLoPe layers, prune it with slope.prune_model"
     ),
     "slope-finetune-checkpoint": (

@@ -1,0 +1,111 @@
+"""``slope eval`` / ``slope generate`` on a model folder: what ``slope oneshot``, ``finetune`` and
+``sparse-finetune`` write (plain Hugging Face folders, pruned entries exact zeros), ``slope export
+--form dense``, or any causal LM folder with its tokenizer.
+
+Validation data: when the folder's ``summary.json`` names its run's settings (``slope finetune`` /
+``sparse-finetune``), those — the dataset's held-out split (:mod:`slope.dynamic.data`: every 20th
+chunk), windows of ``max_seq_length`` tokens, the run's batch and ``eval_batches``, its autocast
+precision — so the loss is the run's final validation loss again. Otherwise the embedded corpus in
+windows of 512 tokens (fewer if the model has fewer positions), 8 batches of 8, fp32.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from slope.serialization.jsonfile import read_json_object
+
+__all__ = ["FolderEvalSettings", "eval_model_folder", "generate_from_folder", "load_folder_model"]
+
+
+@dataclass(frozen=True)
+class FolderEvalSettings:
+    """What ``slope eval`` validates a model folder on (module docstring)."""
+
+    dataset: str = "embedded"
+    seq_len: int = 512
+    batch_size: int = 8
+    eval_batches: int = 8
+    seed: int = 42
+    text_field: str = "text"
+    precision: str = "fp32"
+    from_run: bool = False  # read from the folder's summary.json
+
+    @classmethod
+    def for_folder(cls, folder: Path, model: nn.Module, eval_batches: int | None) -> "FolderEvalSettings":
+        config = (read_json_object(folder / "summary.json") or {}).get("config")
+        positions = getattr(model.config, "max_position_embeddings", None) or 513
+        if not isinstance(config, dict) or not config.get("max_seq_length"):
+            return cls(seq_len=min(512, positions - 1), eval_batches=eval_batches or 8)
+        return cls(dataset=config.get("dataset") or "embedded", seq_len=int(config["max_seq_length"]),
+                   batch_size=int(config.get("global_batch") or config.get("batch_size") or 8),
+                   eval_batches=eval_batches or int(config.get("eval_batches") or 8), seed=int(config.get("seed", 42)),
+                   text_field=config.get("text_field") or "text",
+                   precision=config.get("precision_mode") or config.get("precision") or "fp32", from_run=True)
+
+
+def load_folder_model(folder: str | Path, device: str = "auto"):
+    """``(model, tokenizer, device)``: the folder's causal LM (in the dtype it was saved in), in
+    eval mode on ``device``, and its tokenizer (slope's shipped one when the folder has none)."""
+    from transformers import AutoModelForCausalLM
+
+    from slope.dynamic.data import resolve_tokenizer
+    from slope.evaluate import resolve_device
+
+    device = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto").to(device).eval()
+    return model, resolve_tokenizer(None, folder), device
+
+
+def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None) -> dict:
+    """Validation loss / perplexity and tokens/s of the model in ``folder`` (module docstring);
+    ``eval_batches`` overrides the number of batches. The result has ``slope eval``'s keys
+    (``mode`` ``"dense"``; ``step``: the run's steps when known) plus ``settings``."""
+    from dataclasses import asdict
+
+    from slope.data import perplexity, unigram_cross_entropy
+    from slope.dynamic.data import load_finetune_data
+    from slope.evaluate import evaluate_loss
+
+    folder = Path(folder)
+    model, tokenizer, device = load_folder_model(folder, device)
+    settings = FolderEvalSettings.for_folder(folder, model, eval_batches)
+    data = load_finetune_data(settings.dataset, tokenizer, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                              seed=settings.seed, eval_batches=settings.eval_batches,
+                              vocab_size=model.get_input_embeddings().num_embeddings, text_field=settings.text_field)
+    start = time.perf_counter()
+    loss = evaluate_loss(model, data.val, device, settings.precision)
+    seconds = time.perf_counter() - start
+    tokens = sum(y.numel() for _, y in data.val)
+    targets = torch.cat([y.flatten() for _, y in data.val])
+    summary = read_json_object(folder / "summary.json") or {}
+    return {"checkpoint": str(folder), "step": summary.get("steps"), "mode": "dense", "val_loss": loss, "val_ppl": perplexity(loss),
+            "val_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "weight_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+            "unigram_loss": unigram_cross_entropy(data.train[:, 1:].flatten(), targets, model.get_input_embeddings().num_embeddings),
+            "run_final_val_loss": summary.get("final_val_loss"), "settings": asdict(settings), "note": None}
+
+
+@torch.no_grad()
+def generate_from_folder(folder: str | Path, prompt: str, *, device: str = "auto", max_new_tokens: int = 64,
+                         temperature: float = 0.8, top_k: int | None = 50, seed: int = 0) -> tuple[str, int, float]:
+    """Continue ``prompt`` with the folder's model (``generate``, KV cache; ``temperature=0``:
+    greedy); returns ``(text, new tokens, seconds)``."""
+    from slope.config import ConfigError
+
+    model, tokenizer, device = load_folder_model(folder, device)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    if ids.numel() == 0:
+        raise ConfigError("--prompt is empty; give some text to continue")
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,
+                         temperature=temperature if sample else None, top_k=top_k if sample else None, top_p=None,
+                         pad_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    return tokenizer.decode(out[0].tolist()), out.shape[1] - ids.shape[1], seconds

@@ -1,0 +1,63 @@
+"""slope eval / generate on model folders (what oneshot, finetune and sparse-finetune write): the
+validation loss of a fine-tuning run's folder is the run's final validation loss again."""
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from slope.cli import main
+from slope.dynamic import sparse_finetune
+from slope.inference.folder import eval_model_folder
+from slope.pruning.loading import shipped_tokenizer
+from slope.recovery.finetune import finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DOCS = ["def f%d(x):\n    return x * %d + %d\n" % (i, i, i * i) for i in range(200)]
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    return path
+
+
+def test_eval_of_a_finetune_folder_is_its_runs_final_validation_loss(tmp_path, data_file, capsys):
+    finetune(tiny_llama(), None, str(data_file), output_dir=tmp_path / "out", max_steps=3, per_device_train_batch_size=3,
+             max_seq_length=24, eval_batches=2, learning_rate=1e-3, tokenizer=shipped_tokenizer(), progress=False, seed=3)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    result = eval_model_folder(tmp_path / "out", "cpu")
+    assert result["settings"]["from_run"] and result["settings"]["dataset"] == str(data_file)
+    assert result["val_tokens"] == 2 * 3 * 24
+    assert result["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
+    assert result["val_loss"] != pytest.approx(summary["initial_val_loss"], rel=1e-3)  # the trained weights, not the start
+    assert main(["eval", "--checkpoint", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"validation loss {summary['final_val_loss']:.4f}" in out and "the run's settings (summary.json)" in out
+    assert main(["generate", "--checkpoint", str(tmp_path / "out"), "--prompt", "def f1(x):", "--max-new-tokens", "4",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def f1(x):") and "[model folder] 4 new tokens" in captured.err
+    assert main(["eval", "--checkpoint", str(tmp_path / "out"), "--compare"]) == 1
+    assert "--compare applies to slope train checkpoints" in capsys.readouterr().err
+
+
+def test_eval_of_a_sparse_finetune_folder_and_of_a_foreign_folder(tmp_path, data_file):
+    model = sparse_finetune(tiny_llama(), str(data_file), sparsity_type="2:4", max_steps=2, batch_size=2, max_seq_length=16,
+                            eval_batches=2, gradient_accumulation_steps=1, warmup_steps=0, output_dir=tmp_path / "sparse",
+                            tokenizer=shipped_tokenizer(), progress=False, gradient_checkpointing=False)
+    result = eval_model_folder(tmp_path / "sparse", "cpu")
+    assert result["val_loss"] == pytest.approx(model.finetune_summary["final_val_loss"], rel=1e-6)
+    plain = tmp_path / "plain"
+    tiny_llama().save_pretrained(plain)  # no tokenizer, no summary: slope's tokenizer, the embedded corpus
+    result = eval_model_folder(plain, "cpu", eval_batches=1)
+    assert not result["settings"]["from_run"] and result["settings"]["dataset"] == "embedded"
+    assert result["settings"]["seq_len"] == 63 and result["val_tokens"] == 8 * 63
