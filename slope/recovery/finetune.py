@@ -83,6 +83,16 @@ def _check_backend(backend, double_pruning: bool) -> None:
                       "(--double-pruning); without it 2:4 layers train with an exact backward", UserWarning, stacklevel=4)
 
 
+def _launcher_mixed_precision(args: dict[str, Any]) -> None:
+    """``accelerate launch`` with ``mixed_precision: bf16`` (or fp16) in its config autocasts as
+    ``bf16=True`` would, unless ``bf16`` / ``fp16`` is given (said in a note)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if launched in ("bf16", "fp16") and not (args["bf16"] or args["fp16"]):
+        args[launched] = True
+        warnings.warn(f"mixed precision {launched} from the accelerate config: {launched} autocast, fp32 master weights "
+                      f"(as --{launched})", UserWarning, stacklevel=4)
+
+
 def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(training_args) - set(TRAINING_DEFAULTS))
     if unknown:
@@ -102,6 +112,7 @@ def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
     if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm < 0):
         raise ValueError(f"max_grad_norm must be a non-negative number or None (no clipping), got {norm!r}")
     _check_backend(args["backend"], args["double_pruning"])
+    _launcher_mixed_precision(args)
     mode = precision_mode(args["fp16"], args["bf16"])
     if not isinstance(args["fsdp"], bool):
         raise ValueError(f"fsdp must be True or False, got {args['fsdp']!r}")
