@@ -33,8 +33,8 @@ from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints, resolv
 from slope.finetune_loop import FinetuneLoop, plot_run
 from slope.serialization.folders import check_new_output_dir
 
-__all__ = ["build_optimizers", "check_int", "dataset_name", "check_output_dir", "check_positive", "command_options", "output_folder", "plain_config",
-           "precision_mode", "run_command", "run_resumable", "save_model_folder", "seed_everything"]
+__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positive", "command_options", "dataset_name", "output_folder",
+           "plain_config", "precision_mode", "rank_memory", "run_command", "run_resumable", "save_model_folder", "seed_everything"]
 
 
 # ---------------------------------------------------------------------- settings
@@ -113,12 +113,29 @@ def build_optimizers(model: nn.Module, lr: float, weight_decay: float, *, sparse
 
 
 # ---------------------------------------------------------------------- the run
+def rank_memory(loop: FinetuneLoop) -> dict[str, int]:
+    """Bytes this rank holds (sharded tensors: its shard): the model's ``parameters`` and
+    ``buffers`` (SLoPe layers' packed masks and metadata), and the ``dense_optimizer`` /
+    ``sparse_optimizer`` state. (The masks of weights held under :class:`slope.sparsity.MaskedWeights`
+    are not module buffers: the front doors add them as ``masks``.)"""
+    from slope.parallel.sharded import local_bytes
+
+    def state_bytes(optimizer) -> int:
+        if optimizer is None:
+            return 0
+        return local_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+
+    return {"parameters": local_bytes(loop.model.parameters()), "buffers": local_bytes(loop.model.buffers()),
+            "dense_optimizer": state_bytes(loop.dense_opt), "sparse_optimizer": state_bytes(loop.sparse_opt)}
+
+
+# ---------------------------------------------------------------------- the run
 def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | None, resume_from, save_steps: int | None, *,
                   records: list[dict] | None = None, main_process: bool = True) -> dict[str, Any]:
     """Train ``loop`` from step 0 (``records``: those logged before training) or, with
     ``resume_from`` (a ``checkpoint-<step>`` folder, or ``True``: the newest in ``out``), from its
     checkpoint; write ``checkpoint-<step>/`` every ``save_steps``. Returns the loop's summary (with
-    ``resumed_from``: the checkpoint folder, or ``None``).
+    ``resumed_from``: the checkpoint folder, or ``None``, and ``memory_per_rank``: :func:`rank_memory`).
     A warmup of at least the run's steps (the learning rate never reaches its peak before the last
     step, nor decays) is warned of (``UserWarning``; a ``note:`` line from the commands)."""
     settings, total = loop.settings, loop.total_steps
@@ -134,6 +151,7 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
     summary = loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=save_steps,
                        main_process=main_process)
     summary["resumed_from"] = resumed
+    summary["memory_per_rank"] = rank_memory(loop)
     return summary
 
 

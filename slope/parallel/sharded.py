@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["full_tensor", "is_sharded", "local_tensor", "shard_like"]
+__all__ = ["full_tensor", "is_sharded", "local_bytes", "local_tensor", "shard_like"]
 
 
 def is_sharded(tensor) -> bool:
@@ -37,3 +37,8 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a ``DTensor`` (sharing its storage: in-place changes apply to the
     ``DTensor``), an ordinary tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds for ``tensors`` (a ``DTensor``: its shard; others: whole)."""
+    return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors)

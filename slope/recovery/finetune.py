@@ -328,6 +328,7 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env, dataset) ->
     summary = run_resumable(run.loop, run.checkpoints, run.out, args["resume_from_checkpoint"], args["save_steps"],
                             main_process=env.is_main)
     from slope.parallel import is_fsdp2
+    from slope.parallel.sharded import local_bytes
 
     sharded = is_fsdp2(run.model)  # also under an FSDP accelerate launch without --fsdp
     summary["config"] = {**plain_config(args), **run.checkpoints.fingerprint, "dataset": dataset_name(dataset),
@@ -335,6 +336,8 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env, dataset) ->
                          "data_parallel": "fsdp" if sharded else "ddp" if env.distributed else None}
     if run.held is not None:
         summary["constant_pruning"] = run.held.summary()
+        masked = run.held.constant.masked if run.held.constant is not None else None
+        summary["memory_per_rank"]["masks"] = 0 if masked is None else local_bytes(masked.masks.values())
     if run.distiller is not None:
         summary["distillation"] = {"targets": run.distiller.names, "comparison": run.distiller.modifier.comparison,
                                    "teacher_output_bytes_per_micro_batch": run.distiller.teacher_bytes}
