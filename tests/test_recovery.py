@@ -250,7 +250,7 @@ def test_half_precision_students_train_fp32_master_weights_under_autocast():
     for name, weight in dense_weights(model).items():
         assert not bool(weight[zeros[name + ".weight"]].any()), name  # the held zeros survived the upcast
     with pytest.warns(UserWarning, match="weights train in bfloat16 .* add --bf16"):
-        run(pruned_pair()[0].to(torch.bfloat16), max_steps=1)
+        run(pruned_pair()[0].to(torch.bfloat16), rec=recipe(), max_steps=1)
 
 
 def test_lr_schedules():

@@ -171,10 +171,10 @@ def test_fsdp_in_one_process_says_it_trains_unsharded_and_refuses_fp16():
 def test_the_accelerate_configs_mixed_precision_autocasts(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.warns(UserWarning, match="mixed precision bf16 from the accelerate config"):
-        model = run(pruned_pair()[0], max_steps=1)
+        model = run(pruned_pair()[0], rec=recipe(), max_steps=1)
     assert model.finetune_summary["config"]["precision_mode"] == "bf16"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    assert run(pruned_pair()[0], max_steps=1).finetune_summary["config"]["precision_mode"] == "fp32"
+    assert run(pruned_pair()[0], rec=recipe(), max_steps=1).finetune_summary["config"]["precision_mode"] == "fp32"
 
 
 if __name__ == "__main__":  # an FSDP worker (launched by the test above)
