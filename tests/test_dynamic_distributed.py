@@ -1,5 +1,6 @@
 """RigL under DDP: the ranks' dense gradients are averaged before each regrowth, so every rank keeps
-the same masks and the run equals one process with the whole batch."""
+the same masks and the run equals one process with the whole batch — in a custom DDP loop and in
+``sparse_finetune`` under torchrun (``batch_size`` rows per process)."""
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +37,51 @@ def _train(rows=slice(None)) -> tuple[torch.nn.Module, DynamicSparsity, list]:
     return model, sparsifier, updates
 
 
+SPARSE = dict(max_steps=6, gradient_accumulation_steps=2, max_seq_length=16, eval_batches=1, learning_rate=1e-2, warmup_steps=0,
+              mask_update_interval=2, mask_update_fraction=0.5, progress=False, gradient_checkpointing=False, device="cpu",
+              logging_steps=1)
+
+
+def _sparse_finetune(sparsity_type: str, batch_size: int, output_dir=None):
+    import transformers as T
+
+    from slope.dynamic import sparse_finetune
+    from slope.pruning.loading import shipped_tokenizer
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    docs = ["def f%d(x):\n    return x * %d + %d\n" % (i, i, i * i) for i in range(120)]
+    return sparse_finetune(model, docs, sparsity_type=sparsity_type, batch_size=batch_size, output_dir=output_dir,
+                           tokenizer=shipped_tokenizer(), **SPARSE)
+
+
+def _sparse_worker(out: str, sparsity_type: str) -> None:
+    import os
+
+    model = _sparse_finetune(sparsity_type, 2, Path(out) / sparsity_type)
+    rank = os.environ["RANK"]
+    torch.save({"weights": model.state_dict(), "history": model.dynamic_sparsity.history}, Path(out) / f"{sparsity_type}.{rank}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
+def test_sparse_finetune_under_torchrun_is_the_run_of_one_process(tmp_path, sparsity_type):
+    launch([__file__, "sparse", str(tmp_path), sparsity_type], tmp_path)
+    single = _sparse_finetune(sparsity_type, 4)
+    assert single.finetune_summary["mask_updates"] >= 2  # masks moved during the run
+    ranks = [torch.load(tmp_path / f"{sparsity_type}.{r}", weights_only=False) for r in range(2)]
+    summary = __import__("json").loads((tmp_path / sparsity_type / "summary.json").read_text())
+    assert summary["config"]["world_size"] == 2 and summary["config"]["global_batch"] == 4
+    for saved in ranks:
+        assert [u["layers"] for u in saved["history"]] == [u["layers"] for u in single.dynamic_sparsity.history]
+        for name, value in single.state_dict().items():
+            if value.dtype == torch.uint8:  # packed masks (2:4): equal bits
+                assert torch.equal(saved["weights"][name], value), name
+            else:  # (AdamW with eps 1e-8 turns the float rounding of a near-cancelling gradient into ~1e-5 moves)
+                torch.testing.assert_close(saved["weights"][name], value, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def _worker(out: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -59,6 +105,9 @@ def test_rigl_under_ddp_keeps_equal_masks_and_the_run_of_one_process(tmp_path):
             torch.testing.assert_close(saved["weights"][name], value, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
-if __name__ == "__main__":  # a DDP rank (launched by the test above)
+if __name__ == "__main__":  # a DDP rank (launched by the tests above)
     warnings.simplefilter("ignore")
-    _worker(sys.argv[1])
+    if sys.argv[1] == "sparse":
+        _sparse_worker(sys.argv[2], sys.argv[3])
+    else:
+        _worker(sys.argv[1])

@@ -14,6 +14,8 @@ pruned entries are exact zeros; N:M models are exported with
 :func:`slope.export_dense`), its tokenizer, ``metrics.jsonl``, ``summary.json``, ``loss.png`` and
 ``dynamic_sparsity.pt`` (masks and mask-update history); with ``save_steps``, ``checkpoint-<step>/``
 folders that ``resume_from_checkpoint`` continues from exactly (:mod:`slope.finetune_checkpoints`).
+Under ``torchrun`` it trains with DDP, ``batch_size`` rows per process (RigL averages the ranks'
+dense gradients, so the masks stay equal on every rank); rank 0 writes the outputs.
 """
 from __future__ import annotations
 
@@ -114,22 +116,22 @@ class _Run:
     loop: FinetuneLoop
 
 
-def _checkpoints(ctx: _Run, out: Path | None) -> LoopCheckpoints:
+def _checkpoints(ctx: _Run, out: Path | None, main: bool = True) -> LoopCheckpoints:
     """``out/checkpoint-<step>/`` of this run: the loop's state and the dynamic-sparsity schedule."""
     args = ctx.args
     fingerprint = {"total_steps": ctx.loop.total_steps, "sparsity": ctx.sparsifier.config.summary(),
-                   "learning_rate": args.learning_rate, "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
+                   "learning_rate": args.learning_rate, "batch_size": ctx.loop.data.batch_size, "warmup_steps": args.warmup_steps,
                    "gradient_accumulation_steps": args.gradient_accumulation_steps, "precision": args.precision,
                    **{k: args.extra[k] for k in ("seed", "max_seq_length", "max_grad_norm", "weight_decay")}}
-    return LoopCheckpoints(out, ctx.loop, {"sparsifier": ctx.sparsifier}, fingerprint, RESUME_KEYS, writer="sparse_finetune")
+    return LoopCheckpoints(out, ctx.loop, {"sparsifier": ctx.sparsifier}, fingerprint, RESUME_KEYS, main, writer="sparse_finetune")
 
 
-def _loop(ctx: _Run, out: Path | None) -> dict[str, Any]:
+def _loop(ctx: _Run, out: Path | None, main: bool = True) -> dict[str, Any]:
     """Train all steps (from a checkpoint when ``resume_from_checkpoint`` says so); log metrics (to
     ``out/metrics.jsonl`` when given), write ``checkpoint-<step>/`` every ``save_steps``; returns the summary."""
     sparsifier, extra = ctx.sparsifier, ctx.args.extra
-    summary = run_resumable(ctx.loop, _checkpoints(ctx, out), out, extra["resume_from_checkpoint"], extra["save_steps"],
-                            records=[{"event": "mask_update", **event} for event in sparsifier.history])
+    summary = run_resumable(ctx.loop, _checkpoints(ctx, out, main), out, extra["resume_from_checkpoint"], extra["save_steps"],
+                            records=[{"event": "mask_update", **event} for event in sparsifier.history], main_process=main)
     summary["final_sparsity"] = sparsifier.sparsity
     summary["mask_updates"] = sum(1 for r in summary["records"] if r.get("event") == "mask_update")
     return summary
@@ -143,17 +145,6 @@ def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- the one call
-def _refuse_launchers() -> None:
-    """sparse_finetune trains in one process: under ``torchrun`` / ``accelerate launch`` every rank
-    would train the whole run alone and all would write the same folder."""
-    from slope.parallel import launched_rank
-
-    world = launched_rank()[1]
-    if world > 1:
-        raise ValueError(f"sparse_finetune runs in one process, but this is one of WORLD_SIZE={world} launched processes; "
-                         "run it without torchrun / accelerate launch (slope finetune trains data-parallel)")
-
-
 def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sparsity_type: str = "unstructured",
                     mask_update_interval: int = 100, mask_update_fraction: float = 0.3, use_rigl: bool = True,
                     sparsity_schedule=None, learning_rate: float = 5e-5, batch_size: int = 8, num_epochs: int = 3,
@@ -179,8 +170,8 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
     N:M as :class:`slope.SparseLinear` layers (2:4: accelerable). Its ``dynamic_sparsity`` attribute
     is the :class:`DynamicSparsity` (masks, history) and ``finetune_summary`` the run's summary.
     """
+    from slope import parallel
     from slope.evaluate import resolve_device
-    from slope.train import LossScaler
 
     unknown = sorted(set(kw) - set(EXTRA_DEFAULTS))
     if unknown:
@@ -192,41 +183,57 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
                                    sparsity_schedule, pruning_method, extra["targets"], extra["skip"], extra["compress"],
                                    extra["double_pruning"], sparsity_distribution=extra["sparsity_distribution"]).validate()
     check_output_dir(output_dir, extra["resume_from_checkpoint"])
-    _refuse_launchers()
-    device = resolve_device(extra["device"])
+    env = parallel.init_distributed(device=resolve_device(extra["device"]))
+    try:
+        return _train(model_name, dataset, args, config, output_dir, env)
+    finally:
+        parallel.destroy_distributed(env)
+
+
+def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfig, output_dir, env) -> nn.Module:
+    """The run of :func:`sparse_finetune` on this process (one of ``env.world_size`` under a launcher:
+    DDP over ``batch_size`` rows per process; RigL averages the ranks' dense gradients, so every
+    rank keeps the same masks)."""
+    from slope import parallel
+    from slope.train import LossScaler
+
+    extra, device = args.extra, env.device
     seed_everything(extra["seed"])
     model = load_model(model_name, device)
     tokenizer = resolve_tokenizer(extra["tokenizer"], model_name)
-    data = load_finetune_data(dataset, tokenizer, seq_len=extra["max_seq_length"], batch_size=batch_size, seed=extra["seed"],
-                              eval_batches=extra["eval_batches"], vocab_size=model.get_input_embeddings().num_embeddings,
-                              text_field=extra["text_field"])
-    total = extra["max_steps"] or num_epochs * math.ceil(data.micro_batches_per_epoch / gradient_accumulation_steps)
+    data = load_finetune_data(dataset, tokenizer, seq_len=extra["max_seq_length"], batch_size=args.batch_size * env.world_size,
+                              seed=extra["seed"], eval_batches=extra["eval_batches"],
+                              vocab_size=model.get_input_embeddings().num_embeddings, text_field=extra["text_field"])
+    total = extra["max_steps"] or args.num_epochs * math.ceil(data.micro_batches_per_epoch / args.gradient_accumulation_steps)
     sparsifier = DynamicSparsity(model, total, config)
     model.to(device)
-    if use_topk_attention:
+    if args.use_topk_attention:
         from slope.dynamic.attention import enable_topk_attention
 
-        enable_topk_attention(model, topk_ratio)
-    if gradient_checkpointing:
+        enable_topk_attention(model, args.topk_ratio)
+    if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    dense_opt, sparse_opt = build_optimizers(model, learning_rate, extra["weight_decay"],
+    forward_model = model if not env.distributed else parallel.wrap_ddp(
+        model, device_ids=[device.index] if device.type == "cuda" else None, require_sparse=False)
+    dense_opt, sparse_opt = build_optimizers(model, args.learning_rate, extra["weight_decay"],
                                              sparse=isinstance(sparsifier.masked, SparseLayerMasks))  # N:M on SLoPe layers
-    settings = LoopSettings(learning_rate, warmup_steps, "linear", gradient_accumulation_steps, args.precision,
+    settings = LoopSettings(args.learning_rate, args.warmup_steps, "linear", args.gradient_accumulation_steps, args.precision,
                             extra["max_grad_norm"], extra["logging_steps"], extra["eval_steps"], extra["progress"],
                             "sparse-finetune")
-    loop = FinetuneLoop(model, data, dense_opt, sparse_opt, LossScaler(fp16), device, total, settings,
+    loop = FinetuneLoop(model, data, dense_opt, sparse_opt, LossScaler(args.fp16), device, total, settings,
                         after_step=lambda step, skipped: [{"event": "mask_update", **event} for event in
                                                           sparsifier.step(sparse_opt or dense_opt, skipped=skipped)],
-                        status=lambda: {"sparsity": sparsifier.sparsity})
+                        status=lambda: {"sparsity": sparsifier.sparsity}, forward_model=forward_model)
     ctx = _Run(args, model, sparsifier, loop)
-    out = output_folder(output_dir)
-    summary = _loop(ctx, out)
-    summary["config"] = {**sparsifier.config_dict(), "learning_rate": learning_rate, "batch_size": batch_size,
-                         "num_epochs": num_epochs, "warmup_steps": warmup_steps,
-                         "gradient_accumulation_steps": gradient_accumulation_steps, "precision": args.precision,
-                         "gradient_checkpointing": gradient_checkpointing, "use_topk_attention": use_topk_attention,
-                         "topk_ratio": topk_ratio, **plain_config(extra), "dataset": dataset_name(dataset)}
-    if out is not None:
+    out = output_folder(output_dir, env.is_main)
+    summary = _loop(ctx, out, env.is_main)
+    summary["config"] = {**sparsifier.config_dict(), "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+                         "num_epochs": args.num_epochs, "warmup_steps": args.warmup_steps,
+                         "gradient_accumulation_steps": args.gradient_accumulation_steps, "precision": args.precision,
+                         "gradient_checkpointing": args.gradient_checkpointing, "use_topk_attention": args.use_topk_attention,
+                         "topk_ratio": args.topk_ratio, **plain_config(extra), "dataset": dataset_name(dataset),
+                         "global_batch": args.batch_size * env.world_size, "world_size": env.world_size}
+    if out is not None and env.is_main:
         _save(ctx, tokenizer, out, summary)
     if hasattr(sparsifier.masked, "remove_hooks"):
         sparsifier.masked.remove_hooks()
