@@ -36,8 +36,9 @@ class FolderEvalSettings:
     from_run: bool = False  # read from the folder's summary.json
 
     @classmethod
-    def for_folder(cls, folder: Path, model: nn.Module, eval_batches: int | None) -> "FolderEvalSettings":
-        config = (read_json_object(folder / "summary.json") or {}).get("config")
+    def for_folder(cls, summary: dict, model: nn.Module, eval_batches: int | None) -> "FolderEvalSettings":
+        """From the run's ``summary`` (its ``summary.json``, ``{}`` if none) or the defaults."""
+        config = summary.get("config")
         positions = getattr(model.config, "max_position_embeddings", None) or 513
         if not isinstance(config, dict) or not config.get("max_seq_length"):
             return cls(seq_len=min(512, positions - 1), eval_batches=eval_batches or 8)
@@ -73,7 +74,8 @@ def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: in
 
     folder = Path(folder)
     model, tokenizer, device = load_folder_model(folder, device)
-    settings = FolderEvalSettings.for_folder(folder, model, eval_batches)
+    summary = read_json_object(folder / "summary.json") or {}
+    settings = FolderEvalSettings.for_folder(summary, model, eval_batches)
     data = load_finetune_data(settings.dataset, tokenizer, seq_len=settings.seq_len, batch_size=settings.batch_size,
                               seed=settings.seed, eval_batches=settings.eval_batches,
                               vocab_size=model.get_input_embeddings().num_embeddings, text_field=settings.text_field)
@@ -82,7 +84,6 @@ def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: in
     seconds = time.perf_counter() - start
     tokens = sum(y.numel() for _, y in data.val)
     targets = torch.cat([y.flatten() for _, y in data.val])
-    summary = read_json_object(folder / "summary.json") or {}
     return {"checkpoint": str(folder), "step": summary.get("steps"), "mode": "dense", "val_loss": loss, "val_ppl": perplexity(loss),
             "val_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
             "weight_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
