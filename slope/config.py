@@ -180,7 +180,7 @@ class TrainConfig:
             raise ConfigError("double_pruning = False (an exact backward) is not 2:4 sparse, so it needs --no-compress (simulation)")
         if self.backend != "auto" and (self.dense or not self.compress):
             raise ConfigError(f"backend = {self.backend!r} applies to compressed storage; drop --backend or --no-compress/--dense")
-        if self.backend != "auto" and not self.dense:
+        if self.backend != "auto":  # (compressed, not dense: checked above)
             from slope.prune import check_backend_runs_here
 
             try:

@@ -23,9 +23,18 @@ from slope.checkpoint import capture_rng, restore_rng
 from slope.durable import fsync_dir, write_file
 from slope.finetune_loop import FinetuneLoop
 
-__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "resolve_checkpoint"]
+__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "checkpoint_steps", "resolve_checkpoint"]
 
 CHECKPOINT_STATE = "slope_finetune_state.pt"
+
+
+def checkpoint_steps(folder: Path, complete: bool = False) -> dict[int, Path]:
+    """``{step: folder}`` of the ``checkpoint-<step>`` folders in ``folder`` (``complete``: only
+    those holding their state file)."""
+    if not folder.is_dir():
+        return {}
+    return {int(p.name[11:]): p for p in folder.glob("checkpoint-*")
+            if p.name[11:].isdigit() and (not complete or (p / CHECKPOINT_STATE).is_file())}
 
 
 def resolve_checkpoint(folder: Path | None, writer: str = "slope's fine-tuning") -> Path:
@@ -33,11 +42,11 @@ def resolve_checkpoint(folder: Path | None, writer: str = "slope's fine-tuning")
     a ``FileNotFoundError`` naming the flag when there is none (``writer``: who writes them)."""
     if folder is not None and (folder / CHECKPOINT_STATE).is_file():
         return folder
-    found = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()] if folder is not None and folder.is_dir() else []
+    found = checkpoint_steps(folder) if folder is not None else {}
     if not found:
         raise FileNotFoundError(f"resume_from_checkpoint (--resume-from-checkpoint): no checkpoint-<step> folder written by {writer} "
                                 f"at {folder} (one is written every save_steps / --save-steps steps)")
-    return max(found, key=lambda p: int(p.name[11:]))
+    return found[max(found)]
 
 
 class LoopCheckpoints:
@@ -65,11 +74,10 @@ class LoopCheckpoints:
         sharded = is_fsdp2(loop.model)
         if not (self.main or sharded):
             return
-        if sharded:  # the single-process layout: a checkpoint of N ranks resumes on any number
-            model_state = full_model_state_dict(loop.model, rank0_only=True)
-            dense_state = full_optimizer_state_dict(loop.model, loop.dense_opt, index_keys=True, rank0_only=True)
-        else:
-            model_state, dense_state = full_model_state_dict(loop.model), loop.dense_opt.state_dict()
+        model_state = full_model_state_dict(loop.model, rank0_only=sharded)
+        # the single-process layout: a checkpoint of N ranks resumes on any number
+        dense_state = (full_optimizer_state_dict(loop.model, loop.dense_opt, index_keys=True, rank0_only=True) if sharded
+                       else loop.dense_opt.state_dict())
         states = {name: obj.state_dict() for name, obj in self.states.items()}  # (gathers sharded masks)
         if not self.main:
             return

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints, resolve_checkpoint
+from slope.finetune_checkpoints import LoopCheckpoints, checkpoint_steps, resolve_checkpoint
 from slope.finetune_loop import FinetuneLoop, plot_run
 from slope.serialization.folders import check_new_output_dir
 
-__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positive", "command_options", "dataset_name", "output_folder",
+__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positive", "command_options", "dataset_name", "ddp_forward_model",
+           "output_folder",
            "plain_config", "precision_mode", "rank_memory", "run_command", "run_resumable", "save_model_folder", "seed_everything"]
 
 
@@ -82,7 +83,7 @@ def check_output_dir(output_dir, resume_from=None) -> None:
         return
     advice = None
     if out.is_dir() and not (out / "summary.json").exists():
-        steps = [int(p.name[11:]) for p in out.glob("checkpoint-*") if p.name[11:].isdigit() and (p / CHECKPOINT_STATE).is_file()]
+        steps = checkpoint_steps(out, complete=True)
         if steps:
             advice = (f"it holds an unfinished run (checkpoint-{max(steps)}/): continue it with resume_from_checkpoint=True "
                       "(--resume-from-checkpoint latest), or choose a new folder")
@@ -113,6 +114,16 @@ def build_optimizers(model: nn.Module, lr: float, weight_decay: float, *, sparse
 
 
 # ---------------------------------------------------------------------- the run
+def ddp_forward_model(model: nn.Module, env) -> nn.Module:
+    """What runs the forward: under ``torchrun`` (``env``: a :class:`slope.parallel.DistEnv`)
+    ``model`` in DDP (SLoPe layers' sparse gradients averaged too), else ``model`` itself."""
+    if not env.distributed:
+        return model
+    from slope.parallel import wrap_ddp
+
+    return wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, require_sparse=False)
+
+
 def rank_memory(loop: FinetuneLoop) -> dict[str, int]:
     """Bytes this rank holds (sharded tensors: its shard): the model's ``parameters`` and
     ``buffers`` (SLoPe layers' packed masks and metadata), and the ``dense_optimizer`` /
@@ -146,8 +157,9 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
                       UserWarning, stacklevel=2)
     start, records, resumed = 0, list(records or []), None
     if resume_from:
-        resumed = str(checkpoints.resolve(resume_from))
-        start, records = checkpoints.load(resume_from)
+        folder = checkpoints.resolve(resume_from)
+        start, records = checkpoints.load(folder)  # (a checkpoint-<step> folder: not searched again)
+        resumed = str(folder)
     summary = loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=save_steps,
                        main_process=main_process)
     summary["resumed_from"] = resumed

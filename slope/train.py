@@ -470,7 +470,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
     end it after the current step with a checkpoint.
     """
     cfg.validate()
-    if parallel.accelerate_fsdp() is not None:  # the launcher asks for FSDP, which slope train does not shard with
+    if parallel.launched_with_fsdp():  # the launcher asks for FSDP, which slope train does not shard with
         raise ConfigError("slope train does not shard with FSDP (the accelerate config sets distributed_type: FSDP): launch "
                           "with torchrun (DDP) or pass --deepspeed CONFIG.json (ZeRO-1/2 partitions the optimizer state)")
     out = _output_dir(cfg.out)

@@ -47,19 +47,17 @@ def torch_optimizer(optimizer):
     return optimizer
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("true", "1")
-
-
 def refuse_sharded_trainer(args, what: str) -> None:
     """A one-line ``ValueError`` when the Trainer (``args``: its ``TrainingArguments``, or the
     ``accelerate launch`` environment) shards the model with FSDP or partitions it with DeepSpeed:
     slope's callbacks hold masks, SLoPe values and their optimizer state on the model's own
     parameters, which those engines replace by flat shards or partitioned fp32 masters, so masks
     would silently stop holding."""
-    if bool(getattr(args, "fsdp", None)) or _env_flag("ACCELERATE_USE_FSDP"):
+    from slope.parallel import env_flag, launched_with_fsdp
+
+    if bool(getattr(args, "fsdp", None)) or launched_with_fsdp():
         engine = "FSDP"
-    elif bool(getattr(args, "deepspeed", None)) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+    elif bool(getattr(args, "deepspeed", None)) or env_flag("ACCELERATE_USE_DEEPSPEED"):
         engine = "DeepSpeed"
     else:
         return

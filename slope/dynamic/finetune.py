@@ -31,8 +31,8 @@ from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
 from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, dataset_name, output_folder,
-                                plain_config, precision_mode, run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, dataset_name, ddp_forward_model,
+                                output_folder, plain_config, precision_mode, run_resumable, save_model_folder, seed_everything)
 from slope.sparsity import SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
@@ -194,7 +194,6 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
     """The run of :func:`sparse_finetune` on this process (one of ``env.world_size`` under a launcher:
     DDP over ``batch_size`` rows per process; RigL averages the ranks' dense gradients, so every
     rank keeps the same masks)."""
-    from slope import parallel
     from slope.train import LossScaler
 
     extra, device = args.extra, env.device
@@ -213,8 +212,7 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
         enable_topk_attention(model, args.topk_ratio)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    forward_model = model if not env.distributed else parallel.wrap_ddp(
-        model, device_ids=[device.index] if device.type == "cuda" else None, require_sparse=False)
+    forward_model = ddp_forward_model(model, env)
     dense_opt, sparse_opt = build_optimizers(model, args.learning_rate, extra["weight_decay"],
                                              sparse=isinstance(sparsifier.masked, SparseLayerMasks))  # N:M on SLoPe layers
     settings = LoopSettings(args.learning_rate, args.warmup_steps, "linear", args.gradient_accumulation_steps, args.precision,

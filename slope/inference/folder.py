@@ -50,16 +50,16 @@ class FolderEvalSettings:
 
 
 def load_folder_model(folder: str | Path, device: str = "auto"):
-    """``(model, tokenizer, device)``: the folder's causal LM (in the dtype it was saved in), in
-    eval mode on ``device``, and its tokenizer (slope's shipped one when the folder has none)."""
-    from transformers import AutoModelForCausalLM
-
+    """``(model, tokenizer, device)``: the folder's causal LM in the dtype it was saved in, in eval
+    mode on ``device`` (:func:`slope.pruning.loading.load_model`), and its tokenizer (slope's
+    shipped one when the folder has none)."""
     from slope.dynamic.data import resolve_tokenizer
     from slope.evaluate import resolve_device
+    from slope.pruning.loading import load_model
 
     device = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto").to(device).eval()
-    return model, resolve_tokenizer(None, folder), device
+    model, tokenizer = load_model(folder, device, "auto")
+    return model, tokenizer if tokenizer is not None else resolve_tokenizer(None, folder), device
 
 
 def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None) -> dict:
@@ -70,7 +70,7 @@ def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: in
 
     from slope.data import perplexity, unigram_cross_entropy
     from slope.dynamic.data import load_finetune_data
-    from slope.evaluate import evaluate_loss
+    from slope.evaluate import _nbytes, _sync, evaluate_loss
 
     folder = Path(folder)
     model, tokenizer, device = load_folder_model(folder, device)
@@ -79,14 +79,17 @@ def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: in
     data = load_finetune_data(settings.dataset, tokenizer, seq_len=settings.seq_len, batch_size=settings.batch_size,
                               seed=settings.seed, eval_batches=settings.eval_batches,
                               vocab_size=model.get_input_embeddings().num_embeddings, text_field=settings.text_field)
+    evaluate_loss(model, [(data.val[0][0][:1, :8], data.val[0][1][:1, :8])], device, settings.precision)  # warm-up
+    _sync(device)
     start = time.perf_counter()
     loss = evaluate_loss(model, data.val, device, settings.precision)
+    _sync(device)
     seconds = time.perf_counter() - start
-    tokens = sum(y.numel() for _, y in data.val)
     targets = torch.cat([y.flatten() for _, y in data.val])
+    tokens = targets.numel()
     return {"checkpoint": str(folder), "step": summary.get("steps"), "mode": "dense", "val_loss": loss, "val_ppl": perplexity(loss),
             "val_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "weight_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+            "weight_bytes": _nbytes(model),
             "unigram_loss": unigram_cross_entropy(data.train[:, 1:].flatten(), targets, model.get_input_embeddings().num_embeddings),
             "run_final_val_loss": summary.get("final_val_loss"), "settings": asdict(settings), "note": None}
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from slope import kernels
-from slope.parallel.sharded import full_tensor, local_tensor
+from slope.parallel.sharded import full_tensor, is_sharded, local_tensor
 from slope.registry import GradDict, live_layers, sparse_modules
 
 __all__ = ["ADAMWSparse"]
@@ -217,9 +217,11 @@ class ADAMWSparse(torch.optim.Optimizer):
         if not grads:
             return torch.zeros(())
         device = local_tensor(grads[0]).device
-        # (FSDP2's dense gradients are sharded DTensors: their norms are reduced over the ranks)
-        norms = torch.stack([full_tensor(torch.linalg.vector_norm(g.float(), norm_type)).to(device) for g in grads])
-        total = torch.linalg.vector_norm(norms, norm_type)
+        norms = [torch.linalg.vector_norm(g.float(), norm_type).to(device) for g in grads if not is_sharded(g)]
+        sharded = [g for g in grads if is_sharded(g)]
+        if sharded:  # FSDP2's dense gradients (DTensors): their joint norm, reduced over the ranks once
+            norms.append(full_tensor(torch.nn.utils.get_total_norm(sharded, norm_type)).float().to(device))
+        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
         if max_norm is not None and math.isfinite(max_norm):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             for g in grads:

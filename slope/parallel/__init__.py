@@ -16,6 +16,7 @@ from slope.parallel.deepspeed import (
 from slope.parallel.env import (
     DistEnv,
     accelerate_fsdp,
+    env_flag,
     configure_rank_zero_logging,
     destroy_distributed,
     get_rank,
@@ -23,6 +24,7 @@ from slope.parallel.env import (
     init_distributed,
     is_main_process,
     launched_rank,
+    launched_with_fsdp,
     mean_over_ranks,
     rank_slice,
 )
@@ -50,6 +52,7 @@ from slope.parallel.wrap import (
 __all__ = [
     "DistEnv",
     "accelerate_fsdp",
+    "env_flag",
     "SparseGradSync",
     "broadcast_module_state",
     "configure_rank_zero_logging",
@@ -68,6 +71,7 @@ __all__ = [
     "is_fsdp2",
     "is_main_process",
     "launched_rank",
+    "launched_with_fsdp",
     "load_deepspeed_config",
     "load_full_model_state_dict",
     "load_full_optimizer_state_dict",

@@ -17,7 +17,9 @@ import torch.distributed as dist
 __all__ = [
     "DistEnv",
     "accelerate_fsdp",
+    "env_flag",
     "launched_rank",
+    "launched_with_fsdp",
     "init_distributed",
     "destroy_distributed",
     "get_rank",
@@ -186,6 +188,16 @@ def rank_slice(batch: torch.Tensor, rank: int | None = None, world_size: int | N
 _SHARDING = {"1": True, "FULL_SHARD": True, "2": False, "SHARD_GRAD_OP": False}
 
 
+def env_flag(name: str, default: str = "false") -> bool:
+    """Whether the environment variable ``name`` says true (``true`` / ``1``, any case), as launchers write flags."""
+    return os.environ.get(name, default).strip().lower() in ("true", "1")
+
+
+def launched_with_fsdp() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (``ACCELERATE_USE_FSDP``)."""
+    return env_flag("ACCELERATE_USE_FSDP")
+
+
 def accelerate_fsdp() -> dict | None:
     """The FSDP settings of an ``accelerate launch --config_file <FSDP config>`` (it exports
     ``ACCELERATE_USE_FSDP=true`` and ``FSDP_*``), or ``None`` for any other launch.
@@ -195,18 +207,17 @@ def accelerate_fsdp() -> dict | None:
     ``fsdp_reshard_after_forward`` directly). Settings slope's FSDP2 cannot honour (other sharding
     strategies, parameter offload) are a one-line ``ValueError``.
     """
-    if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() not in ("true", "1"):
+    if not launched_with_fsdp():
         return None
-    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").strip().lower() in ("true", "1"):
+    if env_flag("FSDP_OFFLOAD_PARAMS"):
         raise ValueError("the accelerate config sets fsdp_offload_params: true; slope's FSDP keeps parameters on the "
                          "device: set it to false")
     if os.environ.get("FSDP_VERSION", "1").strip() == "2":
-        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() in ("true", "1")
+        reshard = env_flag("FSDP_RESHARD_AFTER_FORWARD", "true")
     else:
         strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
         reshard = _SHARDING.get(strategy)
         if reshard is None:
             raise ValueError(f"the accelerate config sets fsdp_sharding_strategy {strategy}; slope shards with FULL_SHARD (1) or "
                              "SHARD_GRAD_OP (2): choose one of them, or launch without an FSDP config (DDP)")
-    checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").strip().lower() in ("true", "1")
-    return {"reshard_after_forward": reshard, "activation_checkpointing": checkpointing}
+    return {"reshard_after_forward": reshard, "activation_checkpointing": env_flag("FSDP_ACTIVATION_CHECKPOINTING")}

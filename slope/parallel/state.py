@@ -21,7 +21,6 @@ to pass the full state (e.g. each rank ``torch.load``s the same file).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from slope.parallel import deepspeed as ds
+from slope.parallel.env import is_main_process
 from slope.parallel.wrap import unwrap
 from slope.registry import sparse_modules
 
@@ -67,18 +67,13 @@ def _copy_structure(state):
     return state
 
 
-def _main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def full_model_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
     """Full CPU state dict of a plain, DDP-wrapped, FSDP2-sharded model or a DeepSpeed engine
     (``rank0_only``: module docstring)."""
     if ds.is_deepspeed_engine(model):
         return ds.deepspeed_full_model_state_dict(model)
     if rank0_only:
-        state = get_model_state_dict(model, options=_FULL_ON_RANK0)
-        return {k: v.cpu() for k, v in state.items()} if _main() else {}
+        return get_model_state_dict(model, options=_FULL_ON_RANK0)  # CPU tensors on rank 0, {} elsewhere
     return _to_cpu(get_model_state_dict(model, options=_FULL))
 
 
@@ -144,7 +139,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
         state = ds.deepspeed_full_optimizer_state_dict(model)
     elif rank0_only:
         state = get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK0)
-        if not _main():
+        if not is_main_process():
             return {}
     else:
         state = _to_cpu(get_optimizer_state_dict(model, optimizer, options=_FULL))

@@ -10,7 +10,6 @@ launch) shards by FSDP2 too.
 from __future__ import annotations
 
 import argparse
-import os
 
 from slope.finetune_loop import LR_SCHEDULES
 
@@ -97,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     def call():
         from slope.data import with_dataset_config
+        from slope.parallel import launched_rank
         from slope.recovery.finetune import finetune
 
         options = command_options(args)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         if split != "train":
             raise ValueError(f"--splits {split!r}: slope finetune trains on the 'train' split (validation is held out of it)")
         dataset = with_dataset_config(dataset, config)
-        if recipe is not None and os.environ.get("RANK", "0") == "0":  # the stages left to slope oneshot, said once
+        if recipe is not None and launched_rank()[0] == 0:  # the stages left to slope oneshot, said once
             from slope.pruning.recipe import skipped_stages
 
             for note in skipped_stages(recipe, "finetune", stage):

@@ -170,6 +170,11 @@ class ConstantMasks:
                 result[name] = zero
         return result
 
+    @property
+    def zero_fraction(self) -> float:
+        """Of the held layers' entries, the fraction held at zero."""
+        return self._summary["zero_fraction"]
+
     def summary(self) -> dict[str, Any]:
         """Per held layer its kind and fraction of entries held at zero, and the overall fraction
         (the masks never change: measured when built or loaded)."""

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, dataset_name, output_folder,
-                                plain_config, precision_mode, run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, dataset_name, ddp_forward_model,
+                                output_folder, plain_config, precision_mode, run_resumable, save_model_folder, seed_everything)
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import _warn_uncovered
 from slope.recovery.distill import DistillationError, Distiller
@@ -279,9 +279,7 @@ def _wrap(model, held, env, fsdp):
         if held is not None:
             held.rebind()
         return model
-    if env.distributed:
-        return parallel.wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, require_sparse=False)
-    return model
+    return ddp_forward_model(model, env)
 
 
 def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill_mod, entries, fsdp) -> _Recovery:

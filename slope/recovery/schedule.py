@@ -67,12 +67,11 @@ class HeldZeros:
         self.whole_run = self.start_step == 0 and self.end_step is None
         self.holds_any = self.start_step < total_steps and (self.end_step is None or self.end_step > self.start_step)
         self.constant: ConstantMasks | None = None
-        self.phase, self.zero_fraction = "before", 0.0  # zero_fraction: of the held layers' entries, now
+        self.phase = "before"
         self.released: dict[str, Any] | None = None  # the summary of the masks held, once released
         if self.whole_run:
             self.constant = ConstantMasks(model, modifier, double_pruning=double_pruning, backend=backend)
             self.names, self.phase = list(self.constant.layers), "holding"
-            self.zero_fraction = self.constant.summary()["zero_fraction"]
             return
         self.names = target_linears(model, modifier, zeros_only=False)
         if not self.holds_any:
@@ -116,14 +115,19 @@ class HeldZeros:
                           f"{len(self.names)} target linear(s) hold no exact zeros then (trained dense since the run began) "
                           "and go on training dense; start: 0 holds the zeros the model came with", UserWarning, stacklevel=2)
         self.constant = ConstantMasks(self.model, self.modifier, names=held, slope_layers=False)
-        self.phase, self.zero_fraction = "holding", self.constant.summary()["zero_fraction"]
+        self.phase = "holding"
 
     def _release(self) -> None:
         self.released = self.constant.summary()
         self.constant.remove_hooks()
-        self.constant, self.phase, self.zero_fraction = None, "released", 0.0
+        self.constant, self.phase = None, "released"
 
     # ------------------------------------------------------------------ reporting and persistence
+    @property
+    def zero_fraction(self) -> float:
+        """Of the held layers' entries, the fraction held at zero now (0 when nothing is held)."""
+        return 0.0 if self.constant is None else self.constant.zero_fraction
+
     def summary(self) -> dict[str, Any]:
         """:meth:`ConstantMasks.summary` of the masks held (empty before the start), and for a
         partial window its steps and phase."""
@@ -153,11 +157,10 @@ class HeldZeros:
             raise ValueError(f"the checkpoint's ConstantPruningModifier window (steps {state.get('window')}) differs from this "
                              f"run's ({[self.start_step, self.end_step]}); resume with the same data, batch size and recipe")
         self.remove_hooks()
-        self.constant, self.phase, self.released, self.zero_fraction = None, state["phase"], state["released"], 0.0
+        self.constant, self.phase, self.released = None, state["phase"], state["released"]
         if state["constant"] is not None:  # holding: the masks again, on the restored weights
             self.constant = ConstantMasks(self.model, self.modifier, names=list(state["constant"]["layers"]), slope_layers=False)
             self.constant.load_state_dict(state["constant"])
-            self.zero_fraction = self.constant.summary()["zero_fraction"]
 
     def remove_hooks(self) -> None:
         """Detach the gradient hooks (after training)."""
