@@ -248,9 +248,10 @@ TRAINING_ONLY = ("optimizers.pt", "rng.pt")
 def damage_advice(directory: Path) -> str:
     """What to do about a damaged checkpoint ``directory``: use an older copy kept beside it
     (``--keep-checkpoints``), else delete it and retrain."""
+    from slope.checkpoint_store import kept_checkpoints
+
     base = directory.name.split("-step")[0]
-    older = sorted((p.name for p in directory.parent.glob(base + "-step*") if p.is_dir() and p != directory),
-                   key=lambda name: int(name.rsplit("-step", 1)[1]) if name.rsplit("-step", 1)[1].isdigit() else -1)
+    older = [p.name for p in kept_checkpoints(directory.parent / base) if p != directory]
     if not older:
         return "delete the checkpoint and retrain"
     return (f"older checkpoints are kept beside it ({', '.join(older[-3:])}): move {directory.name} aside and "
