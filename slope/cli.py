@@ -13,6 +13,7 @@ from pathlib import Path
 from slope.config import PRECISIONS, REPORT_TO, SIZE_KEYS, ConfigError, TrainConfig, load_config_file
 from slope.masks import MASK_TYPES
 from slope.notes import warnings_as_notes
+from slope.pruning.loading import LOAD_PRECISIONS
 
 #: ``slope eval`` / ``slope generate --mode`` (same as ``slope.evaluate.MODES``, which imports torch).
 INFERENCE_MODES = ("unmerged", "merged", "dense")
@@ -190,7 +191,7 @@ def _add_oneshot_parser(sub) -> None:
                      "window, so nothing is padded")
     one.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's own)")
     one.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    one.add_argument("--precision", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"), default="auto",
+    one.add_argument("--precision", choices=tuple(LOAD_PRECISIONS), default="auto",
                      help="dtype to load and prune the model in (auto: as saved)")
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "evaluate_loss",
     "generate",
     "generate_text",
+    "timed_generate",
     "load_trained_model",
     "model_from_checkpoint",
     "open_checkpoint",
@@ -348,6 +349,25 @@ def _check_positions(model: nn.Module, prompt_tokens: int, max_new_tokens: int) 
 
 
 @torch.no_grad()
+def timed_generate(model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens: int, temperature: float, top_k: int | None,
+                   seed: int, pad_token_id: int | None, streamer=None) -> tuple[list[int], float]:
+    """Hugging Face ``generate`` (KV cache; ``temperature=0``: greedy) of ``input_ids`` ``(1, prompt)``
+    after the position check and a warm-up forward on the prompt (it builds sparse operands);
+    returns the prompt's and new tokens' ids and the seconds ``generate`` took."""
+    _check_positions(model, input_ids.shape[1], max_new_tokens)
+    model(input_ids=input_ids)
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    _sync(input_ids.device)
+    start = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=sample,
+                         temperature=temperature if sample else None, top_k=top_k if sample else None, top_p=None,
+                         pad_token_id=pad_token_id, streamer=streamer)
+    tokens = out[0].tolist()
+    return tokens, time.perf_counter() - start
+
+
+@torch.no_grad()
 def generate(
     loaded: LoadedModel,
     prompt: str,
@@ -368,29 +388,14 @@ def generate(
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError("--prompt is empty; give some text to continue")
-    _check_positions(loaded.model, len(ids), max_new_tokens)
     input_ids = torch.tensor([ids], device=loaded.device)
     if cuda_graphs:
+        _check_positions(loaded.model, len(ids), max_new_tokens)
         return _graph_generate(loaded, tokenizer, input_ids, max_new_tokens, temperature, top_k, seed)
-    loaded.model(input_ids=input_ids)
-    torch.manual_seed(seed)
-    sample = temperature > 0
-    _sync(loaded.device)
-    start = time.perf_counter()
     with Progress(max_new_tokens, "slope generate", unit="token", display=display_for(progress)) as shown:
-        out = loaded.model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_k=top_k if sample else None,
-            top_p=None,
-            pad_token_id=loaded.checkpoint.trainer_state["eos_id"],
-            streamer=_TokenCounter(shown),
-        )
-    tokens = out[0].tolist()
-    seconds = time.perf_counter() - start
+        tokens, seconds = timed_generate(loaded.model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_k=top_k, seed=seed, pad_token_id=loaded.checkpoint.trainer_state["eos_id"],
+                                         streamer=_TokenCounter(shown))
     return Generation(tokenizer.decode(tokens), len(ids), len(tokens) - len(ids), seconds)
 
 

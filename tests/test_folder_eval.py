@@ -61,3 +61,13 @@ def test_eval_of_a_sparse_finetune_folder_and_of_a_foreign_folder(tmp_path, data
     result = eval_model_folder(plain, "cpu", eval_batches=1)
     assert not result["settings"]["from_run"] and result["settings"]["dataset"] == "embedded"
     assert result["settings"]["seq_len"] == 63 and result["val_tokens"] == 8 * 63
+
+
+def test_generate_from_a_folder_checks_learned_positions(tmp_path, capsys):
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=4096, n_embd=32, n_layer=1, n_head=2, n_positions=12)).save_pretrained(tmp_path / "gpt2")
+    args = ["generate", "--checkpoint", str(tmp_path / "gpt2"), "--prompt", "def f1(x):", "--temperature", "0", "--device", "cpu"]
+    assert main([*args, "--max-new-tokens", "40"]) == 1
+    assert "exceed the model's 12 learned positions" in capsys.readouterr().err
+    assert main([*args, "--max-new-tokens", "2"]) == 0
+    assert "[model folder] 2 new tokens" in capsys.readouterr().err

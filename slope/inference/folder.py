@@ -100,16 +100,12 @@ def generate_from_folder(folder: str | Path, prompt: str, *, device: str = "auto
     """Continue ``prompt`` with the folder's model (``generate``, KV cache; ``temperature=0``:
     greedy); returns ``(text, new tokens, seconds)``."""
     from slope.config import ConfigError
+    from slope.evaluate import timed_generate
 
     model, tokenizer, device = load_folder_model(folder, device)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     if ids.numel() == 0:
         raise ConfigError("--prompt is empty; give some text to continue")
-    torch.manual_seed(seed)
-    sample = temperature > 0
-    start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,
-                         temperature=temperature if sample else None, top_k=top_k if sample else None, top_p=None,
-                         pad_token_id=tokenizer.eos_token_id)
-    seconds = time.perf_counter() - start
-    return tokenizer.decode(out[0].tolist()), out.shape[1] - ids.shape[1], seconds
+    tokens, seconds = timed_generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                     seed=seed, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(tokens), len(tokens) - ids.shape[1], seconds

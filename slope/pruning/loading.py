@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["load_model", "shipped_tokenizer"]
+__all__ = ["DTYPES", "LOAD_PRECISIONS", "load_model", "shipped_tokenizer"]
 
-#: ``precision`` names (SparseML's ``--precision bfloat16`` spelling too) and the dtypes they load in.
-DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+#: ``precision`` names (SparseML's ``--precision bfloat16`` spelling too) and the short name each stands for.
+LOAD_PRECISIONS = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
+              "float16": "fp16"}
+#: The dtype each ``precision`` name loads a model in (``None``: as saved).
+DTYPES = {name: {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[short]
+          for name, short in LOAD_PRECISIONS.items()}
 
 
 def shipped_tokenizer():

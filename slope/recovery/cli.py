@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from slope.finetune_loop import LR_SCHEDULES
+from slope.pruning.loading import LOAD_PRECISIONS
 
 __all__ = ["add_parser", "run"]
 
@@ -80,7 +81,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _flag(p, "tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's, else slope's shipped one)")
     _flag(p, "text_field", default="text")
     _flag(p, "device", default="auto")
-    _flag(p, "precision", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"), default="auto",
+    _flag(p, "precision", choices=tuple(LOAD_PRECISIONS), default="auto",
           help="dtype to load the model and teacher in (auto: as saved)")
     _flag(p, "double_pruning", type=_bool, nargs="?", const=True, default=False,
           help="2:4 layers compressed on the accelerated path with SLoPe's double-pruned backward (default: exact backward)")

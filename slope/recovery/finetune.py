@@ -43,6 +43,7 @@ from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
 from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, dataset_name, ddp_forward_model,
                                 output_folder, plain_config, precision_mode, run_resumable, save_model_folder, seed_everything)
+from slope.pruning.loading import LOAD_PRECISIONS
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import _warn_uncovered
 from slope.recovery.distill import DistillationError, Distiller
@@ -67,8 +68,6 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 _RESUME_KEYS = ("total_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "global_batch",
                 "gradient_accumulation_steps", "max_seq_length", "seed", "recipe", "double_pruning", "precision_mode",
                 "max_grad_norm", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
-_PRECISIONS = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
-               "float16": "fp16"}
 
 
 # ---------------------------------------------------------------------- settings
@@ -116,9 +115,9 @@ def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
     mode = precision_mode(args["fp16"], args["bf16"])
     if not isinstance(args["fsdp"], bool):
         raise ValueError(f"fsdp must be True or False, got {args['fsdp']!r}")
-    if args["precision"] not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {args['precision']!r}")
-    args["precision"] = _PRECISIONS[args["precision"]]
+    if args["precision"] not in LOAD_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(LOAD_PRECISIONS)}, got {args['precision']!r}")
+    args["precision"] = LOAD_PRECISIONS[args["precision"]]
     args["precision_mode"] = mode
     return args
 
