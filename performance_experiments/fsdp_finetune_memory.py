@@ -2,11 +2,11 @@
 
 A Llama (4 layers, 256 wide, vocabulary 4096), pruned one-shot by magnitude — unstructured 50 % (its
 linears train as ``nn.Linear`` under masks) or 2:4 (SLoPe layers: only the kept values and their
-moments exist) — is fine-tuned for 2 steps with its zeros held, on 2 gloo ranks with DDP and with
-``fsdp=True``. Every rank reports ``finetune_summary["memory_per_rank"]``
+moments exist) — is fine-tuned for 2 steps with its zeros held and SquareHead distillation from the dense fp32
+teacher, on 2 gloo ranks with DDP and with ``fsdp=True``. Every rank reports ``finetune_summary["memory_per_rank"]``
 (:func:`slope.finetune_run.rank_memory`): the bytes it holds of parameters, buffers (SLoPe layers'
-packed masks and metadata), the bool masks of masked weights and the two optimizers' state (a
-sharded tensor counts its shard). Record key ``dense`` is DDP (every rank holds everything), ``sparse`` is FSDP2; the
+packed masks and metadata), the bool masks of masked weights, the two optimizers' state and the
+teacher's weights (a sharded tensor counts its shard). Record key ``dense`` is DDP (every rank holds everything), ``sparse`` is FSDP2; the
 ratios ``*_memory_ratio`` are FSDP2 / DDP per rank. Counted bytes, not timings: the figures are
 exact and the same on any machine.
 
@@ -37,11 +37,16 @@ WORLD = 2
 CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
               vocab_size=4096, max_position_embeddings=256)
 PRUNING = {"unstructured 50%": {"sparsity": 0.5}, "2:4": {"mask_structure": "2:4"}}
-PARTS = ("parameters", "buffers", "masks", "dense_optimizer", "sparse_optimizer")
+PARTS = ("parameters", "buffers", "masks", "dense_optimizer", "sparse_optimizer", "teacher")
+#: Recovery as in the guide: the zeros held, SquareHead distillation of every block's output from the dense teacher.
+RECIPE = {"stage": {"modifiers": {"ConstantPruningModifier": {"start": 0},
+                                  "OutputDistillationModifier": {"targets": [f"model.layers.{i}" for i in range(CONFIG["num_hidden_layers"])],
+                                                                 "comparison": "square_head"}}}}
 
 
 def worker(pruning: str, fsdp: bool, out: Path) -> None:
     """One rank of one run: fine-tune, then write this rank's :func:`rank_memory` to ``out``."""
+    import copy
     import os
 
     import transformers as T
@@ -53,8 +58,9 @@ def worker(pruning: str, fsdp: bool, out: Path) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(**CONFIG))
+    teacher = copy.deepcopy(model)
     oneshot(model, {"s": {"g": {"MagnitudePruningModifier": PRUNING[pruning]}}}, verbose=False)
-    model = finetune(model, {"s": {"p": {"ConstantPruningModifier": {"start": 0}}}}, "embedded", max_steps=2,
+    model = finetune(model, RECIPE, "embedded", distill_teacher=teacher, max_steps=2,
                      per_device_train_batch_size=2, max_seq_length=64, eval_batches=1, learning_rate=1e-4,
                      tokenizer=shipped_tokenizer(), device="cpu", progress=False, fsdp=fsdp)
     rank = os.environ["RANK"]

@@ -163,19 +163,22 @@ class Distiller:
         student / teacher: the models (the teacher is put in eval mode with gradients off).
         modifier: the recipe's modifier (targets, comparison, scales, start).
         start_step: the first optimizer step that distils (``modifier.start`` epochs, in steps).
+        stop_early: end the teacher's forward after its last target (``False`` for a teacher
+            sharded by FSDP2: an interrupted forward would leave its layer's weights gathered).
 
     Raises :class:`DistillationError` (or a :class:`slope.pruning.RecipeError` for targets that
     name no module) when the teacher cannot be compared with the student.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, modifier: OutputDistillationModifier, start_step: int = 0):
+    def __init__(self, student: nn.Module, teacher: nn.Module, modifier: OutputDistillationModifier, start_step: int = 0,
+                 stop_early: bool = True):
         self.student, self.modifier, self.start_step = student, modifier, int(start_step)
         self.names = matching_modules(student, modifier.targets, modifier.name)
         check_teacher(student, teacher, self.names)
         self.teacher = teacher.eval().requires_grad_(False)
         self.compare = COMPARISON_FUNCTIONS[modifier.comparison]
         self.student_capture = OutputCapture(student, self.names)
-        self.teacher_capture = OutputCapture(teacher, self.names, detach=True, stop=True)
+        self.teacher_capture = OutputCapture(teacher, self.names, detach=True, stop=stop_early)
         self.teacher_bytes = 0  # largest captured teacher output size so far (bytes)
 
     def active(self, step: int) -> bool:
@@ -183,7 +186,8 @@ class Distiller:
 
     @torch.no_grad()
     def teacher_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The teacher's target outputs for ``input_ids (b, L)`` (detached; the forward stops after the last target)."""
+        """The teacher's target outputs for ``input_ids (b, L)`` (detached; the forward stops after the last target
+        unless ``stop_early=False``)."""
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
         with self.teacher_capture.capture() as outputs:
             try:

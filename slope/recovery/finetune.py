@@ -220,7 +220,10 @@ def _prepare_student(model, args, device, constant_mod):
     return model, tokenizer
 
 
-def _prepare_teacher(model, teacher, distill_mod, args, device, steps_per_epoch: float, tokenizer, sample):
+def _prepare_teacher(model, teacher, distill_mod, args, device, steps_per_epoch: float, tokenizer, sample, fsdp):
+    """The :class:`Distiller` of ``distill_mod`` (``None`` without one) with the teacher loaded in
+    ``precision``; under FSDP (``fsdp``: its settings) the teacher is sharded like the student, its
+    weights gathered one block at a time for its forward."""
     if distill_mod is None:
         if teacher is not None:
             raise ValueError("distill_teacher is given but the recipe has no OutputDistillationModifier; add one (e.g. "
@@ -231,7 +234,12 @@ def _prepare_teacher(model, teacher, distill_mod, args, device, steps_per_epoch:
                          "that was pruned)")
     teacher, teacher_tokenizer = _load(teacher, device, args["precision"], "distill_teacher")
     _check_tokenizers(tokenizer, teacher_tokenizer)
-    distiller = Distiller(model, teacher, distill_mod, start_step=epoch_to_step(distill_mod.start, steps_per_epoch))
+    distiller = Distiller(model, teacher, distill_mod, start_step=epoch_to_step(distill_mod.start, steps_per_epoch),
+                          stop_early=fsdp is None)
+    if fsdp is not None:
+        from slope import parallel
+
+        parallel.wrap_fsdp2(teacher, reshard_after_forward=True, require_sparse=False, sync_sparse=False)
     distiller.check(sample)
     return distiller
 
@@ -298,7 +306,7 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     held = None if constant_mod is None else HeldZeros(model, constant_mod, steps_per_epoch, total,
                                                        double_pruning=args["double_pruning"], backend=args["backend"])
     distiller = _prepare_teacher(model, teacher, distill_mod, args, env.device, steps_per_epoch, tokenizer,
-                                 data.val[0][0][:1, :32].to(env.device))
+                                 data.val[0][0][:1, :32].to(env.device), fsdp)
     if args["gradient_checkpointing"] or (fsdp or {}).get("activation_checkpointing"):
         enable_activation_checkpointing(model)
     forward_model = _wrap(model, held, env, fsdp)
@@ -336,6 +344,7 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env, dataset) ->
         masked = run.held.constant.masked if run.held.constant is not None else None
         summary["memory_per_rank"]["masks"] = 0 if masked is None else local_bytes(masked.masks.values())
     if run.distiller is not None:
+        summary["memory_per_rank"]["teacher"] = local_bytes([*run.distiller.teacher.parameters(), *run.distiller.teacher.buffers()])
         summary["distillation"] = {"targets": run.distiller.names, "comparison": run.distiller.modifier.comparison,
                                    "teacher_output_bytes_per_micro_batch": run.distiller.teacher_bytes}
     if run.out is not None:
