@@ -386,7 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny shapes, reference backends")
     parser.add_argument("--budget-s", type=float, default=None, help="whole run (default 450 on GPU, 300 with --smoke)")
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma list of steps to run")
-    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help="results root; <device>/ is copied there at the end")
+    parser.add_argument("--out-dir", default=None, help="results root; <device>/ is copied there at the end (default: "
+                        "performance_experiments/results; with --smoke, <work-dir>/dry_run_results, so a dry run leaves the committed results alone)")
     parser.add_argument("--work-dir", default="/tmp/slope_gpu_evidence", help="staging folder of this run")
     parser.add_argument("--export-dir", default=os.environ.get("OUT"), help="folder that receives results.tgz after every step (default: $OUT)")
     parser.add_argument("--build-wait-s", type=float, default=90, help="longest wait, in all, for a background build")
@@ -394,6 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-step-s", type=float, default=20, help="skip a step whose limit would be shorter")
     args = parser.parse_args(argv)
     args.budget_s = args.budget_s or (300 if args.smoke else 450)
+    args.out_dir = args.out_dir or str(Path(args.work_dir) / "dry_run_results" if args.smoke else DEFAULT_OUT_DIR)
     args.step_names = [n for n in args.steps.split(",") if n]
     unknown = sorted(set(args.step_names) - {s.name for s in STEPS})
     if unknown:
