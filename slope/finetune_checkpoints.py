@@ -79,10 +79,11 @@ class LoopCheckpoints:
         dense_state = (full_optimizer_state_dict(loop.model, loop.dense_opt, index_keys=True, rank0_only=True) if sharded
                        else loop.dense_opt.state_dict())
         states = {name: obj.state_dict() for name, obj in self.states.items()}  # (gathers sharded masks)
+        sparse_state = None if loop.sparse_opt is None else loop.sparse_opt.full_state_dict()  # (gathers sharded moments)
         if not self.main:
             return
         state = {"step": step, "fingerprint": self.fingerprint, "records": records, "model": model_state, "dense_opt": dense_state,
-                 "sparse_opt": None if loop.sparse_opt is None else loop.sparse_opt.state_dict(),
+                 "sparse_opt": sparse_state,
                  "scaler": loop.scaler.state_dict(), **states, "rng": capture_rng()}  # torch (and CUDA), NumPy and Python states
         final = self.out / f"checkpoint-{step}"
         tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"

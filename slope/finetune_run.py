@@ -101,7 +101,9 @@ def seed_everything(seed: int) -> None:
 def build_optimizers(model: nn.Module, lr: float, weight_decay: float, *, sparse: bool,
                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
     """``(dense, sparse)``: AdamW over ``model``'s trainable parameters (matrices decay, vectors do
-    not) and, when ``sparse``, :class:`slope.optimizers.ADAMWSparse` over its SLoPe layers (else ``None``)."""
+    not) and, when ``sparse``, :class:`slope.optimizers.ADAMWSparse` over its SLoPe layers (else ``None``).
+    For a model sharded by FSDP2 the sparse optimizer shards its state too (``shard_state``: each
+    SLoPe layer's moments on one rank)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -109,8 +111,9 @@ def build_optimizers(model: nn.Module, lr: float, weight_decay: float, *, sparse
     if not sparse:
         return dense, None
     from slope.optimizers import ADAMWSparse
+    from slope.parallel import is_fsdp2
 
-    return dense, ADAMWSparse(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    return dense, ADAMWSparse(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, shard_state=is_fsdp2(model))
 
 
 # ---------------------------------------------------------------------- the run

@@ -97,8 +97,8 @@ def build_model(seed: int) -> nn.Module:
     return slope.prune_model(TinyLM(), compress=True, verbose=False)
 
 
-def make_optimizers(model: nn.Module, dense_params=None):
-    sparse = ADAMWSparse(unwrap(model), lr=LR, eps=EPS, weight_decay=0.01, mask_change_freq=2)
+def make_optimizers(model: nn.Module, dense_params=None, shard_state: bool = False):
+    sparse = ADAMWSparse(unwrap(model), lr=LR, eps=EPS, weight_decay=0.01, mask_change_freq=2, shard_state=shard_state)
     dense = None if dense_params is False else torch.optim.AdamW(
         dense_parameters(model) if dense_params is None else dense_params, lr=LR, eps=EPS, weight_decay=0.01
     )
@@ -162,7 +162,7 @@ def checkpoint(model, sparse_opt, dense_opt, step) -> dict:
     return {
         "model": full_model_state_dict(model),
         "dense_opt": full_optimizer_state_dict(model, dense_opt),
-        "sparse_opt": copy.deepcopy(sparse_opt.state_dict()),  # (live tensors: as if written to disk)
+        "sparse_opt": copy.deepcopy(sparse_opt.full_state_dict()),  # (live tensors: as if written to disk; None off rank 0 if sharded)
         "step": step,
     }
 
@@ -223,10 +223,10 @@ def _wrap(kind: str, model: nn.Module) -> nn.Module:
     raise ValueError(kind)
 
 
-def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = None):
+def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = None, shard_state: bool = False):
     rank = torch.distributed.get_rank()
     model = _wrap(kind, build_model(seed=_rank_seed(rank)))  # ranks start differently: rank 0's weights win
-    sparse_opt, dense_opt = make_optimizers(model)
+    sparse_opt, dense_opt = make_optimizers(model, shard_state=shard_state)
     start = restore(model, sparse_opt, dense_opt, resume) if resume is not None else 0
     grads = []
 
@@ -241,6 +241,8 @@ def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = No
     out["local_values"] = {n: m.values.detach().clone() for n, m in slope.sparse_modules(unwrap(model))}
     out["micro_grads"] = grads
     out["syncs"] = model.slope_sparse_sync.syncs
+    out["moments"] = sorted(i for i, state in sparse_opt.state_dict()["state"].items() if "exp_avg" in state)
+    out["full_sparse_state"] = copy.deepcopy(sparse_opt.full_state_dict())
 
 
 def _bf16_smoke(forward, backward_and_step, inner: nn.Module, out: dict):
@@ -377,6 +379,8 @@ def _worker_main(group: str, workdir: str) -> None:
             "fsdp2_resume": lambda out: _scenario_wrapped("fsdp2", 2, out, resume=resume()),
             "fsdp2_bf16": _scenario_fsdp2_bf16,
             "ddp_lora": _scenario_ddp_lora,
+            "ddp_sharded_state": lambda out: _scenario_wrapped("ddp", 2, out, shard_state=True),
+            "fsdp2_sharded_state_resume": lambda out: _scenario_wrapped("fsdp2", 2, out, resume=resume(), shard_state=True),
             "logging": _scenario_logging,
         }
     else:
@@ -507,6 +511,32 @@ def assert_bf16_trains(outs: list[dict]):
     for out in outs:
         assert all(torch.isfinite(torch.tensor(out["losses"])))
         assert out["losses"][-1] < out["losses"][0]
+
+
+def assert_same_optimizer_state(actual: dict, expected: dict):
+    assert actual["state"].keys() == expected["state"].keys()
+    for index, want in expected["state"].items():
+        assert actual["state"][index].keys() == want.keys(), index
+        for name, value in want.items():
+            torch.testing.assert_close(actual["state"][index][name], value, atol=ATOL, rtol=RTOL, msg=lambda m, i=index, n=name: f"{i}.{n}: {m}")
+
+
+def test_sharded_sparse_optimizer_state_matches_one_process(torch_results, references):
+    """ADAMWSparse(shard_state=True): each rank keeps the moments of half the layers, the weights
+    are those of one process, and rank 0 gathers the state one process would save."""
+    reference_ckpt = torch.load(references["workdir"] / "ckpt_1rank.pt", weights_only=False)
+    outs = torch_results("ddp_sharded_state")
+    assert_same_state(outs[0]["final"], references["accum2"])
+    assert_replicated(outs)
+    layers = len(reference_ckpt["sparse_opt"]["state"])
+    assert outs[0]["moments"] and outs[1]["moments"] and not set(outs[0]["moments"]) & set(outs[1]["moments"])
+    assert sorted(outs[0]["moments"] + outs[1]["moments"]) == list(range(layers))
+    assert_same_optimizer_state(outs[0]["ckpt"]["sparse_opt"], reference_ckpt["sparse_opt"])  # gathered at CKPT_STEP
+    assert outs[1]["ckpt"]["sparse_opt"] is None and outs[1]["full_sparse_state"] is None
+    # a one-process checkpoint resumes sharded (FSDP2 for the dense part) to the same weights and state
+    resumed = torch_results("fsdp2_sharded_state_resume")
+    assert_same_state(resumed[0]["final"], references["accum2"])
+    assert_same_optimizer_state(resumed[0]["full_sparse_state"], outs[0]["full_sparse_state"])
 
 
 def test_fsdp2_bf16_mixed_precision(torch_results):

@@ -64,7 +64,8 @@ def test_fsdp_under_the_seeds_launch_is_the_run_of_one_process(tmp_path):
     sharded_memory, whole = summary["memory_per_rank"], single.finetune_summary["memory_per_rank"]
     for part in ("dense_optimizer", "masks", "teacher"):  # rank 0 holds half of the dense weights' state, masks and teacher
         assert 0.4 < sharded_memory[part] / whole[part] < 0.6, part
-    assert sharded_memory["sparse_optimizer"] == whole["sparse_optimizer"] > 0  # the 2:4 block's moments: replicated
+    # the 2:4 block's moments: each SLoPe layer's on one rank (the step counters, a few bytes, on both)
+    assert 0.3 < sharded_memory["sparse_optimizer"] / whole["sparse_optimizer"] < 0.7
 
     # its half-way checkpoint (single-process layout) resumes to the same weights in one process,
     # and sharded again (the checkpoint's weights and AdamW state split over the ranks)

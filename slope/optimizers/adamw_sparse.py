@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from slope import kernels
+from slope.optimizers.sharding import LayerOwners
 from slope.parallel.sharded import full_tensor, is_sharded, local_tensor
 from slope.registry import GradDict, live_layers, sparse_modules
 
@@ -31,6 +32,12 @@ class ADAMWSparse(torch.optim.Optimizer):
         model: the pruned model, or ``None`` for every live SLoPe layer (SLoPe's global style).
         grad_dict: accepted for SLoPe compatibility (``slope.grad_dict``); gradients are always
             read from the layers themselves.
+        shard_state: under data parallelism (gradients already averaged over the ranks), keep each
+            layer's moments on one rank only, which steps it and broadcasts its new values
+            (:mod:`slope.optimizers.sharding`; collective: every rank of ``process_group`` calls
+            :meth:`step`). :meth:`state_dict` is then this rank's part: save
+            :meth:`full_state_dict`; :meth:`load_state_dict` takes a full one.
+        process_group: the data-parallel group of ``shard_state`` (default: the world).
     """
 
     def __init__(
@@ -42,6 +49,9 @@ class ADAMWSparse(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         mask_change_freq: int = 100,
+        *,
+        shard_state: bool = False,
+        process_group=None,
     ):
         if grad_dict is not None and not isinstance(grad_dict, GradDict):
             raise TypeError(f"grad_dict must be slope.grad_dict (a GradDict), got {type(grad_dict).__name__}")
@@ -62,6 +72,15 @@ class ADAMWSparse(torch.optim.Optimizer):
         self._host_steps: dict[int, tuple[torch.Tensor | None, int]] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mask_change_freq=mask_change_freq)
         super().__init__([layer.values for layer in layers], defaults)
+        self.owners = LayerOwners(self._params(), process_group) if shard_state else None
+
+    def _params(self) -> list[torch.Tensor]:
+        """The parameters in ``state_dict``'s numbering."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def owns(self, p: torch.Tensor) -> bool:
+        """Whether this rank keeps (and steps) ``p``'s moments: always, unless ``shard_state``."""
+        return self.owners is None or self.owners.owns(p)
 
     # SLoPe-compatible attribute setters: ``sparse_opt.lr = x`` sets every group's value.
     @property
@@ -100,6 +119,9 @@ class ADAMWSparse(torch.optim.Optimizer):
           step count) bucket; the layer's operands are rebuilt on next use;
         - anything else: :func:`slope.kernels.adamw_step_` per tensor.
 
+        With ``shard_state`` a rank steps the layers it owns, then every layer's values are
+        broadcast from its owner (other ranks rebuild that layer's operands on next use).
+
         Nothing here reads a device tensor on the host: the step count kernels see lives on the
         values' device and the host keeps its own count (for the bias corrections and
         ``mask_change_freq``)."""
@@ -117,16 +139,19 @@ class ADAMWSparse(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 count = self._advance(p, state)
-                buffers = self._operand_buffers(layer, p, grad, state)
+                owned = self.owns(p)  # else its owner steps it and the new values arrive below
+                buffers = self._operand_buffers(layer, p, grad, state) if owned else {}
                 if buffers:
                     self._step_with_operands(layer, p, grad, state, group, count, buffers)
-                elif _FUSED_ADAMW is not None and p.dtype == grad.dtype == torch.float32 and p.device == grad.device:
+                elif owned and _FUSED_ADAMW is not None and p.dtype == grad.dtype == torch.float32 and p.device == grad.device:
                     fused.setdefault((p.device, count), []).append(p)
-                else:
+                elif owned:
                     self._step_one(p, grad, state, group, count)
                 stepped.append((layer, count, buffers))
             for (device, count), params in fused.items():
                 self._step_fused(params, group)
+            if self.owners is not None:
+                self.owners.broadcast([layer.values for layer, _, _ in stepped])
             for layer, count, buffers in stepped:
                 layer.operands_written(buffers)  # the others are rebuilt on next use
                 layer.optimizer_steps += 1  # backend="auto" times nothing for it after its first steps
@@ -140,8 +165,9 @@ class ADAMWSparse(torch.optim.Optimizer):
         state's once (a loaded state dict: the one read of the device counter)."""
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            if self.owns(p):  # elsewhere only the step count, for the mask updates
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             self._host_steps[id(p)] = (state["step"], 0)
         counter, count = self._host_steps.get(id(p), (None, 0))
         if counter is not state["step"]:  # a state that was loaded or replaced: read its counter once
@@ -241,6 +267,20 @@ class ADAMWSparse(torch.optim.Optimizer):
             finite.append(torch.isfinite(g).all().to(grads[0].device))
         return not bool(torch.stack(finite).all())
 
+    def full_state_dict(self) -> dict | None:
+        """:meth:`state_dict` of the whole optimizer, as one process would have it. With
+        ``shard_state`` this is collective: rank 0 gets it (the moments of other owners sent to
+        it), the other ranks ``None``."""
+        state = self.state_dict()
+        if self.owners is None:
+            return state
+        params = self._params()
+        local = [state["state"].get(i, {}) for i in range(len(params))]
+        complete = self.owners.gather_to_first(params, local, ("exp_avg", "exp_avg_sq"))
+        if self.owners.rank != 0:
+            return None
+        return {**state, "state": {i: s for i, s in enumerate(complete) if s}}
+
     def load_state_dict(self, state_dict: dict, *, checked: bool = False) -> None:
         """Load a state dict of this optimizer over layers of the same shapes and sparsity; anything
         else (another N:M, another model) is a ``ValueError`` naming the layer, raised before any
@@ -255,9 +295,12 @@ class ADAMWSparse(torch.optim.Optimizer):
         saved = {k: {name: v for name, v in s.items() if torch.is_tensor(v)} for k, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         self._host_steps.clear()  # read again from the loaded counters at the next step
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._params()
         for index, tensors in saved.items():
             p = params[int(index)]
+            if not self.owns(p):  # its owner keeps the moments
+                tensors = {name: value for name, value in tensors.items() if name == "step"}
+                self.state[p] = {}
             for name, value in tensors.items():
                 # the step counter too lives on the values' device (fp32: what the fused kernels read)
                 self.state[p][name] = value.to(device=p.device, dtype=torch.float32) if name == "step" else value.to(device=p.device)

@@ -239,8 +239,9 @@ def wrap_fsdp2(
     biases and ``lora_A``/``lora_B``) and hence the dense optimizer's state, which must be built
     **after** this call. What is replicated: the SLoPe layers' compressed ``values`` (passed to
     ``fully_shard`` as ``ignored_params``), their masks and metadata, their ``values_grad`` and the
-    :class:`ADAMWSparse` state. The sparse gradients are averaged by :class:`SparseGradSync`,
-    matching FSDP2's averaging reduce-scatter.
+    :class:`ADAMWSparse` state (unless built with ``shard_state=True``: each layer's moments on one
+    rank). The sparse gradients are averaged by :class:`SparseGradSync`, matching FSDP2's
+    averaging reduce-scatter.
 
     Args:
         units: modules to shard as separate FSDP units (or a predicate on ``(name, module)``);
