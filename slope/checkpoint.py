@@ -148,6 +148,7 @@ def save_checkpoint(
     config: TrainConfig,
     model_state: dict | None = None,
     dense_state: dict | None = None,
+    sparse_state: dict | None = None,
     keep: int = 1,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
@@ -156,8 +157,9 @@ def save_checkpoint(
     the folder keeps, this one included). A full disk is a :class:`slope.durable.StorageError`
     and leaves the previous checkpoint as it was, with no partial files.
 
-    ``model_state`` / ``dense_state`` replace ``model.state_dict()`` / ``dense_opt.state_dict()``
-    when the live objects are sharded (DeepSpeed ZeRO: ``slope.parallel.full_*_state_dict``).
+    ``model_state`` / ``dense_state`` / ``sparse_state`` replace ``model.state_dict()`` /
+    ``dense_opt.state_dict()`` / ``sparse_opt.state_dict()`` when the live objects are sharded
+    (DeepSpeed ZeRO: ``slope.parallel.full_*_state_dict``; ``sparse_opt.full_state_dict()``).
     ``extra_files``: more files (relative name, e.g. ``tokenizer/tokenizer.json`` → bytes), written
     and checksummed like the others.
     """
@@ -169,9 +171,10 @@ def save_checkpoint(
     rng_tensors, rng_plain = capture_rng()
     state = {k: v.detach().contiguous() for k, v in (model.state_dict() if model_state is None else model_state).items()}
     dense = dense_opt.state_dict() if dense_state is None else dense_state
+    sparse = sparse_opt.state_dict() if sparse_state is None and sparse_opt is not None else sparse_state
     files = {
         "model.safetensors": lambda: safetensors_bytes(state),
-        "optimizers.pt": lambda: _torch_bytes({"dense": dense, "sparse": None if sparse_opt is None else sparse_opt.state_dict()}),
+        "optimizers.pt": lambda: _torch_bytes({"dense": dense, "sparse": sparse}),
         "rng.pt": lambda: _torch_bytes(rng_tensors),
         "trainer_state.json": lambda: _json_bytes({**trainer_state, "rng": rng_plain}),
         "config.json": lambda: _json_bytes(config.to_dict()),

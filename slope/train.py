@@ -340,15 +340,27 @@ def _changed_on_resume(saved: TrainConfig, cfg: TrainConfig) -> str:
     return ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in keys if getattr(saved, k) != getattr(cfg, k))
 
 
-def _optimizers(model, cfg: TrainConfig):
-    """``(AdamW over the dense parameters, ADAMWSparse over the SLoPe layers or None for --dense)``."""
+def _optimizers(model, cfg: TrainConfig, shard_sparse_state: bool = False):
+    """``(AdamW over the dense parameters, ADAMWSparse over the SLoPe layers or None for --dense)``;
+    ``shard_sparse_state``: each SLoPe layer's moments on one rank (``ADAMWSparse(shard_state=True)``)."""
     dense_opt = torch.optim.AdamW(_dense_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     if cfg.dense:
         return dense_opt, None
     from slope.optimizers import ADAMWSparse
 
     return dense_opt, ADAMWSparse(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                                  mask_change_freq=cfg.mask_change_freq)
+                                  mask_change_freq=cfg.mask_change_freq, shard_state=shard_sparse_state)
+
+
+def _zero_stage(ds_config: dict | None) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 without one)."""
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0) or 0)
+
+
+def _shards_sparse_state(ds_config: dict | None, env, cfg: TrainConfig) -> bool:
+    """DeepSpeed with ZeRO stage 1 or more partitions the dense optimizer state over several
+    ranks: the sparse one is then split too, by layer (:mod:`slope.optimizers.sharding`)."""
+    return not cfg.dense and env.world_size > 1 and _zero_stage(ds_config) >= 1
 
 
 def _restore(ckpt: Checkpoint, model, dense_opt, sparse_opt, scaler: LossScaler, cfg: TrainConfig) -> tuple[bool, bool]:
@@ -385,7 +397,9 @@ def _data_parallel(model, dense_opt, ds_config: dict | None, ckpt: Checkpoint | 
     elif env.distributed:
         runner = parallel.wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, require_sparse=not cfg.dense)
     if env.distributed or ds_config is not None:
-        how = f"DeepSpeed ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}" if ds_config else "DDP"
+        how = f"DeepSpeed ZeRO-{_zero_stage(ds_config)}" if ds_config else "DDP"
+        if _shards_sparse_state(ds_config, env, cfg):
+            how += "; each SLoPe layer's optimizer moments on one rank"
         log(f"data parallel: {env.world_size} ranks ({how}), "
             f"{cfg.batch_size // env.world_size} of the {cfg.batch_size} sequences of each micro-batch per rank")
     return runner
@@ -587,7 +601,7 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size, data.eos_id, model_config=arch).to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
-    dense_opt, sparse_opt = _optimizers(model, cfg)
+    dense_opt, sparse_opt = _optimizers(model, cfg, _shards_sparse_state(ds_config, env, cfg))
     scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval, cfg.fp16_min_scale)
     guard = FiniteGuard(cfg.nonfinite_patience)
     kind = "dense baseline" if cfg.dense else f"SLoPe {cfg.sparsity} ({'compressed' if cfg.compress else 'simulated'})"
@@ -620,13 +634,18 @@ def _save(run: _Run, step_done: int, loss: float, tokens: int, t0: float) -> Non
         dense_state = parallel.full_optimizer_state_dict(run.runner, None, index_keys=True)
     else:  # built once: checked here, then written
         model_state, dense_state = run.model.state_dict(), run.dense_opt.state_dict()
-    # Never a checkpoint with non-finite numbers (every rank checks the same values: all stop alike).
+    # Never a checkpoint with non-finite numbers (every rank checks the same values, or its own
+    # shard of the sparse moments and then agrees with the others: all stop alike).
+    sharded = getattr(run.sparse_opt, "owners", None) is not None
     check_finite(step_done, loss, {"model": model_state, "AdamW": dense_state,
-                                   "ADAMWSparse": run.sparse_opt.state_dict() if run.sparse_opt is not None else {}})
+                                   "ADAMWSparse": run.sparse_opt.state_dict() if run.sparse_opt is not None else {}},
+                 agree_group=None if sharded else False)
+    sparse_state = run.sparse_opt.full_state_dict() if run.sparse_opt is not None else None  # (gathered to rank 0 if sharded)
     if not run.env.is_main:
         return
     save_checkpoint(run.out / "checkpoint", model=run.model, dense_opt=run.dense_opt, sparse_opt=run.sparse_opt, config=cfg,
-                    keep=cfg.keep_checkpoints, model_state=model_state, dense_state=dense_state, extra_files=run.tokenizer_copy, trainer_state={
+                    keep=cfg.keep_checkpoints, model_state=model_state, dense_state=dense_state, sparse_state=sparse_state,
+                    extra_files=run.tokenizer_copy, trainer_state={
         "step": step_done, "tokens": tokens, "elapsed_s": run.elapsed_before + time.perf_counter() - t0,
         "lora_attached": run.lora_attached, "dense_tail": run.densified, "scaler": run.scaler.state_dict(),
         "scheduler": {"kind": "warmup_cosine", "last_step": step_done, "last_lr": lr_at(max(step_done, 1), cfg)},

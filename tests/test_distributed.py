@@ -363,6 +363,19 @@ def _scenario_deepspeed_lora(out: dict):
     out["syncs"] = engine.slope_sparse_sync.syncs
 
 
+def _scenario_finite_agreement(out: dict):
+    """Rank 1's shard holds a NaN: with agreement both ranks refuse the save, without it only rank 1."""
+    from slope.guard import DivergenceError, check_finite
+
+    shard = {"exp_avg": torch.tensor([float("nan") if torch.distributed.get_rank() == 1 else 0.0])}
+    for agree in (None, False):
+        try:
+            check_finite(3, 1.0, {"ADAMWSparse": shard}, agree_group=agree)
+            out[f"agree={agree}"] = None
+        except DivergenceError as e:
+            out[f"agree={agree}"] = str(e)
+
+
 def _worker_main(group: str, workdir: str) -> None:
     env = init_distributed(device="cpu", timeout_s=120)
     workdir = Path(workdir)
@@ -382,6 +395,7 @@ def _worker_main(group: str, workdir: str) -> None:
             "ddp_sharded_state": lambda out: _scenario_wrapped("ddp", 2, out, shard_state=True),
             "fsdp2_sharded_state_resume": lambda out: _scenario_wrapped("fsdp2", 2, out, resume=resume(), shard_state=True),
             "logging": _scenario_logging,
+            "finite_agreement": _scenario_finite_agreement,
         }
     else:
         scenarios = {
@@ -537,6 +551,13 @@ def test_sharded_sparse_optimizer_state_matches_one_process(torch_results, refer
     resumed = torch_results("fsdp2_sharded_state_resume")
     assert_same_state(resumed[0]["final"], references["accum2"])
     assert_same_optimizer_state(resumed[0]["full_sparse_state"], outs[0]["full_sparse_state"])
+
+
+def test_ranks_agree_on_a_non_finite_shard_before_saving(torch_results):
+    first, second = torch_results("finite_agreement")
+    assert "another rank's shard of the optimizer state holds inf/nan" in first["agree=None"]
+    assert "ADAMWSparse.exp_avg holds inf/nan" in second["agree=None"] and second["agree=False"] == second["agree=None"]
+    assert first["agree=False"] is None  # each rank alone sees only its own shard
 
 
 def test_fsdp2_bf16_mixed_precision(torch_results):
@@ -838,10 +859,11 @@ def test_cli_deepspeed_and_resume_without_it(cli_reference, tmp_path):
     ds_json.write_text('{"zero_optimization": {"stage": 2}}')
     # ZeRO-2 on 2 ranks, the engine rebuilt when the adapters attach (--grad-clip 0: DeepSpeed
     # clips dense and sparse gradients separately, not jointly).
-    _torchrun("--out", str(root / "ds"), *CLI_TINY, "--grad-clip", "0", "--deepspeed", str(ds_json))
+    stdout = _torchrun("--out", str(root / "ds"), *CLI_TINY, "--grad-clip", "0", "--deepspeed", str(ds_json))
+    assert "each SLoPe layer's optimizer moments on one rank" in stdout  # ZeRO splits the sparse state too
     _assert_same_run(root / "ds", root / "ref_noclip")
-    # A ZeRO-2 checkpoint of step 2 (partitioned optimizer state gathered) resumes in 1 process
-    # without DeepSpeed.
+    # A ZeRO-2 checkpoint of step 2 (partitioned optimizer state, dense and sparse, gathered)
+    # resumes in 1 process without DeepSpeed.
     _torchrun("--out", str(root / "ds_2to1"), *CLI_TINY, "--grad-clip", "0", "--deepspeed", str(ds_json), "--stop-after", "2")
     _cli("--out", str(root / "ds_2to1"), "--resume", "--deepspeed", "")
     _assert_same_run(root / "ds_2to1", root / "ref_noclip")
