@@ -227,6 +227,7 @@ def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = No
     rank = torch.distributed.get_rank()
     model = _wrap(kind, build_model(seed=_rank_seed(rank)))  # ranks start differently: rank 0's weights win
     sparse_opt, dense_opt = make_optimizers(model, shard_state=shard_state)
+    out["state_before"] = sparse_opt.full_state_dict()  # no layer stepped yet: nothing to gather
     start = restore(model, sparse_opt, dense_opt, resume) if resume is not None else 0
     grads = []
 
@@ -547,6 +548,7 @@ def test_sharded_sparse_optimizer_state_matches_one_process(torch_results, refer
     assert sorted(outs[0]["moments"] + outs[1]["moments"]) == list(range(layers))
     assert_same_optimizer_state(outs[0]["ckpt"]["sparse_opt"], reference_ckpt["sparse_opt"])  # gathered at CKPT_STEP
     assert outs[1]["ckpt"]["sparse_opt"] is None and outs[1]["full_sparse_state"] is None
+    assert outs[0]["state_before"]["state"] == {} and outs[1]["state_before"] is None
     # a one-process checkpoint resumes sharded (FSDP2 for the dense part) to the same weights and state
     resumed = torch_results("fsdp2_sharded_state_resume")
     assert_same_state(resumed[0]["final"], references["accum2"])

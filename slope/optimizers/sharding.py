@@ -80,12 +80,13 @@ class LayerOwners:
     @torch.no_grad()
     def gather_to_first(self, params: Sequence[torch.Tensor], states: Sequence[dict], names: Sequence[str]) -> list[dict]:
         """Rank 0 receives the tensors ``names`` of the state of every parameter another rank owns
-        (``states[i]``: ``params[i]``'s state on this rank); returns rank 0's states completed (each
-        a new dict) and, on the other ranks, ``states`` as they are. Collective."""
+        (``states[i]``: ``params[i]``'s state on this rank, empty on every rank for a parameter not
+        stepped yet); returns rank 0's states completed (each a new dict) and, on the other ranks,
+        ``states`` as they are. Collective."""
         gathered = list(states)
         for i, (p, state) in enumerate(zip(params, states)):
             owner = self.owner(p)
-            if owner == 0 or self.rank not in (0, owner):
+            if owner == 0 or self.rank not in (0, owner) or not state:  # (no state yet: on no rank)
                 continue
             if self.rank == owner:
                 for name in names:
