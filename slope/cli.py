@@ -76,6 +76,8 @@ TRAIN_HELP = {
     "dense_tail_fraction": "train this last fraction of steps dense (W⊙M in nn.Linear) instead of sparse (0: never)",
     "deepspeed": "DeepSpeed config JSON: ZeRO-1/2 for the dense parameters (launch with torchrun; '' = off, "
                  "the default: DDP under torchrun)",
+    "shard_sparse_optimizer": "under torchrun (DDP), keep each SLoPe layer's AdamW moments on one rank, which steps it and "
+                              "broadcasts its values: 4 + 4 + 8/N bytes per kept weight instead of 16 (DeepSpeed ZeRO-1/2: always)",
 }
 
 

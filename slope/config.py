@@ -90,6 +90,7 @@ class TrainConfig:
     dense_tail_fraction: float = 0.0  # last fraction of steps trained dense (W⊙M in nn.Linear), 0: never
     # distribution (torchrun: DDP by default; a DeepSpeed config: ZeRO-1/2)
     deepspeed: str = ""  # DeepSpeed config JSON; "" = off
+    shard_sparse_optimizer: bool = False  # under DDP: each SLoPe layer's AdamW moments on one rank (DeepSpeed ZeRO: always)
 
     # ------------------------------------------------------------------ helpers
     @classmethod

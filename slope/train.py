@@ -358,9 +358,10 @@ def _zero_stage(ds_config: dict | None) -> int:
 
 
 def _shards_sparse_state(ds_config: dict | None, env, cfg: TrainConfig) -> bool:
-    """DeepSpeed with ZeRO stage 1 or more partitions the dense optimizer state over several
-    ranks: the sparse one is then split too, by layer (:mod:`slope.optimizers.sharding`)."""
-    return not cfg.dense and env.world_size > 1 and _zero_stage(ds_config) >= 1
+    """Whether the sparse optimizer state is split over the ranks, by layer
+    (:mod:`slope.optimizers.sharding`): with ``--shard-sparse-optimizer``, and always under
+    DeepSpeed with ZeRO stage 1 or more (it partitions the dense optimizer state)."""
+    return not cfg.dense and env.world_size > 1 and (cfg.shard_sparse_optimizer or _zero_stage(ds_config) >= 1)
 
 
 def _restore(ckpt: Checkpoint, model, dense_opt, sparse_opt, scaler: LossScaler, cfg: TrainConfig) -> tuple[bool, bool]:
@@ -402,6 +403,8 @@ def _data_parallel(model, dense_opt, ds_config: dict | None, ckpt: Checkpoint | 
             how += "; each SLoPe layer's optimizer moments on one rank"
         log(f"data parallel: {env.world_size} ranks ({how}), "
             f"{cfg.batch_size // env.world_size} of the {cfg.batch_size} sequences of each micro-batch per rank")
+    elif cfg.shard_sparse_optimizer:
+        log("note: --shard-sparse-optimizer has nothing to split in one process (launch with torchrun --nproc_per_node=N)")
     return runner
 
 

@@ -821,14 +821,15 @@ def cli_reference(tmp_path_factory):
 
 def test_cli_torchrun_ddp_and_resume_across_rank_counts(cli_reference):
     root = cli_reference
-    # 2 ranks (DDP) for steps 1-2, then 1 process resumes steps 3-4.
-    stdout = _torchrun("--out", str(root / "ddp_2to1"), *CLI_TINY, "--stop-after", "2")
+    # 2 ranks (DDP, each SLoPe layer's moments on one rank) for steps 1-2, then 1 process resumes steps 3-4.
+    stdout = _torchrun("--out", str(root / "ddp_2to1"), *CLI_TINY, "--stop-after", "2", "--shard-sparse-optimizer")
     assert stdout.count("step 1/4") == 1 and stdout.count("stopped after step 2") == 1  # rank 0 logs alone
+    assert "(DDP; each SLoPe layer's optimizer moments on one rank)" in stdout
     _cli("--out", str(root / "ddp_2to1"), "--resume")
     _assert_same_run(root / "ddp_2to1", root / "ref")
     # 1 process for steps 1-2, then 2 ranks resume; DDP is rebuilt when the adapters attach.
     _cli("--out", str(root / "ddp_1to2"), *CLI_TINY, "--stop-after", "2")
-    stdout = _torchrun("--out", str(root / "ddp_1to2"), "--resume")
+    stdout = _torchrun("--out", str(root / "ddp_1to2"), "--resume", "--shard-sparse-optimizer")
     assert stdout.count("done: 4 steps") == 1
     _assert_same_run(root / "ddp_1to2", root / "ref")
 
