@@ -10,7 +10,11 @@ first micro-batch and fixed afterwards. The optimizer sees only the sparse param
   into the sparse parameter's ``.grad`` (summing over micro-batches) and drops the full gradient
   at once, so at most one weight's full gradient exists at any time;
 - forward: a pre-hook on the owning module adds the pending increment (what the optimizer wrote
-  since the last forward) into the weight and zeroes it, so every forward sees the updated weights.
+  since the last forward) into the weight and zeroes it, so every forward sees the updated weights;
+- ``state_dict``: adds the pending increment too and records the chosen entries instead of the
+  increments (:mod:`slope.peft.sift_state`), so saves lose no step and a resumed run trains the
+  same entries. A user may choose the entries (``sparse_mapping[name].idx``, ``(ndim, k)``) before
+  the first backward.
 
 The increment restarts from zero each step, so an optimizer whose update depends on the
 parameter's value (weight decay) sees ~0 there: like the original, SIFT has no weight decay on the
@@ -239,6 +243,8 @@ class SIFT:
         save_sift(self, save_directory)
 
     def remove_hooks(self) -> None:
+        """Detach SIFT from the model (training and state-dict hooks; the weights keep every
+        applied increment — call :meth:`apply_pending` first if a step is pending)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
