@@ -48,7 +48,10 @@ def plan(model: nn.Module, config: SftConfig) -> tuple[list[tuple[str, nn.Module
             raise ValueError(f"modules_to_save entry {key!r} matches no module of the model; name a module such as the task head 'classifier'")
     prefixes = [n + "." for n, _ in saved_modules]
     saved_modules = [(n, m) for n, m in saved_modules if not any(n.startswith(p) for p in prefixes)]  # outermost only
-    inside = lambda name: any(name == n or name.startswith(n + ".") for n, _ in saved_modules)  # noqa: E731
+
+    def inside(name: str) -> bool:
+        return any(name == n or name.startswith(n + ".") for n, _ in saved_modules)
+
     targets = find_targets(model, config.target_modules, skip=inside)
     saved = {f"{n}.{pn}": p for n, m in saved_modules for pn, p in m.named_parameters()}
     return targets, saved
