@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     from slope import __version__
 
     parser = argparse.ArgumentParser(prog="slope", description="2:4 sparse pretraining and fine-tuning: SLoPe (double-pruned sparse "
-                                     "weights + lazy LoRA), one-shot pruning, recovery, dynamic and sparse-increment fine-tuning")
+                                     "weights + lazy LoRA), one-shot pruning, recovery and dynamic fine-tuning (sparse-increment "
+                                     "fine-tuning, SIFT / SpIEL, is a Python API: slope.peft, see docs/peft.md)")
     parser.add_argument("--version", action="version", version=f"slope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

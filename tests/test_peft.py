@@ -414,3 +414,79 @@ def test_get_peft_config_builds_the_sft_config_and_refuses_unknown_keys():
         get_peft_config({"peft_type": "LORA", "r": 8})
     with pytest.raises(ValueError, match="set it to at most 2"):
         SftConfig(target_modules=["q_proj"], reselection_steps=2)
+
+
+def test_config_checks_task_type_whole_counts_and_rigl_only_window():
+    with pytest.raises(ValueError, match="task_type must be one of"):
+        config(task_type="CAUSAL_LMX")
+    with pytest.raises(ValueError, match="num_tunable_weights must be a positive whole number"):
+        config(num_tunable_weights=2.5)
+    with pytest.raises(ValueError, match="modules_to_save must be a list"):
+        config(modules_to_save="classifier")
+    config(selection_algorithm="sm3", reselection_steps=2)  # the window (default 5) is rigl's alone
+    with pytest.raises(ValueError, match="selection_accumulation_steps"):
+        config(selection_algorithm="rigl", reselection_steps=2, selection_accumulation_steps=5)
+
+
+def test_sm3_selector_refuses_an_optimizer_that_cannot_reselect():
+    cfg = config(selection_algorithm="sm3")
+    model = get_peft_model(tiny_llama(), cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="deltas mapping lacks 14 of the model's 14 deltas"):
+        SftSelector(model, SftSM3(params, {}, lr=1e-2), cfg, 6)
+    with pytest.raises(ValueError, match="optimizer is SftAdamW"):
+        SftSelector(model, SftAdamW(params, lr=1e-2), cfg, 6)
+    with pytest.raises(ValueError, match="num_train_steps"):
+        SftSelector(model, make_optimizer(model, cfg), cfg, 0)
+
+
+def _frozen(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
+def test_a_failed_get_peft_model_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="match no module"):
+        get_peft_model(model, config(target_modules=["qproj"]))
+    assert _frozen(model) == [] and not any(isinstance(m, SftLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="do not fit"):
+        get_peft_model(model, config(num_tunable_weights=10**9))
+    assert _frozen(model) == []
+
+
+def test_from_pretrained_checks_the_folder_before_touching_the_model(tmp_path):
+    model = get_peft_model(tiny_llama(), config())
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "target_modules": ["q_proj"]}))  # fewer targets than the deltas
+    fresh = tiny_llama()
+    with pytest.raises(ValueError, match="deltas for modules .*v_proj.* have no target"):
+        SftModel.from_pretrained(fresh, tmp_path)
+    assert not any(isinstance(m, SftLinear) for m in fresh.modules()) and _frozen(fresh) == []
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "base_model"}))
+    with pytest.raises(ValueError, match="adapter_config.json lacks the record of the deltas' base model"):
+        SftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_clear_errors_for_regex_targets_a_second_wrapping_and_corrupt_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(ValueError, match=r"regular expression that must match a whole module name.*\['q_proj'\].*'\.\*q_proj'"):
+        get_peft_model(tiny_llama(), config(target_modules="q_proj"))
+    assert len(list(get_peft_model(tiny_llama(), config(target_modules=r".*\.q_proj")).active_deltas())) == 2
+    model = tiny_llama()
+    sft = get_peft_model(model, config())
+    with pytest.raises(ValueError, match="already has sparse deltas"):
+        get_peft_model(model, config(target_modules=r".*proj.*"))
+    sft.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith(".values"))
+    save_file({k: v for k, v in tensors.items() if k != key}, weights)
+    with pytest.raises(ValueError, match=f"adapter_model.safetensors lacks the tensor '{key}'"):
+        SftModel.from_pretrained(tiny_llama(), tmp_path)
+    data = open(weights, "rb").read()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
+        SftModel.from_pretrained(tiny_llama(), tmp_path)

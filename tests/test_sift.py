@@ -187,3 +187,122 @@ def test_sift_refuses_the_weights_of_slope_layers():
     model = slope.prune_model(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)), verbose=False)
     with pytest.raises(ValueError, match="a SLoPe 2:4 layer's weights"):
         SIFT(model, sparse_rate=0.01, sparse_module=["0."])
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("_sparse")}
+
+
+def test_state_dict_holds_the_last_step_and_the_entries_not_the_increments(tmp_path):
+    """The optimizer's last update waits in the increment until the next forward; saving must include it."""
+    model, sift = _trained_sift()
+    state = model.state_dict()  # no forward since the last step
+    assert not any(k.endswith("_sparse") for k in state)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(state[f"sift.{name}.indices"], sift.sparse_mapping[name].flat_idx)
+    sift.apply_pending()  # (a no-op now: state_dict applied it)
+    for n, w in _weights(model).items():
+        assert torch.equal(state[n], w), n
+    model.save_pretrained(tmp_path)
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    for n, p in plain.named_parameters():
+        assert torch.equal(p, dict(model.named_parameters())[n]), n
+    reloaded = tiny_llama()
+    again = SIFT(reloaded, sparse_rate=0.05, sparse_module=TARGETS, exception=["norm"])
+    missing, unexpected = reloaded.load_state_dict(state)  # strict: the sift.* keys are taken, *_sparse not missed
+    assert torch.equal(again.sparse_mapping[name].flat_idx, sift.sparse_mapping[name].flat_idx)
+    assert torch.equal(again.sparse_mapping[name].base_values, sift.sparse_mapping[name].base_values)
+
+
+def test_trainer_resume_continues_on_the_same_entries(tmp_path):
+    """8 Trainer steps straight == 4 steps, then a resumed run's 4 (AdamW moments on the same entries)."""
+    ids = torch.randint(0, VOCAB, (32, 10), generator=torch.Generator().manual_seed(3))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+
+    def run(out, resume=None):
+        model = tiny_llama()
+        sift = SIFT(model, sparse_rate=0.02, sparse_module=TARGETS)
+        opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)
+        args = transformers.TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=8, save_steps=4,
+                                              lr_scheduler_type="constant", report_to=[], use_cpu=True, disable_tqdm=True)
+        transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train(resume_from_checkpoint=resume)
+        sift.apply_pending()
+        return model, sift
+
+    straight, s1 = run(tmp_path / "a")
+    resumed, s2 = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"))
+    for name, sparse in s1.sparse_mapping.items():
+        assert torch.equal(sparse.flat_idx, s2.sparse_mapping[name].flat_idx), name
+    resumed_weights = _weights(resumed)
+    for n, w in _weights(straight).items():
+        torch.testing.assert_close(resumed_weights[n], w, rtol=0, atol=1e-7, msg=n)
+
+
+def test_bf16_increments_reload_bit_exact(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    sift = SIFT(model, sparse_rate=0.05, sparse_module=TARGETS)
+    opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)
+    for step in range(3):
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    sift.save_pretrained(tmp_path)
+    fresh = load_sift(tiny_llama().to(torch.bfloat16), tmp_path)
+    trained = _weights(model)
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, trained[n]), n
+    load_sift(fresh, tmp_path, sign=-1)
+    for n, p in tiny_llama().to(torch.bfloat16).named_parameters():
+        assert torch.equal(dict(fresh.named_parameters())[n], p), n
+
+
+def test_a_user_set_idx_is_trained_and_checked():
+    """SIFT's "customize the selection": set sparse_mapping[n].idx ((ndim, k) coordinates) before training."""
+    import numpy as np
+
+    model, base = tiny_llama(), _weights(tiny_llama())
+    sift = SIFT(model, sparse_rate=0.05, sparse_module=["q_proj"])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    sparse, p = sift.sparse_mapping[name], dict(model.named_parameters())[name]
+    chosen = np.arange(sparse.train_num) * 3
+    sparse.idx = np.stack(np.unravel_index(chosen, tuple(p.shape)))
+    opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)
+    for step in range(2):
+        loss_of(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    sift.apply_pending()
+    moved = (p != base[name]).reshape(-1).nonzero().reshape(-1)
+    assert moved.numel() > 0 and set(moved.tolist()) <= set(chosen.tolist())
+    sparse.idx = sparse.idx[:, :1]
+    with pytest.raises(ValueError, match="idx was changed after SIFT chose its entries"):
+        loss_of(model, batch(0)).backward()
+    other = SIFT(tiny_llama(), sparse_rate=0.05, sparse_module=["q_proj"])
+    other.sparse_mapping[name].idx = np.zeros((2, 3), dtype=np.int64)  # 3 entries, not k
+    with pytest.raises(ValueError, match="SIFT trains .* entries of .*q_proj.weight"):
+        loss_of(other.model, batch(0)).backward()
+
+
+def test_tied_weights_hint_and_load_sift_file_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=32))
+    with pytest.raises(ValueError, match="lm_head.weight is tied to transformer.wte.weight.*name it instead"):
+        SIFT(gpt2, sparse_rate=0.01, sparse_module=["lm_head"])
+    model, sift = _trained_sift(steps=1)
+    sift.save_pretrained(tmp_path)
+    weights, config = tmp_path / "sift_delta.safetensors", tmp_path / "sift_config.json"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith(".values"))
+    save_file({k: v for k, v in tensors.items() if k != key}, weights)
+    fresh = tiny_llama()
+    with pytest.raises(ValueError, match=f"sift_delta.safetensors lacks the tensor '{key}'"):
+        load_sift(fresh, tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), tiny_llama().parameters()))  # untouched
+    data = open(weights, "rb").read()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="sift_delta.safetensors is not a readable safetensors file"):
+        load_sift(tiny_llama(), tmp_path)
+    config.write_text('{"sparse_rate": 0.05}')
+    with pytest.raises(ValueError, match="sift_config.json lacks the record of the increments' base model"):
+        load_sift(tiny_llama(), tmp_path)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SftLinear", "SparseDelta", "effective_weight"]
+__all__ = ["SftLinear", "SparseDelta", "check_indices", "effective_weight"]
 
 GradObserver = Callable[[torch.Tensor], None]
 
@@ -31,12 +31,8 @@ class SparseDelta(nn.Module):
     def __init__(self, shape: tuple[int, ...], indices: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
+        check_indices(indices, self.shape)
         indices = indices.detach().reshape(-1).long()
-        numel = self.dense_numel
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-            raise ValueError(f"delta indices must lie in [0, {numel}) for a weight of shape {self.shape}")
-        if torch.unique(indices).numel() != indices.numel():
-            raise ValueError("delta indices must be distinct")
         self.register_buffer("indices", indices)
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
 
@@ -59,6 +55,19 @@ class SparseDelta(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, k={self.indices.numel()}, density={self.indices.numel() / self.dense_numel:.4g}"
+
+
+def check_indices(indices: torch.Tensor, shape: tuple[int, ...], what: str = "delta indices") -> None:
+    """``ValueError`` unless ``indices`` (1-D, integer) are distinct flat positions of a weight of ``shape``."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool or indices.dim() != 1:
+        raise ValueError(f"{what} must be a 1-D integer tensor of flat positions, got {indices.dtype} of shape {tuple(indices.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+        raise ValueError(f"{what} must lie in [0, {numel}) for a weight of shape {tuple(shape)}")
+    if torch.unique(indices).numel() != indices.numel():
+        raise ValueError(f"{what} must be distinct")
 
 
 def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ import torch.nn as nn
 from slope.peft.config import CONFIG_NAME, WEIGHTS_NAME, SftConfig
 from slope.prune import _set_submodule
 from slope.serialization.jsonfile import read_json_object
-from slope.peft.delta import SftLinear, SparseDelta
-from slope.peft.targets import allocate, find_targets, random_indices
+from slope.peft.delta import SftLinear, SparseDelta, check_indices
+from slope.peft.files import read_tensors, tensor_at
+from slope.peft.targets import _matches, allocate, find_targets, random_indices
 
 __all__ = ["SftModel", "get_peft_model"]
 
@@ -32,22 +33,61 @@ def fingerprint(weight: torch.Tensor) -> list[float]:
     return [float(v) for v in flat[positions].float().cpu()]
 
 
+def plan(model: nn.Module, config: SftConfig) -> tuple[list[tuple[str, nn.Module]], dict[str, nn.Parameter]]:
+    """What ``config`` does to ``model``, checked without changing it: the target modules
+    ``(name, module)`` and the parameters of the ``modules_to_save`` (``{"<module>.<param>": p}``).
+
+    Targets inside a module to save are left out (the whole module trains densely). An explicit
+    ``modules_to_save`` entry that matches nothing is a ``ValueError``; the task type's default
+    heads are skipped when the model lacks them (as in PEFT).
+    """
+    explicit = list(config.modules_to_save or [])
+    saved_modules = [(n, m) for n, m in model.named_modules() if n and _matches(n, config.all_modules_to_save())]
+    for key in explicit:
+        if not any(_matches(n, [key]) for n, _ in saved_modules):
+            raise ValueError(f"modules_to_save entry {key!r} matches no module of the model; name a module such as the task head 'classifier'")
+    prefixes = [n + "." for n, _ in saved_modules]
+    saved_modules = [(n, m) for n, m in saved_modules if not any(n.startswith(p) for p in prefixes)]  # outermost only
+
+    def inside(name: str) -> bool:
+        return any(name == n or name.startswith(n + ".") for n, _ in saved_modules)
+
+    targets = find_targets(model, config.target_modules, skip=inside)
+    saved = {f"{n}.{pn}": p for n, m in saved_modules for pn, p in m.named_parameters()}
+    return targets, saved
+
+
+def check_all_indices(targets: list[tuple[str, nn.Module]], indices: dict[str, torch.Tensor], where: str = "the deltas") -> None:
+    """``ValueError`` unless ``indices`` has valid indices for exactly the ``targets``."""
+    names = [name for name, _ in targets]
+    extra = sorted(set(indices) - set(names))
+    if extra:
+        raise ValueError(f"{where}: deltas for modules {extra} have no target in this model (target_modules select {names[:4]}...)")
+    for name, module in targets:
+        if name not in indices:
+            raise ValueError(f"{where}: no delta indices for target module {name!r}")
+        check_indices(indices[name], tuple(module.weight.shape), f"{where}: the indices of {name}")
+
+
 class SftModel(nn.Module):
-    """A model whose target linear weights are frozen and carry trainable sparse deltas."""
+    """A model whose target linear weights are frozen and carry trainable sparse deltas (and
+    whose ``modules_to_save`` train densely)."""
 
     def __init__(self, model: nn.Module, config: SftConfig, indices: dict[str, torch.Tensor] | None = None):
         super().__init__()
+        targets, saved = plan(model, config)  # everything is checked before the model is touched
+        if indices is None:
+            indices = self._initial_indices(model, config, targets)
+        check_all_indices(targets, indices)
         self.base_model = model
         self.peft_config = config
         for p in model.parameters():
             p.requires_grad_(False)
-        targets = find_targets(model, config.target_modules)
-        if indices is None:
-            indices = self._initial_indices(model, config, targets)
         for name, module in targets:
-            if name not in indices:
-                raise ValueError(f"no delta indices for target module {name!r}")
             _set_submodule(model, name, SftLinear(module, indices[name]))
+        self.saved_parameter_names = sorted(saved)
+        for p in saved.values():
+            p.requires_grad_(not config.inference_mode)
         if config.inference_mode:
             for _, _, delta in self.active_deltas():
                 delta.values.requires_grad_(False)
@@ -60,7 +100,7 @@ class SftModel(nn.Module):
             total = max(1, round(float(config.density) * sum(p.numel() for p in model.parameters())))
         shares = allocate(int(total), sizes)
         gen = torch.Generator().manual_seed(int(config.seed))
-        return {name: random_indices(size, k, gen) for (name, _), size, k in zip(targets, sizes, shares)}
+        return {name: random_indices(size, k, gen).to(m.weight.device) for (name, m), size, k in zip(targets, sizes, shares)}
 
     # ------------------------------------------------------------------ behaving like the model
     def forward(self, *args, **kwargs):
@@ -124,16 +164,25 @@ class SftModel(nn.Module):
         return self._unload(merge=False)
 
     # ------------------------------------------------------------------ persistence
+    def saved_parameters(self) -> dict[str, nn.Parameter]:
+        """The ``modules_to_save`` parameters, ``{"<module>.<param>": p}`` (names in the base model)."""
+        params = dict(self.base_model.named_parameters())
+        return {name: params[name] for name in self.saved_parameter_names}
+
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
-        """``{"<module>.sft_delta.values": (k,), "<module>.sft_delta.indices": (k,) int64}`` on the CPU."""
+        """``{"<module>.sft_delta.values": (k,), "<module>.sft_delta.indices": (k,) int64}`` and the
+        ``modules_to_save`` parameters ``{"<module>.<param>": tensor}``, on the CPU."""
         out = {}
         for name, layer in self.sft_layers():
             out[f"{name}.sft_delta.values"] = layer.sft_delta.values.detach().cpu().contiguous()
             out[f"{name}.sft_delta.indices"] = layer.sft_delta.indices.cpu().contiguous()
+        for name, p in self.saved_parameters().items():
+            out[name] = p.detach().cpu().contiguous()
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, **_ignored) -> None:
-        """Write only the deltas (safetensors) and the config with the base model's fingerprint."""
+        """Write only the deltas and ``modules_to_save`` (safetensors) and the config with the base
+        model's fingerprint."""
         from safetensors.torch import save_file
 
         base = {name: {"shape": list(layer.weight.shape), "samples": fingerprint(self._base_weight(layer))}
@@ -144,23 +193,27 @@ class SftModel(nn.Module):
 
     @torch.no_grad()
     def load_deltas(self, directory: str | os.PathLike) -> None:
-        """Replace this model's deltas (indices and values) by those saved in ``directory``."""
-        from safetensors.torch import load_file
-
+        """Replace this model's deltas (indices and values) and ``modules_to_save`` by those saved in
+        ``directory`` (a checkpoint of this model's training); checked in full before any change."""
         path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: pass a folder written by SftModel.save_pretrained")
-        tensors = load_file(path)
+        tensors = read_tensors(path, REMEDY)
         layers = dict(self.sft_layers())
-        expected = {f"{n}.sft_delta.{t}" for n in layers for t in ("values", "indices")}
+        expected = {f"{n}.sft_delta.{t}" for n in layers for t in ("values", "indices")} | set(self.saved_parameter_names)
         if set(tensors) != expected:
-            raise ValueError(f"{path} holds deltas for other modules than this model's {sorted(layers)}")
+            raise ValueError(f"{path} holds deltas for other modules than this model's {sorted(layers)}; {REMEDY}")
         for name, layer in layers.items():
-            values, indices = tensors[f"{name}.sft_delta.values"], tensors[f"{name}.sft_delta.indices"]
+            values = tensors[f"{name}.sft_delta.values"]
+            indices = tensor_at(tensors, f"{name}.sft_delta.indices", path, REMEDY, integer=True)
             if values.shape != layer.sft_delta.values.shape or indices.shape != values.shape:
                 raise ValueError(f"{path}: {name} has {values.numel()} entries, this model's delta {layer.sft_delta.values.numel()}")
-            layer.sft_delta.indices.copy_(indices)
-            layer.sft_delta.values.copy_(values)
+            check_indices(indices, layer.sft_delta.shape, f"{path}: the indices of {name}")
+        saved = self.saved_parameters()
+        _check_saved_shapes(saved, tensors, path)
+        for name, layer in layers.items():
+            layer.sft_delta.indices.copy_(tensors[f"{name}.sft_delta.indices"])
+            layer.sft_delta.values.copy_(tensors[f"{name}.sft_delta.values"])
+        for name, p in saved.items():
+            p.copy_(tensors[name])
 
     @staticmethod
     def _base_weight(layer: SftLinear) -> torch.Tensor:
@@ -174,40 +227,61 @@ class SftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, is_trainable: bool = False) -> "SftModel":
         """Apply deltas saved by :meth:`save_pretrained` to ``model`` (a fresh copy of their base).
 
-        A delta folder made for another base model (other module names or shapes, or other base
-        weights) is a ``ValueError``.
+        Everything is checked before ``model`` changes: a folder made for another base model (other
+        module names or shapes, or other base weights) or a corrupt one is a ``ValueError``.
         """
-        from safetensors.torch import load_file
-
         config_path, weights_path = os.path.join(model_id, CONFIG_NAME), os.path.join(model_id, WEIGHTS_NAME)
-        for path in (config_path, weights_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} not found: pass a folder written by SftModel.save_pretrained")
-        raw = read_json_object(config_path, lambda why: ValueError(
-            f"{config_path} is corrupt ({why}); pass a folder written by SftModel.save_pretrained"))
-        config = SftConfig.from_dict(raw)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} not found: {REMEDY}")
+        raw = read_json_object(config_path, lambda why: ValueError(f"{config_path} is corrupt ({why}); {REMEDY}"))
+        try:
+            config = SftConfig.from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_path}: {e}") from e
         config.inference_mode = not is_trainable
-        tensors = load_file(weights_path)
-        _check_base(model, raw.get("base_model", {}), model_id)
-        indices = {key[: -len(".sft_delta.indices")]: t for key, t in tensors.items() if key.endswith(".sft_delta.indices")}
+        tensors = read_tensors(weights_path, REMEDY)
+        if not isinstance(raw.get("base_model"), dict):
+            raise ValueError(f"{config_path} lacks the record of the deltas' base model ('base_model'); {REMEDY}")
+        _check_base(model, raw["base_model"], model_id)
+        try:
+            targets, saved = plan(model, config)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from e
         device = next(model.parameters()).device
-        sft = cls(model, config, indices={k: v.to(device) for k, v in indices.items()})
-        loaded = {name for name, _ in sft.sft_layers()}
-        if loaded != set(indices):
-            raise ValueError(f"{model_id}: deltas for modules {sorted(set(indices) - loaded)} have no target in this model")
+        indices = {key[: -len(".sft_delta.indices")]: tensor_at(tensors, key, weights_path, REMEDY, integer=True).to(device)
+                   for key in tensors if key.endswith(".sft_delta.indices")}
+        check_all_indices(targets, indices, str(model_id))
+        for name in indices:
+            values = tensor_at(tensors, f"{name}.sft_delta.values", weights_path, REMEDY)
+            if values.shape != indices[name].shape:
+                raise ValueError(f"{weights_path}: {name} has {values.numel()} values for {indices[name].numel()} indices (corrupt file); {REMEDY}")
+        _check_saved_shapes(saved, tensors, weights_path)
+        sft = cls(model, config, indices=indices)
         with torch.no_grad():
             for name, layer in sft.sft_layers():
-                values = tensors[f"{name}.sft_delta.values"]
-                if values.shape != layer.sft_delta.values.shape:
-                    raise ValueError(f"{model_id}: {name} has {values.numel()} values for {indices[name].numel()} indices (corrupt file)")
-                layer.sft_delta.values.copy_(values)
+                layer.sft_delta.values.copy_(tensors[f"{name}.sft_delta.values"])
+            for name, p in sft.saved_parameters().items():
+                p.copy_(tensors[name])
         return sft
+
+
+REMEDY = "pass a folder written by SftModel.save_pretrained (or an SftTrainer checkpoint)"
+
+
+def _check_saved_shapes(saved: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path) -> None:
+    """``ValueError`` unless ``tensors`` holds every ``modules_to_save`` parameter in its shape."""
+    for name, p in saved.items():
+        value = tensor_at(tensors, name, path, REMEDY)
+        if value.shape != p.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, this model's {tuple(p.shape)}; {REMEDY}")
 
 
 def _check_base(model: nn.Module, recorded: dict, where) -> None:
     """Raise ``ValueError`` unless ``model`` has the recorded target weights (names, shapes, values)."""
     modules = dict(model.named_modules())
     for name, record in recorded.items():
+        if not isinstance(record, dict) or not {"shape", "samples"} <= set(record):
+            raise ValueError(f"{where}: the base model record of {name} lacks its shape or samples (corrupt {CONFIG_NAME}); {REMEDY}")
         module = modules.get(name)
         weight = getattr(module, "weight", None)
         if weight is None:

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from slope.peft.config import SftConfig
 from slope.peft.delta import SftLinear
+from slope.peft.optim import SftSM3
 from slope.peft.selection import DeltaSet, SftReselection
 
 __all__ = ["SftSelector"]
@@ -23,6 +24,23 @@ def _sft_layers(model: nn.Module) -> dict[str, SftLinear]:
     if not layers:
         raise ValueError("the model has no sparse deltas: build it with slope.peft.get_peft_model(model, SftConfig(...))")
     return layers
+
+
+def _check_optimizer(optimizer, config: SftConfig, layers: dict[str, SftLinear]) -> None:
+    """``sm3`` grows from :class:`SftSM3`'s row/column accumulators, which it keeps only for the
+    deltas in its ``deltas`` mapping: anything else would never reselect (``ValueError`` now,
+    rather than silence or an error at the first reselection)."""
+    if config.selection_algorithm != "sm3":
+        return
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if not isinstance(opt, SftSM3):
+        raise ValueError(f"selection_algorithm='sm3' grows from SftSM3's accumulators, but the optimizer is {type(opt).__name__}: "
+                         "use slope.peft.SftSM3(params, {d.values: d for _, _, d in model.active_deltas()}, lr=...) "
+                         "(or selection_algorithm='rigl' with SftAdamW)")
+    missing = [name for name, layer in layers.items() if opt.deltas.get(layer.sft_delta.values) is not layer.sft_delta]
+    if missing:
+        raise ValueError(f"SftSM3's deltas mapping lacks {len(missing)} of the model's {len(layers)} deltas (e.g. {missing[0]}), "
+                         "so they would never be reselected: pass {d.values: d for _, _, d in model.active_deltas()} as its deltas")
 
 
 class SftSelector:
@@ -40,7 +58,10 @@ class SftSelector:
     def __init__(self, model: nn.Module, optimizer, config: SftConfig, num_train_steps: int, gradient_accumulation_steps: int = 1):
         if int(gradient_accumulation_steps) < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps!r}")
+        if not isinstance(num_train_steps, int) or isinstance(num_train_steps, bool) or num_train_steps < 1:
+            raise ValueError(f"num_train_steps must be the total number of optimizer steps (>= 1), got {num_train_steps!r}")
         self.layers = _sft_layers(model)
+        _check_optimizer(optimizer, config, self.layers)
         self.optimizer = optimizer
         self.config = config
         self.gradient_accumulation_steps = int(gradient_accumulation_steps)

@@ -10,7 +10,11 @@ first micro-batch and fixed afterwards. The optimizer sees only the sparse param
   into the sparse parameter's ``.grad`` (summing over micro-batches) and drops the full gradient
   at once, so at most one weight's full gradient exists at any time;
 - forward: a pre-hook on the owning module adds the pending increment (what the optimizer wrote
-  since the last forward) into the weight and zeroes it, so every forward sees the updated weights.
+  since the last forward) into the weight and zeroes it, so every forward sees the updated weights;
+- ``state_dict``: adds the pending increment too and records the chosen entries instead of the
+  increments (:mod:`slope.peft.sift_state`), so saves lose no step and a resumed run trains the
+  same entries. A user may choose the entries (``sparse_mapping[name].idx``, ``(ndim, k)``) before
+  the first backward.
 
 The increment restarts from zero each step, so an optimizer whose update depends on the
 parameter's value (weight decay) sees ~0 there: like the original, SIFT has no weight decay on the
@@ -36,8 +40,10 @@ import torch.nn as nn
 from slope.layer import SparseLinear
 from slope.parallel import get_world_size
 
+from slope.peft.delta import check_indices
 from slope.peft.model import fingerprint
 from slope.peft.selection import largest
+from slope.peft.sift_state import install_state_hooks
 
 __all__ = ["SIFT"]
 
@@ -63,9 +69,11 @@ class SIFT:
         self._trainable: list[tuple[str, nn.Parameter]] = []
         self._in_optimizer: list[tuple[str, nn.Parameter]] = []
         self._handles = []
+        self._idx_set: dict[str, torch.Tensor] = {}  # the .idx SIFT set itself (another object: the user's)
         self._register(list(model.named_parameters()))
         if gradient_checkpointing:
             self._input_grads()
+        self._handles.extend(install_state_hooks(self))
 
     def _register(self, named: list[tuple[str, nn.Parameter]]) -> None:
         for name, p in named:
@@ -79,7 +87,10 @@ class SIFT:
             else:
                 p.requires_grad_(False)
         if not self.sparse_mapping:
-            raise ValueError(f"sparse_module {self.sparse_module} matches no parameter name of the model")
+            aliases = {n: shared for n, shared in _tied_aliases(self.model).items() if any(key in n for key in self.sparse_module)}
+            hint = (f"; {next(iter(aliases))} is tied to {next(iter(aliases.values()))} (one tensor), which is listed under that name: "
+                    "name it instead (its increments then act in both places)" if aliases else "")
+            raise ValueError(f"sparse_module {self.sparse_module} matches no parameter name of the model{hint}")
 
     def _check_dense(self, name: str) -> None:
         """SIFT's increments ride on the dense gradient of ``name``; a SLoPe 2:4 layer has none
@@ -105,24 +116,22 @@ class SIFT:
         self.model.register_parameter(name.replace(".", "_") + "_sparse", sparse)
         self._trainable.append((name, p))
         self._in_optimizer.append((name + "_sparse", sparse))
-        self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(sparse)))
+        self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name, sparse)))
         owner = self.model.get_submodule(name.rpartition(".")[0]) if "." in name else self.model
         self._handles.append(owner.register_forward_pre_hook(self._apply_hook(p, sparse)))
 
-    @staticmethod
-    def _grad_hook(sparse: nn.Parameter):
+    def _grad_hook(self, name: str, sparse: nn.Parameter):
         @torch.no_grad()
         def hook(p: torch.Tensor) -> None:
             grad, p.grad = p.grad, None
             flat = grad.reshape(-1)
+            self._check_user_idx(name, sparse, p)
             if sparse.flat_idx is None:
                 scores = flat.float()
                 if get_world_size() > 1:  # every rank picks the entries of the gradient summed over the ranks
                     scores = scores.clone()
                     dist.all_reduce(scores)
-                sparse.flat_idx = largest(scores.abs(), sparse.train_num)
-                sparse.base_values = p.detach().reshape(-1)[sparse.flat_idx].clone()
-                sparse.idx = torch.stack(torch.unravel_index(sparse.flat_idx, p.shape))
+                self.set_entries(name, p, largest(scores.abs(), sparse.train_num))
             picked = flat[sparse.flat_idx].to(sparse.dtype)
             if sparse.grad is None:
                 sparse.grad = picked
@@ -130,6 +139,39 @@ class SIFT:
                 sparse.grad += picked
 
         return hook
+
+    @torch.no_grad()
+    def set_entries(self, name: str, p: torch.Tensor, flat_idx: torch.Tensor) -> None:
+        """Train the entries ``flat_idx`` (``(k,)`` int64 flat positions) of parameter ``name`` (``p``):
+        sets ``.flat_idx``, ``.idx`` (``(ndim, k)``) and ``.base_values`` (their current values)."""
+        sparse = self.sparse_mapping[name]
+        flat_idx = torch.as_tensor(flat_idx)
+        if flat_idx.numel() != sparse.train_num:
+            raise ValueError(f"SIFT trains {sparse.train_num} entries of {name} (its sparse parameter's size), got {flat_idx.numel()} indices")
+        check_indices(flat_idx, tuple(p.shape), f"the SIFT indices of {name}")
+        sparse.flat_idx = flat_idx.to(p.device, torch.long)
+        sparse.base_values = p.detach().reshape(-1)[sparse.flat_idx].clone()
+        sparse.idx = torch.stack(torch.unravel_index(sparse.flat_idx, p.shape))
+        self._idx_set[name] = sparse.idx
+
+    def _check_user_idx(self, name: str, sparse: nn.Parameter, p: torch.Tensor) -> None:
+        """Honour ``sparse_mapping[name].idx`` set by the user (SIFT's "customize the selection":
+        ``(ndim, k)`` coordinates, numpy or torch) before the first backward; refuse a change later."""
+        if sparse.idx is None or sparse.idx is self._idx_set.get(name):
+            return
+        if sparse.flat_idx is not None:
+            raise ValueError(f"sparse_mapping[{name!r}].idx was changed after SIFT chose its entries: set it before the first backward")
+        coords = torch.as_tensor(sparse.idx)
+        if coords.dtype.is_floating_point or coords.dim() != 2 or coords.shape[0] != p.dim():
+            raise ValueError(f"sparse_mapping[{name!r}].idx must be integer coordinates of shape ({p.dim()}, k), "
+                             f"e.g. np.stack(np.unravel_index(flat, p.shape)); got {coords.dtype} {tuple(coords.shape)}")
+        for d, size in enumerate(p.shape):
+            if coords.shape[1] and (int(coords[d].min()) < 0 or int(coords[d].max()) >= size):
+                raise ValueError(f"sparse_mapping[{name!r}].idx row {d} must lie in [0, {size}) for a weight of shape {tuple(p.shape)}")
+        flat = torch.zeros(coords.shape[1], dtype=torch.long)
+        for d, size in enumerate(p.shape):  # row-major, as p.reshape(-1)
+            flat = flat * size + coords[d].long().cpu()
+        self.set_entries(name, p, flat)
 
     @staticmethod
     def _apply_hook(p: nn.Parameter, sparse: nn.Parameter):
@@ -201,6 +243,15 @@ class SIFT:
         save_sift(self, save_directory)
 
     def remove_hooks(self) -> None:
+        """Detach SIFT from the model (training and state-dict hooks; the weights keep every
+        applied increment — call :meth:`apply_pending` first if a step is pending)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for parameters listed only under another name (tied weights, e.g. GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``); ``named_parameters()`` shows each tensor once."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    return {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}

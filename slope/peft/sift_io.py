@@ -20,6 +20,8 @@ import os
 import torch
 import torch.nn as nn
 
+from slope.peft.delta import check_indices
+from slope.peft.files import read_tensors, tensor_at
 from slope.peft.model import FINGERPRINT_RTOL, fingerprint
 from slope.serialization.jsonfile import read_json_object
 
@@ -75,30 +77,60 @@ def _check_base(model: nn.Module, recorded: dict, where) -> dict[str, nn.Paramet
 @torch.no_grad()
 def load_sift(model: nn.Module, directory: str | os.PathLike, sign: int = 1) -> nn.Module:
     """Add the increments saved in ``directory`` to ``model`` (a fresh copy of their base) in place,
-    and set its ``exception`` parameters to the trained ones; ``sign=-1`` subtracts the increments."""
-    from safetensors.torch import load_file
+    and set its ``exception`` parameters to the trained ones; ``sign=-1`` subtracts the increments.
 
+    Each entry is computed in float32 (``base + increment``) and rounded once to the weight's dtype,
+    so a bf16 model gets back exactly the weights it trained. Everything is checked first: a bad
+    folder is an error and leaves ``model`` unchanged.
+    """
     config_path, weights_path = os.path.join(directory, SIFT_CONFIG), os.path.join(directory, SIFT_WEIGHTS)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: pass a folder written by SIFT.save_pretrained")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: {REMEDY}")
     if sign not in (1, -1):
         raise ValueError(f"sign must be 1 (add the increments) or -1 (remove them), got {sign!r}")
-    recorded = read_json_object(config_path, lambda why: ValueError(
-        f"{config_path} is corrupt ({why}); pass a folder written by SIFT.save_pretrained"))["base_model"]
-    tensors = load_file(weights_path)
+    config = read_json_object(config_path, lambda why: ValueError(f"{config_path} is corrupt ({why}); {REMEDY}"))
+    recorded = config.get("base_model")
+    if not isinstance(recorded, dict) or not all(isinstance(r, dict) and {"shape", "samples"} <= set(r) for r in recorded.values()):
+        raise ValueError(f"{config_path} lacks the record of the increments' base model ('base_model'); {REMEDY}")
+    tensors = read_tensors(weights_path, REMEDY)
+    params = _check_base(model, recorded, directory) if sign == 1 else dict(model.named_parameters())
+    increments = _checked_increments(params, recorded, tensors, weights_path)
+    exceptions = _checked_exceptions(params, recorded, tensors, directory)
+    for name, (indices, values) in increments.items():
+        flat = params[name].data.view(-1)
+        flat[indices] = (flat[indices].float() + sign * values).to(flat.dtype)
     if sign == 1:
-        params = _check_base(model, recorded, directory)
-    else:
-        params = dict(model.named_parameters())
+        for name, value in exceptions.items():
+            params[name].data.copy_(value.to(params[name].device, params[name].dtype))
+    return model
+
+
+REMEDY = "pass a folder written by SIFT.save_pretrained"
+
+
+def _checked_increments(params, recorded: dict, tensors, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (indices int64 (k,), values float32 (k,))}`` on each parameter's device, checked."""
+    out = {}
     for name in recorded:
-        p, indices, values = params[name], tensors[f"{name}.indices"], tensors[f"{name}.values"]
-        p.data.view(-1).index_add_(0, indices.to(p.device), (sign * values).to(p.device, p.dtype))
+        if name not in params:
+            raise ValueError(f"{path}: the increments of {name} have no parameter of that name in this model")
+        p = params[name]
+        indices = tensor_at(tensors, f"{name}.indices", path, REMEDY, integer=True)
+        values = tensor_at(tensors, f"{name}.values", path, REMEDY)
+        check_indices(indices, tuple(p.shape), f"{path}: the indices of {name}")
+        if values.shape != indices.shape:
+            raise ValueError(f"{path}: {name} has {values.numel()} values for {indices.numel()} indices (corrupt file); {REMEDY}")
+        out[name] = (indices.to(p.device, torch.long), values.to(p.device, torch.float32))
+    return out
+
+
+def _checked_exceptions(params, recorded: dict, tensors, where) -> dict[str, torch.Tensor]:
+    """The saved ``exception`` parameters (every tensor that is not an increment), checked."""
+    out = {}
     for name, value in tensors.items():
         if name.endswith((".indices", ".values")) and name.rsplit(".", 1)[0] in recorded:
             continue
         if name not in params or params[name].shape != value.shape:
-            raise ValueError(f"{directory}: the trained parameter {name} {tuple(value.shape)} has no match in this model")
-        if sign == 1:
-            params[name].data.copy_(value.to(params[name].device, params[name].dtype))
-    return model
+            raise ValueError(f"{where}: the trained parameter {name} {tuple(value.shape)} has no match in this model")
+        out[name] = value
+    return out

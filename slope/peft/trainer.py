@@ -3,8 +3,10 @@
 ``trainer = SftTrainer(Trainer)(model=sft_model, args=..., train_dataset=..., sft_config=config)``:
 the optimizer is ``SftAdamW`` (``rigl``) or ``SftSM3`` (``sm3``) over the deltas, built from the
 ``TrainingArguments`` (learning rate, Adam betas/eps, weight decay); an :class:`SftSelector`
-reselects after every optimizer step; checkpoints hold only the deltas (+ the selector state),
-and ``resume_from_checkpoint`` restores them.
+reselects after every optimizer step; checkpoints hold only the deltas and ``modules_to_save`` (+
+the selector state); ``resume_from_checkpoint`` and ``load_best_model_at_end`` restore them. The
+Trainer reads the labels' names from the wrapped model's ``forward``, so evaluation reports
+``eval_loss`` and ``compute_metrics`` gets the labels.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import can_return_loss, find_labels
 
 from slope.peft.model import SftModel
 from slope.peft.optim import SftAdamW, SftSM3
@@ -54,7 +57,21 @@ def SftTrainer(trainer_class):  # noqa: N802 (PEFT-SFT's name for a class factor
             self._sft_resume_dir: str | None = None
             if self.args.gradient_checkpointing and hasattr(sft_model.base_model, "enable_input_require_grads"):
                 sft_model.base_model.enable_input_require_grads()  # reentrant checkpointing needs it
+            self._inspect_base_model(sft_model.base_model)
             self.add_callback(_SelectorCallback(self))
+
+        def _inspect_base_model(self, base) -> None:
+            """What the Trainer learns from the model's ``forward`` signature (the labels' names,
+            whether it returns a loss without labels, whether it takes loss kwargs), read from the
+            wrapped model: ``SftModel.forward(*args, **kwargs)`` hides it, as ``PeftModel``'s does."""
+            if self.args.label_names is None:
+                self.label_names = find_labels(type(base))
+            self.can_return_loss = can_return_loss(type(base))
+            if hasattr(base, "accepts_loss_kwargs"):
+                self.model_accepts_loss_kwargs = base.accepts_loss_kwargs
+            else:
+                params = inspect.signature(base.forward).parameters.values()
+                self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
         def _sft_model(self) -> SftModel:
             model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
@@ -107,6 +124,10 @@ def SftTrainer(trainer_class):  # noqa: N802 (PEFT-SFT's name for a class factor
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:  # noqa: ARG002
             self._sft_model().load_deltas(resume_from_checkpoint)
             self._sft_resume_dir = resume_from_checkpoint
+
+        def _load_best_model(self) -> None:
+            """``load_best_model_at_end``: the best checkpoint's deltas (and ``modules_to_save``)."""
+            self._sft_model().load_deltas(self.state.best_model_checkpoint)
 
     _SftTrainer.__name__ = _SftTrainer.__qualname__ = f"Sft{trainer_class.__name__}"
     return _SftTrainer
