@@ -79,5 +79,12 @@ def run(args: argparse.Namespace) -> int:
             options["pruning_method"] = _import_method(options["pruning_method"])
         return sparse_finetune(options.pop("model"), options.pop("dataset"), **options)
 
-    return run_command("sparse-finetune", call, args.output_dir,
-                       lambda s: f" | sparsity {s['final_sparsity']:.4f} | {s['mask_updates']} mask updates")
+    return run_command("sparse-finetune", call, args.output_dir, _result_line)
+
+
+def _result_line(summary: dict) -> str:
+    """`` | sparsity 0.5000 | initial prune + 2 mask updates`` (``, 1 skipped``: a RigL update skipped
+    for a non-finite gradient)."""
+    skipped = summary.get("mask_updates_skipped", 0)
+    return (f" | sparsity {summary['final_sparsity']:.4f} | initial prune + {summary['mask_updates']} mask updates"
+            + (f" ({skipped} skipped)" if skipped else ""))

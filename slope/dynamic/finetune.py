@@ -133,8 +133,17 @@ def _loop(ctx: _Run, out: Path | None, main: bool = True) -> dict[str, Any]:
     summary = run_resumable(ctx.loop, _checkpoints(ctx, out, main), out, extra["resume_from_checkpoint"], extra["save_steps"],
                             records=[{"event": "mask_update", **event} for event in sparsifier.history], main_process=main)
     summary["final_sparsity"] = sparsifier.sparsity
-    summary["mask_updates"] = sum(1 for r in summary["records"] if r.get("event") == "mask_update")
+    summary.update(count_mask_updates(summary["records"]))
     return summary
+
+
+def count_mask_updates(records: list[dict[str, Any]]) -> dict[str, int]:
+    """``mask_updates``: the RigL / gradual-pruning updates made after a training step (the pruning at
+    step 0 is not one: it is the run's ``initial_prune``), and ``mask_updates_skipped`` (RigL updates
+    skipped for a non-finite dense gradient)."""
+    updates = [r for r in records if r.get("event") == "mask_update" and r["step"] > 0]
+    skipped = sum(1 for r in updates if r.get("skipped"))
+    return {"mask_updates": len(updates) - skipped, "mask_updates_skipped": skipped}
 
 
 def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any]) -> None:
