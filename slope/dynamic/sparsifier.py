@@ -169,15 +169,15 @@ class DynamicSparsityConfig:
         return values
 
 
-def _linear_targets(model: nn.Module, targets, skip, multiple_of: int = 1) -> MaskedWeights:
-    """Masks (all kept) on the weights of the linear layers to sparsify: ``nn.Linear`` and GPT-2's
-    ``Conv1D`` (stored ``(in, out)``: named in :attr:`MaskedWeights.transposed`), chosen by the rules
-    of :func:`slope.prune_model`; ``multiple_of``: only layers whose input dimension it divides (N:M)."""
+def _target_linears(model: nn.Module, targets, skip, multiple_of: int = 1) -> dict[str, nn.Module]:
+    """``{name: module}`` of the linear layers to sparsify: ``nn.Linear`` and GPT-2's ``Conv1D``, chosen
+    by the rules of :func:`slope.prune_model`; ``multiple_of``: only layers whose input dimension it
+    divides (N:M). A model without any is a one-line error."""
     from slope.prune import DEFAULT_SKIP, _linear_weight, _matches, _tied_to_embedding
 
     targets = [targets] if isinstance(targets, str) else list(targets or [])
     skip = [skip] if isinstance(skip, str) else list(skip or [])
-    chosen, transposed = {}, []
+    chosen = {}
     for name, module in model.named_modules():
         view = _linear_weight(module) if name else None
         if view is None or (targets and not _matches(name, targets)):
@@ -189,13 +189,30 @@ def _linear_targets(model: nn.Module, targets, skip, multiple_of: int = 1) -> Ma
             if targets:
                 raise ValueError(f"{name}: in_features {in_features} is not divisible by M={multiple_of}")
             continue
-        chosen[name + ".weight"] = module.weight
-        if not isinstance(module, nn.Linear):
-            transposed.append(name + ".weight")
+        chosen[name] = module
     if not chosen:
         raise ValueError(f"{type(model).__name__}: no linear layer (nn.Linear or Conv1D) to sparsify "
-                         f"(targets={targets or 'all'}, skip={skip})")
-    return MaskedWeights(chosen, transposed=transposed)
+                         f"(targets={targets or 'all'}, skip={skip}" + (f"; none has an input dimension divisible by M={multiple_of})" if multiple_of > 1 else ")"))
+    return chosen
+
+
+def _linear_targets(model: nn.Module, targets, skip, multiple_of: int = 1) -> MaskedWeights:
+    """Masks (all kept) on the weights of :func:`_target_linears`; GPT-2's ``Conv1D`` stores them
+    ``(in, out)``, so they are named in :attr:`MaskedWeights.transposed`."""
+    modules = _target_linears(model, targets, skip, multiple_of)
+    return MaskedWeights({name + ".weight": module.weight for name, module in modules.items()},
+                         transposed=[name + ".weight" for name, module in modules.items() if not isinstance(module, nn.Linear)])
+
+
+def _check_nm_fits(model: nn.Module, cfg: DynamicSparsityConfig) -> None:
+    """One line (instead of prune_model's table) when no targeted layer has sizes divisible by M."""
+    from slope.prune import _linear_weight
+
+    n, m = cfg.structure
+    sizes = {tuple(_linear_weight(module)[0].shape) for module in _target_linears(model, cfg.targets, cfg.skip).values()}
+    if not any(out % m == 0 and inp % m == 0 for out, inp in sizes):
+        raise ValueError(f"{type(model).__name__}: no linear layer can be {n}:{m} sparse: SLoPe layers need input and output "
+                         f"sizes divisible by M={m} ((out, in) sizes here: {sorted(sizes)[:4]}); choose an N:M whose M divides them, e.g. 2:4")
 
 
 def _nm_layers(model: nn.Module, cfg: DynamicSparsityConfig) -> SparseLayerMasks:
@@ -207,6 +224,7 @@ def _nm_layers(model: nn.Module, cfg: DynamicSparsityConfig) -> SparseLayerMasks
     compress = (n, m) == (2, 4) if cfg.compress is None else cfg.compress
     double_pruning = compress if cfg.double_pruning is None else cfg.double_pruning
     if not any(True for _ in sparse_modules(model)):
+        _check_nm_fits(model, cfg)
         prune_model(model, compress=compress, sparsity=f"{n}:{m}", targets=cfg.targets, skip=cfg.skip,
                     backend=cfg.backend, double_pruning=double_pruning, verbose=False)
     layers = dict(sparse_modules(model))
