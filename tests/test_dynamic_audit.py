@@ -300,3 +300,21 @@ def test_trainer_log_history_holds_the_sparsity(tmp_path):
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and all(entry["sparsity"] == pytest.approx(0.5) for entry in logged)
+
+
+# ---------------------------------------------------------------------- 14. top-k attention and Gemma 2's softcap
+def test_topk_attention_keeping_every_key_is_gemma2_eager_attention_with_softcap():
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from slope.dynamic.attention import topk_attention
+
+    q, k, v = torch.randn(2, 4, 7, 8) * 3, torch.randn(2, 2, 7, 8) * 3, torch.randn(2, 2, 7, 8)
+    mask = torch.where(torch.ones(7, 7, dtype=torch.bool).tril(), 0.0, torch.finfo(torch.float32).min).expand(2, 1, 7, 7)
+    module = nn.Module().eval()
+    module.config = type("C", (), {"topk_attention_ratio": 1.0})()
+    module.is_causal, module.num_key_value_groups, module.head_dim = True, 2, 8
+    expected, _ = eager_attention_forward(module, q, k, v, mask, scaling=0.3, softcap=2.0)
+    out, _ = topk_attention(module, q, k, v, mask, scaling=0.3, softcap=2.0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"does not support attention sinks \(s_aux"):
+        topk_attention(module, q, k, v, mask, scaling=0.3, s_aux=torch.zeros(4))
