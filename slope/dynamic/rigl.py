@@ -70,8 +70,8 @@ class RigL(MaskPolicy):
 
     Args:
         interval: ``ΔT``; masks change after optimizer steps ``ΔT, 2ΔT, …`` before ``end_step``.
-        fraction: ``α``, the fraction of each layer's kept weights swapped at the first update,
-            cosine-decayed to 0 at ``end_step``.
+        fraction: ``α``, the swap fraction of the cosine decay ``f_t = α/2 · (1 + cos(π t / end_step))``:
+            ``α`` at step 0, 0 at ``end_step`` (the first update, at ``t = interval``, swaps ``f_interval < α``).
         structure: ``None`` (unstructured) or ``(n, m)``: regrow within groups (N:M stays N:M).
         end_step: ``T_end`` (default: ``total_steps``).
 

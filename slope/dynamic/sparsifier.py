@@ -49,7 +49,8 @@ class DynamicSparsityConfig:
             set to: a set ratio that differs is warned of, once). :meth:`validate` fills it in.
         sparsity_type: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``, …) along the input dimension.
         mask_update_interval: optimizer steps between mask updates (RigL and gradual pruning).
-        mask_update_fraction: RigL's initial fraction of kept weights swapped per update (cosine-decayed to 0).
+        mask_update_fraction: RigL's ``α``: the fraction of kept weights swapped, ``α`` at step 0 and
+            cosine-decayed to 0 at the end (an update after ``t`` steps swaps ``α/2 · (1 + cos(π t / total_steps))``).
         use_rigl: drop small weights and regrow large-gradient ones at every update.
         sparsity_schedule: ``None``, ``"cubic"``, ``"linear"``, ``"constant"`` or a callable
             ``(step, total_steps) -> sparsity`` for gradual pruning (unstructured); see
