@@ -49,6 +49,8 @@ def test_gpt2_unstructured_rigl_masks_conv1d_weights():
     assert sorted(sp.masked.masks) == sorted(f"transformer.h.0.{n}.weight" for n in CONV1D)
     records = _train(model, sp, 4)
     assert [r["step"] for r in records] == [2] and all(layer["changed"] > 0 for layer in records[0]["layers"].values())
+    for layer in records[0]["layers"].values():  # flips: the dropped that stayed out and as many newly grown
+        assert layer["changed"] == 2 * (layer["dropped"] - layer["regrown"]) and layer["grown"] == layer["dropped"]
     for name, mask in sp.masked.masks.items():
         weight = model.get_parameter(name)
         assert int(mask.sum()) == mask.numel() // 2 and not weight[~mask].any()
