@@ -27,7 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
           help="fraction of weights pruned per layer (unstructured; default: 0.5; N:M prunes 1 - N/M)")
     _flag(p, "sparsity_type", default="unstructured", help="'unstructured' or N:M ('2:4', '4:8', ...)")
     _flag(p, "mask_update_interval", type=int, default=100, help="optimizer steps between mask updates")
-    _flag(p, "mask_update_fraction", type=float, default=0.3, help="RigL's alpha: the swap fraction at step 0, cosine-decayed to 0 at the end "
+    _flag(p, "mask_update_fraction", type=float, default=0.3,
+          help="RigL's alpha: the swap fraction at step 0, cosine-decayed to 0 at the end "
           "(the first update, after --mask-update-interval steps, swaps a little less)")
     _flag(p, "use_rigl", action=argparse.BooleanOptionalAction, default=True, help="RigL drop/grow at every update")
     _flag(p, "sparsity_schedule", choices=sorted(SCHEDULES), default=None,

@@ -192,8 +192,9 @@ def _target_linears(model: nn.Module, targets, skip, multiple_of: int = 1) -> di
             continue
         chosen[name] = module
     if not chosen:
+        divisible = f"; none has an input dimension divisible by M={multiple_of}" if multiple_of > 1 else ""
         raise ValueError(f"{type(model).__name__}: no linear layer (nn.Linear or Conv1D) to sparsify "
-                         f"(targets={targets or 'all'}, skip={skip}" + (f"; none has an input dimension divisible by M={multiple_of})" if multiple_of > 1 else ")"))
+                         f"(targets={targets or 'all'}, skip={skip}{divisible})")
     return chosen
 
 
@@ -213,7 +214,8 @@ def _check_nm_fits(model: nn.Module, cfg: DynamicSparsityConfig) -> None:
     sizes = {tuple(_linear_weight(module)[0].shape) for module in _target_linears(model, cfg.targets, cfg.skip).values()}
     if not any(out % m == 0 and inp % m == 0 for out, inp in sizes):
         raise ValueError(f"{type(model).__name__}: no linear layer can be {n}:{m} sparse: SLoPe layers need input and output "
-                         f"sizes divisible by M={m} ((out, in) sizes here: {sorted(sizes)[:4]}); choose an N:M whose M divides them, e.g. 2:4")
+                         f"sizes divisible by M={m} ((out, in) sizes here: {sorted(sizes)[:4]}); "
+                         "choose an N:M whose M divides them, e.g. 2:4")
 
 
 def _nm_layers(model: nn.Module, cfg: DynamicSparsityConfig) -> SparseLayerMasks:
