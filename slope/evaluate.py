@@ -73,7 +73,7 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use device 'cpu' (--device cpu)")
     return device
 
 

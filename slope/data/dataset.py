@@ -67,10 +67,10 @@ def load_tokenizer(path: str | Path = TOKENIZER_FILE):
 def _unreadable(path: Path, e: Exception) -> DataError:
     """One line for a file that is not the text its name promises (bad gzip, not UTF-8)."""
     if isinstance(e, UnicodeDecodeError):
-        return DataError(f"--dataset {path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+        return DataError(f"dataset {path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
                          "convert it, e.g. iconv -f latin1 -t utf-8")
     hint = "; a .jsonl.gz file must be gzip-compressed JSON lines" if path.suffix == ".gz" else ""
-    return DataError(f"--dataset {path}: cannot read it ({e}){hint}")
+    return DataError(f"dataset {path}: cannot read it ({e}){hint}")
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
@@ -111,10 +111,10 @@ def read_documents(dataset: str, text_field: str = "text") -> Iterator[str]:
                 raise _unreadable(path, e) from e
             yield text
         else:
-            raise DataError(f"--dataset {dataset}: unsupported file type; use a .txt, .jsonl or .jsonl.gz file")
+            raise DataError(f"dataset {dataset}: unsupported file type; use a .txt, .jsonl or .jsonl.gz file")
         return
     if path.suffix in (".txt", ".jsonl", ".gz") or path.is_dir() or dataset.startswith((".", "/", "~")):
-        raise DataError(f"--dataset {dataset}: no such file (give a .txt/.jsonl file, 'embedded', or a Hugging Face dataset name)")
+        raise DataError(f"dataset {dataset}: no such file (give a .txt/.jsonl file, 'embedded', or a Hugging Face dataset name)")
     yield from _read_hf(dataset, text_field)
 
 
@@ -136,16 +136,16 @@ def _read_hf(name: str, text_field: str) -> Iterator[str]:
         import datasets
     except ImportError as e:
         raise DataError(
-            f"--dataset {name}: not a local file, and Hugging Face datasets need the 'datasets' package "
+            f"dataset {name}: not a local file, and Hugging Face datasets need the 'datasets' package "
             "(pip install datasets) and a network connection"
         ) from e
     hf_name, _, config = name.partition(":")
     try:
         ds = datasets.load_dataset(hf_name, config or None, split="train")
     except Exception as e:  # noqa: BLE001 (datasets raises many kinds; we re-raise with context)
-        raise DataError(f"--dataset {name}: could not load the Hugging Face dataset ({e})") from e
+        raise DataError(f"dataset {name}: could not load the Hugging Face dataset ({e})") from e
     if text_field not in ds.column_names:
-        raise DataError(f"--dataset {name}: no column {text_field!r} (columns: {ds.column_names}); pass --text-field")
+        raise DataError(f"dataset {name}: no column {text_field!r} (columns: {ds.column_names}); choose one with text_field (--text-field)")
     for record in ds:
         yield record[text_field]
 
@@ -173,14 +173,15 @@ def split_chunks(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.cat(train) if train else tokens[:0]), (torch.cat(val) if val else tokens[:0])
 
 
-def split_stream(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`split_chunks`, refusing a split with less than one ``seq_len + 1`` window on either side."""
+def split_stream(tokens: torch.Tensor, seq_len: int, length_name: str = "--seq-len") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_chunks`, refusing a split with less than one ``seq_len + 1`` window on either side
+    (``length_name``: what the caller calls ``seq_len``, for the error)."""
     train_t, val_t = split_chunks(tokens)
     need = seq_len + 1
     if len(train_t) < need or len(val_t) < need:
         raise DataError(
             f"dataset too small: {len(tokens)} tokens give {len(train_t)} train / {len(val_t)} validation tokens, "
-            f"but each split needs at least seq_len+1 = {need}; use more text or a smaller --seq-len"
+            f"but each split needs at least {need} ({length_name} + 1); use more text or a smaller {length_name}"
         )
     return train_t, val_t
 
@@ -205,7 +206,7 @@ def _tokenize(dataset: str, text_field: str, tokenizer: str, stamp: tuple | None
     tok = open_tokenizer(tokenizer)
     docs = list(read_documents(dataset, text_field))
     if not docs:
-        raise DataError(f"--dataset {dataset}: no documents found")
+        raise DataError(f"dataset {dataset}: no documents found")
     ids: list[int] = []
     for doc_ids in tok.encode_batch(docs):
         ids.extend(doc_ids)
@@ -213,15 +214,16 @@ def _tokenize(dataset: str, text_field: str, tokenizer: str, stamp: tuple | None
     return torch.tensor(ids, dtype=torch.int64), tok.vocab_size, tok.eos_id
 
 
-def load_splits(dataset: str, seq_len: int, text_field: str = "text", tokenizer: str | Path = "") -> TokenSplits:
+def load_splits(dataset: str, seq_len: int, text_field: str = "text", tokenizer: str | Path = "",
+                length_name: str = "--seq-len") -> TokenSplits:
     """Tokenize ``dataset`` with ``tokenizer`` (:func:`slope.data.tokenizer.open_tokenizer`: ``""`` is
     the shipped BPE, else a tokenizer.json file or a Hugging Face tokenizer folder) and split it
-    deterministically (see :func:`split_stream`)."""
+    deterministically (see :func:`split_stream`; ``length_name`` names ``seq_len`` in its error)."""
     path = CORPUS_FILE if dataset == EMBEDDED else Path(dataset).expanduser()
     tokenizer = str(tokenizer)
     tokenizer_stamp = _stamp(Path(tokenizer).expanduser()) if tokenizer else None
     tokens, vocab_size, eos_id = _tokenize(dataset, text_field, tokenizer, _stamp(path), tokenizer_stamp)
-    train, val = split_stream(tokens, seq_len)
+    train, val = split_stream(tokens, seq_len, length_name)
     digest = hashlib.sha256(train.numpy().tobytes())
     digest.update(val.numpy().tobytes())
     return TokenSplits(train, val, vocab_size, eos_id, digest.hexdigest()[:16])

@@ -5,7 +5,9 @@ a query allowed fewer keys by the causal or padding mask attends to all of those
 softmax over the kept scores. :func:`enable_topk_attention` registers the function with
 ``transformers.AttentionInterface`` (and a boolean mask builder with ``AttentionMaskInterface``)
 and switches a model to it, so every model that dispatches attention through the interface —
-Llama, Mistral, Qwen2, Gemma, … — uses it without patching. The ratio lives in the model's
+Llama, Mistral, Qwen2, Gemma (its ``softcap`` of the scores is honoured), … — uses it without
+patching. Attention sinks (gpt-oss's ``s_aux``) are refused: the kept keys would need the sink in
+their softmax, which this function does not model. The ratio lives in the model's
 config (``topk_attention_ratio``); it is saved with the config, the implementation choice is not
 (re-enable after loading).
 
@@ -53,19 +55,25 @@ def _allowed_and_bias(attention_mask, module: nn.Module, q_len: int, kv_len: int
 
 def topk_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                   **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                   softcap: float | None = None, s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers attention function: ``query (b, h, q, d)``, ``key`` / ``value (b, h_kv, L, d)``
-    (grouped-query heads repeated), mask as :func:`_allowed_and_bias` reads it. Returns the output
-    ``(b, q, h, d)`` in ``query``'s dtype and the attention weights ``(b, h, q, L)``. Scores and
-    softmax run in fp32."""
+    (grouped-query heads repeated), mask as :func:`_allowed_and_bias` reads it; ``softcap`` (Gemma 2):
+    scores become ``softcap · tanh(scores / softcap)`` before the mask, as in eager attention;
+    ``s_aux`` (attention sinks) is an error. Returns the output ``(b, q, h, d)`` in ``query``'s dtype
+    and the attention weights ``(b, h, q, L)``. Scores and softmax run in fp32."""
     ratio = getattr(module.config, "topk_attention_ratio", None)
     if ratio is None:
         raise ValueError(f"{TOPK_ATTENTION} attention needs config.topk_attention_ratio; use slope.dynamic.enable_topk_attention(model, ratio)")
+    if s_aux is not None:
+        raise ValueError(f"{TOPK_ATTENTION} attention does not support attention sinks (s_aux, as in gpt-oss); "
+                         "keep this model's own attention implementation (use_topk_attention=False)")
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     allowed, bias = _allowed_and_bias(attention_mask, module, query.shape[2], key.shape[2], query.device)
     if bias is not None:
         scores = scores + bias

@@ -10,7 +10,8 @@ N:M (``sparsity_type="2:4"``): the model holds SLoPe layers, trained by
 optimizer here too (``DynamicSparsityCallback(sparsifier, optimizer=sparse_opt)``) so the mask
 updates move its moments.
 
-After each optimizer step (``on_optimizer_step``) it calls :meth:`DynamicSparsity.step`. At every
+After each optimizer step (``on_optimizer_step``) it calls :meth:`DynamicSparsity.step`; every log
+(``on_log``) carries the current ``sparsity``, in ``trainer.state.log_history`` too. At every
 Trainer save it writes ``checkpoint-<step>/slope_dynamic_sparsity.pt``; ``trainer.train(
 resume_from_checkpoint=...)`` restores the masks, the step count and the schedule from it.
 """
@@ -60,5 +61,14 @@ class DynamicSparsityCallback(TrainerCallback):
         save_in_trainer_checkpoint(args, state, STATE_NAME, self.sparsifier.state_dict())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None:
-            logs["sparsity"] = round(self.sparsifier.sparsity, 6)
+        """Add ``sparsity`` to the logs. ``Trainer.log`` appends a copy of the logs to
+        ``state.log_history`` before any callback runs, so that entry (this step's, saved in
+        ``trainer_state.json``) gets it too. Callbacks that run before this one (the default ones and
+        ``report_to`` integrations come before those passed in ``callbacks=``) see the logs without it;
+        ``trainer.callback_handler.callbacks.insert(0, callback)`` puts this one first."""
+        if logs is None:
+            return
+        logs["sparsity"] = round(self.sparsifier.sparsity, 6)
+        entry = state.log_history[-1] if state.log_history else None
+        if entry is not None and entry.get("step") == state.global_step and entry.keys() - {"step"} <= logs.keys():
+            entry["sparsity"] = logs["sparsity"]

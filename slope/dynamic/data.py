@@ -80,17 +80,18 @@ class FinetuneData:
 
 
 def load_finetune_data(dataset, tokenizer, *, seq_len: int, batch_size: int, seed: int, eval_batches: int,
-                       vocab_size: int, text_field: str = "text") -> FinetuneData:
-    """Tokenize ``dataset`` with ``tokenizer`` and cut it into windows (module docstring)."""
+                       vocab_size: int, text_field: str = "text", length_name: str = "seq_len") -> FinetuneData:
+    """Tokenize ``dataset`` with ``tokenizer`` and cut it into windows (module docstring);
+    ``length_name``: what the caller calls ``seq_len`` (for the error of a dataset too small for it)."""
     if getattr(tokenizer, "slope_shipped", False) and isinstance(dataset, (str, Path)):
-        splits = load_splits(str(dataset), seq_len, text_field)  # same tokens, cached per file
+        splits = load_splits(str(dataset), seq_len, text_field, length_name=length_name)  # same tokens, cached per file
         train, val = splits.train, splits.val
     else:
         docs = _documents(dataset, text_field)
         ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]  # whole documents: no length warning
         eos = tokenizer.eos_token_id
         stream = [t for doc in ids for t in (doc + ([eos] if eos is not None else []))]
-        train, val = split_stream(torch.tensor(stream, dtype=torch.int64), seq_len)
+        train, val = split_stream(torch.tensor(stream, dtype=torch.int64), seq_len, length_name)
     largest = int(max(train.max(), val.max()))
     if largest >= vocab_size:
         raise DataError(

@@ -96,7 +96,8 @@ def load_model(model_name, device: torch.device) -> nn.Module:
         return model_name.to(device)
     if not isinstance(model_name, (str, Path)):
         raise TypeError(f"model_name must be a model, a Hugging Face folder or a slope train run directory, got {type(model_name).__name__}")
-    path = Path(model_name)
+    path = Path(model_name).expanduser()
+    _check_model_path(path, str(model_name))
     if (path / "manifest.json").exists() or (path / "checkpoint" / "manifest.json").exists():
         from slope.evaluate import load_trained_model
 
@@ -104,6 +105,19 @@ def load_model(model_name, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_name), dtype=torch.float32).to(device)
+
+
+def _check_model_path(path: Path, name: str) -> None:
+    """A one-line ``FileNotFoundError`` for a local path that holds no model (a name that cannot be
+    a Hugging Face hub id: absolute, ``./``, ``~``, or more than one ``/``), before transformers
+    reads it as a hub id ("Repo id must be in the form ...")."""
+    local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+    if local and not path.exists():
+        raise FileNotFoundError(f"no model folder at {path} (model_name / --model): give a Hugging Face model folder, "
+                                "a slope train run directory or a hub name")
+    if path.is_dir() and not any((path / f).exists() for f in ("config.json", "manifest.json", "checkpoint/manifest.json")):
+        raise FileNotFoundError(f"no model in {path}: a Hugging Face model folder holds config.json, a slope train run "
+                                "directory manifest.json")
 
 
 @dataclass
@@ -133,8 +147,17 @@ def _loop(ctx: _Run, out: Path | None, main: bool = True) -> dict[str, Any]:
     summary = run_resumable(ctx.loop, _checkpoints(ctx, out, main), out, extra["resume_from_checkpoint"], extra["save_steps"],
                             records=[{"event": "mask_update", **event} for event in sparsifier.history], main_process=main)
     summary["final_sparsity"] = sparsifier.sparsity
-    summary["mask_updates"] = sum(1 for r in summary["records"] if r.get("event") == "mask_update")
+    summary.update(count_mask_updates(summary["records"]))
     return summary
+
+
+def count_mask_updates(records: list[dict[str, Any]]) -> dict[str, int]:
+    """``mask_updates``: the RigL / gradual-pruning updates made after a training step (the pruning at
+    step 0 is not one: it is the run's ``initial_prune``), and ``mask_updates_skipped`` (RigL updates
+    skipped for a non-finite dense gradient)."""
+    updates = [r for r in records if r.get("event") == "mask_update" and r["step"] > 0]
+    skipped = sum(1 for r in updates if r.get("skipped"))
+    return {"mask_updates": len(updates) - skipped, "mask_updates_skipped": skipped}
 
 
 def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any]) -> None:
@@ -182,6 +205,9 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
     config = DynamicSparsityConfig(sparsity_ratio, sparsity_type, mask_update_interval, mask_update_fraction, use_rigl,
                                    sparsity_schedule, pruning_method, extra["targets"], extra["skip"], extra["compress"],
                                    extra["double_pruning"], sparsity_distribution=extra["sparsity_distribution"]).validate()
+    if extra["save_steps"] is not None and output_dir is None:
+        raise ValueError(f"save_steps={extra['save_steps']} writes checkpoint-<step> folders into output_dir: give output_dir "
+                         "(--output-dir), or leave save_steps out")
     check_output_dir(output_dir, extra["resume_from_checkpoint"])
     env = parallel.init_distributed(device=resolve_device(extra["device"]))
     try:
@@ -202,7 +228,8 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
     tokenizer = resolve_tokenizer(extra["tokenizer"], model_name)
     data = load_finetune_data(dataset, tokenizer, seq_len=extra["max_seq_length"], batch_size=args.batch_size * env.world_size,
                               seed=extra["seed"], eval_batches=extra["eval_batches"],
-                              vocab_size=model.get_input_embeddings().num_embeddings, text_field=extra["text_field"])
+                              vocab_size=model.get_input_embeddings().num_embeddings, text_field=extra["text_field"],
+                              length_name="max_seq_length (--max-seq-length)")
     total = extra["max_steps"] or args.num_epochs * math.ceil(data.micro_batches_per_epoch / args.gradient_accumulation_steps)
     sparsifier = DynamicSparsity(model, total, config)
     model.to(device)

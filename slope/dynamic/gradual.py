@@ -9,6 +9,8 @@ are N:M only once the schedule reaches ``1 - N/M``; they train as masked dense w
 """
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,27 @@ from slope.sparsity import MaskPolicy
 from slope.dynamic.criteria import criterion_mask
 from slope.dynamic.policies import check_schedule
 
-__all__ = ["GradualPruning", "prune_to"]
+__all__ = ["GradualPruning", "nm_keep_per_group", "prune_to"]
+
+
+def nm_keep_per_group(sparsity: float, n: int, m: int) -> int:
+    """Entries each group of ``m`` keeps on the way to ``n:m`` at ``sparsity``: ``⌈(1 − sparsity)·m⌉``
+    (never sparser than asked: 2:4 at 0.4 keeps 3 of 4), at least ``n`` (``1 − n/m`` is the most)."""
+    return min(m, max(n, math.ceil((1.0 - sparsity) * m - 1e-9)))
+
+
+def _pruned_mask(weight: torch.Tensor, mask: torch.Tensor, sparsity: float, method: BasePruningMethod | None,
+                 structure: tuple[int, int] | None) -> torch.Tensor | None:
+    """The mask of ``weight`` at ``sparsity`` within ``mask`` (both ``(out, in)``; bool), or ``None``
+    when the mask already keeps no more than that (unstructured)."""
+    scores = weight.abs().float().masked_fill(~mask, -1.0)  # pruned ones stay pruned
+    if structure is not None:
+        n, m = structure
+        return nm_mask_from_scores(scores, nm_keep_per_group(sparsity, n, m), m) & mask
+    keep = round((1.0 - sparsity) * mask.numel())
+    if keep >= int(mask.sum()):
+        return None
+    return topk_mask(scores, keep=keep) if method is None else criterion_mask(method, weight, mask, sparsity)
 
 
 @torch.no_grad()
@@ -28,22 +50,14 @@ def prune_to(masked, sparsity: float | dict[str, float], method: BasePruningMeth
              optimizer: torch.optim.Optimizer | None = None, structure: tuple[int, int] | None = None) -> dict[str, int]:
     """Prune every weight of ``masked`` to ``sparsity`` (one for all, or ``{name: sparsity}``; never
     un-pruning); returns the newly pruned count per weight. ``structure`` ``(n, m)``: every group of ``m`` inputs keeps
-    ``clamp(round((1 - sparsity)·m), n, m)`` — gradual N:M steps through ``m:m, (m-1):m, …, n:m``."""
+    :func:`nm_keep_per_group` — gradual N:M steps through ``m:m, (m-1):m, …, n:m``. Weights are seen as
+    ``(out, in)`` (:meth:`MaskedWeights.out_in`), so groups run along the input dimension of every layer."""
     pruned = {}
-    for name, mask in masked.masks.items():
+    for name in masked.masks:
         target = sparsity[name] if isinstance(sparsity, dict) else sparsity
-        scores = masked.weight(name).abs().float().masked_fill(~mask, -1.0)  # pruned ones stay pruned
-        if structure is not None:
-            n, m = structure
-            per_group = min(m, max(n, round((1.0 - target) * m)))
-            new = nm_mask_from_scores(scores, per_group, m) & mask
-        else:
-            keep = round((1.0 - target) * mask.numel())
-            if keep >= int(mask.sum()):
-                pruned[name] = 0
-                continue
-            new = topk_mask(scores, keep=keep) if method is None else criterion_mask(method, masked.weight(name), mask, target)
-        pruned[name] = int(masked.set_mask(name, new, optimizer).sum())
+        new = _pruned_mask(masked.out_in(name, masked.weight(name)), masked.out_in(name, masked.masks[name]), target, method,
+                           structure)
+        pruned[name] = 0 if new is None else int(masked.set_mask(name, masked.out_in(name, new).contiguous(), optimizer).sum())
     return pruned
 
 
@@ -52,7 +66,9 @@ class GradualPruning(MaskPolicy):
     (unstructured, or N:M through intermediate ``k:m`` stages with ``structure``; see :func:`prune_to`).
 
     The schedule must never decrease (pruned weights are gone); a value outside ``[0, 1)`` or a
-    decrease is a clear error. :attr:`last_update` records each pruning event.
+    decrease is a clear error; with ``structure`` a schedule that ends above ``1 - n/m`` is warned of
+    (the layers stop at ``n:m``). :attr:`last_update` records each pruning event: the ``sparsity``
+    the masks reached (over all weights) and the schedule's ``target``.
     """
 
     kind = "gradual"
@@ -67,6 +83,24 @@ class GradualPruning(MaskPolicy):
         self.schedule, self.interval, self.pruning_method, self.structure = schedule, interval, pruning_method, structure
         self.last_target = 0.0
         self.last_update: dict[str, Any] | None = None
+        if structure is not None:
+            self._warn_beyond_nm()
+
+    def _warn_beyond_nm(self) -> None:
+        n, m = self.structure
+        final = float(self.schedule(self.total_steps, self.total_steps))
+        if final > 1 - n / m + 1e-9:
+            warnings.warn(f"gradual pruning to {n}:{m}: the sparsity_schedule ends at {final:g}, more than {n}:{m} holds "
+                          f"({1 - n / m:g}); the layers stop at {n}:{m}", UserWarning, stacklevel=4)
+
+    def share_after_last_step(self) -> float:
+        """The share of the schedule's pruning (from step 0 to the end) done at the update after the
+        last step, which no training follows (1.0 when ``interval >= total_steps``)."""
+        total = self.total_steps
+        start, final = (float(self.schedule(s, total)) for s in (0, total))
+        last_inner = (total - 1) // self.interval * self.interval  # the last update before the end (0: none)
+        before = float(self.schedule(last_inner, total))
+        return (final - before) / (final - start) if final > start else 0.0
 
     def target(self, steps_done: int) -> float:
         """The schedule's sparsity after ``steps_done`` steps, validated (range, never decreasing)."""
@@ -89,7 +123,7 @@ class GradualPruning(MaskPolicy):
         target = self.target(steps_done)
         pruned = prune_to(self.masked, target, self.pruning_method, optimizer, self.structure)
         self.last_target = max(self.last_target, target)
-        self.last_update = {"step": steps_done, "kind": self.kind, "sparsity": target,
+        self.last_update = {"step": steps_done, "kind": self.kind, "sparsity": self.masked.sparsity(), "target": target,
                             "layers": {name: {"pruned": count} for name, count in pruned.items()}}
 
     def due(self, step: int) -> bool:

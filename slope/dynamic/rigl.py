@@ -70,13 +70,15 @@ class RigL(MaskPolicy):
 
     Args:
         interval: ``ΔT``; masks change after optimizer steps ``ΔT, 2ΔT, …`` before ``end_step``.
-        fraction: ``α``, the fraction of each layer's kept weights swapped at the first update,
-            cosine-decayed to 0 at ``end_step``.
+        fraction: ``α``, the swap fraction of the cosine decay ``f_t = α/2 · (1 + cos(π t / end_step))``:
+            ``α`` at step 0, 0 at ``end_step`` (the first update, at ``t = interval``, swaps ``f_interval < α``).
         structure: ``None`` (unstructured) or ``(n, m)``: regrow within groups (N:M stays N:M).
         end_step: ``T_end`` (default: ``total_steps``).
 
     After each update :attr:`last_update` describes it (``step``, ``fraction``, and per weight
-    ``dropped`` = ``grown`` and ``changed``, the entries whose kept/pruned status flipped).
+    ``dropped`` = ``grown``, the swap's size; ``regrown``, the dropped weights that the gradient
+    picked straight back (they keep their values); ``changed``, the entries whose kept/pruned status
+    flipped: ``2 · (dropped − regrown)``).
     """
 
     kind = "rigl"
@@ -103,6 +105,11 @@ class RigL(MaskPolicy):
     def needs_dense_grad(self, step: int) -> bool:
         return self.due(step)
 
+    @property
+    def update_count(self) -> int:
+        """Mask updates of a whole run: after steps ``ΔT, 2ΔT, …`` below ``end_step``."""
+        return len(range(self.interval, self.end_step, self.interval))
+
     def update(self, step: int, optimizer: torch.optim.Optimizer | None, grads: dict[str, torch.Tensor] | None) -> None:
         grads = self.masked.dense_grads if grads is None else grads
         # Data-parallel ranks captured the gradients of their own rows: regrow by their mean (the
@@ -121,9 +128,11 @@ class RigL(MaskPolicy):
                     f"RigL: no dense gradient of {name} at step {step + 1}; turn on capture_dense_grads before the "
                     "backward of every step where needs_dense_grad(step) is True (DynamicSparsity does this for you)"
                 )
-            new, dropped = rigl_mask(self.masked.weight(name), grads[name], mask, fraction, self.structure)
-            changed = self.masked.set_mask(name, new, optimizer)
-            record["layers"][name] = {"dropped": dropped, "grown": dropped, "changed": int(changed.sum())}
+            out_in = self.masked.out_in  # (out, in) views: N:M groups run along the input dimension
+            new, dropped = rigl_mask(out_in(name, self.masked.weight(name)), out_in(name, grads[name]), out_in(name, mask),
+                                     fraction, self.structure)
+            changed = int(self.masked.set_mask(name, out_in(name, new).contiguous(), optimizer).sum())
+            record["layers"][name] = {"dropped": dropped, "grown": dropped, "regrown": dropped - changed // 2, "changed": changed}
         self.last_update = record
 
     def _schedule_state(self) -> dict[str, Any]:

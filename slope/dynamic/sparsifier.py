@@ -49,7 +49,8 @@ class DynamicSparsityConfig:
             set to: a set ratio that differs is warned of, once). :meth:`validate` fills it in.
         sparsity_type: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``, …) along the input dimension.
         mask_update_interval: optimizer steps between mask updates (RigL and gradual pruning).
-        mask_update_fraction: RigL's initial fraction of kept weights swapped per update (cosine-decayed to 0).
+        mask_update_fraction: RigL's ``α``: the fraction of kept weights swapped, ``α`` at step 0 and
+            cosine-decayed to 0 at the end (an update after ``t`` steps swaps ``α/2 · (1 + cos(π t / total_steps))``).
         use_rigl: drop small weights and regrow large-gradient ones at every update.
         sparsity_schedule: ``None``, ``"cubic"``, ``"linear"``, ``"constant"`` or a callable
             ``(step, total_steps) -> sparsity`` for gradual pruning (unstructured); see
@@ -81,6 +82,7 @@ class DynamicSparsityConfig:
     sparsity_distribution: str = "uniform"
     structure: tuple[int, int] | None = field(init=False, default=None, repr=False)
     _ratio_unused_warned: bool = field(init=False, default=False, repr=False, compare=False)
+    _ratio_defaulted: bool = field(init=False, default=False, repr=False, compare=False)
 
     def validate(self) -> "DynamicSparsityConfig":
         """Check every field (clear one-line errors); fills :attr:`structure`. Returns ``self``."""
@@ -95,11 +97,15 @@ class DynamicSparsityConfig:
             raise ValueError(f"sparsity_type {self.sparsity_type!r}: {e}") from None
         if ratio is None:  # unset: the default of the sparsity type
             self.sparsity_ratio = 0.5 if self.structure is None else 1 - self.structure[0] / self.structure[1]
+            self._ratio_defaulted = True
         interval = self.mask_update_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"mask_update_interval must be a positive int of optimizer steps, got {interval!r}")
-        if self.use_rigl and not 0.0 < self.mask_update_fraction <= 1.0:
-            raise ValueError(f"mask_update_fraction must be in (0, 1], got {self.mask_update_fraction!r}")
+        fraction = self.mask_update_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or (self.use_rigl and not 0.0 < fraction <= 1.0):
+            raise ValueError(f"mask_update_fraction must be a number in (0, 1] (RigL's share of kept weights swapped), got {fraction!r}")
+        if not isinstance(self.use_rigl, bool):
+            raise ValueError(f"use_rigl must be True or False, got {self.use_rigl!r}")
         if isinstance(self.sparsity_schedule, str) and self.sparsity_schedule not in SCHEDULES:
             raise ValueError(f"unknown sparsity_schedule {self.sparsity_schedule!r}; use one of {sorted(SCHEDULES)} or a callable")
         resolve_pruning_method(self.pruning_method)  # type errors now
@@ -114,7 +120,16 @@ class DynamicSparsityConfig:
                 raise ValueError("compress / double_pruning apply to N:M sparsity_type (SLoPe layers), not 'unstructured'")
         else:
             self._validate_nm()
+        self._warn_ratio_beside_callable()
         return self
+
+    def _warn_ratio_beside_callable(self) -> None:
+        """A ratio given together with a callable schedule is not used (the schedule's values are the sparsities)."""
+        if callable(self.sparsity_schedule) and not self._ratio_defaulted and not self._ratio_unused_warned:
+            self._ratio_unused_warned = True
+            warnings.warn(f"sparsity_ratio={self.sparsity_ratio:g} is not used: the callable sparsity_schedule sets the "
+                          "sparsity at every step (drop sparsity_ratio, or use sparsity_schedule='cubic'/'linear' to ramp to it)",
+                          UserWarning, stacklevel=3)
 
     @property
     def final_sparsity(self) -> float:
@@ -155,29 +170,52 @@ class DynamicSparsityConfig:
         return values
 
 
-def _linear_targets(model: nn.Module, targets, skip, multiple_of: int = 1) -> dict[str, nn.Parameter]:
-    """``{name.weight: weight}`` of the ``nn.Linear`` layers to mask (the rules of :func:`slope.prune_model`;
-    ``multiple_of``: only layers whose input dimension it divides, for N:M)."""
-    from slope.prune import DEFAULT_SKIP, _matches, _tied_to_embedding
+def _target_linears(model: nn.Module, targets, skip, multiple_of: int = 1) -> dict[str, nn.Module]:
+    """``{name: module}`` of the linear layers to sparsify: ``nn.Linear`` and GPT-2's ``Conv1D``, chosen
+    by the rules of :func:`slope.prune_model`; ``multiple_of``: only layers whose input dimension it
+    divides (N:M). A model without any is a one-line error."""
+    from slope.prune import DEFAULT_SKIP, _linear_weight, _matches, _tied_to_embedding
 
     targets = [targets] if isinstance(targets, str) else list(targets or [])
     skip = [skip] if isinstance(skip, str) else list(skip or [])
     chosen = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name:
-            continue
-        if targets and not _matches(name, targets):
+        view = _linear_weight(module) if name else None
+        if view is None or (targets and not _matches(name, targets)):
             continue
         if _matches(name, skip) or (not targets and (name.rsplit(".", 1)[-1] in DEFAULT_SKIP or _tied_to_embedding(module.weight, model))):
             continue
-        if module.in_features % multiple_of:
+        in_features = view[0].shape[1]
+        if in_features % multiple_of:
             if targets:
-                raise ValueError(f"{name}: in_features {module.in_features} is not divisible by M={multiple_of}")
+                raise ValueError(f"{name}: in_features {in_features} is not divisible by M={multiple_of}")
             continue
-        chosen[name + ".weight"] = module.weight
+        chosen[name] = module
     if not chosen:
-        raise ValueError(f"{type(model).__name__}: no nn.Linear layer to sparsify (targets={targets or 'all'}, skip={skip})")
+        divisible = f"; none has an input dimension divisible by M={multiple_of}" if multiple_of > 1 else ""
+        raise ValueError(f"{type(model).__name__}: no linear layer (nn.Linear or Conv1D) to sparsify "
+                         f"(targets={targets or 'all'}, skip={skip}{divisible})")
     return chosen
+
+
+def _linear_targets(model: nn.Module, targets, skip, multiple_of: int = 1) -> MaskedWeights:
+    """Masks (all kept) on the weights of :func:`_target_linears`; GPT-2's ``Conv1D`` stores them
+    ``(in, out)``, so they are named in :attr:`MaskedWeights.transposed`."""
+    modules = _target_linears(model, targets, skip, multiple_of)
+    return MaskedWeights({name + ".weight": module.weight for name, module in modules.items()},
+                         transposed=[name + ".weight" for name, module in modules.items() if not isinstance(module, nn.Linear)])
+
+
+def _check_nm_fits(model: nn.Module, cfg: DynamicSparsityConfig) -> None:
+    """One line (instead of prune_model's table) when no targeted layer has sizes divisible by M."""
+    from slope.prune import _linear_weight
+
+    n, m = cfg.structure
+    sizes = {tuple(_linear_weight(module)[0].shape) for module in _target_linears(model, cfg.targets, cfg.skip).values()}
+    if not any(out % m == 0 and inp % m == 0 for out, inp in sizes):
+        raise ValueError(f"{type(model).__name__}: no linear layer can be {n}:{m} sparse: SLoPe layers need input and output "
+                         f"sizes divisible by M={m} ((out, in) sizes here: {sorted(sizes)[:4]}); "
+                         "choose an N:M whose M divides them, e.g. 2:4")
 
 
 def _nm_layers(model: nn.Module, cfg: DynamicSparsityConfig) -> SparseLayerMasks:
@@ -189,6 +227,7 @@ def _nm_layers(model: nn.Module, cfg: DynamicSparsityConfig) -> SparseLayerMasks
     compress = (n, m) == (2, 4) if cfg.compress is None else cfg.compress
     double_pruning = compress if cfg.double_pruning is None else cfg.double_pruning
     if not any(True for _ in sparse_modules(model)):
+        _check_nm_fits(model, cfg)
         prune_model(model, compress=compress, sparsity=f"{n}:{m}", targets=cfg.targets, skip=cfg.skip,
                     backend=cfg.backend, double_pruning=double_pruning, verbose=False)
     layers = dict(sparse_modules(model))
@@ -227,7 +266,7 @@ class DynamicSparsity:
         schedule = resolve_schedule(cfg.sparsity_schedule, cfg.final_sparsity, cfg.use_rigl)
         if cfg.structure is None or schedule is not None:
             multiple = 1 if cfg.structure is None else cfg.structure[1]
-            self.masked = MaskedWeights(_linear_targets(model, cfg.targets, cfg.skip, multiple))
+            self.masked = _linear_targets(model, cfg.targets, cfg.skip, multiple)
         else:
             self.masked = _nm_layers(model, cfg)
         self.policies: list[MaskPolicy] = []
@@ -243,7 +282,7 @@ class DynamicSparsity:
             ratios = layer_sparsities(shapes, cfg.sparsity_ratio, cfg.sparsity_distribution)
             pruned = prune_to(self.masked, ratios, method) if cfg.structure is None else {
                 name: int((~mask).sum()) for name, mask in self.masked.masks.items()}
-            self.history.append({"step": 0, "kind": "prune", "sparsity": cfg.final_sparsity,
+            self.history.append({"step": 0, "kind": "prune", "sparsity": self.masked.sparsity(), "target": cfg.final_sparsity,
                                  "layers": {name: {"pruned": count} for name, count in pruned.items()}})
         if cfg.use_rigl:
             self.policies.append(RigL(self.masked, total_steps, interval=cfg.mask_update_interval,
@@ -253,7 +292,22 @@ class DynamicSparsity:
         else:
             self.policy = self.policies[0] if self.policies else StaticMask(self.masked, total_steps)
         self.steps_done = 0
+        self._warn_short_run()
         self._arm()
+
+    def _warn_short_run(self) -> None:
+        """One line when the run is too short for its mask updates (``mask_update_interval`` too large)."""
+        total, interval = self.total_steps, self.config.mask_update_interval
+        advice = f"lower mask_update_interval (--mask-update-interval), e.g. to {max(1, total // 10)}"
+        for policy in self.policies:
+            if isinstance(policy, RigL) and policy.update_count == 0:
+                warnings.warn(f"RigL makes no mask update in this run of {total} steps (mask_update_interval={interval}: updates "
+                              f"after steps {interval}, {2 * interval}, ... below {total}): the mask stays as pruned at step 0; "
+                              + advice, UserWarning, stacklevel=3)
+            if isinstance(policy, GradualPruning) and policy.share_after_last_step() > 0.5:
+                warnings.warn(f"gradual pruning: {policy.share_after_last_step():.0%} of the schedule's pruning happens after "
+                              f"the last of the run's {total} steps (mask_update_interval={interval}), with no training after it "
+                              "to recover; " + advice, UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ the training-loop call
     def _arm(self) -> None:
@@ -310,10 +364,16 @@ class DynamicSparsity:
         self._arm()
 
     def config_dict(self) -> dict[str, Any]:
-        """The config as plain values (for metrics files)."""
+        """The config as plain values (for metrics files). With a callable ``sparsity_schedule``,
+        ``sparsity_ratio`` is its final value (``schedule(total_steps, total_steps)``: what drove the
+        run; the ratio given, unused, is ``sparsity_ratio_given``)."""
         values = asdict(self.config)
-        for internal in ("structure", "_ratio_unused_warned"):
+        for internal in ("structure", "_ratio_unused_warned", "_ratio_defaulted"):
             values.pop(internal)
+        schedule = self.config.sparsity_schedule
+        if callable(schedule):
+            values["sparsity_ratio_given"] = None if self.config._ratio_defaulted else values["sparsity_ratio"]
+            values["sparsity_ratio"] = float(schedule(self.total_steps, self.total_steps))
         values["sparsity_schedule"] = self.config.summary()["sparsity_schedule"]
         values["pruning_method"] = None if self.config.pruning_method is None else repr(self.config.pruning_method)
         return values

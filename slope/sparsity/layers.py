@@ -45,6 +45,11 @@ class SparseLayerMasks:
         """``W ⊙ M`` of layer ``name`` as a dense fp32 ``(out, in)`` tensor."""
         return self.layers[name].dense_weight(torch.float32)
 
+    def out_in(self, name: str, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        """``tensor`` itself: a SLoPe layer's mask and weight are ``(out, in)`` already (see
+        :meth:`MaskedWeights.out_in`)."""
+        return tensor
+
     # ------------------------------------------------------------------ dense gradients
     def capture_dense_grads(self, on: bool) -> None:
         """Start (``True``) or stop (``False``) keeping the layers' full weight gradients; both empty them."""

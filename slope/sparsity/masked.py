@@ -24,8 +24,14 @@ class MaskedWeights:
       momentum), which catches anything that would move them (weight decay on a moment, fp16 noise).
 
     :meth:`set_mask` changes a mask (RigL, gradual pruning): entries that leave or join the mask
-    restart from zero in the weights and in the optimizer state. Masks live on the parameters'
-    devices; :meth:`state_dict` stores them packed (1 bit per entry).
+    restart from zero in the weights and in the optimizer state. Masks follow their parameters'
+    devices: a mask moves to its parameter's device when it is next used there (a model moved after
+    the masks were set, as ``transformers.Trainer`` does, works as it is); :meth:`state_dict`
+    stores them packed (1 bit per entry).
+
+    Layout: every mask has its parameter's shape. A parameter that stores its weight as
+    ``(in, out)`` (GPT-2's ``Conv1D``) is named in ``transposed``; :meth:`out_in` turns its tensors
+    into the ``(out, in)`` view that N:M groups (along the input dimension) and policies expect.
 
     FSDP2 (``fully_shard``) replaces parameters by sharded ``DTensor`` ones: :meth:`rebind` to
     them, and each mask is split like its weight. Hooks on sharded parameters do not run, so for
@@ -39,8 +45,12 @@ class MaskedWeights:
     weight-sized buffer per parameter while capturing.
     """
 
-    def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor] | None = None, *,
+                 transposed: Iterable[str] = ()):
         self.params: dict[str, nn.Parameter] = dict(params)
+        self.transposed = frozenset(transposed)
+        if not self.transposed <= set(self.params):
+            raise KeyError(f"transposed names {sorted(self.transposed - set(self.params))} are not masked parameters")
         self.masks: dict[str, torch.Tensor] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self.capturing = False
@@ -71,11 +81,24 @@ class MaskedWeights:
         if name not in self._hooks and param.requires_grad:
             self._hooks[name] = param.register_hook(lambda grad, name=name: self._mask_grad(name, grad))
 
+    def _follow(self, name: str, device: torch.device) -> torch.Tensor:
+        """``name``'s bool mask on ``device``: a mask left on another device (the model moved since
+        it was set) moves there for good. Sharded masks are split like their weight already."""
+        mask = self.masks[name]
+        if mask.device != device and not is_sharded(mask):
+            mask = self.masks[name] = mask.to(device)
+        return mask
+
+    def out_in(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (in parameter ``name``'s layout) as ``(out, in)`` — and an ``(out, in)`` tensor back
+        to the parameter's layout: the transpose (a view) for names in :attr:`transposed`, else ``tensor``."""
+        return tensor.t() if name in self.transposed else tensor
+
     def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         if self.capturing:
             held = self.dense_grads.get(name)
             self.dense_grads[name] = grad.detach().to(torch.float32, copy=True) if held is None else held.add_(grad.detach())
-        return grad * self.masks[name].to(grad.dtype)
+        return grad * self._follow(name, grad.device).to(grad.dtype)
 
     def rebind(self, params: Mapping[str, nn.Parameter]) -> None:
         """Hold the same weights as new parameter objects (``fully_shard`` replaced them by
@@ -113,7 +136,7 @@ class MaskedWeights:
     def apply_(self) -> None:
         """Zero every pruned weight in place."""
         for name, param in self.params.items():
-            param.mul_(self.masks[name].to(param.dtype))
+            param.mul_(self._follow(name, param.device).to(param.dtype))
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -135,9 +158,10 @@ class MaskedWeights:
         and in the optimizer state. Returns the bool tensor of changed entries."""
         if is_sharded(self.params.get(name)) and not is_sharded(mask):
             mask = shard_like(mask, self.params[name])
-        changed = mask.to(self.masks[name].device) ^ self.masks[name]
-        self._store(name, mask)
         param = self.params[name]
+        current = self._follow(name, param.device)
+        changed = mask.to(current.device) ^ current
+        self._store(name, mask)
         param.masked_fill_(changed, 0)
         if optimizer is not None:
             self._zero_state(name, optimizer, changed)

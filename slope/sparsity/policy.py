@@ -22,7 +22,7 @@ class MaskPolicy:
        :meth:`MaskedWeights.after_step`) and, when :meth:`due` says so, calls :meth:`update`.
 
     ``masked`` is a :class:`MaskedWeights` or anything with its interface (``masks``, ``weight``,
-    ``set_mask``, ``after_step``, ``capture_dense_grads`` / ``dense_grads``, ``state_dict``), such as
+    ``out_in``, ``set_mask``, ``after_step``, ``capture_dense_grads`` / ``dense_grads``, ``state_dict``), such as
     :class:`slope.sparsity.SparseLayerMasks` over SLoPe layers.
     Subclasses implement :meth:`due` and :meth:`update`; the base class is a static mask.
     :meth:`state_dict` / :meth:`load_state_dict` carry the masks and the policy's own schedule
