@@ -66,12 +66,15 @@ def _resumes_in(out: Path, resume_from) -> bool:
     return out.resolve() in (source, source.parent)
 
 
-def check_output_dir(output_dir, resume_from=None) -> None:
+def check_output_dir(output_dir, resume_from=None, save_steps: int | None = None) -> None:
     """Before any work: ``output_dir`` must be new or empty (one-line
     :class:`slope.serialization.folders.OutputDirError`), unless ``resume_from`` continues the run
     there. A folder holding an unfinished run (``checkpoint-<step>/`` without ``summary.json``) is
     refused with the advice to resume it; a ``resume_from`` without a checkpoint is a
-    ``FileNotFoundError``."""
+    ``FileNotFoundError``; ``save_steps`` without ``output_dir`` (nowhere to write) a ``ValueError``."""
+    if save_steps is not None and output_dir is None:
+        raise ValueError(f"save_steps={save_steps} writes checkpoint-<step> folders into output_dir: give output_dir "
+                         "(--output-dir), or leave save_steps out")
     if resume_from is True and output_dir is None:
         raise ValueError("resume_from_checkpoint=True resumes the newest checkpoint in output_dir: give output_dir")
     if resume_from:  # a checkpoint to resume must exist before anything loads (or a folder is made)

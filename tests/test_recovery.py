@@ -312,6 +312,8 @@ def test_clear_errors_for_teachers_and_targets():
         run(student, rec=recipe(), num_epochs=1)
     with pytest.raises(ValueError, match="max_grad_norm"):
         run(student, rec=recipe(), max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="save_steps=2 writes checkpoint-<step> folders into output_dir"):
+        run(student, rec=recipe(), save_steps=2)  # no output_dir: the checkpoints would go nowhere
 
 
 # ---------------------------------------------------------------------- the CLI, with the seed's flags

@@ -205,10 +205,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
     config = DynamicSparsityConfig(sparsity_ratio, sparsity_type, mask_update_interval, mask_update_fraction, use_rigl,
                                    sparsity_schedule, pruning_method, extra["targets"], extra["skip"], extra["compress"],
                                    extra["double_pruning"], sparsity_distribution=extra["sparsity_distribution"]).validate()
-    if extra["save_steps"] is not None and output_dir is None:
-        raise ValueError(f"save_steps={extra['save_steps']} writes checkpoint-<step> folders into output_dir: give output_dir "
-                         "(--output-dir), or leave save_steps out")
-    check_output_dir(output_dir, extra["resume_from_checkpoint"])
+    check_output_dir(output_dir, extra["resume_from_checkpoint"], extra["save_steps"])
     env = parallel.init_distributed(device=resolve_device(extra["device"]))
     try:
         return _train(model_name, dataset, args, config, output_dir, env)

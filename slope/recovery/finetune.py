@@ -382,7 +382,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
 
     args = _checked_args(training_args)
     constant_mod, distill_mod, entries = plan_recipe(recipe, stage)
-    check_output_dir(output_dir, args["resume_from_checkpoint"])
+    check_output_dir(output_dir, args["resume_from_checkpoint"], args["save_steps"])
     env = parallel.init_distributed(device=resolve_device(args["device"]))
     seed_everything(args["seed"])
     run = None
