@@ -463,6 +463,30 @@ def _step_line(step: int, max_steps: int, loss: float, lr: float, tokens: int, e
     return line
 
 
+def _recorded_summary(out: Path, step: int) -> dict | None:
+    """The summary record of ``step`` in ``out/metrics.jsonl``, or None."""
+    recorded = [r for r in read_records(out / "metrics.jsonl") if r.get("event") == "summary" and r.get("step") == step]
+    return recorded[-1] if recorded else None
+
+
+def _finished_summary(run: _Run, out: Path) -> dict:
+    """The summary of a run resumed at its last step, written again as it was recorded (the
+    metrics file is as before), or, had the run ended before recording one, made from its last
+    records and the checkpoint."""
+    summary = run.finished_summary
+    if summary is None:
+        records = read_records(out / "metrics.jsonl")
+
+        def last(key: str):
+            return next((r[key] for r in reversed(records) if r.get("step") == run.step and key in r), None)
+
+        summary = {"step": run.step, "event": "summary", "finished": True, "final_train_loss": last("loss"),
+                   "final_val_loss": last("val_loss"), "unigram_loss": run.unigram, "tokens": run.tokens,
+                   "elapsed_s": round(run.elapsed_before, 3), "out": str(out), "stopped_by": None}
+    run.metrics.write(summary)
+    return summary
+
+
 def _final_line(summary: dict, max_steps: int) -> str:
     """The run's last line: done (with its losses), or stopped early and how to continue."""
     step, out, elapsed = summary["step"], summary["out"], summary["elapsed_s"]
@@ -473,7 +497,9 @@ def _final_line(summary: dict, max_steps: int) -> str:
         return f"stopped after step {step} of {max_steps} ({elapsed:.1f} s); {resume}"
     val_loss = summary["final_val_loss"]
     val = f"val loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f})" if val_loss is not None else "no validation"
-    return (f"done: {step} steps, {summary['tokens']:,} tokens in {elapsed:.1f} s | train loss {summary['final_train_loss']:.4f} | {val} | "
+    train_loss = summary["final_train_loss"]
+    train = f"train loss {train_loss:.4f}" if train_loss is not None else "train loss not recorded"
+    return (f"done: {step} steps, {summary['tokens']:,} tokens in {elapsed:.1f} s | {train} | {val} | "
             f"unigram baseline {summary['unigram_loss']:.4f} | outputs in {out}/ (metrics.jsonl, loss.png, checkpoint/)")
 
 
@@ -532,6 +558,7 @@ class _Run:
     elapsed_before: float
     lora_attached: bool
     densified: bool
+    finished_summary: dict | None = None  # a run resumed at --max-steps: the summary it recorded
 
 
 def _deepspeed_config(cfg: TrainConfig, env) -> dict | None:
@@ -611,6 +638,8 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
     log(f"model: {describe(model.config)}, {n_params:,} parameters, {kind}, {cfg.precision}, device {env.device}")
 
     step, tokens, elapsed_before, lora_attached, densified = _resume_position(ckpt, model, dense_opt, sparse_opt, scaler, cfg, out, log)
+    # a finished run's summary, read before the reopened metrics file drops it
+    finished = _recorded_summary(out, step) if ckpt is not None and step >= cfg.max_steps else None
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=step, enabled=env.is_main, note=log, reporter=reporter)
 
     # ---- data parallel: DDP under torchrun, or a DeepSpeed engine ------------------------------
@@ -625,7 +654,8 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
     return _Run(cfg=cfg, out=out, env=env, ds_config=ds_config, arch=arch, tokenizer_copy=tokenizer_copy, data=data, val_set=val_set,
                 unigram=unigram, model=model, runner=runner, dense_opt=dense_opt, sparse_opt=sparse_opt, scaler=scaler, guard=guard,
                 metrics=metrics, lora_start=lora_start, dense_tail_start=dense_tail_start, step=step, tokens=tokens,
-                elapsed_before=elapsed_before, lora_attached=lora_attached, densified=densified)
+                elapsed_before=elapsed_before, lora_attached=lora_attached, densified=densified,
+                finished_summary=finished)
 
 
 def _save(run: _Run, step_done: int, loss: float, tokens: int, t0: float) -> None:
@@ -704,6 +734,10 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
     # ---- the loop ------------------------------------------------------------------------------
     if step >= cfg.max_steps:
         log(f"the checkpoint is already at step {step} = --max-steps; raise --max-steps to train further")
+        summary = _finished_summary(run, out)
+        log(_final_line(summary, cfg.max_steps))
+        parallel.destroy_distributed(env)
+        return summary
     # A bar on a terminal (or on request); otherwise the step lines below are the progress lines.
     bar = cleanup.enter_context(Progress(cfg.max_steps, "slope train", unit="step", initial=step, interval_s=None, log=log,
                                          display={None: "auto", True: "bar", False: "lines"}[progress]))

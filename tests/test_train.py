@@ -100,6 +100,23 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, stop):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    cfg = tiny(tmp_path, max_steps=3)
+    done = train(cfg, plot=False)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    lines = []
+    again = train(tiny(tmp_path, max_steps=3, resume=True), plot=False, log=lines.append)
+    assert again == done and math.isfinite(again["final_train_loss"])  # its recorded summary, not a NaN one
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
+    assert any("already at step 3 = --max-steps" in line for line in lines) and lines[-1].startswith("done: 3 steps")
+    # a run killed after its last checkpoint, before its summary: one is made from its last records
+    kept = [line for line in metrics.decode().splitlines() if '"summary"' not in line]
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    made = train(tiny(tmp_path, max_steps=3, resume=True), plot=False, log=lines.append)
+    assert made["final_train_loss"] == done["final_train_loss"] and made["final_val_loss"] == done["final_val_loss"]
+    assert records(cfg)[-1]["event"] == "summary"
+
+
 def test_resume_with_changed_sparsity_is_rejected(tmp_path):
     from slope.checkpoint import CheckpointError
 
