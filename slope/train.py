@@ -61,6 +61,7 @@ from slope.interrupt import GracefulStop
 from slope.metrics_log import MetricsLog, read_records
 from slope.model_config import causal_lm_config, describe
 from slope.progress import Progress
+from slope.registry import sparse_modules
 from slope.reporting import open_reporter
 from slope.runlock import RunLock, RunLockError
 from slope.serialization.jsonfile import read_json_object
@@ -631,11 +632,13 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size, data.eos_id, model_config=arch).to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
+    pruned = sum(m.out_features * m.in_features - m.values.numel() for _, m in sparse_modules(model))
     dense_opt, sparse_opt = _optimizers(model, cfg, _shards_sparse_state(ds_config, env, cfg))
     scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval, cfg.fp16_min_scale)
     guard = FiniteGuard(cfg.nonfinite_patience)
     kind = "dense baseline" if cfg.dense else f"SLoPe {cfg.sparsity} ({'compressed' if cfg.compress else 'simulated'})"
-    log(f"model: {describe(model.config)}, {n_params:,} parameters, {kind}, {cfg.precision}, device {env.device}")
+    stored = f"{n_params:,} parameters stored (of {n_params + pruned:,} dense)" if pruned else f"{n_params:,} parameters"
+    log(f"model: {describe(model.config)}, {stored}, {kind}, {cfg.precision}, device {env.device}")
 
     step, tokens, elapsed_before, lora_attached, densified = _resume_position(ckpt, model, dense_opt, sparse_opt, scaler, cfg, out, log)
     # a finished run's summary, read before the reopened metrics file drops it
@@ -647,6 +650,9 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
     lora_start = cfg.lora_start if not cfg.dense else cfg.max_steps
     if lora_start < cfg.max_steps and not lora_attached:
         log(f"lazy LoRA: rank-{cfg.lora_rank} adapters will be attached after step {lora_start} (last {cfg.lazy_lora_fraction:.1%} of steps)")
+    elif not cfg.dense and cfg.lazy_lora_fraction > 0 and not lora_attached and step < cfg.max_steps:
+        log(f"note: --lazy-lora-fraction {cfg.lazy_lora_fraction:g} of {cfg.max_steps} steps is less than one step: no adapters are "
+            f"attached; raise it to at least {1 / cfg.max_steps:.3g} (or set 0 to say so)")
     dense_tail_start = cfg.dense_tail_start if not cfg.dense else cfg.max_steps
     if dense_tail_start < cfg.max_steps and not densified:
         log(f"dense tail: the SLoPe layers become dense after step {dense_tail_start} (last {cfg.dense_tail_fraction:.1%} of steps)"

@@ -117,6 +117,18 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     assert records(cfg)[-1]["event"] == "summary"
 
 
+def test_the_model_line_counts_stored_and_dense_parameters_and_a_too_short_lora_tail_is_noted(tmp_path):
+    lines = []
+    train(tiny(tmp_path, "sparse", max_steps=2), plot=False, log=lines.append)
+    dense_lines = []
+    train(tiny(tmp_path, "dense", max_steps=2, dense=True), plot=False, log=dense_lines.append)
+    dense_count = next(line for line in dense_lines if line.startswith("model:")).split(", ")[1]
+    model_line = next(line for line in lines if line.startswith("model:"))
+    assert f"(of {dense_count.removesuffix(' parameters')} dense)" in model_line and "parameters stored" in model_line
+    assert any("--lazy-lora-fraction 0.01 of 2 steps is less than one step" in line for line in lines)
+    assert not any("lazy-lora-fraction" in line for line in dense_lines)
+
+
 def test_resume_with_changed_sparsity_is_rejected(tmp_path):
     from slope.checkpoint import CheckpointError
 
