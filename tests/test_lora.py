@@ -187,6 +187,33 @@ def test_build_merged_then_load_equals_train_then_merge(compress):
     torch.testing.assert_close(after, unmerged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["bf16 merged", "compress=False", "compress=True from compress=False"])
+def test_a_state_loads_across_dtypes_and_storage(target):
+    """The 2:4 metadata is rebuilt on load: a trained fp32 state loads into a bf16 merged model (the
+    seed's inference recipe) and across compressed / simulated storage."""
+    source_compress = target != "compress=True from compress=False"
+    trained = prune_model(MLP(), compress=source_compress, add_lora=True, lora_rank=8, verbose=False)
+    _randomize_adapters(trained)
+    _train(trained)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = trained(x)
+    torch.manual_seed(123)
+    dtype = torch.bfloat16 if target == "bf16 merged" else torch.float32
+    fresh = prune_model(MLP().to(dtype), compress=not source_compress if target != "bf16 merged" else True, add_lora=True,
+                        lora_rank=8, merge_lora=target == "bf16 merged", verbose=False)
+    fresh.load_state_dict(trained.state_dict())
+    for name, layer in sparse_modules(fresh):
+        if layer.meta is not None:  # the metadata of the loaded mask in this layer's dtype
+            from slope.kernels import compress_2to4
+
+            assert torch.equal(layer.meta, compress_2to4(layer.dense_weight(), layer.mask)[1]), name
+    with torch.no_grad():
+        got = fresh(x.to(dtype)).float()
+    tolerance = 3e-2 * expected.abs().max().item() if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+
+
 def test_loading_another_rank_is_a_clear_error():
     state = _pruned_mlp(compress=True, rank=8).state_dict()
     model = prune_model(MLP(), compress=True, add_lora=True, lora_rank=16, merge_lora=True, verbose=False)
