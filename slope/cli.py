@@ -274,7 +274,8 @@ def _run_folder_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return _nonfinite_exit([result])
     settings = result["settings"]
-    source = "the run's settings (summary.json)" if settings["from_run"] else "default settings"
+    source = ("default settings" if not settings["from_run"] else "the run's settings (summary.json)" if settings["split"] == "finetune"
+              else "the exported slope train run's held-out split (slope_export in config.json)")
     print(f"{args.checkpoint} (model folder, {settings['precision']}): validation loss {result['val_loss']:.4f} "
           f"(ppl {result['val_ppl']:.2f}) over {result['val_tokens']:,} tokens of --dataset {settings['dataset']} "
           f"({source}); unigram baseline {result['unigram_loss']:.4f}")

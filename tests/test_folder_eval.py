@@ -71,3 +71,25 @@ def test_generate_from_a_folder_checks_learned_positions(tmp_path, capsys):
     assert "exceed the model's 12 learned positions" in capsys.readouterr().err
     assert main([*args, "--max-new-tokens", "2"]) == 0
     assert "[model folder] 2 new tokens" in capsys.readouterr().err
+
+
+def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capsys):
+    """A dense export of a `slope train` run validates on that run's held-out split, as the checkpoint does."""
+    from slope.config import TrainConfig
+    from slope.evaluate import eval_checkpoint
+    from slope.serialization.export import export_model
+    from slope.train import train
+
+    cfg = TrainConfig().updated(dict(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2, seq_len=16, batch_size=2,
+                                     eval_batches=3, log_every=1, eval_every=4, save_every=0, max_steps=2,
+                                     out=str(tmp_path / "run")))
+    train(cfg, plot=False, log=lambda line: None)
+    export_model(tmp_path / "run", tmp_path / "dense", "dense")
+    want = eval_checkpoint(tmp_path / "run", "cpu")
+    got = eval_model_folder(tmp_path / "dense", "cpu")
+    assert got["settings"]["split"] == "train" and got["step"] == want["step"] == 2
+    assert got["val_tokens"] == want["val_tokens"] == 3 * 2 * 16
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    assert got["unigram_loss"] == pytest.approx(want["unigram_loss"], rel=1e-9)
+    assert main(["eval", "--checkpoint", str(tmp_path / "dense"), "--device", "cpu"]) == 0
+    assert "the exported slope train run's held-out split" in capsys.readouterr().out

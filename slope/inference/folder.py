@@ -5,8 +5,11 @@
 Validation data: when the folder's ``summary.json`` names its run's settings (``slope finetune`` /
 ``sparse-finetune``), those — the dataset's held-out split (:mod:`slope.dynamic.data`: every 20th
 chunk), windows of ``max_seq_length`` tokens, the run's batch and ``eval_batches``, its autocast
-precision — so the loss is the run's final validation loss again. Otherwise the embedded corpus in
-windows of 512 tokens (fewer if the model has fewer positions), 8 batches of 8, fp32.
+precision — so the loss is the run's final validation loss again. A ``slope export`` of a ``slope
+train`` run (``slope_export.validation`` in ``config.json``): that run's held-out split and
+settings (:func:`slope.data.load_splits`, the folder's tokenizer), as ``slope eval`` of the
+checkpoint. Otherwise the embedded corpus in windows of 512 tokens (fewer if the model has fewer
+positions), 8 batches of 8, fp32.
 """
 from __future__ import annotations
 
@@ -33,12 +36,20 @@ class FolderEvalSettings:
     seed: int = 42
     text_field: str = "text"
     precision: str = "fp32"
-    from_run: bool = False  # read from the folder's summary.json
+    from_run: bool = False  # read from the folder's summary.json or slope_export record
+    split: str = "finetune"  # "finetune": slope.dynamic.data's held-out chunks; "train": slope train's split
 
     @classmethod
     def for_folder(cls, summary: dict, model: nn.Module, eval_batches: int | None) -> "FolderEvalSettings":
-        """From the run's ``summary`` (its ``summary.json``, ``{}`` if none) or the defaults."""
+        """From the run's ``summary`` (its ``summary.json``, ``{}`` if none), the ``slope_export``
+        record of ``model``'s config, or the defaults."""
         config = summary.get("config")
+        export = getattr(model.config, "slope_export", None)
+        validation = export.get("validation") if isinstance(export, dict) else None
+        if isinstance(validation, dict):
+            return cls(dataset=validation["dataset"], seq_len=int(validation["seq_len"]), batch_size=int(validation["batch_size"]),
+                       eval_batches=eval_batches or int(validation["eval_batches"]), text_field=validation["text_field"],
+                       precision=validation["precision"], from_run=True, split="train")
         positions = getattr(model.config, "max_position_embeddings", None) or 513
         if not isinstance(config, dict) or not config.get("max_seq_length"):
             return cls(seq_len=min(512, positions - 1), eval_batches=eval_batches or 8)
@@ -68,30 +79,44 @@ def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: in
     (``mode`` ``"dense"``; ``step``: the run's steps when known) plus ``settings``."""
     from dataclasses import asdict
 
-    from slope.data import perplexity, unigram_cross_entropy
-    from slope.dynamic.data import load_finetune_data
+    from slope.data import perplexity
     from slope.evaluate import _nbytes, _sync, evaluate_loss
 
     folder = Path(folder)
     model, tokenizer, device = load_folder_model(folder, device)
     summary = read_json_object(folder / "summary.json") or {}
     settings = FolderEvalSettings.for_folder(summary, model, eval_batches)
-    data = load_finetune_data(settings.dataset, tokenizer, seq_len=settings.seq_len, batch_size=settings.batch_size,
-                              seed=settings.seed, eval_batches=settings.eval_batches,
-                              vocab_size=model.get_input_embeddings().num_embeddings, text_field=settings.text_field)
-    evaluate_loss(model, [(data.val[0][0][:1, :8], data.val[0][1][:1, :8])], device, settings.precision)  # warm-up
+    val, unigram = _validation_data(folder, settings, tokenizer, model.get_input_embeddings().num_embeddings)
+    evaluate_loss(model, [(val[0][0][:1, :8], val[0][1][:1, :8])], device, settings.precision)  # warm-up
     _sync(device)
     start = time.perf_counter()
-    loss = evaluate_loss(model, data.val, device, settings.precision)
+    loss = evaluate_loss(model, val, device, settings.precision)
     _sync(device)
     seconds = time.perf_counter() - start
+    tokens = sum(y.numel() for _, y in val)
+    export = getattr(model.config, "slope_export", None) or {}
+    return {"checkpoint": str(folder), "step": summary.get("steps", export.get("step")), "mode": "dense", "val_loss": loss,
+            "val_ppl": perplexity(loss), "val_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "weight_bytes": _nbytes(model), "unigram_loss": unigram, "run_final_val_loss": summary.get("final_val_loss"),
+            "settings": asdict(settings), "note": None}
+
+
+def _validation_data(folder: Path, settings: FolderEvalSettings, tokenizer, vocab_size: int) -> tuple[list, float]:
+    """The validation batches ``[(x, y)]`` (``int64 (b, seq_len)`` each) of ``settings`` and the
+    unigram baseline of its training split."""
+    from slope.data import load_splits, unigram_cross_entropy, val_batches
+
+    if settings.split == "train":  # slope train's split, tokenized as the run did (the folder holds its tokenizer)
+        splits = load_splits(settings.dataset, settings.seq_len, settings.text_field, folder)
+        val = val_batches(splits.val, batch_size=settings.batch_size, seq_len=settings.seq_len, max_batches=settings.eval_batches)
+        return val, unigram_cross_entropy(splits.train, splits.val, splits.vocab_size)
+    from slope.dynamic.data import load_finetune_data
+
+    data = load_finetune_data(settings.dataset, tokenizer, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                              seed=settings.seed, eval_batches=settings.eval_batches, vocab_size=vocab_size,
+                              text_field=settings.text_field)
     targets = torch.cat([y.flatten() for _, y in data.val])
-    tokens = targets.numel()
-    return {"checkpoint": str(folder), "step": summary.get("steps"), "mode": "dense", "val_loss": loss, "val_ppl": perplexity(loss),
-            "val_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "weight_bytes": _nbytes(model),
-            "unigram_loss": unigram_cross_entropy(data.train[:, 1:].flatten(), targets, model.get_input_embeddings().num_embeddings),
-            "run_final_val_loss": summary.get("final_val_loss"), "settings": asdict(settings), "note": None}
+    return data.val, unigram_cross_entropy(data.train[:, 1:].flatten(), targets, vocab_size)
 
 
 @torch.no_grad()

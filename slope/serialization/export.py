@@ -14,7 +14,10 @@ Forms (``--form``):
 The source is a ``slope train`` checkpoint (or its run directory) or a pruned model's Hugging Face
 folder (:func:`slope.from_pretrained`). The tokenizer: the one the run trained with (its
 ``--tokenizer``, from the checkpoint's copy, or else the embedded corpus's byte-level BPE, as a
-``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as its BOS/EOS/PAD), or the one in the source folder. ``config.json`` records the export in a ``slope_export`` entry.
+fast tokenizer with ``<|endoftext|>`` as its BOS/EOS/PAD), or the one in the source folder.
+``config.json`` records the export in a ``slope_export`` entry: form, source, step and, for a
+``slope train`` source, the run's ``validation`` settings, so that ``slope eval`` on the folder
+validates on the run's held-out split (:func:`validation_record`).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-__all__ = ["FORMS", "ExportResult", "export_model"]
+__all__ = ["FORMS", "ExportResult", "export_model", "validation_record"]
 
 FORMS = ("dense", "sparse", "merged")
 _TRAIN_MODE = {"dense": "dense", "sparse": "unmerged", "merged": "merged"}
@@ -57,7 +60,14 @@ def _from_train_checkpoint(source: str, form: str):
 
     # the run's --tokenizer (the checkpoint's copy), or the shipped BPE: EOS as BOS/EOS/PAD
     tokenizer = open_tokenizer(loaded.checkpoint.tokenizer).to_hf(loaded.config.seq_len)
-    return loaded.model, tokenizer, str(loaded.checkpoint.path), loaded.checkpoint.step, loaded.note
+    return loaded.model, tokenizer, str(loaded.checkpoint.path), loaded.checkpoint.step, loaded.note, validation_record(loaded.config)
+
+
+def validation_record(cfg) -> dict:
+    """What ``slope eval`` needs to validate an export of a ``slope train`` run on that run's
+    held-out split (:func:`slope.inference.folder.eval_model_folder`): its data and batch settings."""
+    return {"dataset": cfg.dataset, "seq_len": cfg.seq_len, "text_field": cfg.text_field, "batch_size": cfg.batch_size,
+            "eval_batches": cfg.eval_batches, "precision": cfg.precision}
 
 
 def _from_pretrained_folder(source: str, form: str):
@@ -82,7 +92,7 @@ def _from_pretrained_folder(source: str, form: str):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)
-    return model, tokenizer, source, None, note
+    return model, tokenizer, source, None, note, None
 
 
 def _sparse(model: nn.Module):
@@ -110,12 +120,13 @@ def export_model(source: str | os.PathLike, output_dir: str | os.PathLike, form:
         raise CheckpointError(f"--output-dir {output_dir} is the checkpoint itself; pick another folder")
     check_new_output_dir(output_dir, advice="choose a new folder for this export (one form per folder) or remove it")
     if kind == "slope-train":
-        model, tokenizer, where, step, note = _from_train_checkpoint(source, form)
+        model, tokenizer, where, step, note, validation = _from_train_checkpoint(source, form)
     elif kind in ("slope-pretrained", "slope-pretrained-v1"):
-        model, tokenizer, where, step, note = _from_pretrained_folder(source, form)
+        model, tokenizer, where, step, note, validation = _from_pretrained_folder(source, form)
     else:
         raise CheckpointError(f"cannot export: {describe_folder(source, kind)}")
-    model.config.slope_export = {"form": form, "source": where, "step": step}
+    model.config.slope_export = {"form": form, "source": where, "step": step,
+                                 **({"validation": validation} if validation is not None else {})}
     try:
         if any(True for _ in _sparse(model)):
             save_pretrained(model, output_dir)
