@@ -194,8 +194,13 @@ class TrainConfig:
             check(self.dense_tail_fraction == 0, "deepspeed", "the dense tail (--dense-tail-fraction) is not supported with DeepSpeed")
         check(self.hidden_size % self.num_heads == 0, "hidden_size", f"must be divisible by num_heads ({self.num_heads})")
         for key in ("hidden_size", "intermediate_size"):
-            check(getattr(self, key) % 64 == 0, key, "must be a positive multiple of 64 (the compressed 2:4 layouts tile by 64)")
-            check(getattr(self, key) > 0, key, "must be > 0")
+            size = getattr(self, key)
+            check(size > 0, key, "must be > 0")
+            if not self.dense and self.compress:
+                check(size % 64 == 0, key, "must be a positive multiple of 64 (the compressed 2:4 layouts tile by 64; "
+                      "--no-compress simulates any multiple of M, --dense takes any size)")
+            elif not self.dense:
+                check(size % m == 0, key, f"must be a multiple of {m} (the {self.sparsity} groups run along each layer's input)")
 
 
 def load_config_file(path: str | Path) -> dict:

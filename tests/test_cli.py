@@ -96,6 +96,7 @@ def test_config_file_errors(tmp_path, capsys):
         (["--no-compress", "--sparsity", "4:4"], "sparsity = '4:4' is invalid"),
         (["--lazy-lora-fraction", "1.5"], "lazy_lora_fraction = 1.5 is invalid: must be in [0, 1]"),
         (["--hidden-size", "96"], "hidden_size = 96 is invalid: must be a positive multiple of 64"),
+        (["--no-compress", "--hidden-size", "62", "--num-heads", "2"], "hidden_size = 62 is invalid: must be a multiple of 4"),
         (["--max-steps", "5", "--stop-after", "9"], "stop_after = 9 is invalid: must be between 1 and max_steps (5)"),
         (["--no-compress", "--backend", "reference"], "applies to compressed storage"),
         pytest.param(["--backend", "cutlass"], "backend = 'cutlass' is invalid here",

@@ -250,3 +250,10 @@ def test_train_refuses_an_fsdp_launch(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="does not shard with FSDP.*--deepspeed"):
         train(TrainConfig(out=str(tmp_path / "run"), max_steps=1))
     assert not (tmp_path / "run").exists()
+
+
+def test_sizes_need_64_only_for_compressed_storage():
+    from slope.config import TrainConfig
+
+    TrainConfig(dense=True, hidden_size=60, intermediate_size=90, num_heads=2).validate()  # dense: any size
+    TrainConfig(compress=False, sparsity="2:4", hidden_size=60, intermediate_size=100, num_heads=2).validate()  # N:M: multiples of M
