@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from slope.distributed import sync_grads
 from slope.registry import sparse_modules
-from slope.trainer_state import refuse_sharded_trainer, save_in_trainer_checkpoint, trainer_checkpoint_file
+from slope.trainer_state import refuse_sharded_trainer, resumed_checkpoint_dir, save_in_trainer_checkpoint
 
 __all__ = ["SparseOptimizerCallback", "SPARSE_OPTIMIZER_NAME"]
 
@@ -110,7 +110,8 @@ class SparseOptimizerCallback(TrainerCallback):
 
     Checkpoints: at every Trainer save the sparse optimizer's state goes to
     ``<output_dir>/checkpoint-<step>/slope_sparse_optimizer.pt``, and ``trainer.train(resume_from_checkpoint=...)``
-    restores it (the Trainer restores the weights, masks and dense optimizer). Resuming after lazy
+    restores it from the folder resumed from, also when that lies outside this Trainer's ``output_dir``
+    (the Trainer restores the weights, masks and dense optimizer). Resuming after lazy
     adapters were attached is not supported (the Trainer restores its optimizer before callbacks run).
 
     Logged ``grad_norm``: the Trainer logs the norm of ``model.parameters()``' gradients, computed
@@ -209,7 +210,7 @@ class SparseOptimizerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, args, state) -> None:
-        path = trainer_checkpoint_file(args, state, SPARSE_OPTIMIZER_NAME)
+        path = os.path.join(resumed_checkpoint_dir(args, state), SPARSE_OPTIMIZER_NAME)
         if not os.path.isfile(path):
             warnings.warn(
                 f"resuming at step {state.global_step} without {path}: the sparse optimizer starts from fresh "

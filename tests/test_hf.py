@@ -1,5 +1,6 @@
 """Hugging Face ``Trainer`` integration: ``SparseOptimizerCallback`` on tiny models built from configs."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -366,7 +367,11 @@ def test_adapter_grads_are_averaged_across_ranks(monkeypatch):
     torch.testing.assert_close(b.grad, torch.full((4,), 0.5))
 
 
-def test_checkpoint_resume_restores_the_sparse_optimizer(tmp_path):
+@pytest.mark.parametrize("into", ["b", "c"], ids=["same-output-dir", "other-output-dir"])
+def test_checkpoint_resume_restores_the_sparse_optimizer(tmp_path, into):
+    """Resumed from b/checkpoint-2, also by a Trainer whose output_dir is another folder (c): the
+    sparse optimizer's state comes from the folder the Trainer resumed from."""
+
     def run(steps, out, resume=False, save=False):
         torch.manual_seed(0)
         model = tiny_model("llama")
@@ -379,7 +384,10 @@ def test_checkpoint_resume_restores_the_sparse_optimizer(tmp_path):
     straight, _ = run(4, tmp_path / "a")
     run(4, tmp_path / "b", save=True)
     assert (tmp_path / "b" / "checkpoint-2" / slope.hf.SPARSE_OPTIMIZER_NAME).is_file()
-    resumed, opt = run(4, tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed, opt = run(4, tmp_path / into, resume=str(tmp_path / "b" / "checkpoint-2"))
+    assert not [w for w in caught if "fresh moments" in str(w.message)]
     assert all(state["step"].item() == 4 for state in opt.state.values())
     for (name, a), (_, b) in zip(sparse_modules(straight), sparse_modules(resumed)):
         torch.testing.assert_close(b.values, a.values, rtol=0, atol=0, msg=name)
