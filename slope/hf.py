@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from slope.distributed import sync_grads
 from slope.registry import sparse_modules
-from slope.trainer_state import refuse_sharded_trainer, save_in_trainer_checkpoint, trainer_checkpoint_file
+from slope.trainer_state import refuse_sharded_trainer, resumed_checkpoint_dir, save_in_trainer_checkpoint
 
 __all__ = ["SparseOptimizerCallback", "SPARSE_OPTIMIZER_NAME"]
 
@@ -82,6 +82,19 @@ def _average_grads(params: list[nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def _refuse_unattached_adapters(layer, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook on the callback's SLoPe layers: a state holding adapters for a
+    layer without them is a checkpoint saved after the lazy adapters were attached (the Trainer would
+    drop them as unexpected keys, then fail to restore its optimizer's extra param group)."""
+    if not layer.lora_rank and prefix + "lora_A" in state_dict:
+        raise ValueError(
+            f"{layer.layer_name or prefix.rstrip('.')}: the checkpoint holds lazy LoRA adapters (saved after "
+            "SparseOptimizerCallback attached them), which a Trainer cannot resume: resume from a checkpoint saved "
+            "before they were attached, or continue as a new run from model = slope.from_pretrained(<checkpoint>) "
+            "without resume_from_checkpoint"
+        )
+
+
 class SparseOptimizerCallback(TrainerCallback):
     """Steps a sparse optimizer inside ``transformers.Trainer`` (and, optionally, adds lazy adapters).
 
@@ -110,8 +123,11 @@ class SparseOptimizerCallback(TrainerCallback):
 
     Checkpoints: at every Trainer save the sparse optimizer's state goes to
     ``<output_dir>/checkpoint-<step>/slope_sparse_optimizer.pt``, and ``trainer.train(resume_from_checkpoint=...)``
-    restores it (the Trainer restores the weights, masks and dense optimizer). Resuming after lazy
-    adapters were attached is not supported (the Trainer restores its optimizer before callbacks run).
+    restores it from the folder resumed from, also when that lies outside this Trainer's ``output_dir``
+    (the Trainer restores the weights, masks and dense optimizer). Resuming from a checkpoint saved
+    after lazy adapters were attached is not supported (the Trainer rebuilds and restores its
+    optimizer before callbacks run, without the adapters' param group): loading such a checkpoint
+    into the callback's layers is a one-line ``ValueError`` saying what to do instead.
 
     Logged ``grad_norm``: the Trainer logs the norm of ``model.parameters()``' gradients, computed
     before ``on_pre_optimizer_step``. So that it is the joint norm, each SLoPe layer's sparse
@@ -161,6 +177,8 @@ class SparseOptimizerCallback(TrainerCallback):
         self._lora_params: list[nn.Parameter] = []
         self._expose_grads = True  # alias values_grad as values.grad for the Trainer's logged norm
         self._parts: tuple | None = None  # ((id(model), global_step), SLoPe layers, expert masks): see _model_parts
+        for layer in sparse_opt.layers():  # the Trainer loads a resumed checkpoint before on_train_begin
+            layer.register_load_state_dict_pre_hook(_refuse_unattached_adapters)
 
     # ------------------------------------------------------------------ checks at train begin
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -209,7 +227,7 @@ class SparseOptimizerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, args, state) -> None:
-        path = trainer_checkpoint_file(args, state, SPARSE_OPTIMIZER_NAME)
+        path = os.path.join(resumed_checkpoint_dir(args, state), SPARSE_OPTIMIZER_NAME)
         if not os.path.isfile(path):
             warnings.warn(
                 f"resuming at step {state.global_step} without {path}: the sparse optimizer starts from fresh "

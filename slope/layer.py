@@ -659,6 +659,10 @@ class SparseLinear(nn.Module):
             raise RuntimeError(f"{self.layer_name}: adapters already attached (rank {self.lora_rank})")
         if not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"lora rank must be a positive int, got {rank!r}")
+        if rank >= min(self.in_features, self.out_features):
+            warnings.warn(f"{self.layer_name or 'SparseLinear'}: lora rank {rank} >= min(in, out) = "
+                          f"{min(self.in_features, self.out_features)} gives no low-rank savings; pick a smaller rank",
+                          UserWarning, stacklevel=2)
         factory = {"device": self.values.device, "dtype": self.values.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

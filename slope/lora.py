@@ -25,7 +25,8 @@ A merged layer keeps every tensor of the unmerged one (``values``, ``mask_bits``
 ``meta``, ``bias``, ``lora_A``, ``lora_B``, ``lora_A_mask``), so state dicts move between the two forms; the
 stacked operand is derived from them and rebuilt lazily whenever one changes (version-keyed cache).
 Merged layers are for inference: their forward works with or without autograd enabled, but a
-backward through them is an error.
+backward through them is an error (also in training mode when nothing before them requires grad),
+and so is :class:`~slope.optimizers.ADAMWSparse` over them.
 """
 from __future__ import annotations
 
@@ -48,10 +49,12 @@ DECODE_ROWS = kernels.reference.MERGED_DECODE_MAX_ROWS
 
 
 class _NoBackward(torch.autograd.Function):
-    """Runs the merged product when autograd is recording; a backward through it is an error."""
+    """Runs the merged product when autograd is recording; a backward through it is an error.
+    ``anchor``: ``None``, or an empty leaf that requires grad, which makes autograd reach this
+    backward (and its error) when neither the input nor anything before it requires grad."""
 
     @staticmethod
-    def forward(ctx, x, layer, dtype):
+    def forward(ctx, x, layer, dtype, anchor=None):
         ctx.layer_name = layer.layer_name or "MergedSparseLinear"
         return layer._merged_product(x, dtype)
 
@@ -204,8 +207,9 @@ class MergedSparseLinear(SparseLinear):
         dtype = _compute_dtype(x, self.values.dtype, self)
         if not torch.is_grad_enabled():  # inference: no context manager on the per-token path
             u = self._merged_product(x, dtype)
-        elif x.requires_grad:
-            u = _NoBackward.apply(x, self, dtype)
+        elif x.requires_grad or self.training:  # training mode: a backward says this form is inference-only
+            anchor = None if x.requires_grad else torch.empty(0, device=x.device, requires_grad=True)
+            u = _NoBackward.apply(x, self, dtype, anchor)
         else:
             with torch.no_grad():
                 u = self._merged_product(x, dtype)

@@ -89,7 +89,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _check_arguments(n: int, m: int, mask_type: str, backend: str, compress: bool, double_pruning: bool,
-                     add_lora: bool, lora_rank, merge_lora: bool) -> None:
+                     add_lora: bool, lora_rank, merge_lora: bool, lora_alpha=None) -> None:
     """One-line errors for :func:`prune_model` arguments that cannot go together."""
     if mask_type not in MASK_TYPES:
         raise ValueError(f"unknown mask_type {mask_type!r}; choose one of {MASK_TYPES}")
@@ -106,6 +106,9 @@ def _check_arguments(n: int, m: int, mask_type: str, backend: str, compress: boo
         raise ValueError(f"backend={backend!r} applies to compressed storage; pass compress=True (or backend='auto')")
     if merge_lora and not add_lora:
         raise ValueError("merge_lora=True needs add_lora=True and lora_rank > 0 (the merged form holds the adapters)")
+    if not add_lora and (lora_rank not in (0, None) or lora_alpha is not None):
+        given = f"lora_rank={lora_rank!r}" if lora_rank not in (0, None) else f"lora_alpha={lora_alpha!r}"
+        raise ValueError(f"{given} attaches no adapters without add_lora=True: pass add_lora=True, or drop it")
     if add_lora and (not isinstance(lora_rank, int) or lora_rank <= 0):
         raise ValueError(f"add_lora=True needs a positive lora_rank, got {lora_rank!r}")
 
@@ -212,7 +215,7 @@ def prune_model(
     Returns the same ``model`` object; the decisions are kept in ``model.slope_prune_summary``.
     """
     n, m = parse_sparsity(sparsity)
-    _check_arguments(n, m, mask_type, backend, compress, double_pruning, add_lora, lora_rank, merge_lora)
+    _check_arguments(n, m, mask_type, backend, compress, double_pruning, add_lora, lora_rank, merge_lora, lora_alpha)
     targets, skip = _patterns(targets, "targets"), _patterns(skip, "skip")
     _check_not_pruned(model, targets)
 

@@ -2,24 +2,49 @@
 
 Each callback with state (dynamic sparsity, the held-zeros window of a recipe, the sparse
 optimizer, the SFT selector) writes one file into the Trainer's ``output_dir/checkpoint-<step>/``
-at save time and reads it back when the Trainer resumes at that step. They run under the
-Trainer's DDP, not under its FSDP or DeepSpeed (:func:`refuse_sharded_trainer`).
+at save time and reads it back from the folder the Trainer resumes from (which may lie in another
+run's ``output_dir``: :func:`resumed_checkpoint_dir`). They run under the Trainer's DDP, not under
+its FSDP or DeepSpeed (:func:`refuse_sharded_trainer`).
 """
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
 
-__all__ = ["load_from_trainer_checkpoint", "refuse_sharded_trainer", "save_in_trainer_checkpoint", "torch_optimizer",
-           "trainer_checkpoint_file"]
+__all__ = ["load_from_trainer_checkpoint", "refuse_sharded_trainer", "resumed_checkpoint_dir", "save_in_trainer_checkpoint",
+           "torch_optimizer", "trainer_checkpoint_file"]
 
 
 def trainer_checkpoint_file(args, state, name: str) -> str:
     """``name`` in the Trainer's checkpoint folder of the current step (``args``: its
-    ``TrainingArguments``, ``state``: its ``TrainerState``)."""
+    ``TrainingArguments``, ``state``: its ``TrainerState``): where a save writes it."""
     return os.path.join(args.output_dir, f"checkpoint-{state.global_step}", name)
+
+
+def resumed_checkpoint_dir(args, state) -> str:
+    """The checkpoint folder the running ``Trainer.train`` resumed from, for callbacks' ``on_train_begin``.
+
+    That is the ``resume_from_checkpoint`` the Trainer resolved (a folder anywhere, or for ``True``
+    the newest ``checkpoint-<step>`` of ``output_dir``), not necessarily
+    ``output_dir/checkpoint-<global_step>``. transformers 5 tells callbacks only the state read from
+    it, so it is read from the Trainer's training loop (``_inner_training_loop``, which calls
+    ``on_train_begin`` with the resolved folder as its argument) up the call stack. Called outside a
+    ``Trainer.train`` (a callback driven by hand): ``output_dir/checkpoint-<global_step>``.
+    """
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), Trainer):
+            folder = frame.f_locals.get("resume_from_checkpoint")
+            if folder is not None:
+                return os.fspath(folder)
+            break
+        frame = frame.f_back
+    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
 
 def save_in_trainer_checkpoint(args, state, name: str, value: Any) -> None:
@@ -32,9 +57,10 @@ def save_in_trainer_checkpoint(args, state, name: str, value: Any) -> None:
 
 
 def load_from_trainer_checkpoint(args, state, name: str, writer: str) -> Any:
-    """What :func:`save_in_trainer_checkpoint` wrote as ``name`` at the step the Trainer resumes
-    at; ``FileNotFoundError`` naming ``writer`` (the callback that writes it) when it is missing."""
-    path = trainer_checkpoint_file(args, state, name)
+    """What :func:`save_in_trainer_checkpoint` wrote as ``name`` into the checkpoint the Trainer
+    resumes from (:func:`resumed_checkpoint_dir`); ``FileNotFoundError`` naming ``writer`` (the
+    callback that writes it) when it is missing."""
+    path = os.path.join(resumed_checkpoint_dir(args, state), name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resuming at step {state.global_step} needs {path} (written by {writer} at save time)")
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -272,7 +272,8 @@ def test_trainer_callback_updates_masks_and_resumes_exactly(tmp_path):
     resumed, sp2 = build()
     first, sp1 = build()
     _trainer(tmp_path / "b", first, sp1, 6).train()  # writes checkpoint-3 and checkpoint-6
-    _trainer(tmp_path / "b", resumed, sp2, 6).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    # resumed by a Trainer writing elsewhere (c): the state comes from the folder it resumes from
+    _trainer(tmp_path / "c", resumed, sp2, 6).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
     assert sp2.steps_done == 6 and [r["step"] for r in sp2.history] == [0, 2, 4]
     for name, mask in sp.masked.masks.items():
         assert torch.equal(mask, sp2.masked.masks[name])

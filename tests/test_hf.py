@@ -1,5 +1,6 @@
 """Hugging Face ``Trainer`` integration: ``SparseOptimizerCallback`` on tiny models built from configs."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -309,6 +310,27 @@ def test_lazy_lora_fraction_below_one_step_warns(tmp_path):
     assert not any(layer.lora_rank for _, layer in sparse_modules(model))
 
 
+def test_resuming_after_lazy_adapters_is_a_clear_error_and_the_new_run_path_works(tmp_path):
+    """A checkpoint saved after the adapters were attached cannot be resumed by the Trainer (its
+    optimizer is rebuilt without their param group): one line saying what to do, before the
+    Trainer drops the adapters as unexpected keys; the advised new run from that checkpoint trains."""
+
+    def run(model, out, steps, resume=None):
+        callback = SparseOptimizerCallback(ADAMWSparse(model), lazy_lora_fraction=0.5, lora_rank=4)
+        make_trainer(model, out, [callback], steps=steps, save_strategy="steps", save_steps=2).train(resume_from_checkpoint=resume)
+
+    run(tiny_model("llama"), tmp_path / "a", 2)  # adapters attached before step 1; checkpoint-2 holds them
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    with pytest.raises(ValueError, match=r"holds lazy LoRA adapters .* resume from a checkpoint saved before they were "
+                                         r"attached, or continue as a new run from model = slope.from_pretrained"):
+        run(tiny_model("llama"), tmp_path / "b", 4, resume=str(checkpoint))
+    model = slope.from_pretrained(checkpoint).train()
+    assert all(layer.lora_rank == 4 for _, layer in sparse_modules(model))
+    before = {name: layer.lora_B.detach().clone() for name, layer in sparse_modules(model)}
+    run(model, tmp_path / "c", 2)
+    assert any(not torch.equal(layer.lora_B, before[name]) for name, layer in sparse_modules(model))
+
+
 # ---------------------------------------------------------------------------------------------------- misuse
 def test_trainer_max_grad_norm_warns(tmp_path):
     model = tiny_model("llama")
@@ -366,7 +388,11 @@ def test_adapter_grads_are_averaged_across_ranks(monkeypatch):
     torch.testing.assert_close(b.grad, torch.full((4,), 0.5))
 
 
-def test_checkpoint_resume_restores_the_sparse_optimizer(tmp_path):
+@pytest.mark.parametrize("into", ["b", "c"], ids=["same-output-dir", "other-output-dir"])
+def test_checkpoint_resume_restores_the_sparse_optimizer(tmp_path, into):
+    """Resumed from b/checkpoint-2, also by a Trainer whose output_dir is another folder (c): the
+    sparse optimizer's state comes from the folder the Trainer resumed from."""
+
     def run(steps, out, resume=False, save=False):
         torch.manual_seed(0)
         model = tiny_model("llama")
@@ -379,7 +405,10 @@ def test_checkpoint_resume_restores_the_sparse_optimizer(tmp_path):
     straight, _ = run(4, tmp_path / "a")
     run(4, tmp_path / "b", save=True)
     assert (tmp_path / "b" / "checkpoint-2" / slope.hf.SPARSE_OPTIMIZER_NAME).is_file()
-    resumed, opt = run(4, tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed, opt = run(4, tmp_path / into, resume=str(tmp_path / "b" / "checkpoint-2"))
+    assert not [w for w in caught if "fresh moments" in str(w.message)]
     assert all(state["step"].item() == 4 for state in opt.state.values())
     for (name, a), (_, b) in zip(sparse_modules(straight), sparse_modules(resumed)):
         torch.testing.assert_close(b.values, a.values, rtol=0, atol=0, msg=name)

@@ -147,6 +147,26 @@ def test_backward_through_merged_layer_is_a_clear_error():
         y.sum().backward()
 
 
+def test_training_a_merged_model_is_a_clear_error():
+    """In training mode a backward through merged layers names the inference-only form even when
+    nothing before them requires grad (was torch's "element 0 ... does not require grad"), and
+    ADAMWSparse refuses merged or frozen layers (its step would silently change nothing)."""
+    x = torch.randn(4, 64)
+    model = prune_model(MLP(), compress=True, add_lora=True, lora_rank=8, merge_lora=True, verbose=False)
+    assert model.training
+    with pytest.raises(RuntimeError, match="merged inference form.*train the unmerged model"):
+        model(x).sum().backward()
+    with pytest.raises(ValueError, match=r"ADAMWSparse: 2 SLoPe layers of MLP \(e.g. fc1\) are in the merged inference-only "
+                                         r"form .* train the unmerged model"):
+        ADAMWSparse(model)
+    model.eval()  # evaluation with autograd on: outputs stay plain tensors
+    assert not model(x).requires_grad
+    frozen = prune_model(MLP(), compress=True, verbose=False)
+    freeze_for_inference(frozen)
+    with pytest.raises(ValueError, match="merged inference-only form"):
+        ADAMWSparse(frozen)
+
+
 # ---------------------------------------------------------------------------- errors
 def test_merge_without_adapters_is_an_error():
     model = prune_model(MLP(), compress=True, verbose=False)

@@ -1,6 +1,7 @@
 """``prune_model``: layer replacement (nn.Linear and HF GPT-2 Conv1D), skip rules and summary,
 state_dict round trips, and clear errors."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -137,11 +138,24 @@ def test_transposable_and_exact_backward_options():
         (lambda: prune_model(Toy(), skip=["fc1"]), ValueError, "pruned none"),
         (lambda: prune_model(Toy(), merge_lora=True), ValueError, "add_lora"),
         (lambda: prune_model(Toy(), add_lora=True, lora_rank=0), ValueError, "lora_rank"),
+        (lambda: prune_model(Toy(), lora_rank=4), ValueError, r"^lora_rank=4 attaches no adapters without add_lora=True"),
+        (lambda: prune_model(Toy(), lora_alpha=8.0), ValueError, r"^lora_alpha=8.0 attaches no adapters without add_lora"),
     ],
 )
 def test_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_lora_rank_without_savings_warns():
+    """An adapter of rank >= min(in, out) holds as many weights as a dense update: said once, still attached."""
+    layer = prune_model(nn.Sequential(nn.Linear(32, 16)), verbose=False)[0]
+    with pytest.warns(UserWarning, match=r"lora rank 16 >= min\(in, out\) = 16 gives no low-rank savings"):
+        layer.add_lora(16)
+    assert layer.lora_rank == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_model(nn.Sequential(nn.Linear(32, 16)), verbose=False)[0].add_lora(15)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU failure mode")

@@ -324,7 +324,7 @@ def test_recovery_trainer_holds_from_a_later_start(tmp_path):
 
 def test_recovery_trainer_resumes_inside_a_window(tmp_path):
     """start 0.4 epoch (step 2), zeros appearing after step 1, saved at step 4 while holding and
-    resumed by a fresh trainer: the same weights as the run that went straight through. (Without the
+    resumed by a fresh trainer (writing into another folder): the same weights as the run that went straight through. (Without the
     window's state the resumed run would be "before" its start forever and hold nothing.)"""
     from transformers import TrainerCallback
 
@@ -338,8 +338,8 @@ def test_recovery_trainer_resumes_inside_a_window(tmp_path):
                         if n.startswith("model.layers.0.") and isinstance(m, nn.Linear):
                             m.weight[torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(7)) < 0.2] = 0
 
-    def trainer():
-        args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+    def trainer(out=tmp_path):
+        args = T.TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
                                    report_to=[], save_strategy="steps", save_steps=4, use_cpu=True, dataloader_num_workers=0,
                                    seed=0)
         return RecoveryTrainer(model=_pair(), args=args, train_dataset=_Windows(), recipe=_recipe(start=0.4),
@@ -348,6 +348,6 @@ def test_recovery_trainer_resumes_inside_a_window(tmp_path):
     straight = trainer()
     straight.train()
     assert (tmp_path / "checkpoint-4" / "slope_held_zeros.pt").is_file()
-    resumed = trainer()
+    resumed = trainer(tmp_path / "elsewhere")  # resumed into another output_dir: the state comes from the folder resumed
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert _close(_layer0(resumed.model), _layer0(straight.model)) < 1e-6

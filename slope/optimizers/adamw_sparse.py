@@ -19,6 +19,20 @@ __all__ = ["ADAMWSparse"]
 _FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)
 
 
+def _refuse_merged(model: nn.Module, layers: list[nn.Module]) -> None:
+    """A one-line ``ValueError`` when ``model``'s SLoPe layers are in the merged inference-only form
+    (they get no gradients: a step would silently change nothing)."""
+    from slope.lora import MergedSparseLinear
+
+    merged = [layer.layer_name or "?" for layer in layers if isinstance(layer, MergedSparseLinear)]
+    if merged:
+        raise ValueError(
+            f"ADAMWSparse: {len(merged)} SLoPe layers of {type(model).__name__} (e.g. {merged[0]}) are in the merged "
+            "inference-only form (merge_lora / freeze_for_inference), which does not train: train the unmerged model "
+            "(prune_model(..., add_lora=True) without merge_lora) and merge after training"
+        )
+
+
 class ADAMWSparse(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose parameters are the SLoPe layers' kept values.
 
@@ -66,6 +80,8 @@ class ADAMWSparse(torch.optim.Optimizer):
         layers = live_layers() if model is None else [m for _, m in sparse_modules(model)]
         if not layers:
             raise ValueError("ADAMWSparse found no SLoPe layers; call slope.prune_model(model) first")
+        if model is not None:
+            _refuse_merged(model, layers)
         self._layer_of: dict[int, nn.Module] = {id(layer.values): layer for layer in layers}
         # per parameter (id): (its state's step tensor, the host's count of it), so that no step
         # reads the device counter (the count is trusted while the state holds that same tensor)
