@@ -204,10 +204,12 @@ def save_model_folder(model: nn.Module, tokenizer, out: Path, summary: dict[str,
     from slope.io import export_dense, save_state_pretrained
     from slope.parallel import full_model_state_dict, is_fsdp2
     from slope.registry import sparse_modules
+    from slope.serialization.export import drop_export_record
 
     state = full_model_state_dict(model, rank0_only=True) if is_fsdp2(model) else None
     if not main_process:
         return
+    drop_export_record(model)  # fine-tuned from an export: no longer that export
     if any(True for _ in sparse_modules(model)):
         export_dense(model, out, state_dict=state)
     elif state is not None:

@@ -93,3 +93,17 @@ def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capsys):
     assert got["unigram_loss"] == pytest.approx(want["unigram_loss"], rel=1e-9)
     assert main(["eval", "--checkpoint", str(tmp_path / "dense"), "--device", "cpu"]) == 0
     assert "the exported slope train run's held-out split" in capsys.readouterr().out
+    # what oneshot and finetune write from the export is theirs: no export record, their own run's settings
+    from slope.pruning import oneshot
+    from slope.serialization.folders import folder_kind
+
+    oneshot(str(tmp_path / "dense"), {"s": {"g": {"MagnitudePruningModifier": {"sparsity": 0.5}}}}, output_dir=tmp_path / "pruned",
+            verbose=False)
+    tuned = finetune(str(tmp_path / "pruned"), None, "embedded", output_dir=tmp_path / "tuned", max_steps=2,
+                     per_device_train_batch_size=2, max_seq_length=16, eval_batches=2, progress=False)
+    for folder in ("pruned", "tuned"):
+        assert "slope_export" not in json.loads((tmp_path / folder / "config.json").read_text()), folder
+        assert folder_kind(tmp_path / folder) != "slope-export-dense", folder
+    result = eval_model_folder(tmp_path / "tuned", "cpu")
+    assert result["settings"]["split"] == "finetune"
+    assert result["val_loss"] == pytest.approx(tuned.finetune_summary["final_val_loss"], rel=1e-6)

@@ -46,7 +46,7 @@ class FolderEvalSettings:
         config = summary.get("config")
         export = getattr(model.config, "slope_export", None)
         validation = export.get("validation") if isinstance(export, dict) else None
-        if isinstance(validation, dict):
+        if isinstance(validation, dict) and not isinstance(config, dict):  # a run's own summary comes first
             return cls(dataset=validation["dataset"], seq_len=int(validation["seq_len"]), batch_size=int(validation["batch_size"]),
                        eval_batches=eval_batches or int(validation["eval_batches"]), text_field=validation["text_field"],
                        precision=validation["precision"], from_run=True, split="train")

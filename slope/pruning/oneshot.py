@@ -119,6 +119,9 @@ def _run_calibrated(model, modifier, layers, samples, journal, verbose) -> list[
 def _save(model, tokenizer, path: Path, entries: list[RecipeEntry], report: dict) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    from slope.serialization.export import drop_export_record
+
+    drop_export_record(model)  # pruned from an export: no longer that export
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-__all__ = ["FORMS", "ExportResult", "export_model", "validation_record"]
+__all__ = ["FORMS", "ExportResult", "drop_export_record", "export_model", "validation_record"]
 
 FORMS = ("dense", "sparse", "merged")
 _TRAIN_MODE = {"dense": "dense", "sparse": "unmerged", "merged": "merged"}
@@ -61,6 +61,14 @@ def _from_train_checkpoint(source: str, form: str):
     # the run's --tokenizer (the checkpoint's copy), or the shipped BPE: EOS as BOS/EOS/PAD
     tokenizer = open_tokenizer(loaded.checkpoint.tokenizer).to_hf(loaded.config.seq_len)
     return loaded.model, tokenizer, str(loaded.checkpoint.path), loaded.checkpoint.step, loaded.note, validation_record(loaded.config)
+
+
+def drop_export_record(model: nn.Module) -> None:
+    """Forget that ``model`` was loaded from a ``slope export`` folder (its config's ``slope_export``
+    entry): what oneshot and fine-tuning write from it is a model of its own, not that export."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "slope_export"):
+        del config.slope_export
 
 
 def validation_record(cfg) -> dict:
