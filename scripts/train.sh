@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the default job on a fresh or existing machine: creates/reuses .venv (CPU torch without an
 # NVIDIA GPU), then `slope train`: SLoPe 2:4 pretraining of a small Llama on the embedded corpus
-# (Python standard-library source), ~3 minutes on a 2-core CPU. Outputs: runs/default/
+# (Python standard-library source), ~2 minutes on a 2-core CPU. Outputs: runs/default/
 # (metrics.jsonl, loss.png, checkpoint/). Extra arguments go to `slope train`, e.g.
 #   bash scripts/train.sh --dense --out runs/dense
 #   bash scripts/train.sh --out runs/default --resume

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"slope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", argument_default=argparse.SUPPRESS, help="pretrain a small Llama or any HF causal LM (default: SLoPe 2:4 on the embedded corpus, ~3 min on a CPU)",
+    train = sub.add_parser("train", argument_default=argparse.SUPPRESS, help="pretrain a small Llama or any HF causal LM (default: SLoPe 2:4 on the embedded corpus, ~2 min on a 2-core CPU)",
                            description="Pretrain a small Llama (or any Hugging Face causal LM: --model-config) with SLoPe (or --dense). Precedence: defaults < --config FILE < flags. "
                            "Data parallel: `torchrun --nproc_per_node=N -m slope train ...` (DDP; --deepspeed CONFIG for ZeRO-1/2); "
                            "--batch-size stays the global micro-batch, split over the N ranks, so runs and checkpoints do not depend on N.")
