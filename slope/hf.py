@@ -239,7 +239,8 @@ class SparseOptimizerCallback(TrainerCallback):
         self.sparse_opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def on_save(self, args, state, control, **kwargs):
-        save_in_trainer_checkpoint(args, state, SPARSE_OPTIMIZER_NAME, self.sparse_opt.state_dict())
+        full = self.sparse_opt.full_state_dict() if hasattr(self.sparse_opt, "full_state_dict") else self.sparse_opt.state_dict()
+        save_in_trainer_checkpoint(args, state, SPARSE_OPTIMIZER_NAME, full)  # (every rank: a sharded state is gathered)
 
     def _plan_lora(self, layers: list[nn.Module], max_steps: int) -> None:
         with_lora = [layer for layer in layers if layer.lora_rank]

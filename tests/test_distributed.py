@@ -244,6 +244,7 @@ def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = No
     out["syncs"] = model.slope_sparse_sync.syncs
     out["moments"] = sorted(i for i, state in sparse_opt.state_dict()["state"].items() if "exp_avg" in state)
     out["full_sparse_state"] = copy.deepcopy(sparse_opt.full_state_dict())
+    out["local_sparse_state"] = copy.deepcopy(sparse_opt.state_dict())
 
 
 def _bf16_smoke(forward, backward_and_step, inner: nn.Module, out: dict):
@@ -549,6 +550,10 @@ def test_sharded_sparse_optimizer_state_matches_one_process(torch_results, refer
     assert_same_optimizer_state(outs[0]["ckpt"]["sparse_opt"], reference_ckpt["sparse_opt"])  # gathered at CKPT_STEP
     assert outs[1]["ckpt"]["sparse_opt"] is None and outs[1]["full_sparse_state"] is None
     assert outs[0]["state_before"]["state"] == {} and outs[1]["state_before"] is None
+    # one rank's part of the state is refused in one line (its other layers have no moments)
+    sparse_opt, _ = make_optimizers(build_model(seed=0))
+    with pytest.raises(ValueError, match="one rank's part of a sharded state"):
+        sparse_opt.load_state_dict(outs[1]["local_sparse_state"])
     # a one-process checkpoint resumes sharded (FSDP2 for the dense part) to the same weights and state
     resumed = torch_results("fsdp2_sharded_state_resume")
     assert_same_state(resumed[0]["final"], references["accum2"])

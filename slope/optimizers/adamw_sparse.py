@@ -305,18 +305,23 @@ class ADAMWSparse(torch.optim.Optimizer):
         (:func:`slope.checkpoint.check_state_fits`), so it is not validated twice."""
         from slope.statecheck import check_optimizer_state
 
+        names = [layer.layer_name or f"layer {i}" for i, layer in enumerate(self.layers())]
         if not checked:
-            check_optimizer_state(self, state_dict, [layer.layer_name or f"layer {i}" for i, layer in enumerate(self.layers())])
-        # torch casts floating state to the parameter dtype on load; our moments stay fp32.
-        saved = {k: {name: v for name, v in s.items() if torch.is_tensor(v)} for k, s in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        self._host_steps.clear()  # read again from the loaded counters at the next step
+            check_optimizer_state(self, state_dict, names)
+        partial = [int(k) for k, s in state_dict["state"].items() if "step" in s and not {"exp_avg", "exp_avg_sq"} <= set(s)]
+        if partial:
+            raise ValueError(f"ADAMWSparse.load_state_dict: {names[partial[0]]} has a step count but no moments: this is one rank's "
+                             "part of a sharded state (shard_state=True); save and load full_state_dict() instead")
         params = self._params()
+        # only what this rank keeps (with shard_state: its layers' moments, every step count), before torch copies it
+        kept = {k: {name: v for name, v in s.items() if name == "step" or self.owns(params[int(k)])}
+                for k, s in state_dict["state"].items()}
+        # torch casts floating state to the parameter dtype on load; our moments stay fp32.
+        saved = {k: {name: v for name, v in s.items() if torch.is_tensor(v)} for k, s in kept.items()}
+        super().load_state_dict({**state_dict, "state": kept})
+        self._host_steps.clear()  # read again from the loaded counters at the next step
         for index, tensors in saved.items():
             p = params[int(index)]
-            if not self.owns(p):  # its owner keeps the moments
-                tensors = {name: value for name, value in tensors.items() if name == "step"}
-                self.state[p] = {}
             for name, value in tensors.items():
                 # the step counter too lives on the values' device (fp32: what the fused kernels read)
                 self.state[p][name] = value.to(device=p.device, dtype=torch.float32) if name == "step" else value.to(device=p.device)
