@@ -207,7 +207,9 @@ class MergedSparseLinear(SparseLinear):
         dtype = _compute_dtype(x, self.values.dtype, self)
         if not torch.is_grad_enabled():  # inference: no context manager on the per-token path
             u = self._merged_product(x, dtype)
-        elif x.requires_grad or self.training:  # training mode: a backward says this form is inference-only
+        elif x.requires_grad or (self.training and any(p.requires_grad for p in self.parameters(recurse=False))):
+            # training mode with trainable tensors of its own: a backward says this form is inference-only
+            # (a frozen merged backbone under a trainable head stays out of the graph)
             anchor = None if x.requires_grad else torch.empty(0, device=x.device, requires_grad=True)
             u = _NoBackward.apply(x, self, dtype, anchor)
         else:

@@ -165,6 +165,11 @@ def test_training_a_merged_model_is_a_clear_error():
     freeze_for_inference(frozen)
     with pytest.raises(ValueError, match="merged inference-only form"):
         ADAMWSparse(frozen)
+    # a merged backbone with its own tensors frozen, under a trainable head, trains the head in training mode
+    backbone = prune_model(MLP(), compress=True, add_lora=True, lora_rank=8, merge_lora=True, verbose=False).requires_grad_(False)
+    head = nn.Linear(64, 3)
+    nn.Sequential(backbone, head).train()(x).sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------- errors
