@@ -259,9 +259,13 @@ class SparseLinear(nn.Module):
         native_entries(self, state_dict, prefix, error_msgs)  # a Hugging Face save's dense-form entries
         if "mask_t_bits" not in self._buffers:  # inference-only form: a training checkpoint's M_t is not needed
             state_dict.pop(prefix + "mask_t_bits", None)
-        # ``meta`` (the 2:4 metadata) follows from M and the dtype: rebuilt here, so a state saved in
-        # another dtype, or with compress=False (no meta), loads into this layer as it is
+        # ``meta`` (the 2:4 metadata) follows from M and the dtype: a saved one that does not fit this
+        # layer (another dtype) or a missing one (compress=False, a Hugging Face dense form) is rebuilt
         saved_meta = state_dict.pop(prefix + "meta", None)
+        meta_fits = (saved_meta is not None and self.meta is not None and saved_meta.shape == self.meta.shape
+                     and saved_meta.dtype == self.meta.dtype)
+        if meta_fits:
+            state_dict[prefix + "meta"] = saved_meta
         errors = self.state_errors(state_dict, prefix)
         if errors:  # nothing of a mismatched state is written into this layer
             error_msgs.extend(errors)
@@ -272,7 +276,7 @@ class SparseLinear(nn.Module):
             missing_keys.remove(prefix + "meta")
         if prefix + "mask_bits" in state_dict and self._mask_key() != before:
             self._validated_mask = self._mask_key()  # M is the mask state_errors just found N:M: not checked again at first use
-        if self.meta is not None and (saved_meta is not None or prefix + "mask_bits" in state_dict):
+        if self.meta is not None and not meta_fits and (saved_meta is not None or prefix + "mask_bits" in state_dict):
             self._refresh_meta()
 
     def state_errors(self, state_dict: dict, prefix: str = "") -> list[str]:

@@ -97,7 +97,7 @@ def dense_form_state_dict(model: nn.Module, state_dict: dict | None = None) -> d
 
 def native_entries(layer: nn.Module, state_dict: dict, prefix: str, error_msgs: list[str]) -> None:
     """In ``state_dict`` (in place): turn ``layer``'s dense-form entries (``prefix + "weight"``) into
-    its native ones (``values``, ``meta``); report a dense weight without slope's mask in
+    its native ``values`` (the layer rebuilds ``meta``); report a dense weight without slope's mask in
     ``error_msgs``. Does nothing when there is no ``weight`` entry (a native state dict)."""
     weight = state_dict.get(prefix + "weight")
     if weight is None:
@@ -119,18 +119,11 @@ def native_entries(layer: nn.Module, state_dict: dict, prefix: str, error_msgs: 
     dense = weight.t() if layer.weight_transposed else weight
     try:
         mask = unpack_mask(bits, shape).to(dense.device)
-        need_values = prefix + "values" not in state_dict
-        need_meta = layer.meta is not None and prefix + "meta" not in state_dict
-        if need_values or need_meta:  # checked once here; the layer's load then knows these bits
+        if prefix + "values" not in state_dict:  # checked once here; the layer's load then knows these bits
             if not layer._state_mask_fits(bits, mask):
                 raise ValueError(f"the mask does not keep exactly {layer.n} of every {layer.m} inputs")
             offsets = _kept_offsets(mask, layer.n, layer.m, checked=True)
-        if need_values:
             state_dict[prefix + "values"] = gather_kept(dense, mask, layer.n, layer.m, offsets)
-        if need_meta:
-            from slope.kernels import compress_2to4
-
-            values = state_dict[prefix + "values"]
-            state_dict[prefix + "meta"] = compress_2to4(scatter_kept(values, mask, layer.n, layer.m, offsets), mask)[1]
+        # (the layer's load rebuilds its 2:4 metadata from the loaded mask)
     except ValueError as e:  # a mask of another shape or sparsity
         error_msgs.append(f"{name}: the checkpoint's mask does not fit this {layer.n}:{layer.m} layer ({e})")
