@@ -65,26 +65,23 @@ def first_nonfinite(tensors: Iterable[tuple[str, object]]) -> str | None:
     return None
 
 
-def check_finite(step: int, loss: float, states: Mapping[str, object], *, agree_group=False) -> None:
+def check_finite(step: int, loss: float, states: Mapping[str, object], *, agree: bool = False) -> None:
     """Raise :class:`DivergenceError` before a save if ``loss`` or any tensor of ``states`` (e.g.
     ``{"model": model_state, "optimizers": ...}``) is not finite.
 
-    ``agree_group``: when the ranks check different tensors (each its own shard of an optimizer
-    state), the ranks of this process group (``None``: the world; ``False``: no agreement) agree
-    in one collective, so all of them raise if any one finds a non-finite value."""
+    ``agree``: the ranks check different tensors (each its own shard of an optimizer state), so
+    they agree in one collective over all ranks: all raise if any one finds a non-finite value."""
     if not math.isfinite(loss):
         raise DivergenceError(
             f"step {step}: the loss is {loss}; the checkpoint is not written (the previous one stays); "
             "lower --lr (or use --precision bf16/fp32) and --resume from it"
         )
     bad = first_nonfinite(states.items())
-    if agree_group is not False:
-        import torch.distributed as dist
+    if agree:
+        from slope.parallel import mean_over_ranks
 
-        nccl = dist.get_backend(agree_group) == "nccl"
-        flag = torch.tensor([0.0 if bad is None else 1.0], device=torch.cuda.current_device() if nccl else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=agree_group)
-        if bad is None and float(flag.item()) > 0:
+        found_anywhere = mean_over_ranks(float(bad is not None)) > 0
+        if found_anywhere and bad is None:
             bad = "another rank's shard of the optimizer state"
     if bad is not None:
         raise DivergenceError(

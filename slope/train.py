@@ -678,7 +678,7 @@ def _save(run: _Run, step_done: int, loss: float, tokens: int, t0: float) -> Non
     sharded = getattr(run.sparse_opt, "owners", None) is not None
     check_finite(step_done, loss, {"model": model_state, "AdamW": dense_state,
                                    "ADAMWSparse": run.sparse_opt.state_dict() if run.sparse_opt is not None else {}},
-                 agree_group=None if sharded else False)
+                 agree=sharded)
     sparse_state = run.sparse_opt.full_state_dict() if run.sparse_opt is not None else None  # (gathered to rank 0 if sharded)
     if not run.env.is_main:
         return

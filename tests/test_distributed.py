@@ -370,9 +370,9 @@ def _scenario_finite_agreement(out: dict):
     from slope.guard import DivergenceError, check_finite
 
     shard = {"exp_avg": torch.tensor([float("nan") if torch.distributed.get_rank() == 1 else 0.0])}
-    for agree in (None, False):
+    for agree in (True, False):
         try:
-            check_finite(3, 1.0, {"ADAMWSparse": shard}, agree_group=agree)
+            check_finite(3, 1.0, {"ADAMWSparse": shard}, agree=agree)
             out[f"agree={agree}"] = None
         except DivergenceError as e:
             out[f"agree={agree}"] = str(e)
@@ -562,8 +562,8 @@ def test_sharded_sparse_optimizer_state_matches_one_process(torch_results, refer
 
 def test_ranks_agree_on_a_non_finite_shard_before_saving(torch_results):
     first, second = torch_results("finite_agreement")
-    assert "another rank's shard of the optimizer state holds inf/nan" in first["agree=None"]
-    assert "ADAMWSparse.exp_avg holds inf/nan" in second["agree=None"] and second["agree=False"] == second["agree=None"]
+    assert "another rank's shard of the optimizer state holds inf/nan" in first["agree=True"]
+    assert "ADAMWSparse.exp_avg holds inf/nan" in second["agree=True"] and second["agree=False"] == second["agree=True"]
     assert first["agree=False"] is None  # each rank alone sees only its own shard
 
 
