@@ -93,6 +93,15 @@ def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capsys):
     assert got["unigram_loss"] == pytest.approx(want["unigram_loss"], rel=1e-9)
     assert main(["eval", "--checkpoint", str(tmp_path / "dense"), "--device", "cpu"]) == 0
     assert "the exported slope train run's held-out split" in capsys.readouterr().out
+    # exported sparse, then that folder exported dense: the run's validation settings carry over
+    export_model(tmp_path / "run", tmp_path / "sparse", "sparse")
+    export_model(tmp_path / "sparse", tmp_path / "dense_again", "dense")
+    assert eval_model_folder(tmp_path / "dense_again", "cpu")["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    config = json.loads((tmp_path / "dense_again" / "config.json").read_text())
+    del config["slope_export"]["validation"]["precision"]
+    (tmp_path / "dense_again" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"slope_export.validation lacks \['precision'\]"):
+        eval_model_folder(tmp_path / "dense_again", "cpu")
     # what oneshot and finetune write from the export is theirs: no export record, their own run's settings
     from slope.pruning import oneshot
     from slope.serialization.folders import folder_kind

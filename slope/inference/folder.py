@@ -47,6 +47,9 @@ class FolderEvalSettings:
         export = getattr(model.config, "slope_export", None)
         validation = export.get("validation") if isinstance(export, dict) else None
         if isinstance(validation, dict) and not isinstance(config, dict):  # a run's own summary comes first
+            missing = [k for k in ("dataset", "seq_len", "batch_size", "eval_batches", "text_field", "precision") if k not in validation]
+            if missing:
+                raise ValueError(f"config.json's slope_export.validation lacks {missing}: re-export the run with slope export")
             return cls(dataset=validation["dataset"], seq_len=int(validation["seq_len"]), batch_size=int(validation["batch_size"]),
                        eval_batches=eval_batches or int(validation["eval_batches"]), text_field=validation["text_field"],
                        precision=validation["precision"], from_run=True, split="train")

@@ -74,7 +74,9 @@ def drop_export_record(model: nn.Module) -> None:
 def validation_record(cfg) -> dict:
     """What ``slope eval`` needs to validate an export of a ``slope train`` run on that run's
     held-out split (:func:`slope.inference.folder.eval_model_folder`): its data and batch settings."""
-    return {"dataset": cfg.dataset, "seq_len": cfg.seq_len, "text_field": cfg.text_field, "batch_size": cfg.batch_size,
+    local = Path(cfg.dataset).expanduser()
+    dataset = str(local.resolve()) if cfg.dataset != "embedded" and local.exists() else cfg.dataset  # usable from any folder
+    return {"dataset": dataset, "seq_len": cfg.seq_len, "text_field": cfg.text_field, "batch_size": cfg.batch_size,
             "eval_batches": cfg.eval_batches, "precision": cfg.precision}
 
 
@@ -88,6 +90,8 @@ def _from_pretrained_folder(source: str, form: str):
         model = from_pretrained(source)
     except (OSError, ValueError) as e:
         raise CheckpointError(str(e)) from e
+    earlier = getattr(model.config, "slope_export", None)  # an export exported again: its run's validation carries over
+    validation = earlier.get("validation") if isinstance(earlier, dict) else None
     note = None
     if form == "dense":
         densify(model)
@@ -100,7 +104,7 @@ def _from_pretrained_folder(source: str, form: str):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)
-    return model, tokenizer, source, None, note, None
+    return model, tokenizer, source, None, note, validation
 
 
 def _sparse(model: nn.Module):
