@@ -177,11 +177,14 @@ class SparseOptimizerCallback(TrainerCallback):
         self._lora_params: list[nn.Parameter] = []
         self._expose_grads = True  # alias values_grad as values.grad for the Trainer's logged norm
         self._parts: tuple | None = None  # ((id(model), global_step), SLoPe layers, expert masks): see _model_parts
-        for layer in sparse_opt.layers():  # the Trainer loads a resumed checkpoint before on_train_begin
-            layer.register_load_state_dict_pre_hook(_refuse_unattached_adapters)
+        # the Trainer loads a resumed checkpoint before on_train_begin, which removes these hooks again
+        self._resume_hooks = [layer.register_load_state_dict_pre_hook(_refuse_unattached_adapters) for layer in sparse_opt.layers()]
 
     # ------------------------------------------------------------------ checks at train begin
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for handle in self._resume_hooks:  # the checkpoint (if any) is loaded: no other load is the Trainer's resume
+            handle.remove()
+        self._resume_hooks = []
         refuse_sharded_trainer(args, "SparseOptimizerCallback")
         self._parts = None
         if model is None:

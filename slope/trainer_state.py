@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -44,6 +45,9 @@ def resumed_checkpoint_dir(args, state) -> str:
                 return os.fspath(folder)
             break
         frame = frame.f_back
+    else:  # no Trainer loop calls this: a callback driven by hand, or a Trainer that trains another way
+        warnings.warn(f"the Trainer's resumed checkpoint folder is not known here: reading the state of step {state.global_step} "
+                      f"from {args.output_dir}/checkpoint-{state.global_step}", UserWarning, stacklevel=3)
     return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
 
