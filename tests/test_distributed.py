@@ -773,11 +773,11 @@ CLI_TINY = ["--hidden-size", "64", "--intermediate-size", "128", "--num-layers",
             "--lazy-lora-fraction", "0.5"]  # adapters attach after step 2: the wrappers are rebuilt mid-run
 
 
-def _torchrun(*args: str, timeout: float = 300) -> str:
-    """``torchrun --standalone --nproc_per_node=2 -m slope train ...``; returns stdout+stderr."""
+def _torchrun(*args: str, timeout: float = 300, nproc: int = WORLD) -> str:
+    """``torchrun --standalone --nproc_per_node=<nproc> -m slope train ...``; returns stdout+stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "slope", "train", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "slope", "train", *args]
     # From the repository root, as a user would start it (nothing there may shadow an import).
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
@@ -837,6 +837,18 @@ def test_cli_torchrun_ddp_and_resume_across_rank_counts(cli_reference):
     stdout = _torchrun("--out", str(root / "ddp_1to2"), "--resume", "--shard-sparse-optimizer")
     assert stdout.count("done: 4 steps") == 1
     _assert_same_run(root / "ddp_1to2", root / "ref")
+
+
+def test_cli_sharded_sparse_state_resumes_on_another_number_of_ranks(tmp_path):
+    """2 ranks with the sparse moments split by layer stop after step 2; 3 ranks, split their own
+    way, finish the run: the one-process run (global batch 6) again."""
+    tiny = list(CLI_TINY)
+    tiny[tiny.index("--batch-size") + 1] = "6"  # splits over 2 and 3 ranks
+    _cli("--out", str(tmp_path / "ref"), *tiny)
+    _torchrun("--out", str(tmp_path / "run"), *tiny, "--stop-after", "2", "--shard-sparse-optimizer")
+    stdout = _torchrun("--out", str(tmp_path / "run"), "--resume", "--shard-sparse-optimizer", nproc=3)
+    assert "3 ranks (DDP; each SLoPe layer's optimizer moments on one rank)" in stdout
+    _assert_same_run(tmp_path / "run", tmp_path / "ref")
 
 
 def test_cli_rejects_unsupported_deepspeed_settings(tmp_path, capsys):
