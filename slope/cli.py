@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_oneshot_parser(sub) -> None:
-    from slope.recovery.cli import _bool as bool_text  # SparseML-style booleans: --flag False
+    from slope.cli_options import bool_text  # SparseML-style booleans: --flag False
 
     one = sub.add_parser("oneshot", help="prune a pretrained model in one shot with a recipe (magnitude, Wanda, SparseGPT, OWL)",
                          description="One-shot pruning with a SparseML / llm-compressor style recipe; writes a save_pretrained "

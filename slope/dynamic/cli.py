@@ -4,15 +4,10 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from slope.cli_options import add_flag as _flag
 from slope.dynamic.schedules import SCHEDULES
 
 __all__ = ["add_parser", "run"]
-
-
-def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
-    """``--name-with-dashes`` and, as ``slope finetune`` accepts, ``--name_with_underscores``."""
-    dashed = "--" + name.replace("_", "-")
-    p.add_argument(*[dashed] + (["--" + name] if "_" in name else []), dest=name, **kw)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -107,11 +107,15 @@ def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: in
 def _validation_data(folder: Path, settings: FolderEvalSettings, tokenizer, vocab_size: int) -> tuple[list, float]:
     """The validation batches ``[(x, y)]`` (``int64 (b, seq_len)`` each) of ``settings`` and the
     unigram baseline of its training split."""
-    from slope.data import load_splits, unigram_cross_entropy, val_batches
+    from slope.data import unigram_cross_entropy
 
     if settings.split == "train":  # slope train's split, tokenized as the run did (the folder holds its tokenizer)
-        splits = load_splits(settings.dataset, settings.seq_len, settings.text_field, folder)
-        val = val_batches(splits.val, batch_size=settings.batch_size, seq_len=settings.seq_len, max_batches=settings.eval_batches)
+        from slope.config import TrainConfig
+        from slope.evaluate import _validation
+
+        run = TrainConfig(dataset=settings.dataset, seq_len=settings.seq_len, text_field=settings.text_field,
+                          batch_size=settings.batch_size, eval_batches=settings.eval_batches)
+        splits, val = _validation(run, None, folder)
         return val, unigram_cross_entropy(splits.train, splits.val, splits.vocab_size)
     from slope.dynamic.data import load_finetune_data
 

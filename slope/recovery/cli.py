@@ -12,18 +12,11 @@ from __future__ import annotations
 import argparse
 
 from slope.finetune_loop import LR_SCHEDULES
+from slope.cli_options import add_flag as _flag
+from slope.cli_options import bool_text as _bool
 from slope.pruning.loading import LOAD_PRECISIONS
 
 __all__ = ["add_parser", "run"]
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def _norm(text: str) -> float | None:
@@ -33,12 +26,6 @@ def _norm(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or None, got {text!r}") from None
-
-
-def _flag(p, name: str, **kw) -> None:
-    dashed = "--" + name.replace("_", "-")
-    names = [dashed] + (["--" + name] if "_" in name else [])
-    p.add_argument(*names, dest=name, **kw)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
