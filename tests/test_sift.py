@@ -96,11 +96,7 @@ def test_sift_with_gradient_checkpointing_matches_plain():
             enable_activation_checkpointing(model, use_reentrant=True)
             model.train()
         sift = SIFT(model, sparse_rate=0.05, sparse_module=TARGETS, gradient_checkpointing=checkpointing)
-        opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)
-        for step in range(3):
-            loss_of(model, batch(step)).backward()
-            opt.step()
-            opt.zero_grad()
+        _train_steps(model, sift, 3)
         sift.apply_pending()
         results.append({n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("_sparse")})
     moved = 0
@@ -136,14 +132,19 @@ def test_sift_module_matching_nothing_is_an_error():
         SIFT(tiny_llama(), sparse_rate=0.01, sparse_module=["c_attn"])
 
 
-def _trained_sift(steps: int = 3):
-    model = tiny_llama()
-    sift = SIFT(model, sparse_rate=0.05, sparse_module=TARGETS, exception=["norm"])
+def _train_steps(model, sift, steps: int) -> None:
+    """``steps`` AdamW steps (lr 1e-2, no decay) of ``sift``'s increments on ``batch(step)``."""
     opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)
     for step in range(steps):
         loss_of(model, batch(step)).backward()
         opt.step()
         opt.zero_grad()
+
+
+def _trained_sift(steps: int = 3):
+    model = tiny_llama()
+    sift = SIFT(model, sparse_rate=0.05, sparse_module=TARGETS, exception=["norm"])
+    _train_steps(model, sift, steps)
     return model, sift
 
 
@@ -241,11 +242,7 @@ def test_trainer_resume_continues_on_the_same_entries(tmp_path):
 def test_bf16_increments_reload_bit_exact(tmp_path):
     model = tiny_llama().to(torch.bfloat16)
     sift = SIFT(model, sparse_rate=0.05, sparse_module=TARGETS)
-    opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)
-    for step in range(3):
-        loss_of(model, batch(step)).backward()
-        opt.step()
-        opt.zero_grad()
+    _train_steps(model, sift, 3)
     sift.save_pretrained(tmp_path)
     fresh = load_sift(tiny_llama().to(torch.bfloat16), tmp_path)
     trained = _weights(model)
@@ -266,11 +263,7 @@ def test_a_user_set_idx_is_trained_and_checked():
     sparse, p = sift.sparse_mapping[name], dict(model.named_parameters())[name]
     chosen = np.arange(sparse.train_num) * 3
     sparse.idx = np.stack(np.unravel_index(chosen, tuple(p.shape)))
-    opt = torch.optim.AdamW(list(sift.parameters_in_optimizer()), lr=1e-2, weight_decay=0.0)
-    for step in range(2):
-        loss_of(model, batch(step)).backward()
-        opt.step()
-        opt.zero_grad()
+    _train_steps(model, sift, 2)
     sift.apply_pending()
     moved = (p != base[name]).reshape(-1).nonzero().reshape(-1)
     assert moved.numel() > 0 and set(moved.tolist()) <= set(chosen.tolist())
