@@ -19,6 +19,7 @@ __all__ = [
     "GradDict",
     "SparseLinear",
     "SparseOptimizerCallback",
+    "apply",
     "export_dense",
     "finetune",
     "from_pretrained",
@@ -39,6 +40,10 @@ def __getattr__(name):
         from slope.hf import SparseOptimizerCallback
 
         return SparseOptimizerCallback
+    if name == "apply":  # slope.stages (every stage of a recipe in one run)
+        from slope.stages.runner import apply
+
+        return apply
     if name == "finetune":  # slope.recovery (seed 002's recovery fine-tuning)
         from slope.recovery.finetune import finetune
 

@@ -1,5 +1,5 @@
 """The ``slope`` command: ``slope train``, ``slope eval``, ``slope generate``, ``slope export``,
-``slope oneshot``, ``slope sparse-finetune``, ``slope finetune`` (also ``python -m slope``)."""
+``slope oneshot``, ``slope sparse-finetune``, ``slope finetune``, ``slope apply`` (also ``python -m slope``)."""
 from __future__ import annotations
 
 import argparse
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     from slope.recovery.cli import add_parser as add_finetune
 
     add_finetune(sub)
+    from slope.stages.cli import add_parser as add_apply
+
+    add_apply(sub)
     return parser
 
 
@@ -433,6 +436,9 @@ def _resume_advice(args: argparse.Namespace) -> str:
     """What an interrupted command's run can be continued with ("" for commands that train nothing)."""
     if args.command == "train":
         return "; a run keeps its last complete checkpoint (continue with --resume)"
+    if args.command == "apply":
+        return "; finished stages are kept: run the same command again to continue" + (
+            "" if getattr(args, "save_steps", None) else " (without --save-steps an interrupted train stage starts again)")
     if args.command not in ("finetune", "sparse-finetune"):
         return ""
     if not getattr(args, "save_steps", None):
@@ -496,6 +502,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             from slope.recovery.cli import run as run_finetune
 
             return run_finetune(args)
+        elif args.command == "apply":
+            from slope.stages.cli import run as run_apply
+
+            return run_apply(args)
     except (CheckpointError, DataError, ConfigError, StorageError, DivergenceError, RunLockError, OutputDirError) as e:
         print(f"slope {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -234,11 +234,11 @@ def command_options(args) -> dict[str, Any]:
 
 
 def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
-                details: Callable[[dict], str] = lambda summary: "") -> int:
+                details: Callable[[dict], str] = lambda summary: "", done_line: Callable[[nn.Module], str] | None = None) -> int:
     """Run ``call`` (a front door) for ``slope <name>``: bad input, data, checkpoints or storage
     end in one line ``slope <name>: error: ...`` and exit status 1 (slope's warnings are ``note:``
     lines: :mod:`slope.notes`); success prints ``done: ...`` (steps, time, validation loss, ``details(summary)``, the
-    output folder) and returns 0. Under a launcher, errors, notes and the closing line come from rank 0
+    output folder; ``done_line(model)``: another closing line) and returns 0. Under a launcher, errors, notes and the closing line come from rank 0
     only (every rank meets the same input)."""
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
@@ -251,9 +251,12 @@ def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
         if launched_rank()[0] == 0:  # every rank meets the same bad input: said once, in one write
             sys.stderr.write(f"slope {name}: error: {' '.join(str(e).split())}\n")
         return 1
-    s = model.finetune_summary
     if launched_rank()[0] != 0:  # said once, by the first rank
         return 0
+    if done_line is not None:
+        print(done_line(model))
+        return 0
+    s = model.finetune_summary
     resumed = f" (resumed from {s['resumed_from']})" if s.get("resumed_from") else ""
     print(f"done: {s['steps']} steps{resumed} in {s['elapsed_s']:.1f} s | validation loss {s['initial_val_loss']:.4f} -> "
           f"{s['final_val_loss']:.4f}" + details(s) + (f" | outputs in {output_dir}" if output_dir else ""))

@@ -23,9 +23,10 @@ def free_port() -> int:
 
 
 def run_ranks(argv: list[str], workdir: Path, *, world: int = 2, env: dict[str, str] | None = None, timeout: float = 300,
-              name: str = "rank") -> str:
+              name: str = "rank", stop_peers: bool = True) -> str:
     """Run ``python argv...`` as ``world`` ranks; returns ``""`` or the failing ranks' exit codes
-    and log tails. ``env``: variables added to every rank's environment."""
+    and log tails. ``env``: variables added to every rank's environment. ``stop_peers=False`` lets
+    every rank end by itself (up to the timeout) even after one failed: for tests of how ranks fail."""
     port, procs = free_port(), []
     for rank in range(world):
         rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
@@ -34,7 +35,7 @@ def run_ranks(argv: list[str], workdir: Path, *, world: int = 2, env: dict[str, 
         procs.append((subprocess.Popen([sys.executable, *argv], env=rank_env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + timeout
     while any(proc.poll() is None for proc, _ in procs):
-        if any(proc.poll() not in (None, 0) for proc, _ in procs) or time.monotonic() > deadline:
+        if (stop_peers and any(proc.poll() not in (None, 0) for proc, _ in procs)) or time.monotonic() > deadline:
             for proc, _ in procs:
                 if proc.poll() is None:
                     proc.kill()

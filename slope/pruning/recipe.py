@@ -20,7 +20,8 @@ modifiers (a stage mixing both is an error). A recipe may hold several stages, a
 do (``sparsity_stage:`` then ``finetuning_stage:``): each command runs the stages of its run type
 and leaves the others to the other command, or runs the one stage ``stage`` names; where that would
 break the recipe's order (two train stages; oneshot stages with a train stage between them) it is
-an error that lists the commands to run, stage by stage.
+an error that lists the commands to run, stage by stage. ``slope apply`` (:func:`slope.stages.apply`)
+runs every stage of a recipe in turn.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import yaml
 
 from slope.pruning.modifiers import MODIFIERS, PruningModifier, RecipeError
 
-__all__ = ["RecipeEntry", "RecipeStage", "parse_recipe", "recipe_stages", "recipe_yaml", "skipped_stages"]
+__all__ = ["RecipeEntry", "RecipeStage", "parse_recipe", "recipe_stages", "recipe_yaml", "skipped_stages", "stage_recipe"]
 
 #: Modifiers slope does not run, with why.
 _ELSEWHERE = {
@@ -175,6 +176,15 @@ def recipe_stages(recipe) -> list[RecipeStage]:
     return [_stage(stage, groups) for stage, groups in _load(recipe).items()]
 
 
+def stage_recipe(recipe, stage: str) -> dict:
+    """The recipe of one stage, as written: a dict holding only ``stage`` (what ``slope apply`` hands
+    to the command that runs it, so that the stage's folder records that stage alone)."""
+    data = _load(recipe)
+    if stage not in data:
+        raise RecipeError(f"the recipe has no stage {stage!r}; its stages: {', '.join(map(str, data)) or 'none'}")
+    return {stage: data[stage]}
+
+
 def _listing(stages: list[RecipeStage]) -> str:
     return ", ".join(f"{s.name} ({s.run_type}: {s.command})" for s in stages)
 
@@ -201,7 +211,7 @@ def _select(stages: list[RecipeStage], kind: str, stage: str | None) -> list[Rec
         why = ("runs one train stage per run" if kind == "finetune" else
                f"cannot run {', '.join(stages[i].name for i in mine)} together: other stages come between them")
         raise RecipeError(f"{command} {why}; run the stages in the recipe's order, one at a time, each on the model the previous "
-                          f"one wrote: {order}")
+                          f"one wrote: {order}; or run them all with one command: slope apply (slope.apply)")
     return [stages[i] for i in mine]
 
 

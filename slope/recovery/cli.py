@@ -16,7 +16,7 @@ from slope.cli_options import add_flag as _flag
 from slope.cli_options import bool_text as _bool
 from slope.pruning.loading import LOAD_PRECISIONS
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "add_training_flags", "run"]
 
 
 def _norm(text: str) -> float | None:
@@ -45,6 +45,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
           "oneshot stages run with slope oneshot)")
     _flag(p, "output_dir", default=None, metavar="DIR", help="where the model, metrics and checkpoints go")
     _flag(p, "distill_teacher", default=None, metavar="DIR", help="the teacher model folder (OutputDistillationModifier)")
+    add_training_flags(p)
+    _flag(p, "resume_from_checkpoint", default=None, metavar="DIR", help="a checkpoint-<step> folder ('latest': the newest "
+          "in --output-dir)")
+    return p
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    """The training flags of ``slope finetune`` (``transformers.TrainingArguments`` names; also those of ``slope apply``)."""
     _flag(p, "num_train_epochs", type=float, default=3.0)
     _flag(p, "max_steps", type=int, default=None, help="optimizer steps (overrides --num-train-epochs)")
     _flag(p, "learning_rate", type=float, default=5e-5)
@@ -63,8 +71,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _flag(p, "eval_steps", type=int, default=None, help="validate every K steps (and at the end)")
     _flag(p, "eval_batches", type=int, default=8)
     _flag(p, "save_steps", type=int, default=None, help="write OUTPUT_DIR/checkpoint-<step> every K steps")
-    _flag(p, "resume_from_checkpoint", default=None, metavar="DIR", help="a checkpoint-<step> folder ('latest': the newest "
-          "in --output-dir)")
     _flag(p, "tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's, else slope's shipped one)")
     _flag(p, "text_field", default="text")
     _flag(p, "device", default="auto")
@@ -75,7 +81,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _flag(p, "backend", default="auto", help="sparse backend of compressed 2:4 layers (with --double-pruning)")
     _flag(p, "fsdp", type=_bool, nargs="?", const=True, default=False,
           help="under torchrun, shard the model with FSDP2 instead of DDP (automatic under accelerate launch with an FSDP config)")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -92,7 +92,9 @@ def _launcher_mixed_precision(args: dict[str, Any]) -> None:
                       f"(as --{launched})", UserWarning, stacklevel=4)
 
 
-def _checked_args(training_args: dict[str, Any]) -> dict[str, Any]:
+def checked_training_args(training_args: dict[str, Any]) -> dict[str, Any]:
+    """``training_args`` with :data:`TRAINING_DEFAULTS` filled in, each checked (one-line errors), plus
+    ``precision_mode`` (``"fp32"`` / ``"bf16"`` / ``"fp16"``) and ``precision`` as a dtype name."""
     unknown = sorted(set(training_args) - set(TRAINING_DEFAULTS))
     if unknown:
         raise TypeError(f"finetune got unknown training arguments {unknown}; accepted: {sorted(TRAINING_DEFAULTS)}")
@@ -380,7 +382,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     from slope import parallel
     from slope.evaluate import resolve_device
 
-    args = _checked_args(training_args)
+    args = checked_training_args(training_args)
     constant_mod, distill_mod, entries = plan_recipe(recipe, stage)
     check_output_dir(output_dir, args["resume_from_checkpoint"], args["save_steps"])
     env = parallel.init_distributed(device=resolve_device(args["device"]))

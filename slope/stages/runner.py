@@ -1,0 +1,297 @@
+"""``slope.apply``: every stage of a recipe in one run, in the recipe's order (SparseML's ``apply``,
+llm-compressor's ``run_stages``).
+
+::
+
+    apply("llama-dense", "recipe.yaml", "embedded", output_dir="out", distill_teacher="llama-dense",
+          num_calibration_samples=512, max_steps=200, bf16=True)
+
+Each stage runs as its own command would, on the model the stage before it wrote: a ``oneshot``
+stage with :func:`slope.oneshot`, a ``train`` stage with :func:`slope.finetune`. Stage ``<name>``
+writes ``output_dir/stage_<name>/`` (llm-compressor's layout: the model folder, its tokenizer and
+that stage's ``recipe.yaml``, plus the command's report or metrics); ``output_dir/apply.json``
+(:mod:`slope.stages.record`) holds the settings and which stages are done. Everything is checked
+before the first stage runs: every stage's modifiers, the training arguments, the teacher that a
+distilling stage needs, and the output folder.
+
+Calling ``apply`` again with the same settings and ``output_dir`` continues the run: finished stages
+are kept, a train stage that wrote a ``checkpoint-<step>/`` (``save_steps``) resumes from its newest,
+and an unfinished stage without one starts again. Other settings on that folder are a one-line error.
+
+Under ``torchrun`` / ``accelerate launch`` a oneshot stage runs on rank 0 while the other ranks
+wait (calibration goes block by block in one process), and a train stage runs data-parallel on
+every rank, with DDP or FSDP2 as :func:`slope.finetune` does.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.nn as nn
+
+from slope.pruning.modifiers import RecipeError
+from slope.pruning.recipe import RecipeStage, parse_recipe, recipe_stages, recipe_yaml, stage_recipe
+from slope.stages.record import StageRecord, stage_folder_name
+
+__all__ = ["apply"]
+
+#: Training arguments that do not change a stage's result: a continued run may change them.
+_FREE_ARGS = ("progress", "logging_steps", "device", "eval_steps", "eval_batches", "save_steps", "resume_from_checkpoint")
+
+#: ``parse_recipe`` kind of each stage ``run_type``.
+_KIND = {"oneshot": "oneshot", "train": "finetune"}
+
+
+# ---------------------------------------------------------------------- checks before any stage runs
+def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], str]:
+    """The recipe's stages, every modifier checked, and the recipe with defaults filled in (YAML)."""
+    from slope.recovery.finetune import plan_recipe
+
+    stages = recipe_stages(recipe)
+    if not stages:
+        raise RecipeError("the recipe holds no stages; add e.g. `pruning_stage: {pruning_modifiers: {SparseGPTModifier: "
+                          "{sparsity: 0.5}}}`")
+    entries = [e for s in stages for e in parse_recipe(recipe, _KIND[s.run_type], stage=s.name)]
+    distilling = [s.name for s in stages if s.run_type == "train" and plan_recipe(recipe, s.name)[1] is not None]
+    if distilling and teacher is None:
+        raise ValueError(f"stage {', '.join(distilling)} distils (OutputDistillationModifier) and needs distill_teacher "
+                         "(the dense model, e.g. the one the recipe prunes)")
+    if teacher is not None and not distilling:
+        raise ValueError("distill_teacher is given but no stage of the recipe has an OutputDistillationModifier; add one "
+                         "(e.g. comparison: square_head) or drop the teacher")
+    return stages, recipe_yaml(entries)
+
+
+def _source_name(source) -> str | None:
+    """A model or teacher as the record compares it: a resolved path, or its class for one in memory."""
+    if source is None:
+        return None
+    if isinstance(source, (str, os.PathLike)):
+        return str(Path(source).expanduser().resolve())
+    return f"<{type(source).__name__} in memory>"
+
+
+def _settings(recipe_text: str, model, dataset, teacher, calibration: tuple[int, int], args: dict[str, Any]) -> dict[str, Any]:
+    from slope.finetune_run import dataset_name, plain_config
+
+    return {"recipe": recipe_text, "model": _source_name(model), "dataset": dataset_name(dataset),
+            "distill_teacher": _source_name(teacher), "num_calibration_samples": calibration[0], "max_seq_len": calibration[1],
+            **{k: v for k, v in plain_config(args).items() if k not in _FREE_ARGS}}
+
+
+# ---------------------------------------------------------------------- ranks
+class _Leader:
+    """Work rank 0 does alone while the other ranks wait for its outcome. The wait runs on a gloo
+    group of its own with a day's timeout: a oneshot stage can outlast the training group's."""
+
+    def __init__(self, env):
+        self.is_main = env.is_main
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(days=1)) if env.distributed else None
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0; its (picklable) result on every rank. Its error is raised on rank 0 and
+        said on the others as a ``ValueError`` (the commands print rank 0's line only)."""
+        if self.group is None:
+            return fn()
+        payload: list[Any] = [None]
+        if self.is_main:
+            try:
+                payload[0] = (True, fn())
+            except Exception as e:
+                dist.broadcast_object_list([(False, f"{type(e).__name__}: {e}")], src=0, group=self.group)
+                raise
+        dist.broadcast_object_list(payload, src=0, group=self.group)
+        ok, value = payload[0]
+        if not ok:
+            raise ValueError(f"rank 0 stopped: {value}")
+        return value
+
+    def close(self) -> None:
+        if self.group is not None and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+
+
+# ---------------------------------------------------------------------- stages
+def _finished(folder: Path, run_type: str) -> bool:
+    """Whether ``folder`` holds a finished stage: a oneshot folder appears whole (renamed into
+    place); a train stage writes ``summary.json`` after its model."""
+    return folder.is_dir() and (run_type == "oneshot" or (folder / "summary.json").is_file())
+
+
+def _result(folder: Path, run_type: str) -> dict[str, Any]:
+    """What the record keeps of a finished stage, read from its folder."""
+    from slope.pruning.oneshot import REPORT_NAME
+    from slope.serialization.jsonfile import read_json_object
+
+    if run_type == "oneshot":
+        report = read_json_object(folder / REPORT_NAME) or {}
+        return {"pruned_layers": report.get("pruned_layers"), "zero_fraction": report.get("zero_fraction")}
+    summary = read_json_object(folder / "summary.json") or {}
+    return {"steps": summary.get("steps"), "final_val_loss": summary.get("final_val_loss"),
+            "resumed_from": summary.get("resumed_from")}
+
+
+def _prune(source, recipe: dict, dataset, folder: Path, args: dict[str, Any], calibration, device, verbose: bool) -> nn.Module:
+    """A oneshot stage (rank 0): load ``source``, prune it with ``recipe`` (one stage), save it into ``folder``."""
+    from slope.dynamic.data import resolve_tokenizer
+    from slope.pruning import oneshot
+    from slope.pruning.loading import load_model
+
+    if isinstance(source, nn.Module):
+        model, tokenizer = source.to(device), None
+    else:
+        model, tokenizer = load_model(source, device, args["precision"])
+    tokenizer = resolve_tokenizer(args["tokenizer"] if args["tokenizer"] is not None else tokenizer, model_source=None)
+    return oneshot(model, recipe, dataset, tokenizer, calibration[0], calibration[1], folder, text_field=args["text_field"],
+                   verbose=verbose)
+
+
+def _train_resume(folder: Path) -> bool | None:
+    """How an unfinished train stage starts (rank 0): from its newest complete checkpoint (``True``),
+    or afresh (``None``; what it left without one is removed)."""
+    from slope.finetune_checkpoints import checkpoint_steps
+
+    if checkpoint_steps(folder, complete=True):
+        return True
+    if folder.exists():
+        shutil.rmtree(folder)
+    return None
+
+
+def _say(leader: _Leader, verbose: bool, line: str) -> None:
+    if verbose and leader.is_main:
+        print(line, flush=True)
+
+
+def _run_stage(leader, stage: RecipeStage, index: str, source, recipe, dataset, teacher, folder: Path, args, training_args,
+               calibration, device, verbose) -> nn.Module | None:
+    """Run one unfinished stage into ``folder``; its model (``None`` on ranks > 0 after a oneshot stage)."""
+    _say(leader, verbose, f"apply: stage {index} {stage.name} ({stage.run_type}) -> {folder}")
+    one = stage_recipe(recipe, stage.name)
+    if stage.run_type == "oneshot":
+        pruned: list[nn.Module] = []
+        leader.run(lambda: pruned.append(_prune(source, one, dataset, folder, args, calibration, device, verbose)))
+        return pruned[0] if pruned else None
+    from slope.recovery.finetune import finetune, plan_recipe
+
+    teacher = teacher if plan_recipe(one)[1] is not None else None  # only a distilling stage takes it
+    resume = leader.run(lambda: _train_resume(folder))
+    if resume:
+        _say(leader, verbose, f"apply: stage {stage.name} resumes from its newest checkpoint in {folder}")
+    return finetune(source, one, dataset, distill_teacher=teacher, output_dir=folder, resume_from_checkpoint=resume,
+                    **training_args)
+
+
+def _calibration(num_calibration_samples, max_seq_len, args) -> tuple[int, int]:
+    from slope.finetune_run import check_int
+
+    check_int("num_calibration_samples", num_calibration_samples, 1)
+    if max_seq_len is not None:
+        check_int("max_seq_len", max_seq_len, 2)
+    return num_calibration_samples, max_seq_len or args["max_seq_length"]
+
+
+def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=None, *, num_calibration_samples: int = 512,
+          max_seq_len: int | None = None, verbose: bool = True, **training_args) -> nn.Module:
+    """Run every stage of ``recipe`` in order, each on the model the previous one wrote (module docstring).
+
+    Args:
+        model: the model the first stage starts from: a model or a folder (as :func:`slope.oneshot`
+            and :func:`slope.finetune` take).
+        recipe: a YAML path, YAML text or dict with one or more stages (``run_type: oneshot`` / ``train``,
+            or given by their modifiers), in any order.
+        dataset: the data of every stage: calibration samples of oneshot stages, training data of
+            train stages (``"embedded"``, a ``.txt`` / ``.jsonl`` file, a list of strings, or an HF name).
+        output_dir: the run's folder (required): ``stage_<name>/`` per stage and ``apply.json``.
+        distill_teacher: the teacher (model or folder) of the stages with an ``OutputDistillationModifier``.
+        num_calibration_samples / max_seq_len: calibration windows of oneshot stages and their length
+            (default: ``max_seq_length``).
+        verbose: print a line per stage, the oneshot reports and a closing table.
+        training_args: :data:`slope.recovery.finetune.TRAINING_DEFAULTS`, for every train stage
+            (``resume_from_checkpoint`` is not one: call ``apply`` again to continue).
+
+    Returns the last stage's model as its command returns it (loaded from its folder when this call
+    did not run it, or on ranks > 0 after a oneshot stage), with ``apply_summary``: the record
+    (``apply.json``) plus ``final_model`` (the last stage's folder) and ``ran_now`` (the stages this call ran).
+    """
+    from slope import parallel
+    from slope.evaluate import resolve_device
+    from slope.recovery.finetune import checked_training_args
+
+    if output_dir is None:
+        raise ValueError("apply writes each stage's model to output_dir/stage_<name>/: give output_dir (--output-dir)")
+    if "resume_from_checkpoint" in training_args:
+        raise ValueError("apply continues an unfinished run itself: call it again with the same settings and output_dir "
+                         "(a train stage resumes from its newest checkpoint-<step>, written every save_steps)")
+    stages, recipe_text = _checked_stages(recipe, distill_teacher)
+    args = checked_training_args(dict(training_args))
+    if args["save_steps"] is None and verbose and parallel.launched_rank()[0] == 0 and any(s.run_type == "train" for s in stages):
+        print("note: without save_steps an interrupted train stage starts again when apply continues the run")
+    calibration = _calibration(num_calibration_samples, max_seq_len, args)
+    settings = _settings(recipe_text, model, dataset, distill_teacher, calibration, args)
+    out = Path(output_dir).expanduser()
+    env = parallel.init_distributed(device=resolve_device(args["device"]))
+    leader = _Leader(env)
+    try:
+        record: list[StageRecord] = []  # rank 0's
+        done = leader.run(lambda: [s["done"] for s in _open(record, out, settings, stages).data["stages"]])
+        source, last, ran = model, None, []
+        for k, (stage, was_done) in enumerate(zip(stages, done)):
+            folder, index = out / stage_folder_name(stage.name), f"{k + 1}/{len(stages)}"
+            if not was_done and leader.run(lambda: _finished(folder, stage.run_type)):  # stopped before it was recorded
+                leader.run(lambda: record[0].finish(stage.name, None, _result(folder, stage.run_type)))
+                was_done = True
+            if was_done:
+                _say(leader, verbose, f"apply: stage {index} {stage.name} ({stage.run_type}): done earlier, kept in {folder}")
+                last = None
+            else:
+                start = time.perf_counter()
+                last = _run_stage(leader, stage, index, source, recipe, dataset, distill_teacher, folder, args, training_args,
+                                  calibration, env.device, verbose)
+                leader.run(lambda: record[0].finish(stage.name, time.perf_counter() - start, _result(folder, stage.run_type)))
+                ran.append(stage.name)
+            source = folder
+        summary = leader.run(lambda: record[0].data)
+    finally:
+        leader.close()
+        parallel.destroy_distributed(env)
+    if last is None:
+        from slope.pruning.loading import load_model
+
+        last = load_model(source, env.device, args["precision"])[0]
+    last.apply_summary = {**summary, "final_model": str(source), "ran_now": ran}
+    if verbose and env.is_main:
+        print(format_stages(last.apply_summary))
+    return last
+
+
+def _open(record: list, out: Path, settings: dict, stages: list[RecipeStage]) -> StageRecord:
+    """Open the run's record (rank 0) into ``record``; a stage recorded done must still have its folder."""
+    from slope.serialization.folders import OutputDirError
+
+    opened = StageRecord.open(out, settings, [(s.name, s.run_type) for s in stages])
+    for s in stages:
+        folder = out / stage_folder_name(s.name)
+        if opened.done(s.name) and not _finished(folder, s.run_type):
+            raise OutputDirError(f"stage {s.name} is recorded done in {opened.path} but {folder} no longer holds it; "
+                                 "choose a new output folder to run the recipe again")
+    record.append(opened)
+    return opened
+
+
+def format_stages(summary: dict[str, Any]) -> str:
+    """The closing table of a run (``apply_summary``): per stage its run type, time and result."""
+    lines = [f"{'stage':<24} {'run type':<8} {'seconds':>15}  result"]
+    for s in summary["stages"]:
+        seconds = "-" if s["seconds"] is None else f"{s['seconds']:.1f}"
+        seconds += "" if s["name"] in summary["ran_now"] else " (kept)"
+        result = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (s["result"] or {}).items()
+                           if v is not None)
+        lines.append(f"{s['name']:<24} {s['run_type']:<8} {seconds:>15}  {result}")
+    lines.append(f"final model: {summary['final_model']}")
+    return "\n".join(lines)

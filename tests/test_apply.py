@@ -1,0 +1,254 @@
+"""``slope apply``: every stage of a recipe in one run, equal to running its commands stage by stage."""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+import yaml
+
+import slope
+from slope.finetune_checkpoints import LoopCheckpoints
+from slope.masks import is_nm_sparse
+from slope.pruning import RecipeError, oneshot
+from slope.pruning.loading import shipped_tokenizer
+from slope.recovery.finetune import finetune
+from slope.serialization.folders import OutputDirError
+from slope.stages import RECORD_NAME, apply
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import launch, run_ranks  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DOCS = ["def f%d(x):\n    return x * %d + %d\n" % (i, i, i * i) for i in range(120)]
+
+# Prune unstructured, recover with distillation, prune again to 2:4, recover again: four stages in
+# an order no single command runs (oneshot stages with train stages between them).
+FOUR = {
+    "prune_half": {"g": {"MagnitudePruningModifier": {"sparsity": 0.5, "targets": ["re:model.layers.\\d+$"]}}},
+    "recover": {"g": {"ConstantPruningModifier": {"start": 0}},
+                "d": {"OutputDistillationModifier": {"targets": ["model.layers.1"], "comparison": "square_head"}}},
+    "prune_24": {"run_type": "oneshot",
+                 "g": {"SparseGPTModifier": {"sparsity": 0.5, "mask_structure": "2:4", "targets": ["re:model.layers.\\d+$"]}}},
+    "recover_again": {"run_type": "train", "g": {"ConstantPruningModifier": {"start": 0}}},
+}
+TRAINING = dict(max_steps=3, per_device_train_batch_size=4, max_seq_length=16, eval_batches=1, learning_rate=1e-2,
+                progress=False)
+CALIBRATION = dict(num_calibration_samples=8, max_seq_len=16)
+
+
+@pytest.fixture
+def dense(tmp_path):
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=64)
+    T.LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+    shipped_tokenizer().save_pretrained(tmp_path / "dense")
+    return tmp_path / "dense"
+
+
+def _weights(folder):
+    return T.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def _linears(folder):
+    model = T.AutoModelForCausalLM.from_pretrained(folder)
+    return {n: m.weight for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)}
+
+
+def _stage_by_stage(dense, out):
+    """The reference: each stage by its own command's function, on the folder the stage before wrote."""
+    tok = shipped_tokenizer()
+    oneshot(str(dense), FOUR, DOCS, tok, 8, 16, out / "a", stage="prune_half", verbose=False)
+    finetune(str(out / "a"), FOUR, DOCS, distill_teacher=str(dense), output_dir=out / "b", stage="recover", **TRAINING)
+    oneshot(str(out / "b"), FOUR, DOCS, tok, 8, 16, out / "c", stage="prune_24", verbose=False)
+    finetune(str(out / "c"), FOUR, DOCS, output_dir=out / "d", stage="recover_again", **TRAINING)
+    return [out / s for s in "abcd"]
+
+
+def test_apply_equals_the_stages_run_one_by_one(tmp_path, dense, capsys):
+    model = apply(str(dense), FOUR, DOCS, tmp_path / "run", distill_teacher=str(dense), **CALIBRATION, **TRAINING)
+    folders = [tmp_path / "run" / f"stage_{name}" for name in FOUR]
+    for ours, ref in zip(folders, _stage_by_stage(dense, tmp_path / "ref")):
+        for (name, a), b in zip(_weights(ours).items(), _weights(ref).values()):
+            assert torch.equal(a, b), (ours.name, name)
+    half, held, final = _linears(folders[0]), _linears(folders[1]), _linears(folders[3])
+    for name, weight in final.items():
+        assert is_nm_sparse(_linears(folders[2])[name] != 0, 2, 4, exact=False), name   # prune_24 made it 2:4
+        assert bool((held[name][half[name] == 0] == 0).all()), name                   # recover held prune_half's zeros
+        assert bool((weight[_linears(folders[2])[name] == 0] == 0).all()), name       # recover_again held prune_24's
+    record = json.loads((tmp_path / "run" / RECORD_NAME).read_text())
+    assert [(s["name"], s["run_type"], s["done"]) for s in record["stages"]] == [
+        ("prune_half", "oneshot", True), ("recover", "train", True), ("prune_24", "oneshot", True), ("recover_again", "train", True)]
+    assert record["stages"][0]["result"]["zero_fraction"] == pytest.approx(0.5)
+    assert record["stages"][3]["result"]["steps"] == 3
+    # the stage folder records its own stage only; the returned model is the last stage's, in its training form
+    assert list(yaml.safe_load((folders[1] / "recipe.yaml").read_text())) == ["recover"]
+    assert model.finetune_summary["steps"] == 3 and model.apply_summary["final_model"] == str(folders[3])
+    out = capsys.readouterr().out
+    assert "apply: stage 3/4 prune_24 (oneshot)" in out and "final model: " in out
+
+
+def test_an_interrupted_run_continues_where_it_stopped(tmp_path, dense, monkeypatch, capsys):
+    """Stopped after checkpoint-2 of the last stage, the same call keeps the finished stages and resumes
+    that stage from its checkpoint: the run ends as an uninterrupted one does."""
+    recipe = {k: FOUR[k] for k in ("prune_half", "recover_again")}
+    kw = dict(**CALIBRATION, **{**TRAINING, "max_steps": 4}, save_steps=2)
+    whole = apply(str(dense), recipe, DOCS, tmp_path / "whole", **kw)
+    save = LoopCheckpoints.save
+
+    def stop_after_two(self, step, records):
+        save(self, step, records)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(LoopCheckpoints, "save", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        apply(str(dense), recipe, DOCS, tmp_path / "run", **kw)
+    monkeypatch.setattr(LoopCheckpoints, "save", save)
+    pruned = tmp_path / "run" / "stage_prune_half" / "model.safetensors"
+    stamp = os.stat(pruned).st_mtime_ns
+    capsys.readouterr()
+    again = apply(str(dense), recipe, DOCS, tmp_path / "run", **kw)
+    out = capsys.readouterr().out
+    assert "stage 1/2 prune_half (oneshot): done earlier" in out and "resumes from its newest checkpoint" in out
+    assert os.stat(pruned).st_mtime_ns == stamp                                      # not pruned again
+    assert again.finetune_summary["resumed_from"].endswith("checkpoint-2")
+    for (name, a), b in zip(whole.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a third call finds everything done: it runs nothing and returns the final folder's model
+    done = apply(str(dense), recipe, DOCS, tmp_path / "run", **kw)
+    assert all(s["done"] for s in done.apply_summary["stages"])
+    for (name, a), b in zip(_weights(tmp_path / "run" / "stage_recover_again").items(), done.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_stage_finished_but_not_recorded_is_kept(tmp_path, dense):
+    recipe = {"prune_half": FOUR["prune_half"]}
+    apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING)
+    record = json.loads((tmp_path / "run" / RECORD_NAME).read_text())
+    record["stages"][0].update(done=False, seconds=None, result=None)  # stopped between the stage and the record
+    (tmp_path / "run" / RECORD_NAME).write_text(json.dumps(record))
+    again = apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING, verbose=False)
+    entry = again.apply_summary["stages"][0]
+    assert entry["done"] and entry["seconds"] is None and entry["result"]["zero_fraction"] == pytest.approx(0.5)
+
+
+def test_other_settings_on_a_run_folder_are_refused(tmp_path, dense):
+    recipe = {"prune_half": FOUR["prune_half"]}
+    apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING, verbose=False)
+    with pytest.raises(OutputDirError, match=r"other settings \(learning_rate: 0.01 there, 0.02 now\)"):
+        apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **{**TRAINING, "learning_rate": 2e-2})
+    other = {"prune_half": {"g": {"MagnitudePruningModifier": {"sparsity": 0.6}}}}
+    with pytest.raises(OutputDirError, match="other settings .recipe:"):
+        apply(str(dense), other, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING)
+    apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **{**TRAINING, "logging_steps": 5}, verbose=False)  # free
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="not an empty folder"):
+        apply(str(dense), recipe, DOCS, tmp_path / "full", **CALIBRATION, **TRAINING)
+    shutil.rmtree(tmp_path / "run" / "stage_prune_half")
+    with pytest.raises(OutputDirError, match="recorded done .* no longer holds it"):
+        apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING)
+    (tmp_path / "run" / RECORD_NAME).write_text("{not json")
+    with pytest.raises(OutputDirError, match="is corrupt"):
+        apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING)
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(recipe={**FOUR, "q": {"g": {"GPTQModifier": {"bits": 4}}}}), RecipeError, "GPTQModifier is quantization"),
+    (dict(recipe={"a": {"g": {"ConstantPruningModifier": {"strat": 0}}}}), RecipeError, "unknown parameter"),
+    (dict(recipe={}), RecipeError, "holds no stages"),
+    (dict(recipe=FOUR), ValueError, "stage recover distils .* needs distill_teacher"),
+    (dict(recipe={"prune_half": FOUR["prune_half"]}, distill_teacher="x"), ValueError, "no stage of the recipe has an Output"),
+    (dict(recipe=FOUR, resume_from_checkpoint=True), ValueError, "call it again with the same settings"),
+    (dict(recipe=FOUR, output_dir=None), ValueError, "give output_dir"),
+    (dict(recipe={"prune_half": FOUR["prune_half"]}, learning_rate=-1), ValueError, "learning_rate"),
+    (dict(recipe={"prune_half": FOUR["prune_half"]}, num_calibration_samples=0), ValueError, "num_calibration_samples"),
+])
+def test_bad_input_fails_before_any_stage_runs(tmp_path, dense, kw, error, match):
+    kw = {"output_dir": tmp_path / "run", **kw}
+    with pytest.raises(error, match=match) as info:
+        apply(str(dense), kw.pop("recipe"), DOCS, kw.pop("output_dir"), **kw)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_runs_the_seeds_flow_in_one_line(tmp_path, dense, capsys):
+    from slope.cli import main
+
+    (tmp_path / "docs.txt").write_text("\n\n".join(DOCS))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({k: FOUR[k] for k in ("prune_24", "recover")}))
+    argv = ["apply", "--model", str(dense), "--recipe", str(tmp_path / "recipe.yaml"), "--output_dir", str(tmp_path / "run"),
+            "--dataset", str(tmp_path / "docs.txt"), "--distill-teacher", str(dense), "--num-calibration-samples", "8",
+            "--max-seq-len", "16", "--max-steps", "2", "--per-device-train-batch-size", "4", "--max_seq_length", "16",
+            "--eval-batches", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "done: 2 stages (2 run now" in out and str(tmp_path / "run" / "stage_recover") in out
+    assert main(argv) == 0
+    assert "done: 2 stages (0 run now" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--eval-batches", "1", "--learning-rate", "1"]) == 1
+    assert "slope apply: error: output_dir" in capsys.readouterr().err
+    assert slope.apply is apply
+    # the single commands point to slope apply for recipes they cannot run in one go
+    with pytest.raises(RecipeError, match="run them all with one command: slope apply"):
+        finetune(str(dense), FOUR, DOCS, distill_teacher=str(dense), **TRAINING)
+
+
+# Prune to 2:4 on rank 0, then recover on every rank with DDP (MSE distillation: a mean over rows,
+# so the ranks' halves average to the batch's; AdamW's epsilon large enough not to magnify the
+# ranks' float-rounding differences in gradients near zero).
+RANKS = dict(device="cpu", adam_epsilon=1e-4, **CALIBRATION)
+TWO = {"prune_24": FOUR["prune_24"],
+       "recover": {"g": {"ConstantPruningModifier": {"start": 0}},
+                   "d": {"OutputDistillationModifier": {"targets": ["model.layers.1"], "comparison": "mse"}}}}
+
+
+@pytest.mark.distributed
+def test_two_ranks_run_the_stages_of_one_process(tmp_path, dense):
+    """Under torchrun the oneshot stage runs on rank 0 while rank 1 waits, and the train stage runs on
+    both (half the batch each): the folders equal those of one process."""
+    launch([__file__, str(dense), str(tmp_path / "ddp")], tmp_path, name="apply")
+    apply(str(dense), TWO, DOCS, tmp_path / "single", distill_teacher=str(dense), **RANKS, **TRAINING)
+    for name in TWO:
+        single, ddp = _weights(tmp_path / "single" / f"stage_{name}"), _weights(tmp_path / "ddp" / f"stage_{name}")
+        for key, value in single.items():
+            torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=2e-6, msg=lambda m, k=key: f"{name} {k}: {m}")
+    record = json.loads((tmp_path / "ddp" / RECORD_NAME).read_text())
+    assert [s["done"] for s in record["stages"]] == [True, True]
+    summary = json.loads((tmp_path / "ddp" / "stage_recover" / "summary.json").read_text())
+    assert summary["config"]["world_size"] == 2
+    assert "apply: stage 1/2 prune_24" not in (tmp_path / "apply_rank1.log").read_text()  # rank 0 speaks
+
+
+@pytest.mark.distributed
+def test_a_stage_failing_on_rank_0_stops_every_rank(tmp_path, dense):
+    """The oneshot stage fails on rank 0 (calibration windows longer than the model's positions): rank 1,
+    waiting for it, stops too instead of hanging; the error is said once."""
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(TWO))
+    (tmp_path / "docs.txt").write_text("\n\n".join(DOCS))
+    failure = run_ranks([__file__, str(dense), str(tmp_path / "run"), "too-long", str(tmp_path / "two.yaml"),
+                         str(tmp_path / "docs.txt")], tmp_path, name="apply", timeout=120, stop_peers=False)
+    assert "rank 0 exited with 1" in failure and "rank 1 exited with 1" in failure
+    logs = [(tmp_path / f"apply_rank{r}.log").read_text() for r in (0, 1)]
+    assert "slope apply: error: calibration windows of 100 tokens exceed the model's 64 positions" in logs[0]
+    assert "error" not in logs[1]
+    record = json.loads((tmp_path / "run" / RECORD_NAME).read_text())
+    assert [s["done"] for s in record["stages"]] == [False, False]
+
+
+if __name__ == "__main__":  # a rank of the tests above
+    import warnings
+
+    warnings.simplefilter("ignore")
+    if sys.argv[3:4] == ["too-long"]:
+        from slope.cli import main
+
+        sys.exit(main(["apply", "--model", sys.argv[1], "--recipe", sys.argv[4], "--output-dir", sys.argv[2], "--dataset",
+                       sys.argv[5], "--distill-teacher", sys.argv[1], "--device", "cpu", "--max-seq-len", "100"]))
+    apply(sys.argv[1], TWO, DOCS, sys.argv[2], distill_teacher=sys.argv[1], **RANKS, **{**TRAINING, "per_device_train_batch_size": 2})
