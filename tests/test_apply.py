@@ -138,6 +138,14 @@ def test_a_stage_finished_but_not_recorded_is_kept(tmp_path, dense):
     assert entry["done"] and entry["seconds"] is None and entry["result"]["zero_fraction"] == pytest.approx(0.5)
 
 
+def test_stages_named_by_numbers(tmp_path, dense):
+    """YAML keys a stage `1:` by the number 1: its folder is stage_1."""
+    text = "1:\n  g:\n    MagnitudePruningModifier: {sparsity: 0.5}\n2:\n  g:\n    ConstantPruningModifier: {start: 0}\n"
+    model = apply(str(dense), text, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING, verbose=False)
+    assert [s["folder"] for s in model.apply_summary["stages"]] == ["stage_1", "stage_2"]
+    assert model.finetune_summary["constant_pruning"]["zero_fraction"] == pytest.approx(0.5)
+
+
 def test_other_settings_on_a_run_folder_are_refused(tmp_path, dense):
     recipe = {"prune_half": FOUR["prune_half"]}
     apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING, verbose=False)
@@ -163,6 +171,8 @@ def test_other_settings_on_a_run_folder_are_refused(tmp_path, dense):
     (dict(recipe={**FOUR, "q": {"g": {"GPTQModifier": {"bits": 4}}}}), RecipeError, "GPTQModifier is quantization"),
     (dict(recipe={"a": {"g": {"ConstantPruningModifier": {"strat": 0}}}}), RecipeError, "unknown parameter"),
     (dict(recipe={}), RecipeError, "holds no stages"),
+    (dict(recipe={"a/b": FOUR["prune_half"]}), RecipeError, r"stage name 'a/b' cannot name its folder \(stage_a/b\)"),
+    (dict(recipe={"..": FOUR["prune_half"]}), RecipeError, "stage name '..' cannot"),
     (dict(recipe=FOUR), ValueError, "stage recover distils .* needs distill_teacher"),
     (dict(recipe={"prune_half": FOUR["prune_half"]}, distill_teacher="x"), ValueError, "no stage of the recipe has an Output"),
     (dict(recipe=FOUR, resume_from_checkpoint=True), ValueError, "call it again with the same settings"),

@@ -179,9 +179,9 @@ def recipe_stages(recipe) -> list[RecipeStage]:
 def stage_recipe(recipe, stage: str) -> dict:
     """The recipe of one stage, as written: a dict holding only ``stage`` (what ``slope apply`` hands
     to the command that runs it, so that the stage's folder records that stage alone)."""
-    data = _load(recipe)
+    data = {str(name): groups for name, groups in _load(recipe).items()}  # YAML may key a stage by a number
     if stage not in data:
-        raise RecipeError(f"the recipe has no stage {stage!r}; its stages: {', '.join(map(str, data)) or 'none'}")
+        raise RecipeError(f"the recipe has no stage {stage!r}; its stages: {', '.join(data) or 'none'}")
     return {stage: data[stage]}
 
 

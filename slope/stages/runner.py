@@ -25,6 +25,7 @@ every rank, with DDP or FSDP2 as :func:`slope.finetune` does.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from datetime import timedelta
@@ -56,6 +57,10 @@ def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], str]:
     if not stages:
         raise RecipeError("the recipe holds no stages; add e.g. `pruning_stage: {pruning_modifiers: {SparseGPTModifier: "
                           "{sparsity: 0.5}}}`")
+    for s in stages:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) or set(s.name) == {"."}:
+            raise RecipeError(f"stage name {s.name!r} cannot name its folder ({stage_folder_name(s.name)}); name stages with "
+                              "letters, digits, '_', '-' and '.'")
     entries = [e for s in stages for e in parse_recipe(recipe, _KIND[s.run_type], stage=s.name)]
     distilling = [s.name for s in stages if s.run_type == "train" and plan_recipe(recipe, s.name)[1] is not None]
     if distilling and teacher is None:
