@@ -146,6 +146,19 @@ def test_stages_named_by_numbers(tmp_path, dense):
     assert model.finetune_summary["constant_pruning"]["zero_fraction"] == pytest.approx(0.5)
 
 
+def test_the_run_folder_points_to_its_stage_folders(tmp_path, dense, capsys):
+    from slope.cli import main
+
+    apply(str(dense), {"prune_half": FOUR["prune_half"]}, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING, verbose=False)
+    for argv in (["eval", "--checkpoint", str(tmp_path / "run")],
+                 ["finetune", "--model", str(tmp_path / "run"), "--output-dir", str(tmp_path / "x"), "--max-steps", "1"]):
+        capsys.readouterr()
+        assert main(argv) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(errors) == 1 and "the run folder of `slope apply`" in errors[0] and "pass that folder" in errors[0], errors
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "stage_prune_half"), "--eval-batches", "1"]) == 0
+
+
 def test_other_settings_on_a_run_folder_are_refused(tmp_path, dense):
     recipe = {"prune_half": FOUR["prune_half"]}
     apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING, verbose=False)

@@ -75,6 +75,10 @@ def load_model(path, device: str = "cpu", precision: str = "auto") -> tuple[nn.M
     elif (root / "config.json").is_file():
         model, tokenizer = _hf_model(root, dtype), _hf_tokenizer(root)
     else:
+        from slope.serialization.folders import describe_folder, folder_kind
+
+        if folder_kind(root) == "slope-apply":
+            raise FileNotFoundError(f"--model {describe_folder(root)}")
         raise FileNotFoundError(
             f"--model {path}: not a Hugging Face model folder (config.json), a slope save_pretrained folder "
             "(slope_config.json) or a slope train checkpoint (manifest.json); models are loaded from local folders"

@@ -10,6 +10,7 @@ Kinds (:func:`folder_kind`):
 - ``"hf-pruned"``: weights with SLoPe layers' entries (``values`` / ``mask_bits``) but no record: a pruned
   model saved by a path that bypassed slope's ``save_pretrained`` (or by a slope older than the record);
 - ``"slope-finetune-checkpoint"``: a ``checkpoint-<step>`` folder of ``slope finetune`` / ``sparse-finetune``;
+- ``"slope-apply"``: the run folder of ``slope apply`` (``apply.json``; its models are in ``stage_<name>/``);
 - ``"hf"``: a plain Hugging Face folder; ``"missing"``; ``"unknown"``.
 
 :func:`check_new_output_dir` is the one check of every command that writes a folder (``slope oneshot``,
@@ -55,6 +56,10 @@ _DESCRIPTIONS = {
         "a checkpoint-<step> folder of slope finetune / sparse-finetune (the whole training state, not a model folder): "
         "continue its run with --resume-from-checkpoint {path}; the run writes its model to the output folder when it ends"
     ),
+    "slope-apply": (
+        "the run folder of `slope apply` (apply.json), not a model folder: each stage's model is in its stage_<name>/ "
+        "folder, the final model in the last stage's (apply.json lists them); pass that folder"
+    ),
     "missing": "missing",
     "unknown": "not a model folder slope knows (no config.json, slope_config.json or manifest.json)",
 }
@@ -84,6 +89,8 @@ def folder_kind(path: str | os.PathLike) -> str:
         return "slope-train"
     if (path / "slope_finetune_state.pt").is_file():  # slope.finetune_checkpoints.CHECKPOINT_STATE
         return "slope-finetune-checkpoint"
+    if (path / "apply.json").is_file() and not (path / "config.json").is_file():  # slope.stages.record.RECORD_NAME
+        return "slope-apply"
     config = read_json_object(path / "config.json")
     if config is not None and "slope_config" in config:
         return "slope-pretrained"
