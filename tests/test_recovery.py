@@ -171,6 +171,25 @@ def test_teacher_runs_without_gradients_and_stops_after_its_last_target():
     assert distiller.teacher_bytes == 2 * 8 * 32 * 4
 
 
+@pytest.mark.parametrize("targets,logits", [(["model.layers.0", "model"], 0), (["model.layers.0", "lm_head"], 8)])
+def test_a_teacher_that_runs_its_whole_forward_computes_logits_only_for_a_target(targets, logits):
+    """stop_early=False (a teacher sharded by FSDP2) runs every layer, and its vocabulary projection on
+    no position unless a target needs the logits; the captured outputs equal those of a full forward."""
+    student, teacher = pruned_pair()
+    seen = []
+    teacher.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    x = torch.randint(0, 4096, (2, 8))
+    full = teacher(x, output_hidden_states=True)
+    seen.clear()
+    distiller = Distiller(student, teacher, OutputDistillationModifier(targets=targets), stop_early=False)
+    outs = distiller.teacher_outputs(x)
+    assert seen == [logits] and distiller.skip_logits == (logits == 0)
+    if "model" in outs:
+        assert torch.equal(outs["model"], full.hidden_states[-1])
+    if "lm_head" in outs:
+        assert torch.equal(outs["lm_head"], full.logits)
+
+
 # ---------------------------------------------------------------------- zeros stay zero
 @pytest.mark.parametrize("double_pruning,precision", [(False, "bf16"), (True, "fp16")])
 def test_finetune_never_changes_the_masks(tmp_path, double_pruning, precision):

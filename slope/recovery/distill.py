@@ -17,11 +17,16 @@ stops as soon as the last target has produced its output (a teacher whose target
 vocabulary projection never computes its logits). The student's outputs are captured only during
 its training forward (not during activation-checkpointing recomputation). Both are dropped right
 after the loss: ``loss = orig_scale · task + distill_scale · mean over targets``.
+
+A teacher sharded by FSDP2 runs its whole forward (every rank must meet every unit's collectives);
+when no target needs its logits it is asked for none (``logits_to_keep`` of no position), so its
+vocabulary projection still costs neither the logits' memory nor their matmul.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -130,6 +135,18 @@ class OutputCapture:
         self._handles = []
 
 
+def _skip_logits(model: nn.Module, names: list[str]) -> bool:
+    """Whether ``model``'s forward can be asked for no logits: it takes ``logits_to_keep`` (transformers'
+    causal LMs) and no target is, or holds, its vocabulary projection."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters or not hasattr(model, "get_output_embeddings"):
+        return False
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    if head_name is None:
+        return False
+    return not any(n == "" or head_name == n or head_name.startswith(n + ".") for n in names)
+
+
 def _config(model: nn.Module, key: str):
     return getattr(getattr(model, "config", None), key, None)
 
@@ -180,6 +197,7 @@ class Distiller:
         self.student_capture = OutputCapture(student, self.names)
         self.teacher_capture = OutputCapture(teacher, self.names, detach=True, stop=stop_early)
         self.teacher_bytes = 0  # largest captured teacher output size so far (bytes)
+        self.skip_logits = not stop_early and _skip_logits(teacher, self.names)
 
     def active(self, step: int) -> bool:
         return step >= self.start_step
@@ -187,8 +205,10 @@ class Distiller:
     @torch.no_grad()
     def teacher_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The teacher's target outputs for ``input_ids (b, L)`` (detached; the forward stops after the last target
-        unless ``stop_early=False``)."""
+        unless ``stop_early=False``, which asks for no logits when no target needs them)."""
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        if self.skip_logits:
+            kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         with self.teacher_capture.capture() as outputs:
             try:
                 self.teacher(input_ids=input_ids, use_cache=False, **kwargs)
