@@ -159,25 +159,76 @@ def test_the_run_folder_points_to_its_stage_folders(tmp_path, dense, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "stage_prune_half"), "--eval-batches", "1"]) == 0
 
 
-def test_other_settings_on_a_run_folder_are_refused(tmp_path, dense):
-    recipe = {"prune_half": FOUR["prune_half"]}
-    apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING, verbose=False)
-    with pytest.raises(OutputDirError, match=r"other settings \(learning_rate: 0.01 there, 0.02 now\)"):
-        apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **{**TRAINING, "learning_rate": 2e-2})
-    other = {"prune_half": {"g": {"MagnitudePruningModifier": {"sparsity": 0.6}}}}
-    with pytest.raises(OutputDirError, match="other settings .recipe:"):
-        apply(str(dense), other, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING)
-    apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **{**TRAINING, "logging_steps": 5}, verbose=False)  # free
+PRUNE_THEN_TRAIN = {k: FOUR[k] for k in ("prune_half", "recover_again")}
+
+
+def test_settings_that_would_lose_a_finished_stage_are_refused(tmp_path, dense):
+    run = tmp_path / "run"
+    apply(str(dense), PRUNE_THEN_TRAIN, DOCS, run, **CALIBRATION, **TRAINING, verbose=False)
+    with pytest.raises(OutputDirError, match=r"finished stage recover_again, but its settings changed \(learning_rate: 0.01 "
+                       r"there, 0.02 now\); continue the run with its settings, or choose a new folder"):
+        apply(str(dense), PRUNE_THEN_TRAIN, DOCS, run, **CALIBRATION, **{**TRAINING, "learning_rate": 2e-2})
+    other = {**PRUNE_THEN_TRAIN, "prune_half": {"g": {"MagnitudePruningModifier": {"sparsity": 0.6}}}}
+    with pytest.raises(OutputDirError, match=r"finished stage prune_half, but its settings changed \(recipe: its modifiers"):
+        apply(str(dense), other, DOCS, run, **CALIBRATION, **TRAINING)
+    with pytest.raises(OutputDirError, match=r"finished stage prune_half, but its settings changed \(num_calibration_samples: "
+                       "8 there, 4 now"):
+        apply(str(dense), PRUNE_THEN_TRAIN, DOCS, run, **{**CALIBRATION, "num_calibration_samples": 4}, **TRAINING)
+    with pytest.raises(OutputDirError, match="finished stage recover_again, but the recipe no longer holds it"):
+        apply(str(dense), {"prune_half": FOUR["prune_half"]}, DOCS, run, **CALIBRATION, **TRAINING)
+    kept = apply(str(dense), PRUNE_THEN_TRAIN, DOCS, run, **CALIBRATION, **{**TRAINING, "logging_steps": 5, "eval_batches": 2},
+                 verbose=False)  # flags that change no result
+    assert kept.apply_summary["ran_now"] == []
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("mine")
     with pytest.raises(OutputDirError, match="not an empty folder"):
-        apply(str(dense), recipe, DOCS, tmp_path / "full", **CALIBRATION, **TRAINING)
-    shutil.rmtree(tmp_path / "run" / "stage_prune_half")
-    with pytest.raises(OutputDirError, match="recorded done .* no longer holds it"):
-        apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING)
-    (tmp_path / "run" / RECORD_NAME).write_text("{not json")
+        apply(str(dense), PRUNE_THEN_TRAIN, DOCS, tmp_path / "full", **CALIBRATION, **TRAINING)
+    shutil.copytree(run, tmp_path / "gone")  # the first stage's folder gone: changing it would lose the stage after it
+    shutil.rmtree(tmp_path / "gone" / "stage_prune_half")
+    with pytest.raises(OutputDirError, match="finished stage recover_again, but stage prune_half before it changed"):
+        apply(str(dense), PRUNE_THEN_TRAIN, DOCS, tmp_path / "gone", **{**CALIBRATION, "num_calibration_samples": 4}, **TRAINING)
+    (run / RECORD_NAME).write_text("{not json")
     with pytest.raises(OutputDirError, match="is corrupt"):
-        apply(str(dense), recipe, DOCS, tmp_path / "run", **CALIBRATION, **TRAINING)
+        apply(str(dense), PRUNE_THEN_TRAIN, DOCS, run, **CALIBRATION, **TRAINING)
+
+
+def test_a_failed_run_continues_with_corrected_settings(tmp_path, dense, capsys, monkeypatch):
+    """What no stage finished (or checkpointed) under the first settings runs under the corrected ones;
+    what did stays."""
+    run, recipe = tmp_path / "run", {k: FOUR[k] for k in ("prune_24", "recover_again")}  # SparseGPT calibrates
+    with pytest.raises(ValueError, match="calibration windows of 100 tokens exceed"):  # the first stage fails
+        apply(str(dense), recipe, DOCS, run, **{**CALIBRATION, "max_seq_len": 100}, **TRAINING, verbose=False)
+    import slope.recovery.finetune as recovery
+
+    def diverges(*args, **kwargs):
+        raise ValueError("the loss diverged")
+
+    monkeypatch.setattr(recovery, "finetune", diverges)  # the train stage fails, after the oneshot stage finished
+    with pytest.raises(ValueError, match="diverged"):
+        apply(str(dense), recipe, DOCS, run, **CALIBRATION, **{**TRAINING, "learning_rate": 5.0}, verbose=False)
+    monkeypatch.undo()
+    stamp = os.stat(run / "stage_prune_24" / "model.safetensors").st_mtime_ns
+    fixed = apply(str(dense), recipe, DOCS, run, **CALIBRATION, **TRAINING)
+    assert fixed.apply_summary["ran_now"] == ["recover_again"]
+    assert os.stat(run / "stage_prune_24" / "model.safetensors").st_mtime_ns == stamp
+    assert "stage 1/2 prune_24 (oneshot): done earlier" in capsys.readouterr().out
+    reference = apply(str(dense), recipe, DOCS, tmp_path / "ref", **CALIBRATION, **TRAINING, verbose=False)
+    for (name, a), b in zip(reference.state_dict().items(), fixed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_stage_whose_folder_is_gone_runs_again(tmp_path, dense, capsys):
+    run = tmp_path / "run"
+    apply(str(dense), PRUNE_THEN_TRAIN, DOCS, run, **CALIBRATION, **TRAINING, verbose=False)
+    final = _weights(run / "stage_recover_again")
+    shutil.rmtree(run / "stage_prune_half")  # the middle of the run: the last stage, after it, stays
+    assert apply(str(dense), PRUNE_THEN_TRAIN, DOCS, run, **CALIBRATION, **TRAINING).apply_summary["ran_now"] == []
+    assert "its folder is gone; stage recover_again after it is kept" in capsys.readouterr().out
+    shutil.rmtree(run / "stage_recover_again")  # the last stage: it runs again, from the first one (run again too)
+    again = apply(str(dense), PRUNE_THEN_TRAIN, DOCS, run, **CALIBRATION, **TRAINING, verbose=False)
+    assert again.apply_summary["ran_now"] == ["prune_half", "recover_again"]
+    for name, value in _weights(run / "stage_recover_again").items():
+        assert torch.equal(value, final[name]), name
 
 
 @pytest.mark.parametrize("kw,error,match", [
@@ -186,6 +237,11 @@ def test_other_settings_on_a_run_folder_are_refused(tmp_path, dense):
     (dict(recipe={}), RecipeError, "holds no stages"),
     (dict(recipe={"a/b": FOUR["prune_half"]}), RecipeError, r"stage name 'a/b' cannot name its folder \(stage_a/b\)"),
     (dict(recipe={"..": FOUR["prune_half"]}), RecipeError, "stage name '..' cannot"),
+    (dict(recipe={1: FOUR["prune_half"], "1": FOUR["recover_again"]}), RecipeError, "two stages share a name"),
+    (dict(recipe={"prune_half": FOUR["prune_half"]}, model="nowhere"), FileNotFoundError, "model nowhere is missing"),
+    (dict(recipe=FOUR, distill_teacher="nowhere"), FileNotFoundError, "distill_teacher nowhere is missing"),
+    (dict(recipe={"prune_half": FOUR["prune_half"]}, tokenizer="nowhere"), FileNotFoundError, "tokenizer nowhere is missing"),
+    (dict(recipe={"prune_half": FOUR["prune_half"]}, learning_rat=1), TypeError, "apply got unknown .*did you mean 'learning_rate'"),
     (dict(recipe=FOUR), ValueError, "stage recover distils .* needs distill_teacher"),
     (dict(recipe={"prune_half": FOUR["prune_half"]}, distill_teacher="x"), ValueError, "no stage of the recipe has an Output"),
     (dict(recipe=FOUR, resume_from_checkpoint=True), ValueError, "call it again with the same settings"),
@@ -194,9 +250,9 @@ def test_other_settings_on_a_run_folder_are_refused(tmp_path, dense):
     (dict(recipe={"prune_half": FOUR["prune_half"]}, num_calibration_samples=0), ValueError, "num_calibration_samples"),
 ])
 def test_bad_input_fails_before_any_stage_runs(tmp_path, dense, kw, error, match):
-    kw = {"output_dir": tmp_path / "run", **kw}
+    kw = {"output_dir": tmp_path / "run", "model": str(dense), **kw}
     with pytest.raises(error, match=match) as info:
-        apply(str(dense), kw.pop("recipe"), DOCS, kw.pop("output_dir"), **kw)
+        apply(kw.pop("model"), kw.pop("recipe"), DOCS, kw.pop("output_dir"), **kw)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run").exists()
 
@@ -212,7 +268,8 @@ def test_the_command_runs_the_seeds_flow_in_one_line(tmp_path, dense, capsys):
             "--eval-batches", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "done: 2 stages (2 run now" in out and str(tmp_path / "run" / "stage_recover") in out
+    assert "done: 2 stages (2 run now" in out and f"| outputs in {tmp_path / 'run'}" in out
+    assert f"final model: {tmp_path / 'run' / 'stage_recover'}" in out
     assert main(argv) == 0
     assert "done: 2 stages (0 run now" in capsys.readouterr().out
     assert main(argv[:-2] + ["--eval-batches", "1", "--learning-rate", "1"]) == 1

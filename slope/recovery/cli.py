@@ -51,8 +51,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def add_training_flags(p: argparse.ArgumentParser) -> None:
-    """The training flags of ``slope finetune`` (``transformers.TrainingArguments`` names; also those of ``slope apply``)."""
+def add_training_flags(p: argparse.ArgumentParser, checkpoints_in: str = "OUTPUT_DIR") -> None:
+    """The training flags of ``slope finetune`` (``transformers.TrainingArguments`` names; also those of ``slope apply``,
+    whose ``checkpoint-<step>`` folders go ``checkpoints_in``)."""
     _flag(p, "num_train_epochs", type=float, default=3.0)
     _flag(p, "max_steps", type=int, default=None, help="optimizer steps (overrides --num-train-epochs)")
     _flag(p, "learning_rate", type=float, default=5e-5)
@@ -70,7 +71,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "logging_steps", type=int, default=10)
     _flag(p, "eval_steps", type=int, default=None, help="validate every K steps (and at the end)")
     _flag(p, "eval_batches", type=int, default=8)
-    _flag(p, "save_steps", type=int, default=None, help="write OUTPUT_DIR/checkpoint-<step> every K steps")
+    _flag(p, "save_steps", type=int, default=None, help=f"write {checkpoints_in}/checkpoint-<step> every K steps")
     _flag(p, "tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's, else slope's shipped one)")
     _flag(p, "text_field", default="text")
     _flag(p, "device", default="auto")

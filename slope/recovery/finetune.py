@@ -92,12 +92,16 @@ def _launcher_mixed_precision(args: dict[str, Any]) -> None:
                       f"(as --{launched})", UserWarning, stacklevel=4)
 
 
-def checked_training_args(training_args: dict[str, Any]) -> dict[str, Any]:
+def checked_training_args(training_args: dict[str, Any], caller: str = "finetune") -> dict[str, Any]:
     """``training_args`` with :data:`TRAINING_DEFAULTS` filled in, each checked (one-line errors), plus
     ``precision_mode`` (``"fp32"`` / ``"bf16"`` / ``"fp16"``) and ``precision`` as a dtype name."""
     unknown = sorted(set(training_args) - set(TRAINING_DEFAULTS))
     if unknown:
-        raise TypeError(f"finetune got unknown training arguments {unknown}; accepted: {sorted(TRAINING_DEFAULTS)}")
+        from difflib import get_close_matches
+
+        close = get_close_matches(unknown[0], TRAINING_DEFAULTS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise TypeError(f"{caller} got unknown training arguments {unknown}; {hint}accepted: {sorted(TRAINING_DEFAULTS)}")
     args = {**TRAINING_DEFAULTS, **training_args}
     for name, minimum in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1), ("warmup_steps", 0),
                           ("max_seq_length", 2), ("logging_steps", 1), ("eval_batches", 1)):

@@ -11,6 +11,7 @@ Running it again with the same flags continues an interrupted run (finished stag
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from slope.cli_options import add_flag as _flag
 
@@ -38,15 +39,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
           "OutputDistillationModifier)")
     _flag(p, "num_calibration_samples", type=int, default=512, metavar="N", help="calibration windows of oneshot stages")
     _flag(p, "max_seq_len", type=int, default=None, metavar="L", help="tokens per calibration window (default: --max-seq-length)")
-    add_training_flags(p)
+    add_training_flags(p, checkpoints_in="OUTPUT_DIR/stage_<name>")
     return p
 
 
 def _done_line(model) -> str:
     summary = model.apply_summary
     seconds = sum(s["seconds"] or 0.0 for s in summary["stages"] if s["name"] in summary["ran_now"])
-    return (f"done: {len(summary['stages'])} stages ({len(summary['ran_now'])} run now, {seconds:.1f} s) | final model in "
-            f"{summary['final_model']}")
+    return (f"done: {len(summary['stages'])} stages ({len(summary['ran_now'])} run now, {seconds:.1f} s) | outputs in "
+            f"{Path(summary['final_model']).parent}")
 
 
 def run(args: argparse.Namespace) -> int:

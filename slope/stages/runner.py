@@ -24,6 +24,7 @@ every rank, with DDP or FSDP2 as :func:`slope.finetune` does.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ import torch.nn as nn
 
 from slope.pruning.modifiers import RecipeError
 from slope.pruning.recipe import RecipeStage, parse_recipe, recipe_stages, recipe_yaml, stage_recipe
-from slope.stages.record import StageRecord, stage_folder_name
+from slope.stages.record import StageRecord, stage_finished, stage_folder_name
 
 __all__ = ["apply"]
 
@@ -49,8 +50,8 @@ _KIND = {"oneshot": "oneshot", "train": "finetune"}
 
 
 # ---------------------------------------------------------------------- checks before any stage runs
-def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], str]:
-    """The recipe's stages, every modifier checked, and the recipe with defaults filled in (YAML)."""
+def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], list[bool]]:
+    """The recipe's stages, every modifier checked, and per stage whether it distils."""
     from slope.recovery.finetune import plan_recipe
 
     stages = recipe_stages(recipe)
@@ -61,32 +62,74 @@ def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], str]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) or set(s.name) == {"."}:
             raise RecipeError(f"stage name {s.name!r} cannot name its folder ({stage_folder_name(s.name)}); name stages with "
                               "letters, digits, '_', '-' and '.'")
-    entries = [e for s in stages for e in parse_recipe(recipe, _KIND[s.run_type], stage=s.name)]
-    distilling = [s.name for s in stages if s.run_type == "train" and plan_recipe(recipe, s.name)[1] is not None]
-    if distilling and teacher is None:
-        raise ValueError(f"stage {', '.join(distilling)} distils (OutputDistillationModifier) and needs distill_teacher "
-                         "(the dense model, e.g. the one the recipe prunes)")
-    if teacher is not None and not distilling:
+    if len({s.name for s in stages}) < len(stages):
+        raise RecipeError(f"two stages share a name ({', '.join(s.name for s in stages)}; YAML reads 1 and '1' alike); "
+                          "give each stage a name of its own")
+    for s in stages:
+        parse_recipe(recipe, _KIND[s.run_type], stage=s.name)
+    distils = [s.run_type == "train" and plan_recipe(recipe, s.name)[1] is not None for s in stages]
+    if any(distils) and teacher is None:
+        names = ", ".join(s.name for s, d in zip(stages, distils) if d)
+        raise ValueError(f"stage {names} distils (OutputDistillationModifier) and needs distill_teacher (the dense model, "
+                         "e.g. the one the recipe prunes)")
+    if teacher is not None and not any(distils):
         raise ValueError("distill_teacher is given but no stage of the recipe has an OutputDistillationModifier; add one "
                          "(e.g. comparison: square_head) or drop the teacher")
-    return stages, recipe_yaml(entries)
+    return stages, distils
+
+
+def _check_folder(name: str, source) -> None:
+    """A model, teacher or tokenizer given as a folder must be there, and be one slope loads (before any stage runs)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    from slope.serialization.folders import describe_folder, folder_kind
+
+    kind = folder_kind(Path(source).expanduser())
+    if kind in ("missing", "unknown", "slope-apply", "slope-finetune-checkpoint") and not (
+            name == "tokenizer" and (Path(source).expanduser() / "tokenizer_config.json").is_file()):
+        raise FileNotFoundError(f"{name} {describe_folder(Path(source).expanduser(), kind)}")
 
 
 def _source_name(source) -> str | None:
-    """A model or teacher as the record compares it: a resolved path, or its class for one in memory."""
+    """A model, teacher or tokenizer as the record compares it: a resolved path, a tokenizer's own
+    path, or the class of one in memory."""
     if source is None:
         return None
     if isinstance(source, (str, os.PathLike)):
         return str(Path(source).expanduser().resolve())
-    return f"<{type(source).__name__} in memory>"
+    own = getattr(source, "name_or_path", None)
+    return str(own) if isinstance(own, str) and own else f"<{type(source).__name__} in memory>"
 
 
-def _settings(recipe_text: str, model, dataset, teacher, calibration: tuple[int, int], args: dict[str, Any]) -> dict[str, Any]:
-    from slope.finetune_run import dataset_name, plain_config
+def _data_name(dataset) -> str:
+    """The data as the record compares it: a file's resolved path, a dataset's name, a hash of documents."""
+    if isinstance(dataset, (str, os.PathLike)):
+        path = Path(dataset).expanduser()
+        return str(path.resolve()) if path.exists() else str(dataset)
+    if isinstance(dataset, (list, tuple)) and all(isinstance(d, str) for d in dataset):
+        digest = hashlib.sha256("\0".join(dataset).encode("utf-8")).hexdigest()[:16]
+        return f"{len(dataset)} documents, sha256 {digest}"
+    return f"<{type(dataset).__name__} in memory>"
 
-    return {"recipe": recipe_text, "model": _source_name(model), "dataset": dataset_name(dataset),
-            "distill_teacher": _source_name(teacher), "num_calibration_samples": calibration[0], "max_seq_len": calibration[1],
-            **{k: v for k, v in plain_config(args).items() if k not in _FREE_ARGS}}
+
+def _plan(stages, distils, recipe, model, dataset, teacher, calibration: tuple[int, int], args) -> list[dict[str, Any]]:
+    """Per stage: its name, run type and the settings that decide its result (:mod:`slope.stages.record`)."""
+    from slope.finetune_run import plain_config
+
+    common = {"dataset": _data_name(dataset), "tokenizer": _source_name(args["tokenizer"]), "text_field": args["text_field"],
+              "precision": args["precision"]}
+    training = {k: v for k, v in plain_config(args).items() if k not in _FREE_ARGS and k not in common}
+    planned = []
+    for k, (s, distils_here) in enumerate(zip(stages, distils)):
+        settings = {"recipe": recipe_yaml(parse_recipe(recipe, _KIND[s.run_type], stage=s.name)), **common}
+        if k == 0:
+            settings["model"] = _source_name(model)
+        if s.run_type == "oneshot":
+            settings.update(num_calibration_samples=calibration[0], max_seq_len=calibration[1])
+        else:
+            settings.update(training, distill_teacher=_source_name(teacher) if distils_here else None)
+        planned.append({"name": s.name, "run_type": s.run_type, "settings": settings})
+    return planned
 
 
 # ---------------------------------------------------------------------- ranks
@@ -122,12 +165,6 @@ class _Leader:
 
 
 # ---------------------------------------------------------------------- stages
-def _finished(folder: Path, run_type: str) -> bool:
-    """Whether ``folder`` holds a finished stage: a oneshot folder appears whole (renamed into
-    place); a train stage writes ``summary.json`` after its model."""
-    return folder.is_dir() and (run_type == "oneshot" or (folder / "summary.json").is_file())
-
-
 def _result(folder: Path, run_type: str) -> dict[str, Any]:
     """What the record keeps of a finished stage, read from its folder."""
     from slope.pruning.oneshot import REPORT_NAME
@@ -201,6 +238,34 @@ def _calibration(num_calibration_samples, max_seq_len, args) -> tuple[int, int]:
     return num_calibration_samples, max_seq_len or args["max_seq_length"]
 
 
+def _open_record(record: list, out: Path, planned: list[dict[str, Any]]) -> list[bool]:
+    """Open the run's record (rank 0) into ``record``; per stage whether it is done (a stage found
+    finished that the record missed, stopped in between, is recorded now)."""
+    opened = StageRecord.open(out, planned)
+    record.append(opened)
+    for p in planned:
+        entry = opened.entry(p["name"])
+        if not entry["done"] and stage_finished(out / entry["folder"], p["run_type"]):
+            opened.finish(p["name"], None, _result(out / entry["folder"], p["run_type"]))
+    return [opened.done(p["name"]) for p in planned]
+
+
+def _checked_call(model, recipe, output_dir, teacher, training_args) -> tuple[list[RecipeStage], list[bool], dict[str, Any]]:
+    """``apply``'s arguments checked before anything runs: ``(stages, distils, training args)``."""
+    from slope.recovery.finetune import checked_training_args
+
+    if output_dir is None:
+        raise ValueError("apply writes each stage's model to output_dir/stage_<name>/: give output_dir (--output-dir)")
+    if "resume_from_checkpoint" in training_args:
+        raise ValueError("apply continues an unfinished run itself: call it again with the same settings and output_dir "
+                         "(a train stage resumes from its newest checkpoint-<step>, written every save_steps)")
+    stages, distils = _checked_stages(recipe, teacher)
+    args = checked_training_args(dict(training_args), caller="apply")
+    for name, source in (("model", model), ("distill_teacher", teacher), ("tokenizer", args["tokenizer"])):
+        _check_folder(name, source)
+    return stages, distils, args
+
+
 def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=None, *, num_calibration_samples: int = 512,
           max_seq_len: int | None = None, verbose: bool = True, **training_args) -> nn.Module:
     """Run every stage of ``recipe`` in order, each on the model the previous one wrote (module docstring).
@@ -226,40 +291,32 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
     """
     from slope import parallel
     from slope.evaluate import resolve_device
-    from slope.recovery.finetune import checked_training_args
 
-    if output_dir is None:
-        raise ValueError("apply writes each stage's model to output_dir/stage_<name>/: give output_dir (--output-dir)")
-    if "resume_from_checkpoint" in training_args:
-        raise ValueError("apply continues an unfinished run itself: call it again with the same settings and output_dir "
-                         "(a train stage resumes from its newest checkpoint-<step>, written every save_steps)")
-    stages, recipe_text = _checked_stages(recipe, distill_teacher)
-    args = checked_training_args(dict(training_args))
-    if args["save_steps"] is None and verbose and parallel.launched_rank()[0] == 0 and any(s.run_type == "train" for s in stages):
-        print("note: without save_steps an interrupted train stage starts again when apply continues the run")
+    stages, distils, args = _checked_call(model, recipe, output_dir, distill_teacher, training_args)
     calibration = _calibration(num_calibration_samples, max_seq_len, args)
-    settings = _settings(recipe_text, model, dataset, distill_teacher, calibration, args)
+    planned = _plan(stages, distils, recipe, model, dataset, distill_teacher, calibration, args)
     out = Path(output_dir).expanduser()
     env = parallel.init_distributed(device=resolve_device(args["device"]))
     leader = _Leader(env)
     try:
         record: list[StageRecord] = []  # rank 0's
-        done = leader.run(lambda: [s["done"] for s in _open(record, out, settings, stages).data["stages"]])
-        source, last, ran = model, None, []
-        for k, (stage, was_done) in enumerate(zip(stages, done)):
+        done = leader.run(lambda: _open_record(record, out, planned))
+        kept = max((k for k, d in enumerate(done) if d), default=-1)  # the stages up to the last one done stay
+        if args["save_steps"] is None and any(s.run_type == "train" for s in stages[kept + 1:]):
+            _say(leader, verbose, "note: without save_steps an interrupted train stage starts again when apply continues the run")
+        source = model if kept < 0 else out / stage_folder_name(stages[kept].name)
+        last, ran = None, []
+        for k, stage in enumerate(stages):
             folder, index = out / stage_folder_name(stage.name), f"{k + 1}/{len(stages)}"
-            if not was_done and leader.run(lambda: _finished(folder, stage.run_type)):  # stopped before it was recorded
-                leader.run(lambda: record[0].finish(stage.name, None, _result(folder, stage.run_type)))
-                was_done = True
-            if was_done:
-                _say(leader, verbose, f"apply: stage {index} {stage.name} ({stage.run_type}): done earlier, kept in {folder}")
-                last = None
-            else:
-                start = time.perf_counter()
-                last = _run_stage(leader, stage, index, source, recipe, dataset, distill_teacher, folder, args, training_args,
-                                  calibration, env.device, verbose)
-                leader.run(lambda: record[0].finish(stage.name, time.perf_counter() - start, _result(folder, stage.run_type)))
-                ran.append(stage.name)
+            if k <= kept:
+                _say(leader, verbose, f"apply: stage {index} {stage.name} ({stage.run_type}): " + (
+                     f"done earlier, kept in {folder}" if done[k] else f"its folder is gone; stage {stages[kept].name} after it is kept"))
+                continue
+            start = time.perf_counter()
+            last = _run_stage(leader, stage, index, source, recipe, dataset, distill_teacher, folder, args, training_args,
+                              calibration, env.device, verbose)
+            leader.run(lambda: record[0].finish(stage.name, time.perf_counter() - start, _result(folder, stage.run_type)))
+            ran.append(stage.name)
             source = folder
         summary = leader.run(lambda: record[0].data)
     finally:
@@ -273,20 +330,6 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
     if verbose and env.is_main:
         print(format_stages(last.apply_summary))
     return last
-
-
-def _open(record: list, out: Path, settings: dict, stages: list[RecipeStage]) -> StageRecord:
-    """Open the run's record (rank 0) into ``record``; a stage recorded done must still have its folder."""
-    from slope.serialization.folders import OutputDirError
-
-    opened = StageRecord.open(out, settings, [(s.name, s.run_type) for s in stages])
-    for s in stages:
-        folder = out / stage_folder_name(s.name)
-        if opened.done(s.name) and not _finished(folder, s.run_type):
-            raise OutputDirError(f"stage {s.name} is recorded done in {opened.path} but {folder} no longer holds it; "
-                                 "choose a new output folder to run the recipe again")
-    record.append(opened)
-    return opened
 
 
 def format_stages(summary: dict[str, Any]) -> str:
