@@ -138,6 +138,17 @@ def test_a_stage_finished_but_not_recorded_is_kept(tmp_path, dense):
     assert entry["done"] and entry["seconds"] is None and entry["result"]["zero_fraction"] == pytest.approx(0.5)
 
 
+def test_a_model_in_memory_is_pruned_in_place_and_not_reused(tmp_path, dense, capsys):
+    model = T.AutoModelForCausalLM.from_pretrained(dense)
+    apply(model, PRUNE_THEN_TRAIN, DOCS, tmp_path / "run", tokenizer=shipped_tokenizer(), **CALIBRATION, **TRAINING, verbose=False)
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert float((up == 0).float().mean()) == pytest.approx(0.5)  # as oneshot does: in place
+    capsys.readouterr()
+    again = apply(T.AutoModelForCausalLM.from_pretrained(dense), PRUNE_THEN_TRAIN, DOCS, tmp_path / "run",
+                  tokenizer=shipped_tokenizer(), **CALIBRATION, **TRAINING)
+    assert again.apply_summary["ran_now"] == [] and "the model given in memory is not used" in capsys.readouterr().out
+
+
 def test_stages_named_by_numbers(tmp_path, dense):
     """YAML keys a stage `1:` by the number 1: its folder is stage_1."""
     text = "1:\n  g:\n    MagnitudePruningModifier: {sparsity: 0.5}\n2:\n  g:\n    ConstantPruningModifier: {start: 0}\n"

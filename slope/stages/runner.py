@@ -304,6 +304,9 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
         kept = max((k for k, d in enumerate(done) if d), default=-1)  # the stages up to the last one done stay
         if args["save_steps"] is None and any(s.run_type == "train" for s in stages[kept + 1:]):
             _say(leader, verbose, "note: without save_steps an interrupted train stage starts again when apply continues the run")
+        if kept >= 0 and isinstance(model, nn.Module):
+            _say(leader, verbose, f"note: stage {stages[0].name} is kept from the earlier run; the model given in memory is not "
+                 "used (and cannot be checked to be the same): pass a new output_dir to start from it")
         source = model if kept < 0 else out / stage_folder_name(stages[kept].name)
         last, ran = None, []
         for k, stage in enumerate(stages):
