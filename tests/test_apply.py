@@ -149,6 +149,20 @@ def test_a_model_in_memory_is_pruned_in_place_and_not_reused(tmp_path, dense, ca
     assert again.apply_summary["ran_now"] == [] and "the model given in memory is not used" in capsys.readouterr().out
 
 
+def test_a_list_of_modifier_objects_runs_as_its_stages(tmp_path, dense):
+    """llm-compressor's Python recipe: the same run as the dict recipe with the stage names it gets."""
+    from slope.pruning import MagnitudePruningModifier
+    from slope.recovery import ConstantPruningModifier
+
+    objects = [MagnitudePruningModifier(sparsity=0.5, targets=["re:model.layers.\\d+$"]), ConstantPruningModifier(start=0)]
+    written = {"oneshot_stage": FOUR["prune_half"], "train_stage": FOUR["recover_again"]}
+    a = apply(str(dense), objects, DOCS, tmp_path / "objects", **CALIBRATION, **TRAINING, verbose=False)
+    b = apply(str(dense), written, DOCS, tmp_path / "written", **CALIBRATION, **TRAINING, verbose=False)
+    assert [s["folder"] for s in a.apply_summary["stages"]] == ["stage_oneshot_stage", "stage_train_stage"]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
 def test_stages_named_by_numbers(tmp_path, dense):
     """YAML keys a stage `1:` by the number 1: its folder is stage_1."""
     text = "1:\n  g:\n    MagnitudePruningModifier: {sparsity: 0.5}\n2:\n  g:\n    ConstantPruningModifier: {start: 0}\n"
@@ -300,11 +314,18 @@ TWO = {"prune_24": FOUR["prune_24"],
                    "d": {"OutputDistillationModifier": {"targets": ["model.layers.1"], "comparison": "mse"}}}}
 
 
+# What `accelerate launch --config_file <FSDP config>` exports (seed 002's launch): train stages shard by FSDP2.
+ACCELERATE_FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "1"}
+
+
 @pytest.mark.distributed
-def test_two_ranks_run_the_stages_of_one_process(tmp_path, dense):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_ranks_run_the_stages_of_one_process(tmp_path, dense, engine):
     """Under torchrun the oneshot stage runs on rank 0 while rank 1 waits, and the train stage runs on
-    both (half the batch each): the folders equal those of one process."""
-    launch([__file__, str(dense), str(tmp_path / "ddp")], tmp_path, name="apply")
+    both (half the batch each; DDP, or FSDP2 under an accelerate FSDP launch): the folders equal those
+    of one process."""
+    launch([__file__, str(dense), str(tmp_path / "ddp")], tmp_path, name="apply",
+           env=ACCELERATE_FSDP if engine == "fsdp" else None)
     apply(str(dense), TWO, DOCS, tmp_path / "single", distill_teacher=str(dense), **RANKS, **TRAINING)
     for name in TWO:
         single, ddp = _weights(tmp_path / "single" / f"stage_{name}"), _weights(tmp_path / "ddp" / f"stage_{name}")
@@ -313,7 +334,7 @@ def test_two_ranks_run_the_stages_of_one_process(tmp_path, dense):
     record = json.loads((tmp_path / "ddp" / RECORD_NAME).read_text())
     assert [s["done"] for s in record["stages"]] == [True, True]
     summary = json.loads((tmp_path / "ddp" / "stage_recover" / "summary.json").read_text())
-    assert summary["config"]["world_size"] == 2
+    assert summary["config"]["world_size"] == 2 and summary["config"]["data_parallel"] == engine
     assert "apply: stage 1/2 prune_24" not in (tmp_path / "apply_rank1.log").read_text()  # rank 0 speaks
 
 

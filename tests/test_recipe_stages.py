@@ -137,3 +137,35 @@ def test_a_quantization_stage_is_left_to_others_by_finetune():
     assert [e.stage for e in parse_recipe(THREE, "oneshot", "sparsity_stage")] == ["sparsity_stage"]
     with pytest.raises(ValueError, match="no recipe"):
         plan_recipe(None, "finetuning_stage")
+
+
+# ---------------------------------------------------------------------- modifier objects (llm-compressor's Python recipes)
+def test_modifier_objects_are_recipes():
+    from slope.pruning import MagnitudePruningModifier, SparseGPTModifier
+    from slope.recovery import ConstantPruningModifier, OutputDistillationModifier
+
+    tok = shipped_tokenizer()
+    written = {"default_stage": {"default_modifiers": {"SparseGPTModifier": {"mask_structure": "2:4", "targets": ["re:model.layers.0$"]}}}}
+    by_yaml, by_object = tiny_llama(), tiny_llama()
+    oneshot(by_yaml, written, DOCS, tok, 8, 16, verbose=False)
+    oneshot(by_object, SparseGPTModifier(mask_structure="2:4", targets=["re:model.layers.0$"]), DOCS, tok, 8, 16, verbose=False)
+    for (name, a), b in zip(by_yaml.state_dict().items(), by_object.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert float((by_object.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == pytest.approx(0.5)
+    # a list: consecutive modifiers of one run type form a stage; a repeated modifier gets a group of its own
+    mixed = [MagnitudePruningModifier(sparsity=0.5), MagnitudePruningModifier(sparsity=0.6, targets="re:model.layers.1$"),
+             ConstantPruningModifier(), OutputDistillationModifier(targets="model.layers.0"), SparseGPTModifier(sparsity=0.7)]
+    stages = recipe_stages(mixed)
+    assert [(s.name, s.run_type, [m[:2] for m in s.modifiers]) for s in stages] == [
+        ("oneshot_stage", "oneshot", [("default_modifiers", "MagnitudePruningModifier"),
+                                      ("default_modifiers_2", "MagnitudePruningModifier")]),
+        ("train_stage", "train", [("default_modifiers", "ConstantPruningModifier"),
+                                  ("default_modifiers", "OutputDistillationModifier")]),
+        ("oneshot_stage_2", "oneshot", [("default_modifiers", "SparseGPTModifier")])]
+    assert [e.modifier for e in parse_recipe(mixed, "oneshot", "oneshot_stage")] == mixed[:2]
+    constant, distill, _ = plan_recipe(mixed, "train_stage")
+    assert constant == mixed[2] and distill == mixed[3]
+    with pytest.raises(RecipeError, match="cannot run oneshot_stage, oneshot_stage_2 together.*slope apply"):
+        parse_recipe(mixed, "oneshot")
+    with pytest.raises(RecipeError, match="or modifier objects .e.g. SparseGPTModifier"):
+        parse_recipe([1, 2])

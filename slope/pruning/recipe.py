@@ -9,7 +9,9 @@
           mask_structure: "2:4"
           targets: ["re:model.layers.\\d+$"]
 
-A recipe is a YAML file path, YAML text, or the same structure as a dict. Stages, groups and
+A recipe is a YAML file path, YAML text, or the same structure as a dict; or, as llm-compressor's
+Python recipes, a modifier object or a list of them (``[SparseGPTModifier(sparsity=0.5),
+ConstantPruningModifier()]``: consecutive modifiers of one run type form a stage). Stages, groups and
 modifiers run in the order written. Anything unknown is a :class:`RecipeError` naming it.
 
 Stages are of two run types: ``oneshot`` stages hold the pruning modifiers of
@@ -56,7 +58,46 @@ class RecipeEntry:
         return f"{self.stage}.{self.group}.{self.modifier.name}"
 
 
+def _modifier_objects(recipe) -> list | None:
+    """``recipe`` as modifier objects (one, or a non-empty list of them: llm-compressor's Python
+    recipes), else ``None``."""
+    from slope.recovery.modifiers import TrainingModifier
+
+    kinds = (PruningModifier, TrainingModifier)
+    if isinstance(recipe, kinds):
+        return [recipe]
+    if isinstance(recipe, (list, tuple)) and recipe and all(isinstance(m, kinds) for m in recipe):
+        return list(recipe)
+    return None
+
+
+def _from_objects(modifiers: list) -> dict:
+    """Modifier objects as a recipe dict: consecutive modifiers of one run type form a stage
+    (``default_stage`` when all are of one, else ``oneshot_stage``, ``train_stage``, ``oneshot_stage_2``...);
+    a stage's modifiers go in ``default_modifiers`` (a repeated modifier opens ``default_modifiers_2``...)."""
+    runs: list[tuple[str, list]] = []
+    for m in modifiers:
+        run_type = _run_type_of(m.name)
+        if not runs or runs[-1][0] != run_type:
+            runs.append((run_type, []))
+        runs[-1][1].append(m)
+    data: dict = {}
+    for run_type, members in runs:
+        count = sum(r == run_type for r, _ in runs[:len(data) + 1])
+        name = "default_stage" if len(runs) == 1 else f"{run_type}_stage" + (f"_{count}" if count > 1 else "")
+        groups: list[dict] = [{}]
+        for m in members:
+            if m.name in groups[-1]:
+                groups.append({})
+            groups[-1][m.name] = m.params()
+        data[name] = {"default_modifiers" + (f"_{k + 1}" if k else ""): g for k, g in enumerate(groups)}
+    return data
+
+
 def _load(recipe) -> dict:
+    objects = _modifier_objects(recipe)
+    if objects is not None:
+        return _from_objects(objects)
     if isinstance(recipe, dict):
         return recipe
     if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and "\n" not in recipe and recipe.strip().endswith((".yaml", ".yml"))):
@@ -67,7 +108,8 @@ def _load(recipe) -> dict:
     elif isinstance(recipe, str):
         text = recipe
     else:
-        raise RecipeError(f"a recipe is a YAML file path, YAML text or a dict, got {type(recipe).__name__}")
+        raise RecipeError(f"a recipe is a YAML file path, YAML text, a dict, or modifier objects (e.g. "
+                          f"SparseGPTModifier(sparsity=0.5) or a list of them), got {type(recipe).__name__}")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
