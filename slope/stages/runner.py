@@ -10,13 +10,14 @@ Each stage runs as its own command would, on the model the stage before it wrote
 stage with :func:`slope.oneshot`, a ``train`` stage with :func:`slope.finetune`. Stage ``<name>``
 writes ``output_dir/stage_<name>/`` (llm-compressor's layout: the model folder, its tokenizer and
 that stage's ``recipe.yaml``, plus the command's report or metrics); ``output_dir/apply.json``
-(:mod:`slope.stages.record`) holds the settings and which stages are done. Everything is checked
-before the first stage runs: every stage's modifiers, the training arguments, the teacher that a
-distilling stage needs, and the output folder.
+(:mod:`slope.stages.record`) holds each stage's settings and whether it is done. Checked before the
+first stage runs: every stage's modifiers and name, the training arguments, the teacher that a
+distilling stage needs, the model / teacher / tokenizer folders, and the output folder.
 
-Calling ``apply`` again with the same settings and ``output_dir`` continues the run: finished stages
-are kept, a train stage that wrote a ``checkpoint-<step>/`` (``save_steps``) resumes from its newest,
-and an unfinished stage without one starts again. Other settings on that folder are a one-line error.
+Calling ``apply`` again on that ``output_dir`` continues the run: finished stages are kept, a train
+stage that wrote a ``checkpoint-<step>/`` (``save_steps``) resumes from its newest, and an unfinished
+stage without one starts again. Settings may change for the stages not finished (a failed run
+continues with corrected ones); a change that would lose a finished stage is a one-line error.
 
 Under ``torchrun`` / ``accelerate launch`` a oneshot stage runs on rank 0 while the other ranks
 wait (calibration goes block by block in one process), and a train stage runs data-parallel on
