@@ -138,6 +138,38 @@ def _torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
+#: ``model.safetensors`` metadata: ``{name: name it shares its tensor with}`` (tied weights, stored once).
+ALIASES_KEY = "slope_tied_aliases"
+
+
+def _untied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state without the second name of a tensor stored under two, {second name: first})``:
+    safetensors stores a tensor once (tied input / output embeddings: GPT-2, Qwen2-0.5B, ...)."""
+    out, aliases, first = {}, {}, {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if tensor.numel() and key in first:
+            aliases[name] = first[key]
+            continue
+        first[key] = name
+        out[name] = tensor.contiguous()
+    return out, aliases
+
+
+def _load_model_state(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` with the names of tied weights restored (sharing their tensor)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=device)
+    with safe_open(str(path), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+    for name, source in aliases.items():
+        state[name] = state[source]
+    return state
+
+
 def save_checkpoint(
     directory: str | Path,
     *,
@@ -169,11 +201,11 @@ def save_checkpoint(
     from slope.durable import fsync_dir, write_file
 
     rng_tensors, rng_plain = capture_rng()
-    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if model_state is None else model_state).items()}
+    state, aliases = _untied(model.state_dict() if model_state is None else model_state)
     dense = dense_opt.state_dict() if dense_state is None else dense_state
     sparse = sparse_opt.state_dict() if sparse_state is None and sparse_opt is not None else sparse_state
     files = {
-        "model.safetensors": lambda: safetensors_bytes(state),
+        "model.safetensors": lambda: safetensors_bytes(state, metadata={ALIASES_KEY: json.dumps(aliases)} if aliases else None),
         "optimizers.pt": lambda: _torch_bytes({"dense": dense, "sparse": sparse}),
         "rng.pt": lambda: _torch_bytes(rng_tensors),
         "trainer_state.json": lambda: _json_bytes({**trainer_state, "rng": rng_plain}),
@@ -306,8 +338,6 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     """Read and verify the checkpoint in ``directory`` (see the module docstring). With
     ``training=False`` (evaluation, generation, export) the :data:`TRAINING_ONLY` files may be
     missing: ``optimizers`` / ``rng_tensors`` are then empty."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     verify_checkpoint(directory, optional=() if training else TRAINING_ONLY)
 
@@ -316,7 +346,7 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
 
     try:
         config = TrainConfig(**read_json_object(directory / "config.json", ValueError))
-        model_state = load_file(str(directory / "model.safetensors"), device=str(map_location))
+        model_state = _load_model_state(directory / "model.safetensors", str(map_location))
         optimizers = load_optional("optimizers.pt", map_location)
         rng_tensors = load_optional("rng.pt", "cpu")
         trainer_state = read_json_object(directory / "trainer_state.json", ValueError)

@@ -130,6 +130,31 @@ def test_model_type_is_built_with_the_size_flags_and_resumes_exactly(kind, engli
         [r for r in map(json.loads, open(f"{full.out}/metrics.jsonl")) if "val_loss" in r][-1]["val_loss"], abs=1e-6)
 
 
+def test_tied_embeddings_are_stored_once_and_resume_exactly(english, tmp_path):
+    """A config file that ties the input and output embeddings (GPT-2's default, Qwen2-0.5B): the
+    checkpoint stores the shared tensor once and loads it tied again."""
+    from safetensors import safe_open
+
+    config = tmp_path / "gpt2"
+    config.mkdir()
+    (config / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 1, "n_head": 2}))
+    data = str(english / "english.txt")
+    full = tiny(tmp_path, "full", model_config=str(config), max_steps=4, dataset=data)
+    train(full, progress=False, log=lambda line: None)
+    part = tiny(tmp_path, "part", model_config=str(config), max_steps=4, stop_after=2, dataset=data)
+    train(part, progress=False, log=lambda line: None)
+    train(part.updated({"stop_after": None, "resume": True}), progress=False, log=lambda line: None)
+    assert losses(part) == losses(full)
+    with safe_open(f"{full.out}/checkpoint/model.safetensors", "pt") as f:
+        stored = set(f.keys())
+    ckpt = read_checkpoint(f"{full.out}/checkpoint")
+    assert set(ckpt.model_state) - stored == {"lm_head.weight"}  # the tied name, restored on reading
+    assert ckpt.model_state["lm_head.weight"] is ckpt.model_state["transformer.wte.weight"]
+    model = load_trained_model(full.out, "cpu", "dense").model
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied after loading
+    assert torch.equal(model.lm_head.weight, ckpt.model_state["transformer.wte.weight"])
+
+
 def test_config_file_sets_the_architecture_and_is_stored(english, tmp_path):
     config = tmp_path / "mistral.json"
     config.write_text(json.dumps({"model_type": "mistral", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
