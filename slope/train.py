@@ -560,6 +560,7 @@ class _Run:
     lora_attached: bool
     densified: bool
     finished_summary: dict | None = None  # a run resumed at --max-steps: the summary it recorded
+    save_pending: bool = False  # a checkpoint was due while steps were being skipped (see _save_when_good)
 
 
 def _deepspeed_config(cfg: TrainConfig, env) -> dict | None:
@@ -693,6 +694,26 @@ def _save(run: _Run, step_done: int, loss: float, tokens: int, t0: float) -> Non
     })
 
 
+def _save_when_good(run: _Run, step: int, due: bool, loss: float, tokens: int, t0: float, write) -> bool:
+    """Write the checkpoint of ``step`` when one is ``due`` or was put off; returns whether it did.
+
+    Without fp16 loss scaling a skipped step means non-finite numbers: the run has begun to diverge,
+    often after an update that left the weights finite but ruined. While such skipped steps run on,
+    no checkpoint is written, so the last good one stays to resume from; the put-off one is written
+    at the next step that succeeds. (fp16's overflow skips are routine and change no weights.)"""
+    run.save_pending = run.save_pending or due
+    if not run.save_pending:
+        return False
+    if run.guard.streak and not run.scaler.enabled:
+        if due:
+            write(f"step {step}: no checkpoint while steps are skipped for non-finite numbers ({run.guard.streak} in a row): "
+                  "the last one written stays; it is written at the next step that succeeds")
+        return False
+    _save(run, step, loss, tokens, t0)
+    run.save_pending = False
+    return True
+
+
 def _grow_if_due(run: _Run, step: int, write) -> None:
     """Before ``step``: the dense tail once ``dense_tail_start`` steps are done (it takes precedence
     over LoRA), else lazy LoRA once ``lora_start`` steps are done; each once, recorded and written."""
@@ -779,14 +800,13 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
         run.guard.record(step, loss, skipped, f"fp16 loss scale {run.scaler.scale:g}, floor {run.scaler.min_scale:g}" if run.scaler.enabled else "")
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             val_loss = _validate(run, step, tokens, t0, write)
-        saved = step == last_stop or (cfg.save_every and step % cfg.save_every == 0)
-        if saved:
-            _save(run, step, loss, tokens, t0)
+        due = step == last_stop or bool(cfg.save_every and step % cfg.save_every == 0)
+        saved = _save_when_good(run, step, due, loss, tokens, t0, write)
         # SIGINT / SIGTERM: end here with a checkpoint (the last step ends the run anyway).
         stopped_by = _stop_requested(stop, env) if step < last_stop else None
         if stopped_by:
             if not saved:
-                _save(run, step, loss, tokens, t0)
+                _save_when_good(run, step, True, loss, tokens, t0, write)
             break
     bar.close()
 

@@ -371,6 +371,24 @@ def test_a_diverging_resume_stops_and_keeps_the_good_checkpoint(run, capsys):
     assert not (run / "checkpoint.tmp").exists() and main(["eval", "--checkpoint", str(run)]) == 0
 
 
+def test_no_checkpoint_is_written_while_steps_are_skipped(tmp_path, capsys):
+    """A huge learning rate without clipping: one update leaves finite but ruined weights, then every
+    step is skipped. The saves due meanwhile are put off, so the good checkpoint of step 4 stays and a
+    resume with a sane learning rate trains on from it."""
+    out = tmp_path / "run"
+    base = ["train", "--out", str(out), *TINY[:-4], "--lazy-lora-fraction", "0", "--max-steps", "40", "--save-every", "2"]
+    assert main([*base, "--stop-after", "4"]) == 0
+    assert main([*base, "--resume", "--lr", "1e4", "--grad-clip", "0", "--nonfinite-patience", "6"]) == 1
+    out_text = capsys.readouterr()
+    assert "no checkpoint while steps are skipped for non-finite numbers" in out_text.out, out_text.out[-2000:]
+    assert "steps in a row skipped" in out_text.err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == list(range(6, 13))  # step 5's update applied, then skips
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 4  # saves due at 6, 8, 10, 12 put off
+    assert main([*base, "--resume", "--max-steps", "6"]) == 0  # trains on from step 4, nothing skipped
+    assert not any(json.loads(line).get("skipped") for line in (out / "metrics.jsonl").read_text().splitlines()[-3:])
+
+
 def test_fp16_overflow_at_the_scale_floor_stops_the_run(tmp_path, capsys):
     """Issue 20 item 2: fp16 used to skip every step forever, halving the scale without a floor."""
     out = tmp_path / "fp16"
