@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slope.config import STRUCTURAL_KEYS, TrainConfig
+from slope.config import PATH_KEYS, STRUCTURAL_KEYS, TrainConfig
 from slope.filestamp import sha256_file
 from slope.serialization.jsonfile import read_json_object
 
@@ -290,7 +291,7 @@ def damage_advice(directory: Path) -> str:
     if not older:
         return "delete the checkpoint and retrain"
     return (f"older checkpoints are kept beside it ({', '.join(older[-3:])}): move {directory.name} aside and "
-            "--resume continues from the newest of them (or pass one to --checkpoint)")
+            "--resume continues from the newest of them (slope eval / export: pass one to --checkpoint)")
 
 
 def verify_checkpoint(directory: str | Path, optional: tuple[str, ...] = ()) -> dict:
@@ -359,6 +360,8 @@ def saved_config(directory: str | Path) -> TrainConfig:
     """The TrainConfig stored in the checkpoint ``directory`` (full verification: :func:`read_checkpoint`)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
+        if Path(directory).is_dir() and any(Path(directory).iterdir()):
+            raise CheckpointError(f"{path} is missing; {damage_advice(Path(directory))}")
         raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
     def corrupt(why) -> CheckpointError:
         return CheckpointError(f"{path} is corrupt or from another version of slope ({why}); {damage_advice(Path(directory))}")
@@ -408,11 +411,19 @@ def load_model_state(model: nn.Module, ckpt: Checkpoint) -> None:
     model.load_state_dict(ckpt.model_state)
 
 
+def _same_path(a: str, b: str) -> bool:
+    """Whether two settings name the same existing file or folder (``small.txt``, ``./small.txt``, its absolute path)."""
+    try:
+        return bool(a and b) and os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:
+        return False
+
+
 def check_compatible(saved: TrainConfig, requested: TrainConfig) -> None:
     """Raise :class:`CheckpointError` if ``requested`` changes the model, sparsity or data of ``saved``."""
     for key in STRUCTURAL_KEYS:
         old, new = getattr(saved, key), getattr(requested, key)
-        if old != new:
+        if old != new and not (key in PATH_KEYS and _same_path(old, new)):
             flag = "--" + key.replace("_", "-")
             why = " (the seed fixes the data order: the resumed run would not be the run that stopped)" if key == "seed" else ""
             raise CheckpointError(

@@ -29,6 +29,10 @@ STRUCTURAL_KEYS = (
 )
 
 
+#: Keys that may name a local file or folder (else: a built-in name, e.g. ``embedded``, ``qwen2``).
+PATH_KEYS = ("dataset", "tokenizer", "model_config")
+
+
 class ConfigError(ValueError):
     """A bad setting; the message names the key, the value and what is allowed."""
 

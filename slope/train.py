@@ -52,7 +52,7 @@ from slope.checkpoint import (
     save_checkpoint, saved_config,
 )
 from slope.checkpoint_store import latest_checkpoint, recover
-from slope.config import ConfigError, TrainConfig
+from slope.config import PATH_KEYS, ConfigError, TrainConfig
 from slope.data import TokenSplits, load_splits, open_tokenizer, perplexity, train_batch, unigram_cross_entropy, val_batches
 from slope.data.tokenizer import tokenizer_files
 from slope.evaluate import autocast, evaluate_loss, resolve_device
@@ -277,21 +277,23 @@ def _lock_and_recover(out: Path, env, cfg: TrainConfig, log) -> RunLock | None:
 
 
 def _refuse_to_replace_unfinished(out: Path) -> None:
-    """A new run (no ``--resume``) would replace the checkpoint and metrics in ``out``: refuse
-    when they belong to a run that stopped before its last step (interrupted, ``--stop-after``)."""
-    newest = out / "checkpoint"  # (recover() has just published any interrupted save here)
-    step = (read_json_object(newest / "manifest.json") or {}).get("step")  # no hashing: nothing is read but two JSON files
-    if step is None:
+    """A new run (no ``--resume``) would replace the checkpoints and metrics in ``out``: refuse when
+    they belong to a run that stopped before its last step (interrupted, ``--stop-after``) or cannot
+    be read (a damaged newest checkpoint)."""
+    newest = out / "checkpoint"  # (recover() has just published any interrupted save, or the newest kept copy, here)
+    if not newest.exists():
         return  # nothing resumable to protect
+    advice = "continue it with --resume, or choose another --out (or delete the folder) to start a new run"
+    step = (read_json_object(newest / "manifest.json") or {}).get("step")  # no hashing: nothing is read but two JSON files
     try:
         planned = saved_config(newest).max_steps
     except CheckpointError:
-        return
-    if isinstance(step, int) and step < planned:
-        raise ConfigError(
-            f"out = {str(out)!r} holds an unfinished run (its checkpoint is at step {step} of {planned}): continue it with "
-            "--resume, or choose another --out (or delete the folder) to start a new run"
-        )
+        planned = None
+    if not isinstance(step, int) or planned is None:
+        raise ConfigError(f"out = {str(out)!r} holds a checkpoint that cannot be read (its manifest.json or config.json is "
+                          f"missing or damaged): {advice}")
+    if step < planned:
+        raise ConfigError(f"out = {str(out)!r} holds an unfinished run (its checkpoint is at step {step} of {planned}): {advice}")
 
 
 def _clip_and_step(dense_opt, sparse_opt, dense_params: list, grad_clip: float) -> float | None:
@@ -504,6 +506,14 @@ def _final_line(summary: dict, max_steps: int) -> str:
             f"unigram baseline {summary['unigram_loss']:.4f} | outputs in {out}/ (metrics.jsonl, loss.png, checkpoint/)")
 
 
+def _absolute_sources(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its local ``dataset`` / ``tokenizer`` / ``model_config`` paths made absolute, so
+    that the checkpoint's settings name them from any working directory (``--resume`` elsewhere)."""
+    found = {key: str(Path(value).expanduser().resolve()) for key in PATH_KEYS
+             if (value := getattr(cfg, key)) and Path(value).expanduser().exists()}
+    return cfg.updated(found) if found else cfg
+
+
 def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: bool = True) -> dict:
     """Run (or resume) the training job described by ``cfg``; returns the final summary record.
 
@@ -514,6 +524,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
     end it after the current step with a checkpoint.
     """
     cfg.validate()
+    cfg = _absolute_sources(cfg)
     if parallel.launched_with_fsdp():  # the launcher asks for FSDP, which slope train does not shard with
         raise ConfigError("slope train does not shard with FSDP (the accelerate config sets distributed_type: FSDP): launch "
                           "with torchrun (DDP) or pass --deepspeed CONFIG.json (ZeRO-1/2 partitions the optimizer state)")
@@ -561,6 +572,7 @@ class _Run:
     densified: bool
     finished_summary: dict | None = None  # a run resumed at --max-steps: the summary it recorded
     save_pending: bool = False  # a checkpoint was due while steps were being skipped (see _save_when_good)
+    replaces_finished: bool = False  # a new run in a finished run's folder: its first save retires that run's checkpoints
 
 
 def _deepspeed_config(cfg: TrainConfig, env) -> dict | None:
@@ -595,7 +607,8 @@ def _resume_position(ckpt: Checkpoint | None, model, dense_opt, sparse_opt, scal
     ``(step, tokens, elapsed_before, lora_attached, densified)`` where the run starts."""
     if ckpt is None:
         if (out / "checkpoint").exists():
-            log(f"note: starting a new run in {out}; the finished run's checkpoint and metrics there will be replaced")
+            log(f"note: starting a new run in {out}; the finished run's metrics there are replaced, and its checkpoint (with "
+                "any kept copies) at the new run's first save")
         return 0, 0, 0.0, False, False
     lora_attached, densified = _restore(ckpt, model, dense_opt, sparse_opt, scaler, cfg)
     step, tokens, elapsed_before = ckpt.step, ckpt.trainer_state["tokens"], ckpt.trainer_state["elapsed_s"]
@@ -649,12 +662,15 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
     # ---- data parallel: DDP under torchrun, or a DeepSpeed engine ------------------------------
     runner = _data_parallel(model, dense_opt, ds_config, ckpt, cfg, env, log)
     lora_start = cfg.lora_start if not cfg.dense else cfg.max_steps
-    if lora_start < cfg.max_steps and not lora_attached:
+    dense_tail_start = cfg.dense_tail_start if not cfg.dense else cfg.max_steps
+    if lora_start < cfg.max_steps and not lora_attached and lora_start >= dense_tail_start and not densified:
+        log(f"note: no LoRA adapters attach: the dense tail starts after step {dense_tail_start}, before the adapters' step "
+            f"{lora_start} (the dense tail takes precedence; lower --dense-tail-fraction below --lazy-lora-fraction for both)")
+    elif lora_start < cfg.max_steps and not lora_attached:
         log(f"lazy LoRA: rank-{cfg.lora_rank} adapters will be attached after step {lora_start} (last {cfg.lazy_lora_fraction:.1%} of steps)")
     elif not cfg.dense and cfg.lazy_lora_fraction > 0 and not lora_attached and step < cfg.max_steps:
         log(f"note: --lazy-lora-fraction {cfg.lazy_lora_fraction:g} of {cfg.max_steps} steps is less than one step: no adapters are "
             f"attached; raise it to at least {1 / cfg.max_steps:.3g} (or set 0 to say so)")
-    dense_tail_start = cfg.dense_tail_start if not cfg.dense else cfg.max_steps
     if dense_tail_start < cfg.max_steps and not densified:
         log(f"dense tail: the SLoPe layers become dense after step {dense_tail_start} (last {cfg.dense_tail_fraction:.1%} of steps)"
             + ("; adapters attached before then are merged into the dense weights, none attach after" if lora_start < cfg.max_steps else ""))
@@ -662,7 +678,7 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
                 unigram=unigram, model=model, runner=runner, dense_opt=dense_opt, sparse_opt=sparse_opt, scaler=scaler, guard=guard,
                 metrics=metrics, lora_start=lora_start, dense_tail_start=dense_tail_start, step=step, tokens=tokens,
                 elapsed_before=elapsed_before, lora_attached=lora_attached, densified=densified,
-                finished_summary=finished)
+                finished_summary=finished, replaces_finished=ckpt is None and (out / "checkpoint").exists())
 
 
 def _save(run: _Run, step_done: int, loss: float, tokens: int, t0: float) -> None:
@@ -684,7 +700,7 @@ def _save(run: _Run, step_done: int, loss: float, tokens: int, t0: float) -> Non
     if not run.env.is_main:
         return
     save_checkpoint(run.out / "checkpoint", model=run.model, dense_opt=run.dense_opt, sparse_opt=run.sparse_opt, config=cfg,
-                    keep=cfg.keep_checkpoints, model_state=model_state, dense_state=dense_state, sparse_state=sparse_state,
+                    keep=1 if run.replaces_finished else cfg.keep_checkpoints, model_state=model_state, dense_state=dense_state, sparse_state=sparse_state,
                     extra_files=run.tokenizer_copy, trainer_state={
         "step": step_done, "tokens": tokens, "elapsed_s": run.elapsed_before + time.perf_counter() - t0,
         "lora_attached": run.lora_attached, "dense_tail": run.densified, "scaler": run.scaler.state_dict(),
@@ -710,7 +726,7 @@ def _save_when_good(run: _Run, step: int, due: bool, loss: float, tokens: int, t
                   "the last one written stays; it is written at the next step that succeeds")
         return False
     _save(run, step, loss, tokens, t0)
-    run.save_pending = False
+    run.save_pending = run.replaces_finished = False
     return True
 
 

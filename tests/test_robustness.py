@@ -602,7 +602,38 @@ def test_a_new_run_never_replaces_an_unfinished_one(run, capsys):
     out = capsys.readouterr().out
     assert "note: resuming with changed settings (lr 0.003 -> 0.002); they apply from step 3 on" in out, out
     assert main(["train", "--out", str(run), *TINY, "--max-steps", "2"]) == 0
-    assert "the finished run's checkpoint and metrics there will be replaced" in capsys.readouterr().out
+    assert "the finished run's metrics there are replaced, and its checkpoint" in capsys.readouterr().out
+
+
+def test_a_new_run_never_replaces_a_run_it_cannot_read(tmp_path, capsys):
+    """An unfinished run whose newest checkpoint is damaged (manifest or config gone): a new run is
+    refused and the kept copies stay; --resume says which copies are kept. A finished run's kept
+    copies go with it when a new run replaces it."""
+    out = tmp_path / "run"
+    base = ["train", "--out", str(out), *TINY[:-4], "--lazy-lora-fraction", "0", "--save-every", "2", "--keep-checkpoints", "3"]
+    assert main([*base, "--max-steps", "10", "--stop-after", "6"]) == 0
+    kept = sorted(p.name for p in out.glob("checkpoint-step*"))
+    assert kept == ["checkpoint-step000002", "checkpoint-step000004"]
+    capsys.readouterr()
+    for damaged in ("manifest.json", "config.json"):
+        shutil.copytree(out, tmp_path / damaged)
+        (tmp_path / damaged / "checkpoint" / damaged).unlink()
+        assert main(["train", "--out", str(tmp_path / damaged), *TINY[:-4], "--max-steps", "4"]) == 1
+        assert "holds a checkpoint that cannot be read" in _one_line_error(capsys, "train")
+        assert sorted(p.name for p in (tmp_path / damaged).glob("checkpoint-step*")) == kept
+    shutil.copytree(out, tmp_path / "noconfig")
+    (tmp_path / "noconfig" / "checkpoint" / "config.json").unlink()
+    assert main(["train", "--out", str(tmp_path / "noconfig"), *TINY[:-4], "--resume"]) == 1
+    assert "checkpoint/config.json is missing; older checkpoints are kept beside it" in _one_line_error(capsys, "train")
+    # the finished run (resumed to its end above) is replaced with its kept copies
+    assert main([*base, "--resume", "--max-steps", "10"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-step*")) == ["checkpoint-step000006", "checkpoint-step000008"]
+    capsys.readouterr()
+    assert main([*base, "--max-steps", "4", "--seed", "7", "--stop-after", "2"]) == 0
+    assert "its checkpoint (with any kept copies) at the new run's first save" in capsys.readouterr().out
+    assert not list(out.glob("checkpoint-step*"))  # the finished run's copies went with its checkpoint
+    assert main([*base, "--max-steps", "4", "--seed", "7", "--resume"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-step*")) == ["checkpoint-step000002"]  # the new run's own
 
 
 def test_inference_needs_no_training_state(run, capsys):

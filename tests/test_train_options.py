@@ -155,6 +155,24 @@ def test_tied_embeddings_are_stored_once_and_resume_exactly(english, tmp_path):
     assert torch.equal(model.lm_head.weight, ckpt.model_state["transformer.wte.weight"])
 
 
+def test_local_paths_are_stored_absolute_and_resume_from_any_folder(english, tmp_path, monkeypatch):
+    """A run started with a relative --dataset / --tokenizer resumes from another working directory,
+    and a resume that spells the same file otherwise is the same run."""
+    import os
+
+    from slope.checkpoint import saved_config
+
+    monkeypatch.chdir(english)
+    cfg = tiny(tmp_path, "run", dataset="english.txt", tokenizer="tokenizer.json", max_steps=4, stop_after=2)
+    train(cfg, progress=False, log=lambda line: None)
+    saved = saved_config(tmp_path / "run" / "checkpoint")
+    assert (saved.dataset, saved.tokenizer) == (str(english / "english.txt"), str(english / "tokenizer.json"))
+    monkeypatch.chdir(tmp_path)
+    other_spelling = os.path.relpath(english / "english.txt", tmp_path)
+    resumed = saved.updated({"stop_after": None, "resume": True, "dataset": other_spelling, "out": "run"})
+    assert train(resumed, progress=False, log=lambda line: None)["step"] == 4
+
+
 def test_config_file_sets_the_architecture_and_is_stored(english, tmp_path):
     config = tmp_path / "mistral.json"
     config.write_text(json.dumps({"model_type": "mistral", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
