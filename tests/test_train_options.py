@@ -173,6 +173,15 @@ def test_local_paths_are_stored_absolute_and_resume_from_any_folder(english, tmp
     assert train(resumed, progress=False, log=lambda line: None)["step"] == 4
 
 
+def test_a_dense_tail_before_the_adapters_says_none_attach(tmp_path):
+    lines = []
+    cfg = tiny(tmp_path, max_steps=10, dense_tail_fraction=0.5, lazy_lora_fraction=0.3, eval_every=100)
+    train(cfg, progress=False, log=lines.append)
+    assert any("no LoRA adapters attach: the dense tail starts after step 5, before the adapters' step 7" in line for line in lines)
+    assert not any(line.startswith("lazy LoRA:") for line in lines)
+    assert not any(name.endswith("lora_A") for name, _ in read_checkpoint(f"{cfg.out}/checkpoint").model_state.items())
+
+
 def test_config_file_sets_the_architecture_and_is_stored(english, tmp_path):
     config = tmp_path / "mistral.json"
     config.write_text(json.dumps({"model_type": "mistral", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
