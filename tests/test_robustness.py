@@ -621,6 +621,9 @@ def test_a_new_run_never_replaces_a_run_it_cannot_read(tmp_path, capsys):
         assert main(["train", "--out", str(tmp_path / damaged), *TINY[:-4], "--max-steps", "4"]) == 1
         assert "holds a checkpoint that cannot be read" in _one_line_error(capsys, "train")
         assert sorted(p.name for p in (tmp_path / damaged).glob("checkpoint-step*")) == kept
+    assert main(["eval", "--checkpoint", str(tmp_path / "manifest.json" / "checkpoint")]) == 1
+    assert "checkpoint without its manifest.json (damaged, or its save was cut short): use an older copy" in _one_line_error(
+        capsys, "eval")
     shutil.copytree(out, tmp_path / "noconfig")
     (tmp_path / "noconfig" / "checkpoint" / "config.json").unlink()
     assert main(["train", "--out", str(tmp_path / "noconfig"), *TINY[:-4], "--resume"]) == 1

@@ -10,6 +10,7 @@ Kinds (:func:`folder_kind`):
 - ``"hf-pruned"``: weights with SLoPe layers' entries (``values`` / ``mask_bits``) but no record: a pruned
   model saved by a path that bypassed slope's ``save_pretrained`` (or by a slope older than the record);
 - ``"slope-finetune-checkpoint"``: a ``checkpoint-<step>`` folder of ``slope finetune`` / ``sparse-finetune``;
+- ``"slope-train-damaged"``: a ``slope train`` checkpoint folder that lost its ``manifest.json``;
 - ``"slope-apply"``: the run folder of ``slope apply`` (``apply.json``; its models are in ``stage_<name>/``);
 - ``"hf"``: a plain Hugging Face folder; ``"missing"``; ``"unknown"``.
 
@@ -56,6 +57,10 @@ _DESCRIPTIONS = {
         "a checkpoint-<step> folder of slope finetune / sparse-finetune (the whole training state, not a model folder): "
         "continue its run with --resume-from-checkpoint {path}; the run writes its model to the output folder when it ends"
     ),
+    "slope-train-damaged": (
+        "a `slope train` checkpoint without its manifest.json (damaged, or its save was cut short): use an older copy kept "
+        "beside it (checkpoint-stepN/, written with --keep-checkpoints K), or delete it and retrain"
+    ),
     "slope-apply": (
         "the run folder of `slope apply` (apply.json), not a model folder: each stage's model is in its stage_<name>/ "
         "folder, the final model in the last stage's (apply.json lists them); pass that folder"
@@ -89,6 +94,8 @@ def folder_kind(path: str | os.PathLike) -> str:
         return "slope-train"
     if (path / "slope_finetune_state.pt").is_file():  # slope.finetune_checkpoints.CHECKPOINT_STATE
         return "slope-finetune-checkpoint"
+    if (path / "trainer_state.json").is_file() and (path / "optimizers.pt").is_file():  # slope.checkpoint.FILES
+        return "slope-train-damaged"
     if (path / "apply.json").is_file() and not (path / "config.json").is_file():  # slope.stages.record.RECORD_NAME
         return "slope-apply"
     config = read_json_object(path / "config.json")
