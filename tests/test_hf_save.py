@@ -223,10 +223,24 @@ def run(tmp_path_factory):
     return root / "run"
 
 
-def test_export_forms_load_back_with_the_same_logits(run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def gpt2_run(run):
+    """The same tiny run with a GPT-2 model, whose Conv1D layers store their weights (in, out)."""
+    root = run.parent
+    tiny = ["--dataset", str(root / "text.txt"), "--model-config", "gpt2", "--hidden-size", "64", "--intermediate-size", "128",
+            "--num-layers", "1", "--num-heads", "2", "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1",
+            "--log-every", "100", "--eval-every", "4", "--save-every", "0"]
+    assert main(["train", "--out", str(root / "gpt2-run"), *tiny, "--max-steps", "4", "--lazy-lora-fraction", "0.5",
+                 "--lora-rank", "4", "--lr", "1e-2"]) == 0
+    return root / "gpt2-run"
+
+
+@pytest.mark.parametrize("which", ["run", "gpt2_run"])
+def test_export_forms_load_back_with_the_same_logits(which, request, tmp_path, capsys):
     from slope.data import load_tokenizer
     from slope.evaluate import load_trained_model
 
+    run = request.getfixturevalue(which)
     x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         trained = load_trained_model(run, "cpu", "unmerged").model
@@ -249,10 +263,31 @@ def test_export_forms_load_back_with_the_same_logits(run, tmp_path, capsys):
                 assert torch.equal(sparse(x).logits, reference)
             else:
                 torch.testing.assert_close(sparse(x).logits, reference, rtol=1e-5, atol=1e-5)
+    # the sparse folder exported again as dense: a plain model again
+    assert main(["export", str(tmp_path / "sparse"), "--output-dir", str(tmp_path / "redense")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_plain(tmp_path / "redense")(x).logits, reference, rtol=1e-5, atol=1e-5)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dense")
     text = "def area(r):\n    return 3.14 * r * r\n"
     assert tokenizer(text).input_ids == load_tokenizer().encode(text, add_special_tokens=False).ids
     assert tokenizer.eos_token_id == plain.config.eos_token_id == 0
+
+
+def test_dense_tail_gpt2_run_exports_a_plain_model(gpt2_run, tmp_path):
+    """A GPT-2 run whose last steps trained dense (Conv1D layers again) exports a folder plain transformers loads."""
+    from slope.evaluate import load_trained_model
+
+    root = gpt2_run.parent
+    assert main(["train", "--out", str(tmp_path / "tail"), "--dataset", str(root / "text.txt"), "--model-config", "gpt2",
+                 "--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "1", "--num-heads", "2",
+                 "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--log-every", "100", "--eval-every", "2",
+                 "--save-every", "0", "--max-steps", "2", "--lazy-lora-fraction", "0", "--dense-tail-fraction", "0.5"]) == 0
+    x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = load_trained_model(tmp_path / "tail", "cpu", "unmerged").model
+        assert {type(trained.get_submodule(n)).__name__ for n in ("transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc")} == {"Conv1D"}
+        assert main(["export", str(tmp_path / "tail"), "--output-dir", str(tmp_path / "d")]) == 0
+        torch.testing.assert_close(load_plain(tmp_path / "d")(x).logits, trained(x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_export_errors(run, tmp_path, capsys):
