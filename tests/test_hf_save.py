@@ -5,6 +5,7 @@ every other kind of folder is an error that says what it is."""
 import copy
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -300,6 +301,26 @@ def test_export_errors(run, tmp_path, capsys):
     assert "dense `slope export` folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", str(run), "--output-dir", str(tmp_path / "x"), "--form", "compressed"])
+
+
+def test_export_refuses_a_folder_the_run_replaces_and_a_file_in_the_way(run, tmp_path, capsys):
+    """Inside the run's checkpoint folders `slope train --resume` would delete the export; under a file it cannot be made."""
+    checkpoint = run / "checkpoint"
+    before = sorted(p.name for p in checkpoint.iterdir())
+    for source, output in ((run, checkpoint / "hf"), (checkpoint, checkpoint / "hf"), (checkpoint, run / "checkpoint-step000002" / "hf"),
+                           (run, run / "checkpoint.tmp")):
+        assert main(["export", str(source), "--output-dir", str(output)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is inside the checkpoint folder" in err[0] and "pick a folder outside it" in err[0], err
+        assert not output.exists()
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+    (tmp_path / "file").write_text("x")
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "file" / "d")]) == 1  # refused before loading
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"slope export: error: output_dir {str(tmp_path / 'file' / 'd')!r} cannot be made: {tmp_path / 'file'} "
+                   "is a file, not a folder; choose a folder elsewhere"]
+    assert main(["export", str(run), "--output-dir", str(run / "hf")]) == 0  # beside the checkpoint is fine
+    shutil.rmtree(run / "hf")  # (the run is shared by this module's tests)
 
 
 def test_export_refuses_a_folder_that_holds_files(run, tmp_path, capsys):
