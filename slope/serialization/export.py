@@ -47,15 +47,15 @@ class ExportResult:
 
 def _from_train_checkpoint(source: str, form: str):
     from slope.checkpoint import CheckpointError
-    from slope.evaluate import load_trained_model
+    from slope.evaluate import model_from_checkpoint, open_checkpoint
 
-    loaded = load_trained_model(source, "cpu", _TRAIN_MODE[form])
-    sparse = any(True for _ in _sparse(loaded.model))
-    if form != "dense" and not sparse:
+    checkpoint = open_checkpoint(source)
+    if form != "dense" and (checkpoint.config.dense or checkpoint.dense_tail):  # before loading (its advice is eval's)
         raise CheckpointError(
-            f"{loaded.checkpoint.path} is a dense checkpoint (--dense, or its dense tail was reached): it has no "
+            f"{checkpoint.path} is a dense checkpoint (--dense, or its dense tail was reached): it has no "
             f"{form} form; export it with --form dense"
         )
+    loaded = model_from_checkpoint(checkpoint, _TRAIN_MODE[form], "cpu")
     from slope.data import open_tokenizer
 
     # the run's --tokenizer (the checkpoint's copy), or the shipped BPE: EOS as BOS/EOS/PAD
