@@ -137,12 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
-    gen.add_argument("--mode", choices=INFERENCE_MODES, default="unmerged", help=MODE_HELP + " (default: unmerged)")
+    gen.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + " (default: unmerged)")
     gen.add_argument("--cuda-graphs", action="store_true",
                      help="decode with a static KV cache under a CUDA graph (one launch per token; CUDA only)")
     gen.add_argument("--compare", action="store_true",
                      help="greedy-decode in every mode (dense, unmerged, merged) and report prefill / decode tokens/s")
-    gen.add_argument("--batch", type=int, default=1, help="with --compare: decode the prompt this many times at once")
+    gen.add_argument("--batch", type=int, default=None, help="with --compare: decode the prompt this many times at once (default: 1)")
 
     exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (model, config, tokenizer)",
                          description="Write a `slope train` checkpoint (or a pruned model's Hugging Face folder) as a Hugging Face "
@@ -331,10 +331,10 @@ def _run_generate_compare(args: argparse.Namespace) -> None:
     from slope.inference.speed import compare_speed
 
     rows = compare_speed(args.checkpoint, args.prompt, device=args.device, max_new_tokens=args.max_new_tokens,
-                         batch=args.batch, cuda_graphs=args.cuda_graphs)
+                         batch=args.batch or 1, cuda_graphs=args.cuda_graphs)
     print(rows[-1].text)
     graphs = ", CUDA graphs" if args.cuda_graphs else ""
-    print(f"greedy, batch {args.batch}, {args.max_new_tokens} new tokens{graphs}:", file=sys.stderr)
+    print(f"greedy, batch {args.batch or 1}, {args.max_new_tokens} new tokens{graphs}:", file=sys.stderr)
     print(f"{'mode':<9} {'prefill tok/s':>14} {'decode tok/s':>13} {'weights MiB':>12}  vs dense (decode)", file=sys.stderr)
     dense = next((r for r in rows if r.mode == "dense"), None)
     for r in rows:
@@ -360,12 +360,13 @@ def _run_generate(args: argparse.Namespace) -> None:
         return
     if args.compare:
         return _run_generate_compare(args)
-    loaded = load_trained_model(args.checkpoint, args.device, args.mode)
+    mode = args.mode or "unmerged"
+    loaded = load_trained_model(args.checkpoint, args.device, mode)
     gen = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, seed=args.seed, progress=None, cuda_graphs=args.cuda_graphs)
     print(gen.text)
     # Statistics go to stderr, so stdout is only the text.
-    print(f"[{args.mode}] {gen.new_tokens} new tokens in {gen.seconds:.2f} s ({gen.tokens_per_s:,.1f} tokens/s); "
+    print(f"[{mode}] {gen.new_tokens} new tokens in {gen.seconds:.2f} s ({gen.tokens_per_s:,.1f} tokens/s); "
           f"{_memory_text(loaded.memory_info())}", file=sys.stderr)
     if loaded.note:
         print(f"note: {loaded.note}", file=sys.stderr)
@@ -487,7 +488,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         elif args.command == "generate":
             if args.max_new_tokens < 1:
                 parser.error("--max-new-tokens must be >= 1")
-            if args.batch < 1:
+            if args.compare and args.mode is not None:
+                parser.error("--compare decodes in every mode; drop --mode")
+            if args.batch is not None and not args.compare:
+                parser.error("--batch applies to --compare (one prompt at a time otherwise); add --compare or drop --batch")
+            if args.batch is not None and args.batch < 1:
                 parser.error("--batch must be >= 1")
             if not args.temperature >= 0:
                 parser.error(f"--temperature must be >= 0 (0: greedy decoding), got {args.temperature}")

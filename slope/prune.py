@@ -375,11 +375,12 @@ def format_summary(decisions: list[PruneDecision]) -> str:
 
 
 def densify(model: nn.Module) -> list[nn.Parameter]:
-    """Replace, in place, every SLoPe layer of ``model`` by a dense ``nn.Linear`` computing the same function.
+    """Replace, in place, every SLoPe layer of ``model`` by a dense ``nn.Linear`` computing the same function
+    (by a transformers ``Conv1D`` for a layer that replaced one, ``weight_transposed``: GPT-2).
 
-    The new ``weight (out, in)`` holds the layer's effective weight ``W⊙M`` (plus ``(α/r)·B (A⊙M_A)``
-    when adapters are attached; :func:`slope.lora.effective_weight`) in the dtype of ``values``, on
-    its device, and is an ordinary trainable parameter: from then on every entry, pruned ones
+    The new ``weight (out, in)`` (a ``Conv1D``'s: ``(in, out)``) holds the layer's effective weight
+    ``W⊙M`` (plus ``(α/r)·B (A⊙M_A)`` when adapters are attached; :func:`slope.lora.effective_weight`)
+    in the dtype of ``values``, on its device, and is an ordinary trainable parameter: from then on every entry, pruned ones
     included, is trained by the dense optimizer (the final dense phase of ``slope train
     --dense-tail-fraction``). The bias stays the **same** ``Parameter`` object, so an optimizer
     that already holds it keeps its state. Call it between optimizer steps.
@@ -398,10 +399,30 @@ def densify(model: nn.Module) -> list[nn.Parameter]:
     for name, layer in layers:
         with torch.no_grad():
             weight = effective_weight(layer)
-        linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=False, device=weight.device, dtype=weight.dtype)
-        linear.weight = nn.Parameter(weight)
-        if layer.bias is not None:
-            linear.bias = layer.bias
-        _set_submodule(model, name, linear)
-        weights.append(linear.weight)
+        dense = _conv1d(layer, weight) if layer.weight_transposed else _linear(layer, weight)
+        _set_submodule(model, name, dense)
+        weights.append(dense.weight)
     return weights
+
+
+def _linear(layer: SparseLinear, weight: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight (out, in)`` and ``layer``'s bias (the same ``Parameter``)."""
+    linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight)
+    if layer.bias is not None:
+        linear.bias = layer.bias
+    return linear
+
+
+def _conv1d(layer: SparseLinear, weight: torch.Tensor) -> nn.Module:
+    """A transformers ``Conv1D`` (GPT-2's, which ``layer`` replaced) holding ``weight (out, in)`` as its
+    ``(in, out)`` weight and ``layer``'s bias (the same ``Parameter``): the model's module types and
+    state dict are again those of plain transformers."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):  # no allocation or init of weights that are replaced at once
+        conv = Conv1D(layer.out_features, layer.in_features)
+    conv.weight = nn.Parameter(weight.t().contiguous())
+    # Conv1D always has a bias, so the layer that replaced one has it too
+    conv.bias = layer.bias
+    return conv

@@ -73,6 +73,26 @@ def test_generate_from_a_folder_checks_learned_positions(tmp_path, capsys):
     assert "[model folder] 2 new tokens" in capsys.readouterr().err
 
 
+def test_a_tokenizer_that_does_not_fit_the_model_is_a_one_line_error(tmp_path, capsys):
+    """A model whose vocabulary is smaller than the tokenizer's: eval and generate refuse it in one line that
+    says to put the model's tokenizer in the folder (generate crashed with an IndexError, or garbled text)."""
+    torch.manual_seed(0)
+    small = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    small.save_pretrained(tmp_path / "bare")  # no tokenizer files: slope's shipped 4096-token tokenizer would be used
+    small.save_pretrained(tmp_path / "with_tok")
+    shipped_tokenizer().save_pretrained(tmp_path / "with_tok")  # a tokenizer of the folder that is not the model's
+    advice = "put the model's own tokenizer files (tokenizer.json, tokenizer_config.json"
+    for folder, reason in (("bare", "has no tokenizer files, and slope's shipped tokenizer (4096 tokens) is not the model's"),
+                           ("with_tok", "but the model's vocabulary has 512 entries")):
+        for command in (["generate", "--prompt", "def f1(xyz): return xyz.upper()", "--max-new-tokens", "2"], ["eval", "--eval-batches", "1"]):
+            assert main([command[0], "--checkpoint", str(tmp_path / folder), *command[1:], "--device", "cpu"]) == 1
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if line.startswith("slope ")]  # (beside loading progress bars)
+            assert "Traceback" not in err and len(lines) == 1, (folder, command[0], err)
+            assert lines[0].startswith(f"slope {command[0]}: error: ") and reason in lines[0] and advice in lines[0], lines
+
+
 def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capsys):
     """A dense export of a `slope train` run validates on that run's held-out split, as the checkpoint does."""
     from slope.config import TrainConfig
@@ -92,6 +112,12 @@ def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capsys):
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     assert got["unigram_loss"] == pytest.approx(want["unigram_loss"], rel=1e-9)
     assert main(["eval", "--checkpoint", str(tmp_path / "dense"), "--device", "cpu"]) == 0
+    assert "the exported slope train run's held-out split" in capsys.readouterr().out
+    # re-saved by plain transformers without its tokenizer: slope's shipped tokenizer (the run's) is used
+    T.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").save_pretrained(tmp_path / "resaved")
+    assert not list((tmp_path / "resaved").glob("tokenizer*"))
+    assert eval_model_folder(tmp_path / "resaved", "cpu")["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    assert main(["eval", "--checkpoint", str(tmp_path / "resaved"), "--device", "cpu"]) == 0
     assert "the exported slope train run's held-out split" in capsys.readouterr().out
     # exported sparse, then that folder exported dense: the run's validation settings carry over
     export_model(tmp_path / "run", tmp_path / "sparse", "sparse")

@@ -5,6 +5,7 @@ every other kind of folder is an error that says what it is."""
 import copy
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -223,10 +224,24 @@ def run(tmp_path_factory):
     return root / "run"
 
 
-def test_export_forms_load_back_with_the_same_logits(run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def gpt2_run(run):
+    """The same tiny run with a GPT-2 model, whose Conv1D layers store their weights (in, out)."""
+    root = run.parent
+    tiny = ["--dataset", str(root / "text.txt"), "--model-config", "gpt2", "--hidden-size", "64", "--intermediate-size", "128",
+            "--num-layers", "1", "--num-heads", "2", "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1",
+            "--log-every", "100", "--eval-every", "4", "--save-every", "0"]
+    assert main(["train", "--out", str(root / "gpt2-run"), *tiny, "--max-steps", "4", "--lazy-lora-fraction", "0.5",
+                 "--lora-rank", "4", "--lr", "1e-2"]) == 0
+    return root / "gpt2-run"
+
+
+@pytest.mark.parametrize("which", ["run", "gpt2_run"])
+def test_export_forms_load_back_with_the_same_logits(which, request, tmp_path, capsys):
     from slope.data import load_tokenizer
     from slope.evaluate import load_trained_model
 
+    run = request.getfixturevalue(which)
     x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         trained = load_trained_model(run, "cpu", "unmerged").model
@@ -249,10 +264,31 @@ def test_export_forms_load_back_with_the_same_logits(run, tmp_path, capsys):
                 assert torch.equal(sparse(x).logits, reference)
             else:
                 torch.testing.assert_close(sparse(x).logits, reference, rtol=1e-5, atol=1e-5)
+    # the sparse folder exported again as dense: a plain model again
+    assert main(["export", str(tmp_path / "sparse"), "--output-dir", str(tmp_path / "redense")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_plain(tmp_path / "redense")(x).logits, reference, rtol=1e-5, atol=1e-5)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dense")
     text = "def area(r):\n    return 3.14 * r * r\n"
     assert tokenizer(text).input_ids == load_tokenizer().encode(text, add_special_tokens=False).ids
     assert tokenizer.eos_token_id == plain.config.eos_token_id == 0
+
+
+def test_dense_tail_gpt2_run_exports_a_plain_model(gpt2_run, tmp_path):
+    """A GPT-2 run whose last steps trained dense (Conv1D layers again) exports a folder plain transformers loads."""
+    from slope.evaluate import load_trained_model
+
+    root = gpt2_run.parent
+    assert main(["train", "--out", str(tmp_path / "tail"), "--dataset", str(root / "text.txt"), "--model-config", "gpt2",
+                 "--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "1", "--num-heads", "2",
+                 "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--log-every", "100", "--eval-every", "2",
+                 "--save-every", "0", "--max-steps", "2", "--lazy-lora-fraction", "0", "--dense-tail-fraction", "0.5"]) == 0
+    x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = load_trained_model(tmp_path / "tail", "cpu", "unmerged").model
+        assert {type(trained.get_submodule(n)).__name__ for n in ("transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc")} == {"Conv1D"}
+        assert main(["export", str(tmp_path / "tail"), "--output-dir", str(tmp_path / "d")]) == 0
+        torch.testing.assert_close(load_plain(tmp_path / "d")(x).logits, trained(x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_export_errors(run, tmp_path, capsys):
@@ -265,6 +301,26 @@ def test_export_errors(run, tmp_path, capsys):
     assert "dense `slope export` folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", str(run), "--output-dir", str(tmp_path / "x"), "--form", "compressed"])
+
+
+def test_export_refuses_a_folder_the_run_replaces_and_a_file_in_the_way(run, tmp_path, capsys):
+    """Inside the run's checkpoint folders `slope train --resume` would delete the export; under a file it cannot be made."""
+    checkpoint = run / "checkpoint"
+    before = sorted(p.name for p in checkpoint.iterdir())
+    for source, output in ((run, checkpoint / "hf"), (checkpoint, checkpoint / "hf"), (checkpoint, run / "checkpoint-step000002" / "hf"),
+                           (run, run / "checkpoint.tmp")):
+        assert main(["export", str(source), "--output-dir", str(output)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is inside the checkpoint folder" in err[0] and "pick a folder outside it" in err[0], err
+        assert not output.exists()
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+    (tmp_path / "file").write_text("x")
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "file" / "d")]) == 1  # refused before loading
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"slope export: error: output_dir {str(tmp_path / 'file' / 'd')!r} cannot be made: {tmp_path / 'file'} "
+                   "is a file, not a folder; choose a folder elsewhere"]
+    assert main(["export", str(run), "--output-dir", str(run / "hf")]) == 0  # beside the checkpoint is fine
+    shutil.rmtree(run / "hf")  # (the run is shared by this module's tests)
 
 
 def test_export_refuses_a_folder_that_holds_files(run, tmp_path, capsys):

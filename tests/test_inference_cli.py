@@ -201,12 +201,22 @@ def test_errors(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--checkpoint", str(runs / "lora"), "--compare", "--mode", "dense"])
     assert e.value.code == 2 and "--compare evaluates every mode; drop --mode" in capsys.readouterr().err
+    for flags, message in ((["--compare", "--mode", "dense"], "--compare decodes in every mode; drop --mode"),
+                           (["--batch", "2"], "--batch applies to --compare")):  # were silently ignored
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--checkpoint", str(runs / "lora"), "--prompt", "x", *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err, flags
     with pytest.raises(ConfigError, match="mode 'fused' is not an inference mode; choose one of unmerged, merged, dense"):
         model_from_checkpoint(open_checkpoint(runs / "lora"), "fused", "cpu")
     with pytest.raises(CheckpointError, match="not a slope checkpoint"):
         open_checkpoint(tmp_path)
     assert main(["eval", "--checkpoint", str(runs / "dense"), "--mode", "merged"]) == 1
     assert "is a dense checkpoint (--dense)" in capsys.readouterr().err
+    for form in ("merged", "sparse"):  # export's advice names its own option
+        assert main(["export", str(runs / "dense"), "--output-dir", str(tmp_path / form), "--form", form]) == 1
+        err = capsys.readouterr().err
+        assert f"is a dense checkpoint (--dense, or its dense tail was reached): it has no {form} form; export it with --form dense" in err
+        assert "--mode" not in err and not (tmp_path / form).exists()
     assert main(["generate", "--checkpoint", str(runs / "lora"), "--prompt", "", "--mode", "merged"]) == 1
     assert "--prompt is empty" in capsys.readouterr().err
 

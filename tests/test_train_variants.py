@@ -48,6 +48,31 @@ def test_densify_computes_the_same_function_and_trains_every_entry(lora):
     assert pruned_grad.numel() > 0 and pruned_grad.abs().sum() > 0  # pruned entries now train
 
 
+def test_densify_gives_gpt2_its_conv1d_layers_back():
+    """A layer that replaced GPT-2's Conv1D becomes a Conv1D again: module types, state dict keys and
+    shapes are those of plain transformers (a dense export loads in AutoModelForCausalLM)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0)
+    plain = transformers.GPT2LMHeadModel(config).eval()
+    model = transformers.GPT2LMHeadModel(config).eval()
+    prune_model(model, compress=False, verbose=False)
+    names = [name for name, _ in sparse_modules(model)]
+    biases = {name: layer.bias for name, layer in sparse_modules(model)}
+    x = torch.randint(0, 64, (2, 8))
+    expected = model(x).logits.detach()
+    weights = densify(model)
+    assert names and all(type(model.get_submodule(n)) is Conv1D for n in names)
+    assert all(model.get_submodule(n).bias is biases[n] for n in names)
+    assert weights == [model.get_submodule(n).weight for n in names]
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain(x).logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_densify_without_slope_layers_is_a_clear_error():
     with pytest.raises(ValueError, match="no SLoPe layers"):
         densify(_mlp())

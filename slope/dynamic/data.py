@@ -80,9 +80,11 @@ class FinetuneData:
 
 
 def load_finetune_data(dataset, tokenizer, *, seq_len: int, batch_size: int, seed: int, eval_batches: int,
-                       vocab_size: int, text_field: str = "text", length_name: str = "seq_len") -> FinetuneData:
+                       vocab_size: int, text_field: str = "text", length_name: str = "seq_len",
+                       tokenizer_advice: str = "pass the model's own tokenizer (tokenizer=...)") -> FinetuneData:
     """Tokenize ``dataset`` with ``tokenizer`` and cut it into windows (module docstring);
-    ``length_name``: what the caller calls ``seq_len`` (for the error of a dataset too small for it)."""
+    ``length_name``: what the caller calls ``seq_len`` (for the error of a dataset too small for it);
+    ``tokenizer_advice``: what the error of a token id outside the model's vocabulary tells to do."""
     if getattr(tokenizer, "slope_shipped", False) and isinstance(dataset, (str, Path)):
         splits = load_splits(str(dataset), seq_len, text_field, length_name=length_name)  # same tokens, cached per file
         train, val = splits.train, splits.val
@@ -95,8 +97,7 @@ def load_finetune_data(dataset, tokenizer, *, seq_len: int, batch_size: int, see
     largest = int(max(train.max(), val.max()))
     if largest >= vocab_size:
         raise DataError(
-            f"the tokenizer produces token id {largest} but the model's vocabulary has {vocab_size} entries; "
-            "pass the model's own tokenizer (tokenizer=...)"
+            f"the tokenizer produces token id {largest} but the model's vocabulary has {vocab_size} entries; {tokenizer_advice}"
         )
     val_windows = _windows(val, seq_len)[: eval_batches * batch_size]
     val_batches = [(w[:, :-1], w[:, 1:]) for w in torch.split(val_windows, batch_size)]

@@ -10,6 +10,9 @@ train`` run (``slope_export.validation`` in ``config.json``): that run's held-ou
 settings (:func:`slope.data.load_splits`, the folder's tokenizer), as ``slope eval`` of the
 checkpoint. Otherwise the embedded corpus in windows of 512 tokens (fewer if the model has fewer
 positions), 8 batches of 8, fp32.
+
+A folder without tokenizer files is read with slope's shipped tokenizer (what ``slope train``
+uses); a tokenizer that does not fit the model's vocabulary is a one-line error.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ import torch.nn as nn
 from slope.serialization.jsonfile import read_json_object
 
 __all__ = ["FolderEvalSettings", "eval_model_folder", "generate_from_folder", "load_folder_model"]
+
+#: What to do when the tokenizer does not fit the folder's model (``slope eval`` / ``generate`` have no --tokenizer).
+TOKENIZER_ADVICE = ("put the model's own tokenizer files (tokenizer.json, tokenizer_config.json: its tokenizer's "
+                    "save_pretrained) in the model folder")
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,25 @@ def load_folder_model(folder: str | Path, device: str = "auto"):
 
     device = resolve_device(device)
     model, tokenizer = load_model(folder, device, "auto")
-    return model, tokenizer if tokenizer is not None else resolve_tokenizer(None, folder), device
+    tokenizer = tokenizer if tokenizer is not None else resolve_tokenizer(None, folder)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if getattr(tokenizer, "slope_shipped", False) and len(tokenizer) > vocab_size:
+        from slope.config import ConfigError
+
+        raise ConfigError(f"{folder} has no tokenizer files, and slope's shipped tokenizer ({len(tokenizer)} tokens) is not "
+                          f"the model's (its vocabulary has {vocab_size} entries); {TOKENIZER_ADVICE}")
+    return model, tokenizer, device
+
+
+def _check_token_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
+    """A one-line :class:`slope.config.ConfigError` when ``ids`` (int64, any shape) hold a token id the
+    model's ``vocab_size`` embeddings lack (the folder's tokenizer is not the model's)."""
+    from slope.config import ConfigError
+
+    largest = int(ids.max()) if ids.numel() else -1
+    if largest >= vocab_size:
+        raise ConfigError(f"the tokenizer gives {what} token id {largest} but the model's vocabulary has {vocab_size} entries: "
+                          f"it is not the model's tokenizer; {TOKENIZER_ADVICE}")
 
 
 def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None) -> dict:
@@ -115,13 +140,15 @@ def _validation_data(folder: Path, settings: FolderEvalSettings, tokenizer, voca
 
         run = TrainConfig(dataset=settings.dataset, seq_len=settings.seq_len, text_field=settings.text_field,
                           batch_size=settings.batch_size, eval_batches=settings.eval_batches)
-        splits, val = _validation(run, None, folder)
+        # the tokenizer load_folder_model resolved: the folder's, or slope's shipped one ("") when it has none
+        splits, val = _validation(run, None, "" if getattr(tokenizer, "slope_shipped", False) else folder)
+        _check_token_ids(torch.cat([splits.train, splits.val]), vocab_size, "the validation data")
         return val, unigram_cross_entropy(splits.train, splits.val, splits.vocab_size)
     from slope.dynamic.data import load_finetune_data
 
     data = load_finetune_data(settings.dataset, tokenizer, seq_len=settings.seq_len, batch_size=settings.batch_size,
                               seed=settings.seed, eval_batches=settings.eval_batches, vocab_size=vocab_size,
-                              text_field=settings.text_field)
+                              text_field=settings.text_field, tokenizer_advice=TOKENIZER_ADVICE)
     targets = torch.cat([y.flatten() for _, y in data.val])
     return data.val, unigram_cross_entropy(data.train[:, 1:].flatten(), targets, vocab_size)
 
@@ -138,6 +165,7 @@ def generate_from_folder(folder: str | Path, prompt: str, *, device: str = "auto
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     if ids.numel() == 0:
         raise ConfigError("--prompt is empty; give some text to continue")
+    _check_token_ids(ids, model.get_input_embeddings().num_embeddings, "the --prompt")
     tokens, seconds = timed_generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                      seed=seed, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(tokens), len(tokens) - ids.shape[1], seconds

@@ -47,15 +47,15 @@ class ExportResult:
 
 def _from_train_checkpoint(source: str, form: str):
     from slope.checkpoint import CheckpointError
-    from slope.evaluate import load_trained_model
+    from slope.evaluate import model_from_checkpoint, open_checkpoint
 
-    loaded = load_trained_model(source, "cpu", _TRAIN_MODE[form])
-    sparse = any(True for _ in _sparse(loaded.model))
-    if form != "dense" and not sparse:
+    checkpoint = open_checkpoint(source)
+    if form != "dense" and (checkpoint.config.dense or checkpoint.dense_tail):  # before loading (its advice is eval's)
         raise CheckpointError(
-            f"{loaded.checkpoint.path} is a dense checkpoint (--dense, or its dense tail was reached): it has no "
+            f"{checkpoint.path} is a dense checkpoint (--dense, or its dense tail was reached): it has no "
             f"{form} form; export it with --form dense"
         )
+    loaded = model_from_checkpoint(checkpoint, _TRAIN_MODE[form], "cpu")
     from slope.data import open_tokenizer
 
     # the run's --tokenizer (the checkpoint's copy), or the shipped BPE: EOS as BOS/EOS/PAD
@@ -107,6 +107,28 @@ def _from_pretrained_folder(source: str, form: str):
     return model, tokenizer, source, None, note, validation
 
 
+def _is_checkpoint_name(name: str) -> bool:
+    """A folder a run keeps checkpoints in (:mod:`slope.checkpoint_store`): ``checkpoint``, ``checkpoint.tmp``,
+    ``checkpoint.old``, ``checkpoint-stepN``."""
+    return name == "checkpoint" or name.startswith(("checkpoint.", "checkpoint-step"))
+
+
+def _run_checkpoint_holding(source: str, output_dir: str) -> Path | None:
+    """The checkpoint folder of the ``slope train`` checkpoint ``source`` (or of its run) that ``output_dir``
+    lies inside, else ``None``: the source checkpoint itself, or, for a checkpoint of a run folder, any
+    folder that run keeps checkpoints in (``slope train --resume`` replaces and rotates them)."""
+    src = Path(source).expanduser().resolve()
+    out = Path(output_dir).expanduser().resolve()
+    checkpoint = src if (src / "manifest.json").is_file() else src / "checkpoint"
+    if out.is_relative_to(checkpoint):
+        return checkpoint
+    run = checkpoint.parent
+    if not _is_checkpoint_name(checkpoint.name) or out == run or not out.is_relative_to(run):
+        return None
+    top = run / out.relative_to(run).parts[0]
+    return top if _is_checkpoint_name(top.name) else None
+
+
 def _sparse(model: nn.Module):
     from slope.registry import sparse_modules
 
@@ -130,6 +152,10 @@ def export_model(source: str | os.PathLike, output_dir: str | os.PathLike, form:
         raise CheckpointError(f"no checkpoint at {source}; pass a `slope train` checkpoint (RUN/checkpoint) or its run directory")
     if os.path.abspath(source) == os.path.abspath(output_dir):
         raise CheckpointError(f"--output-dir {output_dir} is the checkpoint itself; pick another folder")
+    replaced = _run_checkpoint_holding(source, output_dir) if kind == "slope-train" else None
+    if replaced is not None:
+        raise CheckpointError(f"--output-dir {output_dir} is inside the checkpoint folder {replaced}, which `slope train` "
+                              "replaces or removes at its next save (deleting the export); pick a folder outside it")
     check_new_output_dir(output_dir, advice="choose a new folder for this export (one form per folder) or remove it")
     if kind == "slope-train":
         model, tokenizer, where, step, note, validation = _from_train_checkpoint(source, form)

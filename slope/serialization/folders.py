@@ -124,10 +124,15 @@ class OutputDirError(FileExistsError, ValueError):
 
 
 def check_new_output_dir(path: str | os.PathLike, name: str = "output_dir", advice: str | None = None) -> Path:
-    """``path`` as a ``Path`` if nothing is there or it is an empty folder; else an :class:`OutputDirError`
-    (one line: ``advice``, or "choose a new folder or remove it"). Call it before any work."""
+    """``path`` as a ``Path`` if nothing is there (and no file stands where a parent folder would be made)
+    or it is an empty folder; else an :class:`OutputDirError` (one line: ``advice``, or "choose a new
+    folder or remove it"). Call it before any work."""
     path = Path(path).expanduser()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         what = "exists and is not an empty folder" if path.is_dir() else "exists and is a file"
         raise OutputDirError(f"{name} {os.fspath(path)!r} {what}; {advice or 'choose a new folder or remove it'}")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)  # the folder it would be made in
+    if parent is not None and not parent.is_dir():
+        raise OutputDirError(f"{name} {os.fspath(path)!r} cannot be made: {os.fspath(parent)} is a file, not a folder; "
+                             "choose a folder elsewhere")
     return path
