@@ -30,8 +30,8 @@ __all__ = ["OutputDirError", "check_new_output_dir", "folder_kind", "describe_fo
 _DESCRIPTIONS = {
     "slope-train": (
         "a `slope train` checkpoint: evaluate it with `slope eval --checkpoint {path}`, or write a Hugging Face folder "
-        "with `slope export {path} --output-dir OUT` (OUT then loads with slope.from_pretrained or, in the dense form, "
-        "with transformers.AutoModelForCausalLM)"
+        "with `slope export {path} --output-dir OUT --form sparse` (OUT then loads with slope.from_pretrained; the default "
+        "--form dense loads with transformers.AutoModelForCausalLM)"
     ),
     "slope-pretrained": (
         "a Hugging Face folder of a pruned model (slope_config in config.json): load it with "
