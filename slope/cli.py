@@ -201,6 +201,20 @@ def _add_oneshot_parser(sub) -> None:
                      help="dtype to load and prune the model in (auto: as saved)")
 
 
+#: ``slope train`` settings that only a sparse run uses.
+_SPARSE_ONLY = ("sparsity", "compress", "mask_change_freq", "lazy_lora_fraction", "lora_rank", "mask_type", "double_pruning")
+
+
+def _refuse_sparse_only_when_dense(given: dict) -> None:
+    """A ``ConfigError`` for sparse-only settings given (by flag or config file) to a ``--dense`` run: they would be ignored."""
+    if not given.get("dense"):
+        return
+    ignored = [key for key in _SPARSE_ONLY if key in given]
+    if ignored:
+        flags = ", ".join("--" + key.replace("_", "-") for key in ignored)
+        raise ConfigError(f"{flags} applies to sparse runs and --dense ignores it; drop it, or drop --dense")
+
+
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults (or, with ``--resume``, the checkpoint's settings) < ``--config FILE`` < flags."""
     values = vars(args).copy()
@@ -212,6 +226,7 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
         flags = ", ".join("--" + key.replace("_", "-") for key in sized)
         raise ConfigError(f"{flags}: --model-config {overrides['model_config']} is a config file, which sets the sizes; "
                           "edit the file, or give a model type (e.g. qwen2) to use the size flags")
+    _refuse_sparse_only_when_dense(overrides)
     if not overrides.get("resume", False):
         return TrainConfig().updated(overrides)
     from slope.checkpoint import saved_config

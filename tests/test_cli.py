@@ -218,4 +218,17 @@ def test_train_script_works_in_the_callers_folder(tmp_path):
     out = subprocess.run(["bash", str(script), "--dataset", "my.txt", "--out", "r", *tiny], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert (tmp_path / "r" / "metrics.jsonl").is_file() and "data: my.txt" in out.stdout
+    assert (tmp_path / "r" / "metrics.jsonl").is_file() and f"data: {tmp_path / 'my.txt'}:" in out.stdout  # stored absolute
+
+
+def test_sparse_only_settings_with_dense_are_refused(tmp_path, capsys):
+    """--dense ignores the sparse settings: given by flag or config file, they are an error, not a no-op."""
+    config = tmp_path / "c.yaml"
+    config.write_text("dense: true\nmask_type: transposable\n")
+    for argv, named in ((["--dense", "--sparsity", "1:4", "--lazy-lora-fraction", "0.1"], "--sparsity, --lazy-lora-fraction"),
+                        (["--config", str(config)], "--mask-type")):
+        with pytest.raises(SystemExit) as info:  # a settings error: argparse's usage line, then the error
+            main(["train", "--out", str(tmp_path / "r"), *argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"error: {named} applies to sparse runs and --dense ignores it" in err, err
+    assert not (tmp_path / "r").exists()
