@@ -93,7 +93,7 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_a_one_line_error(tmp_path, c
             assert lines[0].startswith(f"slope {command[0]}: error: ") and reason in lines[0] and advice in lines[0], lines
 
 
-def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capsys):
+def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capfd):
     """A dense export of a `slope train` run validates on that run's held-out split, as the checkpoint does."""
     from slope.config import TrainConfig
     from slope.evaluate import eval_checkpoint
@@ -112,15 +112,26 @@ def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capsys):
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     assert got["unigram_loss"] == pytest.approx(want["unigram_loss"], rel=1e-9)
     assert main(["eval", "--checkpoint", str(tmp_path / "dense"), "--device", "cpu"]) == 0
-    assert "the exported slope train run's held-out split" in capsys.readouterr().out
+    assert "the exported slope train run's held-out split" in capfd.readouterr().out
     # re-saved by plain transformers without its tokenizer: slope's shipped tokenizer (the run's) is used
     T.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").save_pretrained(tmp_path / "resaved")
     assert not list((tmp_path / "resaved").glob("tokenizer*"))
     assert eval_model_folder(tmp_path / "resaved", "cpu")["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     assert main(["eval", "--checkpoint", str(tmp_path / "resaved"), "--device", "cpu"]) == 0
-    assert "the exported slope train run's held-out split" in capsys.readouterr().out
+    assert "the exported slope train run's held-out split" in capfd.readouterr().out
     # exported sparse, then that folder exported dense: the run's validation settings carry over
     export_model(tmp_path / "run", tmp_path / "sparse", "sparse")
+    import logging
+
+    reports = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert eval_model_folder(tmp_path / "sparse", "cpu")["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in reports if "LOAD REPORT" in r]  # the SLoPe entries transformers does not know are expected
     export_model(tmp_path / "sparse", tmp_path / "dense_again", "dense")
     assert eval_model_folder(tmp_path / "dense_again", "cpu")["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     config = json.loads((tmp_path / "dense_again" / "config.json").read_text())

@@ -37,14 +37,25 @@ def shipped_tokenizer():
 
 
 def _hf_model(path: Path, dtype):
+    """The folder's model with transformers. A pruned model's folder (``slope_config`` in its config)
+    loads as its dense-equivalent model; transformers' load report, which would list every SLoPe
+    entry (``values``, ``mask_bits``, adapters) as unexpected, is not shown for it."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(path)
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
     cls = cls or AutoModelForCausalLM
-    return cls.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+    pruned = getattr(config, "slope_config", None) is not None
+    verbosity = hf_logging.get_verbosity()
+    if pruned:
+        hf_logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _hf_tokenizer(path: Path):
