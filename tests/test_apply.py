@@ -182,6 +182,14 @@ def test_the_run_folder_points_to_its_stage_folders(tmp_path, dense, capsys):
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(errors) == 1 and "the run folder of `slope apply`" in errors[0] and "pass that folder" in errors[0], errors
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "stage_prune_half"), "--eval-batches", "1"]) == 0
+    # a Trainer's output_dir (checkpoint-<step>/ model folders, no model of its own) says to pass one
+    trainer_out = tmp_path / "trainer_out"
+    shutil.copytree(tmp_path / "run" / "stage_prune_half", trainer_out / "checkpoint-500")
+    for argv in (["eval", "--checkpoint", str(trainer_out)], ["finetune", "--model", str(trainer_out), "--max-steps", "1"]):
+        capsys.readouterr()
+        assert main(argv) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(errors) == 1 and "its models are the checkpoint-<step>/ folders inside it; pass one" in errors[0], errors
 
 
 PRUNE_THEN_TRAIN = {k: FOUR[k] for k in ("prune_half", "recover_again")}

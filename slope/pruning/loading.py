@@ -88,7 +88,7 @@ def load_model(path, device: str = "cpu", precision: str = "auto") -> tuple[nn.M
     else:
         from slope.serialization.folders import describe_folder, folder_kind
 
-        if folder_kind(root) == "slope-apply":
+        if folder_kind(root) in ("slope-apply", "checkpoints-only"):
             raise FileNotFoundError(f"--model {describe_folder(root)}")
         raise FileNotFoundError(
             f"--model {path}: not a Hugging Face model folder (config.json), a slope save_pretrained folder "

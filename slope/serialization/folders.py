@@ -12,6 +12,7 @@ Kinds (:func:`folder_kind`):
 - ``"slope-finetune-checkpoint"``: a ``checkpoint-<step>`` folder of ``slope finetune`` / ``sparse-finetune``;
 - ``"slope-train-damaged"``: a ``slope train`` checkpoint folder that lost its ``manifest.json``;
 - ``"slope-apply"``: the run folder of ``slope apply`` (``apply.json``; its models are in ``stage_<name>/``);
+- ``"checkpoints-only"``: no model of its own, but ``checkpoint-<step>/`` model folders inside (a Trainer's ``output_dir``);
 - ``"hf"``: a plain Hugging Face folder; ``"missing"``; ``"unknown"``.
 
 :func:`check_new_output_dir` is the one check of every command that writes a folder (``slope oneshot``,
@@ -65,6 +66,10 @@ _DESCRIPTIONS = {
         "the run folder of `slope apply` (apply.json), not a model folder: each stage's model is in its stage_<name>/ "
         "folder, the final model in the last stage's (apply.json lists them); pass that folder"
     ),
+    "checkpoints-only": (
+        "a training output folder without a model of its own (a transformers Trainer's output_dir, or a run that has not "
+        "finished): its models are the checkpoint-<step>/ folders inside it; pass one (the newest has the largest step)"
+    ),
     "missing": "missing",
     "unknown": "not a model folder slope knows (no config.json, slope_config.json or manifest.json)",
 }
@@ -104,7 +109,8 @@ def folder_kind(path: str | os.PathLike) -> str:
     if (path / "slope_config.json").is_file():
         return "slope-pretrained-v1"
     if config is None:
-        return "unknown"
+        checkpoints = [p for p in path.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "config.json").is_file()]
+        return "checkpoints-only" if checkpoints else "unknown"
     if isinstance(config.get("slope_export"), dict):
         return "slope-export-dense"
     if any(key.endswith((".values", ".mask_bits")) for key in weight_keys(path)):
