@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers as T
 
+from slope.checkpoint import CheckpointError
 from slope.cli import main
 from slope.dynamic import sparse_finetune
 from slope.inference.folder import eval_model_folder
@@ -134,6 +135,11 @@ def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capfd):
     assert not [r for r in reports if "LOAD REPORT" in r]  # the SLoPe entries transformers does not know are expected
     export_model(tmp_path / "sparse", tmp_path / "dense_again", "dense")
     assert eval_model_folder(tmp_path / "dense_again", "cpu")["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    assert json.loads((tmp_path / "dense_again" / "config.json").read_text())["slope_export"]["step"] == 2  # the run's step
+    export_model(tmp_path / "run", tmp_path / "merged", "merged")
+    with pytest.raises(CheckpointError, match="holds the merged form .* cannot become the sparse .training. form"):
+        export_model(tmp_path / "merged", tmp_path / "unmerged", "sparse")
+    assert not (tmp_path / "unmerged").exists()
     config = json.loads((tmp_path / "dense_again" / "config.json").read_text())
     del config["slope_export"]["validation"]["precision"]
     (tmp_path / "dense_again" / "config.json").write_text(json.dumps(config))

@@ -83,16 +83,21 @@ def validation_record(cfg) -> dict:
 def _from_pretrained_folder(source: str, form: str):
     from slope.checkpoint import CheckpointError
     from slope.io import from_pretrained
-    from slope.lora import freeze_for_inference
+    from slope.lora import MergedSparseLinear, freeze_for_inference
     from slope.prune import densify
 
     try:
         model = from_pretrained(source)
     except (OSError, ValueError) as e:
         raise CheckpointError(str(e)) from e
-    earlier = getattr(model.config, "slope_export", None)  # an export exported again: its run's validation carries over
-    validation = earlier.get("validation") if isinstance(earlier, dict) else None
+    earlier = getattr(model.config, "slope_export", None)  # an export exported again: its run's step and validation carry over
+    earlier = earlier if isinstance(earlier, dict) else {}
+    validation, step = earlier.get("validation"), earlier.get("step")
     note = None
+    if form == "sparse" and any(isinstance(layer, MergedSparseLinear) for _, layer in _sparse(model)):
+        raise CheckpointError(f"{source} holds the merged form (adapters folded in, inference-only), which cannot become the "
+                              "sparse (training) form again: export it with --form merged or --form dense, or export the "
+                              "slope train checkpoint with --form sparse")
     if form == "dense":
         densify(model)
     elif form == "merged":
@@ -104,7 +109,7 @@ def _from_pretrained_folder(source: str, form: str):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source)
-    return model, tokenizer, source, None, note, validation
+    return model, tokenizer, source, step, note, validation
 
 
 def _is_checkpoint_name(name: str) -> bool:
