@@ -147,6 +147,7 @@ class TrainConfig:
                     except ValueError:
                         pass
                 check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "expected a number")
+                check(math.isfinite(value), key, "expected a finite number")
                 setattr(self, key, float(value))
             elif kind == "bool":
                 check(isinstance(value, bool), key, "expected true or false")

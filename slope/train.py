@@ -477,7 +477,9 @@ def _finished_summary(run: _Run, out: Path) -> dict:
     metrics file is as before), or, had the run ended before recording one, made from its last
     records and the checkpoint."""
     summary = run.finished_summary
-    if summary is None:
+    if summary is not None:
+        summary = {**summary, "out": str(out)}  # (the folder may have been copied or moved since)
+    else:
         records = read_records(out / "metrics.jsonl")
 
         def last(key: str):
@@ -614,7 +616,7 @@ def _resume_position(ckpt: Checkpoint | None, model, dense_opt, sparse_opt, scal
     step, tokens, elapsed_before = ckpt.step, ckpt.trainer_state["tokens"], ckpt.trainer_state["elapsed_s"]
     log(f"resumed from {ckpt.path} at step {step}")
     changed = _changed_on_resume(ckpt.config, cfg)
-    if changed:
+    if changed and step < cfg.max_steps:
         log(f"note: resuming with changed settings ({changed}); they apply from step {step + 1} on")
     return step, tokens, elapsed_before, lora_attached, densified
 

@@ -1,6 +1,7 @@
 """The ``slope`` command: smoke runs of every mode, config precedence, eval/generate, error messages."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -232,3 +233,16 @@ def test_sparse_only_settings_with_dense_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert info.value.code == 2 and f"error: {named} applies to sparse runs and --dense ignores it" in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_copied_finished_run_resumes_as_itself_in_its_new_folder(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "a"), *TINY, "--max-steps", "2"]) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--lr", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert f"outputs in {tmp_path / 'b'}" in out and f"outputs in {tmp_path / 'a'}" not in out, out
+    assert "resuming with changed settings" not in out  # nothing trains: no settings apply
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "c"), "--lr", "inf"])
+    assert "lr = inf is invalid: expected a finite number" in capsys.readouterr().err
