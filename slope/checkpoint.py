@@ -304,7 +304,10 @@ def verify_checkpoint(directory: str | Path, optional: tuple[str, ...] = ()) -> 
     directory = Path(directory)
     manifest_file = directory / "manifest.json"
     if not directory.is_dir():
-        raise CheckpointError(f"no checkpoint at {directory}; train without --resume first (or point --out at the run's directory)")
+        from slope.checkpoint_store import checkpoints_beside
+
+        raise CheckpointError(f"no checkpoint at {directory}{checkpoints_beside(directory)}; train without --resume first (or "
+                              "point --out at the run's directory)")
     if not manifest_file.is_file():
         from slope.serialization.folders import describe_folder, folder_kind
 

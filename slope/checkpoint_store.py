@@ -105,8 +105,16 @@ def latest_checkpoint(base: str | Path, hint: str = "train one first (slope trai
     base = Path(base)
     found = _newest_complete(base, optional)
     if found is None:
-        raise CheckpointError(f"no checkpoint at {base}; {hint}")
+        raise CheckpointError(f"no checkpoint at {base}{checkpoints_beside(base)}; {hint}")
     return found
+
+
+def checkpoints_beside(path: Path) -> str:
+    """``" (PARENT holds checkpoint, checkpoint-step000010)"``: the checkpoint folders next to a
+    ``path`` that is not one (a mistyped step, e.g. ``checkpoint-step10``), or ``""``."""
+    parent = Path(path).parent
+    names = sorted(p.name for p in parent.glob("checkpoint*") if p.is_dir() and p != Path(path)) if parent.is_dir() else []
+    return f" ({parent} holds {', '.join(names[-4:])})" if names else ""
 
 
 def _prune_kept(base: Path, keep: int) -> None:

@@ -36,7 +36,7 @@ TRAIN_HELP = {
     "eval_every": "validate every K steps (and at the end)",
     "eval_batches": "validation batches per evaluation",
     "save_every": "checkpoint every K steps (0: only at the end / --stop-after)",
-    "keep_checkpoints": "complete checkpoints to keep: checkpoint/ plus the K-1 newest older ones as checkpoint-stepN/",
+    "keep_checkpoints": "complete checkpoints to keep: checkpoint/ plus the K-1 newest older ones as checkpoint-stepNNNNNN/ (e.g. checkpoint-step000200)",
     "nonfinite_patience": "stop with an error after this many consecutive steps with a non-finite loss or gradients (skipped)",
     "dataset": "'embedded' (Python stdlib source shipped with slope), a .txt/.jsonl(.gz) file, or a Hugging Face dataset name[:config]",
     "text_field": "text field of .jsonl records / Hugging Face datasets",

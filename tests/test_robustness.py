@@ -649,3 +649,8 @@ def test_inference_needs_no_training_state(run, capsys):
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume"]) == 1
     assert "optimizers.pt is missing; the checkpoint is incomplete (resuming training needs it" in _one_line_error(capsys, "train")
+
+
+def test_a_mistyped_checkpoint_folder_lists_the_ones_there(run, capsys):
+    assert main(["eval", "--checkpoint", str(run / "checkpoint-step2")]) == 1
+    assert f"no checkpoint at {run / 'checkpoint-step2'} ({run} holds checkpoint)" in _one_line_error(capsys, "eval")
