@@ -72,6 +72,7 @@ def _layer_record(layer: SparseLinear) -> dict:
         "lora_alpha": layer.lora_alpha if layer.lora_rank else None,
         "merged": merged,
         "inference_only": merged and layer.inference_only,
+        "lora_fold": layer.lora_fold if merged and layer.lora_rank else None,  # (optional: folders before it had none)
     }
 
 
@@ -263,6 +264,15 @@ def _rebuild(model: nn.Module, layers: dict, backend: str | None) -> None:
         freeze_for_inference(model)
     elif any(rec["merged"] for rec in layers.values()):
         merge_lora(model)
+    for name, rec in layers.items():  # the fold each merged layer was saved with (set_lora_fold), not auto's choice
+        fold = rec.get("lora_fold")
+        if fold is not None:
+            if fold not in ("stacked", "extended"):
+                raise ValueError(f"config.json's slope_config gives layer {name!r} lora_fold {fold!r}; expected 'stacked' or "
+                                 "'extended' (the folder is corrupt: re-save it)")
+            layer = model.get_submodule(name)
+            layer.lora_fold = fold
+            layer._operands.pop(next((k for k in layer._operands if k[0] == "merged"), None), None)
 
 
 def _match_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:

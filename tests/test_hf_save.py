@@ -106,6 +106,18 @@ def test_plain_save_pretrained_round_trips(build, kwargs, tmp_path):
         assert all(isinstance(m, MergedSparseLinear) for _, m in sparse_modules(loaded))
 
 
+@pytest.mark.parametrize("fold", ["extended", "stacked"])
+def test_a_merged_models_fold_survives_save_and_load(fold, tmp_path):
+    from slope.lora import merge_lora, set_lora_fold
+
+    model = merge_lora(pruned(llama, add_lora=True, lora_rank=4), fold="stacked" if fold == "extended" else "extended")
+    set_lora_fold(model, fold)  # after merging: the record keeps this choice, not merge_lora's
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert {m.fold for _, m in sparse_modules(loaded)} == {fold}
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_save_and_load_state_dict(tmp_path):
     model = pruned(llama)
     model.save_pretrained(tmp_path, max_shard_size="20KB")
