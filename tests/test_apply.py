@@ -344,6 +344,9 @@ def test_two_ranks_run_the_stages_of_one_process(tmp_path, dense, engine):
     summary = json.loads((tmp_path / "ddp" / "stage_recover" / "summary.json").read_text())
     assert summary["config"]["world_size"] == 2 and summary["config"]["data_parallel"] == engine
     assert "apply: stage 1/2 prune_24" not in (tmp_path / "apply_rank1.log").read_text()  # rank 0 speaks
+    # the run continues in one process (same global batch, without the engine flag): nothing is refused or run again
+    again = apply(str(dense), TWO, DOCS, tmp_path / "ddp", distill_teacher=str(dense), **RANKS, **TRAINING, verbose=False)
+    assert again.apply_summary["ran_now"] == []
 
 
 @pytest.mark.distributed

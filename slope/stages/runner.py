@@ -44,7 +44,8 @@ from slope.stages.record import StageRecord, stage_finished, stage_folder_name
 __all__ = ["apply"]
 
 #: Training arguments that do not change a stage's result: a continued run may change them.
-_FREE_ARGS = ("progress", "logging_steps", "device", "eval_steps", "eval_batches", "save_steps", "resume_from_checkpoint")
+_FREE_ARGS = ("progress", "logging_steps", "device", "eval_steps", "eval_batches", "save_steps", "resume_from_checkpoint",
+              "fsdp")  # (the engine: a train stage's checkpoints resume under DDP, FSDP or in one process alike)
 
 #: ``parse_recipe`` kind of each stage ``run_type``.
 _KIND = {"oneshot": "oneshot", "train": "finetune"}
@@ -115,11 +116,14 @@ def _data_name(dataset) -> str:
 
 def _plan(stages, distils, recipe, model, dataset, teacher, calibration: tuple[int, int], args) -> list[dict[str, Any]]:
     """Per stage: its name, run type and the settings that decide its result (:mod:`slope.stages.record`)."""
+    from slope import parallel
     from slope.finetune_run import plain_config
 
     common = {"dataset": _data_name(dataset), "tokenizer": _source_name(args["tokenizer"]), "text_field": args["text_field"],
               "precision": args["precision"]}
     training = {k: v for k, v in plain_config(args).items() if k not in _FREE_ARGS and k not in common}
+    # the global batch decides the run, not how it is split: a run continues on another number of ranks
+    training["global_batch"] = training.pop("per_device_train_batch_size") * parallel.launched_rank()[1]
     planned = []
     for k, (s, distils_here) in enumerate(zip(stages, distils)):
         settings = {"recipe": recipe_yaml(parse_recipe(recipe, _KIND[s.run_type], stage=s.name)), **common}
