@@ -209,6 +209,12 @@ def save_model_folder(model: nn.Module, tokenizer, out: Path, summary: dict[str,
     state = full_model_state_dict(model, rank0_only=True) if is_fsdp2(model) else None
     if not main_process:
         return
+    from slope.guard import first_nonfinite
+
+    bad = first_nonfinite((state if state is not None else model.state_dict()).items())
+    if bad is not None:
+        raise ValueError(f"the run diverged: {bad} holds inf/nan, so the model is not written; lower learning_rate, or train in "
+                         "bf16 (--bf16) or fp32")
     drop_export_record(model)  # fine-tuned from an export: no longer that export
     if any(True for _ in sparse_modules(model)):
         export_dense(model, out, state_dict=state)

@@ -1,6 +1,7 @@
 """slope.recovery: constant masks, SquareHead / KL / MSE distillation, slope.finetune + CLI, RecoveryTrainer, resume, DDP."""
 import copy
 import json
+import math
 import os
 import sys
 import warnings
@@ -430,3 +431,20 @@ if __name__ == "__main__":  # a DDP worker (launched by the test above)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     warnings.simplefilter("ignore")
     _ddp_worker(sys.argv[1])
+
+
+def test_fp16_weights_without_autocast_train_as_fp32(tmp_path):
+    """A model held in fp16 (``--precision fp16``) without --fp16 would step AdamW in fp16 weights and end
+    in NaN: it trains as fp32, said in a note, and stays finite."""
+    student, _ = pruned_pair()
+    with pytest.warns(UserWarning, match="float16 weights cannot train without loss scaling"):
+        model = run(student.half(), tmp_path / "out", rec=recipe())
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert math.isfinite(model.finetune_summary["final_val_loss"])
+
+
+def test_a_diverged_run_writes_no_model(tmp_path):
+    student, _ = pruned_pair()
+    with pytest.raises(ValueError, match="the run diverged: .* holds inf/nan, so the model is not written"):
+        run(student, tmp_path / "out", rec=recipe(), learning_rate=1e30, max_grad_norm=None)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -210,6 +210,10 @@ def _master_weights(model: nn.Module, mode: str) -> None:
         model.float()
         warnings.warn(f"the model's {'/'.join(low)} weights train as fp32 master weights under {mode} autocast (as accelerate's "
                       "mixed precision does); the output folder holds them in fp32", UserWarning, stacklevel=4)
+    elif "float16" in low:  # AdamW in fp16 weights without loss scaling ends in inf/nan within steps
+        model.float()
+        warnings.warn("the model's float16 weights cannot train without loss scaling: they train as fp32 (add --fp16 for fp16 "
+                      "autocast with loss scaling, or --bf16); the output folder holds them in fp32", UserWarning, stacklevel=4)
     else:
         warnings.warn(f"the model's weights train in {'/'.join(low)} (loaded so, without --bf16 / --fp16 autocast): updates "
                       "below its resolution are lost; add --bf16 to train fp32 master weights with bf16 compute",
