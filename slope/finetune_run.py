@@ -174,6 +174,15 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
 
 
 # ---------------------------------------------------------------------- outputs
+def check_positions(model: nn.Module, length: int, what: str = "max_seq_length (--max-seq-length)") -> None:
+    """A one-line ``ValueError`` when sequences of ``length`` tokens exceed the positions the model's config
+    gives (``max_position_embeddings`` / GPT-2's ``n_positions``): checked before anything is written."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and length > limit:
+        raise ValueError(f"{what.split(' ')[0]} = {length} tokens exceeds the model's {limit} positions; pass {what} <= {limit}")
+
+
 def output_folder(output_dir, main_process: bool = True) -> Path | None:
     """``output_dir`` as a ``Path`` (``None`` stays ``None``), created by the main process."""
     if output_dir is None:

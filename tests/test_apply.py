@@ -229,7 +229,8 @@ def test_a_failed_run_continues_with_corrected_settings(tmp_path, dense, capsys,
     """What no stage finished (or checkpointed) under the first settings runs under the corrected ones;
     what did stays."""
     run, recipe = tmp_path / "run", {k: FOUR[k] for k in ("prune_24", "recover_again")}  # SparseGPT calibrates
-    with pytest.raises(ValueError, match="calibration windows of 100 tokens exceed"):  # the first stage fails
+    too_long = "max_seq_length = 100 tokens exceeds the model.s 64 positions; pass max_seq_length .--max-seq-len"
+    with pytest.raises(ValueError, match=too_long):  # the first stage fails
         apply(str(dense), recipe, DOCS, run, **{**CALIBRATION, "max_seq_len": 100}, **TRAINING, verbose=False)
     import slope.recovery.finetune as recovery
 
@@ -359,7 +360,7 @@ def test_a_stage_failing_on_rank_0_stops_every_rank(tmp_path, dense):
                          str(tmp_path / "docs.txt")], tmp_path, name="apply", timeout=120, stop_peers=False)
     assert "rank 0 exited with 1" in failure and "rank 1 exited with 1" in failure
     logs = [(tmp_path / f"apply_rank{r}.log").read_text() for r in (0, 1)]
-    assert "slope apply: error: calibration windows of 100 tokens exceed the model's 64 positions" in logs[0]
+    assert "slope apply: error: max_seq_length = 100 tokens exceeds the model's 64 positions" in logs[0]
     assert "error" not in logs[1]
     record = json.loads((tmp_path / "run" / RECORD_NAME).read_text())
     assert [s["done"] for s in record["stages"]] == [False, False]

@@ -265,7 +265,7 @@ def test_bad_calibration_and_outputs(tmp_path):
         oneshot(model, r, dataset=["some text"], verbose=False)
     with pytest.raises(CalibrationError, match="positive integer"):
         oneshot(model, r, dataset=token_ids(), num_calibration_samples=0, verbose=False)
-    with pytest.raises(ValueError, match="windows of 128 tokens exceed the model's 64 positions"):
+    with pytest.raises(ValueError, match="max_seq_length = 128 tokens exceeds the model.s 64 positions"):
         oneshot(model, r, dataset=torch.randint(0, 64, (1000,)), max_seq_length=128, verbose=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")

@@ -448,3 +448,11 @@ def test_a_diverged_run_writes_no_model(tmp_path):
     with pytest.raises(ValueError, match="the run diverged: .* holds inf/nan, so the model is not written"):
         run(student, tmp_path / "out", rec=recipe(), learning_rate=1e30, max_grad_norm=None)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_sequences_longer_than_the_models_positions_are_refused_before_anything_is_written(tmp_path):
+    student, _ = pruned_pair()  # 64 positions
+    with pytest.raises(ValueError, match=r"max_seq_length = 128 tokens exceeds the model's 64 positions; pass max_seq_length "
+                       r"\(--max-seq-length\) <= 64"):
+        run(student, tmp_path / "out", rec=recipe(), max_seq_length=128)
+    assert not (tmp_path / "out").exists()

@@ -31,8 +31,9 @@ from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
 from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, dataset_name, ddp_forward_model,
-                                output_folder, plain_config, precision_mode, run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive, dataset_name,
+                                ddp_forward_model, output_folder, plain_config, precision_mode, run_resumable, save_model_folder,
+                                seed_everything)
 from slope.sparsity import SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
@@ -222,6 +223,7 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
     extra, device = args.extra, env.device
     seed_everything(extra["seed"])
     model = load_model(model_name, device)
+    check_positions(model, extra["max_seq_length"])
     tokenizer = resolve_tokenizer(extra["tokenizer"], model_name)
     data = load_finetune_data(dataset, tokenizer, seq_len=extra["max_seq_length"], batch_size=args.batch_size * env.world_size,
                               seed=extra["seed"], eval_batches=extra["eval_batches"],

@@ -44,15 +44,6 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_seq_len(model: nn.Module, samples: list[torch.Tensor]) -> None:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    longest = max(s.shape[1] for s in samples)
-    if isinstance(limit, int) and longest > limit:
-        raise ValueError(f"calibration windows of {longest} tokens exceed the model's {limit} positions; "
-                         f"pass max_seq_length <= {limit}")
-
-
 def _prune_layers(modifier: PruningModifier, layers: list[LayerPlan], stats, sparsity: dict, journal: WeightJournal
                   ) -> list[LayerResult]:
     """Compute every layer's new weight first, then write them all."""
@@ -172,7 +163,9 @@ def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples
     samples = None
     if any(entry.modifier.statistics for entry in entries):
         samples = calibration_samples(dataset, tokenizer, num_calibration_samples, max_seq_length, text_field)
-        _check_seq_len(model, samples)
+        from slope.finetune_run import check_positions
+
+        check_positions(model, max(x.shape[1] for x in samples), "max_seq_length (--max-seq-len, the calibration window)")
     journal, results, timings = WeightJournal(), {}, []
     was_training = model.training
     model.eval()

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positive, dataset_name, ddp_forward_model,
-                                output_folder, plain_config, precision_mode, run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive, dataset_name,
+                                ddp_forward_model, output_folder, plain_config, precision_mode, run_resumable, save_model_folder,
+                                seed_everything)
 from slope.pruning.loading import LOAD_PRECISIONS
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import _warn_uncovered
@@ -305,6 +306,7 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     from slope.train import LossScaler
 
     model, own_tokenizer = _prepare_student(model, args, env.device, constant_mod)
+    check_positions(model, args["max_seq_length"])
     tokenizer = resolve_tokenizer(args["tokenizer"] if args["tokenizer"] is not None else own_tokenizer, model_source=None)
     global_batch = args["per_device_train_batch_size"] * env.world_size
     data = load_finetune_data(dataset, tokenizer, seq_len=args["max_seq_length"], batch_size=global_batch, seed=args["seed"],
