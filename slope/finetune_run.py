@@ -32,6 +32,7 @@ import torch.nn as nn
 from slope.finetune_checkpoints import LoopCheckpoints, checkpoint_steps, resolve_checkpoint
 from slope.finetune_loop import FinetuneLoop, plot_run
 from slope.serialization.folders import check_new_output_dir
+from slope.serialization.jsonfile import read_json_object
 
 __all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positive", "command_options", "dataset_name", "ddp_forward_model",
            "output_folder",
@@ -152,7 +153,9 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
     """Train ``loop`` from step 0 (``records``: those logged before training) or, with
     ``resume_from`` (a ``checkpoint-<step>`` folder, or ``True``: the newest in ``out``), from its
     checkpoint; write ``checkpoint-<step>/`` every ``save_steps``. Returns the loop's summary (with
-    ``resumed_from``: the checkpoint folder, or ``None``, and ``memory_per_rank``: :func:`rank_memory`).
+    ``resumed_from``: the checkpoint folder, or ``None``, and ``memory_per_rank``: :func:`rank_memory`). A resume of
+    a run that had finished (its last checkpoint, ``summary.json`` in ``out``) trains nothing and returns the
+    recorded summary with ``already_finished``: the caller leaves the folder as it is.
     A warmup of at least the run's steps (the learning rate never reaches its peak before the last
     step, nor decays) is warned of (``UserWarning``; a ``note:`` line from the commands)."""
     settings, total = loop.settings, loop.total_steps
@@ -166,6 +169,10 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
         folder = checkpoints.resolve(resume_from)
         start, records = checkpoints.load(folder)  # (a checkpoint-<step> folder: not searched again)
         resumed = str(folder)
+        recorded = read_json_object(out / "summary.json") if out is not None and start >= total else None
+        if recorded is not None:  # the run had finished: its outputs stay as they are
+            return {**recorded, "records": records, "resumed_from": resumed, "memory_per_rank": rank_memory(loop),
+                    "already_finished": True}
     summary = loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=save_steps,
                        main_process=main_process)
     summary["resumed_from"] = resumed

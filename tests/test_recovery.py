@@ -250,8 +250,11 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a, b), name
     assert full.finetune_summary["val_curve"] == resumed.finetune_summary["val_curve"]
     latest = run(pruned_pair()[0], tmp_path / "latest", None, recipe(), save_steps=2, max_steps=2)
+    written = {p.name: p.read_bytes() for p in (tmp_path / "latest").iterdir() if p.is_file()}
     again = run(pruned_pair()[0], tmp_path / "latest", None, recipe(), save_steps=2, max_steps=2, resume_from_checkpoint=True)
-    assert again.finetune_summary["val_curve"] == latest.finetune_summary["val_curve"]  # nothing left to train
+    assert again.finetune_summary["val_curve"] == json.loads(json.dumps(latest.finetune_summary["val_curve"]))  # nothing to train
+    assert again.finetune_summary["final_train_loss"] == latest.finetune_summary["final_train_loss"]  # the recorded summary
+    assert {p.name: p.read_bytes() for p in (tmp_path / "latest").iterdir() if p.is_file()} == written  # the folder as it was
     with pytest.raises(FileNotFoundError, match="no checkpoint-<step> folder"):
         run(pruned_pair()[0], tmp_path / "none", None, recipe(), resume_from_checkpoint=True)
     with pytest.raises(ValueError, match="learning_rate"):

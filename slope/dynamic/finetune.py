@@ -251,6 +251,8 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
     ctx = _Run(args, model, sparsifier, loop)
     out = output_folder(output_dir, env.is_main)
     summary = _loop(ctx, out, env.is_main)
+    if summary.get("already_finished"):
+        return _finish(ctx, summary)
     summary["config"] = {**sparsifier.config_dict(), "learning_rate": args.learning_rate, "batch_size": args.batch_size,
                          "num_epochs": args.num_epochs, "warmup_steps": args.warmup_steps,
                          "gradient_accumulation_steps": args.gradient_accumulation_steps, "precision": args.precision,
@@ -259,7 +261,12 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
                          "global_batch": args.batch_size * env.world_size, "world_size": env.world_size}
     if out is not None and env.is_main:
         _save(ctx, tokenizer, out, summary)
-    if hasattr(sparsifier.masked, "remove_hooks"):
-        sparsifier.masked.remove_hooks()
-    model.dynamic_sparsity, model.finetune_summary = sparsifier, {k: v for k, v in summary.items() if k != "records"}
-    return model.eval()
+    return _finish(ctx, summary)
+
+
+def _finish(ctx: _Run, summary: dict[str, Any]) -> nn.Module:
+    """The trained model, its hooks removed, with ``dynamic_sparsity`` and ``finetune_summary``."""
+    if hasattr(ctx.sparsifier.masked, "remove_hooks"):
+        ctx.sparsifier.masked.remove_hooks()
+    ctx.model.dynamic_sparsity, ctx.model.finetune_summary = ctx.sparsifier, {k: v for k, v in summary.items() if k != "records"}
+    return ctx.model.eval()

@@ -344,6 +344,8 @@ def _train(run: _Recovery, args: dict[str, Any], entries: list, env, dataset) ->
     """Resume if asked, train, and write the outputs; returns the summary."""
     summary = run_resumable(run.loop, run.checkpoints, run.out, args["resume_from_checkpoint"], args["save_steps"],
                             main_process=env.is_main)
+    if summary.get("already_finished"):
+        return summary
     from slope.parallel import is_fsdp2
     from slope.parallel.sharded import local_bytes
 
