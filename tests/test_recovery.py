@@ -459,3 +459,9 @@ def test_sequences_longer_than_the_models_positions_are_refused_before_anything_
                        r"\(--max-seq-length\) <= 64"):
         run(student, tmp_path / "out", rec=recipe(), max_seq_length=128)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_teacher_folder_is_named_as_the_teacher(tmp_path):
+    student, _ = pruned_pair()
+    with pytest.raises(FileNotFoundError, match=r"^--distill-teacher .*nowhere: not a Hugging Face model folder"):
+        run(student, tmp_path / "out", teacher=str(tmp_path / "nowhere"), rec=recipe(distill=["model.layers.0"]))

@@ -66,9 +66,9 @@ def _hf_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_model(path, device: str = "cpu", precision: str = "auto") -> tuple[nn.Module, object | None]:
+def load_model(path, device: str = "cpu", precision: str = "auto", flag: str = "--model") -> tuple[nn.Module, object | None]:
     """``(model, tokenizer or None)`` for ``path`` (see the module docstring), on ``device`` in ``precision``
-    (``auto``: as saved; ``fp32``, ``bf16``, ``fp16``)."""
+    (``auto``: as saved; ``fp32``, ``bf16``, ``fp16``). ``flag``: the option that named it, for errors."""
     if precision not in DTYPES:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(DTYPES)}")
     dtype = DTYPES[precision]
@@ -89,9 +89,9 @@ def load_model(path, device: str = "cpu", precision: str = "auto") -> tuple[nn.M
         from slope.serialization.folders import describe_folder, folder_kind
 
         if folder_kind(root) in ("slope-apply", "checkpoints-only"):
-            raise FileNotFoundError(f"--model {describe_folder(root)}")
+            raise FileNotFoundError(f"{flag} {describe_folder(root)}")
         raise FileNotFoundError(
-            f"--model {path}: not a Hugging Face model folder (config.json), a slope save_pretrained folder "
+            f"{flag} {path}: not a Hugging Face model folder (config.json), a slope save_pretrained folder "
             "(slope_config.json) or a slope train checkpoint (manifest.json); models are loaded from local folders"
         )
     if dtype is not None:

@@ -156,7 +156,7 @@ def _load(source, device: torch.device, precision: str, what: str):
         raise TypeError(f"{what} must be a model or a model folder, got {type(source).__name__}")
     from slope.pruning.loading import load_model
 
-    return load_model(source, device, precision)
+    return load_model(source, device, precision, flag="--distill-teacher" if what == "distill_teacher" else "--model")
 
 
 def _check_tokenizers(student_tok, teacher_tok) -> None:

@@ -120,7 +120,7 @@ class RecoveryTrainer(Trainer):
         if isinstance(distill_teacher, (str, os.PathLike)):
             from slope.pruning.loading import load_model
 
-            distill_teacher = load_model(distill_teacher)[0]
+            distill_teacher = load_model(distill_teacher, flag="distill_teacher")[0]
         self.distiller = None if distill_mod is None else Distiller(model, distill_teacher, distill_mod)
         super().__init__(callbacks=callbacks, **kwargs)
         if self.distiller is not None:
