@@ -183,11 +183,12 @@ def _add_oneshot_parser(sub) -> None:
                      "dataset name (needs internet); not needed by MagnitudePruningModifier")
     one.add_argument("--dataset-config-name", "--dataset_config_name", dest="dataset_config_name", default=None,
                      help="config of a Hugging Face dataset (e.g. main)")
-    one.add_argument("--text-field", default="text", help="text field of .jsonl records / Hugging Face datasets")
+    one.add_argument("--text-field", "--text_field", dest="text_field", default="text",
+                     help="text field of .jsonl records / Hugging Face datasets")
     one.add_argument("--num-calibration-samples", "--num_calibration_samples", dest="num_calibration_samples", type=int,
                      default=512, metavar="N", help="calibration windows (default: 512)")
-    one.add_argument("--max-seq-len", "--max_seq_len", "--max-seq-length", dest="max_seq_len", type=int, default=512,
-                     metavar="L", help="tokens per calibration window (default: 512)")
+    one.add_argument("--max-seq-len", "--max_seq_len", "--max-seq-length", "--max_seq_length", dest="max_seq_len", type=int,
+                     default=512, metavar="L", help="tokens per calibration window (default: 512)")
     one.add_argument("--splits", default="train", help="calibration split (only 'train': calibration never reads held-out text)")
     one.add_argument("--concatenate-data", "--concatenate_data", dest="concatenate_data", nargs="?", const=True, default=True,
                      type=bool_text, metavar="BOOL", help="SparseML's flag, accepted: calibration windows are always cut "
