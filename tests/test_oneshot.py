@@ -447,3 +447,17 @@ def test_targets_may_name_the_weights_as_sparseml_recipes_do():
     assert sum(name.endswith("q_proj") for name in by_weight) == len(model.model.layers)
     with pytest.raises(RecipeError, match="matches no module"):
         chosen(["re:.*q_proj.bias"])
+
+
+def test_fewer_calibration_windows_than_asked_are_said():
+    import transformers as T
+
+    from slope.pruning import oneshot as prune
+    from slope.pruning.loading import shipped_tokenizer
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    recipe = {"s": {"g": {"WandaPruningModifier": {"sparsity": 0.5}}}}
+    with pytest.warns(UserWarning, match=r"the data gives (\d+) calibration windows of 32 tokens, fewer than the 512 asked"):
+        prune(model, recipe, ["a short text, " * 20], shipped_tokenizer(), 512, 32, verbose=False)

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -163,6 +164,10 @@ def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples
     samples = None
     if any(entry.modifier.statistics for entry in entries):
         samples = calibration_samples(dataset, tokenizer, num_calibration_samples, max_seq_length, text_field)
+        if len(samples) < num_calibration_samples:
+            warnings.warn(f"the data gives {len(samples)} calibration windows of {max_seq_length} tokens, fewer than the "
+                          f"{num_calibration_samples} asked: pruning calibrates on those (more text, or a shorter "
+                          "max_seq_length (--max-seq-len), gives more)", UserWarning, stacklevel=2)
         from slope.finetune_run import check_positions
 
         check_positions(model, max(x.shape[1] for x in samples), "max_seq_length (--max-seq-len, the calibration window)")
