@@ -473,6 +473,15 @@ def main(argv: list[str] | None = None) -> int:
         return _run(parser, args)
 
 
+def _settings_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """argparse's usage line and ``error: message`` (exit status 2), said once under a launcher."""
+    from slope.parallel import launched_rank
+
+    if launched_rank()[0] == 0:
+        parser.error(message)
+    raise SystemExit(2)
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run the parsed command; known errors end in one line and exit status 1."""
     from slope.checkpoint import CheckpointError
@@ -487,7 +496,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             try:
                 cfg = resolve_train_config(args)
             except ConfigError as e:
-                parser.error(str(e))
+                _settings_error(parser, str(e))
             from slope.train import train
 
             train(cfg)
@@ -528,9 +537,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
             return run_apply(args)
     except (CheckpointError, DataError, ConfigError, StorageError, DivergenceError, RunLockError, OutputDirError) as e:
-        print(f"slope {args.command}: error: {e}", file=sys.stderr)
+        from slope.notes import report_error
+
+        report_error(args.command, e)
         return 1
     except KeyboardInterrupt:
-        print(f"slope {args.command}: interrupted{_resume_advice(args)}", file=sys.stderr)
+        from slope.parallel import launched_rank
+
+        if launched_rank()[0] == 0:  # (every rank is interrupted alike)
+            print(f"slope {args.command}: interrupted{_resume_advice(args)}", file=sys.stderr)
         return 130
     return 0

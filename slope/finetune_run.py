@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -270,8 +269,9 @@ def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
     try:
         model = call()
     except (ValueError, TypeError, DataError, CheckpointError, StorageError, OSError) as e:
-        if launched_rank()[0] == 0:  # every rank meets the same bad input: said once, in one write
-            sys.stderr.write(f"slope {name}: error: {' '.join(str(e).split())}\n")
+        from slope.notes import report_error
+
+        report_error(name, e)  # said once (every rank meets the same bad input), recorded by every rank for torchrun
         return 1
     if launched_rank()[0] != 0:  # said once, by the first rank
         return 0

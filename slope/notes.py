@@ -10,7 +10,31 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-__all__ = ["warnings_as_notes"]
+__all__ = ["report_error", "warnings_as_notes"]
+
+
+def report_error(command: str, error: BaseException) -> None:
+    """``slope <command>: error: ...`` in one line on stderr, said once under a launcher (by the first
+    rank: every rank meets the same bad input). Every rank also records it in torchrun's error file
+    (``TORCHELASTIC_ERROR_FILE``, when set), so that the launcher's failure summary names the cause
+    of a rank that failed alone (a path missing on one node, a full local disk)."""
+    import json
+    import os
+    import time
+
+    from slope.parallel import launched_rank
+
+    line = f"slope {command}: error: {' '.join(str(error).split())}"
+    if launched_rank()[0] == 0:
+        sys.stderr.write(line + "\n")
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:  # torchrun's format (torch.distributed.elastic ErrorHandler), with the line in place of a traceback
+        record = {"message": {"message": f"{type(error).__name__}: {error}",
+                              "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        try:
+            Path(path).write_text(json.dumps(record), encoding="utf-8")
+        except OSError:
+            pass  # (the line above, or the launcher's own summary, still says what failed)
 
 
 def warnings_as_notes(show):

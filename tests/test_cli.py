@@ -246,3 +246,19 @@ def test_a_copied_finished_run_resumes_as_itself_in_its_new_folder(tmp_path, cap
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path / "c"), "--lr", "inf"])
     assert "lr = inf is invalid: expected a finite number" in capsys.readouterr().err
+
+
+def test_errors_are_said_once_and_recorded_for_torchrun(tmp_path, monkeypatch, capsys):
+    """Under a launcher only the first rank prints the one-line error; every rank records it in torchrun's
+    error file, which names the cause of a rank that failed alone in the launcher's summary."""
+    from slope.notes import report_error
+
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    report_error("finetune", OSError("no space left on device"))
+    assert capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "error.json").read_text())["message"]["message"] == "OSError: no space left on device"
+    monkeypatch.setenv("RANK", "0")
+    report_error("finetune", ValueError("a bad\n  value"))
+    assert capsys.readouterr().err == "slope finetune: error: a bad value\n"
