@@ -203,7 +203,8 @@ def _add_oneshot_parser(sub) -> None:
 
 
 #: ``slope train`` settings that only a sparse run uses.
-_SPARSE_ONLY = ("sparsity", "compress", "mask_change_freq", "lazy_lora_fraction", "lora_rank", "mask_type", "double_pruning")
+_SPARSE_ONLY = ("sparsity", "compress", "mask_change_freq", "lazy_lora_fraction", "lora_rank", "mask_type", "double_pruning",
+                "shard_sparse_optimizer")
 
 
 def _refuse_sparse_only_when_dense(given: dict) -> None:

@@ -60,8 +60,9 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
 def _require_group(what: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
-            f"{what} needs an initialised process group: launch with `torchrun --nproc_per_node=N` and call "
-            "slope.parallel.init_distributed() first"
+            f"{what} needs an initialised process group: launch with `torchrun --nproc_per_node=N` (N >= 2) and call "
+            "slope.parallel.init_distributed() first (for one process, init_distributed(single_process_group=True) "
+            "makes a group of one)"
         )
 
 
