@@ -266,7 +266,7 @@ def test_a_stage_whose_folder_is_gone_runs_again(tmp_path, dense, capsys):
 
 
 @pytest.mark.parametrize("kw,error,match", [
-    (dict(recipe={**FOUR, "q": {"g": {"GPTQModifier": {"bits": 4}}}}), RecipeError, "GPTQModifier is quantization"),
+    (dict(recipe={"q": {"g": {"GPTQModifier": {"bits": 4}}}}), RecipeError, "holds no stages slope runs"),
     (dict(recipe={"a": {"g": {"ConstantPruningModifier": {"strat": 0}}}}), RecipeError, "unknown parameter"),
     (dict(recipe={}), RecipeError, "holds no stages"),
     (dict(recipe={"a/b": FOUR["prune_half"]}), RecipeError, r"stage name 'a/b' cannot name its folder \(stage_a/b\)"),

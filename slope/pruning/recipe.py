@@ -171,6 +171,13 @@ class RecipeStage:
     def command(self) -> str:
         return _RUN_TYPES[self.run_type][1]
 
+    @property
+    def unsupported(self) -> str | None:
+        """Why slope runs no command for this stage (its first modifier slope does not run, e.g.
+        ``GPTQModifier``: quantization), or ``None``."""
+        name = next((name for _, name, _ in self.modifiers if name in _ELSEWHERE), None)
+        return None if name is None else f"{name} is {_ELSEWHERE[name]}"
+
 
 def _run_type_of(name: str) -> str | None:
     """The ``run_type`` of the stages a modifier belongs in (``None``: not a known modifier)."""
@@ -242,6 +249,11 @@ def _select(stages: list[RecipeStage], kind: str, stage: str | None) -> list[Rec
         if chosen[0].run_type != run_type:
             raise RecipeError(f"stage {stage!r} is a {chosen[0].run_type} stage; run it with {chosen[0].command} --stage {stage}")
         return chosen
+    left_out = [s for s in stages if s.unsupported and s.run_type == run_type]
+    stages = [s for s in stages if not s.unsupported]  # left to other tools (said by skipped_stages)
+    if left_out and not any(s.run_type == run_type for s in stages):  # nothing else to run: say why not
+        group, name, params = next(m for m in left_out[0].modifiers if m[1] in _ELSEWHERE)
+        _modifier(name, params, f"{left_out[0].name}.{group}", kind)
     mine = [i for i, s in enumerate(stages) if s.run_type == run_type]
     if not mine:
         if len(stages) == 1:  # one stage of the other kind: say so of its first modifier
@@ -288,7 +300,9 @@ def skipped_stages(recipe, kind: str, stage: str | None = None) -> list[str]:
     """One line per stage of ``recipe`` that the command of ``kind`` leaves to the other (or, with
     ``stage``, does not run), naming the command that runs it."""
     ran = {e.stage for e in parse_recipe(recipe, kind, stage)}
-    return [f"recipe stage {s.name} ({s.run_type}) not run here: {s.command} runs it" for s in recipe_stages(recipe) if s.name not in ran]
+    return [f"recipe stage {s.name} ({s.run_type}) not run: {s.unsupported}; run it with another tool on the model slope writes"
+            if s.unsupported else f"recipe stage {s.name} ({s.run_type}) not run here: {s.command} runs it"
+            for s in recipe_stages(recipe) if s.name not in ran]
 
 
 def recipe_yaml(entries: list[RecipeEntry]) -> str:

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -57,9 +58,14 @@ def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], list[bool]]:
     from slope.recovery.finetune import plan_recipe
 
     stages = recipe_stages(recipe)
+    for s in stages:
+        if s.unsupported:
+            warnings.warn(f"recipe stage {s.name} is left out: {s.unsupported}; run it with another tool on the model the "
+                          "last stage writes", UserWarning, stacklevel=3)
+    stages = [s for s in stages if not s.unsupported]
     if not stages:
-        raise RecipeError("the recipe holds no stages; add e.g. `pruning_stage: {pruning_modifiers: {SparseGPTModifier: "
-                          "{sparsity: 0.5}}}`")
+        raise RecipeError("the recipe holds no stages slope runs; add e.g. `pruning_stage: {pruning_modifiers: "
+                          "{SparseGPTModifier: {sparsity: 0.5}}}`")
     for s in stages:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) or set(s.name) == {"."}:
             raise RecipeError(f"stage name {s.name!r} cannot name its folder ({stage_folder_name(s.name)}); name stages with "
