@@ -465,3 +465,12 @@ def test_a_missing_teacher_folder_is_named_as_the_teacher(tmp_path):
     student, _ = pruned_pair()
     with pytest.raises(FileNotFoundError, match=r"^--distill-teacher .*nowhere: not a Hugging Face model folder"):
         run(student, tmp_path / "out", teacher=str(tmp_path / "nowhere"), rec=recipe(distill=["model.layers.0"]))
+
+
+def test_settings_that_cannot_act_are_said(tmp_path):
+    student, teacher = pruned_pair()
+    with pytest.warns(UserWarning, match="double_pruning applies to the 2:4 layers a ConstantPruningModifier holds"):
+        run(copy.deepcopy(student), rec=recipe(constant=False, distill=["model.layers.0"]), teacher=teacher, double_pruning=True)
+    with pytest.warns(UserWarning, match=r"OutputDistillationModifier start 5 \(epochs\) is step \d+, at or after the run's 4 "
+                      "steps: it never distils"):
+        run(student, rec=recipe(distill=["model.layers.0"], start=5), teacher=teacher)

@@ -319,6 +319,9 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
                                                        double_pruning=args["double_pruning"], backend=args["backend"])
     distiller = _prepare_teacher(model, teacher, distill_mod, args, env.device, steps_per_epoch, tokenizer,
                                  data.val[0][0][:1, :32].to(env.device), fsdp)
+    if distiller is not None and distiller.start_step >= total:
+        warnings.warn(f"OutputDistillationModifier start {distill_mod.start:g} (epochs) is step {distiller.start_step}, at or after "
+                      f"the run's {total} steps: it never distils; lower start (or train longer)", UserWarning, stacklevel=3)
     if args["gradient_checkpointing"] or (fsdp or {}).get("activation_checkpointing"):
         enable_activation_checkpointing(model)
     forward_model = _wrap(model, held, env, fsdp)
@@ -396,6 +399,9 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
 
     args = checked_training_args(training_args)
     constant_mod, distill_mod, entries = plan_recipe(recipe, stage)
+    if args["double_pruning"] and constant_mod is None:
+        warnings.warn("double_pruning applies to the 2:4 layers a ConstantPruningModifier holds; the recipe has none, so it "
+                      "is not used (add one, or drop --double-pruning)", UserWarning, stacklevel=2)
     check_output_dir(output_dir, args["resume_from_checkpoint"], args["save_steps"])
     env = parallel.init_distributed(device=resolve_device(args["device"]))
     seed_everything(args["seed"])
