@@ -33,6 +33,14 @@ STRUCTURAL_KEYS = (
 PATH_KEYS = ("dataset", "tokenizer", "model_config")
 
 
+def absolute_if_local(value: str) -> str:
+    """``value`` as an absolute path when it names an existing local file or folder (so that it
+    names the same one from any working directory), else as given: a built-in name (the shipped
+    corpus ``embedded``, a model type such as ``qwen2``) or a Hugging Face dataset name."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if value and value != "embedded" and path.exists() else value
+
+
 class ConfigError(ValueError):
     """A bad setting; the message names the key, the value and what is allowed."""
 

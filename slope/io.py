@@ -270,9 +270,7 @@ def _rebuild(model: nn.Module, layers: dict, backend: str | None) -> None:
             if fold not in ("stacked", "extended"):
                 raise ValueError(f"config.json's slope_config gives layer {name!r} lora_fold {fold!r}; expected 'stacked' or "
                                  "'extended' (the folder is corrupt: re-save it)")
-            layer = model.get_submodule(name)
-            layer.lora_fold = fold
-            layer._operands.pop(next((k for k in layer._operands if k[0] == "merged"), None), None)
+            model.get_submodule(name).use_fold(fold)
 
 
 def _match_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:

@@ -217,6 +217,11 @@ class MergedSparseLinear(SparseLinear):
                 u = self._merged_product(x, dtype)
         return u[..., : self.out_features]
 
+    def use_fold(self, fold: str) -> None:
+        """Fold the adapters ``stacked`` or ``extended`` from now on (the merged operand is rebuilt on next use)."""
+        self.lora_fold = fold
+        self._operands.pop(next((k for k in self._operands if k[0] == "merged"), None), None)
+
     # ------------------------------------------------------------------ training-only API
     @property
     def inference_only(self) -> bool:
@@ -323,8 +328,7 @@ def set_lora_fold(model: nn.Module, fold: str) -> nn.Module:
     if not layers:
         raise ValueError("the model has no merged layers with adapters; call slope.merge_lora(model) first")
     for layer in layers:
-        layer.lora_fold = _layer_fold(layer, fold)
-        layer._operands.pop(next((k for k in layer._operands if k[0] == "merged"), None), None)
+        layer.use_fold(_layer_fold(layer, fold))
     return model
 
 

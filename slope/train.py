@@ -52,7 +52,7 @@ from slope.checkpoint import (
     save_checkpoint, saved_config,
 )
 from slope.checkpoint_store import latest_checkpoint, recover
-from slope.config import PATH_KEYS, ConfigError, TrainConfig
+from slope.config import PATH_KEYS, ConfigError, TrainConfig, absolute_if_local
 from slope.data import TokenSplits, load_splits, open_tokenizer, perplexity, train_batch, unigram_cross_entropy, val_batches
 from slope.data.tokenizer import tokenizer_files
 from slope.evaluate import autocast, evaluate_loss, resolve_device
@@ -511,9 +511,9 @@ def _final_line(summary: dict, max_steps: int) -> str:
 def _absolute_sources(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its local ``dataset`` / ``tokenizer`` / ``model_config`` paths made absolute, so
     that the checkpoint's settings name them from any working directory (``--resume`` elsewhere)."""
-    found = {key: str(Path(value).expanduser().resolve()) for key in PATH_KEYS
-             if (value := getattr(cfg, key)) and Path(value).expanduser().exists()}
-    return cfg.updated(found) if found else cfg
+    absolute = {key: absolute_if_local(getattr(cfg, key)) for key in PATH_KEYS}
+    changed = {key: value for key, value in absolute.items() if value != getattr(cfg, key)}
+    return cfg.updated(changed) if changed else cfg
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: bool = True) -> dict:

@@ -74,9 +74,9 @@ def drop_export_record(model: nn.Module) -> None:
 def validation_record(cfg) -> dict:
     """What ``slope eval`` needs to validate an export of a ``slope train`` run on that run's
     held-out split (:func:`slope.inference.folder.eval_model_folder`): its data and batch settings."""
-    local = Path(cfg.dataset).expanduser()
-    dataset = str(local.resolve()) if cfg.dataset != "embedded" and local.exists() else cfg.dataset  # usable from any folder
-    return {"dataset": dataset, "seq_len": cfg.seq_len, "text_field": cfg.text_field, "batch_size": cfg.batch_size,
+    from slope.config import absolute_if_local
+
+    return {"dataset": absolute_if_local(cfg.dataset), "seq_len": cfg.seq_len, "text_field": cfg.text_field, "batch_size": cfg.batch_size,
             "eval_batches": cfg.eval_batches, "precision": cfg.precision}
 
 

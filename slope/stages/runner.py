@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 import torch.nn as nn
 
+from slope.config import absolute_if_local
 from slope.pruning.modifiers import RecipeError
 from slope.pruning.recipe import RecipeStage, parse_recipe, recipe_stages, recipe_yaml, stage_recipe
 from slope.stages.record import StageRecord, stage_finished, stage_folder_name
@@ -104,7 +105,7 @@ def _source_name(source) -> str | None:
     if source is None:
         return None
     if isinstance(source, (str, os.PathLike)):
-        return str(Path(source).expanduser().resolve())
+        return absolute_if_local(os.fspath(source))
     own = getattr(source, "name_or_path", None)
     return str(own) if isinstance(own, str) and own else f"<{type(source).__name__} in memory>"
 
@@ -112,8 +113,7 @@ def _source_name(source) -> str | None:
 def _data_name(dataset) -> str:
     """The data as the record compares it: a file's resolved path, a dataset's name, a hash of documents."""
     if isinstance(dataset, (str, os.PathLike)):
-        path = Path(dataset).expanduser()
-        return str(path.resolve()) if path.exists() else str(dataset)
+        return absolute_if_local(os.fspath(dataset))
     if isinstance(dataset, (list, tuple)) and all(isinstance(d, str) for d in dataset):
         digest = hashlib.sha256("\0".join(dataset).encode("utf-8")).hexdigest()[:16]
         return f"{len(dataset)} documents, sha256 {digest}"
