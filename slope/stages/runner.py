@@ -49,13 +49,11 @@ __all__ = ["apply"]
 _FREE_ARGS = ("progress", "logging_steps", "device", "eval_steps", "eval_batches", "save_steps", "resume_from_checkpoint",
               "fsdp")  # (the engine: a train stage's checkpoints resume under DDP, FSDP or in one process alike)
 
-#: ``parse_recipe`` kind of each stage ``run_type``.
-_KIND = {"oneshot": "oneshot", "train": "finetune"}
-
 
 # ---------------------------------------------------------------------- checks before any stage runs
-def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], list[bool]]:
-    """The recipe's stages, every modifier checked, and per stage whether it distils."""
+def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], list[bool], list[str]]:
+    """The recipe's stages, every modifier checked; per stage whether it distils, and its recipe with
+    defaults filled in (YAML)."""
     from slope.recovery.finetune import plan_recipe
 
     stages = recipe_stages(recipe)
@@ -74,9 +72,10 @@ def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], list[bool]]:
     if len({s.name for s in stages}) < len(stages):
         raise RecipeError(f"two stages share a name ({', '.join(s.name for s in stages)}; YAML reads 1 and '1' alike); "
                           "give each stage a name of its own")
-    for s in stages:
-        parse_recipe(recipe, _KIND[s.run_type], stage=s.name)
-    distils = [s.run_type == "train" and plan_recipe(recipe, s.name)[1] is not None for s in stages]
+    # every modifier checked (a train stage also for two of a kind), parsed once: its distillation and its text
+    parsed = [plan_recipe(recipe, s.name) if s.run_type == "train" else (None, None, parse_recipe(recipe, stage=s.name))
+              for s in stages]
+    distils = [distill is not None for _, distill, _ in parsed]
     if any(distils) and teacher is None:
         names = ", ".join(s.name for s, d in zip(stages, distils) if d)
         raise ValueError(f"stage {names} distils (OutputDistillationModifier) and needs distill_teacher (the dense model, "
@@ -84,7 +83,7 @@ def _checked_stages(recipe, teacher) -> tuple[list[RecipeStage], list[bool]]:
     if teacher is not None and not any(distils):
         raise ValueError("distill_teacher is given but no stage of the recipe has an OutputDistillationModifier; add one "
                          "(e.g. comparison: square_head) or drop the teacher")
-    return stages, distils
+    return stages, distils, [recipe_yaml(entries) for _, _, entries in parsed]
 
 
 def _check_folder(name: str, source) -> None:
@@ -120,7 +119,7 @@ def _data_name(dataset) -> str:
     return f"<{type(dataset).__name__} in memory>"
 
 
-def _plan(stages, distils, recipe, model, dataset, teacher, calibration: tuple[int, int], args) -> list[dict[str, Any]]:
+def _plan(stages, distils, texts, model, dataset, teacher, calibration: tuple[int, int], args) -> list[dict[str, Any]]:
     """Per stage: its name, run type and the settings that decide its result (:mod:`slope.stages.record`)."""
     from slope import parallel
     from slope.finetune_run import plain_config
@@ -131,8 +130,8 @@ def _plan(stages, distils, recipe, model, dataset, teacher, calibration: tuple[i
     # the global batch decides the run, not how it is split: a run continues on another number of ranks
     training["global_batch"] = training.pop("per_device_train_batch_size") * parallel.launched_rank()[1]
     planned = []
-    for k, (s, distils_here) in enumerate(zip(stages, distils)):
-        settings = {"recipe": recipe_yaml(parse_recipe(recipe, _KIND[s.run_type], stage=s.name)), **common}
+    for k, (s, distils_here, text) in enumerate(zip(stages, distils, texts)):
+        settings = {"recipe": text, **common}
         if k == 0:
             settings["model"] = _source_name(model)
         if s.run_type == "oneshot":
@@ -223,16 +222,16 @@ def _say(leader: _Leader, verbose: bool, line: str) -> None:
 
 def _run_stage(leader, stage: RecipeStage, index: str, source, recipe, dataset, teacher, folder: Path, args, training_args,
                calibration, device, verbose) -> nn.Module | None:
-    """Run one unfinished stage into ``folder``; its model (``None`` on ranks > 0 after a oneshot stage)."""
+    """Run one unfinished stage into ``folder`` (``teacher``: for a stage that distils, else ``None``); its
+    model (``None`` on ranks > 0 after a oneshot stage)."""
     _say(leader, verbose, f"apply: stage {index} {stage.name} ({stage.run_type}) -> {folder}")
     one = stage_recipe(recipe, stage.name)
     if stage.run_type == "oneshot":
         pruned: list[nn.Module] = []
         leader.run(lambda: pruned.append(_prune(source, one, dataset, folder, args, calibration, device, verbose)))
         return pruned[0] if pruned else None
-    from slope.recovery.finetune import finetune, plan_recipe
+    from slope.recovery.finetune import finetune
 
-    teacher = teacher if plan_recipe(one)[1] is not None else None  # only a distilling stage takes it
     resume = leader.run(lambda: _train_resume(folder))
     if resume:
         _say(leader, verbose, f"apply: stage {stage.name} resumes from its newest checkpoint in {folder}")
@@ -261,8 +260,10 @@ def _open_record(record: list, out: Path, planned: list[dict[str, Any]]) -> list
     return [opened.done(p["name"]) for p in planned]
 
 
-def _checked_call(model, recipe, output_dir, teacher, training_args) -> tuple[list[RecipeStage], list[bool], dict[str, Any]]:
-    """``apply``'s arguments checked before anything runs: ``(stages, distils, training args)``."""
+def _checked_call(model, recipe, output_dir, teacher, training_args) -> tuple[list[RecipeStage], list[bool], list[str],
+                                                                              dict[str, Any]]:
+    """``apply``'s arguments checked before anything runs: ``(stages, distils, recipe texts, training args)``
+    (:func:`_checked_stages`)."""
     from slope.recovery.finetune import checked_training_args
 
     if output_dir is None:
@@ -270,11 +271,11 @@ def _checked_call(model, recipe, output_dir, teacher, training_args) -> tuple[li
     if "resume_from_checkpoint" in training_args:
         raise ValueError("apply continues an unfinished run itself: call it again with the same settings and output_dir "
                          "(a train stage resumes from its newest checkpoint-<step>, written every save_steps)")
-    stages, distils = _checked_stages(recipe, teacher)
+    stages, distils, texts = _checked_stages(recipe, teacher)
     args = checked_training_args(dict(training_args), caller="apply")
     for name, source in (("model", model), ("distill_teacher", teacher), ("tokenizer", args["tokenizer"])):
         _check_folder(name, source)
-    return stages, distils, args
+    return stages, distils, texts, args
 
 
 def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=None, *, num_calibration_samples: int = 512,
@@ -303,9 +304,9 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
     from slope import parallel
     from slope.evaluate import resolve_device
 
-    stages, distils, args = _checked_call(model, recipe, output_dir, distill_teacher, training_args)
+    stages, distils, texts, args = _checked_call(model, recipe, output_dir, distill_teacher, training_args)
     calibration = _calibration(num_calibration_samples, max_seq_len, args)
-    planned = _plan(stages, distils, recipe, model, dataset, distill_teacher, calibration, args)
+    planned = _plan(stages, distils, texts, model, dataset, distill_teacher, calibration, args)
     out = Path(output_dir).expanduser()
     env = parallel.init_distributed(device=resolve_device(args["device"]))
     leader = _Leader(env)
@@ -327,8 +328,8 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
                      f"done earlier, kept in {folder}" if done[k] else f"its folder is gone; stage {stages[kept].name} after it is kept"))
                 continue
             start = time.perf_counter()
-            last = _run_stage(leader, stage, index, source, recipe, dataset, distill_teacher, folder, args, training_args,
-                              calibration, env.device, verbose)
+            last = _run_stage(leader, stage, index, source, recipe, dataset, distill_teacher if distils[k] else None, folder,
+                              args, training_args, calibration, env.device, verbose)
             leader.run(lambda: record[0].finish(stage.name, time.perf_counter() - start, _result(folder, stage.run_type)))
             ran.append(stage.name)
             source = folder
