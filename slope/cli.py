@@ -433,7 +433,9 @@ def _run_oneshot(args: argparse.Namespace) -> int:
         oneshot(model, args.recipe, dataset, tokenizer, args.num_calibration_samples, args.max_seq_len, args.output_dir,
                 text_field=args.text_field, stage=args.stage)
     except (ValueError, OSError, PruningError) as e:
-        print(f"slope oneshot: error: {' '.join(str(e).split())}", file=sys.stderr)
+        from slope.notes import report_error
+
+        report_error("oneshot", e)
         return 1
     return 0
 

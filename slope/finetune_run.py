@@ -33,7 +33,8 @@ from slope.finetune_loop import FinetuneLoop, plot_run
 from slope.serialization.folders import check_new_output_dir
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positive", "command_options", "dataset_name", "ddp_forward_model",
+__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positions", "check_positive", "command_options", "dataset_name",
+           "ddp_forward_model",
            "output_folder",
            "plain_config", "precision_mode", "rank_memory", "run_command", "run_resumable", "save_model_folder", "seed_everything"]
 
