@@ -389,7 +389,7 @@ def check_state_fits(ckpt: Checkpoint, model: nn.Module, dense_opt: torch.optim.
         checks.append(("optimizers.pt (AdamW)", lambda: check_optimizer_state(dense_opt, ckpt.optimizers["dense"], dense_names)))
     if sparse_opt is not None:
         checks.append(("optimizers.pt (ADAMWSparse)", lambda: check_optimizer_state(
-            sparse_opt, ckpt.optimizers["sparse"], [layer.layer_name for layer in sparse_opt.layers()])))
+            sparse_opt, ckpt.optimizers["sparse"], [layer.layer_name for layer in sparse_opt.layers()], sparse_opt.param_shapes())))
     for what, check in checks:
         try:
             check()

@@ -21,6 +21,8 @@ def sync_grads(model: nn.Module | None = None, group=None) -> None:
     A no-op outside an initialised ``torch.distributed`` process group (or with one rank).
     Layers without a gradient on this rank contribute zeros, so every rank issues the same
     collectives. Gradients are flattened into one buffer per dtype (one all-reduce each).
+    Layers whose values are sharded (:class:`slope.parallel.ShardedValues`) are skipped: their
+    backward reduces their gradients to the owners.
     ``model=None`` walks every live SLoPe layer in creation order (SLoPe's argument-free call).
     """
     if not (dist.is_available() and dist.is_initialized()):
@@ -28,7 +30,7 @@ def sync_grads(model: nn.Module | None = None, group=None) -> None:
     world = dist.get_world_size(group)
     if world == 1:
         return
-    layers = _layers(model)
+    layers = [layer for layer in _layers(model) if getattr(layer, "values_holder", None) is None]
     for layer in layers:
         if layer.values_grad is None:
             layer.values_grad = torch.zeros_like(layer.values)

@@ -401,7 +401,7 @@ def export_dense(model: nn.Module, save_directory: str | os.PathLike, state_dict
             state[key] = value.detach().cpu()
     dense = _fresh_model(model)
     for name, layer in layers.items():
-        weight = effective_weight(layer).cpu()
+        weight = effective_weight(layer, state_dict, name + ".").cpu()  # (from the full state when given)
         if type(dense.get_submodule(name)).__name__ == "Conv1D":  # GPT-2's Conv1D stores (in, out)
             weight = weight.t()
         state[name + ".weight"] = weight.contiguous()

@@ -15,9 +15,13 @@ is exactly the values tensor of the CUTLASS format), ``M`` and ``M_t`` are store
 written with bool ``mask`` / ``mask_t`` entries still load.
 The backend operands (forward and backward) are derived and cached; they are rebuilt lazily when
 the weights or masks change (after an optimizer step, ``load_state_dict`` or ``.to()``).
+Under :func:`slope.parallel.wrap_fsdp2` a layer's ``values`` may live on one rank between uses
+(:attr:`SparseLinear.values_holder`, :mod:`slope.parallel.sharded_values`): the forward and the
+backward fetch them first and free them after.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -62,6 +66,13 @@ def _auto_is_timed(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _values_held(layer: "SparseLinear"):
+    """Context in which ``layer.values`` are the whole weights (fetched from their owner rank when
+    sharded, :attr:`SparseLinear.values_holder`; as they are otherwise)."""
+    holder = layer.values_holder
+    return contextlib.nullcontext() if holder is None else holder.holding(layer)
+
+
 def _sparse_product(layer: "SparseLinear", xc: torch.Tensor, bias: torch.Tensor | None, training: bool) -> torch.Tensor:
     """``xc (..., in) (W ⊙ M)ᵀ + bias`` in ``xc``'s dtype (the compute dtype), no autograd;
     ``training``: the call is part of a training step (``auto`` counts the operand's rebuild)."""
@@ -79,7 +90,8 @@ class _SparseLinearFunction(torch.autograd.Function):
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         xc = x.to(dtype)
-        y = _sparse_product(layer, xc, bias, training=layer.sparse_requires_grad)
+        with _values_held(layer):
+            y = _sparse_product(layer, xc, bias, training=layer.sparse_requires_grad)
         ctx.save_for_backward(xc if layer.sparse_requires_grad else None)
         return y
 
@@ -89,12 +101,17 @@ class _SparseLinearFunction(torch.autograd.Function):
         (xc,) = ctx.saved_tensors
         dy = dy.to(dtype)
         dx = dbias = None
+        holder = layer.values_holder  # sharded values: fetched here, the gradient reduced to their owner
+        if holder is not None:
+            holder.before_backward(layer)
         if ctx.needs_input_grad[0]:
             backend = layer._backend_for(dtype, dy.device, "backward", dy.numel() // layer.out_features, True)
             dx = backend.matmul(dy, layer._operand("backward", dtype, dy.device, backend)).to(ctx.x_dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
         if xc is not None:
             layer._accumulate_grad(dy2.t() @ xc.reshape(-1, xc.shape[-1]))
+        if holder is not None:
+            holder.after_backward(layer)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
             dbias = dy2.sum(0).to(ctx.bias_dtype)
         return dx, dbias, None, None, None
@@ -109,6 +126,9 @@ class SparseLinear(nn.Module):
         values: ``Parameter (out, in·N/M)`` of kept weights (``requires_grad=False``: updated by
             :class:`slope.optimizers.ADAMWSparse`, never by a dense optimizer).
         values_grad: accumulated sparse gradient, same shape/dtype as ``values``, or ``None``.
+        values_holder: ``None``, or the :class:`slope.parallel.ShardedValues` that keeps ``values``
+            (and the reduced ``values_grad``) on one owner rank; elsewhere both are ``(0, in·N/M)``
+            placeholders between the layer's forward and backward computations.
         optimizer_steps: how many steps :class:`slope.optimizers.ADAMWSparse` made of this layer
             (after ``AUTO_CHOOSER.timed_steps`` of them, ``backend="auto"`` times nothing new).
         mask / mask_t: ``bool (out, in)``; ``M`` and the double-pruned ``M_t ⊆ M``, unpacked
@@ -166,6 +186,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("meta", meta)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.values_grad: torch.Tensor | None = None
+        # None, or what keeps ``values`` on one rank between uses (slope.parallel.ShardedValues)
+        self.values_holder = None
         self.optimizer_steps = 0  # counted by ADAMWSparse: backend="auto" stops timing after the first ones
         self._zeroed_grad: tuple[torch.Tensor, int] | None = None  # see zero_values_grad
         self._backwards_since_zero = 0  # backward passes added into values_grad since it was last fresh
@@ -385,7 +407,7 @@ class SparseLinear(nn.Module):
     def _gather_kept(self, full: torch.Tensor) -> torch.Tensor:
         """The kept entries of a dense ``(out, in)`` tensor as ``(out, in·N/M)`` (``values``' layout)."""
         groups = full.reshape(self.out_features, -1, self.m)
-        return groups.gather(-1, self._kept_offsets()).reshape(self.values.shape)
+        return groups.gather(-1, self._kept_offsets()).reshape(self.out_features, -1)
 
     # ------------------------------------------------------------------ inspection
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -643,7 +665,8 @@ class SparseLinear(nn.Module):
         ):
             # Nothing to differentiate (inference, evaluation): skip the autograd Function, whose
             # per-call cost shows when decoding a token at a time.
-            y = _sparse_product(self, x.to(dtype), None if bias is None else bias.detach(), training=False)
+            with _values_held(self):
+                y = _sparse_product(self, x.to(dtype), None if bias is None else bias.detach(), training=False)
         else:
             anchor = None
             if self.sparse_requires_grad:
@@ -692,6 +715,7 @@ class SparseLinear(nn.Module):
         state["_operands"], state["_structures"], state["_backends"], state["_offsets"] = {}, {}, {}, None
         state["_validated_mask"] = state["_fitting_state_mask"] = None
         state["_zeroed_grad"] = None
+        state["values_holder"] = None  # (a process group is not copied; a sharded layer's copy holds its placeholder)
         return state
 
     def __setstate__(self, state):
@@ -704,6 +728,7 @@ class SparseLinear(nn.Module):
         state.setdefault("_zeroed_grad", None)
         state.setdefault("_backwards_since_zero", 0)
         state.setdefault("optimizer_steps", 0)
+        state.setdefault("values_holder", None)
         buffers = state.get("_buffers", {})
         for old, new in (("mask", "mask_bits"), ("mask_t", "mask_t_bits")):  # pickled with bool masks
             if old in buffers:

@@ -332,14 +332,21 @@ def set_lora_fold(model: nn.Module, fold: str) -> nn.Module:
     return model
 
 
-def effective_weight(layer: SparseLinear) -> torch.Tensor:
+def effective_weight(layer: SparseLinear, state: dict[str, torch.Tensor] | None = None, prefix: str = "") -> torch.Tensor:
     """The dense ``(out, in)`` weight the layer computes with: ``W⊙M + (α/r)·B (A⊙M_A)`` (fp32 math,
-    ``values``' dtype), e.g. to export a pruned model as an ordinary dense one."""
-    weight = layer.dense_weight().float()
+    ``values``' dtype), e.g. to export a pruned model as an ordinary dense one. ``state``: take
+    ``values``, ``lora_A`` and ``lora_B`` from this whole state dict (keys ``prefix + name``)
+    instead of the layer, whose own may be shards (FSDP2, sharded values); the masks are the layer's."""
+    def tensor(name: str) -> torch.Tensor:
+        return getattr(layer, name).detach() if state is None else state[prefix + name].to(layer.mask_bits.device)
+
+    values = tensor("values")
+    weight = layer._scatter_kept(values, torch.float32)
     if layer.lora_rank:
-        a = torch.where(layer.lora_A_mask, layer.lora_A.detach(), torch.zeros((), dtype=layer.lora_A.dtype, device=layer.lora_A.device))
-        weight = weight + layer.lora_scaling * (layer.lora_B.detach().float() @ a.float())
-    return weight.to(layer.values.dtype)
+        lora_a = tensor("lora_A")
+        a = torch.where(layer.lora_A_mask, lora_a, torch.zeros((), dtype=lora_a.dtype, device=lora_a.device))
+        weight = weight + layer.lora_scaling * (tensor("lora_B").float() @ a.float())
+    return weight.to(values.dtype)
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,13 @@ def check_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
     _fail(problems, "the state dict does not fit the model (another sparsity, size or dtype?)")
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Mapping, names: Sequence[str] | None = None) -> None:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Mapping, names: Sequence[str] | None = None,
+                          shapes: Sequence[tuple[int, ...]] | None = None) -> None:
     """Raise :class:`StateDictError` unless ``state_dict`` (``optimizer.state_dict()`` of another
     run) has ``optimizer``'s groups and parameter counts, and every per-parameter tensor (moments)
     has its parameter's shape and a floating dtype. ``names``: parameter names in group order,
-    for the message."""
+    for the message; ``shapes``: the parameters' whole shapes, where some are placeholders of
+    sharded values (default: their shapes)."""
     groups, state = (state_dict.get("param_groups"), state_dict.get("state")) if isinstance(state_dict, Mapping) else (None, None)
     if not isinstance(groups, list) or not isinstance(state, Mapping) or not all(
             isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
@@ -72,7 +74,8 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Mapping,
     params = [p for g in optimizer.param_groups for p in g["params"]]
     saved_ids = [i for g in groups for i in g["params"]]
     problems = []
-    for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+    shapes = [_shape(p) for p in params] if shapes is None else [tuple(shape) for shape in shapes]
+    for index, (saved_id, shape) in enumerate(zip(saved_ids, shapes)):
         entry = state.get(saved_id, state.get(str(saved_id), {}))
         name = names[index] if names is not None else f"parameter {index}"
         if not isinstance(entry, Mapping):
@@ -81,8 +84,8 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Mapping,
         for key, value in entry.items():
             if not torch.is_tensor(value) or value.dim() == 0:
                 continue  # step counters and other scalars
-            if _shape(value) != _shape(p):
-                problems.append(f"{name}: {key} is {_shape(value)}, the parameter is {_shape(p)}")
+            if _shape(value) != shape:
+                problems.append(f"{name}: {key} is {_shape(value)}, the parameter is {shape}")
             elif not value.is_floating_point():
                 problems.append(f"{name}: {key} is {value.dtype}, expected a floating dtype")
     _fail(problems, "the optimizer state does not fit (from another sparsity or model?)")

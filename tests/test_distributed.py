@@ -117,15 +117,16 @@ def loss_fn(model, ids, targets):
     return F.cross_entropy(logits.float().reshape(-1, VOCAB), targets.reshape(-1))
 
 
-def train(model, sparse_opt, dense_opt, steps, accum, *, start=0, sharded=False, on_step=None, clip=None):
-    """``steps`` optimizer steps of ``accum`` micro-batches; ``sharded``: each rank takes its rows."""
+def train(model, sparse_opt, dense_opt, steps, accum, *, start=0, sharded=False, on_step=None, clip=None, sync_each=False):
+    """``steps`` optimizer steps of ``accum`` micro-batches; ``sharded``: each rank takes its rows;
+    ``sync_each``: gradients are reduced after every micro-batch (no ``no_sync``)."""
     losses = []
     for step in range(start, steps):
         for micro in range(accum):
             ids, targets = global_batch(step, micro)
             if sharded:
                 ids, targets = rank_slice(ids), rank_slice(targets)
-            ctx = no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+            ctx = no_sync(model) if micro < accum - 1 and not sync_each else contextlib.nullcontext()
             with ctx:
                 loss = loss_fn(model, ids, targets)
                 (loss / accum).backward()
@@ -219,11 +220,14 @@ def _wrap(kind: str, model: nn.Module) -> nn.Module:
     if kind == "ddp":
         return wrap_ddp(model)
     if kind == "fsdp2":
-        return wrap_fsdp2(model)
+        return wrap_fsdp2(model)  # each SLoPe layer's values on one rank (shard_values)
+    if kind == "fsdp2_replicated":
+        return wrap_fsdp2(model, shard_values=False)
     raise ValueError(kind)
 
 
-def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = None, shard_state: bool = False):
+def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = None, shard_state: bool = False,
+                      clip: float | None = None, sync_each: bool = False):
     rank = torch.distributed.get_rank()
     model = _wrap(kind, build_model(seed=_rank_seed(rank)))  # ranks start differently: rank 0's weights win
     sparse_opt, dense_opt = make_optimizers(model, shard_state=shard_state)
@@ -237,7 +241,8 @@ def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = No
         if kind_ == "step" and step + 1 == CKPT_STEP and resume is None:
             out["ckpt"] = checkpoint(model, sparse_opt, dense_opt, CKPT_STEP)
 
-    out["losses"] = train(model, sparse_opt, dense_opt, STEPS, accum, start=start, sharded=True, on_step=on_step)
+    out["losses"] = train(model, sparse_opt, dense_opt, STEPS, accum, start=start, sharded=True, on_step=on_step, clip=clip,
+                          sync_each=sync_each)
     out["final"] = full_model_state_dict(model)
     out["local_values"] = {n: m.values.detach().clone() for n, m in slope.sparse_modules(unwrap(model))}
     out["micro_grads"] = grads
@@ -390,6 +395,9 @@ def _worker_main(group: str, workdir: str) -> None:
             "ddp": lambda out: _scenario_wrapped("ddp", 1, out),
             "ddp_accum": lambda out: _scenario_wrapped("ddp", 2, out),
             "fsdp2_accum": lambda out: _scenario_wrapped("fsdp2", 2, out),
+            "fsdp2_replicated": lambda out: _scenario_wrapped("fsdp2_replicated", 2, out),
+            "fsdp2_clip": lambda out: _scenario_wrapped("fsdp2", 1, out, clip=CLIP),
+            "fsdp2_sync_each": lambda out: _scenario_wrapped("fsdp2", 2, out, sync_each=True),
             "ddp_resume": lambda out: _scenario_wrapped("ddp", 2, out, resume=resume()),
             "fsdp2_resume": lambda out: _scenario_wrapped("fsdp2", 2, out, resume=resume()),
             "fsdp2_bf16": _scenario_fsdp2_bf16,
@@ -511,19 +519,66 @@ def test_ddp_no_sync_accumulation(torch_results, references):
     assert torch.equal(last[0], last[1]), "the last micro-batch's backward must average the sparse grads"
 
 
+def assert_values_sharded(outs: list[dict], reference: dict | None = None):
+    """Each SLoPe layer's values are whole (the reference's, if given) on exactly one rank,
+    ``(0, kept)`` placeholders on the other; both ranks own some layers."""
+    owned = [set(), set()]
+    for layer in outs[0]["local_values"]:
+        local = [out["local_values"][layer] for out in outs]
+        whole = [rank for rank, values in enumerate(local) if values.shape[0] > 0]
+        assert len(whole) == 1, (layer, [tuple(v.shape) for v in local])
+        assert local[1 - whole[0]].shape == (0, local[whole[0]].shape[1]), layer
+        if reference is not None:
+            torch.testing.assert_close(local[whole[0]], reference[f"{layer}.values"], atol=ATOL, rtol=RTOL)
+        owned[whole[0]].add(layer)
+    assert owned[0] and owned[1]
+
+
 def test_fsdp2_two_ranks_match_one_process(torch_results, references):
+    """FSDP2 with sharded values (the default): the weights of one process with the global batch;
+    between uses each layer's values live on one rank; one gradient reduction per layer and step
+    (the no_sync micro-batch reduces nothing)."""
     outs = torch_results("fsdp2_accum")
     assert_same_state(outs[0]["final"], references["accum2"])
     assert_same_state(outs[1]["final"], outs[0]["final"], exact=True)
+    assert_values_sharded(outs, references["accum2"])
+    layers = sum(name.endswith(".values") for name in references["accum2"])
+    assert outs[0]["syncs"] == STEPS * layers
+    # each rank keeps the moments of the layers whose values it keeps, and gathers the one-process state
+    assert outs[0]["moments"] and outs[1]["moments"] and not set(outs[0]["moments"]) & set(outs[1]["moments"])
+    reference_ckpt = torch.load(references["workdir"] / "ckpt_1rank.pt", weights_only=False)
+    assert_same_optimizer_state(outs[0]["ckpt"]["sparse_opt"], reference_ckpt["sparse_opt"])
+
+
+def test_fsdp2_sharded_values_sync_every_micro_batch(torch_results, references):
+    """Two backward passes with the sync on in one step: the owner adds the second mean to the
+    first (each rank's new gradient is reduced alone), as no_sync accumulation would give."""
+    outs = torch_results("fsdp2_sync_each")
+    assert_same_state(outs[0]["final"], references["accum2"])
+    layers = sum(name.endswith(".values") for name in references["accum2"])
+    assert outs[0]["syncs"] == 2 * STEPS * layers
+
+
+def test_fsdp2_replicated_values_match_one_process(torch_results, references):
+    outs = torch_results("fsdp2_replicated")
+    assert_same_state(outs[0]["final"], references["accum2"])
     assert_replicated(outs)
     assert outs[0]["syncs"] == STEPS
 
 
-def assert_bf16_trains(outs: list[dict]):
+def test_fsdp2_sharded_values_clip_the_joint_norm(torch_results, references):
+    """Clipping the sparse gradients (each layer's on its owner) by their norm over all ranks."""
+    final, _ = reference_run(accum=1, clip=CLIP)
+    outs = torch_results("fsdp2_clip")
+    assert_same_state(outs[0]["final"], final)
+    assert not torch.allclose(final["blocks.0.up.values"], references["accum1"]["blocks.0.up.values"])  # clipping acted
+
+
+def assert_bf16_trains(outs: list[dict], values_sharded: bool = False):
     assert outs[0]["logits_dtype"] == torch.bfloat16
     assert outs[0]["values_dtype"] == torch.float32  # fp32 master weights for the sparse values
     assert outs[0]["meta_matches_values"]  # checkpoints load into an fp32 model
-    assert_replicated(outs)
+    assert_values_sharded(outs) if values_sharded else assert_replicated(outs)
     for out in outs:
         assert all(torch.isfinite(torch.tensor(out["losses"])))
         assert out["losses"][-1] < out["losses"][0]
@@ -568,7 +623,7 @@ def test_ranks_agree_on_a_non_finite_shard_before_saving(torch_results):
 
 
 def test_fsdp2_bf16_mixed_precision(torch_results):
-    assert_bf16_trains(torch_results("fsdp2_bf16"))
+    assert_bf16_trains(torch_results("fsdp2_bf16"), values_sharded=True)
 
 
 def test_resume_two_ranks_to_one(torch_results, references):
@@ -584,7 +639,8 @@ def test_resume_one_rank_to_two(torch_results, references):
     for name in ("ddp_resume", "fsdp2_resume"):
         outs = torch_results(name)
         assert_same_state(outs[0]["final"], references["accum2"])
-        assert_replicated(outs)
+    assert_replicated(torch_results("ddp_resume"))
+    assert_values_sharded(torch_results("fsdp2_resume"), references["accum2"])
 
 
 def test_checkpoint_is_rank_count_independent(torch_results, references):
@@ -891,3 +947,20 @@ def test_cli_deepspeed_and_resume_without_it(cli_reference, tmp_path):
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1], sys.argv[2])
+
+
+def test_sharded_values_refuse_an_unsynced_backward_after_a_synced_one(tmp_path):
+    """One process (a 1-rank gloo group): after a backward that reduced the gradient, one without
+    the sync in the same step cannot be averaged correctly: a one-line error, not a wrong mean."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = wrap_fsdp2(build_model(seed=0))
+        ids, targets = global_batch(0, 0)
+        loss_fn(model, ids, targets).backward()
+        with pytest.raises(RuntimeError, match="no_sync.*after one with it in the same step"):
+            with no_sync(model):
+                loss_fn(model, ids, targets).backward()
+    finally:
+        dist.destroy_process_group()

@@ -52,6 +52,10 @@ class ADAMWSparse(torch.optim.Optimizer):
             :meth:`step`). :meth:`state_dict` is then this rank's part: save
             :meth:`full_state_dict`; :meth:`load_state_dict` takes a full one.
         process_group: the data-parallel group of ``shard_state`` (default: the world).
+
+    On a model whose values are sharded (:func:`slope.parallel.wrap_fsdp2`, ``shard_values``:
+    each layer's values on one rank) the state follows them: each layer's moments live with its
+    values, whatever ``shard_state`` says, and nothing is broadcast after a step.
     """
 
     def __init__(
@@ -95,8 +99,23 @@ class ADAMWSparse(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def owns(self, p: torch.Tensor) -> bool:
-        """Whether this rank keeps (and steps) ``p``'s moments: always, unless ``shard_state``."""
+        """Whether this rank keeps (and steps) ``p``'s moments: always, unless ``shard_state`` or
+        sharded values (then: ``p``'s owner)."""
+        holder = self._layer_of[id(p)].values_holder
+        if holder is not None:
+            return holder.owns(self._layer_of[id(p)])
         return self.owners is None or self.owners.owns(p)
+
+    def _owners(self) -> LayerOwners | None:
+        """Who keeps each parameter's state: the values' owners when they are sharded, else
+        ``shard_state``'s (``None``: every rank keeps all)."""
+        holder = next((layer.values_holder for layer in self.layers() if layer.values_holder is not None), None)
+        return self.owners if holder is None else holder.owners
+
+    def param_shapes(self) -> list[tuple[int, int]]:
+        """The whole shape of each parameter, in ``state_dict`` numbering (sharded values are
+        ``(0, kept)`` placeholders on the ranks that do not own them)."""
+        return [(layer.out_features, layer.values.shape[-1]) for layer in self.layers()]
 
     # SLoPe-compatible attribute setters: ``sparse_opt.lr = x`` sets every group's value.
     @property
@@ -136,7 +155,8 @@ class ADAMWSparse(torch.optim.Optimizer):
         - anything else: :func:`slope.kernels.adamw_step_` per tensor.
 
         With ``shard_state`` a rank steps the layers it owns, then every layer's values are
-        broadcast from its owner (other ranks rebuild that layer's operands on next use).
+        broadcast from its owner (other ranks rebuild that layer's operands on next use); sharded
+        values are stepped by their owner only (the other ranks count the step).
 
         Nothing here reads a device tensor on the host: the step count kernels see lives on the
         values' device and the host keeps its own count (for the bias corrections and
@@ -166,12 +186,14 @@ class ADAMWSparse(torch.optim.Optimizer):
                 stepped.append((layer, count, buffers))
             for (device, count), params in fused.items():
                 self._step_fused(params, group)
-            if self.owners is not None:
-                self.owners.broadcast([layer.values for layer, _, _ in stepped])
+            if self.owners is not None:  # (sharded values stay with their owner)
+                self.owners.broadcast([layer.values for layer, _, _ in stepped if layer.values_holder is None])
             for layer, count, buffers in stepped:
                 layer.operands_written(buffers)  # the others are rebuilt on next use
                 layer.optimizer_steps += 1  # backend="auto" times nothing for it after its first steps
-                if count % group["mask_change_freq"] == 0:
+                if count % group["mask_change_freq"] == 0 and layer.values_holder is not None:
+                    layer.values_holder.update_mask_t(layer)  # (collective)
+                elif count % group["mask_change_freq"] == 0:
                     layer.update_mask_t()
         return loss
 
@@ -253,16 +275,23 @@ class ADAMWSparse(torch.optim.Optimizer):
 
         Returns the total norm before clipping (like ``torch.nn.utils.clip_grad_norm_``).
         """
-        grads = self.sparse_grads()
+        layers = [layer for layer in self.layers() if layer.values_grad is not None]
+        held = [layer.values_grad for layer in layers if layer.values_holder is not None]  # on their owners
+        grads = [layer.values_grad for layer in layers if layer.values_holder is None]
         if dense_parameters is not None:
             grads += [p.grad for p in dense_parameters if p.grad is not None]
-        if not grads:
+        if not grads + held:
             return torch.zeros(())
-        device = local_tensor(grads[0]).device
+        device = local_tensor((grads + held)[0]).device
         norms = [torch.linalg.vector_norm(g.float(), norm_type).to(device) for g in grads if not is_sharded(g)]
         sharded = [g for g in grads if is_sharded(g)]
         if sharded:  # FSDP2's dense gradients (DTensors): their joint norm, reduced over the ranks once
             norms.append(full_tensor(torch.nn.utils.get_total_norm(sharded, norm_type)).float().to(device))
+        if held:  # sharded values' gradients, each on its owner (placeholders elsewhere): reduced once
+            local = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float(), norm_type).to(device) for g in held]),
+                                             norm_type)
+            norms.append(layers[0].values_holder.total_norm(local, norm_type))
+        grads += held
         total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
         if max_norm is not None and math.isfinite(max_norm):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -281,19 +310,22 @@ class ADAMWSparse(torch.optim.Optimizer):
         for g in grads:
             g.mul_(inv_scale)
             finite.append(torch.isfinite(g).all().to(grads[0].device))
-        return not bool(torch.stack(finite).all())
+        found = not bool(torch.stack(finite).all())
+        holder = next((layer.values_holder for layer in self.layers() if layer.values_holder is not None), None)
+        return found if holder is None else holder.any_rank(found, grads[0].device)  # (each owner saw its own)
 
     def full_state_dict(self) -> dict | None:
         """:meth:`state_dict` of the whole optimizer, as one process would have it. With
         ``shard_state`` this is collective: rank 0 gets it (the moments of other owners sent to
         it), the other ranks ``None``."""
         state = self.state_dict()
-        if self.owners is None:
+        owners = self._owners()
+        if owners is None:
             return state
         params = self._params()
         local = [state["state"].get(i, {}) for i in range(len(params))]
-        complete = self.owners.gather_to_first(params, local, ("exp_avg", "exp_avg_sq"))
-        if self.owners.rank != 0:
+        complete = owners.gather_to_first(params, local, ("exp_avg", "exp_avg_sq"), self.param_shapes())
+        if owners.rank != 0:
             return None
         return {**state, "state": {i: s for i, s in enumerate(complete) if s}}
 
@@ -307,7 +339,7 @@ class ADAMWSparse(torch.optim.Optimizer):
 
         names = [layer.layer_name or f"layer {i}" for i, layer in enumerate(self.layers())]
         if not checked:
-            check_optimizer_state(self, state_dict, names)
+            check_optimizer_state(self, state_dict, names, shapes=self.param_shapes())
         partial = [int(k) for k, s in state_dict["state"].items() if "step" in s and not {"exp_avg", "exp_avg_sq"} <= set(s)]
         if partial:
             raise ValueError(f"ADAMWSparse.load_state_dict: {names[partial[0]]} has a step count but no moments: this is one rank's "

@@ -78,12 +78,14 @@ class LayerOwners:
                 increment_version(p)
 
     @torch.no_grad()
-    def gather_to_first(self, params: Sequence[torch.Tensor], states: Sequence[dict], names: Sequence[str]) -> list[dict]:
+    def gather_to_first(self, params: Sequence[torch.Tensor], states: Sequence[dict], names: Sequence[str],
+                        shapes: Sequence[tuple[int, ...]] | None = None) -> list[dict]:
         """Rank 0 receives the tensors ``names`` of the state of every parameter another rank owns
         (``states[i]``: ``params[i]``'s state on this rank, empty on every rank for a parameter not
-        stepped yet); returns rank 0's states completed (each a new dict) and, on the other ranks,
-        ``states`` as they are. Collective."""
+        stepped yet; ``shapes``: the parameters' whole shapes, default theirs); returns rank 0's
+        states completed (each a new dict) and, on the other ranks, ``states`` as they are. Collective."""
         gathered = list(states)
+        shapes = [tuple(p.shape) for p in params] if shapes is None else shapes
         for i, (p, state) in enumerate(zip(params, states)):
             owner = self.owner(p)
             if owner == 0 or self.rank not in (0, owner) or not state:  # (no state yet: on no rank)
@@ -94,7 +96,7 @@ class LayerOwners:
             else:
                 received = {}
                 for name in names:
-                    received[name] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                    received[name] = torch.empty(shapes[i], dtype=torch.float32, device=p.device)
                     dist.recv(received[name], src=self._global(owner), group=self.group)
                 gathered[i] = {**state, **received}
         return gathered

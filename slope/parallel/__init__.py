@@ -28,6 +28,7 @@ from slope.parallel.env import (
     mean_over_ranks,
     rank_slice,
 )
+from slope.parallel.sharded_values import ShardedValues, holds_values
 from slope.parallel.state import (
     full_model_state_dict,
     full_optimizer_state_dict,
@@ -53,6 +54,7 @@ __all__ = [
     "DistEnv",
     "accelerate_fsdp",
     "env_flag",
+    "ShardedValues",
     "SparseGradSync",
     "broadcast_module_state",
     "configure_rank_zero_logging",
@@ -65,6 +67,7 @@ __all__ = [
     "full_optimizer_state_dict",
     "get_rank",
     "get_world_size",
+    "holds_values",
     "init_distributed",
     "is_data_parallel",
     "is_deepspeed_engine",

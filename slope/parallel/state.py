@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from slope.parallel import deepspeed as ds
 from slope.parallel.env import is_main_process
+from slope.parallel.sharded_values import values_holder_of
 from slope.parallel.wrap import unwrap
 from slope.registry import sparse_modules
 
@@ -67,18 +68,34 @@ def _copy_structure(state):
     return state
 
 
+def _values_names(model: nn.Module):
+    """The model's :class:`ShardedValues` (or ``None``) and the state-dict key of each of its
+    layers' ``values`` (by ``id(layer)``)."""
+    layers = dict(sparse_modules(unwrap(model)))
+    holder = values_holder_of(list(layers.values()))
+    return holder, {id(layer): f"{name}.values" for name, layer in layers.items()}
+
+
 def full_model_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
     """Full CPU state dict of a plain, DDP-wrapped, FSDP2-sharded model or a DeepSpeed engine
-    (``rank0_only``: module docstring)."""
+    (``rank0_only``: module docstring). Sharded SLoPe values are gathered too (collective)."""
     if ds.is_deepspeed_engine(model):
         return ds.deepspeed_full_model_state_dict(model)
+    holder, names = _values_names(model)
     if rank0_only:
-        return get_model_state_dict(model, options=_FULL_ON_RANK0)  # CPU tensors on rank 0, {} elsewhere
-    return _to_cpu(get_model_state_dict(model, options=_FULL))
+        state = get_model_state_dict(model, options=_FULL_ON_RANK0)  # CPU tensors on rank 0, {} elsewhere
+    else:
+        state = _to_cpu(get_model_state_dict(model, options=_FULL))
+    if holder is not None:
+        holder.complete_state(state, names, rank0_only)
+    return state
 
 
 def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a state from :func:`full_model_state_dict` (strict: names and shapes must match)."""
+    holder, names = (None, None) if ds.is_deepspeed_engine(model) else _values_names(model)
+    if holder is not None:  # each rank loads the values it owns
+        state = holder.placeholders_for(state, names)
     if ds.is_deepspeed_engine(model):
         ds.deepspeed_load_full_model_state_dict(model, state)
     else:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slope.distributed import sync_grads
+from slope.parallel.sharded_values import ShardedValues
 from slope.registry import sparse_modules
 
 __all__ = [
@@ -233,16 +234,19 @@ def wrap_fsdp2(
     sync_module_states: bool = True,
     sync_sparse: bool = True,
     require_sparse: bool = True,
+    shard_values: bool = True,
 ) -> nn.Module:
     """Shard a **pruned** model with FSDP2 (``torch.distributed.fsdp.fully_shard``), in place.
 
-    What is sharded: every dense parameter (embeddings, norms, ``lm_head``, the SLoPe layers'
+    What FSDP2 shards: every dense parameter (embeddings, norms, ``lm_head``, the SLoPe layers'
     biases and ``lora_A``/``lora_B``) and hence the dense optimizer's state, which must be built
-    **after** this call. What is replicated: the SLoPe layers' compressed ``values`` (passed to
-    ``fully_shard`` as ``ignored_params``), their masks and metadata, their ``values_grad`` and the
-    :class:`ADAMWSparse` state (unless built with ``shard_state=True``: each layer's moments on one
-    rank). The sparse gradients are averaged by :class:`SparseGradSync`, matching FSDP2's
-    averaging reduce-scatter.
+    **after** this call. The SLoPe layers' compressed ``values`` are not FSDP2's (``ignored_params``:
+    the sparse optimizer, not autograd, updates them): with ``shard_values`` (default) each layer's
+    values, averaged gradient and :class:`ADAMWSparse` moments live on one rank and are fetched
+    for each forward and backward (:class:`slope.parallel.ShardedValues`); without, they are
+    replicated and their gradients averaged by :class:`SparseGradSync` (matching FSDP2's averaging
+    reduce-scatter), the moments replicated unless ``ADAMWSparse(shard_state=True)``. Masks and
+    metadata (packed bits) are replicated.
 
     Args:
         units: modules to shard as separate FSDP units (or a predicate on ``(name, module)``);
@@ -255,6 +259,9 @@ def wrap_fsdp2(
             skip it for accumulation micro-batches, like :func:`no_sync`).
         require_sparse: ``False`` accepts a model without SLoPe layers (e.g. one fine-tuned dense
             or under masks); by default that is an error, as for :func:`wrap_ddp`.
+        shard_values: keep each SLoPe layer's values on one rank between uses (ZeRO-3 over whole
+            layers; implies the sparse gradient sync, so ``sync_sparse`` is ignored). Read the
+            whole model with :func:`full_model_state_dict`.
 
     Returns the same model object (now an ``FSDPModule``); use :func:`no_sync` for accumulation.
     """
@@ -288,7 +295,9 @@ def wrap_fsdp2(
         if unit is not model:
             fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
-    if sync_sparse:
+    if shard_values and layers:
+        setattr(model, SYNC_ATTR, ShardedValues(layers, group=mesh.get_group()))
+    elif sync_sparse:
         setattr(model, SYNC_ATTR, SparseGradSync(model, group=mesh.get_group()))
     return model
 

@@ -129,7 +129,11 @@ class ConstantMasks:
         """Call after every optimizer step: re-zero pruned weights and their optimizer state."""
         if self.masked is not None:
             self.masked.after_step(dense_opt)
+        from slope.parallel.sharded_values import holds_values
+
         for name, pinned in self.pinned.items():
+            if not holds_values(self.slope_layers[name]):
+                continue  # sharded values: their owner re-zeroes them
             values = self.slope_layers[name].values
             values.masked_fill_(pinned, 0)
             state = {} if sparse_opt is None else sparse_opt.state.get(values, {})
@@ -139,7 +143,7 @@ class ConstantMasks:
 
     def rebind(self) -> None:
         """Hold the same weights after ``fully_shard`` replaced the model's parameters by sharded
-        ones (the SLoPe layers' ``values`` stay replicated and are held as they were)."""
+        ones (the SLoPe layers' ``values`` are not FSDP2's: they are held as they were)."""
         if self.masked is not None:
             self.masked.rebind({name: self.model.get_parameter(name) for name in self.masked.params})
 
