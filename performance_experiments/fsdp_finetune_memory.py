@@ -38,6 +38,8 @@ CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_a
               vocab_size=4096, max_position_embeddings=256)
 PRUNING = {"unstructured 50%": {"sparsity": 0.5}, "2:4": {"mask_structure": "2:4"}}
 PARTS = ("parameters", "buffers", "masks", "dense_optimizer", "sparse_optimizer", "teacher")
+#: Reported beside the parts, not added to the total: the SLoPe layers' kept values (part of ``parameters``).
+SUBSETS = ("sparse_values",)
 #: Recovery as in the guide: the zeros held, SquareHead distillation of every block's output from the dense teacher.
 RECIPE = {"stage": {"modifiers": {"ConstantPruningModifier": {"start": 0},
                                   "OutputDistillationModifier": {"targets": [f"model.layers.{i}" for i in range(CONFIG["num_hidden_layers"])],
@@ -72,7 +74,9 @@ def _measure(pruning: str, fsdp: bool) -> dict:
         launch([__file__, "--worker", pruning, "--fsdp" if fsdp else "--ddp", tmp], Path(tmp), world=WORLD)
         ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(WORLD)]
     mib = {part: round(max(r[part] for r in ranks) / 2**20, 4) for part in PARTS}  # the fullest rank
-    return {**mib, "total": round(sum(mib.values()), 4), "ranks_mib": [round(sum(r.values()) / 2**20, 4) for r in ranks]}
+    subsets = {part: round(max(r[part] for r in ranks) / 2**20, 4) for part in SUBSETS}
+    return {**mib, "total": round(sum(mib.values()), 4), **subsets,
+            "ranks_mib": [round(sum(r[part] for part in PARTS) / 2**20, 4) for r in ranks]}
 
 
 def main(argv=None) -> None:
@@ -89,11 +93,11 @@ def main(argv=None) -> None:
     records = []
     for pruning in PRUNING:
         ddp, fsdp = _measure(pruning, False), _measure(pruning, True)
-        ratios = {f"{part}_memory_ratio": ratio(fsdp[part], ddp[part]) for part in (*PARTS, "total")}
+        ratios = {f"{part}_memory_ratio": ratio(fsdp[part], ddp[part]) for part in (*PARTS, *SUBSETS, "total")}
         records.append(make_record(SCRIPT, env, {"model": CONFIG, "pruning": pruning, "world_size": WORLD, "unit": "MiB per rank"},
                                    ddp, fsdp, labels={"dense": "DDP", "sparse": "FSDP2 (fsdp=True)"}, **ratios))
         print(f"{pruning:<17} per rank: DDP {ddp['total']:.2f} MiB, FSDP2 {fsdp['total']:.2f} MiB (x{ratios['total_memory_ratio']}); "
-              + ", ".join(f"{part} x{ratios[f'{part}_memory_ratio']}" for part in PARTS), flush=True)
+              + ", ".join(f"{part} x{ratios[f'{part}_memory_ratio']}" for part in (*PARTS, *SUBSETS)), flush=True)
     write_results(SCRIPT, records, args.out_dir, torch.device("cpu"), {"out_dir": args.out_dir})
 
 
