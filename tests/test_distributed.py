@@ -119,7 +119,8 @@ def loss_fn(model, ids, targets):
 
 def train(model, sparse_opt, dense_opt, steps, accum, *, start=0, sharded=False, on_step=None, clip=None, sync_each=False):
     """``steps`` optimizer steps of ``accum`` micro-batches; ``sharded``: each rank takes its rows;
-    ``sync_each``: gradients are reduced after every micro-batch (no ``no_sync``)."""
+    ``sync_each``: gradients are reduced after every micro-batch (no ``no_sync``) and the sparse
+    ones zeroed in place (``zero_grad(set_to_none=False)``)."""
     losses = []
     for step in range(start, steps):
         for micro in range(accum):
@@ -138,7 +139,7 @@ def train(model, sparse_opt, dense_opt, steps, accum, *, start=0, sharded=False,
             sparse_opt.clip_grad_norm(clip)
         sparse_opt.step()
         dense_opt.step()
-        sparse_opt.zero_grad()
+        sparse_opt.zero_grad(set_to_none=not sync_each)
         dense_opt.zero_grad()
         if on_step is not None:
             on_step("step", step, accum - 1)
@@ -552,7 +553,8 @@ def test_fsdp2_two_ranks_match_one_process(torch_results, references):
 
 def test_fsdp2_sharded_values_sync_every_micro_batch(torch_results, references):
     """Two backward passes with the sync on in one step: the owner adds the second mean to the
-    first (each rank's new gradient is reduced alone), as no_sync accumulation would give."""
+    first (each rank's new gradient is reduced alone), as no_sync accumulation would give; the
+    gradients zeroed in place between steps (placeholders off the owner) start afresh."""
     outs = torch_results("fsdp2_sync_each")
     assert_same_state(outs[0]["final"], references["accum2"])
     layers = sum(name.endswith(".values") for name in references["accum2"])

@@ -26,6 +26,7 @@ sync off after one with it on, in the same step, is an error: it cannot be avera
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -74,7 +75,7 @@ class ShardedValues:
         self.world, self.rank = self.owners.world, self.owners.rank
         self.enabled = True  # reduce gradients in the backward (no_sync turns it off)
         self.syncs = 0  # gradient reductions issued (for tests and logs)
-        self._reduced: dict[int, torch.Tensor] = {}  # id(layer) → its gradient as last reduced (owner)
+        self._reduced: dict[int, weakref.ref] = {}  # id(layer) → its gradient as last reduced (owner)
         self._aside: dict[int, torch.Tensor] = {}  # id(layer) → that gradient, during the next backward
         for layer in self.layers:
             layer.values_holder = self
@@ -124,16 +125,18 @@ class ShardedValues:
         aside (the owner's) or dropped (a placeholder) so the new one is accumulated alone."""
         self._fetch(layer)
         grad = layer.values_grad
-        if grad is None or layer._grad_is_zero():
+        if grad is None:
             return
-        averaged = grad.shape[0] == 0 or self._reduced.get(id(layer)) is grad
-        if not averaged:
-            return  # local micro-batches (no_sync) so far: this backward adds to them
-        if not self.enabled:
+        placeholder = grad.shape[0] == 0  # (the owner holds this step's mean)
+        fresh = layer._grad_is_zero()  # zeroed since: a new step
+        reduced = self._reduced.get(id(layer))
+        if not placeholder and (fresh or reduced is None or reduced() is not grad):
+            return  # a zeroed buffer, or local micro-batches (no_sync) so far: this backward adds to them
+        if not self.enabled and not fresh:
             self._drop(layer)
             raise RuntimeError(f"{layer.layer_name}: a backward without gradient sync (no_sync) after one with it in the same "
                                "step; with sharded values run the no_sync micro-batches first")
-        if grad.shape[0]:
+        if not placeholder:
             self._aside[id(layer)] = grad
         layer.values_grad = None
 
@@ -153,7 +156,7 @@ class ShardedValues:
                 if aside is not None:
                     grad = aside.add_(grad)
                 layer.values_grad = grad
-                self._reduced[id(layer)] = grad
+                self._reduced[id(layer)] = weakref.ref(grad)
             else:
                 layer.values_grad = grad.new_empty((0, grad.shape[-1]))
         finally:
