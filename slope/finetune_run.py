@@ -284,7 +284,8 @@ def stopped_line(name: str, summary: dict[str, Any], again: str | None = None, w
     checkpoint = summary.get("stop_checkpoint")
     if checkpoint is None:
         return f"{head}; nothing was saved (give --output-dir to have a checkpoint written)"
-    return f"{head}: checkpoint saved in {checkpoint}; continue with {again or f'the same command with --resume-from-checkpoint {checkpoint}'}"
+    again = again or f"the same command with --resume-from-checkpoint {checkpoint}"
+    return f"{head}: checkpoint saved in {checkpoint}; continue with {again}"
 
 
 def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,

@@ -15,8 +15,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("sparse-finetune", help="dynamic sparse fine-tuning (RigL / gradual pruning, unstructured or N:M)",
                        description="Fine-tune a causal LM with dynamic sparsity (seed 000's sparse_finetune); writes the model "
                        "(plain Hugging Face folder), metrics.jsonl, summary.json and loss.png to --output-dir. SIGINT / "
-                       "SIGTERM stop it after the current step with a checkpoint-<step> in --output-dir (exit status 0; continue with "
-                       "--resume-from-checkpoint).")
+                       "SIGTERM stop it after the current step with a checkpoint-<step> in --output-dir (exit status 0; "
+                       "continue with --resume-from-checkpoint).")
     _flag(p, "model", required=True, help="Hugging Face folder (or hub name) or a `slope train` run directory")
     _flag(p, "dataset", default="embedded", help="'embedded', a .txt/.jsonl(.gz) file or a Hugging Face dataset name")
     _flag(p, "output_dir", default=None, help="where the fine-tuned model and metrics go")

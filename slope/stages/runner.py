@@ -49,7 +49,8 @@ __all__ = ["apply"]
 
 #: Training arguments that do not change a stage's result: a continued run may change them.
 _FREE_ARGS = ("progress", "logging_steps", "device", "eval_steps", "eval_batches", "save_steps", "save_total_limit",
-              "resume_from_checkpoint", "fsdp")  # (the engine: a train stage's checkpoints resume under DDP, FSDP or in one process alike)
+              "resume_from_checkpoint",
+              "fsdp")  # (the engine: a train stage's checkpoints resume under DDP, FSDP or in one process alike)
 
 
 # ---------------------------------------------------------------------- checks before any stage runs
@@ -322,13 +323,18 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
         done = leader.run(lambda: _open_record(record, out, planned))
         kept = max((k for k, d in enumerate(done) if d), default=-1)  # the stages up to the last one done stay
         if args["save_steps"] is None and any(s.run_type == "train" for s in stages[kept + 1:]):
-            _say(leader, verbose, "note: without save_steps an interrupted train stage starts again when apply continues the run")
+            _say(leader, verbose, "note: without save_steps a train stage killed mid-run starts again when apply continues the run "
+                 "(a SIGINT / SIGTERM stops it with a checkpoint)")
         if kept >= 0 and isinstance(model, nn.Module):
             _say(leader, verbose, f"note: stage {stages[0].name} is kept from the earlier run; the model given in memory is not "
                  "used (and cannot be checked to be the same): pass a new output_dir to start from it")
         source = model if kept < 0 else out / stage_folder_name(stages[kept].name)
-        last, ran, source, stopped = _run_stages(leader, record, stages, done, kept, source, out, verbose, (
-            recipe, dataset, distill_teacher, distils, args, training_args, calibration, env.device))
+
+        def run_one(k: int, index: str, source, folder: Path):
+            return _run_stage(leader, stages[k], index, source, recipe, dataset, distill_teacher if distils[k] else None, folder,
+                              args, training_args, calibration, env.device, verbose)
+
+        last, ran, source, stopped = _run_stages(leader, record, stages, done, kept, source, out, verbose, run_one)
         summary = leader.run(lambda: record[0].data)
     finally:
         leader.close()
@@ -346,13 +352,12 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
     return last
 
 
-def _run_stages(leader, record, stages, done, kept: int, source, out: Path, verbose: bool, common: tuple):
-    """Run the stages after ``kept`` in turn, each on the folder the stage before wrote; ``(last model, the
-    stages run, the last folder, stopped)``: ``stopped`` (``None`` unless a signal stopped a train stage; then
-    the run ends there, that stage unfinished) holds the stage's name and its summary's ``stopped_by``,
-    ``stopped_at``, ``steps`` and ``stop_checkpoint``. ``common``: what every stage gets
-    (recipe, dataset, teacher, distils, args, training_args, calibration, device)."""
-    recipe, dataset, teacher, distils, args, training_args, calibration, device = common
+def _run_stages(leader, record, stages, done, kept: int, source, out: Path, verbose: bool, run_one: Callable[..., Any]):
+    """Run the stages after ``kept`` in turn (``run_one(k, index, source, folder)``: :func:`_run_stage` of
+    stage ``k``), each on the folder the stage before wrote; ``(last model, the stages run, the last folder,
+    stopped)``: ``stopped`` (``None`` unless a signal stopped a train stage; then the run ends there, that
+    stage unfinished) holds the stage's name and its summary's ``stopped_by``, ``stopped_at``, ``steps``
+    and ``stop_checkpoint``."""
     last, ran = None, []
     for k, stage in enumerate(stages):
         folder, index = out / stage_folder_name(stage.name), f"{k + 1}/{len(stages)}"
@@ -361,8 +366,7 @@ def _run_stages(leader, record, stages, done, kept: int, source, out: Path, verb
                  f"done earlier, kept in {folder}" if done[k] else f"its folder is gone; stage {stages[kept].name} after it is kept"))
             continue
         start = time.perf_counter()
-        last = _run_stage(leader, stage, index, source, recipe, dataset, teacher if distils[k] else None, folder,
-                          args, training_args, calibration, device, verbose)
+        last = run_one(k, index, source, folder)
         summary = getattr(last, "finetune_summary", None) if stage.run_type == "train" else None
         if summary is not None and summary.get("stopped_by"):  # (every rank stopped at the same step)
             return last, ran, source, {"stage": stage.name, **{key: summary[key] for key in (
