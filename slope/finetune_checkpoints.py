@@ -8,6 +8,9 @@ schedule: anything with ``state_dict`` / ``load_state_dict``) and a fingerprint 
 resumed run must share. It is written and fsynced in a temporary folder, then renamed (and the
 folder synced), so a kill or a power loss leaves either the old checkpoint or the new one, never half
 of one; a full disk is a one-line :class:`slope.durable.StorageError`.
+
+``save_total_limit`` (``transformers.TrainingArguments``' name) keeps the newest N checkpoints: once a new
+one is in place, the older ones beyond N are removed (:func:`rotate_checkpoints`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from slope.checkpoint import capture_rng, restore_rng
 from slope.durable import fsync_dir, write_file
 from slope.finetune_loop import FinetuneLoop
 
-__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "checkpoint_steps", "resolve_checkpoint"]
+__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "checkpoint_steps", "resolve_checkpoint", "rotate_checkpoints"]
 
 CHECKPOINT_STATE = "slope_finetune_state.pt"
 
@@ -49,23 +52,52 @@ def resolve_checkpoint(folder: Path | None, writer: str = "slope's fine-tuning")
     return found[max(found)]
 
 
+def rotate_checkpoints(folder: Path, keep: int, newest: int) -> list[Path]:
+    """Remove the oldest ``checkpoint-<step>/`` folders in ``folder`` beyond the ``keep`` newest, once
+    ``checkpoint-<newest>/`` (the one just written) is complete; returns the removed folders.
+
+    ``checkpoint-<newest>/`` always stays (nothing is removed while it is incomplete or missing); the
+    others rank by step (a larger step: newer). Only complete folders named exactly ``checkpoint-<step>``
+    (holding the state file) count as the run's checkpoints: anything else is left alone. Each is renamed
+    aside (``.checkpoint-<step>.removing-<pid>``) before it is deleted, so an interrupted removal leaves
+    no half-deleted checkpoint among them.
+    """
+    found = {step: path for step, path in checkpoint_steps(folder, complete=True).items() if path.name == f"checkpoint-{step}"}
+    if newest not in found:
+        return []
+    removed = []
+    for step in sorted((s for s in found if s != newest), reverse=True)[keep - 1:]:
+        aside = folder / f".checkpoint-{step}.removing-{os.getpid()}"
+        os.rename(found[step], aside)
+        shutil.rmtree(aside)
+        removed.append(found[step])
+    if removed:
+        fsync_dir(folder)
+    return removed
+
+
 class LoopCheckpoints:
     """Save and resume ``loop``'s run under ``out`` (``None``: no saving).
 
     ``states``: ``{name: object}`` saved and restored beside the loop's own state (``None`` values
     are skipped). ``fingerprint``: plain values; a checkpoint whose ``resume_keys`` differ is refused.
     ``writer``: the front door's name for error messages. Only the ``main`` process writes.
+    ``save_total_limit``: keep only the newest N ``checkpoint-<step>/`` folders (:func:`rotate_checkpoints`;
+    ``None``: all).
     """
 
     def __init__(self, out: Path | None, loop: FinetuneLoop, states: dict[str, Any], fingerprint: dict[str, Any],
-                 resume_keys: tuple[str, ...], main: bool = True, writer: str = "slope.finetune"):
+                 resume_keys: tuple[str, ...], main: bool = True, writer: str = "slope.finetune", *,
+                 save_total_limit: int | None = None):
         self.out, self.loop, self.main, self.writer = out, loop, main, writer
+        self.save_total_limit = save_total_limit
         self.states = {name: obj for name, obj in states.items() if obj is not None}
         self.fingerprint, self.resume_keys = fingerprint, resume_keys
 
     def save(self, step: int, records: list[dict]) -> None:
-        """Write ``out/checkpoint-<step>/`` atomically (replacing one of the same step). Every rank
-        calls it: an FSDP2-sharded model's state is gathered (collective), then the main process writes."""
+        """Write ``out/checkpoint-<step>/`` atomically (replacing one of the same step), then remove the
+        checkpoints beyond ``save_total_limit``. Every rank calls it: an FSDP2-sharded model's state is
+        gathered (collective), then the main process writes."""
         if self.out is None:
             return
         from slope.parallel import full_model_state_dict, full_optimizer_state_dict, is_fsdp2
@@ -89,13 +121,19 @@ class LoopCheckpoints:
         tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_file(tmp / CHECKPOINT_STATE, buffer.getbuffer())  # fsynced; a full disk is a StorageError
-        fsync_dir(tmp)
+        try:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            write_file(tmp / CHECKPOINT_STATE, buffer.getbuffer())  # fsynced; a full disk is a StorageError
+            fsync_dir(tmp)
+        except BaseException:  # (a second SIGINT / SIGTERM too): no partial folder left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(self.out)
+        if self.save_total_limit is not None:
+            rotate_checkpoints(self.out, self.save_total_limit, step)
 
     def resolve(self, source) -> Path:
         """A ``checkpoint-<step>`` folder, or the newest one in a folder (``True``: in ``out``)."""

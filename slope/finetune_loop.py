@@ -17,7 +17,9 @@ by :func:`slope.parallel.wrap_fsdp2`) every rank reads the same global micro-bat
 slice (:func:`slope.parallel.rank_slice`), so N ranks × batch b/N take the step of one process ×
 batch b; gradients are reduced on the last micro-batch only.
 The micro-batch of a step is a pure function of ``(seed, step, micro)``, and the learning rate of
-``step``, so a run resumed from :meth:`FinetuneLoop.state_dict` continues exactly.
+``step``, so a run resumed from its checkpoint (:mod:`slope.finetune_checkpoints`) continues exactly;
+a run asked to stop between two steps (SIGINT / SIGTERM: :func:`slope.finetune_run.run_resumable`)
+saves one there.
 """
 from __future__ import annotations
 
@@ -185,10 +187,13 @@ class FinetuneLoop:
     # ------------------------------------------------------------------ the run
     def run(self, out: Path | None = None, *, start_step: int = 0, records: list[dict] | None = None,
             save: Callable[[int, list[dict]], None] | None = None, save_steps: int | None = None,
-            main_process: bool = True) -> dict[str, Any]:
+            main_process: bool = True, stop: Callable[[], str | None] | None = None) -> dict[str, Any]:
         """Train steps ``start_step … total_steps - 1``; log to ``out/metrics.jsonl`` (main process);
         ``save(done, records)`` after every ``save_steps`` steps. ``records``: those of the run so
-        far (resuming). Returns the summary (``records`` included)."""
+        far (resuming). ``stop()``: called after every step but the last (on every rank: it may be a
+        collective, :meth:`slope.interrupt.GracefulStop.agreed`); a name (a signal's) ends the run there,
+        after ``save(done, records)`` unless that step saved anyway. Returns the summary (``records``
+        included; ``stopped_by``: that name or ``None``, ``stopped_at``: the steps done when stopped)."""
         from slope.evaluate import evaluate_loss
         from slope.parallel import mean_over_ranks
         from slope.progress import Progress, display_for
@@ -212,7 +217,7 @@ class FinetuneLoop:
             validate(0)
         display = display_for(s.progress) if main_process else "off"
         bar = Progress(self.total_steps, s.desc, unit="step", initial=start_step, display=display)
-        t0, loss = time.perf_counter(), float("nan")
+        t0, loss, stopped_by = time.perf_counter(), float("nan"), None
         shown = {}  # the status on the bar: refreshed on logged steps only (it may read the device)
         self.model.train()
         for step in range(start_step, self.total_steps):
@@ -228,15 +233,22 @@ class FinetuneLoop:
                        **status, "skipped": skipped})
             if (s.eval_steps and done % s.eval_steps == 0) or done == self.total_steps:
                 validate(done)
-            if save is not None and save_steps and done % save_steps == 0:
+            saved = save is not None and bool(save_steps) and done % save_steps == 0
+            if saved:
                 save(done, records)
             bar.update(1, loss=f"{loss:.3f}", **shown)
+            stopped_by = stop() if stop is not None and done < self.total_steps else None
+            if stopped_by:
+                if save is not None and not saved:
+                    save(done, records)
+                break
         bar.close()
         if log is not None:
             log.close()
         vals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
         return {"steps": self.total_steps, "initial_val_loss": vals[0][1], "final_val_loss": vals[-1][1], "val_curve": vals,
-                "final_train_loss": loss, "elapsed_s": round(time.perf_counter() - t0, 3), "records": records}
+                "final_train_loss": loss, "elapsed_s": round(time.perf_counter() - t0, 3), "records": records,
+                "stopped_by": stopped_by, "stopped_at": done if stopped_by else None}
 
 
 def plot_run(records: list[dict], png: Path, title: str) -> None:

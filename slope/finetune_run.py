@@ -10,15 +10,18 @@ they share, from here:
 - the optimizers: AdamW over the trainable parameters (matrices decay, vectors do not) and, for
   SLoPe layers, :class:`slope.optimizers.ADAMWSparse` (:func:`build_optimizers`);
 - the run: resume from a ``checkpoint-<step>/`` folder when asked, train, save every
-  ``save_steps`` (:func:`run_resumable`; a warmup as long as the run is warned of);
+  ``save_steps`` keeping the newest ``save_total_limit`` (:func:`check_save_total_limit`), stop with a
+  checkpoint on SIGINT / SIGTERM (:func:`run_resumable`; a warmup as long as the run is warned of);
 - the outputs: the plain Hugging Face folder (zeros where pruned), tokenizer, ``summary.json`` and
   ``loss.png`` (:func:`output_folder`, :func:`plain_config`, :func:`save_model_folder`);
-- the commands' flags, one-line errors and closing line (:func:`command_options`, :func:`run_command`).
+- the commands' flags, one-line errors and closing line, or the line of a stopped run saying how
+  to continue it (:func:`command_options`, :func:`run_command`, :func:`stopped_line`).
 """
 from __future__ import annotations
 
 import json
 import random
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,10 +36,9 @@ from slope.finetune_loop import FinetuneLoop, plot_run
 from slope.serialization.folders import check_new_output_dir
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positions", "check_positive", "command_options", "dataset_name",
-           "ddp_forward_model",
-           "output_folder",
-           "plain_config", "precision_mode", "rank_memory", "run_command", "run_resumable", "save_model_folder", "seed_everything"]
+__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positions", "check_positive", "check_save_total_limit",
+           "command_options", "dataset_name", "ddp_forward_model", "output_folder", "plain_config", "precision_mode", "rank_memory",
+           "run_command", "run_resumable", "save_model_folder", "seed_everything", "stopped_line"]
 
 
 # ---------------------------------------------------------------------- settings
@@ -50,6 +52,13 @@ def check_positive(name: str, value) -> None:
     """A ``ValueError`` unless ``value`` is a number (not a bool) > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_save_total_limit(value) -> None:
+    """A one-line ``ValueError`` unless ``value`` is ``None`` (keep every checkpoint) or an int >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"save_total_limit (--save-total-limit) must be an int >= 1, the number of newest checkpoint-<step> "
+                         f"folders kept, or None to keep them all; got {value!r}")
 
 
 def precision_mode(fp16: bool, bf16: bool) -> str:
@@ -160,6 +169,11 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
     ``resumed_from``: the checkpoint folder, or ``None``, and ``memory_per_rank``: :func:`rank_memory`). A resume of
     a run that had finished (its last checkpoint, ``summary.json`` in ``out``) trains nothing and returns the
     recorded summary with ``already_finished``: the caller leaves the folder as it is.
+    The first SIGINT / SIGTERM (:class:`slope.interrupt.GracefulStop`; under ``torchrun`` the ranks agree
+    on the step) ends the run after the current step with ``checkpoint-<step>/`` (when ``out`` is given):
+    the summary's ``stopped_by`` names the signal (else ``None``), ``stopped_at`` the steps done and
+    ``stop_checkpoint`` that folder (``None`` without ``out``); the caller then writes no outputs, and
+    ``resume_from`` that folder continues exactly. A second signal raises ``KeyboardInterrupt`` at once.
     A warmup of at least the run's steps (the learning rate never reaches its peak before the last
     step, nor decays) is warned of (``UserWarning``; a ``note:`` line from the commands)."""
     settings, total = loop.settings, loop.total_steps
@@ -175,10 +189,15 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
         resumed = str(folder)
         recorded = read_json_object(out / "summary.json") if out is not None and start >= total else None
         if recorded is not None:  # the run had finished: its outputs stay as they are
-            return {**recorded, "records": records, "resumed_from": resumed, "memory_per_rank": rank_memory(loop),
-                    "already_finished": True}
-    summary = loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=save_steps,
-                       main_process=main_process)
+            return {"stopped_by": None, "stopped_at": None, "stop_checkpoint": None, **recorded, "records": records,
+                    "resumed_from": resumed, "memory_per_rank": rank_memory(loop), "already_finished": True}
+    from slope.interrupt import GracefulStop
+
+    with GracefulStop() as signals:
+        summary = loop.run(out, start_step=start, records=records, save=checkpoints.save, save_steps=save_steps,
+                           main_process=main_process, stop=signals.agreed)
+    stopped = summary["stopped_by"] is not None and out is not None
+    summary["stop_checkpoint"] = str(out / f"checkpoint-{summary['stopped_at']}") if stopped else None
     summary["resumed_from"] = resumed
     summary["memory_per_rank"] = rank_memory(loop)
     return summary
@@ -259,12 +278,29 @@ def command_options(args) -> dict[str, Any]:
     return options
 
 
+def stopped_line(name: str, summary: dict[str, Any], again: str | None = None, what: str = "") -> str | None:
+    """The closing line of a run that a signal stopped (``None`` for one it did not): ``slope <name>: stopped
+    by SIGTERM after step 3 of 8<what>: checkpoint saved in D; continue with <again>`` (default: the same
+    command with ``--resume-from-checkpoint D``), or that nothing was saved (no output folder)."""
+    if not summary.get("stopped_by"):
+        return None
+    head = f"slope {name}: stopped by {summary['stopped_by']} after step {summary['stopped_at']} of {summary['steps']}{what}"
+    checkpoint = summary.get("stop_checkpoint")
+    if checkpoint is None:
+        return f"{head}; nothing was saved (give --output-dir to have a checkpoint written)"
+    again = again or f"the same command with --resume-from-checkpoint {checkpoint}"
+    return f"{head}: checkpoint saved in {checkpoint}; continue with {again}"
+
+
 def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
-                details: Callable[[dict], str] = lambda summary: "", done_line: Callable[[nn.Module], str] | None = None) -> int:
+                details: Callable[[dict], str] = lambda summary: "", done_line: Callable[[nn.Module], str] | None = None,
+                stopped: Callable[[nn.Module], str | None] | None = None) -> int:
     """Run ``call`` (a front door) for ``slope <name>``: bad input, data, checkpoints or storage
     end in one line ``slope <name>: error: ...`` and exit status 1 (slope's warnings are ``note:``
     lines: :mod:`slope.notes`); success prints ``done: ...`` (steps, time, validation loss, ``details(summary)``, the
-    output folder; ``done_line(model)``: another closing line) and returns 0. Under a launcher, errors, notes and the closing line come from rank 0
+    output folder; ``done_line(model)``: another closing line) and returns 0. A run stopped by SIGINT / SIGTERM
+    ends with one line on stderr instead (``stopped(model)``; default: :func:`stopped_line` of ``finetune_summary``)
+    and returns 0 too. Under a launcher, errors, notes and the closing line come from rank 0
     only (every rank meets the same input)."""
     from slope.checkpoint import CheckpointError
     from slope.data import DataError
@@ -279,6 +315,10 @@ def run_command(name: str, call: Callable[[], nn.Module], output_dir=None,
         report_error(name, e)  # said once (every rank meets the same bad input), recorded by every rank for torchrun
         return 1
     if launched_rank()[0] != 0:  # said once, by the first rank
+        return 0
+    line = stopped(model) if stopped is not None else stopped_line(name, getattr(model, "finetune_summary", {}))
+    if line:
+        print(line, file=sys.stderr, flush=True)
         return 0
     if done_line is not None:
         print(done_line(model))

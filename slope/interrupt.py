@@ -3,7 +3,12 @@ and the run exits 0 with one line (schedulers send SIGTERM before preempting a j
 
 :class:`GracefulStop` installs the handlers (main thread only) and restores the previous ones on
 exit. The first signal only sets :attr:`GracefulStop.signal_name`; a second one raises
-``KeyboardInterrupt`` at once (saves are crash-safe, so even that loses no checkpoint).
+``KeyboardInterrupt`` at once (saves are crash-safe, so even that loses no checkpoint). Under
+``torchrun`` every rank gets the signal, not necessarily between the same two steps:
+:meth:`GracefulStop.agreed`, called by every rank at every step boundary, makes them stop at the same one.
+
+Used by ``slope train`` and by the fine-tuning loop (:func:`slope.finetune_run.run_resumable`:
+``slope finetune``, ``slope sparse-finetune`` and the train stages of ``slope apply``).
 """
 from __future__ import annotations
 
@@ -26,6 +31,17 @@ class GracefulStop:
         if self.signal_name is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
         self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> str | None:
+        """The name of the signal asking the run to stop, or ``None``, agreed over the ranks: in a process
+        group of several ranks an all-reduce of the flag (collective: every rank calls it at every step
+        boundary), so all stop at the first boundary where any rank has been signalled."""
+        from slope.parallel import mean_over_ranks
+
+        name = self.signal_name
+        if mean_over_ranks(float(name is not None)) > 0:
+            return name or "a signal to another rank"
+        return None
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():

@@ -312,14 +312,6 @@ def _clip_and_step(dense_opt, sparse_opt, dense_params: list, grad_clip: float) 
     return grad_norm
 
 
-def _stop_requested(stop: GracefulStop, env) -> str | None:
-    """The signal asking the run to stop, agreed over the ranks (a collective under torchrun)."""
-    name = stop.signal_name
-    if env.world_size > 1 and parallel.mean_over_ranks(float(name is not None)) > 0:
-        return name or "a signal to another rank"
-    return name
-
-
 def _checked_resume(cfg: TrainConfig, out: Path) -> Checkpoint | None:
     """With ``--resume``: the newest complete checkpoint of ``out``, checked against ``cfg`` (settings,
     architecture, ``--stop-after`` / ``--max-steps`` beyond its step); ``None`` otherwise."""
@@ -821,7 +813,7 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
         due = step == last_stop or bool(cfg.save_every and step % cfg.save_every == 0)
         saved = _save_when_good(run, step, due, loss, tokens, t0, write)
         # SIGINT / SIGTERM: end here with a checkpoint (the last step ends the run anyway).
-        stopped_by = _stop_requested(stop, env) if step < last_stop else None
+        stopped_by = stop.agreed() if step < last_stop else None  # (a collective under torchrun)
         if stopped_by:
             if not saved:
                 _save_when_good(run, step, True, loss, tokens, t0, write)

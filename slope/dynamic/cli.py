@@ -14,7 +14,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Add the ``sparse-finetune`` subcommand to ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("sparse-finetune", help="dynamic sparse fine-tuning (RigL / gradual pruning, unstructured or N:M)",
                        description="Fine-tune a causal LM with dynamic sparsity (seed 000's sparse_finetune); writes the model "
-                       "(plain Hugging Face folder), metrics.jsonl, summary.json and loss.png to --output-dir.")
+                       "(plain Hugging Face folder), metrics.jsonl, summary.json and loss.png to --output-dir. SIGINT / "
+                       "SIGTERM stop it after the current step with a checkpoint-<step> in --output-dir (exit status 0; "
+                       "continue with --resume-from-checkpoint).")
     _flag(p, "model", required=True, help="Hugging Face folder (or hub name) or a `slope train` run directory")
     _flag(p, "dataset", default="embedded", help="'embedded', a .txt/.jsonl(.gz) file or a Hugging Face dataset name")
     _flag(p, "output_dir", default=None, help="where the fine-tuned model and metrics go")
@@ -62,6 +64,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _flag(p, "sparsity_distribution", choices=("uniform", "erk"), default="uniform",
           help="spread of an unstructured budget over the layers: the same in each, or RigL's ERK")
     _flag(p, "save_steps", type=int, default=None, help="write OUTPUT_DIR/checkpoint-<step> every K steps")
+    _flag(p, "save_total_limit", type=int, default=None, metavar="N",
+          help="keep only the newest N checkpoint-<step> folders (default: all)")
     _flag(p, "resume_from_checkpoint", default=None, metavar="DIR",
           help="a checkpoint-<step> folder ('latest': the newest in --output-dir)")
     return p

@@ -13,7 +13,9 @@ Hugging Face folder (a new or empty one, unless ``resume_from_checkpoint`` conti
 pruned entries are exact zeros; N:M models are exported with
 :func:`slope.export_dense`), its tokenizer, ``metrics.jsonl``, ``summary.json``, ``loss.png`` and
 ``dynamic_sparsity.pt`` (masks and mask-update history); with ``save_steps``, ``checkpoint-<step>/``
-folders that ``resume_from_checkpoint`` continues from exactly (:mod:`slope.finetune_checkpoints`).
+folders that ``resume_from_checkpoint`` continues from exactly (:mod:`slope.finetune_checkpoints`; the
+newest ``save_total_limit`` kept). SIGINT / SIGTERM end the run after the current step with a
+``checkpoint-<step>/`` (no other output) and the call returns, ``finetune_summary["stopped_by"]`` naming the signal.
 Under ``torchrun`` it trains with DDP, ``batch_size`` rows per process (RigL averages the ranks'
 dense gradients, so the masks stay equal on every rank); rank 0 writes the outputs.
 """
@@ -31,9 +33,9 @@ from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
 from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive, dataset_name,
-                                ddp_forward_model, output_folder, plain_config, precision_mode, run_resumable, save_model_folder,
-                                seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive,
+                                check_save_total_limit, dataset_name, ddp_forward_model, output_folder, plain_config, precision_mode,
+                                run_resumable, save_model_folder, seed_everything)
 from slope.sparsity import SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
@@ -43,7 +45,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "max_steps": None, "tokenizer": None, "seed": 0, "max_seq_length": 256, "eval_batches": 8, "eval_steps": None,
     "logging_steps": 10, "max_grad_norm": 1.0, "weight_decay": 0.0, "text_field": "text", "device": "auto",
     "targets": None, "skip": None, "compress": None, "double_pruning": None, "progress": None,
-    "save_steps": None, "resume_from_checkpoint": None, "sparsity_distribution": "uniform",
+    "save_steps": None, "save_total_limit": None, "resume_from_checkpoint": None, "sparsity_distribution": "uniform",
 }
 
 #: What a resumed run must share with the run that wrote its checkpoint.
@@ -79,6 +81,7 @@ class FinetuneArgs:
         for name in ("max_steps", "eval_steps", "save_steps"):
             if self.extra[name] is not None:
                 check_int(name, self.extra[name])
+        check_save_total_limit(self.extra["save_total_limit"])
         precision_mode(self.fp16, self.bf16)
         if self.use_topk_attention and not (isinstance(self.topk_ratio, (int, float)) and 0 < self.topk_ratio <= 1):
             raise ValueError(f"topk_ratio must be in (0, 1] (the fraction of keys each query attends to), got {self.topk_ratio!r}")
@@ -138,7 +141,8 @@ def _checkpoints(ctx: _Run, out: Path | None, main: bool = True) -> LoopCheckpoi
                    "learning_rate": args.learning_rate, "batch_size": ctx.loop.data.batch_size, "warmup_steps": args.warmup_steps,
                    "gradient_accumulation_steps": args.gradient_accumulation_steps, "precision": args.precision,
                    **{k: args.extra[k] for k in ("seed", "max_seq_length", "max_grad_norm", "weight_decay")}}
-    return LoopCheckpoints(out, ctx.loop, {"sparsifier": ctx.sparsifier}, fingerprint, RESUME_KEYS, main, writer="sparse_finetune")
+    return LoopCheckpoints(out, ctx.loop, {"sparsifier": ctx.sparsifier}, fingerprint, RESUME_KEYS, main, writer="sparse_finetune",
+                           save_total_limit=args.extra["save_total_limit"])
 
 
 def _loop(ctx: _Run, out: Path | None, main: bool = True) -> dict[str, Any]:
@@ -187,12 +191,16 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
     default: a bar on a terminal, plain lines with rate and ETA otherwise), ``save_steps`` (write
     ``output_dir/checkpoint-<step>/`` every K steps: model, masks, schedule, optimizers, RNG states),
     ``resume_from_checkpoint`` (such a folder, or ``True`` for the newest in ``output_dir``: continues
-    exactly; a checkpoint of other settings is refused), ``sparsity_distribution`` (``"uniform"`` or
+    exactly; a checkpoint of other settings is refused), ``save_total_limit`` (keep only the newest N
+    checkpoints; ``None``: all), ``sparsity_distribution`` (``"uniform"`` or
     ``"erk"``: RigL's Erdős–Rényi-Kernel spread of the unstructured budget over the layers).
 
     The returned model keeps its sparse form: unstructured masks as zeros in ``nn.Linear`` weights,
     N:M as :class:`slope.SparseLinear` layers (2:4: accelerable). Its ``dynamic_sparsity`` attribute
-    is the :class:`DynamicSparsity` (masks, history) and ``finetune_summary`` the run's summary.
+    is the :class:`DynamicSparsity` (masks, history) and ``finetune_summary`` the run's summary. A run
+    stopped by SIGINT / SIGTERM returns the model after step ``finetune_summary["stopped_at"]`` with
+    ``stopped_by`` the signal's name and ``stop_checkpoint`` the folder to resume from (nothing else is
+    written; see :func:`slope.finetune_run.run_resumable`).
     """
     from slope import parallel
     from slope.evaluate import resolve_device
@@ -251,7 +259,7 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
     ctx = _Run(args, model, sparsifier, loop)
     out = output_folder(output_dir, env.is_main)
     summary = _loop(ctx, out, env.is_main)
-    if summary.get("already_finished"):
+    if summary.get("already_finished") or summary["stopped_by"]:  # (stopped: its checkpoint continues it)
         return _finish(ctx, summary)
     summary["config"] = {**sparsifier.config_dict(), "learning_rate": args.learning_rate, "batch_size": args.batch_size,
                          "num_epochs": args.num_epochs, "warmup_steps": args.warmup_steps,

@@ -34,7 +34,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description="Fine-tune a causal LM (seed 002 steps 1 and 3): plain fine-tuning without --recipe; with a "
                        "recipe, ConstantPruningModifier keeps the pruned zeros and OutputDistillationModifier distils from "
                        "--distill-teacher. Writes the model (plain Hugging Face folder), metrics.jsonl, summary.json and "
-                       "loss.png to --output-dir. See docs/recovery.md.")
+                       "loss.png to --output-dir. SIGINT / SIGTERM stop it after the current step with a "
+                       "checkpoint-<step> in --output-dir (exit status 0; continue with --resume-from-checkpoint). See "
+                       "docs/recovery.md.")
     _flag(p, "model", required=True, metavar="DIR", help="a Hugging Face model folder, a slope save_pretrained folder or a "
           "`slope train` checkpoint/run folder")
     _flag(p, "dataset", default="embedded", help="'embedded', a .txt/.jsonl(.gz) file or a Hugging Face dataset name")
@@ -72,6 +74,8 @@ def add_training_flags(p: argparse.ArgumentParser, checkpoints_in: str = "OUTPUT
     _flag(p, "eval_steps", type=int, default=None, help="validate every K steps (and at the end)")
     _flag(p, "eval_batches", type=int, default=8)
     _flag(p, "save_steps", type=int, default=None, help=f"write {checkpoints_in}/checkpoint-<step> every K steps")
+    _flag(p, "save_total_limit", type=int, default=None, metavar="N",
+          help="keep only the newest N checkpoint-<step> folders (default: all)")
     _flag(p, "tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's, else slope's shipped one)")
     _flag(p, "text_field", default="text")
     _flag(p, "device", default="auto")

@@ -19,7 +19,10 @@ is :class:`slope.finetune_loop.FinetuneLoop` (shared with ``sparse_finetune``); 
 before anything loads) receives the model as a plain Hugging Face folder (pruned entries are exact zeros),
 its tokenizer, ``recipe.yaml`` (defaults filled in), ``metrics.jsonl``, ``summary.json``,
 ``loss.png`` and, every ``save_steps``, ``checkpoint-<step>/`` (weights, masks, both optimizers, loss
-scaler, RNG states, records): ``resume_from_checkpoint`` continues exactly as if never stopped.
+scaler, RNG states, records; only the newest ``save_total_limit`` are kept): ``resume_from_checkpoint``
+continues exactly as if never stopped. SIGINT / SIGTERM end the run after the current step with a
+``checkpoint-<step>/`` (without ``output_dir``: nothing saved), and ``finetune`` returns normally, the
+summary saying ``stopped_by`` (a second signal raises ``KeyboardInterrupt`` at once).
 Under ``torchrun`` it trains data-parallel (``per_device_train_batch_size`` per rank): with DDP,
 or with ``fsdp=True`` (``--fsdp``; also under ``accelerate launch`` with an FSDP config, as in the
 seed) sharded by FSDP2 (:func:`slope.parallel.wrap_fsdp2`: dense weights, gradients and AdamW state
@@ -41,9 +44,9 @@ import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive, dataset_name,
-                                ddp_forward_model, output_folder, plain_config, precision_mode, run_resumable, save_model_folder,
-                                seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive,
+                                check_save_total_limit, dataset_name, ddp_forward_model, output_folder, plain_config, precision_mode,
+                                run_resumable, save_model_folder, seed_everything)
 from slope.pruning.loading import LOAD_PRECISIONS
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import _warn_uncovered
@@ -59,7 +62,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_seq_length": 512, "bf16": False,
     "fp16": False, "gradient_checkpointing": False, "max_grad_norm": 1.0, "weight_decay": 0.0, "adam_beta1": 0.9,
     "adam_beta2": 0.999, "adam_epsilon": 1e-8, "seed": 42,
-    "logging_steps": 10, "eval_steps": None, "eval_batches": 8, "save_steps": None, "resume_from_checkpoint": None,
+    "logging_steps": 10, "eval_steps": None, "eval_batches": 8, "save_steps": None, "save_total_limit": None,
+    "resume_from_checkpoint": None,
     "tokenizer": None, "text_field": "text", "device": "auto", "precision": "auto", "double_pruning": False,
     "backend": "auto", "progress": None, "fsdp": False,
 }
@@ -110,6 +114,7 @@ def checked_training_args(training_args: dict[str, Any], caller: str = "finetune
     for name in ("max_steps", "eval_steps", "save_steps"):
         if args[name] is not None:
             check_int(name, args[name])
+    check_save_total_limit(args["save_total_limit"])
     for name in ("learning_rate", "num_train_epochs", "adam_epsilon"):
         check_positive(name, args[name])
     if args["lr_scheduler_type"] not in LR_SCHEDULES:
@@ -340,14 +345,17 @@ def _build(model, dataset, teacher, output_dir, args, env, constant_mod, distill
     out = output_folder(output_dir, env.is_main)
     fingerprint = {"total_steps": total, "global_batch": global_batch, "recipe": recipe_yaml(entries) if entries else None,
                    **{k: args[k] for k in _RESUME_KEYS if k in args}}
-    return _Recovery(model, tokenizer, held, distiller, loop, LoopCheckpoints(out, loop, {"constant": held}, fingerprint, _RESUME_KEYS, env.is_main), out)
+    checkpoints = LoopCheckpoints(out, loop, {"constant": held}, fingerprint, _RESUME_KEYS, env.is_main,
+                                  save_total_limit=args["save_total_limit"])
+    return _Recovery(model, tokenizer, held, distiller, loop, checkpoints, out)
 
 
 def _train(run: _Recovery, args: dict[str, Any], entries: list, env, dataset) -> dict[str, Any]:
-    """Resume if asked, train, and write the outputs; returns the summary."""
+    """Resume if asked, train, and write the outputs (none for a run stopped by a signal: its checkpoint
+    continues it); returns the summary."""
     summary = run_resumable(run.loop, run.checkpoints, run.out, args["resume_from_checkpoint"], args["save_steps"],
                             main_process=env.is_main)
-    if summary.get("already_finished"):
+    if summary.get("already_finished") or summary["stopped_by"]:
         return summary
     from slope.parallel import is_fsdp2
     from slope.parallel.sharded import local_bytes
@@ -388,11 +396,16 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
             ``max_seq_length``, ``eval_batches``, ``tokenizer``, ``text_field``, ``device``, ``precision``
             (dtype to load folders in), ``double_pruning`` (2:4 layers compressed with SLoPe's
             backward), ``backend``, ``progress``, ``fsdp`` (shard with FSDP2 under ``torchrun``)).
-            ``max_grad_norm=None`` or 0: no clipping.
+            ``max_grad_norm=None`` or 0: no clipping. ``save_total_limit``: keep only the newest N
+            ``checkpoint-<step>/`` folders (``None``: all).
 
     The returned model keeps its training form (2:4 layers as :class:`slope.SparseLinear`; under
     FSDP still sharded: :func:`slope.parallel.full_model_state_dict` gathers it) and holds the run's
-    summary in ``finetune_summary``.
+    summary in ``finetune_summary``. A run stopped by SIGINT / SIGTERM returns the model as it stands after
+    step ``finetune_summary["stopped_at"]``, with ``stopped_by`` the signal's name (``None`` for a run that
+    trained all its steps) and ``stop_checkpoint`` the ``checkpoint-<step>/`` it wrote (``None`` without
+    ``output_dir``); ``output_dir`` then holds that checkpoint and ``metrics.jsonl`` only, and a call with
+    ``resume_from_checkpoint`` continues the run exactly.
     """
     from slope import parallel
     from slope.evaluate import resolve_device

@@ -6,7 +6,9 @@ or underscores; the seed's two SparseML commands become one::
     slope apply --model dense --recipe recipe.yaml --dataset embedded --output-dir out \\
         --num-calibration-samples 512 --max-seq-len 512 --distill-teacher dense --max-steps 200 --bf16 True
 
-Running it again with the same flags continues an interrupted run (finished stages are kept).
+Running it again with the same flags continues an interrupted run (finished stages are kept). SIGINT /
+SIGTERM during a train stage stop it after the current step with a checkpoint (exit status 0), which
+the same command continues from.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "recipe's order", description="Run every stage of a multi-stage recipe (oneshot and train stages, in "
                        "order), each on the model the stage before wrote: stage <name> writes OUTPUT_DIR/stage_<name>/, and "
                        "OUTPUT_DIR/apply.json records the settings and the finished stages, so that the same command continues "
-                       "an interrupted run. See docs/oneshot.md.")
+                       "an interrupted run (SIGINT / SIGTERM in a train stage: stopped after the current step with a "
+                       "checkpoint, exit status 0). See docs/oneshot.md.")
     _flag(p, "model", required=True, metavar="DIR", help="the model the first stage starts from: a Hugging Face model folder, a "
           "slope save_pretrained folder or a `slope train` checkpoint/run folder")
     _flag(p, "recipe", required=True, metavar="FILE", help="YAML recipe with one or more stages (oneshot and train)")
@@ -50,6 +53,16 @@ def _done_line(model) -> str:
             f"{Path(summary['final_model']).parent}")
 
 
+def _stopped_line(model) -> str | None:
+    """The closing line of a run stopped in a train stage by SIGINT / SIGTERM (``None`` otherwise)."""
+    from slope.finetune_run import stopped_line
+
+    stopped = model.apply_summary["stopped"]
+    if stopped is None:
+        return None
+    return stopped_line("apply", stopped, again="the same command again", what=f" of stage {stopped['stage']}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (1 with a one-line error for bad input)."""
     from slope.finetune_run import command_options, run_command
@@ -67,4 +80,4 @@ def run(args: argparse.Namespace) -> int:
                      num_calibration_samples=options.pop("num_calibration_samples"), max_seq_len=options.pop("max_seq_len"),
                      **options)
 
-    return run_command("apply", call, args.output_dir, done_line=_done_line)
+    return run_command("apply", call, args.output_dir, done_line=_done_line, stopped=_stopped_line)

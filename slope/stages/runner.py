@@ -18,6 +18,8 @@ Calling ``apply`` again on that ``output_dir`` continues the run: finished stage
 stage that wrote a ``checkpoint-<step>/`` (``save_steps``) resumes from its newest, and an unfinished
 stage without one starts again. Settings may change for the stages not finished (a failed run
 continues with corrected ones); a change that would lose a finished stage is a one-line error.
+SIGINT / SIGTERM during a train stage end the run after the current step with that stage's
+``checkpoint-<step>/``: the next call continues from it.
 
 Under ``torchrun`` / ``accelerate launch`` a oneshot stage runs on rank 0 while the other ranks
 wait (calibration goes block by block in one process), and a train stage runs data-parallel on
@@ -46,7 +48,8 @@ from slope.stages.record import StageRecord, stage_finished, stage_folder_name
 __all__ = ["apply"]
 
 #: Training arguments that do not change a stage's result: a continued run may change them.
-_FREE_ARGS = ("progress", "logging_steps", "device", "eval_steps", "eval_batches", "save_steps", "resume_from_checkpoint",
+_FREE_ARGS = ("progress", "logging_steps", "device", "eval_steps", "eval_batches", "save_steps", "save_total_limit",
+              "resume_from_checkpoint",
               "fsdp")  # (the engine: a train stage's checkpoints resume under DDP, FSDP or in one process alike)
 
 
@@ -295,11 +298,16 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
             (default: ``max_seq_length``).
         verbose: print a line per stage, the oneshot reports and a closing table.
         training_args: :data:`slope.recovery.finetune.TRAINING_DEFAULTS`, for every train stage
-            (``resume_from_checkpoint`` is not one: call ``apply`` again to continue).
+            (``resume_from_checkpoint`` is not one: call ``apply`` again to continue). Those that change no
+            result (``save_steps``, ``save_total_limit``, logging, evaluation, device) may change between calls.
 
     Returns the last stage's model as its command returns it (loaded from its folder when this call
     did not run it, or on ranks > 0 after a oneshot stage), with ``apply_summary``: the record
     (``apply.json``) plus ``final_model`` (the last stage's folder) and ``ran_now`` (the stages this call ran).
+    ``apply_summary["stopped"]`` is ``None``, unless SIGINT / SIGTERM stopped a train stage: then the run
+    ends there and the model is that stage's as it stands (``final_model`` ``None``), and ``stopped`` holds
+    the ``stage``, ``stopped_by`` (the signal), ``stopped_at`` of ``steps`` and ``stop_checkpoint`` (its
+    ``checkpoint-<step>/``, which the next call continues from).
     """
     from slope import parallel
     from slope.evaluate import resolve_device
@@ -315,36 +323,58 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
         done = leader.run(lambda: _open_record(record, out, planned))
         kept = max((k for k, d in enumerate(done) if d), default=-1)  # the stages up to the last one done stay
         if args["save_steps"] is None and any(s.run_type == "train" for s in stages[kept + 1:]):
-            _say(leader, verbose, "note: without save_steps an interrupted train stage starts again when apply continues the run")
+            _say(leader, verbose, "note: without save_steps a train stage killed mid-run starts again when apply continues the run "
+                 "(a SIGINT / SIGTERM stops it with a checkpoint)")
         if kept >= 0 and isinstance(model, nn.Module):
             _say(leader, verbose, f"note: stage {stages[0].name} is kept from the earlier run; the model given in memory is not "
                  "used (and cannot be checked to be the same): pass a new output_dir to start from it")
         source = model if kept < 0 else out / stage_folder_name(stages[kept].name)
-        last, ran = None, []
-        for k, stage in enumerate(stages):
-            folder, index = out / stage_folder_name(stage.name), f"{k + 1}/{len(stages)}"
-            if k <= kept:
-                _say(leader, verbose, f"apply: stage {index} {stage.name} ({stage.run_type}): " + (
-                     f"done earlier, kept in {folder}" if done[k] else f"its folder is gone; stage {stages[kept].name} after it is kept"))
-                continue
-            start = time.perf_counter()
-            last = _run_stage(leader, stage, index, source, recipe, dataset, distill_teacher if distils[k] else None, folder,
+
+        def run_one(k: int, index: str, source, folder: Path):
+            return _run_stage(leader, stages[k], index, source, recipe, dataset, distill_teacher if distils[k] else None, folder,
                               args, training_args, calibration, env.device, verbose)
-            leader.run(lambda: record[0].finish(stage.name, time.perf_counter() - start, _result(folder, stage.run_type)))
-            ran.append(stage.name)
-            source = folder
+
+        last, ran, source, stopped = _run_stages(leader, record, stages, done, kept, source, out, verbose, run_one)
         summary = leader.run(lambda: record[0].data)
     finally:
         leader.close()
         parallel.destroy_distributed(env)
+    if stopped is not None:  # a train stage stopped by a signal: its checkpoint continues it when apply is called again
+        last.apply_summary = {**summary, "final_model": None, "ran_now": ran, "stopped": stopped}
+        return last
     if last is None:
         from slope.pruning.loading import load_model
 
         last = load_model(source, env.device, args["precision"])[0]
-    last.apply_summary = {**summary, "final_model": str(source), "ran_now": ran}
+    last.apply_summary = {**summary, "final_model": str(source), "ran_now": ran, "stopped": None}
     if verbose and env.is_main:
         print(format_stages(last.apply_summary))
     return last
+
+
+def _run_stages(leader, record, stages, done, kept: int, source, out: Path, verbose: bool, run_one: Callable[..., Any]):
+    """Run the stages after ``kept`` in turn (``run_one(k, index, source, folder)``: :func:`_run_stage` of
+    stage ``k``), each on the folder the stage before wrote; ``(last model, the stages run, the last folder,
+    stopped)``: ``stopped`` (``None`` unless a signal stopped a train stage; then the run ends there, that
+    stage unfinished) holds the stage's name and its summary's ``stopped_by``, ``stopped_at``, ``steps``
+    and ``stop_checkpoint``."""
+    last, ran = None, []
+    for k, stage in enumerate(stages):
+        folder, index = out / stage_folder_name(stage.name), f"{k + 1}/{len(stages)}"
+        if k <= kept:
+            _say(leader, verbose, f"apply: stage {index} {stage.name} ({stage.run_type}): " + (
+                 f"done earlier, kept in {folder}" if done[k] else f"its folder is gone; stage {stages[kept].name} after it is kept"))
+            continue
+        start = time.perf_counter()
+        last = run_one(k, index, source, folder)
+        summary = getattr(last, "finetune_summary", None) if stage.run_type == "train" else None
+        if summary is not None and summary.get("stopped_by"):  # (every rank stopped at the same step)
+            return last, ran, source, {"stage": stage.name, **{key: summary[key] for key in (
+                "stopped_by", "stopped_at", "steps", "stop_checkpoint")}}
+        leader.run(lambda: record[0].finish(stage.name, time.perf_counter() - start, _result(folder, stage.run_type)))
+        ran.append(stage.name)
+        source = folder
+    return last, ran, source, None
 
 
 def format_stages(summary: dict[str, Any]) -> str:
