@@ -23,8 +23,8 @@ import torch.nn as nn
 from slope.prune import DEFAULT_SKIP, _tied_to_embedding
 from slope.pruning.modifiers import PruningModifier, RecipeError
 
-__all__ = ["LayerPlan", "Skipped", "WeightJournal", "find_blocks", "is_linear", "match_targets", "matching_modules", "read_weight",
-           "select_layers"]
+__all__ = ["LayerPlan", "Skipped", "WeightJournal", "find_blocks", "is_linear", "match_targets", "matching_modules", "name_hint",
+           "read_weight", "select_layers"]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -65,6 +65,20 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
             if size and (best is None or size > best[2]):
                 best = (name, module, size)
     return None if best is None else (best[0], best[1])
+
+
+def name_hint(model: nn.Module) -> str:
+    """How ``model``'s own modules are named, for an error about a name that matches none: its block
+    list as a ``re:`` entry and a linear's name (``re:transformer.h.\\d+$``, ``transformer.h.0.attn.c_attn``
+    for GPT-2; ``re:model.layers.\\d+$``, ``model.layers.0.self_attn.q_proj`` for Llama)."""
+    linears = [n for n, m in model.named_modules() if n and is_linear(m)]
+    found = find_blocks(model)
+    if found is None or not found[0]:
+        return f"its linear modules are named {', '.join(linears[:3]) or '(none)'}"
+    blocks_name = found[0]
+    first = [n for n in linears if n.startswith(blocks_name + ".0.")]
+    example = f" and its linears like {first[0]}" if first else ""
+    return f"its blocks are {blocks_name}.0, {blocks_name}.1, ... (re:{blocks_name}.\\d+$){example}"
 
 
 def _answers_to(name: str, module: nn.Module) -> tuple[str, ...]:
@@ -114,7 +128,7 @@ def match_targets(model: nn.Module, targets: list[str], owner: str) -> dict[str,
         hits = [n for n, m in modules.items() if _matches(entry, n, m)]
         if not hits:
             raise RecipeError(f"{owner}: target {entry!r} matches no module of {type(model).__name__}; "
-                              "check the name (module names look like model.layers.0.mlp.up_proj)")
+                              f"check the name ({name_hint(model)})")
         for hit in hits:
             if is_linear(modules[hit]):
                 chosen[hit] = chosen.get(hit, False) or entry in _answers_to(hit, modules[hit])
@@ -136,7 +150,7 @@ def matching_modules(model: nn.Module, entries: list[str], owner: str) -> list[s
         hits = {n for n, m in modules.items() if _matches(entry, n, m)}
         if not hits:
             raise RecipeError(f"{owner}: target {entry!r} matches no module of {type(model).__name__}; "
-                              "check the name (module names look like model.layers.0 or lm_head)")
+                              f"check the name ({name_hint(model)})")
         chosen |= hits
     return [n for n in modules if n in chosen]
 
@@ -180,7 +194,8 @@ def select_layers(model: nn.Module, modifier: PruningModifier) -> tuple[list[Lay
     modules = dict(model.named_modules())
     for entry in modifier.ignore:
         if not any(_matches(entry, n, m) for n, m in modules.items()):
-            raise RecipeError(f"{modifier.name}: ignore entry {entry!r} matches no module of {type(model).__name__}")
+            raise RecipeError(f"{modifier.name}: ignore entry {entry!r} matches no module of {type(model).__name__}; "
+                              f"check the name ({name_hint(model)})")
     plans, skipped = [], []
     for name, explicit in _selected(model, modifier, blocks_name).items():
         module = modules[name]

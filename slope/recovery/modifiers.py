@@ -110,8 +110,8 @@ class OutputDistillationModifier(TrainingModifier):
 
     def __post_init__(self):
         if self.targets is None:
-            raise RecipeError(f"{self.name}: give targets, the modules whose outputs are compared (e.g. ['model.layers.0', "
-                              "'lm_head'])")
+            raise RecipeError(f"{self.name}: give targets, the modules whose outputs are compared (e.g. a block and the "
+                              "head: ['model.layers.0', 'lm_head'] for Llama, ['transformer.h.0', 'lm_head'] for GPT-2)")
         self.targets = self._targets(required=True)
         if self.comparison not in COMPARISONS:
             raise RecipeError(f"{self.name}: comparison must be one of {', '.join(COMPARISONS)}, got {self.comparison!r}")
