@@ -8,9 +8,11 @@ Python's format.
 from __future__ import annotations
 
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["report_error", "warnings_as_notes"]
+__all__ = ["report_error", "said_once", "warnings_as_notes"]
 
 
 def report_error(command: str, error: BaseException) -> None:
@@ -53,3 +55,22 @@ def warnings_as_notes(show):
             show(message, category, filename, lineno, file, line)
 
     return showwarning
+
+
+@contextmanager
+def said_once():
+    """Within it (or a function it decorates, each call afresh), a warning shown once is not shown
+    again: one of the same category and text is dropped, so that a run of several stages says each
+    note once (a note whose text differs between stages is still said)."""
+    seen: set[tuple[type, str]] = set()
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            key = (category, str(message))
+            if key not in seen:
+                seen.add(key)
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        yield

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slope.config import absolute_if_local
+from slope.notes import said_once
 from slope.pruning.modifiers import RecipeError
 from slope.pruning.recipe import RecipeStage, parse_recipe, recipe_stages, recipe_yaml, stage_recipe
 from slope.stages.record import StageRecord, stage_finished, stage_folder_name
@@ -281,6 +282,7 @@ def _checked_call(model, recipe, output_dir, teacher, training_args) -> tuple[li
     return stages, distils, texts, args
 
 
+@said_once()
 def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=None, *, num_calibration_samples: int = 512,
           max_seq_len: int | None = None, verbose: bool = True, **training_args) -> nn.Module:
     """Run every stage of ``recipe`` in order, each on the model the previous one wrote (module docstring).
@@ -296,7 +298,8 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
         distill_teacher: the teacher (model or folder) of the stages with an ``OutputDistillationModifier``.
         num_calibration_samples / max_seq_len: calibration windows of oneshot stages and their length
             (default: ``max_seq_length``).
-        verbose: print a line per stage, the oneshot reports and a closing table.
+        verbose: print a line per stage, the oneshot reports and a closing table. Each warning (note) is said
+            once per call, not once per stage, unless its text differs between stages.
         training_args: :data:`slope.recovery.finetune.TRAINING_DEFAULTS`, for every train stage
             (``resume_from_checkpoint`` is not one: call ``apply`` again to continue). Those that change no
             result (``save_steps``, ``save_total_limit``, logging, evaluation, device) may change between calls.
