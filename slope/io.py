@@ -230,6 +230,21 @@ def _load_tensors(directory: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _check_not_resaved(directory: str, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """A folder whose ``config.json`` keeps slope's record but whose weights hold none of the recorded
+    layers' masks was loaded into plain ``transformers`` and saved again: it is a dense model now (the
+    masks ``M`` / ``M_t`` and any adapters cannot be recovered from its weights). One-line ``ValueError``."""
+    pruned = [*record["layers"], *record.get("experts", {})]
+    if not pruned or any(f"{name}.mask_bits" in tensors for name in pruned):
+        return
+    raise ValueError(
+        f"{directory} is a pruned model's folder re-saved by plain transformers: its config.json keeps slope's record of "
+        f"{len(pruned)} pruned layers, but its weights are dense, without slope's masks ({pruned[0]}.mask_bits and the "
+        "others are gone), so it is a dense model now; load it with transformers.AutoModelForCausalLM.from_pretrained"
+        f"({directory!r}) and prune it again with slope.prune_model, or load the folder it was re-saved from"
+    )
+
+
 def _native_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
     """Turn the SLoPe layers' dense-form entries of ``tensors`` into their own (in place)."""
     from slope.serialization.dense_form import native_entries
@@ -327,6 +342,8 @@ def from_pretrained(
         raise ValueError(f"cannot read the Hugging Face config in {directory!r}: {e}") from e
     config.__dict__.pop("slope_config", None)  # rebuilt from the model whenever it is saved again
     tensors = _load_tensors(directory)
+    if version >= 2:
+        _check_not_resaved(directory, record, tensors)
     dtypes = {rec["dtype"] for rec in record["layers"].values()}
     dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else None
     model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
