@@ -190,8 +190,9 @@ def test_each_kind_of_folder_gets_its_advice(tmp_path):
     model.save_pretrained(tmp_path / "pruned")
     # re-saved by plain transformers: dense weights, the masks are gone -> loud, never random weights
     load_plain(tmp_path / "pruned").save_pretrained(tmp_path / "resaved")
-    with pytest.raises(ValueError, match=r"resaved is a pruned model's folder re-saved by plain transformers: .* record of "
-                       r"7 pruned layers.*dense model now; load it with transformers.AutoModelForCausalLM.*slope.prune_model") as info:
+    resaved = (r"resaved is a pruned model's folder re-saved by plain transformers: .* record of 7 pruned layers.*"
+               r"dense model now; load it with transformers.AutoModelForCausalLM.*slope.prune_model")
+    with pytest.raises(ValueError, match=resaved) as info:
         from_pretrained(tmp_path / "resaved")
     assert "\n" not in str(info.value) and len(str(info.value)) < 600 and str(info.value).count("mask_bits") == 1
     dense = load_plain(tmp_path / "resaved")  # the advice works: the dense model loads and prunes again
