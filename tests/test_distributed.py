@@ -966,3 +966,21 @@ def test_sharded_values_refuse_an_unsynced_backward_after_a_synced_one(tmp_path)
                 loss_fn(model, ids, targets).backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_sharded_values_refuse_merged_inference_layers(tmp_path):
+    """The merged (inference-only) form does not train: sharding its values is a one-line error."""
+    import torch.distributed as dist
+
+    from slope.parallel import ShardedValues
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(seed=0)
+        for _, layer in slope.sparse_modules(model):
+            layer.add_lora(4)
+        slope.lora.merge_lora(model)
+        with pytest.raises(ValueError, match="merged inference layer.*shard_values=False"):
+            ShardedValues([layer for _, layer in slope.sparse_modules(model)])
+    finally:
+        dist.destroy_process_group()
