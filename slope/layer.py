@@ -422,6 +422,9 @@ class SparseLinear(nn.Module):
     def _scatter_kept(self, kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Inverse of :meth:`_gather_kept`: a ``(out, in·N/M)`` tensor in ``values``' layout as a
         dense ``(out, in)`` tensor of ``dtype``, zero where ``M`` prunes."""
+        if kept.shape[0] != self.out_features and self.values_holder is not None:
+            raise RuntimeError(f"{self.layer_name or 'SparseLinear'}: its values are sharded (wrap_fsdp2) and another rank holds "
+                               "them; read the whole model with slope.parallel.full_model_state_dict(model) on every rank")
         dense = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=kept.device)
         groups = dense.view(self.out_features, -1, self.m)
         groups.scatter_(-1, self._kept_offsets(), kept.to(dtype).view(self.out_features, -1, self.n))

@@ -117,10 +117,11 @@ def loss_fn(model, ids, targets):
     return F.cross_entropy(logits.float().reshape(-1, VOCAB), targets.reshape(-1))
 
 
-def train(model, sparse_opt, dense_opt, steps, accum, *, start=0, sharded=False, on_step=None, clip=None, sync_each=False):
+def train(model, sparse_opt, dense_opt, steps, accum, *, start=0, sharded=False, on_step=None, clip=None, sync_each=False,
+          zero_in_place=False):
     """``steps`` optimizer steps of ``accum`` micro-batches; ``sharded``: each rank takes its rows;
-    ``sync_each``: gradients are reduced after every micro-batch (no ``no_sync``) and the sparse
-    ones zeroed in place (``zero_grad(set_to_none=False)``)."""
+    ``sync_each``: gradients are reduced after every micro-batch (no ``no_sync``);
+    ``zero_in_place``: the sparse ones are zeroed in place (``zero_grad(set_to_none=False)``)."""
     losses = []
     for step in range(start, steps):
         for micro in range(accum):
@@ -139,7 +140,7 @@ def train(model, sparse_opt, dense_opt, steps, accum, *, start=0, sharded=False,
             sparse_opt.clip_grad_norm(clip)
         sparse_opt.step()
         dense_opt.step()
-        sparse_opt.zero_grad(set_to_none=not sync_each)
+        sparse_opt.zero_grad(set_to_none=not zero_in_place)
         dense_opt.zero_grad()
         if on_step is not None:
             on_step("step", step, accum - 1)
@@ -228,7 +229,7 @@ def _wrap(kind: str, model: nn.Module) -> nn.Module:
 
 
 def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = None, shard_state: bool = False,
-                      clip: float | None = None, sync_each: bool = False):
+                      clip: float | None = None, sync_each: bool = False, zero_in_place: bool = False):
     rank = torch.distributed.get_rank()
     model = _wrap(kind, build_model(seed=_rank_seed(rank)))  # ranks start differently: rank 0's weights win
     sparse_opt, dense_opt = make_optimizers(model, shard_state=shard_state)
@@ -243,9 +244,15 @@ def _scenario_wrapped(kind: str, accum: int, out: dict, resume: dict | None = No
             out["ckpt"] = checkpoint(model, sparse_opt, dense_opt, CKPT_STEP)
 
     out["losses"] = train(model, sparse_opt, dense_opt, STEPS, accum, start=start, sharded=True, on_step=on_step, clip=clip,
-                          sync_each=sync_each)
+                          sync_each=sync_each, zero_in_place=zero_in_place)
     out["final"] = full_model_state_dict(model)
     out["local_values"] = {n: m.values.detach().clone() for n, m in slope.sparse_modules(unwrap(model))}
+    out["dense_weight_errors"] = {}
+    for name, layer in slope.sparse_modules(unwrap(model)):
+        try:
+            layer.dense_weight()
+        except RuntimeError as e:
+            out["dense_weight_errors"][name] = str(e)
     out["micro_grads"] = grads
     out["syncs"] = model.slope_sparse_sync.syncs
     out["moments"] = sorted(i for i, state in sparse_opt.state_dict()["state"].items() if "exp_avg" in state)
@@ -398,7 +405,8 @@ def _worker_main(group: str, workdir: str) -> None:
             "fsdp2_accum": lambda out: _scenario_wrapped("fsdp2", 2, out),
             "fsdp2_replicated": lambda out: _scenario_wrapped("fsdp2_replicated", 2, out),
             "fsdp2_clip": lambda out: _scenario_wrapped("fsdp2", 1, out, clip=CLIP),
-            "fsdp2_sync_each": lambda out: _scenario_wrapped("fsdp2", 2, out, sync_each=True),
+            "fsdp2_sync_each": lambda out: _scenario_wrapped("fsdp2", 2, out, sync_each=True, zero_in_place=True),
+            "fsdp2_accum3_zero_in_place": lambda out: _scenario_wrapped("fsdp2", 3, out, zero_in_place=True),
             "ddp_resume": lambda out: _scenario_wrapped("ddp", 2, out, resume=resume()),
             "fsdp2_resume": lambda out: _scenario_wrapped("fsdp2", 2, out, resume=resume()),
             "fsdp2_bf16": _scenario_fsdp2_bf16,
@@ -545,6 +553,9 @@ def test_fsdp2_two_ranks_match_one_process(torch_results, references):
     assert_values_sharded(outs, references["accum2"])
     layers = sum(name.endswith(".values") for name in references["accum2"])
     assert outs[0]["syncs"] == STEPS * layers
+    for out in outs:  # reading a layer another rank holds is a one-line error naming the way to read it
+        assert set(out["dense_weight_errors"]) == {n for n, v in out["local_values"].items() if v.shape[0] == 0}
+        assert all("values are sharded" in e and "full_model_state_dict" in e for e in out["dense_weight_errors"].values())
     # each rank keeps the moments of the layers whose values it keeps, and gathers the one-process state
     assert outs[0]["moments"] and outs[1]["moments"] and not set(outs[0]["moments"]) & set(outs[1]["moments"])
     reference_ckpt = torch.load(references["workdir"] / "ckpt_1rank.pt", weights_only=False)
@@ -559,6 +570,14 @@ def test_fsdp2_sharded_values_sync_every_micro_batch(torch_results, references):
     assert_same_state(outs[0]["final"], references["accum2"])
     layers = sum(name.endswith(".values") for name in references["accum2"])
     assert outs[0]["syncs"] == 2 * STEPS * layers
+
+
+def test_fsdp2_sharded_values_accumulate_into_gradients_zeroed_in_place(torch_results):
+    """no_sync micro-batches accumulating into gradients zeroed in place (the owner's last reduced
+    tensor, refilled locally) are reduced with the last one, not taken for an earlier mean."""
+    final, _ = reference_run(accum=3)
+    outs = torch_results("fsdp2_accum3_zero_in_place")
+    assert_same_state(outs[0]["final"], final)
 
 
 def test_fsdp2_replicated_values_match_one_process(torch_results, references):

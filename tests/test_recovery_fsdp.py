@@ -30,8 +30,8 @@ SEED_FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARD
                  "FSDP_OFFLOAD_PARAMS": "false", "FSDP_ACTIVATION_CHECKPOINTING": "false"}
 
 
-def _launch(out: Path, *extra: str) -> None:
-    launch([__file__, str(out), *extra], out.parent, env=SEED_FSDP_ENV, name=out.name)  # logs beside the output folder
+def _launch(out: Path, *extra: str, env: dict | None = None) -> None:
+    launch([__file__, str(out), *extra], out.parent, env=env or SEED_FSDP_ENV, name=out.name)  # logs beside the output folder
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -72,9 +72,11 @@ def test_fsdp_under_the_seeds_launch_is_the_run_of_one_process(tmp_path):
 
     # its half-way checkpoint (single-process layout) resumes to the same weights in one process,
     # and sharded again (the checkpoint's weights and AdamW state split over the ranks)
+    # (with the config's activation checkpointing on this time: the same weights, and recorded so)
     shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", tmp_path / "again" / "checkpoint-2")
-    _launch(tmp_path / "again", "resume")
+    _launch(tmp_path / "again", "resume", env={**SEED_FSDP_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"})
     _assert_same(_weights(tmp_path / "single"), _weights(tmp_path / "again"))
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["config"]["gradient_checkpointing"] is True
     resumed_student, teacher = pruned_pair()
     options = {**OPTIONS, "save_steps": None}
     run(resumed_student, tmp_path / "fsdp", teacher=teacher, per_device_train_batch_size=4,

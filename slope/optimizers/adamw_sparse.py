@@ -343,7 +343,7 @@ class ADAMWSparse(torch.optim.Optimizer):
         partial = [int(k) for k, s in state_dict["state"].items() if "step" in s and not {"exp_avg", "exp_avg_sq"} <= set(s)]
         if partial:
             raise ValueError(f"ADAMWSparse.load_state_dict: {names[partial[0]]} has a step count but no moments: this is one rank's "
-                             "part of a sharded state (shard_state=True); save and load full_state_dict() instead")
+                             "part of a sharded state (shard_state=True, or values sharded by wrap_fsdp2); save and load full_state_dict() instead")
         params = self._params()
         # only what this rank keeps (with shard_state: its layers' moments, every step count), before torch copies it
         kept = {k: {name: v for name, v in s.items() if name == "step" or self.owns(params[int(k)])}

@@ -18,6 +18,9 @@ that layer computes. The values travel twice per step (forward and backward, as 
 all-gathers with ``reshard_after_forward``), the gradient once; the collectives are synchronous, in
 the order the layers run, the same on every rank (no prefetch or overlap yet).
 
+Every rank must run every SLoPe layer's forward and backward, in the same order (each is a
+collective): evaluation and generation too run on all ranks, never on one alone.
+
 Gradient accumulation: micro-batches run with the sync off (:func:`slope.parallel.no_sync`: the
 layer keeps its local gradient, whole, on every rank) and then one with it on; backward passes with
 the sync on may also follow each other (each adds its mean to the owner's). A backward with the
@@ -75,7 +78,9 @@ class ShardedValues:
         self.world, self.rank = self.owners.world, self.owners.rank
         self.enabled = True  # reduce gradients in the backward (no_sync turns it off)
         self.syncs = 0  # gradient reductions issued (for tests and logs)
-        self._reduced: dict[int, weakref.ref] = {}  # id(layer) → its gradient as last reduced (owner)
+        # id(layer) → (its gradient as last reduced, that tensor's version then): the owner's; a
+        # gradient zeroed or accumulated into in place since has another version
+        self._reduced: dict[int, tuple[weakref.ref, int]] = {}
         self._aside: dict[int, torch.Tensor] = {}  # id(layer) → that gradient, during the next backward
         for layer in self.layers:
             layer.values_holder = self
@@ -130,7 +135,8 @@ class ShardedValues:
         placeholder = grad.shape[0] == 0  # (the owner holds this step's mean)
         fresh = layer._grad_is_zero()  # zeroed since: a new step
         reduced = self._reduced.get(id(layer))
-        if not placeholder and (fresh or reduced is None or reduced() is not grad):
+        averaged = reduced is not None and reduced[0]() is grad and reduced[1] == grad._version
+        if not placeholder and (fresh or not averaged):
             return  # a zeroed buffer, or local micro-batches (no_sync) so far: this backward adds to them
         if not self.enabled and not fresh:
             self._drop(layer)
@@ -156,7 +162,7 @@ class ShardedValues:
                 if aside is not None:
                     grad = aside.add_(grad)
                 layer.values_grad = grad
-                self._reduced[id(layer)] = weakref.ref(grad)
+                self._reduced[id(layer)] = (weakref.ref(grad), grad._version)
             else:
                 layer.values_grad = grad.new_empty((0, grad.shape[-1]))
         finally:

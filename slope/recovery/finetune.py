@@ -400,7 +400,10 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
             ``checkpoint-<step>/`` folders (``None``: all).
 
     The returned model keeps its training form (2:4 layers as :class:`slope.SparseLinear`; under
-    FSDP still sharded: :func:`slope.parallel.full_model_state_dict` gathers it) and holds the run's
+    FSDP still sharded: :func:`slope.parallel.full_model_state_dict` gathers it, which needs the
+    process group — one this call started itself ends with it, so create the group first, e.g.
+    ``torch.distributed.init_process_group()``, to go on using the sharded model; else load
+    ``output_dir``) and holds the run's
     summary in ``finetune_summary``. A run stopped by SIGINT / SIGTERM returns the model as it stands after
     step ``finetune_summary["stopped_at"]``, with ``stopped_by`` the signal's name (``None`` for a run that
     trained all its steps) and ``stop_checkpoint`` the ``checkpoint-<step>/`` it wrote (``None`` without
@@ -421,6 +424,8 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     run = None
     try:
         fsdp = _fsdp_settings(args, env)
+        if (fsdp or {}).get("activation_checkpointing"):  # (the accelerate config's): recorded as such
+            args = {**args, "gradient_checkpointing": True}
         run = _build(model, dataset, distill_teacher, output_dir, args, env, constant_mod, distill_mod, entries, fsdp)
         summary = _train(run, args, entries, env, dataset)
     finally:
