@@ -14,23 +14,37 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 __all__ = ["GracefulStop"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+#: A repeat of the first signal within this many seconds is the same request, not a second one:
+#: launchers deliver one signal twice (GNU ``timeout`` to its child and to the child's group).
+REPEAT_WINDOW_S = 1.0
+
+
 class GracefulStop:
-    """``with GracefulStop() as stop: ... if stop.signal_name: save and leave``."""
+    """``with GracefulStop() as stop: ... if stop.signal_name: save and leave``.
+
+    Nested scopes share the outermost one (``__enter__`` returns it), so a command may listen across
+    more than its training loop (``slope apply`` across its stages, a fine-tuning run across its final
+    save) while the loop inside still asks :meth:`agreed`."""
 
     def __init__(self):
         self.signal_name: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        name, now = signal.Signals(signum).name, time.monotonic()
         if self.signal_name is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.signal_name = signal.Signals(signum).name
+            if name == self.signal_name and now - self._first_at < REPEAT_WINDOW_S:
+                return  # the first one, delivered twice
+            raise KeyboardInterrupt(f"second {name}")
+        self.signal_name, self._first_at = name, now
 
     def agreed(self) -> str | None:
         """The name of the signal asking the run to stop, or ``None``, agreed over the ranks: in a process
@@ -45,6 +59,9 @@ class GracefulStop:
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
+            outer = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+            if isinstance(outer, GracefulStop):
+                return outer  # an enclosing scope listens already
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self

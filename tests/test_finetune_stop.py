@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers as T
 
+from slope import interrupt
 from slope.dynamic import sparse_finetune
 from slope.finetune_checkpoints import CHECKPOINT_STATE, rotate_checkpoints
 from slope.finetune_loop import FinetuneLoop
@@ -105,11 +106,73 @@ def test_a_signal_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeyp
 
 def test_a_second_signal_interrupts_at_once(tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(interrupt, "REPEAT_WINDOW_S", 0.0)  # (else a repeat at once counts as the first, delivered twice)
     signal_after(monkeypatch, 1, times=2)
     with pytest.raises(KeyboardInterrupt, match="second SIGTERM"):
         run(tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]  # no checkpoint, nor a partial one
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_one_signal_delivered_twice_stops_once(tmp_path, monkeypatch):
+    """Launchers deliver a signal twice (GNU timeout: to its child and to the child's group): a repeat
+    of the first signal within REPEAT_WINDOW_S is the same request, the run stops with its checkpoint."""
+    signal_after(monkeypatch, 1, times=2)
+    summary = run(tmp_path / "run").finetune_summary
+    assert (summary["stopped_by"], summary["stopped_at"]) == ("SIGTERM", 2)
+    assert (tmp_path / "run" / "checkpoint-2" / CHECKPOINT_STATE).is_file()
+
+
+def test_scopes_nest_and_share_the_outermost(monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupt.GracefulStop() as outer:
+        with interrupt.GracefulStop() as inner:
+            assert inner is outer
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert outer.signal_name == "SIGTERM" and signal.getsignal(signal.SIGTERM) == outer._handle  # still listening
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_during_the_final_save_lets_the_outputs_be_written(tmp_path, monkeypatch):
+    """After the last step the run is done: a SIGTERM while its model folder is written does not kill it."""
+    import slope.recovery.finetune as recovery
+
+    save, leaked = recovery.save_model_folder, []
+
+    def save_when_signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "save_model_folder", save_when_signalled)
+    previous = signal.signal(signal.SIGTERM, lambda *a: leaked.append(a))  # what would otherwise get it (and die)
+    try:
+        summary = run(tmp_path / "run").finetune_summary
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not leaked and summary["stopped_by"] is None
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "config.json").is_file()
+
+
+def test_destroying_the_group_skips_the_barrier_while_an_exception_leaves(monkeypatch):
+    """A rank leaving by an exception (a second signal) must not wait in a barrier the others, inside a
+    collective, never reach: that hung the whole job."""
+    import torch.distributed as dist
+
+    from slope.parallel.env import DistEnv, destroy_distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    env = DistEnv(0, 2, 0, torch.device("cpu"), True)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            raise KeyboardInterrupt("second SIGTERM")
+        finally:
+            destroy_distributed(env)
+    assert calls == []
+    destroy_distributed(env)
+    assert calls == ["barrier", "destroy"]
 
 
 def test_without_output_dir_it_just_stops_and_the_last_step_is_not_stopped(tmp_path, monkeypatch):
@@ -220,6 +283,32 @@ def test_apply_stops_in_a_train_stage_and_continues_from_its_checkpoint(tmp_path
     monkeypatch.setattr(FinetuneLoop, "train_step", TRAIN_STEP)
     again = apply(str(dense), recipe, DOCS, tmp_path / "run", save_total_limit=3, **kw)  # another limit: the same run
     assert again.apply_summary["ran_now"] == ["recover"] and again.finetune_summary["resumed_from"].endswith("checkpoint-2")
+    assert_same_weights(whole, again)
+
+
+def test_apply_stops_between_stages_after_a_signal_in_a_stages_last_step(tmp_path, monkeypatch):
+    """A signal in the last step of a train stage that is not the last: the stage finishes and is kept, the
+    run stops before the next stage, and the same call again runs only what is left, to the same weights."""
+    recipe = {"prune_half": {"g": {"MagnitudePruningModifier": {"sparsity": 0.5, "targets": ["re:model.layers.\\d+$"]}}},
+              "recover": {"run_type": "train", "g": {"ConstantPruningModifier": {"start": 0}}},
+              "prune_more": {"g": {"MagnitudePruningModifier": {"sparsity": 0.6, "targets": ["re:model.layers.\\d+$"]}}}}
+    dense = tmp_path / "dense"
+    tiny_llama().save_pretrained(dense)
+    shipped_tokenizer().save_pretrained(dense)
+    kw = dict(num_calibration_samples=8, max_seq_len=16, max_steps=3, per_device_train_batch_size=4, max_seq_length=16,
+              eval_batches=1, learning_rate=1e-2, progress=False, verbose=False)
+    whole = apply(str(dense), recipe, DOCS, tmp_path / "whole", **kw)
+    signal_after(monkeypatch, 2)  # the last step of "recover"
+    stopped = apply(str(dense), recipe, DOCS, tmp_path / "run", **kw)
+    assert stopped.apply_summary["stopped"] == {"stage": "recover", "stopped_by": "SIGTERM", "after_stage": True}
+    assert stopped.apply_summary["ran_now"] == ["prune_half", "recover"] and not (tmp_path / "run" / "stage_prune_more").exists()
+    from slope.stages.cli import _stopped_line
+
+    assert _stopped_line(stopped) == ("slope apply: stopped by SIGTERM after stage recover (finished and kept); continue "
+                                      "with the same command again")
+    monkeypatch.setattr(FinetuneLoop, "train_step", TRAIN_STEP)
+    again = apply(str(dense), recipe, DOCS, tmp_path / "run", **kw)
+    assert again.apply_summary["ran_now"] == ["prune_more"] and again.apply_summary["stopped"] is None
     assert_same_weights(whole, again)
 
 

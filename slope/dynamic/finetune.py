@@ -36,6 +36,7 @@ from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_ch
 from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive,
                                 check_save_total_limit, dataset_name, ddp_forward_model, output_folder, plain_config, precision_mode,
                                 run_resumable, save_model_folder, seed_everything)
+from slope.interrupt import GracefulStop
 from slope.sparsity import SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
@@ -217,7 +218,8 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
     check_output_dir(output_dir, extra["resume_from_checkpoint"], extra["save_steps"])
     env = parallel.init_distributed(device=resolve_device(extra["device"]))
     try:
-        return _train(model_name, dataset, args, config, output_dir, env)
+        with GracefulStop():  # from here SIGINT / SIGTERM stop after a step; one after the last step lets the outputs be written
+            return _train(model_name, dataset, args, config, output_dir, env)
     finally:
         parallel.destroy_distributed(env)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -124,8 +125,11 @@ def init_distributed(
 
 
 def destroy_distributed(env: DistEnv) -> None:
-    """End the process group if :func:`init_distributed` created it (after a final barrier)."""
-    if env.created_group and dist.is_initialized():
+    """End the process group if :func:`init_distributed` created it, after a final barrier. While an
+    exception (an error, a second SIGINT / SIGTERM) is on its way out it is left as it is: the other
+    ranks may be inside a collective this rank will never join, where a barrier (or, with NCCL, the
+    group's teardown) would hang them all; this rank's exit lets the launcher stop them."""
+    if env.created_group and dist.is_initialized() and sys.exc_info()[1] is None:
         dist.barrier()
         dist.destroy_process_group()
 

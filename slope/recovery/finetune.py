@@ -412,6 +412,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     """
     from slope import parallel
     from slope.evaluate import resolve_device
+    from slope.interrupt import GracefulStop
 
     args = checked_training_args(training_args)
     constant_mod, distill_mod, entries = plan_recipe(recipe, stage)
@@ -426,8 +427,9 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
         fsdp = _fsdp_settings(args, env)
         if (fsdp or {}).get("activation_checkpointing"):  # (the accelerate config's): recorded as such
             args = {**args, "gradient_checkpointing": True}
-        run = _build(model, dataset, distill_teacher, output_dir, args, env, constant_mod, distill_mod, entries, fsdp)
-        summary = _train(run, args, entries, env, dataset)
+        with GracefulStop():  # from here SIGINT / SIGTERM stop after a step; one after the last step lets the outputs be written
+            run = _build(model, dataset, distill_teacher, output_dir, args, env, constant_mod, distill_mod, entries, fsdp)
+            summary = _train(run, args, entries, env, dataset)
     finally:
         parallel.destroy_distributed(env)
         if run is not None and run.distiller is not None:

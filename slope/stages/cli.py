@@ -60,6 +60,9 @@ def _stopped_line(model) -> str | None:
     stopped = model.apply_summary["stopped"]
     if stopped is None:
         return None
+    if stopped.get("after_stage"):
+        return (f"slope apply: stopped by {stopped['stopped_by']} after stage {stopped['stage']} (finished and kept); "
+                "continue with the same command again")
     return stopped_line("apply", stopped, again="the same command again", what=f" of stage {stopped['stage']}")
 
 

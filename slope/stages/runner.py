@@ -310,10 +310,13 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
     ``apply_summary["stopped"]`` is ``None``, unless SIGINT / SIGTERM stopped a train stage: then the run
     ends there and the model is that stage's as it stands (``final_model`` ``None``), and ``stopped`` holds
     the ``stage``, ``stopped_by`` (the signal), ``stopped_at`` of ``steps`` and ``stop_checkpoint`` (its
-    ``checkpoint-<step>/``, which the next call continues from).
+    ``checkpoint-<step>/``, which the next call continues from). A signal during a oneshot stage, or during
+    the last step of a train stage, lets that stage finish; the run then stops before the next one
+    (``stopped``: ``stage``, ``stopped_by`` and ``after_stage`` True; the model is that stage's).
     """
     from slope import parallel
     from slope.evaluate import resolve_device
+    from slope.interrupt import GracefulStop
 
     stages, distils, texts, args = _checked_call(model, recipe, output_dir, distill_teacher, training_args)
     calibration = _calibration(num_calibration_samples, max_seq_len, args)
@@ -322,23 +325,25 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
     env = parallel.init_distributed(device=resolve_device(args["device"]))
     leader = _Leader(env)
     try:
-        record: list[StageRecord] = []  # rank 0's
-        done = leader.run(lambda: _open_record(record, out, planned))
-        kept = max((k for k, d in enumerate(done) if d), default=-1)  # the stages up to the last one done stay
-        if args["save_steps"] is None and any(s.run_type == "train" for s in stages[kept + 1:]):
-            _say(leader, verbose, "note: without save_steps a train stage killed mid-run starts again when apply continues the run "
-                 "(a SIGINT / SIGTERM stops it with a checkpoint)")
-        if kept >= 0 and isinstance(model, nn.Module):
-            _say(leader, verbose, f"note: stage {stages[0].name} is kept from the earlier run; the model given in memory is not "
-                 "used (and cannot be checked to be the same): pass a new output_dir to start from it")
-        source = model if kept < 0 else out / stage_folder_name(stages[kept].name)
+        with GracefulStop() as signals:  # (SIGINT / SIGTERM: the stage under way ends, then the run)
+            record: list[StageRecord] = []  # rank 0's
+            done = leader.run(lambda: _open_record(record, out, planned))
+            kept = max((k for k, d in enumerate(done) if d), default=-1)  # the stages up to the last one done stay
+            if args["save_steps"] is None and any(s.run_type == "train" for s in stages[kept + 1:]):
+                _say(leader, verbose, "note: without save_steps a train stage killed mid-run starts again when apply continues the run "
+                     "(a SIGINT / SIGTERM stops it with a checkpoint)")
+            if kept >= 0 and isinstance(model, nn.Module):
+                _say(leader, verbose, f"note: stage {stages[0].name} is kept from the earlier run; the model given in memory is not "
+                     "used (and cannot be checked to be the same): pass a new output_dir to start from it")
+            source = model if kept < 0 else out / stage_folder_name(stages[kept].name)
 
-        def run_one(k: int, index: str, source, folder: Path):
-            return _run_stage(leader, stages[k], index, source, recipe, dataset, distill_teacher if distils[k] else None, folder,
-                              args, training_args, calibration, env.device, verbose)
+            def run_one(k: int, index: str, source, folder: Path):
+                return _run_stage(leader, stages[k], index, source, recipe, dataset, distill_teacher if distils[k] else None, folder,
+                                  args, training_args, calibration, env.device, verbose)
 
-        last, ran, source, stopped = _run_stages(leader, record, stages, done, kept, source, out, verbose, run_one)
-        summary = leader.run(lambda: record[0].data)
+            last, ran, source, stopped = _run_stages(leader, record, stages, done, kept, source, out, verbose, run_one,
+                                                     signals.agreed)
+            summary = leader.run(lambda: record[0].data)
     finally:
         leader.close()
         parallel.destroy_distributed(env)
@@ -355,12 +360,14 @@ def apply(model, recipe, dataset="embedded", output_dir=None, distill_teacher=No
     return last
 
 
-def _run_stages(leader, record, stages, done, kept: int, source, out: Path, verbose: bool, run_one: Callable[..., Any]):
+def _run_stages(leader, record, stages, done, kept: int, source, out: Path, verbose: bool, run_one: Callable[..., Any],
+                stop: Callable[[], str | None]):
     """Run the stages after ``kept`` in turn (``run_one(k, index, source, folder)``: :func:`_run_stage` of
     stage ``k``), each on the folder the stage before wrote; ``(last model, the stages run, the last folder,
-    stopped)``: ``stopped`` (``None`` unless a signal stopped a train stage; then the run ends there, that
-    stage unfinished) holds the stage's name and its summary's ``stopped_by``, ``stopped_at``, ``steps``
-    and ``stop_checkpoint``."""
+    stopped)``: ``stopped`` is ``None`` unless a signal stopped the run — inside a train stage (that stage
+    unfinished: its name and its summary's ``stopped_by``, ``stopped_at``, ``steps`` and ``stop_checkpoint``)
+    or at the end of a stage (``stop()``, collective, asked after each stage but the last: the stage's name,
+    ``stopped_by`` and ``after_stage`` True)."""
     last, ran = None, []
     for k, stage in enumerate(stages):
         folder, index = out / stage_folder_name(stage.name), f"{k + 1}/{len(stages)}"
@@ -377,6 +384,9 @@ def _run_stages(leader, record, stages, done, kept: int, source, out: Path, verb
         leader.run(lambda: record[0].finish(stage.name, time.perf_counter() - start, _result(folder, stage.run_type)))
         ran.append(stage.name)
         source = folder
+        signal_name = stop() if k < len(stages) - 1 else None
+        if signal_name:
+            return last, ran, source, {"stage": stage.name, "stopped_by": signal_name, "after_stage": True}
     return last, ran, source, None
 
 
