@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,18 +27,27 @@ from slope.checkpoint import capture_rng, restore_rng
 from slope.durable import fsync_dir, write_file
 from slope.finetune_loop import FinetuneLoop
 
-__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "checkpoint_steps", "resolve_checkpoint", "rotate_checkpoints"]
+__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "checkpoint_step", "checkpoint_steps", "resolve_checkpoint", "rotate_checkpoints"]
 
 CHECKPOINT_STATE = "slope_finetune_state.pt"
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")  # (re's [0-9]: ASCII digits only)
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a folder named exactly ``checkpoint-<step>`` (ASCII digits, no leading zero: ``checkpoint-0``,
+    ``checkpoint-12``), else ``None`` (``checkpoint-002``, ``checkpoint-²``, ``checkpoint-3.bak`` are not checkpoints)."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_steps(folder: Path, complete: bool = False) -> dict[int, Path]:
-    """``{step: folder}`` of the ``checkpoint-<step>`` folders in ``folder`` (``complete``: only
-    those holding their state file)."""
+    """``{step: folder}`` of the ``checkpoint-<step>`` folders in ``folder`` (:func:`checkpoint_step` names;
+    ``complete``: only those holding their state file)."""
     if not folder.is_dir():
         return {}
-    return {int(p.name[11:]): p for p in folder.glob("checkpoint-*")
-            if p.name[11:].isdigit() and (not complete or (p / CHECKPOINT_STATE).is_file())}
+    found = {checkpoint_step(p.name): p for p in folder.glob("checkpoint-*")}
+    return {step: p for step, p in found.items()
+            if step is not None and (not complete or (p / CHECKPOINT_STATE).is_file())}
 
 
 def resolve_checkpoint(folder: Path | None, writer: str = "slope's fine-tuning") -> Path:
@@ -58,11 +68,11 @@ def rotate_checkpoints(folder: Path, keep: int, newest: int) -> list[Path]:
 
     ``checkpoint-<newest>/`` always stays (nothing is removed while it is incomplete or missing); the
     others rank by step (a larger step: newer). Only complete folders named exactly ``checkpoint-<step>``
-    (holding the state file) count as the run's checkpoints: anything else is left alone. Each is renamed
+    (:func:`checkpoint_step`; holding the state file) count as the run's checkpoints: anything else is left alone. Each is renamed
     aside (``.checkpoint-<step>.removing-<pid>``) before it is deleted, so an interrupted removal leaves
     no half-deleted checkpoint among them.
     """
-    found = {step: path for step, path in checkpoint_steps(folder, complete=True).items() if path.name == f"checkpoint-{step}"}
+    found = checkpoint_steps(folder, complete=True)
     if newest not in found:
         return []
     removed = []
