@@ -18,6 +18,7 @@ import io
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +52,25 @@ def checkpoint_steps(folder: Path, complete: bool = False) -> dict[int, Path]:
 
 
 def resolve_checkpoint(folder: Path | None, writer: str = "slope's fine-tuning") -> Path:
-    """``folder`` itself when it is a ``checkpoint-<step>`` folder, else the newest one inside it;
-    a ``FileNotFoundError`` naming the flag when there is none (``writer``: who writes them)."""
+    """``folder`` itself when it is a ``checkpoint-<step>`` folder, else the newest complete one inside it
+    (incomplete ones, without their state file, are skipped with a ``UserWarning`` naming them); a
+    ``FileNotFoundError`` naming the flag when there is none (``writer``: who writes them)."""
     if folder is not None and (folder / CHECKPOINT_STATE).is_file():
         return folder
     found = checkpoint_steps(folder) if folder is not None else {}
-    if not found:
-        raise FileNotFoundError(f"resume_from_checkpoint (--resume-from-checkpoint): no checkpoint-<step> folder written by {writer} "
-                                f"at {folder} (one is written every save_steps / --save-steps steps)")
-    return found[max(found)]
+    if not found and folder is not None and checkpoint_step(folder.name) is not None and folder.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint (--resume-from-checkpoint): {folder} is incomplete (no {CHECKPOINT_STATE}: "
+                                "its save was interrupted); resume from another checkpoint-<step> folder")
+    complete = {step: path for step, path in found.items() if (path / CHECKPOINT_STATE).is_file()}
+    skipped = sorted(step for step in found if step not in complete and (not complete or step > max(complete)))
+    incomplete = f" (incomplete, without {CHECKPOINT_STATE}: {', '.join(f'checkpoint-{s}' for s in skipped)})" if skipped else ""
+    if not complete:
+        raise FileNotFoundError(f"resume_from_checkpoint (--resume-from-checkpoint): no checkpoint-<step> folder written by "
+                                f"{writer} at {folder}{incomplete} (one is written every save_steps / --save-steps steps)")
+    if skipped:
+        warnings.warn(f"resume_from_checkpoint: resuming the newest complete checkpoint, checkpoint-{max(complete)}; skipped newer "
+                      f"folders{incomplete}", UserWarning)  # (said once: both checks meet it here)
+    return complete[max(complete)]
 
 
 def rotate_checkpoints(folder: Path, keep: int, newest: int) -> list[Path]:

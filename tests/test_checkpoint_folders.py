@@ -1,9 +1,19 @@
-"""The ``checkpoint-<step>/`` folders of a fine-tuning run: which names are checkpoints."""
+"""The ``checkpoint-<step>/`` folders of a fine-tuning run: which names are checkpoints, which one
+``--resume-from-checkpoint latest`` picks."""
+import signal
+import warnings
+
 import pytest
+import transformers as T
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, checkpoint_step, checkpoint_steps, resolve_checkpoint, rotate_checkpoints
+from slope.finetune_loop import FinetuneLoop
 from slope.finetune_run import check_output_dir
+from slope.pruning.loading import shipped_tokenizer
+from slope.recovery.finetune import finetune
 from slope.serialization.folders import OutputDirError
+
+DOCS = ["def f%d(x):\n    return x * %d + %d\n" % (i, i, i * i) for i in range(120)]
 
 
 def folder(root, name, complete=True):
@@ -40,3 +50,54 @@ def test_odd_names_are_left_alone_by_resume_rotation_and_the_output_dir_check(tm
         resolve_checkpoint(odd)
     with pytest.raises(OutputDirError, match="exists and is not an empty folder; choose a new folder or remove it$"):
         check_output_dir(odd)  # a non-empty folder, not an unfinished run
+
+
+# ---------------------------------------------------------------------- latest
+def test_latest_is_the_newest_complete_checkpoint_and_names_the_incomplete_ones(tmp_path):
+    four = folder(tmp_path, "checkpoint-4")
+    folder(tmp_path, "checkpoint-2")
+    folder(tmp_path, "checkpoint-9", complete=False)  # a save that never finished
+    folder(tmp_path, "checkpoint-3", complete=False)  # older than the one chosen: not worth a word
+    with pytest.warns(UserWarning, match=r"checkpoint-4; skipped newer folders \(incomplete, without slope_finetune_state.pt: "
+                                         r"checkpoint-9\)$"):
+        assert resolve_checkpoint(tmp_path) == four
+        check_output_dir(tmp_path, resume_from=True)  # (the check before any work agrees)
+
+
+def test_latest_without_a_complete_checkpoint_says_so(tmp_path):
+    nine = folder(tmp_path, "checkpoint-9", complete=False)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint-<step> folder .* \(incomplete, without slope_finetune_state.pt: "
+                                                r"checkpoint-9\)"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-9 is incomplete \(no slope_finetune_state.pt"):
+        resolve_checkpoint(nine)  # named itself
+
+
+def run(out, **kw):
+    torch_config = T.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64)
+    T.set_seed(0)
+    options = dict(max_steps=4, per_device_train_batch_size=2, max_seq_length=16, eval_batches=1, learning_rate=1e-3, logging_steps=1,
+                   seed=0, tokenizer=shipped_tokenizer(), progress=False, output_dir=out)
+    return finetune(T.LlamaForCausalLM(torch_config), None, DOCS, **{**options, **kw})
+
+
+def test_a_run_resumes_from_the_newest_complete_checkpoint_next_to_an_empty_newer_one(tmp_path, monkeypatch):
+    train_step = FinetuneLoop.train_step
+
+    def stop_after_step_2(self, s):
+        result = train_step(self, s)
+        if s == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(FinetuneLoop, "train_step", stop_after_step_2)
+    out = tmp_path / "run"
+    assert run(out, save_steps=1).finetune_summary["stop_checkpoint"] == str(out / "checkpoint-2")
+    monkeypatch.setattr(FinetuneLoop, "train_step", train_step)
+    (out / "checkpoint-9").mkdir()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        summary = run(out, save_steps=1, resume_from_checkpoint=True).finetune_summary
+    assert summary["resumed_from"] == str(out / "checkpoint-2") and summary["steps"] == 4
+    assert any("skipped newer folders" in str(w.message) and "checkpoint-9" in str(w.message) for w in said)
