@@ -1,11 +1,12 @@
 """The ``checkpoint-<step>/`` folders of a fine-tuning run: which names are checkpoints, which one
-``--resume-from-checkpoint latest`` picks."""
+``--resume-from-checkpoint latest`` picks, ``--save-total-limit`` on the command line."""
 import signal
 import warnings
 
 import pytest
 import transformers as T
 
+from slope.cli import build_parser, main
 from slope.finetune_checkpoints import CHECKPOINT_STATE, checkpoint_step, checkpoint_steps, resolve_checkpoint, rotate_checkpoints
 from slope.finetune_loop import FinetuneLoop
 from slope.finetune_run import check_output_dir
@@ -101,3 +102,28 @@ def test_a_run_resumes_from_the_newest_complete_checkpoint_next_to_an_empty_newe
         summary = run(out, save_steps=1, resume_from_checkpoint=True).finetune_summary
     assert summary["resumed_from"] == str(out / "checkpoint-2") and summary["steps"] == 4
     assert any("skipped newer folders" in str(w.message) and "checkpoint-9" in str(w.message) for w in said)
+
+
+# ---------------------------------------------------------------------- --save-total-limit
+@pytest.mark.parametrize("command", [["finetune", "--model", "m"], ["sparse-finetune", "--model", "m"],
+                                     ["apply", "--model", "m", "--recipe", "r", "--output-dir", "o"]])
+def test_save_total_limit_none_on_the_command_line_keeps_them_all(command, capsys):
+    parser = build_parser()
+    for text in ("None", "none", "NONE"):
+        assert parser.parse_args([*command, "--save-total-limit", text]).save_total_limit is None
+    assert parser.parse_args([*command, "--save-total-limit", "2"]).save_total_limit == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--save-total-limit", "all"])
+    assert "expected an int >= 1 or None (keep every checkpoint), got 'all'" in capsys.readouterr().err
+
+
+def test_save_total_limit_without_output_dir_is_one_line_like_save_steps(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"^save_total_limit=2 keeps the newest checkpoint-<step> folders of output_dir: give "
+                                         r"output_dir \(--output-dir\), or leave save_total_limit out$"):
+        check_output_dir(None, save_total_limit=2)
+    check_output_dir(None, save_total_limit=None)
+    for command in ("finetune", "sparse-finetune"):
+        assert main([command, "--model", str(tmp_path / "missing"), "--save-total-limit", "2"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"slope {command}: error: save_total_limit=2 keeps the newest checkpoint-<step> folders of output_dir: "
+                       "give output_dir (--output-dir), or leave save_total_limit out"]
