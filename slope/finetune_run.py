@@ -38,7 +38,7 @@ from slope.serialization.folders import check_new_output_dir
 from slope.serialization.jsonfile import read_json_object
 
 __all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positions", "check_positive", "check_save_options",
-           "check_save_total_limit", "command_options", "dataset_name", "ddp_forward_model",
+           "check_save_total_limit", "command_options", "dataset_name", "ddp_forward_model", "interrupted_advice",
            "output_folder", "plain_config", "precision_mode", "rank_memory", "run_command", "run_resumable", "save_model_folder",
            "save_total_limit_text", "seed_everything", "stopped_line"]
 
@@ -299,6 +299,23 @@ def save_total_limit_text(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int >= 1 or None (keep every checkpoint), got {text!r}") from None
+
+
+def interrupted_advice(output_dir, save_steps: int | None) -> str:
+    """What a fine-tuning command interrupted at once (a second signal) can be continued with, as ``"; ..."``:
+    ``--resume-from-checkpoint latest`` only when ``output_dir`` holds a complete ``checkpoint-<step>/``;
+    else to start again with a new ``--output-dir`` or after removing the files the run left there (naming them)."""
+    out = None if output_dir is None else Path(output_dir).expanduser()
+    steps = {} if out is None else checkpoint_steps(out, complete=True)
+    if steps:
+        return (f"; a run keeps its last complete checkpoint-<step> folder (checkpoint-{max(steps)}: continue with "
+                "--resume-from-checkpoint latest)")
+    left = sorted(p.name for p in out.iterdir()) if out is not None and out.is_dir() else []
+    done = ("no checkpoint was written (pass --save-steps K to write checkpoint-<step> folders)" if not save_steps else
+            "no checkpoint was completed")
+    if not left:
+        return f"; {done}"
+    return f"; {done}: start again with a new --output-dir, or after removing what the run left in {out} ({', '.join(left)})"
 
 
 def stopped_line(name: str, summary: dict[str, Any], again: str | None = None, what: str = "") -> str | None:

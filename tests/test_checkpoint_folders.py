@@ -1,12 +1,14 @@
 """The ``checkpoint-<step>/`` folders of a fine-tuning run: which names are checkpoints, which one
-``--resume-from-checkpoint latest`` picks, ``--save-total-limit`` on the command line."""
+``--resume-from-checkpoint latest`` picks, ``--save-total-limit`` on the command line, and the advice
+an interrupted command gives."""
+import argparse
 import signal
 import warnings
 
 import pytest
 import transformers as T
 
-from slope.cli import build_parser, main
+from slope.cli import _resume_advice, build_parser, main
 from slope.finetune_checkpoints import CHECKPOINT_STATE, checkpoint_step, checkpoint_steps, resolve_checkpoint, rotate_checkpoints
 from slope.finetune_loop import FinetuneLoop
 from slope.finetune_run import check_output_dir
@@ -127,3 +129,41 @@ def test_save_total_limit_without_output_dir_is_one_line_like_save_steps(tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"slope {command}: error: save_total_limit=2 keeps the newest checkpoint-<step> folders of output_dir: "
                        "give output_dir (--output-dir), or leave save_total_limit out"]
+
+
+# ---------------------------------------------------------------------- an interrupted command's advice
+def advice(command, out, save_steps=2):
+    return _resume_advice(argparse.Namespace(command=command, output_dir=str(out), save_steps=save_steps))
+
+
+@pytest.mark.parametrize("command", ["finetune", "sparse-finetune"])
+def test_interrupted_advises_resuming_only_a_complete_checkpoint(tmp_path, command):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    folder(out, "checkpoint-4", complete=False)
+    said = advice(command, out)
+    assert "--resume-from-checkpoint" not in said
+    assert said == (f"; no checkpoint was completed: start again with a new --output-dir, or after removing what the run left in "
+                    f"{out} (checkpoint-4, metrics.jsonl)")
+    assert advice(command, tmp_path / "never-made") == "; no checkpoint was completed"
+    assert advice(command, out, save_steps=None).startswith("; no checkpoint was written (pass --save-steps K")
+    folder(out, "checkpoint-2")
+    assert advice(command, out) == ("; a run keeps its last complete checkpoint-<step> folder (checkpoint-2: continue with "
+                                    "--resume-from-checkpoint latest)")
+
+
+def test_interrupted_command_prints_the_advice(tmp_path, monkeypatch, capsys):
+    import slope.recovery.cli
+
+    out = tmp_path / "run"
+
+    def interrupted(args):  # a second signal during the first stop's save: only the metrics were written
+        out.mkdir()
+        (out / "metrics.jsonl").write_text("{}\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slope.recovery.cli, "run", interrupted)
+    assert main(["finetune", "--model", "m", "--output-dir", str(out), "--save-steps", "2"]) == 130
+    assert capsys.readouterr().err.strip() == ("slope finetune: interrupted; no checkpoint was completed: start again with a new "
+                                               f"--output-dir, or after removing what the run left in {out} (metrics.jsonl)")
