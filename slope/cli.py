@@ -461,9 +461,9 @@ def _resume_advice(args: argparse.Namespace) -> str:
             "" if getattr(args, "save_steps", None) else " (without --save-steps an interrupted train stage starts again)")
     if args.command not in ("finetune", "sparse-finetune"):
         return ""
-    if not getattr(args, "save_steps", None):
-        return "; no checkpoint was written (pass --save-steps K to write checkpoint-<step> folders)"
-    return "; a run keeps its last complete checkpoint-<step> folder (continue with --resume-from-checkpoint latest)"
+    from slope.finetune_run import interrupted_advice
+
+    return interrupted_advice(args.output_dir, args.save_steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +28,49 @@ from slope.checkpoint import capture_rng, restore_rng
 from slope.durable import fsync_dir, write_file
 from slope.finetune_loop import FinetuneLoop
 
-__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "checkpoint_steps", "resolve_checkpoint", "rotate_checkpoints"]
+__all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "checkpoint_step", "checkpoint_steps", "resolve_checkpoint", "rotate_checkpoints"]
 
 CHECKPOINT_STATE = "slope_finetune_state.pt"
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")  # (re's [0-9]: ASCII digits only)
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a folder named exactly ``checkpoint-<step>`` (ASCII digits, no leading zero: ``checkpoint-0``,
+    ``checkpoint-12``), else ``None`` (``checkpoint-002``, ``checkpoint-²``, ``checkpoint-3.bak`` are not checkpoints)."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_steps(folder: Path, complete: bool = False) -> dict[int, Path]:
-    """``{step: folder}`` of the ``checkpoint-<step>`` folders in ``folder`` (``complete``: only
-    those holding their state file)."""
+    """``{step: folder}`` of the ``checkpoint-<step>`` folders in ``folder`` (:func:`checkpoint_step` names;
+    ``complete``: only those holding their state file)."""
     if not folder.is_dir():
         return {}
-    return {int(p.name[11:]): p for p in folder.glob("checkpoint-*")
-            if p.name[11:].isdigit() and (not complete or (p / CHECKPOINT_STATE).is_file())}
+    found = {checkpoint_step(p.name): p for p in folder.glob("checkpoint-*")}
+    return {step: p for step, p in found.items()
+            if step is not None and (not complete or (p / CHECKPOINT_STATE).is_file())}
 
 
 def resolve_checkpoint(folder: Path | None, writer: str = "slope's fine-tuning") -> Path:
-    """``folder`` itself when it is a ``checkpoint-<step>`` folder, else the newest one inside it;
-    a ``FileNotFoundError`` naming the flag when there is none (``writer``: who writes them)."""
+    """``folder`` itself when it is a ``checkpoint-<step>`` folder, else the newest complete one inside it
+    (incomplete ones, without their state file, are skipped with a ``UserWarning`` naming them); a
+    ``FileNotFoundError`` naming the flag when there is none (``writer``: who writes them)."""
     if folder is not None and (folder / CHECKPOINT_STATE).is_file():
         return folder
     found = checkpoint_steps(folder) if folder is not None else {}
-    if not found:
-        raise FileNotFoundError(f"resume_from_checkpoint (--resume-from-checkpoint): no checkpoint-<step> folder written by {writer} "
-                                f"at {folder} (one is written every save_steps / --save-steps steps)")
-    return found[max(found)]
+    if not found and folder is not None and checkpoint_step(folder.name) is not None and folder.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint (--resume-from-checkpoint): {folder} is incomplete (no {CHECKPOINT_STATE}: "
+                                "its save was interrupted); resume from another checkpoint-<step> folder")
+    complete = {step: path for step, path in found.items() if (path / CHECKPOINT_STATE).is_file()}
+    skipped = sorted(step for step in found if step not in complete and (not complete or step > max(complete)))
+    incomplete = f" (incomplete, without {CHECKPOINT_STATE}: {', '.join(f'checkpoint-{s}' for s in skipped)})" if skipped else ""
+    if not complete:
+        raise FileNotFoundError(f"resume_from_checkpoint (--resume-from-checkpoint): no checkpoint-<step> folder written by "
+                                f"{writer} at {folder}{incomplete} (one is written every save_steps / --save-steps steps)")
+    if skipped:
+        warnings.warn(f"resume_from_checkpoint: resuming the newest complete checkpoint, checkpoint-{max(complete)}; skipped newer "
+                      f"folders{incomplete}", UserWarning)  # (said once: both checks meet it here)
+    return complete[max(complete)]
 
 
 def rotate_checkpoints(folder: Path, keep: int, newest: int) -> list[Path]:
@@ -58,11 +79,11 @@ def rotate_checkpoints(folder: Path, keep: int, newest: int) -> list[Path]:
 
     ``checkpoint-<newest>/`` always stays (nothing is removed while it is incomplete or missing); the
     others rank by step (a larger step: newer). Only complete folders named exactly ``checkpoint-<step>``
-    (holding the state file) count as the run's checkpoints: anything else is left alone. Each is renamed
+    (:func:`checkpoint_step`; holding the state file) count as the run's checkpoints: anything else is left alone. Each is renamed
     aside (``.checkpoint-<step>.removing-<pid>``) before it is deleted, so an interrupted removal leaves
     no half-deleted checkpoint among them.
     """
-    found = {step: path for step, path in checkpoint_steps(folder, complete=True).items() if path.name == f"checkpoint-{step}"}
+    found = checkpoint_steps(folder, complete=True)
     if newest not in found:
         return []
     removed = []

@@ -19,6 +19,7 @@ they share, from here:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -36,9 +37,10 @@ from slope.finetune_loop import FinetuneLoop, plot_run
 from slope.serialization.folders import check_new_output_dir
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positions", "check_positive", "check_save_total_limit",
-           "command_options", "dataset_name", "ddp_forward_model", "output_folder", "plain_config", "precision_mode", "rank_memory",
-           "run_command", "run_resumable", "save_model_folder", "seed_everything", "stopped_line"]
+__all__ = ["build_optimizers", "check_int", "check_output_dir", "check_positions", "check_positive", "check_save_options",
+           "check_save_total_limit", "command_options", "dataset_name", "ddp_forward_model", "interrupted_advice",
+           "output_folder", "plain_config", "precision_mode", "rank_memory", "run_command", "run_resumable", "save_model_folder",
+           "save_total_limit_text", "seed_everything", "stopped_line"]
 
 
 # ---------------------------------------------------------------------- settings
@@ -76,15 +78,25 @@ def _resumes_in(out: Path, resume_from) -> bool:
     return out.resolve() in (source, source.parent)
 
 
-def check_output_dir(output_dir, resume_from=None, save_steps: int | None = None) -> None:
+def check_save_options(output_dir, save_steps: int | None = None, save_total_limit: int | None = None) -> None:
+    """A one-line ``ValueError`` when ``save_steps`` or ``save_total_limit`` is given without ``output_dir``
+    (there is nowhere to write, or rotate, ``checkpoint-<step>`` folders)."""
+    if output_dir is not None:
+        return
+    for name, value, does in (("save_steps", save_steps, "writes checkpoint-<step> folders into"),
+                              ("save_total_limit", save_total_limit, "keeps the newest checkpoint-<step> folders of")):
+        if value is not None:
+            raise ValueError(f"{name}={value} {does} output_dir: give output_dir (--output-dir), or leave {name} out")
+
+
+def check_output_dir(output_dir, resume_from=None, save_steps: int | None = None, save_total_limit: int | None = None) -> None:
     """Before any work: ``output_dir`` must be new or empty (one-line
     :class:`slope.serialization.folders.OutputDirError`), unless ``resume_from`` continues the run
     there. A folder holding an unfinished run (``checkpoint-<step>/`` without ``summary.json``) is
     refused with the advice to resume it; a ``resume_from`` without a checkpoint is a
-    ``FileNotFoundError``; ``save_steps`` without ``output_dir`` (nowhere to write) a ``ValueError``."""
-    if save_steps is not None and output_dir is None:
-        raise ValueError(f"save_steps={save_steps} writes checkpoint-<step> folders into output_dir: give output_dir "
-                         "(--output-dir), or leave save_steps out")
+    ``FileNotFoundError``; ``save_steps`` or ``save_total_limit`` without ``output_dir`` (nowhere to write) a
+    ``ValueError`` (:func:`check_save_options`)."""
+    check_save_options(output_dir, save_steps, save_total_limit)
     if resume_from is True and output_dir is None:
         raise ValueError("resume_from_checkpoint=True resumes the newest checkpoint in output_dir: give output_dir")
     if resume_from:  # a checkpoint to resume must exist before anything loads (or a folder is made)
@@ -276,6 +288,34 @@ def command_options(args) -> dict[str, Any]:
     if options.get("resume_from_checkpoint") == "latest":
         options["resume_from_checkpoint"] = True
     return options
+
+
+def save_total_limit_text(text: str) -> int | None:
+    """``--save-total-limit N`` as argparse's ``type``: an int, or ``None`` (``none`` in any case: keep every
+    checkpoint); the front door checks the range (:func:`check_save_total_limit`)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or None (keep every checkpoint), got {text!r}") from None
+
+
+def interrupted_advice(output_dir, save_steps: int | None) -> str:
+    """What a fine-tuning command interrupted at once (a second signal) can be continued with, as ``"; ..."``:
+    ``--resume-from-checkpoint latest`` only when ``output_dir`` holds a complete ``checkpoint-<step>/``;
+    else to start again with a new ``--output-dir`` or after removing the files the run left there (naming them)."""
+    out = None if output_dir is None else Path(output_dir).expanduser()
+    steps = {} if out is None else checkpoint_steps(out, complete=True)
+    if steps:
+        return (f"; a run keeps its last complete checkpoint-<step> folder (checkpoint-{max(steps)}: continue with "
+                "--resume-from-checkpoint latest)")
+    left = sorted(p.name for p in out.iterdir()) if out is not None and out.is_dir() else []
+    done = ("no checkpoint was written (pass --save-steps K to write checkpoint-<step> folders)" if not save_steps else
+            "no checkpoint was completed")
+    if not left:
+        return f"; {done}"
+    return f"; {done}: start again with a new --output-dir, or after removing what the run left in {out} ({', '.join(left)})"
 
 
 def stopped_line(name: str, summary: dict[str, Any], again: str | None = None, what: str = "") -> str | None:

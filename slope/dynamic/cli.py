@@ -5,6 +5,7 @@ import argparse
 import importlib
 
 from slope.cli_options import add_flag as _flag
+from slope.finetune_run import save_total_limit_text
 from slope.dynamic.schedules import SCHEDULES
 
 __all__ = ["add_parser", "run"]
@@ -64,8 +65,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _flag(p, "sparsity_distribution", choices=("uniform", "erk"), default="uniform",
           help="spread of an unstructured budget over the layers: the same in each, or RigL's ERK")
     _flag(p, "save_steps", type=int, default=None, help="write OUTPUT_DIR/checkpoint-<step> every K steps")
-    _flag(p, "save_total_limit", type=int, default=None, metavar="N",
-          help="keep only the newest N checkpoint-<step> folders (default: all)")
+    _flag(p, "save_total_limit", type=save_total_limit_text, default=None, metavar="N",
+          help="keep only the newest N checkpoint-<step> folders (default, or None: all)")
     _flag(p, "resume_from_checkpoint", default=None, metavar="DIR",
           help="a checkpoint-<step> folder ('latest': the newest in --output-dir)")
     return p
@@ -93,11 +94,12 @@ def _import_method(spec: str):
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (1 with a one-line error for bad input)."""
-    from slope.finetune_run import command_options, run_command
+    from slope.finetune_run import check_save_options, command_options, run_command
 
     def call():
         from slope.dynamic.finetune import sparse_finetune
 
+        check_save_options(args.output_dir, args.save_steps, args.save_total_limit)
         if args.resume_from_checkpoint == "latest" and args.output_dir is None:
             raise ValueError("--resume-from-checkpoint latest resumes the newest checkpoint in --output-dir: give --output-dir")
         options = command_options(args)

@@ -13,6 +13,7 @@ import argparse
 
 from slope.finetune_loop import LR_SCHEDULES
 from slope.cli_options import add_flag as _flag
+from slope.finetune_run import save_total_limit_text
 from slope.cli_options import bool_text as _bool
 from slope.pruning.loading import LOAD_PRECISIONS
 
@@ -74,8 +75,8 @@ def add_training_flags(p: argparse.ArgumentParser, checkpoints_in: str = "OUTPUT
     _flag(p, "eval_steps", type=int, default=None, help="validate every K steps (and at the end)")
     _flag(p, "eval_batches", type=int, default=8)
     _flag(p, "save_steps", type=int, default=None, help=f"write {checkpoints_in}/checkpoint-<step> every K steps")
-    _flag(p, "save_total_limit", type=int, default=None, metavar="N",
-          help="keep only the newest N checkpoint-<step> folders (default: all)")
+    _flag(p, "save_total_limit", type=save_total_limit_text, default=None, metavar="N",
+          help="keep only the newest N checkpoint-<step> folders (default, or None: all)")
     _flag(p, "tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's, else slope's shipped one)")
     _flag(p, "text_field", default="text")
     _flag(p, "device", default="auto")
@@ -90,13 +91,14 @@ def add_training_flags(p: argparse.ArgumentParser, checkpoints_in: str = "OUTPUT
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit status (1 with a one-line error for bad input)."""
-    from slope.finetune_run import command_options, run_command
+    from slope.finetune_run import check_save_options, command_options, run_command
 
     def call():
         from slope.data import with_dataset_config
         from slope.parallel import launched_rank
         from slope.recovery.finetune import finetune
 
+        check_save_options(args.output_dir, args.save_steps, args.save_total_limit)
         options = command_options(args)
         model, recipe, dataset, stage = options.pop("model"), options.pop("recipe"), options.pop("dataset"), options.pop("stage")
         teacher, output_dir = options.pop("distill_teacher"), options.pop("output_dir")
