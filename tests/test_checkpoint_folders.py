@@ -167,3 +167,15 @@ def test_interrupted_command_prints_the_advice(tmp_path, monkeypatch, capsys):
     assert main(["finetune", "--model", "m", "--output-dir", str(out), "--save-steps", "2"]) == 130
     assert capsys.readouterr().err.strip() == ("slope finetune: interrupted; no checkpoint was completed: start again with a new "
                                                f"--output-dir, or after removing what the run left in {out} (metrics.jsonl)")
+
+
+def test_the_python_front_doors_refuse_save_total_limit_without_output_dir():
+    """finetune() and sparse_finetune() check it before loading anything, like the commands."""
+    from slope.dynamic import sparse_finetune
+
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    with pytest.raises(ValueError, match="^save_total_limit=2 keeps the newest checkpoint-<step> folders of output_dir"):
+        finetune(model, None, DOCS, save_total_limit=2, tokenizer=shipped_tokenizer(), max_steps=1)
+    with pytest.raises(ValueError, match="^save_total_limit=2 keeps the newest checkpoint-<step> folders of output_dir"):
+        sparse_finetune(model, DOCS, save_total_limit=2, tokenizer=shipped_tokenizer(), max_steps=1)

@@ -215,7 +215,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
     config = DynamicSparsityConfig(sparsity_ratio, sparsity_type, mask_update_interval, mask_update_fraction, use_rigl,
                                    sparsity_schedule, pruning_method, extra["targets"], extra["skip"], extra["compress"],
                                    extra["double_pruning"], sparsity_distribution=extra["sparsity_distribution"]).validate()
-    check_output_dir(output_dir, extra["resume_from_checkpoint"], extra["save_steps"])
+    check_output_dir(output_dir, extra["resume_from_checkpoint"], extra["save_steps"], save_total_limit=extra["save_total_limit"])
     env = parallel.init_distributed(device=resolve_device(extra["device"]))
     try:
         with GracefulStop():  # from here SIGINT / SIGTERM stop after a step; one after the last step lets the outputs be written

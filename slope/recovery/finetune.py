@@ -419,7 +419,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     if args["double_pruning"] and constant_mod is None:
         warnings.warn("double_pruning applies to the 2:4 layers a ConstantPruningModifier holds; the recipe has none, so it "
                       "is not used (add one, or drop --double-pruning)", UserWarning, stacklevel=2)
-    check_output_dir(output_dir, args["resume_from_checkpoint"], args["save_steps"])
+    check_output_dir(output_dir, args["resume_from_checkpoint"], args["save_steps"], save_total_limit=args["save_total_limit"])
     env = parallel.init_distributed(device=resolve_device(args["device"]))
     seed_everything(args["seed"])
     run = None
