@@ -199,6 +199,7 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
         folder = checkpoints.resolve(resume_from)
         start, records = checkpoints.load(folder)  # (a checkpoint-<step> folder: not searched again)
         resumed = str(folder)
+        _note_abandoned(out, start, main_process)
         recorded = read_json_object(out / "summary.json") if out is not None and start >= total else None
         if recorded is not None:  # the run had finished: its outputs stay as they are
             return {"stopped_by": None, "stopped_at": None, "stop_checkpoint": None, **recorded, "records": records,
@@ -213,6 +214,19 @@ def run_resumable(loop: FinetuneLoop, checkpoints: LoopCheckpoints, out: Path | 
     summary["resumed_from"] = resumed
     summary["memory_per_rank"] = rank_memory(loop)
     return summary
+
+
+def _note_abandoned(out: Path | None, start: int, main_process: bool) -> None:
+    """Warn when ``out`` holds complete checkpoints of later steps than the one resumed: they belong to
+    the run this one replaces, and ``latest`` would pick them until this run saves past them."""
+    from slope.finetune_checkpoints import checkpoint_steps
+
+    later = sorted(step for step in checkpoint_steps(out, complete=True) if step > start) if out is not None else []
+    if later and main_process:
+        names = ", ".join(f"checkpoint-{step}" for step in later)
+        warnings.warn(f"{out} holds {names}, later than the checkpoint resumed (step {start}): they are the replaced run's, and "
+                      "--resume-from-checkpoint latest would pick them; remove them to keep only this run's", UserWarning,
+                      stacklevel=3)
 
 
 # ---------------------------------------------------------------------- outputs

@@ -371,3 +371,13 @@ if __name__ == "__main__":  # a rank of test_ranks_agree_on_the_stop_step
     sys.path.insert(0, str(REPO))
     warnings.simplefilter("ignore")
     _ranks_worker(sys.argv[1])
+
+
+def test_resuming_an_older_checkpoint_names_the_later_ones(tmp_path, monkeypatch):
+    """Resuming checkpoint-2 beside a later checkpoint-4 (the replaced run's): a note names it, since
+    `latest` would pick it."""
+    run(tmp_path / "run", save_steps=2, max_steps=4, save_total_limit=None)
+    assert (tmp_path / "run" / "checkpoint-4" / CHECKPOINT_STATE).is_file()
+    (tmp_path / "run" / "summary.json").unlink()  # (as if that run had stopped there)
+    with pytest.warns(UserWarning, match=r"checkpoint-4, later than the checkpoint resumed \(step 2\)"):
+        run(tmp_path / "run", save_steps=2, max_steps=4, resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
