@@ -260,14 +260,22 @@ def test_a_bad_save_total_limit_is_one_line_before_anything_runs(tmp_path, bad, 
 
 
 # ---------------------------------------------------------------------- slope apply
-def test_apply_stops_in_a_train_stage_and_continues_from_its_checkpoint(tmp_path, monkeypatch):
-    recipe = {"prune_half": {"g": {"MagnitudePruningModifier": {"sparsity": 0.5, "targets": ["re:model.layers.\\d+$"]}}},
-              "recover": {"run_type": "train", "g": {"ConstantPruningModifier": {"start": 0}}}}
+PRUNE_HALF = {"g": {"MagnitudePruningModifier": {"sparsity": 0.5, "targets": ["re:model.layers.\\d+$"]}}}
+RECOVER = {"run_type": "train", "g": {"ConstantPruningModifier": {"start": 0}}}
+
+
+def apply_setup(tmp_path, max_steps: int) -> tuple:
+    """A dense tiny Llama folder (with its tokenizer) and apply's settings for a run of ``max_steps`` per train stage."""
     dense = tmp_path / "dense"
     tiny_llama().save_pretrained(dense)
     shipped_tokenizer().save_pretrained(dense)
-    kw = dict(num_calibration_samples=8, max_seq_len=16, max_steps=4, per_device_train_batch_size=4, max_seq_length=16,
-              eval_batches=1, learning_rate=1e-2, progress=False, verbose=False)
+    return dense, dict(num_calibration_samples=8, max_seq_len=16, max_steps=max_steps, per_device_train_batch_size=4,
+                       max_seq_length=16, eval_batches=1, learning_rate=1e-2, progress=False, verbose=False)
+
+
+def test_apply_stops_in_a_train_stage_and_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    recipe = {"prune_half": PRUNE_HALF, "recover": RECOVER}
+    dense, kw = apply_setup(tmp_path, max_steps=4)
     whole = apply(str(dense), recipe, DOCS, tmp_path / "whole", **kw)
     assert whole.apply_summary["stopped"] is None
     signal_after(monkeypatch, 1)
@@ -289,14 +297,9 @@ def test_apply_stops_in_a_train_stage_and_continues_from_its_checkpoint(tmp_path
 def test_apply_stops_between_stages_after_a_signal_in_a_stages_last_step(tmp_path, monkeypatch):
     """A signal in the last step of a train stage that is not the last: the stage finishes and is kept, the
     run stops before the next stage, and the same call again runs only what is left, to the same weights."""
-    recipe = {"prune_half": {"g": {"MagnitudePruningModifier": {"sparsity": 0.5, "targets": ["re:model.layers.\\d+$"]}}},
-              "recover": {"run_type": "train", "g": {"ConstantPruningModifier": {"start": 0}}},
-              "prune_more": {"g": {"MagnitudePruningModifier": {"sparsity": 0.6, "targets": ["re:model.layers.\\d+$"]}}}}
-    dense = tmp_path / "dense"
-    tiny_llama().save_pretrained(dense)
-    shipped_tokenizer().save_pretrained(dense)
-    kw = dict(num_calibration_samples=8, max_seq_len=16, max_steps=3, per_device_train_batch_size=4, max_seq_length=16,
-              eval_batches=1, learning_rate=1e-2, progress=False, verbose=False)
+    prune_more = {"g": {"MagnitudePruningModifier": {"sparsity": 0.6, "targets": ["re:model.layers.\\d+$"]}}}
+    recipe = {"prune_half": PRUNE_HALF, "recover": RECOVER, "prune_more": prune_more}
+    dense, kw = apply_setup(tmp_path, max_steps=3)
     whole = apply(str(dense), recipe, DOCS, tmp_path / "whole", **kw)
     signal_after(monkeypatch, 2)  # the last step of "recover"
     stopped = apply(str(dense), recipe, DOCS, tmp_path / "run", **kw)
