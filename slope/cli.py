@@ -463,7 +463,7 @@ def _resume_advice(args: argparse.Namespace) -> str:
         return ""
     from slope.finetune_run import interrupted_advice
 
-    return interrupted_advice(args.output_dir, args.save_steps)
+    return interrupted_advice(getattr(args, "output_dir", None), getattr(args, "save_steps", None))
 
 
 def main(argv: list[str] | None = None) -> int:

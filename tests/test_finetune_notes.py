@@ -119,12 +119,17 @@ def test_resuming_says_so_and_its_errors_name_the_flags(tmp_path, capsys, monkey
     assert capsys.readouterr().err == ""
 
 
-def test_interrupted_commands_name_the_resume_that_works():
+def test_interrupted_commands_name_the_resume_that_works(tmp_path):
     from argparse import Namespace
 
     from slope.cli import _resume_advice
+    from slope.finetune_checkpoints import CHECKPOINT_STATE
 
     assert _resume_advice(Namespace(command="train")).endswith("(continue with --resume)")
-    assert _resume_advice(Namespace(command="finetune", save_steps=5)).endswith("(continue with --resume-from-checkpoint latest)")
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / CHECKPOINT_STATE).write_bytes(b"")
+    assert _resume_advice(Namespace(command="finetune", save_steps=5, output_dir=str(tmp_path))).endswith(
+        "(checkpoint-5: continue with --resume-from-checkpoint latest)")
+    assert "no checkpoint was completed" in _resume_advice(Namespace(command="finetune", save_steps=5))
     assert "pass --save-steps K" in _resume_advice(Namespace(command="sparse-finetune", save_steps=None))
     assert _resume_advice(Namespace(command="oneshot")) == ""

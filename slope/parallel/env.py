@@ -125,13 +125,19 @@ def init_distributed(
 
 
 def destroy_distributed(env: DistEnv) -> None:
-    """End the process group if :func:`init_distributed` created it, after a final barrier. While an
-    exception (an error, a second SIGINT / SIGTERM) is on its way out it is left as it is: the other
-    ranks may be inside a collective this rank will never join, where a barrier (or, with NCCL, the
-    group's teardown) would hang them all; this rank's exit lets the launcher stop them."""
-    if env.created_group and dist.is_initialized() and sys.exc_info()[1] is None:
+    """End the process group if :func:`init_distributed` created it, after a final barrier — none while an
+    exception (an error, a second SIGINT / SIGTERM) is on its way out: the other ranks may be inside a
+    collective this rank will never join, where a barrier would hang them all (this rank's exit lets
+    the launcher stop them). A multi-rank NCCL group is then left as it is too (its teardown may wait
+    for those collectives)."""
+    if not (env.created_group and dist.is_initialized()):
+        return
+    leaving = sys.exc_info()[1] is not None
+    if not leaving:
         dist.barrier()
-        dist.destroy_process_group()
+    elif env.world_size > 1 and dist.get_backend() == "nccl":
+        return
+    dist.destroy_process_group()
 
 
 def get_rank() -> int:
