@@ -341,7 +341,8 @@ def effective_weight(layer: SparseLinear, state: dict[str, torch.Tensor] | None 
         return getattr(layer, name).detach() if state is None else state[prefix + name].to(layer.mask_bits.device)
 
     values = tensor("values")
-    weight = layer._scatter_kept(values, torch.float32)
+    # (the layer's own: dense_weight, one Triton pass on CUDA)
+    weight = layer.dense_weight(torch.float32) if state is None else layer._scatter_kept(values, torch.float32)
     if layer.lora_rank:
         lora_a = tensor("lora_A")
         a = torch.where(layer.lora_A_mask, lora_a, torch.zeros((), dtype=lora_a.dtype, device=lora_a.device))

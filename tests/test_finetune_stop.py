@@ -8,9 +8,7 @@ SIGTERM to a ``slope finetune`` process from outside, and one to a single rank o
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from slope.stages import RECORD_NAME, apply
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ranks import launch  # noqa: E402
+from signalled import signal_mid_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -333,21 +332,10 @@ def test_slope_finetune_exits_zero_with_one_line_on_sigterm(tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "slope", "finetune", "--model", str(model), "--output-dir", str(out), "--max-steps", "100000",
             "--per-device-train-batch-size", "2", "--max-seq-length", "16", "--eval-batches", "1", "--logging-steps", "1"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").exists() and sum('"loss"' in line for line in open(out / "metrics.jsonl")) >= 2):
-            assert proc.poll() is None, "the run ended early"
-            assert time.monotonic() < deadline, "the run did not reach step 2"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stderr
+    returncode, stdout, stderr = signal_mid_run(
+        argv, lambda: (out / "metrics.jsonl").exists() and sum('"loss"' in line for line in open(out / "metrics.jsonl")) >= 2,
+        signal.SIGTERM, env={"OMP_NUM_THREADS": "1"})
+    assert returncode == 0, stderr
     assert "Traceback" not in stderr and "done:" not in stdout
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("slope finetune: stopped by SIGTERM after step ") and " of 100000: checkpoint saved in " in last

@@ -30,6 +30,9 @@ from slope.runlock import RunLock, RunLockError
 from slope.statecheck import StateDictError, check_model_state, check_optimizer_state
 from slope.train import LossScaler
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from signalled import signal_mid_run  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "1", "--num-heads", "2",
         "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--log-every", "1", "--eval-every", "100",
@@ -524,22 +527,10 @@ def test_run_lock_in_process(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "slope", "train", "--out", str(out), *TINY, "--max-steps", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-    try:
-        deadline = time.monotonic() + 600
-        while not ((out / "metrics.jsonl").exists() and len(_train_steps(out)) >= 2):  # mid-run
-            assert proc.poll() is None, "the run ended early"
-            assert time.monotonic() < deadline, "the run did not reach step 2"
-            time.sleep(0.1)
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stderr
+    argv = [sys.executable, "-m", "slope", "train", "--out", str(out), *TINY, "--max-steps", "100000"]
+    returncode, stdout, stderr = signal_mid_run(
+        argv, lambda: (out / "metrics.jsonl").exists() and len(_train_steps(out)) >= 2, sig, timeout=600, poll=0.1)  # mid-run
+    assert returncode == 0, stderr
     assert "Traceback" not in stderr
     last = stdout.strip().splitlines()[-1]
     assert last.startswith(f"stopped by {sig.name} after step ") and "continue with: slope train --out" in last

@@ -33,6 +33,13 @@ def _refuse_merged(model: nn.Module, layers: list[nn.Module]) -> None:
         )
 
 
+def _values_holder(layers):
+    """:func:`slope.parallel.sharded_values.values_holder_of` (imported on use: that module imports this package's)."""
+    from slope.parallel.sharded_values import values_holder_of as holder_of
+
+    return holder_of(layers)
+
+
 class ADAMWSparse(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose parameters are the SLoPe layers' kept values.
 
@@ -109,7 +116,7 @@ class ADAMWSparse(torch.optim.Optimizer):
     def _owners(self) -> LayerOwners | None:
         """Who keeps each parameter's state: the values' owners when they are sharded, else
         ``shard_state``'s (``None``: every rank keeps all)."""
-        holder = next((layer.values_holder for layer in self.layers() if layer.values_holder is not None), None)
+        holder = _values_holder(self.layers())
         return self.owners if holder is None else holder.owners
 
     def param_shapes(self) -> list[tuple[int, int]]:
@@ -290,7 +297,7 @@ class ADAMWSparse(torch.optim.Optimizer):
         if held:  # sharded values' gradients, each on its owner (placeholders elsewhere): reduced once
             local = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float(), norm_type).to(device) for g in held]),
                                              norm_type)
-            norms.append(layers[0].values_holder.total_norm(local, norm_type))
+            norms.append(_values_holder(layers).total_norm(local, norm_type))
         grads += held
         total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
         if max_norm is not None and math.isfinite(max_norm):
@@ -311,7 +318,7 @@ class ADAMWSparse(torch.optim.Optimizer):
             g.mul_(inv_scale)
             finite.append(torch.isfinite(g).all().to(grads[0].device))
         found = not bool(torch.stack(finite).all())
-        holder = next((layer.values_holder for layer in self.layers() if layer.values_holder is not None), None)
+        holder = _values_holder(self.layers())
         return found if holder is None else holder.any_rank(found, grads[0].device)  # (each owner saw its own)
 
     def full_state_dict(self) -> dict | None:
