@@ -78,6 +78,8 @@ TRAIN_HELP = {
                  "the default: DDP under torchrun)",
     "shard_sparse_optimizer": "under torchrun (DDP), keep each SLoPe layer's AdamW moments on one rank, which steps it and "
                               "broadcasts its values: 4 + 4 + 8/N bytes per kept weight instead of 16 (DeepSpeed ZeRO-1/2: always)",
+    "fsdp": "under torchrun, shard with FSDP2: dense weights, gradients and AdamW state split row-wise over the ranks, each "
+            "SLoPe layer's values, gradient and moments on one rank (also under accelerate launch with an FSDP config)",
 }
 
 
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", argument_default=argparse.SUPPRESS, help="pretrain a small Llama or any HF causal LM (default: SLoPe 2:4 on the embedded corpus, ~2 min on a 2-core CPU)",
                            description="Pretrain a small Llama (or any Hugging Face causal LM: --model-config) with SLoPe (or --dense). Precedence: defaults < --config FILE < flags. "
-                           "Data parallel: `torchrun --nproc_per_node=N -m slope train ...` (DDP; --deepspeed CONFIG for ZeRO-1/2); "
+                           "Data parallel: `torchrun --nproc_per_node=N -m slope train ...` (DDP; --deepspeed CONFIG for ZeRO-1/2; --fsdp for FSDP2); "
                            "--batch-size stays the global micro-batch, split over the N ranks, so runs and checkpoints do not depend on N.")
     _add_train_flags(train)
 

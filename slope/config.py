@@ -103,6 +103,7 @@ class TrainConfig:
     # distribution (torchrun: DDP by default; a DeepSpeed config: ZeRO-1/2)
     deepspeed: str = ""  # DeepSpeed config JSON; "" = off
     shard_sparse_optimizer: bool = False  # under DDP: each SLoPe layer's AdamW moments on one rank (DeepSpeed ZeRO: always)
+    fsdp: bool = False  # under torchrun: shard with FSDP2 (dense weights row-wise, each SLoPe layer's values on one rank)
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -205,6 +206,11 @@ class TrainConfig:
             check(Path(self.deepspeed).is_file(), "deepspeed", "no such file (a DeepSpeed config JSON)")
             check(self.precision != "fp16", "deepspeed", "DeepSpeed runs support fp32 and bf16, not fp16 (its loss scaler ignores the sparse gradients)")
             check(self.dense_tail_fraction == 0, "deepspeed", "the dense tail (--dense-tail-fraction) is not supported with DeepSpeed")
+        if self.fsdp:
+            check(not self.deepspeed, "fsdp", "FSDP and DeepSpeed both shard the model: choose one (drop --fsdp or --deepspeed)")
+            check(self.precision != "fp16", "fsdp", "FSDP runs support fp32 and bf16, not fp16 (the loss scaling does not cover "
+                  "sharded gradients): use --precision bf16")
+            check(self.dense_tail_fraction == 0, "fsdp", "the dense tail (--dense-tail-fraction) is not supported with FSDP: set it to 0")
         check(self.hidden_size % self.num_heads == 0, "hidden_size", f"must be divisible by num_heads ({self.num_heads})")
         for key in ("hidden_size", "intermediate_size"):
             size = getattr(self, key)

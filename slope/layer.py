@@ -249,6 +249,12 @@ class SparseLinear(nn.Module):
         if self.meta is not None:
             self.meta = compress_2to4(self.dense_weight(), self.mask)[1]
 
+    @property
+    def values_shape(self) -> tuple[int, int]:
+        """``(out, kept per row)``: the whole shape of ``values`` (also on a rank that holds a
+        ``(0, kept)`` placeholder of sharded values)."""
+        return (self.out_features, self.values.shape[-1])
+
     # ------------------------------------------------------------------ the masks, stored packed
     @property
     def mask(self) -> torch.Tensor:
@@ -307,11 +313,12 @@ class SparseLinear(nn.Module):
         masks that are not packed ``uint8`` bits of this layer's shape or not exactly N:M."""
         name = self.layer_name or prefix.rstrip(".") or type(self).__name__
         errors = []
-        values = state_dict.get(prefix + "values")
-        if values is not None and tuple(values.shape) != tuple(self.values.shape):
+        values, whole = state_dict.get(prefix + "values"), self.values_shape
+        # whole, or, where another rank holds the values, the placeholder a sharded load gives this rank
+        if values is not None and tuple(values.shape) not in (whole, tuple(self.values.shape)):
             errors.append(
                 f"{name}: the checkpoint keeps {values.shape[-1]} of {self.in_features} weights per row but this layer is "
-                f"{self.n}:{self.m} ({self.values.shape[-1]} per row, values {tuple(values.shape)} vs {tuple(self.values.shape)}); "
+                f"{self.n}:{self.m} ({whole[-1]} per row, values {tuple(values.shape)} vs {whole}); "
                 "prune the model with the checkpoint's sparsity"
             )
         for key in ("mask_bits", "mask_t_bits"):

@@ -37,6 +37,9 @@ def check_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
         raise StateDictError(f"expected a mapping of names to tensors, got {type(state).__name__}")
     state, problems = dict(state), []
     layers = [(f"{name}." if name else "", layer) for name, layer in sparse_modules(model)]
+    for prefix, layer in layers:  # whole shapes where another rank holds the values (sharded)
+        if prefix + "values" in expected:
+            expected[prefix + "values"] = torch.empty(layer.values_shape, dtype=layer.values.dtype, device="meta")
     for prefix, layer in layers:  # what SparseLinear's loader does first: legacy bool masks, no M_t when frozen
         layer._upgrade_legacy_masks(state, prefix, problems)
         if "mask_t_bits" not in layer._buffers:

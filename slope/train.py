@@ -18,7 +18,7 @@ state, so ``--resume`` reproduces the uninterrupted run's losses exactly.
 Data parallel (``torchrun --nproc_per_node=N -m slope train``; ``slope.parallel``): every rank
 draws the same global micro-batch and trains on its ``batch_size/N`` rows, under DDP or, with
 ``--deepspeed CONFIG``, DeepSpeed ZeRO-1/2 (which then clips dense and sparse gradients
-separately). Gradients are averaged over the ranks, so the run — and its checkpoints, written by
+separately), or, with ``--fsdp``, FSDP2 (:mod:`slope.train_fsdp`). Gradients are averaged over the ranks, so the run — and its checkpoints, written by
 rank 0 in the single-process format — do not depend on N: resume on any number of ranks.
 Rank 0 alone logs and writes files.
 
@@ -60,11 +60,13 @@ from slope.guard import FiniteGuard, check_finite
 from slope.interrupt import GracefulStop
 from slope.metrics_log import MetricsLog, read_records
 from slope.model_config import causal_lm_config, describe
+from slope.parallel.sharded import full_tensor
 from slope.progress import Progress
 from slope.registry import sparse_modules
 from slope.reporting import open_reporter
 from slope.runlock import RunLock, RunLockError
 from slope.serialization.jsonfile import read_json_object
+from slope.train_fsdp import average_replicated_grads, broadcast_adapters, fsdp_settings, requested_fsdp, shard_model
 
 __all__ = ["LossScaler", "lr_at", "train"]
 
@@ -201,11 +203,14 @@ def _silent(line: str) -> None:
 def _grow(runner, model, dense_opt, cfg: TrainConfig, add, ds_config: dict | None):
     """``add(model, dense_opt, cfg)`` adds parameters (lazy LoRA, dense tail) to the dense optimizer;
     a DDP wrapper or DeepSpeed engine fixes its parameter list when built, so rebuild it (DeepSpeed:
-    with a new optimizer of the same groups, keeping weights and state). Returns
+    with a new optimizer of the same groups, keeping weights and state); FSDP2 leaves the adapters
+    unsharded (:mod:`slope.train_fsdp`). Returns
     ``(runner, dense_opt, add's result)``."""
     if ds_config is None:
         result = add(model, dense_opt, cfg)
-        if runner is not model:
+        if parallel.is_fsdp2(model):  # the adapters are not FSDP's: whole on every rank, as on rank 0
+            broadcast_adapters(model)
+        elif runner is not model:
             runner = parallel.rewrap_ddp(runner)
         return runner, dense_opt, result
     made = {}
@@ -303,7 +308,7 @@ def _clip_and_step(dense_opt, sparse_opt, dense_params: list, grad_clip: float) 
     if sparse_opt is not None:
         grad_norm = float(sparse_opt.clip_grad_norm(max_norm, dense_parameters=dense_params))
     else:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(dense_params, max_norm))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(dense_params, max_norm)))  # (FSDP2: a DTensor)
     if not math.isfinite(grad_norm):
         return None
     if sparse_opt is not None:
@@ -352,11 +357,11 @@ def _zero_stage(ds_config: dict | None) -> int:
     return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0) or 0)
 
 
-def _shards_sparse_state(ds_config: dict | None, env, cfg: TrainConfig) -> bool:
-    """Whether the sparse optimizer state is split over the ranks, by layer
-    (:mod:`slope.optimizers.sharding`): with ``--shard-sparse-optimizer``, and always under
-    DeepSpeed with ZeRO stage 1 or more (it partitions the dense optimizer state)."""
-    return not cfg.dense and env.world_size > 1 and (cfg.shard_sparse_optimizer or _zero_stage(ds_config) >= 1)
+def _shards_sparse_state(ds_config: dict | None, env, cfg: TrainConfig, fsdp: dict | None = None) -> bool:
+    """Whether ADAMWSparse splits its state over the ranks, by layer (:mod:`slope.optimizers.sharding`):
+    with ``--shard-sparse-optimizer``, and always under DeepSpeed with ZeRO stage 1 or more (it
+    partitions the dense optimizer state). Under FSDP the moments follow the sharded values instead."""
+    return not cfg.dense and env.world_size > 1 and fsdp is None and (cfg.shard_sparse_optimizer or _zero_stage(ds_config) >= 1)
 
 
 def _restore(ckpt: Checkpoint, model, dense_opt, sparse_opt, scaler: LossScaler, cfg: TrainConfig) -> tuple[bool, bool]:
@@ -367,8 +372,12 @@ def _restore(ckpt: Checkpoint, model, dense_opt, sparse_opt, scaler: LossScaler,
     if ckpt.dense_tail:
         _densify(model, dense_opt, cfg)
     check_state_fits(ckpt, model, None if cfg.deepspeed else dense_opt, sparse_opt)  # before anything is loaded
-    model.load_state_dict(ckpt.model_state)
-    if not cfg.deepspeed:  # (DeepSpeed partitions the state: loaded into its engine by _data_parallel)
+    if parallel.is_fsdp2(model):  # (collective: each rank keeps its shards)
+        parallel.load_full_model_state_dict(model, ckpt.model_state)
+        parallel.load_full_optimizer_state_dict(model, dense_opt, ckpt.optimizers["dense"])
+    else:
+        model.load_state_dict(ckpt.model_state)
+    if not (cfg.deepspeed or parallel.is_fsdp2(model)):  # (DeepSpeed partitions the state: loaded into its engine by _data_parallel)
         dense_opt.load_state_dict(ckpt.optimizers["dense"])
     if sparse_opt is not None:
         sparse_opt.load_state_dict(ckpt.optimizers["sparse"], checked=True)  # by check_state_fits above
@@ -379,7 +388,7 @@ def _restore(ckpt: Checkpoint, model, dense_opt, sparse_opt, scaler: LossScaler,
 
 def _data_parallel(model, dense_opt, ds_config: dict | None, ckpt: Checkpoint | None, cfg: TrainConfig, env, log):
     """What runs the forward: a DeepSpeed engine (``--deepspeed``; a resumed state loaded into it),
-    DDP under torchrun, or ``model`` itself."""
+    DDP under torchrun, or ``model`` itself (one process, or sharded by FSDP2 already)."""
     runner = model
     if ds_config is not None:
         try:
@@ -390,12 +399,18 @@ def _data_parallel(model, dense_opt, ds_config: dict | None, ckpt: Checkpoint | 
         if ckpt is not None:
             parallel.load_full_model_state_dict(runner, ckpt.model_state)
             parallel.load_full_optimizer_state_dict(runner, None, ckpt.optimizers["dense"])
-    elif env.distributed:
+    elif env.distributed and not parallel.is_fsdp2(model):
         runner = parallel.wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, require_sparse=not cfg.dense)
-    if env.distributed or ds_config is not None:
+    if parallel.is_fsdp2(model):
+        how = "FSDP2: dense weights, gradients and AdamW moments split row-wise" + (
+            "" if cfg.dense else "; each SLoPe layer's values, gradient and moments on one rank")
+        if cfg.shard_sparse_optimizer:
+            log("note: --shard-sparse-optimizer is implied by FSDP (the moments follow the sharded values)")
+    elif env.distributed or ds_config is not None:
         how = f"DeepSpeed ZeRO-{_zero_stage(ds_config)}" if ds_config else "DDP"
         if _shards_sparse_state(ds_config, env, cfg):
             how += "; each SLoPe layer's optimizer moments on one rank"
+    if env.distributed or ds_config is not None:
         log(f"data parallel: {env.world_size} ranks ({how}), "
             f"{cfg.batch_size // env.world_size} of the {cfg.batch_size} sequences of each micro-batch per rank")
     elif cfg.shard_sparse_optimizer:
@@ -432,6 +447,8 @@ def _update(runner, dense_opt, sparse_opt, scaler: LossScaler, loss: float, cfg:
     (DeepSpeed, never fp16, calls its engine's step anyway, which counts the micro-batches; see
     :func:`_deepspeed_step` for how a non-finite step then changes nothing.)"""
     dense_params = [p for group in dense_opt.param_groups for p in group["params"]]
+    if parallel.is_fsdp2(runner):
+        average_replicated_grads(dense_opt)  # the adapters' (FSDP2 reduced its own parameters' gradients)
     skipped = scaler.unscale_(dense_params, sparse_opt) or not math.isfinite(loss)
     grad_norm = None
     if deepspeed:
@@ -519,16 +536,14 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
     """
     cfg.validate()
     cfg = _absolute_sources(cfg)
-    if parallel.launched_with_fsdp():  # the launcher asks for FSDP, which slope train does not shard with
-        raise ConfigError("slope train does not shard with FSDP (the accelerate config sets distributed_type: FSDP): launch "
-                          "with torchrun (DDP) or pass --deepspeed CONFIG.json (ZeRO-1/2 partitions the optimizer state)")
+    fsdp = requested_fsdp(cfg)  # (--fsdp, or an accelerate FSDP config)
     out = _output_dir(cfg.out)
     # torchrun: join the process group (DeepSpeed needs one even for a single process).
     env = parallel.init_distributed(device=resolve_device(cfg.device), single_process_group=bool(cfg.deepspeed))
     lock = _lock_and_recover(out, env, cfg, log if env.is_main else _silent)
     try:
         with GracefulStop() as stop, ExitStack() as cleanup:  # cleanup: the progress bar and the --report-to backend
-            return _train(cfg, out, env, stop, cleanup, progress=progress, log=log, plot=plot)
+            return _train(cfg, out, env, stop, cleanup, fsdp, progress=progress, log=log, plot=plot)
     finally:
         if lock is not None:
             lock.release()
@@ -613,11 +628,13 @@ def _resume_position(ckpt: Checkpoint | None, model, dense_opt, sparse_opt, scal
     return step, tokens, elapsed_before, lora_attached, densified
 
 
-def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
+def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, fsdp: dict | None, log) -> _Run:
     """Everything before the loop, in this order: check the settings (batch split, DeepSpeed config,
     the checkpoint to resume), open the tokenizer, architecture and ``--report-to`` backend (into
     ``cleanup``), read the data, seed the RNGs and build the model and optimizers, restore the
-    checkpoint, open ``metrics.jsonl``, wrap the model for data parallelism, announce the growth."""
+    checkpoint, open ``metrics.jsonl``, wrap the model for data parallelism, announce the growth.
+    ``fsdp``: the FSDP settings asked for (:func:`slope.train_fsdp.requested_fsdp`), applied as soon
+    as the model is built."""
     if cfg.batch_size % env.world_size:
         raise ConfigError(f"batch_size = {cfg.batch_size} is invalid: the global batch must split evenly over the {env.world_size} ranks")
     ds_config = _deepspeed_config(cfg, env)
@@ -641,7 +658,10 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, log) -> _Run:
     model = build_model(cfg, data.vocab_size, data.eos_id, model_config=arch).to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
     pruned = sum(m.out_features * m.in_features - m.values.numel() for _, m in sparse_modules(model))
-    dense_opt, sparse_opt = _optimizers(model, cfg, _shards_sparse_state(ds_config, env, cfg))
+    fsdp = fsdp_settings(fsdp, env, log)
+    if fsdp is not None:  # before the optimizers, which then hold the shards
+        shard_model(model, fsdp, cfg)
+    dense_opt, sparse_opt = _optimizers(model, cfg, _shards_sparse_state(ds_config, env, cfg, fsdp))
     scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval, cfg.fp16_min_scale)
     guard = FiniteGuard(cfg.nonfinite_patience)
     kind = "dense baseline" if cfg.dense else f"SLoPe {cfg.sparsity} ({'compressed' if cfg.compress else 'simulated'})"
@@ -679,14 +699,19 @@ def _save(run: _Run, step_done: int, loss: float, tokens: int, t0: float) -> Non
     """Checkpoint the run after ``step_done`` (``t0``: when this session's loop started). Every rank
     checks the values are finite (a collective under DeepSpeed); rank 0 writes."""
     cfg = run.cfg
+    fsdp = parallel.is_fsdp2(run.model)
     if run.ds_config is not None:  # gather ZeRO's partitions (collective), in the single-process layout
         model_state = parallel.full_model_state_dict(run.runner)
         dense_state = parallel.full_optimizer_state_dict(run.runner, None, index_keys=True)
+    elif fsdp:  # gathered onto rank 0's CPU (collective), in the single-process layout; {} elsewhere
+        model_state = parallel.full_model_state_dict(run.model, rank0_only=True)
+        dense_state = parallel.full_optimizer_state_dict(run.model, run.dense_opt, index_keys=True, rank0_only=True)
     else:  # built once: checked here, then written
         model_state, dense_state = run.model.state_dict(), run.dense_opt.state_dict()
     # Never a checkpoint with non-finite numbers (every rank checks the same values, or its own
-    # shard of the sparse moments and then agrees with the others: all stop alike).
-    sharded = getattr(run.sparse_opt, "owners", None) is not None
+    # shard of the sparse moments, or rank 0 the gathered state, and then agrees with the others:
+    # all stop alike).
+    sharded = fsdp or getattr(run.sparse_opt, "owners", None) is not None
     check_finite(step_done, loss, {"model": model_state, "AdamW": dense_state,
                                    "ADAMWSparse": run.sparse_opt.state_dict() if run.sparse_opt is not None else {}},
                  agree=sharded)
@@ -762,10 +787,11 @@ def _validate(run: _Run, step: int, tokens: int, t0: float, write) -> float:
     return val_loss
 
 
-def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitStack, *, progress: bool | None, log, plot: bool) -> dict:
+def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitStack, fsdp: dict | None, *, progress: bool | None,
+           log, plot: bool) -> dict:
     if not env.is_main:
         log, progress, plot = _silent, False, False
-    run = _setup(cfg, out, env, cleanup, log)
+    run = _setup(cfg, out, env, cleanup, fsdp, log)
     step, tokens = run.step, run.tokens
 
     # ---- the loop ------------------------------------------------------------------------------

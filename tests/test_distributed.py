@@ -844,52 +844,7 @@ def test_single_process_group_for_engines_that_need_one(monkeypatch):
 
 
 # ---------------------------------------------------------------------- the CLI under torchrun
-CLI_TINY = ["--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "1", "--num-heads", "2",
-            "--seq-len", "16", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "4", "--eval-batches", "1",
-            "--log-every", "1", "--eval-every", "100", "--save-every", "0", "--device", "cpu",
-            "--lazy-lora-fraction", "0.5"]  # adapters attach after step 2: the wrappers are rebuilt mid-run
-
-
-def _torchrun(*args: str, timeout: float = 300, nproc: int = WORLD) -> str:
-    """``torchrun --standalone --nproc_per_node=<nproc> -m slope train ...``; returns stdout+stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "slope", "train", *args]
-    # From the repository root, as a user would start it (nothing there may shadow an import).
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    return proc.stdout
-
-
-def _cli(*args: str) -> None:
-    from slope.cli import main
-
-    assert main(["train", *args]) == 0
-
-
-def _losses(out: Path) -> dict[int, float]:
-    import json
-
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "checkpoint" / "model.safetensors"))
-
-
-def _assert_same_run(out: Path, ref: Path, atol: float = 1e-5):
-    want, got = _losses(ref), _losses(out)
-    assert got.keys() == want.keys()
-    for step, loss in want.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
-    ref_w, got_w = _weights(ref), _weights(out)
-    assert ref_w.keys() == got_w.keys()
-    for name, value in ref_w.items():
-        torch.testing.assert_close(got_w[name], value, atol=atol, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+from train_runs import CLI_TINY, assert_same_run as _assert_same_run, cli as _cli, torchrun as _torchrun  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ class ShardedValues:
         return values.new_empty((0, values.shape[-1]))
 
     def _full_shape(self, layer: nn.Module) -> tuple[int, int]:
-        return (layer.out_features, layer.values.shape[-1])
+        return layer.values_shape
 
     # ------------------------------------------------------------------ values around a use
     @torch.no_grad()

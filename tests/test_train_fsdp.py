@@ -1,0 +1,106 @@
+"""``slope train --fsdp``: 2 gloo ranks under torchrun give the run of one process (losses and
+final weights), through the lazy adapters' start (they join a sharded model whole on every rank),
+and its checkpoints resume in either layout; the settings FSDP cannot honour are refused."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_runs import CLI_TINY, assert_same_run, cli, torchrun  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+DENSE_TINY = CLI_TINY[:CLI_TINY.index("--lazy-lora-fraction")] + ["--dense"]  # (--dense has no adapters)
+FSDP_LINE = ("2 ranks (FSDP2: dense weights, gradients and AdamW moments split row-wise; each SLoPe layer's values, "
+             "gradient and moments on one rank)")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, global batch 4, accumulation 2, adapters from step 3 (and the dense baseline)."""
+    root = tmp_path_factory.mktemp("train_fsdp")
+    cli("--out", str(root / "ref"), *CLI_TINY)
+    cli("--out", str(root / "ref_dense"), *DENSE_TINY)
+    return root
+
+
+def test_two_ranks_match_one_process_through_the_adapters_start(reference):
+    stdout = torchrun("--out", str(reference / "fsdp"), *CLI_TINY, "--fsdp")
+    assert FSDP_LINE in stdout
+    assert stdout.count("step 2: lazy LoRA attached") == 1  # rank 0 logs alone
+    assert_same_run(reference / "fsdp", reference / "ref")
+
+
+def test_resume_across_layouts(reference):
+    """Stopped after step 3 (adapters attached mid-run to the sharded model): FSDP resumes it, and
+    one process does; a one-process checkpoint of step 3 resumes under FSDP. Each is the run."""
+    root = reference
+    torchrun("--out", str(root / "fsdp_to_fsdp"), *CLI_TINY, "--fsdp", "--stop-after", "3")
+    stdout = torchrun("--out", str(root / "fsdp_to_fsdp"), "--resume")  # (--fsdp is the checkpoint's setting)
+    assert FSDP_LINE in stdout and "resumed from" in stdout
+    assert_same_run(root / "fsdp_to_fsdp", root / "ref")
+
+    torchrun("--out", str(root / "fsdp_to_one"), *CLI_TINY, "--fsdp", "--stop-after", "3")
+    cli("--out", str(root / "fsdp_to_one"), "--resume")  # (says FSDP has nothing to shard in one process)
+    assert_same_run(root / "fsdp_to_one", root / "ref")
+
+    cli("--out", str(root / "one_to_fsdp"), *CLI_TINY, "--stop-after", "3")
+    torchrun("--out", str(root / "one_to_fsdp"), "--resume", "--fsdp")
+    assert_same_run(root / "one_to_fsdp", root / "ref")
+
+
+def test_accelerate_fsdp_launch_with_activation_checkpointing(reference):
+    """An accelerate FSDP config (SHARD_GRAD_OP, activation checkpointing) shards without --fsdp;
+    recomputing the activations changes no number."""
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP", "FSDP_ACTIVATION_CHECKPOINTING": "true"}
+    stdout = torchrun("--out", str(reference / "accelerate"), *CLI_TINY, env=env)
+    assert FSDP_LINE in stdout
+    assert_same_run(reference / "accelerate", reference / "ref")
+
+
+def test_dense_baseline_under_fsdp(reference):
+    stdout = torchrun("--out", str(reference / "dense"), *DENSE_TINY, "--fsdp")
+    assert "2 ranks (FSDP2: dense weights, gradients and AdamW moments split row-wise)" in stdout
+    assert_same_run(reference / "dense", reference / "ref_dense")
+
+
+def test_one_process_trains_unsharded_and_says_so(tmp_path, capsys):
+    cli("--out", str(tmp_path / "run"), *CLI_TINY, "--fsdp", "--max-steps", "1", "--lazy-lora-fraction", "0")
+    assert "FSDP in one process has nothing to shard" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "fp16"], "not fp16"),
+    (["--dense-tail-fraction", "0.5"], "dense tail"),
+])
+def test_refused_settings(tmp_path, capsys, flags, message):
+    from slope.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # (argparse's usage error: checked before any work)
+        main(["train", "--out", str(tmp_path / "run"), *CLI_TINY, "--fsdp", *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("slope: error: fsdp = True is invalid") and message in error
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_refused_with_deepspeed_and_under_an_accelerate_fsdp_launch(tmp_path, monkeypatch):
+    from slope.config import ConfigError, TrainConfig
+    from slope.train import train
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text('{"zero_optimization": {"stage": 2}}')
+    with pytest.raises(ConfigError, match="choose one"):
+        TrainConfig(fsdp=True, deepspeed=str(ds_json)).validate()
+    # An accelerate FSDP config asks for FSDP without --fsdp: the same refusals, before any work.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="not fp16"):
+        train(TrainConfig(out=str(tmp_path / "run"), precision="fp16", max_steps=1))
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError, match="fsdp_offload_params"):
+        train(TrainConfig(out=str(tmp_path / "run"), max_steps=1))
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
