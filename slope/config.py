@@ -137,6 +137,18 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return round(self.warmup_fraction * self.max_steps)
 
+    def _check_engines(self, check) -> None:
+        """The settings DeepSpeed (``--deepspeed``) and FSDP (``--fsdp``) cannot honour."""
+        if self.deepspeed:
+            check(Path(self.deepspeed).is_file(), "deepspeed", "no such file (a DeepSpeed config JSON)")
+            check(self.precision != "fp16", "deepspeed", "DeepSpeed runs support fp32 and bf16, not fp16 (its loss scaler ignores the sparse gradients)")
+            check(self.dense_tail_fraction == 0, "deepspeed", "the dense tail (--dense-tail-fraction) is not supported with DeepSpeed")
+        if self.fsdp:
+            check(not self.deepspeed, "fsdp", "FSDP and DeepSpeed both shard the model: choose one (drop --fsdp or --deepspeed)")
+            check(self.precision != "fp16", "fsdp", "FSDP runs support fp32 and bf16, not fp16 (the loss scaling does not cover "
+                  "sharded gradients): use --precision bf16")
+            check(self.dense_tail_fraction == 0, "fsdp", "the dense tail (--dense-tail-fraction) is not supported with FSDP: set it to 0")
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value."""
 
@@ -202,15 +214,7 @@ class TrainConfig:
                 check_backend_runs_here(self.backend)
             except ValueError as e:
                 raise ConfigError(f"backend = {self.backend!r} is invalid here: {e}") from None
-        if self.deepspeed:
-            check(Path(self.deepspeed).is_file(), "deepspeed", "no such file (a DeepSpeed config JSON)")
-            check(self.precision != "fp16", "deepspeed", "DeepSpeed runs support fp32 and bf16, not fp16 (its loss scaler ignores the sparse gradients)")
-            check(self.dense_tail_fraction == 0, "deepspeed", "the dense tail (--dense-tail-fraction) is not supported with DeepSpeed")
-        if self.fsdp:
-            check(not self.deepspeed, "fsdp", "FSDP and DeepSpeed both shard the model: choose one (drop --fsdp or --deepspeed)")
-            check(self.precision != "fp16", "fsdp", "FSDP runs support fp32 and bf16, not fp16 (the loss scaling does not cover "
-                  "sharded gradients): use --precision bf16")
-            check(self.dense_tail_fraction == 0, "fsdp", "the dense tail (--dense-tail-fraction) is not supported with FSDP: set it to 0")
+        self._check_engines(check)
         check(self.hidden_size % self.num_heads == 0, "hidden_size", f"must be divisible by num_heads ({self.num_heads})")
         for key in ("hidden_size", "intermediate_size"):
             size = getattr(self, key)

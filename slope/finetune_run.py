@@ -153,23 +153,12 @@ def ddp_forward_model(model: nn.Module, env) -> nn.Module:
 
 
 def rank_memory(loop: FinetuneLoop) -> dict[str, int]:
-    """Bytes this rank holds (sharded tensors: its shard): the model's ``parameters`` (of which
-    ``sparse_values``: the SLoPe layers' kept values, on their owner only when sharded) and
-    ``buffers`` (SLoPe layers' packed masks and metadata), and the ``dense_optimizer`` /
-    ``sparse_optimizer`` state. (The masks of weights held under :class:`slope.sparsity.MaskedWeights`
-    are not module buffers: the front doors add them as ``masks``.)"""
-    from slope.parallel.sharded import local_bytes
-    from slope.registry import sparse_modules
+    """Bytes this rank holds (:func:`slope.parallel.sharded.held_bytes` of the loop's model and
+    optimizers). (The masks of weights held under :class:`slope.sparsity.MaskedWeights` are not
+    module buffers: the front doors add them as ``masks``.)"""
+    from slope.parallel.sharded import held_bytes
 
-    def state_bytes(optimizer) -> int:
-        if optimizer is None:
-            return 0
-        return local_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
-
-    values = [layer.values for _, layer in sparse_modules(loop.model)]
-    return {"parameters": local_bytes(loop.model.parameters()), "sparse_values": local_bytes(values),
-            "buffers": local_bytes(loop.model.buffers()),
-            "dense_optimizer": state_bytes(loop.dense_opt), "sparse_optimizer": state_bytes(loop.sparse_opt)}
+    return held_bytes(loop.model, loop.dense_opt, loop.sparse_opt)
 
 
 # ---------------------------------------------------------------------- the run

@@ -60,7 +60,7 @@ from slope.guard import FiniteGuard, check_finite
 from slope.interrupt import GracefulStop
 from slope.metrics_log import MetricsLog, read_records
 from slope.model_config import causal_lm_config, describe
-from slope.parallel.sharded import full_tensor
+from slope.parallel.sharded import full_tensor, held_bytes
 from slope.progress import Progress
 from slope.registry import sparse_modules
 from slope.reporting import open_reporter
@@ -850,7 +850,9 @@ def _train(cfg: TrainConfig, out: Path, env, stop: GracefulStop, cleanup: ExitSt
         plot_losses(out / "metrics.jsonl", out / "loss.png", run.unigram)
     elapsed = run.elapsed_before + time.perf_counter() - t0
     summary = {"step": step, "event": "summary", "finished": step >= cfg.max_steps, "final_train_loss": loss, "final_val_loss": val_loss,
-               "unigram_loss": run.unigram, "tokens": tokens, "elapsed_s": round(elapsed, 3), "out": str(out), "stopped_by": stopped_by}
+               "unigram_loss": run.unigram, "tokens": tokens, "elapsed_s": round(elapsed, 3), "out": str(out), "stopped_by": stopped_by,
+               # (DeepSpeed's engine holds its partitions of the dense optimizer state: not counted)
+               "memory_per_rank": None if run.ds_config is not None else held_bytes(run.model, run.dense_opt, run.sparse_opt)}
     run.metrics.write(summary)
     log(_final_line(summary, cfg.max_steps))
     parallel.destroy_distributed(env)

@@ -3,6 +3,7 @@ final weights), through the lazy adapters' start (they join a sharded model whol
 and its checkpoints resume in either layout; the settings FSDP cannot honour are refused."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def test_two_ranks_match_one_process_through_the_adapters_start(reference):
     assert FSDP_LINE in stdout
     assert stdout.count("step 2: lazy LoRA attached") == 1  # rank 0 logs alone
     assert_same_run(reference / "fsdp", reference / "ref")
+    # What rank 0 holds between steps (the summary's counted bytes): about half of one process's.
+    held, whole = _memory_per_rank(reference / "fsdp"), _memory_per_rank(reference / "ref")
+    for part in ("parameters", "sparse_values", "dense_optimizer", "sparse_optimizer"):
+        assert 0.4 < held[part] / whole[part] < 0.65, (part, held[part], whole[part])
+
+
+def _memory_per_rank(out: Path) -> dict[str, int]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in records if r.get("event") == "summary")["memory_per_rank"]
 
 
 def test_resume_across_layouts(reference):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["full_tensor", "is_sharded", "local_bytes", "local_tensor", "shard_like"]
+__all__ = ["full_tensor", "held_bytes", "is_sharded", "local_bytes", "local_tensor", "shard_like"]
 
 
 def is_sharded(tensor) -> bool:
@@ -42,3 +42,21 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def local_bytes(tensors) -> int:
     """Bytes this rank holds for ``tensors`` (a ``DTensor``: its shard; others: whole)."""
     return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors)
+
+
+def held_bytes(model: torch.nn.Module, dense_opt: torch.optim.Optimizer | None, sparse_opt=None) -> dict[str, int]:
+    """Bytes this rank holds between steps (sharded tensors: its shard): the model's ``parameters``
+    (of which ``sparse_values``: the SLoPe layers' kept values, on their owner only when sharded),
+    ``buffers`` (SLoPe layers' packed masks and metadata), and the state of ``dense_opt`` and of
+    ``sparse_opt`` (:class:`slope.optimizers.ADAMWSparse`; its moments on their owner only)."""
+    from slope.registry import sparse_modules
+
+    def state_bytes(optimizer) -> int:
+        if optimizer is None:
+            return 0
+        return local_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+
+    values = [layer.values for _, layer in sparse_modules(model)]
+    return {"parameters": local_bytes(model.parameters()), "sparse_values": local_bytes(values),
+            "buffers": local_bytes(model.buffers()), "dense_optimizer": state_bytes(dense_opt),
+            "sparse_optimizer": state_bytes(sparse_opt)}
