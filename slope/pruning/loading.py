@@ -30,9 +30,9 @@ DTYPES = {name: {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "f
 
 
 def shipped_tokenizer():
-    """slope's byte-level BPE (the one ``slope train`` uses) as a ``transformers`` fast tokenizer.
-    It pads on the right (as training batches do); for a batched ``model.generate`` over prompts of
-    different lengths set ``tokenizer.padding_side = "left"`` first, as for any decoder-only model."""
+    """slope's byte-level BPE (the one ``slope train`` uses) as a ``transformers`` fast tokenizer. It pads
+    on the left (:meth:`slope.data.TextTokenizer.to_hf`), so ``model.generate(**tokenizer(prompts,
+    padding=True, return_tensors="pt"))`` over prompts of different lengths continues each as alone."""
     from slope.data import open_tokenizer
 
     return open_tokenizer("").to_hf()
