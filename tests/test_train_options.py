@@ -109,6 +109,17 @@ def test_tokenizer_errors_are_one_line(english, tmp_path, capsys):
         assert err.startswith("slope train: error: --tokenizer") and message in err and "\n" not in err
 
 
+def test_a_tokenizer_run_loads_for_oneshot_with_its_own_tokenizer(english, tmp_path):
+    from slope.pruning.loading import load_model
+
+    cfg = tiny(tmp_path, tokenizer=str(english / "tokenizer.json"), dataset=str(english / "english.txt"), max_steps=1)
+    train(cfg, progress=False, log=lambda line: None)
+    model, tok = load_model(cfg.out)
+    text = "the quick brown fox sat on the mat."
+    assert len(tok) == 300 and tok(text, add_special_tokens=False)["input_ids"] == open_tokenizer(english / "tokenizer.json").encode(text)
+    assert model.config.vocab_size == 300 and tok.padding_side == "left"  # (it was the shipped 4096-token BPE)
+
+
 # ---------------------------------------------------------------------- --model-config
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
 def test_model_type_is_built_with_the_size_flags_and_resumes_exactly(kind, english, tmp_path):

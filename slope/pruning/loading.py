@@ -7,8 +7,8 @@
   loaded when the folder has one;
 - a ``slope train`` checkpoint (a folder with ``manifest.json``, or a run folder holding
   ``checkpoint/``): loaded with :func:`slope.evaluate.load_trained_model` in ``dense`` form (plain
-  ``nn.Linear`` layers; a sparse run's effective weights ``W⊙M``), with the shipped tokenizer the run
-  was trained with;
+  ``nn.Linear`` layers; a sparse run's effective weights ``W⊙M``), with the tokenizer the run was
+  trained with (the shipped BPE, or the checkpoint's copy of its ``--tokenizer``);
 - a slope ``save_pretrained`` folder (``slope_config.json``): :func:`slope.from_pretrained`, then
   densified.
 """
@@ -76,9 +76,11 @@ def load_model(path, device: str = "cpu", precision: str = "auto", flag: str = "
     dtype = DTYPES[precision]
     root = Path(path).expanduser()
     if (root / "manifest.json").is_file() or (root / "checkpoint" / "manifest.json").is_file():
+        from slope.data import open_tokenizer
         from slope.evaluate import load_trained_model
 
-        model, tokenizer = load_trained_model(root, device="cpu", mode="dense").model, shipped_tokenizer()
+        loaded = load_trained_model(root, device="cpu", mode="dense")
+        model, tokenizer = loaded.model, open_tokenizer(loaded.checkpoint.tokenizer).to_hf()  # the run's (shipped unless --tokenizer)
     elif (root / "slope_config.json").is_file():
         from slope.io import from_pretrained
         from slope.prune import densify
