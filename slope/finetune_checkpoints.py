@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -27,20 +26,11 @@ import torch
 from slope.checkpoint import capture_rng, restore_rng
 from slope.durable import fsync_dir, write_file
 from slope.finetune_loop import FinetuneLoop
+from slope.serialization.folders import checkpoint_step
 
 __all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "checkpoint_step", "checkpoint_steps", "resolve_checkpoint", "rotate_checkpoints"]
 
 CHECKPOINT_STATE = "slope_finetune_state.pt"
-_CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")  # (re's [0-9]: ASCII digits only)
-
-
-def checkpoint_step(name: str) -> int | None:
-    """The step of a folder named exactly ``checkpoint-<step>`` (ASCII digits, no leading zero: ``checkpoint-0``,
-    ``checkpoint-12``), else ``None`` (``checkpoint-002``, ``checkpoint-²``, ``checkpoint-3.bak`` are not checkpoints)."""
-    match = _CHECKPOINT_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
-
-
 def checkpoint_steps(folder: Path, complete: bool = False) -> dict[int, Path]:
     """``{step: folder}`` of the ``checkpoint-<step>`` folders in ``folder`` (:func:`checkpoint_step` names;
     ``complete``: only those holding their state file)."""

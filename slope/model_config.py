@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from slope.config import ConfigError, TrainConfig
+from slope.masks import parse_sparsity
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["build_causal_lm", "causal_lm_config", "config_from_dict", "describe", "size_mismatch"]
+__all__ = ["build_causal_lm", "causal_lm_config", "check_sparse_sizes", "config_from_dict", "describe", "size_mismatch"]
 
 #: Names of the MLP width in transformers configs (the first one a config has is set).
 _MLP_WIDTH = ("intermediate_size", "n_inner", "ffn_dim")
@@ -47,7 +49,11 @@ def _sized(cfg: TrainConfig, model_type: str):
     if hasattr(base, "head_dim"):
         sizes["head_dim"] = cfg.hidden_size // cfg.num_heads
     alias = getattr(base, "attribute_map", {})
-    config = AutoConfig.for_model(model_type, **{alias.get(k, k): v for k, v in sizes.items()})
+    try:
+        config = AutoConfig.for_model(model_type, **{alias.get(k, k): v for k, v in sizes.items()})
+    except Exception as e:  # noqa: BLE001 (as in _from_file)
+        raise ConfigError(f"model_config = {model_type!r} with the size flags: transformers rejects it ({' '.join(str(e).split())[:300]}); "
+                          "change --hidden-size / --num-heads / --intermediate-size") from e
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
         if getattr(config, key, None) != sizes[key]:
             raise ConfigError(f"model_config = {model_type!r}: its config does not take {key} = {sizes[key]} (it has "
@@ -66,7 +72,7 @@ def _from_file(spec: str, path: Path):
         raise ConfigError(f"model_config = {spec!r}: {file} has no \"model_type\" (e.g. \"qwen2\"); add it")
     try:
         return AutoConfig.from_pretrained(str(file))
-    except (ValueError, OSError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 (transformers' validators also raise huggingface_hub's StrictDataclass errors)
         raise ConfigError(f"model_config = {spec!r}: transformers cannot read it ({' '.join(str(e).split())[:300]})") from e
 
 
@@ -122,6 +128,35 @@ def build_causal_lm(config) -> nn.Module:
     except ValueError as e:
         raise ConfigError(f"model_config: transformers has no causal-LM model for the type {config.model_type!r} "
                           "(AutoModelForCausalLM); choose a decoder such as llama, qwen2, mistral, gpt2") from e
+
+
+def check_sparse_sizes(cfg: TrainConfig, config) -> str | None:
+    """Before any work: a :class:`ConfigError` naming the first linear layer of ``config``'s model that
+    ``cfg`` prunes (every one but the vocabulary projection and tied weights) whose in or out size is not
+    divisible by M (``prune_model`` would leave it dense: a run that says "SLoPe 2:4" with dense layers).
+    Under compressed storage, a one-line note when a sparse layer's size is not a multiple of 64 (the
+    compressed backends pad or mask it: exact, with some wasted work), else ``None``. Builds the model
+    on the meta device (no memory, no RNG draws)."""
+    if cfg.dense:
+        return None
+    from slope.prune import default_plan, size_reason
+
+    with torch.device("meta"):
+        decisions = default_plan(build_causal_lm(config), cfg.sparsity)
+    m = parse_sparsity(cfg.sparsity)[1]
+    source = f"model_config = {cfg.model_config!r}" if cfg.model_config else "the model of the size flags"
+    bad = [d for d in decisions if d.reason == size_reason(m)]
+    if bad:
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        raise ConfigError(f"{source}: layer {bad[0].name} is {bad[0].shape[0]}x{bad[0].shape[1]} (out x in){more}, not divisible by {m}, "
+                          f"so {cfg.sparsity} would leave it dense; choose sizes (hidden_size, intermediate_size, heads x head_dim) "
+                          f"that are multiples of {m}, or train with --dense")
+    odd = [d for d in decisions if d.pruned and (d.shape[0] % 64 or d.shape[1] % 64)]
+    if not cfg.compress or not odd:
+        return None
+    return (f"note: {source}: {len(odd)} sparse layers have a size that is not a multiple of 64 (e.g. {odd[0].name} "
+            f"{odd[0].shape[0]}x{odd[0].shape[1]}); compressed 2:4 runs them exactly, the GPU backends pad or mask the edges "
+            "(the size flags ask for multiples of 64)")
 
 
 def describe(config) -> str:

@@ -17,7 +17,7 @@ from slope.layer import SparseLinear
 from slope.masks import MASK_TYPES, parse_sparsity
 from slope.serialization.hf_save import install_save_hook
 
-__all__ = ["prune_model", "densify", "PruneDecision", "DEFAULT_SKIP"]
+__all__ = ["prune_model", "densify", "PruneDecision", "DEFAULT_SKIP", "default_plan", "size_reason"]
 
 logger = logging.getLogger("slope")
 
@@ -77,8 +77,11 @@ def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def _tied_to_embedding(weight: torch.Tensor, model: nn.Module) -> bool:
+    """``weight`` shares its storage with an embedding's (on the meta device, where every tensor's
+    ``data_ptr`` is 0: is the embedding's very parameter)."""
     return any(
-        isinstance(m, nn.Embedding) and m.weight.data_ptr() == weight.data_ptr() for m in model.modules()
+        isinstance(m, nn.Embedding) and (m.weight is weight or (not weight.is_meta and m.weight.data_ptr() == weight.data_ptr()))
+        for m in model.modules()
     )
 
 
@@ -163,8 +166,27 @@ def _kept_dense_reason(model: nn.Module, name: str, module: nn.Module, targets: 
                 f"layer {name!r} ({out_features}x{in_features}) is targeted but its in_features and "
                 f"out_features must be divisible by M={m} for {n}:{m}; remove it from targets or pick another sparsity"
             )
-        return f"in/out features not divisible by {m}"
+        return size_reason(m)
     return ""
+
+
+def size_reason(m: int) -> str:
+    """Why a layer whose in or out features are not divisible by ``m`` stays dense."""
+    return f"in/out features not divisible by {m}"
+
+
+def default_plan(model: nn.Module, sparsity: str = "2:4") -> list[PruneDecision]:
+    """What :func:`prune_model` (default ``targets`` / ``skip``) decides for each linear layer of ``model``
+    at ``sparsity``, building nothing (``shape (out, in)``; a layer left dense only by its size has
+    ``reason == size_reason(M)``). Reads no weights: ``model`` may be on the meta device."""
+    n, m = parse_sparsity(sparsity)
+    mha_owned = {id(mod.out_proj) for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)}
+    decisions = []
+    for name, module in model.named_modules():
+        if name and _linear_weight(module) is not None:
+            reason = _kept_dense_reason(model, name, module, [], [], mha_owned, n, m)
+            decisions.append(PruneDecision(name, tuple(_linear_weight(module)[0].shape), not reason, reason or f"{n}:{m}"))
+    return decisions
 
 
 def prune_model(

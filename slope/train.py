@@ -59,7 +59,7 @@ from slope.evaluate import autocast, evaluate_loss, resolve_device
 from slope.guard import FiniteGuard, check_finite
 from slope.interrupt import GracefulStop
 from slope.metrics_log import MetricsLog, read_records
-from slope.model_config import causal_lm_config, describe
+from slope.model_config import causal_lm_config, check_sparse_sizes, describe
 from slope.parallel.sharded import full_tensor, held_bytes
 from slope.progress import Progress
 from slope.registry import sparse_modules
@@ -645,7 +645,12 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, fsdp: dict | No
 
     # ---- tokenizer, architecture and --report-to backend: checked before the data are read -----
     tokenizer = open_tokenizer(cfg.tokenizer)
-    arch = (ckpt.model_config if ckpt is not None else None) or causal_lm_config(cfg, tokenizer.vocab_size, tokenizer.eos_id).to_dict()
+    arch = ckpt.model_config if ckpt is not None else None
+    if not arch:
+        config = causal_lm_config(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+        if (note := check_sparse_sizes(cfg, config)) is not None:
+            log(note)
+        arch = config.to_dict()
     tokenizer_copy = tokenizer_files(tokenizer, "tokenizer", cfg.seq_len) if cfg.tokenizer and env.is_main else None  # saved in checkpoints
     reporter = cleanup.enter_context(open_reporter(cfg.report_to if env.is_main else "none", out, cfg, ckpt.step if ckpt else 0))
 

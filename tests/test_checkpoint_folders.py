@@ -14,7 +14,7 @@ from slope.finetune_loop import FinetuneLoop
 from slope.finetune_run import check_output_dir
 from slope.pruning.loading import shipped_tokenizer
 from slope.recovery.finetune import finetune
-from slope.serialization.folders import OutputDirError
+from slope.serialization.folders import OutputDirError, folder_kind
 
 DOCS = ["def f%d(x):\n    return x * %d + %d\n" % (i, i, i * i) for i in range(120)]
 
@@ -37,6 +37,16 @@ def test_canonical_names_are_checkpoints(name, step):
                                   "checkpoint-3.bak", "Checkpoint-3", "checkpoint-best"])
 def test_other_names_are_not(name):
     assert checkpoint_step(name) is None
+
+
+@pytest.mark.parametrize("name", ["checkpoint-\u00b2", "checkpoint-002", "checkpoint-\uff13", "checkpoint-3.bak"])
+def test_folder_kind_uses_the_same_rule_for_trainer_checkpoints(tmp_path, name):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text("{}")
+    assert folder_kind(tmp_path) == "unknown"  # isdigit() took checkpoint-\u00b2 and checkpoint-002 for Trainer checkpoints
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "config.json").write_text("{}")
+    assert folder_kind(tmp_path) == "checkpoints-only"
 
 
 def test_odd_names_are_left_alone_by_resume_rotation_and_the_output_dir_check(tmp_path):

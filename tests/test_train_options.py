@@ -109,6 +109,17 @@ def test_tokenizer_errors_are_one_line(english, tmp_path, capsys):
         assert err.startswith("slope train: error: --tokenizer") and message in err and "\n" not in err
 
 
+def test_a_tokenizer_run_loads_for_oneshot_with_its_own_tokenizer(english, tmp_path):
+    from slope.pruning.loading import load_model
+
+    cfg = tiny(tmp_path, tokenizer=str(english / "tokenizer.json"), dataset=str(english / "english.txt"), max_steps=1)
+    train(cfg, progress=False, log=lambda line: None)
+    model, tok = load_model(cfg.out)
+    text = "the quick brown fox sat on the mat."
+    assert len(tok) == 300 and tok(text, add_special_tokens=False)["input_ids"] == open_tokenizer(english / "tokenizer.json").encode(text)
+    assert model.config.vocab_size == 300 and tok.padding_side == "left"  # (it was the shipped 4096-token BPE)
+
+
 # ---------------------------------------------------------------------- --model-config
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
 def test_model_type_is_built_with_the_size_flags_and_resumes_exactly(kind, english, tmp_path):
@@ -208,6 +219,53 @@ def test_model_config_errors(tmp_path, capsys):
         assert main(["train", "--out", str(tmp_path / "r"), "--model-config", spec, "--max-steps", "1", "--seq-len", "16"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("slope train: error: model_config") and message in err and "\n" not in err, err
+
+
+def _llama_file(tmp_path, name, **sizes):
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1, **sizes}))
+    return str(config)
+
+
+@pytest.mark.parametrize("sizes, layer", [
+    (dict(hidden_size=64, intermediate_size=130, num_attention_heads=2), "model.layers.0.mlp.gate_proj is 130x64 (out x in) (and 2 more"),
+    # GQA: one KV head of head_dim 6 makes k_proj / v_proj 6 rows, whatever hidden_size is
+    (dict(hidden_size=48, intermediate_size=128, num_attention_heads=8, num_key_value_heads=1), "self_attn.k_proj is 6x48 (out x in)"),
+])
+def test_config_file_sizes_that_pruning_would_leave_dense_are_refused_before_the_data(sizes, layer, tmp_path, capsys):
+    """Such layers used to stay dense silently in a run logged as "SLoPe 2:4" (prune_model skips them)."""
+    config = _llama_file(tmp_path, "c", **sizes)
+    for extra in ([], ["--no-compress"]):
+        assert main(["train", "--out", str(tmp_path / "r"), "--model-config", config, "--max-steps", "1", "--seq-len", "16", *extra]) == 1
+        out, err = capsys.readouterr()
+        assert err.startswith(f"slope train: error: model_config = {config!r}: layer ") and layer in err and "\n" not in err.strip(), err
+        assert "not divisible by 4" in err and "--dense" in err and "data:" not in out  # before the data are read
+    assert main(["train", "--out", str(tmp_path / "d"), "--model-config", config, "--max-steps", "1", "--seq-len", "16", "--dense",
+                 "--batch-size", "2", "--eval-every", "100", "--save-every", "0"]) == 0  # a dense run takes any size
+
+
+def test_config_file_sizes_off_64_train_exactly_compressed_with_a_note(english, tmp_path):
+    """hidden 96 / MLP 200 (not multiples of 64, which the size flags ask for): every linear but lm_head is
+    pruned, the compressed run's losses are the simulated run's, and the log says why it is allowed."""
+    config = _llama_file(tmp_path, "odd", hidden_size=96, intermediate_size=200, num_attention_heads=3, num_key_value_heads=1)
+    runs = {}
+    for compress in (True, False):
+        lines = []
+        cfg = tiny(tmp_path, f"c{compress}", model_config=config, compress=compress, max_steps=3, dataset=str(english / "english.txt"))
+        train(cfg, progress=False, log=lines.append)
+        runs[compress] = losses(cfg)
+        notes = [line for line in lines if "not a multiple of 64" in line]
+        assert len(notes) == compress and all(f"model_config = {config!r}: 7 sparse layers" in n for n in notes), lines
+        sparse = [k for k in read_checkpoint(f"{cfg.out}/checkpoint").model_state if k.endswith(".values")]
+        assert len(sparse) == 7  # q, k, v, o, gate, up, down
+    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
+
+
+def test_config_file_that_transformers_rejects_is_one_line(tmp_path, capsys):
+    config = _llama_file(tmp_path, "rope", hidden_size=90, intermediate_size=128, num_attention_heads=2)  # head_dim 45: odd
+    assert main(["train", "--out", str(tmp_path / "r"), "--model-config", config, "--max-steps", "1", "--seq-len", "16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"slope train: error: model_config = {config!r}: transformers cannot read it") and "\n" not in err, err
 
 
 # ---------------------------------------------------------------------- --report-to

@@ -53,13 +53,17 @@ class TextTokenizer:
 
     def to_hf(self, model_max_length: int | None = None):
         """A ``transformers`` tokenizer with this EOS as its BOS/EOS (and PAD if it has none), to save
-        with ``save_pretrained`` beside a model."""
+        with ``save_pretrained`` beside a model. The shipped BPE and a ``tokenizer.json`` file pad on the
+        left, as batched ``model.generate`` over prompts of different lengths needs for the decoder-only
+        models slope builds (right padding makes the shorter prompts continue after pad tokens: wrong
+        text); slope's own batches are packed windows, never padded. A folder's tokenizer keeps its own
+        ``padding_side``."""
         kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
         if self.hf is None:
             from transformers import PreTrainedTokenizerFast
 
             return PreTrainedTokenizerFast(tokenizer_object=self.fast, bos_token=self.eos_token, eos_token=self.eos_token,
-                                           pad_token=self.eos_token, unk_token=self.eos_token, **kwargs)
+                                           pad_token=self.eos_token, unk_token=self.eos_token, padding_side="left", **kwargs)
         tok = copy.deepcopy(self.hf)
         if model_max_length is not None:
             tok.model_max_length = model_max_length

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from slope.data import EOS_TOKEN, DataError, load_splits, load_tokenizer, read_documents, split_stream
+from slope.data import DataError, load_splits, open_tokenizer, read_documents, split_stream
 
 __all__ = ["FinetuneData", "load_finetune_data", "resolve_tokenizer"]
 
@@ -24,7 +24,7 @@ __all__ = ["FinetuneData", "load_finetune_data", "resolve_tokenizer"]
 def resolve_tokenizer(tokenizer, model_source):
     """A ``transformers`` tokenizer: ``tokenizer`` (an object or a folder), else the one saved beside
     the model (an HF folder), else slope's shipped byte-level BPE (what ``slope train`` uses)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
@@ -35,7 +35,7 @@ def resolve_tokenizer(tokenizer, model_source):
     folder = Path(model_source) if isinstance(model_source, (str, Path)) else None
     if folder is not None and folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(str(folder))
-    shipped = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(), eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    shipped = open_tokenizer("").to_hf()  # (slope.pruning.loading.shipped_tokenizer)
     shipped.slope_shipped = True  # load_finetune_data may reuse slope.data's cached tokenization
     return shipped
 

@@ -7,8 +7,8 @@
   loaded when the folder has one;
 - a ``slope train`` checkpoint (a folder with ``manifest.json``, or a run folder holding
   ``checkpoint/``): loaded with :func:`slope.evaluate.load_trained_model` in ``dense`` form (plain
-  ``nn.Linear`` layers; a sparse run's effective weights ``W⊙M``), with the shipped tokenizer the run
-  was trained with;
+  ``nn.Linear`` layers; a sparse run's effective weights ``W⊙M``), with the tokenizer the run was
+  trained with (the shipped BPE, or the checkpoint's copy of its ``--tokenizer``);
 - a slope ``save_pretrained`` folder (``slope_config.json``): :func:`slope.from_pretrained`, then
   densified.
 """
@@ -30,9 +30,9 @@ DTYPES = {name: {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "f
 
 
 def shipped_tokenizer():
-    """slope's byte-level BPE (the one ``slope train`` uses) as a ``transformers`` fast tokenizer.
-    It pads on the right (as training batches do); for a batched ``model.generate`` over prompts of
-    different lengths set ``tokenizer.padding_side = "left"`` first, as for any decoder-only model."""
+    """slope's byte-level BPE (the one ``slope train`` uses) as a ``transformers`` fast tokenizer. It pads
+    on the left (:meth:`slope.data.TextTokenizer.to_hf`), so ``model.generate(**tokenizer(prompts,
+    padding=True, return_tensors="pt"))`` over prompts of different lengths continues each as alone."""
     from slope.data import open_tokenizer
 
     return open_tokenizer("").to_hf()
@@ -76,9 +76,11 @@ def load_model(path, device: str = "cpu", precision: str = "auto", flag: str = "
     dtype = DTYPES[precision]
     root = Path(path).expanduser()
     if (root / "manifest.json").is_file() or (root / "checkpoint" / "manifest.json").is_file():
+        from slope.data import open_tokenizer
         from slope.evaluate import load_trained_model
 
-        model, tokenizer = load_trained_model(root, device="cpu", mode="dense").model, shipped_tokenizer()
+        loaded = load_trained_model(root, device="cpu", mode="dense")
+        model, tokenizer = loaded.model, open_tokenizer(loaded.checkpoint.tokenizer).to_hf()  # the run's (shipped unless --tokenizer)
     elif (root / "slope_config.json").is_file():
         from slope.io import from_pretrained
         from slope.prune import densify

@@ -22,11 +22,14 @@ so that no run's files end up beside another's.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["OutputDirError", "check_new_output_dir", "folder_kind", "describe_folder", "weight_keys"]
+__all__ = ["OutputDirError", "check_new_output_dir", "checkpoint_step", "folder_kind", "describe_folder", "weight_keys"]
+
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")  # (re's [0-9]: ASCII digits only)
 
 _DESCRIPTIONS = {
     "slope-train": (
@@ -75,6 +78,14 @@ _DESCRIPTIONS = {
 }
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step of a folder named exactly ``checkpoint-<step>`` (ASCII digits, no leading zero: ``checkpoint-0``,
+    ``checkpoint-12``), else ``None`` (``checkpoint-002``, ``checkpoint-²``, ``checkpoint-3.bak`` are not checkpoints).
+    The one rule for the name, whoever wrote the folder (a transformers ``Trainer``, ``slope finetune``)."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
 def weight_keys(directory: str | os.PathLike) -> list[str]:
     """Tensor names of the safetensors weights in ``directory`` (one file or an index; headers only)."""
     from safetensors import safe_open
@@ -109,7 +120,7 @@ def folder_kind(path: str | os.PathLike) -> str:
     if (path / "slope_config.json").is_file():
         return "slope-pretrained-v1"
     if config is None:
-        checkpoints = [p for p in path.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "config.json").is_file()]
+        checkpoints = [p for p in path.glob("checkpoint-*") if checkpoint_step(p.name) is not None and (p / "config.json").is_file()]
         return "checkpoints-only" if checkpoints else "unknown"
     if isinstance(config.get("slope_export"), dict):
         return "slope-export-dense"
