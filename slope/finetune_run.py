@@ -152,6 +152,26 @@ def ddp_forward_model(model: nn.Module, env) -> nn.Module:
     return wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, require_sparse=False)
 
 
+def fsdp_settings(fsdp: bool, fp16: bool, env) -> dict[str, bool] | None:
+    """How a fine-tuning front door shards its model: ``None`` (unsharded: one process, or DDP) or
+    the :func:`slope.parallel.wrap_fsdp2` settings of ``fsdp=True`` (FULL_SHARD) or of an
+    ``accelerate launch`` with an FSDP config (``{"reshard_after_forward", "activation_checkpointing"}``).
+    fp16 is refused; one process is warned of (nothing to shard)."""
+    from slope.parallel import accelerate_fsdp
+
+    settings = accelerate_fsdp() or ({"reshard_after_forward": True, "activation_checkpointing": False} if fsdp else None)
+    if settings is None:
+        return None
+    if fp16:
+        raise ValueError("FSDP with fp16 is not supported (the loss scaling does not cover sharded gradients); use bf16 "
+                         "(--bf16) or fp32")
+    if not env.distributed:
+        warnings.warn("FSDP in a single process has nothing to shard: the model trains unsharded; launch with torchrun "
+                      "--nproc_per_node=N (or accelerate launch) to shard it", UserWarning, stacklevel=3)
+        return None
+    return settings
+
+
 def rank_memory(loop: FinetuneLoop) -> dict[str, int]:
     """Bytes this rank holds (:func:`slope.parallel.sharded.held_bytes` of the loop's model and
     optimizers). (The masks of weights held under :class:`slope.sparsity.MaskedWeights` are not

@@ -42,7 +42,7 @@ SPARSE = dict(max_steps=6, gradient_accumulation_steps=2, max_seq_length=16, eva
               logging_steps=1)
 
 
-def _sparse_finetune(sparsity_type: str, batch_size: int, output_dir=None):
+def _sparse_finetune(sparsity_type: str, batch_size: int, output_dir=None, **overrides):
     import transformers as T
 
     from slope.dynamic import sparse_finetune
@@ -53,7 +53,7 @@ def _sparse_finetune(sparsity_type: str, batch_size: int, output_dir=None):
                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
     docs = ["def f%d(x):\n    return x * %d + %d\n" % (i, i, i * i) for i in range(120)]
     return sparse_finetune(model, docs, sparsity_type=sparsity_type, batch_size=batch_size, output_dir=output_dir,
-                           tokenizer=shipped_tokenizer(), **SPARSE)
+                           tokenizer=shipped_tokenizer(), **{**SPARSE, **overrides})
 
 
 def _sparse_worker(out: str, sparsity_type: str) -> None:
@@ -80,6 +80,40 @@ def test_sparse_finetune_under_torchrun_is_the_run_of_one_process(tmp_path, spar
                 assert torch.equal(saved["weights"][name], value), name
             else:  # (AdamW with eps 1e-8 turns the float rounding of a near-cancelling gradient into ~1e-5 moves)
                 torch.testing.assert_close(saved["weights"][name], value, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+#: What FSDP2 shards in sparse_finetune: masked nn.Linear weights (unstructured RigL; N:M by gradual
+#: pruning) and SLoPe layers (2:4 RigL: each layer's values on one rank).
+FSDP_KINDS = {"unstructured": dict(sparsity_type="unstructured"), "2:4": dict(sparsity_type="2:4"),
+              "2:4-gradual": dict(sparsity_type="2:4", use_rigl=False, sparsity_schedule="cubic")}
+
+
+def _fsdp_worker(out: str, kind: str) -> None:
+    _sparse_finetune(batch_size=2, output_dir=Path(out) / kind, fsdp=True, **FSDP_KINDS[kind])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", sorted(FSDP_KINDS))
+def test_sparse_finetune_under_fsdp_is_the_run_of_one_process(tmp_path, kind):
+    """2 ranks sharded by FSDP2, 2 rows each: the masks of every update (RigL's regrowth by the
+    averaged gradients; gradual pruning's) and the final weights (the output folders: plain
+    weights, zeros where pruned) of one process with 4 rows."""
+    import json
+
+    from safetensors.torch import load_file
+
+    launch([__file__, "fsdp", str(tmp_path), kind], tmp_path)
+    single = _sparse_finetune(batch_size=4, output_dir=tmp_path / "single", **FSDP_KINDS[kind])
+    assert single.finetune_summary["mask_updates"] >= 2  # masks moved during the run
+    summary = json.loads((tmp_path / kind / "summary.json").read_text())
+    assert summary["config"]["fsdp"] is True and summary["config"]["global_batch"] == 4
+    assert summary["final_sparsity"] == pytest.approx(single.finetune_summary["final_sparsity"])
+    history = torch.load(tmp_path / kind / "dynamic_sparsity.pt", weights_only=False)["history"]
+    assert [u["layers"] for u in history] == [u["layers"] for u in single.dynamic_sparsity.history]
+    saved, want = (load_file(str(tmp_path / folder / "model.safetensors")) for folder in (kind, "single"))
+    assert saved.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _worker(out: str) -> None:
@@ -109,5 +143,7 @@ if __name__ == "__main__":  # a DDP rank (launched by the tests above)
     warnings.simplefilter("ignore")
     if sys.argv[1] == "sparse":
         _sparse_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "fsdp":
+        _fsdp_worker(sys.argv[2], sys.argv[3])
     else:
         _worker(sys.argv[1])

@@ -69,6 +69,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
           help="keep only the newest N checkpoint-<step> folders (default, or None: all)")
     _flag(p, "resume_from_checkpoint", default=None, metavar="DIR",
           help="a checkpoint-<step> folder ('latest': the newest in --output-dir)")
+    _flag(p, "fsdp", action="store_true",
+          help="under torchrun, shard the model with FSDP2 instead of DDP (automatic under accelerate launch with an FSDP config)")
     return p
 
 

@@ -17,7 +17,13 @@ folders that ``resume_from_checkpoint`` continues from exactly (:mod:`slope.fine
 newest ``save_total_limit`` kept). SIGINT / SIGTERM end the run after the current step with a
 ``checkpoint-<step>/`` (no other output) and the call returns, ``finetune_summary["stopped_by"]`` naming the signal.
 Under ``torchrun`` it trains with DDP, ``batch_size`` rows per process (RigL averages the ranks'
-dense gradients, so the masks stay equal on every rank); rank 0 writes the outputs.
+dense gradients, so the masks stay equal on every rank); rank 0 writes the outputs. With
+``fsdp=True`` (or under ``accelerate launch`` with an FSDP config) FSDP2 shards the model instead.
+Masked ``nn.Linear`` weights (unstructured, gradual N:M): each mask is split like its weight, the
+gradients FSDP2 averages are RigL's dense gradients, and every mask update ranks each layer's
+whole weight, gathered one layer at a time. SLoPe layers (N:M RigL): each layer's values live on
+one rank (:class:`slope.parallel.ShardedValues`), fetched to rank them; the owner moves its values
+and moments to the new mask, the others receive its metadata.
 """
 from __future__ import annotations
 
@@ -33,11 +39,11 @@ from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
 from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive,
+from slope.finetune_run import (build_optimizers, fsdp_settings, check_int, check_output_dir, check_positions, check_positive,
                                 check_save_total_limit, dataset_name, ddp_forward_model, output_folder, plain_config, precision_mode,
                                 run_resumable, save_model_folder, seed_everything)
 from slope.interrupt import GracefulStop
-from slope.sparsity import SparseLayerMasks
+from slope.sparsity import MaskedWeights, SparseLayerMasks
 
 __all__ = ["sparse_finetune", "FinetuneArgs"]
 
@@ -47,6 +53,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "logging_steps": 10, "max_grad_norm": 1.0, "weight_decay": 0.0, "text_field": "text", "device": "auto",
     "targets": None, "skip": None, "compress": None, "double_pruning": None, "progress": None,
     "save_steps": None, "save_total_limit": None, "resume_from_checkpoint": None, "sparsity_distribution": "uniform",
+    "fsdp": False,
 }
 
 #: What a resumed run must share with the run that wrote its checkpoint.
@@ -166,11 +173,26 @@ def count_mask_updates(records: list[dict[str, Any]]) -> dict[str, int]:
     return {"mask_updates": len(updates) - skipped, "mask_updates_skipped": skipped}
 
 
-def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any]) -> None:
-    """The HF folder (plain transformers; zeros where pruned), tokenizer, masks, summary and plot."""
-    torch.save(ctx.sparsifier.state_dict(), out / "dynamic_sparsity.pt")
+def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any], main_process: bool) -> None:
+    """The HF folder (plain transformers; zeros where pruned), tokenizer, masks, summary and plot.
+    Every rank calls it (sharded masks and weights are gathered); the main process writes."""
+    state = ctx.sparsifier.state_dict()
+    if main_process:
+        torch.save(state, out / "dynamic_sparsity.pt")
     kind = ctx.sparsifier.config.sparsity_type + (" RigL" if ctx.sparsifier.config.use_rigl else "")
-    save_model_folder(ctx.model, tokenizer, out, summary, f"sparse fine-tuning ({kind})")
+    save_model_folder(ctx.model, tokenizer, out, summary, f"sparse fine-tuning ({kind})", main_process=main_process)
+
+
+def _shard(model: nn.Module, sparsifier: DynamicSparsity, fsdp: dict) -> nn.Module:
+    """``model`` sharded in place by FSDP2 (``fsdp``: its settings); the masks follow its new
+    (sharded) parameters. Returns it: it runs its own forward."""
+    from slope.parallel import wrap_fsdp2
+
+    wrap_fsdp2(model, reshard_after_forward=fsdp["reshard_after_forward"], require_sparse=False)
+    if isinstance(sparsifier.masked, MaskedWeights):  # (SLoPe layers keep their masks; their values are sharded by layer)
+        params = dict(model.named_parameters())
+        sparsifier.masked.rebind({name: params[name] for name in sparsifier.masked.params})
+    return model
 
 
 # ---------------------------------------------------------------------- the one call
@@ -231,6 +253,7 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
     from slope.train import LossScaler
 
     extra, device = args.extra, env.device
+    fsdp = fsdp_settings(extra["fsdp"], args.fp16, env)
     seed_everything(extra["seed"])
     model = load_model(model_name, device)
     check_positions(model, extra["max_seq_length"])
@@ -246,9 +269,9 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
         from slope.dynamic.attention import enable_topk_attention
 
         enable_topk_attention(model, args.topk_ratio)
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing or (fsdp or {}).get("activation_checkpointing"):
         enable_activation_checkpointing(model)
-    forward_model = ddp_forward_model(model, env)
+    forward_model = _shard(model, sparsifier, fsdp) if fsdp is not None else ddp_forward_model(model, env)
     dense_opt, sparse_opt = build_optimizers(model, args.learning_rate, extra["weight_decay"],
                                              sparse=isinstance(sparsifier.masked, SparseLayerMasks))  # N:M on SLoPe layers
     settings = LoopSettings(args.learning_rate, args.warmup_steps, "linear", args.gradient_accumulation_steps, args.precision,
@@ -257,7 +280,8 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
     loop = FinetuneLoop(model, data, dense_opt, sparse_opt, LossScaler(args.fp16), device, total, settings,
                         after_step=lambda step, skipped: [{"event": "mask_update", **event} for event in
                                                           sparsifier.step(sparse_opt or dense_opt, skipped=skipped)],
-                        status=lambda: {"sparsity": sparsifier.sparsity}, forward_model=forward_model)
+                        status=lambda: {"sparsity": sparsifier.sparsity}, forward_model=forward_model,
+                        before_update=getattr(sparsifier.masked, "mask_grads_", None) if fsdp is not None else None)
     ctx = _Run(args, model, sparsifier, loop)
     out = output_folder(output_dir, env.is_main)
     summary = _loop(ctx, out, env.is_main)
@@ -268,9 +292,9 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
                          "gradient_accumulation_steps": args.gradient_accumulation_steps, "precision": args.precision,
                          "gradient_checkpointing": args.gradient_checkpointing, "use_topk_attention": args.use_topk_attention,
                          "topk_ratio": args.topk_ratio, **plain_config(extra), "dataset": dataset_name(dataset),
-                         "global_batch": args.batch_size * env.world_size, "world_size": env.world_size}
-    if out is not None and env.is_main:
-        _save(ctx, tokenizer, out, summary)
+                         "global_batch": args.batch_size * env.world_size, "world_size": env.world_size, "fsdp": fsdp is not None}
+    if out is not None:  # (every rank: a sharded model and its masks are gathered; the main process writes)
+        _save(ctx, tokenizer, out, summary, env.is_main)
     return _finish(ctx, summary)
 
 

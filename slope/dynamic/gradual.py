@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils.prune import BasePruningMethod
 
 from slope.masks import nm_mask_from_scores, topk_mask
+from slope.parallel.sharded import full_tensor
 from slope.sparsity import MaskPolicy
 from slope.dynamic.criteria import criterion_mask
 from slope.dynamic.policies import check_schedule
@@ -55,7 +56,7 @@ def prune_to(masked, sparsity: float | dict[str, float], method: BasePruningMeth
     pruned = {}
     for name in masked.masks:
         target = sparsity[name] if isinstance(sparsity, dict) else sparsity
-        new = _pruned_mask(masked.out_in(name, masked.weight(name)), masked.out_in(name, masked.masks[name]), target, method,
+        new = _pruned_mask(masked.out_in(name, masked.weight(name)), masked.out_in(name, full_tensor(masked.masks[name])), target, method,
                            structure)
         pruned[name] = 0 if new is None else int(masked.set_mask(name, masked.out_in(name, new).contiguous(), optimizer).sum())
     return pruned

@@ -27,6 +27,7 @@ import torch
 
 from slope.distributed import average_over_ranks
 from slope.masks import is_nm_sparse, nm_mask_from_scores, topk_mask
+from slope.parallel.sharded import full_tensor, is_sharded
 from slope.sparsity import MaskPolicy
 from slope.dynamic.policies import check_schedule
 from slope.dynamic.schedules import rigl_fraction
@@ -114,10 +115,11 @@ class RigL(MaskPolicy):
         grads = self.masked.dense_grads if grads is None else grads
         # Data-parallel ranks captured the gradients of their own rows: regrow by their mean (the
         # gradient of the whole batch), so every rank picks the same entries and the masks stay equal.
-        average_over_ranks([grads[name] for name in self.masked.masks if name in grads])
+        # (Gradients of FSDP2-sharded weights are averaged already; RigL ranks whole tensors: gathered.)
+        average_over_ranks([grads[name] for name in self.masked.masks if name in grads and not is_sharded(grads[name])])
         fraction = self.fraction_at(step + 1)
         record: dict[str, Any] = {"step": step + 1, "kind": self.kind, "fraction": fraction, "layers": {}}
-        if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+        if not all(bool(torch.isfinite(full_tensor(g)).all()) for g in grads.values()):
             # an fp16 overflow step: its gradients rank nothing; the masks stay as they are
             warnings.warn(f"RigL: the dense gradients of step {step + 1} are not finite; this mask update is skipped", RuntimeWarning, stacklevel=2)
             self.last_update = {**record, "skipped": "non-finite dense gradient"}
@@ -129,8 +131,8 @@ class RigL(MaskPolicy):
                     "backward of every step where needs_dense_grad(step) is True (DynamicSparsity does this for you)"
                 )
             out_in = self.masked.out_in  # (out, in) views: N:M groups run along the input dimension
-            new, dropped = rigl_mask(out_in(name, self.masked.weight(name)), out_in(name, grads[name]), out_in(name, mask),
-                                     fraction, self.structure)
+            new, dropped = rigl_mask(out_in(name, self.masked.weight(name)), out_in(name, full_tensor(grads[name])),
+                                     out_in(name, full_tensor(mask)), fraction, self.structure)
             changed = int(self.masked.set_mask(name, out_in(name, new).contiguous(), optimizer).sum())
             record["layers"][name] = {"dropped": dropped, "grown": dropped, "regrown": dropped - changed // 2, "changed": changed}
         self.last_update = record

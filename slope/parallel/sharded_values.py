@@ -182,6 +182,29 @@ class ShardedValues:
             layer.mask_t_bits.copy_(bits)
             layer.refresh()
 
+    @torch.no_grad()
+    def set_mask(self, layer: nn.Module, mask: torch.Tensor, optimizer=None) -> torch.Tensor:
+        """``layer.set_mask(mask, optimizer)`` (dynamic sparsity: RigL) with the values on their owner:
+        the owner moves its values, gradient and moments to the new positions and recomputes
+        ``meta`` and ``M_t``, which the other ranks receive (collective; every rank passes the same
+        ``mask``). Returns the bool ``(out, in)`` changed entries on every rank."""
+        changed = mask.to(layer.mask_bits.device) ^ layer.mask
+        if self.owns(layer):
+            layer.set_mask(mask, optimizer)
+        else:
+            layer._set_mask(mask)
+        for name in ("meta", "mask_t_bits"):
+            buffer = getattr(layer, name, None)
+            if buffer is None:
+                continue
+            received = buffer.clone()  # (a copy: a collective does not bump the version that keys the caches)
+            dist.broadcast(received, src=self._src(layer), group=self.group)
+            if not self.owns(layer):
+                buffer.copy_(received)
+        if not self.owns(layer):
+            layer.refresh()
+        return changed
+
     def any_rank(self, flag: bool, device: torch.device) -> bool:
         """Whether ``flag`` is true on any rank (collective)."""
         value = torch.tensor(float(flag), device=device)

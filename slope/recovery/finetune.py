@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive,
+from slope.finetune_run import (build_optimizers, fsdp_settings, check_int, check_output_dir, check_positions, check_positive,
                                 check_save_total_limit, dataset_name, ddp_forward_model, output_folder, plain_config, precision_mode,
                                 run_resumable, save_model_folder, seed_everything)
 from slope.pruning.loading import LOAD_PRECISIONS
@@ -273,25 +273,6 @@ class _Recovery:
     out: Path | None
 
 
-def _fsdp_settings(args: dict[str, Any], env) -> dict[str, bool] | None:
-    """How to shard the student: ``None`` (unsharded: one process, or DDP) or the
-    :func:`slope.parallel.wrap_fsdp2` settings of ``fsdp=True`` or of an ``accelerate launch``
-    with an FSDP config."""
-    from slope.parallel import accelerate_fsdp
-
-    settings = accelerate_fsdp() or ({"reshard_after_forward": True, "activation_checkpointing": False} if args["fsdp"] else None)
-    if settings is None:
-        return None
-    if args["fp16"]:
-        raise ValueError("FSDP with fp16 is not supported (the loss scaling does not cover sharded gradients); use bf16 "
-                         "(--bf16) or fp32")
-    if not env.distributed:
-        warnings.warn("FSDP in a single process has nothing to shard: the model trains unsharded; launch with torchrun "
-                      "--nproc_per_node=N (or accelerate launch) to shard it", UserWarning, stacklevel=3)
-        return None
-    return settings
-
-
 def _wrap(model, held, env, fsdp):
     """``forward_model``: the student sharded in place by FSDP2 (``fsdp``; held masks follow its
     new parameters), wrapped in DDP under ``torchrun``, or itself."""
@@ -424,7 +405,7 @@ def finetune(model, recipe=None, dataset="embedded", distill_teacher=None, outpu
     seed_everything(args["seed"])
     run = None
     try:
-        fsdp = _fsdp_settings(args, env)
+        fsdp = fsdp_settings(args["fsdp"], args["fp16"], env)
         if (fsdp or {}).get("activation_checkpointing"):  # (the accelerate config's): recorded as such
             args = {**args, "gradient_checkpointing": True}
         with GracefulStop():  # from here SIGINT / SIGTERM stop after a step; one after the last step lets the outputs be written

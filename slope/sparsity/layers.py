@@ -8,6 +8,8 @@ same calls it uses on ordinary weights (:meth:`set_mask`, :meth:`weight`,
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -42,8 +44,12 @@ class SparseLayerMasks:
         return {name: layer.mask for name, layer in self.layers.items()}
 
     def weight(self, name: str) -> torch.Tensor:
-        """``W ⊙ M`` of layer ``name`` as a dense fp32 ``(out, in)`` tensor."""
-        return self.layers[name].dense_weight(torch.float32)
+        """``W ⊙ M`` of layer ``name`` as a dense fp32 ``(out, in)`` tensor (values sharded by
+        :class:`slope.parallel.ShardedValues`: fetched from their owner, collective)."""
+        layer = self.layers[name]
+        holder = layer.values_holder
+        with contextlib.nullcontext() if holder is None else holder.holding(layer):
+            return layer.dense_weight(torch.float32)
 
     def out_in(self, name: str, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         """``tensor`` itself: a SLoPe layer's mask and weight are ``(out, in)`` already (see
@@ -64,8 +70,12 @@ class SparseLayerMasks:
 
     # ------------------------------------------------------------------ changing masks
     def set_mask(self, name: str, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
-        """Replace layer ``name``'s ``M`` (see :meth:`slope.SparseLinear.set_mask`); returns the changed entries."""
-        return self.layers[name].set_mask(mask, optimizer)
+        """Replace layer ``name``'s ``M`` (see :meth:`slope.SparseLinear.set_mask`; sharded values: on
+        their owner, :meth:`slope.parallel.ShardedValues.set_mask`); returns the changed entries."""
+        layer = self.layers[name]
+        if layer.values_holder is not None:
+            return layer.values_holder.set_mask(layer, mask, optimizer)
+        return layer.set_mask(mask, optimizer)
 
     def apply_(self) -> None:
         """Nothing to do: a SLoPe layer stores only kept entries."""
@@ -78,7 +88,7 @@ class SparseLayerMasks:
         """Fraction of pruned entries over ``names`` (default: every layer)."""
         names = list(self.layers if names is None else names)
         total = sum(self.layers[n].out_features * self.layers[n].in_features for n in names)
-        kept = sum(self.layers[n].values.numel() for n in names)
+        kept = sum(math.prod(self.layers[n].values_shape) for n in names)  # (whole: also where values are sharded)
         return 1.0 - kept / total if total else 0.0
 
     def state_dict(self) -> dict[str, torch.Tensor]:

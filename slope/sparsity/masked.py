@@ -42,7 +42,10 @@ class MaskedWeights:
     Dense gradients (RigL's regrowth): while :meth:`capture_dense_grads` is on, the gradient hook
     also adds each full gradient (pruned entries included, before masking; fp32) to
     :attr:`dense_grads` — autograd computes the full gradient anyway, so the only cost is one
-    weight-sized buffer per parameter while capturing.
+    weight-sized buffer per parameter while capturing. For sharded parameters :meth:`mask_grads_`
+    keeps the step's reduced gradient (this rank's shard) before masking it.
+
+    :meth:`weight` is the whole weight (gathered when sharded): what mask policies rank.
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor] | None = None, *,
@@ -117,19 +120,21 @@ class MaskedWeights:
         unsharded ones are masked by their hooks already."""
         for name, param in self.params.items():
             if is_sharded(param) and param.grad is not None:
+                if self.capturing:  # the step's gradient, averaged over the ranks by FSDP2 (a shard)
+                    self.dense_grads[name] = param.grad.detach().to(torch.float32, copy=True)
                 param.grad.mul_(self.masks[name].to(param.grad.dtype))
 
     def capture_dense_grads(self, on: bool) -> None:
         """Start (``True``: :attr:`dense_grads` emptied, then accumulated over the following backward
-        passes) or stop (``False``: emptied) keeping the full gradients."""
-        if on and any(is_sharded(p) for p in self.params.values()):
-            raise ValueError("capture_dense_grads needs unsharded parameters (the gradient hooks of FSDP2-sharded ones do not run)")
+        passes; sharded parameters: kept by :meth:`mask_grads_`) or stop (``False``: emptied) keeping
+        the full gradients."""
         self.capturing = bool(on)
         self.dense_grads = {}
 
     def weight(self, name: str) -> torch.Tensor:
-        """The current weight ``name`` (pruned entries zero), detached."""
-        return self.params[name].detach()
+        """The current weight ``name`` (pruned entries zero), detached and whole (a sharded one is
+        gathered: collective)."""
+        return full_tensor(self.params[name].detach())
 
     # ------------------------------------------------------------------ keeping zeros zero
     @torch.no_grad()
@@ -155,7 +160,8 @@ class MaskedWeights:
     @torch.no_grad()
     def set_mask(self, name: str, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
         """Replace ``name``'s mask; entries that change (dropped or grown) become zero in the weight
-        and in the optimizer state. Returns the bool tensor of changed entries."""
+        and in the optimizer state. Returns the bool tensor of changed entries (whole: gathered
+        when the weight is sharded)."""
         if is_sharded(self.params.get(name)) and not is_sharded(mask):
             mask = shard_like(mask, self.params[name])
         param = self.params[name]
@@ -165,7 +171,7 @@ class MaskedWeights:
         param.masked_fill_(changed, 0)
         if optimizer is not None:
             self._zero_state(name, optimizer, changed)
-        return changed
+        return full_tensor(changed)
 
     # ------------------------------------------------------------------ reporting and persistence
     def sparsity(self, names: Iterable[str] | None = None) -> float:
