@@ -457,7 +457,17 @@ def _quiet_deepspeed_without_accelerator() -> None:
 def _resume_advice(args: argparse.Namespace) -> str:
     """What an interrupted command's run can be continued with ("" for commands that train nothing)."""
     if args.command == "train":
-        return "; a run keeps its last complete checkpoint (continue with --resume)"
+        from slope.checkpoint_store import latest_checkpoint
+
+        try:
+            out = Path(resolve_train_config(args).out)
+        except (ValueError, OSError):
+            out = Path(getattr(args, "out", TrainConfig().out))
+        try:
+            latest_checkpoint(out / "checkpoint")
+        except (RuntimeError, ValueError, OSError):  # (CheckpointError: none, or none readable)
+            return "; no checkpoint was written yet (run the command again to start over)"
+        return f"; the run keeps its last complete checkpoint (continue with: slope train --out {out} --resume)"
     if args.command == "apply":
         return "; finished stages are kept: run the same command again to continue" + (
             "" if getattr(args, "save_steps", None) else " (without --save-steps an interrupted train stage starts again)")

@@ -144,7 +144,8 @@ class TrainConfig:
             check(self.precision != "fp16", "deepspeed", "DeepSpeed runs support fp32 and bf16, not fp16 (its loss scaler ignores the sparse gradients)")
             check(self.dense_tail_fraction == 0, "deepspeed", "the dense tail (--dense-tail-fraction) is not supported with DeepSpeed")
         if self.fsdp:
-            check(not self.deepspeed, "fsdp", "FSDP and DeepSpeed both shard the model: choose one (drop --fsdp or --deepspeed)")
+            check(not self.deepspeed, "fsdp", "FSDP (--fsdp, a resumed run's setting, or an accelerate FSDP config) and DeepSpeed "
+                  "both shard the model: choose one (--no-fsdp, or --deepspeed '')")
             check(self.precision != "fp16", "fsdp", "FSDP runs support fp32 and bf16, not fp16 (the loss scaling does not cover "
                   "sharded gradients): use --precision bf16")
             check(self.dense_tail_fraction == 0, "fsdp", "the dense tail (--dense-tail-fraction) is not supported with FSDP: set it to 0")

@@ -35,7 +35,9 @@ the step lines (with ETA) otherwise (:mod:`slope.progress`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import time
 from contextlib import ExitStack, nullcontext
@@ -536,17 +538,34 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
     """
     cfg.validate()
     cfg = _absolute_sources(cfg)
+    _check_launcher_precision(cfg)
     fsdp = requested_fsdp(cfg)  # (--fsdp, or an accelerate FSDP config)
+    new_folder = not Path(cfg.out).exists()
     out = _output_dir(cfg.out)
-    # torchrun: join the process group (DeepSpeed needs one even for a single process).
-    env = parallel.init_distributed(device=resolve_device(cfg.device), single_process_group=bool(cfg.deepspeed))
-    lock = _lock_and_recover(out, env, cfg, log if env.is_main else _silent)
     try:
-        with GracefulStop() as stop, ExitStack() as cleanup:  # cleanup: the progress bar and the --report-to backend
-            return _train(cfg, out, env, stop, cleanup, fsdp, progress=progress, log=log, plot=plot)
-    finally:
-        if lock is not None:
-            lock.release()
+        # torchrun: join the process group (DeepSpeed needs one even for a single process).
+        env = parallel.init_distributed(device=resolve_device(cfg.device), single_process_group=bool(cfg.deepspeed))
+        lock = _lock_and_recover(out, env, cfg, log if env.is_main else _silent)
+        try:
+            with GracefulStop() as stop, ExitStack() as cleanup:  # cleanup: the progress bar and the --report-to backend
+                return _train(cfg, out, env, stop, cleanup, fsdp, progress=progress, log=log, plot=plot)
+        finally:
+            if lock is not None:
+                lock.release()
+    except BaseException:
+        if new_folder:  # a run refused before it wrote anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()  # (only if empty; another rank may have removed it already)
+        raise
+
+
+def _check_launcher_precision(cfg: TrainConfig) -> None:
+    """``accelerate launch`` with ``mixed_precision: bf16`` / ``fp16`` in its config: slope train's
+    precision is its own ``--precision``, so a different one is a one-line error, not ignored."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if launched in ("bf16", "fp16") and launched != cfg.precision:
+        raise ConfigError(f"precision = {cfg.precision!r} is invalid here: the accelerate config sets mixed_precision: {launched}; "
+                          f"pass --precision {launched} (or set mixed_precision: no)")
 
 
 @dataclass
@@ -642,6 +661,11 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, fsdp: dict | No
         log("note: fp16 matmuls are very slow on CPUs; prefer --precision bf16 or fp32 there")
 
     ckpt = _checked_resume(cfg, out)  # verified before anything else is done
+    fsdp = fsdp_settings(fsdp, env, log)
+    if ckpt is not None and ckpt.dense_tail and (fsdp is not None or ds_config is not None):
+        engine, off = ("FSDP", "--no-fsdp") if fsdp is not None else ("DeepSpeed", "--deepspeed ''")
+        raise ConfigError(f"{ckpt.path} is in the run's dense tail (its SLoPe layers became dense nn.Linear), which {engine} "
+                          f"cannot resume: continue it with {off}")
 
     # ---- tokenizer, architecture and --report-to backend: checked before the data are read -----
     tokenizer = open_tokenizer(cfg.tokenizer)
@@ -663,9 +687,8 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, fsdp: dict | No
     model = build_model(cfg, data.vocab_size, data.eos_id, model_config=arch).to(env.device)
     n_params = sum(p.numel() for p in model.parameters())
     pruned = sum(m.out_features * m.in_features - m.values.numel() for _, m in sparse_modules(model))
-    fsdp = fsdp_settings(fsdp, env, log)
     if fsdp is not None:  # before the optimizers, which then hold the shards
-        shard_model(model, fsdp, cfg)
+        shard_model(model, fsdp, cfg, log)
     dense_opt, sparse_opt = _optimizers(model, cfg, _shards_sparse_state(ds_config, env, cfg, fsdp))
     scaler = LossScaler(cfg.precision == "fp16", cfg.fp16_init_scale, cfg.fp16_growth_interval, cfg.fp16_min_scale)
     guard = FiniteGuard(cfg.nonfinite_patience)

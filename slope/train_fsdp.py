@@ -50,10 +50,15 @@ def fsdp_settings(requested: dict | None, env: parallel.DistEnv, log) -> dict | 
     return requested
 
 
-def shard_model(model: torch.nn.Module, settings: dict, cfg: TrainConfig) -> None:
+def shard_model(model: torch.nn.Module, settings: dict, cfg: TrainConfig, log) -> None:
     """Shard ``model`` in place with FSDP2 (each transformer block a unit; SLoPe values sharded by
-    layer), after turning on activation checkpointing when ``settings`` ask for it."""
+    layer), after turning on activation checkpointing when ``settings`` ask for it; settings that
+    come from an accelerate config are said through ``log``."""
     from slope.finetune_loop import enable_activation_checkpointing
+
+    if parallel.launched_with_fsdp():
+        log(f"FSDP from the accelerate config: {'FULL_SHARD' if settings['reshard_after_forward'] else 'SHARD_GRAD_OP'}, "
+            f"activation checkpointing {'on' if settings['activation_checkpointing'] else 'off'} (--fsdp / --no-fsdp do not apply)")
 
     if settings["activation_checkpointing"]:
         enable_activation_checkpointing(model)

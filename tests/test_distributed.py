@@ -16,7 +16,6 @@ import importlib.util
 import io
 import logging
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path

@@ -125,7 +125,15 @@ def test_interrupted_commands_name_the_resume_that_works(tmp_path):
     from slope.cli import _resume_advice
     from slope.finetune_checkpoints import CHECKPOINT_STATE
 
-    assert _resume_advice(Namespace(command="train")).endswith("(continue with --resume)")
+    run = tmp_path / "run"
+    assert _resume_advice(Namespace(command="train", out=str(run))) == (
+        "; no checkpoint was written yet (run the command again to start over)")  # (not a resume that would fail)
+    from slope.cli import main
+
+    assert main(["train", "--out", str(run), "--max-steps", "1", "--hidden-size", "64", "--intermediate-size", "128",
+                 "--num-layers", "1", "--num-heads", "2", "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1",
+                 "--device", "cpu"]) == 0
+    assert _resume_advice(Namespace(command="train", out=str(run))).endswith(f"(continue with: slope train --out {run} --resume)")
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "checkpoint-5" / CHECKPOINT_STATE).write_bytes(b"")
     assert _resume_advice(Namespace(command="finetune", save_steps=5, output_dir=str(tmp_path))).endswith(

@@ -114,3 +114,43 @@ def test_refused_with_deepspeed_and_under_an_accelerate_fsdp_launch(tmp_path, mo
     with pytest.raises(ConfigError, match="fsdp_offload_params"):
         train(TrainConfig(out=str(tmp_path / "run"), max_steps=1))
     assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
+
+
+def test_tied_embeddings_are_stored_once(reference):
+    """GPT-2 ties lm_head to the input embedding: the gathered FSDP checkpoint keeps one tensor under
+    both names, as one process does (dropout off: N ranks then give the run of one process)."""
+    config = reference / "gpt2.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 1, "n_head": 2, "n_positions": 64,
+                                  "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}))
+    sizes = {"--hidden-size", "--intermediate-size", "--num-layers", "--num-heads"}  # (the file sets them)
+    flags = [f for i, f in enumerate(CLI_TINY) if f not in sizes and CLI_TINY[i - 1] not in sizes] + ["--model-config", str(config)]
+    cli("--out", str(reference / "gpt2_ref"), *flags)
+    torchrun("--out", str(reference / "gpt2_fsdp"), *flags, "--fsdp")
+    assert_same_run(reference / "gpt2_fsdp", reference / "gpt2_ref")  # (the same keys: lm_head.weight is an alias)
+    sizes = [(reference / run / "checkpoint" / "model.safetensors").stat().st_size for run in ("gpt2_ref", "gpt2_fsdp")]
+    assert sizes[0] == sizes[1]
+
+
+def test_a_dense_tail_checkpoint_is_not_resumed_under_fsdp(reference):
+    """A run stopped in its dense tail has dense layers: FSDP refuses to resume it in one line."""
+    out = reference / "dense_tail"
+    tail = [*CLI_TINY[:CLI_TINY.index("--lazy-lora-fraction")], "--lazy-lora-fraction", "0", "--dense-tail-fraction", "0.5"]
+    cli("--out", str(out), *tail, "--stop-after", "3")
+    output = torchrun("--out", str(out), "--resume", "--fsdp", "--dense-tail-fraction", "0", fails=True)
+    assert "is in the run's dense tail (its SLoPe layers became dense nn.Linear), which FSDP cannot resume: continue it with --no-fsdp" in output
+    assert "Traceback" not in output.split("slope train: error")[0]
+
+
+def test_refused_before_any_folder_is_made(tmp_path, monkeypatch):
+    """An accelerate config's mixed precision other than --precision, or a setting refused during
+    set-up, leaves no --out folder behind."""
+    from slope.config import ConfigError, TrainConfig
+    from slope.train import train
+
+    with pytest.raises(Exception, match="tokenizer"):
+        train(TrainConfig(out=str(tmp_path / "tok"), tokenizer=str(tmp_path / "missing" / "tokenizer.json"), max_steps=1))
+    assert not (tmp_path / "tok").exists()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="mixed_precision: bf16; pass --precision bf16"):
+        train(TrainConfig(out=str(tmp_path / "run"), max_steps=1))
+    assert not (tmp_path / "run").exists()

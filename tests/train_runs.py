@@ -22,15 +22,19 @@ CLI_TINY = ["--hidden-size", "64", "--intermediate-size", "128", "--num-layers",
             "--lazy-lora-fraction", "0.5"]
 
 
-def torchrun(*args: str, timeout: float = 300, nproc: int = 2, env: dict[str, str] | None = None) -> str:
+def torchrun(*args: str, timeout: float = 300, nproc: int = 2, env: dict[str, str] | None = None, fails: bool = False) -> str:
     """``torchrun --standalone --nproc_per_node=<nproc> -m slope train ...`` (``env``: added to the
-    environment); returns its stdout, failing the test with the output unless it succeeds."""
+    environment); returns its stdout, failing the test with the output unless it succeeds (or, with
+    ``fails``, unless it fails: then returns its stdout and stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "slope", "train", *args]
     # From the repository root, as a user would start it (nothing there may shadow an import).
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
+    if fails:
+        assert proc.returncode != 0, output[-6000:]
+        return output
     assert proc.returncode == 0, output[-6000:]
     return proc.stdout
 

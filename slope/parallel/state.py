@@ -88,6 +88,20 @@ def full_model_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[st
         state = _to_cpu(get_model_state_dict(model, options=_FULL))
     if holder is not None:
         holder.complete_state(state, names, rank0_only)
+    return _tie_aliases(model, state)
+
+
+def _tie_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the names of one shared parameter (tied input / output embeddings) holding one
+    tensor, as ``model.state_dict()`` does (the gathered copies are separate: checkpoints would store
+    the weight twice). Changes ``state`` in place; returns it."""
+    names: dict[int, list[str]] = {}
+    for name, param in unwrap(model).named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for shared in names.values():
+        for alias in shared[1:]:
+            if shared[0] in state and alias in state:
+                state[alias] = state[shared[0]]
     return state
 
 
