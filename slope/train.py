@@ -16,10 +16,11 @@ The batches of step ``s`` depend only on ``(seed, s)``, and checkpoints hold eve
 state, so ``--resume`` reproduces the uninterrupted run's losses exactly.
 
 Data parallel (``torchrun --nproc_per_node=N -m slope train``; ``slope.parallel``): every rank
-draws the same global micro-batch and trains on its ``batch_size/N`` rows, under DDP or, with
-``--deepspeed CONFIG``, DeepSpeed ZeRO-1/2 (which then clips dense and sparse gradients
-separately), or, with ``--fsdp``, FSDP2 (:mod:`slope.train_fsdp`). Gradients are averaged over the ranks, so the run — and its checkpoints, written by
-rank 0 in the single-process format — do not depend on N: resume on any number of ranks.
+draws the same global micro-batch and trains on its ``batch_size/N`` rows, under DDP, with
+``--deepspeed CONFIG`` under DeepSpeed ZeRO-1/2 (which then clips dense and sparse gradients
+separately), or with ``--fsdp`` sharded by FSDP2 (:mod:`slope.train_fsdp`). Gradients are
+averaged over the ranks, so the run — and its checkpoints, written by rank 0 in the
+single-process format — do not depend on N: resume on any number of ranks.
 Rank 0 alone logs and writes files.
 
 No fault loses a run (``docs/robustness.md``): the output folder is locked (:mod:`slope.runlock`),
