@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import warnings
@@ -150,6 +151,18 @@ def ddp_forward_model(model: nn.Module, env) -> nn.Module:
     from slope.parallel import wrap_ddp
 
     return wrap_ddp(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, require_sparse=False)
+
+
+def launcher_mixed_precision(fp16: bool, bf16: bool) -> tuple[bool, bool]:
+    """``(fp16, bf16)`` of a fine-tuning run: ``accelerate launch`` with ``mixed_precision: bf16``
+    (or fp16) in its config autocasts as ``bf16=True`` would, unless ``bf16`` / ``fp16`` is given
+    (said in a note)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if launched in ("bf16", "fp16") and not (bf16 or fp16):
+        warnings.warn(f"mixed precision {launched} from the accelerate config: {launched} autocast, fp32 master weights "
+                      f"(as --{launched})", UserWarning, stacklevel=4)
+        return launched == "fp16", launched == "bf16"
+    return fp16, bf16
 
 
 def fsdp_settings(fsdp: bool, fp16: bool, env) -> dict[str, bool] | None:

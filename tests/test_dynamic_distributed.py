@@ -116,6 +116,21 @@ def test_sparse_finetune_under_fsdp_is_the_run_of_one_process(tmp_path, kind):
         torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_sparse_finetune_under_an_accelerate_fsdp_config(tmp_path):
+    """An accelerate FSDP config shards without fsdp=True; its activation checkpointing and mixed
+    precision apply, are said in notes, and are recorded in summary.json."""
+    import json
+
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP", "FSDP_ACTIVATION_CHECKPOINTING": "true",
+           "ACCELERATE_MIXED_PRECISION": "bf16"}
+    launch([__file__, "accelerate", str(tmp_path), "unstructured"], tmp_path, env=env)
+    config = json.loads((tmp_path / "unstructured" / "summary.json").read_text())["config"]
+    assert config["fsdp"] is True and config["precision"] == "bf16" and config["gradient_checkpointing"] is True
+    log = (tmp_path / "rank_rank0.log").read_text()
+    assert "FSDP from the accelerate config: SHARD_GRAD_OP, activation checkpointing on" in log
+    assert "mixed precision bf16 from the accelerate config" in log
+
+
 def _worker(out: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -145,5 +160,8 @@ if __name__ == "__main__":  # a DDP rank (launched by the tests above)
         _sparse_worker(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "fsdp":
         _fsdp_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "accelerate":  # (the environment asks for FSDP)
+        warnings.simplefilter("default")  # (the notes go to the rank's log)
+        _sparse_finetune(batch_size=2, output_dir=Path(sys.argv[2]) / sys.argv[3], **FSDP_KINDS[sys.argv[3]])
     else:
         _worker(sys.argv[1])

@@ -28,6 +28,7 @@ and moments to the new mask, the others receive its metadata.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
 from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, fsdp_settings, check_int, check_output_dir, check_positions, check_positive,
+from slope.finetune_run import (build_optimizers, fsdp_settings, launcher_mixed_precision, check_int, check_output_dir, check_positions, check_positive,
                                 check_save_total_limit, dataset_name, ddp_forward_model, output_folder, plain_config, precision_mode,
                                 run_resumable, save_model_folder, seed_everything)
 from slope.interrupt import GracefulStop
@@ -183,10 +184,15 @@ def _save(ctx: _Run, tokenizer, out: Path, summary: dict[str, Any], main_process
     save_model_folder(ctx.model, tokenizer, out, summary, f"sparse fine-tuning ({kind})", main_process=main_process)
 
 
-def _shard(model: nn.Module, sparsifier: DynamicSparsity, fsdp: dict) -> nn.Module:
-    """``model`` sharded in place by FSDP2 (``fsdp``: its settings); the masks follow its new
-    (sharded) parameters. Returns it: it runs its own forward."""
-    from slope.parallel import wrap_fsdp2
+def _shard(model: nn.Module, sparsifier: DynamicSparsity, fsdp: dict, main_process: bool) -> nn.Module:
+    """``model`` sharded in place by FSDP2 (``fsdp``: its settings, said in a note when they come
+    from an accelerate config); the masks follow its new (sharded) parameters. Returns it: it runs
+    its own forward."""
+    from slope.parallel import launched_with_fsdp, wrap_fsdp2
+
+    if launched_with_fsdp() and main_process:
+        warnings.warn(f"FSDP from the accelerate config: {'FULL_SHARD' if fsdp['reshard_after_forward'] else 'SHARD_GRAD_OP'}, "
+                      f"activation checkpointing {'on' if fsdp['activation_checkpointing'] else 'off'}", UserWarning, stacklevel=3)
 
     wrap_fsdp2(model, reshard_after_forward=fsdp["reshard_after_forward"], require_sparse=False)
     if isinstance(sparsifier.masked, MaskedWeights):  # (SLoPe layers keep their masks; their values are sharded by layer)
@@ -219,7 +225,10 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
     ``"erk"``: RigL's Erdős–Rényi-Kernel spread of the unstructured budget over the layers).
 
     The returned model keeps its sparse form: unstructured masks as zeros in ``nn.Linear`` weights,
-    N:M as :class:`slope.SparseLinear` layers (2:4: accelerable). Its ``dynamic_sparsity`` attribute
+    N:M as :class:`slope.SparseLinear` layers (2:4: accelerable); under FSDP it is still sharded:
+    :func:`slope.parallel.full_model_state_dict` gathers it, which needs the process group — one this
+    call started itself ends with it, so create the group first (``torch.distributed.init_process_group()``)
+    to go on using the sharded model, else load ``output_dir``. Its ``dynamic_sparsity`` attribute
     is the :class:`DynamicSparsity` (masks, history) and ``finetune_summary`` the run's summary. A run
     stopped by SIGINT / SIGTERM returns the model after step ``finetune_summary["stopped_at"]`` with
     ``stopped_by`` the signal's name and ``stop_checkpoint`` the folder to resume from (nothing else is
@@ -232,6 +241,7 @@ def sparse_finetune(model_name, dataset, sparsity_ratio: float | None = None, sp
     if unknown:
         raise TypeError(f"sparse_finetune got unknown keyword arguments {unknown}; accepted extras: {sorted(EXTRA_DEFAULTS)}")
     extra = {**EXTRA_DEFAULTS, **kw}
+    fp16, bf16 = launcher_mixed_precision(fp16, bf16)
     args = FinetuneArgs(learning_rate, batch_size, num_epochs, warmup_steps, gradient_accumulation_steps, fp16, bf16,
                         gradient_checkpointing, use_topk_attention, topk_ratio, extra).validate()
     config = DynamicSparsityConfig(sparsity_ratio, sparsity_type, mask_update_interval, mask_update_fraction, use_rigl,
@@ -271,7 +281,7 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
         enable_topk_attention(model, args.topk_ratio)
     if args.gradient_checkpointing or (fsdp or {}).get("activation_checkpointing"):
         enable_activation_checkpointing(model)
-    forward_model = _shard(model, sparsifier, fsdp) if fsdp is not None else ddp_forward_model(model, env)
+    forward_model = _shard(model, sparsifier, fsdp, env.is_main) if fsdp is not None else ddp_forward_model(model, env)
     dense_opt, sparse_opt = build_optimizers(model, args.learning_rate, extra["weight_decay"],
                                              sparse=isinstance(sparsifier.masked, SparseLayerMasks))  # N:M on SLoPe layers
     settings = LoopSettings(args.learning_rate, args.warmup_steps, "linear", args.gradient_accumulation_steps, args.precision,
@@ -290,7 +300,7 @@ def _train(model_name, dataset, args: FinetuneArgs, config: DynamicSparsityConfi
     summary["config"] = {**sparsifier.config_dict(), "learning_rate": args.learning_rate, "batch_size": args.batch_size,
                          "num_epochs": args.num_epochs, "warmup_steps": args.warmup_steps,
                          "gradient_accumulation_steps": args.gradient_accumulation_steps, "precision": args.precision,
-                         "gradient_checkpointing": args.gradient_checkpointing, "use_topk_attention": args.use_topk_attention,
+                         "gradient_checkpointing": args.gradient_checkpointing or bool((fsdp or {}).get("activation_checkpointing")), "use_topk_attention": args.use_topk_attention,
                          "topk_ratio": args.topk_ratio, **plain_config(extra), "dataset": dataset_name(dataset),
                          "global_batch": args.batch_size * env.world_size, "world_size": env.world_size, "fsdp": fsdp is not None}
     if out is not None:  # (every rank: a sharded model and its masks are gathered; the main process writes)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, fsdp_settings, check_int, check_output_dir, check_positions, check_positive,
+from slope.finetune_run import (build_optimizers, fsdp_settings, launcher_mixed_precision, check_int, check_output_dir, check_positions, check_positive,
                                 check_save_total_limit, dataset_name, ddp_forward_model, output_folder, plain_config, precision_mode,
                                 run_resumable, save_model_folder, seed_everything)
 from slope.pruning.loading import LOAD_PRECISIONS
@@ -87,16 +87,6 @@ def _check_backend(backend, double_pruning: bool) -> None:
                       "(--double-pruning); without it 2:4 layers train with an exact backward", UserWarning, stacklevel=4)
 
 
-def _launcher_mixed_precision(args: dict[str, Any]) -> None:
-    """``accelerate launch`` with ``mixed_precision: bf16`` (or fp16) in its config autocasts as
-    ``bf16=True`` would, unless ``bf16`` / ``fp16`` is given (said in a note)."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
-    if launched in ("bf16", "fp16") and not (args["bf16"] or args["fp16"]):
-        args[launched] = True
-        warnings.warn(f"mixed precision {launched} from the accelerate config: {launched} autocast, fp32 master weights "
-                      f"(as --{launched})", UserWarning, stacklevel=4)
-
-
 def checked_training_args(training_args: dict[str, Any], caller: str = "finetune") -> dict[str, Any]:
     """``training_args`` with :data:`TRAINING_DEFAULTS` filled in, each checked (one-line errors), plus
     ``precision_mode`` (``"fp32"`` / ``"bf16"`` / ``"fp16"``) and ``precision`` as a dtype name."""
@@ -123,7 +113,7 @@ def checked_training_args(training_args: dict[str, Any], caller: str = "finetune
     if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm < 0):
         raise ValueError(f"max_grad_norm must be a non-negative number or None (no clipping), got {norm!r}")
     _check_backend(args["backend"], args["double_pruning"])
-    _launcher_mixed_precision(args)
+    args["fp16"], args["bf16"] = launcher_mixed_precision(args["fp16"], args["bf16"])
     mode = precision_mode(args["fp16"], args["bf16"])
     if not isinstance(args["fsdp"], bool):
         raise ValueError(f"fsdp must be True or False, got {args['fsdp']!r}")
