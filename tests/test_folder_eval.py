@@ -64,6 +64,17 @@ def test_eval_of_a_sparse_finetune_folder_and_of_a_foreign_folder(tmp_path, data
     assert result["settings"]["seq_len"] == 63 and result["val_tokens"] == 8 * 63
 
 
+def test_eval_of_a_top_k_attention_folder_runs_top_k_attention(tmp_path, data_file):
+    """sparse-finetune --use-topk-attention saves its ratio in config.json: eval runs with it again
+    (said in a note), so the folder's loss is the run's final validation loss."""
+    model = sparse_finetune(tiny_llama(), str(data_file), max_steps=2, batch_size=2, max_seq_length=16, eval_batches=2,
+                            gradient_accumulation_steps=1, warmup_steps=0, output_dir=tmp_path / "topk", use_topk_attention=True,
+                            topk_ratio=0.5, tokenizer=shipped_tokenizer(), progress=False, gradient_checkpointing=False)
+    with pytest.warns(UserWarning, match="fine-tuned with top-k attention"):
+        result = eval_model_folder(tmp_path / "topk", "cpu")
+    assert result["val_loss"] == pytest.approx(model.finetune_summary["final_val_loss"], rel=1e-6)
+
+
 def test_generate_from_a_folder_checks_learned_positions(tmp_path, capsys):
     torch.manual_seed(0)
     T.GPT2LMHeadModel(T.GPT2Config(vocab_size=4096, n_embd=32, n_layer=1, n_head=2, n_positions=12)).save_pretrained(tmp_path / "gpt2")

@@ -9,7 +9,7 @@ Llama, Mistral, Qwen2, Gemma (its ``softcap`` of the scores is honoured), â€¦ â€
 patching. Attention sinks (gpt-oss's ``s_aux``) are refused: the kept keys would need the sink in
 their softmax, which this function does not model. The ratio lives in the model's
 config (``topk_attention_ratio``); it is saved with the config, the implementation choice is not
-(re-enable after loading).
+(re-enable after loading; ``slope eval`` / ``slope generate`` on a model folder do, with a note).
 
 Like eager attention it materialises the ``(batch, heads, q, L)`` scores; it is a quality knob
 (sparse attention patterns), not a speed-up.

@@ -17,6 +17,7 @@ uses); a tokenizer that does not fit the model's vocabulary is a one-line error.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,13 @@ def load_folder_model(folder: str | Path, device: str = "auto"):
 
     device = resolve_device(device)
     model, tokenizer = load_model(folder, device, "auto")
+    ratio = getattr(model.config, "topk_attention_ratio", None)
+    if ratio is not None:  # fine-tuned with top-k attention (sparse-finetune --use-topk-attention): the config keeps its ratio
+        from slope.dynamic.attention import enable_topk_attention
+
+        enable_topk_attention(model, ratio)
+        warnings.warn(f"{folder} was fine-tuned with top-k attention (each query attends to its top {ratio:g} of the keys): it runs "
+                      "with it again", UserWarning, stacklevel=2)
     tokenizer = tokenizer if tokenizer is not None else resolve_tokenizer(None, folder)
     vocab_size = model.get_input_embeddings().num_embeddings
     if getattr(tokenizer, "slope_shipped", False) and len(tokenizer) > vocab_size:
