@@ -31,6 +31,8 @@ from slope.serialization.folders import checkpoint_step
 __all__ = ["CHECKPOINT_STATE", "LoopCheckpoints", "checkpoint_step", "checkpoint_steps", "resolve_checkpoint", "rotate_checkpoints"]
 
 CHECKPOINT_STATE = "slope_finetune_state.pt"
+
+
 def checkpoint_steps(folder: Path, complete: bool = False) -> dict[int, Path]:
     """``{step: folder}`` of the ``checkpoint-<step>`` folders in ``folder`` (:func:`checkpoint_step` names;
     ``complete``: only those holding their state file)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import warnings
@@ -157,8 +156,10 @@ def launcher_mixed_precision(fp16: bool, bf16: bool) -> tuple[bool, bool]:
     """``(fp16, bf16)`` of a fine-tuning run: ``accelerate launch`` with ``mixed_precision: bf16``
     (or fp16) in its config autocasts as ``bf16=True`` would, unless ``bf16`` / ``fp16`` is given
     (said in a note)."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
-    if launched in ("bf16", "fp16") and not (bf16 or fp16):
+    from slope.parallel import accelerate_mixed_precision
+
+    launched = accelerate_mixed_precision()
+    if launched is not None and not (bf16 or fp16):
         warnings.warn(f"mixed precision {launched} from the accelerate config: {launched} autocast, fp32 master weights "
                       f"(as --{launched})", UserWarning, stacklevel=4)
         return launched == "fp16", launched == "bf16"
@@ -170,9 +171,9 @@ def fsdp_settings(fsdp: bool, fp16: bool, env) -> dict[str, bool] | None:
     the :func:`slope.parallel.wrap_fsdp2` settings of ``fsdp=True`` (FULL_SHARD) or of an
     ``accelerate launch`` with an FSDP config (``{"reshard_after_forward", "activation_checkpointing"}``).
     fp16 is refused; one process is warned of (nothing to shard)."""
-    from slope.parallel import accelerate_fsdp
+    from slope.parallel.env import requested_fsdp
 
-    settings = accelerate_fsdp() or ({"reshard_after_forward": True, "activation_checkpointing": False} if fsdp else None)
+    settings = requested_fsdp(fsdp)
     if settings is None:
         return None
     if fp16:

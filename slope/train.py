@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
 from contextlib import ExitStack, nullcontext
@@ -563,8 +562,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=_print, plot: b
 def _check_launcher_precision(cfg: TrainConfig) -> None:
     """``accelerate launch`` with ``mixed_precision: bf16`` / ``fp16`` in its config: slope train's
     precision is its own ``--precision``, so a different one is a one-line error, not ignored."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
-    if launched in ("bf16", "fp16") and launched != cfg.precision:
+    launched = parallel.accelerate_mixed_precision()
+    if launched is not None and launched != cfg.precision:
         raise ConfigError(f"precision = {cfg.precision!r} is invalid here: the accelerate config sets mixed_precision: {launched}; "
                           f"pass --precision {launched} (or set mixed_precision: no)")
 

@@ -14,7 +14,6 @@ FSDP config. The loop is the one of DDP (:mod:`slope.train`); what differs is he
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from slope import parallel
 from slope.config import ConfigError, TrainConfig
@@ -29,15 +28,15 @@ def requested_fsdp(cfg: TrainConfig) -> dict | None:
     ``{"reshard_after_forward", "activation_checkpointing"}``: the accelerate config's, else
     FULL_SHARD without activation checkpointing. Settings FSDP cannot honour are a one-line
     :class:`ConfigError` (checked before any work)."""
+    from slope.parallel.env import requested_fsdp as requested
+
     try:
-        launched = parallel.accelerate_fsdp()
+        settings = requested(cfg.fsdp)
     except ValueError as e:
         raise ConfigError(f"accelerate launch: {e}") from None
-    if launched is None and not cfg.fsdp:
-        return None
-    if not cfg.fsdp:
+    if settings is not None and not cfg.fsdp:
         cfg.updated({"fsdp": True})  # the settings --fsdp refuses
-    return launched or {"reshard_after_forward": True, "activation_checkpointing": False}
+    return settings
 
 
 def fsdp_settings(requested: dict | None, env: parallel.DistEnv, log) -> dict | None:
@@ -57,27 +56,21 @@ def shard_model(model: torch.nn.Module, settings: dict, cfg: TrainConfig, log) -
     from slope.finetune_loop import enable_activation_checkpointing
 
     if parallel.launched_with_fsdp():
-        log(f"FSDP from the accelerate config: {'FULL_SHARD' if settings['reshard_after_forward'] else 'SHARD_GRAD_OP'}, "
-            f"activation checkpointing {'on' if settings['activation_checkpointing'] else 'off'} (--fsdp / --no-fsdp do not apply)")
+        log(parallel.accelerate_fsdp_note(settings) + " (--fsdp / --no-fsdp do not apply)")
 
     if settings["activation_checkpointing"]:
         enable_activation_checkpointing(model)
     parallel.wrap_fsdp2(model, reshard_after_forward=settings["reshard_after_forward"], require_sparse=not cfg.dense)
 
 
-@torch.no_grad()
 def broadcast_adapters(model: torch.nn.Module) -> None:
     """Rank 0's lazy LoRA adapters (``lora_A``, ``lora_B`` and ``lora_A``'s N:M mask) on every rank,
     in place (collective)."""
+    from slope.parallel.wrap import broadcast_tensors
     from slope.registry import sparse_modules
 
-    for _, layer in sparse_modules(model):
-        if not layer.lora_rank:
-            continue
-        for tensor in (layer.lora_A, layer.lora_B, layer.lora_A_mask):
-            buffer = tensor.detach().clone()  # (a copy: collectives leave version counters as they are)
-            dist.broadcast(buffer.view(torch.uint8) if buffer.dtype == torch.bool else buffer, src=0)
-            tensor.copy_(buffer)
+    broadcast_tensors([t for _, layer in sparse_modules(model) if layer.lora_rank
+                       for t in (layer.lora_A, layer.lora_B, layer.lora_A_mask)])
 
 
 def average_replicated_grads(optimizer: torch.optim.Optimizer) -> None:

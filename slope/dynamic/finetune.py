@@ -40,9 +40,9 @@ from slope.dynamic.data import load_finetune_data, resolve_tokenizer
 from slope.dynamic.sparsifier import DynamicSparsity, DynamicSparsityConfig
 from slope.finetune_checkpoints import LoopCheckpoints
 from slope.finetune_loop import FinetuneLoop, LoopSettings, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, fsdp_settings, launcher_mixed_precision, check_int, check_output_dir, check_positions, check_positive,
-                                check_save_total_limit, dataset_name, ddp_forward_model, output_folder, plain_config, precision_mode,
-                                run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive, check_save_total_limit,
+                                dataset_name, ddp_forward_model, fsdp_settings, launcher_mixed_precision, output_folder, plain_config,
+                                precision_mode, run_resumable, save_model_folder, seed_everything)
 from slope.interrupt import GracefulStop
 from slope.sparsity import MaskedWeights, SparseLayerMasks
 
@@ -188,11 +188,10 @@ def _shard(model: nn.Module, sparsifier: DynamicSparsity, fsdp: dict, main_proce
     """``model`` sharded in place by FSDP2 (``fsdp``: its settings, said in a note when they come
     from an accelerate config); the masks follow its new (sharded) parameters. Returns it: it runs
     its own forward."""
-    from slope.parallel import launched_with_fsdp, wrap_fsdp2
+    from slope.parallel import accelerate_fsdp_note, launched_with_fsdp, wrap_fsdp2
 
     if launched_with_fsdp() and main_process:
-        warnings.warn(f"FSDP from the accelerate config: {'FULL_SHARD' if fsdp['reshard_after_forward'] else 'SHARD_GRAD_OP'}, "
-                      f"activation checkpointing {'on' if fsdp['activation_checkpointing'] else 'off'}", UserWarning, stacklevel=3)
+        warnings.warn(accelerate_fsdp_note(fsdp), UserWarning, stacklevel=3)
 
     wrap_fsdp2(model, reshard_after_forward=fsdp["reshard_after_forward"], require_sparse=False)
     if isinstance(sparsifier.masked, MaskedWeights):  # (SLoPe layers keep their masks; their values are sharded by layer)

@@ -27,7 +27,8 @@ import torch
 
 from slope.distributed import average_over_ranks
 from slope.masks import is_nm_sparse, nm_mask_from_scores, topk_mask
-from slope.parallel.sharded import full_tensor, is_sharded
+from slope.parallel.env import mean_over_ranks
+from slope.parallel.sharded import full_tensor, is_sharded, local_tensor
 from slope.sparsity import MaskPolicy
 from slope.dynamic.policies import check_schedule
 from slope.dynamic.schedules import rigl_fraction
@@ -119,7 +120,10 @@ class RigL(MaskPolicy):
         average_over_ranks([grads[name] for name in self.masked.masks if name in grads and not is_sharded(grads[name])])
         fraction = self.fraction_at(step + 1)
         record: dict[str, Any] = {"step": step + 1, "kind": self.kind, "fraction": fraction, "layers": {}}
-        if not all(bool(torch.isfinite(full_tensor(g)).all()) for g in grads.values()):
+        finite = all(bool(torch.isfinite(local_tensor(g)).all()) for g in grads.values())
+        if any(is_sharded(g) for g in grads.values()):  # (each rank checked its shards: agree)
+            finite = mean_over_ranks(float(not finite)) == 0
+        if not finite:
             # an fp16 overflow step: its gradients rank nothing; the masks stay as they are
             warnings.warn(f"RigL: the dense gradients of step {step + 1} are not finite; this mask update is skipped", RuntimeWarning, stacklevel=2)
             self.last_update = {**record, "skipped": "non-finite dense gradient"}

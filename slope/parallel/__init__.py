@@ -16,6 +16,8 @@ from slope.parallel.deepspeed import (
 from slope.parallel.env import (
     DistEnv,
     accelerate_fsdp,
+    accelerate_fsdp_note,
+    accelerate_mixed_precision,
     env_flag,
     configure_rank_zero_logging,
     destroy_distributed,
@@ -53,6 +55,8 @@ from slope.parallel.wrap import (
 __all__ = [
     "DistEnv",
     "accelerate_fsdp",
+    "accelerate_fsdp_note",
+    "accelerate_mixed_precision",
     "env_flag",
     "ShardedValues",
     "SparseGradSync",

@@ -208,6 +208,25 @@ def launched_with_fsdp() -> bool:
     return env_flag("ACCELERATE_USE_FSDP")
 
 
+def accelerate_mixed_precision() -> str | None:
+    """``"bf16"`` / ``"fp16"``: the ``mixed_precision`` of an ``accelerate launch`` config
+    (``ACCELERATE_MIXED_PRECISION``), else ``None``."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    return launched if launched in ("bf16", "fp16") else None
+
+
+def requested_fsdp(fsdp: bool) -> dict | None:
+    """The FSDP settings a run asks for: an accelerate FSDP config's (:func:`accelerate_fsdp`), else
+    FULL_SHARD without activation checkpointing when ``fsdp``, else ``None`` (no FSDP)."""
+    return accelerate_fsdp() or ({"reshard_after_forward": True, "activation_checkpointing": False} if fsdp else None)
+
+
+def accelerate_fsdp_note(settings: dict) -> str:
+    """The line that says which FSDP settings an accelerate config gave (:func:`accelerate_fsdp`)."""
+    return (f"FSDP from the accelerate config: {'FULL_SHARD' if settings['reshard_after_forward'] else 'SHARD_GRAD_OP'}, "
+            f"activation checkpointing {'on' if settings['activation_checkpointing'] else 'off'}")
+
+
 def accelerate_fsdp() -> dict | None:
     """The FSDP settings of an ``accelerate launch --config_file <FSDP config>`` (it exports
     ``ACCELERATE_USE_FSDP=true`` and ``FSDP_*``), or ``None`` for any other launch.

@@ -98,15 +98,12 @@ class ShardedValues:
         values = layer.values
         return values.new_empty((0, values.shape[-1]))
 
-    def _full_shape(self, layer: nn.Module) -> tuple[int, int]:
-        return layer.values_shape
-
     # ------------------------------------------------------------------ values around a use
     @torch.no_grad()
     def _fetch(self, layer: nn.Module) -> None:
         """Every rank's ``layer.values`` become the owner's (collective)."""
         if not self.owns(layer):
-            layer.values.data = layer.values.new_empty(self._full_shape(layer))
+            layer.values.data = layer.values.new_empty(layer.values_shape)
         dist.broadcast(layer.values.data, src=self._src(layer), group=self.group)
 
     def _drop(self, layer: nn.Module) -> None:
@@ -193,14 +190,9 @@ class ShardedValues:
             layer.set_mask(mask, optimizer)
         else:
             layer._set_mask(mask)
-        for name in ("meta", "mask_t_bits"):
-            buffer = getattr(layer, name, None)
-            if buffer is None:
-                continue
-            received = buffer.clone()  # (a copy: a collective does not bump the version that keys the caches)
-            dist.broadcast(received, src=self._src(layer), group=self.group)
-            if not self.owns(layer):
-                buffer.copy_(received)
+        from slope.parallel.wrap import broadcast_tensors
+
+        broadcast_tensors([b for b in (layer.meta, layer.mask_t_bits) if b is not None], src=self._src(layer), group=self.group)
         if not self.owns(layer):
             layer.refresh()
         return changed
@@ -236,11 +228,11 @@ class ShardedValues:
                 elif self.owns(layer):
                     dist.send(layer.values.data.contiguous(), dst=self.owners._global(0), group=self.group)
                 elif self.rank == 0:
-                    buffer = layer.values.new_empty(self._full_shape(layer))
+                    buffer = layer.values.new_empty(layer.values_shape)
                     dist.recv(buffer, src=src, group=self.group)
                     state[key] = buffer.cpu()
                 continue
-            buffer = layer.values.data if self.owns(layer) else layer.values.new_empty(self._full_shape(layer))
+            buffer = layer.values.data if self.owns(layer) else layer.values.new_empty(layer.values_shape)
             dist.broadcast(buffer, src=src, group=self.group)
             state[key] = buffer.cpu().clone()
 
@@ -253,8 +245,8 @@ class ShardedValues:
             values = state.get(key)
             if values is None or self.owns(layer):
                 continue
-            if tuple(values.shape) != self._full_shape(layer):
+            if tuple(values.shape) != layer.values_shape:
                 raise ValueError(f"{key}: the state's values are {tuple(values.shape)}, this layer's "
-                                 f"{self._full_shape(layer)}; load a state of this model's layer shapes")
+                                 f"{layer.values_shape}; load a state of this model's layer shapes")
             state[key] = values[:0]
         return state

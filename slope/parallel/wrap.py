@@ -85,6 +85,12 @@ def broadcast_module_state(module: nn.Module, src: int = 0, sparse_only: bool = 
         tensors = [t for layer in _sparse_layers(module) for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False))]
     else:
         tensors = [*module.parameters(), *module.buffers()]
+    broadcast_tensors(tensors, src, group)
+
+
+@torch.no_grad()
+def broadcast_tensors(tensors, src: int = 0, group=None) -> None:
+    """Copy rank ``src``'s ``tensors`` to every rank, in place (collective; bool tensors too)."""
     for tensor in tensors:
         # Received into a copy, then copied in: collectives write memory without bumping the
         # tensor's version counter, which keys the SLoPe layers' caches (operands, gather offsets).

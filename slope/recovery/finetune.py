@@ -44,9 +44,9 @@ import torch.nn.functional as F
 
 from slope.finetune_checkpoints import CHECKPOINT_STATE, LoopCheckpoints
 from slope.finetune_loop import LR_SCHEDULES, FinetuneLoop, LoopSettings, cross_entropy_loss, enable_activation_checkpointing
-from slope.finetune_run import (build_optimizers, fsdp_settings, launcher_mixed_precision, check_int, check_output_dir, check_positions, check_positive,
-                                check_save_total_limit, dataset_name, ddp_forward_model, output_folder, plain_config, precision_mode,
-                                run_resumable, save_model_folder, seed_everything)
+from slope.finetune_run import (build_optimizers, check_int, check_output_dir, check_positions, check_positive, check_save_total_limit,
+                                dataset_name, ddp_forward_model, fsdp_settings, launcher_mixed_precision, output_folder, plain_config,
+                                precision_mode, run_resumable, save_model_folder, seed_everything)
 from slope.pruning.loading import LOAD_PRECISIONS
 from slope.pruning.recipe import parse_recipe, recipe_yaml
 from slope.recovery.constant import _warn_uncovered
