@@ -12,8 +12,9 @@ runs unmerged (``sparse_form`` says which, ``merge_error`` why).
   (CUDA) under a CUDA graph, median over ``decode_repeats`` after one untimed decode of each model
   (``auto``'s choices and Triton autotuning happen there, never in the timed region);
 - weights memory: bytes of parameters, buffers and cached operands after the warm-up (every
-  storage once: ``models.state_bytes``), and on CUDA the allocator's growth while building and
-  warming the model.
+  storage once: ``models.state_bytes``; by part in ``weights_parts``: ``models.weight_parts``),
+  and on CUDA the allocator's growth while building and warming the model. ``--memory-only``
+  counts these alone (no timing), e.g. Llama-1B with rank-64 adapters on a CPU.
 
 Ratios: ``prefill_speedup`` (fold ``auto``), ``prefill_stacked_speedup``,
 ``prefill_extended_speedup``, ``decode_speedup`` (eager), ``decode_graphs_speedup`` (both models
@@ -23,6 +24,7 @@ sparse time — and ``weights_memory_ratio`` (sparse / dense bytes).
 
     python performance_experiments/inference.py --budget-s 60
     python performance_experiments/inference.py --smoke
+    python performance_experiments/inference.py --device cpu --memory-only --models llama-1b --lora-rank 64 --precision bf16 --backends reference
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ from performance_experiments.common import (
     ratio,
     time_interleaved,
 )
-from performance_experiments.models import build_model, describe, random_tokens, state_bytes
+from performance_experiments.models import build_model, describe, random_tokens, state_bytes, weight_parts
 
 SCRIPT = "inference"
 
@@ -98,7 +100,8 @@ def _decode_figures(models: dict, short, args, graphs: bool) -> dict:
 
 def _weights(model, device, before: int) -> dict:
     counted = state_bytes(model)
-    figures = {"weights_bytes": counted["weights"] + counted["operands"], "operand_bytes": counted["operands"]}
+    figures = {"weights_bytes": counted["weights"] + counted["operands"], "operand_bytes": counted["operands"],
+               "weights_parts": weight_parts(model)}
     if device.type == "cuda":
         figures["allocated_bytes"] = _allocated(device) - before
     return figures
@@ -156,10 +159,10 @@ def measure_pair(models: dict, device, args, timing, vocab, sparse_is_merged: bo
 
 def _ratios(dense: dict, sparse: dict) -> dict:
     return {
-        "prefill_speedup": ratio(dense["prefill_ms"], sparse["prefill_ms"]),
-        "prefill_stacked_speedup": ratio(dense["prefill_ms"], sparse.get("prefill_ms_stacked")),
-        "prefill_extended_speedup": ratio(dense["prefill_ms"], sparse.get("prefill_ms_extended")),
-        "decode_speedup": ratio(dense["decode_ms_per_token"], sparse["decode_ms_per_token"]),
+        "prefill_speedup": ratio(dense.get("prefill_ms"), sparse.get("prefill_ms")),
+        "prefill_stacked_speedup": ratio(dense.get("prefill_ms"), sparse.get("prefill_ms_stacked")),
+        "prefill_extended_speedup": ratio(dense.get("prefill_ms"), sparse.get("prefill_ms_extended")),
+        "decode_speedup": ratio(dense.get("decode_ms_per_token"), sparse.get("decode_ms_per_token")),
         "decode_graphs_speedup": ratio(dense.get("decode_ms_per_token_graphs"), sparse.get("decode_ms_per_token_graphs")),
         "decode_fused_graphs_speedup": ratio(dense.get("decode_ms_per_token_graphs"),
                                              sparse.get("decode_ms_per_token_fused_graphs")),
@@ -203,8 +206,9 @@ def run_model(name, backends, device, env, budget, args, timing, emit) -> None:
             with torch.no_grad():
                 model(input_ids=random_tokens(vocab, 1, 8, device))  # operands built (and weights shared)
             sparse_weights = _weights(model, device, before)
-            figures = measure_pair({"dense": dense_model, "sparse": model}, device, args, timing, vocab,
-                                   form == "merged-lora")
+            figures = ({"dense": {}, "sparse": {"backends_used": backends_used(model)}} if args.memory_only else
+                       measure_pair({"dense": dense_model, "sparse": model}, device, args, timing, vocab,
+                                    form == "merged-lora"))
             dense, sparse = {**figures["dense"], **dense_weights}, {**figures["sparse"], **sparse_weights}
             sparse["folds"] = _folds(model)
             del model
@@ -227,6 +231,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--decode-repeats", type=int, default=None, help="timed decodes per model (default: 5 on GPU, 2 on CPU)")
     parser.add_argument("--lora-rank", type=int, default=None)
     parser.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--memory-only", action="store_true",
+                        help="count the weights memory only (no prefill or decode timing): Llama-1B on a CPU in minutes")
     args = parser.parse_args(argv)
     device = pick_device(args)
     backends = args.backends.split(",") if args.backends else default_backends(device)

@@ -141,6 +141,39 @@ def _tensors(obj, seen: set, out: list) -> None:
         _tensors(vars(obj), seen, out)
 
 
+def weight_parts(model: nn.Module) -> dict:
+    """Bytes of parameters, buffers and cached operands by part, every storage once (the sum is
+    :func:`state_bytes`' ``weights + operands``): the SLoPe layers' cached operands first
+    (``operand values``: floating storages, which hold ``values`` and ``lora_B`` where a frozen
+    layer shares them; ``operand metadata``: integer storages), then each SLoPe layer tensor not
+    held by an operand under its attribute name (``values``, ``mask_bits``, ``meta``, ``lora_A``,
+    ...), then every other tensor of the model (``dense modules``: embeddings, norms, heads)."""
+    from slope import sparse_modules
+
+    seen: set = set()
+    parts: dict = {}
+
+    def add(part: str, obj) -> None:
+        found: list = []
+        _tensors(obj, seen, found)
+        size = sum(t.untyped_storage().nbytes() for t in found)
+        if size:
+            parts[part] = parts.get(part, 0) + size
+
+    layers = [m for _, m in sparse_modules(model)]
+    for layer in layers:
+        found: list = []
+        _tensors(getattr(layer, "_operands", {}), seen, found)
+        for t in found:
+            part = "operand values" if t.is_floating_point() else "operand metadata"
+            parts[part] = parts.get(part, 0) + t.untyped_storage().nbytes()
+    for layer in layers:
+        for name, tensor in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
+            add(name, tensor)
+    add("dense modules", list(model.parameters()) + list(model.buffers()))
+    return parts
+
+
 def state_bytes(model: nn.Module, optimizers=()) -> dict:
     """Bytes held between steps, by kind, counting every storage once.
 

@@ -19,11 +19,13 @@ Usage, the SLoPe way (build the merged model, then load the trained weights)::
 
     prune_model(model, add_lora=True, lora_rank=r, merge_lora=True)
     model.load_state_dict(trained_state)       # same keys as the unmerged model
-    report = freeze_for_inference(model)       # optional: drop M_t, gradients, requires_grad
+    report = freeze_for_inference(model)       # optional: drop M_t, meta, gradients, requires_grad
 
 A merged layer keeps every tensor of the unmerged one (``values``, ``mask_bits``, ``mask_t_bits``,
 ``meta``, ``bias``, ``lora_A``, ``lora_B``, ``lora_A_mask``), so state dicts move between the two forms; the
 stacked operand is derived from them and rebuilt lazily whenever one changes (version-keyed cache).
+The inference-only form (:func:`freeze_for_inference`) drops the derived ``mask_t_bits`` and ``meta``
+and keeps each weight once: ``values`` (and, extended, ``lora_B``) become views of the operand.
 Merged layers are for inference: their forward works with or without autograd enabled, but a
 backward through them is an error (also in training mode when nothing before them requires grad),
 and so is :class:`~slope.optimizers.ADAMWSparse` over them.
@@ -124,16 +126,24 @@ class MergedSparseLinear(SparseLinear):
         return (*((t._version, t.data_ptr()) for t in sources), backend.name, fold)  # one slot (see _operand)
 
     def _share_values(self, backend, operand, dtype: torch.dtype) -> None:
-        """Make ``values`` a view of the operand's kept values when those hold them (the first
-        ``in/2`` entries of each of the first ``out`` rows, checked here once), so that an
-        inference-only layer keeps its weights once, not twice."""
+        """Make ``values`` (and, in the ``extended`` fold, ``lora_B``) views of the operand's kept
+        values when those hold them, so that an inference-only layer keeps each weight once, not
+        twice. Row ``i`` of the held values starts with the ``in/2`` kept entries of ``W⊙M`` and,
+        extended, goes on with ``B[i]`` (``B̃`` keeps entries 0 and 2 of each group of 4); each view
+        is taken only where it equals the tensor it replaces (checked here, once per build)."""
         held = backend.operand_values(operand) if self.inference_only and self.values.dtype == dtype else None
-        half = self.in_features // 2
-        if held is None or held.dim() != 2 or held.shape[0] < self.out_features or held.shape[1] < half:
+        if held is None or held.dim() != 2 or held.shape[0] < self.out_features:
             return
-        view = held[: self.out_features, :half]
-        if view.dtype == self.values.dtype and torch.equal(view, self.values.detach()):
-            self.values.data = view
+        half, out = self.in_features // 2, self.out_features
+        shares = [(self.values, 0)]
+        if self.fold == "extended" and self.lora_B.dtype == dtype:
+            shares.append((self.lora_B, half))
+        for tensor, start in shares:
+            width = tensor.shape[1]
+            if held.shape[1] >= start + width:
+                view = held[:out, start : start + width]
+                if view.dtype == tensor.dtype and torch.equal(view, tensor.detach()):
+                    tensor.data = view
 
     # ------------------------------------------------------------------ forward
     def _merged_product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -240,14 +250,15 @@ class MergedSparseLinear(SparseLinear):
 
     # ------------------------------------------------------------------ saving and loading checkpoints
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """Saved ``values`` are a contiguous tensor of their own, also when they are a view of the
-        operand (:meth:`_share_values`): a checkpoint holds no operand bytes and shares no storage
-        (safetensors refuses shared or strided tensors)."""
+        """Saved ``values`` and ``lora_B`` are contiguous tensors of their own, also when they are
+        views of the operand (:meth:`_share_values`): a checkpoint holds no operand bytes and shares
+        no storage (safetensors refuses shared or strided tensors)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        values = destination.get(prefix + "values")
-        if values is not None and (not values.is_contiguous()
-                                   or values.untyped_storage().nbytes() != values.numel() * values.element_size()):
-            destination[prefix + "values"] = values.detach().clone(memory_format=torch.contiguous_format)
+        for name in ("values", "lora_B"):
+            tensor = destination.get(prefix + name)
+            if tensor is not None and (not tensor.is_contiguous()
+                                       or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()):
+                destination[prefix + name] = tensor.detach().clone(memory_format=torch.contiguous_format)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         name = self.layer_name or prefix.rstrip(".") or "MergedSparseLinear"
@@ -396,9 +407,11 @@ def freeze_for_inference(model: nn.Module) -> MemoryReport:
 
     Every SLoPe layer becomes a :class:`MergedSparseLinear` (adapters, where present, merged),
     loses its training state (``mask_t``, the compressed gradient ``values_grad``, cached
-    backward operands), and the whole model gets ``requires_grad=False``, no ``.grad`` and
-    ``eval()`` mode. Registry entries stay. A training checkpoint still loads into the frozen
-    model (its ``mask_t`` entries are ignored). Returns a :class:`MemoryReport`.
+    backward operands) and the stored 2:4 ``meta`` (derived from ``M``; the backends' operands
+    hold the metadata they multiply with), and the whole model gets ``requires_grad=False``, no
+    ``.grad`` and ``eval()`` mode. Registry entries stay. A training checkpoint still loads into
+    the frozen model (its ``mask_t`` and ``meta`` entries are ignored), and the frozen model's
+    state dict loads into an unmerged one (which rebuilds ``meta``). Returns a :class:`MemoryReport`.
     """
     layers = [m for _, m in sparse_modules(model)]
     if not layers:
@@ -411,6 +424,7 @@ def freeze_for_inference(model: nn.Module) -> MemoryReport:
         layer.sparse_requires_grad = False
         if not layer.inference_only:
             del layer.mask_t_bits
+        layer.meta = None  # derived from M; no kernel reads it (the operands hold their own metadata)
     for p in model.parameters():
         p.grad = None
     model.requires_grad_(False)

@@ -277,16 +277,17 @@ def test_freeze_for_inference(adapters):
     with torch.no_grad():
         expected = model(x)
     mask_t_bytes = sum(m.mask_t.numel() // 8 for _, m in sparse_modules(model))  # stored as packed bits
+    meta_bytes = sum(m.meta.numel() * m.meta.element_size() for _, m in sparse_modules(model))  # derived from M
     grad_bytes = sum(m.values_grad.numel() * 4 for _, m in sparse_modules(model))
     grad_bytes += sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None)
 
     report = freeze_for_inference(model)
 
     assert report.gradients_before == grad_bytes > 0 and report.gradients_after == 0
-    assert report.buffers_before - report.buffers_after == mask_t_bytes
+    assert report.buffers_before - report.buffers_after == mask_t_bytes + meta_bytes > mask_t_bytes
     assert report.parameters_after == report.parameters_before
     assert report.total_after < report.total_before and "MiB" in str(report)
-    assert not any("mask_t" in k for k in model.state_dict())
+    assert not any(k.endswith(("mask_t_bits", "meta")) for k in model.state_dict())
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     for _, layer in sparse_modules(model):
         assert isinstance(layer, MergedSparseLinear) and layer.inference_only and layer.values_grad is None

@@ -163,13 +163,24 @@ def test_frozen_layer_keeps_its_weights_once_and_still_loads(fold):
         (operand,) = [v[1] for k, v in layer._operands.items() if k[0] == "merged"]
         held = operand[0][0] if fold == "extended" else operand[0]
         assert layer.values.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()  # one copy
-        saved = model.state_dict()["fc1.values"]
-        assert saved.is_contiguous() and saved.untyped_storage().nbytes() == saved.numel() * saved.element_size()
-        torch.testing.assert_close(saved, layer.values, rtol=0, atol=0)
+        # extended: B is the operand's kept values after W's (B̃ keeps entries 0 and 2 of each 4)
+        b_shared = layer.lora_B.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
+        assert b_shared == (fold == "extended")
+        assert layer.meta is None and "fc1.meta" not in model.state_dict()  # derived metadata dropped
+        for name in ("values", "lora_B"):
+            saved = model.state_dict()["fc1." + name]
+            assert saved.is_contiguous() and saved.untyped_storage().nbytes() == saved.numel() * saved.element_size()
+            torch.testing.assert_close(saved, getattr(layer, name), rtol=0, atol=0)
+        torch.testing.assert_close(model.state_dict()["fc1.lora_B"], state["fc1.lora_B"], rtol=0, atol=0)
         torch.testing.assert_close(layer.dense_weight(), decompress_2to4(*(operand[0] if fold == "extended" else operand))[:96, :64])
         torch.testing.assert_close(model(x), first, rtol=0, atol=0)  # no rebuild loop, same result
-        # new weights load into the shared view and the operand follows
-        state = {k: (v * 0.5 if k.endswith("values") else v) for k, v in state.items() if "mask_t" not in k}
+        # the frozen model's state dict (no meta, no M_t) loads into an unmerged model: same outputs
+        unmerged = _model("reference", 8, torch.float32, seed=1)
+        unmerged.load_state_dict(model.state_dict(), strict=False)
+        torch.testing.assert_close(unmerged(x), first, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(unmerged.fc1.meta, reference.compress_2to4(unmerged.fc1.dense_weight(), unmerged.fc1.mask)[1])
+        # new weights load into the shared views and the operand follows
+        state = {k: (v * 0.5 if k.endswith(("values", "lora_B")) else v) for k, v in state.items() if "mask_t" not in k}
         model.load_state_dict(state, strict=False)
         reloaded = model(x)
     reference_model = _model("reference", 8, torch.float32)

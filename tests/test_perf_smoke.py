@@ -96,6 +96,24 @@ def test_gemm_smoke_sparse_product_is_exact(smoke_results):
     assert errors and all(e < (2e-2 if dtype == "bf16" else 1e-5) for (_, dtype), e in errors.items()), errors
 
 
+def test_inference_memory_only_counts_each_part_of_the_weights(tmp_path):
+    """``inference.py --memory-only`` times nothing; ``weights_parts`` sums to the counted weights,
+    and the frozen merged form holds no stored ``meta`` (derived) beside its operands' metadata."""
+    inference = importlib.import_module("performance_experiments.inference")
+    inference.main(["--smoke", "--memory-only", "--out-dir", str(tmp_path)])
+    records = json.loads((tmp_path / "cpu" / "inference.json").read_text())["records"]
+    merged = [r for r in records if not r["error"] and r["sparse_form"] == "merged-lora"]
+    assert merged and all(r["prefill_speedup"] is None and "prefill_ms" not in r["sparse"] for r in records)
+    for record in merged:
+        for side in ("dense", "sparse"):
+            assert sum(record[side]["weights_parts"].values()) == record[side]["weights_bytes"] > 0
+        parts = record["sparse"]["weights_parts"]
+        assert "meta" not in parts and "mask_t_bits" not in parts and "dense modules" in parts
+        assert record["weights_memory_ratio"] == pytest.approx(
+            record["sparse"]["weights_bytes"] / record["dense"]["weights_bytes"], abs=1e-4)
+    assert any("operand metadata" in r["sparse"]["weights_parts"] for r in merged if r["backend"] == "reference")
+
+
 def test_memory_smoke_optimizer_state_shrinks(smoke_results):
     # ADAMWSparse keeps moments for the kept half of the pruned weights only.
     records = json.loads((smoke_results / "cpu" / "memory.json").read_text())["records"]
