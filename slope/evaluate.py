@@ -33,6 +33,7 @@ from slope.checkpoint_store import latest_checkpoint
 from slope.config import ConfigError, TrainConfig
 from slope.data import load_splits, open_tokenizer, perplexity, unigram_cross_entropy, val_batches
 from slope.lora import MemoryReport, freeze_for_inference, merge_lora
+from slope.parallel import get_rank, get_world_size, sum_over_ranks
 from slope.progress import Progress, display_for, iterate
 from slope.registry import sparse_modules
 
@@ -91,18 +92,32 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches, device: torch.device, precision: str) -> float:
-    """Mean next-token cross-entropy (nats/token) of ``model`` over ``batches`` of ``(x, y)``."""
+def evaluate_loss(model: nn.Module, batches, device: torch.device, precision: str, *, across_ranks: bool = False) -> float:
+    """Mean next-token cross-entropy (nats/token) of ``model`` over ``batches`` of ``(x, y)``.
+
+    ``across_ranks=True`` (every rank of an initialised process group calls it with the same
+    ``batches``): rank ``r`` of ``N`` evaluates batches ``r, r + N, …`` and the sums are added over
+    the ranks, so each rank does ``1/N`` of the work and all return the mean one process would.
+    Every rank runs the same number of forwards (FSDP's all-gathers pair up across ranks): one
+    short of a batch repeats its first and does not count it.
+    """
+    batches = list(batches)
+    rank, world = (get_rank(), get_world_size()) if across_ranks else (0, 1)
+    mine = batches[rank::world]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for i in range(-(-len(batches) // world)):
+        x, y = mine[i] if i < len(mine) else batches[0]
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
             logits = model(input_ids=x).logits
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-        count += y.numel()
+        if i < len(mine):
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+            count += y.numel()
     model.train(was_training)
+    if world > 1:
+        total, count = sum_over_ranks([total, count])
     return total / count
 
 

@@ -195,7 +195,7 @@ class FinetuneLoop:
         after ``save(done, records)`` unless that step saved anyway. Returns the summary (``records``
         included; ``stopped_by``: that name or ``None``, ``stopped_at``: the steps done when stopped)."""
         from slope.evaluate import evaluate_loss
-        from slope.parallel import mean_over_ranks
+        from slope.parallel import get_world_size, mean_over_ranks
         from slope.progress import Progress, display_for
 
         s, records = self.settings, list(records or [])
@@ -210,8 +210,9 @@ class FinetuneLoop:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
 
-        def validate(step):
-            write({"step": step, "val_loss": evaluate_loss(self.model, self.data.val, self.device, s.precision), **self.status()})
+        def validate(step):  # each rank evaluates its share of the batches
+            loss = evaluate_loss(self.model, self.data.val, self.device, s.precision, across_ranks=get_world_size() > 1)
+            write({"step": step, "val_loss": loss, **self.status()})
 
         if start_step == 0:
             validate(0)

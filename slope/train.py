@@ -808,7 +808,7 @@ def _log_step(run: _Run, bar: Progress, step: int, loss: float, lr: float, token
 
 def _validate(run: _Run, step: int, tokens: int, t0: float, write) -> float:
     """Validation loss after ``step``, recorded and written; returns it."""
-    val_loss = evaluate_loss(run.model, run.val_set, run.env.device, run.cfg.precision)
+    val_loss = evaluate_loss(run.model, run.val_set, run.env.device, run.cfg.precision, across_ranks=run.env.distributed)
     run.metrics.write({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "tokens": tokens,
                        "elapsed_s": round(run.elapsed_before + time.perf_counter() - t0, 3)})
     write(f"step {step}: validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.1f}; unigram baseline {run.unigram:.4f})")

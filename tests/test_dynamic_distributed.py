@@ -37,7 +37,7 @@ def _train(rows=slice(None)) -> tuple[torch.nn.Module, DynamicSparsity, list]:
     return model, sparsifier, updates
 
 
-SPARSE = dict(max_steps=6, gradient_accumulation_steps=2, max_seq_length=16, eval_batches=1, learning_rate=1e-2, warmup_steps=0,
+SPARSE = dict(max_steps=6, gradient_accumulation_steps=2, max_seq_length=16, eval_batches=3, learning_rate=1e-2, warmup_steps=0,
               mask_update_interval=2, mask_update_fraction=0.5, progress=False, gradient_checkpointing=False, device="cpu",
               logging_steps=1)
 
@@ -114,6 +114,12 @@ def test_sparse_finetune_under_fsdp_is_the_run_of_one_process(tmp_path, kind):
     assert saved.keys() == want.keys()
     for name, value in want.items():
         torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    # validation: each rank evaluates its share of the 3 batches; the logged means are one process's
+    got, ref = ({r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / folder / "metrics.jsonl").read_text().splitlines())
+                 if "val_loss" in r} for folder in (kind, "single"))
+    assert got.keys() == ref.keys() and len(ref) >= 2
+    for step, loss in ref.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), f"val_loss at step {step}"
 
 
 def test_sparse_finetune_under_an_accelerate_fsdp_config(tmp_path):

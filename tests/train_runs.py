@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: A 1-layer Llama, global batch 4 with accumulation 2, 4 steps; adapters attach after step 2, so
 #: every wrapper meets parameters that join mid-run.
 CLI_TINY = ["--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "1", "--num-heads", "2",
-            "--seq-len", "16", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "4", "--eval-batches", "1",
+            "--seq-len", "16", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "4", "--eval-batches", "3",
             "--log-every", "1", "--eval-every", "100", "--save-every", "0", "--device", "cpu",
             "--lazy-lora-fraction", "0.5"]
 
@@ -46,10 +46,10 @@ def cli(*args: str) -> None:
     assert main(["train", *args]) == 0
 
 
-def losses(out: Path) -> dict[int, float]:
-    """``{step: training loss}`` of the run in ``out``."""
+def losses(out: Path, key: str = "loss") -> dict[int, float]:
+    """``{step: training loss}`` (``key="val_loss"``: validation loss) of the run in ``out``."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r[key] for r in records if key in r}
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -60,11 +60,13 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(out: Path, ref: Path, atol: float = 1e-5) -> None:
-    """The run in ``out`` logged ``ref``'s losses and ended with its weights (fp32 tolerances)."""
-    want, got = losses(ref), losses(out)
-    assert got.keys() == want.keys()
-    for step, loss in want.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
+    """The run in ``out`` logged ``ref``'s training and validation losses (each rank validates its
+    share of the batches) and ended with its weights (fp32 tolerances)."""
+    for key in ("loss", "val_loss"):
+        want, got = losses(ref, key), losses(out, key)
+        assert got.keys() == want.keys() and (want or key == "val_loss")
+        for step, loss in want.items():
+            assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"{key} at step {step}"
     ref_w, got_w = weights(ref), weights(out)
     assert ref_w.keys() == got_w.keys()
     for name, value in ref_w.items():

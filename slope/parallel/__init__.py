@@ -28,6 +28,7 @@ from slope.parallel.env import (
     launched_rank,
     launched_with_fsdp,
     mean_over_ranks,
+    sum_over_ranks,
     rank_slice,
 )
 from slope.parallel.sharded_values import ShardedValues, holds_values
@@ -83,6 +84,7 @@ __all__ = [
     "load_full_model_state_dict",
     "load_full_optimizer_state_dict",
     "mean_over_ranks",
+    "sum_over_ranks",
     "no_sync",
     "rank_slice",
     "rewrap_ddp",

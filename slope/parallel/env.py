@@ -155,15 +155,20 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Each number summed over all ranks, in float64 (the numbers themselves in a single
+    process). Collective: every rank passes as many numbers."""
+    if get_world_size() == 1:
+        return [float(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 def mean_over_ranks(value: float) -> float:
     """The average of a number over all ranks (the number itself in a single process). Collective."""
-    world = get_world_size()
-    if world == 1:
-        return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor(float(value), dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.item() / world
+    return sum_over_ranks([value])[0] / get_world_size()
 
 
 def configure_rank_zero_logging(logger: str | logging.Logger = "slope", rank: int | None = None) -> None:

@@ -1,0 +1,52 @@
+"""``evaluate_loss(..., across_ranks=True)``: each of 2 gloo ranks evaluates its share of the
+validation batches (an uneven count: one rank repeats a batch it does not count) and every rank
+returns the mean one process computes over all of them, for a plain model and a pruned model
+sharded by FSDP2 (whose forwards are collectives, so the ranks' forward counts must pair up)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import launch  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+WORKER = r'''
+import json, sys
+import torch, transformers
+import slope
+from slope.evaluate import evaluate_loss
+from slope.parallel import init_distributed, wrap_fsdp2
+
+env = init_distributed(backend="gloo")
+torch.manual_seed(0)
+config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+model = slope.prune_model(transformers.LlamaForCausalLM(config), verbose=False)
+batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(5)]
+forwards = []
+model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(1), with_kwargs=True)
+one_process = evaluate_loss(model, batches, torch.device("cpu"), "fp32")
+across = evaluate_loss(model, batches, torch.device("cpu"), "fp32", across_ranks=True)
+plain_forwards = len(forwards) - 5
+wrap_fsdp2(model)
+sharded = evaluate_loss(model, batches, torch.device("cpu"), "fp32", across_ranks=True)
+result = {"one_process": one_process, "across": across, "sharded": sharded, "forwards": plain_forwards}
+(__import__("pathlib").Path(sys.argv[1]) / f"eval_rank{env.rank}.json").write_text(json.dumps(result))
+'''
+
+
+def test_each_rank_evaluates_its_share_and_all_return_the_mean(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    launch([str(worker), str(tmp_path)], tmp_path, world=2, timeout=240)
+    results = [json.loads((tmp_path / f"eval_rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["across"] == pytest.approx(result["one_process"], rel=1e-12)
+        assert result["sharded"] == pytest.approx(result["one_process"], rel=1e-5)
+        assert result["forwards"] == 3  # ceil(5 / 2): rank 0 counts batches 0, 2, 4; rank 1 counts 1, 3 and repeats 0
+    assert results[0]["one_process"] == results[1]["one_process"]
