@@ -2,8 +2,9 @@
 
 Reads a run's results folder (``<root>/<device>/{gpu_evidence,kernel,smoke,calibration,gemm,layer,
 e2e,inference}.json``) and, for the "before" column, the committed H100 results
-(``results/nvidia-h100/``: GEMM and e2e at commit 5efd217, layer / memory / inference at 4b704b9;
-their layer step ran with bf16 parameters, ``--master same``).
+(``results/nvidia-h100-early/``: GEMM and e2e at commit 5efd217, layer / memory / inference at
+4b704b9; their layer step ran with bf16 parameters, ``--master same``). They live apart from
+``results/nvidia-h100/``, so a new run on an H100 neither overwrites them nor compares with itself.
 
     python performance_experiments/evidence_table.py [--results-dir DIR] [--device nvidia-h200]
 """
@@ -19,7 +20,7 @@ if __package__ in (None, ""):
 
 from performance_experiments.common import DEFAULT_OUT_DIR  # noqa: E402
 
-BEFORE_DEVICE = "nvidia-h100"
+BEFORE_DEVICE = "nvidia-h100-early"
 #: ceilings measured on H200 machines of this workplace before (the device tool's KINDS.md, 2026-11).
 CEILINGS_SEEN = {"copy_bandwidth": "~4.3 TB/s", "dense_gemm": "769-798 TFLOP/s"}
 

@@ -201,3 +201,14 @@ def test_smoke_suite_fails_when_a_fast_path_is_wrong(tmp_path, monkeypatch):
     assert code == 1
     assert ("kept_values", "scatter_kept") in failed and ("layer", "reference") in failed
     assert ("kept_values", "gather_kept+=") not in failed
+
+
+def test_the_before_column_reads_committed_results_no_gpu_run_writes():
+    """The early H100 figures live in their own folder: a run on an H100 (slug ``nvidia-h100``) or an
+    H200 writes elsewhere, so it neither overwrites them nor compares with itself."""
+    table = importlib.import_module("performance_experiments.evidence_table")
+    common = importlib.import_module("performance_experiments.common")
+    before = table.ratios(common.DEFAULT_OUT_DIR / table.BEFORE_DEVICE)
+    assert before and {commit.removesuffix("+dirty") for _, commit, _ in before.values()} <= {"5efd217", "4b704b9"}
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H100 NVL"):
+        assert common.slugify_device_name(name) != table.BEFORE_DEVICE
