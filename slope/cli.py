@@ -61,6 +61,8 @@ TRAIN_HELP = {
     "beta2": "Adam beta2",
     "grad_clip": "max joint norm of sparse + dense gradients (0: off)",
     "precision": "fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling)",
+    "gradient_checkpointing": "activation checkpointing of the model's layers (non-reentrant): their activations are "
+                              "recomputed in the backward instead of kept, for one more forward per step",
     "fp16_init_scale": "initial fp16 loss scale",
     "fp16_growth_interval": "clean steps before the fp16 loss scale doubles",
     "fp16_min_scale": "floor of the fp16 loss scale (the initial scale if lower); consecutive overflows count towards --nonfinite-patience",

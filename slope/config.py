@@ -86,6 +86,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # joint norm of sparse and dense gradients (0: no clipping)
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling)
+    gradient_checkpointing: bool = False  # activation checkpointing of the model's layers: recomputed in the backward
     fp16_init_scale: float = 2.0**16
     fp16_growth_interval: int = 200
     fp16_min_scale: float = 1.0  # the loss scale never halves below this

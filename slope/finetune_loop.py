@@ -59,16 +59,18 @@ def lr_at(step: int, lr: float, warmup: int, total: int, kind: str = "linear") -
     return lr
 
 
-def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
-    """Activation checkpointing of an HF model's layers, non-reentrant by default (nothing for a
-    model without support); ``activation_checkpointing_enable`` is the name since transformers
-    5.2x, the older ``gradient_checkpointing_enable`` (deprecated there) before."""
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> bool:
+    """Activation checkpointing of an HF model's layers, non-reentrant by default; returns whether
+    it applies (``False``, nothing done, for a model without support). ``activation_checkpointing_enable``
+    is the name since transformers 5.2x, the older ``gradient_checkpointing_enable`` (deprecated
+    there) before."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        return
+        return False
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    return True
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:  # noqa: ARG001

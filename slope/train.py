@@ -58,6 +58,7 @@ from slope.config import PATH_KEYS, ConfigError, TrainConfig, absolute_if_local
 from slope.data import TokenSplits, load_splits, open_tokenizer, perplexity, train_batch, unigram_cross_entropy, val_batches
 from slope.data.tokenizer import tokenizer_files
 from slope.evaluate import autocast, evaluate_loss, resolve_device
+from slope.finetune_loop import enable_activation_checkpointing
 from slope.guard import FiniteGuard, check_finite
 from slope.interrupt import GracefulStop
 from slope.metrics_log import MetricsLog, read_records
@@ -431,7 +432,7 @@ def _forward_backward(runner, train_tokens: torch.Tensor, step: int, cfg: TrainC
         last = micro == cfg.grad_accum - 1
         with nullcontext() if last else parallel.no_sync(runner):  # gradients are averaged on the last one
             with autocast(env.device, cfg.precision):
-                logits = runner(input_ids=x).logits
+                logits = runner(input_ids=x, use_cache=False).logits  # training keeps no KV cache
             micro_loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
             if deepspeed:
                 runner.backward(micro_loss, scale_wrt_gas=False)
@@ -685,6 +686,9 @@ def _setup(cfg: TrainConfig, out: Path, env, cleanup: ExitStack, fsdp: dict | No
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size, data.eos_id, model_config=arch).to(env.device)
+    if cfg.gradient_checkpointing and not enable_activation_checkpointing(model):
+        raise ConfigError(f"gradient_checkpointing = True is invalid: {type(model).__name__} does not support activation "
+                          "checkpointing (transformers' supports_gradient_checkpointing); drop --gradient-checkpointing")
     n_params = sum(p.numel() for p in model.parameters())
     pruned = sum(m.out_features * m.in_features - m.values.numel() for _, m in sparse_modules(model))
     if fsdp is not None:  # before the optimizers, which then hold the shards

@@ -348,6 +348,44 @@ def test_cli_end_to_end_without_a_traceback(english, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen2"
 
 
+# ---------------------------------------------------------------------- --gradient-checkpointing
+def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same_run(tmp_path, monkeypatch):
+    """Every decoder layer's forward runs again in the backward (so its activations were not kept),
+    through the adapters' start; losses and weights are those of the run without; a resume may
+    switch it either way."""
+    from safetensors.torch import load_file
+
+    from slope.layer import SparseLinear
+
+    calls = []
+    forward = SparseLinear.forward
+    monkeypatch.setattr(SparseLinear, "forward", lambda self, x: calls.append(torch.is_grad_enabled()) or forward(self, x))
+    runs = {}
+    for name, flag in (("plain", False), ("checkpointed", True)):
+        calls.clear()
+        cfg = tiny(tmp_path, name, max_steps=4, lazy_lora_fraction=0.5, eval_batches=1, gradient_checkpointing=flag)
+        train(cfg, progress=False, log=lambda line: None)
+        runs[name] = (cfg, sum(calls))  # forwards with autograd on (validation runs without)
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = runs["plain"], runs["checkpointed"]
+    assert checkpointed_calls == 2 * plain_calls > 0
+    assert losses(checkpointed) == pytest.approx(losses(plain), rel=1e-6)
+    want, got = (load_file(f"{c.out}/checkpoint/model.safetensors") for c in (plain, checkpointed))
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    part = tiny(tmp_path, "part", max_steps=4, lazy_lora_fraction=0.5, eval_batches=1, gradient_checkpointing=True, stop_after=2)
+    train(part, progress=False, log=lambda line: None)
+    train(part.updated({"stop_after": None, "resume": True, "gradient_checkpointing": False}), progress=False, log=lambda line: None)
+    assert losses(part) == pytest.approx(losses(plain), rel=1e-6)
+
+
+def test_gradient_checkpointing_on_a_model_without_support_is_refused(tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    with pytest.raises(ConfigError, match="does not support activation checkpointing"):
+        train(tiny(tmp_path, max_steps=2, gradient_checkpointing=True), progress=False, log=lambda line: None)
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="report_to = 'mlflow' is invalid"):
         TrainConfig(report_to="mlflow").validate()
