@@ -7,7 +7,10 @@ ratio is ``e2e_speedup`` (dense step time / sparse step time); on CPU also
 also ``train_peak_memory_ratio`` (sparse / dense peak allocated memory over the timed steps).
 On CUDA both sides train with PyTorch's fused AdamW (the sparse values through ``ADAMWSparse``).
 ``M_t`` refreshes happen inside the timed steps at their natural rate (every
-``--mask-change-freq`` steps).
+``--mask-change-freq`` steps). ``--gradient-checkpointing`` runs both models with activation
+checkpointing (``slope train --gradient-checkpointing``): the activations no longer dominate the
+peak, so ``train_peak_memory_ratio`` shows what the weights, gradients, optimizer state and
+operands cost.
 
     python performance_experiments/e2e.py --budget-s 120      # GPU: llama-1b, 7B/8B layers, 125M
     python performance_experiments/e2e.py                     # CPU: small model, simulated + reference
@@ -44,9 +47,14 @@ from performance_experiments.models import Trainer, build_model, describe, rando
 SCRIPT = "e2e"
 
 
-def prepare(name, variant, device, precision, batch, seq, mask_change_freq) -> Trainer:
+def prepare(name, variant, device, args) -> Trainer:
     """A model variant with its optimizers after one step (so optimizer state exists)."""
+    precision, batch, seq, mask_change_freq = args.precision, args.batch, args.seq, args.mask_change_freq
     model = build_model(name, variant, device, precision)
+    if args.gradient_checkpointing:
+        from slope.finetune_loop import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     trainer = Trainer(model, device, precision, random_tokens(describe(name)["vocab"], batch, seq, device), mask_change_freq)
     trainer.step()
     return trainer
@@ -69,7 +77,7 @@ def measure_gpu(name, variant, device, args, timing) -> dict:
     measurement, set-up included, and of the timed steps alone), and the memory growth over the
     timed steps (growth would be a leak)."""
     torch.cuda.reset_peak_memory_stats(device)
-    trainer = prepare(name, variant, device, args.precision, args.batch, args.seq, args.mask_change_freq)
+    trainer = prepare(name, variant, device, args)
     setup_peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     allocated = torch.cuda.memory_allocated(device)
@@ -85,13 +93,13 @@ def run_model(name, backends, device, env, budget, args, timing, emit) -> None:
     built side by side and their steps alternated, so the dense figure of each record comes from
     the same rounds as its sparse figure."""
     config = {**describe(name), "batch": args.batch, "seq": args.seq, "precision": args.precision,
-              "mask_change_freq": args.mask_change_freq, "timing": "sequential" if device.type == "cuda" else "interleaved"}
+              "mask_change_freq": args.mask_change_freq, "gradient_checkpointing": args.gradient_checkpointing, "timing": "sequential" if device.type == "cuda" else "interleaved"}
     on_gpu = device.type == "cuda"
     if on_gpu:
         dense = measure_gpu(name, "dense", device, args, timing)
         free_memory(device)
     else:
-        dense_trainer = prepare(name, "dense", device, args.precision, args.batch, args.seq, args.mask_change_freq)
+        dense_trainer = prepare(name, "dense", device, args)
         dense = None
     dtype = torch.bfloat16 if args.precision in ("autocast", "bf16") else torch.float32
     names, skipped = available_backends(backends, device, dtype)
@@ -105,7 +113,7 @@ def run_model(name, backends, device, env, budget, args, timing, emit) -> None:
             if on_gpu:
                 sparse = measure_gpu(name, backend, device, args, timing)
             else:
-                trainer = prepare(name, backend, device, args.precision, args.batch, args.seq, args.mask_change_freq)
+                trainer = prepare(name, backend, device, args)
                 t = time_interleaved({"dense": dense_trainer.step, "sparse": trainer.step}, device,
                                      warmup=timing["warmup"], reps=timing["reps"])
                 dense, sparse = figures(dense_trainer, t["dense"], args.batch, args.seq), figures(trainer, t["sparse"], args.batch, args.seq)
@@ -130,6 +138,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--precision", default=None, choices=("autocast", "bf16", "fp32"))
     parser.add_argument("--mask-change-freq", type=int, default=100)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing on both sides")
     args = parser.parse_args(argv)
     device = pick_device(args)
     backends = args.backends.split(",") if args.backends else default_backends(device)

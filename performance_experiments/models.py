@@ -102,7 +102,7 @@ class Trainer:
 
     def step(self) -> None:
         with autocast(self.device, self.precision):
-            loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+            loss = self.model(input_ids=self.input_ids, labels=self.input_ids, use_cache=False).loss
         loss.backward()
         if self.sparse_opt is not None:
             self.sparse_opt.step()

@@ -114,6 +114,20 @@ def test_inference_memory_only_counts_each_part_of_the_weights(tmp_path):
     assert any("operand metadata" in r["sparse"]["weights_parts"] for r in merged if r["backend"] == "reference")
 
 
+def test_e2e_with_activation_checkpointing_trains_both_sides(tmp_path, monkeypatch):
+    """``e2e.py --gradient-checkpointing`` turns checkpointing on for the dense and the sparse model."""
+    from slope import finetune_loop
+
+    e2e = importlib.import_module("performance_experiments.e2e")
+    enabled = []
+    original = finetune_loop.enable_activation_checkpointing
+    monkeypatch.setattr(finetune_loop, "enable_activation_checkpointing", lambda model: enabled.append(model) or original(model))
+    e2e.main(["--smoke", "--gradient-checkpointing", "--out-dir", str(tmp_path)])
+    records = json.loads((tmp_path / "cpu" / "e2e.json").read_text())["records"]
+    assert records and all(r["config"]["gradient_checkpointing"] and not r["error"] for r in records)
+    assert len(enabled) == 1 + len(records) and all(m.model.gradient_checkpointing for m in enabled)
+
+
 def test_memory_smoke_optimizer_state_shrinks(smoke_results):
     # ADAMWSparse keeps moments for the kept half of the pruned weights only.
     records = json.loads((smoke_results / "cpu" / "memory.json").read_text())["records"]
