@@ -131,12 +131,15 @@ class MergedSparseLinear(SparseLinear):
         twice. Row ``i`` of the held values starts with the ``in/2`` kept entries of ``W⊙M`` and,
         extended, goes on with ``B[i]`` (``B̃`` keeps entries 0 and 2 of each group of 4); each view
         is taken only where it equals the tensor it replaces (checked here, once per build)."""
+        extended = self.fold == "extended"
+        if not extended and _borrows_storage(self.lora_B):  # shared with an extended operand before use_fold
+            self.lora_B.data = self.lora_B.detach().clone()  # (so that operand's storage can go)
         held = backend.operand_values(operand) if self.inference_only and self.values.dtype == dtype else None
         if held is None or held.dim() != 2 or held.shape[0] < self.out_features:
             return
         half, out = self.in_features // 2, self.out_features
         shares = [(self.values, 0)]
-        if self.fold == "extended" and self.lora_B.dtype == dtype:
+        if extended and self.lora_B.dtype == dtype:
             shares.append((self.lora_B, half))
         for tensor, start in shares:
             width = tensor.shape[1]
@@ -256,8 +259,7 @@ class MergedSparseLinear(SparseLinear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name in ("values", "lora_B"):
             tensor = destination.get(prefix + name)
-            if tensor is not None and (not tensor.is_contiguous()
-                                       or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()):
+            if tensor is not None and (not tensor.is_contiguous() or _borrows_storage(tensor)):
                 destination[prefix + name] = tensor.detach().clone(memory_format=torch.contiguous_format)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -277,6 +279,11 @@ class MergedSparseLinear(SparseLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", merged, inference-only" if self.inference_only else ", merged")
+
+
+def _borrows_storage(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a view into a larger storage (e.g. an operand's, :meth:`MergedSparseLinear._share_values`)."""
+    return tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
 
 
 def _to_merged(layer: SparseLinear, fold: str = "auto") -> None:

@@ -189,6 +189,26 @@ def test_frozen_layer_keeps_its_weights_once_and_still_loads(fold):
         torch.testing.assert_close(reloaded, reference_model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_frozen_fold_switch_releases_the_old_operand():
+    """``lora_B`` shared with an extended operand gets its own storage again once the layer folds
+    ``stacked`` (the old operand's storage is not kept alive by it); outputs stay the unmerged ones."""
+    model = _model("reference", 8, torch.float32)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model(x)
+    merge_lora(model, fold="extended")
+    freeze_for_inference(model)
+    layer = model.fc1
+    with torch.no_grad():
+        model(x)
+        old = layer.lora_B.untyped_storage().data_ptr()
+        assert old == layer.values.untyped_storage().data_ptr()
+        set_lora_fold(model, "stacked")
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert layer.lora_B.untyped_storage().nbytes() == layer.lora_B.numel() * layer.lora_B.element_size()
+    assert layer.lora_B.untyped_storage().data_ptr() != old and layer.values.untyped_storage().data_ptr() != old
+
+
 def test_auto_on_frozen_merged_layers_never_picks_dense(monkeypatch):
     """Timed auto (as on CUDA; a fake timer here) keeps a sparse backend for an inference-only
     merged layer even where dense is faster, so no dense copy of the weights is held."""
