@@ -101,24 +101,38 @@ def evaluate_loss(model: nn.Module, batches, device: torch.device, precision: st
     Every rank runs the same number of forwards (FSDP's all-gathers pair up across ranks): one
     short of a batch repeats its first and does not count it.
     """
-    batches = list(batches)
-    rank, world = (get_rank(), get_world_size()) if across_ranks else (0, 1)
-    mine = batches[rank::world]
+    world = get_world_size() if across_ranks else 1
+    if world > 1:
+        batches = list(batches)
+        _check_same_count(len(batches), world)
+        rank = get_rank()
+        mine = batches[rank::world]
+        rounds = [(batch, True) for batch in mine] + [(batches[0], False)] * (-(-len(batches) // world) - len(mine))
+    else:
+        rounds = ((batch, True) for batch in batches)  # lazily: a progress iterator advances with the work
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(-(-len(batches) // world)):
-        x, y = mine[i] if i < len(mine) else batches[0]
+    for (x, y), counted in rounds:
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
             logits = model(input_ids=x).logits
-        if i < len(mine):
+        if counted:
             total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
             count += y.numel()
     model.train(was_training)
     if world > 1:
         total, count = sum_over_ranks([total, count])
     return total / count
+
+
+def _check_same_count(n: int, world: int) -> None:
+    """A ``ValueError`` on every rank unless all ranks hold ``n`` batches (else FSDP's forwards
+    would not pair up and the ranks would wait for each other for ever). Collective."""
+    total, squares = sum_over_ranks([n, n * n])
+    if squares * world != total * total:  # the mean of the squares is the square of the mean only when all are equal
+        raise ValueError(f"the ranks hold different numbers of validation batches ({n} here, {total / world:g} on average); "
+                         "evaluate_loss(..., across_ranks=True) needs the same batches on every rank")
 
 
 @torch.no_grad()

@@ -255,9 +255,10 @@ class MergedSparseLinear(SparseLinear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """Saved ``values`` and ``lora_B`` are contiguous tensors of their own, also when they are
         views of the operand (:meth:`_share_values`): a checkpoint holds no operand bytes and shares
-        no storage (safetensors refuses shared or strided tensors)."""
+        no storage (safetensors refuses shared or strided tensors). ``keep_vars=True`` returns the
+        parameters themselves."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in ("values", "lora_B"):
+        for name in ("values", "lora_B") if not keep_vars else ():
             tensor = destination.get(prefix + name)
             if tensor is not None and (not tensor.is_contiguous() or _borrows_storage(tensor)):
                 destination[prefix + name] = tensor.detach().clone(memory_format=torch.contiguous_format)
@@ -418,7 +419,7 @@ def freeze_for_inference(model: nn.Module) -> MemoryReport:
     hold the metadata they multiply with), and the whole model gets ``requires_grad=False``, no
     ``.grad`` and ``eval()`` mode. Registry entries stay. A training checkpoint still loads into
     the frozen model (its ``mask_t`` and ``meta`` entries are ignored), and the frozen model's
-    state dict loads into an unmerged one (which rebuilds ``meta``). Returns a :class:`MemoryReport`.
+    state dict loads into an unmerged one (which rebuilds ``meta`` and ``M_t``). Returns a :class:`MemoryReport`.
     """
     layers = [m for _, m in sparse_modules(model)]
     if not layers:

@@ -35,7 +35,12 @@ across = evaluate_loss(model, batches, torch.device("cpu"), "fp32", across_ranks
 plain_forwards = len(forwards) - 5
 wrap_fsdp2(model)
 sharded = evaluate_loss(model, batches, torch.device("cpu"), "fp32", across_ranks=True)
-result = {"one_process": one_process, "across": across, "sharded": sharded, "forwards": plain_forwards}
+try:  # ranks holding different batches: one clear error on each rank, not a hang
+    evaluate_loss(model, batches[: 4 + env.rank], torch.device("cpu"), "fp32", across_ranks=True)
+    mismatch = None
+except ValueError as exc:
+    mismatch = str(exc)
+result = {"one_process": one_process, "across": across, "sharded": sharded, "forwards": plain_forwards, "mismatch": mismatch}
 (__import__("pathlib").Path(sys.argv[1]) / f"eval_rank{env.rank}.json").write_text(json.dumps(result))
 '''
 
@@ -49,4 +54,27 @@ def test_each_rank_evaluates_its_share_and_all_return_the_mean(tmp_path):
         assert result["across"] == pytest.approx(result["one_process"], rel=1e-12)
         assert result["sharded"] == pytest.approx(result["one_process"], rel=1e-5)
         assert result["forwards"] == 3  # ceil(5 / 2): rank 0 counts batches 0, 2, 4; rank 1 counts 1, 3 and repeats 0
+        assert "different numbers of validation batches" in result["mismatch"]
     assert results[0]["one_process"] == results[1]["one_process"]
+
+
+def test_one_process_reads_the_batches_as_it_evaluates_them():
+    """Without ``across_ranks`` the batches are consumed one at a time (a progress iterator over
+    them advances with the work; a generator is not read into memory first)."""
+    import torch
+    import transformers
+
+    from slope.evaluate import evaluate_loss
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model, events = transformers.LlamaForCausalLM(config), []
+    model.register_forward_pre_hook(lambda *args: events.append("forward"))
+
+    def batches():
+        for i in range(3):
+            events.append(f"batch {i}")
+            yield torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+
+    evaluate_loss(model, batches(), torch.device("cpu"), "fp32")
+    assert events == ["batch 0", "forward", "batch 1", "forward", "batch 2", "forward"]

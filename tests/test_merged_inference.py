@@ -172,13 +172,17 @@ def test_frozen_layer_keeps_its_weights_once_and_still_loads(fold):
             assert saved.is_contiguous() and saved.untyped_storage().nbytes() == saved.numel() * saved.element_size()
             torch.testing.assert_close(saved, getattr(layer, name), rtol=0, atol=0)
         torch.testing.assert_close(model.state_dict()["fc1.lora_B"], state["fc1.lora_B"], rtol=0, atol=0)
+        assert model.state_dict(keep_vars=True)["fc1.values"] is layer.values  # the parameters themselves
         torch.testing.assert_close(layer.dense_weight(), decompress_2to4(*(operand[0] if fold == "extended" else operand))[:96, :64])
         torch.testing.assert_close(model(x), first, rtol=0, atol=0)  # no rebuild loop, same result
-        # the frozen model's state dict (no meta, no M_t) loads into an unmerged model: same outputs
+        # the frozen model's state dict (no meta, no M_t) loads into an unmerged model, strictly: same
+        # outputs, meta and M_t rebuilt from the loaded weights (M_t: the trained model's)
         unmerged = _model("reference", 8, torch.float32, seed=1)
-        unmerged.load_state_dict(model.state_dict(), strict=False)
+        unmerged.load_state_dict(model.state_dict())
         torch.testing.assert_close(unmerged(x), first, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(unmerged.fc1.meta, reference.compress_2to4(unmerged.fc1.dense_weight(), unmerged.fc1.mask)[1])
+        for name in ("fc1", "fc2"):
+            assert torch.equal(getattr(unmerged, name).mask_t_bits, state[f"{name}.mask_t_bits"]), name
         # new weights load into the shared views and the operand follows
         state = {k: (v * 0.5 if k.endswith(("values", "lora_B")) else v) for k, v in state.items() if "mask_t" not in k}
         model.load_state_dict(state, strict=False)
