@@ -275,44 +275,53 @@ def _nonfinite_exit(results: list[dict]) -> int:
 _MODEL_FOLDERS = ("hf", "slope-export-dense", "slope-pretrained")
 
 
-def _model_folder(args: argparse.Namespace) -> bool:
+def _model_folder(args: argparse.Namespace, command: str) -> bool:
     """Whether ``--checkpoint`` is a model folder (not a ``slope train`` checkpoint); a
-    :class:`ConfigError` for the options that only checkpoints have."""
+    :class:`ConfigError` for the options it cannot take: a ``--mode`` it has no form for
+    (:func:`slope.inference.folder.folder_modes`), and ``generate``'s ``--compare`` / ``--cuda-graphs``."""
+    from slope.inference.folder import folder_modes
     from slope.serialization.folders import folder_kind
 
     if folder_kind(args.checkpoint) not in _MODEL_FOLDERS:
         return False
-    for flag, given in (("--compare", args.compare), ("--mode", args.mode not in (None, "unmerged")),
-                        ("--cuda-graphs", getattr(args, "cuda_graphs", False))):
-        if given:
-            raise ConfigError(f"{flag} applies to slope train checkpoints; {args.checkpoint} is a model folder with one "
-                              "(dense) form: drop it")
+    modes = folder_modes(args.checkpoint)
+    if args.mode is not None and args.mode not in modes:
+        holds = "a plain model folder: it has one (dense) form" if modes == ("dense",) else "the merged inference form"
+        raise ConfigError(f"--mode {args.mode}: {args.checkpoint} holds {holds}; use --mode {' or '.join(modes)}")
+    if command == "generate":
+        for flag, given in (("--compare", args.compare), ("--cuda-graphs", args.cuda_graphs)):
+            if given:
+                raise ConfigError(f"slope generate {flag} applies to slope train checkpoints, not to model folders such as "
+                                  f"{args.checkpoint}: drop it (slope eval --compare compares a folder's forms)")
     return True
 
 
 def _run_folder_eval(args: argparse.Namespace) -> int:
-    from slope.inference.folder import eval_model_folder
+    from slope.inference.folder import compare_model_folder, eval_model_folder
 
-    result = eval_model_folder(args.checkpoint, args.device, args.eval_batches)
+    if args.compare:
+        result = compare_model_folder(args.checkpoint, args.device, args.eval_batches)
+        return _print_comparison(args, result, f"{args.checkpoint} (model folder, {result['precision']})")
+    result = eval_model_folder(args.checkpoint, args.device, args.eval_batches, args.mode or "dense")
     if args.json:
         print(json.dumps(result))
         return _nonfinite_exit([result])
     settings = result["settings"]
     source = ("default settings" if not settings["from_run"] else "the run's settings (summary.json)" if settings["split"] == "finetune"
               else "the exported slope train run's held-out split (slope_export in config.json)")
-    print(f"{args.checkpoint} (model folder, {settings['precision']}): validation loss {result['val_loss']:.4f} "
+    print(f"{args.checkpoint} (model folder, {result['mode']}, {settings['precision']}): validation loss {result['val_loss']:.4f} "
           f"(ppl {result['val_ppl']:.2f}) over {result['val_tokens']:,} tokens of --dataset {settings['dataset']} "
           f"({source}); unigram baseline {result['unigram_loss']:.4f}")
     if result["run_final_val_loss"] is not None:
         print(f"the run reported a final validation loss of {result['run_final_val_loss']:.4f}")
-    print(f"{result['tokens_per_s']:,.0f} tokens/s; weights {result['weight_bytes'] / 2**20:.1f} MiB")
+    print(f"{result['tokens_per_s']:,.0f} tokens/s; {_memory_text(result)}")
     return _nonfinite_exit([result])
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from slope.evaluate import compare_checkpoint, eval_checkpoint
 
-    if _model_folder(args):
+    if _model_folder(args, "eval"):
         return _run_folder_eval(args)
     if not args.compare:
         result = eval_checkpoint(args.checkpoint, args.device, args.eval_batches, args.mode or "unmerged", progress=None)
@@ -326,10 +335,15 @@ def _run_eval(args: argparse.Namespace) -> int:
             print(f"note: {result['note']}")
         return _nonfinite_exit([result])
     result = compare_checkpoint(args.checkpoint, args.device, args.eval_batches, progress=None)
+    return _print_comparison(args, result, f"step {result['step']} ({result['precision']})")
+
+
+def _print_comparison(args: argparse.Namespace, result: dict, title: str) -> int:
+    """``slope eval --compare``'s table (or JSON) of ``compare_checkpoint`` / ``compare_model_folder``; the exit status."""
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"step {result['step']} ({result['precision']}), {next(iter(result['modes'].values()))['val_tokens']:,} validation tokens; "
+        print(f"{title}, {next(iter(result['modes'].values()))['val_tokens']:,} validation tokens; "
               f"unigram baseline {result['unigram_loss']:.4f}")
         print(f"{'mode':<9} {'val loss':>10} {'ppl':>10} {'tokens/s':>10}  memory")
         for mode, r in result["modes"].items():
@@ -369,14 +383,15 @@ def _run_generate_compare(args: argparse.Namespace) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
     from slope.evaluate import generate, load_trained_model
 
-    if _model_folder(args):
+    if _model_folder(args, "generate"):
         from slope.inference.folder import generate_from_folder
 
+        mode = args.mode or "dense"
         text, new_tokens, seconds = generate_from_folder(args.checkpoint, args.prompt, device=args.device,
                                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                                         top_k=args.top_k, seed=args.seed)
+                                                         top_k=args.top_k, seed=args.seed, mode=mode)
         print(text)
-        print(f"[model folder] {new_tokens} new tokens in {seconds:.2f} s ({new_tokens / max(seconds, 1e-9):,.1f} tokens/s)",
+        print(f"[model folder, {mode}] {new_tokens} new tokens in {seconds:.2f} s ({new_tokens / max(seconds, 1e-9):,.1f} tokens/s)",
               file=sys.stderr)
         return
     if args.compare:

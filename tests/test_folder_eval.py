@@ -1,5 +1,6 @@
-"""slope eval / generate on model folders (what oneshot, finetune and sparse-finetune write): the
-validation loss of a fine-tuning run's folder is the run's final validation loss again."""
+"""slope eval / generate on model folders (what oneshot, finetune and sparse-finetune write, slope export): the
+validation loss of a fine-tuning run's folder is the run's final validation loss again; a pruned model's
+folder (sparse or merged export) runs in each of its forms (--mode, --compare), all with that loss."""
 import json
 
 import pytest
@@ -46,9 +47,12 @@ def test_eval_of_a_finetune_folder_is_its_runs_final_validation_loss(tmp_path, d
     assert main(["generate", "--checkpoint", str(tmp_path / "out"), "--prompt", "def f1(x):", "--max-new-tokens", "4",
                  "--temperature", "0", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("def f1(x):") and "[model folder] 4 new tokens" in captured.err
-    assert main(["eval", "--checkpoint", str(tmp_path / "out"), "--compare"]) == 1
-    assert "--compare applies to slope train checkpoints" in capsys.readouterr().err
+    assert captured.out.startswith("def f1(x):") and "[model folder, dense] 4 new tokens" in captured.err
+    assert main(["eval", "--checkpoint", str(tmp_path / "out"), "--compare", "--device", "cpu"]) == 0  # its one form
+    assert "note: a plain model folder: it has one (dense) form" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(tmp_path / "out"), "--mode", "merged"]) == 1
+    err = capsys.readouterr().err
+    assert "--mode merged: " in err and "has one (dense) form; use --mode dense" in err
 
 
 def test_eval_of_a_sparse_finetune_folder_and_of_a_foreign_folder(tmp_path, data_file):
@@ -82,7 +86,7 @@ def test_generate_from_a_folder_checks_learned_positions(tmp_path, capsys):
     assert main([*args, "--max-new-tokens", "40"]) == 1
     assert "exceed the model's 12 learned positions" in capsys.readouterr().err
     assert main([*args, "--max-new-tokens", "2"]) == 0
-    assert "[model folder] 2 new tokens" in capsys.readouterr().err
+    assert "[model folder, dense] 2 new tokens" in capsys.readouterr().err
 
 
 def test_a_tokenizer_that_does_not_fit_the_model_is_a_one_line_error(tmp_path, capsys):
@@ -148,6 +152,7 @@ def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capfd):
     assert eval_model_folder(tmp_path / "dense_again", "cpu")["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     assert json.loads((tmp_path / "dense_again" / "config.json").read_text())["slope_export"]["step"] == 2  # the run's step
     export_model(tmp_path / "run", tmp_path / "merged", "merged")
+    _check_forms(tmp_path, capfd, want)
     with pytest.raises(CheckpointError, match="holds the merged form .* cannot become the sparse .training. form"):
         export_model(tmp_path / "merged", tmp_path / "unmerged", "sparse")
     assert not (tmp_path / "unmerged").exists()
@@ -170,3 +175,39 @@ def test_eval_of_a_slope_train_export_is_the_checkpoints_eval(tmp_path, capfd):
     result = eval_model_folder(tmp_path / "tuned", "cpu")
     assert result["settings"]["split"] == "finetune"
     assert result["val_loss"] == pytest.approx(tuned.finetune_summary["final_val_loss"], rel=1e-6)
+
+
+def _check_forms(root, capfd, want: dict) -> None:
+    """The sparse and merged exports of a run (``root/sparse``, ``root/merged``) run in every form they
+    hold, each with the checkpoint's validation loss: ``--mode``, ``--compare``, and refusals."""
+    from slope.inference.folder import compare_model_folder, folder_modes
+    from slope.lora import MergedSparseLinear
+    from slope.registry import sparse_modules
+
+    assert folder_modes(root / "sparse") == ("unmerged", "merged", "dense")
+    assert folder_modes(root / "merged") == ("merged", "dense") and folder_modes(root / "dense") == ("dense",)
+    for folder, modes in (("sparse", ("unmerged", "merged", "dense")), ("merged", ("merged", "dense"))):
+        compared = compare_model_folder(root / folder, "cpu")
+        assert tuple(compared["modes"]) == modes and compared["agree"], compared
+        for mode, result in compared["modes"].items():
+            assert result["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5), (folder, mode)
+        assert (compared["modes"]["merged"]["sparse_layer_bytes"] > 0) and compared["modes"]["dense"]["sparse_layer_bytes"] == 0
+    from slope.inference.folder import load_folder_model
+
+    model, _, _ = load_folder_model(root / "sparse", "cpu", "merged")
+    layers = [m for _, m in sparse_modules(model)]
+    assert layers and all(isinstance(m, MergedSparseLinear) and m.inference_only for m in layers)
+    assert main(["eval", "--checkpoint", str(root / "merged"), "--mode", "unmerged", "--device", "cpu"]) == 1
+    assert "holds the merged inference form; use --mode merged or dense" in capfd.readouterr().err
+    assert main(["eval", "--checkpoint", str(root / "sparse"), "--compare", "--device", "cpu"]) == 0
+    assert "modes agree" in capfd.readouterr().out
+    texts = {}
+    for mode in ("unmerged", "dense"):
+        assert main(["generate", "--checkpoint", str(root / "sparse"), "--prompt", "def f(", "--max-new-tokens", "4",
+                     "--temperature", "0", "--device", "cpu", "--mode", mode]) == 0
+        out, err = capfd.readouterr()
+        texts[mode] = out
+        assert f"[model folder, {mode}] 4 new tokens" in err
+    assert texts["unmerged"] == texts["dense"]
+    assert main(["generate", "--checkpoint", str(root / "sparse"), "--prompt", "x", "--compare"]) == 1
+    assert "slope generate --compare applies to slope train checkpoints" in capfd.readouterr().err

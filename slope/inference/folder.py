@@ -13,12 +13,19 @@ positions), 8 batches of 8, fp32.
 
 A folder without tokenizer files is read with slope's shipped tokenizer (what ``slope train``
 uses); a tokenizer that does not fit the model's vocabulary is a one-line error.
+
+Forms (``--mode``): every folder runs ``dense``, the model plain transformers loads (the default;
+for a pruned model's folder the dense equivalent ``W⊙M + s·B(A⊙M_A)``). A pruned model's folder
+(``slope export --form sparse|merged``, ``save_pretrained``: :data:`PRUNED_FOLDERS`) also runs as
+the sparse model (:func:`slope.from_pretrained`): ``unmerged`` as saved (not for a merged export)
+and ``merged`` (adapters merged, inference-only: :func:`slope.lora.freeze_for_inference`), and
+``--compare`` evaluates every form it has and checks that they agree.
 """
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +33,11 @@ import torch.nn as nn
 
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["FolderEvalSettings", "eval_model_folder", "generate_from_folder", "load_folder_model"]
+__all__ = ["PRUNED_FOLDERS", "FolderEvalSettings", "compare_model_folder", "eval_model_folder", "folder_modes",
+           "generate_from_folder", "load_folder_model"]
+
+#: Folder kinds (:func:`slope.serialization.folders.folder_kind`) that hold a pruned model: they run sparse too.
+PRUNED_FOLDERS = ("slope-pretrained", "slope-pretrained-v1")
 
 #: What to do when the tokenizer does not fit the folder's model (``slope eval`` / ``generate`` have no --tokenizer).
 TOKENIZER_ADVICE = ("put the model's own tokenizer files (tokenizer.json, tokenizer_config.json: its tokenizer's "
@@ -71,16 +82,57 @@ class FolderEvalSettings:
                    precision=config.get("precision_mode") or config.get("precision") or "fp32", from_run=True)
 
 
-def load_folder_model(folder: str | Path, device: str = "auto"):
+def folder_modes(folder: str | Path) -> tuple[str, ...]:
+    """The forms ``folder`` runs in (module docstring): ``("dense",)`` for a plain model folder; for
+    a pruned model's, ``unmerged`` (unless it holds the merged form), ``merged`` and ``dense``."""
+    from slope.serialization.folders import folder_kind
+
+    if folder_kind(folder) not in PRUNED_FOLDERS:
+        return ("dense",)
+    from slope.io import _read_slope_config
+
+    layers = _read_slope_config(str(folder))[0].get("layers", {})
+    merged = any(rec.get("merged") or rec.get("inference_only") for rec in layers.values() if isinstance(rec, dict))
+    return ("merged", "dense") if merged else ("unmerged", "merged", "dense")
+
+
+def _sparse_model(folder: Path, mode: str) -> tuple[nn.Module, object | None]:
+    """``(model, tokenizer or None)``: the pruned model of ``folder`` in ``mode`` (``unmerged``: as
+    saved; ``merged``: adapters merged, then :func:`freeze_for_inference`)."""
+    from slope.config import ConfigError
+    from slope.io import from_pretrained
+    from slope.lora import MergedSparseLinear, freeze_for_inference, merge_lora
+    from slope.pruning.loading import _hf_tokenizer
+    from slope.registry import sparse_modules
+
+    modes = folder_modes(folder)
+    if mode not in modes:
+        holds = "a plain model folder: it has one (dense) form" if modes == ("dense",) else \
+            "the merged inference form (slope export --form merged)"
+        raise ConfigError(f"--mode {mode}: {folder} holds {holds}; use --mode {' or '.join(modes)}")
+    model = from_pretrained(folder)
+    if mode == "merged":
+        if any(m.lora_rank and not isinstance(m, MergedSparseLinear) for _, m in sparse_modules(model)):
+            merge_lora(model)
+        freeze_for_inference(model)
+    return model, _hf_tokenizer(folder)
+
+
+def load_folder_model(folder: str | Path, device: str = "auto", mode: str = "dense"):
     """``(model, tokenizer, device)``: the folder's causal LM in the dtype it was saved in, in eval
-    mode on ``device`` (:func:`slope.pruning.loading.load_model`), and its tokenizer (slope's
-    shipped one when the folder has none)."""
+    mode on ``device`` (``dense``: :func:`slope.pruning.loading.load_model`; ``unmerged`` /
+    ``merged``: the pruned model, module docstring), and its tokenizer (slope's shipped one when the
+    folder has none)."""
     from slope.dynamic.data import resolve_tokenizer
     from slope.evaluate import resolve_device
     from slope.pruning.loading import load_model
 
     device = resolve_device(device)
-    model, tokenizer = load_model(folder, device, "auto")
+    if mode == "dense":
+        model, tokenizer = load_model(folder, device, "auto")
+    else:
+        model, tokenizer = _sparse_model(Path(folder), mode)
+        model = model.to(device).eval().requires_grad_(False)
     ratio = getattr(model.config, "topk_attention_ratio", None)
     if ratio is not None:  # fine-tuned with top-k attention (sparse-finetune --use-topk-attention): the config keeps its ratio
         from slope.dynamic.attention import enable_topk_attention
@@ -109,32 +161,74 @@ def _check_token_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
                           f"it is not the model's tokenizer; {TOKENIZER_ADVICE}")
 
 
-def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None) -> dict:
-    """Validation loss / perplexity and tokens/s of the model in ``folder`` (module docstring);
-    ``eval_batches`` overrides the number of batches. The result has ``slope eval``'s keys
-    (``mode`` ``"dense"``; ``step``: the run's steps when known) plus ``settings``."""
-    from dataclasses import asdict
+def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None, mode: str = "dense") -> dict:
+    """Validation loss / perplexity and tokens/s of the model in ``folder`` in ``mode`` (module
+    docstring); ``eval_batches`` overrides the number of batches. The result has ``slope eval``'s
+    keys (``step``: the run's steps when known) plus ``settings``."""
+    folder = Path(folder)
+    model, tokenizer, device = load_folder_model(folder, device, mode)
+    summary, settings, val, unigram = _folder_data(folder, model, tokenizer, eval_batches)
+    return {"checkpoint": str(folder), **_run_facts(model, summary), **_measure(model, val, device, settings.precision),
+            "mode": mode, "unigram_loss": unigram, "settings": asdict(settings), "note": None}
 
-    from slope.data import perplexity
-    from slope.evaluate import _nbytes, _sync, evaluate_loss
+
+def compare_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None) -> dict:
+    """:func:`eval_model_folder` in every form of ``folder`` (:func:`folder_modes`), one model in
+    memory at a time, and whether they agree as :func:`slope.evaluate.compare_checkpoint`'s modes
+    must (same keys: ``modes``, ``max_loss_diff``, ``max_logit_diff``, tolerances, ``agree``)."""
+    from slope.evaluate import LOGIT_TOLERANCE, LOSS_TOLERANCE, _logits
 
     folder = Path(folder)
-    model, tokenizer, device = load_folder_model(folder, device)
+    results, probes, data = {}, {}, None
+    for mode in folder_modes(folder):
+        model, tokenizer, dev = load_folder_model(folder, device, mode)
+        data = data or _folder_data(folder, model, tokenizer, eval_batches)
+        summary, settings, val, unigram = data
+        results[mode] = {**_measure(model, val, dev, settings.precision), "mode": mode, "note": None}
+        probes[mode] = _logits(model, val[0][0][:1], dev, settings.precision)
+        facts = _run_facts(model, summary)
+        del model
+    ref, precision = next(iter(results)), settings.precision
+    loss_diff = max(abs(r["val_loss"] - results[ref]["val_loss"]) for r in results.values())
+    logit_diff = max(float((p - probes[ref]).abs().max()) for p in probes.values())
+    return {"checkpoint": str(folder), "step": facts["step"], "precision": precision, "modes": results,
+            "max_loss_diff": loss_diff, "max_logit_diff": logit_diff, "loss_tolerance": LOSS_TOLERANCE[precision],
+            "logit_tolerance": LOGIT_TOLERANCE[precision],
+            "agree": loss_diff <= LOSS_TOLERANCE[precision] and logit_diff <= LOGIT_TOLERANCE[precision],
+            "note": "a plain model folder: it has one (dense) form" if len(results) == 1 else None,
+            "unigram_loss": unigram, "settings": asdict(settings)}
+
+
+def _folder_data(folder: Path, model: nn.Module, tokenizer, eval_batches: int | None) -> tuple[dict, FolderEvalSettings, list, float]:
+    """``(summary.json's record, settings, validation batches, unigram baseline)`` of ``folder``."""
     summary = read_json_object(folder / "summary.json") or {}
     settings = FolderEvalSettings.for_folder(summary, model, eval_batches)
     val, unigram = _validation_data(folder, settings, tokenizer, model.get_input_embeddings().num_embeddings)
-    evaluate_loss(model, [(val[0][0][:1, :8], val[0][1][:1, :8])], device, settings.precision)  # warm-up
+    return summary, settings, val, unigram
+
+
+def _run_facts(model: nn.Module, summary: dict) -> dict:
+    """The run's ``step`` (summary.json or the export record) and its reported final validation loss."""
+    export = getattr(model.config, "slope_export", None) or {}
+    return {"step": summary.get("steps", export.get("step")), "run_final_val_loss": summary.get("final_val_loss")}
+
+
+def _measure(model: nn.Module, val: list, device: torch.device, precision: str) -> dict:
+    """Loss, tokens/s (after a short warm-up forward, which builds sparse operands) and weight bytes."""
+    from slope.data import perplexity
+    from slope.evaluate import _nbytes, _sync, evaluate_loss
+    from slope.registry import sparse_modules
+
+    evaluate_loss(model, [(val[0][0][:1, :8], val[0][1][:1, :8])], device, precision)  # warm-up
     _sync(device)
     start = time.perf_counter()
-    loss = evaluate_loss(model, val, device, settings.precision)
+    loss = evaluate_loss(model, val, device, precision)
     _sync(device)
     seconds = time.perf_counter() - start
     tokens = sum(y.numel() for _, y in val)
-    export = getattr(model.config, "slope_export", None) or {}
-    return {"checkpoint": str(folder), "step": summary.get("steps", export.get("step")), "mode": "dense", "val_loss": loss,
-            "val_ppl": perplexity(loss), "val_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "weight_bytes": _nbytes(model), "unigram_loss": unigram, "run_final_val_loss": summary.get("final_val_loss"),
-            "settings": asdict(settings), "note": None}
+    return {"val_loss": loss, "val_ppl": perplexity(loss), "val_tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / max(seconds, 1e-9), "weight_bytes": _nbytes(model),
+            "sparse_layer_bytes": sum(_nbytes(m) for _, m in sparse_modules(model)), "freeze": None}
 
 
 def _validation_data(folder: Path, settings: FolderEvalSettings, tokenizer, vocab_size: int) -> tuple[list, float]:
@@ -163,13 +257,13 @@ def _validation_data(folder: Path, settings: FolderEvalSettings, tokenizer, voca
 
 @torch.no_grad()
 def generate_from_folder(folder: str | Path, prompt: str, *, device: str = "auto", max_new_tokens: int = 64,
-                         temperature: float = 0.8, top_k: int | None = 50, seed: int = 0) -> tuple[str, int, float]:
-    """Continue ``prompt`` with the folder's model (``generate``, KV cache; ``temperature=0``:
-    greedy); returns ``(text, new tokens, seconds)``."""
+                         temperature: float = 0.8, top_k: int | None = 50, seed: int = 0, mode: str = "dense") -> tuple[str, int, float]:
+    """Continue ``prompt`` with the folder's model in ``mode`` (``generate``, KV cache;
+    ``temperature=0``: greedy); returns ``(text, new tokens, seconds)``."""
     from slope.config import ConfigError
     from slope.evaluate import timed_generate
 
-    model, tokenizer, device = load_folder_model(folder, device)
+    model, tokenizer, device = load_folder_model(folder, device, mode)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     if ids.numel() == 0:
         raise ConfigError("--prompt is empty; give some text to continue")
