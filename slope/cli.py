@@ -278,16 +278,14 @@ _MODEL_FOLDERS = ("hf", "slope-export-dense", "slope-pretrained")
 def _model_folder(args: argparse.Namespace, command: str) -> bool:
     """Whether ``--checkpoint`` is a model folder (not a ``slope train`` checkpoint); a
     :class:`ConfigError` for the options it cannot take: a ``--mode`` it has no form for
-    (:func:`slope.inference.folder.folder_modes`), and ``generate``'s ``--compare`` / ``--cuda-graphs``."""
-    from slope.inference.folder import folder_modes
+    (:func:`slope.inference.folder.check_mode`), and ``generate``'s ``--compare`` / ``--cuda-graphs``."""
+    from slope.inference.folder import check_mode
     from slope.serialization.folders import folder_kind
 
     if folder_kind(args.checkpoint) not in _MODEL_FOLDERS:
         return False
-    modes = folder_modes(args.checkpoint)
-    if args.mode is not None and args.mode not in modes:
-        holds = "a plain model folder: it has one (dense) form" if modes == ("dense",) else "the merged inference form"
-        raise ConfigError(f"--mode {args.mode}: {args.checkpoint} holds {holds}; use --mode {' or '.join(modes)}")
+    if args.mode is not None:
+        check_mode(args.checkpoint, args.mode)
     if command == "generate":
         for flag, given in (("--compare", args.compare), ("--cuda-graphs", args.cuda_graphs)):
             if given:

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["PRUNED_FOLDERS", "FolderEvalSettings", "compare_model_folder", "eval_model_folder", "folder_modes",
+__all__ = ["PRUNED_FOLDERS", "FolderEvalSettings", "check_mode", "compare_model_folder", "eval_model_folder", "folder_modes",
            "generate_from_folder", "load_folder_model"]
 
 #: Folder kinds (:func:`slope.serialization.folders.folder_kind`) that hold a pruned model: they run sparse too.
@@ -96,20 +96,25 @@ def folder_modes(folder: str | Path) -> tuple[str, ...]:
     return ("merged", "dense") if merged else ("unmerged", "merged", "dense")
 
 
+def check_mode(folder: str | Path, mode: str) -> None:
+    """A one-line :class:`slope.config.ConfigError` unless ``folder`` runs in ``mode`` (:func:`folder_modes`)."""
+    from slope.config import ConfigError
+
+    modes = folder_modes(folder)
+    if mode not in modes:
+        holds = "a plain model folder: it has one (dense) form" if modes == ("dense",) else "the merged inference form"
+        raise ConfigError(f"--mode {mode}: {folder} holds {holds}; use --mode {' or '.join(modes)}")
+
+
 def _sparse_model(folder: Path, mode: str) -> tuple[nn.Module, object | None]:
     """``(model, tokenizer or None)``: the pruned model of ``folder`` in ``mode`` (``unmerged``: as
     saved; ``merged``: adapters merged, then :func:`freeze_for_inference`)."""
-    from slope.config import ConfigError
     from slope.io import from_pretrained
     from slope.lora import MergedSparseLinear, freeze_for_inference, merge_lora
     from slope.pruning.loading import _hf_tokenizer
     from slope.registry import sparse_modules
 
-    modes = folder_modes(folder)
-    if mode not in modes:
-        holds = "a plain model folder: it has one (dense) form" if modes == ("dense",) else \
-            "the merged inference form (slope export --form merged)"
-        raise ConfigError(f"--mode {mode}: {folder} holds {holds}; use --mode {' or '.join(modes)}")
+    check_mode(folder, mode)
     model = from_pretrained(folder)
     if mode == "merged":
         if any(m.lora_rank and not isinstance(m, MergedSparseLinear) for _, m in sparse_modules(model)):
