@@ -70,8 +70,15 @@ def ratios(folder: Path) -> dict[tuple[str, str, str], tuple[float, str, str]]:
         put("decode", case, r, "decode_speedup")
         put("decode CUDA graphs", case, r, "decode_graphs_speedup")
         put("decode CUDA graphs fused kernel", case, r, "decode_fused_graphs_speedup")
-        put("inference weights memory", case, r, "weights_memory_ratio", "sparse/dense")
+        put("inference weights memory", case, r, "weights_memory_ratio", _parts_note(r))
     return found
+
+
+def _parts_note(record: dict) -> str:
+    """``sparse/dense``, then the sparse side's three largest parts (``weights_parts``) in MiB."""
+    parts = (record.get("sparse") or {}).get("weights_parts") or {}
+    largest = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
+    return "sparse/dense" + ("; " + ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in largest) if largest else "")
 
 
 def _fmt(value) -> str:

@@ -212,3 +212,14 @@ def test_the_before_column_reads_committed_results_no_gpu_run_writes():
     assert before and {commit.removesuffix("+dirty") for _, commit, _ in before.values()} <= {"5efd217", "4b704b9"}
     for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H100 NVL"):
         assert common.slugify_device_name(name) != table.BEFORE_DEVICE
+
+
+def test_the_weights_memory_row_names_the_largest_parts(tmp_path):
+    """The inference weights-memory row says which parts of the sparse model cost most (weights_parts)."""
+    table = importlib.import_module("performance_experiments.evidence_table")
+    record = {"config": {"model": "llama-1b", "precision": "bf16"}, "backend": "auto", "commit": "abc", "error": None,
+              "weights_memory_ratio": 0.74, "sparse": {"weights_parts": {"mask_bits": 3 * 2**20, "operand values": 9 * 2**20,
+                                                                        "lora_A": 2**20, "dense modules": 5 * 2**20}}}
+    (tmp_path / "inference.json").write_text(json.dumps({"records": [record]}))
+    value, _, note = table.ratios(tmp_path)[("inference weights memory", "llama-1b bf16", "auto")]
+    assert value == 0.74 and note == "sparse/dense; operand values 9 MiB, dense modules 5 MiB, mask_bits 3 MiB"
