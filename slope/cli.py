@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a model folder (slope oneshot / finetune / sparse-finetune output, any causal LM)")
     ev.add_argument("--eval-batches", type=int, default=None, help="validation batches (default: the run's)")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + " (default: unmerged)")
+    ev.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + " (default: unmerged; a model folder: dense)")
     ev.add_argument("--compare", action="store_true",
                     help="evaluate every mode and check they agree to fp tolerance (exit status 1 if not)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
-    gen.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + " (default: unmerged)")
+    gen.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + " (default: unmerged; a model folder: dense)")
     gen.add_argument("--cuda-graphs", action="store_true",
                      help="decode with a static KV cache under a CUDA graph (one launch per token; CUDA only)")
     gen.add_argument("--compare", action="store_true",

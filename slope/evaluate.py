@@ -123,6 +123,8 @@ def evaluate_loss(model: nn.Module, batches, device: torch.device, precision: st
     model.train(was_training)
     if world > 1:
         total, count = sum_over_ranks([total, count])
+    if not count:
+        raise ValueError("evaluate_loss was given no validation batches (or only empty ones)")
     return total / count
 
 

@@ -75,7 +75,7 @@ def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = Fals
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:  # noqa: ARG001
     """Next-token cross-entropy (fp32) of ``model`` on ``x, y (b, L)`` int64; no extra parts."""
-    logits = model(input_ids=x).logits
+    logits = model(input_ids=x, use_cache=False).logits  # training keeps no KV cache
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), {}
 
 

@@ -58,8 +58,9 @@ def shard_model(model: torch.nn.Module, settings: dict, cfg: TrainConfig, log) -
     if parallel.launched_with_fsdp():
         log(parallel.accelerate_fsdp_note(settings) + " (--fsdp / --no-fsdp do not apply)")
 
-    if settings["activation_checkpointing"]:
-        enable_activation_checkpointing(model)
+    if settings["activation_checkpointing"] and not enable_activation_checkpointing(model):
+        raise ConfigError(f"the accelerate config's activation checkpointing is invalid here: {type(model).__name__} does not "
+                          "support it (transformers' supports_gradient_checkpointing); turn it off in the config")
     parallel.wrap_fsdp2(model, reshard_after_forward=settings["reshard_after_forward"], require_sparse=not cfg.dense)
 
 

@@ -1,7 +1,8 @@
 """``evaluate_loss(..., across_ranks=True)``: each of 2 gloo ranks evaluates its share of the
 validation batches (an uneven count: one rank repeats a batch it does not count) and every rank
 returns the mean one process computes over all of them, for a plain model and a pruned model
-sharded by FSDP2 (whose forwards are collectives, so the ranks' forward counts must pair up)."""
+sharded by FSDP2 (whose forwards are collectives, so the ranks' forward counts must pair up). Also:
+an inference-only state (no M_t) loaded into the sharded model gets the M_t of its weights."""
 from __future__ import annotations
 
 import json
@@ -40,7 +41,21 @@ try:  # ranks holding different batches: one clear error on each rank, not a han
     mismatch = None
 except ValueError as exc:
     mismatch = str(exc)
-result = {"one_process": one_process, "across": across, "sharded": sharded, "forwards": plain_forwards, "mismatch": mismatch}
+# the state of an inference-only model (no M_t) loaded into the sharded model: M_t of the loaded
+# weights on every rank (the values' owner computes it), as one process gets
+import copy
+from slope.lora import freeze_for_inference
+from slope.parallel import full_model_state_dict, load_full_model_state_dict
+torch.manual_seed(1)
+other = slope.prune_model(transformers.LlamaForCausalLM(config), verbose=False)
+want = {name: layer.mask_t_bits.clone() for name, layer in slope.sparse_modules(other)}
+frozen = copy.deepcopy(other)
+freeze_for_inference(frozen)
+load_full_model_state_dict(model, frozen.state_dict())
+got = full_model_state_dict(model)
+mask_t_rebuilt = all(torch.equal(got[f"{name}.mask_t_bits"], bits) for name, bits in want.items())
+result = {"one_process": one_process, "across": across, "sharded": sharded, "forwards": plain_forwards, "mismatch": mismatch,
+          "mask_t_rebuilt": mask_t_rebuilt}
 (__import__("pathlib").Path(sys.argv[1]) / f"eval_rank{env.rank}.json").write_text(json.dumps(result))
 '''
 
@@ -55,6 +70,7 @@ def test_each_rank_evaluates_its_share_and_all_return_the_mean(tmp_path):
         assert result["sharded"] == pytest.approx(result["one_process"], rel=1e-5)
         assert result["forwards"] == 3  # ceil(5 / 2): rank 0 counts batches 0, 2, 4; rank 1 counts 1, 3 and repeats 0
         assert "different numbers of validation batches" in result["mismatch"]
+        assert result["mask_t_rebuilt"]
     assert results[0]["one_process"] == results[1]["one_process"]
 
 
@@ -78,3 +94,5 @@ def test_one_process_reads_the_batches_as_it_evaluates_them():
 
     evaluate_loss(model, batches(), torch.device("cpu"), "fp32")
     assert events == ["batch 0", "forward", "batch 1", "forward", "batch 2", "forward"]
+    with pytest.raises(ValueError, match="no validation batches"):
+        evaluate_loss(model, [], torch.device("cpu"), "fp32")

@@ -198,7 +198,7 @@ def _check_forms(root, capfd, want: dict) -> None:
     layers = [m for _, m in sparse_modules(model)]
     assert layers and all(isinstance(m, MergedSparseLinear) and m.inference_only for m in layers)
     assert main(["eval", "--checkpoint", str(root / "merged"), "--mode", "unmerged", "--device", "cpu"]) == 1
-    assert "holds the merged inference form; use --mode merged or dense" in capfd.readouterr().err
+    assert "holds the forms merged, dense; use --mode merged or dense" in capfd.readouterr().err
     assert main(["eval", "--checkpoint", str(root / "sparse"), "--compare", "--device", "cpu"]) == 0
     assert "modes agree" in capfd.readouterr().out
     texts = {}
@@ -211,3 +211,36 @@ def _check_forms(root, capfd, want: dict) -> None:
     assert texts["unmerged"] == texts["dense"]
     assert main(["generate", "--checkpoint", str(root / "sparse"), "--prompt", "x", "--compare"]) == 1
     assert "slope generate --compare applies to slope train checkpoints" in capfd.readouterr().err
+
+
+def test_pruned_folders_run_sparse_where_they_can(tmp_path, capsys):
+    """A bf16 pruned folder's forms agree at bf16 tolerance; a folder saved with a backend this
+    machine lacks runs on ``auto``; one re-saved by plain transformers, or whose record cannot be
+    read, runs dense (the other forms: one line)."""
+    import slope
+    from slope.inference.folder import compare_model_folder, folder_modes
+
+    model = slope.prune_model(tiny_llama().to(torch.bfloat16), add_lora=True, lora_rank=4, verbose=False)
+    with torch.no_grad():
+        for _, layer in slope.sparse_modules(model):
+            layer.lora_B.normal_(0.0, 0.05)
+    model.save_pretrained(tmp_path / "bf16")
+    compared = compare_model_folder(tmp_path / "bf16", "cpu", eval_batches=1)
+    assert tuple(compared["modes"]) == ("unmerged", "merged", "dense") and compared["precision"] == "bf16" and compared["agree"]
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    for record in config["slope_config"]["layers"].values():
+        record["backend"] = "cusparselt"  # (CUDA only)
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(config))
+    got = eval_model_folder(tmp_path / "bf16", "cpu", eval_batches=1, mode="unmerged")
+    assert got["val_loss"] == pytest.approx(compared["modes"]["unmerged"]["val_loss"], rel=1e-6)
+    T.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").save_pretrained(tmp_path / "resaved")
+    assert folder_modes(tmp_path / "resaved") == ("dense",)
+    assert main(["eval", "--checkpoint", str(tmp_path / "resaved"), "--mode", "merged", "--device", "cpu"]) == 1
+    assert "is a plain model folder: it has one (dense) form; use --mode dense" in capsys.readouterr().err
+    config["slope_config"]["version"] = 99
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(config))
+    assert main(["eval", "--checkpoint", str(tmp_path / "bf16"), "--mode", "dense", "--device", "cpu", "--eval-batches", "1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "bf16"), "--compare", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "its slope record cannot be read" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -176,7 +176,8 @@ def test_frozen_layer_keeps_its_weights_once_and_still_loads(fold):
         torch.testing.assert_close(layer.dense_weight(), decompress_2to4(*(operand[0] if fold == "extended" else operand))[:96, :64])
         torch.testing.assert_close(model(x), first, rtol=0, atol=0)  # no rebuild loop, same result
         # the frozen model's state dict (no meta, no M_t) loads into an unmerged model, strictly: same
-        # outputs, meta and M_t rebuilt from the loaded weights (M_t: the trained model's)
+        # outputs, meta and M_t rebuilt from the loaded W⊙M (here the source's own M_t: its weights
+        # have not changed since M_t was computed)
         unmerged = _model("reference", 8, torch.float32, seed=1)
         unmerged.load_state_dict(model.state_dict())
         torch.testing.assert_close(unmerged(x), first, rtol=1e-5, atol=1e-5)

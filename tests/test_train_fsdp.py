@@ -154,3 +154,16 @@ def test_refused_before_any_folder_is_made(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="mixed_precision: bf16; pass --precision bf16"):
         train(TrainConfig(out=str(tmp_path / "run"), max_steps=1))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_accelerate_config_checkpointing_a_model_without_support_is_refused(monkeypatch):
+    import transformers
+
+    from slope.config import ConfigError, TrainConfig
+    from slope.train_fsdp import shard_model
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                                   num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ConfigError, match="does not support it"):
+        shard_model(model, {"activation_checkpointing": True, "reshard_after_forward": True}, TrainConfig(), lambda line: None)

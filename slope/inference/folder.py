@@ -83,39 +83,64 @@ class FolderEvalSettings:
 
 
 def folder_modes(folder: str | Path) -> tuple[str, ...]:
-    """The forms ``folder`` runs in (module docstring): ``("dense",)`` for a plain model folder; for
-    a pruned model's, ``unmerged`` (unless it holds the merged form), ``merged`` and ``dense``."""
-    from slope.serialization.folders import folder_kind
-
-    if folder_kind(folder) not in PRUNED_FOLDERS:
-        return ("dense",)
+    """The forms ``folder`` runs in (module docstring): ``("dense",)`` for a plain model folder (also
+    a pruned model's folder re-saved by plain transformers: its masks are gone); for a pruned
+    model's, ``unmerged`` (unless it holds the merged form), ``merged`` (when it has SLoPe layers)
+    and ``dense``. An unreadable slope record is a one-line :class:`slope.config.ConfigError`."""
+    from slope.config import ConfigError
     from slope.io import _read_slope_config
+    from slope.serialization.folders import folder_kind, weight_keys
 
-    layers = _read_slope_config(str(folder))[0].get("layers", {})
+    if folder_kind(folder) not in PRUNED_FOLDERS or not any(k.endswith(".mask_bits") for k in weight_keys(folder)):
+        return ("dense",)
+    try:
+        layers = _read_slope_config(str(folder))[0]["layers"]
+    except (ValueError, OSError, KeyError) as e:
+        raise ConfigError(f"{folder}: its slope record cannot be read ({e}); --mode dense runs it as plain transformers loads it") from e
     merged = any(rec.get("merged") or rec.get("inference_only") for rec in layers.values() if isinstance(rec, dict))
-    return ("merged", "dense") if merged else ("unmerged", "merged", "dense")
+    return ("merged", "dense") if merged else ("unmerged", "merged", "dense") if layers else ("unmerged", "dense")
 
 
 def check_mode(folder: str | Path, mode: str) -> None:
     """A one-line :class:`slope.config.ConfigError` unless ``folder`` runs in ``mode`` (:func:`folder_modes`)."""
     from slope.config import ConfigError
 
+    if mode == "dense":  # every folder (needs no slope record)
+        return
     modes = folder_modes(folder)
     if mode not in modes:
-        holds = "a plain model folder: it has one (dense) form" if modes == ("dense",) else "the merged inference form"
-        raise ConfigError(f"--mode {mode}: {folder} holds {holds}; use --mode {' or '.join(modes)}")
+        what = "is a plain model folder: it has one (dense) form" if modes == ("dense",) else \
+            f"holds the forms {', '.join(modes)}"
+        raise ConfigError(f"--mode {mode}: {folder} {what}; use --mode {' or '.join(modes)}")
 
 
-def _sparse_model(folder: Path, mode: str) -> tuple[nn.Module, object | None]:
+def _saved_backends_run(folder: Path, device: torch.device) -> bool:
+    """Whether every compressed layer's saved backend runs on ``device`` (a folder saved on a GPU
+    with ``cusparselt``, say, does not on a CPU)."""
+    from slope.backends import backend_class
+    from slope.io import _read_slope_config
+
+    for rec in _read_slope_config(str(folder))[0]["layers"].values():
+        if rec.get("compress") and rec.get("backend") not in (None, "auto"):
+            try:
+                if backend_class(rec["backend"]).unavailable_reason(device, getattr(torch, rec["dtype"])) is not None:
+                    return False
+            except (RuntimeError, ValueError, AttributeError):
+                return False
+    return True
+
+
+def _sparse_model(folder: Path, mode: str, device: torch.device) -> tuple[nn.Module, object | None]:
     """``(model, tokenizer or None)``: the pruned model of ``folder`` in ``mode`` (``unmerged``: as
-    saved; ``merged``: adapters merged, then :func:`freeze_for_inference`)."""
+    saved; ``merged``: adapters merged, then :func:`freeze_for_inference`), with its saved backends,
+    or ``auto`` where one of them does not run on ``device``."""
     from slope.io import from_pretrained
     from slope.lora import MergedSparseLinear, freeze_for_inference, merge_lora
     from slope.pruning.loading import _hf_tokenizer
     from slope.registry import sparse_modules
 
     check_mode(folder, mode)
-    model = from_pretrained(folder)
+    model = from_pretrained(folder, backend=None if _saved_backends_run(folder, device) else "auto")
     if mode == "merged":
         if any(m.lora_rank and not isinstance(m, MergedSparseLinear) for _, m in sparse_modules(model)):
             merge_lora(model)
@@ -136,7 +161,7 @@ def load_folder_model(folder: str | Path, device: str = "auto", mode: str = "den
     if mode == "dense":
         model, tokenizer = load_model(folder, device, "auto")
     else:
-        model, tokenizer = _sparse_model(Path(folder), mode)
+        model, tokenizer = _sparse_model(Path(folder), mode, device)
         model = model.to(device).eval().requires_grad_(False)
     ratio = getattr(model.config, "topk_attention_ratio", None)
     if ratio is not None:  # fine-tuned with top-k attention (sparse-finetune --use-topk-attention): the config keeps its ratio
@@ -191,9 +216,10 @@ def compare_model_folder(folder: str | Path, device: str = "auto", eval_batches:
         summary, settings, val, unigram = data
         results[mode] = {**_measure(model, val, dev, settings.precision), "mode": mode, "note": None}
         probes[mode] = _logits(model, val[0][0][:1], dev, settings.precision)
+        dtype = next(model.parameters()).dtype
         facts = _run_facts(model, summary)
         del model
-    ref, precision = next(iter(results)), settings.precision
+    ref, precision = next(iter(results)), _compare_precision(settings.precision, dtype)
     loss_diff = max(abs(r["val_loss"] - results[ref]["val_loss"]) for r in results.values())
     logit_diff = max(float((p - probes[ref]).abs().max()) for p in probes.values())
     return {"checkpoint": str(folder), "step": facts["step"], "precision": precision, "modes": results,
@@ -202,6 +228,11 @@ def compare_model_folder(folder: str | Path, device: str = "auto", eval_batches:
             "agree": loss_diff <= LOSS_TOLERANCE[precision] and logit_diff <= LOGIT_TOLERANCE[precision],
             "note": "a plain model folder: it has one (dense) form" if len(results) == 1 else None,
             "unigram_loss": unigram, "settings": asdict(settings)}
+
+
+def _compare_precision(precision: str, dtype: torch.dtype) -> str:
+    """The precision whose tolerances apply: the autocast setting, or the weights' own half dtype."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, precision) if precision == "fp32" else precision
 
 
 def _folder_data(folder: Path, model: nn.Module, tokenizer, eval_batches: int | None) -> tuple[dict, FolderEvalSettings, list, float]:

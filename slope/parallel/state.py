@@ -116,7 +116,9 @@ def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor])
         # (a copy: torch renames the keys of the dict it is given in place)
         set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
     inner = model.module if ds.is_deepspeed_engine(model) else model
-    for _, layer in sparse_modules(inner):
+    for name, layer in sparse_modules(inner):
+        if holder is not None and f"{name}.mask_bits" in state and f"{name}.values" in state and f"{name}.mask_t_bits" not in state:
+            holder.update_mask_t(layer)  # a state without M_t (the inference-only form's): the owner's M_t of the loaded W⊙M
         layer.refresh()
 
 

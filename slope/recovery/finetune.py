@@ -176,7 +176,7 @@ def _loss_fn(distiller: Distiller | None):
         if distiller is None or not distiller.active(step):
             return cross_entropy_loss(model, x, y, step)
         with distiller.student_capture.capture() as student:
-            logits = model(input_ids=x).logits
+            logits = model(input_ids=x, use_cache=False).logits
         task = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         distill = distiller.loss(student, distiller.teacher_outputs(x))
         return distiller.combine(task, distill), {"task_loss": task.item(), "distill_loss": distill.item()}
