@@ -326,3 +326,19 @@ def test_decode_operands_are_built_once_until_a_source_changes(monkeypatch):
     with torch.no_grad():
         layer.lora_A.mul_(2)
     torch.testing.assert_close(layer._decode_operands(torch.float32, cpu)[1], 2 * a_scaled, rtol=0, atol=0)
+
+
+def test_a_meta_device_layer_gets_the_m_t_of_an_inference_only_state():
+    """Built on the meta device and loaded with ``assign=True`` from a frozen layer's state (no M_t):
+    M_t is computed from the loaded weights, not left on the meta device."""
+    from slope.layer import SparseLinear
+
+    torch.manual_seed(0)
+    source = SparseLinear.from_dense(torch.randn(16, 32), compress=False)
+    want = source.mask_t_bits.clone()
+    frozen = torch.nn.Sequential(source)
+    freeze_for_inference(frozen)
+    with torch.device("meta"):
+        target = torch.nn.Sequential(SparseLinear(32, 16, bias=False, compress=False))
+    target.load_state_dict(frozen.state_dict(), assign=True)
+    assert not target[0].mask_t_bits.is_meta and torch.equal(target[0].mask_t_bits, want)
