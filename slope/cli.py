@@ -272,7 +272,7 @@ def _nonfinite_exit(results: list[dict]) -> int:
 
 
 #: Folder kinds ``slope eval`` / ``generate`` read as one plain model (:mod:`slope.inference.folder`).
-_MODEL_FOLDERS = ("hf", "slope-export-dense", "slope-pretrained")
+_MODEL_FOLDERS = ("hf", "slope-export-dense", "slope-pretrained", "slope-pretrained-v1")
 
 
 def _model_folder(args: argparse.Namespace, command: str) -> bool:

@@ -211,7 +211,7 @@ def test_each_kind_of_folder_gets_its_advice(tmp_path):
         open_checkpoint(tmp_path / "pruned")
 
 
-def test_version_1_folders_still_load(tmp_path):
+def test_version_1_folders_still_load(tmp_path, capsys):
     """The folder slope.save_pretrained wrote before the dense form: slope_config.json + slope's own keys."""
     from safetensors.torch import save_model
 
@@ -225,6 +225,13 @@ def test_version_1_folders_still_load(tmp_path):
               "buffer_dtypes": _derived_buffer_dtypes(model)}
     (tmp_path / "slope_config.json").write_text(json.dumps(record))
     assert_same_model(model, from_pretrained(tmp_path))
+    # slope eval takes it as a pruned model's folder (its forms; here it stops at the tokenizer: the folder has
+    # none, and slope's shipped one does not fit this 128-token vocabulary)
+    from slope.inference.folder import folder_modes
+
+    assert folder_modes(tmp_path) == ("unmerged", "merged", "dense")
+    assert main(["eval", "--checkpoint", str(tmp_path), "--mode", "merged", "--device", "cpu"]) == 1
+    assert "has no tokenizer files, and slope's shipped tokenizer" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- slope export
