@@ -306,15 +306,19 @@ class SparseLinear(nn.Module):
             self._validated_mask = self._mask_key()  # M is the mask state_errors just found N:M: not checked again at first use
         if self.meta is not None and not meta_fits and (saved_meta is not None or prefix + "mask_bits" in state_dict):
             self._refresh_meta()
-        if (prefix + "mask_bits" in state_dict and prefix + "values" in state_dict and prefix + "mask_t_bits" not in state_dict
-                and "mask_t_bits" in self._buffers and self.values_holder is None):
-            # a layer's state without M_t (the inference-only form's): M_t of the loaded W⊙M (sharded
-            # values: slope.parallel.load_full_model_state_dict asks their owner)
+        if self.state_lacks_mask_t(state_dict, prefix) and "mask_t_bits" in self._buffers and self.values_holder is None:
+            # M_t of the loaded W⊙M (sharded values: slope.parallel.load_full_model_state_dict asks their owner)
             if self.mask_t_bits.is_meta:  # (built on the meta device, loaded with assign=True)
                 self.mask_t_bits = torch.empty_like(self.mask_bits)
             self.update_mask_t()
             if prefix + "mask_t_bits" in missing_keys:
                 missing_keys.remove(prefix + "mask_t_bits")
+
+    @staticmethod
+    def state_lacks_mask_t(state_dict: dict, prefix: str = "") -> bool:
+        """Whether ``state_dict`` holds a layer's whole state (``values`` and ``mask_bits``) but no
+        ``M_t`` (the inference-only form's), which loading then recomputes from the loaded ``W⊙M``."""
+        return prefix + "mask_bits" in state_dict and prefix + "values" in state_dict and prefix + "mask_t_bits" not in state_dict
 
     def state_errors(self, state_dict: dict, prefix: str = "") -> list[str]:
         """Why the entries of ``state_dict`` under ``prefix`` cannot load into this layer, one line

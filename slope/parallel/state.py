@@ -117,8 +117,8 @@ def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor])
         set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
     inner = model.module if ds.is_deepspeed_engine(model) else model
     for name, layer in sparse_modules(inner):
-        if holder is not None and f"{name}.mask_bits" in state and f"{name}.values" in state and f"{name}.mask_t_bits" not in state:
-            holder.update_mask_t(layer)  # a state without M_t (the inference-only form's): the owner's M_t of the loaded W⊙M
+        if holder is not None and layer.state_lacks_mask_t(state, f"{name}."):
+            holder.update_mask_t(layer)  # the owner's M_t of the loaded W⊙M, on every rank
         layer.refresh()
 
 
