@@ -146,7 +146,7 @@ def weight_parts(model: nn.Module) -> dict:
     :func:`state_bytes`' ``weights + operands``): the SLoPe layers' cached operands first
     (``operand values``: floating storages, which hold ``values`` and ``lora_B`` where a frozen
     layer shares them; ``operand metadata``: integer storages), then each SLoPe layer tensor not
-    held by an operand under its attribute name (``values``, ``mask_bits``, ``meta``, ``lora_A``,
+    held by an operand under its attribute name (``values``, ``mask_bits``, ``lora_A``,
     ...), then every other tensor of the model (``dense modules``: embeddings, norms, heads)."""
     from slope import sparse_modules
 

@@ -2,7 +2,7 @@
 
 A checkpoint is a directory::
 
-    model.safetensors   model.state_dict(): dense weights, SLoPe values / mask_bits / mask_t_bits / meta,
+    model.safetensors   model.state_dict(): dense weights, SLoPe values / mask_bits / mask_t_bits,
                         lora_A / lora_B / lora_A_mask once the adapters are attached
     optimizers.pt       {"dense": AdamW state_dict, "sparse": ADAMWSparse state_dict or None}
     rng.pt              torch (CPU and CUDA) and numpy RNG states

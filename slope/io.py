@@ -293,8 +293,7 @@ def _match_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: str
     expected = model.state_dict()
     unexpected = sorted(set(tensors) - set(expected))
     stored_ptrs = {expected[k].data_ptr() for k in tensors if k in expected}
-    rebuilt = {f"{name}.meta" for name, _ in sparse_modules(model)}  # the 2:4 metadata: rebuilt by the layers' load
-    missing = sorted(k for k in set(expected) - set(tensors) - rebuilt if expected[k].data_ptr() not in stored_ptrs)
+    missing = sorted(k for k in set(expected) - set(tensors) if expected[k].data_ptr() not in stored_ptrs)
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match the model built from config.json/slope_config.json: "
@@ -349,6 +348,8 @@ def from_pretrained(
     model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     _rebuild(model, record["layers"], backend)
     install_save_hook(model)  # also when only MoE experts are pruned (no prune_model call above)
+    for name, _ in sparse_modules(model):  # the 2:4 metadata layers stored before (derived from M)
+        tensors.pop(f"{name}.meta", None)
     path = os.path.join(directory, WEIGHTS_NAME)
     if version >= 2:
         _native_tensors(model, tensors, path)

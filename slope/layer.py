@@ -10,9 +10,10 @@ Math (DESIGN §2), ``W (out, in)``, ``x (..., in)``:
 Storage: ``values (out, in·N/M)`` holds the kept weights of every row in column order (for 2:4 this
 is exactly the values tensor of the CUTLASS format), ``M`` and ``M_t`` are stored as packed bits
 (buffers ``mask_bits`` / ``mask_t_bits``, 1/8 byte per weight, :func:`slope.masks.pack_mask`;
-``mask`` / ``mask_t`` unpack bool copies in ``W``'s orientation), and with ``compress=True`` and
-2:4 ``meta`` holds the compressed metadata. State dicts carry the packed buffers; checkpoints
-written with bool ``mask`` / ``mask_t`` entries still load.
+``mask`` / ``mask_t`` unpack bool copies in ``W``'s orientation). The 2:4 metadata of
+``compress=True`` is not stored: each backend derives its operand's own from ``M`` (and caches it).
+State dicts carry the packed buffers; checkpoints written with bool ``mask`` / ``mask_t`` entries,
+or with the ``meta`` entry that layers stored before, still load.
 The backend operands (forward and backward) are derived and cached; they are rebuilt lazily when
 the weights or masks change (after an optimizer step, ``load_state_dict`` or ``.to()``).
 Under :func:`slope.parallel.wrap_fsdp2` a layer's ``values`` may live on one rank between uses
@@ -35,7 +36,6 @@ from slope import registry
 from slope.backends import SparseBackend, resolve_backend
 from slope.backends.kept import operand_from_kept, operand_pattern
 from slope import kernels
-from slope.kernels import compress_2to4, metadata_dtype
 from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, pack_mask, transposable_mask, unpack_mask
 
 #: Backward passes added into one ``values_grad`` without it being zeroed, after which a layer
@@ -177,13 +177,8 @@ class SparseLinear(nn.Module):
         empty_mask = pack_mask(torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
         self.register_buffer("mask_bits", empty_mask)
         self.register_buffer("mask_t_bits", empty_mask.clone())
-        if compress:
-            if (n, m) != (2, 4):
-                raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}; use compress=False to simulate N:M")
-            meta = compress_2to4(torch.zeros(out_features, in_features, **factory))[1]
-        else:
-            meta = None
-        self.register_buffer("meta", meta)
+        if compress and (n, m) != (2, 4):
+            raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}; use compress=False to simulate N:M")
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.values_grad: torch.Tensor | None = None
         # None, or what keeps ``values`` on one rank between uses (slope.parallel.ShardedValues)
@@ -241,13 +236,7 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"unknown mask_type {self.mask_type!r}; use 'nm' or 'transposable'")
         self._set_mask(mask)
         self.values.copy_(self._gather_kept(weight.to(self.values.dtype)))
-        self._refresh_meta()
         self.update_mask_t()
-
-    @torch.no_grad()
-    def _refresh_meta(self) -> None:
-        if self.meta is not None:
-            self.meta = compress_2to4(self.dense_weight(), self.mask)[1]
 
     @property
     def values_shape(self) -> tuple[int, int]:
@@ -287,25 +276,15 @@ class SparseLinear(nn.Module):
         native_entries(self, state_dict, prefix, error_msgs)  # a Hugging Face save's dense-form entries
         if "mask_t_bits" not in self._buffers:  # inference-only form: a training checkpoint's M_t is not needed
             state_dict.pop(prefix + "mask_t_bits", None)
-        # ``meta`` (the 2:4 metadata) follows from M and the dtype: a saved one that does not fit this
-        # layer (another dtype) or a missing one (compress=False, a Hugging Face dense form) is rebuilt
-        saved_meta = state_dict.pop(prefix + "meta", None)
-        meta_fits = (saved_meta is not None and self.meta is not None and saved_meta.shape == self.meta.shape
-                     and saved_meta.dtype == self.meta.dtype)
-        if meta_fits:
-            state_dict[prefix + "meta"] = saved_meta
+        state_dict.pop(prefix + "meta", None)  # the 2:4 metadata layers stored before: derived from M
         errors = self.state_errors(state_dict, prefix)
         if errors:  # nothing of a mismatched state is written into this layer
             error_msgs.extend(errors)
             return
         before = self._mask_key()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if prefix + "meta" in missing_keys:
-            missing_keys.remove(prefix + "meta")
         if prefix + "mask_bits" in state_dict and self._mask_key() != before:
             self._validated_mask = self._mask_key()  # M is the mask state_errors just found N:M: not checked again at first use
-        if self.meta is not None and not meta_fits and (saved_meta is not None or prefix + "mask_bits" in state_dict):
-            self._refresh_meta()
         if self.state_lacks_mask_t(state_dict, prefix) and "mask_t_bits" in self._buffers and self.values_holder is None:
             # M_t of the loaded W⊙M (sharded values: slope.parallel.load_full_model_state_dict asks their owner)
             if self.mask_t_bits.is_meta:  # (built on the meta device, loaded with assign=True)
@@ -457,8 +436,7 @@ class SparseLinear(nn.Module):
         entries that join or leave ``M`` are zero. Every tensor in ``values``' layout moves to the
         new positions the same way: :attr:`values_grad` and each per-entry state tensor that
         ``optimizer`` (e.g. :class:`slope.optimizers.ADAMWSparse`) holds for :attr:`values`
-        (Adam's moments: carried over where kept, zero where grown). ``meta`` and ``M_t`` are
-        recomputed. Returns the bool ``(out, in)`` tensor of changed entries."""
+        (Adam's moments: carried over where kept, zero where grown). ``M_t`` is recomputed. Returns the bool ``(out, in)`` tensor of changed entries."""
         mask = self._checked_mask(mask, "mask")
         groups = mask.view(self.out_features, -1, self.m).sum(-1)
         if not bool((groups == self.n).all()):
@@ -477,7 +455,6 @@ class SparseLinear(nn.Module):
         self.values.copy_(self._gather_kept(weight))
         for key, full in dense.items():
             moved[key].copy_(self._gather_kept(full))
-        self._refresh_meta()
         self.update_mask_t()
         return changed
 
@@ -767,11 +744,7 @@ class SparseLinear(nn.Module):
             self.values_grad = fn(self.values_grad)
         if self.dense_grad is not None:
             self.dense_grad = fn(self.dense_grad)
-        result = super()._apply(fn, recurse)
-        # After a dtype change the metadata layout (plain vs CUTLASS) may have to change.
-        if self.meta is not None and self.meta.dtype != metadata_dtype(self.out_features, self.in_features, self.values.dtype):
-            self._refresh_meta()
-        return result
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         backend = "simulated" if not self.compress else self.backend_name

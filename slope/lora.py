@@ -19,13 +19,12 @@ Usage, the SLoPe way (build the merged model, then load the trained weights)::
 
     prune_model(model, add_lora=True, lora_rank=r, merge_lora=True)
     model.load_state_dict(trained_state)       # same keys as the unmerged model
-    report = freeze_for_inference(model)       # optional: drop M_t, meta, gradients, requires_grad
+    report = freeze_for_inference(model)       # optional: drop M_t, gradients, requires_grad
 
 A merged layer keeps every tensor of the unmerged one (``values``, ``mask_bits``, ``mask_t_bits``,
-``meta``, ``bias``, ``lora_A``, ``lora_B``, ``lora_A_mask``), so state dicts move between the two forms; the
+``bias``, ``lora_A``, ``lora_B``, ``lora_A_mask``), so state dicts move between the two forms; the
 stacked operand is derived from them and rebuilt lazily whenever one changes (version-keyed cache).
-The inference-only form (:func:`freeze_for_inference`) drops the derived ``mask_t_bits`` and ``meta``
-and keeps each weight once: ``values`` (and, extended, ``lora_B``) become views of the operand.
+The inference-only form (:func:`freeze_for_inference`) drops the derived ``mask_t_bits`` and keeps each weight once: ``values`` (and, extended, ``lora_B``) become views of the operand.
 Merged layers are for inference: their forward works with or without autograd enabled, but a
 backward through them is an error (also in training mode when nothing before them requires grad),
 and so is :class:`~slope.optimizers.ADAMWSparse` over them.
@@ -415,11 +414,10 @@ def freeze_for_inference(model: nn.Module) -> MemoryReport:
 
     Every SLoPe layer becomes a :class:`MergedSparseLinear` (adapters, where present, merged),
     loses its training state (``mask_t``, the compressed gradient ``values_grad``, cached
-    backward operands) and the stored 2:4 ``meta`` (derived from ``M``; the backends' operands
-    hold the metadata they multiply with), and the whole model gets ``requires_grad=False``, no
-    ``.grad`` and ``eval()`` mode. Registry entries stay. A training checkpoint still loads into
-    the frozen model (its ``mask_t`` and ``meta`` entries are ignored), and the frozen model's
-    state dict loads into an unmerged one (which rebuilds ``meta`` and ``M_t``). Returns a :class:`MemoryReport`.
+    backward operands), and the whole model gets ``requires_grad=False``, no ``.grad`` and
+    ``eval()`` mode. Registry entries stay. A training checkpoint still loads into the frozen
+    model (its ``mask_t`` entries are ignored), and the frozen model's state dict loads into an
+    unmerged one (which rebuilds ``M_t``). Returns a :class:`MemoryReport`.
     """
     layers = [m for _, m in sparse_modules(model)]
     if not layers:
@@ -432,7 +430,6 @@ def freeze_for_inference(model: nn.Module) -> MemoryReport:
         layer.sparse_requires_grad = False
         if not layer.inference_only:
             del layer.mask_t_bits
-        layer.meta = None  # derived from M; no kernel reads it (the operands hold their own metadata)
     for p in model.parameters():
         p.grad = None
     model.requires_grad_(False)

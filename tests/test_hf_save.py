@@ -212,14 +212,21 @@ def test_each_kind_of_folder_gets_its_advice(tmp_path):
 
 
 def test_version_1_folders_still_load(tmp_path, capsys):
-    """The folder slope.save_pretrained wrote before the dense form: slope_config.json + slope's own keys."""
-    from safetensors.torch import save_model
+    """The folder slope.save_pretrained wrote before the dense form: slope_config.json + slope's own keys
+    (then with each compressed layer's 2:4 ``meta``, which layers no longer store)."""
+    from safetensors.torch import load_file, save_file, save_model
 
     from slope.io import _derived_buffer_dtypes, _layer_record
+    from slope.kernels import compress_2to4
 
     model = pruned(llama, add_lora=True, lora_rank=4)
     model.config.save_pretrained(tmp_path)
     save_model(model, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    saved = load_file(tmp_path / "model.safetensors")
+    metas = {f"{name}.meta": compress_2to4(layer.dense_weight(), layer.mask)[1] for name, layer in sparse_modules(model)
+             if layer.compress}
+    assert metas
+    save_file({**saved, **metas}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     record = {"format": "slope-pretrained", "version": 1, "architecture": type(model).__name__,
               "layers": {name: _layer_record(layer) for name, layer in sparse_modules(model)},
               "buffer_dtypes": _derived_buffer_dtypes(model)}

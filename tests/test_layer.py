@@ -57,8 +57,6 @@ def test_forward_backward_match_oracle(compress, n, m, dtype, bias):
     assert torch.equal(mask_t, double_prune_mask(w * mask, mask, n, m))
     assert torch.equal(layer.dense_weight(), w * mask)
     assert torch.equal(layer.backward_weight(), w * mask * mask_t)
-    if compress:
-        assert torch.equal(layer.meta, compress_2to4(w * mask, mask)[1])
 
     x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)  # 3-D input
     y = layer(x)
@@ -324,18 +322,31 @@ def test_copies_are_live_layers_without_cached_operands():
         assert any(layer is clone[0] for layer in slope.grad_dict)  # global-style calls see copies
 
 
-def test_dtype_move_switches_metadata_layout():
+def test_dtype_move_rebuilds_operands_in_the_new_layout():
     layer, _, _ = make_layer(32, 64, 2, 4, True)
     x = torch.randn(3, 64)
     layer(x)
-    assert layer.meta.dtype == torch.uint8  # fp32: plain layout
-    layer.to(torch.bfloat16)
-    assert layer.meta.dtype == torch.int16 and layer.values.dtype == torch.bfloat16
-    assert torch.equal(layer.meta, compress_2to4(layer.dense_weight(), layer.mask)[1])
+    layer.to(torch.bfloat16)  # the operand's metadata layout changes with the dtype (plain → CUTLASS)
+    assert layer.values.dtype == torch.bfloat16
     xb = x.bfloat16()
     torch.testing.assert_close(layer(xb), F.linear(xb, layer.dense_weight(), layer.bias), **TOL[torch.bfloat16])
     layer.float()
-    assert layer.meta.dtype == torch.uint8 and layer(x).dtype == torch.float32
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight(), layer.bias), **TOL[torch.float32])
+
+
+def test_layers_store_no_metadata_and_load_states_that_hold_it():
+    """The 2:4 metadata is derived from M by each backend: a layer stores none, and a state dict
+    written when layers stored ``meta`` (one more entry per layer) still loads strictly."""
+    layer, w, _ = make_layer(32, 64, 2, 4, True)
+    state = layer.state_dict()
+    assert "meta" not in state and "meta" not in dict(layer.named_buffers())
+    legacy = {**state, "meta": compress_2to4(w * layer.mask, layer.mask)[1]}
+    fresh, _, _ = make_layer(32, 64, 2, 4, True)
+    assert not torch.equal(fresh.mask, layer.mask) or not torch.equal(fresh.values, layer.values)
+    fresh.load_state_dict(legacy)  # strict
+    x = torch.randn(5, 64)
+    assert torch.equal(fresh(x), layer(x))
+    assert torch.equal(fresh.mask_t, layer.mask_t)
 
 
 def test_mask_with_wrong_counts_per_group_is_a_clear_error():

@@ -183,8 +183,8 @@ class ShardedValues:
     def set_mask(self, layer: nn.Module, mask: torch.Tensor, optimizer=None) -> torch.Tensor:
         """``layer.set_mask(mask, optimizer)`` (dynamic sparsity: RigL) with the values on their owner:
         the owner moves its values, gradient and moments to the new positions and recomputes
-        ``meta`` and ``M_t``, which the other ranks receive (collective; every rank passes the same
-        ``mask``). Returns the bool ``(out, in)`` changed entries on every rank."""
+        ``M_t``, which the other ranks receive (collective; every rank passes the same ``mask``).
+        Returns the bool ``(out, in)`` changed entries on every rank."""
         changed = mask.to(layer.mask_bits.device) ^ layer.mask
         if self.owns(layer):
             layer.set_mask(mask, optimizer)
@@ -192,7 +192,7 @@ class ShardedValues:
             layer._set_mask(mask)
         from slope.parallel.wrap import broadcast_tensors
 
-        broadcast_tensors([b for b in (layer.meta, layer.mask_t_bits) if b is not None], src=self._src(layer), group=self.group)
+        broadcast_tensors([layer.mask_t_bits], src=self._src(layer), group=self.group)
         if not self.owns(layer):
             layer.refresh()
         return changed

@@ -4,7 +4,7 @@ Format (the same for a single process, DDP, FSDP2 and DeepSpeed ZeRO-1/2):
 
 - model: ``{name: tensor}`` with the names of the *unwrapped* model (no ``module.`` prefix) and
   full, unsharded CPU tensors — exactly ``model.state_dict()`` of a single-process run (SLoPe
-  layers contribute ``values``, ``mask_bits``, ``mask_t_bits``, ``meta``, ``bias`` and adapters).
+  layers contribute ``values``, ``mask_bits``, ``mask_t_bits``, ``bias`` and adapters).
 - dense optimizer: ``{"state": {name: {"step", "exp_avg", ...}}, "param_groups": [{..., "params":
   [name, ...]}]}`` with full tensors, i.e. ``torch.distributed.checkpoint``'s full optimizer state
   dict.

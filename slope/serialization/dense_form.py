@@ -1,7 +1,7 @@
 """The dense-equivalent ("Hugging Face") form of a pruned model's state dict.
 
-A SLoPe layer's own state dict holds the kept weights compressed (``values (out, in·N/M)``),
-packed masks and, with ``compress=True``, metadata. Plain ``transformers`` knows none of that: it
+A SLoPe layer's own state dict holds the kept weights compressed (``values (out, in·N/M)``) and
+packed masks. Plain ``transformers`` knows none of that: it
 wants ``<layer>.weight``. The dense form of a SLoPe layer ``L`` is:
 
 - ``L.weight``: the weight the layer computes with, ``W⊙M`` plus ``(α/r)·B(A⊙M_A)`` with adapters
@@ -15,8 +15,8 @@ wants ``<layer>.weight``. The dense form of a SLoPe layer ``L`` is:
 Fused mixture-of-experts tensors pruned in simulation (:mod:`slope.moe`) are ordinary parameters
 holding ``W⊙M`` already; their packed masks go beside them as ``<parameter>.mask_bits``.
 
-Without adapters ``values`` is exactly the kept entries of ``weight`` (same dtype), and ``meta``
-is derived from ``M``: :func:`native_entries` restores both, so the round trip is bit-exact.
+Without adapters ``values`` is exactly the kept entries of ``weight`` (same dtype):
+:func:`native_entries` restores it, so the round trip is bit-exact.
 Every other entry of the model's state dict is unchanged.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def dense_form_state_dict(model: nn.Module, state_dict: dict | None = None) -> d
 
 def native_entries(layer: nn.Module, state_dict: dict, prefix: str, error_msgs: list[str]) -> None:
     """In ``state_dict`` (in place): turn ``layer``'s dense-form entries (``prefix + "weight"``) into
-    its native ``values`` (the layer rebuilds ``meta``); report a dense weight without slope's mask in
+    its native ``values``; report a dense weight without slope's mask in
     ``error_msgs``. Does nothing when there is no ``weight`` entry (a native state dict)."""
     weight = state_dict.get(prefix + "weight")
     if weight is None:
