@@ -179,3 +179,30 @@ def test_operand_from_kept_values_matches_the_dense_oracle(fake):
         backend.operand_from_values(values[:, :32], structure)
     # shapes that need padding keep the make_operand path
     assert backend.operand_structure(nm_mask(torch.randn(36, 52), 2, 4), torch.bfloat16) is None
+
+
+def test_fp32_master_layer_steps_and_multiplies_under_autocast(fake, monkeypatch):
+    """tests/gpu/test_cutlass_sm90.py::test_layer_forward_operand_follows_optimizer_steps on the
+    stand-in: an fp32 layer trained under autocast multiplies a low-precision input under autocast
+    too (outside it such an input is refused) and follows each optimizer step."""
+    from slope.layer import SparseLinear
+    from slope.optimizers import ADAMWSparse
+
+    monkeypatch.setattr(CutlassSm90Backend, "unavailable_reason", classmethod(lambda cls, device, dtype: None))
+    dtype = torch.bfloat16
+    layer = SparseLinear.from_dense(torch.randn(512, 768), compress=True, backend="cutlass-sm90")
+    opt = ADAMWSparse(layer, lr=1e-2)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=dtype):
+            layer(torch.randn(64, 768)).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        x = torch.randn(64, 768, dtype=dtype)
+        with torch.no_grad(), pytest.raises(TypeError, match="does not match the weight dtype"):
+            layer(x)
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            y = layer(x)
+        expected = x.double() @ layer.dense_weight().to(dtype).double().t()
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), expected, rtol=8e-3, atol=1e-4 * expected.abs().max().item() + 1e-3)
+    assert layer._backend_for(dtype, x.device).name == "cutlass-sm90" and fake.calls

@@ -8,6 +8,7 @@ fp32 for sm_90 (H100), bf16 for sm_80 (A100). The compiler cannot run under ``TR
 test runs this file as a script in a subprocess without it (about a minute, cached afterwards).
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -95,6 +96,12 @@ def cases():
             for dtype in dtypes for case in kernels(dtype)]
 
 
+def approximate_math(ptx: str) -> list[str]:
+    """The approximate fp32 square roots and divisions in ``ptx`` (``sqrt.approx``, ``div.full``,
+    ``div.approx``), which differ from PyTorch's IEEE ones by an ulp or two."""
+    return sorted(set(re.findall(r"\b(?:sqrt\.approx|div\.full|div\.approx)[.a-z0-9]*", ptx)))
+
+
 def main() -> int:
     """Compile every case; print one line per failure and a summary; 1 if any failed."""
     failures, todo = [], cases()
@@ -104,6 +111,9 @@ def main() -> int:
                                       target=GPUTarget("cuda", arch, 32))
             if not compiled.asm.get("cubin") or f"sm_{arch}" not in compiled.asm["ptx"]:
                 failures.append(f"sm{arch} {dtype} {name}: no sm_{arch} cubin")
+            elif name.startswith("adamw") and approximate_math(compiled.asm["ptx"]):
+                failures.append(f"sm{arch} {dtype} {name}: approximate {approximate_math(compiled.asm['ptx'])} "
+                                "(the AdamW kernels must round as the reference does: tl.sqrt_rn, tl.math.div_rn)")
         except Exception as exc:  # noqa: BLE001 - every failure is reported, then the script fails
             failures.append(f"sm{arch} {dtype} {name}: {type(exc).__name__}: {str(exc)[:2000]}")
     for line in failures:

@@ -619,11 +619,14 @@ def transpose_kept_2to4(
 @triton.jit
 def _adamw_math(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias2_sqrt):
     """One AdamW update of fp32 ``p`` (param), ``g`` (grad), ``m`` / ``v`` (moments): the new
-    ``(p, m, v)``. Shared by every AdamW kernel so that they round identically."""
+    ``(p, m, v)``. Shared by every AdamW kernel so that they round identically. The square root and
+    the divisions are IEEE round-to-nearest (``sqrt_rn`` / ``div_rn``), as PyTorch's are: Triton's
+    ``tl.sqrt`` and ``/`` compile to approximate ``sqrt.approx`` / ``div.full`` on NVIDIA GPUs."""
     m = m + one_minus_beta1 * (g - m)  # lerp, as torch.Tensor.lerp_
     v = v * beta2 + one_minus_beta2 * (g * g)
     master = p * decay
-    master = master - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
+    denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+    master = master - step_size * tl.math.div_rn(m, denom)
     return master, m, v
 
 
