@@ -77,12 +77,12 @@ def torch_optimizer(optimizer):
     return optimizer
 
 
-def refuse_sharded_trainer(args, what: str) -> None:
+def refuse_sharded_trainer(args, what: str, instead: str = "shard with `slope finetune --fsdp`") -> None:
     """A one-line ``ValueError`` when the Trainer (``args``: its ``TrainingArguments``, or the
     ``accelerate launch`` environment) shards the model with FSDP or partitions it with DeepSpeed:
     slope's callbacks hold masks, SLoPe values and their optimizer state on the model's own
     parameters, which those engines replace by flat shards or partitioned fp32 masters, so masks
-    would silently stop holding."""
+    would silently stop holding. ``instead``: the sharded alternative the message names."""
     from slope.parallel import env_flag, launched_with_fsdp
 
     if bool(getattr(args, "fsdp", None)) or launched_with_fsdp():
@@ -93,4 +93,4 @@ def refuse_sharded_trainer(args, what: str) -> None:
         return
     raise ValueError(f"{what} does not run under the Trainer's {engine} (its masks and sparse weights live on the model's own "
                      f"parameters, which {engine} replaces): train with the Trainer's DDP (torchrun, no {engine} config), or "
-                     "shard with `slope finetune --fsdp`")
+                     f"{instead}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -241,6 +241,7 @@ def wrap_fsdp2(
     sync_sparse: bool = True,
     require_sparse: bool = True,
     shard_values: bool = True,
+    ignored_params: Iterable[nn.Parameter] = (),
 ) -> nn.Module:
     """Shard a **pruned** model with FSDP2 (``torch.distributed.fsdp.fully_shard``), in place.
 
@@ -268,6 +269,8 @@ def wrap_fsdp2(
         shard_values: keep each SLoPe layer's values on one rank between uses (ZeRO-3 over whole
             layers; implies the sparse gradient sync, so ``sync_sparse`` is ignored). Read the
             whole model with :func:`full_model_state_dict`.
+        ignored_params: further parameters FSDP2 leaves whole (unsharded, their gradients not
+            reduced); the caller averages their gradients (e.g. :func:`slope.peft.shard_sft_model`).
 
     Returns the same model object (now an ``FSDPModule``); use :func:`no_sync` for accumulation.
     """
@@ -294,7 +297,7 @@ def wrap_fsdp2(
         mesh=mesh,
         reshard_after_forward=reshard_after_forward,
         mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
-        ignored_params={layer.values for layer in layers},
+        ignored_params={layer.values for layer in layers} | set(ignored_params),
     )
     depth = {id(module): name.count(".") for name, module in model.named_modules()}
     for unit in sorted(units, key=lambda module: -depth[id(module)]):  # innermost first

@@ -14,6 +14,7 @@ from slope.peft.config import SftConfig, TaskType, get_peft_config
 from slope.peft.delta import SftLinear, SparseDelta
 from slope.peft.model import SftModel, get_peft_model
 from slope.peft.optim import SftAdamW, SftSM3
+from slope.peft.parallel import shard_sft_model
 from slope.peft.selection import DeltaSet, SftReselection
 from slope.peft.selector import SftSelector
 from slope.peft.sift import SIFT
@@ -35,6 +36,7 @@ __all__ = [
     "get_peft_config",
     "get_peft_model",
     "load_sift",
+    "shard_sft_model",
 ]
 
 

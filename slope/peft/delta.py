@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SftLinear", "SparseDelta", "check_indices", "effective_weight"]
+from slope.parallel.sharded import is_sharded
+
+__all__ = ["SftLinear", "SparseDelta", "check_indices", "effective_weight", "refuse_sharded_deltas"]
 
 GradObserver = Callable[[torch.Tensor], None]
 
@@ -68,6 +70,14 @@ def check_indices(indices: torch.Tensor, shape: tuple[int, ...], what: str = "de
         raise ValueError(f"{what} must lie in [0, {numel}) for a weight of shape {tuple(shape)}")
     if torch.unique(indices).numel() != indices.numel():
         raise ValueError(f"{what} must be distinct")
+
+
+def refuse_sharded_deltas(deltas) -> None:
+    """A one-line ``ValueError`` when ``fully_shard`` split the deltas' values (``DTensor``): their
+    indices (buffers) stay whole, so values and indices would no longer line up."""
+    if any(is_sharded(delta.values) for delta in deltas):
+        raise ValueError("the deltas' values were sharded by fully_shard (DTensor) while their indices stay whole: "
+                         "shard with slope.peft.shard_sft_model(model), which keeps the deltas whole and shards the frozen base")
 
 
 def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from slope.peft.config import CONFIG_NAME, WEIGHTS_NAME, SftConfig
 from slope.prune import _set_submodule
 from slope.serialization.jsonfile import read_json_object
-from slope.peft.delta import SftLinear, SparseDelta, check_indices
+from slope.peft.delta import SftLinear, SparseDelta, check_indices, refuse_sharded_deltas
 from slope.peft.files import read_tensors, tensor_at
 from slope.peft.targets import _matches, allocate, find_targets, random_indices
 
@@ -79,6 +79,9 @@ class SftModel(nn.Module):
         if indices is None:
             indices = self._initial_indices(model, config, targets)
         check_all_indices(targets, indices)
+        # The base weights' record for save_pretrained, taken now: they stay frozen, and once
+        # sharded (shard_sft_model) reading them back would take every rank.
+        self.base_fingerprints = {name: fingerprint(module.weight) for name, module in targets}
         self.base_model = model
         self.peft_config = config
         for p in model.parameters():
@@ -172,6 +175,7 @@ class SftModel(nn.Module):
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
         """``{"<module>.sft_delta.values": (k,), "<module>.sft_delta.indices": (k,) int64}`` and the
         ``modules_to_save`` parameters ``{"<module>.<param>": tensor}``, on the CPU."""
+        refuse_sharded_deltas(delta for _, _, delta in self.active_deltas())
         out = {}
         for name, layer in self.sft_layers():
             out[f"{name}.sft_delta.values"] = layer.sft_delta.values.detach().cpu().contiguous()
@@ -180,16 +184,19 @@ class SftModel(nn.Module):
             out[name] = p.detach().cpu().contiguous()
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_ignored) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **_ignored) -> None:
         """Write only the deltas and ``modules_to_save`` (safetensors) and the config with the base
-        model's fingerprint."""
+        model's fingerprint. ``is_main_process=False`` (PEFT's argument; e.g. on every rank but 0)
+        writes nothing; the deltas are the same on every data-parallel rank."""
         from safetensors.torch import save_file
 
-        base = {name: {"shape": list(layer.weight.shape), "samples": fingerprint(self._base_weight(layer))}
-                for name, layer in self.sft_layers()}
+        state = self.delta_state_dict()
+        if not is_main_process:
+            return
+        base = {name: {"shape": list(layer.weight.shape), "samples": self.base_fingerprints[name]} for name, layer in self.sft_layers()}
         os.makedirs(save_directory, exist_ok=True)
         self.peft_config.save_pretrained(save_directory, extra={"base_model": base, "base_model_class": type(self.base_model).__name__})
-        save_file(self.delta_state_dict(), os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "SFT"})
+        save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "SFT"})
 
     @torch.no_grad()
     def load_deltas(self, directory: str | os.PathLike) -> None:
@@ -214,14 +221,6 @@ class SftModel(nn.Module):
             layer.sft_delta.values.copy_(tensors[f"{name}.sft_delta.values"])
         for name, p in saved.items():
             p.copy_(tensors[name])
-
-    @staticmethod
-    def _base_weight(layer: SftLinear) -> torch.Tensor:
-        if not layer.merged:
-            return layer.weight
-        base = layer.weight.detach().clone()
-        base.view(-1)[layer.sft_delta.indices] = layer._merged_base
-        return base
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, is_trainable: bool = False) -> "SftModel":

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slope.peft.config import SftConfig
-from slope.peft.delta import SftLinear
+from slope.peft.delta import SftLinear, refuse_sharded_deltas
 from slope.peft.optim import SftSM3
 from slope.peft.selection import DeltaSet, SftReselection
 
@@ -61,6 +61,7 @@ class SftSelector:
         if not isinstance(num_train_steps, int) or isinstance(num_train_steps, bool) or num_train_steps < 1:
             raise ValueError(f"num_train_steps must be the total number of optimizer steps (>= 1), got {num_train_steps!r}")
         self.layers = _sft_layers(model)
+        refuse_sharded_deltas(layer.sft_delta for layer in self.layers.values())
         _check_optimizer(optimizer, config, self.layers)
         self.optimizer = optimizer
         self.config = config

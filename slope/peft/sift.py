@@ -74,6 +74,7 @@ class SIFT:
         if gradient_checkpointing:
             self._input_grads()
         self._handles.extend(install_state_hooks(self))
+        self._handles.append(model.register_forward_pre_hook(self._refuse_wrappers))
 
     def _register(self, named: list[tuple[str, nn.Parameter]]) -> None:
         for name, p in named:
@@ -172,6 +173,20 @@ class SIFT:
         for d, size in enumerate(p.shape):  # row-major, as p.reshape(-1)
             flat = flat * size + coords[d].long().cpu()
         self.set_entries(name, p, flat)
+
+    def _refuse_wrappers(self, module, args) -> None:  # noqa: ARG002
+        """A one-line ``ValueError`` at a forward under DDP or FSDP: SIFT's hooks take each weight's
+        gradient before DDP could average it (the ranks drift apart), and FSDP's ``fully_shard``
+        replaces the weights the hooks sit on (nothing trains)."""
+        active = nn.parallel.DistributedDataParallel._get_active_ddp_module()
+        if active is not None and active.module is self.model:
+            engine = "DistributedDataParallel (as the Trainer wraps it under torchrun)"
+        elif any(self.model.get_parameter(name) is not p for name, p in self._trainable if name in self.sparse_mapping):
+            engine = "FSDP (fully_shard replaced its weights)"
+        else:
+            return
+        raise ValueError(f"SIFT does not train under {engine}: run the unwrapped model on every rank in your own loop and call "
+                         "sift.all_reduce_grads() before optimizer.step() (docs/peft.md, 'Data parallel')")
 
     @staticmethod
     def _apply_hook(p: nn.Parameter, sparse: nn.Parameter):

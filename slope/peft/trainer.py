@@ -32,7 +32,7 @@ class _SelectorCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_sharded_trainer(args, "SftTrainer")
+        refuse_sharded_trainer(args, "SftTrainer", "shard the frozen base in your own loop with slope.peft.shard_sft_model")
         self.trainer._start_selector(state, optimizer)
 
     def on_step_end(self, args, state, control, **kwargs):
