@@ -164,7 +164,10 @@ class Recorder:
         self.script, self.out_dir, self.device, self.args = script, out_dir, device, args
         self.records: list[dict] = []
 
-    def __call__(self, record: dict) -> None:
+    def __call__(self, record: dict, replace_last: bool = False) -> None:
+        """Add ``record`` (``replace_last``: in place of the last one, a fuller form of it)."""
+        if replace_last:
+            self.records.pop()
         self.records.append(record)
         ratios = {k: v for k, v in record.items() if k.endswith(RATIO_SUFFIXES)}
         label = " ".join(str(record["config"].get(k)) for k in ("model", "layer", "tokens", "dtype") if k in record["config"])

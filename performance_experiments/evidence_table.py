@@ -102,6 +102,8 @@ def _failures(folder: Path) -> list[str]:
             error = r.get("error") or ""
             if error and not error.startswith(("unavailable", "skipped")):
                 lines.append(f"  {script} {r.get('backend')}: {error[:150]}")
+            elif r.get("incomplete"):
+                lines.append(f"  {script} {r.get('backend')} {r['config'].get('model', '')}: {r['incomplete']}")
     return lines
 
 

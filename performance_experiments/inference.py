@@ -108,14 +108,36 @@ def _weights(model, device, before: int) -> dict:
 
 
 @torch.no_grad()
-def measure_pair(models: dict, device, args, timing, vocab, sparse_is_merged: bool) -> dict:
+def measure_pair(models: dict, device, args, timing, vocab, sparse_is_merged: bool, progress=None) -> dict:
     """Prefill (per fold), decode (eager and, on CUDA, CUDA graphs) figures of ``{"dense": model,
-    "sparse": model}``, their calls alternated (same clocks and machine load for both)."""
-    from slope.lora import set_lora_fold
-
+    "sparse": model}``, their calls alternated (same clocks and machine load for both).
+    ``progress(figures)`` (optional) receives the figures measured so far after each stage, so a
+    run killed from outside keeps them."""
     prompt = random_tokens(vocab, args.batch, args.prompt, device)
     short = random_tokens(vocab, args.decode_batch, args.decode_prompt, device)
     figures = {k: {} for k in models}
+    progress = progress or (lambda figures: None)
+    _prefill_figures(models, figures, prompt, device, timing, sparse_is_merged)
+    progress(figures)
+    for k, ms in _decode_figures(models, short, args, graphs=False).items():
+        figures[k]["decode_ms_per_token"] = round(ms, 4)
+    progress(figures)
+    if device.type == "cuda":
+        _graph_figures(models, figures, short, args, sparse_is_merged, progress)
+    for k, m in models.items():
+        f = figures[k]
+        f["prefill_tokens_per_s"] = round(args.batch * args.prompt / f["prefill_ms"] * 1e3, 1)
+        f["decode_tokens_per_s"] = round(args.decode_batch / f["decode_ms_per_token"] * 1e3, 1)
+        if "decode_ms_per_token_graphs" in f:
+            f["decode_tokens_per_s_graphs"] = round(args.decode_batch / f["decode_ms_per_token_graphs"] * 1e3, 1)
+        f["backends_used"] = backends_used(m)
+    return figures
+
+
+def _prefill_figures(models: dict, figures: dict, prompt, device, timing, sparse_is_merged: bool) -> None:
+    """``prefill_ms`` of each model and, merged, ``prefill_ms_<fold>`` of the sparse one per fold."""
+    from slope.lora import set_lora_fold
+
     for fold in (FOLDS if sparse_is_merged else ("auto",)):
         if sparse_is_merged:
             set_lora_fold(models["sparse"], fold)
@@ -126,35 +148,29 @@ def measure_pair(models: dict, device, args, timing, vocab, sparse_is_merged: bo
                 figures[k][f"prefill_ms{'' if fold == 'auto' else '_' + fold}"] = prefill[k]["ms"]
     if sparse_is_merged:
         set_lora_fold(models["sparse"], "auto")
-    decode = _decode_figures(models, short, args, graphs=False)
-    graphs, graphs_error = {}, None
-    if device.type == "cuda":
-        try:
-            graphs = _decode_figures(models, short, args, graphs=True)
-        except Exception as exc:  # noqa: BLE001 (recorded; prefill and eager decode figures stand)
-            graphs_error = error_text(exc)
-    if graphs_error:
-        figures["sparse"]["decode_graphs_error"] = graphs_error
-    if sparse_is_merged and graphs:  # the one-launch Triton decode kernel, under CUDA graphs
-        from slope.lora import set_decode_kernel
 
-        set_decode_kernel(models["sparse"], "fused")
-        try:
-            fused = _decode_figures({"sparse": models["sparse"]}, short, args, graphs=True)["sparse"]
-            figures["sparse"]["decode_ms_per_token_fused_graphs"] = round(fused, 4)
-        except Exception as exc:  # noqa: BLE001 (recorded; the other figures stand)
-            figures["sparse"]["decode_fused_error"] = error_text(exc)
-        set_decode_kernel(models["sparse"], "gemm")
-    for k, m in models.items():
-        f = figures[k]
-        f["prefill_tokens_per_s"] = round(args.batch * args.prompt / f["prefill_ms"] * 1e3, 1)
-        f["decode_ms_per_token"] = round(decode[k], 4)
-        f["decode_tokens_per_s"] = round(args.decode_batch / decode[k] * 1e3, 1)
-        if graphs:
-            f["decode_ms_per_token_graphs"] = round(graphs[k], 4)
-            f["decode_tokens_per_s_graphs"] = round(args.decode_batch / graphs[k] * 1e3, 1)
-        f["backends_used"] = backends_used(m)
-    return figures
+
+def _graph_figures(models: dict, figures: dict, short, args, sparse_is_merged: bool, progress) -> None:
+    """Decode under CUDA graphs, both models, then (merged) the sparse one on the fused decode kernel."""
+    try:
+        graphs = _decode_figures(models, short, args, graphs=True)
+    except Exception as exc:  # noqa: BLE001 (recorded; prefill and eager decode figures stand)
+        figures["sparse"]["decode_graphs_error"] = error_text(exc)
+        return
+    for k, ms in graphs.items():
+        figures[k]["decode_ms_per_token_graphs"] = round(ms, 4)
+    progress(figures)
+    if not sparse_is_merged:
+        return
+    from slope.lora import set_decode_kernel
+
+    set_decode_kernel(models["sparse"], "fused")  # the one-launch Triton decode kernel
+    try:
+        fused = _decode_figures({"sparse": models["sparse"]}, short, args, graphs=True)["sparse"]
+        figures["sparse"]["decode_ms_per_token_fused_graphs"] = round(fused, 4)
+    except Exception as exc:  # noqa: BLE001 (recorded; the other figures stand)
+        figures["sparse"]["decode_fused_error"] = error_text(exc)
+    set_decode_kernel(models["sparse"], "gemm")
 
 
 def _ratios(dense: dict, sparse: dict) -> dict:
@@ -200,22 +216,34 @@ def run_model(name, backends, device, env, budget, args, timing, emit) -> None:
         if budget.expired():
             emit(make_record(SCRIPT, env, config, None, None, backend=backend, error="skipped: budget", **none))
             continue
+        published = []  # this backend's record, once emitted (later emits replace it)
         try:
             before = _allocated(device)
             model, form, merge_error = _build_sparse(name, backend, device, args.precision, args.lora_rank)
             with torch.no_grad():
                 model(input_ids=random_tokens(vocab, 1, 8, device))  # operands built (and weights shared)
-            sparse_weights = _weights(model, device, before)
+            sparse_weights = {**_weights(model, device, before), "folds": _folds(model)}
+
+            def publish(figures: dict, done: bool) -> None:
+                dense, sparse = {**figures["dense"], **dense_weights}, {**figures["sparse"], **sparse_weights}
+                record = make_record(SCRIPT, env, config, dense, sparse, backend=backend, sparse_form=form,
+                                     merge_error=merge_error, error=None, **_ratios(dense, sparse))
+                if not done:  # rewritten as each stage ends; stays so if the run is killed before the last
+                    record["incomplete"] = "measurement stopped before every figure (the run was killed)"
+                emit(record, replace_last=bool(published))
+                published.append(True)
+
             figures = ({"dense": {}, "sparse": {"backends_used": backends_used(model)}} if args.memory_only else
                        measure_pair({"dense": dense_model, "sparse": model}, device, args, timing, vocab,
-                                    form == "merged-lora"))
-            dense, sparse = {**figures["dense"], **dense_weights}, {**figures["sparse"], **sparse_weights}
-            sparse["folds"] = _folds(model)
+                                    form == "merged-lora", progress=lambda f: publish(f, done=False)))
             del model
-            emit(make_record(SCRIPT, env, config, dense, sparse, backend=backend, sparse_form=form,
-                             merge_error=merge_error, error=None, **_ratios(dense, sparse)))
+            publish(figures, done=True)
         except Exception as exc:  # noqa: BLE001 (recorded; the next backend still runs)
-            emit(make_record(SCRIPT, env, config, None, None, backend=backend, error=error_text(exc), **none))
+            if published:  # the figures measured before it stay in the record
+                kept = {k: v for k, v in emit.records[-1].items() if k != "incomplete"}
+                emit({**kept, "error": error_text(exc)}, replace_last=True)
+            else:
+                emit(make_record(SCRIPT, env, config, None, None, backend=backend, error=error_text(exc), **none))
         free_memory(device)
 
 

@@ -114,6 +114,34 @@ def test_inference_memory_only_counts_each_part_of_the_weights(tmp_path):
     assert any("operand metadata" in r["sparse"]["weights_parts"] for r in merged if r["backend"] == "reference")
 
 
+def test_inference_keeps_the_figures_measured_before_a_kill(tmp_path, monkeypatch):
+    """A run killed during the decode timing (as gpu_evidence's step limit does) leaves each model's
+    record with the prefill figures and ratios already measured, marked incomplete; an exception
+    there keeps them too, with the error."""
+    inference = importlib.import_module("performance_experiments.inference")
+    evidence_table = importlib.import_module("performance_experiments.evidence_table")
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed")  # not an Exception: nothing in the script catches it
+
+    monkeypatch.setattr(inference, "_decode_figures", killed)
+    with pytest.raises(SystemExit):
+        inference.main(["--smoke", "--backends", "reference", "--out-dir", str(tmp_path)])
+    (record,) = json.loads((tmp_path / "cpu" / "inference.json").read_text())["records"]
+    assert record["incomplete"] and record["error"] is None and record["backend"] == "reference"
+    assert record["prefill_speedup"] > 0 and record["sparse"]["prefill_ms_extended"] > 0
+    assert record["decode_speedup"] is None and "decode_ms_per_token" not in record["sparse"]
+    assert any("reference" in line and "measurement stopped" in line for line in evidence_table._failures(tmp_path / "cpu"))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(inference, "_decode_figures", failing)
+    inference.main(["--smoke", "--backends", "reference", "--out-dir", str(tmp_path / "error")])
+    (record,) = json.loads((tmp_path / "error" / "cpu" / "inference.json").read_text())["records"]
+    assert "out of memory" in record["error"] and "incomplete" not in record and record["prefill_speedup"] > 0
+
+
 def test_e2e_with_activation_checkpointing_trains_both_sides(tmp_path, monkeypatch):
     """``e2e.py --gradient-checkpointing`` turns checkpointing on for the dense and the sparse model."""
     from slope import finetune_loop

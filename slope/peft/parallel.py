@@ -44,4 +44,3 @@ def shard_sft_model(model: SftModel, **fsdp_kwargs) -> SftModel:
     for p in trainable:
         p.register_post_accumulate_grad_hook(average)
     return model
-
