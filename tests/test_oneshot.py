@@ -173,6 +173,27 @@ def test_pipeline_matches_whole_model_reference(name, params, kind, propagate):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("name,params", [("WandaPruningModifier", {"sparsity": 0.5}),
+                                         ("SparseGPTModifier", {"sparsity": 0.5, "sequential_update": False})])
+def test_calibration_holds_one_block_of_activations(name, params):
+    """At any time the pipeline holds at most two blocks' worth of hidden states (a block's inputs and
+    its outputs, for every sample): a block whose pruned outputs feed the next does not also keep its
+    dense outputs while the pruned ones are computed."""
+    import weakref
+
+    model, samples = tiny_llama(layers=3), token_ids(4, 16)
+    live, peak = [], [0]
+
+    def count(module, args, out):
+        live.append(weakref.ref(out[0] if isinstance(out, tuple) else out))
+        peak[0] = max(peak[0], sum(r() is not None for r in live))
+
+    for block in model.model.layers:
+        block.register_forward_hook(count)
+    oneshot(model, recipe(name, **params), dataset=samples, verbose=False)
+    assert 0 < peak[0] <= 2 * len(samples)
+
+
 # ---------------------------------------------------------------------- recipes
 def test_seed_recipes_work_verbatim_and_with_mask_structure():
     model = tiny_llama()

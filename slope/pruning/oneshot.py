@@ -94,15 +94,16 @@ def _run_calibrated(model, modifier, layers, samples, journal, verbose) -> list[
         sparsity = _owl_profile(modifier, runner, hidden, by_block, last, device, verbose)
     results = []
     for k in progress(range(last + 1), modifier.name, verbose):
+        rerun = k in by_block and modifier.propagate_pruned and k < last  # the next block reads the pruned block's outputs
         stats, handles = attach_stats(by_block.get(k, []), modifier.statistics, device)
-        try:
-            outputs = runner.run(k, hidden)
+        try:  # dense outputs are kept only when the next block reads them: one block's activations in memory
+            outputs = runner.run(k, hidden, keep=k < last and not rerun)
         finally:
             for h in handles:
                 h.remove()
         if k in by_block:
             results += _prune_layers(modifier, by_block[k], stats, sparsity, journal)
-            if modifier.propagate_pruned and k < last:
+            if rerun:
                 outputs = runner.run(k, hidden)
         hidden = outputs
     return results
