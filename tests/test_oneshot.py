@@ -286,6 +286,11 @@ def test_bad_calibration_and_outputs(tmp_path):
         oneshot(model, r, dataset=["some text"], verbose=False)
     with pytest.raises(CalibrationError, match="positive integer"):
         oneshot(model, r, dataset=token_ids(), num_calibration_samples=0, verbose=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for ids in (torch.randint(60, 100, (2, 8)), torch.full((2, 8), -1)):  # token ids the model's 64 embeddings lack
+        with pytest.raises(CalibrationError, match="outside the model's vocabulary .ids 0 to 63.*not the model's"):
+            oneshot(model, r, dataset=ids, verbose=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="max_seq_length = 128 tokens exceeds the model.s 64 positions"):
         oneshot(model, r, dataset=torch.randint(0, 64, (1000,)), max_seq_length=128, verbose=False)
     (tmp_path / "full").mkdir()
@@ -302,6 +307,17 @@ def test_bad_calibration_and_outputs(tmp_path):
     assert is_nm_sparse(mlp[0].weight != 0, 2, 4, exact=True) and is_nm_sparse(mlp[2].weight != 0, 2, 4, exact=True)
     with pytest.raises(RecipeError, match="no nn.ModuleList"):
         oneshot(mlp, recipe("WandaPruningModifier", sparsity=0.5), dataset=token_ids(), verbose=False)
+
+
+def test_cli_oneshot_with_a_tokenizer_not_the_models_is_one_line(tmp_path, capsys):
+    tiny_llama(vocab=64).save_pretrained(tmp_path / "dense")  # 64 embeddings; the shipped tokenizer has 4096 ids
+    shipped_tokenizer().save_pretrained(tmp_path / "dense")
+    (tmp_path / "r.yaml").write_text("s:\n  g:\n    WandaPruningModifier: {mask_structure: '2:4'}\n")
+    assert main(["oneshot", "--model", str(tmp_path / "dense"), "--recipe", str(tmp_path / "r.yaml"), "--dataset", "embedded",
+                 "--output-dir", str(tmp_path / "out"), "--num-calibration-samples", "2", "--max-seq-len", "16"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "slope oneshot" in line]  # (transformers' load bars aside)
+    assert len(lines) == 1 and "error: calibration token id" in lines[0] and "outside the model's vocabulary" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_calibration_windows():
