@@ -307,6 +307,10 @@ def test_bad_calibration_and_outputs(tmp_path):
     assert is_nm_sparse(mlp[0].weight != 0, 2, 4, exact=True) and is_nm_sparse(mlp[2].weight != 0, 2, 4, exact=True)
     with pytest.raises(RecipeError, match="no nn.ModuleList"):
         oneshot(mlp, recipe("WandaPruningModifier", sparsity=0.5), dataset=token_ids(), verbose=False)
+    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+    with pytest.raises(RecipeError, match="encoder-decoder model cannot do.*use MagnitudePruningModifier"):
+        oneshot(t5, recipe("SparseGPTModifier", sparsity=0.5), dataset=token_ids(), verbose=False)
+    oneshot(t5, recipe("MagnitudePruningModifier", sparsity=0.5), verbose=False)
 
 
 def test_cli_oneshot_with_a_tokenizer_not_the_models_is_one_line(tmp_path, capsys):

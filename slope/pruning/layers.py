@@ -191,6 +191,9 @@ def select_layers(model: nn.Module, modifier: PruningModifier) -> tuple[list[Lay
     if modifier.statistics is not None and found is None:
         raise RecipeError(f"{modifier.name} calibrates block by block, but {type(model).__name__} has no nn.ModuleList of "
                           "transformer blocks; use MagnitudePruningModifier")
+    if modifier.statistics is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise RecipeError(f"{modifier.name} calibrates by running {type(model).__name__} on token windows alone, which an "
+                          "encoder-decoder model cannot do (its decoder needs inputs of its own); use MagnitudePruningModifier")
     modules = dict(model.named_modules())
     for entry in modifier.ignore:
         if not any(_matches(entry, n, m) for n, m in modules.items()):
