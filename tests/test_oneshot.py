@@ -357,6 +357,26 @@ def test_non_divisible_layers_are_skipped_with_a_note():
     assert len(report["skipped"]) == 12 and all("not divisible by M=8" in s["reason"] for s in report["skipped"])
 
 
+def test_fused_moe_experts_are_reported_as_left_dense():
+    """transformers 5 stores Mixtral's experts as fused 3-D tensors, not linears: one-shot pruning leaves
+    them dense and says so in the report (they are most of the block's weights), unless targets /
+    ignore leave them out."""
+    model = T.MixtralForCausalLM(T.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2)).eval()
+    experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
+    oneshot(model, recipe("WandaPruningModifier", mask_structure="2:4"), dataset=token_ids(), verbose=False)
+    skipped = {s["name"]: s for s in model.slope_oneshot_report["skipped"]}
+    assert set(skipped) == set(experts) and all("fused MoE experts (4 of" in s["reason"] for s in skipped.values())
+    assert skipped["model.layers.0.mlp.experts.gate_up_proj"]["shape"] == (4 * 128, 32)
+    assert all(torch.equal(p, experts[n]) for n, p in model.named_parameters() if n in experts)
+    for params in ({"targets": ["re:.*self_attn"]}, {"ignore": ["re:.*experts$"]}):
+        plans_skipped = select_layers(model, slope.pruning.WandaPruningModifier(sparsity=0.5, **params))[1]
+        assert not any(".experts." in s.name for s in plans_skipped)
+    by_block = select_layers(model, slope.pruning.WandaPruningModifier(sparsity=0.5, targets=["model.layers.1"]))[1]
+    assert {s.name for s in by_block} == {n for n in experts if n.startswith("model.layers.1.")}
+
+
 def test_a_failure_mid_run_restores_every_weight(monkeypatch, tmp_path):
     model = tiny_llama()
     state = {k: v.clone() for k, v in model.state_dict().items()}
