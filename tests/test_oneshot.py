@@ -173,6 +173,27 @@ def test_pipeline_matches_whole_model_reference(name, params, kind, propagate):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("name,params", [("WandaPruningModifier", {"sparsity": 0.5}),
+                                         ("SparseGPTModifier", {"sparsity": 0.5, "sequential_update": False})])
+def test_calibration_holds_one_block_of_activations(name, params):
+    """At any time the pipeline holds at most two blocks' worth of hidden states (a block's inputs and
+    its outputs, for every sample): a block whose pruned outputs feed the next does not also keep its
+    dense outputs while the pruned ones are computed."""
+    import weakref
+
+    model, samples = tiny_llama(layers=3), token_ids(4, 16)
+    live, peak = [], [0]
+
+    def count(module, args, out):
+        live.append(weakref.ref(out[0] if isinstance(out, tuple) else out))
+        peak[0] = max(peak[0], sum(r() is not None for r in live))
+
+    for block in model.model.layers:
+        block.register_forward_hook(count)
+    oneshot(model, recipe(name, **params), dataset=samples, verbose=False)
+    assert 0 < peak[0] <= 2 * len(samples)
+
+
 # ---------------------------------------------------------------------- recipes
 def test_seed_recipes_work_verbatim_and_with_mask_structure():
     model = tiny_llama()
@@ -265,6 +286,11 @@ def test_bad_calibration_and_outputs(tmp_path):
         oneshot(model, r, dataset=["some text"], verbose=False)
     with pytest.raises(CalibrationError, match="positive integer"):
         oneshot(model, r, dataset=token_ids(), num_calibration_samples=0, verbose=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for ids in (torch.randint(60, 100, (2, 8)), torch.full((2, 8), -1)):  # token ids the model's 64 embeddings lack
+        with pytest.raises(CalibrationError, match="outside the model's vocabulary .ids 0 to 63.*not the model's"):
+            oneshot(model, r, dataset=ids, verbose=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="max_seq_length = 128 tokens exceeds the model.s 64 positions"):
         oneshot(model, r, dataset=torch.randint(0, 64, (1000,)), max_seq_length=128, verbose=False)
     (tmp_path / "full").mkdir()
@@ -281,6 +307,21 @@ def test_bad_calibration_and_outputs(tmp_path):
     assert is_nm_sparse(mlp[0].weight != 0, 2, 4, exact=True) and is_nm_sparse(mlp[2].weight != 0, 2, 4, exact=True)
     with pytest.raises(RecipeError, match="no nn.ModuleList"):
         oneshot(mlp, recipe("WandaPruningModifier", sparsity=0.5), dataset=token_ids(), verbose=False)
+    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+    with pytest.raises(RecipeError, match="encoder-decoder model cannot do.*use MagnitudePruningModifier"):
+        oneshot(t5, recipe("SparseGPTModifier", sparsity=0.5), dataset=token_ids(), verbose=False)
+    oneshot(t5, recipe("MagnitudePruningModifier", sparsity=0.5), verbose=False)
+
+
+def test_cli_oneshot_with_a_tokenizer_not_the_models_is_one_line(tmp_path, capsys):
+    tiny_llama(vocab=64).save_pretrained(tmp_path / "dense")  # 64 embeddings; the shipped tokenizer has 4096 ids
+    shipped_tokenizer().save_pretrained(tmp_path / "dense")
+    (tmp_path / "r.yaml").write_text("s:\n  g:\n    WandaPruningModifier: {mask_structure: '2:4'}\n")
+    assert main(["oneshot", "--model", str(tmp_path / "dense"), "--recipe", str(tmp_path / "r.yaml"), "--dataset", "embedded",
+                 "--output-dir", str(tmp_path / "out"), "--num-calibration-samples", "2", "--max-seq-len", "16"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "slope oneshot" in line]  # (transformers' load bars aside)
+    assert len(lines) == 1 and "error: calibration token id" in lines[0] and "outside the model's vocabulary" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_calibration_windows():
@@ -314,6 +355,26 @@ def test_non_divisible_layers_are_skipped_with_a_note():
     report = model.slope_oneshot_report
     assert sorted(r["name"] for r in report["layers"]) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert len(report["skipped"]) == 12 and all("not divisible by M=8" in s["reason"] for s in report["skipped"])
+
+
+def test_fused_moe_experts_are_reported_as_left_dense():
+    """transformers 5 stores Mixtral's experts as fused 3-D tensors, not linears: one-shot pruning leaves
+    them dense and says so in the report (they are most of the block's weights), unless targets /
+    ignore leave them out."""
+    model = T.MixtralForCausalLM(T.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2)).eval()
+    experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
+    oneshot(model, recipe("WandaPruningModifier", mask_structure="2:4"), dataset=token_ids(), verbose=False)
+    skipped = {s["name"]: s for s in model.slope_oneshot_report["skipped"]}
+    assert set(skipped) == set(experts) and all("fused MoE experts (4 of" in s["reason"] for s in skipped.values())
+    assert skipped["model.layers.0.mlp.experts.gate_up_proj"]["shape"] == (4 * 128, 32)
+    assert all(torch.equal(p, experts[n]) for n, p in model.named_parameters() if n in experts)
+    for params in ({"targets": ["re:.*self_attn"]}, {"ignore": ["re:.*experts$"]}):
+        plans_skipped = select_layers(model, slope.pruning.WandaPruningModifier(sparsity=0.5, **params))[1]
+        assert not any(".experts." in s.name for s in plans_skipped)
+    by_block = select_layers(model, slope.pruning.WandaPruningModifier(sparsity=0.5, targets=["model.layers.1"]))[1]
+    assert {s.name for s in by_block} == {n for n in experts if n.startswith("model.layers.1.")}
 
 
 def test_a_failure_mid_run_restores_every_weight(monkeypatch, tmp_path):

@@ -185,14 +185,16 @@ class BlockRunner:
         self.blocks, self.calls = blocks, calls
 
     @torch.no_grad()
-    def run(self, k: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Block ``k``'s outputs (hidden states) for the inputs ``hidden`` (one tensor per sample)."""
+    def run(self, k: int, hidden: list[torch.Tensor], keep: bool = True) -> list[torch.Tensor]:
+        """Block ``k``'s outputs (hidden states) for the inputs ``hidden`` (one tensor per sample);
+        ``keep=False`` runs the block for its hooks only and returns ``[]`` (no outputs held)."""
         outputs = []
         for h, per_sample in zip(hidden, self.calls):
             call = per_sample[k]
             out = (self.blocks[k](*call.args, hidden_states=h, **call.kwargs) if call.hidden_as_kwarg
                    else self.blocks[k](h, *call.args, **call.kwargs))
-            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+            if keep:
+                outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outputs
 
 

@@ -178,6 +178,27 @@ def _skip_reason(name, module, explicit, modifier, model, blocks_name, ignored) 
     return ""
 
 
+def _reached_experts(model: nn.Module, modifier: PruningModifier, blocks_name: str | None, modules: dict) -> list[Skipped]:
+    """The fused MoE expert tensors (:mod:`slope.moe`: 3-D parameters, no ``nn.Linear``) that ``targets``
+    reach and ``ignore`` does not: one-shot pruning leaves them dense, so the report lists them."""
+    from slope.moe import find_expert_weights
+
+    found = []
+    for e in find_expert_weights(model):
+        parts = e.name.split(".")[:-1]
+        ancestry = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if modifier.targets is None:
+            reached = blocks_name is None or _block_index(e.name, blocks_name) is not None
+        else:
+            reached = any(_matches(t, a, modules[a]) for t in modifier.targets for a in ancestry)
+        if reached and not any(_matches(i, a, modules[a]) for i in modifier.ignore for a in ancestry):
+            experts, out_features, in_features = e.shape
+            found.append(Skipped(e.name, (experts * out_features, in_features),
+                                 f"fused MoE experts ({experts} of {out_features}x{in_features}): one-shot pruning prunes "
+                                 "linear layers only; slope.prune_model(model, experts=True) prunes experts N:M by magnitude"))
+    return found
+
+
 def select_layers(model: nn.Module, modifier: PruningModifier) -> tuple[list[LayerPlan], list[Skipped]]:
     """The linears ``modifier`` prunes and the selected ones it leaves alone (with the reason).
 
@@ -191,6 +212,9 @@ def select_layers(model: nn.Module, modifier: PruningModifier) -> tuple[list[Lay
     if modifier.statistics is not None and found is None:
         raise RecipeError(f"{modifier.name} calibrates block by block, but {type(model).__name__} has no nn.ModuleList of "
                           "transformer blocks; use MagnitudePruningModifier")
+    if modifier.statistics is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise RecipeError(f"{modifier.name} calibrates by running {type(model).__name__} on token windows alone, which an "
+                          "encoder-decoder model cannot do (its decoder needs inputs of its own); use MagnitudePruningModifier")
     modules = dict(model.named_modules())
     for entry in modifier.ignore:
         if not any(_matches(entry, n, m) for n, m in modules.items()):
@@ -208,6 +232,7 @@ def select_layers(model: nn.Module, modifier: PruningModifier) -> tuple[list[Lay
             skipped.append(Skipped(name, shape, reason))
         else:
             plans.append(LayerPlan(name, module, _block_index(name, blocks_name), shape))
+    skipped += _reached_experts(model, modifier, blocks_name, modules)
     if not plans:
         detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:6]) or "no linear layers selected"
         raise RecipeError(f"{modifier.name} selects no layer it can prune ({detail}); adjust targets / ignore / mask_structure")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from slope.pruning.calibration import BlockRunner, attach_stats, calibration_samples, capture_block_calls
+from slope.pruning.calibration import BlockRunner, CalibrationError, attach_stats, calibration_samples, capture_block_calls
 from slope.pruning.layers import LayerPlan, WeightJournal, find_blocks, read_weight, select_layers
 from slope.pruning.modifiers import PruningModifier, RecipeError
 from slope.pruning.owl import outlier_ratio, owl_sparsities
@@ -94,18 +94,42 @@ def _run_calibrated(model, modifier, layers, samples, journal, verbose) -> list[
         sparsity = _owl_profile(modifier, runner, hidden, by_block, last, device, verbose)
     results = []
     for k in progress(range(last + 1), modifier.name, verbose):
+        rerun = k in by_block and modifier.propagate_pruned and k < last  # the next block reads the pruned block's outputs
         stats, handles = attach_stats(by_block.get(k, []), modifier.statistics, device)
-        try:
-            outputs = runner.run(k, hidden)
+        try:  # dense outputs are kept only when the next block reads them: one block's activations in memory
+            outputs = runner.run(k, hidden, keep=k < last and not rerun)
         finally:
             for h in handles:
                 h.remove()
         if k in by_block:
             results += _prune_layers(modifier, by_block[k], stats, sparsity, journal)
-            if modifier.propagate_pruned and k < last:
+            if rerun:
                 outputs = runner.run(k, hidden)
         hidden = outputs
     return results
+
+
+def _calibration_windows(model, dataset, tokenizer, num_samples: int, max_seq_length: int, text_field: str) -> list[torch.Tensor]:
+    """:func:`calibration_samples` checked against ``model``: the windows' length against its positions,
+    their token ids against its vocabulary (a tokenizer not the model's); fewer windows than asked are said."""
+    samples = calibration_samples(dataset, tokenizer, num_samples, max_seq_length, text_field)
+    if len(samples) < num_samples:
+        warnings.warn(f"the data gives {len(samples)} calibration windows of {max_seq_length} tokens, fewer than the "
+                      f"{num_samples} asked: pruning calibrates on those (more text, or a shorter "
+                      "max_seq_length (--max-seq-len), gives more)", UserWarning, stacklevel=3)
+    from slope.finetune_run import check_positions
+
+    check_positions(model, max(x.shape[1] for x in samples), "max_seq_length (--max-seq-len, the calibration window)")
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):  # not a Hugging Face model, or one without an input embedding
+        vocab = None
+    low, high = min(int(x.min()) for x in samples), max(int(x.max()) for x in samples)
+    if vocab is not None and (low < 0 or high >= vocab):
+        raise CalibrationError(f"calibration token id {high if high >= vocab else low} is outside the model's vocabulary "
+                               f"(ids 0 to {vocab - 1}): the tokenizer is not the model's; pass the model's tokenizer "
+                               "(slope oneshot --tokenizer DIR)")
+    return samples
 
 
 def _save(model, tokenizer, path: Path, entries: list[RecipeEntry], report: dict) -> None:
@@ -163,14 +187,7 @@ def oneshot(model, recipe, dataset=None, tokenizer=None, num_calibration_samples
     planned = [(entry, *select_layers(model, entry.modifier)) for entry in entries]
     samples = None
     if any(entry.modifier.statistics for entry in entries):
-        samples = calibration_samples(dataset, tokenizer, num_calibration_samples, max_seq_length, text_field)
-        if len(samples) < num_calibration_samples:
-            warnings.warn(f"the data gives {len(samples)} calibration windows of {max_seq_length} tokens, fewer than the "
-                          f"{num_calibration_samples} asked: pruning calibrates on those (more text, or a shorter "
-                          "max_seq_length (--max-seq-len), gives more)", UserWarning, stacklevel=2)
-        from slope.finetune_run import check_positions
-
-        check_positions(model, max(x.shape[1] for x in samples), "max_seq_length (--max-seq-len, the calibration window)")
+        samples = _calibration_windows(model, dataset, tokenizer, num_calibration_samples, max_seq_length, text_field)
     journal, results, timings = WeightJournal(), {}, []
     was_training = model.training
     model.eval()
