@@ -194,6 +194,22 @@ def test_calibration_holds_one_block_of_activations(name, params):
     assert 0 < peak[0] <= 2 * len(samples)
 
 
+@pytest.mark.parametrize("name", ["SparseGPTModifier", "WandaPruningModifier"])
+def test_a_linear_no_calibration_token_reaches_is_pruned_by_magnitude(name):
+    """A linear the calibration forward never runs (an expert the router never chose) has no
+    statistics: it is pruned by magnitude, with a warning, not zeroed whole (SparseGPT's dead inputs)."""
+    model = tiny_llama()
+    unused = model.model.layers[0].mlp.unused = nn.Linear(32, 16)  # inside a block, never called
+    original = unused.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"no calibration token reached model.layers.0.mlp.unused; pruned by magnitude"):
+        oneshot(model, recipe(name, mask_structure="2:4"), dataset=token_ids(), verbose=False)
+    expected = slope.masks.nm_mask(original, 2, 4)
+    assert torch.equal(unused.weight.detach(), original * expected)
+    rows = {r["name"]: r for r in model.slope_oneshot_report["layers"]}
+    assert rows["model.layers.0.mlp.unused"]["modifier"] == "MagnitudePruningModifier"
+    assert rows["model.layers.0.mlp.up_proj"]["modifier"] == name
+
+
 # ---------------------------------------------------------------------- recipes
 def test_seed_recipes_work_verbatim_and_with_mask_structure():
     model = tiny_llama()

@@ -80,8 +80,8 @@ def calibration_samples(dataset, tokenizer=None, num_samples: int = 512, max_seq
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1:
         raise CalibrationError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
     if dataset is None:
-        raise CalibrationError("this recipe needs calibration data: pass dataset= ('embedded', a .txt/.jsonl file, a list "
-                               "of strings, or token ids)")
+        raise CalibrationError("this recipe needs calibration data: pass dataset= (slope oneshot --dataset): 'embedded', "
+                               "a .txt/.jsonl file, a list of strings, or token ids")
     if isinstance(dataset, torch.Tensor):
         if dataset.dtype not in (torch.int64, torch.int32) or dataset.dim() not in (1, 2):
             raise CalibrationError(f"token ids must be an int64 tensor (n, L) or (tokens,), got {dataset.dtype} {tuple(dataset.shape)}")

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from slope.pruning.calibration import BlockRunner, CalibrationError, attach_stats, calibration_samples, capture_block_calls
 from slope.pruning.layers import LayerPlan, WeightJournal, find_blocks, read_weight, select_layers
-from slope.pruning.modifiers import PruningModifier, RecipeError
+from slope.pruning.modifiers import MagnitudePruningModifier, PruningModifier, RecipeError
 from slope.pruning.owl import outlier_ratio, owl_sparsities
 from slope.pruning.recipe import RecipeEntry, parse_recipe, recipe_yaml, skipped_stages
 from slope.pruning.report import LayerResult, format_table, progress, report_dict, zero_fraction
@@ -47,16 +47,23 @@ def _device(model: nn.Module) -> torch.device:
 
 def _prune_layers(modifier: PruningModifier, layers: list[LayerPlan], stats, sparsity: dict, journal: WeightJournal
                   ) -> list[LayerResult]:
-    """Compute every layer's new weight first, then write them all."""
-    new = {}
+    """Compute every layer's new weight first, then write them all. A layer that no calibration
+    token reached (e.g. an expert the router never chose) has no statistics to prune by (SparseGPT
+    would zero it whole, Wanda pick an arbitrary mask): it is pruned by magnitude, and said."""
+    new, pruned_by = {}, {}
+    unreached = [layer.name for layer in layers if stats and stats[layer.name].tokens == 0]
+    if unreached:
+        warnings.warn(f"{modifier.name}: no calibration token reached {', '.join(unreached)}; pruned by magnitude "
+                      "(more calibration samples may reach them)", UserWarning, stacklevel=2)
     for layer in layers:
-        weight, _ = modifier.prune(read_weight(layer.module), stats.get(layer.name) if stats else None, sparsity[layer.name])
-        new[layer.name] = weight
+        pruner = MagnitudePruningModifier(sparsity[layer.name], modifier.mask_structure) if layer.name in unreached else modifier
+        weight, _ = pruner.prune(read_weight(layer.module), stats.get(layer.name) if stats else None, sparsity[layer.name])
+        new[layer.name], pruned_by[layer.name] = weight, pruner.name
     results = []
     for layer in layers:
         journal.write(layer.module, new[layer.name])
-        results.append(LayerResult(layer.name, layer.shape, modifier.name, modifier.structure_name, sparsity[layer.name],
-                                   zero_fraction(read_weight(layer.module))))
+        results.append(LayerResult(layer.name, layer.shape, pruned_by[layer.name], modifier.structure_name,
+                                   sparsity[layer.name], zero_fraction(read_weight(layer.module))))
     return results
 
 
@@ -114,7 +121,8 @@ def _calibration_windows(model, dataset, tokenizer, num_samples: int, max_seq_le
     their token ids against its vocabulary (a tokenizer not the model's); fewer windows than asked are said."""
     samples = calibration_samples(dataset, tokenizer, num_samples, max_seq_length, text_field)
     if len(samples) < num_samples:
-        warnings.warn(f"the data gives {len(samples)} calibration windows of {max_seq_length} tokens, fewer than the "
+        length = max(x.shape[1] for x in samples)  # (token ids given as (n, L) windows: their L)
+        warnings.warn(f"the data gives {len(samples)} calibration windows of {length} tokens, fewer than the "
                       f"{num_samples} asked: pruning calibrates on those (more text, or a shorter "
                       "max_seq_length (--max-seq-len), gives more)", UserWarning, stacklevel=3)
     from slope.finetune_run import check_positions
