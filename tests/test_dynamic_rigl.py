@@ -53,6 +53,10 @@ def test_rigl_mask_matches_the_reference(structure, fraction):
 def test_rigl_fraction_is_cosine_decayed():
     assert rigl_fraction(0.3, 0, 100) == pytest.approx(0.3)
     assert rigl_fraction(0.3, 50, 100) == pytest.approx(0.15)
+    # off the midpoint a cosine differs from a linear decay (0.225 at t = 25, 0.075 at t = 75)
+    assert rigl_fraction(0.3, 25, 100) == pytest.approx(0.15 * (1 + math.sqrt(0.5)))
+    assert rigl_fraction(0.3, 75, 100) == pytest.approx(0.15 * (1 - math.sqrt(0.5)))
+    assert rigl_fraction(0.4, 10, 60) == pytest.approx(0.2 * (1 + math.cos(math.pi / 6)))
     assert rigl_fraction(0.3, 100, 100) == pytest.approx(0.0) and rigl_fraction(0.3, 150, 100) == pytest.approx(0.0)
     values = [rigl_fraction(0.3, t, 100) for t in range(101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
