@@ -18,7 +18,7 @@ import transformers
 from transformers.pytorch_utils import Conv1D
 
 from slope.finetune_loop import enable_activation_checkpointing
-from slope.peft import (DeltaSet, SftAdamW, SftConfig, SftLinear, SftModel, SftSelector, SftSM3, TaskType,
+from slope.peft import (DeltaSet, SftAdamW, SftConfig, SftLinear, SftModel, SftReselection, SftSelector, SftSM3, TaskType,
                         get_peft_model)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -216,8 +216,27 @@ class DenseReference:
 
 
 @pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
+def test_reselection_schedule_is_the_seeds_linear_decay(algorithm):
+    """Reselect after steps r, 2r, ... below T (rigl: and after its first window of γ steps, wholesale),
+    a fraction initial_reselection_rate · (1 - t/T) "reduced linearly to zero" (seed 003) — checked
+    at every step against the formula, off the midpoint where a cosine decay would agree with it."""
+    total, r, gamma, rate0 = 50, 7, 3, 0.3
+    cfg = config(selection_algorithm=algorithm, reselection_steps=r, selection_accumulation_steps=gamma,
+                 initial_reselection_rate=rate0)
+    model = get_peft_model(tiny_llama(), cfg)
+    policy = SftReselection(DeltaSet({n: d for n, _, d in model.active_deltas()}), cfg, total)
+    events = [t for t in range(1, total) if t % r == 0 and (algorithm == "sm3" or t > gamma)]
+    if algorithm == "rigl":
+        events = [gamma] + events
+    assert [step + 1 for step in range(total) if policy.due(step)] == events
+    for t in events:
+        want = 1.0 if algorithm == "rigl" and t == gamma else rate0 * (total - t) / total
+        assert policy.rate(t - 1) == pytest.approx(want), t
+
+
+@pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
 def test_matches_dense_masked_reference(algorithm):
-    steps = 6
+    steps = 8  # reselections after steps 2 (rigl), 3 and 6: rates off the midpoint of the decay
     cfg = config(selection_algorithm=algorithm)
     model = get_peft_model(tiny_llama(), cfg)
     deltas = DeltaSet({n: d for n, _, d in model.active_deltas()})
