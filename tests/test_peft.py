@@ -234,6 +234,25 @@ def test_reselection_schedule_is_the_seeds_linear_decay(algorithm):
         assert policy.rate(t - 1) == pytest.approx(want), t
 
 
+def test_rigl_candidates_sum_each_steps_micro_batches():
+    """SpIEL-AG's statistics with gradient accumulation, on fresh random gradients: candidates = the k
+    largest |g| of the window's first micro-batch; Σg and Σg² over steps of each step's summed gradient."""
+    from slope.peft.selection import Candidates
+
+    g = torch.Generator().manual_seed(5)
+    steps = [[torch.randn(6, 10, generator=g) for _ in range(3)] for _ in range(2)]  # 2 steps × 3 micro-batches
+    cand = Candidates(k=7)
+    for micro in steps:
+        for grad in micro:
+            cand.observe(grad)
+        cand.end_step()
+    top = torch.sort(steps[0][0].reshape(-1).abs(), descending=True, stable=True).indices[:7]
+    assert torch.equal(cand.indices, torch.sort(top).values) and cand.steps == 2
+    sums = [sum(micro).reshape(-1)[cand.indices] for micro in steps]
+    torch.testing.assert_close(cand.grad_sum, sums[0] + sums[1])
+    torch.testing.assert_close(cand.grad_sq_sum, sums[0] ** 2 + sums[1] ** 2)
+
+
 @pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
 def test_matches_dense_masked_reference(algorithm):
     steps = 8  # reselections after steps 2 (rigl), 3 and 6: rates off the midpoint of the decay
