@@ -53,6 +53,10 @@ def test_rigl_mask_matches_the_reference(structure, fraction):
 def test_rigl_fraction_is_cosine_decayed():
     assert rigl_fraction(0.3, 0, 100) == pytest.approx(0.3)
     assert rigl_fraction(0.3, 50, 100) == pytest.approx(0.15)
+    # off the midpoint a cosine differs from a linear decay (0.225 at t = 25, 0.075 at t = 75)
+    assert rigl_fraction(0.3, 25, 100) == pytest.approx(0.15 * (1 + math.sqrt(0.5)))
+    assert rigl_fraction(0.3, 75, 100) == pytest.approx(0.15 * (1 - math.sqrt(0.5)))
+    assert rigl_fraction(0.4, 10, 60) == pytest.approx(0.2 * (1 + math.cos(math.pi / 6)))
     assert rigl_fraction(0.3, 100, 100) == pytest.approx(0.0) and rigl_fraction(0.3, 150, 100) == pytest.approx(0.0)
     values = [rigl_fraction(0.3, t, 100) for t in range(101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
@@ -110,6 +114,35 @@ def test_unstructured_rigl_invariants_after_every_update():
                 assert not bool(opt.state[param]["exp_avg"][grown].any()) and not bool(opt.state[param]["exp_avg_sq"][grown].any())
     assert updates == len(range(interval, total, interval))
     assert sp.sparsity == pytest.approx(1 - sum(kept.values()) / sum(p.numel() for p in sp.masked.params.values()))
+
+
+def test_rigl_grows_by_the_gradient_accumulated_over_micro_batches():
+    """With gradient accumulation the regrowth ranks the step's whole gradient (the sum over its
+    micro-batches), computed here apart from the model (functional_call on detached copies)."""
+    model = _toy(seed=3)
+    total, interval, micro = 7, 3, 3
+    sp = DynamicSparsity(model, total, sparsity_ratio=0.5, mask_update_interval=interval, mask_update_fraction=0.5,
+                         targets=["0", "2", "4"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    names, params, updates = list(sp.masked.params), sp.masked.params, 0
+    for step in range(total):
+        summed = {n: torch.zeros_like(params[n]) for n in names}
+        for k in range(micro):
+            x, y = _batch(10 * step + k)
+            copies = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+            out = torch.func.functional_call(model, copies, (x,))
+            for n, g in zip(names, torch.autograd.grad(((out - y) ** 2).mean() / micro, list(copies.values()))):
+                summed[n] += g
+            (((model(x) - y) ** 2).mean() / micro).backward()
+        opt.step()
+        opt.zero_grad()
+        before = {n: (sp.masked.masks[n].clone(), params[n].detach().clone()) for n in names}
+        if sp.step(opt):
+            updates += 1
+            for n in names:
+                want, _ = _reference_rigl(before[n][1], summed[n], before[n][0], rigl_fraction(0.5, step + 1, total))
+                assert torch.equal(sp.masked.masks[n], want), f"step {step + 1}: {n}"
+    assert updates == 2
 
 
 def _erk_by_bisection(shapes, density, iters=200):

@@ -18,7 +18,7 @@ import transformers
 from transformers.pytorch_utils import Conv1D
 
 from slope.finetune_loop import enable_activation_checkpointing
-from slope.peft import (DeltaSet, SftAdamW, SftConfig, SftLinear, SftModel, SftSelector, SftSM3, TaskType,
+from slope.peft import (DeltaSet, SftAdamW, SftConfig, SftLinear, SftModel, SftReselection, SftSelector, SftSM3, TaskType,
                         get_peft_model)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -216,8 +216,46 @@ class DenseReference:
 
 
 @pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
+def test_reselection_schedule_is_the_seeds_linear_decay(algorithm):
+    """Reselect after steps r, 2r, ... below T (rigl: and after its first window of γ steps, wholesale),
+    a fraction initial_reselection_rate · (1 - t/T) "reduced linearly to zero" (seed 003) — checked
+    at every step against the formula, off the midpoint where a cosine decay would agree with it."""
+    total, r, gamma, rate0 = 50, 7, 3, 0.3
+    cfg = config(selection_algorithm=algorithm, reselection_steps=r, selection_accumulation_steps=gamma,
+                 initial_reselection_rate=rate0)
+    model = get_peft_model(tiny_llama(), cfg)
+    policy = SftReselection(DeltaSet({n: d for n, _, d in model.active_deltas()}), cfg, total)
+    events = [t for t in range(1, total) if t % r == 0 and (algorithm == "sm3" or t > gamma)]
+    if algorithm == "rigl":
+        events = [gamma] + events
+    assert [step + 1 for step in range(total) if policy.due(step)] == events
+    for t in events:
+        want = 1.0 if algorithm == "rigl" and t == gamma else rate0 * (total - t) / total
+        assert policy.rate(t - 1) == pytest.approx(want), t
+
+
+def test_rigl_candidates_sum_each_steps_micro_batches():
+    """SpIEL-AG's statistics with gradient accumulation, on fresh random gradients: candidates = the k
+    largest |g| of the window's first micro-batch; Σg and Σg² over steps of each step's summed gradient."""
+    from slope.peft.selection import Candidates
+
+    g = torch.Generator().manual_seed(5)
+    steps = [[torch.randn(6, 10, generator=g) for _ in range(3)] for _ in range(2)]  # 2 steps × 3 micro-batches
+    cand = Candidates(k=7)
+    for micro in steps:
+        for grad in micro:
+            cand.observe(grad)
+        cand.end_step()
+    top = torch.sort(steps[0][0].reshape(-1).abs(), descending=True, stable=True).indices[:7]
+    assert torch.equal(cand.indices, torch.sort(top).values) and cand.steps == 2
+    sums = [sum(micro).reshape(-1)[cand.indices] for micro in steps]
+    torch.testing.assert_close(cand.grad_sum, sums[0] + sums[1])
+    torch.testing.assert_close(cand.grad_sq_sum, sums[0] ** 2 + sums[1] ** 2)
+
+
+@pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
 def test_matches_dense_masked_reference(algorithm):
-    steps = 6
+    steps = 8  # reselections after steps 2 (rigl), 3 and 6: rates off the midpoint of the decay
     cfg = config(selection_algorithm=algorithm)
     model = get_peft_model(tiny_llama(), cfg)
     deltas = DeltaSet({n: d for n, _, d in model.active_deltas()})

@@ -160,6 +160,35 @@ def test_distillation_loss_is_the_mean_over_targets_of_the_formula():
         distiller.remove()
 
 
+def test_training_loss_is_the_recipes_combination_of_task_loss_and_square_head():
+    """slope.finetune's training loss against one written from Kurtic et al. on fresh random tokens:
+    orig_scale · cross-entropy + distill_scale · mean over targets of ‖h_s − h_t‖² / ‖h_t‖² (each
+    target's whole output: embeddings, block 0, the final hidden state) — values and gradients."""
+    from slope.recovery.finetune import _loss_fn
+
+    student, teacher = pruned_pair()
+    targets, (orig, scale) = ["model.embed_tokens", "model.layers.0", "model"], (0.5, 2.0)
+    distiller = Distiller(student, teacher, OutputDistillationModifier(targets=targets, orig_scale=orig, distill_scale=scale))
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randint(0, 4096, (2, 12), generator=g), torch.randint(0, 4096, (2, 12), generator=g)
+    weight = student.model.layers[0].mlp.up_proj.weight
+    loss, parts = _loss_fn(distiller)(student, x, y, 0)
+    (got_grad,) = torch.autograd.grad(loss, weight)
+    distiller.remove()
+    with torch.no_grad():
+        h_t = teacher(x, output_hidden_states=True).hidden_states
+    out = student(x, output_hidden_states=True)
+    h_s = out.hidden_states
+    task = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+    square_heads = [((h_s[i] - h_t[i]) ** 2).sum() / (h_t[i] ** 2).sum() for i in (0, 1, -1)]
+    want = orig * task + scale * sum(square_heads) / 3
+    (want_grad,) = torch.autograd.grad(want, weight)
+    assert parts["task_loss"] == pytest.approx(float(task), rel=1e-5)
+    assert parts["distill_loss"] == pytest.approx(float(sum(square_heads) / 3), rel=1e-5)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-8)
+
+
 def test_teacher_runs_without_gradients_and_stops_after_its_last_target():
     student, teacher = pruned_pair()
     calls = []

@@ -10,6 +10,11 @@ kept entries and update fraction ``f_t = rigl_fraction(f, t, T_end)`` (cosine-de
    regrowth happens inside each group of M: a group that lost ``j`` weights grows ``j`` of its own,
    so every group keeps exactly N and the weight stays N:M (2:4: accelerable) after the update.
 
+Order within an update step: Evci et al.'s Algorithm 1 skips the SGD step on an update step (the
+drop ranks the weights before it); here the optimizer step of that step is taken first and the
+update follows, ranking the weights after it by the same step's gradient — so RigL also works as a
+``transformers`` callback (``on_optimizer_step`` runs after the step, which it cannot skip).
+
 Newly grown weights start at zero with zero optimizer state (:meth:`MaskedWeights.set_mask` /
 :meth:`slope.SparseLinear.set_mask`), and the number of kept weights of every layer never changes:
 the budget is per layer (each layer keeps its own sparsity; a global budget could move weights
