@@ -199,7 +199,6 @@ def deepspeed_initialize(
                 layer.values.data = master.to(layer.values.device)  # same Parameter object, exact master
                 if layer.values_grad is not None:
                     layer.values_grad = layer.values_grad.to(master.dtype)
-                layer._refresh_meta()  # the metadata layout follows the values' dtype
                 layer.compute_dtype = torch.bfloat16
                 layer.refresh()
     broadcast_module_state(engine.module, sparse_only=True)
