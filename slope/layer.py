@@ -700,6 +700,13 @@ class SparseLinear(nn.Module):
         self.lora_rank = rank
         self.lora_alpha = float(rank if alpha is None else alpha)
 
+    def remove_lora(self) -> None:
+        """Detach the adapters :meth:`add_lora` attached: the layer computes ``x(W⊙M)ᵀ + b`` again."""
+        if not self.lora_rank:
+            raise RuntimeError(f"{self.layer_name or 'SparseLinear'}: no adapters attached")
+        del self.lora_A, self.lora_B, self.lora_A_mask
+        self.lora_rank = 0
+
     @property
     def lora_scaling(self) -> float:
         return self.lora_alpha / self.lora_rank
