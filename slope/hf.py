@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from slope.distributed import sync_grads
 from slope.registry import sparse_modules
 from slope.serialization.jsonfile import read_json_object
-from slope.trainer_state import refuse_sharded_trainer, resumed_checkpoint_dir, save_in_trainer_checkpoint
+from slope.trainer_state import read_checkpoint_file, refuse_sharded_trainer, resumed_checkpoint_dir, save_in_trainer_checkpoint
 
 __all__ = ["SparseOptimizerCallback", "SPARSE_OPTIMIZER_NAME"]
 
@@ -242,7 +242,7 @@ class SparseOptimizerCallback(TrainerCallback):
                 stacklevel=3,
             )
             return
-        self.sparse_opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.sparse_opt.load_state_dict(read_checkpoint_file(path))
 
     def on_save(self, args, state, control, **kwargs):
         full = self.sparse_opt.full_state_dict() if hasattr(self.sparse_opt, "full_state_dict") else self.sparse_opt.state_dict()

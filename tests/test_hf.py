@@ -433,6 +433,20 @@ def test_checkpoint_resume_restores_the_sparse_optimizer(tmp_path, into):
         torch.testing.assert_close(b.values, a.values, rtol=0, atol=0, msg=name)
 
 
+def test_a_truncated_sparse_optimizer_file_is_an_error_naming_it(tmp_path):
+    """torch.load's own error ('PytorchStreamReader failed reading zip archive') names no file, and a
+    Trainer checkpoint holds several .pt files."""
+    model = tiny_model("llama")
+    make_trainer(model, tmp_path / "a", [SparseOptimizerCallback(ADAMWSparse(model))], steps=2, save_strategy="steps",
+                 save_steps=2).train()
+    path = tmp_path / "a" / "checkpoint-2" / slope.hf.SPARSE_OPTIMIZER_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    model = tiny_model("llama")
+    trainer = make_trainer(model, tmp_path / "b", [SparseOptimizerCallback(ADAMWSparse(model))], steps=4)
+    with pytest.raises(ValueError, match=rf"{path} is corrupt or truncated .*resume from another checkpoint"):
+        trainer.train(resume_from_checkpoint=str(path.parent))
+
+
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_trainer_callbacks_refuse_fsdp_and_deepspeed(engine, monkeypatch):
     """Masks and SLoPe values live on the model's own parameters; FSDP / DeepSpeed replace them,
