@@ -27,7 +27,8 @@ from transformers import TrainerCallback
 
 from slope.distributed import sync_grads
 from slope.registry import sparse_modules
-from slope.trainer_state import refuse_sharded_trainer, resumed_checkpoint_dir, save_in_trainer_checkpoint
+from slope.serialization.jsonfile import read_json_object
+from slope.trainer_state import read_checkpoint_file, refuse_sharded_trainer, resumed_checkpoint_dir, save_in_trainer_checkpoint
 
 __all__ = ["SparseOptimizerCallback", "SPARSE_OPTIMIZER_NAME"]
 
@@ -127,7 +128,9 @@ class SparseOptimizerCallback(TrainerCallback):
     (the Trainer restores the weights, masks and dense optimizer). Resuming from a checkpoint saved
     after lazy adapters were attached is not supported (the Trainer rebuilds and restores its
     optimizer before callbacks run, without the adapters' param group): loading such a checkpoint
-    into the callback's layers is a one-line ``ValueError`` saying what to do instead.
+    into the callback's layers is a one-line ``ValueError`` saying what to do instead. With
+    ``load_best_model_at_end``, a best checkpoint saved before the adapters were attached leaves the
+    model without them (:meth:`on_train_end`).
 
     Logged ``grad_norm``: the Trainer logs the norm of ``model.parameters()``' gradients, computed
     before ``on_pre_optimizer_step``. So that it is the joint norm, each SLoPe layer's sparse
@@ -239,7 +242,7 @@ class SparseOptimizerCallback(TrainerCallback):
                 stacklevel=3,
             )
             return
-        self.sparse_opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.sparse_opt.load_state_dict(read_checkpoint_file(path))
 
     def on_save(self, args, state, control, **kwargs):
         full = self.sparse_opt.full_state_dict() if hasattr(self.sparse_opt, "full_state_dict") else self.sparse_opt.state_dict()
@@ -310,6 +313,22 @@ class SparseOptimizerCallback(TrainerCallback):
         optimizer.add_param_group(group)  # accelerate's wrapper forwards to the torch optimizer
         if lr_scheduler is not None:
             _extend_schedule(lr_scheduler, base_lr)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        """With ``load_best_model_at_end`` the Trainer has loaded the best checkpoint (``strict=False``):
+        if it was saved before the lazy adapters were attached, drop them, so that the model is that
+        checkpoint's rather than its weights plus adapters trained afterwards."""
+        if not (self._lora_params and args.load_best_model_at_end and state.best_model_checkpoint and model is not None):
+            return
+        config = os.path.join(state.best_model_checkpoint, "config.json")
+        if not os.path.isfile(config):
+            return
+        saved = read_json_object(config, lambda why: ValueError(f"{config} is corrupt ({why})")).get("slope_config") or {}
+        ranks = {name: record.get("lora_rank") for name, record in saved.get("layers", {}).items()}
+        for name, layer in sparse_modules(model):
+            if layer.lora_rank and ranks.get(name) == 0:
+                layer.remove_lora()
+        self._lora_params = [p for _, layer in sparse_modules(model) if layer.lora_rank for p in (layer.lora_A, layer.lora_B)]
 
     # ------------------------------------------------------------------ the sparse step
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -322,7 +322,24 @@ class SparseLinear(nn.Module):
         bits = state_dict.get(prefix + "mask_bits")
         if not errors and bits is not None and not self._state_mask_fits(bits):
             errors.append(f"{name}: the checkpoint's mask is not {self.n}:{self.m}; prune the model with the checkpoint's sparsity")
+        bits_t = state_dict.get(prefix + "mask_t_bits")
+        if not errors and bits is not None and bits_t is not None and not self._state_mask_t_fits(bits_t, bits):
+            errors.append(
+                f"{name}: the checkpoint's mask_t (M_t) does not fit its mask M (it must lie inside M and, double-pruned, keep "
+                f"at most {self.n} of every {self.m} outputs): the file is corrupt; re-save it, or load the state without "
+                f"{prefix}mask_t_bits to recompute M_t"
+            )
         return errors
+
+    def _state_mask_t_fits(self, bits_t: torch.Tensor, bits: torch.Tensor) -> bool:
+        """Whether a state dict's packed ``M_t`` lies inside its packed ``M`` (both this layer's size;
+        compared bit by bit) and, where this layer double-prunes, keeps at most N of every M along ``out``."""
+        if (bits_t & ~bits.to(bits_t.device)).any():
+            return False
+        if not self.double_pruning or self.mask_type == "transposable":
+            return True
+        mask_t = unpack_mask(bits_t, (self.out_features, self.in_features))
+        return bool((mask_t.view(-1, self.m, self.in_features).sum(1, dtype=torch.uint8) <= self.n).all())
 
     def _state_mask_fits(self, bits: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
         """Whether a state dict's packed ``mask_bits`` (uint8, this layer's size; ``mask``: them
@@ -699,6 +716,13 @@ class SparseLinear(nn.Module):
             self.lora_A.mul_(self.lora_A_mask)
         self.lora_rank = rank
         self.lora_alpha = float(rank if alpha is None else alpha)
+
+    def remove_lora(self) -> None:
+        """Detach the adapters :meth:`add_lora` attached: the layer computes ``x(W⊙M)ᵀ + b`` again."""
+        if not self.lora_rank:
+            raise RuntimeError(f"{self.layer_name or 'SparseLinear'}: no adapters attached")
+        del self.lora_A, self.lora_B, self.lora_A_mask
+        self.lora_rank = 0
 
     @property
     def lora_scaling(self) -> float:

@@ -9,14 +9,15 @@ its FSDP or DeepSpeed (:func:`refuse_sharded_trainer`).
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import warnings
 from typing import Any
 
 import torch
 
-__all__ = ["load_from_trainer_checkpoint", "refuse_sharded_trainer", "resumed_checkpoint_dir", "save_in_trainer_checkpoint",
-           "torch_optimizer", "trainer_checkpoint_file"]
+__all__ = ["load_from_trainer_checkpoint", "read_checkpoint_file", "refuse_sharded_trainer", "resumed_checkpoint_dir",
+           "save_in_trainer_checkpoint", "torch_optimizer", "trainer_checkpoint_file"]
 
 
 def trainer_checkpoint_file(args, state, name: str) -> str:
@@ -67,7 +68,16 @@ def load_from_trainer_checkpoint(args, state, name: str, writer: str) -> Any:
     path = os.path.join(resumed_checkpoint_dir(args, state), name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resuming at step {state.global_step} needs {path} (written by {writer} at save time)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint_file(path)
+
+
+def read_checkpoint_file(path: str) -> Any:
+    """``torch.load`` of a callback's file in a Trainer checkpoint; a truncated or corrupt one is a
+    ``ValueError`` naming it (torch's own error names no file, and a checkpoint holds several)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}); resume from another checkpoint") from e
 
 
 def torch_optimizer(optimizer):

@@ -63,14 +63,14 @@ class TokenSet(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def make_trainer(model, tmp_path, callbacks, *, steps=4, batch=8, **kwargs):
+def make_trainer(model, tmp_path, callbacks, *, steps=4, batch=8, eval_dataset=None, **kwargs):
     kwargs = {"max_grad_norm": float("inf"), "learning_rate": 3e-3, "lr_scheduler_type": "constant",
               "save_strategy": "no", "logging_strategy": "no", **kwargs}
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch, report_to=[], use_cpu=True,
         disable_tqdm=True, **kwargs,
     )
-    return Trainer(model=model, args=args, train_dataset=TokenSet(), callbacks=callbacks)
+    return Trainer(model=model, args=args, train_dataset=TokenSet(), eval_dataset=eval_dataset, callbacks=callbacks)
 
 
 @torch.no_grad()
@@ -331,6 +331,25 @@ def test_resuming_after_lazy_adapters_is_a_clear_error_and_the_new_run_path_work
     assert any(not torch.equal(layer.lora_B, before[name]) for name, layer in sparse_modules(model))
 
 
+def test_load_best_model_at_end_before_the_adapters_gives_that_checkpoints_model(tmp_path):
+    """load_best_model_at_end with a best checkpoint saved before the lazy adapters were attached:
+    the model after training is that checkpoint's (no adapters), not its weights plus the adapters
+    trained afterwards (the Trainer loads it with strict=False and leaves them)."""
+    model = tiny_model("llama")
+    callback = SparseOptimizerCallback(ADAMWSparse(model), lazy_lora_fraction=0.5, lora_rank=4)
+    # eval_loss with greater_is_better: the worst checkpoint (the first, before the adapters) is the "best"
+    trainer = make_trainer(model, tmp_path, [callback], steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                           save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                           greater_is_better=True, eval_dataset=TokenSet())
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    assert not any(layer.lora_rank for _, layer in sparse_modules(model))
+    best = slope.from_pretrained(trainer.state.best_model_checkpoint)
+    ids = TokenSet().ids
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, best(ids).logits, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------- misuse
 def test_trainer_max_grad_norm_warns(tmp_path):
     model = tiny_model("llama")
@@ -412,6 +431,20 @@ def test_checkpoint_resume_restores_the_sparse_optimizer(tmp_path, into):
     assert all(state["step"].item() == 4 for state in opt.state.values())
     for (name, a), (_, b) in zip(sparse_modules(straight), sparse_modules(resumed)):
         torch.testing.assert_close(b.values, a.values, rtol=0, atol=0, msg=name)
+
+
+def test_a_truncated_sparse_optimizer_file_is_an_error_naming_it(tmp_path):
+    """torch.load's own error ('PytorchStreamReader failed reading zip archive') names no file, and a
+    Trainer checkpoint holds several .pt files."""
+    model = tiny_model("llama")
+    make_trainer(model, tmp_path / "a", [SparseOptimizerCallback(ADAMWSparse(model))], steps=2, save_strategy="steps",
+                 save_steps=2).train()
+    path = tmp_path / "a" / "checkpoint-2" / slope.hf.SPARSE_OPTIMIZER_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    model = tiny_model("llama")
+    trainer = make_trainer(model, tmp_path / "b", [SparseOptimizerCallback(ADAMWSparse(model))], steps=4)
+    with pytest.raises(ValueError, match=rf"{path} is corrupt or truncated .*resume from another checkpoint"):
+        trainer.train(resume_from_checkpoint=str(path.parent))
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])

@@ -365,6 +365,19 @@ def test_mask_with_wrong_counts_per_group_is_a_clear_error():
         layer.dense_weight()
 
 
+@pytest.mark.parametrize("double_pruning", [True, False])
+def test_a_double_pruned_mask_that_does_not_fit_is_a_clear_error_at_load(double_pruning):
+    """M_t must lie inside M and, double-pruned, keep at most N of every M outputs: a corrupt one
+    (here all ones) is refused at load naming the layer, not a bare kernel error at the first backward."""
+    layer = make_layer(8, 8, 2, 4, compress=True, double_pruning=double_pruning)[0]
+    state = layer.state_dict()
+    state["mask_t_bits"] = pack_mask(torch.ones(8, 8, dtype=torch.bool))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="mask_t .* does not fit"):
+        layer.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
 @pytest.mark.parametrize("n,m,compress", [(2, 4, True), (2, 4, False), (1, 4, False)])
 def test_masks_are_stored_as_packed_bits(n, m, compress):
     layer = make_layer(12, 20, n, m, compress=compress)[0]

@@ -71,6 +71,25 @@ def test_layer_without_grad_is_skipped():
     assert torch.equal(second.values, before) and second.values not in opt.state
 
 
+def test_freezing_a_layer_needs_sparse_requires_grad():
+    """README: requires_grad_(False) does not reach a SLoPe layer's sparse weights (values is never a
+    requires_grad parameter); sparse_requires_grad = False freezes them."""
+    model = _model()
+    opt = ADAMWSparse(model, lr=0.1)
+    first, second = _layers(model)
+    first.requires_grad_(False)
+    before = first.values.detach().clone()
+    _backward(model, torch.randn(3, 32))
+    opt.step()
+    assert not torch.equal(first.values, before)
+    first.sparse_requires_grad = False
+    opt.zero_grad()
+    before = first.values.detach().clone()
+    _backward(model, torch.randn(3, 32))
+    opt.step()
+    assert torch.equal(first.values, before) and second.values_grad is not None
+
+
 def _train(model, sparse_opt, dense_opt, inputs):
     for x in inputs:
         _backward(model, x)
