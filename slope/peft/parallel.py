@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from slope.parallel import wrap_fsdp2
 from slope.peft.model import SftModel
