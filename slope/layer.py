@@ -36,7 +36,7 @@ from slope import registry
 from slope.backends import SparseBackend, resolve_backend
 from slope.backends.kept import operand_from_kept, operand_pattern
 from slope import kernels
-from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, pack_mask, transposable_mask, unpack_mask
+from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, pack_mask, packed_is_nm_sparse, transposable_mask, unpack_mask
 
 #: Backward passes added into one ``values_grad`` without it being zeroed, after which a layer
 #: warns: far beyond any gradient accumulation, it means no ADAMWSparse steps and zeroes it.
@@ -351,8 +351,8 @@ class SparseLinear(nn.Module):
         seen = self._fitting_state_mask
         if seen is not None and seen[0]() is bits and seen[1] == bits._version:
             return True
-        mask = unpack_mask(bits, (self.out_features, self.in_features)) if mask is None else mask
-        if not is_nm_sparse(mask, self.n, self.m, exact=True):
+        shape = (self.out_features, self.in_features)
+        if not (packed_is_nm_sparse(bits, shape, self.n, self.m) if mask is None else is_nm_sparse(mask, self.n, self.m, exact=True)):
             return False
         self._fitting_state_mask = (weakref.ref(bits), bits._version)
         return True

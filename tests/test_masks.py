@@ -11,6 +11,7 @@ from slope.masks import (
     is_nm_sparse,
     nm_mask,
     pack_mask,
+    packed_is_nm_sparse,
     parse_sparsity,
     transposable_mask,
     unpack_mask,
@@ -209,3 +210,26 @@ def test_pack_mask_every_byte_pattern_and_offset_views():
     base = torch.rand(9, 24) > 0.5
     for view in (base[1:], base.reshape(-1)[3:195], base[:, 4:], base.t()):
         assert torch.equal(unpack_mask(pack_mask(view), view.shape), view)
+
+
+@pytest.mark.parametrize("n,m,shape", [(2, 4, (16, 64)), (1, 4, (8, 32)), (4, 8, (8, 64)), (1, 2, (4, 16)),
+                                       (2, 4, (3, 4)), (2, 6, (4, 12)), (8, 16, (4, 32))])
+def test_packed_is_nm_sparse_matches_the_unpacked_check(n, m, shape):
+    """The byte-table check on packed bits (or, for groups that straddle bytes / a part-filled last
+    byte, the unpacked one) answers as is_nm_sparse(exact=True) of the mask itself, on exact N:M
+    masks, masks with one group one entry off, and random masks."""
+    torch.manual_seed(n * 100 + m)
+    for trial in range(20):
+        mask = nm_mask(torch.randn(shape), n, m)
+        if trial % 3 == 1:  # flip one entry: that group keeps n ± 1
+            flat = mask.view(-1)
+            i = int(torch.randint(flat.numel(), ()))
+            flat[i] = ~flat[i]
+        elif trial % 3 == 2:
+            mask = torch.rand(shape) < n / m
+        expected = is_nm_sparse(mask, n, m, exact=True)
+        assert packed_is_nm_sparse(pack_mask(mask), shape, n, m) == expected, (trial, expected)
+        if trial % 3 == 0:
+            assert expected
+        if trial % 3 == 1:
+            assert not expected
