@@ -468,10 +468,10 @@ def test_a_state_dict_checked_before_loading_is_validated_once(monkeypatch):
 
     source, target = _mlp("2:4"), _mlp("2:4")
     state = {k: v.clone() for k, v in source.state_dict().items()}
-    counted = _counting(monkeypatch, slope.layer, "is_nm_sparse")
+    unpacked, packed = (_counting(monkeypatch, slope.layer, f) for f in ("is_nm_sparse", "packed_is_nm_sparse"))
     check_model_state(target, state)
     target.load_state_dict(state)
-    assert len(counted) == 2  # one per SLoPe layer
+    assert len(unpacked) + len(packed) == 2  # one per SLoPe layer
     layers = [target[0], target[2]]
     assert all(layer._validated_mask == layer._mask_key() for layer in layers)
     torch.testing.assert_close(target(torch.ones(2, 64)), source(torch.ones(2, 64)), rtol=0, atol=0)
@@ -487,10 +487,10 @@ def test_resume_validates_masks_and_optimizer_states_once(run, monkeypatch):
     import slope.layer
     import slope.statecheck
 
-    masks = _counting(monkeypatch, slope.layer, "is_nm_sparse")
+    unpacked, packed = (_counting(monkeypatch, slope.layer, f) for f in ("is_nm_sparse", "packed_is_nm_sparse"))
     optimizers = _counting(monkeypatch, slope.statecheck, "check_optimizer_state")
     assert main(["train", "--out", str(run), "--resume"]) == 0
-    assert len(masks) == 7 and len(optimizers) == 2
+    assert len(unpacked) + len(packed) == 7 and len(optimizers) == 2
 
 
 # ---------------------------------------------------------------------- 4. one run per folder
