@@ -106,7 +106,7 @@ def test_round_trip_is_exact(arch, dtype, kwargs, tmp_path):
 
 
 def test_loading_counts_each_mask_once(tmp_path, monkeypatch):
-    """from_pretrained of a compressed model rebuilds values and meta from the dense form and loads
+    """from_pretrained of a compressed model rebuilds values from the dense form and loads
     them: each layer's mask is checked to be N:M once (not again by gather, scatter, the load or
     the first forward)."""
     import slope.layer
