@@ -36,7 +36,16 @@ from slope import registry
 from slope.backends import SparseBackend, resolve_backend
 from slope.backends.kept import operand_from_kept, operand_pattern
 from slope import kernels
-from slope.masks import double_prune_mask, is_nm_sparse, nm_mask, pack_mask, packed_is_nm_sparse, transposable_mask, unpack_mask
+from slope.masks import (
+    double_prune_mask,
+    is_nm_sparse,
+    nm_mask,
+    pack_mask,
+    packed_is_nm_sparse,
+    packed_keeps_at_most_along_rows,
+    transposable_mask,
+    unpack_mask,
+)
 
 #: Backward passes added into one ``values_grad`` without it being zeroed, after which a layer
 #: warns: far beyond any gradient accumulation, it means no ADAMWSparse steps and zeroes it.
@@ -338,8 +347,7 @@ class SparseLinear(nn.Module):
             return False
         if not self.double_pruning or self.mask_type == "transposable":
             return True
-        mask_t = unpack_mask(bits_t, (self.out_features, self.in_features))
-        return bool((mask_t.view(-1, self.m, self.in_features).sum(1, dtype=torch.uint8) <= self.n).all())
+        return packed_keeps_at_most_along_rows(bits_t, (self.out_features, self.in_features), self.n, self.m)
 
     def _state_mask_fits(self, bits: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
         """Whether a state dict's packed ``mask_bits`` (uint8, this layer's size; ``mask``: them

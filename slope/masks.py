@@ -39,6 +39,7 @@ __all__ = [
     "transposable_mask",
     "is_nm_sparse",
     "packed_is_nm_sparse",
+    "packed_keeps_at_most_along_rows",
     "pack_mask",
     "unpack_mask",
     "MASK_TYPES",
@@ -233,6 +234,26 @@ def packed_is_nm_sparse(bits: torch.Tensor, shape: tuple[int, int], n: int, m: i
     if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != numel // 8:
         raise ValueError(f"packed mask of shape {tuple(shape)} must be uint8 ({numel // 8},), got {bits.dtype} {tuple(bits.shape)}")
     return bool(_exact_bytes(bits.device, n, m).index_select(0, bits.to(torch.int32)).all())
+
+
+def packed_keeps_at_most_along_rows(bits: torch.Tensor, shape: tuple[int, int], n: int, m: int) -> bool:
+    """:func:`is_nm_sparse` ``(dim=0)`` (at most ``n`` of every ``m`` consecutive rows in each
+    column) of the bool ``shape`` mask that ``bits`` (uint8, :func:`pack_mask`) hold. With whole-byte
+    rows it counts on the packed bytes, 8 columns a byte: bit plane ``k`` marks columns with at least
+    ``k`` of the group's rows so far, saturating at ``n + 1``; else it unpacks."""
+    rows, cols = shape
+    if cols % 8 or rows % m:
+        return is_nm_sparse(unpack_mask(bits, shape), n, m, dim=0)
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != rows * cols // 8:
+        raise ValueError(f"packed mask of shape {tuple(shape)} must be uint8 ({rows * cols // 8},), got {bits.dtype} {tuple(bits.shape)}")
+    groups = bits.view(rows // m, m, cols // 8)
+    at_least = [torch.zeros_like(groups[:, 0]) for _ in range(n + 1)]  # plane k-1: ≥ k rows so far
+    for r in range(m):
+        row = groups[:, r]
+        for k in range(n, 0, -1):
+            at_least[k] |= at_least[k - 1] & row
+        at_least[0] |= row
+    return not bool(at_least[n].any())
 
 
 @functools.lru_cache(maxsize=None)

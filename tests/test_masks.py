@@ -12,6 +12,7 @@ from slope.masks import (
     nm_mask,
     pack_mask,
     packed_is_nm_sparse,
+    packed_keeps_at_most_along_rows,
     parse_sparsity,
     transposable_mask,
     unpack_mask,
@@ -229,6 +230,30 @@ def test_packed_is_nm_sparse_matches_the_unpacked_check(n, m, shape):
             mask = torch.rand(shape) < n / m
         expected = is_nm_sparse(mask, n, m, exact=True)
         assert packed_is_nm_sparse(pack_mask(mask), shape, n, m) == expected, (trial, expected)
+        if trial % 3 == 0:
+            assert expected
+        if trial % 3 == 1:
+            assert not expected
+
+
+@pytest.mark.parametrize("n,m,shape", [(2, 4, (16, 64)), (1, 4, (8, 32)), (4, 8, (16, 16)), (2, 4, (8, 12))])
+def test_packed_keeps_at_most_along_rows_matches_the_unpacked_check(n, m, shape):
+    """The bit-plane count on packed rows (or the unpacked check where rows do not fill whole
+    bytes) answers as is_nm_sparse(dim=0): on double-pruned masks (M_t), on them with one more
+    entry set in a full column group, and on random masks."""
+    torch.manual_seed(n * 100 + m + shape[1])
+    for trial in range(20):
+        w = torch.randn(shape)
+        mask = double_prune_mask(w, nm_mask(w, n, m), n, m)
+        if trial % 3 == 1:  # one more kept entry in a column group that already keeps n
+            counts = mask.view(shape[0] // m, m, shape[1]).sum(1)
+            g, c = [int(i) for i in (counts == n).nonzero()[0]]
+            r = int((~mask[g * m:(g + 1) * m, c]).nonzero()[0])
+            mask[g * m + r, c] = True
+        elif trial % 3 == 2:
+            mask = torch.rand(shape) < 0.5
+        expected = is_nm_sparse(mask, n, m, dim=0)
+        assert packed_keeps_at_most_along_rows(pack_mask(mask), shape, n, m) == expected, (trial, expected)
         if trial % 3 == 0:
             assert expected
         if trial % 3 == 1:
