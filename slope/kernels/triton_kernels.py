@@ -622,7 +622,8 @@ def _adamw_math(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
     ``(p, m, v)``. Shared by every AdamW kernel so that they round identically. The square root and
     the divisions are IEEE round-to-nearest (``sqrt_rn`` / ``div_rn``), as PyTorch's are: Triton's
     ``tl.sqrt`` and ``/`` compile to approximate ``sqrt.approx`` / ``div.full`` on NVIDIA GPUs."""
-    m = m + one_minus_beta1 * (g - m)  # lerp, as torch.Tensor.lerp_
+    # lerp, as torch.Tensor.lerp_: from weight 0.5 on it uses the form exact at weight 1 (beta1 = 0)
+    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
     v = v * beta2 + one_minus_beta2 * (g * g)
     master = p * decay
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
