@@ -133,6 +133,34 @@ def test_prune_2to4_bit_identical(dtype, make):
     assert torch.equal(tk.prune_2to4(noncontig)[1], ref.prune_2to4(noncontig)[1])
 
 
+def _bits(t):
+    """``t``'s bits as integers: torch.equal on them counts equal NaNs as equal."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pruning_kernels_rank_nan_and_inf_as_the_references(dtype):
+    """NaN ranks above +inf (torch.sort's order), so a group holding NaN still keeps exactly two;
+    a comparison-based selection kept NaN plus two others (3 of 4: not 2:4)."""
+    from slope.masks import double_prune_mask
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 96, generator=gen)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    picks = torch.rand(64, 96, generator=gen) < 0.2
+    w[picks] = special[torch.randint(0, 3, (int(picks.sum()),), generator=gen)]
+    w = w.to(dtype)
+    pruned, mask = tk.prune_2to4(w)
+    ref_pruned, ref_mask = ref.prune_2to4(w)
+    assert torch.equal(mask, ref_mask) and torch.equal(_bits(pruned), _bits(ref_pruned))
+    assert bool((mask.view(64, 24, 4).sum(-1) == 2).all())
+    values, meta = tk.prune_compress_2to4(w)
+    ref_values, ref_meta = ref.prune_compress_2to4(w)
+    assert torch.equal(meta, ref_meta) and torch.equal(_bits(values), _bits(ref_values))
+    rand_mask = torch.rand(64, 96, generator=gen) < 0.6
+    assert torch.equal(tk.double_prune_mask_2to4(w, rand_mask), double_prune_mask(w, rand_mask, 2, 4))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("make", [torch.randn, ties], ids=["random", "ties"])
 @pytest.mark.parametrize("packed", [False, True], ids=["bool", "packed"])
