@@ -255,6 +255,8 @@ def _decode_case(dtype, m, n, k, r, layout, strided, seed=0):
     a = (torch.randn(r, k, generator=gen) / k**0.5).to(dtype)
     b = torch.randn(n, r, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
+    if strided:  # and the bias a strided view (the kernel read it as contiguous)
+        bias = torch.stack([bias, torch.zeros_like(bias)], dim=1)[:, 0]
     oracle = x.double() @ w.double().t() + (x.double() @ a.double().t()) @ b.double().t() + bias.double()
     return (x, values, meta, a, b, bias), oracle
 

@@ -4,7 +4,7 @@ The interpreter tests (``test_triton_kernels.py``) check what the kernels comput
 run Triton's GPU compiler, whose rules are stricter (layouts, ``tl.join``/``tl.split``/``reshape``,
 pointer dtypes). This compiles each kernel with Triton's NVIDIA backend — no GPU needed, ptxas
 ships with Triton — with the tile sizes the launchers use and masks as SLoPe layers pass them (packed bits): bf16 and
-fp32 for sm_90 (H100), bf16 for sm_80 (A100). The compiler cannot run under ``TRITON_INTERPRET=1`` (CI exports it), so the
+fp32 for sm_90 (H100), bf16 for sm_80 (A100); fp32 cases must have no TF32 products. The compiler cannot run under ``TRITON_INTERPRET=1`` (CI exports it), so the
 test runs this file as a script in a subprocess without it (about a minute, cached afterwards).
 """
 import os
@@ -18,6 +18,8 @@ triton = pytest.importorskip("triton")
 tk = pytest.importorskip("slope.kernels.triton_kernels")
 ts = pytest.importorskip("slope.kernels.triton_sparse")
 tf = pytest.importorskip("slope.kernels.triton_fused_step")
+md = pytest.importorskip("slope.kernels.triton_merged_decode")
+tl_ = pytest.importorskip("slope.kernels.triton_lowrank")
 
 INTS = "i32"
 C = "constexpr"
@@ -74,6 +76,10 @@ def kernels(dtype: str):
            {"values_ptr": "*fp32", "mask_ptr": "*u8", "mask_t_ptr": "*u8", "out_ptr": p, "rows": INTS, "cols": INTS,
             "BLOCK_J": C, "BLOCK_Q": C, "DENSE": C, "PACKED_M": C, "PACKED_T": C},
            {"BLOCK_J": 64, "BLOCK_Q": 16, "DENSE": dense, "PACKED_M": True, "PACKED_T": True}) for dense in (False, True)],
+        ("lowrank_concat", tl_._lowrank_concat_kernel,
+         {"x_ptr": p, "a_ptr": p, "out_ptr": p, **{a: INTS for a in ("M", "K", "R", "stride_xm", "stride_om")},
+          "BLOCK_M": C, "BLOCK_K": C, "BLOCK_R": C, "CAST_F32": C, "IEEE": C},
+         {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 32, "CAST_F32": False, "IEEE": dtype == "fp32"}),
     ]
     layouts = [("plain", "*u8", False)] + ([("cutlass", "*i16", True)] if dtype != "fp32" else [])
     for layout, meta, cutlass in layouts:
@@ -87,6 +93,13 @@ def kernels(dtype: str):
                      "BLOCK_M": C, "BLOCK_N": C, "BLOCK_K": C, "CUTLASS": C, "CAST_F32": C, "IEEE": C},
                     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "CUTLASS": cutlass, "CAST_F32": False,
                      "IEEE": dtype == "fp32"}))
+        out.append((f"merged_decode[{layout}]", md._merged_decode_kernel,
+                    {"x_ptr": p, "v_ptr": p, "meta_ptr": meta, "a_ptr": p, "b_ptr": p, "bias_ptr": p, "out_ptr": p,
+                     **{a: INTS for a in ("M", "N", "K", "R", "stride_xm", "stride_v", "stride_om")},
+                     "BLOCK_M": C, "BLOCK_N": C, "BLOCK_K": C, "BLOCK_R": C, "CUTLASS": C, "HAS_BIAS": C,
+                     "CAST_F32": C, "IEEE": C},
+                    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_R": 64, "CUTLASS": cutlass, "HAS_BIAS": True,
+                     "CAST_F32": False, "IEEE": dtype == "fp32"}))
     return out
 
 
@@ -111,6 +124,9 @@ def main() -> int:
                                       target=GPUTarget("cuda", arch, 32))
             if not compiled.asm.get("cubin") or f"sm_{arch}" not in compiled.asm["ptx"]:
                 failures.append(f"sm{arch} {dtype} {name}: no sm_{arch} cubin")
+            elif dtype == "fp32" and "tf32" in compiled.asm["ptx"]:
+                failures.append(f"sm{arch} {dtype} {name}: TF32 products (fp32 products must be IEEE: "
+                                'input_precision="ieee" unless allow_tf32, as the references compute)')
             elif name.startswith("adamw") and approximate_math(compiled.asm["ptx"]):
                 failures.append(f"sm{arch} {dtype} {name}: approximate {approximate_math(compiled.asm['ptx'])} "
                                 "(the AdamW kernels must round as the reference does: tl.sqrt_rn, tl.math.div_rn)")

@@ -23,6 +23,7 @@ from slope.kernels import reference as ref  # noqa: E402
 
 tk = pytest.importorskip("slope.kernels.triton_kernels")
 ts = pytest.importorskip("slope.kernels.triton_sparse")
+tf = pytest.importorskip("slope.kernels.triton_fused_step")
 
 BF16_TOL = dict(rtol=1.6e-2, atol=1e-2)
 
@@ -130,6 +131,34 @@ def test_prune_2to4_bit_identical(dtype, make):
         assert torch.equal(pruned, ref_pruned)
     noncontig = torch.randn(24, 40, dtype=dtype).t()  # (40, 24)
     assert torch.equal(tk.prune_2to4(noncontig)[1], ref.prune_2to4(noncontig)[1])
+
+
+def _bits(t):
+    """``t``'s bits as integers: torch.equal on them counts equal NaNs as equal."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pruning_kernels_rank_nan_and_inf_as_the_references(dtype):
+    """NaN ranks above +inf (torch.sort's order), so a group holding NaN still keeps exactly two;
+    a comparison-based selection kept NaN plus two others (3 of 4: not 2:4)."""
+    from slope.masks import double_prune_mask
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 96, generator=gen)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    picks = torch.rand(64, 96, generator=gen) < 0.2
+    w[picks] = special[torch.randint(0, 3, (int(picks.sum()),), generator=gen)]
+    w = w.to(dtype)
+    pruned, mask = tk.prune_2to4(w)
+    ref_pruned, ref_mask = ref.prune_2to4(w)
+    assert torch.equal(mask, ref_mask) and torch.equal(_bits(pruned), _bits(ref_pruned))
+    assert bool((mask.view(64, 24, 4).sum(-1) == 2).all())
+    values, meta = tk.prune_compress_2to4(w)
+    ref_values, ref_meta = ref.prune_compress_2to4(w)
+    assert torch.equal(meta, ref_meta) and torch.equal(_bits(values), _bits(ref_values))
+    rand_mask = torch.rand(64, 96, generator=gen) < 0.6
+    assert torch.equal(tk.double_prune_mask_2to4(w, rand_mask), double_prune_mask(w, rand_mask, 2, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -339,6 +368,23 @@ def test_adamw_step_matches_reference(dtype):
     assert bool(((out[0].float() - tensors[0].float()).abs() <= ulp * 1.01 + 1e-7).all())
     with pytest.raises(ValueError, match="contiguous"):
         tk.adamw_step_(torch.zeros(8, 2).t(), torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(2, 8), **kw)
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.9])
+def test_adamw_first_moment_is_torch_lerp_for_every_beta1(beta1):
+    """exp_avg against torch.lerp (its two formulas: weight below 0.5 or not) with moments far larger
+    than the gradient: at beta1 = 0 the moment is the gradient exactly, which m + 1·(g - m) loses."""
+    gen = torch.Generator().manual_seed(2)
+    m, g = torch.randn(3000, generator=gen) * 10, torch.randn(3000, generator=gen) * 1e-3
+    kw = dict(lr=1e-3, beta1=beta1, beta2=0.95, eps=1e-8, weight_decay=0.0, step=3)
+    got = m.clone()
+    tk.adamw_step_(torch.randn(3000, generator=gen), g, got, torch.rand(3000, generator=gen), **kw)
+    torch.testing.assert_close(got, torch.lerp(m, g, 1 - beta1), rtol=1e-6, atol=0)
+    values, mask = torch.randn(8, 4, generator=gen), torch.tensor([True, False, True, False]).repeat(8, 2)
+    fused = m[:32].view(8, 4).clone()
+    tf.adamw_step_operands_(values, g[:32].view(8, 4), fused, torch.rand(8, 4, generator=gen),
+                            mask, torch.zeros_like(mask), **kw)
+    torch.testing.assert_close(fused, torch.lerp(m[:32], g[:32], 1 - beta1).view(8, 4), rtol=1e-6, atol=0)
 
 
 def test_sparse_optimizer_takes_the_triton_step_for_bf16_values(monkeypatch):

@@ -209,8 +209,17 @@ def matvec_add(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------- 2:4 selection
 @triton.jit
-def _keep_two_of_four(a0, a1, a2, a3):
-    """Which 2 of 4 scores are kept: the largest; ties go to the lower index (stable sort)."""
+def _order_key(score):
+    """int32 that orders fp32 ``score`` (``|w|``, or -1 for an entry already pruned) as torch.sort
+    does: NaN above +inf (the bits of a non-negative float order as the float; -1's are negative)."""
+    return tl.where(score != score, 0x7FC00000, score.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _keep_two_of_four(s0, s1, s2, s3):
+    """Which 2 of 4 fp32 scores are kept: the largest (NaN largest); ties go to the lower index
+    (stable sort)."""
+    a0, a1, a2, a3 = _order_key(s0), _order_key(s1), _order_key(s2), _order_key(s3)
     k0 = ((a1 > a0).to(tl.int32) + (a2 > a0).to(tl.int32) + (a3 > a0).to(tl.int32)) < 2
     k1 = ((a0 >= a1).to(tl.int32) + (a2 > a1).to(tl.int32) + (a3 > a1).to(tl.int32)) < 2
     k2 = ((a0 >= a2).to(tl.int32) + (a1 >= a2).to(tl.int32) + (a3 > a2).to(tl.int32)) < 2
@@ -622,7 +631,8 @@ def _adamw_math(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
     ``(p, m, v)``. Shared by every AdamW kernel so that they round identically. The square root and
     the divisions are IEEE round-to-nearest (``sqrt_rn`` / ``div_rn``), as PyTorch's are: Triton's
     ``tl.sqrt`` and ``/`` compile to approximate ``sqrt.approx`` / ``div.full`` on NVIDIA GPUs."""
-    m = m + one_minus_beta1 * (g - m)  # lerp, as torch.Tensor.lerp_
+    # lerp, as torch.Tensor.lerp_: from weight 0.5 on it uses the form exact at weight 1 (beta1 = 0)
+    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
     v = v * beta2 + one_minus_beta2 * (g * g)
     master = p * decay
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps

@@ -33,7 +33,7 @@ def _configs() -> list[triton.Config]:
 def _merged_decode_kernel(
     x_ptr, v_ptr, meta_ptr, a_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, R, stride_xm, stride_v, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    CUTLASS: tl.constexpr, HAS_BIAS: tl.constexpr, CAST_F32: tl.constexpr,
+    CUTLASS: tl.constexpr, HAS_BIAS: tl.constexpr, CAST_F32: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M).to(tl.int64)
@@ -54,14 +54,21 @@ def _merged_decode_kernel(
             xt = xt.to(tl.float32)
             w = w.to(tl.float32)
             a = a.to(tl.float32)
-        acc = tl.dot(w, xt, acc)
-        acc_u = tl.dot(a, xt, acc_u)
+        if IEEE:
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
+            acc_u = tl.dot(a, xt, acc_u, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+            acc_u = tl.dot(a, xt, acc_u)
     b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
     u = acc_u.to(b_ptr.dtype.element_ty)
     if CAST_F32:
         b = b.to(tl.float32)
         u = u.to(tl.float32)
-    acc = tl.dot(b, u, acc)
+    if IEEE:
+        acc = tl.dot(b, u, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(b, u, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + rn[:, None] + rm[None, :] * stride_om, acc.to(out_ptr.dtype.element_ty),
@@ -74,7 +81,8 @@ _merged_decode_autotuned = triton.autotune(configs=_configs(), key=["N", "K", "R
 def merged_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``(M, N)``: ``x Wᵀ + (x aᵀ) bᵀ (+ bias)`` in one launch (module docstring); ``M <= 16``; one
-    dtype for all (fp16/bf16/fp32); ``values`` rows may be strided, the rest contiguous."""
+    dtype for all (fp16/bf16/fp32); ``values`` rows may be strided (unit column stride). fp32 uses
+    IEEE fp32 products unless ``torch.backends.cuda.matmul.allow_tf32`` is set (as :func:`slope.kernels.addmm`)."""
     M, K = x.shape
     N, R = b.shape
     if M > MAX_ROWS:
@@ -82,11 +90,13 @@ def merged_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: 
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
+    x, a, b, meta = x.contiguous(), a.contiguous(), b.contiguous(), meta.contiguous()
+    bias = None if bias is None else bias.contiguous()
     args = (x, values, meta, a, b, bias if bias is not None else x, out, M, N, K, R, x.stride(0), values.stride(0),
             out.stride(0))
     kw = dict(BLOCK_M=16, BLOCK_R=max(16, triton.next_power_of_2(R)), CUTLASS=meta.dtype == torch.int16,
-              HAS_BIAS=bias is not None, CAST_F32=interpreting())
+              HAS_BIAS=bias is not None, CAST_F32=interpreting(),
+              IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
     if interpreting():
         _merged_decode_kernel[(triton.cdiv(N, 32),)](*args, BLOCK_N=32, BLOCK_K=64, **kw)
     else:  # tuned at the first call of a shape (decoding's untimed warm-up), never while a CUDA graph captures
