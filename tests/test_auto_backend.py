@@ -56,6 +56,28 @@ def test_failing_candidate_is_skipped_and_reported():
     assert "kernel exploded" in entry.errors["reference"]
 
 
+class WrongProduct(DenseBackend):
+    """A fast but wrong sparse backend (as a library kernel with a bug for some shape)."""
+
+    name = "fake-wrong"
+    compressed = True
+
+    def matmul(self, x, operand):
+        return super().matmul(x, operand) * 1.5
+
+
+def test_a_candidate_with_a_wrong_product_is_never_chosen(monkeypatch):
+    import slope.backends as backends
+
+    monkeypatch.setitem(backends._REGISTRY, WrongProduct.name, WrongProduct)
+    timer = FakeTimer([1.0, 0.1, 0.5])  # dense, then (fake-wrong is never timed) reference
+    auto = AutoBackendChooser(tokens=8, timer=timer, candidates=(WrongProduct.name, "reference"))
+    assert isinstance(auto.choose((64, 64), torch.bfloat16, CPU), ReferenceBackend) and timer.calls == 2
+    (entry,) = auto.report().values()
+    assert "wrong product, relative error 0.5" in entry.errors[WrongProduct.name]
+    assert set(entry.times_ms) == {"dense", "reference"}
+
+
 def test_choice_is_cached_per_key():
     auto, timer = chooser([1.0, 0.5, 1.0, 2.0])
     first = auto.choose((64, 64), torch.float32, CPU)

@@ -36,7 +36,9 @@ instance per backend (buckets that chose the same backend share it, and a layer'
 stays valid across them: layers keep one operand per direction, rebuilt when the backend
 changes); the process-wide instance is
 :data:`AUTO_CHOOSER`. Candidates that fail (an exception while building or multiplying) are
-skipped and their error is kept in :meth:`AutoBackendChooser.report`.
+skipped and their error is kept in :meth:`AutoBackendChooser.report`, as are candidates whose
+product on the timing inputs is wrong (:data:`PRODUCT_TOLERANCE`; e.g. a library kernel with a
+bug for some shape): ``auto`` never picks a backend it has not seen multiply right.
 """
 from __future__ import annotations
 
@@ -239,7 +241,9 @@ class AutoBackendChooser:
         tried = [dense, *self._candidates(shape, dtype, device, tiling, choice)]
         for backend in tried:
             try:
-                choice.times_ms[backend.name] = self.timer(problem.gemm(backend), device)
+                run = problem.gemm(backend)
+                problem.check(backend.name, run())  # a wrong product is a failure, however fast
+                choice.times_ms[backend.name] = self.timer(run, device)
                 rebuild, from_values = problem.rebuild(backend)
                 if from_values:
                     choice.from_values.add(backend.name)
@@ -298,10 +302,21 @@ class _Problem:
         self.operand_mask = nm_mask(operand, 2, 4)
         self.operand = operand * self.operand_mask
         self.x = torch.randn(tokens, cols, device=device, dtype=dtype)
+        self._expected: torch.Tensor | None = None  # x Aᵀ in fp32, for check
 
     def gemm(self, backend: SparseBackend) -> Callable[[], object]:
         op = backend.make_operand(self.operand, self.operand_mask)
         return lambda: backend.matmul(self.x, op)
+
+    def check(self, name: str, product: torch.Tensor) -> None:
+        """Raise unless ``product`` is ``x Aᵀ`` within :data:`PRODUCT_TOLERANCE` (relative
+        Frobenius error against an fp32 product; catches kernels that give wrong or NaN results)."""
+        if self._expected is None:
+            self._expected = self.x.float() @ self.operand.float().t()
+        error = float((product.float() - self._expected).norm() / self._expected.norm().clamp_min(1e-30))
+        tolerance = PRODUCT_TOLERANCE.get(self.dtype, 1e-2)
+        if not error <= tolerance:
+            raise ArithmeticError(f"{name}: wrong product, relative error {error:.3g} against fp32 (tolerance {tolerance:g})")
 
     def rebuild(self, backend: SparseBackend) -> tuple[Callable[[], object], bool]:
         """What the layer runs to rebuild this operand after a step, and whether it is from kept values."""
@@ -310,6 +325,10 @@ class _Problem:
         return (lambda: operand_from_kept(backend, self.direction, self.values, self.mask, self.mask_t, self.dtype,
                                           structure)[0]), structure is not None
 
+
+#: Largest relative error of a candidate's product (against fp32) that ``auto`` accepts, per
+#: dtype: a few roundings of the output (fp32: TF32 products too). Wrong results are O(1).
+PRODUCT_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-2}
 
 #: the process-wide chooser used by :class:`slope.layer.SparseLinear` for ``backend="auto"`` on CUDA.
 AUTO_CHOOSER = AutoBackendChooser()
