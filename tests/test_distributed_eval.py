@@ -2,7 +2,8 @@
 validation batches (an uneven count: one rank repeats a batch it does not count) and every rank
 returns the mean one process computes over all of them, for a plain model and a pruned model
 sharded by FSDP2 (whose forwards are collectives, so the ranks' forward counts must pair up). Also:
-an inference-only state (no M_t) loaded into the sharded model gets the M_t of its weights."""
+an inference-only state (no M_t) loaded into the sharded model gets the M_t of its weights, with
+the values sharded or replicated."""
 from __future__ import annotations
 
 import json
@@ -54,6 +55,10 @@ freeze_for_inference(frozen)
 load_full_model_state_dict(model, frozen.state_dict())
 got = full_model_state_dict(model)
 mask_t_rebuilt = all(torch.equal(got[f"{name}.mask_t_bits"], bits) for name, bits in want.items())
+replicated = wrap_fsdp2(slope.prune_model(transformers.LlamaForCausalLM(config), verbose=False), shard_values=False)
+load_full_model_state_dict(replicated, frozen.state_dict())  # values on every rank: each rank computes M_t
+got = full_model_state_dict(replicated)
+mask_t_rebuilt &= all(torch.equal(got[f"{name}.mask_t_bits"], bits) for name, bits in want.items())
 result = {"one_process": one_process, "across": across, "sharded": sharded, "forwards": plain_forwards, "mismatch": mismatch,
           "mask_t_rebuilt": mask_t_rebuilt}
 (__import__("pathlib").Path(sys.argv[1]) / f"eval_rank{env.rank}.json").write_text(json.dumps(result))

@@ -110,15 +110,20 @@ def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor])
     holder, names = (None, None) if ds.is_deepspeed_engine(model) else _values_names(model)
     if holder is not None:  # each rank loads the values it owns
         state = holder.placeholders_for(state, names)
+    inner = model.module if ds.is_deepspeed_engine(model) else model
+    # An inference-only state has no M_t: recomputed below from the loaded W⊙M. Meanwhile an empty
+    # M_t stands in (torch would fill the gap with the model's current one, which need not fit the
+    # loaded M and would be refused as corrupt).
+    lacking = [name for name, layer in sparse_modules(inner) if layer.state_lacks_mask_t(state, f"{name}.")]
+    state = {**state, **{f"{name}.mask_t_bits": torch.zeros_like(state[f"{name}.mask_bits"]) for name in lacking}}
     if ds.is_deepspeed_engine(model):
         ds.deepspeed_load_full_model_state_dict(model, state)
     else:
         # (a copy: torch renames the keys of the dict it is given in place)
         set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
-    inner = model.module if ds.is_deepspeed_engine(model) else model
     for name, layer in sparse_modules(inner):
-        if holder is not None and layer.state_lacks_mask_t(state, f"{name}."):
-            holder.update_mask_t(layer)  # the owner's M_t of the loaded W⊙M, on every rank
+        if name in lacking:  # the M_t of the loaded W⊙M (sharded values: the owner's, on every rank)
+            holder.update_mask_t(layer) if holder is not None else layer.update_mask_t()
         layer.refresh()
 
 
