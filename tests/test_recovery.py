@@ -258,6 +258,50 @@ def test_finetune_never_changes_the_masks(tmp_path, double_pruning, precision):
     assert json.loads((tmp_path / "summary.json").read_text())["distillation"]["comparison"] == "kl"
 
 
+
+def pruned_mixtral():
+    """A tiny Mixtral whose fused expert tensors (transformers 5: 3-D, no nn.Linear) are 2:4 per expert, as
+    ``prune_model(experts=True)`` leaves them and a plain load of its folder gives them; its linears dense."""
+    from slope.masks import nm_mask_from_scores
+
+    torch.manual_seed(0)
+    config = T.MixtralConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    model = T.MixtralForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.mul_(nm_mask_from_scores(p.abs(), 2, 4))
+    return model
+
+
+@pytest.mark.parametrize("targets", [None, ["re:model.layers.\\d+$"], ["re:.*experts$"]])
+def test_the_zeros_of_fused_moe_experts_are_held(tmp_path, targets):
+    """By default, and when a target reaches their module, fused expert tensors keep their zeros (they
+    trained dense: 50 % -> 0 % zeros, with no warning)."""
+    student = pruned_mixtral()
+    experts = {n: p.detach().clone() for n, p in student.named_parameters() if p.dim() == 3}
+    assert len(experts) == 4 and all(float((w == 0).float().mean()) == 0.5 for w in experts.values())
+    rec = {"stage": {"pruning_modifiers": {"ConstantPruningModifier": {"start": 0, "targets": targets}}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (targets naming blocks: their dense linears "hold no zeros")
+        model = run(student, tmp_path, rec=rec, weight_decay=0.1)
+    layers = model.finetune_summary["constant_pruning"]["layers"]
+    for name, before in experts.items():
+        after = model.get_parameter(name)
+        assert layers[name] == {"kind": "masked", "zero_fraction": 0.5}, name
+        assert bool((after[before == 0] == 0).all()) and bool((after[before != 0] != before[before != 0]).any()), name
+
+
+def test_fused_moe_experts_left_out_of_the_targets_are_warned_about(tmp_path):
+    student = pruned_mixtral()
+    with torch.no_grad():
+        for layer in student.model.layers:
+            layer.self_attn.q_proj.weight[:, ::2] = 0
+    rec = {"stage": {"pruning_modifiers": {"ConstantPruningModifier": {"start": 0, "targets": ["re:.*q_proj"]}}}}
+    with pytest.warns(UserWarning, match=r"mlp.experts.gate_up_proj"):
+        run(student, tmp_path, rec=rec)
+
 # ---------------------------------------------------------------------- equalities
 def test_distill_scale_zero_equals_plain_finetuning():
     assert slope.finetune is finetune

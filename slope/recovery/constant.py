@@ -20,6 +20,11 @@ weights can train dense before and after):
 - **anything else** (unstructured, other N:M): the weight stays an ``nn.Linear`` weight under
   :class:`slope.sparsity.MaskedWeights` with mask ``W != 0`` (gradients masked by a hook; weights
   and every weight-shaped optimizer state re-zeroed after each step).
+
+The fused expert tensors of mixture-of-experts models (:func:`slope.moe.find_expert_weights`: 3-D
+parameters of an ``...Experts`` module, no ``nn.Linear``) are held the second way, named by their
+parameter (``model.layers.0.mlp.experts.gate_up_proj``): by default those holding exact zeros, else
+those whose module, or a module above it, a target names.
 """
 from __future__ import annotations
 
@@ -46,29 +51,59 @@ def is_2to4(weight: torch.Tensor) -> bool:
     return weight.shape[0] % 4 == 0 and is_nm_sparse(weight.detach() != 0, 2, 4)
 
 
-def _zero_fraction(module: nn.Module) -> float:
-    weight = module.weight.detach()
+def held_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight a held name stands for: a linear's ``(out, in)`` weight, or a fused expert parameter."""
+    module = dict(model.named_modules()).get(name)
+    return read_weight(module) if module is not None else model.get_parameter(name)
+
+
+def _param_name(modules: dict[str, nn.Module], name: str) -> str:
+    """A held name's parameter: ``<linear>.weight``, or the fused expert parameter itself."""
+    return name + ".weight" if name in modules else name
+
+
+def _zero_fraction(weight: torch.Tensor) -> float:
+    weight = weight.detach()
     return float((weight == 0).sum()) / weight.numel()
 
 
+def _target_experts(model: nn.Module, modifier: ConstantPruningModifier) -> list[str]:
+    """The fused expert parameters ``modifier`` targets: with ``targets`` ``None`` those holding exact
+    zeros, else those whose module or a module above it a target names."""
+    from slope.moe import find_expert_weights
+    from slope.pruning.layers import _matches
+
+    modules = dict(model.named_modules())
+    names = []
+    for e in find_expert_weights(model):
+        parts = e.name.split(".")[:-1]
+        ancestry = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if (_zero_fraction(model.get_parameter(e.name)) > 0 if modifier.targets is None else
+                any(_matches(t, a, modules[a]) for t in modifier.targets for a in ancestry)):
+            names.append(e.name)
+    return names
+
+
 def target_linears(model: nn.Module, modifier: ConstantPruningModifier, *, zeros_only: bool = True) -> list[str]:
-    """The names of the linears ``modifier`` targets in ``model``: with ``targets`` ``None``, every
-    linear holding exact zeros (an error if none does); else the matched linears, those without
-    zeros left out with a warning when ``zeros_only``. Warns about pruned-looking linears left out."""
+    """The names of the linears (and fused expert parameters, :func:`_target_experts`) ``modifier``
+    targets in ``model``: with ``targets`` ``None``, every one holding exact zeros (an error if none
+    does); else the matched ones, those without zeros left out with a warning when ``zeros_only``.
+    Warns about pruned-looking linears and expert tensors left out."""
     modules = dict(model.named_modules())
     if modifier.targets is None:
-        names = [n for n, m in modules.items() if n and is_linear(m) and _zero_fraction(m) > 0]
+        names = [n for n, m in modules.items() if n and is_linear(m) and _zero_fraction(m.weight) > 0]
+        names += _target_experts(model, modifier)
         if not names:
             raise ValueError("ConstantPruningModifier: no linear layer of the model holds exact zeros (is it pruned? run "
                              "slope oneshot first, or name the targets)")
     else:
-        names = list(match_targets(model, modifier.targets, modifier.name))
-        empty = [n for n in names if _zero_fraction(modules[n]) == 0]
+        names = list(match_targets(model, modifier.targets, modifier.name)) + _target_experts(model, modifier)
+        empty = [n for n in names if _zero_fraction(held_weight(model, n)) == 0]
         if empty and zeros_only:
             warnings.warn(f"ConstantPruningModifier: {len(empty)} targeted linear(s) hold no zeros and train dense "
                           f"(e.g. {', '.join(empty[:3])})", UserWarning, stacklevel=3)
             names = [n for n in names if n not in empty]
-    _warn_uncovered(modules, set(names))
+    _warn_uncovered(model, modules, set(names))
     return names
 
 
@@ -95,11 +130,12 @@ class ConstantMasks:
         self.model = model
         modules = dict(model.named_modules())
         names = target_linears(model, modifier) if names is None else list(names)
-        nm = [n for n in names if slope_layers and is_2to4(read_weight(modules[n]))
+        nm = [n for n in names if slope_layers and n in modules and is_2to4(read_weight(modules[n]))
               and not _tied_to_embedding(modules[n].weight, model)]
         other = [n for n in names if n not in nm]
         self.layers = {n: ("2:4 SLoPe" if n in nm else "masked") for n in names}
-        self.masked = MaskedWeights.from_zeros({n + ".weight": modules[n].weight for n in other}) if other else None
+        self._params = {n: _param_name(modules, n) for n in other}  # held name -> masked parameter name
+        self.masked = MaskedWeights.from_zeros({p: model.get_parameter(p) for p in self._params.values()}) if other else None
         self.slope_layers: dict[str, nn.Module] = {}
         self.pinned: dict[str, torch.Tensor] = {}
         if nm:
@@ -165,7 +201,7 @@ class ConstantMasks:
         result = {}
         for name, kind in self.layers.items():
             if kind == "masked":
-                result[name] = ~full_tensor(self.masked.masks[name + ".weight"])
+                result[name] = ~full_tensor(self.masked.masks[self._params[name]])
             else:
                 layer = self.slope_layers[name]
                 zero = ~layer.mask
@@ -204,10 +240,15 @@ class ConstantMasks:
         self._summary = self._measure()
 
 
-def _warn_uncovered(modules: dict[str, nn.Module], held: set[str]) -> None:
-    """Warn about pruned-looking linears (>= 25 % exact zeros) that no target holds: their zeros fill in."""
-    loose = [n for n, m in modules.items() if n and n not in held and is_linear(m) and _zero_fraction(m) >= 0.25]
+def _warn_uncovered(model: nn.Module, modules: dict[str, nn.Module], held: set[str]) -> None:
+    """Warn about pruned-looking linears and fused expert tensors (>= 25 % exact zeros) that no target
+    holds: their zeros fill in."""
+    from slope.moe import find_expert_weights
+
+    loose = [n for n, m in modules.items() if n and n not in held and is_linear(m) and _zero_fraction(m.weight) >= 0.25]
+    loose += [e.name for e in find_expert_weights(model)
+              if e.name not in held and _zero_fraction(model.get_parameter(e.name)) >= 0.25]
     if loose:
-        warnings.warn(f"{len(loose)} linear layer(s) hold >= 25% exact zeros but no ConstantPruningModifier target covers "
+        warnings.warn(f"{len(loose)} linear layer(s) or fused expert tensor(s) hold >= 25% exact zeros but no ConstantPruningModifier target covers "
                       f"them, so they train dense and their zeros fill in (e.g. {', '.join(loose[:3])}); add them to "
                       "targets to keep them sparse", UserWarning, stacklevel=4)

@@ -222,7 +222,7 @@ def _prepare_student(model, args, device, constant_mod):
     _master_weights(model, args["precision_mode"])
     model.requires_grad_(True).train()
     if constant_mod is None:
-        _warn_uncovered(dict(model.named_modules()), set())
+        _warn_uncovered(model, dict(model.named_modules()), set())
     return model, tokenizer
 
 

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slope.pruning.layers import read_weight
-from slope.recovery.constant import ConstantMasks, target_linears
+from slope.recovery.constant import ConstantMasks, held_weight, target_linears
 from slope.recovery.modifiers import ConstantPruningModifier
 
 __all__ = ["HeldZeros", "epoch_to_step"]
@@ -108,8 +107,7 @@ class HeldZeros:
 
     def _start(self) -> None:
         """Take the masks "nonzero now" of the targeted linears that hold exact zeros."""
-        modules = dict(self.model.named_modules())
-        held = [n for n in self.names if bool((read_weight(modules[n]).detach() == 0).any())]
+        held = [n for n in self.names if bool((held_weight(self.model, n).detach() == 0).any())]
         if len(held) < len(self.names):
             warnings.warn(f"ConstantPruningModifier starts at step {self.start_step}: {len(self.names) - len(held)} of its "
                           f"{len(self.names)} target linear(s) hold no exact zeros then (trained dense since the run began) "

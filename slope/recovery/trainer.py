@@ -108,7 +108,7 @@ class RecoveryTrainer(Trainer):
         if constant_mod is not None and not window:
             self.constant = ConstantMasks(model, constant_mod, double_pruning=double_pruning, backend=backend)
         if constant_mod is None:
-            _warn_uncovered(dict(model.named_modules()), set())
+            _warn_uncovered(model, dict(model.named_modules()), set())
         self.sparse_optimizer = None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if window:  # masked linears only (HeldZeros), held over the window the Trainer's steps place
