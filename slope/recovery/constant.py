@@ -249,6 +249,6 @@ def _warn_uncovered(model: nn.Module, modules: dict[str, nn.Module], held: set[s
     loose += [e.name for e in find_expert_weights(model)
               if e.name not in held and _zero_fraction(model.get_parameter(e.name)) >= 0.25]
     if loose:
-        warnings.warn(f"{len(loose)} linear layer(s) or fused expert tensor(s) hold >= 25% exact zeros but no ConstantPruningModifier target covers "
-                      f"them, so they train dense and their zeros fill in (e.g. {', '.join(loose[:3])}); add them to "
+        warnings.warn(f"{len(loose)} linear layer(s) or fused expert tensor(s) hold >= 25% exact zeros but no "
+                      f"ConstantPruningModifier target covers them, so they train dense and their zeros fill in (e.g. {', '.join(loose[:3])}); add them to "
                       "targets to keep them sparse", UserWarning, stacklevel=4)
