@@ -250,5 +250,5 @@ def _warn_uncovered(model: nn.Module, modules: dict[str, nn.Module], held: set[s
               if e.name not in held and _zero_fraction(model.get_parameter(e.name)) >= 0.25]
     if loose:
         warnings.warn(f"{len(loose)} linear layer(s) or fused expert tensor(s) hold >= 25% exact zeros but no "
-                      f"ConstantPruningModifier target covers them, so they train dense and their zeros fill in (e.g. {', '.join(loose[:3])}); add them to "
-                      "targets to keep them sparse", UserWarning, stacklevel=4)
+                      f"ConstantPruningModifier target covers them, so they train dense and their zeros fill in "
+                      f"(e.g. {', '.join(loose[:3])}); add them to targets to keep them sparse", UserWarning, stacklevel=4)
