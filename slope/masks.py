@@ -215,10 +215,7 @@ def unpack_mask(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torc
     """Inverse of :func:`pack_mask`: ``uint8 (ceil(numel/8),)`` -> a fresh ``bool`` tensor of
     ``shape`` (one table lookup per byte)."""
     numel = math.prod(shape)
-    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != -(-numel // 8):
-        raise ValueError(
-            f"packed mask of shape {tuple(shape)} must be uint8 ({-(-numel // 8)},), got {bits.dtype} {tuple(bits.shape)}"
-        )
+    _check_packed(bits, shape)
     flat = _bit_table(bits.device).index_select(0, bits.to(torch.int32)).reshape(-1)
     return flat[:numel].reshape(shape)
 
@@ -228,11 +225,9 @@ def packed_is_nm_sparse(bits: torch.Tensor, shape: tuple[int, int], n: int, m: i
     :func:`pack_mask` of a bool ``shape`` mask) hold. Where ``m`` divides 8 and the mask fills whole
     bytes, no group straddles a byte (rows are multiples of ``m`` long), so one lookup per byte in a
     256-entry table answers it (~20× faster than unpacking a 4096 × 11008 mask); else it unpacks."""
-    numel = math.prod(shape)
-    if 8 % m or numel % 8 or shape[-1] % m:
+    if 8 % m or math.prod(shape) % 8 or shape[-1] % m:
         return is_nm_sparse(unpack_mask(bits, shape), n, m, exact=True)
-    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != numel // 8:
-        raise ValueError(f"packed mask of shape {tuple(shape)} must be uint8 ({numel // 8},), got {bits.dtype} {tuple(bits.shape)}")
+    _check_packed(bits, shape)
     return bool(_exact_bytes(bits.device, n, m).index_select(0, bits.to(torch.int32)).all())
 
 
@@ -244,8 +239,7 @@ def packed_keeps_at_most_along_rows(bits: torch.Tensor, shape: tuple[int, int], 
     rows, cols = shape
     if cols % 8 or rows % m:
         return is_nm_sparse(unpack_mask(bits, shape), n, m, dim=0)
-    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != rows * cols // 8:
-        raise ValueError(f"packed mask of shape {tuple(shape)} must be uint8 ({rows * cols // 8},), got {bits.dtype} {tuple(bits.shape)}")
+    _check_packed(bits, shape)
     groups = bits.view(rows // m, m, cols // 8)
     at_least = [torch.zeros_like(groups[:, 0]) for _ in range(n + 1)]  # plane k-1: ≥ k rows so far
     for r in range(m):
@@ -254,6 +248,13 @@ def packed_keeps_at_most_along_rows(bits: torch.Tensor, shape: tuple[int, int], 
             at_least[k] |= at_least[k - 1] & row
         at_least[0] |= row
     return not bool(at_least[n].any())
+
+
+def _check_packed(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> None:
+    """A ``ValueError`` unless ``bits`` has the layout :func:`pack_mask` gives a bool ``shape`` mask."""
+    nbytes = -(-math.prod(shape) // 8)
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != nbytes:
+        raise ValueError(f"packed mask of shape {tuple(shape)} must be uint8 ({nbytes},), got {bits.dtype} {tuple(bits.shape)}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,8 +23,8 @@ import torch.nn as nn
 from slope.prune import DEFAULT_SKIP, _tied_to_embedding
 from slope.pruning.modifiers import PruningModifier, RecipeError
 
-__all__ = ["LayerPlan", "Skipped", "WeightJournal", "find_blocks", "is_linear", "match_targets", "matching_modules", "name_hint",
-           "read_weight", "select_layers"]
+__all__ = ["LayerPlan", "Skipped", "WeightJournal", "find_blocks", "is_linear", "match_targets", "matches_module_or_above",
+           "matching_modules", "name_hint", "read_weight", "select_layers"]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -92,6 +92,14 @@ def _matches(entry: str, name: str, module: nn.Module) -> bool:
     if entry.startswith("re:"):
         return any(re.match(entry[3:], n) is not None for n in names)
     return entry in names or type(module).__name__ == entry
+
+
+def matches_module_or_above(entries: list[str], name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether one of ``entries`` (module names or ``re:`` regexes) names module ``name`` or a module
+    above it (``modules``: the model's ``named_modules()``)."""
+    parts = name.split(".")
+    ancestry = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(_matches(entry, a, modules[a]) for entry in entries for a in ancestry)
 
 
 def _check_regex(entry: str, what: str) -> None:
@@ -185,13 +193,12 @@ def _reached_experts(model: nn.Module, modifier: PruningModifier, blocks_name: s
 
     found = []
     for e in find_expert_weights(model):
-        parts = e.name.split(".")[:-1]
-        ancestry = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        module = e.name.rpartition(".")[0]
         if modifier.targets is None:
             reached = blocks_name is None or _block_index(e.name, blocks_name) is not None
         else:
-            reached = any(_matches(t, a, modules[a]) for t in modifier.targets for a in ancestry)
-        if reached and not any(_matches(i, a, modules[a]) for i in modifier.ignore for a in ancestry):
+            reached = matches_module_or_above(modifier.targets, module, modules)
+        if reached and not matches_module_or_above(modifier.ignore, module, modules):
             experts, out_features, in_features = e.shape
             found.append(Skipped(e.name, (experts * out_features, in_features),
                                  f"fused MoE experts ({experts} of {out_features}x{in_features}): one-shot pruning prunes "
@@ -224,9 +231,7 @@ def select_layers(model: nn.Module, modifier: PruningModifier) -> tuple[list[Lay
     for name, explicit in _selected(model, modifier, blocks_name).items():
         module = modules[name]
         shape = tuple(read_weight(module).shape)
-        parts = name.split(".")
-        ancestry = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        ignored = any(_matches(e, a, modules[a]) for e in modifier.ignore for a in ancestry)
+        ignored = matches_module_or_above(modifier.ignore, name, modules)
         reason = _skip_reason(name, module, explicit, modifier, model, blocks_name, ignored)
         if reason:
             skipped.append(Skipped(name, shape, reason))

@@ -38,7 +38,8 @@ import torch.nn as nn
 from slope.masks import is_nm_sparse
 from slope.parallel.sharded import full_tensor
 from slope.prune import _tied_to_embedding
-from slope.pruning.layers import is_linear, match_targets, read_weight
+from slope.pruning.layers import is_linear, match_targets, matches_module_or_above, read_weight
+from slope.pruning.report import zero_fraction
 from slope.recovery.modifiers import ConstantPruningModifier
 from slope.sparsity import MaskedWeights
 
@@ -51,9 +52,10 @@ def is_2to4(weight: torch.Tensor) -> bool:
     return weight.shape[0] % 4 == 0 and is_nm_sparse(weight.detach() != 0, 2, 4)
 
 
-def held_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The weight a held name stands for: a linear's ``(out, in)`` weight, or a fused expert parameter."""
-    module = dict(model.named_modules()).get(name)
+def held_weight(model: nn.Module, modules: dict[str, nn.Module], name: str) -> torch.Tensor:
+    """The weight a held name stands for (``modules``: ``model``'s ``named_modules()``): a linear's
+    ``(out, in)`` weight, or a fused expert parameter."""
+    module = modules.get(name)
     return read_weight(module) if module is not None else model.get_parameter(name)
 
 
@@ -62,24 +64,16 @@ def _param_name(modules: dict[str, nn.Module], name: str) -> str:
     return name + ".weight" if name in modules else name
 
 
-def _zero_fraction(weight: torch.Tensor) -> float:
-    weight = weight.detach()
-    return float((weight == 0).sum()) / weight.numel()
-
-
 def _target_experts(model: nn.Module, modifier: ConstantPruningModifier) -> list[str]:
     """The fused expert parameters ``modifier`` targets: with ``targets`` ``None`` those holding exact
     zeros, else those whose module or a module above it a target names."""
     from slope.moe import find_expert_weights
-    from slope.pruning.layers import _matches
 
     modules = dict(model.named_modules())
     names = []
     for e in find_expert_weights(model):
-        parts = e.name.split(".")[:-1]
-        ancestry = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        if (_zero_fraction(model.get_parameter(e.name)) > 0 if modifier.targets is None else
-                any(_matches(t, a, modules[a]) for t in modifier.targets for a in ancestry)):
+        if (zero_fraction(model.get_parameter(e.name)) > 0 if modifier.targets is None else
+                matches_module_or_above(modifier.targets, e.name.rpartition(".")[0], modules)):
             names.append(e.name)
     return names
 
@@ -91,14 +85,14 @@ def target_linears(model: nn.Module, modifier: ConstantPruningModifier, *, zeros
     Warns about pruned-looking linears and expert tensors left out."""
     modules = dict(model.named_modules())
     if modifier.targets is None:
-        names = [n for n, m in modules.items() if n and is_linear(m) and _zero_fraction(m.weight) > 0]
+        names = [n for n, m in modules.items() if n and is_linear(m) and zero_fraction(m.weight) > 0]
         names += _target_experts(model, modifier)
         if not names:
             raise ValueError("ConstantPruningModifier: no linear layer of the model holds exact zeros (is it pruned? run "
                              "slope oneshot first, or name the targets)")
     else:
         names = list(match_targets(model, modifier.targets, modifier.name)) + _target_experts(model, modifier)
-        empty = [n for n in names if _zero_fraction(held_weight(model, n)) == 0]
+        empty = [n for n in names if zero_fraction(held_weight(model, modules, n)) == 0]
         if empty and zeros_only:
             warnings.warn(f"ConstantPruningModifier: {len(empty)} targeted linear(s) hold no zeros and train dense "
                           f"(e.g. {', '.join(empty[:3])})", UserWarning, stacklevel=3)
@@ -245,9 +239,9 @@ def _warn_uncovered(model: nn.Module, modules: dict[str, nn.Module], held: set[s
     holds: their zeros fill in."""
     from slope.moe import find_expert_weights
 
-    loose = [n for n, m in modules.items() if n and n not in held and is_linear(m) and _zero_fraction(m.weight) >= 0.25]
+    loose = [n for n, m in modules.items() if n and n not in held and is_linear(m) and zero_fraction(m.weight) >= 0.25]
     loose += [e.name for e in find_expert_weights(model)
-              if e.name not in held and _zero_fraction(model.get_parameter(e.name)) >= 0.25]
+              if e.name not in held and zero_fraction(model.get_parameter(e.name)) >= 0.25]
     if loose:
         warnings.warn(f"{len(loose)} linear layer(s) or fused expert tensor(s) hold >= 25% exact zeros but no "
                       f"ConstantPruningModifier target covers them, so they train dense and their zeros fill in "

@@ -107,7 +107,8 @@ class HeldZeros:
 
     def _start(self) -> None:
         """Take the masks "nonzero now" of the targeted linears that hold exact zeros."""
-        held = [n for n in self.names if bool((held_weight(self.model, n).detach() == 0).any())]
+        modules = dict(self.model.named_modules())
+        held = [n for n in self.names if bool((held_weight(self.model, modules, n).detach() == 0).any())]
         if len(held) < len(self.names):
             warnings.warn(f"ConstantPruningModifier starts at step {self.start_step}: {len(self.names) - len(held)} of its "
                           f"{len(self.names)} target linear(s) hold no exact zeros then (trained dense since the run began) "
