@@ -165,8 +165,10 @@ class LoadedModel:
     sparse_layers: tuple[str, ...] = ()
 
     def memory_info(self) -> dict:
-        """JSON-able bytes: ``weight_bytes`` (all parameters and buffers: compressed values, masks,
-        metadata included), ``sparse_layer_bytes`` (those of the ``sparse_layers``), ``freeze``
+        """JSON-able bytes: ``weight_bytes`` (all parameters and buffers: compressed values and
+        masks; not the backend operands, whose metadata holds an inference-only layer's masks once
+        it has run, :mod:`slope.inference.held_masks`), ``sparse_layer_bytes`` (those of the
+        ``sparse_layers``), ``freeze``
         (``None`` or the MemoryReport fields with ``total_before``/``total_after``)."""
         report = self.memory
         freeze = None if report is None else {**asdict(report), "total_before": report.total_before, "total_after": report.total_after}

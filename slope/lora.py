@@ -24,7 +24,10 @@ Usage, the SLoPe way (build the merged model, then load the trained weights)::
 A merged layer keeps every tensor of the unmerged one (``values``, ``mask_bits``, ``mask_t_bits``,
 ``bias``, ``lora_A``, ``lora_B``, ``lora_A_mask``), so state dicts move between the two forms; the
 stacked operand is derived from them and rebuilt lazily whenever one changes (version-keyed cache).
-The inference-only form (:func:`freeze_for_inference`) drops the derived ``mask_t_bits`` and keeps each weight once: ``values`` (and, extended, ``lora_B``) become views of the operand.
+The inference-only form (:func:`freeze_for_inference`) drops the derived ``mask_t_bits`` and keeps
+each weight once: ``values`` (and, extended, ``lora_B``) become views of the operand, whose
+metadata then holds ``mask_bits`` (and, stacked, ``lora_A_mask``) where the backend can read them
+back (:mod:`slope.inference.held_masks`; the state dict still has them).
 Merged layers are for inference: their forward works with or without autograd enabled, but a
 backward through them is an error (also in training mode when nothing before them requires grad),
 and so is :class:`~slope.optimizers.ADAMWSparse` over them.
@@ -38,6 +41,7 @@ import torch.nn as nn
 
 import slope.kernels as kernels
 from slope.inference.fold import FOLDS, choose_fold, extended_weight, scaled_lora_a
+from slope.inference.held_masks import MasksInOperand
 import slope.layer as _layer_module
 from slope.layer import SparseLinear, _compute_dtype
 from slope.registry import sparse_modules
@@ -67,14 +71,15 @@ class _NoBackward(torch.autograd.Function):
         )
 
 
-class MergedSparseLinear(SparseLinear):
+class MergedSparseLinear(MasksInOperand, SparseLinear):
     """Inference form of :class:`~slope.layer.SparseLinear` (see the module docstring).
 
     Layers become this class in place (``layer.__class__`` is swapped, as
     ``torch.nn.utils.parametrize`` does), so the object, its tensors, hooks and state-dict keys
     stay the same. :func:`merge_lora` converts layers with adapters; :func:`freeze_for_inference`
     converts every SLoPe layer (one without adapters runs the same path with ``r = 0``) and drops
-    ``M_t`` (``mask_t_bits``).
+    ``M_t`` (``mask_t_bits``). Once an inference-only layer has built its operand, the operand
+    holds its masks (:mod:`slope.inference.held_masks`).
     """
 
     # ------------------------------------------------------------------ the stacked operand
@@ -101,13 +106,19 @@ class MergedSparseLinear(SparseLinear):
         second copy of the weights when ``dtype`` is theirs). With adapters, an inference-only
         layer whose ``values`` are in ``dtype`` shares them with the operand instead
         (:meth:`_share_values`)."""
+        key = ("merged", dtype, device) if self.lora_rank else ("forward", dtype, device)
+        cached = self._operands.get(key)
+        if cached is not None and cached[0] == self._merged_version_at(key, backend):
+            return cached[1]
+        self._restore_masks()  # the build reads the masks as buffers again; the new operand holds them
+        operand = self._build_merged_operand(key, dtype, device, backend)
+        self._hold_masks(key, backend)
+        return operand
+
+    def _build_merged_operand(self, key: tuple, dtype: torch.dtype, device: torch.device, backend):
         if not self.lora_rank:
             return self._operand("forward", dtype, device, backend)
         fold = self.fold
-        key = ("merged", dtype, device)
-        cached = self._operands.get(key)
-        if cached is not None and cached[0] == self._merged_version(backend, fold):
-            return cached[1]
         with torch.no_grad():
             if fold == "extended":
                 dense, mask = extended_weight(self)
@@ -120,9 +131,22 @@ class MergedSparseLinear(SparseLinear):
         self._operands[key] = (self._merged_version(backend, fold), operand, None)  # (version, operand, own values buffer: see SparseLinear._operand)
         return operand
 
+    def _source_versions(self, names) -> tuple:
+        """``(version, storage)`` of each named tensor but the masks the operand holds (those
+        change only after being given back, :mod:`slope.inference.held_masks`)."""
+        held = () if self._held is None else self._held.names
+        return tuple((t._version, t.data_ptr()) for t in (getattr(self, n) for n in names if n not in held))
+
     def _merged_version(self, backend, fold: str) -> tuple:
-        sources = [self.values, self.mask_bits, self.lora_A, self.lora_A_mask, self.lora_B]
-        return (*((t._version, t.data_ptr()) for t in sources), backend.name, fold)  # one slot (see _operand)
+        return (*self._source_versions(("values", "mask_bits", "lora_A", "lora_A_mask", "lora_B")), backend.name, fold)  # one slot (see _operand)
+
+    def _operand_version(self, which: str, backend_name: str) -> tuple:
+        names = ("values", "mask_bits") + (("mask_t_bits",) if which == "backward" else ())
+        return (*self._source_versions(names), backend_name)
+
+    def _merged_version_at(self, key: tuple, backend) -> tuple:
+        """The version the cached operand under ``key`` (``merged``, or ``forward`` without adapters) must carry."""
+        return self._merged_version(backend, self.fold) if key[0] == "merged" else self._operand_version("forward", backend.name)
 
     def _share_values(self, backend, operand, dtype: torch.dtype) -> None:
         """Make ``values`` (and, in the ``extended`` fold, ``lora_B``) views of the operand's kept
@@ -153,6 +177,8 @@ class MergedSparseLinear(SparseLinear):
         layer's output (see module docstring). Call it with autograd off (the in-place adds are not
         differentiable)."""
         out, r = self.out_features, self.lora_rank
+        if self._derived:
+            self._adopt_writes()
         x2 = x.reshape(-1, self.in_features).to(dtype)
         bias = None if self.bias is None else self.bias.detach().to(dtype)
         if r and x2.shape[0] <= DECODE_ROWS and self._fused_decode_runs(x2, dtype):  # one launch (decoding)
@@ -185,8 +211,7 @@ class MergedSparseLinear(SparseLinear):
         """``(meta, s·A⊙M_A (R, in), B (out, r))`` of :func:`slope.kernels.merged_decode` in ``dtype``
         (the kept values are ``values`` themselves), cached until the mask or the adapters change."""
         key = ("decode", dtype, device)
-        sources = (self.mask_bits, self.lora_A, self.lora_A_mask, self.lora_B)
-        version = tuple((t._version, t.data_ptr()) for t in sources)
+        version = self._source_versions(("mask_bits", "lora_A", "lora_A_mask", "lora_B"))
         cached = self._operands.get(key)
         if cached is None or cached[0] != version:
             with torch.no_grad():
@@ -231,6 +256,7 @@ class MergedSparseLinear(SparseLinear):
 
     def use_fold(self, fold: str) -> None:
         """Fold the adapters ``stacked`` or ``extended`` from now on (the merged operand is rebuilt on next use)."""
+        self._restore_masks()
         self.lora_fold = fold
         self._operands.pop(next((k for k in self._operands if k[0] == "merged"), None), None)
 
@@ -288,6 +314,7 @@ def _borrows_storage(tensor: torch.Tensor) -> bool:
 
 def _to_merged(layer: SparseLinear, fold: str = "auto") -> None:
     layer.refresh()  # the unmerged forward/backward operands are no longer used
+    layer._held, layer._derived = None, {}  # (slope.inference.held_masks)
     layer.__class__ = MergedSparseLinear
     layer.lora_fold = _layer_fold(layer, fold)
 

@@ -75,5 +75,12 @@ class SparseBackend:
         into it updates the operand in place (the fused optimizer step does, instead of a rebuild)."""
         return None
 
+    def operand_mask(self, operand: Any) -> torch.Tensor | None:
+        """The pattern an operand stores, as bool ``(rows, cols)`` (its logical shape, padding cut
+        off), read from its metadata alone, or None when this backend cannot tell. An
+        inference-only layer whose operand gives back its mask exactly keeps the mask only there
+        (:class:`slope.lora.MergedSparseLinear`)."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tiling={self.tiling})"

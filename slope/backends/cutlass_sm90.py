@@ -27,6 +27,8 @@ from .base import SparseBackend
 
 #: the kernel's alignment: (row multiple, col multiple) of the sparse operand.
 ROW_MULTIPLE, COL_MULTIPLE = 8, 16
+#: identity rows per GEMM when :meth:`CutlassSm90Backend.operand_mask` reads a pattern back.
+MASK_SLICE = 2048
 
 
 @dataclass
@@ -98,6 +100,21 @@ class CutlassSm90Backend(SparseBackend):
 
     def operand_values(self, operand: Sm90Operand) -> torch.Tensor:
         return operand.values
+
+    @torch.no_grad()
+    def operand_mask(self, operand: Sm90Operand) -> torch.Tensor:
+        """Read from the sm90 metadata by the GEMM itself: with every kept value 1, ``I · onesᵀ``
+        is the pattern, transposed (each output entry is one product 1·1 or none: exact). The
+        identity goes through in slices of :data:`MASK_SLICE` rows."""
+        padded_rows, padded_cols = operand.padded_shape
+        ones = torch.ones_like(operand.values)
+        pattern = torch.empty(operand.cols, operand.rows, dtype=torch.bool, device=ones.device)
+        for start in range(0, operand.cols, MASK_SLICE):
+            stop = min(start + MASK_SLICE, operand.cols)
+            eye = torch.zeros(stop - start, padded_cols, dtype=ones.dtype, device=ones.device)
+            eye[:, start:stop].fill_diagonal_(1)
+            pattern[start:stop] = cutlass_sm90.gemm(ones, operand.meta, eye)[:, : operand.rows] != 0
+        return pattern.t().contiguous()
 
     def matmul(self, x: torch.Tensor, operand: Sm90Operand) -> torch.Tensor:
         """``x (..., cols) @ denseᵀ -> (..., rows)`` in ``x.dtype`` (= the operand's dtype)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slope.kernels import compress_2to4, decompress_2to4
+from slope.kernels import compress_2to4, decompress_2to4, pattern_2to4
 
 from .base import SparseBackend
 
@@ -44,6 +44,10 @@ class SlopeFormatOperands:
 
     def operand_values(self, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return operand[0]
+
+    def operand_mask(self, operand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        values, meta = operand
+        return pattern_2to4(meta, values.shape[0], 2 * values.shape[1])
 
 
 class ReferenceBackend(SlopeFormatOperands, SparseBackend):

@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from slope.kernels import compress_2to4
+from slope.kernels import compress_2to4, pattern_2to4
 
 from . import register_backend
 from .base import SparseBackend
@@ -170,3 +170,10 @@ class CutlassBackend(_SemiStructuredBackend):
 
     def operand_values(self, operand: SemiStructuredOperand) -> torch.Tensor | None:
         return getattr(operand.sparse, "packed", None)
+
+    def operand_mask(self, operand: SemiStructuredOperand) -> torch.Tensor | None:
+        meta = getattr(operand.sparse, "meta", None)
+        if meta is None:
+            return None
+        rows, cols = operand.sparse.shape
+        return pattern_2to4(meta, rows, cols)[: operand.rows, : operand.cols]

@@ -9,7 +9,7 @@ Functions with a Triton kernel (``addmm``, ``lowrank_concat``, ``matvec_add``, `
 handles (fp16/bf16/fp32) go to :mod:`slope.kernels.triton_kernels` when Triton can run here;
 everything else goes to the pure-PyTorch references in :mod:`slope.kernels.reference`, which
 stay importable as ``slope.kernels.reference.*`` and are the oracles of the fast paths.
-``compress_2to4`` / ``decompress_2to4`` / ``stored_mask_2to4`` are the references on every device.
+``compress_2to4`` / ``decompress_2to4`` / ``pattern_2to4`` / ``stored_mask_2to4`` are the references on every device.
 
 The kept-value kernels (``double_prune_mask_2to4``, ``gather_kept_2to4``, ``scatter_kept_2to4``,
 ``transpose_kept_2to4``) take each mask as bool ``(rows, cols)`` or as its packed bits
@@ -28,6 +28,7 @@ from .reference import (
     cutlass_layout_supported,
     decompress_2to4,
     metadata_dtype,
+    pattern_2to4,
     stored_mask_2to4,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "merged_decode",
     "matvec_add",
     "metadata_dtype",
+    "pattern_2to4",
     "prune_2to4",
     "prune_compress_2to4",
     "reference",

@@ -192,6 +192,18 @@ def _codes_from_meta(meta: torch.Tensor, rows: int, groups: int) -> torch.Tensor
     return ((unordered >> shifts) & 0xF).reshape(rows, groups)
 
 
+def pattern_2to4(meta: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The kept pattern that ``meta`` (from :func:`compress_2to4`, either layout) encodes for a
+    ``(rows, cols)`` operand, as bool ``(rows, cols)``: the mask :func:`decompress_2to4` scatters
+    the values into, read from the metadata alone (kept entries whose value is zero included)."""
+    if cols % 4:
+        raise ValueError(f"cols must be a multiple of 4, got {cols}")
+    codes = _codes_from_meta(meta, rows, cols // 4)
+    pattern = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=meta.device)
+    pattern.scatter_(-1, torch.stack((codes & 3, (codes >> 2) & 3), dim=-1), True)
+    return pattern.reshape(rows, cols)
+
+
 def decompress_2to4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`compress_2to4`: ``(values (rows, cols//2), meta)`` → ``dense (rows, cols)``."""
     _check_2d("values", values)

@@ -1,0 +1,174 @@
+"""Masks held by the operand of an inference-only merged layer (slope.inference.held_masks):
+``pattern_2to4`` and the backends' ``operand_mask`` against the masks they were built from (fresh
+random masks, kept values that are zero included); frozen layers drop ``mask_bits`` (and, stacked,
+``lora_A_mask``) after their first product, give the same outputs, state dicts, copies and pickles
+as before, give the buffers back when moved, loaded or written into, and keep them where the
+backend cannot read its pattern back or reads it back wrong."""
+import io
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from slope import prune_model, sparse_modules
+from slope.backends import backend_class
+from slope.kernels import compress_2to4, pattern_2to4
+from slope.lora import freeze_for_inference, merge_lora
+from slope.masks import nm_mask, pack_mask
+
+BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+def _random_2to4_mask(rows, cols, gen=None):
+    return nm_mask(torch.randn(rows, cols, generator=gen), 2, 4)
+
+
+@pytest.mark.parametrize("dtype,rows,cols", [(torch.float32, 8, 16), (torch.bfloat16, 64, 128), (torch.float16, 32, 64), (torch.bfloat16, 12, 40)])
+def test_pattern_2to4_is_the_mask_of_either_layout_even_where_kept_values_are_zero(dtype, rows, cols):
+    mask = _random_2to4_mask(rows, cols)
+    dense = torch.randn(rows, cols).to(dtype) * mask
+    dense[0] = 0  # a whole row of kept zeros: the values cannot tell, the metadata can
+    for layout in ("plain", "cutlass") if rows % 32 == 0 and cols % 32 == 0 and dtype != torch.float32 else ("plain",):
+        values, meta = compress_2to4(dense, mask, layout=layout)
+        assert torch.equal(pattern_2to4(meta, rows, cols), mask), layout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_operand_mask_reads_back_the_pattern(backend):
+    cls = backend_class(backend)
+    gen = torch.Generator().manual_seed(3)
+    for rows, cols, dtype in [(32, 64, torch.bfloat16), (8, 16, torch.float32)]:
+        mask = _random_2to4_mask(rows, cols, gen)
+        operand = cls().make_operand((torch.randn(rows, cols, generator=gen) * mask).to(dtype), mask)
+        assert torch.equal(cls().operand_mask(operand), mask)
+
+
+def test_backends_that_cannot_read_a_pattern_say_none():
+    mask = _random_2to4_mask(8, 16)
+    simulated = backend_class("simulated")()
+    assert simulated.operand_mask(simulated.make_operand(torch.randn(8, 16) * mask, mask)) is None
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 96)
+        self.fc2 = nn.Linear(96, 32)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _model(rank=8, backend="reference", dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    kw = {"compress": False} if backend == "simulated" else {"backend": backend}
+    lora = {"add_lora": True, "lora_rank": rank} if rank else {}
+    model = prune_model(MLP().to(dtype), verbose=False, **lora, **kw)
+    with torch.no_grad():
+        for _, layer in sparse_modules(model):
+            if rank:
+                layer.lora_B.normal_(0.0, 0.3)
+            layer.bias.normal_()
+    return model
+
+
+def _frozen(fold="stacked", rank=8, backend="reference", dtype=torch.float32):
+    """(frozen model, its state dict before freezing, the unfrozen model's output on ``x``, ``x``)."""
+    model = _model(rank, backend, dtype)
+    with torch.no_grad():
+        layer = model.fc1  # kept values that are exactly zero: only the metadata knows they are kept
+        layer.values[:3] = 0
+    x = torch.randn(5, 64, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items() if "mask_t" not in k}
+    if rank:
+        merge_lora(model, fold=fold)
+    freeze_for_inference(model)
+    return model, state, expected, x
+
+
+def _buffer_names(layer):
+    return [name for name, _ in layer.named_buffers()]
+
+
+@pytest.mark.parametrize("fold,rank,held", [("stacked", 8, ["mask_bits", "lora_A_mask"]), ("extended", 8, ["mask_bits"]), ("stacked", 0, ["mask_bits"])])
+def test_frozen_layers_hold_their_masks_in_the_operand_once_built(fold, rank, held):
+    model, state, expected, x = _frozen(fold, rank)
+    before = {name: _buffer_names(layer) for name, layer in sparse_modules(model)}
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name, layer in sparse_modules(model):
+        assert set(before[name]) - set(_buffer_names(layer)) == set(held), name
+        assert layer._held.names == tuple(held)
+    dropped = sum(state[f"{name}.{b}"].numel() * state[f"{name}.{b}"].element_size() for name, _ in sparse_modules(model) for b in held)
+    assert buffer_bytes - sum(b.numel() * b.element_size() for b in model.buffers()) == dropped
+    # read back: the same masks, the same state dict (keys in the same order, values equal)
+    saved = model.state_dict()
+    assert list(saved) == [k for k in state if not k.endswith("meta")]
+    for key, value in state.items():
+        assert torch.equal(saved[key], value), key
+    assert torch.equal(model.fc1.mask, nm_mask(model.fc1.mask.float(), 2, 4) & model.fc1.mask)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), got, rtol=0, atol=0)  # no rebuild, same result
+
+
+def test_held_masks_survive_copies_pickles_and_moves():
+    model, state, expected, x = _frozen("stacked")
+    with torch.no_grad():
+        got = model(x)
+        copied = __import__("copy").deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for other in (copied, loaded):
+            assert _buffer_names(other.fc1) == ["mask_bits", "lora_A_mask"]  # the copy holds its buffers itself
+            torch.testing.assert_close(other(x), got, rtol=0, atol=0)
+            assert other.fc1._held is not None  # and hands them to its own operand
+        assert model.fc1._held is not None  # the original kept holding them
+        model.to(torch.bfloat16)  # a move gives them back (the operands go) ...
+        assert _buffer_names(model.fc1) == ["mask_bits", "lora_A_mask"]
+        assert torch.equal(model.fc1.mask_bits, state["fc1.mask_bits"])
+        y = model(x.bfloat16())  # ... and the new operand holds them again
+        assert model.fc1._held is not None
+        torch.testing.assert_close(y.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_writes_into_a_held_mask_are_adopted_and_loads_reach_the_operand():
+    model, state, expected, x = _frozen("stacked")
+    layer = model.fc1
+    with torch.no_grad():
+        model(x)
+        new_mask = _random_2to4_mask(96, 64)
+        bits = layer.mask_bits
+        bits.copy_(pack_mask(new_mask))  # a write into the derived tensor
+        got = model(x)
+        assert layer._held is not None and torch.equal(layer.mask, new_mask)
+        assert torch.equal(model.state_dict()["fc1.mask_bits"], pack_mask(new_mask))
+        reference = _model()
+        reference.load_state_dict({**state, "fc1.mask_bits": pack_mask(new_mask)}, strict=False)
+        torch.testing.assert_close(got, reference(x), rtol=1e-5, atol=1e-5)
+        # a state dict loaded into the holding layer: its masks and weights are used
+        other = _model(seed=1)
+        other_state = {k: v for k, v in other.state_dict().items() if "mask_t" not in k}
+        model.load_state_dict(other_state)
+        torch.testing.assert_close(model(x), other(x), rtol=1e-5, atol=1e-5)
+        assert layer._held is not None and torch.equal(layer.lora_A_mask, other.fc1.lora_A_mask)
+
+
+def test_masks_stay_buffers_where_the_pattern_cannot_be_read_back(monkeypatch):
+    model, state, expected, x = _frozen("stacked", backend="simulated")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert model.fc1._held is None and "mask_bits" in _buffer_names(model.fc1)
+    # a backend whose read-back disagrees with the buffers: nothing is dropped
+    cls = backend_class("reference")
+    monkeypatch.setattr(cls, "operand_mask", lambda self, operand: torch.ones(operand[0].shape[0], 2 * operand[0].shape[1], dtype=torch.bool))
+    model, state, expected, x = _frozen("extended")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert model.fc1._held is None and torch.equal(model.fc1.mask_bits, state["fc1.mask_bits"])
