@@ -166,8 +166,8 @@ class LoadedModel:
 
     def memory_info(self) -> dict:
         """JSON-able bytes: ``weight_bytes`` (all parameters and buffers: compressed values and
-        masks; not the backend operands, whose metadata holds an inference-only layer's masks once
-        it has run, :mod:`slope.inference.held_masks`), ``sparse_layer_bytes`` (those of the
+        masks; not the backend operands, which hold an inference-only layer's masks (and stacked
+        ``lora_A``) once it has run, :mod:`slope.inference.operand_held`), ``sparse_layer_bytes`` (those of the
         ``sparse_layers``), ``freeze``
         (``None`` or the MemoryReport fields with ``total_before``/``total_after``)."""
         report = self.memory

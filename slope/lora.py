@@ -26,8 +26,8 @@ A merged layer keeps every tensor of the unmerged one (``values``, ``mask_bits``
 stacked operand is derived from them and rebuilt lazily whenever one changes (version-keyed cache).
 The inference-only form (:func:`freeze_for_inference`) drops the derived ``mask_t_bits`` and keeps
 each weight once: ``values`` (and, extended, ``lora_B``) become views of the operand, whose
-metadata then holds ``mask_bits`` (and, stacked, ``lora_A_mask``) where the backend can read them
-back (:mod:`slope.inference.held_masks`; the state dict still has them).
+operand then holds ``mask_bits`` (and, stacked, ``lora_A`` and ``lora_A_mask``) where the backend
+can read them back (:mod:`slope.inference.operand_held`; the state dict still has them).
 Merged layers are for inference: their forward works with or without autograd enabled, but a
 backward through them is an error (also in training mode when nothing before them requires grad),
 and so is :class:`~slope.optimizers.ADAMWSparse` over them.
@@ -41,7 +41,7 @@ import torch.nn as nn
 
 import slope.kernels as kernels
 from slope.inference.fold import FOLDS, choose_fold, extended_weight, scaled_lora_a
-from slope.inference.held_masks import MasksInOperand
+from slope.inference.operand_held import HeldByOperand
 import slope.layer as _layer_module
 from slope.layer import SparseLinear, _compute_dtype
 from slope.registry import sparse_modules
@@ -71,7 +71,7 @@ class _NoBackward(torch.autograd.Function):
         )
 
 
-class MergedSparseLinear(MasksInOperand, SparseLinear):
+class MergedSparseLinear(HeldByOperand, SparseLinear):
     """Inference form of :class:`~slope.layer.SparseLinear` (see the module docstring).
 
     Layers become this class in place (``layer.__class__`` is swapped, as
@@ -79,7 +79,7 @@ class MergedSparseLinear(MasksInOperand, SparseLinear):
     stay the same. :func:`merge_lora` converts layers with adapters; :func:`freeze_for_inference`
     converts every SLoPe layer (one without adapters runs the same path with ``r = 0``) and drops
     ``M_t`` (``mask_t_bits``). Once an inference-only layer has built its operand, the operand
-    holds its masks (:mod:`slope.inference.held_masks`).
+    holds its masks and, stacked, ``lora_A`` (:mod:`slope.inference.operand_held`).
     """
 
     # ------------------------------------------------------------------ the stacked operand
@@ -110,9 +110,9 @@ class MergedSparseLinear(MasksInOperand, SparseLinear):
         cached = self._operands.get(key)
         if cached is not None and cached[0] == self._merged_version_at(key, backend):
             return cached[1]
-        self._restore_masks()  # the build reads the masks as buffers again; the new operand holds them
+        self._restore_held()  # the build reads the held tensors as the layer's again; the new operand holds them
         operand = self._build_merged_operand(key, dtype, device, backend)
-        self._hold_masks(key, backend)
+        self._hold(key, backend)
         return operand
 
     def _build_merged_operand(self, key: tuple, dtype: torch.dtype, device: torch.device, backend):
@@ -132,8 +132,8 @@ class MergedSparseLinear(MasksInOperand, SparseLinear):
         return operand
 
     def _source_versions(self, names) -> tuple:
-        """``(version, storage)`` of each named tensor but the masks the operand holds (those
-        change only after being given back, :mod:`slope.inference.held_masks`)."""
+        """``(version, storage)`` of each named tensor but those the operand holds (they change only
+        after being given back, :mod:`slope.inference.operand_held`)."""
         held = () if self._held is None else self._held.names
         return tuple((t._version, t.data_ptr()) for t in (getattr(self, n) for n in names if n not in held))
 
@@ -256,7 +256,7 @@ class MergedSparseLinear(MasksInOperand, SparseLinear):
 
     def use_fold(self, fold: str) -> None:
         """Fold the adapters ``stacked`` or ``extended`` from now on (the merged operand is rebuilt on next use)."""
-        self._restore_masks()
+        self._restore_held()
         self.lora_fold = fold
         self._operands.pop(next((k for k in self._operands if k[0] == "merged"), None), None)
 
@@ -314,7 +314,7 @@ def _borrows_storage(tensor: torch.Tensor) -> bool:
 
 def _to_merged(layer: SparseLinear, fold: str = "auto") -> None:
     layer.refresh()  # the unmerged forward/backward operands are no longer used
-    layer._held, layer._derived = None, {}  # (slope.inference.held_masks)
+    layer._held, layer._derived = None, {}  # (slope.inference.operand_held)
     layer.__class__ = MergedSparseLinear
     layer.lora_fold = _layer_fold(layer, fold)
 

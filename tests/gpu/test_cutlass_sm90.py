@@ -197,6 +197,50 @@ def test_operand_from_kept_values_is_the_compressed_operand(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(96, 64), (200, 784), (1024, 4352)])
+def test_operand_mask_reads_back_the_pattern(shape, dtype):
+    """``operand_mask`` (identity GEMM over ones, in slices) is the mask of an operand built from
+    kept values (kept zeros included), of a padded one and of one over several identity slices."""
+    backend = backend_class("cutlass-sm90")()
+    rows, cols = shape
+    w = torch.randn(rows, cols, device="cuda", dtype=dtype)
+    mask = nm_mask(w, 2, 4)
+    dense = _sparse(rows, cols, dtype)
+    assert torch.equal(backend.operand_mask(backend.make_operand(dense, dense != 0)), dense != 0)
+    structure = backend.operand_structure(mask, dtype)
+    if structure is not None:  # (an aligned shape)
+        values = (w * mask)[mask].view(rows, cols // 2)
+        values[0] = 0
+        assert torch.equal(backend.operand_mask(backend.operand_from_values(values, structure)), mask)
+
+
+def test_frozen_merged_layers_hold_their_masks_in_sm90_operands():
+    """A frozen merged model on cutlass-sm90 drops mask_bits (and, stacked, lora_A_mask) after its
+    first product, with the same outputs and state dict as before."""
+    from slope import prune_model, sparse_modules
+    from slope.lora import freeze_for_inference, merge_lora
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).cuda().bfloat16()
+    prune_model(model, add_lora=True, lora_rank=16, backend="cutlass-sm90", verbose=False)
+    with torch.no_grad():
+        for _, layer in sparse_modules(model):
+            layer.lora_B.normal_(0.0, 0.1)
+    x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
+    state = {k: v.clone() for k, v in model.state_dict().items() if "mask_t" not in k}
+    with torch.no_grad():
+        expected = model(x)
+        merge_lora(model)
+        freeze_for_inference(model)
+        got = model(x)
+    for name, layer in sparse_modules(model):
+        assert layer._held is not None and "mask_bits" not in dict(layer.named_buffers()), name
+    torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)
+    saved = model.state_dict()
+    assert list(saved) == list(state) and all(torch.equal(saved[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_forward_operand_follows_optimizer_steps(dtype):
     """After each optimizer step (new values, same mask) the forward product uses the new weights."""
     from slope.optimizers import ADAMWSparse

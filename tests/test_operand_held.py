@@ -1,7 +1,7 @@
-"""Masks held by the operand of an inference-only merged layer (slope.inference.held_masks):
+"""What the operand of an inference-only merged layer holds (slope.inference.operand_held):
 ``pattern_2to4`` and the backends' ``operand_mask`` against the masks they were built from (fresh
 random masks, kept values that are zero included); frozen layers drop ``mask_bits`` (and, stacked,
-``lora_A_mask``) after their first product, give the same outputs, state dicts, copies and pickles
+``lora_A_mask`` and ``lora_A``) after their first product, give the same outputs, state dicts, copies and pickles
 as before, give the buffers back when moved, loaded or written into, and keep them where the
 backend cannot read its pattern back or reads it back wrong."""
 import io
@@ -73,6 +73,9 @@ def _model(rank=8, backend="reference", dtype=torch.float32, seed=0):
     return model
 
 
+ALL = ["values", "bias", "lora_A", "lora_B", "mask_bits", "lora_A_mask"]  # a frozen layer's own, in order
+
+
 def _frozen(fold="stacked", rank=8, backend="reference", dtype=torch.float32):
     """(frozen model, its state dict before freezing, the unfrozen model's output on ``x``, ``x``)."""
     model = _model(rank, backend, dtype)
@@ -89,23 +92,27 @@ def _frozen(fold="stacked", rank=8, backend="reference", dtype=torch.float32):
     return model, state, expected, x
 
 
-def _buffer_names(layer):
-    return [name for name, _ in layer.named_buffers()]
+def _tensor_names(layer):
+    return [name for name, _ in [*layer.named_parameters(), *layer.named_buffers()]]
 
 
-@pytest.mark.parametrize("fold,rank,held", [("stacked", 8, ["mask_bits", "lora_A_mask"]), ("extended", 8, ["mask_bits"]), ("stacked", 0, ["mask_bits"])])
+def _tensor_bytes(model):
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("fold,rank,held", [("stacked", 8, ["mask_bits", "lora_A_mask", "lora_A"]), ("extended", 8, ["mask_bits"]), ("stacked", 0, ["mask_bits"])])
 def test_frozen_layers_hold_their_masks_in_the_operand_once_built(fold, rank, held):
     model, state, expected, x = _frozen(fold, rank)
-    before = {name: _buffer_names(layer) for name, layer in sparse_modules(model)}
-    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    before = {name: _tensor_names(layer) for name, layer in sparse_modules(model)}
+    tensor_bytes = _tensor_bytes(model)
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for name, layer in sparse_modules(model):
-        assert set(before[name]) - set(_buffer_names(layer)) == set(held), name
+        assert set(before[name]) - set(_tensor_names(layer)) == set(held), name
         assert layer._held.names == tuple(held)
     dropped = sum(state[f"{name}.{b}"].numel() * state[f"{name}.{b}"].element_size() for name, _ in sparse_modules(model) for b in held)
-    assert buffer_bytes - sum(b.numel() * b.element_size() for b in model.buffers()) == dropped
+    assert tensor_bytes - _tensor_bytes(model) == dropped
     # read back: the same masks, the same state dict (keys in the same order, values equal)
     saved = model.state_dict()
     assert list(saved) == [k for k in state if not k.endswith("meta")]
@@ -126,12 +133,12 @@ def test_held_masks_survive_copies_pickles_and_moves():
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=False)
         for other in (copied, loaded):
-            assert _buffer_names(other.fc1) == ["mask_bits", "lora_A_mask"]  # the copy holds its buffers itself
+            assert _tensor_names(other.fc1) == ALL  # the copy holds them itself
             torch.testing.assert_close(other(x), got, rtol=0, atol=0)
             assert other.fc1._held is not None  # and hands them to its own operand
         assert model.fc1._held is not None  # the original kept holding them
         model.to(torch.bfloat16)  # a move gives them back (the operands go) ...
-        assert _buffer_names(model.fc1) == ["mask_bits", "lora_A_mask"]
+        assert _tensor_names(model.fc1) == ALL
         assert torch.equal(model.fc1.mask_bits, state["fc1.mask_bits"])
         y = model(x.bfloat16())  # ... and the new operand holds them again
         assert model.fc1._held is not None
@@ -152,6 +159,13 @@ def test_writes_into_a_held_mask_are_adopted_and_loads_reach_the_operand():
         reference = _model()
         reference.load_state_dict({**state, "fc1.mask_bits": pack_mask(new_mask)}, strict=False)
         torch.testing.assert_close(got, reference(x), rtol=1e-5, atol=1e-5)
+        # the same for the adapters' A (held in the stacked operand's extra rows)
+        a = layer.lora_A
+        assert torch.equal(a, state["fc1.lora_A"]) and "lora_A" not in dict(layer.named_parameters())
+        a.mul_(2)
+        reference.fc1.lora_A.mul_(2)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+        assert layer._held is not None and torch.equal(model.state_dict()["fc1.lora_A"], 2 * state["fc1.lora_A"])
         # a state dict loaded into the holding layer: its masks and weights are used
         other = _model(seed=1)
         other_state = {k: v for k, v in other.state_dict().items() if "mask_t" not in k}
@@ -164,7 +178,7 @@ def test_masks_stay_buffers_where_the_pattern_cannot_be_read_back(monkeypatch):
     model, state, expected, x = _frozen("stacked", backend="simulated")
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-    assert model.fc1._held is None and "mask_bits" in _buffer_names(model.fc1)
+    assert model.fc1._held is None and "mask_bits" in _tensor_names(model.fc1)
     # a backend whose read-back disagrees with the buffers: nothing is dropped
     cls = backend_class("reference")
     monkeypatch.setattr(cls, "operand_mask", lambda self, operand: torch.ones(operand[0].shape[0], 2 * operand[0].shape[1], dtype=torch.bool))

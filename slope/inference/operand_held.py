@@ -1,0 +1,208 @@
+"""An inference-only merged layer keeps what its operand encodes only there.
+
+A frozen :class:`~slope.lora.MergedSparseLinear` multiplies with a backend operand whose
+metadata encodes ``M`` and, in the ``stacked`` fold, whose rows ``out…out+r`` are the adapters'
+``A⊙M_A`` (kept values and pattern). The packed ``mask_bits`` (1 bit per weight), and, stacked,
+the bool ``lora_A_mask`` (1 byte per adapter entry) and the dense ``lora_A`` beside it are a second
+copy. Once such a layer has built its operand, and the backend reads them back exactly
+(:meth:`slope.backends.base.SparseBackend.operand_mask` and ``operand_values``, compared with the
+layer's tensors once), the layer drops them: the operand *holds* them.
+
+While held:
+
+- ``layer.mask_bits``, ``layer.lora_A_mask``, ``layer.lora_A`` (and ``layer.mask``, the state
+  dict, copies and pickles) are derived from the operand: the same values as before, in fresh
+  tensors (the same tensor again while one handed out is alive). Writing into one in place is
+  adopted before the layer's next product or state dict: the tensors come back, with the write,
+  and the operand is rebuilt.
+- ``named_buffers()`` / ``named_parameters()`` do not list them (that is the memory saved).
+- Whatever would drop or rebuild the holding operand (moving or casting the model, loading a
+  state dict, switching the fold, another dtype or backend) first gives them back; the next
+  product holds them again.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slope.masks import pack_mask
+
+#: a layer's parameters and buffers in registration order (its state-dict order); the ones an
+#: operand can hold: ``mask_bits``, ``lora_A_mask``, ``lora_A``.
+PARAMETER_ORDER = ("values", "bias", "lora_A", "lora_B")
+BUFFER_ORDER = ("mask_bits", "mask_t_bits", "lora_A_mask")
+HOLDABLE = frozenset({"mask_bits", "lora_A_mask", "lora_A"})
+
+
+def _in_order(tensors: dict, order: tuple[str, ...]) -> dict:
+    """``tensors`` with the names of ``order`` in that order, after any others."""
+    names = [n for n in tensors if n not in order] + [n for n in order if n in tensors]
+    return {n: tensors[n] for n in names}
+
+
+@dataclass(frozen=True)
+class HeldTensors:
+    """What a layer dropped, and where it lives: the cached operand under ``key`` of ``backend``."""
+
+    key: tuple
+    backend: Any
+    names: tuple[str, ...]
+
+
+class HeldByOperand:
+    """Mixin of :class:`~slope.lora.MergedSparseLinear` (module docstring). The layer sets
+    ``_held`` (:class:`HeldTensors` or None) and ``_derived`` (name → ``(weak reference,
+    version)`` of the derived tensors handed out) when it becomes merged."""
+
+    def __getattr__(self, name: str):
+        if name in HOLDABLE:
+            held = self.__dict__.get("_held")
+            if held is not None and name in held.names:
+                return self._held_tensor(name)
+        return super().__getattr__(name)
+
+    # ------------------------------------------------------------------ reading the operand
+    def _holdable(self) -> tuple[str, ...]:
+        """What this layer's merged operand encodes: ``M``; stacked, also ``M_A`` and ``A⊙M_A``."""
+        return ("mask_bits", "lora_A_mask", "lora_A") if self.lora_rank and self.fold == "stacked" else ("mask_bits",)
+
+    def _read_operand(self, key: tuple, backend, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+        """``{name: tensor}`` read from the cached operand under ``key``, or None when ``backend``
+        cannot read it back."""
+        cached = self._operands.get(key)
+        if cached is None:
+            raise RuntimeError(f"{self.layer_name or 'MergedSparseLinear'}: the operand holding its masks is gone (slope bug)")
+        operand = cached[1][0] if self.lora_rank and self.fold == "extended" else cached[1]
+        pattern = backend.operand_mask(operand)
+        if pattern is None:
+            return None
+        device, (out, r, cols) = self.values.device, (self.out_features, self.lora_rank, self.in_features)
+        pattern = pattern.to(device)
+        found = {"mask_bits": pack_mask(pattern[:out, :cols].contiguous())}
+        if "lora_A_mask" in names:
+            found["lora_A_mask"] = pattern[out : out + r, :cols].clone()
+        if "lora_A" in names:
+            kept = backend.operand_values(operand)
+            if kept is None:
+                return None
+            a = torch.zeros(r, cols, dtype=kept.dtype, device=device)
+            a[found["lora_A_mask"]] = kept[out : out + r, : cols // 2].reshape(-1).to(device)  # row order, ascending column
+            found["lora_A"] = nn.Parameter(a, requires_grad=False)
+        return found
+
+    def _hold(self, key: tuple, backend) -> None:
+        """After the operand under ``key`` was built: drop what it encodes, when the layer is
+        inference-only and the backend reads each of those back equal (same dtype)."""
+        if self._held is not None or not self.inference_only:
+            return
+        names = self._holdable()
+        found = self._read_operand(key, backend, names)
+        if found is None:
+            return
+        own = {name: getattr(self, name) for name in names}
+        if any(found[n].dtype != own[n].dtype or not torch.equal(found[n], own[n]) for n in names):
+            return
+        for name in names:
+            (self._parameters if name in PARAMETER_ORDER else self._buffers).pop(name)
+        self._forget_mask_caches()
+        self._held = HeldTensors(key, backend, names)
+        version, operand, buffer = self._operands[key]
+        self._operands[key] = (self._merged_version_at(key, backend), operand, buffer)
+
+    def _held_tensor(self, name: str) -> torch.Tensor:
+        """A held tensor, derived from the operand (the same one while one handed out is alive)."""
+        entry = self._derived.get(name)
+        tensor = None if entry is None else entry[0]()
+        if tensor is None:
+            held = self._held
+            for other, fresh in self._read_operand(held.key, held.backend, held.names).items():
+                alive = self._derived.get(other)
+                if alive is None or alive[0]() is None:
+                    self._track(other, fresh)
+                if other == name:
+                    tensor = fresh
+        return tensor
+
+    def _track(self, name: str, tensor: torch.Tensor) -> None:
+        derived = self._derived
+
+        def forget(ref, name=name):
+            if derived.get(name, (None,))[0] is ref:
+                del derived[name]
+
+        derived[name] = (weakref.ref(tensor, forget), tensor._version)
+
+    # ------------------------------------------------------------------ giving back
+    def _restore_held(self) -> None:
+        """Give the held tensors back (derived ones still alive become them, with any writes)."""
+        held = self._held
+        if held is None:
+            return
+        tensors = {name: self._held_tensor(name) for name in held.names}
+        self._held = None
+        self._derived.clear()
+        self._forget_mask_caches()
+        params = {**self._parameters, **{n: t for n, t in tensors.items() if n in PARAMETER_ORDER}}
+        buffers = {**self._buffers, **{n: t for n, t in tensors.items() if n not in PARAMETER_ORDER}}
+        for store, new, order in ((self._parameters, params, PARAMETER_ORDER), (self._buffers, buffers, BUFFER_ORDER)):
+            store.clear()
+            store.update(_in_order(new, order))
+
+    def _forget_mask_caches(self) -> None:
+        """Drop what the layer derived from its mask buffer, keyed by the buffer's (version, address):
+        a new tensor may reuse a freed one's address at the same version."""
+        self._offsets, self._validated_mask = None, None
+        self._structures.clear()
+
+    def _adopt_writes(self) -> None:
+        """Give the held tensors back when a derived one was written into (its version moved)."""
+        for ref, version in list(self._derived.values()):
+            tensor = ref()
+            if tensor is not None and tensor._version != version:
+                self._restore_held()
+                return
+
+    # ------------------------------------------------------------------ what may drop the operand
+    def refresh(self) -> None:
+        self._restore_held()
+        super().refresh()
+
+    def _apply(self, fn, recurse=True):
+        self._restore_held()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        held = self._held
+        tensors = {} if held is None else {name: self._held_tensor(name) for name in held.names}
+        state = super().__getstate__()
+        if tensors:  # the copy holds them itself; this layer keeps holding them
+            for slot, order in (("_parameters", PARAMETER_ORDER), ("_buffers", BUFFER_ORDER)):
+                mine = {n: t for n, t in tensors.items() if (n in PARAMETER_ORDER) == (slot == "_parameters")}
+                state[slot] = _in_order({**state[slot], **mine}, order)
+        state["_held"], state["_derived"] = None, {}
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("_held", None)
+        state.setdefault("_derived", {})
+        super().__setstate__(state)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._adopt_writes()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        held = self._held
+        if held is not None:
+            for name in held.names:
+                tensor = self._held_tensor(name)
+                destination[prefix + name] = tensor if keep_vars else tensor.detach()
+            for name in PARAMETER_ORDER + BUFFER_ORDER:  # this layer's entries in registration order again
+                if prefix + name in destination:
+                    destination[prefix + name] = destination.pop(prefix + name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._restore_held()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
