@@ -293,9 +293,10 @@ def check_fused_operand_step(suite: Suite, gen: torch.Generator) -> None:
 
 def check_merged_lora(suite: Suite) -> None:
     """Merged sparse + LoRA layers against float64, in both adapter folds (``stacked``: one sparse GEMM
-    of [W; A], then the fused add-mm; ``extended``: one GEMM of [x | ũ] by [W | B̃])."""
+    of [W; A], then the fused add-mm; ``extended``: one GEMM of [x | ũ] by [W | B̃]); then frozen,
+    with the state dict read back from what the operand holds."""
     from slope.layer import SparseLinear
-    from slope.lora import merge_lora, set_lora_fold
+    from slope.lora import freeze_for_inference, merge_lora, set_lora_fold
 
     device, gen = suite.device, suite.generator(4)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -313,18 +314,31 @@ def check_merged_lora(suite: Suite) -> None:
             layer.lora_B.normal_(0.0, 0.1, generator=gen)
         a = (layer.lora_A * layer.lora_A_mask).double()
         w = (weight * layer.mask).double()
+        b = layer.lora_B.detach().double()
+
+        def error(x):
+            with torch.no_grad():
+                got = merged(x)
+            xd = x.double()
+            return rel_err(got, xd @ w.t() + layer.lora_scaling * (xd @ a.t()) @ b.t() + bias.double())
+
         merged = merge_lora(nn.Sequential(layer))
         for fold in ("extended", "stacked"):
             set_lora_fold(merged, fold)
-            errors = {}
-            for label, shape in (("prefill", (3, 37)), ("decode", (1, 1))):
-                x = torch.randn(*shape, 256, device=device, dtype=dtype, generator=gen)
-                with torch.no_grad():
-                    got = merged(x)
-                xd = x.double()
-                oracle = xd @ w.t() + layer.lora_scaling * (xd @ a.t()) @ layer.lora_B.double().t() + bias.double()
-                errors[label] = rel_err(got, oracle)
+            errors = {label: error(torch.randn(*shape, 256, device=device, dtype=dtype, generator=gen))
+                      for label, shape in (("prefill", (3, 37)), ("decode", (1, 1)))}
             suite.record("merged_lora", f"{name} {fold}", errors, TOL[dtype])
+        # frozen: the operand holds the masks (and, stacked, lora_A) where the backend reads them back
+        state = {k: v.clone() for k, v in merged.state_dict().items()}
+        freeze_for_inference(merged)
+        for fold in ("extended", "stacked"):
+            set_lora_fold(merged, fold)
+            err = error(torch.randn(3, 37, 256, device=device, dtype=dtype, generator=gen))
+            saved = merged.state_dict()
+            same = all(torch.equal(saved[k], v) for k, v in state.items() if "mask_t" not in k)
+            held = list(layer._held.names) if layer._held is not None else []
+            suite.record("merged_lora", f"{name} {fold} frozen", {"prefill": err}, TOL[dtype],
+                         ok=err <= TOL[dtype] and same, state_equal=same, held=held)
 
 
 def check_auto(suite: Suite) -> None:

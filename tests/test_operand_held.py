@@ -60,10 +60,10 @@ class MLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def _model(rank=8, backend="reference", dtype=torch.float32, seed=0):
+def _model(rank=8, backend="reference", dtype=torch.float32, seed=0, alpha=None):
     torch.manual_seed(seed)
     kw = {"compress": False} if backend == "simulated" else {"backend": backend}
-    lora = {"add_lora": True, "lora_rank": rank} if rank else {}
+    lora = {"add_lora": True, "lora_rank": rank, "lora_alpha": alpha} if rank else {}
     model = prune_model(MLP().to(dtype), verbose=False, **lora, **kw)
     with torch.no_grad():
         for _, layer in sparse_modules(model):
@@ -76,9 +76,9 @@ def _model(rank=8, backend="reference", dtype=torch.float32, seed=0):
 ALL = ["values", "bias", "lora_A", "lora_B", "mask_bits", "lora_A_mask"]  # a frozen layer's own, in order
 
 
-def _frozen(fold="stacked", rank=8, backend="reference", dtype=torch.float32):
+def _frozen(fold="stacked", rank=8, backend="reference", dtype=torch.float32, alpha=None):
     """(frozen model, its state dict before freezing, the unfrozen model's output on ``x``, ``x``)."""
-    model = _model(rank, backend, dtype)
+    model = _model(rank, backend, dtype, alpha=alpha)
     with torch.no_grad():
         layer = model.fc1  # kept values that are exactly zero: only the metadata knows they are kept
         layer.values[:3] = 0
@@ -100,7 +100,7 @@ def _tensor_bytes(model):
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-@pytest.mark.parametrize("fold,rank,held", [("stacked", 8, ["mask_bits", "lora_A_mask", "lora_A"]), ("extended", 8, ["mask_bits"]), ("stacked", 0, ["mask_bits"])])
+@pytest.mark.parametrize("fold,rank,held", [("stacked", 8, ["mask_bits", "lora_A_mask", "lora_A"]), ("extended", 8, ["mask_bits", "lora_A"]), ("stacked", 0, ["mask_bits"])])
 def test_frozen_layers_hold_their_masks_in_the_operand_once_built(fold, rank, held):
     model, state, expected, x = _frozen(fold, rank)
     before = {name: _tensor_names(layer) for name, layer in sparse_modules(model)}
@@ -174,15 +174,20 @@ def test_writes_into_a_held_mask_are_adopted_and_loads_reach_the_operand():
         assert layer._held is not None and torch.equal(layer.lora_A_mask, other.fc1.lora_A_mask)
 
 
-def test_masks_stay_buffers_where_the_pattern_cannot_be_read_back(monkeypatch):
-    model, state, expected, x = _frozen("stacked", backend="simulated")
+def test_what_cannot_be_read_back_exactly_stays_the_layers(monkeypatch):
+    model, state, expected, x = _frozen("stacked", backend="simulated")  # a dense operand: no pattern
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-    assert model.fc1._held is None and "mask_bits" in _tensor_names(model.fc1)
-    # a backend whose read-back disagrees with the buffers: nothing is dropped
+    assert model.fc1._held is None and _tensor_names(model.fc1) == ALL
+    # extended with s = alpha / r = 0.375: s·A / s need not be A, so A stays (M is still held)
+    model, state, expected, x = _frozen("extended", alpha=3.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert model.fc1._held.names == ("mask_bits",) and "lora_A" in dict(model.fc1.named_parameters())
+    # a backend whose read-back disagrees with the layer: nothing is dropped
     cls = backend_class("reference")
     monkeypatch.setattr(cls, "operand_mask", lambda self, operand: torch.ones(operand[0].shape[0], 2 * operand[0].shape[1], dtype=torch.bool))
-    model, state, expected, x = _frozen("extended")
+    model, state, expected, x = _frozen("stacked")
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     assert model.fc1._held is None and torch.equal(model.fc1.mask_bits, state["fc1.mask_bits"])

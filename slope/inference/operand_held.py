@@ -1,12 +1,14 @@
 """An inference-only merged layer keeps what its operand encodes only there.
 
 A frozen :class:`~slope.lora.MergedSparseLinear` multiplies with a backend operand whose
-metadata encodes ``M`` and, in the ``stacked`` fold, whose rows ``out…out+r`` are the adapters'
-``A⊙M_A`` (kept values and pattern). The packed ``mask_bits`` (1 bit per weight), and, stacked,
-the bool ``lora_A_mask`` (1 byte per adapter entry) and the dense ``lora_A`` beside it are a second
-copy. Once such a layer has built its operand, and the backend reads them back exactly
-(:meth:`slope.backends.base.SparseBackend.operand_mask` and ``operand_values``, compared with the
-layer's tensors once), the layer drops them: the operand *holds* them.
+metadata encodes ``M``; in the ``stacked`` fold its rows ``out…out+r`` are the adapters'
+``A⊙M_A`` (kept values and pattern), in the ``extended`` fold it carries ``s·A⊙M_A`` densely. The
+packed ``mask_bits`` (1 bit per weight), the dense ``lora_A`` and, stacked, the bool
+``lora_A_mask`` (1 byte per adapter entry) beside it are a second copy. Once such a layer has built
+its operand, it drops each of them that the backend reads back exactly
+(:meth:`slope.backends.base.SparseBackend.operand_mask` and ``operand_values``; ``A`` of the
+extended fold divided by ``s``, exact for a power of two; compared with the layer's tensor once):
+the operand *holds* them.
 
 While held:
 
@@ -67,44 +69,50 @@ class HeldByOperand:
 
     # ------------------------------------------------------------------ reading the operand
     def _holdable(self) -> tuple[str, ...]:
-        """What this layer's merged operand encodes: ``M``; stacked, also ``M_A`` and ``A⊙M_A``."""
-        return ("mask_bits", "lora_A_mask", "lora_A") if self.lora_rank and self.fold == "stacked" else ("mask_bits",)
+        """What this layer's merged operand encodes: ``M``; with adapters also ``A`` (stacked: the
+        extra rows ``A⊙M_A``, and ``M_A`` with them; extended: ``s·A⊙M_A``, which gives back ``A``
+        exactly when ``s`` is a power of two, e.g. the default ``alpha = rank``)."""
+        if not self.lora_rank:
+            return ("mask_bits",)
+        return ("mask_bits", "lora_A_mask", "lora_A") if self.fold == "stacked" else ("mask_bits", "lora_A")
 
-    def _read_operand(self, key: tuple, backend, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
-        """``{name: tensor}`` read from the cached operand under ``key``, or None when ``backend``
-        cannot read it back."""
+    def _read_operand(self, key: tuple, backend, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` read from the cached operand under ``key``, for each of ``names`` that
+        ``backend`` can read back."""
         cached = self._operands.get(key)
         if cached is None:
             raise RuntimeError(f"{self.layer_name or 'MergedSparseLinear'}: the operand holding its masks is gone (slope bug)")
-        operand = cached[1][0] if self.lora_rank and self.fold == "extended" else cached[1]
+        extended = self.lora_rank and self.fold == "extended"
+        operand = cached[1][0] if extended else cached[1]
         pattern = backend.operand_mask(operand)
         if pattern is None:
-            return None
+            return {}
         device, (out, r, cols) = self.values.device, (self.out_features, self.lora_rank, self.in_features)
         pattern = pattern.to(device)
         found = {"mask_bits": pack_mask(pattern[:out, :cols].contiguous())}
+        a_mask = pattern[out : out + r, :cols]
         if "lora_A_mask" in names:
-            found["lora_A_mask"] = pattern[out : out + r, :cols].clone()
-        if "lora_A" in names:
-            kept = backend.operand_values(operand)
-            if kept is None:
-                return None
+            found["lora_A_mask"] = a_mask.clone()
+        if "lora_A" in names and extended:  # the operand's s·A⊙M_A (R, in), s a power of two: exact
+            a_scaled = cached[1][1][:r].to(device)
+            found["lora_A"] = nn.Parameter((a_scaled.float() / self.lora_scaling).to(a_scaled.dtype), requires_grad=False)
+        elif "lora_A" in names and backend.operand_values(operand) is not None:
+            kept = backend.operand_values(operand)[out : out + r, : cols // 2]
+            if int(a_mask.sum()) != kept.numel():  # not a 2:4 pattern: nothing to scatter A into
+                return {name: found[name] for name in names if name in found}
             a = torch.zeros(r, cols, dtype=kept.dtype, device=device)
-            a[found["lora_A_mask"]] = kept[out : out + r, : cols // 2].reshape(-1).to(device)  # row order, ascending column
+            a[a_mask] = kept.reshape(-1).to(device)  # row order, ascending column
             found["lora_A"] = nn.Parameter(a, requires_grad=False)
-        return found
+        return {name: found[name] for name in names if name in found}
 
     def _hold(self, key: tuple, backend) -> None:
-        """After the operand under ``key`` was built: drop what it encodes, when the layer is
-        inference-only and the backend reads each of those back equal (same dtype)."""
+        """After the operand under ``key`` was built: drop each tensor it encodes that the backend
+        reads back equal (same dtype), when the layer is inference-only."""
         if self._held is not None or not self.inference_only:
             return
-        names = self._holdable()
-        found = self._read_operand(key, backend, names)
-        if found is None:
-            return
-        own = {name: getattr(self, name) for name in names}
-        if any(found[n].dtype != own[n].dtype or not torch.equal(found[n], own[n]) for n in names):
+        found = self._read_operand(key, backend, self._holdable())
+        names = tuple(n for n, t in found.items() if t.dtype == getattr(self, n).dtype and torch.equal(t, getattr(self, n)))
+        if not names:
             return
         for name in names:
             (self._parameters if name in PARAMETER_ORDER else self._buffers).pop(name)
