@@ -184,8 +184,18 @@ def test_what_cannot_be_read_back_exactly_stays_the_layers(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     assert model.fc1._held.names == ("mask_bits",) and "lora_A" in dict(model.fc1.named_parameters())
-    # a backend whose read-back disagrees with the layer: nothing is dropped
+    # a read-back that fails: a warning, and the layer keeps everything
     cls = backend_class("reference")
+
+    def fails(self, operand):
+        raise RuntimeError("no read-back here")
+
+    monkeypatch.setattr(cls, "operand_mask", fails)
+    model, state, expected, x = _frozen("stacked")
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="could not read its operand back .no read-back here"):
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert model.fc1._held is None and _tensor_names(model.fc1) == ALL
+    # a backend whose read-back disagrees with the layer: nothing is dropped
     monkeypatch.setattr(cls, "operand_mask", lambda self, operand: torch.ones(operand[0].shape[0], 2 * operand[0].shape[1], dtype=torch.bool))
     model, state, expected, x = _frozen("stacked")
     with torch.no_grad():

@@ -24,6 +24,7 @@ While held:
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +111,13 @@ class HeldByOperand:
         reads back equal (same dtype), when the layer is inference-only."""
         if self._held is not None or not self.inference_only:
             return
-        found = self._read_operand(key, backend, self._holdable())
+        try:
+            found = self._read_operand(key, backend, self._holdable())
+        except (RuntimeError, ValueError) as exc:  # a read-back that fails costs memory, never the product
+            warnings.warn(f"{self.layer_name or 'MergedSparseLinear'}: backend {backend.name!r} could not read its operand "
+                          f"back ({exc}); the layer keeps its masks and lora_A (more memory, the same results)",
+                          RuntimeWarning, stacklevel=2)
+            return
         names = tuple(n for n, t in found.items() if t.dtype == getattr(self, n).dtype and torch.equal(t, getattr(self, n)))
         if not names:
             return
