@@ -8,6 +8,9 @@ multiplied per expert with ``F.linear(x, W[e])``; no ``nn.Linear`` exists to rep
 kept on the fused parameter by the shared mask core :class:`slope.sparsity.MaskedWeights` (pruned
 entries are zero and their gradients are zeroed; call ``after_step(optimizer)`` after each
 optimizer step to keep optimizer state zero too; :class:`slope.SparseOptimizerCallback` does).
+``wrap_ddp`` / ``wrap_fsdp2`` copy rank 0's masks to every rank; under FSDP2 the masks follow the
+sharded tensors, whose gradient hooks do not run: call ``expert_masks(model).mask_grads_()`` after
+the backward passes (before clipping) as well.
 The weights stay dense tensors (no compressed storage, no sparse GEMM): same math, no speed-up.
 
 Modules marked ``is_transposed`` (experts stored ``(E, in, out)``, e.g. GPT-OSS) are masked along

@@ -99,6 +99,16 @@ def broadcast_tensors(tensors, src: int = 0, group=None) -> None:
         tensor.copy_(buffer)
 
 
+def _sync_expert_masks(model: nn.Module, group=None) -> None:
+    """Copy rank 0's masks of fused MoE expert tensors (:mod:`slope.moe`) to every rank, as the
+    weights they mask are (collective)."""
+    from slope.moe import expert_masks
+
+    masked = expert_masks(model)
+    if masked is not None:
+        broadcast_tensors(list(masked.masks.values()), group=group)
+
+
 class SparseGradSync:
     """Averages a model's sparse gradients at the end of each backward whose forward ``should_sync()``.
 
@@ -183,7 +193,8 @@ def wrap_ddp(
 ) -> nn.parallel.DistributedDataParallel:
     """Wrap a **pruned** model in ``DistributedDataParallel`` with sparse-gradient averaging.
 
-    Rank 0's weights (dense and sparse) and masks are copied to every rank. Dense gradients are
+    Rank 0's weights (dense and sparse) and masks (also those of pruned fused MoE experts) are
+    copied to every rank. Dense gradients are
     averaged by DDP; the sparse ones by :class:`SparseGradSync` (``sync_sparse=True``) on the same
     micro-batches (``with ddp.no_sync():`` skips both). With ``sync_sparse=False`` call
     ``slope.sync_grads(model)`` yourself before the sparse optimizer step.
@@ -206,6 +217,7 @@ def wrap_ddp(
         ddp_kwargs.setdefault("broadcast_buffers", broadcast_buffers)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
     broadcast_module_state(model, sparse_only=True, group=ddp.process_group)
+    _sync_expert_masks(model, group=ddp.process_group)
     if sync_sparse:
         setattr(ddp, SYNC_ATTR, SparseGradSync(model, lambda: ddp.require_backward_grad_sync, ddp.process_group))
     return ddp
@@ -253,7 +265,9 @@ def wrap_fsdp2(
     for each forward and backward (:class:`slope.parallel.ShardedValues`); without, they are
     replicated and their gradients averaged by :class:`SparseGradSync` (matching FSDP2's averaging
     reduce-scatter), the moments replicated unless ``ADAMWSparse(shard_state=True)``. Masks and
-    metadata (packed bits) are replicated.
+    metadata (packed bits) are replicated. The masks of pruned fused MoE experts
+    (:func:`slope.moe.expert_masks`) follow their sharded tensors: call its ``mask_grads_()`` after
+    the backward passes (before clipping) and ``after_step(optimizer)`` after each step.
 
     Args:
         units: modules to shard as separate FSDP units (or a predicate on ``(name, module)``);
@@ -280,6 +294,7 @@ def wrap_fsdp2(
     _require_group("wrap_fsdp2")
     if sync_module_states:
         broadcast_module_state(model)
+        _sync_expert_masks(model)
     if callable(units):
         predicate = units
         units = [module for name, module in model.named_modules() if name and predicate(name, module)]
@@ -304,11 +319,22 @@ def wrap_fsdp2(
         if unit is not model:
             fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+    _rebind_expert_masks(model)
     if shard_values and layers:
         setattr(model, SYNC_ATTR, ShardedValues(layers, group=mesh.get_group()))
     elif sync_sparse:
         setattr(model, SYNC_ATTR, SparseGradSync(model, group=mesh.get_group()))
     return model
+
+
+def _rebind_expert_masks(model: nn.Module) -> None:
+    """``fully_shard`` replaced the fused MoE expert tensors by sharded ones: their masks
+    (:class:`slope.moe.ExpertMasks`) follow, split like them."""
+    from slope.moe import expert_masks
+
+    masked = expert_masks(model)
+    if masked is not None:
+        masked.rebind({name: model.get_parameter(name) for name in masked.params})
 
 
 def is_fsdp2(model: nn.Module) -> bool:
