@@ -241,6 +241,14 @@ def _default_shard_units(model: nn.Module) -> list[nn.Module]:
     return [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module]
 
 
+def _shard_units(model: nn.Module, units) -> list[nn.Module]:
+    """``wrap_fsdp2``'s ``units``: the modules given, those a predicate on ``(name, module)`` picks,
+    or by default the members of every ``nn.ModuleList``."""
+    if callable(units):
+        return [module for name, module in model.named_modules() if name and units(name, module)]
+    return _default_shard_units(model) if units is None else units
+
+
 def wrap_fsdp2(
     model: nn.Module,
     *,
@@ -295,11 +303,7 @@ def wrap_fsdp2(
     if sync_module_states:
         broadcast_module_state(model)
         _sync_expert_masks(model)
-    if callable(units):
-        predicate = units
-        units = [module for name, module in model.named_modules() if name and predicate(name, module)]
-    elif units is None:
-        units = _default_shard_units(model)
+    units = _shard_units(model, units)
     if param_dtype is not None:
         for layer in layers:
             layer.compute_dtype = param_dtype
