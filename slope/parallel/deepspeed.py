@@ -34,6 +34,7 @@ from slope.parallel.wrap import (
     SparseGradSync,
     _require_pruned,
     _sparse_layers,
+    _sync_expert_masks,
     broadcast_module_state,
     dense_parameters,
 )
@@ -202,6 +203,7 @@ def deepspeed_initialize(
                 layer.compute_dtype = torch.bfloat16
                 layer.refresh()
     broadcast_module_state(engine.module, sparse_only=True)
+    _sync_expert_masks(engine.module)  # (DeepSpeed broadcast rank 0's weights: its masks go with them)
     if sync_sparse:
         clip = float(config["gradient_clipping"])
         sync = SparseGradSync(engine.module, engine.is_gradient_accumulation_boundary, clip_norm=clip if clip > 0 else None)
