@@ -14,7 +14,7 @@ import torch.nn as nn
 from slope import prune_model, sparse_modules
 from slope.backends import backend_class
 from slope.kernels import compress_2to4, pattern_2to4
-from slope.lora import freeze_for_inference, merge_lora
+from slope.lora import freeze_for_inference, merge_lora, set_lora_fold
 from slope.masks import nm_mask, pack_mask
 
 BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -201,3 +201,21 @@ def test_what_cannot_be_read_back_exactly_stays_the_layers(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     assert model.fc1._held is None and torch.equal(model.fc1.mask_bits, state["fc1.mask_bits"])
+
+
+def test_under_inference_mode_held_tensors_come_back_as_ordinary_ones():
+    """Products (and a fold switch, which gives the tensors back) under ``torch.inference_mode``:
+    what comes back is writable outside it, and a later load reaches the operand."""
+    model, state, expected, x = _frozen("stacked")
+    with torch.inference_mode():
+        model(x)
+        assert model.fc1._held is not None
+        set_lora_fold(model, "extended")
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    given_back = model.fc1.lora_A_mask  # held while stacked, given back by the switch (extended keeps it)
+    assert "lora_A_mask" in dict(model.fc1.named_buffers()) and not given_back.is_inference()
+    assert given_back._version >= 0 and not model.fc1.mask_bits.is_inference()
+    other = _model(seed=1)
+    model.load_state_dict({k: v for k, v in other.state_dict().items() if "mask_t" not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x), rtol=1e-5, atol=1e-5)

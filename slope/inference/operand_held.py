@@ -79,7 +79,12 @@ class HeldByOperand:
 
     def _read_operand(self, key: tuple, backend, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """``{name: tensor}`` read from the cached operand under ``key``, for each of ``names`` that
-        ``backend`` can read back."""
+        ``backend`` can read back: ordinary tensors (version-counted, writable), also when called
+        under ``torch.inference_mode``."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._read_operand_tensors(key, backend, names)
+
+    def _read_operand_tensors(self, key: tuple, backend, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         cached = self._operands.get(key)
         if cached is None:
             raise RuntimeError(f"{self.layer_name or 'MergedSparseLinear'}: the operand holding its masks is gone (slope bug)")
