@@ -165,6 +165,9 @@ class HeldByOperand:
         tensors = {name: self._held_tensor(name) for name in held.names}
         self._held = None
         self._derived.clear()
+        # every cached operand's version left the held tensors out: after they come back (written
+        # into, maybe, and held again by another operand) no such version may match again
+        self._operands.clear()
         self._forget_mask_caches()
         params = {**self._parameters, **{n: t for n, t in tensors.items() if n in PARAMETER_ORDER}}
         buffers = {**self._buffers, **{n: t for n, t in tensors.items() if n not in PARAMETER_ORDER}}
