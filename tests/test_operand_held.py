@@ -263,3 +263,31 @@ def test_fused_decode_operands_built_while_held_are_rebuilt_after_a_write(monkey
         torch.testing.assert_close(model(x_prefill), reference(x_prefill), rtol=1e-4, atol=1e-4)
         assert model.fc1._held is not None
         torch.testing.assert_close(model(x_decode), reference(x_decode), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fold", ["stacked", "extended"])
+@pytest.mark.parametrize("write", ["lora_A.mul_", "lora_A.data.mul_", "mask_bits.copy_", "state_dict entry"])
+def test_writes_into_derived_tensors_nobody_keeps_are_adopted(fold, write):
+    """In-place writes the usual way, ``layer.lora_A.mul_(2)`` and the like, where nothing keeps the
+    derived tensor (also through ``.data``, which moves no version, and into a state dict's entry
+    before the next product): the next product and state dict have them."""
+    model, state, expected, x = _frozen(fold)
+    layer, new_mask = model.fc1, _random_2to4_mask(96, 64)
+    new = {"fc1.lora_A": 2 * state["fc1.lora_A"]} if "lora_A" in write or write == "state_dict entry" else {"fc1.mask_bits": pack_mask(new_mask)}
+    reference = _model()
+    reference.load_state_dict({**state, **new}, strict=False)
+    with torch.no_grad():
+        model(x)
+        if write == "lora_A.mul_":
+            layer.lora_A.mul_(2)
+        elif write == "lora_A.data.mul_":
+            layer.lora_A.data.mul_(2)
+        elif write == "mask_bits.copy_":
+            layer.mask_bits.copy_(pack_mask(new_mask))
+        else:
+            model.state_dict()["fc1.lora_A"].mul_(2)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert layer._held is not None
+    saved = model.state_dict()
+    for key, value in new.items():
+        assert torch.equal(saved[key], value), key
