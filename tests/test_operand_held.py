@@ -291,3 +291,25 @@ def test_writes_into_derived_tensors_nobody_keeps_are_adopted(fold, write):
     saved = model.state_dict()
     for key, value in new.items():
         assert torch.equal(saved[key], value), key
+
+
+def test_assigning_or_registering_a_held_tensor_replaces_it():
+    """``layer.lora_A = nn.Parameter(...)``, ``layer.mask_bits = ...`` and ``register_buffer`` of a
+    held name give the held tensors back first: no KeyError ('attribute already exists'), no
+    plain attribute beside the held one that the product and the state dict never see."""
+    model, state, expected, x = _frozen("stacked")
+    layer, new_mask = model.fc1, _random_2to4_mask(96, 64)
+    reference = _model()
+    reference.load_state_dict({**state, "fc1.lora_A": 2 * state["fc1.lora_A"], "fc1.mask_bits": pack_mask(new_mask)}, strict=False)
+    with torch.no_grad():
+        model(x)
+        layer.lora_A = nn.Parameter(2 * state["fc1.lora_A"], requires_grad=False)
+        model(x)
+        assert layer._held is not None
+        layer.mask_bits = pack_mask(new_mask)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+        layer.register_buffer("lora_A_mask", state["fc1.lora_A_mask"].clone())
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert "mask_bits" not in layer.__dict__ and layer._held is not None
+    saved = model.state_dict()
+    assert torch.equal(saved["fc1.mask_bits"], pack_mask(new_mask)) and torch.equal(saved["fc1.lora_A"], 2 * state["fc1.lora_A"])

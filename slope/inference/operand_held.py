@@ -210,6 +210,28 @@ class HeldByOperand:
             derived[name] = (ref, version, None)
 
     # ------------------------------------------------------------------ what may drop the operand
+    def _give_back_before_setting(self, name: str) -> None:
+        """Before ``name`` is assigned, registered or deleted: a held one comes back first (else
+        ``nn.Module`` would find the derived one, a KeyError, or set an attribute beside it)."""
+        if name in HOLDABLE and self.__dict__.get("_held") is not None:
+            self._restore_held()
+
+    def __setattr__(self, name: str, value) -> None:
+        self._give_back_before_setting(name)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self._give_back_before_setting(name)
+        super().__delattr__(name)
+
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        self._give_back_before_setting(name)
+        super().register_buffer(name, tensor, persistent)
+
+    def register_parameter(self, name: str, param) -> None:
+        self._give_back_before_setting(name)
+        super().register_parameter(name, param)
+
     def refresh(self) -> None:
         self._restore_held()
         super().refresh()
