@@ -18,7 +18,8 @@ While held:
   adopted before the layer's next product or state dict: the tensors come back, with the write,
   and the operand is rebuilt. A tensor handed out is kept alive until that check, so a write
   into one nobody keeps (``layer.lora_A.mul_(2)``) counts too, and so does a write through
-  ``.data`` (no version counter moves: its values are compared with the operand's).
+  ``.data`` before that check (no version counter moves: its values are compared with the
+  operand's; a ``.data`` write into one kept across a product is not seen).
 - ``named_buffers()`` / ``named_parameters()`` do not list them (that is the memory saved).
 - Whatever would drop or rebuild the holding operand (moving or casting the model, loading a
   state dict, switching the fold, another dtype or backend) first gives them back; the next
