@@ -219,3 +219,97 @@ def test_under_inference_mode_held_tensors_come_back_as_ordinary_ones():
     model.load_state_dict({k: v for k, v in other.state_dict().items() if "mask_t" not in k})
     with torch.no_grad():
         torch.testing.assert_close(model(x), other(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_operand_built_while_masks_were_held_is_not_reused_once_they_come_back():
+    """A layer without adapters with two operands (fp32, and bf16 under autocast), each holding
+    ``mask_bits`` in turn: after a write into the mask is adopted and the fp32 operand holds it
+    again, the bf16 one (built from the old mask) is rebuilt, not taken as current."""
+    model, state, expected, x = _frozen("stacked", rank=0)
+    layer, new_mask = model.fc1, _random_2to4_mask(96, 64)
+    reference = _model(rank=0)
+    reference.load_state_dict({**state, "fc1.mask_bits": pack_mask(new_mask)}, strict=False)
+    with torch.no_grad():
+        model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        bits = layer.mask_bits
+        bits.copy_(pack_mask(new_mask))
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)  # adopted, fp32 holds again
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = model(x), reference(x)
+    assert torch.equal(layer.mask, new_mask)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton runs on CPU only under TRITON_INTERPRET=1")
+def test_fused_decode_operands_built_while_held_are_rebuilt_after_a_write(monkeypatch):
+    """The fused decode's operands built while the stacked operand held ``lora_A``: a write into
+    ``lora_A`` adopted by a prefill (which holds it again) reaches the next decode step too."""
+    import slope.kernels as kernels
+    from slope.lora import set_decode_kernel
+
+    model, state, expected, x = _frozen("stacked")
+    set_decode_kernel(model, "fused")
+    monkeypatch.setattr(kernels, "triton_usable", lambda *tensors: True)  # Triton on CPU tensors (interpreter)
+    reference = _model()
+    reference.load_state_dict(state, strict=False)
+    x_decode, x_prefill = torch.randn(3, 64), torch.randn(17, 64)
+    with torch.no_grad():
+        model(x_prefill), model(x_decode)
+        a = model.fc1.lora_A
+        a.mul_(2)
+        reference.fc1.lora_A.mul_(2)
+        torch.testing.assert_close(model(x_prefill), reference(x_prefill), rtol=1e-4, atol=1e-4)
+        assert model.fc1._held is not None
+        torch.testing.assert_close(model(x_decode), reference(x_decode), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fold", ["stacked", "extended"])
+@pytest.mark.parametrize("write", ["lora_A.mul_", "lora_A.data.mul_", "mask_bits.copy_", "state_dict entry"])
+def test_writes_into_derived_tensors_nobody_keeps_are_adopted(fold, write):
+    """In-place writes the usual way, ``layer.lora_A.mul_(2)`` and the like, where nothing keeps the
+    derived tensor (also through ``.data``, which moves no version, and into a state dict's entry
+    before the next product): the next product and state dict have them."""
+    model, state, expected, x = _frozen(fold)
+    layer, new_mask = model.fc1, _random_2to4_mask(96, 64)
+    new = {"fc1.lora_A": 2 * state["fc1.lora_A"]} if "lora_A" in write or write == "state_dict entry" else {"fc1.mask_bits": pack_mask(new_mask)}
+    reference = _model()
+    reference.load_state_dict({**state, **new}, strict=False)
+    with torch.no_grad():
+        model(x)
+        if write == "lora_A.mul_":
+            layer.lora_A.mul_(2)
+        elif write == "lora_A.data.mul_":
+            layer.lora_A.data.mul_(2)
+        elif write == "mask_bits.copy_":
+            layer.mask_bits.copy_(pack_mask(new_mask))
+        else:
+            model.state_dict()["fc1.lora_A"].mul_(2)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert layer._held is not None
+    saved = model.state_dict()
+    for key, value in new.items():
+        assert torch.equal(saved[key], value), key
+
+
+def test_assigning_or_registering_a_held_tensor_replaces_it():
+    """``layer.lora_A = nn.Parameter(...)``, ``layer.mask_bits = ...`` and ``register_buffer`` of a
+    held name give the held tensors back first: no KeyError ('attribute already exists'), no
+    plain attribute beside the held one that the product and the state dict never see."""
+    model, state, expected, x = _frozen("stacked")
+    layer, new_mask = model.fc1, _random_2to4_mask(96, 64)
+    reference = _model()
+    reference.load_state_dict({**state, "fc1.lora_A": 2 * state["fc1.lora_A"], "fc1.mask_bits": pack_mask(new_mask)}, strict=False)
+    with torch.no_grad():
+        model(x)
+        layer.lora_A = nn.Parameter(2 * state["fc1.lora_A"], requires_grad=False)
+        model(x)
+        assert layer._held is not None
+        layer.mask_bits = pack_mask(new_mask)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+        layer.register_buffer("lora_A_mask", state["fc1.lora_A_mask"].clone())
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert "mask_bits" not in layer.__dict__ and layer._held is not None
+    saved = model.state_dict()
+    assert torch.equal(saved["fc1.mask_bits"], pack_mask(new_mask)) and torch.equal(saved["fc1.lora_A"], 2 * state["fc1.lora_A"])

@@ -16,7 +16,10 @@ While held:
   dict, copies and pickles) are derived from the operand: the same values as before, in fresh
   tensors (the same tensor again while one handed out is alive). Writing into one in place is
   adopted before the layer's next product or state dict: the tensors come back, with the write,
-  and the operand is rebuilt.
+  and the operand is rebuilt. A tensor handed out is kept alive until that check, so a write
+  into one nobody keeps (``layer.lora_A.mul_(2)``) counts too, and so does a write through
+  ``.data`` before that check (no version counter moves: its values are compared with the
+  operand's; a ``.data`` write into one kept across a product is not seen).
 - ``named_buffers()`` / ``named_parameters()`` do not list them (that is the memory saved).
 - Whatever would drop or rebuild the holding operand (moving or casting the model, loading a
   state dict, switching the fold, another dtype or backend) first gives them back; the next
@@ -59,7 +62,8 @@ class HeldTensors:
 class HeldByOperand:
     """Mixin of :class:`~slope.lora.MergedSparseLinear` (module docstring). The layer sets
     ``_held`` (:class:`HeldTensors` or None) and ``_derived`` (name → ``(weak reference,
-    version)`` of the derived tensors handed out) when it becomes merged."""
+    version, the tensor itself or None)`` of the derived tensors handed out; the tensor itself
+    until the next check of writes, :meth:`_adopt_writes`) when it becomes merged."""
 
     def __getattr__(self, name: str):
         if name in HOLDABLE:
@@ -134,7 +138,8 @@ class HeldByOperand:
         self._operands[key] = (self._merged_version_at(key, backend), operand, buffer)
 
     def _held_tensor(self, name: str) -> torch.Tensor:
-        """A held tensor, derived from the operand (the same one while one handed out is alive)."""
+        """A held tensor, derived from the operand (the same one while one handed out is alive),
+        kept alive until the next check of writes (:meth:`_adopt_writes`)."""
         entry = self._derived.get(name)
         tensor = None if entry is None else entry[0]()
         if tensor is None:
@@ -142,19 +147,21 @@ class HeldByOperand:
             for other, fresh in self._read_operand(held.key, held.backend, held.names).items():
                 alive = self._derived.get(other)
                 if alive is None or alive[0]() is None:
-                    self._track(other, fresh)
+                    self._track(other, fresh, keep=other == name)
                 if other == name:
                     tensor = fresh
+        else:
+            self._derived[name] = (entry[0], entry[1], tensor)
         return tensor
 
-    def _track(self, name: str, tensor: torch.Tensor) -> None:
+    def _track(self, name: str, tensor: torch.Tensor, keep: bool) -> None:
         derived = self._derived
 
         def forget(ref, name=name):
             if derived.get(name, (None,))[0] is ref:
                 del derived[name]
 
-        derived[name] = (weakref.ref(tensor, forget), tensor._version)
+        derived[name] = (weakref.ref(tensor, forget), tensor._version, tensor if keep else None)
 
     # ------------------------------------------------------------------ giving back
     def _restore_held(self) -> None:
@@ -165,6 +172,9 @@ class HeldByOperand:
         tensors = {name: self._held_tensor(name) for name in held.names}
         self._held = None
         self._derived.clear()
+        # every cached operand's version left the held tensors out: after they come back (written
+        # into, maybe, and held again by another operand) no such version may match again
+        self._operands.clear()
         self._forget_mask_caches()
         params = {**self._parameters, **{n: t for n, t in tensors.items() if n in PARAMETER_ORDER}}
         buffers = {**self._buffers, **{n: t for n, t in tensors.items() if n not in PARAMETER_ORDER}}
@@ -179,14 +189,50 @@ class HeldByOperand:
         self._structures.clear()
 
     def _adopt_writes(self) -> None:
-        """Give the held tensors back when a derived one was written into (its version moved)."""
-        for ref, version in list(self._derived.values()):
+        """Give the held tensors back when a derived one was written into: its version moved, or,
+        for one handed out since the last check, its values are no longer the operand's (a write
+        through ``.data``). Then let go of the ones kept alive for this check."""
+        derived = self._derived
+        for ref, version, _ in list(derived.values()):
             tensor = ref()
             if tensor is not None and tensor._version != version:
                 self._restore_held()
                 return
+        kept = {name: entry[2] for name, entry in derived.items() if entry[2] is not None}
+        if not kept:
+            return
+        held = self._held
+        fresh = self._read_operand(held.key, held.backend, tuple(kept))
+        if any(not torch.equal(tensor, fresh[name]) for name, tensor in kept.items()):
+            self._restore_held()
+            return
+        for name in kept:
+            ref, version, _ = derived[name]
+            derived[name] = (ref, version, None)
 
     # ------------------------------------------------------------------ what may drop the operand
+    def _give_back_before_setting(self, name: str) -> None:
+        """Before ``name`` is assigned, registered or deleted: a held one comes back first (else
+        ``nn.Module`` would find the derived one, a KeyError, or set an attribute beside it)."""
+        if name in HOLDABLE and self.__dict__.get("_held") is not None:
+            self._restore_held()
+
+    def __setattr__(self, name: str, value) -> None:
+        self._give_back_before_setting(name)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self._give_back_before_setting(name)
+        super().__delattr__(name)
+
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        self._give_back_before_setting(name)
+        super().register_buffer(name, tensor, persistent)
+
+    def register_parameter(self, name: str, param) -> None:
+        self._give_back_before_setting(name)
+        super().register_parameter(name, param)
+
     def refresh(self) -> None:
         self._restore_held()
         super().refresh()
