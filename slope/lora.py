@@ -176,9 +176,16 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
         """``u (..., out + r)`` (``extended``: ``(..., out)``) whose first ``out`` columns are the
         layer's output (see module docstring). Call it with autograd off (the in-place adds are not
         differentiable)."""
-        out, r = self.out_features, self.lora_rank
         if self._derived:
             self._adopt_writes()
+        try:
+            return self._product(x, dtype)
+        finally:
+            if self._derived:  # what this product itself read of the held tensors (it writes none)
+                self._let_go()
+
+    def _product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out, r = self.out_features, self.lora_rank
         x2 = x.reshape(-1, self.in_features).to(dtype)
         bias = None if self.bias is None else self.bias.detach().to(dtype)
         if r and x2.shape[0] <= DECODE_ROWS and self._fused_decode_runs(x2, dtype):  # one launch (decoding)
@@ -296,7 +303,9 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
                 f"{name}: the checkpoint's adapters have rank {lora_a.shape[0]} but this model was built with "
                 f"lora_rank={self.lora_rank}; pass lora_rank={lora_a.shape[0]} to prune_model"
             )
-        elif lora_a is None and self.lora_rank and strict:
+        elif lora_a is None and self.lora_rank and prefix + "values" in state_dict:
+            # (this layer's weights without adapters; a state without this layer at all is a partial
+            # load, whose missing keys load_state_dict reports when strict: it passes strict=True here always)
             error_msgs.append(
                 f"{name}: the checkpoint has no adapters (lora_A/lora_B) for this layer; load it into a model "
                 "pruned without add_lora/merge_lora"

@@ -313,3 +313,44 @@ def test_assigning_or_registering_a_held_tensor_replaces_it():
     assert "mask_bits" not in layer.__dict__ and layer._held is not None
     saved = model.state_dict()
     assert torch.equal(saved["fc1.mask_bits"], pack_mask(new_mask)) and torch.equal(saved["fc1.lora_A"], 2 * state["fc1.lora_A"])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton runs on CPU only under TRITON_INTERPRET=1")
+def test_what_a_product_reads_of_held_tensors_is_not_kept_for_the_next(monkeypatch):
+    """The fused decode reads the held ``M``, ``A`` and ``M_A`` to build its operands; those reads
+    are the product's own, so the next product has nothing to check (no host syncs: a CUDA graph
+    captures the decode step right after an eager one) and still equals the unmerged model."""
+    import slope.kernels as kernels
+    from slope.lora import set_decode_kernel
+
+    model, state, expected, x = _frozen("stacked")
+    set_decode_kernel(model, "fused")
+    monkeypatch.setattr(kernels, "triton_usable", lambda *tensors: True)  # Triton on CPU tensors (interpreter)
+    reference = _model()
+    reference.load_state_dict(state, strict=False)
+    x_decode = torch.randn(2, 64)
+    with torch.no_grad():
+        model(torch.randn(33, 64))  # prefill (more rows than the fused decode takes): builds and holds
+        first = model(x_decode)  # builds the decode operands from the held tensors
+        assert model.fc1._held is not None and not model.fc1._derived
+        checks = []
+        monkeypatch.setattr(type(model.fc1), "_read_operand", lambda *a, **k: checks.append(1) or {})
+        torch.testing.assert_close(model(x_decode), first, rtol=0, atol=0)
+        assert not checks
+    torch.testing.assert_close(first, reference(x_decode), rtol=1e-4, atol=1e-4)
+
+
+def test_a_partial_state_loads_into_a_merged_model_without_strict():
+    """``load_state_dict(part, strict=False)`` with another layer's entries only (torch hands
+    ``strict=True`` to every module's ``_load_from_state_dict``): loads; weights without adapters
+    for a layer that has them stay an error."""
+    model, state, expected, x = _frozen("stacked")
+    other = _model(seed=1)
+    part = {k: v for k, v in other.state_dict().items() if k.startswith("fc2.") and "mask_t" not in k}
+    result = model.load_state_dict(part, strict=False)
+    assert "fc1.values" in result.missing_keys
+    with torch.no_grad():
+        torch.testing.assert_close(model.fc2(torch.relu(model.fc1(x))), other.fc2(torch.relu(_frozen("stacked")[0].fc1(x))),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="the checkpoint has no adapters"):
+        model.load_state_dict({"fc1.values": state["fc1.values"]}, strict=False)

@@ -192,6 +192,8 @@ class HeldByOperand:
         """Give the held tensors back when a derived one was written into: its version moved, or,
         for one handed out since the last check, its values are no longer the operand's (a write
         through ``.data``). Then let go of the ones kept alive for this check."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # (no host syncs while a CUDA graph captures; the eager warm-up checked)
         derived = self._derived
         for ref, version, _ in list(derived.values()):
             tensor = ref()
@@ -206,9 +208,14 @@ class HeldByOperand:
         if any(not torch.equal(tensor, fresh[name]) for name, tensor in kept.items()):
             self._restore_held()
             return
-        for name in kept:
-            ref, version, _ = derived[name]
-            derived[name] = (ref, version, None)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Stop keeping the derived tensors handed out alive (those nobody else holds go)."""
+        derived = self._derived
+        for name, (ref, version, tensor) in list(derived.items()):
+            if tensor is not None:
+                derived[name] = (ref, version, None)
 
     # ------------------------------------------------------------------ what may drop the operand
     def _give_back_before_setting(self, name: str) -> None:
