@@ -92,8 +92,8 @@ def test_modes_build_their_forms_and_give_the_same_loss(runs):
     assert merged["freeze"]["total_after"] < unmerged["weight_bytes"]  # mask_t dropped
     # after evaluating, the operands hold the merged layers' masks (slope.inference.operand_held)
     stacked, extended = [(64, 64)] * 4 + [(64, 128)], [(128, 64)] * 2  # (out, in): q k v o down; gate up
-    # mask_bits and lora_A (fp32, rank 4); stacked also lora_A_mask (bool)
-    held = sum(o * i // 8 + 4 * 4 * i + 4 * i for o, i in stacked) + sum(o * i // 8 + 4 * 4 * i for o, i in extended)
+    # mask_bits, lora_A (fp32, rank 4) and lora_A_mask (bool) of every layer (both folds)
+    held = sum(o * i // 8 + 4 * 4 * i + 4 * i for o, i in stacked + extended)
     assert merged["weight_bytes"] == merged["freeze"]["total_after"] - held
     assert dense["sparse_layer_bytes"] == sum(4 * (o * i) for o, i in [(64, 64)] * 4 + [(128, 64), (128, 64), (64, 128)])
 

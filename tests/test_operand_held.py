@@ -100,7 +100,7 @@ def _tensor_bytes(model):
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-@pytest.mark.parametrize("fold,rank,held", [("stacked", 8, ["mask_bits", "lora_A_mask", "lora_A"]), ("extended", 8, ["mask_bits", "lora_A"]), ("stacked", 0, ["mask_bits"])])
+@pytest.mark.parametrize("fold,rank,held", [("stacked", 8, ["mask_bits", "lora_A_mask", "lora_A"]), ("extended", 8, ["mask_bits", "lora_A_mask", "lora_A"]), ("stacked", 0, ["mask_bits"])])
 def test_frozen_layers_hold_their_masks_in_the_operand_once_built(fold, rank, held):
     model, state, expected, x = _frozen(fold, rank)
     before = {name: _tensor_names(layer) for name, layer in sparse_modules(model)}
@@ -183,7 +183,15 @@ def test_what_cannot_be_read_back_exactly_stays_the_layers(monkeypatch):
     model, state, expected, x = _frozen("extended", alpha=3.0)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-    assert model.fc1._held.names == ("mask_bits",) and "lora_A" in dict(model.fc1.named_parameters())
+    assert model.fc1._held.names == ("mask_bits", "lora_A_mask") and "lora_A" in dict(model.fc1.named_parameters())
+    # extended with a kept entry of A that is exactly zero: the nonzeros of s·A are not M_A, so M_A stays
+    model = _model()
+    with torch.no_grad():
+        model.fc1.lora_A[0, int(model.fc1.lora_A_mask[0].nonzero()[0])] = 0
+        merge_lora(model, fold="extended")
+        freeze_for_inference(model)
+        model(x)
+    assert model.fc1._held.names == ("mask_bits", "lora_A") and "lora_A_mask" in dict(model.fc1.named_buffers())
     # a read-back that fails: a warning, and the layer keeps everything
     cls = backend_class("reference")
 
@@ -210,11 +218,12 @@ def test_under_inference_mode_held_tensors_come_back_as_ordinary_ones():
     with torch.inference_mode():
         model(x)
         assert model.fc1._held is not None
-        set_lora_fold(model, "extended")
+        set_lora_fold(model, "extended")  # gives them back, inside inference mode
+    given_back = {n: t for n, t in [*model.fc1.named_parameters(), *model.fc1.named_buffers()] if n in ("mask_bits", "lora_A_mask", "lora_A")}
+    assert len(given_back) == 3 and not any(t.is_inference() for t in given_back.values())
+    assert all(t._version >= 0 for t in given_back.values())
+    with torch.inference_mode():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-    given_back = model.fc1.lora_A_mask  # held while stacked, given back by the switch (extended keeps it)
-    assert "lora_A_mask" in dict(model.fc1.named_buffers()) and not given_back.is_inference()
-    assert given_back._version >= 0 and not model.fc1.mask_bits.is_inference()
     other = _model(seed=1)
     model.load_state_dict({k: v for k, v in other.state_dict().items() if "mask_t" not in k})
     with torch.no_grad():

@@ -3,12 +3,14 @@
 A frozen :class:`~slope.lora.MergedSparseLinear` multiplies with a backend operand whose
 metadata encodes ``M``; in the ``stacked`` fold its rows ``out…out+r`` are the adapters'
 ``A⊙M_A`` (kept values and pattern), in the ``extended`` fold it carries ``s·A⊙M_A`` densely. The
-packed ``mask_bits`` (1 bit per weight), the dense ``lora_A`` and, stacked, the bool
-``lora_A_mask`` (1 byte per adapter entry) beside it are a second copy. Once such a layer has built
-its operand, it drops each of them that the backend reads back exactly
-(:meth:`slope.backends.base.SparseBackend.operand_mask` and ``operand_values``; ``A`` of the
-extended fold divided by ``s``, exact for a power of two; compared with the layer's tensor once):
-the operand *holds* them.
+packed ``mask_bits`` (1 bit per weight), the dense ``lora_A`` and the bool ``lora_A_mask`` (1 byte
+per adapter entry) beside it are a second copy. Once such a layer has built its operand, it drops
+each of them that the backend reads back exactly (:meth:`slope.backends.base.SparseBackend.operand_mask`
+and ``operand_values``; in the extended fold ``A`` is ``s·A`` divided by ``s``, exact for a power
+of two, and ``M_A`` its nonzeros, exact unless a kept entry of ``A`` is zero; each compared with the
+layer's tensor once): the operand *holds* them. The operand does not change while it holds them
+(anything that would change it gives them back first), so what is derived later is what was
+compared.
 
 While held:
 
@@ -74,12 +76,11 @@ class HeldByOperand:
 
     # ------------------------------------------------------------------ reading the operand
     def _holdable(self) -> tuple[str, ...]:
-        """What this layer's merged operand encodes: ``M``; with adapters also ``A`` (stacked: the
-        extra rows ``A⊙M_A``, and ``M_A`` with them; extended: ``s·A⊙M_A``, which gives back ``A``
-        exactly when ``s`` is a power of two, e.g. the default ``alpha = rank``)."""
-        if not self.lora_rank:
-            return ("mask_bits",)
-        return ("mask_bits", "lora_A_mask", "lora_A") if self.fold == "stacked" else ("mask_bits", "lora_A")
+        """What this layer's merged operand encodes: ``M``; with adapters also ``A`` and ``M_A``
+        (stacked: the extra rows ``A⊙M_A``, kept values and pattern; extended: ``s·A⊙M_A``, dense,
+        which gives back ``A`` exactly when ``s`` is a power of two, e.g. the default
+        ``alpha = rank``, and ``M_A`` as its nonzeros unless a kept entry of ``A`` is zero)."""
+        return ("mask_bits", "lora_A_mask", "lora_A") if self.lora_rank else ("mask_bits",)
 
     def _read_operand(self, key: tuple, backend, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """``{name: tensor}`` read from the cached operand under ``key``, for each of ``names`` that
@@ -100,11 +101,11 @@ class HeldByOperand:
         device, (out, r, cols) = self.values.device, (self.out_features, self.lora_rank, self.in_features)
         pattern = pattern.to(device)
         found = {"mask_bits": pack_mask(pattern[:out, :cols].contiguous())}
-        a_mask = pattern[out : out + r, :cols]
+        a_scaled = cached[1][1][:r].to(device) if extended else None  # the operand's s·A⊙M_A (R, in)
+        a_mask = (a_scaled != 0) if extended else pattern[out : out + r, :cols]
         if "lora_A_mask" in names:
             found["lora_A_mask"] = a_mask.clone()
-        if "lora_A" in names and extended:  # the operand's s·A⊙M_A (R, in), s a power of two: exact
-            a_scaled = cached[1][1][:r].to(device)
+        if "lora_A" in names and extended:  # s a power of two: exact
             found["lora_A"] = nn.Parameter((a_scaled.float() / self.lora_scaling).to(a_scaled.dtype), requires_grad=False)
         elif "lora_A" in names and backend.operand_values(operand) is not None:
             kept = backend.operand_values(operand)[out : out + r, : cols // 2]
