@@ -680,6 +680,9 @@ class SparseLinear(nn.Module):
         return marked is not None and marked[0] is grad and grad._version == marked[1]
 
     # ------------------------------------------------------------------ forward
+    # torch.compile runs this forward as it is (a graph break around the layer): its operand caches
+    # are keyed on tensor versions and storage, which a traced graph would not re-check.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name or 'SparseLinear'}: expected input (..., {self.in_features}), got {tuple(x.shape)}")

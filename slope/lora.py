@@ -245,6 +245,9 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
             )
         return self._backends[key]
 
+    # torch.compile runs this forward as it is (a graph break around the layer): its operand caches
+    # are keyed on tensor versions and storage, which a traced graph would not re-check.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name or 'MergedSparseLinear'}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
