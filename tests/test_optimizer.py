@@ -280,3 +280,36 @@ def test_fused_and_loop_paths_agree(monkeypatch):
         torch.testing.assert_close(a.values, b.values, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(opts[0].state[a.values]["exp_avg_sq"], opts[1].state[b.values]["exp_avg_sq"])
         assert torch.equal(a.mask_t, b.mask_t)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_model_and_optimizer_mid_training_trains_like_the_original(how):
+    """``copy.deepcopy`` / ``torch.save`` of ``(model, sparse_opt)`` between backward and step (``values_grad``
+    present, moments held): the copy's optimizer steps the copy's layers, exactly as the original continues."""
+    model = _model(compress=True)
+    opt = ADAMWSparse(model, lr=1e-2, mask_change_freq=3)
+    xs = [torch.randn(4, 32) for _ in range(6)]
+    for x in xs[:2]:
+        _backward(model, x)
+        opt.step()
+        opt.zero_grad()
+    _backward(model, xs[2])
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt), buffer)
+        buffer.seek(0)
+        model2, opt2 = torch.load(buffer, weights_only=False)
+    for m, o in ((model, opt), (model2, opt2)):
+        o.step()
+        o.zero_grad()
+        for x in xs[3:]:
+            _backward(m, x)
+            o.step()
+            o.zero_grad()
+    for a, b in zip(_layers(model), _layers(model2)):
+        assert a.values is not b.values
+        assert torch.equal(a.values, b.values)
+        assert torch.equal(a.mask_t_bits, b.mask_t_bits)
+        assert torch.equal(opt.state[a.values]["exp_avg_sq"], opt2.state[b.values]["exp_avg_sq"])

@@ -101,6 +101,21 @@ class ADAMWSparse(torch.optim.Optimizer):
         super().__init__([layer.values for layer in layers], defaults)
         self.owners = LayerOwners(self._params(), process_group) if shard_state else None
 
+    def __getstate__(self):
+        # torch.optim.Optimizer pickles defaults, state and param_groups only: the layers of the
+        # parameters (keyed by id, which a copy changes) travel along and are re-keyed on load.
+        return {**super().__getstate__(), "_layers": self.layers(), "owners": self.owners}
+
+    def __setstate__(self, state):
+        layers = state.pop("_layers", None)
+        super().__setstate__(state)  # (also what torch's load_state_dict calls, without "_layers")
+        if layers is None:
+            return
+        self._layer_of = {id(layer.values): layer for layer in layers}
+        self._host_steps = {}  # read again from the state's step counters at the next step
+        if self.owners is not None:
+            self.owners._index = {id(p): i for i, p in enumerate(self._params())}
+
     def _params(self) -> list[torch.Tensor]:
         """The parameters in ``state_dict``'s numbering."""
         return [p for group in self.param_groups for p in group["params"]]
