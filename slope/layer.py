@@ -180,15 +180,18 @@ class SparseLinear(nn.Module):
         # of its state dict (slope.serialization.dense_form) stores ``weight`` in that orientation.
         self.weight_transposed = False
         kept = in_features * n // m
-        factory = {"device": device, "dtype": dtype}
-        self.values = nn.Parameter(torch.zeros(out_features, kept, **factory), requires_grad=False)
-        # M and M_t as packed bits (slope.masks.pack_mask); the mask / mask_t properties unpack them.
-        empty_mask = pack_mask(torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
-        self.register_buffer("mask_bits", empty_mask)
-        self.register_buffer("mask_t_bits", empty_mask.clone())
         if compress and (n, m) != (2, 4):
             raise ValueError(f"compress=True stores 2:4 only, not {n}:{m}; use compress=False to simulate N:M")
-        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        factory = {"device": device, "dtype": dtype}
+        # Ordinary tensors also when built under torch.inference_mode (e.g. pruning a model loaded
+        # for evaluation): the operand caches key on their version counters, which inference tensors lack.
+        with torch.inference_mode(False):
+            self.values = nn.Parameter(torch.zeros(out_features, kept, **factory), requires_grad=False)
+            # M and M_t as packed bits (slope.masks.pack_mask); the mask / mask_t properties unpack them.
+            empty_mask = pack_mask(torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
+            self.register_buffer("mask_bits", empty_mask)
+            self.register_buffer("mask_t_bits", empty_mask.clone())
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.values_grad: torch.Tensor | None = None
         # None, or what keeps ``values`` on one rank between uses (slope.parallel.ShardedValues)
         self.values_holder = None

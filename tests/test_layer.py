@@ -4,6 +4,8 @@ forward ``y = x (W⊙M)ᵀ + b``, input grad ``dx = dy (W⊙M⊙M_t)`` with the 
 weight grad ``dW = (dyᵀ x) ⊙ M`` (compressed in ``values_grad``), bias grad ``dy.sum``.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -584,3 +586,24 @@ def test_a_layer_warns_when_its_gradient_is_never_stepped(monkeypatch):
             model(x).sum().backward()
             opt.step()
             opt.zero_grad()
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["sim", "reference"])
+def test_a_model_pruned_under_inference_mode_runs_and_trains_like_one_pruned_outside(compress):
+    """Pruning under ``torch.inference_mode()`` (a model loaded for evaluation) gives layers of
+    ordinary tensors (the operand caches key on version counters, which inference tensors lack)."""
+    kw = dict(compress=compress, backend="reference" if compress else "auto", verbose=False)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 8))
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        model = prune_model(copy.deepcopy(base), **kw)
+        y_inference = model(x)
+    reference = prune_model(copy.deepcopy(base), **kw)
+    torch.testing.assert_close(y_inference, reference(x), rtol=0, atol=0)
+    opts = [ADAMWSparse(model, lr=1e-2, mask_change_freq=1), ADAMWSparse(reference, lr=1e-2, mask_change_freq=1)]
+    for mod, opt in zip((model, reference), opts):
+        mod(x).square().mean().backward()
+        opt.step()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
