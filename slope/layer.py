@@ -91,6 +91,37 @@ def _sparse_product(layer: "SparseLinear", xc: torch.Tensor, bias: torch.Tensor 
     return backend.linear(xc, operand, None if bias is None else bias.to(dtype))
 
 
+#: A layer's tensors its backward reads (``values``; ``mask_bits`` and ``mask_t_bits`` where it has them).
+_WEIGHT_NAMES = ("values", "mask_bits", "mask_t_bits")
+
+
+def _weight_tensors(layer: "SparseLinear") -> dict[str, torch.Tensor]:
+    """``layer``'s :data:`_WEIGHT_NAMES` tensors (the objects: in-place changes stay visible)."""
+    found = {name: layer._parameters.get(name, layer._buffers.get(name)) for name in _WEIGHT_NAMES}
+    return {name: t for name, t in found.items() if t is not None}
+
+
+@contextlib.contextmanager
+def _weights_of_forward(layer: "SparseLinear", used: dict[str, torch.Tensor] | None):
+    """Context in which ``layer``'s values and masks are ``used``, the tensors its forward read
+    (``torch.func.functional_call`` restores the layer's own before the backward runs); ``None``
+    (sharded values, which their holder fetches): as they are."""
+    swapped = {} if used is None else {name: t for name, t in used.items() if _weight_tensors(layer).get(name) is not t}
+    if not swapped:
+        yield
+        return
+    own = {}
+    for name, t in swapped.items():
+        store = layer._parameters if name in layer._parameters else layer._buffers
+        own[name] = (store, store[name])
+        store[name] = t
+    try:
+        yield
+    finally:
+        for name, (store, t) in own.items():
+            store[name] = t
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     """Autograd function of :class:`SparseLinear` (weights reach it through the module)."""
 
@@ -98,6 +129,8 @@ class _SparseLinearFunction(torch.autograd.Function):
     def forward(ctx, x, bias, anchor, layer, dtype):  # noqa: ARG004 (anchor only forces backward)
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
+        # the weights this product uses, also for the backward ("the current weights": their in-place updates count)
+        ctx.weights = _weight_tensors(layer) if layer.values_holder is None else None
         xc = x.to(dtype)
         with _values_held(layer):
             y = _sparse_product(layer, xc, bias, training=layer.sparse_requires_grad)
@@ -113,12 +146,13 @@ class _SparseLinearFunction(torch.autograd.Function):
         holder = layer.values_holder  # sharded values: fetched here, the gradient reduced to their owner
         if holder is not None:
             holder.before_backward(layer)
-        if ctx.needs_input_grad[0]:
-            backend = layer._backend_for(dtype, dy.device, "backward", dy.numel() // layer.out_features, True)
-            dx = backend.matmul(dy, layer._operand("backward", dtype, dy.device, backend)).to(ctx.x_dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        if xc is not None:
-            layer._accumulate_grad(dy2.t() @ xc.reshape(-1, xc.shape[-1]))
+        with _weights_of_forward(layer, ctx.weights):
+            if ctx.needs_input_grad[0]:
+                backend = layer._backend_for(dtype, dy.device, "backward", dy.numel() // layer.out_features, True)
+                dx = backend.matmul(dy, layer._operand("backward", dtype, dy.device, backend)).to(ctx.x_dtype)
+            if xc is not None:
+                layer._accumulate_grad(dy2.t() @ xc.reshape(-1, xc.shape[-1]))
         if holder is not None:
             holder.after_backward(layer)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
@@ -699,6 +733,12 @@ class SparseLinear(nn.Module):
             with _values_held(self):
                 y = _sparse_product(self, x.to(dtype), None if bias is None else bias.detach(), training=False)
         else:
+            if torch._C._are_functorch_transforms_active():
+                raise RuntimeError(
+                    f"{self.layer_name or 'SparseLinear'}: torch.func transforms (grad, vjp, jacrev, vmap, ...) do not run "
+                    "through a SLoPe layer's autograd (its weight gradient goes to values_grad): differentiate with "
+                    "loss.backward() (vmap runs under torch.no_grad())"
+                )
             anchor = None
             if self.sparse_requires_grad:
                 # A fresh leaf that requires grad makes autograd run our backward even when neither

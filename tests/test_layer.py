@@ -607,3 +607,29 @@ def test_a_model_pruned_under_inference_mode_runs_and_trains_like_one_pruned_out
         opt.step()
     with torch.inference_mode():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_functional_call_with_other_weights_differentiates_those_weights():
+    """``torch.func.functional_call`` with another layer's values and masks: the backward (run after
+    it restored the layer's own) uses the ones the forward used, like that other layer does."""
+    torch.manual_seed(0)
+    layer, _, _ = make_layer(16, 32, 2, 4, compress=True)
+    other, _, _ = make_layer(16, 32, 2, 4, compress=True)
+    state = {**dict(other.named_parameters()), **dict(other.named_buffers())}
+    x = torch.randn(4, 32)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(x).sum().backward()  # caches the layer's own operands first
+    layer.zero_values_grad()
+    y = torch.func.functional_call(layer, state, (x1,))
+    y.square().sum().backward()
+    other(x2).square().sum().backward()
+    torch.testing.assert_close(y, other(x), rtol=0, atol=0)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(layer.values_grad, other.values_grad, rtol=0, atol=0)
+
+
+def test_torch_func_transforms_are_refused_clearly():
+    layer, _, _ = make_layer(16, 32, 2, 4, compress=True)
+    params = dict(layer.named_parameters())
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.grad(lambda p, x: torch.func.functional_call(layer, p, (x,)).sum())(params, torch.randn(4, 32))
