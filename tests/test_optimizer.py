@@ -313,3 +313,22 @@ def test_a_copy_of_model_and_optimizer_mid_training_trains_like_the_original(how
         assert torch.equal(a.values, b.values)
         assert torch.equal(a.mask_t_bits, b.mask_t_bits)
         assert torch.equal(opt.state[a.values]["exp_avg_sq"], opt2.state[b.values]["exp_avg_sq"])
+
+
+def test_torch_grad_scaler_is_refused_and_the_loss_scaler_is_named():
+    """``torch.amp.GradScaler`` sees ``param.grad`` only: stepping ADAMWSparse through it is a clear
+    error naming slope.train.LossScaler, before anything moves."""
+    import warnings
+
+    from slope.layer import SparseLinear
+
+    layer = SparseLinear.from_dense(torch.randn(16, 32), compress=False)
+    opt = ADAMWSparse(layer, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(layer(torch.randn(3, 32)).square().sum()).backward()
+    before = layer.values.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (torch's notice about the grad_scaler argument)
+        with pytest.raises(RuntimeError, match="torch.amp.GradScaler cannot unscale .*slope.train.LossScaler"):
+            scaler.step(opt)
+    assert torch.equal(layer.values, before)

@@ -164,8 +164,12 @@ class ADAMWSparse(torch.optim.Optimizer):
     def sparse_grads(self) -> list[torch.Tensor]:
         return [layer.values_grad for layer in self.layers() if layer.values_grad is not None]
 
+    #: ``torch.amp.GradScaler.step`` then hands this optimizer to :meth:`step` instead of unscaling
+    #: ``param.grad`` (the sparse gradients are never there), so :meth:`step` can refuse it clearly.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scaler=None):
         """One AdamW step of every layer that has a gradient. Per layer, the first that applies:
 
         - the layer holds current operands built from its kept values in a compute dtype of their
@@ -182,7 +186,16 @@ class ADAMWSparse(torch.optim.Optimizer):
 
         Nothing here reads a device tensor on the host: the step count kernels see lives on the
         values' device and the host keeps its own count (for the bias corrections and
-        ``mask_change_freq``)."""
+        ``mask_change_freq``).
+
+        ``torch.amp.GradScaler`` (``scaler.step(sparse_opt)``) is refused: it unscales and checks
+        ``param.grad`` only; fp16 loss scaling of both optimizers is :class:`slope.train.LossScaler`."""
+        if grad_scaler is not None or getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError(
+                "ADAMWSparse: torch.amp.GradScaler cannot unscale its gradients (the SLoPe layers' values_grad, never "
+                "param.grad); for fp16 use slope.train.LossScaler: backward of loss * scaler.scale, then "
+                "found_inf = scaler.unscale_(dense_params, sparse_opt), step both unless found_inf, scaler.update(found_inf)"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
