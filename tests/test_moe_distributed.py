@@ -4,6 +4,7 @@ each copies rank 0's weights and masks, FSDP2's sharded expert tensors keep thei
 training steps every rank holds the same weights, zero exactly where rank 0's N:M masks prune."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def test_expert_masks_follow_the_wrapped_model(tmp_path, mode):
         pytest.importorskip("deepspeed")
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    launch([str(worker), str(tmp_path), mode], tmp_path, world=2, timeout=240)
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+    env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": extensions}  # (as tests/test_distributed.py launches DeepSpeed)
+    launch([str(worker), str(tmp_path), mode], tmp_path, world=2, timeout=240, env=env)
     ranks = [torch.load(tmp_path / f"{mode}_rank{r}.pt") for r in range(2)]
     rank0_first = ranks[0]["first"]
     assert rank0_first and any(not torch.equal(ranks[1]["first"][k][1], m) for k, (_, m) in rank0_first.items())
