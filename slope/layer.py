@@ -106,7 +106,8 @@ def _weights_of_forward(layer: "SparseLinear", used: dict[str, torch.Tensor] | N
     """Context in which ``layer``'s values and masks are ``used``, the tensors its forward read
     (``torch.func.functional_call`` restores the layer's own before the backward runs); ``None``
     (sharded values, which their holder fetches): as they are."""
-    swapped = {} if used is None else {name: t for name, t in used.items() if _weight_tensors(layer).get(name) is not t}
+    current = {} if used is None else _weight_tensors(layer)
+    swapped = {name: t for name, t in (used or {}).items() if current.get(name) is not t}
     if not swapped:
         yield
         return

@@ -107,8 +107,8 @@ class HeldByOperand:
             found["lora_A_mask"] = a_mask.clone()
         if "lora_A" in names and extended:  # s a power of two: exact
             found["lora_A"] = nn.Parameter((a_scaled.float() / self.lora_scaling).to(a_scaled.dtype), requires_grad=False)
-        elif "lora_A" in names and backend.operand_values(operand) is not None:
-            kept = backend.operand_values(operand)[out : out + r, : cols // 2]
+        elif "lora_A" in names and (held_values := backend.operand_values(operand)) is not None:
+            kept = held_values[out : out + r, : cols // 2]
             if int(a_mask.sum()) != kept.numel():  # not a 2:4 pattern: nothing to scatter A into
                 return {name: found[name] for name in names if name in found}
             a = torch.zeros(r, cols, dtype=kept.dtype, device=device)
@@ -128,7 +128,8 @@ class HeldByOperand:
                           f"back ({exc}); the layer keeps its masks and lora_A (more memory, the same results)",
                           RuntimeWarning, stacklevel=2)
             return
-        names = tuple(n for n, t in found.items() if t.dtype == getattr(self, n).dtype and torch.equal(t, getattr(self, n)))
+        own = {n: getattr(self, n) for n in found}
+        names = tuple(n for n, t in found.items() if t.dtype == own[n].dtype and torch.equal(t, own[n]))
         if not names:
             return
         for name in names:

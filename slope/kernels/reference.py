@@ -192,15 +192,20 @@ def _codes_from_meta(meta: torch.Tensor, rows: int, groups: int) -> torch.Tensor
     return ((unordered >> shifts) & 0xF).reshape(rows, groups)
 
 
+def _kept_columns(meta: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
+    """``(rows, groups, 2)`` int64: the two kept columns (0–3) of each group of 4 that ``meta`` encodes."""
+    codes = _codes_from_meta(meta, rows, groups)
+    return torch.stack((codes & 3, (codes >> 2) & 3), dim=-1)
+
+
 def pattern_2to4(meta: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The kept pattern that ``meta`` (from :func:`compress_2to4`, either layout) encodes for a
     ``(rows, cols)`` operand, as bool ``(rows, cols)``: the mask :func:`decompress_2to4` scatters
     the values into, read from the metadata alone (kept entries whose value is zero included)."""
     if cols % 4:
         raise ValueError(f"cols must be a multiple of 4, got {cols}")
-    codes = _codes_from_meta(meta, rows, cols // 4)
     pattern = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=meta.device)
-    pattern.scatter_(-1, torch.stack((codes & 3, (codes >> 2) & 3), dim=-1), True)
+    pattern.scatter_(-1, _kept_columns(meta, rows, cols // 4), True)
     return pattern.reshape(rows, cols)
 
 
@@ -213,10 +218,8 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     if meta.device != values.device:
         raise ValueError(f"values on {values.device} but meta on {meta.device}")
     groups = half // 2
-    codes = _codes_from_meta(meta, rows, groups)
-    pairs = torch.stack((codes & 3, (codes >> 2) & 3), dim=-1)
     dense = torch.zeros(rows, groups, 4, dtype=values.dtype, device=values.device)
-    dense.scatter_(-1, pairs, values.reshape(rows, groups, 2))
+    dense.scatter_(-1, _kept_columns(meta, rows, groups), values.reshape(rows, groups, 2))
     return dense.reshape(rows, 4 * groups)
 
 
