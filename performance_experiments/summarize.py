@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 from performance_experiments.common import DEFAULT_OUT_DIR, REPO_ROOT
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-SCRIPTS = ("gemm", "layer", "e2e", "inference", "memory", "overhead", "breakdown")
+SCRIPTS = ("gemm", "layer", "e2e", "inference", "memory", "overhead", "host_overhead", "breakdown")
 README = REPO_ROOT / "performance_experiments" / "README.md"
 
 
@@ -168,6 +168,17 @@ def overhead_table(records):
                    "prune/step", "refresh/step (amortised)", "rebuild/step"], rows)
 
 
+def host_overhead_table(records):
+    def launches(r):
+        found = _get(r, "sparse", "launches") or {}
+        return ", ".join(f"{k} {v:g}" for k, v in found.items()) or "–"
+
+    rows = [[r["config"]["case"], r["backend"], r["config"]["features"], r["config"]["tokens"], "yes" if r["config"]["emulated"] else "no",
+             _get(r, "dense", "host_us"), _get(r, "sparse", "host_us"), r.get("host_speedup"), launches(r)] for r in _ok(records)]
+    return _table(["case", "backend", "features", "tokens", "emulated", "dense µs/call", "sparse µs/call", "×",
+                   "sparse launches per call"], rows)
+
+
 def breakdown_table(records):
     def top(r, side, n=4):
         ops = (r.get(side) or {}).get("top_ops") or []
@@ -179,10 +190,12 @@ def breakdown_table(records):
 
 
 TABLES = {"gemm": gemm_table, "layer": layer_table, "e2e": e2e_table, "inference": inference_table,
-          "memory": memory_table, "overhead": overhead_table, "breakdown": breakdown_table}
+          "memory": memory_table, "overhead": overhead_table, "host_overhead": host_overhead_table,
+          "breakdown": breakdown_table}
 TITLES = {"gemm": "GEMM (speedup = dense `F.linear` time (cuBLAS on GPU) / sparse time)", "layer": "Linear layer",
           "e2e": "End-to-end training step", "inference": "Inference", "memory": "Memory (sparse / dense)",
           "overhead": "Prune / refresh / operand overheads",
+          "host_overhead": "Host time per layer call (Python and dispatch; CPU: the CUDA code paths emulated)",
           "breakdown": "Where the time goes (profiler; full tables in `breakdown.json`)"}
 
 

@@ -718,10 +718,19 @@ class SparseLinear(nn.Module):
         return marked is not None and marked[0] is grad and grad._version == marked[1]
 
     # ------------------------------------------------------------------ forward
-    # torch.compile runs this forward as it is (a graph break around the layer): its operand caches
-    # are keyed on tensor versions and storage, which a traced graph would not re-check.
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._eager_forward(x)
+        return self._forward(x)
+
+    # torch.compile runs the forward as it is (a graph break around the layer): its operand caches
+    # are keyed on tensor versions and storage, which a traced graph would not re-check. Eager
+    # calls go straight to _forward (the wrapper costs microseconds per call).
+    @torch.compiler.disable
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name or 'SparseLinear'}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
         dtype = _compute_dtype(x, self.values.dtype, self)

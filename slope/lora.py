@@ -96,7 +96,7 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
     @property
     def fold(self) -> str:
         """``stacked`` or ``extended``: how this layer's adapters enter the GEMM (:mod:`slope.inference.fold`)."""
-        return getattr(self, "lora_fold", "stacked") if self.lora_rank else "none"
+        return self.__dict__.get("lora_fold", "stacked") if self.lora_rank else "none"
 
     def _merged_operand(self, dtype: torch.dtype, device: torch.device, backend):
         """``backend``'s operand of the merged weight (:meth:`stacked_weight` or, for the
@@ -135,7 +135,12 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
         """``(version, storage)`` of each named tensor but those the operand holds (they change only
         after being given back, :mod:`slope.inference.operand_held`)."""
         held = () if self._held is None else self._held.names
-        return tuple((t._version, t.data_ptr()) for t in (getattr(self, n) for n in names if n not in held))
+        params, buffers, versions = self._parameters, self._buffers, []
+        for name in names:  # the module's own dicts: no __getattr__ chain per tensor and call
+            if name not in held:
+                tensor = params[name] if name in params else buffers[name] if name in buffers else getattr(self, name)
+                versions.append((tensor._version, tensor.data_ptr()))
+        return tuple(versions)
 
     def _merged_version(self, backend, fold: str) -> tuple:
         return (*self._source_versions(("values", "mask_bits", "lora_A", "lora_A_mask", "lora_B")), backend.name, fold)  # one slot (see _operand)
@@ -185,30 +190,45 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
                 self._let_go()
 
     def _product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # Autograd is off here (_merged_product), so no detach; each op skipped when it would be a
+        # no-op: at decode sizes every dispatch shows (performance_experiments/host_overhead.py).
         out, r = self.out_features, self.lora_rank
-        x2 = x.reshape(-1, self.in_features).to(dtype)
-        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         if r and x2.shape[0] <= DECODE_ROWS and self._fused_decode_runs(x2, dtype):  # one launch (decoding)
             meta, a_scaled, b = self._decode_operands(dtype, x.device)
-            return kernels.merged_decode(x2, self.values.detach(), meta, a_scaled, b, bias).reshape(*x.shape[:-1], out)
-        backend = self._backend_for(dtype, x.device, "forward", x2.shape[0])
-        operand = self._merged_operand(dtype, x.device, backend)
+            y = kernels.merged_decode(x2, self.values, meta, a_scaled, b, bias)
+        else:
+            y = self._gemm_product(x2, dtype, bias)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _gemm_product(self, x2: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_product` of ``x2 (T, in)`` on the fold's kernels."""
+        out, r = self.out_features, self.lora_rank
+        backend = self._backend_for(dtype, x2.device, "forward", x2.shape[0])
+        operand = self._merged_operand(dtype, x2.device, backend)
         if not r:  # no adapters: the bias add can go into the product (fused where the backend can)
-            return backend.linear(x2, operand, bias).reshape(*x.shape[:-1], out)
+            return backend.linear(x2, operand, bias)
         if self.fold == "extended":  # [x | ũ] · [W⊙M | B̃]ᵀ + b: one GEMM, bias in its epilogue
             weight, a_scaled = operand
-            return backend.linear(kernels.lowrank_concat(x2, a_scaled), weight, bias).reshape(*x.shape[:-1], out)
+            return backend.linear(kernels.lowrank_concat(x2, a_scaled), weight, bias)
         u = backend.matmul(x2, operand)
-        y = u[:, :out]
-        kernels.addmm(u[:, out : out + r], self.lora_B.detach().t().to(dtype), y, alpha=self.lora_scaling, bias=bias)
-        return u.reshape(*x.shape[:-1], u.shape[-1])
+        b_t = self.lora_B.t()
+        if b_t.dtype != dtype:
+            b_t = b_t.to(dtype)
+        kernels.addmm(u[:, out : out + r], b_t, u[:, :out], alpha=self.lora_scaling, bias=bias)
+        return u
 
     @property
     def decode_kernel(self) -> str:
         """``gemm`` (the fold's kernels at every size) or ``fused`` (inputs of at most
         :data:`DECODE_ROWS` rows take :func:`slope.kernels.merged_decode`: one Triton launch per layer,
         CUDA only); set with :func:`set_decode_kernel`."""
-        return getattr(self, "_decode_kernel", "gemm")
+        return self.__dict__.get("_decode_kernel", "gemm")  # (a plain attribute: no __getattr__ miss per call)
 
     def _fused_decode_runs(self, x2: torch.Tensor, dtype: torch.dtype) -> bool:
         return (self.decode_kernel == "fused" and (self.n, self.m) == (2, 4) and self.values.dtype == dtype
@@ -245,10 +265,7 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
             )
         return self._backends[key]
 
-    # torch.compile runs this forward as it is (a graph break around the layer): its operand caches
-    # are keyed on tensor versions and storage, which a traced graph would not re-check.
-    @torch.compiler.disable
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name or 'MergedSparseLinear'}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
         dtype = _compute_dtype(x, self.values.dtype, self)
@@ -262,7 +279,7 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
         else:
             with torch.no_grad():
                 u = self._merged_product(x, dtype)
-        return u[..., : self.out_features]
+        return u if u.shape[-1] == self.out_features else u[..., : self.out_features]
 
     def use_fold(self, fold: str) -> None:
         """Fold the adapters ``stacked`` or ``extended`` from now on (the merged operand is rebuilt on next use)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ RATIOS = {
     "overhead": [("prune_overhead_ratio", "step_ms", "prune_ms", "sparse/dense")],
     "breakdown": [("breakdown_speedup", "wall_ms_per_iter", "wall_ms_per_iter", "dense/sparse")],
 }
+if os.environ.get("TRITON_INTERPRET") == "1":  # on CPU it emulates the CUDA code paths in Triton's interpreter
+    RATIOS["host_overhead"] = [("host_speedup", "host_us", "host_us", "dense/sparse")]
 
 
 def _figure(side: dict, path: str) -> float:

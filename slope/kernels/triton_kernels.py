@@ -36,9 +36,14 @@ __all__ = [
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+#: Read once, when the kernels below are decorated: ``triton.jit`` decides then whether they run
+#: in the interpreter (and reading the environment per launch shows at decode sizes).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` when this module was imported)."""
+    return _INTERPRETING
 
 
 def _check_dtype(name: str, t: torch.Tensor) -> None:

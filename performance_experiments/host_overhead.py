@@ -1,0 +1,212 @@
+"""Host time per layer call: what Python and dispatch cost before the GPU sees a kernel.
+
+Eager decoding (batch 8, one token per step) and small training steps run faster on the GPU
+than the host can enqueue them, so there the host time per layer *is* the speed. This measures
+it for one layer, dense (``nn.Linear``) against slope's:
+
+- ``decode-stacked`` / ``decode-extended`` / ``decode-fused``: a frozen merged sparse+LoRA layer
+  (rank 8, ``slope.lora.freeze_for_inference``) on ``tokens`` rows, each adapter fold and the
+  one-launch decode kernel (``set_decode_kernel(model, "fused")``), no grad;
+- ``train-step``: forward, backward and optimizer step of one layer under bf16 autocast with fp32
+  master weights (``nn.Linear`` + ``torch.optim.AdamW`` against ``SparseLinear`` + ``ADAMWSparse``).
+
+On CUDA the calls are real: the host time is ``time.perf_counter`` over back-to-back calls
+without synchronizing (the GPU queue absorbs them; sizes are small so it never fills).
+On CPU this is an **emulation of the CUDA code paths** (needs ``TRITON_INTERPRET=1``): after a
+real warm-up, Triton launches and the sparse GEMM become stubs that only count, every other
+torch op runs on tiny CPU tensors (their dispatch costs about what a CUDA launch does), so the
+figure is slope's own host work plus one stub per launch. Ratio ``host_speedup`` = dense host
+time / sparse host time per call (per step for ``train-step``); records also say what each call
+launched (``launches``, CPU).
+
+    python performance_experiments/host_overhead.py                 # CUDA if available
+    TRITON_INTERPRET=1 python performance_experiments/host_overhead.py --device cpu
+    python performance_experiments/host_overhead.py --smoke
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn as nn
+
+from performance_experiments.common import Recorder, base_parser, environment, error_text, make_record, pick_device, ratio
+
+SCRIPT = "host_overhead"
+CASES = ("decode-stacked", "decode-extended", "decode-fused", "train-step")
+
+
+class _Stubs:
+    """On CPU: Triton launches and the reference backend's GEMM replaced by counting stubs."""
+
+    def __init__(self):
+        self.launches = collections.Counter()
+
+    @contextlib.contextmanager
+    def active(self):
+        from triton.runtime import interpreter
+
+        from slope import kernels
+        from slope.backends.reference import ReferenceBackend
+
+        launches = self.launches
+
+        def run(fn, *args, grid=None, warmup=False, **kwargs):
+            launches[fn.fn.__name__] += 1
+
+        def linear(backend, x, operand, bias=None):
+            launches["sparse_gemm"] += 1
+            return x.new_empty(*x.shape[:-1], operand[0].shape[0])
+
+        saved = interpreter.InterpretedFunction.run, ReferenceBackend.linear, kernels.triton_usable
+        interpreter.InterpretedFunction.run, ReferenceBackend.linear = run, linear
+        kernels.triton_usable = lambda *tensors: True
+        try:
+            yield
+        finally:
+            interpreter.InterpretedFunction.run, ReferenceBackend.linear, kernels.triton_usable = saved
+
+    @contextlib.contextmanager
+    def usable(self):
+        """Real kernels (the interpreter), but the CUDA code paths taken (build and warm-up)."""
+        from slope import kernels
+
+        saved = kernels.triton_usable
+        kernels.triton_usable = lambda *tensors: True
+        try:
+            yield
+        finally:
+            kernels.triton_usable = saved
+
+
+def _merged(features: int, device, dtype, fold: str, decode_kernel: str) -> tuple[nn.Module, nn.Module]:
+    """``(nn.Linear, its frozen merged sparse+LoRA copy)`` of ``features × features``."""
+    from slope import prune_model
+    from slope.lora import freeze_for_inference, set_decode_kernel, set_lora_fold
+
+    torch.manual_seed(0)
+    dense = nn.Linear(features, features, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    holder = nn.Sequential(nn.Linear(features, features, bias=False, device=device, dtype=dtype))
+    backend = "reference" if device.type == "cpu" else "auto"
+    prune_model(holder, backend=backend, add_lora=True, lora_rank=8, merge_lora=True, verbose=False)
+    freeze_for_inference(holder)
+    set_lora_fold(holder, fold)
+    set_decode_kernel(holder, decode_kernel)
+    return dense, holder[0]
+
+
+def _per_call_us(fn, calls: int, device) -> float:
+    """Median host microseconds per ``fn()`` over 5 rounds of ``calls`` back-to-back calls."""
+    rounds = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(rounds)
+
+
+def _train_pair(features: int, device):
+    from slope.layer import SparseLinear
+    from slope.optimizers import ADAMWSparse
+
+    torch.manual_seed(0)
+    dense = nn.Linear(features, features, bias=False, device=device)
+    sparse = SparseLinear.from_dense(dense.weight.detach().clone(), None, compress=True,
+                                     backend="reference" if device.type == "cpu" else "auto")
+    sparse.to(device)
+    fused = device.type == "cuda" or None
+    dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-5, fused=fused)
+    sparse_opt = ADAMWSparse(sparse, lr=1e-5, mask_change_freq=10**6)
+    return (dense, dense_opt), (sparse, sparse_opt)
+
+
+def _step(layer, opt, x):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def measure(case: str, device, args, stubs: _Stubs | None) -> dict:
+    """Dense and sparse host microseconds per call of ``case`` (and, emulated, what each launched)."""
+    features, tokens = args.features, args.tokens
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    emulate = stubs.usable() if stubs else contextlib.nullcontext()
+    with emulate:
+        if case == "train-step":
+            (dense, dense_opt), (sparse, sparse_opt) = _train_pair(features, device)
+            x = torch.randn(tokens, features, device=device, requires_grad=True)
+            calls = {"dense": lambda: _step(dense, dense_opt, x), "sparse": lambda: _step(sparse, sparse_opt, x)}
+        else:
+            fold = "extended" if case == "decode-extended" else "stacked"
+            dense, merged = _merged(features, device, dtype, fold, "fused" if case == "decode-fused" else "gemm")
+            x = torch.randn(tokens, features, device=device, dtype=dtype)
+            calls = {"dense": lambda: dense(x), "sparse": lambda: merged(x)}
+        with torch.no_grad() if case != "train-step" else contextlib.nullcontext():
+            for fn in calls.values():  # warm-up: operands built, autotuning and auto's timing done
+                for _ in range(3):
+                    fn()
+            figures = {}
+            for side, fn in calls.items():
+                if stubs:
+                    stubs.launches.clear()
+                with stubs.active() if stubs else contextlib.nullcontext():
+                    us = _per_call_us(fn, args.calls, device)
+                figures[side] = {"host_us": round(us, 2)}
+                if stubs:
+                    total = 5 * args.calls
+                    figures[side]["launches"] = {k: v / total for k, v in sorted(stubs.launches.items())}
+    return figures
+
+
+def main(argv=None) -> list[dict]:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--features", type=int, default=None, help="layer size (default 2048 on CUDA, 64 on CPU)")
+    parser.add_argument("--tokens", type=int, default=8, help="rows per call (decode batch)")
+    parser.add_argument("--calls", type=int, default=None, help="calls per timed round (default 200, smoke 20)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    args = parser.parse_args(argv)
+    device = pick_device(args)
+    args.features = args.features or (2048 if device.type == "cuda" else 64)
+    args.calls = args.calls or (20 if args.smoke else 200)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("on CPU this emulates the CUDA code paths with Triton's interpreter: set TRITON_INTERPRET=1")
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    env = environment(device)
+    recorder = Recorder(SCRIPT, args.out_dir, device, vars(args))
+    stubs = _Stubs() if device.type == "cpu" else None
+    for case in cases:
+        if case == "decode-fused" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            continue
+        backend = "reference" if stubs else "auto"
+        config = {"case": case, "features": args.features, "tokens": args.tokens, "calls": args.calls,
+                  "emulated": stubs is not None}
+        try:
+            figures = measure(case, device, args, stubs)
+            recorder(make_record(SCRIPT, env, config, figures["dense"], figures["sparse"], backend=backend, error=None,
+                                 host_speedup=ratio(figures["dense"]["host_us"], figures["sparse"]["host_us"])))
+        except Exception as exc:  # noqa: BLE001 (recorded; the next case runs)
+            recorder(make_record(SCRIPT, env, config, None, None, backend=backend, error=error_text(exc)))
+    return recorder.finish()
+
+
+if __name__ == "__main__":
+    main()
