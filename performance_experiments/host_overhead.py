@@ -104,19 +104,31 @@ def _merged(features: int, device, dtype, fold: str, decode_kernel: str) -> tupl
     return dense, holder[0]
 
 
-def _per_call_us(fn, calls: int, device) -> float:
-    """Median host microseconds per ``fn()`` over 5 rounds of ``calls`` back-to-back calls."""
-    rounds = []
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rounds.append((time.perf_counter() - start) / calls * 1e6)
+def _per_call_us(calls: dict, n: int, device, stubs) -> dict:
+    """``{side: median host µs per call}`` over 7 rounds of ``n`` back-to-back calls of each side's
+    function, the sides alternating round by round (same machine load); with ``stubs``, also
+    ``{side: launches per call}``."""
+    rounds = {side: [] for side in calls}
+    launches = {side: collections.Counter() for side in calls}
+    for _ in range(7):
+        for side, fn in calls.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            with stubs.active() if stubs else contextlib.nullcontext():
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                rounds[side].append((time.perf_counter() - start) / n * 1e6)
+            if stubs:
+                launches[side].update(stubs.launches)
+                stubs.launches.clear()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return statistics.median(rounds)
+    figures = {side: {"host_us": round(statistics.median(times), 2)} for side, times in rounds.items()}
+    if stubs:
+        for side, counter in launches.items():
+            figures[side]["launches"] = {k: v / (7 * n) for k, v in sorted(counter.items())}
+    return figures
 
 
 def _train_pair(features: int, device):
@@ -161,16 +173,7 @@ def measure(case: str, device, args, stubs: _Stubs | None) -> dict:
             for fn in calls.values():  # warm-up: operands built, autotuning and auto's timing done
                 for _ in range(3):
                     fn()
-            figures = {}
-            for side, fn in calls.items():
-                if stubs:
-                    stubs.launches.clear()
-                with stubs.active() if stubs else contextlib.nullcontext():
-                    us = _per_call_us(fn, args.calls, device)
-                figures[side] = {"host_us": round(us, 2)}
-                if stubs:
-                    total = 5 * args.calls
-                    figures[side]["launches"] = {k: v / total for k, v in sorted(stubs.launches.items())}
+            figures = _per_call_us(calls, args.calls, device, stubs)
     return figures
 
 
