@@ -9,12 +9,16 @@ Ports of the two seeds change only their imports::
 
 Both train a small sparse delta (indices + values) per target weight; gradients and optimizer state
 exist only for the delta's entries. See docs/peft.md.
+
+peft's LoRA on a pruned (2:4) model: ``get_peft_model(model, peft.LoraConfig(...))`` from here makes
+SLoPe layers valid targets, ``load_peft_model`` loads such adapters (:mod:`slope.peft.peft_lora`).
 """
 from slope.peft.config import SftConfig, TaskType, get_peft_config
 from slope.peft.delta import SftLinear, SparseDelta
 from slope.peft.model import SftModel, get_peft_model
 from slope.peft.optim import SftAdamW, SftSM3
 from slope.peft.parallel import shard_sft_model
+from slope.peft.peft_lora import load_peft_model, sparse_lora_config
 from slope.peft.selection import DeltaSet, SftReselection
 from slope.peft.selector import SftSelector
 from slope.peft.sift import SIFT
@@ -35,8 +39,10 @@ __all__ = [
     "TaskType",
     "get_peft_config",
     "get_peft_model",
+    "load_peft_model",
     "load_sift",
     "shard_sft_model",
+    "sparse_lora_config",
 ]
 
 

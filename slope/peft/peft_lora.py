@@ -1,0 +1,122 @@
+"""peft's LoRA on a pruned model: SLoPe layers as ``LoraConfig`` targets.
+
+peft wraps the layer types it knows (``nn.Linear``, ``Conv1D``, ...) and refuses a
+:class:`~slope.layer.SparseLinear` ("Target module ... is not supported") unless the config maps
+that type to a LoRA layer class (``LoraConfig._register_custom_module``). :func:`sparse_lora_config`
+adds the mapping, and :func:`slope.peft.get_peft_model` adds it to any ``LoraConfig`` it is given,
+so ``from slope.peft import get_peft_model`` is the one change a peft script needs::
+
+    prune_model(model)                                          # 2:4 layers
+    model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    ...train (peft freezes the sparse weights; adapters train in the usual way)...
+    model.save_pretrained("adapter")
+    model = load_peft_model(prune_model(fresh_model), "adapter")   # peft's from_pretrained + the mapping
+
+A wrapped layer computes ``y = x(W⊙M)ᵀ + b + s·(x Aᵀ)Bᵀ``: the 2:4 layer's own forward (its sparse
+kernels; the input gradient through the double-pruned ``(W⊙M⊙M_t)ᵀ`` as in SLoPe training) plus
+peft's dense adapter. Merging is refused: ``W⊙M + s·BA`` is dense, so ``merge`` /
+``merge_and_unload`` would silently give up the 2:4 structure. Keep the adapters unmerged for
+inference, or ``unload()`` them; for a merged sparse+LoRA inference form, train SLoPe's own
+adapters (``prune_model(..., add_lora=True)``) and call :func:`slope.merge_lora`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from slope.layer import SparseLinear
+
+__all__ = ["is_lora_config", "linear_layer_names", "load_peft_model", "sparse_lora_config"]
+
+MERGE_REFUSED = (
+    "merging a LoRA adapter into the 2:4 sparse layer {name} would make its weight dense (W⊙M + s·BA); keep the "
+    "adapters unmerged for inference, or unload() them; for merged sparse+LoRA inference train SLoPe's adapters "
+    "(prune_model(..., add_lora=True)) and call slope.merge_lora"
+)
+
+
+def is_lora_config(config) -> bool:
+    """True for a peft ``LoraConfig`` (peft is imported only when ``config`` comes from it)."""
+    if not type(config).__module__.startswith("peft"):
+        return False
+    from peft import LoraConfig
+
+    return isinstance(config, LoraConfig)
+
+
+def sparse_lora_config(config, model: nn.Module | None = None):
+    """``config`` (a peft ``LoraConfig``) with SLoPe layers mapped to :func:`sparse_lora_layer_class`'s
+    class, so peft wraps them like ``nn.Linear`` targets; returns the same object. With ``model``,
+    ``target_modules="all-linear"`` becomes the names of its linear layers, SLoPe layers included
+    (peft's own expansion takes ``nn.Linear`` / ``Conv1D`` only and would skip every pruned layer)."""
+    if not is_lora_config(config):
+        raise TypeError(f"sparse_lora_config takes a peft LoraConfig, got {type(config).__name__}")
+    if getattr(config, "use_dora", False):
+        raise ValueError("use_dora=True is not supported on 2:4 SLoPe layers (DoRA rescales the dense merged weight); use plain LoRA")
+    if not hasattr(config, "_register_custom_module"):
+        raise ImportError("LoRA on SLoPe layers needs peft >= 0.12 (custom LoRA layers); upgrade peft")
+    targets = config.target_modules
+    if model is not None and isinstance(targets, str) and targets.lower() == "all-linear":
+        config.target_modules = linear_layer_names(model)
+    config._register_custom_module({SparseLinear: sparse_lora_layer_class()})
+    return config
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Full names of ``model``'s linear layers (``nn.Linear``, SLoPe layers, transformers' ``Conv1D``)
+    but its output layer, as peft's ``"all-linear"`` means (``model`` may be a peft model)."""
+    kinds: tuple[type, ...] = (nn.Linear, SparseLinear)
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds += (Conv1D,)
+    except ImportError:
+        pass
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules() if name and isinstance(module, kinds) and module is not output]
+
+
+def load_peft_model(model: nn.Module, model_id: str | Path, **kwargs):
+    """``peft.PeftModel.from_pretrained(model, model_id, **kwargs)`` for a pruned ``model``: a LoRA
+    config read from ``model_id`` gets the SLoPe mapping first (peft does not save it)."""
+    from peft import PeftConfig, PeftModel
+
+    config = kwargs.pop("config", None) or PeftConfig.from_pretrained(str(model_id))
+    if is_lora_config(config):
+        sparse_lora_config(config, model)
+    return PeftModel.from_pretrained(model, str(model_id), config=config, **kwargs)
+
+
+_LAYER_CLASS = None
+
+
+def sparse_lora_layer_class() -> type:
+    """peft's LoRA ``Linear`` layer for a :class:`~slope.layer.SparseLinear` base, merging refused
+    (built on first use: peft is an optional dependency)."""
+    global _LAYER_CLASS  # one class object per process, defined lazily (not state: it never changes)
+    if _LAYER_CLASS is None:
+        from peft.tuners.lora.layer import Linear
+
+        class SparseLoraLinear(Linear):
+            """peft's LoRA ``Linear`` around a 2:4 SLoPe layer (module docstring of :mod:`slope.peft.peft_lora`)."""
+
+            def __init__(self, base_layer, adapter_name, *args, **kwargs):
+                base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+                from slope.lora import MergedSparseLinear
+
+                if isinstance(base, MergedSparseLinear):
+                    raise ValueError(
+                        f"{base.layer_name or 'layer'} is in slope's merged inference form (no backward); add peft "
+                        "adapters to the unmerged pruned model"
+                    )
+                super().__init__(base_layer, adapter_name, *args, **kwargs)
+
+            def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+                return module.in_features, module.out_features  # (peft warns "unsupported layer type" otherwise)
+
+            def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+                raise ValueError(MERGE_REFUSED.format(name=self.get_base_layer().layer_name or "SparseLinear"))
+
+        _LAYER_CLASS = SparseLoraLinear
+    return _LAYER_CLASS

@@ -1,0 +1,141 @@
+"""peft's LoRA on a pruned model (``slope.peft.get_peft_model`` with a ``peft.LoraConfig``): SLoPe
+layers are wrapped like ``nn.Linear`` targets, compute ``x(W⊙M)ᵀ + b + s·(x Aᵀ)Bᵀ``, train only the
+adapters (the 2:4 weights stay as they were), save and load with peft, and refuse to merge."""
+import pytest
+import torch
+import torch.nn as nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from slope import prune_model  # noqa: E402
+from slope.layer import SparseLinear  # noqa: E402
+from slope.peft import SftConfig, get_peft_model, load_peft_model, sparse_lora_config  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj", "lm_head"]  # lm_head stays nn.Linear when pruning
+
+
+def _pruned(seed=0):
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                      intermediate_size=128, vocab_size=256)
+    torch.manual_seed(seed)
+    return prune_model(transformers.LlamaForCausalLM(config), backend="reference", verbose=False)
+
+
+def _ids(seed=1):
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _lora(**kw):
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **kw)
+
+
+def test_slope_layers_are_wrapped_and_compute_the_sparse_product_plus_the_adapter():
+    model = _pruned()
+    wrapped = get_peft_model(model, _lora())
+    layer = wrapped.base_model.model.model.layers[1].self_attn.q_proj
+    base = layer.get_base_layer()
+    assert isinstance(base, SparseLinear) and isinstance(layer, peft.tuners.lora.LoraLayer)
+    assert isinstance(wrapped.base_model.model.lm_head.get_base_layer(), nn.Linear)
+    with torch.no_grad():  # a non-zero B, so the adapter term shows
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 5, 64)
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    expected = x.double() @ base.dense_weight().double().t() + 2.0 * (x.double() @ a.t()) @ b.t()
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_moves_only_the_adapters_and_keeps_the_2to4_weights():
+    model = _pruned()
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    ids = _ids()
+    with torch.no_grad():
+        reference_logits = model(input_ids=ids).logits
+    wrapped = get_peft_model(model, _lora())
+    with torch.no_grad():  # B starts at zero: the wrapped model is the pruned model
+        assert torch.equal(wrapped(input_ids=ids).logits, reference_logits)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    base = wrapped.unload()  # the pruned model again, with its own weights
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(isinstance(m, SparseLinear) for n, m in base.named_modules() if n.endswith(("q_proj", "down_proj")))
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).logits, reference_logits)
+
+
+def test_adapters_save_and_load_onto_a_fresh_pruned_model(tmp_path):
+    wrapped = get_peft_model(_pruned(), _lora())
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    loaded = load_peft_model(_pruned(), tmp_path / "adapter")
+    ids = _ids(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, wrapped(input_ids=ids).logits)
+        assert not torch.equal(loaded(input_ids=ids).logits, _pruned()(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="not supported"):  # peft's own loader does not know SLoPe layers
+        peft.PeftModel.from_pretrained(_pruned(), str(tmp_path / "adapter"))
+
+
+def test_merging_is_refused_in_one_line_and_changes_nothing():
+    wrapped = get_peft_model(_pruned(), _lora())
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    ids = _ids(3)
+    with torch.no_grad():
+        before = wrapped(input_ids=ids).logits
+    for merge in (wrapped.merge_and_unload, wrapped.base_model.merge_adapter):
+        with pytest.raises(ValueError, match=r"would make its weight dense.*slope\.merge_lora") as info:
+            merge()
+        assert "\n" not in str(info.value)
+    with torch.no_grad():
+        assert torch.equal(wrapped(input_ids=ids).logits, before)
+
+
+def test_unsupported_configs_and_forms_are_refused():
+    with pytest.raises(ValueError, match="use_dora"):
+        get_peft_model(_pruned(), _lora(use_dora=True))
+    with pytest.raises(TypeError, match="LoraConfig"):
+        sparse_lora_config(SftConfig(target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="SftConfig or a peft LoraConfig"):
+        get_peft_model(_pruned(), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    from slope import merge_lora
+
+    merged = _pruned()
+    for layer in merged.modules():
+        if isinstance(layer, SparseLinear):
+            layer.add_lora(4)
+    merge_lora(merged)
+    with pytest.raises(ValueError, match="merged inference form"):
+        get_peft_model(merged, _lora())
+
+
+def test_all_linear_targets_the_same_layers_as_peft_does_on_the_dense_model():
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                      intermediate_size=128, vocab_size=256)
+
+    def wrapped_names(model):
+        return sorted(n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+
+    dense = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(r=4, target_modules="all-linear"))
+    pruned = prune_model(transformers.LlamaForCausalLM(config), backend="reference", skip=["layers.1.mlp.*"], verbose=False)
+    sparse = get_peft_model(pruned, peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert wrapped_names(sparse) == wrapped_names(dense) and len(wrapped_names(dense)) == 14
+    kinds = {type(m.get_base_layer()).__name__ for m in sparse.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert kinds == {"SparseLinear", "Linear"}  # pruned layers and the ones left dense (layers.1.mlp)
