@@ -192,14 +192,13 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
     def _product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # Autograd is off here (_merged_product), so no detach; each op skipped when it would be a
         # no-op: at decode sizes every dispatch shows (performance_experiments/host_overhead.py).
-        out, r = self.out_features, self.lora_rank
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        if r and x2.shape[0] <= DECODE_ROWS and self._fused_decode_runs(x2, dtype):  # one launch (decoding)
+        if self.lora_rank and x2.shape[0] <= DECODE_ROWS and self._fused_decode_runs(x2, dtype):  # one launch (decoding)
             meta, a_scaled, b = self._decode_operands(dtype, x.device)
             y = kernels.merged_decode(x2, self.values, meta, a_scaled, b, bias)
         else:
