@@ -5,23 +5,32 @@ than the host can enqueue them, so there the host time per layer *is* the speed.
 it for one layer, dense (``nn.Linear``) against slope's:
 
 - ``decode-stacked`` / ``decode-extended`` / ``decode-fused``: a frozen merged sparse+LoRA layer
-  (rank 8, ``slope.lora.freeze_for_inference``) on ``tokens`` rows, each adapter fold and the
-  one-launch decode kernel (``set_decode_kernel(model, "fused")``), no grad;
+  (rank 8, ``slope.lora.freeze_for_inference``; bf16 on CUDA, fp32 on CPU) on ``tokens`` rows, each
+  adapter fold and the one-launch decode kernel (``set_decode_kernel(model, "fused")``), no grad;
 - ``train-step``: forward, backward and optimizer step of one layer under bf16 autocast with fp32
-  master weights (``nn.Linear`` + ``torch.optim.AdamW`` against ``SparseLinear`` + ``ADAMWSparse``).
+  master weights (``nn.Linear`` + fused ``torch.optim.AdamW`` against ``SparseLinear`` +
+  ``ADAMWSparse``; no ``M_t`` update in the timed steps).
 
+Warm-up (3 calls per side, untimed) builds the operands, autotunes the Triton kernels and lets
+``backend="auto"`` time its candidates (CUDA); the sparse figures name the backend each product
+ran on (``chosen``; none for the fused decode kernel) and, for ``train-step``, the operands the
+optimizer step writes in its one pass (``fused_operands``; otherwise they are rebuilt per step).
 On CUDA the calls are real: the host time is ``time.perf_counter`` over back-to-back calls
-without synchronizing (the GPU queue absorbs them; sizes are small so it never fills).
+without synchronizing. ``drain_us`` is how long the GPU still ran after a round's last call was
+enqueued (median): about one call's GPU time when the host was the bottleneck, as it is meant to
+be here; much more means the GPU was slower and the figure is not the host's alone.
 On CPU this is an **emulation of the CUDA code paths** (needs ``TRITON_INTERPRET=1``): after a
 real warm-up, Triton launches and the sparse GEMM become stubs that only count, every other
 torch op runs on tiny CPU tensors (their dispatch costs about what a CUDA launch does), so the
-figure is slope's own host work plus one stub per launch. Ratio ``host_speedup`` = dense host
-time / sparse host time per call (per step for ``train-step``); records also say what each call
-launched (``launches``, CPU).
+figure is slope's own host work plus one stub per launch. The ``reference`` backend stands in
+for ``auto``'s choice: it builds operands from kept values, as ``cutlass-sm90`` does (a choice of
+``dense`` or ``cusparselt`` on CUDA rebuilds them after each step instead). Ratio ``host_speedup``
+= dense host time / sparse host time per call (per step for ``train-step``); records also say
+what each call launched (``launches``, CPU).
 
     python performance_experiments/host_overhead.py                 # CUDA if available
     TRITON_INTERPRET=1 python performance_experiments/host_overhead.py --device cpu
-    python performance_experiments/host_overhead.py --smoke
+    TRITON_INTERPRET=1 python performance_experiments/host_overhead.py --smoke
 """
 from __future__ import annotations
 
@@ -106,10 +115,13 @@ def _merged(features: int, device, dtype, fold: str, decode_kernel: str) -> tupl
 
 def _per_call_us(calls: dict, n: int, device, stubs) -> dict:
     """``{side: median host µs per call}`` over 7 rounds of ``n`` back-to-back calls of each side's
-    function, the sides alternating round by round (same machine load); with ``stubs``, also
-    ``{side: launches per call}``."""
+    function, the sides alternating round by round (same machine load); on CUDA also the median
+    ``drain_us`` (see the module docstring); with ``stubs``, ``{side: launches per call}``."""
     rounds = {side: [] for side in calls}
+    drains = {side: [] for side in calls}
     launches = {side: collections.Counter() for side in calls}
+    if stubs:
+        stubs.launches.clear()  # (a failed case may have left counts)
     for _ in range(7):
         for side, fn in calls.items():
             if device.type == "cuda":
@@ -118,13 +130,20 @@ def _per_call_us(calls: dict, n: int, device, stubs) -> dict:
                 start = time.perf_counter()
                 for _ in range(n):
                     fn()
-                rounds[side].append((time.perf_counter() - start) / n * 1e6)
+                end = time.perf_counter()
+                rounds[side].append((end - start) / n * 1e6)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                drains[side].append((time.perf_counter() - end) * 1e6)
             if stubs:
                 launches[side].update(stubs.launches)
                 stubs.launches.clear()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     figures = {side: {"host_us": round(statistics.median(times), 2)} for side, times in rounds.items()}
+    for side, times in drains.items():
+        if times:
+            figures[side]["drain_us"] = round(statistics.median(times), 2)
     if stubs:
         for side, counter in launches.items():
             figures[side]["launches"] = {k: v / (7 * n) for k, v in sorted(counter.items())}
@@ -140,8 +159,7 @@ def _train_pair(features: int, device):
     sparse = SparseLinear.from_dense(dense.weight.detach().clone(), None, compress=True,
                                      backend="reference" if device.type == "cpu" else "auto")
     sparse.to(device)
-    fused = device.type == "cuda" or None
-    dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-5, fused=fused)
+    dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-5, fused=True)  # one kernel (CPU too: the CUDA path emulated)
     sparse_opt = ADAMWSparse(sparse, lr=1e-5, mask_change_freq=10**6)
     return (dense, dense_opt), (sparse, sparse_opt)
 
@@ -164,9 +182,11 @@ def measure(case: str, device, args, stubs: _Stubs | None) -> dict:
             (dense, dense_opt), (sparse, sparse_opt) = _train_pair(features, device)
             x = torch.randn(tokens, features, device=device, requires_grad=True)
             calls = {"dense": lambda: _step(dense, dense_opt, x), "sparse": lambda: _step(sparse, sparse_opt, x)}
+            layer = sparse
         else:
             fold = "extended" if case == "decode-extended" else "stacked"
             dense, merged = _merged(features, device, dtype, fold, "fused" if case == "decode-fused" else "gemm")
+            layer = merged
             x = torch.randn(tokens, features, device=device, dtype=dtype)
             calls = {"dense": lambda: dense(x), "sparse": lambda: merged(x)}
         with torch.no_grad() if case != "train-step" else contextlib.nullcontext():
@@ -174,6 +194,9 @@ def measure(case: str, device, args, stubs: _Stubs | None) -> dict:
                 for _ in range(3):
                     fn()
             figures = _per_call_us(calls, args.calls, device, stubs)
+    figures["sparse"]["chosen"] = {str(key[0]): backend.name for key, backend in layer._backends.items()}
+    if case == "train-step":
+        figures["sparse"]["fused_operands"] = sorted(layer.operand_buffers())
     return figures
 
 
@@ -201,7 +224,7 @@ def main(argv=None) -> list[dict]:
             continue
         backend = "reference" if stubs else "auto"
         config = {"case": case, "features": args.features, "tokens": args.tokens, "calls": args.calls,
-                  "emulated": stubs is not None}
+                  "dtype": "bf16" if device.type == "cuda" or case == "train-step" else "fp32", "emulated": stubs is not None}
         try:
             figures = measure(case, device, args, stubs)
             recorder(make_record(SCRIPT, env, config, figures["dense"], figures["sparse"], backend=backend, error=None,

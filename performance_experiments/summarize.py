@@ -173,7 +173,11 @@ def host_overhead_table(records):
         found = _get(r, "sparse", "launches") or {}
         return ", ".join(f"{k} {v:g}" for k, v in found.items()) or "–"
 
-    rows = [[r["config"]["case"], r["backend"], r["config"]["features"], r["config"]["tokens"], "yes" if r["config"]["emulated"] else "no",
+    def backend(r):  # with what auto chose (CUDA), e.g. "auto → cutlass-sm90"
+        chosen = sorted(set((_get(r, "sparse", "chosen") or {}).values()) - {r["backend"]})
+        return r["backend"] + (f" → {'/'.join(chosen)}" if chosen else "")
+
+    rows = [[r["config"]["case"], backend(r), r["config"]["features"], r["config"]["tokens"], "yes" if r["config"]["emulated"] else "no",
              _get(r, "dense", "host_us"), _get(r, "sparse", "host_us"), r.get("host_speedup"), launches(r)] for r in _ok(records)]
     return _table(["case", "backend", "features", "tokens", "emulated", "dense µs/call", "sparse µs/call", "×",
                    "sparse launches per call"], rows)
