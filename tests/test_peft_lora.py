@@ -139,3 +139,35 @@ def test_all_linear_targets_the_same_layers_as_peft_does_on_the_dense_model():
     assert wrapped_names(sparse) == wrapped_names(dense) and len(wrapped_names(dense)) == 14
     kinds = {type(m.get_base_layer()).__name__ for m in sparse.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert kinds == {"SparseLinear", "Linear"}  # pruned layers and the ones left dense (layers.1.mlp)
+
+
+def test_wrapped_slope_layers_are_frozen_no_weight_gradient_and_unload_makes_them_trainable():
+    """peft freezes the base model's parameters, but a SLoPe layer's ``values`` never require grad (its
+    weight gradient goes to ``values_grad``): without ``sparse_requires_grad=False`` every backward
+    computed ``dyᵀx`` for each frozen layer, and ADAMWSparse over the peft model stepped them."""
+    from slope import sparse_modules
+    from slope.optimizers import ADAMWSparse
+
+    wrapped = get_peft_model(_pruned(), _lora())
+    layers = [layer for _, layer in sparse_modules(wrapped)]
+    before = [layer.values.detach().clone() for layer in layers]
+    ids = _ids()
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    assert all(layer.values_grad is None for layer in layers)
+    assert all(p.grad is not None for n, p in wrapped.named_parameters() if "lora_" in n)
+    with pytest.raises(ValueError, match="frozen.*get_peft_model") as info:
+        ADAMWSparse(wrapped)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(layer.values, v) for layer, v in zip(layers, before))
+    base = wrapped.unload()
+    assert all(layer.sparse_requires_grad for _, layer in sparse_modules(base))
+    ADAMWSparse(base)  # the pruned model trains again
+
+
+def test_loaded_adapters_leave_the_slope_layers_frozen(tmp_path):
+    from slope import sparse_modules
+
+    get_peft_model(_pruned(), _lora()).save_pretrained(tmp_path / "adapter")
+    for trainable in (False, True):
+        loaded = load_peft_model(_pruned(), tmp_path / "adapter", is_trainable=trainable)
+        assert not any(layer.sparse_requires_grad for _, layer in sparse_modules(loaded))

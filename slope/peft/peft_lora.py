@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from slope.layer import SparseLinear
 
-__all__ = ["is_lora_config", "linear_layer_names", "load_peft_model", "sparse_lora_config"]
+__all__ = ["is_lora_config", "linear_layer_names", "load_peft_model", "sparse_lora_config", "sparse_peft_model"]
 
 MERGE_REFUSED = (
     "merging a LoRA adapter into the 2:4 sparse layer {name} would make its weight dense (W⊙M + s·BA); keep the "
@@ -85,7 +85,49 @@ def load_peft_model(model: nn.Module, model_id: str | Path, **kwargs):
     config = kwargs.pop("config", None) or PeftConfig.from_pretrained(str(model_id))
     if is_lora_config(config):
         sparse_lora_config(config, model)
-    return PeftModel.from_pretrained(model, str(model_id), config=config, **kwargs)
+    return sparse_peft_model(PeftModel.from_pretrained(model, str(model_id), config=config, **kwargs))
+
+
+def sparse_peft_model(peft_model):
+    """``peft_model`` (from ``peft.get_peft_model`` / ``PeftModel.from_pretrained`` with
+    :func:`sparse_lora_config`) with its SLoPe layers frozen as peft froze the rest of the base model:
+    ``sparse_requires_grad=False``, so a backward computes no weight gradient ``dyᵀx`` for them (their
+    ``values`` never require grad, so peft's freezing does not reach them); ``unload()`` makes them
+    trainable again. Returns the same object."""
+    from peft.tuners.lora import LoraModel
+
+    tuner = peft_model.base_model
+    if type(tuner) is LoraModel:  # (swapped in place, as slope.lora swaps layers; a mixed model keeps its class)
+        tuner.__class__ = _lora_model_class()
+    _freeze_sparse_layers(tuner.model)
+    return peft_model
+
+
+def _freeze_sparse_layers(model: nn.Module, frozen: bool = True) -> None:
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            module.sparse_requires_grad = not frozen
+
+
+_MODEL_CLASS = None
+
+
+def _lora_model_class() -> type:
+    """peft's ``LoraModel`` whose ``unload()`` makes the SLoPe layers trainable again (built on first use)."""
+    global _MODEL_CLASS  # one class object per process, defined lazily (as _LAYER_CLASS)
+    if _MODEL_CLASS is None:
+        from peft.tuners.lora import LoraModel
+
+        class SparseLoraModel(LoraModel):
+            """peft's ``LoraModel`` over a pruned model (:func:`sparse_peft_model`)."""
+
+            def unload(self, *args, **kwargs):
+                model = super().unload(*args, **kwargs)
+                _freeze_sparse_layers(model, frozen=False)
+                return model
+
+        _MODEL_CLASS = SparseLoraModel
+    return _MODEL_CLASS
 
 
 _LAYER_CLASS = None
