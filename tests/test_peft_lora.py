@@ -171,3 +171,28 @@ def test_loaded_adapters_leave_the_slope_layers_frozen(tmp_path):
     for trainable in (False, True):
         loaded = load_peft_model(_pruned(), tmp_path / "adapter", is_trainable=trainable)
         assert not any(layer.sparse_requires_grad for _, layer in sparse_modules(loaded))
+
+
+def test_later_adapters_can_target_slope_layers_and_all_linear_includes_them(tmp_path):
+    """``add_adapter`` / ``load_adapter`` on the peft model: peft's own injection refused new SLoPe
+    targets ("not supported") and expanded ``"all-linear"`` to the already wrapped layers only."""
+    from slope.peft.peft_lora import linear_layer_names
+
+    def adapted(model, name):
+        return sorted(n for n, _ in model.named_modules() if n.endswith(f"lora_A.{name}"))
+
+    wrapped = get_peft_model(_pruned(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    all_linear = get_peft_model(_pruned(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert linear_layer_names(wrapped.base_model.model) == linear_layer_names(_pruned()) == [
+        n for n, m in all_linear.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    wrapped.add_adapter("b", peft.LoraConfig(r=2, target_modules=["k_proj"]))
+    wrapped.add_adapter("c", peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert len(adapted(wrapped, "b")) == 2 and len(adapted(wrapped, "c")) == 14  # (2 layers × 7 SLoPe layers)
+    get_peft_model(_pruned(), peft.LoraConfig(r=4, target_modules=["up_proj"])).save_pretrained(tmp_path / "up")
+    wrapped.load_adapter(str(tmp_path / "up"), adapter_name="up")
+    assert len(adapted(wrapped, "up")) == 2
+    assert not any(m.sparse_requires_grad for m in wrapped.modules() if isinstance(m, SparseLinear))
+    ids = _ids(4)
+    wrapped.set_adapter("c")
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    assert {n.split(".")[-2] for n, p in wrapped.named_parameters() if p.grad is not None} == {"c"}

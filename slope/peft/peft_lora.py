@@ -65,7 +65,10 @@ def sparse_lora_config(config, model: nn.Module | None = None):
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Full names of ``model``'s linear layers (``nn.Linear``, SLoPe layers, transformers' ``Conv1D``)
-    but its output layer, as peft's ``"all-linear"`` means (``model`` may be a peft model)."""
+    but its output layer, as peft's ``"all-linear"`` means (``model`` may be a peft model: a layer peft
+    wrapped counts as the wrapper, never its base layer or adapters, as in peft's own expansion)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     kinds: tuple[type, ...] = (nn.Linear, SparseLinear)
     try:
         from transformers.pytorch_utils import Conv1D
@@ -74,7 +77,11 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     except ImportError:
         pass
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, module in model.named_modules() if name and isinstance(module, kinds) and module is not output]
+    wrapped = {f"{name}.{inner}" for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+               for inner, _ in module.named_modules() if inner}
+    return [name for name, module in model.named_modules()
+            if name and name not in wrapped and module is not output
+            and (isinstance(module, kinds) or isinstance(module, BaseTunerLayer) and "Linear" in type(module).__name__)]
 
 
 def load_peft_model(model: nn.Module, model_id: str | Path, **kwargs):
@@ -113,13 +120,22 @@ _MODEL_CLASS = None
 
 
 def _lora_model_class() -> type:
-    """peft's ``LoraModel`` whose ``unload()`` makes the SLoPe layers trainable again (built on first use)."""
+    """peft's ``LoraModel`` whose later adapters (``add_adapter``, ``load_adapter``) get the SLoPe mapping
+    and ``"all-linear"`` expansion too, and whose ``unload()`` makes the SLoPe layers trainable again
+    (built on first use)."""
     global _MODEL_CLASS  # one class object per process, defined lazily (as _LAYER_CLASS)
     if _MODEL_CLASS is None:
         from peft.tuners.lora import LoraModel
 
         class SparseLoraModel(LoraModel):
             """peft's ``LoraModel`` over a pruned model (:func:`sparse_peft_model`)."""
+
+            def inject_adapter(self, model, adapter_name, *args, **kwargs):
+                config = self.peft_config[adapter_name]
+                if is_lora_config(config):  # (peft's own refuses SLoPe targets and skips them in "all-linear")
+                    sparse_lora_config(config, model)
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
+                _freeze_sparse_layers(model)
 
             def unload(self, *args, **kwargs):
                 model = super().unload(*args, **kwargs)
