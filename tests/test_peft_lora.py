@@ -196,3 +196,19 @@ def test_later_adapters_can_target_slope_layers_and_all_linear_includes_them(tmp
     wrapped.set_adapter("c")
     wrapped(input_ids=ids, labels=ids).loss.backward()
     assert {n.split(".")[-2] for n, p in wrapped.named_parameters() if p.grad is not None} == {"c"}
+
+
+def test_a_slope_layer_in_modules_to_save_is_refused_and_a_dense_one_trains():
+    """peft's trainable copy of a 2:4 layer (``modules_to_save``) never changed: its kept weights get
+    no ``.grad`` for a dense optimizer (they train only with ADAMWSparse)."""
+    with pytest.raises(ValueError, match=r"modules_to_save .*o_proj.*LoRA instead") as info:
+        get_peft_model(_pruned(), _lora(modules_to_save=["o_proj"]))
+    assert "\n" not in str(info.value)
+    wrapped = get_peft_model(_pruned(), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    head = wrapped.base_model.model.lm_head.modules_to_save["default"].weight
+    before = head.detach().clone()
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids()
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert not torch.equal(head, before)

@@ -49,7 +49,8 @@ def sparse_lora_config(config, model: nn.Module | None = None):
     """``config`` (a peft ``LoraConfig``) with SLoPe layers mapped to :func:`sparse_lora_layer_class`'s
     class, so peft wraps them like ``nn.Linear`` targets; returns the same object. With ``model``,
     ``target_modules="all-linear"`` becomes the names of its linear layers, SLoPe layers included
-    (peft's own expansion takes ``nn.Linear`` / ``Conv1D`` only and would skip every pruned layer)."""
+    (peft's own expansion takes ``nn.Linear`` / ``Conv1D`` only and would skip every pruned layer), and
+    a SLoPe layer in ``modules_to_save`` is refused (its trainable copy's weights would silently stay as they were)."""
     if not is_lora_config(config):
         raise TypeError(f"sparse_lora_config takes a peft LoraConfig, got {type(config).__name__}")
     if getattr(config, "use_dora", False):
@@ -57,6 +58,13 @@ def sparse_lora_config(config, model: nn.Module | None = None):
     if not hasattr(config, "_register_custom_module"):
         raise ImportError("LoRA on SLoPe layers needs peft >= 0.12 (custom LoRA layers); upgrade peft")
     targets = config.target_modules
+    saved = [name for name, module in (model.named_modules() if model is not None else ()) if isinstance(module, SparseLinear)
+             and any(name.endswith(key) for key in config.modules_to_save or ())]  # (peft's match)
+    if saved:
+        raise ValueError(
+            f"modules_to_save {config.modules_to_save!r} includes the 2:4 SLoPe layer {saved[0]}, whose kept weights a dense "
+            "optimizer never updates (they train with slope.optimizers.ADAMWSparse); target it with LoRA instead, or leave it out"
+        )
     if model is not None and isinstance(targets, str) and targets.lower() == "all-linear":
         config.target_modules = linear_layer_names(model)
     config._register_custom_module({SparseLinear: sparse_lora_layer_class()})
