@@ -108,13 +108,14 @@ def sparse_peft_model(peft_model):
     :func:`sparse_lora_config`) with its SLoPe layers frozen as peft froze the rest of the base model:
     ``sparse_requires_grad=False``, so a backward computes no weight gradient ``dyᵀx`` for them (their
     ``values`` never require grad, so peft's freezing does not reach them); ``unload()`` makes them
-    trainable again. Returns the same object."""
+    trainable again, and later adapters (``add_adapter``, ``load_adapter``) get the SLoPe mapping too.
+    Returns the same object."""
     from peft.tuners.lora import LoraModel
 
     tuner = peft_model.base_model
     if type(tuner) is LoraModel:  # (swapped in place, as slope.lora swaps layers; a mixed model keeps its class)
         tuner.__class__ = _lora_model_class()
-    _freeze_sparse_layers(tuner.model)
+    _freeze_sparse_layers(peft_model)
     return peft_model
 
 
