@@ -75,8 +75,6 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     """Full names of ``model``'s linear layers (``nn.Linear``, SLoPe layers, transformers' ``Conv1D``)
     but its output layer, as peft's ``"all-linear"`` means (``model`` may be a peft model: a layer peft
     wrapped counts as the wrapper, never its base layer or adapters, as in peft's own expansion)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     kinds: tuple[type, ...] = (nn.Linear, SparseLinear)
     try:
         from transformers.pytorch_utils import Conv1D
@@ -84,6 +82,10 @@ def linear_layer_names(model: nn.Module) -> list[str]:
         kinds += (Conv1D,)
     except ImportError:
         pass
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        BaseTunerLayer = ()  # (no peft: no wrapped layers)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     wrapped = {f"{name}.{inner}" for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
                for inner, _ in module.named_modules() if inner}
