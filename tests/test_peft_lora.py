@@ -111,6 +111,9 @@ def test_merging_is_refused_in_one_line_and_changes_nothing():
 def test_unsupported_configs_and_forms_are_refused():
     with pytest.raises(ValueError, match="use_dora"):
         get_peft_model(_pruned(), _lora(use_dora=True))
+    for init in ("pissa", "pissa_niter_4", "olora"):  # (peft writes W - s·BA into layer.weight: a copy, for a SLoPe layer)
+        with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' rewrites the base weight"):
+            get_peft_model(_pruned(), _lora(init_lora_weights=init))
     with pytest.raises(TypeError, match="LoraConfig"):
         sparse_lora_config(SftConfig(target_modules=["q_proj"]))
     with pytest.raises(TypeError, match="SftConfig or a peft LoraConfig"):

@@ -29,6 +29,9 @@ from slope.layer import SparseLinear
 
 __all__ = ["is_lora_config", "linear_layer_names", "load_peft_model", "sparse_lora_config", "sparse_peft_model"]
 
+#: peft's ``init_lora_weights`` that write the base layer's weight (prefixes, lower case).
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
 MERGE_REFUSED = (
     "merging a LoRA adapter into the 2:4 sparse layer {name} would make its weight dense (W⊙M + s·BA); keep the "
     "adapters unmerged for inference, or unload() them; for merged sparse+LoRA inference train SLoPe's adapters "
@@ -50,11 +53,19 @@ def sparse_lora_config(config, model: nn.Module | None = None):
     class, so peft wraps them like ``nn.Linear`` targets; returns the same object. With ``model``,
     ``target_modules="all-linear"`` becomes the names of its linear layers, SLoPe layers included
     (peft's own expansion takes ``nn.Linear`` / ``Conv1D`` only and would skip every pruned layer), and
-    a SLoPe layer in ``modules_to_save`` is refused (its trainable copy's weights would silently stay as they were)."""
+    a SLoPe layer in ``modules_to_save`` is refused (its trainable copy's weights would silently stay as they were),
+    as are ``use_dora`` and the inits of :data:`BASE_REWRITING_INITS`."""
     if not is_lora_config(config):
         raise TypeError(f"sparse_lora_config takes a peft LoraConfig, got {type(config).__name__}")
     if getattr(config, "use_dora", False):
         raise ValueError("use_dora=True is not supported on 2:4 SLoPe layers (DoRA rescales the dense merged weight); use plain LoRA")
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise ValueError(
+            f"init_lora_weights={init!r} rewrites the base weight as W - s·BA (dense), which a 2:4 SLoPe layer cannot hold: "
+            "peft's write would be dropped and the adapters would change the model; use the default init (B = 0), "
+            "'gaussian', 'orthogonal' or 'eva'"
+        )
     if not hasattr(config, "_register_custom_module"):
         raise ImportError("LoRA on SLoPe layers needs peft >= 0.12 (custom LoRA layers); upgrade peft")
     targets = config.target_modules
