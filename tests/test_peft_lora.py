@@ -89,6 +89,9 @@ def test_adapters_save_and_load_onto_a_fresh_pruned_model(tmp_path):
         assert not torch.equal(loaded(input_ids=ids).logits, _pruned()(input_ids=ids).logits)
     with pytest.raises(ValueError, match="not supported"):  # peft's own loader does not know SLoPe layers
         peft.PeftModel.from_pretrained(_pruned(), str(tmp_path / "adapter"))
+    from_subfolder = load_peft_model(_pruned(), tmp_path, subfolder="adapter")  # (the config too: peft's kwargs)
+    with torch.no_grad():
+        assert torch.equal(from_subfolder(input_ids=ids).logits, wrapped(input_ids=ids).logits)
 
 
 def test_merging_is_refused_in_one_line_and_changes_nothing():

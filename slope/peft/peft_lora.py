@@ -110,7 +110,7 @@ def load_peft_model(model: nn.Module, model_id: str | Path, **kwargs):
     config read from ``model_id`` gets the SLoPe mapping first (peft does not save it)."""
     from peft import PeftConfig, PeftModel
 
-    config = kwargs.pop("config", None) or PeftConfig.from_pretrained(str(model_id))
+    config = kwargs.pop("config", None) or PeftConfig.from_pretrained(str(model_id), **kwargs)  # (subfolder, revision, ... as peft's)
     if is_lora_config(config):
         sparse_lora_config(config, model)
     return sparse_peft_model(PeftModel.from_pretrained(model, str(model_id), config=config, **kwargs))
