@@ -89,6 +89,9 @@ def test_adapters_save_and_load_onto_a_fresh_pruned_model(tmp_path):
         assert not torch.equal(loaded(input_ids=ids).logits, _pruned()(input_ids=ids).logits)
     with pytest.raises(ValueError, match="not supported"):  # peft's own loader does not know SLoPe layers
         peft.PeftModel.from_pretrained(_pruned(), str(tmp_path / "adapter"))
+    from_subfolder = load_peft_model(_pruned(), tmp_path, subfolder="adapter")  # (the config too: peft's kwargs)
+    with torch.no_grad():
+        assert torch.equal(from_subfolder(input_ids=ids).logits, wrapped(input_ids=ids).logits)
 
 
 def test_merging_is_refused_in_one_line_and_changes_nothing():
@@ -111,6 +114,9 @@ def test_merging_is_refused_in_one_line_and_changes_nothing():
 def test_unsupported_configs_and_forms_are_refused():
     with pytest.raises(ValueError, match="use_dora"):
         get_peft_model(_pruned(), _lora(use_dora=True))
+    for init in ("pissa", "pissa_niter_4", "olora"):  # (peft writes W - s·BA into layer.weight: a copy, for a SLoPe layer)
+        with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' rewrites the base weight"):
+            get_peft_model(_pruned(), _lora(init_lora_weights=init))
     with pytest.raises(TypeError, match="LoraConfig"):
         sparse_lora_config(SftConfig(target_modules=["q_proj"]))
     with pytest.raises(TypeError, match="SftConfig or a peft LoraConfig"):
@@ -139,3 +145,76 @@ def test_all_linear_targets_the_same_layers_as_peft_does_on_the_dense_model():
     assert wrapped_names(sparse) == wrapped_names(dense) and len(wrapped_names(dense)) == 14
     kinds = {type(m.get_base_layer()).__name__ for m in sparse.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert kinds == {"SparseLinear", "Linear"}  # pruned layers and the ones left dense (layers.1.mlp)
+
+
+def test_wrapped_slope_layers_are_frozen_no_weight_gradient_and_unload_makes_them_trainable():
+    """peft freezes the base model's parameters, but a SLoPe layer's ``values`` never require grad (its
+    weight gradient goes to ``values_grad``): without ``sparse_requires_grad=False`` every backward
+    computed ``dyᵀx`` for each frozen layer, and ADAMWSparse over the peft model stepped them."""
+    from slope import sparse_modules
+    from slope.optimizers import ADAMWSparse
+
+    wrapped = get_peft_model(_pruned(), _lora())
+    layers = [layer for _, layer in sparse_modules(wrapped)]
+    before = [layer.values.detach().clone() for layer in layers]
+    ids = _ids()
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    assert all(layer.values_grad is None for layer in layers)
+    assert all(p.grad is not None for n, p in wrapped.named_parameters() if "lora_" in n)
+    with pytest.raises(ValueError, match="frozen.*get_peft_model") as info:
+        ADAMWSparse(wrapped)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(layer.values, v) for layer, v in zip(layers, before))
+    base = wrapped.unload()
+    assert all(layer.sparse_requires_grad for _, layer in sparse_modules(base))
+    ADAMWSparse(base)  # the pruned model trains again
+
+
+def test_loaded_adapters_leave_the_slope_layers_frozen(tmp_path):
+    from slope import sparse_modules
+
+    get_peft_model(_pruned(), _lora()).save_pretrained(tmp_path / "adapter")
+    for trainable in (False, True):
+        loaded = load_peft_model(_pruned(), tmp_path / "adapter", is_trainable=trainable)
+        assert not any(layer.sparse_requires_grad for _, layer in sparse_modules(loaded))
+
+
+def test_later_adapters_can_target_slope_layers_and_all_linear_includes_them(tmp_path):
+    """``add_adapter`` / ``load_adapter`` on the peft model: peft's own injection refused new SLoPe
+    targets ("not supported") and expanded ``"all-linear"`` to the already wrapped layers only."""
+    from slope.peft.peft_lora import linear_layer_names
+
+    def adapted(model, name):
+        return sorted(n for n, _ in model.named_modules() if n.endswith(f"lora_A.{name}"))
+
+    wrapped = get_peft_model(_pruned(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    all_linear = get_peft_model(_pruned(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert linear_layer_names(wrapped.base_model.model) == linear_layer_names(_pruned()) == [
+        n for n, m in all_linear.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    wrapped.add_adapter("b", peft.LoraConfig(r=2, target_modules=["k_proj"]))
+    wrapped.add_adapter("c", peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert len(adapted(wrapped, "b")) == 2 and len(adapted(wrapped, "c")) == 14  # (2 layers × 7 SLoPe layers)
+    get_peft_model(_pruned(), peft.LoraConfig(r=4, target_modules=["up_proj"])).save_pretrained(tmp_path / "up")
+    wrapped.load_adapter(str(tmp_path / "up"), adapter_name="up")
+    assert len(adapted(wrapped, "up")) == 2
+    assert not any(m.sparse_requires_grad for m in wrapped.modules() if isinstance(m, SparseLinear))
+    ids = _ids(4)
+    wrapped.set_adapter("c")
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    assert {n.split(".")[-2] for n, p in wrapped.named_parameters() if p.grad is not None} == {"c"}
+
+
+def test_a_slope_layer_in_modules_to_save_is_refused_and_a_dense_one_trains():
+    """peft's trainable copy of a 2:4 layer (``modules_to_save``) never changed: its kept weights get
+    no ``.grad`` for a dense optimizer (they train only with ADAMWSparse)."""
+    with pytest.raises(ValueError, match=r"modules_to_save .*o_proj.*LoRA instead") as info:
+        get_peft_model(_pruned(), _lora(modules_to_save=["o_proj"]))
+    assert "\n" not in str(info.value)
+    wrapped = get_peft_model(_pruned(), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    head = wrapped.base_model.model.lm_head.modules_to_save["default"].weight
+    before = head.detach().clone()
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids()
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert not torch.equal(head, before)

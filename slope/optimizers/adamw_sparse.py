@@ -93,6 +93,12 @@ class ADAMWSparse(torch.optim.Optimizer):
             raise ValueError("ADAMWSparse found no SLoPe layers; call slope.prune_model(model) first")
         if model is not None:
             _refuse_merged(model, layers)
+        if not any(layer.sparse_requires_grad for layer in layers):  # (they get no values_grad: no step would change anything)
+            raise ValueError(
+                f"ADAMWSparse: every SLoPe layer{'' if model is None else ' of ' + type(model).__name__} is frozen "
+                "(sparse_requires_grad=False, e.g. under peft's LoRA from slope.peft.get_peft_model, which trains the "
+                "adapters only): build it on the pruned model without peft adapters (or after unload())"
+            )
         self._layer_of: dict[int, nn.Module] = {id(layer.values): layer for layer in layers}
         # per parameter (id): (its state's step tensor, the host's count of it), so that no step
         # reads the device counter (the count is trusted while the state holds that same tensor)

@@ -27,7 +27,10 @@ import torch.nn as nn
 
 from slope.layer import SparseLinear
 
-__all__ = ["is_lora_config", "linear_layer_names", "load_peft_model", "sparse_lora_config"]
+__all__ = ["is_lora_config", "linear_layer_names", "load_peft_model", "sparse_lora_config", "sparse_peft_model"]
+
+#: peft's ``init_lora_weights`` that write the base layer's weight (prefixes, lower case).
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 MERGE_REFUSED = (
     "merging a LoRA adapter into the 2:4 sparse layer {name} would make its weight dense (W⊙M + s·BA); keep the "
@@ -49,14 +52,30 @@ def sparse_lora_config(config, model: nn.Module | None = None):
     """``config`` (a peft ``LoraConfig``) with SLoPe layers mapped to :func:`sparse_lora_layer_class`'s
     class, so peft wraps them like ``nn.Linear`` targets; returns the same object. With ``model``,
     ``target_modules="all-linear"`` becomes the names of its linear layers, SLoPe layers included
-    (peft's own expansion takes ``nn.Linear`` / ``Conv1D`` only and would skip every pruned layer)."""
+    (peft's own expansion takes ``nn.Linear`` / ``Conv1D`` only and would skip every pruned layer), and
+    a SLoPe layer in ``modules_to_save`` is refused (its trainable copy's weights would silently stay as they were),
+    as are ``use_dora`` and the inits of :data:`BASE_REWRITING_INITS`."""
     if not is_lora_config(config):
         raise TypeError(f"sparse_lora_config takes a peft LoraConfig, got {type(config).__name__}")
     if getattr(config, "use_dora", False):
         raise ValueError("use_dora=True is not supported on 2:4 SLoPe layers (DoRA rescales the dense merged weight); use plain LoRA")
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise ValueError(
+            f"init_lora_weights={init!r} rewrites the base weight as W - s·BA (dense), which a 2:4 SLoPe layer cannot hold: "
+            "peft's write would be dropped and the adapters would change the model; use the default init (B = 0), "
+            "'gaussian', 'orthogonal' or 'eva'"
+        )
     if not hasattr(config, "_register_custom_module"):
         raise ImportError("LoRA on SLoPe layers needs peft >= 0.12 (custom LoRA layers); upgrade peft")
     targets = config.target_modules
+    saved = [name for name, module in (model.named_modules() if model is not None else ()) if isinstance(module, SparseLinear)
+             and any(name.endswith(key) for key in config.modules_to_save or ())]  # (peft's match)
+    if saved:
+        raise ValueError(
+            f"modules_to_save {config.modules_to_save!r} includes the 2:4 SLoPe layer {saved[0]}, whose kept weights a dense "
+            "optimizer never updates (they train with slope.optimizers.ADAMWSparse); target it with LoRA instead, or leave it out"
+        )
     if model is not None and isinstance(targets, str) and targets.lower() == "all-linear":
         config.target_modules = linear_layer_names(model)
     config._register_custom_module({SparseLinear: sparse_lora_layer_class()})
@@ -65,7 +84,8 @@ def sparse_lora_config(config, model: nn.Module | None = None):
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Full names of ``model``'s linear layers (``nn.Linear``, SLoPe layers, transformers' ``Conv1D``)
-    but its output layer, as peft's ``"all-linear"`` means (``model`` may be a peft model)."""
+    but its output layer, as peft's ``"all-linear"`` means (``model`` may be a peft model: a layer peft
+    wrapped counts as the wrapper, never its base layer or adapters, as in peft's own expansion)."""
     kinds: tuple[type, ...] = (nn.Linear, SparseLinear)
     try:
         from transformers.pytorch_utils import Conv1D
@@ -73,8 +93,16 @@ def linear_layer_names(model: nn.Module) -> list[str]:
         kinds += (Conv1D,)
     except ImportError:
         pass
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        BaseTunerLayer = ()  # (no peft: no wrapped layers)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, module in model.named_modules() if name and isinstance(module, kinds) and module is not output]
+    wrapped = {f"{name}.{inner}" for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+               for inner, _ in module.named_modules() if inner}
+    return [name for name, module in model.named_modules()
+            if name and name not in wrapped and module is not output
+            and (isinstance(module, kinds) or isinstance(module, BaseTunerLayer) and "Linear" in type(module).__name__)]
 
 
 def load_peft_model(model: nn.Module, model_id: str | Path, **kwargs):
@@ -82,10 +110,62 @@ def load_peft_model(model: nn.Module, model_id: str | Path, **kwargs):
     config read from ``model_id`` gets the SLoPe mapping first (peft does not save it)."""
     from peft import PeftConfig, PeftModel
 
-    config = kwargs.pop("config", None) or PeftConfig.from_pretrained(str(model_id))
+    config = kwargs.pop("config", None) or PeftConfig.from_pretrained(str(model_id), **kwargs)  # (subfolder, revision, ... as peft's)
     if is_lora_config(config):
         sparse_lora_config(config, model)
-    return PeftModel.from_pretrained(model, str(model_id), config=config, **kwargs)
+    return sparse_peft_model(PeftModel.from_pretrained(model, str(model_id), config=config, **kwargs))
+
+
+def sparse_peft_model(peft_model):
+    """``peft_model`` (from ``peft.get_peft_model`` / ``PeftModel.from_pretrained`` with
+    :func:`sparse_lora_config`) with its SLoPe layers frozen as peft froze the rest of the base model:
+    ``sparse_requires_grad=False``, so a backward computes no weight gradient ``dyᵀx`` for them (their
+    ``values`` never require grad, so peft's freezing does not reach them); ``unload()`` makes them
+    trainable again, and later adapters (``add_adapter``, ``load_adapter``) get the SLoPe mapping too.
+    Returns the same object."""
+    from peft.tuners.lora import LoraModel
+
+    tuner = peft_model.base_model
+    if type(tuner) is LoraModel:  # (swapped in place, as slope.lora swaps layers; a mixed model keeps its class)
+        tuner.__class__ = _lora_model_class()
+    _freeze_sparse_layers(peft_model)
+    return peft_model
+
+
+def _freeze_sparse_layers(model: nn.Module, frozen: bool = True) -> None:
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            module.sparse_requires_grad = not frozen
+
+
+_MODEL_CLASS = None
+
+
+def _lora_model_class() -> type:
+    """peft's ``LoraModel`` whose later adapters (``add_adapter``, ``load_adapter``) get the SLoPe mapping
+    and ``"all-linear"`` expansion too, and whose ``unload()`` makes the SLoPe layers trainable again
+    (built on first use)."""
+    global _MODEL_CLASS  # one class object per process, defined lazily (as _LAYER_CLASS)
+    if _MODEL_CLASS is None:
+        from peft.tuners.lora import LoraModel
+
+        class SparseLoraModel(LoraModel):
+            """peft's ``LoraModel`` over a pruned model (:func:`sparse_peft_model`)."""
+
+            def inject_adapter(self, model, adapter_name, *args, **kwargs):
+                config = self.peft_config[adapter_name]
+                if is_lora_config(config):  # (peft's own refuses SLoPe targets and skips them in "all-linear")
+                    sparse_lora_config(config, model)
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
+                _freeze_sparse_layers(model)
+
+            def unload(self, *args, **kwargs):
+                model = super().unload(*args, **kwargs)
+                _freeze_sparse_layers(model, frozen=False)
+                return model
+
+        _MODEL_CLASS = SparseLoraModel
+    return _MODEL_CLASS
 
 
 _LAYER_CLASS = None
