@@ -218,3 +218,30 @@ def test_a_slope_layer_in_modules_to_save_is_refused_and_a_dense_one_trains():
     wrapped(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     assert not torch.equal(head, before)
+
+
+def test_unload_leaves_layers_frozen_before_frozen():
+    from slope import sparse_modules
+
+    model = _pruned()
+    layers = dict(sparse_modules(model))
+    user_frozen = "model.layers.0.mlp.up_proj"
+    layers[user_frozen].sparse_requires_grad = False
+    base = get_peft_model(model, _lora()).unload()
+    assert {name: layer.sparse_requires_grad for name, layer in sparse_modules(base)} == {
+        name: name != user_frozen for name in layers}
+
+
+def test_a_whole_peft_model_pickles(tmp_path):
+    wrapped = get_peft_model(_pruned(), _lora())
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    torch.save(wrapped, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    ids = _ids(4)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, wrapped(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="would make its weight dense"):
+        loaded.merge_and_unload()

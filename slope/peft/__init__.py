@@ -18,7 +18,6 @@ from slope.peft.delta import SftLinear, SparseDelta
 from slope.peft.model import SftModel, get_peft_model
 from slope.peft.optim import SftAdamW, SftSM3
 from slope.peft.parallel import shard_sft_model
-from slope.peft.peft_lora import load_peft_model, sparse_lora_config
 from slope.peft.selection import DeltaSet, SftReselection
 from slope.peft.selector import SftSelector
 from slope.peft.sift import SIFT
@@ -47,9 +46,14 @@ __all__ = [
 
 
 def __getattr__(name):
-    # Imported lazily: the Trainer subclass pulls in transformers' Trainer (and accelerate).
+    # Imported lazily: the Trainer subclass pulls in transformers' Trainer (and accelerate), the LoRA
+    # interop the peft package (an optional dependency).
     if name == "SftTrainer":
         from slope.peft.trainer import SftTrainer
 
         return SftTrainer
+    if name in ("load_peft_model", "sparse_lora_config"):
+        from slope.peft import peft_lora
+
+        return getattr(peft_lora, name)
     raise AttributeError(f"module 'slope.peft' has no attribute {name!r}")

@@ -303,12 +303,13 @@ def get_peft_model(model: nn.Module, peft_config, **kwargs):
     """PEFT's entry point. With an :class:`SftConfig`: freeze ``model`` and give each target weight a
     trainable sparse delta (an :class:`SftModel`). With a peft ``LoraConfig``: ``peft.get_peft_model``
     with SLoPe's 2:4 layers as possible targets (:mod:`slope.peft.peft_lora`; ``kwargs`` go to peft)."""
-    from slope.peft.peft_lora import is_lora_config, sparse_lora_config, sparse_peft_model
-
-    if is_lora_config(peft_config):
+    if type(peft_config).__module__.startswith("peft."):  # (peft imported only for its own configs)
         import peft
 
-        return sparse_peft_model(peft.get_peft_model(model, sparse_lora_config(peft_config, model), **kwargs))
+        from slope.peft.peft_lora import is_lora_config, sparse_lora_config, sparse_peft_model
+
+        if is_lora_config(peft_config):
+            return sparse_peft_model(peft.get_peft_model(model, sparse_lora_config(peft_config, model), **kwargs))
     if not isinstance(peft_config, SftConfig):
         raise TypeError(f"get_peft_model here takes an slope.peft.SftConfig or a peft LoraConfig, got "
                         f"{type(peft_config).__name__} (use peft's get_peft_model for other methods)")

@@ -18,16 +18,24 @@ peft's dense adapter. Merging is refused: ``W⊙M + s·BA`` is dense, so ``merge
 ``merge_and_unload`` would silently give up the 2:4 structure. Keep the adapters unmerged for
 inference, or ``unload()`` them; for a merged sparse+LoRA inference form, train SLoPe's own
 adapters (``prune_model(..., add_lora=True)``) and call :func:`slope.merge_lora`.
+
+This module imports peft (an optional dependency); :mod:`slope.peft` imports it only when a peft
+config or one of its functions is used.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch.nn as nn
+from peft import LoraConfig, PeftConfig, PeftModel
+from peft.tuners.lora import LoraModel
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from slope.layer import SparseLinear
 
-__all__ = ["is_lora_config", "linear_layer_names", "load_peft_model", "sparse_lora_config", "sparse_peft_model"]
+__all__ = ["SparseLoraLinear", "SparseLoraModel", "is_lora_config", "linear_layer_names", "load_peft_model",
+           "sparse_lora_config", "sparse_peft_model"]
 
 #: peft's ``init_lora_weights`` that write the base layer's weight (prefixes, lower case).
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
@@ -38,19 +46,17 @@ MERGE_REFUSED = (
     "(prune_model(..., add_lora=True)) and call slope.merge_lora"
 )
 
+#: set on a SLoPe layer that :func:`sparse_peft_model` froze, so that ``unload()`` unfreezes it (and no other)
+FROZEN_BY_PEFT = "_frozen_by_peft"
+
 
 def is_lora_config(config) -> bool:
-    """True for a peft ``LoraConfig`` (peft is imported only when ``config`` comes from it)."""
-    if not type(config).__module__.startswith("peft"):
-        return False
-    from peft import LoraConfig
-
+    """True for a peft ``LoraConfig``."""
     return isinstance(config, LoraConfig)
 
 
 def sparse_lora_config(config, model: nn.Module | None = None):
-    """``config`` (a peft ``LoraConfig``) with SLoPe layers mapped to :func:`sparse_lora_layer_class`'s
-    class, so peft wraps them like ``nn.Linear`` targets; returns the same object. With ``model``,
+    """``config`` (a peft ``LoraConfig``) with SLoPe layers mapped to :class:`SparseLoraLinear`, so peft wraps them like ``nn.Linear`` targets; returns the same object. With ``model``,
     ``target_modules="all-linear"`` becomes the names of its linear layers, SLoPe layers included
     (peft's own expansion takes ``nn.Linear`` / ``Conv1D`` only and would skip every pruned layer), and
     a SLoPe layer in ``modules_to_save`` is refused (its trainable copy's weights would silently stay as they were),
@@ -78,7 +84,7 @@ def sparse_lora_config(config, model: nn.Module | None = None):
         )
     if model is not None and isinstance(targets, str) and targets.lower() == "all-linear":
         config.target_modules = linear_layer_names(model)
-    config._register_custom_module({SparseLinear: sparse_lora_layer_class()})
+    config._register_custom_module({SparseLinear: SparseLoraLinear})
     return config
 
 
@@ -93,10 +99,6 @@ def linear_layer_names(model: nn.Module) -> list[str]:
         kinds += (Conv1D,)
     except ImportError:
         pass
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        BaseTunerLayer = ()  # (no peft: no wrapped layers)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     wrapped = {f"{name}.{inner}" for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
                for inner, _ in module.named_modules() if inner}
@@ -108,8 +110,6 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 def load_peft_model(model: nn.Module, model_id: str | Path, **kwargs):
     """``peft.PeftModel.from_pretrained(model, model_id, **kwargs)`` for a pruned ``model``: a LoRA
     config read from ``model_id`` gets the SLoPe mapping first (peft does not save it)."""
-    from peft import PeftConfig, PeftModel
-
     config = kwargs.pop("config", None) or PeftConfig.from_pretrained(str(model_id), **kwargs)  # (subfolder, revision, ... as peft's)
     if is_lora_config(config):
         sparse_lora_config(config, model)
@@ -123,80 +123,61 @@ def sparse_peft_model(peft_model):
     ``values`` never require grad, so peft's freezing does not reach them); ``unload()`` makes them
     trainable again, and later adapters (``add_adapter``, ``load_adapter``) get the SLoPe mapping too.
     Returns the same object."""
-    from peft.tuners.lora import LoraModel
-
     tuner = peft_model.base_model
     if type(tuner) is LoraModel:  # (swapped in place, as slope.lora swaps layers; a mixed model keeps its class)
-        tuner.__class__ = _lora_model_class()
+        tuner.__class__ = SparseLoraModel
     _freeze_sparse_layers(peft_model)
     return peft_model
 
 
-def _freeze_sparse_layers(model: nn.Module, frozen: bool = True) -> None:
+def _freeze_sparse_layers(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, SparseLinear):
-            module.sparse_requires_grad = not frozen
+        if isinstance(module, SparseLinear) and module.sparse_requires_grad:
+            module.sparse_requires_grad = False
+            setattr(module, FROZEN_BY_PEFT, True)
 
 
-_MODEL_CLASS = None
+def _unfreeze_sparse_layers(model: nn.Module) -> None:
+    """Undo :func:`_freeze_sparse_layers`: layers frozen before it stay frozen."""
+    for module in model.modules():
+        if isinstance(module, SparseLinear) and module.__dict__.pop(FROZEN_BY_PEFT, False):
+            module.sparse_requires_grad = True
 
 
-def _lora_model_class() -> type:
-    """peft's ``LoraModel`` whose later adapters (``add_adapter``, ``load_adapter``) get the SLoPe mapping
-    and ``"all-linear"`` expansion too, and whose ``unload()`` makes the SLoPe layers trainable again
-    (built on first use)."""
-    global _MODEL_CLASS  # one class object per process, defined lazily (as _LAYER_CLASS)
-    if _MODEL_CLASS is None:
-        from peft.tuners.lora import LoraModel
+class SparseLoraModel(LoraModel):
+    """peft's ``LoraModel`` over a pruned model (:func:`sparse_peft_model`): later adapters
+    (``add_adapter``, ``load_adapter``) get the SLoPe mapping and ``"all-linear"`` expansion too,
+    and ``unload()`` makes the SLoPe layers it froze trainable again."""
 
-        class SparseLoraModel(LoraModel):
-            """peft's ``LoraModel`` over a pruned model (:func:`sparse_peft_model`)."""
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        config = self.peft_config[adapter_name]
+        if is_lora_config(config):  # (peft's own refuses SLoPe targets and skips them in "all-linear")
+            sparse_lora_config(config, model)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        _freeze_sparse_layers(model)
 
-            def inject_adapter(self, model, adapter_name, *args, **kwargs):
-                config = self.peft_config[adapter_name]
-                if is_lora_config(config):  # (peft's own refuses SLoPe targets and skips them in "all-linear")
-                    sparse_lora_config(config, model)
-                super().inject_adapter(model, adapter_name, *args, **kwargs)
-                _freeze_sparse_layers(model)
-
-            def unload(self, *args, **kwargs):
-                model = super().unload(*args, **kwargs)
-                _freeze_sparse_layers(model, frozen=False)
-                return model
-
-        _MODEL_CLASS = SparseLoraModel
-    return _MODEL_CLASS
+    def unload(self, *args, **kwargs):
+        model = super().unload(*args, **kwargs)
+        _unfreeze_sparse_layers(model)
+        return model
 
 
-_LAYER_CLASS = None
+class SparseLoraLinear(LoraLinear):
+    """peft's LoRA ``Linear`` around a 2:4 SLoPe layer (module docstring), merging refused."""
 
+    def __init__(self, base_layer, adapter_name, *args, **kwargs):
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        from slope.lora import MergedSparseLinear
 
-def sparse_lora_layer_class() -> type:
-    """peft's LoRA ``Linear`` layer for a :class:`~slope.layer.SparseLinear` base, merging refused
-    (built on first use: peft is an optional dependency)."""
-    global _LAYER_CLASS  # one class object per process, defined lazily (not state: it never changes)
-    if _LAYER_CLASS is None:
-        from peft.tuners.lora.layer import Linear
+        if isinstance(base, MergedSparseLinear):
+            raise ValueError(
+                f"{base.layer_name or 'layer'} is in slope's merged inference form (no backward); add peft "
+                "adapters to the unmerged pruned model"
+            )
+        super().__init__(base_layer, adapter_name, *args, **kwargs)
 
-        class SparseLoraLinear(Linear):
-            """peft's LoRA ``Linear`` around a 2:4 SLoPe layer (module docstring of :mod:`slope.peft.peft_lora`)."""
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features  # (peft warns "unsupported layer type" otherwise)
 
-            def __init__(self, base_layer, adapter_name, *args, **kwargs):
-                base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-                from slope.lora import MergedSparseLinear
-
-                if isinstance(base, MergedSparseLinear):
-                    raise ValueError(
-                        f"{base.layer_name or 'layer'} is in slope's merged inference form (no backward); add peft "
-                        "adapters to the unmerged pruned model"
-                    )
-                super().__init__(base_layer, adapter_name, *args, **kwargs)
-
-            def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-                return module.in_features, module.out_features  # (peft warns "unsupported layer type" otherwise)
-
-            def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-                raise ValueError(MERGE_REFUSED.format(name=self.get_base_layer().layer_name or "SparseLinear"))
-
-        _LAYER_CLASS = SparseLoraLinear
-    return _LAYER_CLASS
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise ValueError(MERGE_REFUSED.format(name=self.get_base_layer().layer_name or "SparseLinear"))
