@@ -16,7 +16,8 @@ Warm-up (3 calls per side, untimed) builds the operands, autotunes the Triton ke
 ran on (``chosen``; none for the fused decode kernel) and, for ``train-step``, the operands the
 optimizer step writes in its one pass (``fused_operands``; otherwise they are rebuilt per step).
 On CUDA the calls are real: the host time is ``time.perf_counter`` over back-to-back calls
-without synchronizing. ``drain_us`` is how long the GPU still ran after a round's last call was
+without synchronizing (on CPU it is the calling thread's CPU time, ``time.thread_time``: the
+shared machine's other load hardly moves it, and idle OpenMP workers spinning are not counted). ``drain_us`` is how long the GPU still ran after a round's last call was
 enqueued (median): about one call's GPU time when the host was the bottleneck, as it is meant to
 be here; much more means the GPU was slower and the figure is not the host's alone.
 On CPU this is an **emulation of the CUDA code paths** (needs ``TRITON_INTERPRET=1``): after a
@@ -52,6 +53,8 @@ from performance_experiments.common import Recorder, base_parser, environment, e
 
 SCRIPT = "host_overhead"
 CASES = ("decode-stacked", "decode-extended", "decode-fused", "train-step")
+#: timed rounds per side (alternating); the median is robust to this shared machine's bursts of load
+ROUNDS = 15
 
 
 class _Stubs:
@@ -114,7 +117,7 @@ def _merged(features: int, device, dtype, fold: str, decode_kernel: str) -> tupl
 
 
 def _per_call_us(calls: dict, n: int, device, stubs) -> dict:
-    """``{side: median host µs per call}`` over 7 rounds of ``n`` back-to-back calls of each side's
+    """``{side: median host µs per call}`` over :data:`ROUNDS` rounds of ``n`` back-to-back calls of each side's
     function, the sides alternating round by round (same machine load); on CUDA also the median
     ``drain_us`` (see the module docstring); with ``stubs``, ``{side: launches per call}``."""
     rounds = {side: [] for side in calls}
@@ -122,16 +125,17 @@ def _per_call_us(calls: dict, n: int, device, stubs) -> dict:
     launches = {side: collections.Counter() for side in calls}
     if stubs:
         stubs.launches.clear()  # (a failed case may have left counts)
-    for _ in range(7):
+    for _ in range(ROUNDS):
         for side, fn in calls.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             with stubs.active() if stubs else contextlib.nullcontext():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.thread_time()
                 for _ in range(n):
                     fn()
-                end = time.perf_counter()
-                rounds[side].append((end - start) / n * 1e6)
+                end, cpu_end = time.perf_counter(), time.thread_time()
+                # CPU: this thread's CPU time (other load hardly moves it); CUDA: wall time
+                rounds[side].append(((end - start) if device.type == "cuda" else (cpu_end - cpu_start)) / n * 1e6)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 drains[side].append((time.perf_counter() - end) * 1e6)
@@ -146,7 +150,7 @@ def _per_call_us(calls: dict, n: int, device, stubs) -> dict:
             figures[side]["drain_us"] = round(statistics.median(times), 2)
     if stubs:
         for side, counter in launches.items():
-            figures[side]["launches"] = {k: v / (7 * n) for k, v in sorted(counter.items())}
+            figures[side]["launches"] = {k: v / (ROUNDS * n) for k, v in sorted(counter.items())}
     return figures
 
 
