@@ -178,9 +178,11 @@ def host_overhead_table(records):
         return r["backend"] + (f" → {'/'.join(chosen)}" if chosen else "")
 
     rows = [[r["config"]["case"], backend(r), r["config"]["features"], r["config"]["tokens"], "yes" if r["config"]["emulated"] else "no",
-             _get(r, "dense", "host_us"), _get(r, "sparse", "host_us"), r.get("host_speedup"), launches(r)] for r in _ok(records)]
+             _get(r, "dense", "host_us"), _get(r, "sparse", "host_us"), r.get("host_speedup"),
+             f'{_fmt(_get(r, "dense", "python_calls"))} / {_fmt(_get(r, "sparse", "python_calls"))}',
+             f'{_fmt(_get(r, "dense", "aten_ops"))} / {_fmt(_get(r, "sparse", "aten_ops"))}', launches(r)] for r in _ok(records)]
     return _table(["case", "backend", "features", "tokens", "emulated", "dense µs/call", "sparse µs/call", "×",
-                   "sparse launches per call"], rows)
+                   "Python calls (dense / sparse)", "ATen ops (dense / sparse)", "sparse launches per call"], rows)
 
 
 def breakdown_table(records):
