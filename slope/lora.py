@@ -198,9 +198,10 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        if self.lora_rank and x2.shape[0] <= DECODE_ROWS and self._fused_decode_runs(x2, dtype):  # one launch (decoding)
+        if (self.lora_rank and x2.shape[0] <= DECODE_ROWS and self.__dict__.get("_decode_kernel") == "fused"
+                and self._fused_decode_runs(x2, dtype)):  # one launch (decoding)
             meta, a_scaled, b = self._decode_operands(dtype, x.device)
-            y = kernels.merged_decode(x2, self.values, meta, a_scaled, b, bias)
+            y = kernels.merged_decode(x2, self._own_values(), meta, a_scaled, b, bias)
         else:
             y = self._gemm_product(x2, dtype, bias)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
@@ -230,8 +231,15 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
         return self.__dict__.get("_decode_kernel", "gemm")  # (a plain attribute: no __getattr__ miss per call)
 
     def _fused_decode_runs(self, x2: torch.Tensor, dtype: torch.dtype) -> bool:
-        return (self.decode_kernel == "fused" and (self.n, self.m) == (2, 4) and self.values.dtype == dtype
-                and kernels.triton_usable(x2, self.values))
+        values = self._own_values()
+        return (self.decode_kernel == "fused" and (self.n, self.m) == (2, 4) and values.dtype == dtype
+                and kernels.triton_usable(x2, values))
+
+    def _own_values(self) -> torch.Tensor:
+        """``values`` read from the module's dict (no ``__getattr__`` chain per call; an attribute
+        lookup where something else keeps it, e.g. a parametrization)."""
+        values = self._parameters.get("values")
+        return self.values if values is None else values
 
     def _decode_operands(self, dtype: torch.dtype, device: torch.device):
         """``(meta, s·A⊙M_A (R, in), B (out, r))`` of :func:`slope.kernels.merged_decode` in ``dtype``
@@ -267,7 +275,7 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name or 'MergedSparseLinear'}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
-        dtype = _compute_dtype(x, self.values.dtype, self)
+        dtype = _compute_dtype(x, self._own_values().dtype, self)
         if not torch.is_grad_enabled():  # inference: no context manager on the per-token path
             u = self._merged_product(x, dtype)
         elif x.requires_grad or (self.training and any(p.requires_grad for p in self.parameters(recurse=False))):

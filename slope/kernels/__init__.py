@@ -87,6 +87,12 @@ def _triton():
     return triton_kernels
 
 
+def _triton_merged_decode():
+    from . import triton_merged_decode
+
+    return triton_merged_decode
+
+
 def addmm(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float = 1.0, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -114,12 +120,10 @@ def merged_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: 
     kept ``values (N, K/2)`` (rows may be strided) and ``compress_2to4`` metadata, ``x (M <= 16, K)``,
     ``a (R, K)``, ``b (N, R)``: one Triton launch on CUDA (:mod:`slope.kernels.triton_merged_decode`),
     else the reference."""
-    tensors = [x, values, a, b] + ([bias] if bias is not None else [])
-    if (triton_usable(*tensors) and len({t.dtype for t in tensors}) == 1 and x.shape[0] <= reference.MERGED_DECODE_MAX_ROWS
-            and values.stride(1) == 1 and meta.device == x.device):
-        from . import triton_merged_decode
-
-        return triton_merged_decode.merged_decode(x, values, meta, a, b, bias)
+    tensors = (x, values, a, b) if bias is None else (x, values, a, b, bias)
+    if (triton_usable(*tensors) and x.dtype == values.dtype == a.dtype == b.dtype and (bias is None or bias.dtype == x.dtype)
+            and x.shape[0] <= reference.MERGED_DECODE_MAX_ROWS and values.stride(1) == 1 and meta.device == x.device):
+        return _triton_merged_decode().merged_decode(x, values, meta, a, b, bias)
     return reference.merged_decode(x, values, meta, a, b, bias)
 
 

@@ -94,10 +94,11 @@ def merged_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: 
     bias = None if bias is None else bias.contiguous()
     args = (x, values, meta, a, b, bias if bias is not None else x, out, M, N, K, R, x.stride(0), values.stride(0),
             out.stride(0))
+    interpreted = interpreting()
     kw = dict(BLOCK_M=16, BLOCK_R=max(16, triton.next_power_of_2(R)), CUTLASS=meta.dtype == torch.int16,
-              HAS_BIAS=bias is not None, CAST_F32=interpreting(),
+              HAS_BIAS=bias is not None, CAST_F32=interpreted,
               IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
-    if interpreting():
+    if interpreted:
         _merged_decode_kernel[(triton.cdiv(N, 32),)](*args, BLOCK_N=32, BLOCK_K=64, **kw)
     else:  # tuned at the first call of a shape (decoding's untimed warm-up), never while a CUDA graph captures
         _merged_decode_autotuned[lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]),)](*args, **kw)
