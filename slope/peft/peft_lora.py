@@ -56,11 +56,12 @@ def is_lora_config(config) -> bool:
 
 
 def sparse_lora_config(config, model: nn.Module | None = None):
-    """``config`` (a peft ``LoraConfig``) with SLoPe layers mapped to :class:`SparseLoraLinear`, so peft wraps them like ``nn.Linear`` targets; returns the same object. With ``model``,
+    """``config`` (a peft ``LoraConfig``) with SLoPe layers mapped to :class:`SparseLoraLinear`, so
+    peft wraps them like ``nn.Linear`` targets; returns the same object. With ``model``,
     ``target_modules="all-linear"`` becomes the names of its linear layers, SLoPe layers included
-    (peft's own expansion takes ``nn.Linear`` / ``Conv1D`` only and would skip every pruned layer), and
-    a SLoPe layer in ``modules_to_save`` is refused (its trainable copy's weights would silently stay as they were),
-    as are ``use_dora`` and the inits of :data:`BASE_REWRITING_INITS`."""
+    (peft's own expansion takes ``nn.Linear`` / ``Conv1D`` only and would skip every pruned layer),
+    and a SLoPe layer in ``modules_to_save`` is refused (its trainable copy's weights would silently
+    stay as they were), as are ``use_dora`` and the inits of :data:`BASE_REWRITING_INITS`."""
     if not is_lora_config(config):
         raise TypeError(f"sparse_lora_config takes a peft LoraConfig, got {type(config).__name__}")
     if getattr(config, "use_dora", False):
