@@ -19,6 +19,12 @@ from slope.pruning.loading import LOAD_PRECISIONS
 INFERENCE_MODES = ("unmerged", "merged", "dense")
 MODE_HELP = ("unmerged: the model as trained; merged: adapters merged into one sparse GEMM per layer, "
              "training state dropped (freeze_for_inference); dense: plain nn.Linear with the effective weights")
+MODE_DEFAULT_HELP = " (default: unmerged; a model folder: dense; a peft adapter folder: unmerged, or dense on a plain base)"
+CHECKPOINT_HELP = ("a checkpoint directory, a run directory holding checkpoint/, a model folder (slope oneshot / finetune / "
+                   "sparse-finetune output, any causal LM), or a peft LoRA adapter folder (adapter_config.json; run on its base, "
+                   "--base; forms unmerged and dense)")
+BASE_HELP = ("with a peft adapter folder: its base model folder (default: adapter_config.json's base_model_name_or_path; "
+             "nothing is downloaded)")
 
 #: ``slope export --form`` (same as ``slope.serialization.export.FORMS``, which imports torch).
 EXPORT_FORMS = ("dense", "sparse", "merged")
@@ -123,25 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(train)
 
     ev = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint on its run's held-out split")
-    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory, a run directory holding checkpoint/, "
-                    "or a model folder (slope oneshot / finetune / sparse-finetune output, any causal LM)")
+    ev.add_argument("--checkpoint", required=True, metavar="DIR", help=CHECKPOINT_HELP)
+    ev.add_argument("--base", default=None, metavar="DIR", help=BASE_HELP)
     ev.add_argument("--eval-batches", type=int, default=None, help="validation batches (default: the run's)")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + " (default: unmerged; a model folder: dense)")
+    ev.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + MODE_DEFAULT_HELP)
     ev.add_argument("--compare", action="store_true",
                     help="evaluate every mode and check they agree to fp tolerance (exit status 1 if not)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (Hugging Face generate)")
-    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory, a run directory holding checkpoint/, "
-                     "or a model folder (slope oneshot / finetune / sparse-finetune output, any causal LM)")
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help=CHECKPOINT_HELP)
+    gen.add_argument("--base", default=None, metavar="DIR", help=BASE_HELP)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy decoding")
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
-    gen.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + " (default: unmerged; a model folder: dense)")
+    gen.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=MODE_HELP + MODE_DEFAULT_HELP)
     gen.add_argument("--cuda-graphs", action="store_true",
                      help="decode with a static KV cache under a CUDA graph (one launch per token; CUDA only)")
     gen.add_argument("--compare", action="store_true",
@@ -271,21 +277,26 @@ def _nonfinite_exit(results: list[dict]) -> int:
     return 0
 
 
-#: Folder kinds ``slope eval`` / ``generate`` read as one plain model (:mod:`slope.inference.folder`).
-_MODEL_FOLDERS = ("hf", "slope-export-dense", "slope-pretrained", "slope-pretrained-v1")
+#: Folder kinds ``slope eval`` / ``generate`` read as one plain model, or as adapters on one (:mod:`slope.inference.folder`).
+_MODEL_FOLDERS = ("hf", "slope-export-dense", "slope-pretrained", "slope-pretrained-v1", "peft-adapter")
 
 
 def _model_folder(args: argparse.Namespace, command: str) -> bool:
-    """Whether ``--checkpoint`` is a model folder (not a ``slope train`` checkpoint); a
-    :class:`ConfigError` for the options it cannot take: a ``--mode`` it has no form for
-    (:func:`slope.inference.folder.check_mode`), and ``generate``'s ``--compare`` / ``--cuda-graphs``."""
+    """Whether ``--checkpoint`` is a model or adapter folder (not a ``slope train`` checkpoint); a
+    :class:`ConfigError` for the options it cannot take: ``--base`` but for an adapter folder, a
+    ``--mode`` it has no form for (:func:`slope.inference.folder.check_mode`), and ``generate``'s
+    ``--compare`` / ``--cuda-graphs``."""
     from slope.inference.folder import check_mode
     from slope.serialization.folders import folder_kind
 
-    if folder_kind(args.checkpoint) not in _MODEL_FOLDERS:
+    kind = folder_kind(args.checkpoint)
+    if args.base is not None and kind != "peft-adapter":
+        raise ConfigError(f"--base {args.base} applies to peft adapter folders (adapter_config.json), and {args.checkpoint} is "
+                          "not one; drop --base")
+    if kind not in _MODEL_FOLDERS:
         return False
     if args.mode is not None:
-        check_mode(args.checkpoint, args.mode)
+        check_mode(args.checkpoint, args.mode, args.base)
     if command == "generate":
         for flag, given in (("--compare", args.compare), ("--cuda-graphs", args.cuda_graphs)):
             if given:
@@ -294,20 +305,27 @@ def _model_folder(args: argparse.Namespace, command: str) -> bool:
     return True
 
 
+def _folder_title(result: dict, *facts: str) -> str:
+    """``"<folder> (model folder, <facts>)"``, or for an adapter folder ``"<folder> (peft adapters on <base>, <facts>)"``."""
+    what = "model folder" if result["base"] is None else f"peft adapters on {result['base']}"
+    return f"{result['checkpoint']} ({', '.join((what, *facts))})"
+
+
 def _run_folder_eval(args: argparse.Namespace) -> int:
-    from slope.inference.folder import compare_model_folder, eval_model_folder
+    from slope.inference.folder import compare_model_folder, default_mode, eval_model_folder
 
     if args.compare:
-        result = compare_model_folder(args.checkpoint, args.device, args.eval_batches)
-        return _print_comparison(args, result, f"{args.checkpoint} (model folder, {result['precision']})")
-    result = eval_model_folder(args.checkpoint, args.device, args.eval_batches, args.mode or "dense")
+        result = compare_model_folder(args.checkpoint, args.device, args.eval_batches, args.base)
+        return _print_comparison(args, result, _folder_title(result, result["precision"]))
+    mode = args.mode or default_mode(args.checkpoint, args.base)
+    result = eval_model_folder(args.checkpoint, args.device, args.eval_batches, mode, args.base)
     if args.json:
         print(json.dumps(result))
         return _nonfinite_exit([result])
     settings = result["settings"]
     source = ("default settings" if not settings["from_run"] else "the run's settings (summary.json)" if settings["split"] == "finetune"
               else "the exported slope train run's held-out split (slope_export in config.json)")
-    print(f"{args.checkpoint} (model folder, {result['mode']}, {settings['precision']}): validation loss {result['val_loss']:.4f} "
+    print(f"{_folder_title(result, result['mode'], settings['precision'])}: validation loss {result['val_loss']:.4f} "
           f"(ppl {result['val_ppl']:.2f}) over {result['val_tokens']:,} tokens of --dataset {settings['dataset']} "
           f"({source}); unigram baseline {result['unigram_loss']:.4f}")
     if result["run_final_val_loss"] is not None:
@@ -382,14 +400,16 @@ def _run_generate(args: argparse.Namespace) -> None:
     from slope.evaluate import generate, load_trained_model
 
     if _model_folder(args, "generate"):
-        from slope.inference.folder import generate_from_folder
+        from slope.inference.folder import default_mode, generate_from_folder
+        from slope.serialization.folders import folder_kind
 
-        mode = args.mode or "dense"
+        mode = args.mode or default_mode(args.checkpoint, args.base)
         text, new_tokens, seconds = generate_from_folder(args.checkpoint, args.prompt, device=args.device,
                                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                                         top_k=args.top_k, seed=args.seed, mode=mode)
+                                                         top_k=args.top_k, seed=args.seed, mode=mode, base=args.base)
         print(text)
-        print(f"[model folder, {mode}] {new_tokens} new tokens in {seconds:.2f} s ({new_tokens / max(seconds, 1e-9):,.1f} tokens/s)",
+        what = "peft adapters" if folder_kind(args.checkpoint) == "peft-adapter" else "model folder"
+        print(f"[{what}, {mode}] {new_tokens} new tokens in {seconds:.2f} s ({new_tokens / max(seconds, 1e-9):,.1f} tokens/s)",
               file=sys.stderr)
         return
     if args.compare:

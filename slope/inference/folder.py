@@ -20,6 +20,10 @@ for a pruned model's folder the dense equivalent ``W⊙M + s·B(A⊙M_A)``). A p
 the sparse model (:func:`slope.from_pretrained`): ``unmerged`` as saved (not for a merged export)
 and ``merged`` (adapters merged, inference-only: :func:`slope.lora.freeze_for_inference`), and
 ``--compare`` evaluates every form it has and checks that they agree.
+
+A peft LoRA adapter folder (``adapter_config.json``, no ``config.json``) runs on its base model
+folder (``base``: ``slope eval --base``, else its record) in the forms and on the data of
+:mod:`slope.inference.adapters`.
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ import torch.nn as nn
 
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["PRUNED_FOLDERS", "FolderEvalSettings", "check_mode", "compare_model_folder", "eval_model_folder", "folder_modes",
-           "generate_from_folder", "load_folder_model"]
+__all__ = ["PRUNED_FOLDERS", "FolderEvalSettings", "check_mode", "compare_model_folder", "default_mode", "eval_model_folder",
+           "folder_modes", "generate_from_folder", "load_folder_model"]
 
 #: Folder kinds (:func:`slope.serialization.folders.folder_kind`) that hold a pruned model: they run sparse too.
 PRUNED_FOLDERS = ("slope-pretrained", "slope-pretrained-v1")
@@ -82,15 +86,21 @@ class FolderEvalSettings:
                    precision=config.get("precision_mode") or config.get("precision") or "fp32", from_run=True)
 
 
-def folder_modes(folder: str | Path) -> tuple[str, ...]:
+def folder_modes(folder: str | Path, base: str | Path | None = None) -> tuple[str, ...]:
     """The forms ``folder`` runs in (module docstring): ``("dense",)`` for a plain model folder (also
     a pruned model's folder re-saved by plain transformers: its masks are gone); for a pruned
     model's, ``unmerged`` (unless it holds the merged form), ``merged`` (when it has SLoPe layers)
-    and ``dense``. An unreadable slope record is a one-line :class:`slope.config.ConfigError`."""
+    and ``dense``; for an adapter folder on ``base`` (:func:`_adapter_base`), those of
+    :func:`slope.inference.adapters.adapter_modes`. An unreadable slope record is a one-line
+    :class:`slope.config.ConfigError`."""
     from slope.config import ConfigError
+    from slope.inference.adapters import adapter_modes
     from slope.io import _read_slope_config
     from slope.serialization.folders import folder_kind, weight_keys
 
+    base_dir = _adapter_base(folder, base)
+    if base_dir is not None:
+        return adapter_modes(folder_modes(base_dir))
     if folder_kind(folder) not in PRUNED_FOLDERS or not any(k.endswith(".mask_bits") for k in weight_keys(folder)):
         return ("dense",)
     try:
@@ -101,17 +111,42 @@ def folder_modes(folder: str | Path) -> tuple[str, ...]:
     return ("merged", "dense") if merged else ("unmerged", "merged", "dense") if layers else ("unmerged", "dense")
 
 
-def check_mode(folder: str | Path, mode: str) -> None:
-    """A one-line :class:`slope.config.ConfigError` unless ``folder`` runs in ``mode`` (:func:`folder_modes`)."""
+def check_mode(folder: str | Path, mode: str, base: str | Path | None = None) -> None:
+    """A one-line :class:`slope.config.ConfigError` unless ``folder`` (an adapter folder: on
+    ``base``) runs in ``mode`` (:func:`folder_modes`)."""
     from slope.config import ConfigError
+    from slope.inference.adapters import mode_refusal
 
+    base_dir = _adapter_base(folder, base)
     if mode == "dense":  # every folder (needs no slope record)
         return
-    modes = folder_modes(folder)
+    modes = folder_modes(folder, base)
     if mode not in modes:
-        what = "is a plain model folder: it has one (dense) form" if modes == ("dense",) else \
-            f"holds the forms {', '.join(modes)}"
-        raise ConfigError(f"--mode {mode}: {folder} {what}; use --mode {' or '.join(modes)}")
+        if base_dir is not None:
+            what = mode_refusal(folder, base_dir, mode, folder_modes(base_dir))
+        else:
+            what = f"{folder} " + ("is a plain model folder: it has one (dense) form" if modes == ("dense",) else
+                                   f"holds the forms {', '.join(modes)}")
+        raise ConfigError(f"--mode {mode}: {what}; use --mode {' or '.join(modes)}")
+
+
+def default_mode(folder: str | Path, base: str | Path | None = None) -> str:
+    """The form ``slope eval`` / ``generate`` run ``folder`` in without ``--mode``: ``unmerged`` for
+    an adapter folder on a pruned model's folder (its adapters as trained), else ``dense``."""
+    return "unmerged" if _adapter_base(folder, base) is not None and "unmerged" in folder_modes(folder, base) else "dense"
+
+
+def _adapter_base(folder: str | Path, base: str | Path | None) -> Path | None:
+    """The base model folder of an adapter folder (:func:`slope.inference.adapters.adapter_base`),
+    ``None`` for a model folder (given a ``base``: a one-line :class:`slope.config.ConfigError`)."""
+    from slope.config import ConfigError
+    from slope.inference.adapters import adapter_base, is_adapter_folder
+
+    if is_adapter_folder(folder):
+        return adapter_base(folder, base)
+    if base is not None:
+        raise ConfigError(f"--base {base}: {folder} is a model folder, not a peft adapter folder (adapter_config.json); drop --base")
+    return None
 
 
 def _saved_backends_run(folder: Path, device: torch.device) -> bool:
@@ -148,15 +183,22 @@ def _sparse_model(folder: Path, mode: str, device: torch.device) -> tuple[nn.Mod
     return model, _hf_tokenizer(folder)
 
 
-def load_folder_model(folder: str | Path, device: str = "auto", mode: str = "dense"):
+def load_folder_model(folder: str | Path, device: str = "auto", mode: str = "dense", base: str | Path | None = None):
     """``(model, tokenizer, device)``: the folder's causal LM in the dtype it was saved in, in eval
     mode on ``device`` (``dense``: :func:`slope.pruning.loading.load_model`; ``unmerged`` /
     ``merged``: the pruned model, module docstring), and its tokenizer (slope's shipped one when the
-    folder has none)."""
+    folder has none). An adapter folder: its ``base``'s model in ``mode`` with the adapters
+    (:func:`slope.inference.adapters.with_adapters`), and the base's tokenizer."""
     from slope.dynamic.data import resolve_tokenizer
     from slope.evaluate import resolve_device
+    from slope.inference.adapters import with_adapters
     from slope.pruning.loading import load_model
 
+    base_dir = _adapter_base(folder, base)
+    if base_dir is not None:
+        check_mode(folder, mode, base)
+        model, tokenizer, device = load_folder_model(base_dir, device, mode)
+        return with_adapters(model, folder, base_dir, mode).to(device).eval().requires_grad_(False), tokenizer, device
     device = resolve_device(device)
     if mode == "dense":
         model, tokenizer = load_model(folder, device, "auto")
@@ -191,28 +233,35 @@ def _check_token_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
                           f"it is not the model's tokenizer; {TOKENIZER_ADVICE}")
 
 
-def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None, mode: str = "dense") -> dict:
-    """Validation loss / perplexity and tokens/s of the model in ``folder`` in ``mode`` (module
-    docstring); ``eval_batches`` overrides the number of batches. The result has ``slope eval``'s
-    keys (``step``: the run's steps when known) plus ``settings``."""
+def eval_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None, mode: str = "dense",
+                      base: str | Path | None = None) -> dict:
+    """Validation loss / perplexity and tokens/s of the model in ``folder`` (an adapter folder: on
+    ``base``) in ``mode`` (module docstring); ``eval_batches`` overrides the number of batches. The
+    result has ``slope eval``'s keys (``step``: the run's steps when known) plus ``settings`` and
+    ``base`` (an adapter folder's base model folder, else ``None``)."""
     folder = Path(folder)
-    model, tokenizer, device = load_folder_model(folder, device, mode)
-    summary, settings, val, unigram = _folder_data(folder, model, tokenizer, eval_batches)
-    return {"checkpoint": str(folder), **_run_facts(model, summary), **_measure(model, val, device, settings.precision),
-            "mode": mode, "unigram_loss": unigram, "settings": asdict(settings), "note": None}
+    base_dir = _adapter_base(folder, base)
+    model, tokenizer, device = load_folder_model(folder, device, mode, base)
+    summary, settings, val, unigram = _folder_data(base_dir or folder, model, tokenizer, eval_batches)
+    return {"checkpoint": str(folder), "base": None if base_dir is None else str(base_dir), **_run_facts(model, summary),
+            **_measure(model, val, device, settings.precision), "mode": mode, "unigram_loss": unigram,
+            "settings": asdict(settings), "note": None}
 
 
-def compare_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None) -> dict:
-    """:func:`eval_model_folder` in every form of ``folder`` (:func:`folder_modes`), one model in
-    memory at a time, and whether they agree as :func:`slope.evaluate.compare_checkpoint`'s modes
-    must (same keys: ``modes``, ``max_loss_diff``, ``max_logit_diff``, tolerances, ``agree``)."""
+def compare_model_folder(folder: str | Path, device: str = "auto", eval_batches: int | None = None,
+                         base: str | Path | None = None) -> dict:
+    """:func:`eval_model_folder` in every form of ``folder`` (an adapter folder: on ``base``;
+    :func:`folder_modes`), one model in memory at a time, and whether they agree as
+    :func:`slope.evaluate.compare_checkpoint`'s modes must (same keys: ``modes``,
+    ``max_loss_diff``, ``max_logit_diff``, tolerances, ``agree``)."""
     from slope.evaluate import LOGIT_TOLERANCE, LOSS_TOLERANCE, _logits
 
     folder = Path(folder)
+    base_dir = _adapter_base(folder, base)
     results, probes, data = {}, {}, None
-    for mode in folder_modes(folder):
-        model, tokenizer, dev = load_folder_model(folder, device, mode)
-        data = data or _folder_data(folder, model, tokenizer, eval_batches)
+    for mode in folder_modes(folder, base):
+        model, tokenizer, dev = load_folder_model(folder, device, mode, base)
+        data = data or _folder_data(base_dir or folder, model, tokenizer, eval_batches)
         summary, settings, val, unigram = data
         results[mode] = {**_measure(model, val, dev, settings.precision), "mode": mode, "note": None}
         probes[mode] = _logits(model, val[0][0][:1], dev, settings.precision)
@@ -222,11 +271,12 @@ def compare_model_folder(folder: str | Path, device: str = "auto", eval_batches:
     ref, precision = next(iter(results)), _compare_precision(settings.precision, dtype)
     loss_diff = max(abs(r["val_loss"] - results[ref]["val_loss"]) for r in results.values())
     logit_diff = max(float((p - probes[ref]).abs().max()) for p in probes.values())
-    return {"checkpoint": str(folder), "step": facts["step"], "precision": precision, "modes": results,
-            "max_loss_diff": loss_diff, "max_logit_diff": logit_diff, "loss_tolerance": LOSS_TOLERANCE[precision],
-            "logit_tolerance": LOGIT_TOLERANCE[precision],
+    one_form = "peft adapters on a plain model folder" if base_dir is not None else "a plain model folder"
+    return {"checkpoint": str(folder), "base": None if base_dir is None else str(base_dir), "step": facts["step"],
+            "precision": precision, "modes": results, "max_loss_diff": loss_diff, "max_logit_diff": logit_diff,
+            "loss_tolerance": LOSS_TOLERANCE[precision], "logit_tolerance": LOGIT_TOLERANCE[precision],
             "agree": loss_diff <= LOSS_TOLERANCE[precision] and logit_diff <= LOGIT_TOLERANCE[precision],
-            "note": "a plain model folder: it has one (dense) form" if len(results) == 1 else None,
+            "note": f"{one_form}: it has one (dense) form" if len(results) == 1 else None,
             "unigram_loss": unigram, "settings": asdict(settings)}
 
 
@@ -293,13 +343,14 @@ def _validation_data(folder: Path, settings: FolderEvalSettings, tokenizer, voca
 
 @torch.no_grad()
 def generate_from_folder(folder: str | Path, prompt: str, *, device: str = "auto", max_new_tokens: int = 64,
-                         temperature: float = 0.8, top_k: int | None = 50, seed: int = 0, mode: str = "dense") -> tuple[str, int, float]:
-    """Continue ``prompt`` with the folder's model in ``mode`` (``generate``, KV cache;
-    ``temperature=0``: greedy); returns ``(text, new tokens, seconds)``."""
+                         temperature: float = 0.8, top_k: int | None = 50, seed: int = 0, mode: str = "dense",
+                         base: str | Path | None = None) -> tuple[str, int, float]:
+    """Continue ``prompt`` with the folder's model (an adapter folder: on ``base``) in ``mode``
+    (``generate``, KV cache; ``temperature=0``: greedy); returns ``(text, new tokens, seconds)``."""
     from slope.config import ConfigError
     from slope.evaluate import timed_generate
 
-    model, tokenizer, device = load_folder_model(folder, device, mode)
+    model, tokenizer, device = load_folder_model(folder, device, mode, base)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     if ids.numel() == 0:
         raise ConfigError("--prompt is empty; give some text to continue")

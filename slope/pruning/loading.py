@@ -92,7 +92,7 @@ def load_model(path, device: str = "cpu", precision: str = "auto", flag: str = "
     else:
         from slope.serialization.folders import describe_folder, folder_kind
 
-        if folder_kind(root) in ("slope-apply", "checkpoints-only"):
+        if folder_kind(root) in ("slope-apply", "checkpoints-only", "peft-adapter"):
             raise FileNotFoundError(f"{flag} {describe_folder(root)}")
         raise FileNotFoundError(
             f"{flag} {path}: not a Hugging Face model folder (config.json), a slope save_pretrained folder "

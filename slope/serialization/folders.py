@@ -12,6 +12,7 @@ Kinds (:func:`folder_kind`):
 - ``"slope-finetune-checkpoint"``: a ``checkpoint-<step>`` folder of ``slope finetune`` / ``sparse-finetune``;
 - ``"slope-train-damaged"``: a ``slope train`` checkpoint folder that lost its ``manifest.json``;
 - ``"slope-apply"``: the run folder of ``slope apply`` (``apply.json``; its models are in ``stage_<name>/``);
+- ``"peft-adapter"``: a peft adapter folder (``adapter_config.json``, no ``config.json``): adapters whose base model is elsewhere;
 - ``"checkpoints-only"``: no model of its own, but ``checkpoint-<step>/`` model folders inside (a Trainer's ``output_dir``);
 - ``"hf"``: a plain Hugging Face folder; ``"missing"``; ``"unknown"``.
 
@@ -69,6 +70,11 @@ _DESCRIPTIONS = {
         "the run folder of `slope apply` (apply.json), not a model folder: each stage's model is in its stage_<name>/ "
         "folder, the final model in the last stage's (apply.json lists them); pass that folder"
     ),
+    "peft-adapter": (
+        "a peft adapter folder (adapter_config.json; its base model is another folder): run LoRA adapters with `slope eval "
+        "--checkpoint {path}` (on the base that adapter_config.json names, or --base), load them onto their base with "
+        "slope.peft.load_peft_model(base_model, {path!r})"
+    ),
     "checkpoints-only": (
         "a training output folder without a model of its own (a transformers Trainer's output_dir, or a run that has not "
         "finished): its models are the checkpoint-<step>/ folders inside it; pass one (the newest has the largest step)"
@@ -114,6 +120,8 @@ def folder_kind(path: str | os.PathLike) -> str:
         return "slope-train-damaged"
     if (path / "apply.json").is_file() and not (path / "config.json").is_file():  # slope.stages.record.RECORD_NAME
         return "slope-apply"
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():  # (peft.utils.CONFIG_NAME)
+        return "peft-adapter"
     config = read_json_object(path / "config.json")
     if config is not None and "slope_config" in config:
         return "slope-pretrained"

@@ -97,7 +97,7 @@ def _check_folder(name: str, source) -> None:
     from slope.serialization.folders import describe_folder, folder_kind
 
     kind = folder_kind(Path(source).expanduser())
-    if kind in ("missing", "unknown", "slope-apply", "slope-finetune-checkpoint", "checkpoints-only") and not (
+    if kind in ("missing", "unknown", "slope-apply", "slope-finetune-checkpoint", "checkpoints-only", "peft-adapter") and not (
             name == "tokenizer" and (Path(source).expanduser() / "tokenizer_config.json").is_file()):
         raise FileNotFoundError(f"{name} {describe_folder(Path(source).expanduser(), kind)}")
 
