@@ -245,3 +245,36 @@ def test_a_whole_peft_model_pickles(tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, wrapped(input_ids=ids).logits)
     with pytest.raises(ValueError, match="would make its weight dense"):
         loaded.merge_and_unload()
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=16, seq=12):
+        self.ids = torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(5))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_the_trainer_trains_the_adapters_and_saves_a_checkpoint_that_loads(tmp_path):
+    """Hugging Face's Trainer on a peft model of a pruned model: the adapters train, the 2:4 weights and
+    masks stay, the checkpoint's adapters load onto a fresh pruned model with the trained logits."""
+    from slope import sparse_modules
+
+    wrapped = get_peft_model(_pruned(), _lora())
+    base = {n: t.detach().clone() for n, t in wrapped.base_model.model.state_dict().items() if "lora_" not in n}
+    adapters = {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True,
+                                          save_strategy="steps", save_steps=4, logging_steps=1)
+    transformers.Trainer(model=wrapped, args=args, train_dataset=_Tokens()).train()
+    after = wrapped.base_model.model.state_dict()
+    assert all(torch.equal(after[n], t) for n, t in base.items())  # sparse values, masks, everything but the adapters
+    assert all(not torch.equal(p, adapters[n]) for n, p in wrapped.named_parameters() if n in adapters and "lora_B" in n)
+    assert all(layer.values_grad is None for _, layer in sparse_modules(wrapped))
+    loaded = load_peft_model(_pruned(), tmp_path / "run" / "checkpoint-4")
+    ids = _ids(5)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, wrapped.eval()(input_ids=ids).logits)
