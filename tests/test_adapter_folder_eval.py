@@ -163,3 +163,24 @@ def test_adapters_on_a_plain_base_run_dense(tmp_path, capsys):
     assert abs(got["val_loss"] - want) <= LOSS_TOLERANCE["fp32"]
     assert main(["eval", "--checkpoint", str(tmp_path / "adapter"), "--base", str(tmp_path / "merged"), "--mode", "unmerged", *EVAL]) == 1
     assert "holds slope's merged inference form, which takes no adapters; use --mode dense" in one_error_line(capsys, "eval")
+
+
+def test_missing_adapter_weights_are_one_line_and_nothing_downloads(folders, capsys, monkeypatch):
+    """Without its adapter_model.safetensors peft would look the folder's name up on the hub."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("slope downloaded adapter weights")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr("peft.utils.save_and_load.hf_hub_download", no_download)
+    root, base, adapter = folders
+    shutil.copytree(adapter, root / "no_weights")
+    (root / "no_weights" / "adapter_model.safetensors").unlink()
+    for argv in (["eval", "--checkpoint", str(root / "no_weights"), *EVAL],
+                 ["eval", "--checkpoint", str(root / "no_weights"), "--mode", "dense", *EVAL],
+                 ["generate", "--checkpoint", str(root / "no_weights"), "--prompt", "x", "--device", "cpu"]):
+        assert main(argv) == 1, argv
+        line = one_error_line(capsys, argv[0])
+        assert f"{root / 'no_weights'} has no adapter weights (adapter_model.safetensors)" in line and "save the adapters" in line
+

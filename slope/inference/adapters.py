@@ -24,11 +24,15 @@ import torch.nn as nn
 
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["ADAPTER_CONFIG", "BASE_FOLDERS", "adapter_base", "adapter_modes", "is_adapter_folder", "mode_refusal",
-           "with_adapters"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_FOLDERS", "adapter_base", "adapter_modes", "is_adapter_folder",
+           "mode_refusal", "with_adapters"]
 
 #: peft's adapter config file (``peft.utils.CONFIG_NAME``).
 ADAPTER_CONFIG = "adapter_config.json"
+
+#: peft's adapter weight files (``peft.utils.SAFETENSORS_WEIGHTS_NAME``, ``WEIGHTS_NAME``): without one, peft
+#: would look the folder's name up on the hub.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 #: Folder kinds (:func:`slope.serialization.folders.folder_kind`) an adapter folder's base may be.
 BASE_FOLDERS = ("hf", "slope-export-dense", "slope-pretrained", "slope-pretrained-v1")
@@ -48,8 +52,8 @@ def is_adapter_folder(folder: str | os.PathLike) -> bool:
 def adapter_base(folder: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
     """The base model folder of the LoRA adapter folder ``folder``: ``base`` if given, else its
     ``adapter_config.json``'s ``base_model_name_or_path``. A one-line
-    :class:`slope.config.ConfigError` for an unreadable config, another peft type, or a base that
-    is not a local model folder."""
+    :class:`slope.config.ConfigError` for an unreadable config, another peft type, a base that is
+    not a local model folder, or no adapter weights (:data:`ADAPTER_WEIGHTS`)."""
     from slope.config import ConfigError
     from slope.serialization.folders import describe_folder, folder_kind
 
@@ -68,6 +72,9 @@ def adapter_base(folder: str | os.PathLike, base: str | os.PathLike | None = Non
     kind = folder_kind(root)
     if kind not in BASE_FOLDERS:
         raise ConfigError(f"the adapters' base ({where}): {describe_folder(root, kind)}; {BASE_ADVICE}")
+    if not any((Path(folder) / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ConfigError(f"{folder} has no adapter weights ({ADAPTER_WEIGHTS[0]}); save the adapters again (the peft "
+                          f"model's save_pretrained writes it beside {ADAPTER_CONFIG})")
     return root
 
 
