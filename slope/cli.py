@@ -283,13 +283,19 @@ _MODEL_FOLDERS = ("hf", "slope-export-dense", "slope-pretrained", "slope-pretrai
 
 def _model_folder(args: argparse.Namespace, command: str) -> bool:
     """Whether ``--checkpoint`` is a model or adapter folder (not a ``slope train`` checkpoint); a
-    :class:`ConfigError` for the options it cannot take: ``--base`` but for an adapter folder, a
+    :class:`ConfigError` for a folder that holds adapter folders (peft's named adapters: pass one), and
+    for the options it cannot take: ``--base`` but for an adapter folder, a
     ``--mode`` it has no form for (:func:`slope.inference.folder.check_mode`), and ``generate``'s
     ``--compare`` / ``--cuda-graphs``."""
+    from slope.inference.adapters import adapter_subfolders
     from slope.inference.folder import check_mode
     from slope.serialization.folders import folder_kind
 
     kind = folder_kind(args.checkpoint)
+    named = adapter_subfolders(args.checkpoint) if kind == "unknown" else []
+    if named:  # (peft's save_pretrained of an adapter named other than "default")
+        raise ConfigError(f"{args.checkpoint} holds peft adapters in a subfolder ({', '.join(named)}): pass --checkpoint "
+                          f"{Path(args.checkpoint) / named[0]}")
     if args.base is not None and kind != "peft-adapter":
         raise ConfigError(f"--base {args.base} applies to peft adapter folders (adapter_config.json), and {args.checkpoint} is "
                           "not one; drop --base")

@@ -184,3 +184,18 @@ def test_missing_adapter_weights_are_one_line_and_nothing_downloads(folders, cap
         line = one_error_line(capsys, argv[0])
         assert f"{root / 'no_weights'} has no adapter weights (adapter_model.safetensors)" in line and "save the adapters" in line
 
+
+def test_a_named_adapters_subfolder_is_pointed_to(folders, tmp_path, capsys):
+    """peft saves an adapter named other than "default" in a subfolder of that name."""
+    root, base, adapter = folders
+    model = get_peft_model(slope.from_pretrained(base), peft.LoraConfig(r=4, target_modules="all-linear"), adapter_name="other")
+    model.save_pretrained(tmp_path / "named")
+    assert (tmp_path / "named" / "other" / "adapter_config.json").is_file()
+    for argv in (["eval", "--checkpoint", str(tmp_path / "named"), *EVAL],
+                 ["eval", "--checkpoint", str(tmp_path / "named"), "--base", str(base), *EVAL],
+                 ["generate", "--checkpoint", str(tmp_path / "named"), "--prompt", "x", "--device", "cpu"]):
+        assert main(argv) == 1, argv
+        line = one_error_line(capsys, argv[0])
+        assert f"{tmp_path / 'named'} holds peft adapters in a subfolder (other)" in line
+        assert f"--checkpoint {tmp_path / 'named' / 'other'}" in line
+    assert main(["eval", "--checkpoint", str(tmp_path / "named" / "other"), *EVAL]) == 0

@@ -24,8 +24,8 @@ import torch.nn as nn
 
 from slope.serialization.jsonfile import read_json_object
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_FOLDERS", "adapter_base", "adapter_modes", "is_adapter_folder",
-           "mode_refusal", "with_adapters"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_FOLDERS", "adapter_base", "adapter_modes", "adapter_subfolders",
+           "is_adapter_folder", "mode_refusal", "with_adapters"]
 
 #: peft's adapter config file (``peft.utils.CONFIG_NAME``).
 ADAPTER_CONFIG = "adapter_config.json"
@@ -47,6 +47,13 @@ def is_adapter_folder(folder: str | os.PathLike) -> bool:
     from slope.serialization.folders import folder_kind
 
     return folder_kind(folder) == "peft-adapter"
+
+
+def adapter_subfolders(folder: str | os.PathLike) -> list[str]:
+    """The subfolders of ``folder`` that are adapter folders (peft's ``save_pretrained`` writes an
+    adapter named other than ``"default"`` in a subfolder of its name), sorted."""
+    root = Path(folder)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and is_adapter_folder(p)) if root.is_dir() else []
 
 
 def adapter_base(folder: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
