@@ -199,3 +199,16 @@ def test_a_named_adapters_subfolder_is_pointed_to(folders, tmp_path, capsys):
         assert f"{tmp_path / 'named'} holds peft adapters in a subfolder (other)" in line
         assert f"--checkpoint {tmp_path / 'named' / 'other'}" in line
     assert main(["eval", "--checkpoint", str(tmp_path / "named" / "other"), *EVAL]) == 0
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "dense"])
+def test_a_config_value_of_the_wrong_type_is_one_line(folders, capsys, mode):
+    root, base, adapter = folders
+    bad = root / f"bad_rank_{mode}"
+    shutil.copytree(adapter, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "r": "4"}))
+    assert main(["eval", "--checkpoint", str(bad), "--mode", mode, *EVAL]) == 1
+    line = one_error_line(capsys, "eval")
+    assert f"the adapters in {bad} cannot be loaded (" in line and f"{bad / 'adapter_config.json'} holds" in line
+    assert "save the adapters again" in line

@@ -105,8 +105,8 @@ def mode_refusal(folder: str | os.PathLike, base: Path, mode: str, base_modes: t
 def with_adapters(model: nn.Module, folder: str | os.PathLike, base: Path, mode: str) -> nn.Module:
     """``model`` (``base``'s in ``mode``) with the LoRA adapters of ``folder``: ``unmerged``:
     :func:`slope.peft.load_peft_model`; ``dense``: ``peft.PeftModel.from_pretrained`` and
-    ``merge_and_unload``. Adapters that do not fit the model are a one-line
-    :class:`slope.config.ConfigError`."""
+    ``merge_and_unload``. Adapters that do not fit the model, or whose config holds a value of the
+    wrong type, are a one-line :class:`slope.config.ConfigError`."""
     from slope.config import ConfigError
 
     try:
@@ -119,7 +119,10 @@ def with_adapters(model: nn.Module, folder: str | os.PathLike, base: Path, mode:
 
             return load_peft_model(model, folder)
         return PeftModel.from_pretrained(model, os.fspath(folder)).merge_and_unload()
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
+    except (ValueError, RuntimeError, KeyError, OSError, TypeError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = " ".join(lines[:2]) + (" ..." if len(lines) > 2 else "")  # (a state_dict error: its first mismatch)
+        if isinstance(e, TypeError):  # (peft uses the config's values as they are: r "4" fails in its layers)
+            raise ConfigError(f"the adapters in {folder} cannot be loaded ({reason}): {Path(folder) / ADAPTER_CONFIG} holds a "
+                              "value of the wrong type; save the adapters again") from e
         raise ConfigError(f"the adapters in {folder} do not fit the model in {base} ({reason}); {BASE_ADVICE}") from e
