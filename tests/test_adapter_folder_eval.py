@@ -2,6 +2,7 @@
 their base model folder, unmerged on the sparse model and merged into its dense form, with the same
 loss; --compare checks that; --base overrides adapter_config.json's base; what cannot run is one line."""
 import json
+import re
 import shutil
 
 import pytest
@@ -212,3 +213,25 @@ def test_a_config_value_of_the_wrong_type_is_one_line(folders, capsys, mode):
     line = one_error_line(capsys, "eval")
     assert f"the adapters in {bad} cannot be loaded (" in line and f"{bad / 'adapter_config.json'} holds" in line
     assert "save the adapters again" in line
+
+
+def test_a_recorded_dense_base_of_a_pruned_model_is_warned_of(tmp_path, capsys):
+    """from_pretrained(dense folder), prune_model, peft: adapter_config.json names the unpruned folder,
+    which would silently run the adapters on the model before pruning."""
+    import warnings
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    model = slope.prune_model(T.AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), verbose=False)
+    slope.save_pretrained(model, tmp_path / "pruned")
+    get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear")).save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "dense")
+    recorded = re.escape(f"the adapters' base {tmp_path / 'dense'} (")
+    with pytest.warns(UserWarning, match=recorded + ".* is not 2:4 pruned.*pass it as --base"):
+        eval_model_folder(tmp_path / "adapter", "cpu", eval_batches=1)
+    assert main(["eval", "--checkpoint", str(tmp_path / "adapter"), *EVAL]) == 0
+    assert "is not 2:4 pruned" in capsys.readouterr().err
+    with warnings.catch_warnings(record=True) as caught:  # the base given: as asked
+        warnings.simplefilter("always")
+        eval_model_folder(tmp_path / "adapter", "cpu", eval_batches=1, base=tmp_path / "dense")
+        eval_model_folder(tmp_path / "adapter", "cpu", eval_batches=1, mode="dense", base=tmp_path / "pruned")
+    assert not [w for w in caught if "2:4 pruned" in str(w.message)]

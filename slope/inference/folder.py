@@ -188,7 +188,8 @@ def load_folder_model(folder: str | Path, device: str = "auto", mode: str = "den
     mode on ``device`` (``dense``: :func:`slope.pruning.loading.load_model`; ``unmerged`` /
     ``merged``: the pruned model, module docstring), and its tokenizer (slope's shipped one when the
     folder has none). An adapter folder: its ``base``'s model in ``mode`` with the adapters
-    (:func:`slope.inference.adapters.with_adapters`), and the base's tokenizer."""
+    (:func:`slope.inference.adapters.with_adapters`), and the base's tokenizer; a warning when the
+    base its record names is not 2:4 pruned (adapters trained after pruning that model in memory)."""
     from slope.dynamic.data import resolve_tokenizer
     from slope.evaluate import resolve_device
     from slope.inference.adapters import with_adapters
@@ -198,6 +199,10 @@ def load_folder_model(folder: str | Path, device: str = "auto", mode: str = "den
     if base_dir is not None:
         check_mode(folder, mode, base)
         model, tokenizer, device = load_folder_model(base_dir, device, mode)
+        if base is None and mode == "dense" and not _has_24_layers(model):
+            warnings.warn(f"the adapters' base {base_dir} (base_model_name_or_path in {Path(folder) / 'adapter_config.json'}) is "
+                          "not 2:4 pruned: adapters trained on a pruned model of it (slope.prune_model after from_pretrained) "
+                          "run on that model's folder (slope.save_pretrained): pass it as --base", UserWarning, stacklevel=2)
         return with_adapters(model, folder, base_dir, mode).to(device).eval().requires_grad_(False), tokenizer, device
     device = resolve_device(device)
     if mode == "dense":
@@ -220,6 +225,14 @@ def load_folder_model(folder: str | Path, device: str = "auto", mode: str = "den
         raise ConfigError(f"{folder} has no tokenizer files, and slope's shipped tokenizer ({len(tokenizer)} tokens) is not "
                           f"the model's (its vocabulary has {vocab_size} entries); {TOKENIZER_ADVICE}")
     return model, tokenizer, device
+
+
+def _has_24_layers(model: nn.Module) -> bool:
+    """Whether a linear layer of ``model`` (but its output layer) holds a 2:4 sparse weight."""
+    from slope.masks import is_nm_sparse
+
+    output = model.get_output_embeddings()
+    return any(is_nm_sparse(m.weight != 0, 2, 4) for m in model.modules() if isinstance(m, nn.Linear) and m is not output)
 
 
 def _check_token_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
