@@ -235,3 +235,12 @@ def test_a_recorded_dense_base_of_a_pruned_model_is_warned_of(tmp_path, capsys):
         eval_model_folder(tmp_path / "adapter", "cpu", eval_batches=1, base=tmp_path / "dense")
         eval_model_folder(tmp_path / "adapter", "cpu", eval_batches=1, mode="dense", base=tmp_path / "pruned")
     assert not [w for w in caught if "2:4 pruned" in str(w.message)]
+
+
+def test_sparse_finetune_names_an_adapter_folder_given_as_its_model(folders):
+    from slope.dynamic.finetune import _check_model_path
+
+    _, _, adapter = folders
+    with pytest.raises(FileNotFoundError, match=r"--model: .* is a peft adapter folder .*slope eval --checkpoint") as info:
+        _check_model_path(adapter, str(adapter))
+    assert "\n" not in str(info.value)

@@ -129,6 +129,10 @@ def _check_model_path(path: Path, name: str) -> None:
         raise FileNotFoundError(f"no model folder at {path} (model_name / --model): give a Hugging Face model folder, "
                                 "a slope train run directory or a hub name")
     if path.is_dir() and not any((path / f).exists() for f in ("config.json", "manifest.json", "checkpoint/manifest.json")):
+        from slope.serialization.folders import describe_folder, folder_kind
+
+        if folder_kind(path) in ("slope-apply", "checkpoints-only", "peft-adapter"):  # (what it is, as slope oneshot says)
+            raise FileNotFoundError(f"model_name / --model: {describe_folder(path)}")
         raise FileNotFoundError(f"no model in {path}: a Hugging Face model folder holds config.json, a slope train run "
                                 "directory manifest.json")
 
