@@ -23,7 +23,7 @@ from pathlib import Path
 import torch, transformers
 import slope
 from slope.moe import expert_masks
-from slope.parallel import init_distributed, wrap_ddp, wrap_fsdp2
+from slope.parallel import destroy_distributed, init_distributed, wrap_ddp, wrap_fsdp2
 from slope.parallel.sharded import full_tensor
 
 env = init_distributed(backend="gloo")
@@ -64,6 +64,7 @@ else:
         opt.zero_grad()
 last = {name: (full_tensor(model.get_parameter(name).detach()), full_tensor(masked.masks[name])) for name in masked.params}
 torch.save({"first": first, "last": last}, out_dir / f"{mode}_rank{env.rank}.pt")
+destroy_distributed(env)  # (a rank that exits with the gloo group alive may abort at exit under load)
 '''
 
 
