@@ -198,7 +198,7 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        if (self.lora_rank and x2.shape[0] <= DECODE_ROWS and self.__dict__.get("_decode_kernel") == "fused"
+        if (self.lora_rank and x2.shape[0] <= DECODE_ROWS and self.__dict__.get("_decode_kernel") == "fused"  # (decode_kernel, no call)
                 and self._fused_decode_runs(x2, dtype)):  # one launch (decoding)
             meta, a_scaled, b = self._decode_operands(dtype, x.device)
             y = kernels.merged_decode(x2, self._own_values(), meta, a_scaled, b, bias)
@@ -231,9 +231,10 @@ class MergedSparseLinear(HeldByOperand, SparseLinear):
         return self.__dict__.get("_decode_kernel", "gemm")  # (a plain attribute: no __getattr__ miss per call)
 
     def _fused_decode_runs(self, x2: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether :func:`slope.kernels.merged_decode` can run this layer on ``x2`` (the ``fused``
+        decode kernel chosen: checked by the caller)."""
         values = self._own_values()
-        return (self.decode_kernel == "fused" and (self.n, self.m) == (2, 4) and values.dtype == dtype
-                and kernels.triton_usable(x2, values))
+        return (self.n, self.m) == (2, 4) and values.dtype == dtype and kernels.triton_usable(x2, values)
 
     def _own_values(self) -> torch.Tensor:
         """``values`` read from the module's dict (no ``__getattr__`` chain per call; an attribute
